@@ -1,0 +1,69 @@
+"""streamstore: keep up with a direct-detection electron camera.
+
+Data flow, one module per stage::
+
+    protocol -> emulator / ingest -> counting -> codec -> store -> reader -> cli
+
+Importing this package is cheap: the public names below are resolved lazily
+(PEP 562), so no numba compilation, thread pool, file or socket work happens
+until a name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_LAZY = {
+    "EventBatch": "streamstore.events",
+    "Calibration": "streamstore.calibration",
+    "count": "streamstore.counting",
+    "CameraEmulator": "streamstore.emulator",
+    "ProtocolError": "streamstore.protocol",
+    "StoreWriter": "streamstore.store",
+    "Store": "streamstore.reader",
+    "open": "streamstore.reader",
+    "import_stempy": "streamstore.stempy_io",
+    "export_stempy": "streamstore.stempy_io",
+}
+
+__all__ = [
+    "CameraEmulator",
+    "Calibration",
+    "EventBatch",
+    "ProtocolError",
+    "Store",
+    "StoreWriter",
+    "__version__",
+    "count",
+    "export_stempy",
+    "import_stempy",
+    "open",
+]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from streamstore.calibration import Calibration
+    from streamstore.counting import count
+    from streamstore.emulator import CameraEmulator
+    from streamstore.events import EventBatch
+    from streamstore.protocol import ProtocolError
+    from streamstore.reader import Store, open
+    from streamstore.stempy_io import export_stempy, import_stempy
+    from streamstore.store import StoreWriter
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'streamstore' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,5 @@
+import sys
+
+from streamstore.cli import main
+
+sys.exit(main())

@@ -1,0 +1,70 @@
+"""The ``streamstore`` command line.
+
+Each subcommand lives in ``streamstore/commands/<name>.py`` and provides
+``add_arguments(parser)`` and ``run(args) -> int``. Those modules import their
+heavy dependencies inside ``run`` so that ``streamstore --help`` stays fast.
+
+Errors a person can fix (:class:`streamstore.errors.UserError`, missing files)
+are printed as one line on stderr with exit status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> one-line help; the module is streamstore.commands.<name>
+COMMANDS: dict[str, str] = {
+    "demo": "emulate a camera, ingest it and summarise the stored series",
+    "emulate": "run the camera emulator: stream frames over ZeroMQ",
+    "ingest": "receive frames over ZeroMQ, count electrons, store HDF5",
+    "info": "summarise a stored series",
+    "show": "draw a summary figure (summed image, dose per frame) to PNG",
+    "export": "export a stored series to stempy, TIFF or npy",
+    "keys": "make CURVE key pairs for authenticated camera links",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the argument parser with every available subcommand."""
+    from streamstore import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="streamstore",
+        description="Keep up with a direct-detection electron camera.",
+    )
+    parser.add_argument("--version", action="version", version=f"streamstore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, help_text in COMMANDS.items():
+        try:
+            module = importlib.import_module(f"streamstore.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"streamstore.commands.{name}":
+                raise
+            continue  # subcommand not built yet
+        p = sub.add_parser(name, help=help_text, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``streamstore`` console script."""
+    from streamstore.errors import FormatError, UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, FormatError, FileNotFoundError, IsADirectoryError) as exc:
+        msg = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
+        print(f"streamstore {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per ``streamstore`` subcommand (see :mod:`streamstore.cli`)."""
