@@ -1,0 +1,108 @@
+"""Progress bars: drawn in a terminal (a real pseudo-terminal), silent off one."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+
+from streamstore.progress import Progress, progress_enabled, track
+
+LOOP = (
+    "from streamstore.progress import track\n"
+    "total = 0\n"
+    "for i in track(range(25), desc='summing', unit='frame'):\n"
+    "    total += i\n"
+    "print('done', total)\n"
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "STREAMSTORE_PROGRESS"}
+    env.update(extra)
+    return env
+
+
+def test_quiet_off_a_terminal():
+    out = subprocess.run(
+        [sys.executable, "-c", LOOP], capture_output=True, text=True, env=_env(), timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "done 300\n"
+    assert out.stderr == ""
+
+
+def _run_in_pty(code: str, env: dict[str, str]) -> bytes:
+    pty = pytest.importorskip("pty")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=slave, stdout=slave, stderr=slave, env=env
+    )
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO once the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    return b"".join(chunks)
+
+
+def test_bar_drawn_in_a_terminal():
+    text = _run_in_pty(LOOP, _env())
+    assert b"summing" in text
+    assert b"25/25" in text  # the final state of the bar, whichever renderer drew it
+    assert b"done 300" in text
+
+
+def test_env_switch_silences_a_terminal():
+    text = _run_in_pty(LOOP, _env(STREAMSTORE_PROGRESS="0"))
+    assert b"summing" not in text
+    assert b"done 300" in text
+
+
+def test_plain_renderer_counts_and_finishes():
+    stream = io.StringIO()
+    items = list(track(range(7), desc="pages", unit="page", enabled=True, stream=stream))
+    assert items == list(range(7))
+    text = stream.getvalue()
+    assert text.startswith("\rpages: [")
+    assert "100% 7/7 page" in text
+    assert text.endswith("\n")
+
+
+def test_manual_progress_and_unknown_total():
+    stream = io.StringIO()
+    with Progress(None, "events", "ev", enabled=True, stream=stream, backend="plain") as bar:
+        bar.update(1500)
+        bar.update(500)
+    assert bar.n == 2000
+    assert "2.0k ev" in stream.getvalue()
+
+
+def test_disabled_writes_nothing_and_env_forces_on(monkeypatch):
+    stream = io.StringIO()
+    assert not progress_enabled(stream)
+    with Progress(3, "x", enabled=False, stream=stream) as bar:
+        bar.update(3)
+    assert stream.getvalue() == "" and bar.n == 3
+    monkeypatch.setenv("STREAMSTORE_PROGRESS", "1")
+    assert progress_enabled(stream)
+    list(track(range(3), desc="forced", stream=stream))
+    assert "forced" in stream.getvalue()  # plain renderer off a terminal
+
+
+def test_bad_backend_is_named():
+    with pytest.raises(ValueError, match="progress backend"):
+        Progress(3, enabled=True, stream=io.StringIO(), backend="fancy")
