@@ -1,0 +1,563 @@
+"""Per-pixel calibration for electron counting: dark offset, noise, gain, mask, thresholds.
+
+A :class:`Calibration` says, for every pixel ``(row, col)`` of the frame, what
+a pixel reads without beam (``dark``, ADU), how much it fluctuates (``noise``,
+ADU, one standard deviation), an optional multiplicative ``gain`` applied to the
+dark-subtracted signal, and an optional bad-pixel ``mask`` (True = ignore).
+All maps have the frame's own orientation: shape ``(H, W)``, indexed
+``[row, col]`` exactly like the frames.
+
+Two scalar thresholds complete it:
+
+- ``n_sigma``: a pixel is a candidate event when its dark-subtracted value
+  exceeds ``n_sigma * noise`` of that pixel (raw ADU; the gain cancels);
+- ``xray_threshold``: a pixel whose dark-subtracted, gain-corrected signal
+  exceeds it is an X-ray hit, and no event is reported within
+  ``xray_radius`` pixels (Chebyshev distance) of it. ``None`` means only
+  saturated pixels count as X-ray hits.
+
+Counting turns these into per-pixel threshold maps in the frame's integer
+type (:meth:`Calibration.threshold_maps`), so the hot loop is one comparison
+per pixel. See ``docs/counting.md`` for the exact semantics.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Calibration"]
+
+#: Default background threshold, in standard deviations of each pixel's noise.
+DEFAULT_N_SIGMA = 5.0
+#: Default X-ray exclusion radius (pixels, Chebyshev distance).
+DEFAULT_XRAY_RADIUS = 2
+#: Default X-ray threshold of :meth:`Calibration.estimate`, in units of the
+#: median signal of a single-electron peak.
+DEFAULT_XRAY_FACTOR = 10.0
+#: Fixed-point scale of the gain in the counting kernels (Q16).
+GAIN_ONE = 1 << 16
+_MAX_GAIN = 32767.0  # gain * GAIN_ONE must fit an int32
+_FORMAT_VERSION = 1
+_SOURCES = ("dark_frames", "estimate", "file", "manual")
+
+
+def _as_map(name: str, value: Any, shape: tuple[int, int] | None, dtype: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be a 2-d (H, W) map, got shape {arr.shape}")
+    if shape is not None and arr.shape != shape:
+        raise ValueError(f"{name} has shape {arr.shape}, expected the frame shape {shape}")
+    if dtype is bool:
+        if arr.dtype != np.bool_:
+            raise ValueError(f"{name} must be a boolean map, got dtype {arr.dtype}")
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
+def _check_frames(name: str, frames: Any, min_frames: int) -> np.ndarray:
+    arr = np.asarray(frames)
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{name} must be (n, H, W) or (H, W), got shape {arr.shape}")
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    if arr.shape[0] < min_frames:
+        raise ValueError(f"{name} needs at least {min_frames} frames, got {arr.shape[0]}")
+    if arr.shape[1] < 1 or arr.shape[2] < 1:
+        raise ValueError(f"{name} frames are empty: shape {arr.shape}")
+    return arr
+
+
+def _robust_sigma(x: np.ndarray) -> tuple[float, float]:
+    """Centre and sigma of the Gaussian core of ``x`` (median/MAD, then clipped refits)."""
+    x = np.asarray(x, dtype=np.float64)
+    centre = float(np.median(x))
+    sigma = 1.4826 * float(np.median(np.abs(x - centre)))
+    for _ in range(5):
+        if sigma <= 0:
+            break
+        core = x[np.abs(x - centre) <= 3.0 * sigma]
+        if core.size < 16:
+            break
+        # a Gaussian clipped at +-3 sigma has std 0.9866 sigma
+        new_centre = float(core.mean())
+        new_sigma = float(core.std()) / 0.98658
+        if abs(new_sigma - sigma) <= 1e-3 * sigma and abs(new_centre - centre) <= 1e-3 * sigma:
+            centre, sigma = new_centre, new_sigma
+            break
+        centre, sigma = new_centre, new_sigma
+    if sigma <= 0:
+        # quantised data with a spike at one value: fall back to the plain std of the core
+        sigma = float(np.std(x[np.abs(x - centre) <= max(1.0, 3.0 * float(np.std(x)))]))
+    return centre, sigma
+
+
+class Calibration:
+    """Per-pixel dark, noise, gain and mask plus the counting thresholds.
+
+    Parameters
+    ----------
+    dark : array_like, shape (H, W)
+        Dark offset of each pixel in ADU (what it reads without beam).
+    noise : array_like, shape (H, W)
+        Read noise of each pixel in ADU (one standard deviation), > 0 where not masked.
+    gain : array_like, shape (H, W), optional
+        Multiplicative gain applied to the dark-subtracted signal, same
+        ``[row, col]`` orientation as the frame; > 0 and < 32768 where not
+        masked. None means 1 everywhere.
+    mask : array_like of bool, shape (H, W), optional
+        True marks a bad pixel: it never yields an event, never counts as an
+        X-ray hit, and contributes nothing to its neighbours' tests.
+    n_sigma : float, default 5.0
+        Background threshold in units of each pixel's ``noise``.
+    xray_threshold : float, optional
+        Dark-subtracted, gain-corrected signal above which a pixel is an
+        X-ray hit. None: only saturated pixels are X-ray hits.
+    xray_radius : int, default 2
+        No event is reported within this Chebyshev distance of an X-ray hit.
+    wrapped : bool, default False
+        The frames are pedestal-subtracted by the camera and negative values
+        wrapped around the unsigned type (e.g. -3 stored as 65533): counting
+        reinterprets them as two's-complement signed integers.
+    source : str, default "manual"
+        Where the calibration came from: "dark_frames", "estimate", "file" or "manual".
+
+    Raises
+    ------
+    ValueError
+        When a map has the wrong shape or type, or a value is out of range.
+    """
+
+    def __init__(
+        self,
+        dark: Any,
+        noise: Any,
+        *,
+        gain: Any = None,
+        mask: Any = None,
+        n_sigma: float = DEFAULT_N_SIGMA,
+        xray_threshold: float | None = None,
+        xray_radius: int = DEFAULT_XRAY_RADIUS,
+        wrapped: bool = False,
+        source: str = "manual",
+    ) -> None:
+        self.dark = _as_map("dark", dark, None, np.float32)
+        shape = self.dark.shape
+        self.noise = _as_map("noise", noise, shape, np.float32)
+        self.mask = None if mask is None else _as_map("mask", mask, shape, bool)
+        self.gain = None if gain is None else _as_map("gain", gain, shape, np.float32)
+        good = np.ones(shape, bool) if self.mask is None else ~self.mask
+        if not np.all(np.isfinite(self.dark[good])):
+            raise ValueError("dark must be finite on every unmasked pixel")
+        if not np.all(np.isfinite(self.noise[good]) & (self.noise[good] > 0)):
+            raise ValueError("noise must be finite and > 0 on every unmasked pixel (mask the rest)")
+        if self.gain is not None:
+            g = self.gain[good]
+            if not np.all(np.isfinite(g) & (g > 0) & (g < _MAX_GAIN)):
+                raise ValueError(
+                    f"gain must be finite, > 0 and < {_MAX_GAIN:g} on every unmasked pixel"
+                )
+        n_sigma = float(n_sigma)
+        if not (math.isfinite(n_sigma) and n_sigma > 0):
+            raise ValueError(f"n_sigma must be a positive number, got {n_sigma!r}")
+        self.n_sigma = n_sigma
+        if xray_threshold is not None:
+            xray_threshold = float(xray_threshold)
+            if not (math.isfinite(xray_threshold) and xray_threshold > 0):
+                raise ValueError(f"xray_threshold must be positive or None, got {xray_threshold!r}")
+        self.xray_threshold = xray_threshold
+        if int(xray_radius) != xray_radius or not 0 <= int(xray_radius) <= 16:
+            raise ValueError(f"xray_radius must be an integer in 0..16, got {xray_radius!r}")
+        self.xray_radius = int(xray_radius)
+        self.wrapped = bool(wrapped)
+        if source not in _SOURCES:
+            raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
+        self.source = source
+
+    # -- shape and description --------------------------------------------
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the frames this calibration fits."""
+        return (int(self.dark.shape[0]), int(self.dark.shape[1]))
+
+    @property
+    def n_masked(self) -> int:
+        """Number of masked pixels."""
+        return 0 if self.mask is None else int(self.mask.sum())
+
+    @property
+    def background_threshold(self) -> float:
+        """Median background threshold ``n_sigma * noise`` over unmasked pixels (ADU)."""
+        good = self.noise if self.mask is None else self.noise[~self.mask]
+        return float(self.n_sigma * np.median(good)) if good.size else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable scalars describing the calibration (for file attributes)."""
+        good = np.ones(self.frame_shape, bool) if self.mask is None else ~self.mask
+        any_good = bool(good.any())
+        return {
+            "source": self.source,
+            "frame_shape": list(self.frame_shape),
+            "n_sigma": self.n_sigma,
+            "xray_threshold": self.xray_threshold,
+            "xray_radius": self.xray_radius,
+            "wrapped": self.wrapped,
+            "median_dark_adu": float(np.median(self.dark[good])) if any_good else None,
+            "median_noise_adu": float(np.median(self.noise[good])) if any_good else None,
+            "background_threshold_adu": self.background_threshold if any_good else None,
+            "n_masked": self.n_masked,
+            "has_gain": self.gain is not None,
+        }
+
+    def __repr__(self) -> str:
+        s = self.summary()
+        return (
+            f"Calibration(frame_shape={self.frame_shape}, source={self.source!r}, "
+            f"n_sigma={self.n_sigma:g}, xray_threshold={self.xray_threshold}, "
+            f"median_noise={s['median_noise_adu']}, n_masked={self.n_masked})"
+        )
+
+    # -- construction --------------------------------------------------------
+    @classmethod
+    def from_dark_frames(
+        cls,
+        dark_frames: Any,
+        *,
+        n_sigma: float = DEFAULT_N_SIGMA,
+        xray_threshold: float | None = None,
+        gain: Any = None,
+        mask: Any = None,
+        xray_radius: int = DEFAULT_XRAY_RADIUS,
+        hot_sigma: float = 10.0,
+    ) -> Calibration:
+        """Calibrate from frames taken with the beam off.
+
+        Parameters
+        ----------
+        dark_frames : array_like, shape (n, H, W)
+            At least 2 beam-off frames (more give a better noise map; 50+ is good).
+        n_sigma : float, default 5.0
+            Background threshold in units of each pixel's noise.
+        xray_threshold : float, optional
+            Signal above which a pixel is an X-ray hit; None: saturation only.
+        gain : array_like, shape (H, W), optional
+            Gain map, same orientation as the frames.
+        mask : array_like of bool, shape (H, W), optional
+            Known bad pixels; hot pixels found here are added to it.
+        xray_radius : int, default 2
+            X-ray exclusion radius (Chebyshev distance, pixels).
+        hot_sigma : float, default 10.0
+            A pixel is hot (and masked) when its dark level or its noise lies
+            more than ``hot_sigma`` robust standard deviations above the
+            median of all pixels; pixels with zero noise are masked too.
+
+        Returns
+        -------
+        Calibration
+            With ``source == "dark_frames"``.
+        """
+        frames = _check_frames("dark_frames", dark_frames, 2)
+        shape = frames.shape[1:]
+        # mean and std per pixel, in float64 chunks to bound memory
+        n = frames.shape[0]
+        s1 = np.zeros(shape, np.float64)
+        s2 = np.zeros(shape, np.float64)
+        for i in range(0, n, 16):
+            block = frames[i : i + 16].astype(np.float64)
+            s1 += block.sum(axis=0)
+            s2 += np.square(block).sum(axis=0)
+        dark = s1 / n
+        var = np.maximum(s2 / n - dark * dark, 0.0) * (n / (n - 1))
+        noise = np.sqrt(var)
+        hot = ~np.isfinite(noise) | (noise <= 0)
+        d_c, d_s = _robust_sigma(dark[~hot])
+        n_c, n_s = _robust_sigma(noise[~hot])
+        # a floor on the spreads: a perfectly uniform dark must not make every pixel "hot"
+        d_s = max(d_s, 0.5 * n_c / math.sqrt(n))
+        n_s = max(n_s, n_c / math.sqrt(2.0 * (n - 1)))
+        hot |= dark > d_c + hot_sigma * d_s
+        hot |= noise > n_c + hot_sigma * n_s
+        if mask is not None:
+            hot |= _as_map("mask", mask, shape, bool)
+        noise = np.where(hot, 1.0, noise)
+        return cls(
+            dark.astype(np.float32),
+            noise.astype(np.float32),
+            gain=gain,
+            mask=hot,
+            n_sigma=n_sigma,
+            xray_threshold=xray_threshold,
+            xray_radius=xray_radius,
+            source="dark_frames",
+        )
+
+    @classmethod
+    def estimate(
+        cls,
+        frames: Any,
+        *,
+        n_sigma: float = DEFAULT_N_SIGMA,
+        xray_threshold: float | str | None = "auto",
+        xray_factor: float = DEFAULT_XRAY_FACTOR,
+        xray_radius: int = DEFAULT_XRAY_RADIUS,
+        gain: Any = None,
+        mask: Any = None,
+        n_samples: int = 200_000,
+        seed: int = 0,
+        pedestal_subtracted: bool | None = None,
+    ) -> Calibration:
+        """Estimate thresholds from frames with beam, without dark frames.
+
+        For data whose dark offset the camera already subtracted (the 4D
+        Camera does this), or as a stop-gap before dark frames exist. Samples
+        up to ``n_samples`` pixel values, finds the noise peak robustly
+        (median and MAD, then iterated 3-sigma-clipped fits around the mode),
+        and sets a uniform dark (the peak centre) and noise (its sigma).
+        Unsigned values that wrapped below zero (65533 for -3) are detected
+        and read as negative; the result has ``wrapped=True`` so counting
+        reads the frames the same way.
+
+        Parameters
+        ----------
+        frames : array_like, shape (n, H, W) or (H, W)
+            Frames with beam (dose around 0.01 e/px/frame or less is ideal).
+        n_sigma : float, default 5.0
+            Background threshold in units of the fitted noise sigma.
+        xray_threshold : float, "auto" or None, default "auto"
+            "auto": ``xray_factor`` times the median signal of the
+            single-electron peaks found in the sample frames (None when there
+            are fewer than 20 of them). A number sets it; None disables it
+            (saturation only).
+        xray_factor : float, default 10.0
+            Multiple of the median electron peak used by "auto".
+        xray_radius : int, default 2
+            X-ray exclusion radius (Chebyshev distance, pixels).
+        gain, mask : array_like, optional
+            As in :class:`Calibration`.
+        n_samples : int, default 200000
+            Number of pixel values sampled for the noise fit.
+        seed : int, default 0
+            Seed of the pixel sampler (the result is reproducible).
+        pedestal_subtracted : bool, optional
+            Force (True/False) or auto-detect (None) whether values wrapped.
+
+        Returns
+        -------
+        Calibration
+            With ``source == "estimate"``.
+        """
+        arr = _check_frames("frames", frames, 1)
+        if arr.dtype.kind == "f":
+            raise ValueError("estimate needs integer frames (uint8 or uint16)")
+        shape = arr.shape[1:]
+        wrapped = False
+        if arr.dtype.kind == "u":
+            signed = arr.view(np.dtype(f"int{8 * arr.dtype.itemsize}"))
+            if pedestal_subtracted is None:
+                # wrapped data: a large share of values sit just below the top of the range
+                top = int(np.iinfo(arr.dtype).max)
+                probe = arr.reshape(-1)[:: max(1, arr.size // 100_000)]
+                near_top = np.count_nonzero(probe > top - top // 8)
+                near_zero = np.count_nonzero(probe < top // 8)
+                wrapped = near_top > 0.05 * probe.size and near_zero > 0.05 * probe.size
+            else:
+                wrapped = bool(pedestal_subtracted)
+            if wrapped:
+                arr = signed
+        flat = arr.reshape(-1)
+        rng = np.random.default_rng(seed)
+        if flat.size > n_samples:
+            pick = np.sort(rng.choice(flat.size, size=n_samples, replace=False))
+        else:
+            pick = np.arange(flat.size)
+        if mask is not None:
+            m = _as_map("mask", mask, shape, bool).reshape(-1)
+            pick = pick[~m[pick % m.size]]
+            if pick.size == 0:
+                raise ValueError("mask covers every pixel: nothing to estimate from")
+        sample = flat[pick]
+        centre, sigma = _robust_sigma(sample.astype(np.float64))
+        if not sigma > 0:
+            raise ValueError("cannot estimate the noise: the sampled pixels are all equal")
+        xt: float | None
+        if isinstance(xray_threshold, str):
+            if xray_threshold != "auto":
+                raise ValueError(
+                    f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}"
+                )
+            xt = _electron_peak_scale(arr, centre, sigma, n_sigma)
+            xt = None if xt is None else float(xray_factor) * xt
+        else:
+            xt = xray_threshold
+        return cls(
+            np.full(shape, centre, np.float32),
+            np.full(shape, sigma, np.float32),
+            gain=gain,
+            mask=mask,
+            n_sigma=n_sigma,
+            xray_threshold=xt,
+            xray_radius=xray_radius,
+            wrapped=wrapped,
+            source="estimate",
+        )
+
+    # -- persistence -------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write the calibration to an HDF5 file (overwrites ``path``)."""
+        import h5py
+
+        with h5py.File(path, "w") as f:
+            g = f.create_group("calibration")
+            g.attrs["format"] = "streamstore.calibration"
+            g.attrs["version"] = _FORMAT_VERSION
+            g.attrs["n_sigma"] = self.n_sigma
+            g.attrs["xray_threshold"] = (
+                np.nan if self.xray_threshold is None else self.xray_threshold
+            )
+            g.attrs["xray_radius"] = self.xray_radius
+            g.attrs["wrapped"] = self.wrapped
+            g.attrs["origin"] = self.source
+            g.create_dataset("dark", data=self.dark, compression="gzip", shuffle=True)
+            g.create_dataset("noise", data=self.noise, compression="gzip", shuffle=True)
+            if self.gain is not None:
+                g.create_dataset("gain", data=self.gain, compression="gzip", shuffle=True)
+            if self.mask is not None:
+                g.create_dataset("mask", data=self.mask, compression="gzip")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a calibration written by :meth:`save`; ``source`` becomes "file".
+
+        Raises
+        ------
+        FileNotFoundError
+            When ``path`` does not exist.
+        FormatError
+            When the file holds no streamstore calibration.
+        """
+        import h5py
+
+        from streamstore.errors import FormatError
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise FormatError(f"{path} is not an HDF5 file: {exc}") from None
+        with f:
+            g = f.get("calibration")
+            if g is None or g.attrs.get("format") != "streamstore.calibration":
+                raise FormatError(f"{path} holds no streamstore calibration")
+            version = int(g.attrs["version"])
+            if version > _FORMAT_VERSION:
+                raise FormatError(
+                    f"{path}: calibration format version {version} is newer than this reader"
+                )
+            xt = float(g.attrs["xray_threshold"])
+            return cls(
+                g["dark"][()],
+                g["noise"][()],
+                gain=g["gain"][()] if "gain" in g else None,
+                mask=g["mask"][()] if "mask" in g else None,
+                n_sigma=float(g.attrs["n_sigma"]),
+                xray_threshold=None if math.isnan(xt) else xt,
+                xray_radius=int(g.attrs["xray_radius"]),
+                wrapped=bool(g.attrs["wrapped"]),
+                source="file",
+            )
+
+    # -- maps for the kernels -------------------------------------------------------
+    def frame_dtype(self, dtype: Any) -> np.dtype:
+        """The integer type counting reads frames of ``dtype`` as (signed when ``wrapped``)."""
+        dt = np.dtype(dtype)
+        if dt not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise ValueError(f"frames must be uint8 or uint16, got dtype {dt}")
+        if self.wrapped:
+            return np.dtype(f"int{8 * dt.itemsize}")
+        return dt
+
+    def threshold_maps(self, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-pixel integer maps the counting kernels use.
+
+        Parameters
+        ----------
+        dtype : uint8 or uint16
+            The frames' dtype.
+
+        Returns
+        -------
+        lo : ndarray (H, W) of the frame type
+            A pixel is a candidate when ``raw > lo``. ``lo = max(floor(dark +
+            n_sigma * noise), rint(dark))`` clipped to the type's range;
+            masked pixels get the type's maximum (never a candidate).
+        xr : ndarray (H, W) of the frame type
+            A pixel is an X-ray hit when ``raw > xr``: ``floor(dark +
+            xray_threshold / gain)`` clipped to ``max - 1`` so a saturated
+            pixel is always a hit; masked pixels get the maximum (never).
+        dark : ndarray (H, W) of int32
+            ``rint(dark)``.
+        gain : ndarray (H, W) of int32
+            ``rint(gain * 65536)`` (65536 without a gain map); 0 on masked
+            pixels, so their signal is 0 and they never win a comparison.
+        """
+        dt = self.frame_dtype(dtype)
+        info = np.iinfo(dt)
+        dark = self.dark.astype(np.float64)
+        dark_i = np.rint(dark)
+        lo = np.maximum(np.floor(dark + self.n_sigma * self.noise.astype(np.float64)), dark_i)
+        lo = np.clip(lo, info.min, info.max).astype(dt)
+        gain = np.ones(self.frame_shape) if self.gain is None else self.gain.astype(np.float64)
+        if self.xray_threshold is None:
+            xr = np.full(self.frame_shape, info.max - 1, dt)
+        else:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                xr_f = np.floor(dark + self.xray_threshold / gain)
+            xr_f = np.nan_to_num(xr_f, nan=info.max - 1, posinf=info.max - 1, neginf=info.min)
+            xr = np.clip(xr_f, info.min, info.max - 1).astype(dt)
+        gain_q = np.rint(gain * GAIN_ONE)
+        dark_q = np.clip(dark_i, -(2**20), 2**20)  # keeps (raw - dark) * gain in int64
+        if self.mask is not None:
+            lo[self.mask] = info.max
+            xr[self.mask] = info.max
+            gain_q[self.mask] = 0
+            dark_q[self.mask] = 0
+        return (
+            np.ascontiguousarray(lo),
+            np.ascontiguousarray(xr),
+            np.ascontiguousarray(dark_q.astype(np.int32)),
+            np.ascontiguousarray(gain_q.astype(np.int32)),
+        )
+
+
+def _electron_peak_scale(
+    frames: np.ndarray, centre: float, sigma: float, n_sigma: float
+) -> float | None:
+    """Median signal of 3 x 3 local maxima above ``centre + n_sigma * sigma``.
+
+    Used to place the X-ray threshold relative to a typical electron. Looks at
+    up to 8 frames; returns None when fewer than 20 peaks are found.
+    """
+    sub = frames[: min(8, frames.shape[0])].astype(np.float64) - centre
+    peaks: list[np.ndarray] = []
+    for f in sub:
+        p = np.pad(f, 1, constant_values=-np.inf)
+        h, w = f.shape
+        is_max = f > n_sigma * sigma
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                if dy or dx:
+                    is_max &= f >= p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+        peaks.append(f[is_max])
+    vals = np.concatenate(peaks)
+    if vals.size < 20:
+        return None
+    return float(np.median(vals))

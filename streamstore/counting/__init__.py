@@ -1,0 +1,174 @@
+"""Electron counting: raw frames plus a :class:`~streamstore.Calibration` -> :class:`EventBatch`.
+
+``count(frames, calibration)`` is the one-call form. The ingest daemon, which
+counts frame after frame with one calibration, builds a :class:`Counter`
+once: it caches the per-pixel threshold maps in the frames' integer type so
+each call goes straight to the kernel.
+
+Three implementations share one specification (``_reference.py`` documents
+it; ``docs/counting.md`` explains it): a plain numpy reference, the numba
+kernel used here, and the C twin in ``native_ref/``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from streamstore.events import EventBatch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from streamstore.calibration import Calibration
+
+__all__ = ["Counter", "count"]
+
+_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+
+
+def _check_threads(threads: int | None) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    return int(threads)
+
+
+class Counter:
+    """Reusable counter for frames of one dtype and one calibration.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Dark, noise, gain, mask and thresholds; fixes the frame shape.
+    dtype : uint8 or uint16
+        Type of the frames that will be counted.
+    subpixel : bool, default False
+        Also report each event's 4 x 4 sub-pixel cell ``(qy << 2) | qx``.
+    threads : int, optional
+        Number of threads for each call (None: numba's default, all cores).
+    implementation : {"numba", "reference", "native"}, default "numba"
+        "reference" is the plain numpy specification, "native" the C twin
+        from ``native_ref`` (compiled on first use); both for tests and benchmarks.
+
+    Notes
+    -----
+    Calling a Counter releases the GIL inside the kernel; it is safe to call
+    one Counter from several Python threads.
+    """
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        dtype: Any = np.uint16,
+        *,
+        subpixel: bool = False,
+        threads: int | None = None,
+        implementation: str = "numba",
+    ) -> None:
+        from streamstore.calibration import Calibration
+
+        if not isinstance(calibration, Calibration):
+            raise ValueError(
+                f"calibration must be a streamstore.Calibration, got {type(calibration).__name__}"
+            )
+        dt = np.dtype(dtype)
+        if dt not in _DTYPES:
+            raise ValueError(f"frames must be uint8 or uint16, got dtype {dt}")
+        if implementation not in ("numba", "reference", "native"):
+            raise ValueError(
+                f"implementation must be 'numba', 'reference' or 'native', got {implementation!r}"
+            )
+        self.calibration = calibration
+        self.dtype = dt
+        self.kernel_dtype = calibration.frame_dtype(dt)
+        self.subpixel = bool(subpixel)
+        self.threads = _check_threads(threads)
+        self.implementation = implementation
+        self.frame_shape = calibration.frame_shape
+        self._lo, self._xr, self._dark, self._gain = calibration.threshold_maps(dt)
+        self._radius = calibration.xray_radius
+
+    def _prepare(self, frames: Any) -> np.ndarray:
+        arr = np.asarray(frames)
+        if arr.dtype != self.dtype:
+            if arr.dtype in _DTYPES:
+                raise ValueError(
+                    f"frames have dtype {arr.dtype} but this Counter was built for {self.dtype}"
+                )
+            raise ValueError(f"frames must be uint8 or uint16, got dtype {arr.dtype}")
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise ValueError(f"frames must be (H, W) or (n, H, W), got shape {arr.shape}")
+        if arr.shape[1:] != self.frame_shape:
+            raise ValueError(
+                f"frames have shape (H, W) = {arr.shape[1:]} but the calibration is for "
+                f"{self.frame_shape}"
+            )
+        arr = np.ascontiguousarray(arr)
+        if self.kernel_dtype != arr.dtype:
+            arr = arr.view(self.kernel_dtype)
+        return arr
+
+    def __call__(self, frames: Any) -> EventBatch:
+        """Count ``frames`` ((H, W) or (n, H, W)); returns one batch entry per frame."""
+        arr = self._prepare(frames)
+        args = (arr, self._lo, self._xr, self._dark, self._gain, self._radius, self.subpixel)
+        if arr.shape[0] == 0:
+            return EventBatch.empty(0, self.frame_shape, self.subpixel)
+        if self.implementation == "numba":
+            from streamstore.counting._kernels import count_frames
+
+            offsets, indices, sub = count_frames(*args, threads=self.threads)
+        elif self.implementation == "reference":
+            from streamstore.counting._reference import count_reference
+
+            offsets, indices, sub = count_reference(*args)
+        else:
+            from native_ref import count_native
+
+            offsets, indices, sub = count_native(*args)
+        return EventBatch(offsets, indices, sub, self.frame_shape, validate=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Counter(frame_shape={self.frame_shape}, dtype={self.dtype}, "
+            f"subpixel={self.subpixel}, threads={self.threads}, "
+            f"implementation={self.implementation!r})"
+        )
+
+
+def count(
+    frames: Any,
+    calibration: Calibration,
+    *,
+    subpixel: bool = False,
+    threads: int | None = None,
+) -> EventBatch:
+    """Find the electron events in ``frames``.
+
+    Parameters
+    ----------
+    frames : ndarray, shape (H, W) or (n, H, W), uint8 or uint16
+        Raw frames; an (H, W) frame gives a batch of one frame.
+    calibration : Calibration
+        Per-pixel dark, noise, gain, mask and the thresholds.
+    subpixel : bool, default False
+        Also report the 4 x 4 sub-pixel cell of each event (centre of mass of
+        the dark-subtracted 3 x 3 neighbourhood).
+    threads : int, optional
+        Threads to use (None: all cores). The result does not depend on it.
+
+    Returns
+    -------
+    EventBatch
+        Flat indices ``row * W + col`` ascending within each frame.
+
+    Raises
+    ------
+    ValueError
+        Wrong frame shape or dtype, or a bad ``threads`` value.
+    """
+    arr = np.asarray(frames)
+    return Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads)(arr)
