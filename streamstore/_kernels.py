@@ -1,0 +1,81 @@
+"""numba kernels of the event codec and reader (imported lazily: it loads numba).
+
+Each kernel has a plain numpy reference next to its user (``codec.gap_*_numpy``,
+``EventBatch.to_dense``) and tests hold them equal. All are single-threaded and
+``nogil`` so the reader runs several of them from its own threads.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["gap_encode", "gap_decode", "sum_frames", "dense_frames"]
+
+
+@numba.njit(cache=True, nogil=True)
+def gap_encode(indices, offsets, out):  # pragma: no cover - compiled
+    """out[k] = indices[k] - indices[k - 1] within a frame; the first is absolute."""
+    for f in range(offsets.size - 1):
+        prev = np.uint32(0)
+        for k in range(offsets[f], offsets[f + 1]):
+            v = indices[k]
+            out[k] = v - prev
+            prev = v
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def gap_decode(gaps, offsets, out):  # pragma: no cover - compiled
+    """Per-frame cumulative sum of gaps (uint32)."""
+    for f in range(offsets.size - 1):
+        acc = np.uint32(0)
+        for k in range(offsets[f], offsets[f + 1]):
+            acc = acc + gaps[k]
+            out[k] = acc
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def sum_frames(gaps, offsets, width, roi, acc):  # pragma: no cover - compiled
+    """Add the events of frames ``offsets`` (gaps relative to offsets[0]) into ``acc``.
+
+    ``acc`` is the flat ``(row1 - row0) * (col1 - col0)`` image of the roi.
+    """
+    r0, r1, c0, c1 = roi
+    full = r0 == 0 and c0 == 0 and c1 == width
+    lo = r0 * width
+    hi = r1 * width
+    rw = c1 - c0
+    base = offsets[0]
+    for f in range(offsets.size - 1):
+        idx = np.int64(0)
+        for k in range(offsets[f] - base, offsets[f + 1] - base):
+            idx += gaps[k]
+            if full:
+                if idx < hi:
+                    acc[idx] += 1
+            elif idx >= lo and idx < hi:
+                r = idx // width
+                c = idx - r * width
+                if c >= c0 and c < c1:
+                    acc[(r - r0) * rw + (c - c0)] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def dense_frames(gaps, offsets, width, roi, out):  # pragma: no cover - compiled
+    """Scatter frame ``f``'s events into ``out[f]`` (flat roi image per frame)."""
+    r0, r1, c0, c1 = roi
+    lo = r0 * width
+    hi = r1 * width
+    rw = c1 - c0
+    base = offsets[0]
+    for f in range(offsets.size - 1):
+        idx = np.int64(0)
+        for k in range(offsets[f] - base, offsets[f + 1] - base):
+            idx += gaps[k]
+            if idx >= lo and idx < hi:
+                r = idx // width
+                c = idx - r * width
+                if c >= c0 and c < c1:
+                    out[f, (r - r0) * rw + (c - c0)] += 1

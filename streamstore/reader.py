@@ -1,0 +1,645 @@
+"""Read streamstore event files: windows, dose selection, sums.
+
+``streamstore.open(path)`` returns a :class:`Store`. The per-frame arrays
+(frame ids, timestamps, event counts and offsets) are loaded when the file is
+opened; events are read on demand, a whole HDF5 chunk at a time with
+``read_direct_chunk`` and decompressed by python-blosc2 (multi-threaded),
+and reduced by the numba kernels of :mod:`streamstore._kernels`.
+
+Doses use one unit system everywhere (argument ``unit``):
+
+* ``"events"``: electron counts;
+* ``"e/px"`` (default): events per pixel, ``count / (H * W)``;
+* ``"e/A2"``: electrons per square Angstrom, ``count / (H * W * pixel_size_A**2)``
+  (needs the file's pixel size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamstore.errors import FormatError, UserError
+from streamstore.events import EventBatch
+
+__all__ = ["Store", "open", "UNITS"]
+
+UNITS = ("events", "e/px", "e/A2")
+_FORMAT_NAME = "streamstore.events"
+_SUPPORTED_VERSIONS = (1,)
+# events handled by one worker job of sum(); a few chunks
+_JOB_EVENTS = 1 << 22
+
+
+def _text(v: Any) -> Any:
+    if isinstance(v, bytes | np.bytes_):
+        return bytes(v).rstrip(b" \x00").decode()
+    if isinstance(v, np.generic) or (isinstance(v, np.ndarray) and v.ndim == 0):
+        return v.item()
+    return v
+
+
+def _h5_open(path: Path) -> tuple[Any, bool]:
+    """Open read-only; fall back to SWMR when the file is (or was) open for writing.
+
+    A file being written by a :class:`~streamstore.StoreWriter`, or left by a
+    writer that was killed, refuses a normal open ("already open for write");
+    SWMR read mode opens both.
+    """
+    import h5py
+    import hdf5plugin  # noqa: F401  (registers the Blosc2 filter)
+
+    try:
+        return h5py.File(path, "r"), False
+    except OSError as first:
+        try:
+            return h5py.File(path, "r", swmr=True), True
+        except OSError:
+            raise first from None
+
+
+class _ChunkReader:
+    """Reads and decodes whole chunks of one 1-d dataset, with a small LRU cache."""
+
+    def __init__(self, ds: Any, nthreads: int, cache_chunks: int = 4) -> None:
+        from streamstore.codec import Blosc2ChunkCodec
+
+        self.ds = ds
+        self.chunk = int(ds.chunks[0])
+        self.dtype = ds.dtype
+        cfg = ds.attrs.get("codec")
+        self.codec = (
+            Blosc2ChunkCodec.from_config(_text(cfg), nthreads=nthreads)
+            if cfg is not None
+            else Blosc2ChunkCodec(nthreads=nthreads)
+        )
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cache_n = cache_chunks
+        self._lock = threading.Lock()
+
+    def chunk_data(self, ci: int) -> np.ndarray:
+        with self._lock:
+            hit = self._cache.get(ci)
+            if hit is not None:
+                self._cache.move_to_end(ci)
+                return hit
+            mask, buf = self.ds.id.read_direct_chunk((ci * self.chunk,))
+        if mask != 0:
+            # a chunk written through the HDF5 filter pipeline with some filter skipped
+            data = self.ds[ci * self.chunk : (ci + 1) * self.chunk]
+            out = np.zeros(self.chunk, self.dtype)
+            out[: data.size] = data
+        else:
+            out = self.codec.decode(buf, (self.chunk,), self.dtype)
+        with self._lock:
+            self._cache[ci] = out
+            while len(self._cache) > self._cache_n:
+                self._cache.popitem(last=False)
+        return out
+
+    def read(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements ``a:b`` (whole chunks decoded, then sliced)."""
+        if out is None:
+            out = np.empty(max(b - a, 0), self.dtype)
+        pos = a
+        c = self.chunk
+        while pos < b:
+            ci = pos // c
+            end = min(b, (ci + 1) * c)
+            out[pos - a : end - a] = self.chunk_data(ci)[pos - ci * c : end - ci * c]
+            pos = end
+        return out
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cache.clear()
+
+
+def _check_range(name: str, rng: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in rng)
+    except (TypeError, ValueError):
+        raise UserError(f"{name} must be a pair (lo, hi) of numbers, got {rng!r}") from None
+    if np.isnan(lo) or np.isnan(hi):
+        raise UserError(f"{name} must not contain NaN, got {rng!r}")
+    if lo > hi:
+        raise UserError(f"{name} range is empty: lo {lo:g} > hi {hi:g}")
+    return lo, hi
+
+
+class Store:
+    """A streamstore event file opened for reading (see :func:`open`).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    nthreads : int, optional
+        Threads for decompression and sums (default: all cores).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    FormatError
+        If it is not a streamstore events file of a supported version.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, nthreads: int | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no such file: {self.path}")
+        self.nthreads = int(nthreads or os.cpu_count() or 1)
+        try:
+            self._f, self.swmr = _h5_open(self.path)
+        except OSError as e:
+            raise FormatError(f"{self.path} is not a readable HDF5 file ({e})") from None
+        try:
+            self._init()
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _init(self) -> None:
+        f = self._f
+        a = f.attrs
+        fmt = _text(a.get("format", ""))
+        if fmt != _FORMAT_NAME:
+            raise FormatError(f"{self.path} is not a {_FORMAT_NAME} file (format={fmt!r})")
+        ver = int(a.get("format_version", -1))
+        if ver not in _SUPPORTED_VERSIONS:
+            raise FormatError(
+                f"{self.path} has format version {ver}; "
+                f"this streamstore reads versions {_SUPPORTED_VERSIONS}"
+            )
+        self.format_version = ver
+        h, w = (int(v) for v in a["frame_shape"])
+        self.frame_shape: tuple[int, int] = (h, w)
+        self.frame_time_s = float(a["frame_time_s"])
+        ps = float(a.get("pixel_size_A", np.nan))
+        self.pixel_size_A: float | None = None if np.isnan(ps) else ps
+        self.raw_dtype = str(_text(a.get("raw_dtype", "")))
+        self._gaps = _ChunkReader(f["events/gaps"], self.nthreads)
+        self._sub = (
+            _ChunkReader(f["events/subpixel"], self.nthreads) if "subpixel" in f["events"] else None
+        )
+        # keep these handles: SWMR refresh() must refresh the very handles we read
+        self._frame_ds = {
+            k: f["frames"][k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
+        }
+        self._miss_ds = f["missing_frame_ids"]
+        self._load_frames()
+
+    def _load_frames(self) -> None:
+        dss = [
+            self._frame_ds[k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
+        ]
+        n = min(int(d.shape[0]) for d in dss)
+        cols = [d[:n].astype(np.int64) for d in dss]
+        ids, ts, counts, offs = cols
+        n_ev_file = int(self._gaps.ds.shape[0])
+        if n and int(offs[-1] + counts[-1]) > n_ev_file:
+            # a frame whose events are not (yet) in the file: keep the complete prefix
+            n = int(np.searchsorted(offs + counts, n_ev_file, side="right"))
+            ids, ts, counts, offs = (c[:n] for c in cols)
+        self._ids, self._ts, self._counts, self._offs = ids, ts, counts, offs
+        self._ends = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if n and not np.array_equal(self._ends[:-1], offs):
+            raise FormatError(f"{self.path}: event_offset is not the running sum of event_count")
+        miss = self._miss_ds
+        self._missing = np.unique(miss[: miss.shape[0]].astype(np.int64))
+
+    # ------------------------------------------------------------ life --
+    def refresh(self) -> int:
+        """Pick up frames appended since opening (SWMR); return the new frame count.
+
+        A file opened after its writer closed cannot grow; then this is a no-op.
+        """
+        if self.swmr:
+            for ds in self._frame_ds.values():
+                ds.refresh()
+            self._gaps.ds.refresh()
+            if self._sub is not None:
+                self._sub.ds.refresh()
+            self._miss_ds.refresh()
+            self._gaps.clear()
+            if self._sub is not None:
+                self._sub.clear()
+            self._load_frames()
+        return self.n_frames
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._f.id.valid:
+            self._f.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({str(self.path)!r}, n_frames={self.n_frames}, "
+            f"frame_shape={self.frame_shape}, n_events={self.n_events})"
+        )
+
+    # ------------------------------------------------------- metadata --
+    @property
+    def n_frames(self) -> int:
+        """Number of stored frames."""
+        return int(self._ids.size)
+
+    @property
+    def n_events(self) -> int:
+        """Number of stored events."""
+        return int(self._ends[-1])
+
+    @property
+    def frame_ids(self) -> np.ndarray:
+        """Camera frame id of each stored frame (int64, ascending)."""
+        return self._ids
+
+    @property
+    def timestamps_ns(self) -> np.ndarray:
+        """Acquisition time of each stored frame in ns (int64)."""
+        return self._ts
+
+    @property
+    def event_counts(self) -> np.ndarray:
+        """Events per frame (int64)."""
+        return self._counts
+
+    @property
+    def missing_frame_ids(self) -> np.ndarray:
+        """Frame ids that never arrived (sorted, int64)."""
+        return self._missing
+
+    @property
+    def subpixel(self) -> bool:
+        """True if the file stores sub-pixel positions."""
+        return self._sub is not None
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Root attributes, JSON attributes decoded to Python objects."""
+        out: dict[str, Any] = {}
+        for k, v in self._f.attrs.items():
+            v = _text(v)
+            if k in ("calibration", "counting", "meta", "accounting_json") and isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    pass
+            elif isinstance(v, np.ndarray):
+                v = v.tolist()
+            out[k] = v
+        return out
+
+    @property
+    def calibration_summary(self) -> dict[str, Any] | None:
+        """The calibration summary written by the counting side, or None."""
+        v = self.attrs.get("calibration")
+        return v if isinstance(v, dict) else None
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Free metadata given to the writer."""
+        v = self.attrs.get("meta")
+        return v if isinstance(v, dict) else {}
+
+    @property
+    def accounting(self) -> dict[str, Any]:
+        """Frame accounting as far as known.
+
+        Keys: ``stored`` and ``missing`` always; ``received``, ``duplicate``,
+        ``rejected`` (ints) and ``complete`` (bool) when the ingest side
+        recorded them; plus any extra items it recorded.
+        """
+        a = self.attrs
+        acc = a.get("accounting_json")
+        out: dict[str, Any] = dict(acc) if isinstance(acc, dict) else {}
+        for key in ("received", "duplicate", "rejected"):
+            v = int(a.get(f"frames_{key}", -1))
+            if v >= 0:
+                out[key] = v
+            else:
+                out.pop(key, None)
+        c = int(a.get("series_complete", -1))
+        if c >= 0:
+            out["complete"] = bool(c)
+        out["stored"] = self.n_frames
+        out["missing"] = int(self._missing.size)
+        return out
+
+    @property
+    def bits_per_event(self) -> float:
+        """Bytes the event datasets take in the file x 8 / number of events (nan if none)."""
+        size = self._gaps.ds.id.get_storage_size()
+        if self._sub is not None:
+            size += self._sub.ds.id.get_storage_size()
+        return float(size * 8 / self.n_events) if self.n_events else float("nan")
+
+    # ------------------------------------------------------------ dose --
+    def _unit_scale(self, unit: str) -> float:
+        """Factor from counts to ``unit``."""
+        h, w = self.frame_shape
+        if unit == "events":
+            return 1.0
+        if unit == "e/px":
+            return 1.0 / (h * w)
+        if unit == "e/A2":
+            if self.pixel_size_A is None:
+                raise UserError(
+                    f"dose in e/A2 needs the pixel size, and {self.path.name} has none; "
+                    'use unit="e/px" or "events"'
+                )
+            return 1.0 / (h * w * self.pixel_size_A**2)
+        raise UserError(f"unit must be one of {UNITS}, got {unit!r}")
+
+    def dose(self, unit: str = "e/px") -> np.ndarray:
+        """Per-frame dose in ``unit`` ("events" gives int64 counts, else float64)."""
+        scale = self._unit_scale(unit)
+        if unit == "events":
+            return self._counts.copy()
+        return self._counts * scale
+
+    def select(
+        self,
+        *,
+        dose: tuple[float, float] | None = None,
+        cumulative_dose: tuple[float, float] | None = None,
+        time_s: tuple[float, float] | None = None,
+        unit: str = "e/px",
+    ) -> np.ndarray:
+        """Indices (ascending, int64) of the frames meeting every given criterion.
+
+        Parameters
+        ----------
+        dose : (lo, hi), optional
+            Keep frames whose own dose is in the closed range ``[lo, hi]``.
+        cumulative_dose : (lo, hi), optional
+            Keep frames whose running dose -- the dose from the series start up
+            to and including the frame -- is in ``[lo, hi]``.
+        time_s : (t0, t1), optional
+            Keep frames whose time since the first stored frame
+            (``(timestamp_ns - timestamp_ns[0]) / 1e9``) is in ``[t0, t1]``.
+        unit : str, default "e/px"
+            Unit of ``dose`` and ``cumulative_dose``.
+
+        Raises
+        ------
+        UserError
+            On a malformed or empty range, or an unknown / unusable unit.
+        """
+        keep = np.ones(self.n_frames, dtype=bool)
+        if dose is not None or cumulative_dose is not None:
+            d = self._counts * self._unit_scale(unit)
+            if dose is not None:
+                lo, hi = _check_range("dose", dose)
+                keep &= (d >= lo) & (d <= hi)
+            if cumulative_dose is not None:
+                lo, hi = _check_range("cumulative_dose", cumulative_dose)
+                cum = np.cumsum(self._counts) * self._unit_scale(unit)
+                keep &= (cum >= lo) & (cum <= hi)
+        else:
+            self._unit_scale(unit)  # validate the unit anyway
+        if time_s is not None:
+            t0, t1 = _check_range("time_s", time_s)
+            t = (self._ts - (self._ts[0] if self.n_frames else 0)) / 1e9
+            keep &= (t >= t0) & (t <= t1)
+        return np.flatnonzero(keep).astype(np.int64)
+
+    def fractions(self, dose_per_fraction: float, *, unit: str = "e/px") -> list[slice]:
+        """Group consecutive frames into dose fractions.
+
+        Frame ``i`` goes to fraction ``k = floor(D_i / dose_per_fraction)``,
+        where ``D_i`` is the dose before frame ``i`` (so fraction ``k`` holds
+        the frames that start in ``[k, k + 1) * dose_per_fraction``; rounding
+        never drifts along the series). Empty fractions (one frame more dosed
+        than a fraction) are skipped. The remainder -- a last fraction with
+        less than ``dose_per_fraction`` -- is returned as the last slice, never
+        dropped; compare its dose with the others to decide.
+
+        Returns
+        -------
+        list of slice
+            Contiguous frame-index slices covering all frames in order.
+
+        Raises
+        ------
+        UserError
+            If ``dose_per_fraction`` is not a positive number, or on a bad unit.
+        """
+        try:
+            target = float(dose_per_fraction)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"dose_per_fraction must be a positive number, got {dose_per_fraction!r}"
+            ) from None
+        if not np.isfinite(target) or target <= 0:
+            raise UserError(f"dose_per_fraction must be a positive number, got {target!r}")
+        scale = self._unit_scale(unit)
+        if self.n_frames == 0:
+            return []
+        before = (np.cumsum(self._counts) - self._counts) * scale
+        k = np.floor(before / target + 1e-12).astype(np.int64)
+        cut = np.flatnonzero(np.diff(k)) + 1
+        bounds = np.concatenate([[0], cut, [self.n_frames]])
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+    # ---------------------------------------------------------- events --
+    def _window(self, start: int | None, stop: int | None) -> tuple[int, int]:
+        n = self.n_frames
+        s = 0 if start is None else start
+        e = n if stop is None else stop
+        try:
+            s, e = int(s), int(e)
+        except (TypeError, ValueError):
+            raise UserError(f"frame window must be integers, got {start!r}:{stop!r}") from None
+        if not (0 <= s <= e <= n):
+            raise UserError(
+                f"frame window {s}:{e} is outside the series: valid windows lie in 0:{n} "
+                f"({n} frames)"
+            )
+        return s, e
+
+    def _roi(self, roi: Sequence[int] | None) -> tuple[int, int, int, int]:
+        h, w = self.frame_shape
+        if roi is None:
+            return 0, h, 0, w
+        try:
+            r0, r1, c0, c1 = (int(v) for v in roi)
+        except (TypeError, ValueError):
+            raise UserError(f"roi must be (row0, row1, col0, col1), got {roi!r}") from None
+        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
+            raise UserError(
+                f"roi {(r0, r1, c0, c1)} is outside the frame: need 0 <= row0 < row1 <= {h} "
+                f"and 0 <= col0 < col1 <= {w}"
+            )
+        return r0, r1, c0, c1
+
+    def _gaps_range(self, a: int, b: int) -> np.ndarray:
+        return self._gaps.read(a, b)
+
+    def events(self, start: int, stop: int) -> EventBatch:
+        """Events of frames ``start:stop`` as an :class:`EventBatch`."""
+        from streamstore.codec import gap_decode
+
+        s, e = self._window(start, stop)
+        a, b = int(self._ends[s]), int(self._ends[e])
+        offs = self._ends[s : e + 1] - a
+        idx = gap_decode(self._gaps_range(a, b), offs)
+        sub = self._sub.read(a, b) if self._sub is not None else None
+        return EventBatch(offs, idx, sub, self.frame_shape, validate=False)
+
+    def frames(
+        self,
+        start: int,
+        stop: int,
+        *,
+        roi: Sequence[int] | None = None,
+        dtype: np.dtype | type = np.uint16,
+    ) -> np.ndarray:
+        """Dense count frames ``(n, h, w)`` of frames ``start:stop``.
+
+        Parameters
+        ----------
+        start, stop : int
+            Frame window (indices into the stored frames).
+        roi : (row0, row1, col0, col1), optional
+            Crop; ``h = row1 - row0``, ``w = col1 - col0``.
+        dtype : numpy dtype, default uint16
+            Output type.
+        """
+        from streamstore import _kernels
+
+        s, e = self._window(start, stop)
+        r0, r1, c0, c1 = self._roi(roi)
+        out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
+        a, b = int(self._ends[s]), int(self._ends[e])
+        offs = self._ends[s : e + 1] - a
+        gaps = self._gaps_range(a, b)
+        flat = out.reshape(e - s, -1)
+        _kernels.dense_frames(gaps, offs, self.frame_shape[1], (r0, r1, c0, c1), flat)
+        return out
+
+    def sum(
+        self,
+        start: int | None = None,
+        stop: int | None = None,
+        *,
+        select: Sequence[int] | np.ndarray | None = None,
+        roi: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Summed counts image (uint32, ``(h, w)``) over a window or a selection.
+
+        Parameters
+        ----------
+        start, stop : int, optional
+            Frame window; default the whole series.
+        select : array_like of int, optional
+            Frame indices to sum instead of a window (e.g. from :meth:`select`);
+            duplicates count once.
+        roi : (row0, row1, col0, col1), optional
+            Crop of the image.
+        """
+        from streamstore import _kernels
+
+        r0, r1, c0, c1 = self._roi(roi)
+        if select is not None:
+            if start is not None or stop is not None:
+                raise UserError("give either a window (start, stop) or select, not both")
+            sel = np.unique(np.asarray(select).astype(np.int64, copy=False))
+            if sel.size and (sel[0] < 0 or sel[-1] >= self.n_frames):
+                raise UserError(
+                    f"select holds frame indices outside 0..{self.n_frames - 1} "
+                    f"({self.n_frames} frames)"
+                )
+        else:
+            s, e = self._window(start, stop)
+            sel = np.arange(s, e, dtype=np.int64)
+        jobs = self._jobs(sel)
+        shape = (r1 - r0, c1 - c0)
+        roi_t = (r0, r1, c0, c1)
+        w = self.frame_shape[1]
+
+        def work(job: tuple[int, int, np.ndarray], acc: np.ndarray) -> None:
+            a, b, local_offs = job
+            gaps = self._gaps_range(a, b)
+            _kernels.sum_frames(gaps, local_offs, w, roi_t, acc)
+
+        if len(jobs) <= 1 or self.nthreads == 1:
+            acc = np.zeros(shape[0] * shape[1], np.uint32)
+            for job in jobs:
+                work(job, acc)
+            return acc.reshape(shape)
+        nworkers = min(self.nthreads, len(jobs))
+        accs = [np.zeros(shape[0] * shape[1], np.uint32) for _ in range(nworkers)]
+
+        def run(k: int) -> None:
+            for job in jobs[k::nworkers]:
+                work(job, accs[k])
+
+        with ThreadPoolExecutor(nworkers) as pool:
+            list(pool.map(run, range(nworkers)))
+        total = accs[0]
+        for other in accs[1:]:
+            total += other
+        return total.reshape(shape)
+
+    def _jobs(self, sel: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+        """Split selected frames into jobs of about ``_JOB_EVENTS`` contiguous events.
+
+        Each job is ``(a, b, offsets)``: the event range to read and the CSR
+        offsets (relative to ``a``) of the frames to add; frames of a job are
+        contiguous runs of the selection, gaps between runs are skipped.
+        """
+        if sel.size == 0:
+            return []
+        jobs = []
+        # contiguous runs of selected frames
+        brk = np.flatnonzero(np.diff(sel) != 1) + 1
+        for run in np.split(sel, brk):
+            f0, f1 = int(run[0]), int(run[-1]) + 1
+            ends = self._ends
+            while f0 < f1:
+                a = int(ends[f0])
+                # last frame whose end stays within a + _JOB_EVENTS (at least one)
+                stop = int(np.searchsorted(ends, a + _JOB_EVENTS, side="right")) - 1
+                stop = min(max(stop, f0 + 1), f1)
+                b = int(ends[stop])
+                jobs.append((a, b, ends[f0 : stop + 1] - a))
+                f0 = stop
+        return jobs
+
+
+def open(path: str | os.PathLike, **kwargs: Any) -> Store:  # noqa: A001 - public API name
+    """Open a streamstore events file for reading.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.h5`` file written by :class:`streamstore.StoreWriter` (also while
+        it is being written, or after its writer was killed: the file is then
+        opened in SWMR mode).
+    **kwargs
+        Passed to :class:`Store` (``nthreads``).
+
+    Returns
+    -------
+    Store
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p} is a directory; streamstore.open reads a single .h5 events file")
+    return Store(p, **kwargs)

@@ -1,0 +1,597 @@
+"""StoreWriter: stream counted events into a streamstore HDF5 file.
+
+The file layout ("streamstore.events" version 1) is specified in
+``docs/format.md``. In short: a flat gap-encoded event dataset (CSR) plus
+per-frame datasets, every dataset chunked and compressed with Blosc2 (HDF5
+filter 32026) by python-blosc2 ourselves and written with
+``write_direct_chunk``; the file is written in SWMR mode so readers see frames
+while they arrive, and a SIGKILLed writer leaves every flushed frame readable.
+
+Chunk policy
+------------
+Events and per-frame values are buffered in memory. Whole chunks of events
+are compressed and written as soon as they fill (write-once). On
+:meth:`StoreWriter.flush` the partially filled last chunk of every dataset is
+padded with zeros, compressed and written too, the dataset extents are set to
+the true lengths and the datasets are flushed; the next flush (or the chunk
+filling up) *overwrites* that tail chunk in place with ``write_direct_chunk``.
+So at most one chunk per dataset is ever rewritten per flush, and the padding
+beyond the extent is never visible to readers.
+
+Order of a flush (what makes a concurrent SWMR reader safe): event datasets
+first, then the per-frame datasets, ``frame_id`` last. A reader takes the
+number of frames as the shortest per-frame dataset and never trusts an event
+beyond ``event_offset[-1] + event_count[-1]``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import stat
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from streamstore.events import EventBatch
+
+__all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "streamstore.events"
+FORMAT_VERSION = 1
+
+#: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
+DEFAULT_CHUNK_EVENTS = 1 << 20
+#: default frames per HDF5 chunk of the per-frame datasets
+DEFAULT_CHUNK_FRAMES = 1 << 14
+
+# accounting keys kept as numeric root attributes (-1 = not known)
+_ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
+_ACCOUNTING_JSON_BYTES = 4096
+
+_FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
+
+
+def _jsonable(obj: Any) -> Any:
+    """Convert numpy scalars/arrays (and nested containers) for ``json.dumps``."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(_jsonable(obj), sort_keys=True, allow_nan=True)
+
+
+class _Column:
+    """One append-only 1-d dataset written as whole blosc2 chunks (see module doc)."""
+
+    def __init__(self, ds: Any, codec: Any, chunk_len: int, dtype: np.dtype) -> None:
+        self.ds = ds
+        self.codec = codec
+        self.chunk_len = chunk_len
+        self.dtype = np.dtype(dtype)
+        self.n_full = 0  # elements in chunks that are complete and written
+        self.buf = np.empty(chunk_len, self.dtype)  # the open (tail) chunk
+        self.n_buf = 0
+        self.tail_dirty = False
+        self.extent = 0  # current dataset extent
+        self.pending: list[tuple[int, np.ndarray]] = []  # full chunks not yet written
+
+    @property
+    def length(self) -> int:
+        return self.n_full + self.n_buf
+
+    def _write_chunk(self, start: int, block: np.ndarray, extent: int) -> None:
+        if extent > self.extent:
+            self.ds.resize((extent,))
+            self.extent = extent
+        self.ds.id.write_direct_chunk((start,), self.codec.encode(block), filter_mask=0)
+
+    def extend(self, values: np.ndarray, write_full: bool) -> None:
+        """Append values; with ``write_full`` completed chunks go to the file now,
+        otherwise they wait for :meth:`commit` (per-frame columns: the extent of
+        ``frame_id`` publishes frames, so it only grows in a flush)."""
+        values = np.asarray(values, self.dtype)
+        pos = 0
+        n = values.size
+        c = self.chunk_len
+        while pos < n:
+            take = min(c - self.n_buf, n - pos)
+            if self.n_buf == 0 and take == c and write_full:
+                # a whole chunk straight from the input, no copy into buf
+                self._write_chunk(self.n_full, values[pos : pos + c], self.n_full + c)
+                self.n_full += c
+                pos += c
+                continue
+            self.buf[self.n_buf : self.n_buf + take] = values[pos : pos + take]
+            self.n_buf += take
+            pos += take
+            self.tail_dirty = True
+            if self.n_buf == c:
+                if write_full:
+                    self._write_full_buf()
+                else:
+                    self.pending.append((self.n_full, self.buf.copy()))
+                    self.n_full += c
+                    self.n_buf = 0
+                    self.tail_dirty = False
+
+    def _write_full_buf(self) -> None:
+        c = self.chunk_len
+        self._write_chunk(self.n_full, self.buf, max(self.extent, self.n_full + c))
+        self.n_full += c
+        self.n_buf = 0
+        self.tail_dirty = False
+
+    def commit(self) -> None:
+        """Write every pending chunk (tail padded), set the extent, flush the dataset."""
+        for start, block in self.pending:
+            self._write_chunk(start, block, start + self.chunk_len)
+        self.pending.clear()
+        if self.tail_dirty and self.n_buf:
+            block = self.buf.copy()
+            block[self.n_buf :] = 0
+            self._write_chunk(self.n_full, block, self.length)
+            self.tail_dirty = False
+        if self.extent != self.length:
+            self.ds.resize((self.length,))
+            self.extent = self.length
+        self.ds.flush()
+
+
+def _open_exclusive(path: Path) -> int:
+    """Create ``path`` exclusively without following a symlink; return the fd."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path} already exists; streamstore never overwrites a file (choose a new name)"
+        ) from None
+
+
+class StoreWriter:
+    """Write a series of counted frames to a streamstore file (SWMR, crash-safe).
+
+    Parameters
+    ----------
+    path : str or Path
+        File to create. Must not exist (never clobbered: FileExistsError); a
+        symlink at the path is refused, not followed.
+    frame_shape : tuple of int
+        ``(H, W)`` of the camera frames.
+    frame_time_s : float
+        Time between frames in seconds (> 0).
+    pixel_size_A : float, optional
+        Pixel size at the specimen in Angstrom; needed for doses in e/A^2.
+    calibration : Calibration or dict, optional
+        A :class:`streamstore.Calibration` (its ``summary()`` and ``source``
+        are stored) or a plain dict of counting parameters.
+    meta : dict, optional
+        Free metadata (JSON-able), stored as the ``meta`` attribute.
+    raw_dtype : str, default "uint16"
+        dtype of the raw camera frames the events were counted from.
+    subpixel : bool, default False
+        Store the sub-pixel byte of each event (``EventBatch.subpixel``).
+    flush_interval_s : float, default 1.0
+        :meth:`append` flushes when this much wall-clock time has passed since
+        the last flush, or this much data time (frames x frame_time_s) was
+        appended. Call :meth:`flush` yourself when the stream idles.
+    nthreads : int, optional
+        Threads blosc2 uses to compress; None means all cores.
+    codec : Blosc2ChunkCodec, optional
+        Codec of the event gaps (default ZSTD level 1 + SHUFFLE).
+    chunk_events : int, default 1048576
+        Events per HDF5 chunk.
+    chunk_frames : int, default 16384
+        Frames per HDF5 chunk of the per-frame datasets.
+    counting : dict, optional
+        Counting parameters (thresholds, method), stored as JSON.
+
+    Raises
+    ------
+    FileExistsError
+        If ``path`` exists (including a symlink).
+    ValueError
+        On a bad parameter; the message names it.
+
+    Examples
+    --------
+    >>> with StoreWriter("run.h5", (256, 384), frame_time_s=1e-3) as w:  # doctest: +SKIP
+    ...     w.append(batch, frame_ids, timestamps_ns)
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        frame_shape: tuple[int, int],
+        *,
+        frame_time_s: float,
+        pixel_size_A: float | None = None,
+        calibration: Any = None,
+        meta: dict[str, Any] | None = None,
+        raw_dtype: str = "uint16",
+        subpixel: bool = False,
+        flush_interval_s: float = 1.0,
+        nthreads: int | None = None,
+        codec: Any = None,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+        counting: dict[str, Any] | None = None,
+    ) -> None:
+        import h5py
+
+        from streamstore import __version__
+        from streamstore.codec import Blosc2ChunkCodec, hdf5_filter
+
+        shape = tuple(int(s) for s in frame_shape)
+        if len(shape) != 2 or min(shape) <= 0:
+            raise ValueError(f"frame_shape must be two positive ints (H, W), got {frame_shape!r}")
+        if shape[0] * shape[1] > 2**32:
+            raise ValueError(f"frame_shape {shape} has more than 2**32 pixels")
+        self.frame_shape: tuple[int, int] = (shape[0], shape[1])
+        if not (isinstance(frame_time_s, int | float) and np.isfinite(frame_time_s)) or (
+            frame_time_s <= 0
+        ):
+            raise ValueError(f"frame_time_s must be a positive number, got {frame_time_s!r}")
+        if pixel_size_A is not None and not (np.isfinite(pixel_size_A) and pixel_size_A > 0):
+            raise ValueError(
+                f"pixel_size_A must be a positive number or None, got {pixel_size_A!r}"
+            )
+        try:
+            raw_dt = np.dtype(raw_dtype)
+        except TypeError:
+            raise ValueError(f"raw_dtype is not a numpy dtype: {raw_dtype!r}") from None
+        if flush_interval_s <= 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {flush_interval_s!r}")
+        for name, val in (("chunk_events", chunk_events), ("chunk_frames", chunk_frames)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if nthreads is not None and (not isinstance(nthreads, int) or nthreads < 1):
+            raise ValueError(f"nthreads must be a positive int or None, got {nthreads!r}")
+        self.frame_time_s = float(frame_time_s)
+        self.pixel_size_A = None if pixel_size_A is None else float(pixel_size_A)
+        self.subpixel = bool(subpixel)
+        self.flush_interval_s = float(flush_interval_s)
+        if codec is None:
+            codec = Blosc2ChunkCodec(nthreads=nthreads)
+        elif nthreads is not None:
+            codec = Blosc2ChunkCodec.from_config(codec.get_config(), nthreads=nthreads)
+        small = Blosc2ChunkCodec(codec="ZSTD", clevel=5, filter="SHUFFLE", nthreads=nthreads)
+
+        cal_summary: dict[str, Any] | None
+        cal_source = ""
+        if calibration is None:
+            cal_summary = None
+        elif isinstance(calibration, dict):
+            cal_summary = dict(calibration)
+            cal_source = str(calibration.get("source", ""))
+        elif hasattr(calibration, "summary"):
+            cal_summary = dict(calibration.summary())
+            cal_source = str(getattr(calibration, "source", ""))
+        else:
+            raise ValueError(
+                "calibration must be a streamstore.Calibration, a dict or None, "
+                f"got {type(calibration).__name__}"
+            )
+        if meta is not None and not isinstance(meta, dict):
+            raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
+
+        self.path = Path(path)
+        fd = _open_exclusive(self.path)
+        self._file = None
+        try:
+            st_fd = os.fstat(fd)
+            f = h5py.File(self.path, "w", libver="latest")
+            self._file = f
+            st_path = os.lstat(self.path)
+            if not stat.S_ISREG(st_path.st_mode) or (st_path.st_ino, st_path.st_dev) != (
+                st_fd.st_ino,
+                st_fd.st_dev,
+            ):
+                raise FileExistsError(f"{self.path} was replaced while opening; refusing to write")
+        except BaseException:
+            if self._file is not None:
+                self._file.close()
+            os.close(fd)
+            raise
+        os.close(fd)
+
+        a = f.attrs
+        a["format"] = FORMAT_NAME
+        a["format_version"] = np.int64(FORMAT_VERSION)
+        a["frame_shape"] = np.array(self.frame_shape, np.int64)
+        a["raw_dtype"] = raw_dt.name
+        a["frame_time_s"] = np.float64(self.frame_time_s)
+        a["pixel_size_A"] = np.float64(np.nan if self.pixel_size_A is None else self.pixel_size_A)
+        a["subpixel"] = np.int8(self.subpixel)
+        a["calibration"] = _dumps(cal_summary)
+        a["calibration_source"] = cal_source
+        a["counting"] = _dumps(counting)
+        a["meta"] = _dumps(meta or {})
+        a["writer"] = f"streamstore {__version__}"
+        a["created_utc"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        for key in _ACCOUNTING_KEYS:
+            a[f"frames_{key}"] = np.int64(-1)
+        a["series_complete"] = np.int8(-1)
+        a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
+
+        filt = hdf5_filter(codec)
+        ev = f.create_group("events")
+        fr = f.create_group("frames")
+
+        def make(group, name, dtype, chunk, c, **attrs):
+            ds = group.create_dataset(
+                name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, **filt
+            )
+            ds.attrs["codec"] = _dumps(c.get_config())
+            for k, v in attrs.items():
+                ds.attrs[k] = v
+            return _Column(ds, c, chunk, np.dtype(dtype))
+
+        self._gaps = make(
+            ev,
+            "gaps",
+            np.uint32,
+            chunk_events,
+            codec,
+            encoding="gaps: first event of a frame absolute, then index - previous index",
+        )
+        self._sub = None
+        if self.subpixel:
+            self._sub = make(ev, "subpixel", np.uint8, chunk_events, small, encoding="(qy<<2)|qx")
+        self._cols = {
+            "event_offset": make(fr, "event_offset", np.int64, chunk_frames, small),
+            "event_count": make(fr, "event_count", np.int64, chunk_frames, small),
+            "timestamp_ns": make(fr, "timestamp_ns", np.int64, chunk_frames, small),
+            "frame_id": make(fr, "frame_id", np.int64, chunk_frames, small),
+        }
+        self._missing = make(f, "missing_frame_ids", np.int64, 4096, small)
+        f.swmr_mode = True
+
+        self._n_frames = 0
+        self._n_events = 0
+        self._n_flushed = 0
+        self._last_id: int | None = None
+        self._ids = np.empty(1024, np.int64)  # every stored frame id (for mark_missing)
+        self._missing_set: set[int] = set()
+        self._accounting: dict[str, Any] = {}
+        self._last_flush = time.monotonic()
+        self._frames_since_flush = 0
+        self._closed = False
+
+    # ------------------------------------------------------------ state --
+    @property
+    def n_frames_written(self) -> int:
+        """Frames appended so far (buffered or in the file)."""
+        return self._n_frames
+
+    @property
+    def n_flushed(self) -> int:
+        """Frames that are in the file and survive a crash (as of the last flush)."""
+        return self._n_flushed
+
+    @property
+    def n_events_written(self) -> int:
+        """Events appended so far."""
+        return self._n_events
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran."""
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"StoreWriter for {self.path} is closed")
+
+    # ------------------------------------------------------------ write --
+    def append(
+        self,
+        events: EventBatch,
+        frame_ids: Sequence[int] | np.ndarray,
+        timestamps_ns: Sequence[int] | np.ndarray,
+    ) -> None:
+        """Append counted frames.
+
+        Parameters
+        ----------
+        events : EventBatch
+            Events of ``n`` frames with this writer's frame shape (and
+            sub-pixel data if and only if the writer has ``subpixel=True``).
+        frame_ids : array_like of int, shape (n,)
+            Strictly increasing, and greater than every id appended before.
+        timestamps_ns : array_like of int, shape (n,)
+            Acquisition time of each frame in nanoseconds.
+
+        Raises
+        ------
+        ValueError
+            On a shape/type mismatch or frame ids that do not increase.
+        """
+        self._check_open()
+        if not isinstance(events, EventBatch):
+            raise ValueError(f"events must be an EventBatch, got {type(events).__name__}")
+        if events.frame_shape != self.frame_shape:
+            raise ValueError(
+                f"events have frame_shape {events.frame_shape}, the store has {self.frame_shape}"
+            )
+        if (events.subpixel is not None) != self.subpixel:
+            raise ValueError(
+                "events carry sub-pixel data but the store was created with subpixel=False"
+                if events.subpixel is not None
+                else "the store was created with subpixel=True but the events have no subpixel"
+            )
+        n = events.n_frames
+        ids = np.asarray(frame_ids)
+        ts = np.asarray(timestamps_ns)
+        if ids.shape != (n,) or ts.shape != (n,):
+            raise ValueError(
+                f"frame_ids and timestamps_ns need one value per frame ({n}), "
+                f"got shapes {ids.shape} and {ts.shape}"
+            )
+        if ids.dtype.kind not in "iu" or ts.dtype.kind not in "iu":
+            if n:
+                raise ValueError("frame_ids and timestamps_ns must be integers")
+        ids = ids.astype(np.int64)
+        ts = ts.astype(np.int64)
+        if n == 0:
+            return
+        if n > 1 and np.any(np.diff(ids) <= 0):
+            raise ValueError("frame_ids must be strictly increasing within a batch")
+        if self._last_id is not None and ids[0] <= self._last_id:
+            raise ValueError(
+                f"frame_ids must increase across appends: got {int(ids[0])} after {self._last_id}"
+            )
+        if self._missing_set and not self._missing_set.isdisjoint(ids.tolist()):
+            bad = sorted(self._missing_set.intersection(ids.tolist()))
+            raise ValueError(f"frame ids {bad[:5]} were marked missing and cannot be stored")
+
+        from streamstore.codec import gap_encode
+
+        gaps = gap_encode(events.indices, events.offsets)
+        self._gaps.extend(gaps, write_full=True)
+        if self._sub is not None:
+            self._sub.extend(events.subpixel, write_full=True)
+        counts = events.counts
+        self._cols["event_offset"].extend(events.offsets[:-1] + self._n_events, write_full=False)
+        self._cols["event_count"].extend(counts, write_full=False)
+        self._cols["timestamp_ns"].extend(ts, write_full=False)
+        self._cols["frame_id"].extend(ids, write_full=False)
+        if self._n_frames + n > self._ids.size:
+            grown = np.empty(max(2 * self._ids.size, self._n_frames + n), np.int64)
+            grown[: self._n_frames] = self._ids[: self._n_frames]
+            self._ids = grown
+        self._ids[self._n_frames : self._n_frames + n] = ids
+        self._n_frames += n
+        self._n_events += events.n_events
+        self._last_id = int(ids[-1])
+        self._frames_since_flush += n
+        if (
+            time.monotonic() - self._last_flush >= self.flush_interval_s
+            or self._frames_since_flush * self.frame_time_s >= self.flush_interval_s
+        ):
+            self.flush()
+
+    def mark_missing(self, frame_ids: Sequence[int] | np.ndarray) -> None:
+        """Record frame ids that never arrived (stored in ``missing_frame_ids``).
+
+        Raises
+        ------
+        ValueError
+            If an id is already stored as a frame; ids already marked missing
+            are ignored.
+        """
+        self._check_open()
+        ids = np.unique(np.asarray(frame_ids, dtype=np.int64).ravel())
+        if ids.size == 0:
+            return
+        stored = self._ids[: self._n_frames]
+        pos = np.searchsorted(stored, ids)
+        hit = (pos < stored.size) & (stored[np.minimum(pos, max(stored.size - 1, 0))] == ids)
+        if stored.size and np.any(hit):
+            raise ValueError(f"frame ids {ids[hit][:5].tolist()} are stored, not missing")
+        new = [i for i in ids.tolist() if i not in self._missing_set]
+        if new:
+            self._missing_set.update(new)
+            self._missing.extend(np.array(new, np.int64), write_full=False)
+
+    def update_accounting(
+        self,
+        *,
+        received: int | None = None,
+        duplicate: int | None = None,
+        rejected: int | None = None,
+        complete: bool | None = None,
+        **extra: Any,
+    ) -> None:
+        """Record what the ingest side knows (written at the next flush and at close).
+
+        Parameters
+        ----------
+        received, duplicate, rejected : int, optional
+            Frame counts seen by the receiver.
+        complete : bool, optional
+            True if the series ended cleanly, False if it was closed without
+            its end (e.g. after an idle timeout: "incomplete").
+        **extra
+            Further JSON-able items (e.g. ``reason="idle timeout"``).
+        """
+        self._check_open()
+        for key, val in (("received", received), ("duplicate", duplicate), ("rejected", rejected)):
+            if val is not None:
+                if int(val) < 0:
+                    raise ValueError(f"{key} must be >= 0, got {val!r}")
+                self._accounting[key] = int(val)
+        if complete is not None:
+            self._accounting["complete"] = bool(complete)
+        self._accounting.update(_jsonable(extra))
+
+    def _write_accounting(self) -> None:
+        acc = dict(self._accounting)
+        acc["stored"] = self._n_flushed
+        acc["missing"] = len(self._missing_set)
+        a = self._file.attrs
+        for key in _ACCOUNTING_KEYS:
+            a.modify(f"frames_{key}", np.int64(acc.get(key, -1)))
+        a.modify("series_complete", np.int8(-1 if "complete" not in acc else int(acc["complete"])))
+        text = _dumps(acc).encode()
+        if len(text) > _ACCOUNTING_JSON_BYTES:
+            raise ValueError(
+                f"accounting extras take {len(text)} bytes as JSON, "
+                f"at most {_ACCOUNTING_JSON_BYTES} fit"
+            )
+        a.modify("accounting_json", np.bytes_(text.ljust(_ACCOUNTING_JSON_BYTES)))
+
+    def flush(self) -> None:
+        """Write every buffered frame to the file so it survives a crash."""
+        self._check_open()
+        self._gaps.commit()
+        if self._sub is not None:
+            self._sub.commit()
+        for name in _FRAME_COLUMNS:  # frame_id last: it publishes the frames
+            self._cols[name].commit()
+        self._missing.commit()
+        self._n_flushed = self._n_frames
+        self._write_accounting()
+        self._file.flush()
+        self._last_flush = time.monotonic()
+        self._frames_since_flush = 0
+
+    def close(self) -> None:
+        """Flush and close the file (idempotent)."""
+        if self._closed:
+            return
+        try:
+            if self._file is not None and self._file.id.valid:
+                self.flush()
+        finally:
+            self._closed = True
+            if self._file is not None and self._file.id.valid:
+                self._file.close()
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return (
+            f"StoreWriter({str(self.path)!r}, frame_shape={self.frame_shape}, "
+            f"n_frames_written={self._n_frames}, {state})"
+        )
