@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (UserError, FormatError, FileNotFoundError, IsADirectoryError) as exc:
-        msg = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
+        if isinstance(exc, OSError) and exc.strerror:
+            msg = f"{exc.strerror}: {exc.filename}"
+        else:  # also OSErrors raised with a message only, e.g. FileNotFoundError("no such file")
+            msg = str(exc)
         print(f"streamstore {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

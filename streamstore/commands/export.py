@@ -1,0 +1,153 @@
+"""Export a stored series to stempy, a dose-fractionated TIFF, or npy.
+
+Examples::
+
+    # 4D-STEM: stempy's sparse HDF5 (version 3)
+    streamstore export run1.h5 --format stempy run1_stempy.h5
+
+    # cryo-EM: one TIFF page per 1 e/A^2 fraction, plus run1_dose.txt (the
+    # value RELION wants) and run1_fmint.txt (MotionCor2 -FmIntFile)
+    streamstore export run1.h5 --format tiff --dose-per-fraction 1 --unit e/A2 run1.tif
+
+    # a window of dense frames (optionally a region of interest) as .npy
+    streamstore export run1.h5 --format npy --start 0 --stop 100 --roi 0,128,0,128 win.npy
+
+Frames after the last full dose fraction (the remainder) are reported; by
+default they are left out of the TIFF as RELION does, ``--remainder keep``
+writes them as a last, lighter page.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="streamstore HDF5 file")
+    parser.add_argument("out", help="output file")
+    parser.add_argument(
+        "--format", "-f", required=True, choices=("stempy", "tiff", "npy"), help="output format"
+    )
+    t = parser.add_argument_group("tiff (dose fractions)")
+    t.add_argument(
+        "--dose-per-fraction", type=float, default=None, help="dose of one TIFF page, in --unit"
+    )
+    t.add_argument(
+        "--unit",
+        choices=("e/px", "e/A2", "events"),
+        default="e/px",
+        help="unit of --dose-per-fraction (default e/px; e/A2 needs the pixel size)",
+    )
+    t.add_argument(
+        "--remainder",
+        choices=("drop", "keep"),
+        default="drop",
+        help="frames after the last full fraction: leave out (default) or add as a last page",
+    )
+    n = parser.add_argument_group("npy (dense frames) and tiff page dtype")
+    n.add_argument("--start", type=int, default=None, help="first frame (npy; default 0)")
+    n.add_argument("--stop", type=int, default=None, help="frame after the last (npy; default end)")
+    n.add_argument("--roi", default=None, metavar="R0,R1,C0,C1", help="region of interest (npy)")
+    n.add_argument(
+        "--dtype",
+        default=None,
+        choices=("uint8", "uint16", "uint32"),
+        help="integer dtype (npy default uint16; tiff default: smallest that holds every page)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _check_unused(args: argparse.Namespace, names: tuple[str, ...]) -> None:
+    from streamstore.errors import UserError
+
+    for name in names:
+        if getattr(args, name) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} does not apply to --format {args.format}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import streamstore
+    from streamstore.errors import UserError
+
+    if args.format == "tiff" and args.dose_per_fraction is None:
+        raise UserError("--format tiff needs --dose-per-fraction (the dose of one TIFF page)")
+    if args.format == "stempy":
+        _check_unused(args, ("dose_per_fraction", "start", "stop", "roi", "dtype"))
+    elif args.format == "tiff":
+        _check_unused(args, ("start", "stop", "roi"))
+    else:
+        _check_unused(args, ("dose_per_fraction",))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out} exists; choose another name or pass --overwrite")
+
+    if args.format == "stempy":
+        store = streamstore.open(args.path)  # errors for people before the export starts
+        _close(store)
+        if out.exists():
+            out.unlink()
+        streamstore.export_stempy(args.path, out)
+        print(f"wrote {out} (stempy sparse HDF5)")
+        return 0
+
+    from streamstore.export import export_npy, export_tiff
+
+    store = streamstore.open(args.path)
+    try:
+        if args.format == "tiff":
+            r = export_tiff(
+                store,
+                out,
+                args.dose_per_fraction,
+                unit=args.unit,
+                remainder=args.remainder,
+                dtype=args.dtype,
+                overwrite=args.overwrite,
+                source=str(args.path),
+            )
+            sizes = [f.stop - f.start for f in r.fractions]
+            print(
+                f"wrote {r.path}: {r.n_pages} pages ({r.dtype.name}), "
+                f"{min(sizes)}-{max(sizes)} frames per page, "
+                f"{r.page_dose.mean():.4g} {r.unit} per page on average"
+            )
+            if r.remainder is None:
+                print("remainder: none")
+            else:
+                n_rem = r.remainder.stop - r.remainder.start
+                what = "written as the last page" if r.remainder_exported else "not exported"
+                print(
+                    f"remainder: {n_rem} frames ({r.remainder.start}:{r.remainder.stop}, "
+                    f"{r.remainder_dose:.4g} {r.unit}) {what}"
+                )
+            print(f"wrote {r.dose_path} (dose per page; the header gives RELION's value)")
+            if r.fmint_path is not None:
+                print(f"wrote {r.fmint_path} (MotionCor2 -FmIntFile, e/A^2 per page)")
+            else:
+                print("no pixel size recorded: MotionCor2 -FmIntFile not written (needs e/A^2)")
+        else:
+            r = export_npy(
+                store,
+                out,
+                args.start,
+                args.stop,
+                roi=args.roi,
+                dtype=args.dtype or "uint16",
+                overwrite=args.overwrite,
+                source=str(args.path),
+            )
+            print(f"wrote {r.path}: shape {r.shape}, {r.dtype.name}; metadata in {r.meta_path}")
+    finally:
+        _close(store)
+    return 0
+
+
+def _close(store: object) -> None:
+    close = getattr(store, "close", None)
+    if close is not None:
+        close()

@@ -1,0 +1,265 @@
+"""Summarise a stored series: frames, timing, dose, storage, counting.
+
+Examples::
+
+    streamstore info run1.h5
+    streamstore info run1.h5 --json | jq .dose_total
+
+Dose is given in events, e/px (electrons per pixel, averaged over the frame)
+and e/A2 (electrons per square Angstrom, when the pixel size is recorded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run", "summary"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="streamstore HDF5 file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
+
+
+def _num(x: Any) -> Any:
+    """JSON-friendly scalar: numpy -> python, NaN -> None."""
+    if x is None:
+        return None
+    if hasattr(x, "item"):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist") and not hasattr(obj, "item"):
+        return obj.tolist()
+    if isinstance(obj, bytes):
+        return obj.decode(errors="replace")
+    return _num(obj)
+
+
+def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Everything ``streamstore info`` reports, as a JSON-able dict.
+
+    Parameters
+    ----------
+    store : Store
+        An open store (:func:`streamstore.open`).
+    path : str or PathLike, optional
+        The file, for its name and size.
+
+    Returns
+    -------
+    dict
+        Keys: ``path``, ``file_size_bytes``, ``format``, ``format_version``,
+        ``writer``, ``created_utc``, ``meta``, ``frame_shape``, ``raw_dtype``,
+        ``frames_stored``, ``frames_missing``, ``frames_duplicate``,
+        ``frames_received``, ``frames_rejected``, ``complete``,
+        ``first_frame_id``, ``last_frame_id``, ``frame_time_s``,
+        ``frame_rate_hz``, ``measured_frame_rate_hz``, ``duration_s``,
+        ``n_events``, ``pixel_size_A``, ``dose_total`` and
+        ``dose_per_frame`` (dicts by unit; ``dose_per_frame`` holds mean, min
+        and max), ``dose_rate_per_s`` (dict by unit, over ``duration_s``),
+        ``bits_per_event``, ``counting``, ``calibration_source``,
+        ``calibration``.
+    """
+    import numpy as np
+
+    attrs = dict(getattr(store, "attrs", {}) or {})
+    acc = dict(getattr(store, "accounting", {}) or {})
+    ids = np.asarray(store.frame_ids, dtype=np.int64)
+    ts = np.asarray(store.timestamps_ns, dtype=np.int64)
+    counts = np.asarray(store.event_counts, dtype=np.int64)
+    missing = np.asarray(store.missing_frame_ids, dtype=np.int64)
+    n = int(store.n_frames)
+    h, w = (int(v) for v in store.frame_shape)
+    ft = _num(getattr(store, "frame_time_s", None))
+    pixel = _num(store.pixel_size_A)
+
+    n_events = int(counts.sum())
+    units = ["events", "e/px"] + (["e/A2"] if pixel else [])
+    dose_total: dict[str, float] = {}
+    dose_frame: dict[str, dict[str, float | None]] = {}
+    for u in units:
+        d = np.asarray(store.dose(unit=u), dtype=np.float64)
+        dose_total[u] = float(d.sum())
+        dose_frame[u] = {
+            "mean": float(d.mean()) if n else None,
+            "min": float(d.min()) if n else None,
+            "max": float(d.max()) if n else None,
+        }
+    measured = None
+    if n > 1 and ts[-1] > ts[0]:  # frame ids advance once per camera frame, missing or not
+        measured = float(ids[-1] - ids[0]) / ((ts[-1] - ts[0]) / 1e9)
+    span_ids = int(ids[-1] - ids[0] + 1) if n else 0
+    duration = span_ids * ft if (ft and n) else None
+    try:
+        bits = _num(store.bits_per_event)
+    except (AttributeError, ValueError, ZeroDivisionError):
+        bits = None
+
+    def acc_get(key: str, default: Any = None) -> Any:
+        v = acc.get(key, default)
+        v = _num(v)
+        return None if (isinstance(v, int) and v < 0) else v
+
+    calib = getattr(store, "calibration_summary", None)
+    counting = attrs.get("counting")
+    if isinstance(counting, str | bytes):
+        try:
+            counting = json.loads(counting)
+        except ValueError:
+            pass
+    cal_source = attrs.get("calibration_source") or (
+        calib.get("source") if isinstance(calib, dict) else None
+    )
+    meta = attrs.get("meta")
+    if isinstance(meta, str | bytes):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            pass
+
+    p = Path(path) if path is not None else None
+    out = {
+        "path": str(p) if p else None,
+        "file_size_bytes": p.stat().st_size if p and p.exists() else None,
+        "format": attrs.get("format"),
+        "format_version": attrs.get("format_version"),
+        "writer": attrs.get("writer"),
+        "created_utc": attrs.get("created_utc"),
+        "meta": meta or None,
+        "frame_shape": [h, w],
+        "raw_dtype": str(getattr(store, "raw_dtype", attrs.get("raw_dtype")) or "") or None,
+        "frames_stored": n,
+        "frames_missing": int(missing.size),
+        "frames_duplicate": acc_get("duplicate"),
+        "frames_received": acc_get("received"),
+        "frames_rejected": acc_get("rejected"),
+        "complete": acc_get("complete"),
+        "first_frame_id": int(ids[0]) if n else None,
+        "last_frame_id": int(ids[-1]) if n else None,
+        "frame_time_s": ft,
+        "frame_rate_hz": (1.0 / ft) if ft else None,
+        "measured_frame_rate_hz": measured,
+        "duration_s": duration,
+        "n_events": n_events,
+        "pixel_size_A": pixel,
+        "dose_total": dose_total,
+        "dose_per_frame": dose_frame,
+        "dose_rate_per_s": {u: v / duration for u, v in dose_total.items()} if duration else None,
+        "bits_per_event": bits,
+        "counting": counting or None,
+        "calibration_source": cal_source or None,
+        "calibration": calib or None,
+    }
+    return _jsonable(out)
+
+
+def _si(x: float | None, unit: str) -> str:
+    if x is None:
+        return "unknown"
+    for div, pre in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {pre}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def _dict_line(d: Any, limit: int = 6) -> str:
+    if not d:
+        return "not recorded"
+    if not isinstance(d, dict):
+        return str(d)
+    items = [f"{k}={v}" for k, v in d.items() if not isinstance(v, dict | list)]
+    more = len(d) - len(items[:limit])
+    text = ", ".join(items[:limit])
+    return text + (f" (+{more} more in --json)" if more > 0 else "")
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The human-readable form of :func:`summary`."""
+    lines = []
+    name = Path(s["path"]).name if s["path"] else "series"
+    fmt = f"{s['format']} v{s['format_version']}" if s["format"] else "streamstore"
+    size = _si(s["file_size_bytes"], "B") if s["file_size_bytes"] is not None else "?"
+    lines.append(f"{name}: {fmt}, {size}, written by {s['writer'] or '?'} {s['created_utc'] or ''}")
+
+    def row(key: str, value: str) -> None:
+        lines.append(f"  {key:<14}{value}")
+
+    if s["meta"]:
+        row("series", _dict_line(s["meta"]))
+    h, w = s["frame_shape"]
+    row("frame shape", f"{h} x {w} px (rows x cols), raw {s['raw_dtype'] or '?'}")
+    parts = [f"{s['frames_stored']:,} stored", f"{s['frames_missing']:,} missing"]
+    for key in ("duplicate", "received", "rejected"):
+        v = s[f"frames_{key}"]
+        parts.append(f"{v:,} {key}" if v is not None else f"{key} unknown")
+    ids = (
+        f"ids {s['first_frame_id']}..{s['last_frame_id']}"
+        if s["first_frame_id"] is not None
+        else "no frames yet"
+    )
+    row("frames", ", ".join(parts) + f" ({ids})")
+    if s["complete"] is not None:
+        row("series end", "complete" if s["complete"] else "INCOMPLETE (closed without its end)")
+    ft = s["frame_time_s"]
+    timing = (
+        f"{s['frame_rate_hz']:,.6g} frames/s (frame time {ft * 1e3:.6g} ms)" if ft else "unknown"
+    )
+    if s["duration_s"] is not None:
+        timing += f", duration {s['duration_s']:.6g} s"
+    if s["measured_frame_rate_hz"] is not None:
+        timing += f"; timestamps say {s['measured_frame_rate_hz']:,.6g} frames/s"
+    row("timing", timing)
+    dt, df = s["dose_total"], s["dose_per_frame"]
+    px = s["pixel_size_A"]
+    total = f"{s['n_events']:,} events = {dt['e/px']:.6g} e/px"
+    total += f" = {dt['e/A2']:.6g} e/A^2" if "e/A2" in dt else " (e/A^2 needs the pixel size)"
+    rate = s["dose_rate_per_s"]
+    if rate:
+        ru = "e/A2" if "e/A2" in rate else "e/px"
+        total += f" ({rate[ru]:.4g} {'e/A^2' if ru == 'e/A2' else 'e/px'} per s)"
+    row("dose total", total)
+    u = "e/A2" if "e/A2" in df else "e/px"
+    ulabel = "e/A^2" if u == "e/A2" else "e/px"
+    if df[u]["mean"] is not None:
+        row(
+            "dose / frame",
+            f"mean {df[u]['mean']:.4g} {ulabel} (min {df[u]['min']:.4g}, max {df[u]['max']:.4g});"
+            f" {df['events']['mean']:,.1f} events",
+        )
+    row("pixel size", f"{px:g} A" if px else "not recorded")
+    bits = s["bits_per_event"]
+    row("storage", (f"{bits:.2f} bits/event" if bits is not None else "bits/event unknown"))
+    row("counting", _dict_line(s["counting"]))
+    row("calibration", s["calibration_source"] or "source not recorded")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import streamstore
+
+    store = streamstore.open(args.path)
+    try:
+        s = summary(store, args.path)
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+    if args.json:
+        print(json.dumps(s, indent=1, sort_keys=False, allow_nan=False))
+    else:
+        print(format_summary(s))
+    return 0

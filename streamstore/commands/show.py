@@ -1,0 +1,71 @@
+"""Draw a stored series to a PNG: summed image, dose per frame, cumulative dose.
+
+Examples::
+
+    streamstore show run1.h5 --out view.png
+    streamstore show run1.h5 --out first100.png --start 0 --stop 100 --log
+    streamstore show run1.h5 --out roi.png --roi 100,300,200,500
+
+``--start``/``--stop`` pick the stored frames summed into the image (0-based
+positions, stop exclusive, like Python slices); the dose panels always show
+the whole series with that window shaded. ``--roi row0,row1,col0,col1`` draws
+a box and reports the counts inside it. Needs matplotlib (the ``plot`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="streamstore HDF5 file")
+    parser.add_argument(
+        "--out", "-o", default=None, help="PNG to write (default: <file name>.png here)"
+    )
+    parser.add_argument("--start", type=int, default=None, help="first frame summed (default 0)")
+    parser.add_argument(
+        "--stop", type=int, default=None, help="frame after the last one summed (default: end)"
+    )
+    parser.add_argument(
+        "--roi", default=None, metavar="R0,R1,C0,C1", help="region of interest to outline"
+    )
+    parser.add_argument("--log", action="store_true", help="logarithmic colour scale")
+    parser.add_argument(
+        "--unit",
+        choices=("e/A2", "e/px", "events"),
+        default=None,
+        help="dose unit of the time panels (default e/A2 if the pixel size is known, else e/px)",
+    )
+    parser.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import streamstore
+    from streamstore.errors import UserError
+    from streamstore.plotting import save_summary
+
+    if args.dpi < 20 or args.dpi > 600:
+        raise UserError(f"--dpi must be between 20 and 600, got {args.dpi}")
+    out = Path(args.out) if args.out else Path(Path(args.path).stem + ".png")
+    store = streamstore.open(args.path)
+    try:
+        save_summary(
+            store,
+            out,
+            dpi=args.dpi,
+            start=args.start,
+            stop=args.stop,
+            roi=args.roi,
+            log=args.log,
+            unit=args.unit,
+            title=Path(args.path).name,
+        )
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            close()
+    print(f"wrote {out}")
+    return 0
