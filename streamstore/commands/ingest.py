@@ -1,0 +1,132 @@
+"""Receive frames over ZeroMQ, count the electrons, store each series as HDF5.
+
+Each series goes to OUT/<series_id>.h5 (an existing file is never
+overwritten: a numbered suffix is added and logged). A series whose start
+meta says {"kind": "dark"} becomes the calibration of the following series.
+SIGINT/SIGTERM drain the pipeline, close the files and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+__all__ = ["add_arguments", "run", "config_from_args", "setup_logging"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``streamstore ingest``."""
+    from streamstore.ingest.daemon import K3_FRAME_BYTES
+
+    p.add_argument("--out", required=True, metavar="DIR", help="directory of the output files")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--listen", metavar="ENDPOINT", help="bind a PULL socket, e.g. tcp://127.0.0.1:5555"
+    )
+    src.add_argument(
+        "--connect", metavar="ENDPOINT", help="connect to a camera that binds its PUSH socket"
+    )
+    p.add_argument("--calibration", metavar="FILE", help="calibration from Calibration.save")
+    p.add_argument(
+        "--max-buffer-mb",
+        type=float,
+        default=1024.0,
+        metavar="N",
+        help="memory for frames and events in flight; when full, back-pressure (default 1024)",
+    )
+    p.add_argument(
+        "--status-endpoint",
+        metavar="EP",
+        help="publish the status as JSON on a PUB socket (read it with `streamstore status EP`)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="close a series with no message for S seconds as incomplete (default 30)",
+    )
+    p.add_argument(
+        "--reorder-window",
+        type=int,
+        default=64,
+        metavar="N",
+        help="frames held back to store out-of-order frames in order (default 64)",
+    )
+    p.add_argument("--subpixel", action="store_true", help="store 4x4 sub-pixel positions")
+    p.add_argument(
+        "--threads", type=int, default=None, help="counting threads (default: all cores)"
+    )
+    p.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=K3_FRAME_BYTES,
+        metavar="N",
+        help=f"largest frame accepted; sets ZeroMQ's max message size (default {K3_FRAME_BYTES})",
+    )
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow binding to non-loopback addresses (the port is then open to the network)",
+    )
+    p.add_argument(
+        "--exit-after-series",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit once N series (dark ones included) are closed",
+    )
+    p.add_argument(
+        "--status-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between status log lines when not on a terminal (default 5)",
+    )
+    p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def config_from_args(args: argparse.Namespace):
+    """Build an :class:`~streamstore.ingest.IngestConfig` from parsed options."""
+    from streamstore.ingest.daemon import IngestConfig
+
+    return IngestConfig(
+        out_dir=args.out,
+        listen=args.listen,
+        connect=args.connect,
+        calibration=args.calibration,
+        max_buffer_mb=args.max_buffer_mb,
+        status_endpoint=args.status_endpoint,
+        idle_timeout_s=args.idle_timeout,
+        reorder_window=args.reorder_window,
+        subpixel=args.subpixel,
+        threads=args.threads,
+        max_frame_bytes=args.max_frame_bytes,
+        allow_remote=args.allow_remote,
+        exit_after_series=args.exit_after_series,
+        status_interval_s=args.status_interval,
+    )
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """Log lines on stderr: time, pid, level, message."""
+    from streamstore.ingest.daemon import default_log_format
+
+    logger = logging.getLogger("streamstore")
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(default_log_format(), "%H:%M:%S"))
+        logger.addHandler(h)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the daemon until a signal or ``--exit-after-series``."""
+    from streamstore.ingest.daemon import IngestDaemon
+
+    cfg = config_from_args(args)
+    cfg.check()
+    setup_logging(args.quiet)
+    return IngestDaemon(cfg).run()

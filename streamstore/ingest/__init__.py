@@ -1,0 +1,19 @@
+"""The ingest daemon: ZeroMQ frames in, counted and compressed HDF5 series out.
+
+Modules, in data-flow order:
+
+* :mod:`~streamstore.ingest.daemon` - sockets, signals, the per-series state
+  machine (:class:`IngestDaemon`, :class:`IngestConfig`);
+* :mod:`~streamstore.ingest.series` - frame-id accounting and the reorder window;
+* :mod:`~streamstore.ingest.pipeline` - count and write stages, the memory budget;
+* :mod:`~streamstore.ingest.status` - counters, the live line, JSON over PUB;
+* :mod:`~streamstore.ingest.safety` - loopback-only binds, safe output paths.
+
+Nothing heavy is imported here (zmq, numba and h5py load when a daemon runs).
+"""
+
+from __future__ import annotations
+
+from streamstore.ingest.daemon import IngestConfig, IngestDaemon
+
+__all__ = ["IngestConfig", "IngestDaemon"]
