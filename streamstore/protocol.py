@@ -296,12 +296,23 @@ def _as_buffer(part: object, index: int) -> memoryview:
     return view.cast("B") if view.ndim != 1 or view.format != "B" else view
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:20]} out of range")
+    return v
+
+
 def _header(view: memoryview) -> dict[str, Any]:
     if view.nbytes > MAX_HEADER_BYTES:
         raise ProtocolError(f"header: {view.nbytes} bytes, more than {MAX_HEADER_BYTES}")
     try:
         text = bytes(view).decode("utf-8")
-        obj = json.loads(text)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"header: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except (ValueError, RecursionError) as exc:
