@@ -1,0 +1,238 @@
+"""Stream emulated camera frames over ZeroMQ (PUSH), like a camera would.
+
+Frames come from a pool of ``--pool`` distinct frames made before sending, so
+the send rate is the cost of the send alone; image ``i`` of the series is pool
+frame ``i % pool``. With ``--dark-frames N``, N distinct beam-off frames are
+sent first as their own series ``<series-id>_dark`` (start ``meta`` is
+``{"kind": "dark"}``). Random stream order, for reproduction: dark frames
+first, then the pool (``CameraEmulator(seed=...)``: ``dark_frames(N)`` then
+``generate(pool)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+DETECTOR = "streamstore-emulator"
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 4092x5760, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected positive HxW, got {text!r}")
+    return h, w
+
+
+def _non_negative(kind: type) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+        return v
+
+    return convert
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``emulate`` options to ``parser``."""
+    parser.add_argument(
+        "--endpoint",
+        default="tcp://127.0.0.1:5555",
+        help="ZeroMQ endpoint to bind (PUSH) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--connect",
+        metavar="ENDPOINT",
+        default=None,
+        help="connect to ENDPOINT instead of binding --endpoint",
+    )
+    parser.add_argument(
+        "--shape", type=_shape, default=(4092, 5760), help="frame HxW (default: 4092x5760)"
+    )
+    parser.add_argument("--dtype", choices=("uint16", "uint8"), default="uint16")
+    parser.add_argument(
+        "--fps",
+        type=_non_negative(float),
+        default=0.0,
+        help="send rate in frames/s; 0 = as fast as possible (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--frames", type=_non_negative(int), default=100, help="images to send (default: 100)"
+    )
+    parser.add_argument(
+        "--dose-rate",
+        type=_non_negative(float),
+        default=15.0,
+        help="frame-mean dose rate, e/px/s (default: %(default)s = 0.01 e/px/frame)",
+    )
+    parser.add_argument(
+        "--frame-time",
+        type=_non_negative(float),
+        default=1 / 1500,
+        help="camera frame time, s; sets the dose per frame, not the send rate (default: 1/1500)",
+    )
+    parser.add_argument("--pattern", choices=("uniform", "disk", "image"), default="uniform")
+    parser.add_argument("--seed", type=_non_negative(int), default=0)
+    parser.add_argument("--series-id", default="emulated", help="(default: %(default)s)")
+    parser.add_argument("--pixel-size", type=float, default=None, help="pixel size, Angstrom")
+    parser.add_argument(
+        "--truth", metavar="FILE", default=None, help="write the ground truth of the images (HDF5)"
+    )
+    parser.add_argument(
+        "--dark-frames",
+        type=_non_negative(int),
+        default=0,
+        metavar="N",
+        help="send N beam-off frames first, as series <series-id>_dark",
+    )
+    parser.add_argument(
+        "--pool", type=_non_negative(int), default=8, help="distinct frames to cycle (default: 8)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_non_negative(float),
+        default=60.0,
+        help="seconds to wait for a receiver to take a message, and to deliver "
+        "the last ones at exit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--hwm", type=_non_negative(int), default=4, help="send high-water mark (default: 4)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``streamstore emulate``."""
+    import json
+    import time
+
+    import numpy as np
+
+    from streamstore.emulator import CameraEmulator
+    from streamstore.errors import UserError
+    from streamstore.protocol import ProtocolError, Sender, Start, validate_series_id
+
+    try:
+        series_id = validate_series_id(args.series_id)
+        dark_id = validate_series_id(f"{series_id}_dark") if args.dark_frames else None
+    except ProtocolError as exc:
+        raise UserError(f"--series-id: {exc}") from None
+    if args.pixel_size is not None and not args.pixel_size > 0:
+        raise UserError(f"--pixel-size: must be > 0, got {args.pixel_size}")
+    if args.frame_time <= 0:
+        raise UserError(f"--frame-time: must be > 0, got {args.frame_time}")
+    if args.pool < 1:
+        raise UserError("--pool: must be >= 1")
+    try:
+        emu = CameraEmulator(
+            args.shape,
+            dtype=args.dtype,
+            dose_rate_e_per_px_s=args.dose_rate,
+            frame_time_s=args.frame_time,
+            pattern=args.pattern,
+            seed=args.seed,
+            pool_size=max(1, min(args.pool, args.frames)),
+        )
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+    import zmq
+
+    bind = args.connect is None
+    endpoint = args.endpoint if bind else args.connect
+    timeout = args.timeout if args.timeout > 0 else None
+    ctx = zmq.Context()
+    try:
+        sender = Sender(
+            endpoint,
+            bind=bind,
+            sndhwm=max(1, args.hwm),
+            send_timeout_s=timeout,
+            linger_s=args.timeout,
+            context=ctx,
+        )
+    except OSError as exc:
+        ctx.term()
+        raise UserError(str(exc)) from None
+
+    def start_of(sid: str, n: int, meta: dict[str, Any]) -> Start:
+        return Start(
+            series_id=sid,
+            frame_shape=emu.frame_shape,
+            dtype=emu.dtype.name,
+            frame_time_s=emu.frame_time_s,
+            pixel_size_A=args.pixel_size,
+            n_frames=n,
+            detector=DETECTOR,
+            meta=meta,
+        )
+
+    summary: dict[str, Any] = {"endpoint": sender.endpoint, "series_id": series_id}
+    delivered = False
+    try:
+        if dark_id is not None:
+            sender.send_start(start_of(dark_id, args.dark_frames, {"kind": "dark"}))
+            for i in range(args.dark_frames):
+                frame, _ = emu.dark_frames(1)
+                sender.send_image(dark_id, i, frame[0])
+            sender.send_end(dark_id, args.dark_frames)
+            summary["dark_series_id"] = dark_id
+            summary["dark_frames"] = args.dark_frames
+
+        pool, pool_truth = emu.pool()
+        n_pool = len(pool)
+        if args.truth:
+            ids = np.arange(args.frames, dtype=np.int64)
+            pool_truth.take(ids % n_pool, frame_ids=ids).save(args.truth)
+        meta = {"kind": "data", "emulator": emu.params(), "dose_per_frame": emu.dose_per_frame}
+        sender.send_start(start_of(series_id, args.frames, meta))
+        period = 1.0 / args.fps if args.fps > 0 else 0.0
+        t0 = time.perf_counter()
+        for i in range(args.frames):
+            if period:
+                delay = t0 + i * period - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            sender.send_image(series_id, i, pool[i % n_pool])
+        sender.send_end(series_id, args.frames)
+        delivered = True
+    except TimeoutError as exc:
+        raise UserError(str(exc)) from None
+    finally:
+        # linger: queued messages still go out (up to --timeout) before the
+        # context terminates, unless sending failed
+        sender.close(linger_s=None if delivered else 0)
+        ctx.term()
+    elapsed = time.perf_counter() - t0
+
+    nbytes = args.frames * emu.frame_nbytes
+    rate = args.frames / elapsed if elapsed > 0 else float("inf")
+    summary.update(
+        frames=args.frames,
+        frame_shape=list(emu.frame_shape),
+        dtype=emu.dtype.name,
+        seconds=elapsed,
+        fps=rate,
+        gb_per_s=nbytes / 1e9 / elapsed if elapsed > 0 else float("inf"),
+        bytes=nbytes,
+        pool=n_pool,
+        dose_per_frame=emu.dose_per_frame,
+        truth=args.truth,
+    )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        h, w = emu.frame_shape
+        print(
+            f"sent {args.frames} frames {h}x{w} {emu.dtype.name} of series {series_id!r} "
+            f"to {summary['endpoint']} in {elapsed:.3f} s: {rate:.1f} fps, "
+            f"{summary['gb_per_s']:.3f} GB/s"
+        )
+    return 0
