@@ -10,7 +10,14 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["gap_encode", "gap_decode", "sum_frames", "dense_frames"]
+__all__ = [
+    "dense_frames",
+    "gap_decode",
+    "gap_encode",
+    "gather",
+    "gather_decode",
+    "sum_frames",
+]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -37,8 +44,8 @@ def gap_decode(gaps, offsets, out):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def sum_frames(gaps, offsets, width, roi, acc):  # pragma: no cover - compiled
-    """Add the events of frames ``offsets`` (gaps relative to offsets[0]) into ``acc``.
+def sum_frames(gaps, starts, counts, width, roi, acc):  # pragma: no cover - compiled
+    """Add the events of frames ``(starts[f], counts[f])`` of ``gaps`` into ``acc``.
 
     ``acc`` is the flat ``(row1 - row0) * (col1 - col0)`` image of the roi.
     """
@@ -47,10 +54,9 @@ def sum_frames(gaps, offsets, width, roi, acc):  # pragma: no cover - compiled
     lo = r0 * width
     hi = r1 * width
     rw = c1 - c0
-    base = offsets[0]
-    for f in range(offsets.size - 1):
+    for f in range(starts.size):
         idx = np.int64(0)
-        for k in range(offsets[f] - base, offsets[f + 1] - base):
+        for k in range(starts[f], starts[f] + counts[f]):
             idx += gaps[k]
             if full:
                 if idx < hi:
@@ -63,19 +69,42 @@ def sum_frames(gaps, offsets, width, roi, acc):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def dense_frames(gaps, offsets, width, roi, out):  # pragma: no cover - compiled
+def dense_frames(gaps, starts, counts, width, roi, out):  # pragma: no cover - compiled
     """Scatter frame ``f``'s events into ``out[f]`` (flat roi image per frame)."""
     r0, r1, c0, c1 = roi
     lo = r0 * width
     hi = r1 * width
     rw = c1 - c0
-    base = offsets[0]
-    for f in range(offsets.size - 1):
+    for f in range(starts.size):
         idx = np.int64(0)
-        for k in range(offsets[f] - base, offsets[f + 1] - base):
+        for k in range(starts[f], starts[f] + counts[f]):
             idx += gaps[k]
             if idx >= lo and idx < hi:
                 r = idx // width
                 c = idx - r * width
                 if c >= c0 and c < c1:
                     out[f, (r - r0) * rw + (c - c0)] += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def gather_decode(gaps, starts, counts, out):  # pragma: no cover - compiled
+    """Decode frames ``(starts[f], counts[f])`` of ``gaps`` into compact ``out``."""
+    j = 0
+    for f in range(starts.size):
+        acc = np.uint32(0)
+        for k in range(starts[f], starts[f] + counts[f]):
+            acc = acc + gaps[k]
+            out[j] = acc
+            j += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def gather(src, starts, counts, out):  # pragma: no cover - compiled
+    """Copy the ranges ``(starts[f], counts[f])`` of ``src`` into compact ``out``."""
+    j = 0
+    for f in range(starts.size):
+        for k in range(starts[f], starts[f] + counts[f]):
+            out[j] = src[k]
+            j += 1
+    return out

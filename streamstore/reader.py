@@ -206,14 +206,17 @@ class Store:
         cols = [d[:n].astype(np.int64) for d in dss]
         ids, ts, counts, offs = cols
         n_ev_file = int(self._gaps.ds.shape[0])
-        if n and int(offs[-1] + counts[-1]) > n_ev_file:
+        ends = offs + counts
+        if n and int(ends[-1]) > n_ev_file:
             # a frame whose events are not (yet) in the file: keep the complete prefix
-            n = int(np.searchsorted(offs + counts, n_ev_file, side="right"))
-            ids, ts, counts, offs = (c[:n] for c in cols)
-        self._ids, self._ts, self._counts, self._offs = ids, ts, counts, offs
-        self._ends = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        if n and not np.array_equal(self._ends[:-1], offs):
-            raise FormatError(f"{self.path}: event_offset is not the running sum of event_count")
+            n = int(np.searchsorted(ends, n_ev_file, side="right"))
+            ids, ts, counts, offs, ends = (c[:n] for c in (ids, ts, counts, offs, ends))
+        if n and (np.any(counts < 0) or offs[0] < 0 or np.any(offs[1:] < ends[:-1])):
+            raise FormatError(
+                f"{self.path}: frames/event_offset and event_count overlap or are negative"
+            )
+        self._ids, self._ts, self._counts, self._starts = ids, ts, counts, offs
+        self._n_events = int(counts.sum())
         miss = self._miss_ds
         self._missing = np.unique(miss[: miss.shape[0]].astype(np.int64))
 
@@ -262,7 +265,7 @@ class Store:
     @property
     def n_events(self) -> int:
         """Number of stored events."""
-        return int(self._ends[-1])
+        return self._n_events
 
     @property
     def frame_ids(self) -> np.ndarray:
@@ -488,19 +491,31 @@ class Store:
             )
         return r0, r1, c0, c1
 
-    def _gaps_range(self, a: int, b: int) -> np.ndarray:
-        return self._gaps.read(a, b)
-
     def events(self, start: int, stop: int) -> EventBatch:
         """Events of frames ``start:stop`` as an :class:`EventBatch`."""
-        from streamstore.codec import gap_decode
+        from streamstore import _kernels
 
         s, e = self._window(start, stop)
-        a, b = int(self._ends[s]), int(self._ends[e])
-        offs = self._ends[s : e + 1] - a
-        idx = gap_decode(self._gaps_range(a, b), offs)
-        sub = self._sub.read(a, b) if self._sub is not None else None
+        a, b, starts, counts = self._span(s, e)
+        offs = np.zeros(e - s + 1, np.int64)
+        np.cumsum(counts, out=offs[1:])
+        idx = _kernels.gather_decode(
+            self._gaps.read(a, b), starts, counts, np.empty(int(offs[-1]), np.uint32)
+        )
+        sub = None
+        if self._sub is not None:
+            sub = _kernels.gather(
+                self._sub.read(a, b), starts, counts, np.empty(int(offs[-1]), np.uint8)
+            )
         return EventBatch(offs, idx, sub, self.frame_shape, validate=False)
+
+    def _span(self, s: int, e: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+        """Dataset range ``a:b`` holding frames ``s:e`` and their starts (relative) / counts."""
+        if e <= s:
+            return 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        a = int(self._starts[s])
+        b = int(self._starts[e - 1] + self._counts[e - 1])
+        return a, b, self._starts[s:e] - a, self._counts[s:e]
 
     def frames(
         self,
@@ -526,11 +541,10 @@ class Store:
         s, e = self._window(start, stop)
         r0, r1, c0, c1 = self._roi(roi)
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
-        a, b = int(self._ends[s]), int(self._ends[e])
-        offs = self._ends[s : e + 1] - a
-        gaps = self._gaps_range(a, b)
+        a, b, starts, counts = self._span(s, e)
         flat = out.reshape(e - s, -1)
-        _kernels.dense_frames(gaps, offs, self.frame_shape[1], (r0, r1, c0, c1), flat)
+        gaps = self._gaps.read(a, b)
+        _kernels.dense_frames(gaps, starts, counts, self.frame_shape[1], (r0, r1, c0, c1), flat)
         return out
 
     def sum(
@@ -574,9 +588,8 @@ class Store:
         w = self.frame_shape[1]
 
         def work(job: tuple[int, int, np.ndarray], acc: np.ndarray) -> None:
-            a, b, local_offs = job
-            gaps = self._gaps_range(a, b)
-            _kernels.sum_frames(gaps, local_offs, w, roi_t, acc)
+            a, b, starts, counts = job
+            _kernels.sum_frames(self._gaps.read(a, b), starts, counts, w, roi_t, acc)
 
         if len(jobs) <= 1 or self.nthreads == 1:
             acc = np.zeros(shape[0] * shape[1], np.uint32)
@@ -597,28 +610,26 @@ class Store:
             total += other
         return total.reshape(shape)
 
-    def _jobs(self, sel: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
-        """Split selected frames into jobs of about ``_JOB_EVENTS`` contiguous events.
+    def _jobs(self, sel: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
+        """Split selected frames into jobs of about ``_JOB_EVENTS`` dataset positions.
 
-        Each job is ``(a, b, offsets)``: the event range to read and the CSR
-        offsets (relative to ``a``) of the frames to add; frames of a job are
-        contiguous runs of the selection, gaps between runs are skipped.
+        Each job is ``(a, b, starts, counts)``: the dataset range to read and the
+        frames (starts relative to ``a``) to add. Frames of a job are one
+        contiguous run of the selection.
         """
         if sel.size == 0:
             return []
         jobs = []
-        # contiguous runs of selected frames
+        ends = self._starts + self._counts
         brk = np.flatnonzero(np.diff(sel) != 1) + 1
         for run in np.split(sel, brk):
             f0, f1 = int(run[0]), int(run[-1]) + 1
-            ends = self._ends
             while f0 < f1:
-                a = int(ends[f0])
-                # last frame whose end stays within a + _JOB_EVENTS (at least one)
-                stop = int(np.searchsorted(ends, a + _JOB_EVENTS, side="right")) - 1
+                a = int(self._starts[f0])
+                # frames whose events end within a + _JOB_EVENTS (at least one)
+                stop = int(np.searchsorted(ends, a + _JOB_EVENTS, side="right"))
                 stop = min(max(stop, f0 + 1), f1)
-                b = int(ends[stop])
-                jobs.append((a, b, ends[f0 : stop + 1] - a))
+                jobs.append(self._span(f0, stop))
                 f0 = stop
         return jobs
 

@@ -9,14 +9,23 @@ while they arrive, and a SIGKILLed writer leaves every flushed frame readable.
 
 Chunk policy
 ------------
-Events and per-frame values are buffered in memory. Whole chunks of events
-are compressed and written as soon as they fill (write-once). On
-:meth:`StoreWriter.flush` the partially filled last chunk of every dataset is
-padded with zeros, compressed and written too, the dataset extents are set to
-the true lengths and the datasets are flushed; the next flush (or the chunk
-filling up) *overwrites* that tail chunk in place with ``write_direct_chunk``.
-So at most one chunk per dataset is ever rewritten per flush, and the padding
-beyond the extent is never visible to readers.
+Rewriting a compressed chunk makes HDF5 allocate new space and, under SWMR,
+never reuse the old (measured: flushing a growing tail chunk 100 times made a
+file 20 x too big). So:
+
+* Event datasets (``events/gaps``, ``events/subpixel``) are write-once. A
+  chunk is compressed and written as soon as it fills. At a flush the open
+  chunk is padded with zeros and written, and the next events start at the
+  next chunk boundary: the padding is a hole that no frame addresses
+  (``event_offset`` is the dataset position of a frame's first event; a
+  frame's events are always contiguous). Zeros compress to almost nothing.
+  At close the extent ends at the last event.
+* Per-frame datasets (row ``i`` is frame ``i``, no holes possible): a chunk
+  written whole is compressed (ZSTD); a chunk that must be published while
+  partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
+  over the four columns) and overwritten in place as it fills; HDF5 reuses the
+  space of a same-size chunk and the bytes of already published frames do not
+  change, so a concurrent reader never sees them torn.
 
 Order of a flush (what makes a concurrent SWMR reader safe): event datasets
 first, then the per-frame datasets, ``frame_id`` last. A reader takes the
@@ -47,7 +56,7 @@ FORMAT_VERSION = 1
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20
 #: default frames per HDF5 chunk of the per-frame datasets
-DEFAULT_CHUNK_FRAMES = 1 << 14
+DEFAULT_CHUNK_FRAMES = 1 << 12
 
 # accounting keys kept as numeric root attributes (-1 = not known)
 _ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
@@ -76,34 +85,61 @@ def _dumps(obj: Any) -> str:
 
 
 class _Column:
-    """One append-only 1-d dataset written as whole blosc2 chunks (see module doc)."""
+    """One append-only 1-d dataset written as whole blosc2 chunks (see module doc).
 
-    def __init__(self, ds: Any, codec: Any, chunk_len: int, dtype: np.dtype) -> None:
+    Two policies for the open (partially filled) chunk at a flush:
+
+    * ``tail_codec is None`` (event datasets): the open chunk is compressed,
+      padded with zeros and written once; the next events start at the next
+      chunk boundary, leaving padding between flushes ("holes", addressed by
+      ``event_offset``). Nothing is ever rewritten.
+    * ``tail_codec`` given (per-frame datasets, where row ``i`` must be frame
+      ``i``): the open chunk is written with ``tail_codec`` (blosc2 level 0, a
+      fixed size) and overwritten in place as it fills; HDF5 reuses the space
+      of a same-size chunk, so nothing leaks. A chunk written whole is
+      compressed with ``codec``.
+    """
+
+    def __init__(
+        self, ds: Any, codec: Any, chunk_len: int, dtype: np.dtype, tail_codec: Any = None
+    ) -> None:
         self.ds = ds
         self.codec = codec
+        self.tail_codec = tail_codec
         self.chunk_len = chunk_len
         self.dtype = np.dtype(dtype)
-        self.n_full = 0  # elements in chunks that are complete and written
-        self.buf = np.empty(chunk_len, self.dtype)  # the open (tail) chunk
+        self.n_full = 0  # elements before the open chunk (chunks written or pending)
+        self.buf = np.empty(chunk_len, self.dtype)  # the open chunk
         self.n_buf = 0
         self.tail_dirty = False
+        self.tail_published = False  # the open chunk was written partially (in place)
         self.extent = 0  # current dataset extent
-        self.pending: list[tuple[int, np.ndarray]] = []  # full chunks not yet written
+        self.pending: list[tuple[int, np.ndarray, bool]] = []  # full chunks not yet written
 
     @property
     def length(self) -> int:
+        """Position of the next element (including holes)."""
         return self.n_full + self.n_buf
 
-    def _write_chunk(self, start: int, block: np.ndarray, extent: int) -> None:
+    def _write_chunk(self, start: int, block: np.ndarray, extent: int, codec: Any) -> None:
         if extent > self.extent:
             self.ds.resize((extent,))
             self.extent = extent
-        self.ds.id.write_direct_chunk((start,), self.codec.encode(block), filter_mask=0)
+        self.ds.id.write_direct_chunk((start,), codec.encode(block), filter_mask=0)
+
+    def _close_chunk(self) -> None:
+        self.n_full += self.chunk_len
+        self.n_buf = 0
+        self.tail_dirty = False
+        self.tail_published = False
 
     def extend(self, values: np.ndarray, write_full: bool) -> None:
-        """Append values; with ``write_full`` completed chunks go to the file now,
-        otherwise they wait for :meth:`commit` (per-frame columns: the extent of
-        ``frame_id`` publishes frames, so it only grows in a flush)."""
+        """Append values.
+
+        With ``write_full`` completed chunks go to the file now; otherwise they
+        wait for :meth:`commit` (per-frame datasets: the extent of ``frame_id``
+        publishes frames, so it may only grow in a flush).
+        """
         values = np.asarray(values, self.dtype)
         pos = 0
         n = values.size
@@ -112,8 +148,8 @@ class _Column:
             take = min(c - self.n_buf, n - pos)
             if self.n_buf == 0 and take == c and write_full:
                 # a whole chunk straight from the input, no copy into buf
-                self._write_chunk(self.n_full, values[pos : pos + c], self.n_full + c)
-                self.n_full += c
+                self._write_chunk(self.n_full, values[pos : pos + c], self.n_full + c, self.codec)
+                self._close_chunk()
                 pos += c
                 continue
             self.buf[self.n_buf : self.n_buf + take] = values[pos : pos + take]
@@ -122,31 +158,36 @@ class _Column:
             self.tail_dirty = True
             if self.n_buf == c:
                 if write_full:
-                    self._write_full_buf()
+                    self._write_chunk(self.n_full, self.buf, self.n_full + c, self.codec)
                 else:
-                    self.pending.append((self.n_full, self.buf.copy()))
-                    self.n_full += c
-                    self.n_buf = 0
-                    self.tail_dirty = False
+                    self.pending.append((self.n_full, self.buf.copy(), self.tail_published))
+                self._close_chunk()
 
-    def _write_full_buf(self) -> None:
+    def commit(self, final: bool = False) -> None:
+        """Write pending chunks and the open chunk, set the extent, flush the dataset.
+
+        With ``final`` (at close) the extent ends at the last element, so the
+        padding of the last chunk is outside the dataset.
+        """
         c = self.chunk_len
-        self._write_chunk(self.n_full, self.buf, max(self.extent, self.n_full + c))
-        self.n_full += c
-        self.n_buf = 0
-        self.tail_dirty = False
-
-    def commit(self) -> None:
-        """Write every pending chunk (tail padded), set the extent, flush the dataset."""
-        for start, block in self.pending:
-            self._write_chunk(start, block, start + self.chunk_len)
+        for start, block, published in self.pending:
+            codec = self.tail_codec if published else self.codec
+            self._write_chunk(start, block, start + c, codec)
         self.pending.clear()
         if self.tail_dirty and self.n_buf:
             block = self.buf.copy()
             block[self.n_buf :] = 0
-            self._write_chunk(self.n_full, block, self.length)
-            self.tail_dirty = False
-        if self.extent != self.length:
+            if self.tail_codec is None:  # events: write once, then leave a hole
+                # never shrink a dataset: HDF5 would rewrite the edge chunk itself
+                # through the filter (not as our cframe)
+                extent = self.length if final else self.n_full + c
+                self._write_chunk(self.n_full, block, extent, self.codec)
+                self._close_chunk()
+            else:
+                self._write_chunk(self.n_full, block, self.length, self.tail_codec)
+                self.tail_dirty = False
+                self.tail_published = True
+        if self.tail_codec is not None and self.extent != self.length:
             self.ds.resize((self.length,))
             self.extent = self.length
         self.ds.flush()
@@ -196,7 +237,7 @@ class StoreWriter:
         Codec of the event gaps (default ZSTD level 1 + SHUFFLE).
     chunk_events : int, default 1048576
         Events per HDF5 chunk.
-    chunk_frames : int, default 16384
+    chunk_frames : int, default 4096
         Frames per HDF5 chunk of the per-frame datasets.
     counting : dict, optional
         Counting parameters (thresholds, method), stored as JSON.
@@ -271,6 +312,7 @@ class StoreWriter:
         elif nthreads is not None:
             codec = Blosc2ChunkCodec.from_config(codec.get_config(), nthreads=nthreads)
         small = Blosc2ChunkCodec(codec="ZSTD", clevel=5, filter="SHUFFLE", nthreads=nthreads)
+        stored = Blosc2ChunkCodec(codec="ZSTD", clevel=0, filter="NOFILTER", nthreads=nthreads)
 
         cal_summary: dict[str, Any] | None
         cal_source = ""
@@ -333,14 +375,14 @@ class StoreWriter:
         ev = f.create_group("events")
         fr = f.create_group("frames")
 
-        def make(group, name, dtype, chunk, c, **attrs):
+        def make(group, name, dtype, chunk, c, tail=None, **attrs):
             ds = group.create_dataset(
                 name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, **filt
             )
             ds.attrs["codec"] = _dumps(c.get_config())
             for k, v in attrs.items():
                 ds.attrs[k] = v
-            return _Column(ds, c, chunk, np.dtype(dtype))
+            return _Column(ds, c, chunk, np.dtype(dtype), tail)
 
         self._gaps = make(
             ev,
@@ -354,12 +396,12 @@ class StoreWriter:
         if self.subpixel:
             self._sub = make(ev, "subpixel", np.uint8, chunk_events, small, encoding="(qy<<2)|qx")
         self._cols = {
-            "event_offset": make(fr, "event_offset", np.int64, chunk_frames, small),
-            "event_count": make(fr, "event_count", np.int64, chunk_frames, small),
-            "timestamp_ns": make(fr, "timestamp_ns", np.int64, chunk_frames, small),
-            "frame_id": make(fr, "frame_id", np.int64, chunk_frames, small),
+            "event_offset": make(fr, "event_offset", np.int64, chunk_frames, small, stored),
+            "event_count": make(fr, "event_count", np.int64, chunk_frames, small, stored),
+            "timestamp_ns": make(fr, "timestamp_ns", np.int64, chunk_frames, small, stored),
+            "frame_id": make(fr, "frame_id", np.int64, chunk_frames, small, stored),
         }
-        self._missing = make(f, "missing_frame_ids", np.int64, 4096, small)
+        self._missing = make(f, "missing_frame_ids", np.int64, 1024, small, stored)
         f.swmr_mode = True
 
         self._n_frames = 0
@@ -463,11 +505,12 @@ class StoreWriter:
         from streamstore.codec import gap_encode
 
         gaps = gap_encode(events.indices, events.offsets)
+        first = self._gaps.length  # dataset position of this batch's first event
         self._gaps.extend(gaps, write_full=True)
         if self._sub is not None:
             self._sub.extend(events.subpixel, write_full=True)
         counts = events.counts
-        self._cols["event_offset"].extend(events.offsets[:-1] + self._n_events, write_full=False)
+        self._cols["event_offset"].extend(events.offsets[:-1] + first, write_full=False)
         self._cols["event_count"].extend(counts, write_full=False)
         self._cols["timestamp_ns"].extend(ts, write_full=False)
         self._cols["frame_id"].extend(ids, write_full=False)
@@ -559,12 +602,15 @@ class StoreWriter:
     def flush(self) -> None:
         """Write every buffered frame to the file so it survives a crash."""
         self._check_open()
-        self._gaps.commit()
+        self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        self._gaps.commit(final)
         if self._sub is not None:
-            self._sub.commit()
+            self._sub.commit(final)
         for name in _FRAME_COLUMNS:  # frame_id last: it publishes the frames
-            self._cols[name].commit()
-        self._missing.commit()
+            self._cols[name].commit(final)
+        self._missing.commit(final)
         self._n_flushed = self._n_frames
         self._write_accounting()
         self._file.flush()
@@ -577,7 +623,7 @@ class StoreWriter:
             return
         try:
             if self._file is not None and self._file.id.valid:
-                self.flush()
+                self._flush(final=True)
         finally:
             self._closed = True
             if self._file is not None and self._file.id.valid:
