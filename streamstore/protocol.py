@@ -326,7 +326,7 @@ def _n_parts(htype: str, parts: Sequence[Any], expected: int) -> None:
     if len(parts) != expected:
         what = "header and frame" if expected == 2 else "header only"
         raise ProtocolError(
-            f"parts: a {htype} message has {expected} part(s) ({what}), got {len(parts)}"
+            f"parts: {htype!r} messages have {expected} part(s) ({what}), got {len(parts)}"
         )
 
 
