@@ -402,3 +402,13 @@ def test_receiver_times_out_and_rejects_oversized(ipc_endpoint, zmq_ctx):
 def test_sender_reports_a_bad_endpoint(zmq_ctx):
     with pytest.raises(OSError, match="cannot bind"):
         Sender("nonsense://x", context=zmq_ctx)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_transport_benchmark_delivers_every_byte(transport):
+    from benchmarks.transport import measure
+
+    pool = np.stack([_frame(seed=i) for i in range(2)])
+    res = measure(transport, pool, 5)
+    assert res["frames"] == 5 and res["bytes"] == 5 * pool[0].nbytes
+    assert res["gb_per_s"] > 0
