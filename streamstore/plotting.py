@@ -317,9 +317,7 @@ def summary_figure(
 def _gray_with_black_bad() -> Any:
     from matplotlib import colormaps
 
-    cmap = colormaps["gray"].copy()
-    cmap.set_bad("black")
-    return cmap
+    return colormaps["gray"].with_extremes(bad="black")
 
 
 def save_summary(store: Any, out: str | Path, *, dpi: int = DEFAULT_DPI, **kwargs: Any) -> Path:

@@ -1,0 +1,80 @@
+"""Small real stores for the CLI, export and docs tests (seeded, 256 x 384 frames)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from streamstore import EventBatch, StoreWriter
+
+SHAPE = (256, 384)  # rows x cols, non-square on purpose
+FRAME_TIME_S = 1e-3
+PIXEL_SIZE_A = 0.83
+MISSING = (5, 6, 100)
+COUNTING = {"method": "local maximum 3x3", "background_sigma": 4.0, "xray_sigma": 10.0}
+CALIBRATION = {"source": "dark_20261125.h5 (200 frames)", "dark_mean": 101.5}
+
+
+def disk_events(
+    n_frames: int, seed: int, p: float = 0.003, shape: tuple[int, int] = SHAPE
+) -> EventBatch:
+    """Seeded events: a bright disk on a faint background, dose varying over time."""
+    rng = np.random.default_rng(seed)
+    h, w = shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    disk = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2) < (0.4 * h) ** 2
+    prob = np.where(disk, 3 * p, 0.3 * p).ravel()
+    offsets = [0]
+    chunks = []
+    for i in range(n_frames):
+        hit = np.flatnonzero(rng.random(h * w) < prob * (1 + 0.3 * np.sin(i / 30)))
+        chunks.append(hit.astype(np.uint32))
+        offsets.append(offsets[-1] + hit.size)
+    return EventBatch(np.array(offsets), np.concatenate(chunks), None, shape)
+
+
+def make_store(
+    path: Path,
+    n_frames: int = 300,
+    *,
+    seed: int = 20261125,
+    pixel_size_A: float | None = PIXEL_SIZE_A,
+    missing: tuple[int, ...] = MISSING,
+    p: float = 0.003,
+    batch: int = 64,
+    shape: tuple[int, int] = SHAPE,
+) -> Path:
+    """Write a store of ``n_frames`` frames with ``missing`` frame ids absent."""
+    events = disk_events(n_frames, seed, p, shape)
+    ids = np.array([i for i in range(n_frames + len(missing)) if i not in missing][:n_frames])
+    ts = ids * int(FRAME_TIME_S * 1e9) + 1_000
+    with StoreWriter(
+        path,
+        shape,
+        frame_time_s=FRAME_TIME_S,
+        pixel_size_A=pixel_size_A,
+        calibration=CALIBRATION,
+        counting=COUNTING,
+        meta={"series": "cli-test"},
+    ) as w:
+        for a in range(0, n_frames, batch):
+            b = min(a + batch, n_frames)
+            w.append(events.slice(a, b), ids[a:b], ts[a:b])
+        if missing:
+            w.mark_missing(list(missing))
+        w.update_accounting(received=n_frames, duplicate=2, rejected=0, complete=True)
+    return path
+
+
+def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m streamstore ARGS`` as a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "streamstore", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=240,
+    )
