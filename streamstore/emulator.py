@@ -492,14 +492,26 @@ class CameraEmulator:
         """The next ``n`` frames with the beam off (``generate(n, dose=0)``)."""
         return self.generate(n, dose=0.0)
 
-    def pool(self) -> tuple[np.ndarray, Truth]:
-        """``pool_size`` distinct frames for streaming, made once and cached.
+    def pool(self, n: int | None = None) -> tuple[np.ndarray, Truth]:
+        """Distinct frames for streaming, made once and cached.
 
         Streaming cycles through these frames so the sender's cost is the send
-        alone; frame ``i`` of a stream is ``frames[i % pool_size]``.
+        alone; frame ``i`` of a stream is ``frames[i % n]``.
+
+        Parameters
+        ----------
+        n : int, optional
+            Pool size; defaults to ``pool_size``. Asking for another size than
+            the cached pool makes a new pool (continuing the random stream).
+
+        Returns
+        -------
+        frames : ndarray, shape (n, H, W)
+        truth : Truth
         """
-        if self._pool is None:
-            self._pool = self.generate(self.pool_size)
+        size = self.pool_size if n is None else n
+        if self._pool is None or len(self._pool[0]) != size:
+            self._pool = self.generate(size)
         return self._pool
 
     def _one_frame(self, buf: np.ndarray, dose: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -521,8 +521,9 @@ class Sender:
     send_timeout_s : float or None, default None
         Give up a send after this long without a peer taking it
         (:class:`TimeoutError`); None waits forever.
-    linger_s : float, default 10.0
-        On :meth:`close`, how long queued messages may still be delivered.
+    linger_s : float or None, default 10.0
+        On :meth:`close`, how long queued messages may still be delivered
+        (None: until they are).
     context : zmq.Context, optional
         Defaults to the process-wide instance.
 
@@ -540,7 +541,7 @@ class Sender:
         bind: bool = True,
         sndhwm: int = 4,
         send_timeout_s: float | None = None,
-        linger_s: float = 10.0,
+        linger_s: float | None = 10.0,
         context: Any = None,
     ) -> None:
         import zmq
@@ -550,7 +551,7 @@ class Sender:
         ctx = context if context is not None else zmq.Context.instance()
         self.socket = ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, int(sndhwm))
-        self.socket.setsockopt(zmq.LINGER, int(linger_s * 1000))
+        self.socket.setsockopt(zmq.LINGER, -1 if linger_s is None else int(linger_s * 1000))
         self.send_timeout_s = send_timeout_s
         if send_timeout_s is not None:
             self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))

@@ -227,3 +227,12 @@ def test_bad_shape_and_n():
         emu.generate(-1)
     with pytest.raises(ValueError, match="dose"):
         emu.generate(1, dose=-0.5)
+
+
+def test_pool_of_another_size_continues_the_stream():
+    emu = CameraEmulator(SMALL_SHAPE, seed=17, pool_size=2)
+    first, _ = emu.pool()
+    other, truth = emu.pool(3)
+    assert other.shape[0] == 3 and list(truth.frame_ids) == [2, 3, 4]
+    assert emu.pool(3)[0] is other
+    assert not np.array_equal(first[0], other[0])

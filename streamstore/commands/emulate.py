@@ -83,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--series-id", default="emulated", help="(default: %(default)s)")
     parser.add_argument("--pixel-size", type=float, default=None, help="pixel size, Angstrom")
     parser.add_argument(
-        "--truth", metavar="FILE", default=None, help="write the ground truth of the images (HDF5)"
+        "--truth",
+        metavar="FILE",
+        default=None,
+        help="write the ground truth of every image (HDF5, about 20 bytes per electron)",
     )
     parser.add_argument(
         "--dark-frames",
@@ -100,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_non_negative(float),
         default=60.0,
         help="seconds to wait for a receiver to take a message, and to deliver "
-        "the last ones at exit (default: %(default)s)",
+        "the last ones at exit; 0 = wait forever (default: %(default)s)",
     )
     parser.add_argument(
         "--hwm", type=_non_negative(int), default=4, help="send high-water mark (default: 4)"
@@ -155,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
             bind=bind,
             sndhwm=max(1, args.hwm),
             send_timeout_s=timeout,
-            linger_s=args.timeout,
+            linger_s=timeout,
             context=ctx,
         )
     except OSError as exc:
@@ -213,14 +216,14 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
 
     nbytes = args.frames * emu.frame_nbytes
-    rate = args.frames / elapsed if elapsed > 0 else float("inf")
+    rate = args.frames / elapsed if elapsed > 0 else 0.0
     summary.update(
         frames=args.frames,
         frame_shape=list(emu.frame_shape),
         dtype=emu.dtype.name,
         seconds=elapsed,
         fps=rate,
-        gb_per_s=nbytes / 1e9 / elapsed if elapsed > 0 else float("inf"),
+        gb_per_s=nbytes / 1e9 / elapsed if elapsed > 0 else 0.0,
         bytes=nbytes,
         pool=n_pool,
         dose_per_frame=emu.dose_per_frame,
