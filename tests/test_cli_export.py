@@ -235,11 +235,27 @@ def test_npy_whole_series_in_small_chunks(stores, tmp_path):
 def test_stempy_export_via_cli(stores, tmp_path):
     pytest.importorskip("streamstore.stempy_io", reason="stempy export not built yet")
     out = tmp_path / "run1_stempy.h5"
-    res = cli("export", stores["run"], out, "--format", "stempy")
+    res = cli(
+        "export",
+        stores["run"],
+        out,
+        "--format",
+        "stempy",
+        "--start",
+        "20",
+        "--stop",
+        "260",
+        "--scan-shape",
+        "12x20",
+    )
     assert res.returncode == 0, res.stderr
+    assert "frames 20:260, scan 12x20" in res.stdout
     back = streamstore.import_stempy(out)
     with streamstore.open(stores["run"]) as st:
-        ev = st.events(0, st.n_frames)
-    assert back.frame_shape == ev.frame_shape
-    np.testing.assert_array_equal(back.counts, ev.counts)
-    np.testing.assert_array_equal(back.indices, ev.indices)
+        assert back.events == st.events(20, 260)
+    assert back.scan_shape == (12, 20)
+    # a scan shape that does not divide the frames is a person's mistake: exit 2, no file
+    bad = tmp_path / "bad_stempy.h5"
+    res = cli("export", stores["run"], bad, "-f", "stempy", "--scan-shape", "7x7")
+    assert res.returncode == 2 and "scan_shape" in res.stderr
+    assert not bad.exists()

@@ -47,14 +47,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="frames after the last full fraction: leave out (default) or add as a last page",
     )
     n = parser.add_argument_group("npy (dense frames) and tiff page dtype")
-    n.add_argument("--start", type=int, default=None, help="first frame (npy; default 0)")
-    n.add_argument("--stop", type=int, default=None, help="frame after the last (npy; default end)")
+    n.add_argument("--start", type=int, default=None, help="first frame (npy, stempy; default 0)")
+    n.add_argument(
+        "--stop", type=int, default=None, help="frame after the last (npy, stempy; default end)"
+    )
     n.add_argument("--roi", default=None, metavar="R0,R1,C0,C1", help="region of interest (npy)")
     n.add_argument(
         "--dtype",
         default=None,
         choices=("uint8", "uint16", "uint32"),
         help="integer dtype (npy default uint16; tiff default: smallest that holds every page)",
+    )
+    st = parser.add_argument_group("stempy (4D-STEM)")
+    st.add_argument(
+        "--scan-shape",
+        default=None,
+        metavar="ROWSxCOLS",
+        help="scan shape whose size divides the exported frames (default 1xN)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -77,22 +86,33 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "tiff" and args.dose_per_fraction is None:
         raise UserError("--format tiff needs --dose-per-fraction (the dose of one TIFF page)")
     if args.format == "stempy":
-        _check_unused(args, ("dose_per_fraction", "start", "stop", "roi", "dtype"))
+        _check_unused(args, ("dose_per_fraction", "roi", "dtype"))
     elif args.format == "tiff":
-        _check_unused(args, ("start", "stop", "roi"))
+        _check_unused(args, ("start", "stop", "roi", "scan_shape"))
     else:
-        _check_unused(args, ("dose_per_fraction",))
+        _check_unused(args, ("dose_per_fraction", "scan_shape"))
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise UserError(f"{out} exists; choose another name or pass --overwrite")
 
     if args.format == "stempy":
+        from streamstore.export import check_window
+
+        scan = _scan_shape(args.scan_shape)
         store = streamstore.open(args.path)  # errors for people before the export starts
-        _close(store)
-        if out.exists():
-            out.unlink()
-        streamstore.export_stempy(args.path, out)
-        print(f"wrote {out} (stempy sparse HDF5)")
+        try:
+            a, b = check_window(store.n_frames, args.start, args.stop)
+            if out.exists():
+                out.unlink()
+            try:
+                streamstore.export_stempy(store, out, start=a, stop=b, scan_shape=scan)
+            except BaseException:
+                out.unlink(missing_ok=True)  # no half-written file
+                raise
+        finally:
+            _close(store)
+        shape = f"scan {scan[0]}x{scan[1]}" if scan else f"scan 1x{b - a}"
+        print(f"wrote {out}: stempy sparse HDF5 (version 3), frames {a}:{b}, {shape}")
         return 0
 
     from streamstore.export import export_npy, export_tiff
@@ -145,6 +165,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         _close(store)
     return 0
+
+
+def _scan_shape(text: str | None) -> tuple[int, int] | None:
+    from streamstore.errors import UserError
+
+    if text is None:
+        return None
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        rows, cols = (int(p) for p in parts)
+    except ValueError:
+        raise UserError(f"--scan-shape must be ROWSxCOLS, e.g. 32x48, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise UserError(f"--scan-shape must be positive, got {text!r}")
+    return rows, cols
 
 
 def _close(store: object) -> None:
