@@ -542,7 +542,7 @@ class Store:
         r0, r1, c0, c1 = self._roi(roi)
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
         a, b, starts, counts = self._span(s, e)
-        flat = out.reshape(e - s, -1)
+        flat = out.reshape(e - s, (r1 - r0) * (c1 - c0))
         gaps = self._gaps.read(a, b)
         _kernels.dense_frames(gaps, starts, counts, self.frame_shape[1], (r0, r1, c0, c1), flat)
         return out
