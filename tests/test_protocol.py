@@ -412,3 +412,15 @@ def test_transport_benchmark_delivers_every_byte(transport):
     res = measure(transport, pool, 5)
     assert res["frames"] == 5 and res["bytes"] == 5 * pool[0].nbytes
     assert res["gb_per_s"] > 0
+
+
+def test_docs_protocol_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text("utf-8")
+    blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
+    assert blocks
+    for code in blocks:
+        exec(compile(code, "docs/protocol.md", "exec"), {"__name__": "__docs__"})
+    assert capsys.readouterr().out.strip() == "Start 0 (64, 96)"
