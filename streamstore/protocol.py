@@ -560,6 +560,9 @@ class Sender:
                 self.socket.bind(endpoint)
                 self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             else:
+                # queue only on completed connections: with no peer, sends
+                # block (and time out) instead of filling a queue nobody reads
+                self.socket.setsockopt(zmq.IMMEDIATE, 1)
                 self.socket.connect(endpoint)
         except zmq.ZMQError as exc:
             self.socket.close(linger=0)

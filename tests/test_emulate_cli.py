@@ -118,6 +118,14 @@ def test_emulate_without_receiver_times_out_with_a_clear_message(tcp_endpoint):
     assert "Traceback" not in err
 
 
+def test_emulate_connect_without_receiver_times_out(ipc_endpoint):
+    # fewer frames than the high-water mark: nothing may sit in a queue nobody reads
+    proc = _emulate("--connect", ipc_endpoint, "--frames", "1", "--timeout", "0.5")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "no receiver" in err and ipc_endpoint in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
