@@ -1,12 +1,11 @@
 """Stream emulated camera frames over ZeroMQ (PUSH), like a camera would.
 
-Frames come from a pool of ``--pool`` distinct frames made before sending, so
-the send rate is the cost of the send alone; image ``i`` of the series is pool
-frame ``i % pool``. With ``--dark-frames N``, N distinct beam-off frames are
-sent first as their own series ``<series-id>_dark`` (start ``meta`` is
-``{"kind": "dark"}``). Random stream order, for reproduction: dark frames
-first, then the pool (``CameraEmulator(seed=...)``: ``dark_frames(N)`` then
-``generate(pool)``).
+Frames come from a pool of --pool distinct frames made before sending, so the
+send rate is the cost of the send alone; image i of the series is pool frame
+i % pool. With --dark-frames N, N distinct beam-off frames are sent first as
+their own series <series-id>_dark (start meta {"kind": "dark"}). To reproduce
+the frames: CameraEmulator(shape, seed=...), dark_frames(N), then
+generate(pool).
 """
 
 from __future__ import annotations
@@ -70,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dose-rate",
         type=_non_negative(float),
         default=15.0,
-        help="frame-mean dose rate, e/px/s (default: %(default)s = 0.01 e/px/frame)",
+        help="frame-mean dose rate, e/px/s (default: %(default)s, i.e. 0.01 e/px/frame "
+        "at the default --frame-time)",
     )
     parser.add_argument(
         "--frame-time",
