@@ -173,6 +173,7 @@ def summary_figure(
     img = summed_image(store, a, b, progress=progress)
     dose = np.asarray(store.dose(unit=unit), dtype=np.float64)
     t, t_missing, xlabel = _times_s(store)
+    ft = getattr(store, "frame_time_s", None)
     n_missing = int(t_missing.size)
 
     fig = Figure(figsize=FIGSIZE_IN, dpi=dpi, layout="constrained")
@@ -239,6 +240,7 @@ def summary_figure(
             color="#00e5ff",
             fontsize=9,
             fontweight="bold",
+            bbox={"boxstyle": "round,pad=0.25", "fc": "black", "alpha": 0.6, "ec": "none"},
         )
 
     # -- dose per frame --------------------------------------------------
@@ -269,9 +271,11 @@ def summary_figure(
             alpha=0.35 if n_missing > 50 else 0.7,
         )
         ax_dose.plot([], [], color="#d62728", lw=1.5, label=f"missing frames ({n_missing:,})")
+    step = float(ft) if (ft and xlabel.startswith("time")) else (1.0 if t.size else 0.0)
     if b - a < t.size and t.size:
-        ax_dose.axvspan(t[a], t[b - 1], color="#f2b134", alpha=0.18, lw=0, label="summed window")
-        ax_cum.axvspan(t[a], t[b - 1], color="#f2b134", alpha=0.18, lw=0)
+        span = {"color": "#f2b134", "alpha": 0.18, "lw": 0}
+        ax_dose.axvspan(t[a], t[b - 1] + step, label="summed window", **span)
+        ax_cum.axvspan(t[a], t[b - 1] + step, **span)
     ax_dose.set_ylabel(f"dose per frame ({ulabel})")
     ax_dose.set_ylim(bottom=0)
     ax_dose.set_title(
@@ -282,9 +286,12 @@ def summary_figure(
     ax_dose.tick_params(labelbottom=False)
 
     # -- cumulative dose -------------------------------------------------
+    # dose received by the end of each frame, starting from zero at the first frame
     cum = np.cumsum(dose)
-    ax_cum.plot(t, cum, lw=1.8, color="#2c7d4f")
-    ax_cum.fill_between(t, cum, color="#2c7d4f", alpha=0.12, lw=0)
+    tc = np.concatenate([t[:1], t + step]) if t.size else t
+    cc = np.concatenate([[0.0], cum]) if t.size else cum
+    ax_cum.plot(tc, cc, lw=1.8, color="#2c7d4f")
+    ax_cum.fill_between(tc, cc, color="#2c7d4f", alpha=0.12, lw=0)
     ax_cum.set_ylabel(f"cumulative dose ({ulabel})")
     ax_cum.set_xlabel(xlabel)
     ax_cum.set_ylim(bottom=0)
@@ -298,12 +305,11 @@ def summary_figure(
         if t.size:
             ax.set_xlim(
                 min(t[0], t_missing.min() if n_missing else t[0]),
-                max(t[-1], t_missing.max() if n_missing else t[-1]),
+                max(tc[-1], t_missing.max() if n_missing else tc[-1]),
             )
 
     # -- headline --------------------------------------------------------
     head = title or "streamstore series"
-    ft = getattr(store, "frame_time_s", None)
     rate = f"{1.0 / ft:,.0f} frames/s" if ft else "frame rate unknown"
     px = f"pixel {pixel:g} Å" if pixel else "pixel size unknown"
     fig.suptitle(
