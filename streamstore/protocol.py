@@ -110,7 +110,7 @@ def _int(value: object, name: str, *, minimum: int | None = 0) -> int:
     v = int(value)
     if minimum is not None and v < minimum:
         raise ProtocolError(f"{name}: must be >= {minimum}, got {v}")
-    if v.bit_length() > 63:
+    if not -(2**63) <= v < 2**63:
         raise ProtocolError(f"{name}: {v} does not fit in a signed 64-bit integer")
     return v
 

@@ -424,3 +424,40 @@ def test_docs_protocol_example_runs(capsys):
     for code in blocks:
         exec(compile(code, "docs/protocol.md", "exec"), {"__name__": "__docs__"})
     assert capsys.readouterr().out.strip() == "Start 0 (64, 96)"
+
+
+series_ids = st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}", fullmatch=True)
+finite_pos = st.floats(min_value=1e-9, max_value=1e9, allow_nan=False)
+json_objects = st.dictionaries(st.text(max_size=8), json_values.filter(
+    lambda v: "nan" not in repr(v) and "inf" not in repr(v)), max_size=3)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sid=series_ids,
+    shape=st.tuples(st.integers(1, 5000), st.integers(1, 5000)),
+    dtype=st.sampled_from(["uint8", "uint16"]),
+    frame_time=finite_pos,
+    pixel=st.none() | finite_pos,
+    n=st.none() | st.integers(0, 2**63 - 1),
+    detector=st.none() | st.text(max_size=30),
+    meta=json_objects,
+)
+def test_any_valid_start_round_trips(sid, shape, dtype, frame_time, pixel, n, detector, meta):
+    start = Start(sid, shape, dtype, frame_time, pixel, n, detector, meta)
+    assert parse(encode_start(start)) == start
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sid=series_ids,
+    frame_id=st.integers(0, 2**63 - 1),
+    ts=st.integers(-(2**63), 2**63 - 1),
+    n=st.integers(0, 2**63 - 1),
+)
+def test_any_valid_image_and_end_round_trip(sid, frame_id, ts, n):
+    frame = np.arange(12, dtype=np.uint16).reshape(3, 4)
+    img = parse(encode_image(sid, frame_id, ts, frame))
+    assert (img.series_id, img.frame_id, img.timestamp_ns) == (sid, frame_id, ts)
+    np.testing.assert_array_equal(img.as_array(Start(sid, (3, 4), "uint16", 1.0)), frame)
+    assert parse(encode_end(sid, n)) == End(sid, n)
