@@ -236,3 +236,14 @@ def test_pool_of_another_size_continues_the_stream():
     assert other.shape[0] == 3 and list(truth.frame_ids) == [2, 3, 4]
     assert emu.pool(3)[0] is other
     assert not np.array_equal(first[0], other[0])
+
+
+def test_emulator_is_a_frame_source_at_the_top_level():
+    import streamstore
+    from streamstore._contracts import FrameSource
+
+    emu = streamstore.CameraEmulator((8, 12), seed=1)
+    assert isinstance(emu, FrameSource)
+    frames, truth = emu.generate(2)
+    assert frames.shape == (2, 8, 12) and frames.dtype == emu.dtype == np.uint16
+    assert truth.frame_shape == emu.frame_shape == (8, 12)
