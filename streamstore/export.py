@@ -345,7 +345,7 @@ def export_tiff(
     description = json.dumps(
         {
             "streamstore": "dose fractions",
-            "source": source,
+            "source": source or str(getattr(store, "path", "") or "") or None,
             "frame_shape": list(store.frame_shape),
             "pixel_size_A": pixel,
             "dose_per_fraction": x,
@@ -393,7 +393,7 @@ def export_tiff(
         remainder_exported=bool(rem is not None and remainder == "keep"),
         remainder_dose=rem_dose,
     )
-    _write_dose_files(store, result, x, source)
+    _write_dose_files(store, result, x, source or str(getattr(store, "path", "") or "?"))
     return result
 
 
@@ -435,14 +435,16 @@ def _write_dose_files(store: Any, r: TiffExport, x: float, source: str | None) -
     missing = np.asarray(getattr(store, "missing_frame_ids", np.zeros(0)))
     if missing.size:
         lines.append(f"# missing frames (never received, zero dose): {missing.size}")
+    fm_name = r.fmint_path.name if r.fmint_path is not None else ""
     if pixel:
         lines += [
             "#",
-            f"# RELION: Dose per frame (e/A^2) = {mean_page:.6g}   <- per TIFF page, i.e. per",
-            "#   fraction (RELION's 'frame' is one page of this file); frame grouping 1.",
-            f"# MotionCor2: -FmIntFile {r.dose_path.name.replace('_dose.txt', '_fmint.txt')}"
-            " (lines '<n_pages> <group> <dose per page in e/A^2>'),",
-            f"#   or -FmDose {mean_page:.6g} (e/A^2 per TIFF page).",
+            f'# RELION (motion correction, "Dose per frame (e/A^2)"): {mean_page:.6g}',
+            "#   RELION's 'frame' is one page of this TIFF = one dose fraction; frame grouping 1.",
+            f"# MotionCor2: -FmIntFile {fm_name}"
+            "   (lines '<frames> <group> <dose per frame, e/A^2>',",
+            "#   its frames being the pages of this TIFF),"
+            f" or -FmDose {mean_page:.6g} (e/A^2 per page).",
             f"# dose per raw camera frame: {mean_raw:.6g} e/A^2 (mean; not what either tool"
             " wants for this TIFF)",
         ]
@@ -559,7 +561,7 @@ def export_npy(
             tmp.unlink()
     meta = {
         "streamstore": "dense frames",
-        "source": source,
+        "source": source or str(getattr(store, "path", "") or "") or None,
         "array": out.name,
         "shape": list(shape),
         "axes": ["frame", "row", "col"],

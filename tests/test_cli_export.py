@@ -77,7 +77,13 @@ def test_tiff_fractions_drop_remainder(stores, tmp_path):
     # each page within one frame's dose of the target
     assert np.all(np.abs(rows[:, names.index("e_per_A2")] - x) < 2 * dose.max())
     text = "\n".join(header)
-    assert "RELION: Dose per frame (e/A^2)" in text and "per TIFF page" in text
+    relion = [h for h in header if h.startswith("# RELION")]
+    assert len(relion) == 1 and '"Dose per frame (e/A^2)"' in relion[0]
+    # RELION's value is the mean dose of a page (a fraction), not of a raw frame
+    assert float(relion[0].rsplit(":", 1)[1]) == pytest.approx(
+        rows[:, names.index("e_per_A2")].mean(), rel=1e-5
+    )
+    assert "one page of this TIFF = one dose fraction" in text
     assert f"remainder: frames {rem.start}:{rem.stop}" in text and "NOT in the TIFF" in text
     assert f"remainder: {rem.stop - rem.start} frames" in res.stdout
     # MotionCor2 -FmIntFile: one '1 1 <dose>' line per page, in e/A^2
