@@ -66,6 +66,32 @@ def test_bar_drawn_in_a_terminal():
     assert b"done 300" in text
 
 
+def test_export_draws_a_bar_in_a_terminal_only(tmp_path):
+    from _cli_data import make_store
+
+    store = make_store(tmp_path / "run1.h5", 120)
+    code = (
+        "import sys; from streamstore.cli import main; "
+        f"sys.exit(main(['export', {str(store)!r}, {str(tmp_path / 'm.tif')!r}, '-f', 'tiff', "
+        "'--dose-per-fraction', '0.05']))"
+    )
+    text = _run_in_pty(code, _env())
+    assert b"tiff" in text and b"wrote" in text
+    # every page counted by the bar: "<n>/<n>" with n the page count printed after it
+    n_pages = int(text.split(b"wrote ")[1].split(b": ")[1].split(b" pages")[0])
+    assert f"{n_pages}/{n_pages}".encode() in text
+    # off a terminal: the same export prints its report and nothing on stderr
+    out = subprocess.run(
+        [sys.executable, "-c", code.replace("m.tif", "n.tif")],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert out.returncode == 0 and out.stderr == ""
+    assert f"{n_pages} pages" in out.stdout
+
+
 def test_env_switch_silences_a_terminal():
     text = _run_in_pty(LOOP, _env(STREAMSTORE_PROGRESS="0"))
     assert b"summing" not in text
