@@ -94,3 +94,21 @@ def test_summary_function_is_json_clean(nopx_path):
     assert json.loads(text)["frames_stored"] == 80
     assert isinstance(s["dose_per_frame"]["events"]["max"], float)
     assert np.isfinite(s["bits_per_event"])
+
+
+def test_info_reports_a_real_calibration(tmp_path, rng):
+    from streamstore import Calibration, EventBatch, StoreWriter
+
+    dark = rng.normal(100, 3, (16, 32, 48)).astype(np.uint16)
+    cal = Calibration.from_dark_frames(dark, n_sigma=4.5)
+    path = tmp_path / "cal.h5"
+    meta = {"series_id": "run7", "calibration_source": "series run7_dark"}
+    with StoreWriter(path, (32, 48), frame_time_s=0.01, calibration=cal, meta=meta) as w:
+        w.append(EventBatch([0, 2, 3], [3, 9, 40], frame_shape=(32, 48)), [0, 1], [0, 10**7])
+    s = json.loads(cli("info", path, "--json").stdout)
+    assert s["calibration"]["n_sigma"] == 4.5
+    assert s["calibration_source"] == "dark_frames, series run7_dark"
+    text = cli("info", path).stdout
+    assert "n_sigma=4.5" in text  # counting thresholds come from the calibration
+    assert "series        series_id=run7" in text
+    assert "calibration   dark_frames, series run7_dark" in text

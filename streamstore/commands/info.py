@@ -121,15 +121,21 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
             counting = json.loads(counting)
         except ValueError:
             pass
-    cal_source = attrs.get("calibration_source") or (
-        calib.get("source") if isinstance(calib, dict) else None
-    )
     meta = attrs.get("meta")
     if isinstance(meta, str | bytes):
         try:
             meta = json.loads(meta)
         except ValueError:
             pass
+    # where the calibration came from: the writer's attribute, the calibration's own
+    # record, and what ingest noted (e.g. the dark series it was made from)
+    sources = [
+        attrs.get("calibration_source"),
+        calib.get("source") if isinstance(calib, dict) else None,
+        meta.get("calibration_source") if isinstance(meta, dict) else None,
+    ]
+    sources = [str(v) for v in sources if v not in (None, "")]
+    cal_source = ", ".join(dict.fromkeys(sources)) or None
 
     p = Path(path) if path is not None else None
     out = {
@@ -176,15 +182,25 @@ def _si(x: float | None, unit: str) -> str:
     return f"{x:.3g} {unit}"
 
 
-def _dict_line(d: Any, limit: int = 6) -> str:
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _dict_line(d: Any, limit: int = 6, first: tuple[str, ...] = ()) -> str:
+    """``k=v, ...`` of the scalar items of ``d``, keys in ``first`` leading, wrapped."""
+    import textwrap
+
     if not d:
         return "not recorded"
     if not isinstance(d, dict):
         return str(d)
-    items = [f"{k}={v}" for k, v in d.items() if not isinstance(v, dict | list)]
+    keys = [k for k in first if k in d] + [k for k in d if k not in first]
+    items = [f"{k}={_fmt_value(d[k])}" for k in keys if not isinstance(d[k], dict | list)]
     more = len(d) - len(items[:limit])
-    text = ", ".join(items[:limit])
-    return text + (f" (+{more} more in --json)" if more > 0 else "")
+    text = ", ".join(items[:limit]) + (f" (+{more} more in --json)" if more > 0 else "")
+    return "\n".join(textwrap.wrap(text, width=100, subsequent_indent=" " * 16))
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -199,7 +215,7 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"  {key:<14}{value}")
 
     if s["meta"]:
-        row("series", _dict_line(s["meta"]))
+        row("series", _dict_line(s["meta"], first=("series_id", "series", "detector")))
     h, w = s["frame_shape"]
     row("frame shape", f"{h} x {w} px (rows x cols), raw {s['raw_dtype'] or '?'}")
     parts = [f"{s['frames_stored']:,} stored", f"{s['frames_missing']:,} missing"]
@@ -226,11 +242,14 @@ def format_summary(s: dict[str, Any]) -> str:
     dt, df = s["dose_total"], s["dose_per_frame"]
     px = s["pixel_size_A"]
     total = f"{s['n_events']:,} events = {dt['e/px']:.6g} e/px"
-    total += f" = {dt['e/A2']:.6g} e/A^2" if "e/A2" in dt else " (e/A^2 needs the pixel size)"
+    if "e/A2" in dt:
+        total += f" = {dt['e/A2']:.6g} e/A^2"
     rate = s["dose_rate_per_s"]
     if rate:
         ru = "e/A2" if "e/A2" in rate else "e/px"
-        total += f" ({rate[ru]:.4g} {'e/A^2' if ru == 'e/A2' else 'e/px'} per s)"
+        total += f", {rate[ru]:.4g} {'e/A^2' if ru == 'e/A2' else 'e/px'} per s"
+    if "e/A2" not in dt:
+        total += " (e/A^2 needs the pixel size)"
     row("dose total", total)
     u = "e/A2" if "e/A2" in df else "e/px"
     ulabel = "e/A^2" if u == "e/A2" else "e/px"
@@ -243,7 +262,11 @@ def format_summary(s: dict[str, Any]) -> str:
     row("pixel size", f"{px:g} A" if px else "not recorded")
     bits = s["bits_per_event"]
     row("storage", (f"{bits:.2f} bits/event" if bits is not None else "bits/event unknown"))
-    row("counting", _dict_line(s["counting"]))
+    counting = s["counting"]
+    if not counting and isinstance(s["calibration"], dict):  # thresholds live in the calibration
+        skip = {"source", "frame_shape"}
+        counting = {k: v for k, v in s["calibration"].items() if k not in skip}
+    row("counting", _dict_line(counting, limit=8))
     row("calibration", s["calibration_source"] or "source not recorded")
     return "\n".join(lines)
 
