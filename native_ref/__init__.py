@@ -96,7 +96,7 @@ def load() -> ctypes.CDLL:
             for suffix in _SUFFIX.values():
                 fn = getattr(lib, f"count_{suffix}")
                 fn.restype = i64
-                fn.argtypes = [p, i64, i64, i64, p, p, p, p, i64, ctypes.c_int32, i64, p, p, p]
+                fn.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, ctypes.c_int32, i64, p, p, p]
             _lib = lib
         return _lib
 
@@ -108,14 +108,15 @@ def _ptr(a: np.ndarray) -> int:
 def count_native(
     frames: np.ndarray,
     lo: np.ndarray,
-    xr: np.ndarray,
     dark: np.ndarray,
-    gain: np.ndarray,
+    gain: np.ndarray | None,
+    xray_level: int,
     radius: int,
     subpixel: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """C counting of ``frames (n, H, W)``; same inputs and outputs as the numba kernel.
 
+    The inputs are those of :func:`streamstore.counting._reference.count_reference`.
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     """
     if frames.ndim != 3:
@@ -126,10 +127,12 @@ def count_native(
     n, h, w = frames.shape
     frames = np.ascontiguousarray(frames)
     lo = np.ascontiguousarray(lo, dtype=frames.dtype)
-    xr = np.ascontiguousarray(xr, dtype=frames.dtype)
-    dark = np.ascontiguousarray(dark, dtype=np.int32)
-    gain = np.ascontiguousarray(gain, dtype=np.int32)
-    for name, m in (("lo", lo), ("xr", xr), ("dark", dark), ("gain", gain)):
+    dark = np.ascontiguousarray(dark, dtype=frames.dtype)
+    maps = [("lo", lo), ("dark", dark)]
+    if gain is not None:
+        gain = np.ascontiguousarray(gain, dtype=np.uint16)
+        maps.append(("gain", gain))
+    for name, m in maps:
         if m.shape != (h, w):
             raise ValueError(f"{name} has shape {m.shape}, expected {(h, w)}")
     cap = n * ((h + 1) // 2) * ((w + 1) // 2)  # no two events are 8-adjacent
@@ -138,8 +141,9 @@ def count_native(
     offsets = np.zeros(n + 1, np.int64)
     fn = getattr(load(), f"count_{suffix}")
     k = fn(
-        _ptr(frames), n, h, w, _ptr(lo), _ptr(xr), _ptr(dark), _ptr(gain),
-        int(radius), int(bool(subpixel)), cap, _ptr(out_idx), _ptr(out_sub), _ptr(offsets),
+        _ptr(frames), n, h, w, _ptr(lo), _ptr(dark), None if gain is None else _ptr(gain),
+        int(xray_level), int(radius), int(bool(subpixel)), cap,
+        _ptr(out_idx), _ptr(out_sub), _ptr(offsets),
     )  # fmt: skip
     if k < 0:
         raise RuntimeError("native count: output capacity exceeded (a bug: please report)")

@@ -38,9 +38,7 @@ DEFAULT_XRAY_RADIUS = 2
 #: Default X-ray threshold of :meth:`Calibration.estimate`, in units of the
 #: median signal of a single-electron peak.
 DEFAULT_XRAY_FACTOR = 10.0
-#: Fixed-point scale of the gain in the counting kernels (Q16).
-GAIN_ONE = 1 << 16
-_MAX_GAIN = 32767.0  # gain * GAIN_ONE must fit an int32
+_MAX_GAIN = 1e6
 _FORMAT_VERSION = 1
 _SOURCES = ("dark_frames", "estimate", "file", "manual")
 
@@ -110,7 +108,7 @@ class Calibration:
         Read noise of each pixel in ADU (one standard deviation), > 0 where not masked.
     gain : array_like, shape (H, W), optional
         Multiplicative gain applied to the dark-subtracted signal, same
-        ``[row, col]`` orientation as the frame; > 0 and < 32768 where not
+        ``[row, col]`` orientation as the frame; > 0 and < 1e6 where not
         masked. None means 1 everywhere.
     mask : array_like of bool, shape (H, W), optional
         True marks a bad pixel: it never yields an event, never counts as an
@@ -286,7 +284,10 @@ class Calibration:
         hot |= noise > n_c + hot_sigma * n_s
         if mask is not None:
             hot |= _as_map("mask", mask, shape, bool)
-        noise = np.where(hot, 1.0, noise)
+        # A noise estimate from n frames scatters by about 1/sqrt(2 (n - 1)); pixels whose
+        # estimate came out low would get a threshold below n_sigma of their true noise and
+        # fire on noise. Read noise is nearly uniform, so no pixel gets less than the median.
+        noise = np.where(hot, 1.0, np.maximum(noise, n_c))
         return cls(
             dark.astype(np.float32),
             noise.astype(np.float32),
@@ -485,8 +486,8 @@ class Calibration:
             return np.dtype(f"int{8 * dt.itemsize}")
         return dt
 
-    def threshold_maps(self, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Per-pixel integer maps the counting kernels use.
+    def threshold_maps(self, dtype: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+        """Per-pixel integer maps and the X-ray level the counting kernels use.
 
         Parameters
         ----------
@@ -495,19 +496,24 @@ class Calibration:
 
         Returns
         -------
-        lo : ndarray (H, W) of the frame type
+        lo : ndarray (H, W) of the kernel type
             A pixel is a candidate when ``raw > lo``. ``lo = max(floor(dark +
             n_sigma * noise), rint(dark))`` clipped to the type's range;
             masked pixels get the type's maximum (never a candidate).
-        xr : ndarray (H, W) of the frame type
-            A pixel is an X-ray hit when ``raw > xr``: ``floor(dark +
-            xray_threshold / gain)`` clipped to ``max - 1`` so a saturated
-            pixel is always a hit; masked pixels get the maximum (never).
-        dark : ndarray (H, W) of int32
-            ``rint(dark)``.
-        gain : ndarray (H, W) of int32
-            ``rint(gain * 65536)`` (65536 without a gain map); 0 on masked
-            pixels, so their signal is 0 and they never win a comparison.
+        dark : ndarray (H, W) of the kernel type
+            ``rint(dark)`` clipped to the type's range (the type's maximum on
+            masked pixels, so their signal ``raw - dark`` is <= 0).
+        gain : ndarray (H, W) of uint16, or None
+            Relative gain ``rint(65535 * gain / max(gain))``, at least 1 (only
+            ratios matter for comparisons and centres of mass; the thresholds
+            already include the gain); 0 on masked pixels. None without a gain map.
+        xray_level : int
+            A candidate whose signal ``(raw - dark) * gain`` (gain 1 without a
+            map) exceeds this is an X-ray hit: ``floor(xray_threshold)``, times
+            ``65535 / max(gain)`` with a gain map; ``2**62`` without a threshold
+            (saturated candidates are X-ray hits regardless).
+
+        The kernel type is the frames' dtype, or its signed twin when ``wrapped``.
         """
         dt = self.frame_dtype(dtype)
         info = np.iinfo(dt)
@@ -515,26 +521,28 @@ class Calibration:
         dark_i = np.rint(dark)
         lo = np.maximum(np.floor(dark + self.n_sigma * self.noise.astype(np.float64)), dark_i)
         lo = np.clip(lo, info.min, info.max).astype(dt)
-        gain = np.ones(self.frame_shape) if self.gain is None else self.gain.astype(np.float64)
+        dark_k = np.clip(dark_i, info.min, info.max).astype(dt)
+        good = np.ones(self.frame_shape, bool) if self.mask is None else ~self.mask
+        gain_k = None
+        scale = 1.0
+        if self.gain is not None:
+            top = float(self.gain[good].max()) if good.any() else 1.0
+            scale = 65535.0 / top
+            gain_k = np.clip(np.rint(self.gain * scale), 1, 65535).astype(np.uint16)
         if self.xray_threshold is None:
-            xr = np.full(self.frame_shape, info.max - 1, dt)
+            xray_level = 2**62
         else:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                xr_f = np.floor(dark + self.xray_threshold / gain)
-            xr_f = np.nan_to_num(xr_f, nan=info.max - 1, posinf=info.max - 1, neginf=info.min)
-            xr = np.clip(xr_f, info.min, info.max - 1).astype(dt)
-        gain_q = np.rint(gain * GAIN_ONE)
-        dark_q = np.clip(dark_i, -(2**20), 2**20)  # keeps (raw - dark) * gain in int64
+            xray_level = int(min(math.floor(self.xray_threshold * scale), 2**62))
         if self.mask is not None:
             lo[self.mask] = info.max
-            xr[self.mask] = info.max
-            gain_q[self.mask] = 0
-            dark_q[self.mask] = 0
+            dark_k[self.mask] = info.max
+            if gain_k is not None:
+                gain_k[self.mask] = 0
         return (
             np.ascontiguousarray(lo),
-            np.ascontiguousarray(xr),
-            np.ascontiguousarray(dark_q.astype(np.int32)),
-            np.ascontiguousarray(gain_q.astype(np.int32)),
+            np.ascontiguousarray(dark_k),
+            None if gain_k is None else np.ascontiguousarray(gain_k),
+            xray_level,
         )
 
 

@@ -86,7 +86,7 @@ class Counter:
         self.threads = _check_threads(threads)
         self.implementation = implementation
         self.frame_shape = calibration.frame_shape
-        self._lo, self._xr, self._dark, self._gain = calibration.threshold_maps(dt)
+        self._lo, self._dark, self._gain, self._xray_level = calibration.threshold_maps(dt)
         self._radius = calibration.xray_radius
 
     def _prepare(self, frames: Any) -> np.ndarray:
@@ -114,7 +114,15 @@ class Counter:
     def __call__(self, frames: Any) -> EventBatch:
         """Count ``frames`` ((H, W) or (n, H, W)); returns one batch entry per frame."""
         arr = self._prepare(frames)
-        args = (arr, self._lo, self._xr, self._dark, self._gain, self._radius, self.subpixel)
+        args = (
+            arr,
+            self._lo,
+            self._dark,
+            self._gain,
+            self._xray_level,
+            self._radius,
+            self.subpixel,
+        )
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
         if self.implementation == "numba":

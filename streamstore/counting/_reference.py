@@ -2,39 +2,47 @@
 
 This is the specification the numba kernel (``_kernels.py``) and the C twin
 (``native_ref/count.c``) must match bit for bit. All three take the same
-inputs: frames ``(n, H, W)`` and the per-pixel maps of
-:meth:`streamstore.Calibration.threshold_maps`.
+inputs: frames ``(n, H, W)`` and the output of
+:meth:`streamstore.Calibration.threshold_maps` (``lo``, ``dark``, ``gain``,
+``xray_level``), plus the X-ray exclusion radius.
 
-For each pixel ``p = (r, c)`` of a frame:
+For each pixel ``p = (r, c)`` of a frame, with ``TMAX`` the largest value of
+the frame type:
 
-1. signal ``s[p] = (raw[p] - dark[p]) * gain[p]`` in int64 (``gain`` is Q16
-   fixed point, 0 on masked pixels so their signal is 0);
-2. ``p`` is a candidate when ``raw[p] > lo[p]`` (one comparison in the frame type);
-3. ``p`` is a local maximum when its key ``(s[p], -flat_index(p))`` is greater
-   than the key of each in-frame 8-neighbour: strictly greater signal than
-   neighbours earlier in raster order, greater or equal than later ones
-   (the raster-first pixel of equal adjacent maxima wins);
-4. ``p`` is an X-ray hit when ``raw[p] > xr[p]``; a candidate within
-   Chebyshev distance ``radius`` of any hit is dropped;
-5. events are candidates that are local maxima and not dropped, in
-   ascending flat index ``r * W + c``.
+1. ``p`` is a *candidate* when ``raw[p] > lo[p]`` (one comparison in the frame
+   type; masked pixels have ``lo = TMAX`` and never are);
+2. its *signal* is ``s[p] = (raw[p] - dark[p]) * gain[p]`` in int64 (gain 1
+   without a gain map); every candidate has ``s >= 1``;
+3. a candidate is an *X-ray hit* when ``raw[p] == TMAX`` (saturated) or
+   ``s[p] > xray_level``;
+4. a candidate is a *local maximum* when, against every in-frame 8-neighbour
+   ``q`` that is also a candidate, its key ``(s[p], -flat_index(p))`` is the
+   greater: ``s[p] > s[q]`` for neighbours earlier in raster order (rows above,
+   left in the same row), ``s[p] >= s[q]`` for later ones. Pixels that are
+   not candidates never compete. So of two or more equal adjacent maxima the
+   raster-first one wins;
+5. an *event* is a local maximum with no X-ray hit within Chebyshev distance
+   ``radius`` (``max(|dr|, |dc|) <= radius``, the pixel itself included);
+6. events are listed in ascending flat index ``r * W + c``.
 
-Sub-pixel: with weights ``w = max(s, 0)`` over the in-frame 3 x 3
-neighbourhood (out-of-frame weight 0), ``S = sum(w)``, ``Ty = sum(dy * w)``,
-``Tx = sum(dx * w)``; ``qy = clamp(floor((2 S + 4 Ty) / S), 0, 3)``, likewise
-``qx``; subpixel ``= (qy << 2) | qx``. All integer arithmetic.
+Sub-pixel: weights ``w[q] = max(s[q], 0)`` over the in-frame 3 x 3 around the
+event (every pixel, candidate or not; masked pixels have ``s <= 0``),
+``S = sum(w)``, ``Ty = sum(dr * w)``, ``Tx = sum(dc * w)``;
+``qy = clamp(floor((2 S + 4 Ty) / S), 0, 3)``, ``qx`` likewise; the value is
+``(qy << 2) | qx``. Integer arithmetic throughout, so the three forms agree
+bit for bit.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["count_reference"]
+__all__ = ["count_reference", "count_frame_reference"]
 
 _NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
-def _shifted(a: np.ndarray, dy: int, dx: int, fill: int) -> np.ndarray:
+def _shifted(a: np.ndarray, dy: int, dx: int, fill: object) -> np.ndarray:
     """``out[r, c] = a[r + dy, c + dx]``, ``fill`` outside the frame."""
     h, w = a.shape
     out = np.full_like(a, fill)
@@ -53,27 +61,32 @@ def _quantise(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 def count_frame_reference(
     raw: np.ndarray,
     lo: np.ndarray,
-    xr: np.ndarray,
     dark: np.ndarray,
-    gain: np.ndarray,
+    gain: np.ndarray | None,
+    xray_level: int,
     radius: int,
     subpixel: bool,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Events of one frame: ``(indices uint32, subpixel uint8 or None)``."""
-    h, w = raw.shape
-    s = (raw.astype(np.int64) - dark.astype(np.int64)) * gain.astype(np.int64)
-    event = raw > lo
+    w = raw.shape[1]
+    top = np.iinfo(raw.dtype).max
+    s = raw.astype(np.int64) - dark.astype(np.int64)
+    if gain is not None:
+        s *= gain.astype(np.int64)
+    cand = raw > lo
+    xray = cand & ((raw == top) | (s > xray_level))
     lowest = np.iinfo(np.int64).min
+    s_cand = np.where(cand, s, lowest)  # non-candidates never compete
+    event = cand.copy()
     for dy, dx in _NEIGHBOURS:
-        nb = _shifted(s, dy, dx, lowest)
+        nb = _shifted(s_cand, dy, dx, lowest)
         earlier = dy < 0 or (dy == 0 and dx < 0)
         event &= (s > nb) if earlier else (s >= nb)
-    hit = raw > xr
-    near_hit = np.zeros_like(hit)
+    near_xray = np.zeros_like(xray)
     for dy in range(-radius, radius + 1):
         for dx in range(-radius, radius + 1):
-            near_hit |= _shifted(hit, dy, dx, False)
-    event &= ~near_hit
+            near_xray |= _shifted(xray, dy, dx, False)
+    event &= ~near_xray
     flat = np.flatnonzero(event)
     indices = flat.astype(np.uint32)
     if not subpixel:
@@ -97,9 +110,9 @@ def count_frame_reference(
 def count_reference(
     frames: np.ndarray,
     lo: np.ndarray,
-    xr: np.ndarray,
     dark: np.ndarray,
-    gain: np.ndarray,
+    gain: np.ndarray | None,
+    xray_level: int,
     radius: int,
     subpixel: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -108,7 +121,7 @@ def count_reference(
     idx_parts: list[np.ndarray] = []
     sub_parts: list[np.ndarray] = []
     for i, raw in enumerate(frames):
-        idx, sub = count_frame_reference(raw, lo, xr, dark, gain, radius, subpixel)
+        idx, sub = count_frame_reference(raw, lo, dark, gain, xray_level, radius, subpixel)
         offsets[i + 1] = offsets[i] + idx.size
         idx_parts.append(idx)
         if sub is not None:
