@@ -1,0 +1,333 @@
+"""Security of the ingest daemon (issue 7): loopback-only binds, CURVE, safe output paths.
+
+Every test runs the real ``streamstore`` command line in subprocesses and
+talks to the daemon over real ZeroMQ sockets on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.auth
+from _ingest_harness import Daemon, Series, free_endpoint, h5_files, pusher
+
+import streamstore
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamstore", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory) -> Series:
+    return Series(tmp_path_factory.mktemp("series"))
+
+
+# ------------------------------------------------------------------ binding --
+@pytest.mark.parametrize("ep", ["tcp://0.0.0.0:{port}", "tcp://*:{port}"])
+def test_remote_bind_needs_allow_remote(tmp_path, ep):
+    port = free_endpoint().rsplit(":", 1)[1]
+    r = _cli("ingest", "--out", str(tmp_path / "out"), "--listen", ep.format(port=port))
+    assert r.returncode == 2, r.stderr
+    assert "--allow-remote" in r.stderr and "other hosts" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_remote_status_endpoint_needs_allow_remote(tmp_path):
+    r = _cli(
+        "ingest",
+        "--out",
+        str(tmp_path / "out"),
+        "--listen",
+        free_endpoint(),
+        "--status-endpoint",
+        "tcp://0.0.0.0:5999",
+    )
+    assert r.returncode == 2
+    assert "--status-endpoint" in r.stderr and "--allow-remote" in r.stderr
+
+
+# --------------------------------------------------------------------- keys --
+def _mode(p: Path) -> int:
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_keys_command_makes_pairs_without_overwriting(tmp_path):
+    d = tmp_path / "keys"
+    r = _cli("keys", str(d))
+    assert r.returncode == 0, r.stderr
+    assert "--curve-keys" in r.stdout
+    for name in ("server", "client"):
+        pub, sec = zmq.auth.load_certificate(d / f"{name}.key_secret")
+        assert len(pub) == 40 and len(sec) == 40
+        assert zmq.auth.load_certificate(d / f"{name}.key") == (pub, None)
+        assert _mode(d / f"{name}.key_secret") == 0o600
+    assert (d / "authorized_clients" / "client.key").read_text() == (d / "client.key").read_text()
+    assert _mode(d) == 0o700
+    server_secret = (d / "server.key_secret").read_bytes()
+
+    again = _cli("keys", str(d))
+    assert again.returncode == 2 and "never overwrites" in again.stderr
+    more = _cli("keys", str(d), "--client", "cam2", "--client", "cam3")
+    assert more.returncode == 0, more.stderr
+    assert "kept the existing daemon key pair" in more.stdout
+    assert (d / "server.key_secret").read_bytes() == server_secret
+    assert sorted(p.name for p in (d / "authorized_clients").iterdir()) == [
+        "cam2.key",
+        "cam3.key",
+        "client.key",
+    ]
+    # keys differ per pair
+    pubs = {zmq.auth.load_certificate(d / f"{n}.key")[0] for n in ("server", "client", "cam2")}
+    assert len(pubs) == 3
+
+
+def test_keys_refuse_bad_names_and_readable_secrets(tmp_path):
+    from streamstore.errors import UserError
+    from streamstore.security import check_keys_dir, make_keys
+
+    d = tmp_path / "k"
+    for bad in ("../evil", "server", ".hidden", "a/b", ""):
+        with pytest.raises(UserError):
+            make_keys(d, [bad])
+    make_keys(d, ["cam"])
+    check_keys_dir(d)
+    os.chmod(d / "server.key_secret", 0o644)
+    with pytest.raises(UserError, match="chmod 600"):
+        check_keys_dir(d)
+    os.chmod(d / "server.key_secret", 0o600)
+    (d / "authorized_clients" / "cam.key").unlink()
+    with pytest.raises(UserError, match="no client public keys"):
+        check_keys_dir(d)
+    r = _cli(
+        "ingest", "--out", str(tmp_path / "o"), "--listen", free_endpoint(), "--curve-keys", str(d)
+    )
+    assert r.returncode == 2 and "no client public keys" in r.stderr
+
+
+def test_keys_never_write_through_a_symlink(tmp_path):
+    from streamstore.errors import UserError
+    from streamstore.security import make_key_pair
+
+    d = tmp_path / "k"
+    d.mkdir()
+    target = tmp_path / "elsewhere"
+    (d / "cam.key_secret").symlink_to(target)  # dangling: following it would create target
+    with pytest.raises(UserError, match="exists already"):
+        make_key_pair(d, "cam")
+    assert not target.exists()
+    assert not (d / "cam.key").exists()
+
+
+# -------------------------------------------------------------------- CURVE --
+def _handshake_events(mon, timeout_s: float) -> set[int]:
+    from zmq.utils.monitor import recv_monitor_message
+
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if mon.poll(100):
+            seen.add(int(recv_monitor_message(mon)["event"]))
+        if seen & _FAILED or zmq.EVENT_HANDSHAKE_SUCCEEDED in seen:
+            break
+    return seen
+
+
+_FAILED = {
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+}
+
+
+def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_path, series):
+    from streamstore.security import curve_client, make_key_pair, make_keys
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["camera"])
+    # an intruder who knows the server's public key but whose own key is not authorized
+    rogue = tmp_path / "rogue"
+    rogue.mkdir(mode=0o700)
+    make_key_pair(rogue, "camera")
+    (rogue / "server.key").write_text((keys / "server.key").read_text())
+
+    ctx = zmq.Context()
+    socks = []
+    n = 40
+    try:
+        with Daemon(
+            tmp_path / "out",
+            calibration=series.calibration_path,
+            args=("--curve-keys", str(keys)),
+        ) as d:
+            d.wait_ready()
+            outcomes = {}
+            for name, curve in (
+                ("plain", None),
+                ("rogue", lambda s: curve_client(s, rogue, "camera")),
+                ("authorized", lambda s: curve_client(s, keys, "camera")),
+            ):
+                s = ctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a completed handshake
+                s.setsockopt(zmq.SNDTIMEO, 1500)
+                if curve is not None:
+                    curve(s)
+                mon = s.get_monitor_socket()
+                s.connect(d.listen)
+                socks.append(s)
+                events = _handshake_events(mon, 10.0)
+                sent = 0
+                sid = f"from-{name}"
+                try:
+                    s.send_multipart(series.start(sid, n))
+                    for i in range(n):
+                        s.send_multipart(series.image(sid, i), copy=False)
+                    s.send_multipart(series.end(sid, n))
+                    sent = n
+                except zmq.Again:
+                    pass  # no peer took it: refused
+                s.disable_monitor()
+                mon.close(0)
+                outcomes[name] = (events, sent)
+            st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the authorized series")
+            assert d.stop() == 0
+        plain_events, plain_sent = outcomes["plain"]
+        rogue_events, rogue_sent = outcomes["rogue"]
+        ok_events, ok_sent = outcomes["authorized"]
+        assert plain_events & _FAILED and zmq.EVENT_HANDSHAKE_SUCCEEDED not in plain_events
+        assert zmq.EVENT_HANDSHAKE_FAILED_AUTH in rogue_events
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in rogue_events
+        assert plain_sent == 0 and rogue_sent == 0
+        assert zmq.EVENT_HANDSHAKE_SUCCEEDED in ok_events and ok_sent == n
+        # the daemon saw the authorized series only: not one message of the others
+        assert st["messages"] == n + 2 and st["rejected"] == 0
+        assert [p.name for p in h5_files(tmp_path / "out")] == ["from-authorized.h5"]
+        with streamstore.open(tmp_path / "out" / "from-authorized.h5") as store:
+            assert series.check_store(store) == n
+            assert store.accounting["complete"] is True
+        log = d.log()
+        assert "CURVE" in log and "refused a CURVE client" in log
+    finally:
+        for s in socks:
+            s.close(0)
+        ctx.term()
+
+
+# ------------------------------------------------------------- output paths --
+ESCAPING_IDS = ["../x", "../../etc/evil", "/tmp/abs", "a/../../b", "a\x00b", "..", ".hidden"]
+
+
+def test_escaping_series_ids_are_refused_and_nothing_leaves_the_output_dir(tmp_path, series):
+    root = tmp_path / "root"
+    out = root / "sub" / "out"
+    out.mkdir(parents=True)
+    before = {p for p in tmp_path.rglob("*")}
+    ctx = zmq.Context()
+    try:
+        with Daemon(out, calibration=series.calibration_path, log_path=tmp_path / "d.log") as d:
+            d.wait_ready()
+            s = pusher(ctx, d.listen)
+            for sid in ESCAPING_IDS:
+                # the encoders refuse these ids, so forge the JSON as a hostile sender would
+                sid_json = json.dumps(sid)
+                start = {"htype": "start", "frame_shape": [64, 96], "dtype": "uint16"}
+                start["frame_time_s"] = 0.001
+                s.send(_forge(start, sid_json))
+                image = {"htype": "image", "frame_id": 0, "timestamp_ns": 0}
+                s.send_multipart([_forge(image, sid_json), series.frame(0)], copy=False)
+                s.send(_forge({"htype": "end", "n_frames": 1}, sid_json))
+            s.send_multipart(series.start("good", 3))
+            for i in range(3):
+                s.send_multipart(series.image("good", i), copy=False)
+            s.send_multipart(series.end("good", 3))
+            n_bad = 3 * len(ESCAPING_IDS)
+            st = d.wait_until(
+                lambda st: st["series_closed"] >= 1 and st["messages"] >= n_bad + 5, 60
+            )
+            s.close(0)
+            assert d.stop() == 0
+        assert st["rejected"] == n_bad
+        assert set(st["rejected_by_reason"]) == {"malformed series_id"}
+        after = {p for p in tmp_path.rglob("*")} - before
+        assert {p.relative_to(tmp_path).as_posix() for p in after} == {
+            "root/sub/out/good.h5",
+            "d.log",
+        }
+    finally:
+        ctx.term()
+
+
+def _forge(header: dict, sid_json: str) -> bytes:
+    """A header with a raw JSON series_id (bypassing the encoders' validation)."""
+    text = json.dumps(header)
+    return (text[:-1] + ', "series_id": ' + sid_json + "}").encode()
+
+
+def test_output_symlinks_are_never_followed(tmp_path, series):
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.txt"
+    victim.write_bytes(b"precious")
+    (out / "run.h5").symlink_to(victim)  # points at an existing file
+    (out / "run-1.h5").symlink_to(outside / "new.h5")  # dangling: following would create it
+    ctx = zmq.Context()
+    try:
+        with Daemon(out, calibration=series.calibration_path) as d:
+            d.wait_ready()
+            s = pusher(ctx, d.listen)
+            s.send_multipart(series.start("run", 5))
+            for i in range(5):
+                s.send_multipart(series.image("run", i), copy=False)
+            s.send_multipart(series.end("run", 5))
+            d.wait_until(lambda st: st["series_closed"] >= 1, 60)
+            s.close(0)
+            assert d.stop() == 0
+            log = d.log()
+    finally:
+        ctx.term()
+    assert victim.read_bytes() == b"precious"
+    assert not (outside / "new.h5").exists()
+    assert (out / "run.h5").is_symlink() and (out / "run-1.h5").is_symlink()
+    assert not (out / "run-2.h5").is_symlink()
+    with streamstore.open(out / "run-2.h5") as store:
+        assert series.check_store(store) == 5
+    assert "writing to run-2.h5 instead" in log
+
+
+@pytest.mark.parametrize("umask", [0o027, 0o077])
+def test_files_are_created_with_the_process_umask(tmp_path, series, umask):
+    out = tmp_path / "out"
+    prefix = ("sh", "-c", f'umask {umask:03o}; exec "$0" "$@"')
+    ctx = zmq.Context()
+    try:
+        with Daemon(out, calibration=series.calibration_path, prefix=prefix) as d:
+            d.wait_ready()
+            s = pusher(ctx, d.listen)
+            s.send_multipart(series.start("masked", 2))
+            for i in range(2):
+                s.send_multipart(series.image("masked", i), copy=False)
+            s.send_multipart(series.end("masked", 2))
+            d.wait_until(lambda st: st["series_closed"] >= 1, 60)
+            s.close(0)
+            assert d.stop() == 0
+    finally:
+        ctx.term()
+    assert _mode(out / "masked.h5") == 0o644 & ~umask
+    assert _mode(out) == 0o777 & ~umask
