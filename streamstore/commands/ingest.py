@@ -71,6 +71,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow binding to non-loopback addresses (the port is then open to the network)",
     )
     p.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="encrypt with ZeroMQ CURVE and admit only the clients authorized in DIR "
+        "(make DIR with `streamstore keys DIR`)",
+    )
+    p.add_argument(
         "--exit-after-series",
         type=int,
         default=None,
@@ -104,6 +110,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         max_frame_bytes=args.max_frame_bytes,
         allow_remote=args.allow_remote,
+        curve_keys=args.curve_keys,
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
     )

@@ -101,6 +101,10 @@ class IngestConfig:
     rcvhwm : int, optional
         Receive high-water mark in messages; None derives it from the budget
         and ``max_frame_bytes`` (at least 2).
+    curve_keys : str, optional
+        Key directory from ``streamstore keys``: the socket becomes a CURVE
+        server (encrypted) admitting only ``DIR/authorized_clients/*.key``
+        (see :mod:`streamstore.security`).
     """
 
     out_dir: str
@@ -121,6 +125,7 @@ class IngestConfig:
     estimate_frames: int = 8
     max_dark_frames: int = 64
     rcvhwm: int | None = None
+    curve_keys: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -145,6 +150,10 @@ class IngestConfig:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         if self.exit_after_series is not None and self.exit_after_series < 1:
             raise UserError(f"--exit-after-series must be >= 1, got {self.exit_after_series}")
+        if self.curve_keys is not None:
+            from streamstore.security import check_keys_dir
+
+            check_keys_dir(self.curve_keys)
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")
@@ -274,7 +283,12 @@ class IngestDaemon:
         sock.setsockopt(zmq.RCVHWM, cfg.derived_rcvhwm())
         sock.setsockopt(zmq.MAXMSGSIZE, int(cfg.max_frame_bytes))
         pub = None
+        auth = None
         try:
+            if cfg.curve_keys is not None:
+                from streamstore.security import curve_server
+
+                auth = curve_server(ctx, sock, cfg.curve_keys)
             if cfg.listen is not None:
                 sock.bind(cfg.listen)
                 where = f"listening on {cfg.listen}"
@@ -286,11 +300,15 @@ class IngestDaemon:
                 pub.setsockopt(zmq.LINGER, 0)
                 pub.setsockopt(zmq.SNDHWM, 10)
                 pub.bind(cfg.status_endpoint)
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, UserError) as exc:
             sock.close(0)
             if pub is not None:
                 pub.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
+            if isinstance(exc, UserError):
+                raise
             raise UserError(f"cannot open the socket: {exc}") from exc
         self.reporter = StatusReporter(
             self.counters,
@@ -305,6 +323,8 @@ class IngestDaemon:
                 old_handlers[sig] = signal.signal(sig, self.request_stop)
         self._count.start()
         self._write.start()
+        if auth is not None:
+            where += f" (CURVE: encrypted, clients authenticated from {cfg.curve_keys})"
         log.info(
             "ingest %s, writing to %s (memory budget %.0f MB, receive HWM %d, "
             "largest frame %d bytes)",
@@ -337,6 +357,8 @@ class IngestDaemon:
             sock.close(0)
             if pub is not None:
                 pub.close(0)
+            if auth is not None:
+                auth.stop()
             ctx.term()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
