@@ -37,6 +37,10 @@ _FORMAT_NAME = "streamstore.events"
 _SUPPORTED_VERSIONS = (1,)
 # events handled by one worker job of sum(); a few chunks
 _JOB_EVENTS = 1 << 22
+# flat pixels per band of the sum kernel (512 KiB of uint32 accumulator: stays in cache)
+_SUM_BAND = 1 << 17
+# how sum() uses threads: "pipeline" (decode next job while adding this one), "split"
+_SUM_MODE = "pipeline"
 
 
 def _text(v: Any) -> Any:
@@ -587,28 +591,59 @@ class Store:
         roi_t = (r0, r1, c0, c1)
         w = self.frame_shape[1]
 
-        def work(job: tuple[int, int, np.ndarray], acc: np.ndarray) -> None:
-            a, b, starts, counts = job
-            _kernels.sum_frames(self._gaps.read(a, b), starts, counts, w, roi_t, acc)
+        acc = np.zeros(shape[0] * shape[1], np.uint32)
 
-        if len(jobs) <= 1 or self.nthreads == 1:
-            acc = np.zeros(shape[0] * shape[1], np.uint32)
+        def decode(job: tuple[int, int, np.ndarray, np.ndarray]) -> np.ndarray:
+            return self._gaps.read(job[0], job[1])
+
+        def add(gaps: np.ndarray, job: tuple[int, int, np.ndarray, np.ndarray]) -> None:
+            _kernels.sum_frames(gaps, job[2], job[3], w, roi_t, acc, _SUM_BAND)
+
+        if len(jobs) <= 1 or self.nthreads == 1 or _SUM_MODE == "serial":
             for job in jobs:
-                work(job, acc)
-            return acc.reshape(shape)
-        nworkers = min(self.nthreads, len(jobs))
-        accs = [np.zeros(shape[0] * shape[1], np.uint32) for _ in range(nworkers)]
+                add(decode(job), job)
+        elif _SUM_MODE == "pipeline":
+            # one thread decompresses job i + 1 while this one adds job i
+            # into the single accumulator (no per-thread images to merge)
+            with ThreadPoolExecutor(1) as pool:
+                nxt = pool.submit(decode, jobs[0])
+                for i, job in enumerate(jobs):
+                    gaps = nxt.result()
+                    if i + 1 < len(jobs):
+                        nxt = pool.submit(decode, jobs[i + 1])
+                    add(gaps, job)
+        else:  # "split": per-thread accumulators, merged at the end
+            nworkers = min(self.nthreads, len(jobs))
+            accs = [acc] + [np.zeros_like(acc) for _ in range(nworkers - 1)]
 
-        def run(k: int) -> None:
-            for job in jobs[k::nworkers]:
-                work(job, accs[k])
+            def run(k: int) -> None:
+                for job in jobs[k::nworkers]:
+                    _kernels.sum_frames(decode(job), job[2], job[3], w, roi_t, accs[k], _SUM_BAND)
 
-        with ThreadPoolExecutor(nworkers) as pool:
-            list(pool.map(run, range(nworkers)))
-        total = accs[0]
-        for other in accs[1:]:
-            total += other
-        return total.reshape(shape)
+            with ThreadPoolExecutor(nworkers) as pool:
+                list(pool.map(run, range(nworkers)))
+            for other in accs[1:]:
+                acc += other
+        return acc.reshape(shape)
+
+    # ------------------------------------------------------------ dask --
+    def to_dask(self, chunk_frames: int = 64, **kwargs: Any) -> Any:
+        """Lazy dask array ``(n, h, w)`` of the dense frames, read in the dask workers.
+
+        See :func:`streamstore.distributed.to_dask` (needs ``streamstore[dask]``).
+        """
+        from streamstore.distributed import to_dask
+
+        return to_dask(self, chunk_frames=chunk_frames, **kwargs)
+
+    def map_windows(self, func: Any, window: int, client: Any = None, **kwargs: Any) -> Any:
+        """Run ``func(store, start, stop)`` on each window of frames on a dask cluster.
+
+        See :func:`streamstore.distributed.map_windows` (needs ``streamstore[dask]``).
+        """
+        from streamstore.distributed import map_windows
+
+        return map_windows(self, func, window, client=client, **kwargs)
 
     def _jobs(self, sel: np.ndarray) -> list[tuple[int, int, np.ndarray, np.ndarray]]:
         """Split selected frames into jobs of about ``_JOB_EVENTS`` dataset positions.
@@ -643,6 +678,9 @@ def open(path: str | os.PathLike, **kwargs: Any) -> Store:  # noqa: A001 - publi
         A ``.h5`` file written by :class:`streamstore.StoreWriter` (also while
         it is being written, or after its writer was killed: the file is then
         opened in SWMR mode).
+        Or a series written by several ingest workers: its directory or its
+        ``manifest.json``; that returns a :class:`streamstore.shards.ShardedStore`
+        (a Store over all shards, ordered by frame id).
     **kwargs
         Passed to :class:`Store` (``nthreads``).
 
@@ -651,6 +689,14 @@ def open(path: str | os.PathLike, **kwargs: Any) -> Store:  # noqa: A001 - publi
     Store
     """
     p = Path(path)
+    if p.is_dir() or p.suffix == ".json":
+        from streamstore.shards import ShardedStore, is_series
+
+        if is_series(p):  # a series written by several ingest workers
+            return ShardedStore(p, **kwargs)
     if p.is_dir():
-        raise UserError(f"{p} is a directory; streamstore.open reads a single .h5 events file")
+        raise UserError(
+            f"{p} is a directory but not a series (no manifest.json or shard-*.h5 in it); "
+            "streamstore.open reads a .h5 events file or a series directory"
+        )
     return Store(p, **kwargs)

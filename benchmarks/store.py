@@ -1,0 +1,230 @@
+"""Event store benchmark: size vs the entropy bound, write and sum throughput, vs stempy.
+
+For 4092 x 5760 frames, densities p in {0.001, 0.01, 0.05} and two patterns
+(``uniform``: every pixel independently with probability p; ``disk``: the same
+number of events confined to a central disk, as a bright-field disk in
+4D-STEM), it measures in one run:
+
+* bits/event of the stored event data (``Store.bits_per_event``) and, for
+  uniform events, the ratio to the information bound H(p)/p;
+* write throughput, M events/s: ``StoreWriter.append`` (gap encoding, blosc2
+  compression, HDF5 direct chunk writes) + close, with 1 blosc2 thread (the
+  per-core figure) and with 2;
+* read throughput of ``Store.sum`` over the whole series, 1 and 2 threads;
+* side by side: stempy's sparse HDF5 file of the same events (bits/event) and
+  ``stempy.io.SparseArray.from_hdf5`` + sum over all frames.
+
+Run ``python benchmarks/store.py`` (table) or ``--json`` (one JSON object);
+``--quick`` for a short run while developing. Fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+FRAME_SHAPE = (4092, 5760)
+DENSITIES = (0.001, 0.01, 0.05)
+PATTERNS = ("uniform", "disk")
+
+
+def entropy_bound(p: float) -> float:
+    """H(p)/p: bits per event needed for independent Bernoulli(p) pixels."""
+    return -(p * math.log2(p) + (1 - p) * math.log2(1 - p)) / p
+
+
+def bernoulli_indices(rng: np.random.Generator, p: float, n_pix: int) -> np.ndarray:
+    """Sorted indices of a Bernoulli(p) process on n_pix pixels (geometric gaps)."""
+    m = int(n_pix * p + 6 * math.sqrt(n_pix * p) + 16)
+    pos = np.cumsum(rng.geometric(p, size=m)) - 1
+    while pos[-1] < n_pix:  # pragma: no cover - astronomically rare
+        more = np.cumsum(rng.geometric(p, size=m)) + pos[-1]
+        pos = np.concatenate([pos, more])
+    return pos[pos < n_pix].astype(np.uint32)
+
+
+def make_frames(pattern: str, p: float, n_frames: int, seed: int):
+    """EventBatch of ``n_frames`` frames, plus the per-pixel density inside the support."""
+    from streamstore import EventBatch
+
+    h, w = FRAME_SHAPE
+    rng = np.random.default_rng(seed)
+    if pattern == "uniform":
+        support = None
+        p_in = p
+    else:
+        r = min(h, w) * 0.35
+        yy, xx = np.ogrid[:h, :w]
+        support = np.flatnonzero(((yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= r * r).ravel())
+        p_in = min(p * h * w / support.size, 0.5)
+    frames = []
+    for _ in range(n_frames):
+        if support is None:
+            frames.append(bernoulli_indices(rng, p, h * w))
+        else:
+            frames.append(support[bernoulli_indices(rng, p_in, support.size)].astype(np.uint32))
+    counts = np.array([f.size for f in frames], np.int64)
+    offsets = np.zeros(n_frames + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    batch = EventBatch(offsets, np.concatenate(frames), None, FRAME_SHAPE, validate=False)
+    return batch, p_in
+
+
+def bench_write(path: Path, batch, nthreads: int, frames_per_append: int) -> float:
+    from streamstore import StoreWriter
+
+    t0 = time.perf_counter()
+    with StoreWriter(
+        path, FRAME_SHAPE, frame_time_s=1 / 1500, nthreads=nthreads, flush_interval_s=1e9
+    ) as w:
+        for a in range(0, batch.n_frames, frames_per_append):
+            b = min(a + frames_per_append, batch.n_frames)
+            w.append(batch.slice(a, b), np.arange(a, b), np.arange(a, b) * 666_667)
+    return time.perf_counter() - t0
+
+
+def bench_sum(path: Path, nthreads: int, repeats: int) -> tuple[float, np.ndarray]:
+    import streamstore
+
+    best = float("inf")
+    img = None
+    for _ in range(repeats):
+        with streamstore.open(path, nthreads=nthreads) as s:
+            t0 = time.perf_counter()
+            img = s.sum()
+            best = min(best, time.perf_counter() - t0)
+    return best, img
+
+
+def bench_stempy(store_path: Path, out: Path, repeats: int) -> dict:
+    try:
+        import stempy.io as sio
+    except ImportError:  # pragma: no cover
+        return {"available": False}
+    import streamstore
+
+    streamstore.export_stempy(store_path, out)
+    best = float("inf")
+    img = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sa = sio.SparseArray.from_hdf5(str(out))
+        img = sa.sum(axis=(0, 1))
+        best = min(best, time.perf_counter() - t0)
+        del sa
+    return {"available": True, "bytes": out.stat().st_size, "load_sum_s": best, "image": img}
+
+
+def run_case(pattern: str, p: float, n_events: float, repeats: int, tmp: Path) -> dict:
+    import streamstore
+
+    h, w = FRAME_SHAPE
+    n_frames = max(2, int(round(n_events / (p * h * w))))
+    seed = 1000 + int(p * 1e4) + (0 if pattern == "uniform" else 7)
+    batch, p_in = make_frames(pattern, p, n_frames, seed)
+    ne = batch.n_events
+    fpa = max(1, n_frames // 8)  # a few appends, as an ingest pipeline does
+    res: dict = {"pattern": pattern, "p": p, "n_frames": n_frames, "n_events": ne}
+    write_s = {}
+    for nt in (1, 2):
+        times = []
+        for r in range(repeats):
+            path = tmp / f"{pattern}-{p}-{nt}-{r}.h5"
+            times.append(bench_write(path, batch, nt, fpa))
+            keep = path
+        write_s[nt] = min(times)
+    with streamstore.open(keep) as s:
+        res["bits_per_event"] = s.bits_per_event
+        assert s.n_events == ne
+    res["bound_bits_per_event"] = entropy_bound(p_in)
+    res["ratio_to_bound"] = res["bits_per_event"] / res["bound_bits_per_event"]
+    res["write_Mev_s_1thread"] = ne / write_s[1] / 1e6
+    res["write_Mev_s_2threads"] = ne / write_s[2] / 1e6
+    sums = {}
+    img = None
+    for nt in (1, 2):
+        t, img = bench_sum(keep, nt, repeats)
+        sums[nt] = t
+    truth = np.bincount(batch.indices, minlength=h * w).reshape(h, w)
+    res["sum_correct"] = bool(np.array_equal(img, truth))
+    res["sum_Mev_s_1thread"] = ne / sums[1] / 1e6
+    res["sum_Mev_s_2threads"] = ne / sums[2] / 1e6
+    st = bench_stempy(keep, tmp / f"stempy-{pattern}-{p}.h5", repeats)
+    if st.get("available"):
+        res["stempy_bits_per_event"] = st["bytes"] * 8 / ne
+        res["stempy_load_sum_Mev_s"] = ne / st["load_sum_s"] / 1e6
+        res["stempy_sum_correct"] = bool(np.array_equal(np.asarray(st["image"]), truth))
+        res["sum_speedup_vs_stempy"] = res["sum_Mev_s_2threads"] / res["stempy_load_sum_Mev_s"]
+        res["size_ratio_stempy_over_ours"] = res["stempy_bits_per_event"] / res["bits_per_event"]
+    for f in tmp.glob("*.h5"):
+        f.unlink()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="streamstore event store benchmark")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--quick", action="store_true", help="fewer events, one repeat")
+    ap.add_argument("--events", type=float, default=3e7, help="events per case (default 3e7)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--density", type=float, nargs="*", default=list(DENSITIES))
+    ap.add_argument("--pattern", nargs="*", default=list(PATTERNS), choices=PATTERNS)
+    args = ap.parse_args(argv)
+    n_events = 3e6 if args.quick else args.events
+    repeats = 1 if args.quick else args.repeats
+    cases = []
+    with tempfile.TemporaryDirectory(prefix="ss-bench-") as d:
+        for pattern in args.pattern:
+            for p in args.density:
+                cases.append(run_case(pattern, p, n_events, repeats, Path(d)))
+                if not args.json:
+                    print_case(cases[-1], header=len(cases) == 1)
+    out = {
+        "benchmark": "store",
+        "frame_shape": list(FRAME_SHAPE),
+        "events_per_case": n_events,
+        "repeats": repeats,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "cases": cases,
+    }
+    if args.json:
+        json.dump(out, sys.stdout, indent=1)
+        print()
+    return 0
+
+
+def print_case(r: dict, header: bool) -> None:
+    if header:
+        print(
+            f"{'pattern':8} {'p':>6} {'Mevents':>8} {'bits/ev':>8} {'H(p)/p':>7} {'ratio':>6} "
+            f"{'write1':>7} {'write2':>7} {'sum1':>7} {'sum2':>7} {'stempy b/ev':>11} "
+            f"{'stempy sum':>10} {'speedup':>7}"
+        )
+        print(f"{'':8} {'':>6} {'':>8} {'':>8} {'':>7} {'':>6} " + "(M events/s)")
+    print(
+        f"{r['pattern']:8} {r['p']:6.3f} {r['n_events'] / 1e6:8.2f} {r['bits_per_event']:8.2f} "
+        f"{r['bound_bits_per_event']:7.2f} {r['ratio_to_bound']:6.3f} "
+        f"{r['write_Mev_s_1thread']:7.0f} {r['write_Mev_s_2threads']:7.0f} "
+        f"{r['sum_Mev_s_1thread']:7.0f} {r['sum_Mev_s_2threads']:7.0f} "
+        f"{r.get('stempy_bits_per_event', float('nan')):11.2f} "
+        f"{r.get('stempy_load_sum_Mev_s', float('nan')):10.1f} "
+        f"{r.get('sum_speedup_vs_stempy', float('nan')):7.1f}"
+        + ("" if r["sum_correct"] else "  SUM WRONG")
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
