@@ -354,6 +354,10 @@ class Calibration:
         Calibration
             With ``source == "estimate"``.
         """
+        if isinstance(xray_threshold, str) and xray_threshold != "auto":
+            raise ValueError(
+                f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}"
+            )
         arr = _check_frames("frames", frames, 1)
         if arr.dtype.kind == "f":
             raise ValueError("estimate needs integer frames (uint8 or uint16)")
@@ -389,10 +393,6 @@ class Calibration:
             raise ValueError("cannot estimate the noise: the sampled pixels are all equal")
         xt: float | None
         if isinstance(xray_threshold, str):
-            if xray_threshold != "auto":
-                raise ValueError(
-                    f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}"
-                )
             xt = _electron_peak_scale(arr, centre, sigma, n_sigma)
             xt = None if xt is None else float(xray_factor) * xt
         else:

@@ -1,0 +1,200 @@
+"""Calibration: from dark frames, estimated from beam frames, saved and loaded."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streamstore import Calibration
+from streamstore.emulator import CameraEmulator
+from streamstore.errors import FormatError
+
+SHAPE = (96, 160)  # non-square on purpose
+
+
+@pytest.fixture(scope="module")
+def emulator_data():
+    emu = CameraEmulator(SHAPE, seed=11, hot_pixel_fraction=1e-3)
+    dark, _ = emu.dark_frames(40)
+    frames, truth = emu.generate(8)
+    return emu, dark, frames, truth
+
+
+def test_from_dark_frames_recovers_dark_noise_and_hot_pixels(emulator_data):
+    emu, dark, _, truth = emulator_data
+    cal = Calibration.from_dark_frames(dark, n_sigma=5.0)
+    assert cal.source == "dark_frames"
+    assert cal.frame_shape == SHAPE
+    good = ~cal.mask
+    # dark offset per pixel within a few standard errors (noise / sqrt(40), plus row noise)
+    err = np.abs(cal.dark - truth.dark)[good]
+    assert np.median(err) < 1.0
+    total_noise = np.hypot(truth.read_noise_adu, truth.row_noise_adu)
+    assert abs(np.median(cal.noise[good]) - total_noise) < 0.1 * total_noise
+    hot = {tuple(p) for p in truth.hot_pixels}
+    masked = {tuple(p) for p in np.argwhere(cal.mask)}
+    assert hot <= masked
+    assert len(masked) <= len(hot) + 5  # almost nothing else is flagged
+
+
+def test_user_mask_and_gain_are_kept(emulator_data):
+    _, dark, _, truth = emulator_data
+    user_mask = np.zeros(SHAPE, bool)
+    user_mask[3, 7] = True
+    cal = Calibration.from_dark_frames(dark, gain=truth.gain, mask=user_mask, xray_threshold=900)
+    assert cal.mask[3, 7]
+    np.testing.assert_array_equal(cal.gain, truth.gain)
+    assert cal.xray_threshold == 900
+
+
+def test_save_load_round_trip(tmp_path, emulator_data):
+    _, dark, _, truth = emulator_data
+    cal = Calibration.from_dark_frames(dark, gain=truth.gain, n_sigma=4.5, xray_threshold=1200.0)
+    path = tmp_path / "cal.h5"
+    cal.save(path)
+    back = Calibration.load(path)
+    assert back.source == "file"
+    for name in ("dark", "noise", "gain", "mask"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(cal, name))
+    assert (back.n_sigma, back.xray_threshold, back.xray_radius, back.wrapped) == (
+        4.5,
+        1200.0,
+        cal.xray_radius,
+        False,
+    )
+    for dt in (np.uint8, np.uint16):
+        for a, b in zip(back.threshold_maps(dt), cal.threshold_maps(dt), strict=True):
+            np.testing.assert_array_equal(a, b)
+    # a calibration without gain, mask or X-ray threshold round-trips too
+    plain = Calibration(np.full(SHAPE, 10.0), np.full(SHAPE, 2.0))
+    plain.save(path)
+    back = Calibration.load(path)
+    assert back.gain is None and back.mask is None and back.xray_threshold is None
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Calibration.load(tmp_path / "missing.h5")
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5 at all")
+    with pytest.raises(FormatError):
+        Calibration.load(junk)
+    import h5py
+
+    other = tmp_path / "other.h5"
+    with h5py.File(other, "w") as f:
+        f["x"] = 1
+    with pytest.raises(FormatError, match="no streamstore calibration"):
+        Calibration.load(other)
+
+
+def test_summary_is_json_scalars(emulator_data):
+    _, dark, _, _ = emulator_data
+    cal = Calibration.from_dark_frames(dark, xray_threshold=1000)
+    s = cal.summary()
+    json.dumps(s)
+    assert s["source"] == "dark_frames"
+    assert s["frame_shape"] == list(SHAPE)
+    assert s["n_sigma"] == cal.n_sigma and s["xray_threshold"] == 1000
+    assert s["n_masked"] == cal.n_masked and s["has_gain"] is False
+    assert s["median_noise_adu"] == pytest.approx(float(np.median(cal.noise[~cal.mask])))
+
+
+def _pedestal_subtracted(frames, dark):
+    """What the 4D Camera sends: raw - dark in uint16 arithmetic, negatives wrapped."""
+    return (frames.astype(np.int64) - np.rint(dark).astype(np.int64)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("wrap", [True, False])
+def test_estimate_matches_dark_frame_thresholds(emulator_data, wrap):
+    _, dark, frames, _ = emulator_data
+    ref = Calibration.from_dark_frames(dark)
+    if wrap:
+        data = _pedestal_subtracted(frames, ref.dark)
+        assert np.count_nonzero(data > 60000) > 0.2 * data.size  # really wrapped
+    else:
+        # a camera that adds a constant pedestal instead: no wrap
+        data = (frames.astype(np.int64) - np.rint(ref.dark).astype(np.int64) + 200).astype(
+            np.uint16
+        )
+    est = Calibration.estimate(data)
+    assert est.source == "estimate"
+    assert est.wrapped is wrap
+    assert est.background_threshold == pytest.approx(ref.background_threshold, rel=0.10)
+    assert est.dark[0, 0] == pytest.approx(0.0 if wrap else 200.0, abs=1.0)
+    # the X-ray threshold sits well above an electron and well below an X-ray (3000 ADU)
+    assert est.xray_threshold is not None and 300 < est.xray_threshold < 2500
+
+
+def test_estimate_on_wrapped_frames_counts_like_dark_calibration(emulator_data):
+    """Counting the wrapped frames with the estimate finds about the dark-calibrated events."""
+    from streamstore import count
+
+    _, dark, frames, truth = emulator_data
+    ref = Calibration.from_dark_frames(dark, xray_threshold=1000)
+    est = Calibration.estimate(_pedestal_subtracted(frames, ref.dark))
+    n_ref = count(frames, ref).n_events
+    n_est = count(_pedestal_subtracted(frames, ref.dark), est).n_events
+    n_true = sum(len(p) for p in truth.positions)
+    assert abs(n_est - n_ref) < 0.03 * n_true
+
+
+def test_estimate_is_reproducible_and_respects_mask(emulator_data):
+    _, _, frames, _ = emulator_data
+    a = Calibration.estimate(frames, seed=3, n_samples=5000)
+    b = Calibration.estimate(frames, seed=3, n_samples=5000)
+    np.testing.assert_array_equal(a.noise, b.noise)
+    mask = np.zeros(SHAPE, bool)
+    mask[:, :10] = True
+    c = Calibration.estimate(frames, mask=mask)
+    assert c.n_masked == mask.sum()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dark": np.zeros(5), "noise": np.ones(5)}, "dark must be a 2-d"),
+        ({"dark": np.zeros((4, 5)), "noise": np.ones((5, 4))}, "noise has shape"),
+        ({"dark": np.zeros((4, 5)), "noise": np.zeros((4, 5))}, "noise must be finite and > 0"),
+        ({"dark": np.zeros((4, 5)), "noise": np.ones((4, 5)), "n_sigma": 0}, "n_sigma"),
+        (
+            {"dark": np.zeros((4, 5)), "noise": np.ones((4, 5)), "xray_threshold": -1},
+            "xray_threshold",
+        ),
+        ({"dark": np.zeros((4, 5)), "noise": np.ones((4, 5)), "xray_radius": 1.5}, "xray_radius"),
+        (
+            {"dark": np.zeros((4, 5)), "noise": np.ones((4, 5)), "gain": -np.ones((4, 5))},
+            "gain must be",
+        ),
+        (
+            {"dark": np.zeros((4, 5)), "noise": np.ones((4, 5)), "mask": np.zeros((4, 5))},
+            "mask must be a boolean",
+        ),
+        ({"dark": np.zeros((4, 5)), "noise": np.ones((4, 5)), "source": "guess"}, "source"),
+    ],
+)
+def test_bad_calibration_inputs_raise_clear_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Calibration(**kwargs)
+
+
+def test_masked_pixels_may_have_any_noise():
+    mask = np.zeros((4, 5), bool)
+    mask[1, 1] = True
+    noise = np.ones((4, 5))
+    noise[1, 1] = 0.0
+    cal = Calibration(np.zeros((4, 5)), noise, mask=mask)
+    assert cal.n_masked == 1
+
+
+def test_from_dark_frames_input_errors():
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        Calibration.from_dark_frames(np.zeros((1, 4, 5), np.uint16))
+    with pytest.raises(ValueError, match=r"\(n, H, W\)"):
+        Calibration.from_dark_frames(np.zeros((2, 3, 4, 5), np.uint16))
+    with pytest.raises(ValueError, match="integer frames"):
+        Calibration.estimate(np.zeros((2, 4, 5), np.float32))
+    with pytest.raises(ValueError, match="xray_threshold"):
+        Calibration.estimate(np.ones((2, 4, 5), np.uint16), xray_threshold="big")

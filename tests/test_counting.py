@@ -1,0 +1,206 @@
+"""count() and Counter: API, input checks, and the semantics spelled out in docs/counting.md."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import streamstore
+from streamstore import Calibration, EventBatch, count
+from streamstore.counting import Counter
+
+IMPLS = ("numba", "reference", "native")
+
+
+def flat_cal(h, w, *, dark=10.0, noise=2.0, **kw):
+    return Calibration(np.full((h, w), dark), np.full((h, w), noise), **kw)
+
+
+def events(frame, cal, impl="numba", subpixel=False):
+    batch = Counter(cal, frame.dtype, subpixel=subpixel, implementation=impl)(frame)
+    return batch.frame(0)
+
+
+def test_top_level_names_and_shapes():
+    assert streamstore.count is count
+    cal = flat_cal(6, 9)
+    frame = np.full((6, 9), 10, np.uint16)
+    frame[2, 7] = 100
+    one = count(frame, cal)
+    assert isinstance(one, EventBatch)
+    assert one.n_frames == 1 and one.frame_shape == (6, 9)
+    assert one.frame(0).indices.tolist() == [2 * 9 + 7]
+    many = count(np.stack([frame, frame, np.full_like(frame, 10)]), cal, threads=1)
+    assert many.counts.tolist() == [1, 1, 0]
+    assert many.subpixel is None
+    assert count(frame, cal, subpixel=True).subpixel.dtype == np.uint8
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "block",
+    [
+        [(0, 0)],  # single
+        [(0, 0), (0, 1)],  # horizontal tie
+        [(0, 0), (1, 0)],  # vertical tie
+        [(0, 1), (1, 0)],  # anti-diagonal tie
+        [(0, 0), (1, 1)],  # diagonal tie
+        [(0, 0), (0, 1), (1, 0), (1, 1)],  # 2 x 2 plateau
+        [(r, c) for r in range(3) for c in range(3)],  # 3 x 3 plateau
+        [(0, 0), (0, 1), (0, 2), (0, 3)],  # a line
+    ],
+)
+def test_plateau_of_equal_maxima_gives_exactly_one_event(impl, block):
+    cal = flat_cal(12, 13)
+    for dtype in (np.uint8, np.uint16):
+        frame = np.full((12, 13), 10, dtype)
+        for r, c in block:
+            frame[4 + r, 5 + c] = 90
+        ev = events(frame, cal, impl)
+        first = min(block)  # raster-first pixel wins
+        assert ev.indices.tolist() == [(4 + first[0]) * 13 + 5 + first[1]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_borders_and_corners_are_counted(impl):
+    h, w = 7, 11
+    cal = flat_cal(h, w)
+    frame = np.full((h, w), 10, np.uint16)
+    spots = [(0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1), (0, 5), (3, 0), (h - 1, 5), (3, w - 1)]
+    for r, c in spots:
+        frame[r, c] = 80
+    ev = events(frame, cal, impl)
+    assert sorted(ev.indices.tolist()) == sorted(r * w + c for r, c in spots)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_local_maximum_uses_dark_subtracted_signal(impl):
+    """A raw-brighter pixel with a higher dark offset loses to its neighbour."""
+    dark = np.full((5, 6), 10.0)
+    dark[2, 3] = 40.0
+    cal = Calibration(dark, np.full((5, 6), 2.0))
+    frame = np.full((5, 6), 10, np.uint16)
+    frame[2, 2] = 60  # signal 50
+    frame[2, 3] = 80  # raw higher, signal 40
+    assert events(frame, cal, impl).indices.tolist() == [2 * 6 + 2]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gain_changes_which_pixel_wins(impl):
+    gain = np.ones((5, 6))
+    gain[2, 3] = 2.0
+    frame = np.full((5, 6), 10, np.uint16)
+    frame[2, 2] = 60  # signal 50
+    frame[2, 3] = 40  # signal 30 * 2 = 60
+    cal = Calibration(np.full((5, 6), 10.0), np.full((5, 6), 2.0), gain=gain)
+    assert events(frame, cal, impl).indices.tolist() == [2 * 6 + 3]
+    cal_no_gain = Calibration(np.full((5, 6), 10.0), np.full((5, 6), 2.0))
+    assert events(frame, cal_no_gain, impl).indices.tolist() == [2 * 6 + 2]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_threshold_is_per_pixel_and_strict(impl):
+    noise = np.full((4, 8), 2.0)
+    noise[1, 5] = 20.0
+    cal = Calibration(np.full((4, 8), 10.0), noise, n_sigma=5.0)  # lo = 20, or 110 at (1, 5)
+    frame = np.full((4, 8), 10, np.uint16)
+    frame[1, 1] = 20  # not above 20
+    frame[1, 3] = 21
+    frame[1, 5] = 60  # below its own threshold: not a candidate, does not compete
+    frame[2, 6] = 30
+    ev = events(frame, cal, impl)
+    assert ev.indices.tolist() == [1 * 8 + 3, 2 * 8 + 6]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_masked_pixels_yield_no_event_and_do_not_compete(impl):
+    mask = np.zeros((6, 6), bool)
+    mask[2, 2] = True
+    cal = Calibration(np.full((6, 6), 10.0), np.full((6, 6), 2.0), mask=mask)
+    frame = np.full((6, 6), 10, np.uint16)
+    frame[2, 2] = 5000  # a hot pixel
+    frame[2, 3] = 60  # a real event next to it
+    assert events(frame, cal, impl).indices.tolist() == [2 * 6 + 3]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("radius", [0, 1, 2, 3])
+def test_xray_neighbourhood_yields_no_event(impl, radius):
+    h, w = 15, 16
+    cal = flat_cal(h, w, xray_threshold=500.0, xray_radius=radius)
+    frame = np.full((h, w), 10, np.uint16)
+    frame[7, 7] = 3000  # X-ray
+    near = [(9, 6), (5, 9), (7, 10), (4, 7), (10, 4)]  # Chebyshev distances 2, 2, 3, 3, 3
+    for r, c in near:
+        frame[r, c] = 100
+    frame[0, 15] = 100  # far away
+    kept = {r * w + c for r, c in near if max(abs(r - 7), abs(c - 7)) > radius}
+    kept.add(15)
+    assert set(events(frame, cal, impl).indices.tolist()) == kept
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_saturated_pixel_is_an_xray_even_without_threshold(impl):
+    cal = flat_cal(8, 8, xray_radius=1)
+    for dtype in (np.uint8, np.uint16):
+        frame = np.full((8, 8), 10, dtype)
+        frame[4, 4] = np.iinfo(dtype).max
+        frame[4, 5] = 100
+        frame[0, 0] = 100
+        assert events(frame, cal, impl).indices.tolist() == [0]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_subpixel_is_the_quantised_centre_of_mass(impl):
+    cal = flat_cal(9, 9, dark=10.0, noise=1.0)
+    frame = np.full((9, 9), 10, np.uint16)
+    frame[4, 4] = 10 + 100
+    ev = events(frame, cal, impl, subpixel=True)
+    assert ev.subpixel.tolist() == [(2 << 2) | 2]  # centred: 0.5 -> cell 2 of 0..3
+    frame[4, 5] = 10 + 100 - 1  # right neighbour almost as bright: x ~ 0.5 + 0.5 = 1.0 -> 3
+    frame[3, 4] = 10 + 30  # some charge above: y = 0.5 - 30 / 229 = 0.37 -> cell 1
+    ev = events(frame, cal, impl, subpixel=True)
+    assert ev.indices.tolist() == [4 * 9 + 4]
+    assert ev.subpixel.tolist() == [(1 << 2) | 3]
+    pos = ev.positions()[0]
+    assert pos[0] == pytest.approx(4 + 1.5 / 4) and pos[1] == pytest.approx(4 + 3.5 / 4)
+
+
+def test_counter_is_reusable_and_matches_count(rng):
+    cal = flat_cal(32, 48, xray_threshold=400.0)
+    frames = (10 + rng.normal(0, 2, (5, 32, 48))).round()
+    frames += (rng.random((5, 32, 48)) < 0.02) * 80
+    frames = frames.astype(np.uint16)
+    c = Counter(cal, np.uint16, subpixel=True, threads=1)
+    joined = EventBatch.concatenate([c(f) for f in frames])
+    assert joined == count(frames, cal, subpixel=True)
+    assert "Counter(" in repr(c)
+
+
+def test_input_errors_are_clear():
+    cal = flat_cal(6, 9)
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        count(np.zeros((6, 9), np.float32), cal)
+    with pytest.raises(ValueError, match="uint8 or uint16"):
+        count(np.zeros((6, 9), np.int32), cal)
+    with pytest.raises(ValueError, match=r"\(H, W\) = \(9, 6\)"):
+        count(np.zeros((9, 6), np.uint16), cal)
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(n, H, W\)"):
+        count(np.zeros((1, 2, 6, 9), np.uint16), cal)
+    with pytest.raises(ValueError, match="threads"):
+        count(np.zeros((6, 9), np.uint16), cal, threads=0)
+    with pytest.raises(ValueError, match="calibration must be"):
+        count(np.zeros((6, 9), np.uint16), "cal.h5")
+    c = Counter(cal, np.uint8)
+    with pytest.raises(ValueError, match="built for uint8"):
+        c(np.zeros((6, 9), np.uint16))
+    with pytest.raises(ValueError, match="implementation"):
+        Counter(cal, np.uint8, implementation="gpu")
+
+
+def test_non_contiguous_frames_are_accepted(rng):
+    cal = flat_cal(16, 20)
+    big = np.full((16, 40), 10, np.uint16)
+    big[5, 8] = 90
+    view = big[:, ::2]
+    assert count(view, cal).frame(0).indices.tolist() == [5 * 20 + 4]
