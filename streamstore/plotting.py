@@ -218,7 +218,7 @@ def summary_figure(
         plain = FuncFormatter(lambda v, _pos: f"{v:g}")
         cbar.ax.yaxis.set_major_formatter(plain)
         cbar.ax.yaxis.set_minor_formatter(plain)
-        cbar.ax.tick_params(which="minor", labelsize=7)
+        cbar.ax.tick_params(which="both", labelsize=8)
     cbar.set_label(
         f"counts per {'binned ' if f > 1 else ''}pixel" + (" (log scale)" if log else ""),
         fontsize=9,
@@ -245,9 +245,13 @@ def summary_figure(
 
     # -- dose per frame --------------------------------------------------
     ulabel = _UNIT_LABEL[unit]
+    # break the line where frames are missing, so a gap never looks like data
+    ids = np.asarray(store.frame_ids, dtype=np.int64)
+    gap = np.flatnonzero(np.diff(ids) > 1) + 1 if ids.size > 1 else np.zeros(0, np.intp)
+    tg, dg = np.insert(t, gap, np.nan), np.insert(dose, gap, np.nan)
     ax_dose.plot(
-        t,
-        dose,
+        tg,
+        dg,
         lw=0.7,
         color="#4a7ab5",
         alpha=0.8 if t.size > 400 else 1.0,
@@ -258,17 +262,21 @@ def summary_figure(
     if t.size > 400:
         k = max(5, t.size // 100)
         ax_dose.plot(
-            t, _running_mean(dose, k), lw=1.6, color="#1a3a6b", label=f"running mean ({k} frames)"
+            tg,
+            np.insert(_running_mean(dose, k), gap, np.nan),
+            lw=1.6,
+            color="#1a3a6b",
+            label=f"running mean ({k} frames)",
         )
     if n_missing:
+        # a red tick along the bottom per missing frame: visible, and never hides the data
         ax_dose.vlines(
             t_missing,
             0,
-            1,
+            0.07,
             transform=ax_dose.get_xaxis_transform(),
             color="#d62728",
-            lw=0.8,
-            alpha=0.35 if n_missing > 50 else 0.7,
+            lw=1.0,
         )
         ax_dose.plot([], [], color="#d62728", lw=1.5, label=f"missing frames ({n_missing:,})")
     step = float(ft) if (ft and xlabel.startswith("time")) else (1.0 if t.size else 0.0)
@@ -277,12 +285,14 @@ def summary_figure(
         ax_dose.axvspan(t[a], t[b - 1] + step, label="summed window", **span)
         ax_cum.axvspan(t[a], t[b - 1] + step, **span)
     ax_dose.set_ylabel(f"dose per frame ({ulabel})")
-    ax_dose.set_ylim(bottom=0)
+    # headroom above the data for the legend, so it never covers a curve
+    top = float(dose.max()) if dose.size and dose.max() > 0 else 1.0
+    ax_dose.set_ylim(0, top * 1.45)
     ax_dose.set_title(
         f"dose per frame: mean {dose.mean():.3g} (range {dose.min():.3g} to {dose.max():.3g})",
         fontsize=10,
     )
-    ax_dose.legend(loc="lower right", fontsize=8, framealpha=0.85)
+    ax_dose.legend(loc="upper right", fontsize=8, framealpha=0.85, ncol=2)
     ax_dose.tick_params(labelbottom=False)
 
     # -- cumulative dose -------------------------------------------------
