@@ -1,0 +1,244 @@
+"""Counting speed and accuracy on one full-size frame, every anchor measured in the same run.
+
+    python benchmarks/counting.py                 # 4092 x 5760 uint16 at 0.01 e/px/frame
+    python benchmarks/counting.py --json          # one JSON object
+    python benchmarks/counting.py --shape 1024x1536 --repeats 3   # a quick run
+
+Measures, on the same emulator frame (seeded):
+
+- ``np.copyto`` of the frame (the memory-stream bound) and a plain numpy
+  compare-and-count pass over frame and threshold map;
+- streamstore's numba kernel with 1 and 2 threads (ratio to the copy; 2-thread speed-up);
+- the C twin in ``native_ref`` (single-threaded; numba / native ratio);
+- stempy's ``electron_count_frame`` when stempy is installed (speed ratio);
+- recall and precision of streamstore and stempy against the emulator's truth
+  (one-to-one matching within 1 px), events/s and GB/s of frame data.
+
+Times are the best of ``--repeats`` runs (the machine is shared; the best run is the
+least disturbed). Targets (issue 3): 1 thread <= 2.0 x copy, 2 threads >= 1.7 x the
+1-thread rate, numba at least as fast as native_ref.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamstore import Calibration  # noqa: E402
+from streamstore.counting import Counter  # noqa: E402
+from streamstore.counting.accuracy import score_batch  # noqa: E402
+from streamstore.emulator import CameraEmulator  # noqa: E402
+from streamstore.events import EventBatch  # noqa: E402
+
+XRAY_THRESHOLD = 1000.0  # ADU, the same for streamstore and stempy
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must look like 4092x5760, got {text!r}") from None
+    if h < 8 or w < 8:
+        raise argparse.ArgumentTypeError(f"shape must be at least 8x8, got {text!r}")
+    return h, w
+
+
+def best_time(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def run(
+    shape: tuple[int, int],
+    dose: float,
+    repeats: int,
+    seed: int,
+    n_dark: int,
+    stempy: bool,
+    log=print,
+) -> dict[str, Any]:
+    """Run the benchmark; return the results as a dict."""
+    import numba
+
+    t0 = time.perf_counter()
+    emu = CameraEmulator(shape, dose_rate_e_per_px_s=dose * 1500, frame_time_s=1 / 1500, seed=seed)
+    dark, _ = emu.dark_frames(n_dark)
+    frames, truth = emu.generate(1)
+    frame = frames[0]
+    cal = Calibration.from_dark_frames(dark, xray_threshold=XRAY_THRESHOLD)
+    log(
+        f"frame {shape[0]} x {shape[1]} uint16, {len(truth.positions[0])} electrons "
+        f"({dose} e/px/frame); calibration from {n_dark} dark frames "
+        f"({time.perf_counter() - t0:.1f} s to emulate)"
+    )
+    nbytes = frame.nbytes
+    res: dict[str, Any] = {
+        "frame_shape": list(shape),
+        "dtype": "uint16",
+        "dose_e_per_px_frame": dose,
+        "n_true": len(truth.positions[0]),
+        "repeats": repeats,
+        "machine": {
+            "python": platform.python_version(),
+            "cpu_count": __import__("os").cpu_count(),
+            "numba_threads_max": numba.config.NUMBA_NUM_THREADS,
+            "threading_layer": None,
+        },
+    }
+
+    dst = np.empty_like(frame)
+    t_copy = best_time(lambda: np.copyto(dst, frame), repeats)
+    lo = cal.threshold_maps(np.uint16)[0]
+    t_cmp = best_time(lambda: np.count_nonzero(frame > lo), repeats)
+
+    c1 = Counter(cal, np.uint16, threads=1)
+    c2 = Counter(cal, np.uint16, threads=2)
+    batch = c1(frame)
+    res["machine"]["threading_layer"] = numba.threading_layer()
+    t1 = best_time(lambda: c1(frame), repeats)
+    t2 = best_time(lambda: c2(frame), repeats)
+    assert_same = c2(frame) == batch
+
+    native = Counter(cal, np.uint16, implementation="native")
+    t_nat = best_time(lambda: native(frame), repeats)
+    same_native = native(frame) == batch
+
+    score = score_batch(batch, truth.positions)
+    score_sub = score_batch(Counter(cal, np.uint16, subpixel=True)(frame), truth.positions)
+    n_ev = batch.n_events
+    res.update(
+        {
+            "copy_s": t_copy,
+            "numpy_compare_s": t_cmp,
+            "numba_1thread_s": t1,
+            "numba_2threads_s": t2,
+            "native_ref_s": t_nat,
+            "ratio_1thread_to_copy": t1 / t_copy,
+            "ratio_compare_to_copy": t_cmp / t_copy,
+            "speedup_2threads": t1 / t2,
+            "ratio_native_to_numba": t_nat / t1,
+            "identical_1_2_threads": bool(assert_same),
+            "identical_numba_native": bool(same_native),
+            "n_events": n_ev,
+            "events_per_s_1thread": n_ev / t1,
+            "events_per_s_2threads": n_ev / t2,
+            "gb_per_s_1thread": nbytes / t1 / 1e9,
+            "gb_per_s_2threads": nbytes / t2 / 1e9,
+            "copy_gb_per_s": nbytes / t_copy / 1e9,
+            "recall": score.recall,
+            "precision": score.precision,
+            "rms_error_px_subpixel": score_sub.rms_error_px,
+        }
+    )
+    log(f"np.copyto                 {t_copy * 1e3:8.2f} ms  ({nbytes / t_copy / 1e9:.1f} GB/s)")
+    log(f"numpy compare pass        {t_cmp * 1e3:8.2f} ms  ({t_cmp / t_copy:.2f} x copy)")
+    log(
+        f"numba, 1 thread           {t1 * 1e3:8.2f} ms  ({t1 / t_copy:.2f} x copy, "
+        f"{nbytes / t1 / 1e9:.1f} GB/s, {n_ev / t1 / 1e6:.1f} M events/s)"
+    )
+    log(
+        f"numba, 2 threads          {t2 * 1e3:8.2f} ms  (speed-up {t1 / t2:.2f} x, "
+        f"{nbytes / t2 / 1e9:.1f} GB/s, identical: {assert_same})"
+    )
+    log(
+        f"native_ref (C, 1 thread)  {t_nat * 1e3:8.2f} ms  (native / numba {t_nat / t1:.2f}, "
+        f"identical: {same_native})"
+    )
+    log(
+        f"streamstore: {n_ev} events, recall {score.recall:.4f}, precision "
+        f"{score.precision:.4f}; sub-pixel RMS error {score_sub.rms_error_px:.3f} px"
+    )
+
+    if stempy:
+        try:
+            import stempy.image as si
+        except ImportError:
+            log("stempy not installed: skipped (pip install -e '.[compare]')")
+            res["stempy"] = None
+        else:
+            res["stempy"] = _stempy(si, frame, cal, truth, t1, max(1, min(repeats, 3)), log)
+    return res
+
+
+def _stempy(si, frame, cal, truth, t1, repeats, log) -> dict[str, Any]:
+    """stempy's per-frame counting with the same dark, background and X-ray levels."""
+    good = ~cal.mask
+    background = float(cal.n_sigma * np.median(cal.noise[good]))  # absolute ADU in stempy
+    dark = np.where(cal.mask, np.float32(65535), cal.dark).astype(np.float32)
+
+    def go():
+        return si.electron_count_frame(
+            frame,
+            darkreference=dark,
+            background_threshold=background,
+            xray_threshold=XRAY_THRESHOLD,
+        )
+
+    t = best_time(go, repeats)
+    sparse = go()
+    idx = np.sort(np.asarray(sparse.data[0, 0], dtype=np.uint32))
+    # stempy returns row * W + col for an (H, W) frame (checked with non-square frames)
+    batch = EventBatch(np.array([0, idx.size]), idx, None, frame.shape)
+    score = score_batch(batch, truth.positions)
+    log(
+        f"stempy electron_count_frame {t * 1e3:8.1f} ms  (stempy / streamstore 1 thread "
+        f"{t / t1:.0f} x); {idx.size} events, recall {score.recall:.4f}, precision "
+        f"{score.precision:.4f}"
+    )
+    return {
+        "time_s": t,
+        "ratio_to_numba_1thread": t / t1,
+        "n_events": int(idx.size),
+        "recall": score.recall,
+        "precision": score.precision,
+        "background_threshold_adu": background,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", type=_parse_shape, default=(4092, 5760), help="HxW (4092x5760)")
+    p.add_argument("--dose", type=float, default=0.01, help="e/px/frame (0.01)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per method (7)")
+    p.add_argument("--dark-frames", type=int, default=8, help="dark frames for calibration (8)")
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--no-stempy", action="store_true", help="skip the stempy comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.dark_frames < 2:
+        p.error("--dark-frames must be >= 2")
+    log = (lambda *a, **k: None) if args.json else print
+    res = run(
+        args.shape,
+        args.dose,
+        args.repeats,
+        args.seed,
+        args.dark_frames,
+        not args.no_stempy,
+        log,
+    )
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
