@@ -105,8 +105,13 @@ def test_figure_reports_window_and_missing(stores):
     with streamstore.open(stores["run"]) as st:
         fig = summary_figure(st, start=5, stop=50, progress=False)
         n_events = int(st.event_counts[5:50].sum())
+        total_a2 = float(st.dose(unit="e/A2").sum())
     ax_img, ax_dose = fig.axes[0], fig.axes[1]
     assert f"frames 5:50 (45 frames, {n_events:,} events)" in ax_img.get_title()
     labels = [t.get_text() for t in ax_dose.get_legend().get_texts()]
     assert "missing frames (3)" in labels and "summed window" in labels
     assert ax_img.get_images()[0].get_array().shape == SHAPE
+    # the dose line is broken where frames are missing (ids 5-6 and 100: two gaps)
+    line = ax_dose.get_lines()[0]
+    assert np.isnan(line.get_ydata()).sum() == 2
+    assert np.nansum(line.get_ydata()) == pytest.approx(total_a2)
