@@ -89,6 +89,14 @@ class _ChunkReader:
         self._cache_n = cache_chunks
         self._lock = threading.Lock()
 
+    def _decode_into(self, ci: int, dst: np.ndarray) -> None:
+        with self._lock:
+            mask, buf = self.ds.id.read_direct_chunk((ci * self.chunk,))
+        if mask != 0:
+            dst[:] = self.ds[ci * self.chunk : (ci + 1) * self.chunk]
+        else:
+            self.codec.decode(buf, (self.chunk,), self.dtype, out=dst)
+
     def chunk_data(self, ci: int) -> np.ndarray:
         with self._lock:
             hit = self._cache.get(ci)
@@ -118,7 +126,11 @@ class _ChunkReader:
         while pos < b:
             ci = pos // c
             end = min(b, (ci + 1) * c)
-            out[pos - a : end - a] = self.chunk_data(ci)[pos - ci * c : end - ci * c]
+            if pos == ci * c and end == pos + c and ci not in self._cache:
+                # a whole chunk: decompress straight into the output, no cache, no copy
+                self._decode_into(ci, out[pos - a : end - a])
+            else:
+                out[pos - a : end - a] = self.chunk_data(ci)[pos - ci * c : end - ci * c]
             pos = end
         return out
 
