@@ -75,13 +75,16 @@ def event_batches(draw):
     flushes = draw(st.sets(st.integers(0, 5)))
     chunk_events = draw(st.sampled_from([1, 3, 16, 1 << 20]))
     chunk_frames = draw(st.sampled_from([1, 2, 5, 4096]))
-    return batch, cuts, flushes, chunk_events, chunk_frames
+    r0 = draw(st.integers(0, h - 1))
+    c0 = draw(st.integers(0, w - 1))
+    roi = (r0, draw(st.integers(r0 + 1, h)), c0, draw(st.integers(c0 + 1, w)))
+    return batch, cuts, flushes, chunk_events, chunk_frames, roi
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(event_batches())
 def test_any_batch_in_any_split_reads_back_identically(case):
-    batch, cuts, flushes, chunk_events, chunk_frames = case
+    batch, cuts, flushes, chunk_events, chunk_frames, roi = case
     bounds = [0, *cuts, batch.n_frames]
     parts = [batch.slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     n = batch.n_frames
@@ -115,6 +118,9 @@ def test_any_batch_in_any_split_reads_back_identically(case):
             dense = batch.to_dense()
             np.testing.assert_array_equal(s.frames(0, n), dense)
             np.testing.assert_array_equal(s.sum(), dense.sum(0))
+            r0, r1, c0, c1 = roi
+            np.testing.assert_array_equal(s.frames(0, n, roi=roi), dense[:, r0:r1, c0:c1])
+            np.testing.assert_array_equal(s.sum(roi=roi), dense[:, r0:r1, c0:c1].sum(0))
             if n >= 2:
                 np.testing.assert_array_equal(s.sum(1, n), dense[1:].sum(0))
                 assert s.events(1, n - 1) == batch.slice(1, n - 1)

@@ -108,6 +108,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hwm", type=_non_negative(int), default=4, help="send high-water mark (default: 4)"
     )
+    parser.add_argument(
+        "--workers",
+        type=_non_negative(int),
+        default=0,
+        metavar="N",
+        help="scale-out: publish start/end on a control channel so every ingest worker gets "
+        "them, and wait for N workers before sending (default: 0, start/end in the stream)",
+    )
+    parser.add_argument(
+        "--control",
+        metavar="ENDPOINT",
+        default=None,
+        help="control channel endpoint with --workers (default: the data port + 1)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -153,13 +167,20 @@ def run(args: argparse.Namespace) -> int:
     timeout = args.timeout if args.timeout > 0 else None
     ctx = zmq.Context()
     try:
-        sender = Sender(
+        extra: dict[str, Any] = {}
+        make: Any = Sender
+        if getattr(args, "workers", 0):  # scale-out: start/end to every worker (helper F)
+            from streamstore.fanout import FanoutSender
+
+            make, extra = FanoutSender, {"control_endpoint": getattr(args, "control", None)}
+        sender = make(
             endpoint,
             bind=bind,
             sndhwm=max(1, args.hwm),
             send_timeout_s=timeout,
             linger_s=timeout,
             context=ctx,
+            **extra,
         )
     except OSError as exc:
         ctx.term()
@@ -180,6 +201,9 @@ def run(args: argparse.Namespace) -> int:
     summary: dict[str, Any] = {"endpoint": sender.endpoint, "series_id": series_id}
     delivered = False
     try:
+        if getattr(args, "workers", 0):
+            summary["control_endpoint"] = sender.control_endpoint
+            summary["workers"] = sender.wait_workers(args.workers, timeout)
         if dark_id is not None:
             sender.send_start(start_of(dark_id, args.dark_frames, {"kind": "dark"}))
             for i in range(args.dark_frames):

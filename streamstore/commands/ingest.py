@@ -4,6 +4,13 @@ Each series goes to OUT/<series_id>.h5 (an existing file is never
 overwritten: a numbered suffix is added and logged). A series whose start
 meta says {"kind": "dark"} becomes the calibration of the following series.
 SIGINT/SIGTERM drain the pipeline, close the files and exit 0.
+
+Scale-out: --workers N runs N worker processes on this host, --worker-id K
+makes this process worker K (one per host, each with --connect to the camera);
+workers write DIR/<series_id>/shard-K.h5 plus a manifest, and take start/end
+from the sender's control channel (--control, default: the --connect port + 1;
+`streamstore emulate --workers N` publishes it). streamstore.open(DIR/<id>)
+reads the shards as one series.
 """
 
 from __future__ import annotations
@@ -91,6 +98,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="seconds between status log lines when not on a terminal (default 5)",
     )
     p.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    s = p.add_argument_group("scale-out (one stream dealt over several workers)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run N worker processes here (ids K..K+N-1, K from --worker-id, default 0); "
+        "needs --connect",
+    )
+    s.add_argument(
+        "--worker-id",
+        type=int,
+        default=None,
+        metavar="K",
+        help="this process is worker K: writes DIR/<series_id>/shard-K.h5",
+    )
+    s.add_argument(
+        "--control",
+        metavar="ENDPOINT",
+        default=None,
+        help="the sender's control channel for start/end (default: --connect port + 1)",
+    )
+    s.add_argument(
+        "--end-grace",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="after an end, close the series once no frame came for S seconds (default 0.5)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -113,7 +149,28 @@ def config_from_args(args: argparse.Namespace):
         curve_keys=args.curve_keys,
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
+        **_scale_out(args),
     )
+
+
+def _scale_out(args: argparse.Namespace) -> dict:
+    """IngestConfig fields of the scale-out options (absent in older Namespaces)."""
+    from streamstore.errors import UserError
+
+    workers = getattr(args, "workers", None)
+    worker_id = getattr(args, "worker_id", None)
+    if workers is not None:
+        if workers < 1:
+            raise UserError(f"--workers must be >= 1, got {workers}")
+        if getattr(args, "listen", None) is not None:
+            raise UserError("--workers needs --connect (N workers cannot bind one --listen)")
+        worker_id = worker_id or 0
+    return {
+        "worker_id": worker_id,
+        "n_workers": workers if getattr(args, "worker_id", None) is None else None,
+        "control": getattr(args, "control", None),
+        "end_grace_s": getattr(args, "end_grace", 0.5),
+    }
 
 
 def setup_logging(quiet: bool = False) -> None:
@@ -136,4 +193,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     cfg.check()
     setup_logging(args.quiet)
+    workers = getattr(args, "workers", None)
+    if workers is not None and workers > 1:
+        from streamstore.fanout import run_workers
+
+        return run_workers(cfg, workers, quiet=args.quiet)
     return IngestDaemon(cfg).run()

@@ -105,6 +105,22 @@ class IngestConfig:
         Key directory from ``streamstore keys``: the socket becomes a CURVE
         server (encrypted) admitting only ``DIR/authorized_clients/*.key``
         (see :mod:`streamstore.security`).
+    worker_id : int, optional
+        Run as worker K of a stream dealt over several workers (scale-out,
+        :mod:`streamstore.fanout`): the series goes to the shard
+        ``DIR/<series_id>/shard-K.h5``, listed in the series' ``manifest.json``;
+        gaps in the frame ids are the other workers' frames, not missing.
+    n_workers : int, optional
+        Number of workers the stream is dealt over, when known (manifest).
+    control : str, optional
+        The sender's control channel (XPUB) where start and end arrive; default
+        for a worker: the ``connect`` endpoint's port + 1. Setting it without
+        ``worker_id`` keeps the single-file output.
+    end_grace_s : float, default 0.5
+        After an end on the control channel, the data socket must be quiet for
+        this long (while reading) before the series closes.
+    control_wait_s : float, default 5.0
+        Images of a series whose start has not arrived are kept this long.
     """
 
     out_dir: str
@@ -126,6 +142,11 @@ class IngestConfig:
     max_dark_frames: int = 64
     rcvhwm: int | None = None
     curve_keys: str | None = None
+    worker_id: int | None = None
+    n_workers: int | None = None
+    control: str | None = None
+    end_grace_s: float = 0.5
+    control_wait_s: float = 5.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -157,6 +178,22 @@ class IngestConfig:
         out = Path(self.out_dir)
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} exists and is not a directory")
+        if self.worker_id is not None and self.worker_id < 0:
+            raise UserError(f"--worker-id must be >= 0, got {self.worker_id}")
+        if self.worker_id is not None and self.control is None and self.connect is None:
+            raise UserError("--worker-id with --listen needs --control ENDPOINT (start/end route)")
+        if not self.end_grace_s > 0 or not self.control_wait_s > 0:
+            raise UserError("--end-grace and the control wait must be > 0 s")
+
+    def control_endpoint(self) -> str | None:
+        """Where start and end arrive for a scaled-out worker (None: in the data stream)."""
+        if self.control is not None:
+            return self.control
+        if self.worker_id is None:
+            return None
+        from streamstore.fanout import control_endpoint_for
+
+        return control_endpoint_for(self.connect)  # type: ignore[arg-type]
 
     @property
     def budget_bytes(self) -> int:
@@ -209,6 +246,17 @@ class IngestDaemon:
         self._write_q: queue.SimpleQueue = queue.SimpleQueue()
         self._recv_cpu_s = 0.0
         self.reporter: StatusReporter | None = None
+        self._ctl_sock: Any = None  # scale-out: SUB socket of the sender's control channel
+        self._control: Any = None
+        if config.control_endpoint() is not None:
+            from streamstore.fanout import ControlState
+
+            self._control = ControlState(
+                self,
+                end_grace_s=config.end_grace_s,
+                wait_s=config.control_wait_s,
+                max_pending_bytes=config.budget_bytes // 4,
+            )
 
     # -- control ------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
@@ -220,6 +268,13 @@ class IngestDaemon:
         return self._stop.is_set()
 
     def _on_closed(self, series: SeriesInfo) -> None:  # write thread
+        if self.config.worker_id is not None and series.kind == "data":
+            from streamstore.fanout import record_shard
+
+            try:
+                record_shard(series, worker_id=self.config.worker_id, n_workers=cfg_n(self))
+            except OSError as exc:
+                log.error("series %s: cannot update the manifest: %s", series.series_id, exc)
         with self._closed_lock:
             self.closed.append(series)
             n = len(self.closed)
@@ -276,6 +331,7 @@ class IngestDaemon:
             subpixel=cfg.subpixel,
             flush_interval_s=cfg.flush_interval_s,
             on_closed=self._on_closed,
+            paths=_shard_paths(cfg.worker_id),
         )
         ctx = zmq.Context()
         sock = ctx.socket(zmq.PULL)
@@ -295,6 +351,14 @@ class IngestDaemon:
             else:
                 sock.connect(cfg.connect)
                 where = f"connected to {cfg.connect}"
+            ctl_ep = cfg.control_endpoint()
+            if ctl_ep is not None:  # scale-out: start/end arrive on the sender's control PUB
+                self._ctl_sock = ctx.socket(zmq.SUB)
+                self._ctl_sock.setsockopt(zmq.LINGER, 0)
+                self._ctl_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+                self._ctl_sock.setsockopt(zmq.SUBSCRIBE, b"")
+                self._ctl_sock.connect(ctl_ep)
+                where += f", worker {cfg.worker_id}, start/end from {ctl_ep}"
             if cfg.status_endpoint is not None:
                 pub = ctx.socket(zmq.PUB)
                 pub.setsockopt(zmq.LINGER, 0)
@@ -302,6 +366,8 @@ class IngestDaemon:
                 pub.bind(cfg.status_endpoint)
         except (zmq.ZMQError, UserError) as exc:
             sock.close(0)
+            if self._ctl_sock is not None:
+                self._ctl_sock.close(0)
             if pub is not None:
                 pub.close(0)
             if auth is not None:
@@ -340,6 +406,9 @@ class IngestDaemon:
             self._loop(sock, zmq)
             self._drain_socket(sock, zmq)
         finally:
+            if self._control is not None:
+                self._drain_control(zmq)
+                self._control.finish()  # an end already received closes its series complete
             if self._series is not None:
                 self._close_series("shutdown", complete=False)
             self._count_q.put(STOP)
@@ -355,6 +424,8 @@ class IngestDaemon:
             self.reporter.tick(force=True)
             self.reporter.end_line()
             sock.close(0)
+            if self._ctl_sock is not None:
+                self._ctl_sock.close(0)
             if pub is not None:
                 pub.close(0)
             if auth is not None:
@@ -381,11 +452,15 @@ class IngestDaemon:
     def _loop(self, sock: Any, zmq: Any) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        if self._ctl_sock is not None:
+            poller.register(self._ctl_sock, zmq.POLLIN)
         t_cpu0 = time.thread_time()
         while not self._stop.is_set():
             if self._count.error is not None or self._write.error is not None:
                 log.error("a pipeline stage failed: stopping")
                 break
+            if self._ctl_sock is not None:
+                self._drain_control(zmq)
             if self.budget.used >= self.budget.capacity:
                 # full: do not read; ZeroMQ's HWM now pushes back on the sender
                 self.budget.wait_room(0.1)
@@ -412,7 +487,18 @@ class IngestDaemon:
                 return
             self._handle(parts)
 
+    def _drain_control(self, zmq: Any) -> None:
+        """Handle what arrived on the control channel (scale-out start/end)."""
+        for _ in range(64):
+            try:
+                parts = self._ctl_sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._control.on_control(parts)
+
     def _housekeeping(self) -> None:
+        if self._control is not None:
+            self._control.tick(reading=self.budget.used < self.budget.capacity)
         s = self._series
         if s is not None and time.monotonic() - s.last_activity > self.config.idle_timeout_s:
             log.warning(
@@ -486,6 +572,10 @@ class IngestDaemon:
         kind = "dark" if meta.get("kind") == "dark" else "data"
         info = SeriesInfo(sid, msg, kind=kind)
         self._series = _OpenSeries(info, self.config.reorder_window)
+        if self.config.worker_id is not None:  # a shard: the other ids are other workers'
+            from streamstore.fanout import ShardTracker
+
+            self._series.tracker = ShardTracker(self.config.reorder_window)
         self._ever_started = True
         self.counters.series_started += 1
         log.info(
@@ -501,9 +591,13 @@ class IngestDaemon:
         self._count_q.put(OpenItem(info))
 
     def _on_image(self, msg: Any) -> None:
+        if self._control is not None:
+            self._control.before_image(msg.series_id)
         s = self._series
         sid = msg.series_id
         if s is None or s.info.series_id != sid:
+            if self._control is not None and self._control.buffer(msg, _nbytes(msg.payload)):
+                return  # its start may still be on the way over the control channel
             if sid in self._recent_closed:
                 self._reject("stale", f"image {msg.frame_id} of series {sid}, which is closed")
             elif not self._ever_started:
@@ -591,6 +685,7 @@ class IngestDaemon:
         if not complete:
             # without an end we know only the ids up to the highest one seen
             expected = max(int(n_sent or 0), s.tracker.max_id + 1)
+        s.info.n_expected = expected
         offer = s.tracker.finish(expected)
         self._forward(s, offer)
         s.held_bytes = 0
@@ -617,6 +712,19 @@ def _nbytes(payload: Any) -> int:
     if buf is not None:
         return int(memoryview(buf).nbytes)
     return len(payload)
+
+
+def cfg_n(daemon: IngestDaemon) -> int | None:
+    """Workers the stream is dealt over, as configured (None: unknown)."""
+    return daemon.config.n_workers
+
+
+def _shard_paths(worker_id: int | None) -> Any:
+    if worker_id is None:
+        return None
+    from streamstore.fanout import shard_paths
+
+    return shard_paths(worker_id)
 
 
 def run_daemon(config: IngestConfig) -> int:

@@ -114,6 +114,7 @@ class SeriesInfo:
     events: int = 0
     missing_ids: list[int] = field(default_factory=list)
     complete: bool = False
+    n_expected: int | None = None  # frame ids 0..n-1 expected (end / start), set at close
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -428,6 +429,9 @@ class WriteStage(_Stage):
         At most this much time of frames is unflushed (SIGKILL loses no more).
     on_closed : callable, optional
         Called with each closed :class:`SeriesInfo` (status, exit-after-N).
+    paths : callable, optional
+        ``paths(out_dir, series_id)`` yields candidate file paths of a series;
+        default :func:`~streamstore.ingest.safety.candidate_paths`.
     """
 
     def __init__(
@@ -440,8 +444,11 @@ class WriteStage(_Stage):
         subpixel: bool = False,
         flush_interval_s: float = 1.0,
         on_closed: Any = None,
+        paths: Any = None,
     ) -> None:
         super().__init__("write", inbox)
+        # candidate file paths of a series (scale-out workers: DIR/<id>/shard-K.h5)
+        self.paths = paths if paths is not None else candidate_paths
         self.budget = budget
         self.counters = counters
         self.out_dir = Path(out_dir)
@@ -470,9 +477,10 @@ class WriteStage(_Stage):
             "sender_meta": getattr(start, "meta", None) or {},
             "ingest": {"n_frames_announced": getattr(start, "n_frames", None)},
         }
-        for path in candidate_paths(self.out_dir, series.series_id):
+        for path in self.paths(self.out_dir, series.series_id):
             if not is_free(path):
                 continue
+            path.parent.mkdir(parents=True, exist_ok=True)
             try:
                 writer = StoreWriter(
                     path,
@@ -488,12 +496,13 @@ class WriteStage(_Stage):
             except FileExistsError:
                 continue  # somebody created it between the check and now
             break
-        if path.name != f"{series.series_id}.h5":
+        first = next(iter(self.paths(self.out_dir, series.series_id)))
+        if path != first:
             log.warning(
                 "series %s: %s exists already; writing to %s instead",
                 series.series_id,
-                self.out_dir / f"{series.series_id}.h5",
-                path.name,
+                first,
+                path,
             )
         series.path = path
         self._writers[key] = writer
