@@ -444,7 +444,7 @@ def _locked_update(path: Path, update: Callable[[dict[str, Any]], None]) -> None
     """Read-modify-write a JSON file under an exclusive lock, replaced atomically."""
     import fcntl
 
-    lock = path.with_name(path.name + ".lock")
+    lock = path.with_name(f".{path.name}.lock")
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
