@@ -211,12 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "loadavg_after": list(os.getloadavg()),  # the machine is shared: context
         },
         "cases": cases,
     }
     if args.json:
         json.dump(out, sys.stdout, indent=1)
         print()
+    else:
+        la = ", ".join(f"{v:.1f}" for v in out["machine"]["loadavg_after"])
+        print(f"load average after the run: {la} ({os.cpu_count()} cpus)")
     return 0
 
 

@@ -21,15 +21,21 @@ __all__ = [
 
 
 @numba.njit(cache=True, nogil=True)
-def gap_encode(indices, offsets, out):  # pragma: no cover - compiled
-    """out[k] = indices[k] - indices[k - 1] within a frame; the first is absolute."""
+def gap_encode(indices, offsets, out, npix):  # pragma: no cover - compiled
+    """out[k] = indices[k] - indices[k - 1] within a frame; the first is absolute.
+
+    Returns -1, or the position of the first index that is not strictly
+    ascending within its frame or not below ``npix`` (then ``out`` is garbage).
+    """
     for f in range(offsets.size - 1):
-        prev = np.uint32(0)
+        prev = np.int64(-1)
         for k in range(offsets[f], offsets[f + 1]):
-            v = indices[k]
-            out[k] = v - prev
+            v = np.int64(indices[k])
+            if v <= prev or v >= npix:
+                return k
+            out[k] = np.uint32(v - prev) if prev >= 0 else np.uint32(v)
             prev = v
-    return out
+    return -1
 
 
 @numba.njit(cache=True, nogil=True)

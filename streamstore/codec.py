@@ -106,13 +106,36 @@ def gap_decode_numpy(gaps: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return csum - np.repeat(before, counts)
 
 
-def gap_encode(indices: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """Gap-encode flat indices per frame (numba kernel of :func:`gap_encode_numpy`)."""
-    idx = np.ascontiguousarray(indices, dtype=np.uint32)
-    off = np.ascontiguousarray(offsets, dtype=np.int64)
+def gap_encode(indices: np.ndarray, offsets: np.ndarray, npix: int | None = None) -> np.ndarray:
+    """Gap-encode flat indices per frame (numba kernel of :func:`gap_encode_numpy`).
+
+    Also checks, in the same pass, that indices ascend strictly within each
+    frame and are below ``npix`` (default 2**32): a file must never hold
+    events it cannot decode.
+
+    Raises
+    ------
+    ValueError
+        Naming the first offending event.
+    """
     from streamstore import _kernels
 
-    return _kernels.gap_encode(idx, off, np.empty_like(idx))
+    idx = np.ascontiguousarray(indices, dtype=np.uint32)
+    off = np.ascontiguousarray(offsets, dtype=np.int64)
+    out = np.empty_like(idx)
+    limit = 2**32 if npix is None else int(npix)
+    bad = _kernels.gap_encode(idx, off, out, limit)
+    if bad >= 0:
+        f = int(np.searchsorted(off, bad, side="right")) - 1
+        if int(idx[bad]) >= limit:
+            raise ValueError(
+                f"event {bad} (frame {f}) has index {int(idx[bad])}, not below H * W = {limit}"
+            )
+        raise ValueError(
+            f"indices must ascend strictly within a frame: event {bad} (frame {f}) "
+            f"has index {int(idx[bad])} after {int(idx[bad - 1])}"
+        )
+    return out
 
 
 def gap_decode(gaps: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -504,7 +504,7 @@ class StoreWriter:
 
         from streamstore.codec import gap_encode
 
-        gaps = gap_encode(events.indices, events.offsets)
+        gaps = gap_encode(events.indices, events.offsets, self.frame_shape[0] * self.frame_shape[1])
         first = self._gaps.length  # dataset position of this batch's first event
         self._gaps.extend(gaps, write_full=True)
         if self._sub is not None:

@@ -58,6 +58,15 @@ def test_gap_kernel_equals_numpy_reference_and_inverts(data):
             assert np.all(g[a + 1 : b] >= 1)
 
 
+def test_gap_encode_rejects_what_it_cannot_decode():
+    with pytest.raises(ValueError, match=r"strictly .* event 2 \(frame 0\) has index 5 after 9"):
+        gap_encode(np.array([3, 9, 5], np.uint32), np.array([0, 3]))
+    with pytest.raises(ValueError, match=r"event 1 \(frame 1\) has index 4 after 4"):
+        gap_encode(np.array([4, 4], np.uint32), np.array([0, 0, 2]))
+    with pytest.raises(ValueError, match=r"index 12, not below H \* W = 12"):
+        gap_encode(np.array([1, 12], np.uint32), np.array([0, 1, 2]), npix=12)
+
+
 def test_gap_encode_small_example():
     idx = np.array([3, 5, 9, 0, 7], np.uint32)
     offsets = np.array([0, 3, 3, 5])

@@ -275,6 +275,12 @@ def test_append_validation_messages(tmp_path, rng):
             w.append(random_batch(rng, 1, shape=(40, 24)), [30], [0])
         with pytest.raises(ValueError, match="subpixel=False"):
             w.append(random_batch(rng, 1, subpixel=True), [30], [0])
+        unsorted = EventBatch([0, 2], np.array([7, 3], np.uint32), None, SHAPE, validate=False)
+        with pytest.raises(ValueError, match="ascend strictly"):
+            w.append(unsorted, [30], [0])
+        too_big = EventBatch([0, 1], np.array([24 * 40], np.uint32), None, SHAPE, validate=False)
+        with pytest.raises(ValueError, match="not below H \\* W = 960"):
+            w.append(too_big, [30], [0])
         with pytest.raises(ValueError, match="EventBatch"):
             w.append(np.zeros(3), [30], [0])
         with pytest.raises(ValueError, match=r"stored, not missing"):
