@@ -41,6 +41,7 @@ _JOB_EVENTS = 1 << 22
 _SUM_BAND = 1 << 17
 # how sum() uses threads: "pipeline" (decode next job while adding this one), "split"
 _SUM_MODE = "pipeline"
+_PIPE_SINGLE = True
 
 
 def _text(v: Any) -> Any:
@@ -85,17 +86,20 @@ class _ChunkReader:
             if cfg is not None
             else Blosc2ChunkCodec(nthreads=nthreads)
         )
+        # single-threaded twin for callers that run their own threads
+        self.codec1 = Blosc2ChunkCodec.from_config(self.codec.get_config(), nthreads=1)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_n = cache_chunks
         self._lock = threading.Lock()
 
-    def _decode_into(self, ci: int, dst: np.ndarray) -> None:
+    def _decode_into(self, ci: int, dst: np.ndarray, single: bool) -> None:
         with self._lock:
             mask, buf = self.ds.id.read_direct_chunk((ci * self.chunk,))
         if mask != 0:
             dst[:] = self.ds[ci * self.chunk : (ci + 1) * self.chunk]
         else:
-            self.codec.decode(buf, (self.chunk,), self.dtype, out=dst)
+            codec = self.codec1 if single else self.codec
+            codec.decode(buf, (self.chunk,), self.dtype, out=dst)
 
     def chunk_data(self, ci: int) -> np.ndarray:
         with self._lock:
@@ -117,8 +121,13 @@ class _ChunkReader:
                 self._cache.popitem(last=False)
         return out
 
-    def read(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Elements ``a:b`` (whole chunks decoded, then sliced)."""
+    def read(
+        self, a: int, b: int, out: np.ndarray | None = None, single: bool = False
+    ) -> np.ndarray:
+        """Elements ``a:b`` (whole chunks decoded, then sliced).
+
+        ``single``: decompress with one thread (the caller runs threads itself).
+        """
         if out is None:
             out = np.empty(max(b - a, 0), self.dtype)
         pos = a
@@ -128,7 +137,7 @@ class _ChunkReader:
             end = min(b, (ci + 1) * c)
             if pos == ci * c and end == pos + c and ci not in self._cache:
                 # a whole chunk: decompress straight into the output, no cache, no copy
-                self._decode_into(ci, out[pos - a : end - a])
+                self._decode_into(ci, out[pos - a : end - a], single)
             else:
                 out[pos - a : end - a] = self.chunk_data(ci)[pos - ci * c : end - ci * c]
             pos = end
@@ -604,9 +613,18 @@ class Store:
         w = self.frame_shape[1]
 
         acc = np.zeros(shape[0] * shape[1], np.uint32)
+        # scratch buffers for the decoded gaps, reused across jobs (fresh memory
+        # costs page faults that were a third of the time on this machine)
+        longest = max((j[1] - j[0] for j in jobs), default=0)
+        scratch: dict[Any, np.ndarray] = {}
 
-        def decode(job: tuple[int, int, np.ndarray, np.ndarray]) -> np.ndarray:
-            return self._gaps.read(job[0], job[1])
+        def decode(
+            job: tuple[int, int, np.ndarray, np.ndarray], single: bool = False, slot: Any = 0
+        ) -> np.ndarray:
+            buf = scratch.get(slot)
+            if buf is None:
+                buf = scratch[slot] = np.empty(longest, np.uint32)
+            return self._gaps.read(job[0], job[1], out=buf[: job[1] - job[0]], single=single)
 
         def add(gaps: np.ndarray, job: tuple[int, int, np.ndarray, np.ndarray]) -> None:
             _kernels.sum_frames(gaps, job[2], job[3], w, roi_t, acc, _SUM_BAND)
@@ -618,11 +636,11 @@ class Store:
             # one thread decompresses job i + 1 while this one adds job i
             # into the single accumulator (no per-thread images to merge)
             with ThreadPoolExecutor(1) as pool:
-                nxt = pool.submit(decode, jobs[0])
+                nxt = pool.submit(decode, jobs[0], _PIPE_SINGLE, 0)
                 for i, job in enumerate(jobs):
                     gaps = nxt.result()
-                    if i + 1 < len(jobs):
-                        nxt = pool.submit(decode, jobs[i + 1])
+                    if i + 1 < len(jobs):  # the other slot: job i is still being added
+                        nxt = pool.submit(decode, jobs[i + 1], _PIPE_SINGLE, (i + 1) % 2)
                     add(gaps, job)
         else:  # "split": per-thread accumulators, merged at the end
             nworkers = min(self.nthreads, len(jobs))
@@ -630,7 +648,8 @@ class Store:
 
             def run(k: int) -> None:
                 for job in jobs[k::nworkers]:
-                    _kernels.sum_frames(decode(job), job[2], job[3], w, roi_t, accs[k], _SUM_BAND)
+                    gaps = decode(job, True, k)
+                    _kernels.sum_frames(gaps, job[2], job[3], w, roi_t, accs[k], _SUM_BAND)
 
             with ThreadPoolExecutor(nworkers) as pool:
                 list(pool.map(run, range(nworkers)))
