@@ -125,3 +125,9 @@ def test_direct_chunks_decode_through_the_hdf5_filter(tmp_path, rng):
         assert BLOSC2_FILTER_ID in ds._filters or str(BLOSC2_FILTER_ID) in ds._filters
         np.testing.assert_array_equal(ds[:], data)
         np.testing.assert_array_equal(ds[1234:2100], data[1234:2100])
+
+
+def test_codec_satisfies_the_chunk_codec_contract():
+    from streamstore._contracts import ChunkCodec
+
+    assert isinstance(Blosc2ChunkCodec(), ChunkCodec)
