@@ -148,7 +148,23 @@ class FanoutSender(Sender):
         self.control_endpoint = control_endpoint
         #: subscriptions seen so far (one per worker that connected)
         self.subscriptions = 0
+        #: data (PUSH) peers connected now, from the socket monitor
+        self.data_peers = 0
         self._open_start: list[bytes] | None = None
+        self._monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+
+    def _poll_monitor(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        zmq = self._zmq
+        while self._monitor.poll(0, zmq.POLLIN):
+            ev = recv_monitor_message(self._monitor)["event"]
+            if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.data_peers += 1
+            elif ev == zmq.EVENT_DISCONNECTED:
+                self.data_peers = max(0, self.data_peers - 1)
 
     def _poll_control(self, timeout_ms: int = 0) -> None:
         zmq = self._zmq
@@ -161,32 +177,47 @@ class FanoutSender(Sender):
                     self.control.send_multipart(self._open_start)
 
     def wait_workers(self, n: int, timeout_s: float | None = 60.0) -> int:
-        """Wait until ``n`` workers subscribed to the control channel.
+        """Wait until ``n`` workers are attached: subscribed to the control
+        channel and connected to the data socket (so the first frames are dealt
+        over all of them, and none misses the first start).
 
         Returns
         -------
         int
-            Subscriptions seen.
+            Workers attached (the smaller of subscriptions and data peers).
 
         Raises
         ------
         TimeoutError
-            If fewer than ``n`` subscribed within ``timeout_s``.
+            If fewer than ``n`` attached within ``timeout_s``.
         """
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.subscriptions < n:
-            left = 1000 if deadline is None else int((deadline - time.monotonic()) * 1000)
+        while True:
+            self._poll_monitor()
+            if min(self.subscriptions, self.data_peers) >= n:
+                return min(self.subscriptions, self.data_peers)
+            left = 50 if deadline is None else int((deadline - time.monotonic()) * 1000)
             if left <= 0:
                 raise TimeoutError(
                     f"only {self.subscriptions} of {n} workers subscribed to "
-                    f"{self.control_endpoint} within {timeout_s} s"
+                    f"{self.control_endpoint} and {self.data_peers} connected to "
+                    f"{self.endpoint} within {timeout_s} s"
                 )
-            self._poll_control(min(left, 1000))
-        return self.subscriptions
+            self._poll_control(min(left, 50))
 
     def send_start(self, start: Any) -> None:
-        """Publish the start of a series to every worker."""
+        """Publish the start of a series to every worker.
+
+        The header gets the extra key ``workers``: the number of workers
+        attached now, so a series knows how many shards to expect even if a
+        worker dies before it writes anything.
+        """
+        import dataclasses
+
         self._poll_control()
+        self._poll_monitor()
+        attached = min(self.subscriptions, self.data_peers)
+        start = dataclasses.replace(start, extra={**start.extra, "workers": attached})
         parts = encode_start(start)
         self._open_start = parts
         self.control.send_multipart(parts)
@@ -204,6 +235,8 @@ class FanoutSender(Sender):
 
     def close(self, linger_s: float | None = None) -> None:
         """Close both sockets (queued messages go for up to the linger time)."""
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         super().close(linger_s)
         if linger_s is None:
             self.control.close()
@@ -217,10 +250,13 @@ class ShardTracker:
 
     The interface of :class:`streamstore.ingest.series.FrameTracker`, but a
     gap in the ids is normal (the other workers got those frames), so nothing
-    is ever declared missing here: frames are released in ascending id order
-    (held back up to ``window`` frames), an id seen before is a duplicate, and
-    an id below one already released is *late* (a shard is written in
-    ascending order).
+    is ever declared missing here. Frames are released in ascending id order:
+    a frame is held while a lower id may still come, that is until an id at
+    least ``window`` higher arrived, more than ``window`` frames are held, or
+    it was held for ``max_hold_s`` (:meth:`release_older`, from the daemon's
+    housekeeping, so frames reach the disk at low rates too). An id seen
+    before is a duplicate; an id below one already released is *late* (a
+    shard is written in ascending order).
     """
 
     def __init__(self, window: int = 64) -> None:
@@ -231,6 +267,7 @@ class ShardTracker:
         self._offer = Offer
         self.window = int(window)
         self._held: dict[int, Any] = {}
+        self._since: dict[int, float] = {}
         self._seen: set[int] = set()
         self.last_released = -1
         self.received = 0
@@ -268,9 +305,24 @@ class ShardTracker:
         self._seen.add(frame_id)
         self.max_id = max(self.max_id, frame_id)
         self._held[frame_id] = item
+        self._since[frame_id] = time.monotonic()
         out = self._offer("accepted")
-        while len(self._held) > self.window:
+        while self._held and (
+            len(self._held) > self.window or min(self._held) <= self.max_id - self.window
+        ):
             self._release_lowest(out)
+        return out
+
+    def release_older(self, max_hold_s: float) -> Any:
+        """Release (in id order) every frame up to the last one held longer than ``max_hold_s``."""
+        out = self._offer("accepted")
+        if self._held:
+            cutoff = time.monotonic() - max_hold_s
+            old = [f for f, t in self._since.items() if t <= cutoff]
+            if old:
+                last = max(old)
+                while self._held and min(self._held) <= last:
+                    self._release_lowest(out)
         return out
 
     def release_lowest(self) -> Any:
@@ -288,6 +340,7 @@ class ShardTracker:
     def _release_lowest(self, out: Any) -> None:
         low = min(self._held)
         out.ready.append((low, self._held.pop(low)))
+        del self._since[low]
         self.released += 1
         self.last_released = low
         self.next_id = low + 1
@@ -308,12 +361,21 @@ class ControlState:
         How long images of a series whose ``start`` has not arrived are kept.
     max_pending_bytes : int
         Bytes of such images kept at most (the oldest are rejected first).
+    max_hold_s : float, default 0.5
+        A shard's reorder window holds a frame at most this long.
     """
 
     def __init__(
-        self, daemon: Any, *, end_grace_s: float, wait_s: float, max_pending_bytes: int
+        self,
+        daemon: Any,
+        *,
+        end_grace_s: float,
+        wait_s: float,
+        max_pending_bytes: int,
+        max_hold_s: float = 0.5,
     ) -> None:
         self.d = daemon
+        self.max_hold_s = float(max_hold_s)
         self.end_grace_s = float(end_grace_s)
         self.wait_s = float(wait_s)
         self.max_pending_bytes = int(max_pending_bytes)
@@ -406,6 +468,11 @@ class ControlState:
     def tick(self, reading: bool) -> None:
         """Housekeeping: close an ending series once the data pipe is quiet; expire images."""
         now = time.monotonic()
+        s = self.d._series
+        if s is not None and isinstance(s.tracker, ShardTracker):
+            offer = s.tracker.release_older(self.max_hold_s)
+            if offer.ready:
+                self.d._forward(s, offer)
         if not reading:
             self._last_data = now  # back-pressure: quiet does not mean drained
         if self._ending is not None and now - self._last_data >= self.end_grace_s:
@@ -494,8 +561,10 @@ def record_shard(series: Any, *, worker_id: int, n_workers: int | None) -> Path 
         data["series_id"] = series.series_id
         data.setdefault("frame_shape", list(start.frame_shape))
         data.setdefault("frames_announced", getattr(start, "n_frames", None))
-        if n_workers is not None:
-            data["n_workers"] = max(int(n_workers), int(data.get("n_workers") or 0))
+        told = (getattr(start, "extra", None) or {}).get("workers")  # FanoutSender's count
+        for n in (n_workers, told):
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                data["n_workers"] = max(n, int(data.get("n_workers") or 0))
         shards = [s for s in data.get("shards", []) if s.get("file") != entry["file"]]
         shards.append(entry)
         data["shards"] = sorted(shards, key=lambda s: (s["worker_id"], s["file"]))

@@ -289,7 +289,8 @@ class ShardedStore(Store):
         expected shard closed with its series' end and is readable. Also:
         ``shards``, ``shards_expected``, ``shards_unreadable``,
         ``shards_unclosed`` (shard files without a manifest entry: their
-        worker died or is still writing) and ``frames_expected``.
+        worker died or is still writing), ``shards_absent`` (expected shards
+        with no file at all) and ``frames_expected``.
         """
         accs = [s.accounting for s in self.shards]
         out: dict[str, Any] = {}
@@ -315,6 +316,9 @@ class ShardedStore(Store):
             shards_expected=n_workers,
             shards_unreadable=sorted(self.shard_errors),
             shards_unclosed=unclosed,
+            shards_absent=max(0, n_workers - len(self._names) - len(self.shard_errors))
+            if isinstance(n_workers, int)
+            else None,
         )
         return out
 
