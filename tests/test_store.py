@@ -165,7 +165,7 @@ def test_sum_parallel_jobs_equal_serial(tmp_path, rng, monkeypatch):
     monkeypatch.setattr(reader, "_JOB_EVENTS", 500)
     monkeypatch.setattr(reader, "_SUM_BAND", 1000)  # several bands per frame
     dense = EventBatch.concatenate(batches).to_dense()
-    for mode in ("pipeline", "split"):
+    for mode in ("bands", "serial"):
         monkeypatch.setattr(reader, "_SUM_MODE", mode)
         with streamstore.open(path, nthreads=3) as s:
             assert len(s._jobs(np.arange(s.n_frames))) > 10
