@@ -64,6 +64,8 @@ log = logging.getLogger("streamstore.ingest")
 MANIFEST_NAME = "manifest.json"
 #: Glob of shard files inside a series directory.
 SHARD_PATTERN = "shard-*.h5"
+#: Longest quiet time a worker waits for late images after an end, s.
+MAX_GRACE_S = 10.0
 
 
 # ------------------------------------------------------------------ endpoints
@@ -356,7 +358,9 @@ class ControlState:
         the messages.
     end_grace_s : float
         Quiet time on the data socket (while reading) after which an ``end``
-        received on the control channel closes its series.
+        received on the control channel closes its series. The grace grows to
+        four times the longest gap between this series' images (at most
+        ``MAX_GRACE_S``), so slow links and big frames are waited for.
     wait_s : float
         How long images of a series whose ``start`` has not arrived are kept.
     max_pending_bytes : int
@@ -384,7 +388,13 @@ class ControlState:
         self._pending: deque[tuple[float, Any, int]] = deque()
         self._pending_bytes = 0
         self._last_data = time.monotonic()
+        self._gaps: deque[float] = deque(maxlen=64)  # recent gaps between images, s
         self.messages = 0
+
+    def grace_s(self) -> float:
+        """The quiet time that closes an ending series now."""
+        longest = max(self._gaps, default=0.0)
+        return max(self.end_grace_s, min(MAX_GRACE_S, 4.0 * longest))
 
     # -- control messages ------------------------------------------------------
     def on_control(self, parts: list[Any]) -> None:
@@ -414,6 +424,8 @@ class ControlState:
                 if msg.series_id == open_id:
                     continue  # the sender re-published the open start for a late worker
                 d._on_start(msg)
+                self._gaps.clear()
+                self._last_data = time.monotonic()
                 self._replay(msg.series_id)
             elif msg.series_id != open_id or self._has_pending_other(msg.series_id):
                 d._on_end(msg)  # not open (rejected there), or the data pipe moved on already
@@ -429,7 +441,9 @@ class ControlState:
     # -- data messages -----------------------------------------------------------
     def before_image(self, series_id: str) -> None:
         """Note data activity; an image of another series proves the ending one is done."""
-        self._last_data = time.monotonic()
+        now = time.monotonic()
+        self._gaps.append(now - self._last_data)
+        self._last_data = now
         if self._ending is not None and self._ending.series_id != series_id:
             self._apply_end()
 
@@ -475,7 +489,7 @@ class ControlState:
                 self.d._forward(s, offer)
         if not reading:
             self._last_data = now  # back-pressure: quiet does not mean drained
-        if self._ending is not None and now - self._last_data >= self.end_grace_s:
+        if self._ending is not None and now - self._last_data >= self.grace_s():
             self._apply_end()
         while self._pending and now - self._pending[0][0] > self.wait_s:
             self._drop_oldest(f"no start within {self.wait_s:g} s")
