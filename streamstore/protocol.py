@@ -530,8 +530,9 @@ class Sender:
     Notes
     -----
     PUSH deals messages round-robin to the connected PULL peers, so with
-    several peers start and end reach only one of them; a scale-out design
-    needs a separate control route for those (not implemented here).
+    several peers start and end reach only one of them; for several ingest
+    workers use :class:`streamstore.fanout.FanoutSender`, which publishes
+    start and end on a control channel every worker subscribes to.
     """
 
     def __init__(
