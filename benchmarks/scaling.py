@@ -171,6 +171,12 @@ def run_once(
                 p.kill()
                 p.join()
     reports.sort(key=lambda r: r["worker_id"])
+    import streamstore
+
+    with streamstore.open(Path(out_dir) / sid) as series:  # the shards, read as one series
+        bits_per_event = series.bits_per_event
+        events_per_frame = series.n_events / max(series.n_frames, 1)
+        missing = int(series.missing_frame_ids.size)
     t_end = max(r["t_closed"] for r in reports)
     stored = sum(r["frames_stored"] for r in reports)
     seconds = t_end - t0
@@ -184,6 +190,9 @@ def run_once(
         "frames_sent": n_frames,
         "frames_stored": stored,
         "frames_rejected": sum(r["rejected"] for r in reports),
+        "frames_missing": missing,
+        "events_per_frame": events_per_frame,
+        "bits_per_event": bits_per_event,
         "seconds": seconds,
         "send_seconds": t_sent - t0,
         "fps": stored / seconds,
@@ -275,13 +284,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     h, w = args.shape
     print(f"scale-out ingest, {h} x {w} uint16 at {args.dose} e/px/frame, {args.frames} frames")
-    print("workers  frames/s    GB/s  ratio  CPU s/frame: receive  count  write  process")
+    print("workers  frames/s    GB/s  ratio  CPU s/frame: receive  count  write  process  missing")
     for r in runs:
         c = r["cpu_s_per_frame"]
         print(
             f"{r['workers']:7d}  {r['fps']:8.1f}  {r['gb_per_s']:6.3f}  {r['scaling_ratio']:5.2f}"
             f"               {c['receive']:.4f} {c['count']:.4f} {c['write']:.4f}  "
-            f"{c['process']:.4f}"
+            f"{c['process']:.4f}  {r['frames_missing']:7d}"
         )
         for wkr in r["per_worker"]:
             print(
