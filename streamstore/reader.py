@@ -64,6 +64,10 @@ def _h5_open(path: Path) -> tuple[Any, bool]:
     try:
         return h5py.File(path, "r"), False
     except OSError as first:
+        # only a writer's mark warrants SWMR: on a truncated or damaged file an SWMR
+        # open retries its metadata reads with sleeps and looks hung for minutes
+        if "already open for write" not in str(first):
+            raise
         try:
             return h5py.File(path, "r", swmr=True), True
         except OSError:
@@ -180,6 +184,11 @@ class Store:
             raise FormatError(f"{self.path} is not a readable HDF5 file ({e})") from None
         try:
             self._init()
+        except KeyError as e:  # a dataset or attribute the format requires is absent
+            self._f.close()
+            raise FormatError(
+                f"{self.path} is not a complete streamstore file ({e.args[0] if e.args else e})"
+            ) from None
         except BaseException:
             self._f.close()
             raise

@@ -19,6 +19,11 @@ def files(tmp_path_factory):
         f.attrs["format"] = "something else"
     with h5py.File(d / "bare.h5", "w") as f:  # HDF5 without any attributes
         f["x"] = np.zeros(3)
+    with h5py.File(d / "hollow.h5", "w") as f:  # says streamstore, holds nothing
+        f.attrs["format"] = "streamstore.events"
+        f.attrs["format_version"] = 1
+    # a copy cut short (an interrupted transfer): must fail fast, not hang in an SWMR retry
+    (d / "cut.h5").write_bytes((d / "run1.h5").read_bytes()[:5000])
     return d
 
 
@@ -30,6 +35,8 @@ CASES = {
     "not HDF5": (("info", "{d}/notes.txt"), "notes.txt"),
     "HDF5 of another kind": (("info", "{d}/other.h5"), "not a streamstore"),
     "HDF5 without attributes": (("show", "{d}/bare.h5", "--out", "{d}/v.png"), "not a streamstore"),
+    "streamstore attributes, no data": (("info", "{d}/hollow.h5"), "not a complete streamstore"),
+    "truncated file": (("info", "{d}/cut.h5"), "cut.h5"),
     "show range past the end": (("show", "{d}/run1.h5", "--stop", "999"), "outside the series"),
     "show empty range": (("show", "{d}/run1.h5", "--start", "9", "--stop", "9"), "outside"),
     "npy range past the end": (
