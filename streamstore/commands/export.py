@@ -25,6 +25,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``streamstore export`` arguments to ``parser``."""
     parser.add_argument("path", help="streamstore HDF5 file")
     parser.add_argument("out", help="output file")
     parser.add_argument(
@@ -78,6 +79,7 @@ def _check_unused(args: argparse.Namespace, names: tuple[str, ...]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``streamstore export``; return the exit status (errors for people raise UserError)."""
     from pathlib import Path
 
     import streamstore

@@ -22,6 +22,7 @@ __all__ = ["add_arguments", "run", "summary"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``streamstore info`` arguments to ``parser``."""
     parser.add_argument("path", help="streamstore HDF5 file")
     parser.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
 
@@ -272,6 +273,7 @@ def format_summary(s: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``streamstore info``; return the exit status (errors for people raise UserError)."""
     import streamstore
 
     store = streamstore.open(args.path)

@@ -21,6 +21,7 @@ __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``streamstore show`` arguments to ``parser``."""
     parser.add_argument("path", help="streamstore HDF5 file")
     parser.add_argument(
         "--out", "-o", default=None, help="PNG to write (default: <file name>.png here)"
@@ -43,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run ``streamstore show``; return the exit status (errors for people raise UserError)."""
     import streamstore
     from streamstore.errors import UserError
     from streamstore.plotting import save_summary
