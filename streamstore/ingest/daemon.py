@@ -292,6 +292,31 @@ class IngestDaemon:
             "process": round(time.process_time(), 4),
         }
 
+    def _status_extra(self) -> dict[str, Any]:
+        import resource
+
+        with self._closed_lock:
+            closed = [
+                {
+                    "series_id": s.series_id,
+                    "kind": s.kind,
+                    "path": None if s.path is None else str(s.path),
+                    "complete": s.complete,
+                    "stored": s.stored,
+                    "missing": len(set(s.missing_ids)),
+                    "events": s.events,
+                }
+                for s in self.closed[-8:]
+            ]
+        return {
+            "budget_bytes": self.budget.capacity,
+            "budget_used": self.budget.used,
+            "budget_peak": self.budget.peak,
+            "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+            "cpu_s": self.cpu_seconds(),
+            "closed_series": closed,
+        }
+
     # -- main loop ------------------------------------------------------------------
     def run(self, *, install_signals: bool = True) -> int:
         """Run until SIGINT/SIGTERM, :meth:`request_stop` or ``exit_after_series``.
@@ -382,6 +407,7 @@ class IngestDaemon:
             lambda: self._series.info.series_id if self._series else None,
             interval_s=cfg.status_interval_s,
             publisher=pub,
+            extra=self._status_extra,
         )
         old_handlers = {}
         if install_signals and threading.current_thread() is threading.main_thread():

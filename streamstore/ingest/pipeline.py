@@ -74,7 +74,7 @@ class ByteBudget:
 
     @property
     def fill(self) -> float:
-        """Fraction of the capacity in use (may exceed 1 by one message)."""
+        """Fraction of the capacity in use (may exceed 1 by about one message)."""
         return self._used / self.capacity
 
     def add(self, n: int) -> None:

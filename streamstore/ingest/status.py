@@ -95,6 +95,8 @@ class StatusReporter:
         Seconds between log lines when not on a terminal.
     publisher : zmq.Socket, optional
         A PUB socket; every tick sends one JSON status message.
+    extra : callable, optional
+        Returns a dict of further JSON-able items for the status.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class StatusReporter:
         stream: TextIO | None = None,
         interval_s: float = 5.0,
         publisher: Any = None,
+        extra: Any = None,
     ) -> None:
         self.counters = counters
         self._queue_fill = queue_fill
@@ -114,6 +117,7 @@ class StatusReporter:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = float(interval_s)
         self.publisher = publisher
+        self._extra = extra
         self.t0 = time.monotonic()
         self._last = _Snap(self.t0, 0, 0, 0)
         self._last_log = self.t0
@@ -141,6 +145,8 @@ class StatusReporter:
         d = asdict(c)
         d["rejected_by_reason"] = dict(c.rejected_by_reason)
         st.update(d)
+        if self._extra is not None:
+            st.update(self._extra())
         self._last = _Snap(now, c.frames_received, c.bytes_received, c.events)
         self.last_status = st
         return st

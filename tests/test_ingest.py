@@ -1,0 +1,502 @@
+"""End to end: a real ingest daemon subprocess, real tcp loopback sockets, real HDF5 files.
+
+One daemon serves several checks (each with its own series ids) because every
+daemon start costs seconds of imports and numba cache loading; the fault
+tests (bad input + SIGTERM, SIGKILL, slowed writer) start their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import streamstore
+from streamstore.emulator import CameraEmulator
+from streamstore.protocol import Sender, Start
+
+SHAPE = (64, 96)
+FRAME_TIME = 1e-3
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    """``streamstore ingest`` in a subprocess, with its status PUB socket read here."""
+
+    def __init__(self, out: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        import zmq
+
+        self.out = out
+        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.status_endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.log_path = out.parent / f"{out.name}-daemon.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        cmd = [
+            sys.executable,
+            "-m",
+            "streamstore",
+            "ingest",
+            "--out",
+            str(out),
+            "--listen",
+            self.endpoint,
+            "--status-endpoint",
+            self.status_endpoint,
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+        self.ctx = zmq.Context()
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.connect(self.status_endpoint)
+        self.last: dict | None = None
+        self.wait_for(lambda st: True, timeout=60)  # up and publishing
+
+    def status(self, timeout: float = 30.0) -> dict:
+        """The newest status message (waits for one)."""
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+        if not self.sub.poll(int(timeout * 1000)):
+            raise TimeoutError(f"no status within {timeout} s:\n{self.log()}")
+        msg = self.sub.recv()
+        while self.sub.poll(0):
+            msg = self.sub.recv()
+        self.last = json.loads(msg)
+        return self.last
+
+    def wait_for(self, pred, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status(timeout=max(0.1, deadline - time.monotonic()))
+            if pred(st):
+                return st
+        raise TimeoutError(f"condition not met within {timeout} s; last status {self.last}")
+
+    def wait_closed(self, n: int, timeout: float = 60.0) -> dict:
+        return self.wait_for(lambda st: st["series_closed"] >= n, timeout)
+
+    def sender(self) -> Sender:
+        return Sender(self.endpoint, bind=False, linger_s=5.0)
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+        finally:
+            self.sub.close(0)
+            self.ctx.term()
+            self._log.close()
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def emulator() -> CameraEmulator:
+    return CameraEmulator(SHAPE, frame_time_s=FRAME_TIME, dose_rate_e_per_px_s=20.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory, emulator) -> Path:
+    dark, _ = emulator.dark_frames(24)
+    cal = streamstore.Calibration.from_dark_frames(dark)
+    path = tmp_path_factory.mktemp("cal") / "cal.h5"
+    cal.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def frames(emulator) -> np.ndarray:
+    f, _ = emulator.generate(48)
+    return f
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory, calibration_file):
+    out = tmp_path_factory.mktemp("ingest") / "out"
+    d = Daemon(
+        out,
+        "--calibration",
+        str(calibration_file),
+        "--idle-timeout",
+        "2",
+        "--reorder-window",
+        "8",
+        "--max-frame-bytes",
+        str(256 * 384 * 2),
+        "--threads",
+        "1",
+    )
+    try:
+        yield d
+    finally:
+        rc = d.stop()
+        assert rc == 0, d.log()
+
+
+def start_msg(series_id: str, n: int | None = None, **kw) -> Start:
+    return Start(series_id, SHAPE, "uint16", FRAME_TIME, n_frames=n, **kw)
+
+
+def send_series(
+    sender: Sender, sid: str, frames: np.ndarray, ids, *, end: bool = True, announce=None
+) -> None:
+    """Start (announcing ids 0..max by default), the images in the order given, end."""
+    ids = list(ids)
+    sender.send_start(start_msg(sid, announce or max(ids) + 1))
+    for i in ids:
+        sender.send_image(sid, int(i), frames[i], timestamp_ns=1_000_000 * int(i) + 17)
+    if end:
+        sender.send_end(sid, len(ids))
+
+
+def expected_events(frames: np.ndarray, ids, calibration_file: Path):
+    cal = streamstore.Calibration.load(calibration_file)
+    return streamstore.count(frames[np.asarray(ids)], cal)
+
+
+def closed_info(st: dict, sid: str) -> dict:
+    return next(c for c in st["closed_series"] if c["series_id"] == sid)
+
+
+# -- one daemon, several series ------------------------------------------------------
+def test_events_in_file_equal_count_and_two_consecutive_series(daemon, frames, calibration_file):
+    n0 = daemon.status()["series_closed"]
+    with daemon.sender() as s:
+        send_series(s, "first", frames, range(30))
+        send_series(s, "second", frames[::-1].copy(), range(20))
+    daemon.wait_closed(n0 + 2)
+    for sid, fr, n in (("first", frames, 30), ("second", frames[::-1].copy(), 20)):
+        store = streamstore.open(daemon.out / f"{sid}.h5")
+        assert store.n_frames == n
+        assert list(store.frame_ids) == list(range(n))
+        assert list(store.timestamps_ns) == [1_000_000 * i + 17 for i in range(n)]
+        got = store.events(0, n)
+        want = expected_events(fr, range(n), calibration_file)
+        assert want.n_events > 0
+        assert got == want
+        acc = store.accounting
+        assert acc["received"] == n and acc["stored"] == n
+        assert acc["missing"] == 0 and acc["duplicate"] == 0 and acc["rejected"] == 0
+        assert acc["complete"] is True
+        assert store.attrs["calibration_source"] == "file"
+
+
+def test_dropped_duplicated_reordered_ids_are_accounted(daemon, frames, calibration_file):
+    n0 = daemon.status()["series_closed"]
+    ids = list(range(40))
+    for dropped in (7, 8, 25, 39):
+        ids.remove(dropped)
+    ids[2], ids[5] = ids[5], ids[2]  # reordered within the window
+    ids[20], ids[23] = ids[23], ids[20]
+    ids.insert(10, 3)  # duplicate of a stored frame
+    ids.insert(30, 31)  # duplicate of a frame that may still be held in the window
+    with daemon.sender() as s:
+        send_series(s, "gappy", frames, ids, announce=40)
+    daemon.wait_closed(n0 + 1)
+    store = streamstore.open(daemon.out / "gappy.h5")
+    kept = sorted(set(ids))
+    assert list(store.frame_ids) == kept
+    assert sorted(store.missing_frame_ids) == [7, 8, 25, 39]
+    acc = store.accounting
+    assert acc == {
+        **acc,
+        "received": len(ids),
+        "stored": len(kept),
+        "missing": 4,
+        "duplicate": 2,
+        "rejected": 0,
+        "complete": True,
+    }
+    assert store.events(0, store.n_frames) == expected_events(frames, kept, calibration_file)
+
+
+def test_idle_series_is_closed_incomplete_and_stale_images_are_rejected(
+    daemon, frames, calibration_file
+):
+    st0 = daemon.status()
+    with daemon.sender() as s:
+        send_series(s, "abandoned", frames, range(12), end=False)
+        st = daemon.wait_closed(st0["series_closed"] + 1)  # idle timeout: 2 s
+        # a series aborted by the start of the next one
+        send_series(s, "aborted", frames, range(5), end=False)
+        send_series(s, "after", frames, range(6))
+        s.send_image("aborted", 5, frames[5])  # left over from the aborted series
+    st = daemon.wait_for(
+        lambda st: (
+            st["series_closed"] >= st0["series_closed"] + 3
+            and st["rejected_by_reason"].get("stale", 0) > st0["rejected_by_reason"].get("stale", 0)
+        )
+    )
+    assert closed_info(st, "abandoned")["complete"] is False
+    assert closed_info(st, "aborted")["complete"] is False
+    assert closed_info(st, "after")["complete"] is True
+    for sid, n in (("abandoned", 12), ("aborted", 5), ("after", 6)):
+        store = streamstore.open(daemon.out / f"{sid}.h5")
+        assert store.n_frames == n
+        assert store.accounting["complete"] is (sid == "after")
+        assert store.events(0, n) == expected_events(frames, range(n), calibration_file)
+    assert "no message for 2 s" in daemon.log()
+
+
+def test_existing_file_is_never_clobbered(daemon, frames):
+    n0 = daemon.status()["series_closed"]
+    (daemon.out / "taken.h5").write_bytes(b"precious")
+    os.symlink(daemon.out / "elsewhere.h5", daemon.out / "taken-1.h5")
+    with daemon.sender() as s:
+        send_series(s, "taken", frames, range(4))
+    daemon.wait_closed(n0 + 1)
+    assert (daemon.out / "taken.h5").read_bytes() == b"precious"
+    assert not (daemon.out / "elsewhere.h5").exists()  # the symlink was not followed
+    assert streamstore.open(daemon.out / "taken-2.h5").n_frames == 4
+    assert "taken.h5 exists already; writing to" in daemon.log()
+
+
+# -- bad input, then SIGTERM ------------------------------------------------------------
+def test_bad_input_is_rejected_and_sigterm_finalises(tmp_path, frames, calibration_file):
+    d = Daemon(
+        tmp_path / "out",
+        "--calibration",
+        str(calibration_file),
+        "--max-frame-bytes",
+        str(256 * 384 * 2),
+        "--threads",
+        "1",
+    )
+    try:
+        with d.sender() as s:
+            raw = s.socket
+            raw.send_multipart(
+                [
+                    json.dumps(
+                        {"htype": "image", "series_id": "good", "frame_id": 0, "timestamp_ns": 0}
+                    ).encode(),
+                    frames[0],
+                ]
+            )  # image before any start
+            send_series(s, "good", frames, range(10), end=False)
+            raw.send_multipart([b"{not json"])  # malformed header
+            raw.send_multipart(
+                [
+                    json.dumps(
+                        {"htype": "image", "series_id": "good", "frame_id": 10, "timestamp_ns": 0}
+                    ).encode(),
+                    frames[10][:, :50].copy(),
+                ]
+            )  # payload of the wrong size
+            raw.send_multipart(
+                [
+                    json.dumps(
+                        {"htype": "image", "series_id": "nobody", "frame_id": 10, "timestamp_ns": 0}
+                    ).encode(),
+                    frames[10],
+                ]
+            )  # unknown series
+            raw.send_multipart([json.dumps({"htype": "flush", "series_id": "good"}).encode()])
+            s.send_start(start_msg("good", 20))  # second start for the open series
+            raw.send_multipart(
+                [
+                    json.dumps(
+                        {
+                            "htype": "start",
+                            "series_id": "../escape",
+                            "frame_shape": [64, 96],
+                            "dtype": "uint16",
+                            "frame_time_s": 0.001,
+                        }
+                    ).encode()
+                ]
+            )
+            raw.send_multipart(
+                [
+                    json.dumps(
+                        {
+                            "htype": "start",
+                            "series_id": "huge",
+                            "frame_shape": [40000, 40000],
+                            "dtype": "uint16",
+                            "frame_time_s": 0.001,
+                        }
+                    ).encode()
+                ]
+            )
+            for i in range(10, 20):
+                s.send_image("good", i, frames[i], timestamp_ns=1_000_000 * i + 17)
+            s.send_end("good", 20)
+            send_series(s, "open-at-term", frames, range(8), end=False)
+        st = d.wait_for(lambda st: st["series_closed"] >= 1 and st["frames_received"] >= 28)
+        reasons = st["rejected_by_reason"]
+        assert reasons.get("before_start") == 1
+        assert reasons.get("unknown_series") == 1
+        assert reasons.get("payload_size") == 1
+        assert reasons.get("second_start") == 1
+        assert sum(v for k, v in reasons.items() if k.startswith("malformed")) == 4
+        assert st["rejected"] == 8
+        rc = d.stop(signal.SIGTERM)
+    finally:
+        d.kill()
+    log = d.log()
+    assert rc == 0, log
+    for phrase in (
+        "before any start",
+        "not valid JSON",
+        "expected 12288",
+        "unknown series",
+        "htype",
+        "is open already",
+        "series_id",
+        "max_frame_bytes",
+    ):
+        assert phrase in log, phrase
+    good = streamstore.open(tmp_path / "out" / "good.h5")
+    assert good.n_frames == 20
+    assert good.events(0, 20) == expected_events(frames, range(20), calibration_file)
+    acc = good.accounting
+    assert acc["complete"] is True and acc["stored"] == 20 and acc["missing"] == 0
+    assert acc["rejected"] == 2  # the wrong-size payload and the second start
+    # SIGTERM: the open series was drained, closed and marked incomplete
+    term = streamstore.open(tmp_path / "out" / "open-at-term.h5")
+    assert term.n_frames == 8 and term.accounting["complete"] is False
+    assert term.events(0, 8) == expected_events(frames, range(8), calibration_file)
+    assert not any(p.name.startswith(".") or "escape" in p.name for p in tmp_path.rglob("*"))
+
+
+# -- SIGKILL ------------------------------------------------------------------------------
+def test_sigkill_leaves_a_readable_file_with_every_flushed_frame(
+    tmp_path, frames, calibration_file
+):
+    import h5py
+
+    d = Daemon(tmp_path / "out", "--calibration", str(calibration_file), "--threads", "1")
+    path = tmp_path / "out" / "killed.h5"
+    try:
+        with d.sender() as s:
+            s.send_start(start_msg("killed"))
+            for i in range(30):
+                s.send_image("killed", i, frames[i], timestamp_ns=i)
+            d.wait_for(lambda st: st["frames_stored"] >= 30)
+            # what a SWMR reader sees is what was flushed
+            deadline = time.monotonic() + 30
+            seen = 0
+            while seen < 30 and time.monotonic() < deadline:
+                if path.exists():
+                    with h5py.File(path, "r", swmr=True) as f:
+                        seen = int(f["frames/frame_id"].shape[0])
+                time.sleep(0.2)
+            assert seen == 30
+            d.proc.kill()
+            d.proc.wait()
+    finally:
+        d.kill()
+        d.stop()
+    store = streamstore.open(path)
+    assert store.n_frames >= seen
+    assert store.events(0, 30) == expected_events(frames, range(30), calibration_file)
+
+
+# -- slowed writer: memory stays bounded, nothing is lost --------------------------------
+def test_memory_stays_bounded_while_the_writer_is_slow(tmp_path):
+    import psutil
+
+    shape = (256, 384)
+    emu = CameraEmulator(
+        shape, frame_time_s=FRAME_TIME, dose_rate_e_per_px_s=60.0, seed=3, pool_size=4
+    )
+    pool, _ = emu.generate(4)
+    dark, _ = emu.dark_frames(8)
+    cal = tmp_path / "cal.h5"
+    streamstore.Calibration.from_dark_frames(dark).save(cal)
+    frame_bytes = pool[0].nbytes
+    budget_mb = 1.0
+    n = 1000
+    d = Daemon(
+        tmp_path / "out",
+        "--calibration",
+        str(cal),
+        "--max-buffer-mb",
+        str(budget_mb),
+        "--max-frame-bytes",
+        str(frame_bytes),
+        "--threads",
+        "1",
+        env={"STREAMSTORE_TEST_WRITE_DELAY_S": "0.01"},
+    )
+    try:
+        proc = psutil.Process(d.proc.pid)
+        with d.sender() as s:  # a warm-up series: imports, kernels, first file
+            s.send_start(Start("warm", shape, "uint16", FRAME_TIME))
+            for i in range(8):
+                s.send_image("warm", i, pool[i % 4])
+            s.send_end("warm", 8)
+            d.wait_closed(1)
+            base_rss = proc.memory_info().rss
+            sent = [0]
+
+            def stream() -> None:
+                s.send_start(Start("slow", shape, "uint16", FRAME_TIME, n_frames=n))
+                for i in range(n):
+                    s.send_image("slow", i, pool[i % 4])  # blocks when the daemon pushes back
+                    sent[0] = i + 1
+                s.send_end("slow", n)
+
+            sender = threading.Thread(target=stream)
+            sender.start()
+            peak_rss, lag = base_rss, 0
+            st = d.status()
+            while st["series_closed"] < 2:
+                st = d.status(timeout=60)
+                lag = max(lag, sent[0] - (st["frames_stored"] - 8))
+                peak_rss = max(peak_rss, proc.memory_info().rss)
+            sender.join()
+        rc = d.stop()
+    finally:
+        d.kill()
+    assert rc == 0, d.log()
+    events_bytes = (st["events_stored"] - 0) * 4 * 1.0
+    # the receiver reads while usage is below the budget: at most one frame (and its
+    # events) over it
+    assert st["budget_peak"] <= budget_mb * 2**20 + 2 * frame_bytes
+    # the budget did fill: back-pressure, not an idle pipeline
+    assert st["budget_peak"] >= budget_mb * 2**20
+    assert lag > 50  # the writer really was behind the sender
+    # Unbounded, the backlog of counted events alone would exceed the bound below; the
+    # bound is the budget plus the socket's HWM and kernel buffers (a few frames) plus
+    # the writer's own chunk buffers (StoreWriter keeps up to one 1 Mi-event chunk, 4 MB).
+    bound = 2 * budget_mb * 2**20 + 8 * frame_bytes + 6 * 2**20
+    assert events_bytes > 1.5 * bound
+    assert peak_rss - base_rss < bound
+    print(
+        f"RSS growth {(peak_rss - base_rss) / 1e6:.1f} MB, lag {lag} frames, {st['budget_peak']=}"
+    )
+    store = streamstore.open(tmp_path / "out" / "slow.h5")
+    assert store.n_frames == n and store.accounting["missing"] == 0

@@ -1,0 +1,204 @@
+"""Unit tests of the ingest daemon's pure parts: reorder window, accounting, safety, budget."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamstore.errors import UserError
+from streamstore.ingest.daemon import IngestConfig
+from streamstore.ingest.pipeline import ByteBudget
+from streamstore.ingest.safety import (
+    candidate_paths,
+    check_bind_endpoint,
+    is_free,
+    is_loopback_endpoint,
+)
+from streamstore.ingest.series import FrameTracker, missing_ranges
+
+
+def _drive(tracker: FrameTracker, ids: list[int], n_expected: int):
+    stored, missing, verdicts = [], [], []
+    for fid in ids:
+        off = tracker.offer(fid, f"item{fid}")
+        verdicts.append(off.verdict)
+        stored += [i for i, _ in off.ready]
+        missing += off.missing
+        for i, item in off.ready:
+            assert item == f"item{i}"
+    off = tracker.finish(n_expected)
+    stored += [i for i, _ in off.ready]
+    missing += off.missing
+    return stored, missing, verdicts
+
+
+def test_in_order_frames_are_released_at_once():
+    t = FrameTracker(window=4)
+    for i in range(10):
+        off = t.offer(i, i)
+        assert [fid for fid, _ in off.ready] == [i]
+        assert off.missing == []
+    assert t.n_held == 0 and t.released == 10
+
+
+def test_reordered_frames_within_window_come_out_in_order():
+    stored, missing, verdicts = _drive(FrameTracker(4), [0, 2, 1, 4, 3, 6, 5, 7], 8)
+    assert stored == list(range(8))
+    assert missing == []
+    assert set(verdicts) == {"accepted"}
+
+
+def test_gap_is_declared_missing_when_the_window_overflows():
+    t = FrameTracker(window=2)
+    ids = [0, 2, 3, 4, 5]
+    stored, missing, _ = _drive(t, ids, 6)
+    assert stored == [0, 2, 3, 4, 5]
+    assert missing == [1]
+    # the late frame 1 can no longer be stored in order
+    t2 = FrameTracker(window=2)
+    for i in ids:
+        t2.offer(i, i)
+    off = t2.offer(1, 1)
+    assert off.verdict == "late" and off.ready == []
+    assert t2.late == 1
+
+
+def test_duplicates_of_released_and_held_frames_are_dropped():
+    t = FrameTracker(window=8)
+    stored, missing, verdicts = _drive(t, [0, 1, 1, 3, 3, 2, 0], 4)
+    assert stored == [0, 1, 2, 3]
+    assert missing == []
+    assert verdicts.count("duplicate") == 3
+    assert t.duplicate == 3 and t.received == 7
+
+
+def test_finish_declares_the_tail_missing():
+    t = FrameTracker(window=8)
+    stored, missing, _ = _drive(t, [0, 1, 4], 7)
+    assert stored == [0, 1, 4]
+    assert missing == [2, 3, 5, 6]
+    assert t.missing_ids == [2, 3, 5, 6]
+
+
+def test_window_zero_stores_in_arrival_order():
+    stored, missing, verdicts = _drive(FrameTracker(0), [0, 2, 1, 3], 4)
+    assert stored == [0, 2, 3]
+    assert missing == [1]
+    assert verdicts[2] == "late"
+
+
+def test_tracker_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="window"):
+        FrameTracker(-1)
+    with pytest.raises(ValueError, match="frame_id"):
+        FrameTracker(4).offer(-3, None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 60),
+    window=st.integers(0, 10),
+    data=st.data(),
+)
+def test_every_id_is_stored_once_or_missing(n, window, data):
+    """Any arrival order with drops and duplicates: stored ascending, stored + missing = all."""
+    keep = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    ids = [i for i in range(n) if keep[i]]
+    ids += data.draw(st.lists(st.sampled_from(ids), max_size=10)) if ids else []
+    ids = data.draw(st.permutations(ids))
+    t = FrameTracker(window)
+    stored, missing, verdicts = _drive(t, ids, n)
+    assert stored == sorted(stored)
+    assert len(set(stored)) == len(stored)
+    assert sorted(stored + missing) == list(range(n))
+    assert t.received == len(ids)
+    assert t.duplicate + t.late + len(stored) == len(ids)
+    assert set(missing).isdisjoint(stored)
+
+
+def test_missing_ranges_text():
+    assert missing_ranges([]) == "none"
+    assert missing_ranges([3, 7, 8, 9, 12]) == "3, 7-9, 12"
+
+
+# -- safety -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "ep",
+    ["tcp://127.0.0.1:5555", "tcp://localhost:1", "tcp://[::1]:5555", "ipc:///tmp/x", "inproc://a"],
+)
+def test_loopback_endpoints_bind_without_a_flag(ep):
+    assert is_loopback_endpoint(ep)
+    check_bind_endpoint(ep, allow_remote=False)
+
+
+@pytest.mark.parametrize(
+    "ep", ["tcp://*:5555", "tcp://0.0.0.0:5555", "tcp://192.168.1.4:5555", "tcp://eth0:5555"]
+)
+def test_remote_binds_need_allow_remote(ep):
+    assert not is_loopback_endpoint(ep)
+    with pytest.raises(UserError, match="--allow-remote"):
+        check_bind_endpoint(ep, allow_remote=False)
+    check_bind_endpoint(ep, allow_remote=True)
+
+
+def test_config_refuses_remote_listen_and_status(tmp_path):
+    with pytest.raises(UserError, match="--listen"):
+        IngestConfig(out_dir=str(tmp_path), listen="tcp://*:5555").check()
+    with pytest.raises(UserError, match="--status-endpoint"):
+        IngestConfig(
+            out_dir=str(tmp_path), listen="tcp://127.0.0.1:1", status_endpoint="tcp://*:2"
+        ).check()
+    with pytest.raises(UserError, match="exactly one"):
+        IngestConfig(out_dir=str(tmp_path)).check()
+    with pytest.raises(UserError, match="max-buffer-mb"):
+        IngestConfig(out_dir=str(tmp_path), connect="tcp://h:1", max_buffer_mb=0).check()
+
+
+@pytest.mark.parametrize("sid", ["../x", "/etc/passwd", "a/b", ".hidden", "a\x00b", "", "x" * 65])
+def test_escaping_series_ids_name_no_path(tmp_path, sid):
+    with pytest.raises(ValueError, match="series_id"):
+        next(candidate_paths(tmp_path, sid))
+
+
+def test_candidate_paths_add_numbered_suffixes(tmp_path):
+    gen = candidate_paths(tmp_path, "run-1.a")
+    assert [next(gen).name for _ in range(3)] == ["run-1.a.h5", "run-1.a-1.h5", "run-1.a-2.h5"]
+    assert all(p.parent == tmp_path for p in itertools.islice(candidate_paths(tmp_path, "x"), 50))
+
+
+def test_dangling_symlink_is_not_free(tmp_path):
+    link = tmp_path / "s.h5"
+    os.symlink(tmp_path / "nowhere", link)
+    assert not is_free(link)
+    assert is_free(tmp_path / "other.h5")
+
+
+# -- budget --------------------------------------------------------------------
+def test_byte_budget_blocks_until_released():
+    b = ByteBudget(100)
+    b.add(60)
+    assert b.wait_room(0.01)
+    b.add(60)
+    assert b.used == 120 and b.peak == 120 and b.fill == pytest.approx(1.2)
+    assert not b.wait_room(0.01)
+    t = threading.Timer(0.05, b.release, args=(60,))
+    t.start()
+    assert b.wait_room(5.0)
+    t.join()
+    assert b.used == 60
+    with pytest.raises(ValueError, match="budget"):
+        ByteBudget(0)
+
+
+def test_budget_hwm_derivation():
+    cfg = IngestConfig(out_dir="x", listen="tcp://127.0.0.1:1", max_buffer_mb=1024)
+    assert cfg.derived_rcvhwm() == 5  # a quarter of 1 GiB in 47 MB frames
+    small = IngestConfig(out_dir="x", listen="tcp://127.0.0.1:1", max_frame_bytes=64 * 96 * 2)
+    assert small.derived_rcvhwm() == 1000
+    assert np.isclose(small.budget_bytes, 1024 * 2**20)
