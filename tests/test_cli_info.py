@@ -112,3 +112,38 @@ def test_info_reports_a_real_calibration(tmp_path, rng):
     assert "n_sigma=4.5" in text  # counting thresholds come from the calibration
     assert "series        series_id=run7" in text
     assert "calibration   dark_frames, series run7_dark" in text
+
+
+def test_info_on_a_file_being_written(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "live.h5"
+    writer = (
+        "import sys, numpy as np, streamstore\n"
+        f"w = streamstore.StoreWriter({str(path)!r}, (16, 24), frame_time_s=0.01)\n"
+        "ev = streamstore.EventBatch(np.arange(11) * 2, np.tile([3, 40], 10),"
+        " frame_shape=(16, 24))\n"
+        "w.append(ev, np.arange(10), np.arange(10) * 10**7)\n"
+        "w.flush()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"  # hold the file open until the test closes stdin
+        "w.close()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", writer], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        out = cli("info", path, "--json")
+        assert out.returncode == 0, out.stderr
+        s = json.loads(out.stdout)
+        assert s["open_for_writing"] is True
+        assert s["frames_stored"] == 10 and s["n_events"] == 20
+        assert "still being written" in cli("info", path).stdout
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    s = json.loads(cli("info", path, "--json").stdout)
+    assert s["open_for_writing"] is False and s["frames_stored"] == 10

@@ -67,6 +67,7 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         ``writer``, ``created_utc``, ``meta``, ``frame_shape``, ``raw_dtype``,
         ``frames_stored``, ``frames_missing``, ``frames_duplicate``,
         ``frames_received``, ``frames_rejected``, ``complete``,
+        ``open_for_writing`` (the file carries a writer's mark: read in SWMR mode),
         ``first_frame_id``, ``last_frame_id``, ``frame_time_s``,
         ``frame_rate_hz``, ``measured_frame_rate_hz``, ``duration_s``,
         ``n_events``, ``pixel_size_A``, ``dose_total`` and
@@ -155,6 +156,7 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         "frames_received": acc_get("received"),
         "frames_rejected": acc_get("rejected"),
         "complete": acc_get("complete"),
+        "open_for_writing": bool(getattr(store, "swmr", False)),
         "first_frame_id": int(ids[0]) if n else None,
         "last_frame_id": int(ids[-1]) if n else None,
         "frame_time_s": ft,
@@ -229,6 +231,8 @@ def format_summary(s: dict[str, Any]) -> str:
         else "no frames yet"
     )
     row("frames", ", ".join(parts) + f" ({ids})")
+    if s["open_for_writing"]:
+        row("state", "still being written, or its writer died: frames flushed so far")
     if s["complete"] is not None:
         row("series end", "complete" if s["complete"] else "INCOMPLETE (closed without its end)")
     ft = s["frame_time_s"]
