@@ -502,7 +502,7 @@ class WriteStage(_Stage):
                 "series %s: %s exists already; writing to %s instead",
                 series.series_id,
                 first,
-                path,
+                path.relative_to(self.out_dir),
             )
         series.path = path
         self._writers[key] = writer
