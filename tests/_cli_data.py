@@ -78,3 +78,18 @@ def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
         cwd=cwd,
         timeout=240,
     )
+
+
+def make_sharded(directory: Path, n_frames: int = 120, n_shards: int = 2, lost=(10, 11)) -> Path:
+    """A series as several ingest workers write it: ``shard-<k>.h5`` dealt round-robin."""
+    directory.mkdir()
+    events = disk_events(n_frames, seed=99)
+    for k in range(n_shards):
+        ids = np.array([i for i in range(n_frames) if i % n_shards == k and i not in lost])
+        parts = [events.slice(int(i), int(i) + 1) for i in ids]
+        with StoreWriter(
+            directory / f"shard-{k}.h5", SHAPE, frame_time_s=FRAME_TIME_S, pixel_size_A=1.0
+        ) as w:
+            w.append(EventBatch.concatenate(parts), ids, ids * 10**6)
+            w.update_accounting(received=int(ids.size), duplicate=0, rejected=0, complete=True)
+    return directory

@@ -265,3 +265,24 @@ def test_stempy_export_via_cli(stores, tmp_path):
     res = cli("export", stores["run"], bad, "-f", "stempy", "--scan-shape", "7x7")
     assert res.returncode == 2 and "scan_shape" in res.stderr
     assert not bad.exists()
+
+
+def test_tiff_from_a_sharded_series(tmp_path):
+    from _cli_data import make_sharded
+
+    d = make_sharded(tmp_path / "series")
+    res = cli(
+        "export",
+        d,
+        tmp_path / "s.tif",
+        "-f",
+        "tiff",
+        "--dose-per-fraction",
+        "0.05",
+        "--remainder",
+        "keep",
+    )
+    assert res.returncode == 0, res.stderr
+    with streamstore.open(d) as st:
+        pages = _check_pages_equal_sums(st, tmp_path / "s.tif", st.fractions(0.05))
+        assert pages.sum() == st.event_counts.sum()

@@ -147,3 +147,18 @@ def test_info_on_a_file_being_written(tmp_path):
     assert proc.returncode == 0
     s = json.loads(cli("info", path, "--json").stdout)
     assert s["open_for_writing"] is False and s["frames_stored"] == 10
+
+
+def test_info_on_a_sharded_series(tmp_path):
+    from _cli_data import make_sharded
+
+    d = make_sharded(tmp_path / "series")
+    out = cli("info", d, "--json")
+    assert out.returncode == 0, out.stderr
+    s = json.loads(out.stdout)
+    with streamstore.open(d) as st:
+        assert s["frames_stored"] == st.n_frames == 118
+        assert s["n_events"] == int(st.event_counts.sum())
+    assert s["shards"] == ["shard-0.h5", "shard-1.h5"]
+    assert s["file_size_bytes"] == sum(f.stat().st_size for f in d.glob("shard-*.h5"))
+    assert "shards        2 files (shard-0.h5, shard-1.h5)" in cli("info", d).stdout

@@ -63,7 +63,8 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
     Returns
     -------
     dict
-        Keys: ``path``, ``file_size_bytes``, ``format``, ``format_version``,
+        Keys: ``path``, ``file_size_bytes``, ``shards`` and ``shard_errors``
+        (a series written by several workers, else None), ``format``, ``format_version``,
         ``writer``, ``created_utc``, ``meta``, ``frame_shape``, ``raw_dtype``,
         ``frames_stored``, ``frames_missing``, ``frames_duplicate``,
         ``frames_received``, ``frames_rejected``, ``complete``,
@@ -140,9 +141,16 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
     cal_source = ", ".join(dict.fromkeys(sources)) or None
 
     p = Path(path) if path is not None else None
+    shards = [Path(str(getattr(sh, "path", ""))) for sh in getattr(store, "shards", None) or []]
+    if shards:  # a series written by several ingest workers: its size is its shards'
+        size = sum(f.stat().st_size for f in shards if f.is_file())
+    else:
+        size = p.stat().st_size if p and p.is_file() else None
     out = {
         "path": str(p) if p else None,
-        "file_size_bytes": p.stat().st_size if p and p.exists() else None,
+        "file_size_bytes": size,
+        "shards": [f.name for f in shards] or None,
+        "shard_errors": dict(getattr(store, "shard_errors", None) or {}) or None,
         "format": attrs.get("format"),
         "format_version": attrs.get("format_version"),
         "writer": attrs.get("writer"),
@@ -217,6 +225,12 @@ def format_summary(s: dict[str, Any]) -> str:
     def row(key: str, value: str) -> None:
         lines.append(f"  {key:<14}{value}")
 
+    if s["shards"]:
+        text = f"{len(s['shards'])} files ({', '.join(s['shards'][:4])}"
+        text += ", ...)" if len(s["shards"]) > 4 else ")"
+        for name, why in (s["shard_errors"] or {}).items():
+            text += f"; {name} unreadable: {why}"
+        row("shards", text)
     if s["meta"]:
         row("series", _dict_line(s["meta"], first=("series_id", "series", "detector")))
     h, w = s["frame_shape"]
