@@ -163,12 +163,13 @@ def test_sum_parallel_jobs_equal_serial(tmp_path, rng, monkeypatch):
     batches = [random_batch(rng, 40, p=0.2) for _ in range(3)]
     path = write(tmp_path / "p.h5", batches, flush_after={0}, chunk_events=300)
     monkeypatch.setattr(reader, "_JOB_EVENTS", 500)
+    monkeypatch.setattr(reader, "_JOB_EVENTS_MAX", 500)
     monkeypatch.setattr(reader, "_SUM_BAND", 1000)  # several bands per frame
     dense = EventBatch.concatenate(batches).to_dense()
     for mode in ("bands", "serial"):
         monkeypatch.setattr(reader, "_SUM_MODE", mode)
         with streamstore.open(path, nthreads=3) as s:
-            assert len(s._jobs(np.arange(s.n_frames))) > 10
+            assert len(s._jobs(np.arange(s.n_frames), 500)) > 10
             np.testing.assert_array_equal(s.sum(), dense.sum(0))
             np.testing.assert_array_equal(s.sum(5, 111), dense[5:111].sum(0))
             roi = (2, 21, 3, 30)
