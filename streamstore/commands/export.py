@@ -142,7 +142,11 @@ def run(args: argparse.Namespace) -> int:
                 print("remainder: none")
             else:
                 n_rem = r.remainder.stop - r.remainder.start
-                what = "written as the last page" if r.remainder_exported else "not exported"
+                what = (
+                    "written as the last page"
+                    if r.remainder_exported
+                    else "not exported (--remainder keep adds them as a last page)"
+                )
                 print(
                     f"remainder: {n_rem} frames ({r.remainder.start}:{r.remainder.stop}, "
                     f"{r.remainder_dose:.4g} {r.unit}) {what}"
