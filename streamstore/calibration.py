@@ -39,6 +39,9 @@ DEFAULT_XRAY_RADIUS = 2
 #: median signal of a single-electron peak.
 DEFAULT_XRAY_FACTOR = 10.0
 _MAX_GAIN = 1e6
+#: The largest pixel's gain in the kernels' relative gain map: with 16-bit frames
+#: |(raw - dark) * gain| <= 65535 * 32767 < 2**31, so signals fit an int32.
+GAIN_SCALE = 32767
 _FORMAT_VERSION = 1
 _SOURCES = ("dark_frames", "estimate", "file", "manual")
 
@@ -504,13 +507,13 @@ class Calibration:
             ``rint(dark)`` clipped to the type's range (the type's maximum on
             masked pixels, so their signal ``raw - dark`` is <= 0).
         gain : ndarray (H, W) of uint16, or None
-            Relative gain ``rint(65535 * gain / max(gain))``, at least 1 (only
+            Relative gain ``rint(32767 * gain / max(gain))``, at least 1 (only
             ratios matter for comparisons and centres of mass; the thresholds
             already include the gain); 0 on masked pixels. None without a gain map.
         xray_level : int
             A candidate whose signal ``(raw - dark) * gain`` (gain 1 without a
             map) exceeds this is an X-ray hit: ``floor(xray_threshold)``, times
-            ``65535 / max(gain)`` with a gain map; ``2**62`` without a threshold
+            ``32767 / max(gain)`` with a gain map; ``2**62`` without a threshold
             (saturated candidates are X-ray hits regardless).
 
         The kernel type is the frames' dtype, or its signed twin when ``wrapped``.
@@ -527,8 +530,8 @@ class Calibration:
         scale = 1.0
         if self.gain is not None:
             top = float(self.gain[good].max()) if good.any() else 1.0
-            scale = 65535.0 / top
-            gain_k = np.clip(np.rint(self.gain * scale), 1, 65535).astype(np.uint16)
+            scale = GAIN_SCALE / top
+            gain_k = np.clip(np.rint(self.gain * scale), 1, GAIN_SCALE).astype(np.uint16)
         if self.xray_threshold is None:
             xray_level = 2**62
         else:

@@ -3,12 +3,28 @@
 Work is split into items of ``BAND_ROWS`` rows of one frame; items run in
 parallel (``prange``) and each writes its events into its own slot of a
 preallocated buffer, so the result does not depend on the number of threads.
-Within a row the frame is scanned in blocks of ``BLOCK`` pixels with one
-comparison per pixel against the threshold map (a loop LLVM vectorises); the
-3 x 3 test runs only in blocks that hold a candidate.
 
-Compiled lazily on first use for the frame type actually seen (uint8,
-uint16, and int8/int16 for wrapped pedestal-subtracted data), cached on disk.
+Within an item, rows are processed as a rolling window of three signal rows
+(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, int32, with a sentinel column at each end):
+
+1. *scan* row ``r + 1`` in blocks of ``BLOCK`` pixels: one comparison per pixel
+   against the threshold map, packed into a 64-bit mask (a fixed trip count,
+   so LLVM vectorises it). Blocks without a candidate get the sentinel
+   ``SKIP`` as signal (a few vector stores); blocks with one get
+   ``S = (raw - dark) * gain`` at candidates and ``SKIP`` elsewhere
+   (vectorised), and a vectorised X-ray test;
+2. *test* row ``r``: in each block holding a candidate, the 3 x 3 local-maximum
+   test of all 64 pixels at once (eight vectorised comparisons against the
+   shifted neighbour rows), again packed into a bit mask;
+3. each set bit is an event: its index (and sub-pixel cell) is stored.
+
+X-ray hits are collected per item and the events within the exclusion radius
+are dropped when the items are joined (``_compact``): hits are rare, so this
+costs nothing in the common case.
+
+The signal fits an int32: ``|raw - dark| <= 65535`` and the relative gain is at
+most 32767. Compiled lazily for the frame type actually seen (uint8, uint16,
+and int8/int16 for wrapped pedestal-subtracted data), cached on disk.
 """
 
 from __future__ import annotations
@@ -17,15 +33,18 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["BAND_ROWS", "count_frames"]
+__all__ = ["BAND_ROWS", "count_frames", "xray_gate"]
 
 #: Rows per work item (fixed: results must not depend on the thread count).
-BAND_ROWS = 32
-#: Pixels per vectorised scan block.
+BAND_ROWS = 64
+#: Pixels per vectorised block (the width of the bit masks).
 BLOCK = 64
+#: Signal of a pixel that is not a candidate: below every real signal.
+SKIP = np.int32(-(2**31))
+#: X-ray hits one item records before the call is redone with room for every pixel.
+XRAY_CAPACITY = 64
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 
@@ -42,67 +61,11 @@ def _cttz(typingctx, x):
 
 
 @njit(inline="always", **_OPTS)
-def _signal(frame, dark, gain, has_gain, r, c):
+def _signal64(frame, dark, gain, has_gain, r, c):
     s = np.int64(frame[r, c]) - np.int64(dark[r, c])
     if has_gain:
         s *= np.int64(gain[r, c])
     return s
-
-
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Hint the CPU to fetch the cache line of ``arr[idx]`` (1-d array); no effect on results."""
-    if not isinstance(arr, types.Array) or arr.ndim != 1:
-        return None
-    sig = types.void(arr, idx)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), i8p)
-        # read, high locality, data cache
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@njit(inline="always", **_OPTS)
-def _is_cand(masks, frame, lo, r0, r1, rr, cc):
-    """Is pixel (rr, cc) a candidate? From the band's bit masks, or directly outside the band."""
-    if r0 <= rr < r1:
-        return (masks[rr - r0, cc // BLOCK] >> np.uint64(cc % BLOCK)) & np.uint64(1) != 0
-    return frame[rr, cc] > lo[rr, cc]
-
-
-@njit(inline="always", **_OPTS)
-def _is_local_max(masks, frame, lo, dark, gain, has_gain, r0, r1, r, c, h, w):
-    """Does candidate (r, c) beat every candidate 8-neighbour (key: signal, then raster order)?"""
-    s = np.int64(0)
-    have_s = False
-    for dy in range(-1, 2):
-        rr = r + dy
-        if rr < 0 or rr >= h:
-            continue
-        for dx in range(-1, 2):
-            cc = c + dx
-            if cc < 0 or cc >= w or (dy == 0 and dx == 0):
-                continue
-            if not _is_cand(masks, frame, lo, r0, r1, rr, cc):
-                continue  # not a candidate: never competes
-            if not have_s:
-                s = _signal(frame, dark, gain, has_gain, r, c)
-                have_s = True
-            t = _signal(frame, dark, gain, has_gain, rr, cc)
-            if dy < 0 or (dy == 0 and dx < 0):
-                if s <= t:
-                    return False
-            elif s < t:
-                return False
-    return True
 
 
 @njit(inline="always", **_OPTS)
@@ -126,7 +89,7 @@ def _subpixel(frame, dark, gain, has_gain, r, c, h, w):
             cc = c + dx
             if cc < 0 or cc >= w:
                 continue
-            v = _signal(frame, dark, gain, has_gain, rr, cc)
+            v = _signal64(frame, dark, gain, has_gain, rr, cc)
             if v > 0:
                 total += v
                 ty += dy * v
@@ -136,6 +99,116 @@ def _subpixel(frame, dark, gain, has_gain, r, c, h, w):
     return np.uint8((qy << 2) | qx)
 
 
+@njit(inline="always", **_OPTS)
+def _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
+    """Signals of one block into ``srow`` (SKIP at non-candidates); X-ray hits in it.
+
+    The vectorised loop only tracks the block's largest signal; ``gate`` is at most
+    ``xray_level`` and below the signal of any saturated candidate, so a block whose
+    largest signal does not exceed it holds no X-ray hit and the exact test is skipped.
+    """
+    smax = SKIP
+    if n == BLOCK:
+        for j in range(BLOCK):
+            v = row[c0 + j]
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
+    else:
+        for j in range(n):
+            v = row[c0 + j]
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
+    nx = 0
+    if smax > gate:
+        for j in range(n):
+            s = srow[1 + c0 + j]
+            if s != SKIP and (row[c0 + j] == top or s > xray_level):
+                nx += 1
+    return nx
+
+
+@njit(inline="always", **_OPTS)
+def _scan_row(row, lrow, drow, grow, srow, masks, w, full_blocks, n_blocks, gate, xray_level, top):
+    """Fill ``srow[1:w + 1]`` with the signal of the row's candidates (SKIP elsewhere).
+
+    ``grow`` is the row's relative gain (ones without a gain map). ``masks`` holds
+    the candidate masks of the row previously kept in ``srow`` and is overwritten
+    with this row's: a block without candidates now and before is all SKIP already
+    and is not touched. Returns the number of X-ray hits in the row.
+    """
+    n_xray = 0
+    for b in range(n_blocks):
+        c0 = b * BLOCK
+        n = BLOCK if b < full_blocks else w - c0
+        bits = np.uint64(0)
+        if b < full_blocks:
+            for j in range(BLOCK):
+                bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
+        else:
+            for j in range(n):
+                bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
+        before = masks[b]
+        masks[b] = bits
+        if bits != 0:
+            n_xray += _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top)
+        elif before != 0:
+            if b < full_blocks:
+                for j in range(BLOCK):
+                    srow[1 + c0 + j] = SKIP
+            else:
+                for j in range(n):
+                    srow[1 + c0 + j] = SKIP
+    return n_xray
+
+
+@njit(inline="always", **_OPTS)
+def _local_max_bits(up, mid, down, c0, n):
+    """Bit j set when pixel c0 + j of the middle row beats its 8 neighbours (and is a candidate).
+
+    ``up``, ``mid``, ``down`` are signal rows with a sentinel at index 0, so pixel c
+    sits at index c + 1. Earlier neighbours (row above, left) must be strictly
+    smaller, later ones (right, row below) smaller or equal.
+    """
+    bits = np.uint64(0)
+    if n == BLOCK:
+        for j in range(BLOCK):
+            i = c0 + j + 1
+            s = mid[i]
+            ok = (
+                (s != SKIP)
+                & (s > up[i - 1])
+                & (s > up[i])
+                & (s > up[i + 1])
+                & (s > mid[i - 1])
+                & (s >= mid[i + 1])
+                & (s >= down[i - 1])
+                & (s >= down[i])
+                & (s >= down[i + 1])
+            )
+            bits |= np.uint64(ok) << np.uint64(j)
+    else:
+        for j in range(n):
+            i = c0 + j + 1
+            s = mid[i]
+            ok = (
+                (s != SKIP)
+                & (s > up[i - 1])
+                & (s > up[i])
+                & (s > up[i + 1])
+                & (s > mid[i - 1])
+                & (s >= mid[i + 1])
+                & (s >= down[i - 1])
+                & (s >= down[i])
+                & (s >= down[i + 1])
+            )
+            bits |= np.uint64(ok) << np.uint64(j)
+    return bits
+
+
 @njit(parallel=True, **_OPTS)
 def _count_items(
     frames,
@@ -143,8 +216,8 @@ def _count_items(
     dark,
     gain,
     has_gain,
+    gate,
     xray_level,
-    xray_floor,
     top,
     want_sub,
     cap,
@@ -164,54 +237,60 @@ def _count_items(
         r0 = (item % bands) * BAND_ROWS
         r1 = min(h, r0 + BAND_ROWS)
         frame = frames[f]
-        masks = np.empty((BAND_ROWS, n_blocks), np.uint64)
-        # phase 1: one comparison per pixel, packed into bit masks (the fixed trip count of
-        # full blocks and a unit-step outer loop let LLVM vectorise it); where a block holds
-        # a candidate, prefetch the dark (and gain) lines phase 2 will read
-        for r in range(r0, r1):
-            row = frame[r]
-            lrow = lo[r]
-            for b in range(n_blocks):
-                c0 = b * BLOCK
-                bits = np.uint64(0)
-                if b < full_blocks:
-                    for j in range(BLOCK):
-                        bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
-                else:
-                    for j in range(w - c0):
-                        bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
-                masks[r - r0, b] = bits
-                if bits:
-                    for rr in range(max(0, r - 1), min(h, r + 2)):
-                        _prefetch(dark[rr], c0)
-                        if has_gain:
-                            _prefetch(gain[rr], c0)
-        # phase 2: the 3 x 3 test and X-ray detection at the candidates only
+        # three signal rows with a sentinel column at each end; rows outside the frame
+        # stay all SKIP
+        sig = np.full((3, w + 2), SKIP, np.int32)
+        masks = np.zeros((3, n_blocks), np.uint64)
+        xr_rows = np.zeros(3, np.int64)
+        ones = np.ones(w, np.uint16)
+        for rr in range(max(0, r0 - 1), min(h, r0 + 1)):
+            slot = (rr - r0 + 3) % 3
+            xr_rows[slot] = _scan_row(
+                frame[rr], lo[rr], dark[rr], gain[rr] if has_gain else ones,
+                sig[slot], masks[slot], w, full_blocks, n_blocks, gate, xray_level, top,
+            )  # fmt: skip
         k = 0
-        nx = 0
+        nxr = 0
         base = item * cap
         xbase = item * xcap
         for r in range(r0, r1):
+            up = sig[(r - 1 - r0 + 3) % 3]
+            mid = sig[(r - r0) % 3]
+            nslot = (r + 1 - r0) % 3
+            down = sig[nslot]
+            if r + 1 < h:
+                xr_rows[nslot] = _scan_row(
+                    frame[r + 1], lo[r + 1], dark[r + 1], gain[r + 1] if has_gain else ones,
+                    down, masks[nslot], w, full_blocks, n_blocks, gate, xray_level, top,
+                )  # fmt: skip
+            else:
+                down[:] = SKIP
+                masks[nslot] = 0
+                xr_rows[nslot] = 0
+            mrow = masks[(r - r0) % 3]
+            # X-ray hits of this row (rare): record their positions
+            if xr_rows[(r - r0) % 3]:
+                row = frame[r]
+                for c in range(w):
+                    if mid[c + 1] != SKIP and (row[c] == top or mid[c + 1] > xray_level):
+                        if nxr < xcap:
+                            out_xray[xbase + nxr] = r * w + c
+                        nxr += 1
             for b in range(n_blocks):
-                bits = masks[r - r0, b]
+                if mrow[b] == 0:
+                    continue
                 c0 = b * BLOCK
+                nb = BLOCK if b < full_blocks else w - c0
+                bits = _local_max_bits(up, mid, down, c0, nb)
                 while bits:
                     c = c0 + np.int64(_cttz(bits))
                     bits &= bits - np.uint64(1)
-                    v = frame[r, c]
-                    if v == top or (
-                        v > xray_floor and _signal(frame, dark, gain, has_gain, r, c) > xray_level
-                    ):
-                        if nx < xcap:
-                            out_xray[xbase + nx] = r * w + c
-                        nx += 1
-                    if _is_local_max(masks, frame, lo, dark, gain, has_gain, r0, r1, r, c, h, w):
-                        out_idx[base + k] = r * w + c
-                        if want_sub:
-                            out_sub[base + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)
-                        k += 1
+                    out_idx[base + k] = r * w + c
+                    if want_sub:
+                        out_sub[base + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)
+                    k += 1
         out_n[item] = k
-        out_nx[item] = nx
+        out_nx[item] = nxr
 
 
 @njit(**_OPTS)
@@ -277,8 +356,6 @@ def _compact(
 
 
 _NO_GAIN = np.zeros((1, 1), np.uint16)
-#: X-ray hits one item records before the call is redone with room for every pixel.
-XRAY_CAPACITY = 64
 
 
 def item_capacity(w: int) -> int:
@@ -286,16 +363,21 @@ def item_capacity(w: int) -> int:
     return ((BAND_ROWS + 1) // 2) * ((w + 1) // 2)
 
 
-def _xray_floor(dark: np.ndarray, gain: np.ndarray | None, xray_level: int, top: int) -> int:
-    """A raw value at or below which no pixel's signal can exceed ``xray_level``.
+def xray_gate(lo: np.ndarray, dark: np.ndarray, gain: np.ndarray | None, xray_level: int) -> int:
+    """A signal no block without X-ray hits exceeds: ``min(xray_level, G - 1)``.
 
-    ``(raw - dark) * gain <= (raw - min(dark)) * max(gain)``, so raw values up to
-    ``min(dark) + xray_level // max(gain)`` need no signal computed (a shortcut only).
+    ``G`` is the smallest signal a saturated candidate can have, ``(top - dark) *
+    gain`` over the pixels that can be candidates (``lo < top``). Only a shortcut
+    (blocks above it get the exact test); costs a pass over the maps, so
+    :class:`~streamstore.counting.Counter` computes it once.
     """
-    if xray_level >= 2**62:
-        return top
-    g_max = 1 if gain is None else 65535
-    return min(top, int(dark.min()) + xray_level // g_max)
+    top = int(np.iinfo(lo.dtype).max)
+    level = min(int(xray_level), 2**31 - 1)
+    sat = top - dark.astype(np.int64)
+    if gain is not None:
+        sat *= gain
+    sat[lo >= top] = 2**62  # never a candidate
+    return int(max(min(level, int(sat.min()) - 1), -(2**31) + 1))
 
 
 def count_frames(
@@ -307,11 +389,13 @@ def count_frames(
     radius: int,
     subpixel: bool,
     threads: int | None = None,
+    gate: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
 
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
-    ``threads`` caps numba's thread count for this call (None: numba's current setting).
+    ``threads`` caps numba's thread count for this call (None: numba's current
+    setting); ``gate`` is :func:`xray_gate` of the maps (computed when None).
     """
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
@@ -322,7 +406,10 @@ def count_frames(
     out_n = np.zeros(n_items, np.int64)
     out_nx = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
-    floor = _xray_floor(dark, gain, xray_level, int(np.iinfo(frames.dtype).max))
+    level = np.int32(min(int(xray_level), 2**31 - 1))  # signals are int32: same test
+    if gate is None:
+        gate = xray_gate(lo, dark, gain, xray_level)
+    gate = np.int32(gate)
     gain_arg = _NO_GAIN if gain is None else gain
     previous = numba.get_num_threads()
     if threads is not None:
@@ -332,23 +419,9 @@ def count_frames(
         while True:
             out_xray = np.empty(n_items * xcap, np.uint32)
             _count_items(
-                frames,
-                lo,
-                dark,
-                gain_arg,
-                gain is not None,
-                np.int64(xray_level),
-                np.int64(floor),
-                top,
-                subpixel,
-                cap,
-                out_idx,
-                out_sub,
-                out_n,
-                xcap,
-                out_xray,
-                out_nx,
-            )
+                frames, lo, dark, gain_arg, gain is not None, gate, level, top, subpixel,
+                cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx,
+            )  # fmt: skip
             if int(out_nx.max(initial=0)) <= xcap:
                 break
             xcap = BAND_ROWS * w  # a flood of X-rays (or saturation): room for every pixel
