@@ -215,6 +215,8 @@ class _OpenSeries:
         self.held_bytes = 0
         self.rejected = 0
         self.last_activity = time.monotonic()
+        self.first_frame_t: float | None = None
+        self.last_frame_t: float | None = None
 
 
 class IngestDaemon:
@@ -651,6 +653,10 @@ class IngestDaemon:
             return
         self.counters.frames_received += 1
         self.counters.bytes_received += expected
+        now = time.monotonic()
+        if s.first_frame_t is None:
+            s.first_frame_t = now
+        s.last_frame_t = now
         item = FrameItem(s.info, int(msg.frame_id), int(msg.timestamp_ns), array, expected)
         self.budget.add(expected)
         offer = s.tracker.offer(item.frame_id, item)
@@ -724,6 +730,7 @@ class IngestDaemon:
                 rejected=s.rejected,
                 complete=complete,
                 reason=reason,
+                receive_s=(s.last_frame_t - s.first_frame_t) if s.first_frame_t else 0.0,
             )
         )
         self._recent_closed.append(s.info.series_id)

@@ -149,6 +149,7 @@ class CloseItem:
     rejected: int
     complete: bool
     reason: str
+    receive_s: float = 0.0  # first to last image received
 
 
 @dataclass(eq=False)
@@ -594,6 +595,8 @@ class WriteStage(_Stage):
                     duplicate=item.duplicate,
                     rejected=item.rejected,
                     complete=item.complete and key not in self._failed,
+                    reason=item.reason,
+                    receive_seconds=round(item.receive_s, 6),
                 )
                 writer.close()
         except OSError as exc:

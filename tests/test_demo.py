@@ -1,0 +1,42 @@
+"""`streamstore demo`: daemon and emulator processes, then a summary read back from the file."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+import streamstore
+
+
+def test_demo_runs_end_to_end_and_reports_what_it_stored(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "streamstore", "demo", "--out", str(out), "--shape", "64x96",
+        "--frames", "80", "--fps", "0", "--dark-frames", "12", "--pool", "16",
+        "--score-frames", "40", "--timeout", "240",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    assert "frames sent 80, received 80, stored 80, missing 0, duplicate 0, rejected 0" in text
+    assert "calibration from dark_frames" in text
+    m = re.search(r"recall ([0-9.]+), precision ([0-9.]+)", text)
+    assert m, text
+    recall, precision = float(m.group(1)), float(m.group(2))
+    assert 0.5 < recall <= 1.0 and 0.9 < precision <= 1.0
+    (h5,) = [p for p in out.glob("demo-*.h5") if p.name.count(".") == 1]
+    assert f"file: {h5.resolve()}" in text
+    store = streamstore.open(h5)
+    assert store.n_frames == 80 and store.frame_shape == (64, 96)
+    m = re.search(r"events: (\d+) ", text)
+    assert int(m.group(1)) == store.n_events > 0
+    # the dark series became a saved calibration and the calibration of the data
+    (cal,) = out.glob("*_dark.calibration.h5")
+    assert streamstore.Calibration.load(cal).frame_shape == (64, 96)
+    png = out / h5.name.replace(".h5", ".png")
+    assert f"summed image: {png.resolve()}" in text
+    assert png.stat().st_size > 0
+    assert np.array_equal(store.sum(), store.events(0, 80).to_dense().sum(axis=0))
