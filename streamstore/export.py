@@ -445,6 +445,8 @@ def _write_dose_files(store: Any, r: TiffExport, x: float, source: str | None) -
             "   (lines '<frames> <group> <dose per frame, e/A^2>',",
             "#   its frames being the pages of this TIFF),"
             f" or -FmDose {mean_page:.6g} (e/A^2 per page).",
+            f"# cryoSPARC: {r.n_pages} fractions (pages), total exposure dose"
+            f" {float(per_page.sum()):.6g} e/A^2.",
             f"# dose per raw camera frame: {mean_raw:.6g} e/A^2 (mean; not what either tool"
             " wants for this TIFF)",
         ]

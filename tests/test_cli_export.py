@@ -84,6 +84,7 @@ def test_tiff_fractions_drop_remainder(stores, tmp_path):
         rows[:, names.index("e_per_A2")].mean(), rel=1e-5
     )
     assert "one page of this TIFF = one dose fraction" in text
+    assert f"# cryoSPARC: {n_pages} fractions (pages), total exposure dose" in text
     assert f"remainder: frames {rem.start}:{rem.stop}" in text and "NOT in the TIFF" in text
     assert f"remainder: {rem.stop - rem.start} frames" in res.stdout
     # MotionCor2 -FmIntFile: one '1 1 <dose>' line per page, in e/A^2
