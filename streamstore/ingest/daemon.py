@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -52,6 +53,9 @@ log = logging.getLogger("streamstore.ingest")
 
 #: Bytes of one 4092 x 5760 uint16 frame: the default largest accepted frame.
 K3_FRAME_BYTES = 4092 * 5760 * 2
+
+#: GIL switch interval while a daemon runs (CPython's default is 5 ms).
+SWITCH_INTERVAL_S = 0.0002
 
 # log the first few rejections of each reason in full, then one line in 1000
 _LOG_FIRST = 20
@@ -270,6 +274,7 @@ class IngestDaemon:
         return self._stop.is_set()
 
     def _on_closed(self, series: SeriesInfo) -> None:  # write thread
+        series.cpu_at_close = self.cpu_seconds()
         if self.config.worker_id is not None and series.kind == "data":
             from streamstore.fanout import record_shard
 
@@ -428,6 +433,11 @@ class IngestDaemon:
             cfg.derived_rcvhwm(),
             cfg.max_frame_bytes,
         )
+        # Stages hand the GIL back and forth (kernels and compression release it); with
+        # CPython's default 5 ms switch interval a stage returning from a kernel can
+        # wait that long for the receive thread, which caps the frame rate.
+        old_switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(old_switch, SWITCH_INTERVAL_S))
         t_cpu0 = time.thread_time()
         status = 0
         try:
@@ -461,6 +471,7 @@ class IngestDaemon:
             ctx.term()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
+            sys.setswitchinterval(old_switch)
         c = self.counters
         log.info(
             "stopped: %d series, %d frames received, %d stored, %d missing, %d duplicate, "
@@ -494,11 +505,14 @@ class IngestDaemon:
                 self.budget.wait_room(0.1)
             elif poller.poll(100):
                 for _ in range(256):  # a burst, then housekeeping
+                    t0 = time.thread_time()
                     try:
                         parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
                     self._handle(parts)
+                    if self._series is not None:
+                        self._series.info.cpu_s["receive"] += time.thread_time() - t0
                     if self.budget.used >= self.budget.capacity or self._stop.is_set():
                         break
             self._housekeeping()
@@ -655,7 +669,7 @@ class IngestDaemon:
         self.counters.bytes_received += expected
         now = time.monotonic()
         if s.first_frame_t is None:
-            s.first_frame_t = now
+            s.first_frame_t = s.info.first_frame_t = now
         s.last_frame_t = now
         item = FrameItem(s.info, int(msg.frame_id), int(msg.timestamp_ns), array, expected)
         self.budget.add(expected)

@@ -114,6 +114,14 @@ class SeriesInfo:
     events: int = 0
     missing_ids: list[int] = field(default_factory=list)
     complete: bool = False
+    # time.monotonic() of the first image received and of the close (benchmarks)
+    first_frame_t: float | None = None
+    closed_t: float | None = None
+    cpu_at_close: dict[str, float] | None = None
+    # thread CPU seconds spent on this series, by stage
+    cpu_s: dict[str, float] = field(
+        default_factory=lambda: {"receive": 0.0, "count": 0.0, "write": 0.0}
+    )
     n_expected: int | None = None  # frame ids 0..n-1 expected (end / start), set at close
 
     @property
@@ -193,7 +201,11 @@ class _Stage(threading.Thread):
                     return
                 t0 = time.thread_time()
                 self.handle(item)
-                self.cpu_s += time.thread_time() - t0
+                dt = time.thread_time() - t0
+                self.cpu_s += dt
+                series = getattr(item, "series", None)
+                if series is not None:
+                    series.cpu_s[self.name] += dt
         except BaseException as exc:  # logged and re-raised into the daemon by join
             self.error = exc
             log.exception("%s stage failed: %s", self.name, exc)
@@ -639,6 +651,7 @@ class WriteStage(_Stage):
         self._finish(series)
 
     def _finish(self, series: SeriesInfo) -> None:
+        series.closed_t = time.monotonic()
         self.counters.series_closed += 1
         if self.on_closed is not None:
             self.on_closed(series)
