@@ -1,0 +1,19 @@
+"""benchmarks/counting.py runs end to end on a small frame and prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import counting as bench
+
+
+def test_counting_benchmark_json(capsys):
+    assert bench.main(["--shape", "96x160", "--repeats", "1", "--dark-frames", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["frame_shape"] == [96, 160]
+    assert out["identical_1_2_threads"] is True
+    assert out["identical_numba_native"] is True
+    assert out["n_events"] > 0 and 0 < out["recall"] <= 1 and 0 < out["precision"] <= 1
+    for key in ("ratio_1thread_to_copy", "speedup_2threads", "ratio_native_to_numba"):
+        assert out[key] > 0
+    assert "stempy" in out  # measured, or None when stempy is not installed
