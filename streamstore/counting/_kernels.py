@@ -9,10 +9,12 @@ Within an item, rows are processed as a rolling window of three signal rows
 
 1. *scan* row ``r + 1`` in blocks of ``BLOCK`` pixels: one comparison per pixel
    against the threshold map, packed into a 64-bit mask (a fixed trip count,
-   so LLVM vectorises it). Blocks without a candidate get the sentinel
-   ``SKIP`` as signal (a few vector stores); blocks with one get
-   ``S = (raw - dark) * gain`` at candidates and ``SKIP`` elsewhere
-   (vectorised), and a vectorised X-ray test;
+   so LLVM vectorises it). Blocks without a candidate keep the sentinel
+   ``SKIP`` as signal; blocks with one get ``S = (raw - dark) * gain`` at
+   candidates and ``SKIP`` elsewhere (vectorised), with the block's largest
+   signal gating an exact X-ray test. When a quarter or more of the previous
+   row's blocks held a candidate, the row is scanned in *dense* mode instead:
+   signals of every block in one pass, without the mask first (same result);
 2. *test* row ``r``: in each block holding a candidate, the 3 x 3 local-maximum
    test of all 64 pixels at once (eight vectorised comparisons against the
    shifted neighbour rows), again packed into a bit mask;
@@ -132,18 +134,59 @@ def _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
 
 
 @njit(inline="always", **_OPTS)
-def _scan_row(row, lrow, drow, grow, srow, masks, w, full_blocks, n_blocks, gate, xray_level, top):
+def _dense_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
+    """Signals of a whole block (no candidate mask first); ``(has candidates, X-ray hits)``."""
+    smax = SKIP
+    if n == BLOCK:
+        for j in range(BLOCK):
+            v = row[c0 + j]
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
+    else:
+        for j in range(n):
+            v = row[c0 + j]
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
+    nx = 0
+    if smax > gate:
+        for j in range(n):
+            s = srow[1 + c0 + j]
+            if s != SKIP and (row[c0 + j] == top or s > xray_level):
+                nx += 1
+    return smax != SKIP, nx
+
+
+@njit(inline="always", **_OPTS)
+def _scan_row(
+    row, lrow, drow, grow, srow, masks, w, full_blocks, n_blocks, gate, xray_level, top, dense
+):
     """Fill ``srow[1:w + 1]`` with the signal of the row's candidates (SKIP elsewhere).
 
-    ``grow`` is the row's relative gain (ones without a gain map). ``masks`` holds
-    the candidate masks of the row previously kept in ``srow`` and is overwritten
-    with this row's: a block without candidates now and before is all SKIP already
-    and is not touched. Returns the number of X-ray hits in the row.
+    ``grow`` is the row's relative gain (ones without a gain map). ``masks[b]`` says
+    whether block ``b`` of the row previously kept in ``srow`` held a candidate and is
+    overwritten for this row. Sparse mode first packs the candidates of a block
+    into a bit mask and computes signals only where there is one (a block without
+    candidates now and before is all SKIP already and is not touched); dense mode
+    computes every block's signals in one pass (cheaper when most blocks hold a
+    candidate). Both give the same ``srow`` and ``masks != 0``.
+
+    Returns ``(X-ray hits in the row, blocks holding a candidate)``.
     """
     n_xray = 0
+    n_busy = 0
     for b in range(n_blocks):
         c0 = b * BLOCK
         n = BLOCK if b < full_blocks else w - c0
+        if dense:
+            busy, nx = _dense_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top)
+            masks[b] = np.uint64(busy)
+            n_busy += busy
+            n_xray += nx
+            continue
         bits = np.uint64(0)
         if b < full_blocks:
             for j in range(BLOCK):
@@ -154,6 +197,7 @@ def _scan_row(row, lrow, drow, grow, srow, masks, w, full_blocks, n_blocks, gate
         before = masks[b]
         masks[b] = bits
         if bits != 0:
+            n_busy += 1
             n_xray += _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top)
         elif before != 0:
             if b < full_blocks:
@@ -162,7 +206,7 @@ def _scan_row(row, lrow, drow, grow, srow, masks, w, full_blocks, n_blocks, gate
             else:
                 for j in range(n):
                     srow[1 + c0 + j] = SKIP
-    return n_xray
+    return n_xray, n_busy
 
 
 @njit(inline="always", **_OPTS)
@@ -243,12 +287,14 @@ def _count_items(
         masks = np.zeros((3, n_blocks), np.uint64)
         xr_rows = np.zeros(3, np.int64)
         ones = np.ones(w, np.uint16)
+        dense = False  # scan mode of the next row: dense when a quarter of blocks are busy
         for rr in range(max(0, r0 - 1), min(h, r0 + 1)):
             slot = (rr - r0 + 3) % 3
-            xr_rows[slot] = _scan_row(
+            xr_rows[slot], busy = _scan_row(
                 frame[rr], lo[rr], dark[rr], gain[rr] if has_gain else ones,
-                sig[slot], masks[slot], w, full_blocks, n_blocks, gate, xray_level, top,
+                sig[slot], masks[slot], w, full_blocks, n_blocks, gate, xray_level, top, dense,
             )  # fmt: skip
+            dense = 4 * busy > n_blocks
         k = 0
         nxr = 0
         base = item * cap
@@ -259,10 +305,11 @@ def _count_items(
             nslot = (r + 1 - r0) % 3
             down = sig[nslot]
             if r + 1 < h:
-                xr_rows[nslot] = _scan_row(
+                xr_rows[nslot], busy = _scan_row(
                     frame[r + 1], lo[r + 1], dark[r + 1], gain[r + 1] if has_gain else ones,
-                    down, masks[nslot], w, full_blocks, n_blocks, gate, xray_level, top,
+                    down, masks[nslot], w, full_blocks, n_blocks, gate, xray_level, top, dense,
                 )  # fmt: skip
+                dense = 4 * busy > n_blocks
             else:
                 down[:] = SKIP
                 masks[nslot] = 0
