@@ -270,27 +270,33 @@ class Calibration:
         n = frames.shape[0]
         s1 = np.zeros(shape, np.float64)
         s2 = np.zeros(shape, np.float64)
-        for i in range(0, n, 16):
-            block = frames[i : i + 16].astype(np.float64)
+        step = max(1, (1 << 24) // (shape[0] * shape[1]))  # float64 blocks of <= 128 MB
+        for i in range(0, n, step):
+            block = frames[i : i + step].astype(np.float64)
             s1 += block.sum(axis=0)
             s2 += np.square(block).sum(axis=0)
         dark = s1 / n
         var = np.maximum(s2 / n - dark * dark, 0.0) * (n / (n - 1))
         noise = np.sqrt(var)
-        hot = ~np.isfinite(noise) | (noise <= 0)
+        # (a pixel whose n values happen to be equal has zero noise: with few frames
+        # thousands do, so zero noise is not a reason to mask)
+        hot = ~np.isfinite(noise)
         d_c, d_s = _robust_sigma(dark[~hot])
         n_c, n_s = _robust_sigma(noise[~hot])
-        # a floor on the spreads: a perfectly uniform dark must not make every pixel "hot"
+        # floors on the spreads: a perfectly uniform sensor must not make pixels "hot"
         d_s = max(d_s, 0.5 * n_c / math.sqrt(n))
         n_s = max(n_s, n_c / math.sqrt(2.0 * (n - 1)))
         hot |= dark > d_c + hot_sigma * d_s
         hot |= noise > n_c + hot_sigma * n_s
+        # typical noise: the RMS over the other pixels (the median of per-pixel
+        # estimates from few frames is biased low)
+        rms = math.sqrt(float(np.mean(var[~hot]))) if (~hot).any() else 1.0
         if mask is not None:
             hot |= _as_map("mask", mask, shape, bool)
         # A noise estimate from n frames scatters by about 1/sqrt(2 (n - 1)); pixels whose
         # estimate came out low would get a threshold below n_sigma of their true noise and
-        # fire on noise. Read noise is nearly uniform, so no pixel gets less than the median.
-        noise = np.where(hot, 1.0, np.maximum(noise, n_c))
+        # fire on noise. Read noise is nearly uniform, so no pixel gets less than the RMS.
+        noise = np.where(hot, 1.0, np.maximum(noise, rms))
         return cls(
             dark.astype(np.float32),
             noise.astype(np.float32),
@@ -344,7 +350,10 @@ class Calibration:
         xray_radius : int, default 2
             X-ray exclusion radius (Chebyshev distance, pixels).
         gain, mask : array_like, optional
-            As in :class:`Calibration`.
+            As in :class:`Calibration`. Hot pixels found in (up to 16 of) the
+            frames are added to the mask: values more than ``n_sigma`` noise
+            sigmas below the noise peak, or (with 4 or more frames) above the
+            background threshold far more often than their neighbours.
         n_samples : int, default 200000
             Number of pixel values sampled for the noise fit.
         seed : int, default 0
@@ -391,7 +400,7 @@ class Calibration:
             if pick.size == 0:
                 raise ValueError("mask covers every pixel: nothing to estimate from")
         sample = flat[pick]
-        centre, sigma = _robust_sigma(sample.astype(np.float64))
+        centre, sigma = _noise_peak(sample.astype(np.int64))
         if not sigma > 0:
             raise ValueError("cannot estimate the noise: the sampled pixels are all equal")
         xt: float | None
@@ -400,11 +409,14 @@ class Calibration:
             xt = None if xt is None else float(xray_factor) * xt
         else:
             xt = xray_threshold
+        hot = _hot_pixels(arr, centre, sigma, n_sigma)
+        if mask is not None:
+            hot |= _as_map("mask", mask, shape, bool)
         return cls(
             np.full(shape, centre, np.float32),
             np.full(shape, sigma, np.float32),
             gain=gain,
-            mask=mask,
+            mask=hot if hot.any() else None,
             n_sigma=n_sigma,
             xray_threshold=xt,
             xray_radius=xray_radius,
@@ -549,17 +561,84 @@ class Calibration:
         )
 
 
+def _noise_peak(x: np.ndarray) -> tuple[float, float]:
+    """Centre and sigma of the noise peak of integer pixel values ``x``.
+
+    Electrons only add positive signal, so the peak's lower side is clean: a Gaussian
+    is fitted to the logarithm of the histogram from 2.5 sigma below the mode to half
+    a sigma above it (weighted least squares, weights = counts). Falls back to the
+    clipped median/MAD estimate when the fit is not a peak.
+    """
+    centre0, sigma0 = _robust_sigma(x.astype(np.float64))
+    if not sigma0 > 0:
+        return centre0, sigma0
+    half = max(4, int(math.ceil(5 * sigma0)))
+    base = int(math.floor(centre0)) - half
+    counts = np.bincount(np.clip(x - base, 0, 2 * half), minlength=2 * half + 1)[1:-1]
+    xs = np.arange(1, 2 * half, dtype=np.float64) + base
+    smooth = np.convolve(counts, np.ones(3), mode="same")
+    mode = float(xs[int(np.argmax(smooth))])
+    lo_x = mode - max(3.0, 2.5 * sigma0)
+    hi_x = mode + max(1.0, 0.5 * sigma0)
+    sel = (xs >= lo_x) & (xs <= hi_x) & (counts > 0)
+    if np.count_nonzero(sel) < 4:
+        return centre0, sigma0
+    xf, nf = xs[sel] - mode, counts[sel].astype(np.float64)
+    coef = np.polyfit(xf, np.log(nf), 2, w=np.sqrt(nf))
+    if not coef[0] < 0:
+        return centre0, sigma0
+    sigma = math.sqrt(-1.0 / (2.0 * coef[0]))
+    centre = mode - coef[1] / (2.0 * coef[0])
+    if not (math.isfinite(sigma) and 0.3 * sigma0 < sigma < 3.0 * sigma0):
+        return centre0, sigma0
+    return centre, sigma
+
+
+def _hot_pixels(frames: np.ndarray, centre: float, sigma: float, n_sigma: float) -> np.ndarray:
+    """Hot (noisy) pixels in up to 16 frames with beam.
+
+    Two signs, each impossible for a normal pixel at counting doses:
+
+    - a value *below* ``centre - n_sigma * sigma`` in any frame (electrons only add
+      signal, so only a noisy pixel swings that far down);
+    - with 4 or more frames: above ``centre + n_sigma * sigma`` in at least a quarter
+      of the frames (and 3), and more than ``4 x mean of its 8 neighbours + 2``
+      times (illumination varies smoothly, so neighbours share a real pixel's rate).
+    """
+    n = min(16, frames.shape[0])
+    high = centre + n_sigma * sigma
+    low = centre - n_sigma * sigma
+    fired = np.zeros(frames.shape[1:], np.int32)
+    sank = np.zeros(frames.shape[1:], bool)
+    for f in frames[:n]:
+        fired += f > high
+        sank |= f < low
+    if n < 4:
+        return sank
+    h, w = fired.shape
+    p = np.pad(fired, 1)
+    around = np.zeros(fired.shape, np.int32)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                around += p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+    return sank | ((fired >= max(3, n // 4)) & (8 * fired > 4 * around + 16))
+
+
 def _electron_peak_scale(
     frames: np.ndarray, centre: float, sigma: float, n_sigma: float
 ) -> float | None:
     """Median signal of 3 x 3 local maxima above ``centre + n_sigma * sigma``.
 
     Used to place the X-ray threshold relative to a typical electron. Looks at
-    up to 8 frames; returns None when fewer than 20 peaks are found.
+    up to 8 frames, at most their central 1024 x 1024 pixels; returns None when
+    fewer than 20 peaks are found.
     """
-    sub = frames[: min(8, frames.shape[0])].astype(np.float64) - centre
+    h0, w0 = frames.shape[1:]
+    r0, c0 = max(0, (h0 - 1024) // 2), max(0, (w0 - 1024) // 2)
     peaks: list[np.ndarray] = []
-    for f in sub:
+    for raw in frames[: min(8, frames.shape[0]), r0 : r0 + 1024, c0 : c0 + 1024]:
+        f = raw.astype(np.float64) - centre
         p = np.pad(f, 1, constant_values=-np.inf)
         h, w = f.shape
         is_max = f > n_sigma * sigma
