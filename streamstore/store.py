@@ -543,9 +543,12 @@ class StoreWriter:
         if ids.size == 0:
             return
         stored = self._ids[: self._n_frames]
-        pos = np.searchsorted(stored, ids)
-        hit = (pos < stored.size) & (stored[np.minimum(pos, max(stored.size - 1, 0))] == ids)
-        if stored.size and np.any(hit):
+        if stored.size:  # (indexing an empty array raised IndexError before any frame)
+            pos = np.searchsorted(stored, ids)
+            hit = (pos < stored.size) & (stored[np.minimum(pos, stored.size - 1)] == ids)
+        else:
+            hit = np.zeros(ids.shape, bool)
+        if np.any(hit):
             raise ValueError(f"frame ids {ids[hit][:5].tolist()} are stored, not missing")
         new = [i for i in ids.tolist() if i not in self._missing_set]
         if new:
