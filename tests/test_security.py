@@ -225,7 +225,7 @@ def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_pat
     finally:
         for s in socks:
             s.close(0)
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 # ------------------------------------------------------------- output paths --
@@ -269,7 +269,7 @@ def test_escaping_series_ids_are_refused_and_nothing_leaves_the_output_dir(tmp_p
             "d.log",
         }
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
 
 
 def _forge(header: dict, sid_json: str) -> bytes:
@@ -301,7 +301,7 @@ def test_output_symlinks_are_never_followed(tmp_path, series):
             assert d.stop() == 0
             log = d.log()
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
     assert victim.read_bytes() == b"precious"
     assert not (outside / "new.h5").exists()
     assert (out / "run.h5").is_symlink() and (out / "run-1.h5").is_symlink()
@@ -328,6 +328,6 @@ def test_files_are_created_with_the_process_umask(tmp_path, series, umask):
             s.close(0)
             assert d.stop() == 0
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)
     assert _mode(out / "masked.h5") == 0o644 & ~umask
     assert _mode(out) == 0o777 & ~umask
