@@ -427,6 +427,11 @@ class StoreWriter:
         return self._n_flushed
 
     @property
+    def unflushed_frame_ids(self) -> np.ndarray:
+        """Ids of the frames appended since the last completed flush (lost if writing fails now)."""
+        return self._ids[self._n_flushed : self._n_frames].copy()
+
+    @property
     def n_events_written(self) -> int:
         """Events appended so far."""
         return self._n_events
