@@ -574,6 +574,22 @@ class WriteStage(_Stage):
                 series.series_id,
                 exc,
             )
+            # (helper G) frames appended since the writer's last completed flush are
+            # not in the file either: count them as missing, not stored
+            writer = self._writers.get(id(series))
+            given = set(frame_ids)
+            lost = [] if writer is None else [int(i) for i in writer.unflushed_frame_ids]
+            lost = [i for i in lost if i not in given]
+            if lost:
+                log.error(
+                    "series %s: %d frame(s) appended since the last good flush are lost too",
+                    series.series_id,
+                    len(lost),
+                )
+                series.stored -= len(lost)
+                self.counters.frames_stored -= len(lost)
+                series.missing_ids.extend(lost)
+                self.counters.missing += len(lost)
         self._failed.add(id(series))
         self.counters.write_errors += 1
         series.missing_ids.extend(frame_ids)
