@@ -74,6 +74,8 @@ def _daemon(config: Any, results: Any) -> None:
             "path": str(s.path),
             "seconds": (s.closed_t or 0.0) - (s.first_frame_t or 0.0),
             "cpu_s": dict(s.cpu_s),
+            "process_cpu_s": (s.cpu_at_close or {}).get("process", 0.0)
+            - (s.process_cpu_first or 0.0),
         }
         for s in d.closed
     ]
@@ -96,14 +98,18 @@ def measure_ingest(
     out_dir: str,
     *,
     threads: int | None = 1,
+    encode_threads: int | None = None,
     max_buffer_mb: float = 1024.0,
     hwm: int = 4,
 ) -> dict[str, Any]:
     """Stream a warm-up and a timed series to a daemon process; return its figures."""
+    import zmq
+
     from streamstore.ingest.daemon import IngestConfig
     from streamstore.protocol import Sender, Start
 
     endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    status_endpoint = f"tcp://127.0.0.1:{_free_port()}"
     _, h, w = pool.shape
     cfg = IngestConfig(
         out_dir=out_dir,
@@ -111,8 +117,10 @@ def measure_ingest(
         calibration=calibration_path,
         max_buffer_mb=max_buffer_mb,
         threads=threads,
+        encode_threads=encode_threads,
         max_frame_bytes=int(pool[0].nbytes),
         exit_after_series=2,
+        status_endpoint=status_endpoint,
         status_interval_s=3600.0,
     )
     spawn = mp.get_context("spawn")
@@ -120,6 +128,10 @@ def measure_ingest(
     proc = spawn.Process(target=_daemon, args=(cfg, results))
     proc.start()
     sender = Sender(endpoint, bind=False, sndhwm=hwm, send_timeout_s=300, linger_s=60)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(status_endpoint)
     try:
         t_send = {}
         for sid, n in (("warmup", WARMUP_FRAMES), ("timed", n_frames)):
@@ -129,8 +141,17 @@ def measure_ingest(
                 sender.send_image(sid, i, pool[i % len(pool)], timestamp_ns=i)
             sender.send_end(sid, n)
             t_send[sid] = time.perf_counter() - t0
+            if sid == "warmup":  # imports and kernel loading finish before the timed series
+                deadline = time.monotonic() + 300
+                while time.monotonic() < deadline:
+                    if sub.poll(1000) and json.loads(sub.recv())["series_closed"] >= 1:
+                        break
+                else:
+                    raise RuntimeError("the warm-up series did not close within 300 s")
         res = results.get(timeout=600)
     finally:
+        sub.close(0)
+        ctx.term()
         sender.close(linger_s=0)
         proc.join(60)
         if proc.is_alive():
@@ -139,13 +160,12 @@ def measure_ingest(
     if res["rc"] != 0:
         raise RuntimeError(f"daemon exited with {res['rc']}")
     timed = res["series"][1]
-    # each stage's thread CPU spent on the timed series; "other" (worker threads of
-    # numba / blosc2, the ZeroMQ I/O thread, start-up) per frame over the whole run
+    # each stage's thread CPU spent on the timed series; "other": the rest of the
+    # process CPU from its first image to its close (numba / blosc2 worker threads,
+    # the ZeroMQ I/O thread, status)
     stages = {k: timed["cpu_s"][k] / n_frames for k in ("receive", "count", "write")}
-    tot = res["cpu_total"]
-    n_all = n_frames + WARMUP_FRAMES
-    other = tot["process"] - tot["receive"] - tot["count"] - tot["write"]
-    stages["other"] = max(0.0, other / n_all)
+    other = timed["process_cpu_s"] - sum(timed["cpu_s"].values())
+    stages["other"] = max(0.0, other / n_frames)
     per_frame = sum(stages.values())
     size = os.path.getsize(timed["path"])
     return {
@@ -181,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=1, help="counting threads in the daemon (default 1)"
     )
+    p.add_argument(
+        "--encode-threads", type=int, default=None, help="blosc2 threads (default: all cores)"
+    )
     p.add_argument("--max-buffer-mb", type=float, default=1024.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -214,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             cal_path,
             os.path.join(tmp, "out"),
             threads=args.threads,
+            encode_threads=args.encode_threads,
             max_buffer_mb=args.max_buffer_mb,
         )
     ratio = ingest["fps"] / ceiling["fps"]

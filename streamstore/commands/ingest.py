@@ -66,6 +66,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="counting threads (default: all cores)"
     )
     p.add_argument(
+        "--encode-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="blosc2 compression threads (default: all cores)",
+    )
+    p.add_argument(
         "--max-frame-bytes",
         type=int,
         default=K3_FRAME_BYTES,
@@ -144,6 +151,7 @@ def config_from_args(args: argparse.Namespace):
         reorder_window=args.reorder_window,
         subpixel=args.subpixel,
         threads=args.threads,
+        encode_threads=getattr(args, "encode_threads", None),
         max_frame_bytes=args.max_frame_bytes,
         allow_remote=args.allow_remote,
         curve_keys=args.curve_keys,

@@ -88,6 +88,8 @@ class IngestConfig:
         Store sub-pixel positions.
     threads : int, optional
         Threads of the counting kernel (None: all cores).
+    encode_threads : int, optional
+        Threads blosc2 uses to compress (None: all cores).
     max_frame_bytes : int, default 4092 * 5760 * 2
         Largest frame accepted; sets ZeroMQ's maximum message size.
     allow_remote : bool, default False
@@ -137,6 +139,7 @@ class IngestConfig:
     reorder_window: int = 64
     subpixel: bool = False
     threads: int | None = None
+    encode_threads: int | None = None
     max_frame_bytes: int = K3_FRAME_BYTES
     allow_remote: bool = False
     exit_after_series: int | None = None
@@ -173,6 +176,8 @@ class IngestConfig:
             raise UserError(f"--max-frame-bytes must be > 0, got {self.max_frame_bytes}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
+        if self.encode_threads is not None and self.encode_threads < 1:
+            raise UserError(f"--encode-threads must be >= 1, got {self.encode_threads}")
         if self.exit_after_series is not None and self.exit_after_series < 1:
             raise UserError(f"--exit-after-series must be >= 1, got {self.exit_after_series}")
         if self.curve_keys is not None:
@@ -362,6 +367,7 @@ class IngestDaemon:
             cfg.out_dir,
             subpixel=cfg.subpixel,
             flush_interval_s=cfg.flush_interval_s,
+            encode_threads=cfg.encode_threads,
             on_closed=self._on_closed,
             paths=_shard_paths(cfg.worker_id),
         )
@@ -670,6 +676,7 @@ class IngestDaemon:
         now = time.monotonic()
         if s.first_frame_t is None:
             s.first_frame_t = s.info.first_frame_t = now
+            s.info.process_cpu_first = time.process_time()
         s.last_frame_t = now
         item = FrameItem(s.info, int(msg.frame_id), int(msg.timestamp_ns), array, expected)
         self.budget.add(expected)

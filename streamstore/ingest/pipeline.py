@@ -118,6 +118,7 @@ class SeriesInfo:
     first_frame_t: float | None = None
     closed_t: float | None = None
     cpu_at_close: dict[str, float] | None = None
+    process_cpu_first: float | None = None  # time.process_time() at the first image
     # thread CPU seconds spent on this series, by stage
     cpu_s: dict[str, float] = field(
         default_factory=lambda: {"receive": 0.0, "count": 0.0, "write": 0.0}
@@ -442,6 +443,8 @@ class WriteStage(_Stage):
         At most this much time of frames is unflushed (SIGKILL loses no more).
     on_closed : callable, optional
         Called with each closed :class:`SeriesInfo` (status, exit-after-N).
+    encode_threads : int, optional
+        Threads blosc2 uses to compress (None: all cores).
     paths : callable, optional
         ``paths(out_dir, series_id)`` yields candidate file paths of a series;
         default :func:`~streamstore.ingest.safety.candidate_paths`.
@@ -458,8 +461,10 @@ class WriteStage(_Stage):
         flush_interval_s: float = 1.0,
         on_closed: Any = None,
         paths: Any = None,
+        encode_threads: int | None = None,
     ) -> None:
         super().__init__("write", inbox)
+        self.encode_threads = encode_threads
         # candidate file paths of a series (scale-out workers: DIR/<id>/shard-K.h5)
         self.paths = paths if paths is not None else candidate_paths
         self.budget = budget
@@ -472,6 +477,7 @@ class WriteStage(_Stage):
         self._writers: dict[int, Any] = {}  # id(series) -> StoreWriter
         self._open_series: dict[int, SeriesInfo] = {}
         self._failed: set[int] = set()
+        self._summaries: dict[int, tuple[Any, dict]] = {}
         self._last_flush = time.monotonic()
         self._closed_bytes = 0
 
@@ -500,11 +506,12 @@ class WriteStage(_Stage):
                     series.frame_shape,
                     frame_time_s=start.frame_time_s,
                     pixel_size_A=getattr(start, "pixel_size_A", None),
-                    calibration=series.calibration,
+                    calibration=self._calibration_summary(series.calibration),
                     meta=meta,
                     raw_dtype=start.np_dtype,
                     subpixel=self.subpixel,
                     flush_interval_s=self.flush_interval_s,
+                    nthreads=self.encode_threads,
                 )
             except FileExistsError:
                 continue  # somebody created it between the check and now
@@ -522,6 +529,16 @@ class WriteStage(_Stage):
         self._open_series[key] = series
         log.info("series %s -> %s", series.series_id, path)
         return writer
+
+    def _calibration_summary(self, cal: Any) -> Any:
+        """``cal.summary()``, computed once per calibration (about 1 s at 24 MP)."""
+        if cal is None or not hasattr(cal, "summary"):
+            return cal
+        hit = self._summaries.get(id(cal))
+        if hit is None or hit[0] is not cal:
+            hit = (cal, dict(cal.summary()))
+            self._summaries = {id(cal): hit}  # keep the latest only
+        return dict(hit[1])
 
     def _file_bytes(self, series: SeriesInfo) -> int:
         try:
