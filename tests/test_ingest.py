@@ -500,3 +500,59 @@ def test_memory_stays_bounded_while_the_writer_is_slow(tmp_path):
     )
     store = streamstore.open(tmp_path / "out" / "slow.h5")
     assert store.n_frames == n and store.accounting["missing"] == 0
+
+
+# -- no calibration given: estimated from the first frames; SIGINT ----------------------
+def test_estimated_calibration_and_sigint(tmp_path, frames):
+    d = Daemon(tmp_path / "out", "--threads", "1", "--idle-timeout", "300")
+    try:
+        with d.sender() as s:
+            send_series(s, "est", frames, range(20))
+            d.wait_closed(1)
+            send_series(s, "interrupted", frames, range(6), end=False)
+            # 6 frames: fewer than the 8 the estimate waits for, so they are still held
+            d.wait_for(lambda st: st["frames_received"] >= 26)
+        rc = d.stop(signal.SIGINT)
+    finally:
+        d.kill()
+    assert rc == 0, d.log()
+    store = streamstore.open(tmp_path / "out" / "est.h5")
+    assert store.attrs["calibration_source"] == "estimate"
+    assert "estimate:first 8 frames of est" in json.dumps(store.meta)
+    cal = streamstore.Calibration.estimate(frames[:8])
+    assert store.events(0, 20) == streamstore.count(frames[:20], cal)
+    # the next series has no calibration of its own either: estimated again, then SIGINT
+    cut = streamstore.open(tmp_path / "out" / "interrupted.h5")
+    assert cut.n_frames == 6 and cut.accounting["complete"] is False
+    assert cut.accounting.get("reason") == "shutdown"
+    assert cut.events(0, 6) == streamstore.count(
+        frames[:6], streamstore.Calibration.estimate(frames[:6])
+    )
+
+
+def test_status_command_prints_the_published_status(daemon):
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamstore", "status", daemon.status_endpoint, "--json"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    st = json.loads(proc.stdout)
+    for key in ("fps", "gb_per_s_in", "events_per_s", "queue_fill", "frames_received",
+                "frames_stored", "missing", "duplicate", "rejected"):  # fmt: skip
+        assert key in st
+    human = subprocess.run(
+        [sys.executable, "-m", "streamstore", "status", daemon.status_endpoint],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert human.returncode == 0 and "frames/s" in human.stdout and "rejected" in human.stdout
+
+
+def test_cli_refuses_remote_bind_without_allow_remote(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamstore", "ingest", "--out", str(tmp_path / "o"),
+         "--listen", "tcp://0.0.0.0:5599"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--allow-remote" in proc.stderr
+    assert not (tmp_path / "o").exists()
