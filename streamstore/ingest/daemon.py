@@ -60,6 +60,11 @@ SWITCH_INTERVAL_S = 0.0002
 # log the first few rejections of each reason in full, then one line in 1000
 _LOG_FIRST = 20
 
+#: (helper G) Most frame ids one message may declare missing. Without a cap, one
+#: hostile image (frame_id 10**12) or end (n_frames 10**12) of the open series made
+#: the tracker list every id before it: MemoryError, the daemon died.
+MAX_ID_JUMP = 1 << 20
+
 
 @dataclass
 class IngestConfig:
@@ -671,6 +676,14 @@ class IngestDaemon:
             s.rejected += 1
             self._reject("payload_size", f"series {sid} image {msg.frame_id}: {exc}")
             return
+        if int(msg.frame_id) - s.tracker.next_id > MAX_ID_JUMP:
+            s.rejected += 1
+            self._reject(
+                "frame_id_range",
+                f"series {sid} image {msg.frame_id}: more than {MAX_ID_JUMP} ids ahead of the "
+                f"next expected frame {s.tracker.next_id}",
+            )
+            return
         self.counters.frames_received += 1
         self.counters.bytes_received += expected
         now = time.monotonic()
@@ -738,6 +751,15 @@ class IngestDaemon:
         if not complete:
             # without an end we know only the ids up to the highest one seen
             expected = max(int(n_sent or 0), s.tracker.max_id + 1)
+        cap = max(s.tracker.next_id, s.tracker.max_id + 1) + MAX_ID_JUMP
+        if expected > cap:
+            log.warning(
+                "series %s: the sender claims %d frames; recording at most %d ids as missing",
+                s.info.series_id,
+                expected,
+                cap - s.tracker.next_id,
+            )
+            expected = cap
         s.info.n_expected = expected
         offer = s.tracker.finish(expected)
         self._forward(s, offer)
