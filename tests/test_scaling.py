@@ -9,7 +9,9 @@ calibration file, ``streamstore.count`` of every frame).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -272,3 +274,55 @@ def test_workers_count_must_be_positive(tmp_path, bad):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--workers must be >= 1" in proc.stderr
+
+
+def test_emulate_workers_feeds_ingest_workers_from_the_command_line(tmp_path):
+    """The user-facing path: `emulate --workers 2` -> `ingest --workers 2` -> open(DIR/<id>)."""
+    ep = free_endpoint()
+    out, log = tmp_path / "out", tmp_path / "ingest.log"
+    proc = _ingest(out, "--connect", ep, "--workers", "2", "--exit-after-series", "2", log=log)
+    try:
+        emu = subprocess.run(
+            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", ep, "--workers", "2",
+             "--shape", "48x80", "--frames", "40", "--dark-frames", "8", "--series-id", "cli",
+             "--timeout", "90", "--json"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        assert emu.returncode == 0, emu.stderr
+        summary = json.loads(emu.stdout)
+        assert summary["workers"] == 2
+        assert summary["control_endpoint"].endswith(str(int(ep.rsplit(":", 1)[1]) + 1))
+        assert _wait(proc, log) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    with streamstore.open(out / "cli") as s:
+        np.testing.assert_array_equal(s.frame_ids, np.arange(40))
+        assert s.accounting["complete"] is True and s.accounting["shards"] == 2
+    manifest = json.loads((out / "cli" / "manifest.json").read_text())
+    # each worker calibrated from its own share of the dark series
+    assert all("dark_frames:cli_dark" in e["calibration_source"] for e in manifest["shards"])
+
+
+def test_sigterm_to_the_ingest_parent_stops_every_worker(tmp_path):
+    import psutil
+
+    ep = free_endpoint()
+    out, log = tmp_path / "out", tmp_path / "ingest.log"
+    proc = _ingest(out, "--connect", ep, "--workers", "2", log=log)
+    try:
+        deadline = time.monotonic() + 90
+        while log.read_text().count("start/end from") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # both workers are up
+        children = psutil.Process(proc.pid).children()
+        assert len(children) >= 2, log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()
+        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert log.read_text().count("stopped:") == 2
