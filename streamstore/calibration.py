@@ -327,9 +327,10 @@ class Calibration:
 
         For data whose dark offset the camera already subtracted (the 4D
         Camera does this), or as a stop-gap before dark frames exist. Samples
-        up to ``n_samples`` pixel values, finds the noise peak robustly
-        (median and MAD, then iterated 3-sigma-clipped fits around the mode),
-        and sets a uniform dark (the peak centre) and noise (its sigma).
+        up to ``n_samples`` pixel values and fits a Gaussian to the logarithm of
+        their histogram on the clean side of the noise peak (electrons only add
+        signal), falling back to median/MAD with clipped refits; sets a uniform
+        dark (the peak centre) and noise (its sigma).
         Unsigned values that wrapped below zero (65533 for -3) are detected
         and read as negative; the result has ``wrapped=True`` so counting
         reads the frames the same way.
