@@ -42,6 +42,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from streamstore.errors import UserError
 from streamstore.protocol import Sender, encode_end, encode_start
 
@@ -359,8 +361,9 @@ class ControlState:
     end_grace_s : float
         Quiet time on the data socket (while reading) after which an ``end``
         received on the control channel closes its series. The grace grows to
-        four times the longest gap between this series' images (at most
-        ``MAX_GRACE_S``), so slow links and big frames are waited for.
+        four times the typical (median) gap between this series' recent images
+        (at most ``MAX_GRACE_S``), so slow links and big frames are waited for,
+        while a pause of the sender does not stretch it.
     wait_s : float
         How long images of a series whose ``start`` has not arrived are kept.
     max_pending_bytes : int
@@ -393,8 +396,8 @@ class ControlState:
 
     def grace_s(self) -> float:
         """The quiet time that closes an ending series now."""
-        longest = max(self._gaps, default=0.0)
-        return max(self.end_grace_s, min(MAX_GRACE_S, 4.0 * longest))
+        typical = float(np.median(self._gaps)) if self._gaps else 0.0
+        return max(self.end_grace_s, min(MAX_GRACE_S, 4.0 * typical))
 
     # -- control messages ------------------------------------------------------
     def on_control(self, parts: list[Any]) -> None:
