@@ -3,9 +3,9 @@
 More than 10,000 malformed or hostile messages (truncated JSON, wrong types,
 huge declared shapes, negative ids, payloads too short and too long, extra
 and missing parts, binary garbage, non-UTF-8, deep nesting, NaN, valid
-headers of foreign series, duplicates of stored frames) are sent over one
-socket, interleaved with a valid series, to a real ``streamstore ingest``
-subprocess. Afterwards:
+headers of foreign series, frame ids far ahead, duplicates of stored frames)
+are sent over one socket, interleaved with a valid series, to a real
+``streamstore ingest`` subprocess. Afterwards:
 
 * the daemon is still running and exits 0 on SIGTERM;
 * every valid frame is stored once, and its events equal ``streamstore.count``;
@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 
 import streamstore
 from streamstore import protocol
+from streamstore.ingest.daemon import MAX_ID_JUMP
 
 VALID = "valid"
 N_VALID = 300
@@ -60,6 +61,8 @@ class Oracle:
             return None if msg.series_id == VALID else "rejected"
         if msg.series_id != VALID or msg.nbytes != self.frame_nbytes:
             return "rejected"
+        if msg.frame_id - self.next_valid > MAX_ID_JUMP:
+            return "rejected"  # would make every id before it missing
         return "duplicate" if msg.frame_id < self.next_valid else None
 
 
@@ -87,7 +90,7 @@ def _raw_message(series: Series, rng: np.random.Generator, next_valid: int) -> t
     frame = series.frame(0)
     sid = VALID if rng.random() < 0.5 else f"ghost-{rng.integers(1000)}"
     h = _headers(series, rng, sid)
-    cat = int(rng.integers(16))
+    cat = int(rng.integers(17))
     if cat == 0:  # truncated JSON
         text = json.dumps(h).encode()
         return "truncated json", [text[: rng.integers(len(text))]]
@@ -162,6 +165,9 @@ def _raw_message(series: Series, rng: np.random.Generator, next_valid: int) -> t
             return "second start", [json.dumps(h).encode()]
         fid = int(rng.integers(0, next_valid))
         return "duplicate", series.image(VALID, fid)
+    if cat == 16:  # a valid image of the open series with a frame id far ahead
+        fid = int(rng.integers(MAX_ID_JUMP + N_VALID + 1, 1 << 62))
+        return "huge frame id", protocol.encode_image(VALID, fid, 0, frame)
     # cat 15: bad series ids (escaping paths, NUL, too long) in otherwise valid headers
     h["series_id"] = ["../x", "/abs", "a\x00b", "", "x" * 65, ".hid", "a b", "é"][rng.integers(8)]
     return "bad series_id", [json.dumps(h).encode()] + ([frame] if h["htype"] == "image" else [])

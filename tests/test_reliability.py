@@ -259,6 +259,36 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
         )
 
 
+def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
+    """One image 10**12 ids ahead, or an end claiming 10**13 frames, used to kill the daemon."""
+    from streamstore import protocol
+    from streamstore.ingest.daemon import MAX_ID_JUMP
+
+    out = tmp_path / "out"
+    ctx = zmq.Context()
+    try:
+        with Daemon(out, calibration=series.calibration_path) as d:
+            d.wait_ready()
+            s = pusher(ctx, d.listen)
+            s.send_multipart(series.start("far"))
+            _send(s, series, "far", range(5))
+            s.send_multipart(protocol.encode_image("far", 10**12, 0, series.frame(0)), copy=False)
+            _send(s, series, "far", range(5, 8))
+            s.send_multipart(series.end("far", 10**13))
+            st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
+            assert d.proc.poll() is None
+            s.close(0)
+            assert d.stop() == 0
+    finally:
+        ctx.destroy(linger=0)
+    assert st["rejected_by_reason"]["frame_id_range"] == 1
+    assert st["missing"] == MAX_ID_JUMP
+    with streamstore.open(out / "far.h5") as store:
+        assert store.frame_ids.tolist() == list(range(8))
+        assert store.missing_frame_ids.size == MAX_ID_JUMP
+        assert int(store.missing_frame_ids[0]) == 8
+
+
 def test_mark_missing_before_any_frame_is_stored(tmp_path):
     """Regression: a restarted daemon marks ids missing before its first frame."""
     from streamstore.events import EventBatch
