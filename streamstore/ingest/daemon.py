@@ -288,8 +288,9 @@ class IngestDaemon:
         if self.config.worker_id is not None and series.kind == "data":
             from streamstore.fanout import record_shard
 
+            cfg = self.config
             try:
-                record_shard(series, worker_id=self.config.worker_id, n_workers=cfg_n(self))
+                record_shard(series, worker_id=cfg.worker_id, n_workers=cfg.n_workers)
             except OSError as exc:
                 log.error("series %s: cannot update the manifest: %s", series.series_id, exc)
         with self._closed_lock:
@@ -788,11 +789,6 @@ def _nbytes(payload: Any) -> int:
     if buf is not None:
         return int(memoryview(buf).nbytes)
     return len(payload)
-
-
-def cfg_n(daemon: IngestDaemon) -> int | None:
-    """Workers the stream is dealt over, as configured (None: unknown)."""
-    return daemon.config.n_workers
 
 
 def _shard_paths(worker_id: int | None) -> Any:
