@@ -224,3 +224,71 @@ def test_endpoints_are_derived_by_port_offset():
     assert offset_endpoint("tcp://10.0.0.2:7000", 3) == "tcp://10.0.0.2:7003"
     with pytest.raises(UserError, match="cannot derive"):
         offset_endpoint("tcp://host", 1)
+
+
+_WRITER = """
+import sys
+import numpy as np
+import streamstore
+from streamstore.events import EventBatch
+
+d, shape = sys.argv[1], (24, 40)
+frames = np.load(d + "/frames.npy")
+
+
+def batch(ids):
+    offs, idx = [0], []
+    for f in frames[ids]:
+        nz = np.flatnonzero(f.ravel())
+        idx.append(nz)
+        offs.append(offs[-1] + nz.size)
+    return EventBatch(np.array(offs, np.int64), np.concatenate(idx).astype(np.uint32), None, shape)
+
+
+ws = [streamstore.StoreWriter(f"{d}/shard-{k}.h5", shape, frame_time_s=1e-3) for k in range(2)]
+for lo in (0, 10):
+    for k, w in enumerate(ws):
+        ids = np.arange(lo + k, lo + 10, 2)
+        w.append(batch(ids), ids, ids)
+        w.flush()
+    print("flushed", flush=True)
+    sys.stdin.readline()
+for w in ws:
+    w.close()
+"""
+
+
+def test_refresh_picks_up_frames_the_shards_flushed_since_opening(tmp_path, rng):
+    """Shards being written by another process (SWMR): refresh() sees the new frames."""
+    import subprocess
+    import sys
+
+    frames = _frames(rng)
+    d = tmp_path / "ser"
+    d.mkdir()
+    np.save(d / "frames.npy", frames)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, str(d)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout.readline().strip() == "flushed"
+        with streamstore.open(d) as s:
+            assert s.swmr and s.n_frames == 10
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert writer.stdout.readline().strip() == "flushed"
+            assert s.refresh() == 20
+            np.testing.assert_array_equal(s.frame_ids, np.arange(20))
+            np.testing.assert_array_equal(s.sum(), frames[:20].sum(0))
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        assert writer.wait(60) == 0
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait(10)
+        writer.stdin.close()
+        writer.stdout.close()
