@@ -19,7 +19,9 @@ file 20 x too big). So:
   next chunk boundary: the padding is a hole that no frame addresses
   (``event_offset`` is the dataset position of a frame's first event; a
   frame's events are always contiguous). Zeros compress to almost nothing.
-  At close the extent ends at the last event.
+  At close the extent ends at the last event if it was written by the final
+  flush (HDF5 datasets are never shrunk: that would rewrite a chunk through the
+  filter), so trailing padding may remain inside the extent.
 * Per-frame datasets (row ``i`` is frame ``i``, no holes possible): a chunk
   written whole is compressed (ZSTD); a chunk that must be published while
   partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
