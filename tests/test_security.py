@@ -228,6 +228,42 @@ def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_pat
         ctx.destroy(linger=0)
 
 
+def test_curve_when_the_daemon_connects_to_a_camera_that_binds(tmp_path, series):
+    """`ingest --connect` stays the CURVE server; the binding camera is the client."""
+    from streamstore.security import curve_client, make_keys
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["cam"])
+    ctx = zmq.Context()
+    try:
+        cam = ctx.socket(zmq.PUSH)
+        cam.setsockopt(zmq.LINGER, 0)
+        curve_client(cam, keys, "cam")
+        port = cam.bind_to_random_port("tcp://127.0.0.1")
+        mon = cam.get_monitor_socket()
+        with Daemon(
+            tmp_path / "out",
+            connect=f"tcp://127.0.0.1:{port}",
+            calibration=series.calibration_path,
+            args=("--curve-keys", str(keys)),
+        ) as d:
+            d.wait_ready()
+            assert zmq.EVENT_HANDSHAKE_SUCCEEDED in _handshake_events(mon, 20.0)
+            cam.send_multipart(series.start("linked", 6))
+            for i in range(6):
+                cam.send_multipart(series.image("linked", i), copy=False)
+            cam.send_multipart(series.end("linked", 6))
+            d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
+            assert d.stop() == 0
+        cam.disable_monitor()
+        mon.close(0)
+        cam.close(0)
+        with streamstore.open(tmp_path / "out" / "linked.h5") as store:
+            assert series.check_store(store) == 6
+    finally:
+        ctx.destroy(linger=0)
+
+
 # ------------------------------------------------------------- output paths --
 ESCAPING_IDS = ["../x", "../../etc/evil", "/tmp/abs", "a/../../b", "a\x00b", "..", ".hidden"]
 
