@@ -297,6 +297,8 @@ def export_tiff(
         raise UserError(f"dose per fraction must be a positive number, got {dose_per_fraction!r}")
     for p in (out, dose_path) + ((fmint_path,) if pixel else ()):
         _free_out(p, overwrite)
+    if overwrite and not pixel and fmint_path.exists():
+        fmint_path.unlink()  # a stale -FmIntFile from an earlier export would mislead
     if store.n_frames == 0:
         raise UserError("the series holds no frames yet")
 
