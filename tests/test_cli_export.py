@@ -287,3 +287,30 @@ def test_tiff_from_a_sharded_series(tmp_path):
     with streamstore.open(d) as st:
         pages = _check_pages_equal_sums(st, tmp_path / "s.tif", st.fractions(0.05))
         assert pages.sum() == st.event_counts.sum()
+
+
+def test_remainder_rule_against_brute_force(stores, tmp_path):
+    from streamstore.export import export_tiff
+
+    with streamstore.open(stores["run"]) as st:
+        dose = st.dose(unit="e/px")
+        total = float(dose.sum())
+        for i, x in enumerate(np.linspace(3 * dose.max(), total / 2, 9)):
+            r = export_tiff(st, tmp_path / f"t{i}.tif", x, progress=False)
+            # with fractions much larger than one frame no fraction is skipped, so the
+            # full fractions are exactly floor(total / x)
+            assert r.n_pages == int(np.floor(total / x)), x
+            assert r.fractions[0].start == 0
+            pairs = zip(r.fractions, r.fractions[1:], strict=False)
+            assert all(a.stop == b.start for a, b in pairs)
+            end = r.fractions[-1].stop
+            if r.remainder is None:
+                assert end == st.n_frames
+            else:  # the frames after the last full fraction, with less than x
+                assert r.remainder == slice(end, st.n_frames)
+                assert r.remainder_dose == pytest.approx(float(dose[end:].sum()))
+                assert r.remainder_dose < x
+            # every full fraction reaches its share of the running dose
+            cum = np.cumsum(dose)
+            for k, f in enumerate(r.fractions):
+                assert cum[f.stop - 1] >= (k + 1) * x * (1 - 1e-12)
