@@ -505,17 +505,22 @@ def test_memory_stays_bounded_while_the_writer_is_slow(tmp_path):
 # -- no calibration given: estimated from the first frames; SIGINT ----------------------
 def test_estimated_calibration_and_sigint(tmp_path, frames):
     d = Daemon(tmp_path / "out", "--threads", "1", "--idle-timeout", "300")
+    flat = np.full((10, *SHAPE), 100, np.uint16)  # nothing to estimate a noise from
     try:
         with d.sender() as s:
+            send_series(s, "flat", flat, range(10))
             send_series(s, "est", frames, range(20))
-            d.wait_closed(1)
+            d.wait_closed(2)
             send_series(s, "interrupted", frames, range(6), end=False)
             # 6 frames: fewer than the 8 the estimate waits for, so they are still held
-            d.wait_for(lambda st: st["frames_received"] >= 26)
+            d.wait_for(lambda st: st["frames_received"] >= 36)
         rc = d.stop(signal.SIGINT)
     finally:
         d.kill()
     assert rc == 0, d.log()
+    lost = streamstore.open(tmp_path / "out" / "flat.h5")  # the daemon carried on
+    assert lost.n_frames == 0 and sorted(lost.missing_frame_ids) == list(range(10))
+    assert "cannot estimate a calibration" in d.log()
     store = streamstore.open(tmp_path / "out" / "est.h5")
     assert store.attrs["calibration_source"] == "estimate"
     assert "estimate:first 8 frames of est" in json.dumps(store.meta)

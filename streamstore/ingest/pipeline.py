@@ -201,7 +201,10 @@ class _Stage(threading.Thread):
                     self.stop()
                     return
                 t0 = time.thread_time()
-                self.handle(item)
+                try:
+                    self.handle(item)
+                except Exception as exc:  # no message may stop the daemon
+                    self.item_failed(item, exc)
                 dt = time.thread_time() - t0
                 self.cpu_s += dt
                 series = getattr(item, "series", None)
@@ -215,6 +218,18 @@ class _Stage(threading.Thread):
 
     def idle(self) -> None:
         pass
+
+    def item_failed(self, item: Any, exc: Exception) -> None:
+        """An item raised: log it loudly; the stage carries on."""
+        series = getattr(item, "series", None)
+        log.error(
+            "%s stage: %s of series %s failed: %s: %s",
+            self.name,
+            type(item).__name__,
+            getattr(series, "series_id", "?"),
+            type(exc).__name__,
+            exc,
+        )
 
     def stop(self) -> None:
         pass
@@ -277,6 +292,7 @@ class CountStage(_Stage):
         self._counter_key: Any = None
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
         self._dark: list[np.ndarray] = []
+        self._dark_capped = False
 
     # -- calibration ---------------------------------------------------------
     def stop(self) -> None:
@@ -306,7 +322,16 @@ class CountStage(_Stage):
 
         frames = [it.array for it in self._pending if isinstance(it, FrameItem)]
         if frames:
-            series.calibration = Calibration.estimate(np.stack(frames))
+            try:
+                series.calibration = Calibration.estimate(np.stack(frames))
+            except ValueError as exc:
+                log.error(
+                    "series %s: cannot estimate a calibration from its first %d frames: %s",
+                    series.series_id,
+                    len(frames),
+                    exc,
+                )
+                return
             series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
             log.info(
                 "series %s: no dark frames or calibration file; estimated the calibration "
@@ -339,8 +364,22 @@ class CountStage(_Stage):
         elif isinstance(item, FrameItem):
             series = item.series
             if series.kind == "dark":
-                if len(self._dark) < self.max_dark_frames:
+                # dark copies count against the memory budget (a quarter of it at most)
+                held = sum(f.nbytes for f in self._dark)
+                if (
+                    len(self._dark) < self.max_dark_frames
+                    and held + item.nbytes <= self.budget.capacity // 4
+                ) or len(self._dark) < 2:
                     self._dark.append(np.array(item.array, copy=True))
+                    self.budget.add(item.nbytes)
+                elif not self._dark_capped:
+                    self._dark_capped = True
+                    log.warning(
+                        "dark series %s: keeping %d frames for the calibration "
+                        "(memory budget / 4 or the dark-frame limit); later ones are not used",
+                        series.series_id,
+                        len(self._dark),
+                    )
                 self.budget.release(item.nbytes)
                 self.counters.frames_counted += 1
             elif series.calibration is None:
@@ -366,10 +405,33 @@ class CountStage(_Stage):
         else:  # pragma: no cover - programming error
             raise TypeError(f"count stage got an unexpected item {item!r}")
 
+    def item_failed(self, item: Any, exc: Exception) -> None:
+        super().item_failed(item, exc)
+        if isinstance(item, FrameItem):
+            self._lose([item])
+        elif isinstance(item, CloseItem | OpenItem | MissingItem):
+            self.outbox.put(item)  # keep the series' bookkeeping going
+
+    def _lose(self, items: list[FrameItem]) -> None:
+        """Frames that cannot be counted: give their memory back, record them missing."""
+        for it in items:
+            if it.array is not None:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]
+        if items:
+            log.error(
+                "series %s: %d frame(s) could not be counted and are recorded as missing",
+                items[0].series.series_id,
+                len(items),
+            )
+            self.outbox.put(MissingItem(items[0].series, [it.frame_id for it in items]))
+
     def _drain_pending(self) -> None:
         pending, self._pending = self._pending, []
         frames = [it for it in pending if isinstance(it, FrameItem)]
-        if frames:
+        if frames and frames[0].series.calibration is None:
+            self._lose(frames)
+        elif frames:
             self._count(frames)
         for it in pending:
             if isinstance(it, MissingItem):
@@ -379,12 +441,25 @@ class CountStage(_Stage):
         from streamstore.events import EventBatch
 
         series = items[0].series
-        counter = self._counter_for(series)
         batches = []
-        for it in items:
-            batches.append(counter(it.array))
+        try:
+            counter = self._counter_for(series)
+        except Exception:
+            log.exception("series %s: cannot build a counter", series.series_id)
+            self._lose(items)
+            return
+        for k, it in enumerate(items):
+            try:
+                batches.append(counter(it.array))
+            except Exception:
+                log.exception("series %s: counting failed", series.series_id)
+                self._lose(items[k:])  # the ones before k are counted and go on
+                items = items[:k]
+                break
             self.budget.release(it.nbytes)
             it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+        if not items:
+            return
         events = batches[0] if len(batches) == 1 else EventBatch.concatenate(batches)
         nbytes = _batch_nbytes(events)
         self.budget.add(nbytes)
@@ -404,6 +479,8 @@ class CountStage(_Stage):
         from streamstore.calibration import Calibration
 
         frames, self._dark = self._dark, []
+        self._dark_capped = False
+        self.budget.release(sum(f.nbytes for f in frames))
         if len(frames) < 2:
             log.warning(
                 "dark series %s brought %d frame(s); a calibration needs at least 2: ignored",
@@ -573,8 +650,13 @@ class WriteStage(_Stage):
             if self.delay_s:
                 time.sleep(self.delay_s * len(item.frame_ids))
             writer.append(item.events, item.frame_ids, item.timestamps_ns)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
             self._write_failed(series, item.frame_ids, exc)
+        except ValueError as exc:  # refused by the writer: these frames only are lost
+            log.error(
+                "series %s: frames %s not stored: %s", series.series_id, item.frame_ids[:8], exc
+            )
+            self._mark_missing(series, list(item.frame_ids))
         else:
             series.stored += len(item.frame_ids)
             series.events += item.events.n_events
@@ -619,7 +701,7 @@ class WriteStage(_Stage):
             return
         try:
             self._open(series).mark_missing(ids)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
             self._write_failed(series, [], exc)
 
     def _close(self, item: CloseItem) -> None:
@@ -644,7 +726,7 @@ class WriteStage(_Stage):
                     receive_seconds=round(item.receive_s, 6),
                 )
                 writer.close()
-        except OSError as exc:
+        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
             self._write_failed(series, [], exc)
         self._writers.pop(key, None)
         self._open_series.pop(key, None)
@@ -695,12 +777,15 @@ class WriteStage(_Stage):
             return
         self._last_flush = now
         for key, writer in list(self._writers.items()):
-            if key in self._failed:
+            if key in self._failed or writer.closed:
                 continue
             try:
                 writer.flush()
-            except OSError as exc:
+            except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
                 log.error("flush failed: %s", exc)
+                series = self._open_series.get(key)
+                if series is not None:
+                    self._write_failed(series, [], exc)
         self._update_bytes()
 
     def _update_bytes(self) -> None:
