@@ -38,6 +38,8 @@ def test_info_json_matches_store(store_path):
         assert s["frame_rate_hz"] == pytest.approx(1 / FRAME_TIME_S)
         # timestamps were written exactly one frame time apart per frame id
         assert s["measured_frame_rate_hz"] == pytest.approx(1 / FRAME_TIME_S, rel=1e-9)
+        span_ns = int(st.timestamps_ns[-1] - st.timestamps_ns[0])
+        assert s["timestamps_span_s"] == pytest.approx(span_ns / 1e9)
         span = int(st.frame_ids[-1] - st.frame_ids[0] + 1)
         assert s["duration_s"] == pytest.approx(span * FRAME_TIME_S)
         assert s["pixel_size_A"] == st.pixel_size_A

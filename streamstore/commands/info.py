@@ -70,7 +70,8 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         ``frames_received``, ``frames_rejected``, ``complete``,
         ``open_for_writing`` (the file carries a writer's mark: read in SWMR mode),
         ``first_frame_id``, ``last_frame_id``, ``frame_time_s``,
-        ``frame_rate_hz``, ``measured_frame_rate_hz``, ``duration_s``,
+        ``frame_rate_hz``, ``measured_frame_rate_hz`` and ``timestamps_span_s``
+        (from the timestamps), ``duration_s`` (frame ids spanned x frame time),
         ``n_events``, ``pixel_size_A``, ``dose_total`` and
         ``dose_per_frame`` (dicts by unit; ``dose_per_frame`` holds mean, min
         and max), ``dose_rate_per_s`` (dict by unit, over ``duration_s``),
@@ -102,9 +103,10 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
             "min": float(d.min()) if n else None,
             "max": float(d.max()) if n else None,
         }
-    measured = None
+    measured = ts_span = None
     if n > 1 and ts[-1] > ts[0]:  # frame ids advance once per camera frame, missing or not
-        measured = float(ids[-1] - ids[0]) / ((ts[-1] - ts[0]) / 1e9)
+        ts_span = float(ts[-1] - ts[0]) / 1e9
+        measured = float(ids[-1] - ids[0]) / ts_span
     span_ids = int(ids[-1] - ids[0] + 1) if n else 0
     duration = span_ids * ft if (ft and n) else None
     try:
@@ -137,8 +139,10 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         calib.get("source") if isinstance(calib, dict) else None,
         meta.get("calibration_source") if isinstance(meta, dict) else None,
     ]
-    sources = [str(v) for v in sources if v not in (None, "")]
-    cal_source = ", ".join(dict.fromkeys(sources)) or None
+    sources = list(dict.fromkeys(str(v) for v in sources if v not in (None, "")))
+    # "dark_frames" says less than "dark_frames:run7_dark (40 frames)": keep the longer
+    sources = [v for v in sources if not any(o != v and o.startswith(v) for o in sources)]
+    cal_source = ", ".join(sources) or None
 
     p = Path(path) if path is not None else None
     shards = [Path(str(getattr(sh, "path", ""))) for sh in getattr(store, "shards", None) or []]
@@ -170,6 +174,7 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         "frame_time_s": ft,
         "frame_rate_hz": (1.0 / ft) if ft else None,
         "measured_frame_rate_hz": measured,
+        "timestamps_span_s": ts_span,
         "duration_s": duration,
         "n_events": n_events,
         "pixel_size_A": pixel,
@@ -254,9 +259,12 @@ def format_summary(s: dict[str, Any]) -> str:
         f"{s['frame_rate_hz']:,.6g} frames/s (frame time {ft * 1e3:.6g} ms)" if ft else "unknown"
     )
     if s["duration_s"] is not None:
-        timing += f", duration {s['duration_s']:.6g} s"
+        timing += f", exposure {s['duration_s']:.6g} s"
     if s["measured_frame_rate_hz"] is not None:
-        timing += f"; timestamps say {s['measured_frame_rate_hz']:,.6g} frames/s"
+        timing += (
+            f"; timestamps span {s['timestamps_span_s']:.6g} s"
+            f" ({s['measured_frame_rate_hz']:,.6g} frames/s)"
+        )
     row("timing", timing)
     dt, df = s["dose_total"], s["dose_per_frame"]
     px = s["pixel_size_A"]
