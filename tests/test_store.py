@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -189,21 +190,17 @@ def test_flushes_leave_holes_but_no_bloat(tmp_path, rng):
 
 
 # ----------------------------------------------------------- metadata ------
-class _FakeCal:
-    source = "dark_frames"
-
-    def summary(self):
-        return {"n_sigma": 5.0, "frame_shape": (24, 40), "dark_mean": np.float32(100.5)}
-
-
 def test_attributes_calibration_meta_and_accounting(tmp_path, rng):
+    from streamstore import Calibration
+
+    cal = Calibration(np.full(SHAPE, 100.5), np.full(SHAPE, 2.0), n_sigma=4.5, source="dark_frames")
     path = tmp_path / "m.h5"
     with StoreWriter(
         path,
         SHAPE,
         frame_time_s=2e-3,
         pixel_size_A=0.8,
-        calibration=_FakeCal(),
+        calibration=cal,
         meta={"sample": "apoferritin", "kV": 300},
         raw_dtype="uint16",
     ) as w:
@@ -217,11 +214,10 @@ def test_attributes_calibration_meta_and_accounting(tmp_path, rng):
         assert a["format"] == "streamstore.events" and a["format_version"] == 1
         assert a["frame_shape"] == [24, 40] and a["raw_dtype"] == "uint16"
         assert s.frame_time_s == 2e-3 and s.pixel_size_A == 0.8 and s.raw_dtype == "uint16"
-        assert s.calibration_summary == {
-            "n_sigma": 5.0,
-            "frame_shape": [24, 40],
-            "dark_mean": 100.5,
-        }
+        summary = s.calibration_summary
+        assert summary == json.loads(json.dumps(cal.summary()))  # as JSON stores it
+        assert summary["n_sigma"] == 4.5 and summary["frame_shape"] == [24, 40]
+        assert summary["median_dark_adu"] == 100.5
         assert a["calibration_source"] == "dark_frames"
         assert a["meta"] == {"sample": "apoferritin", "kV": 300}
         assert a["writer"].startswith("streamstore ")
@@ -238,6 +234,17 @@ def test_attributes_calibration_meta_and_accounting(tmp_path, rng):
         assert a["frames_stored"] == 5 and a["frames_missing"] == 2
         assert a["series_complete"] == 0
         assert 0 < s.bits_per_event < 64
+
+
+def test_plain_dict_calibration(tmp_path, rng):
+    path = tmp_path / "d.h5"
+    with StoreWriter(
+        path, SHAPE, frame_time_s=1e-3, calibration={"source": "manual", "threshold": 7}
+    ) as w:
+        w.append(random_batch(rng, 1), [0], [0])
+    with streamstore.open(path) as s:
+        assert s.calibration_summary == {"source": "manual", "threshold": 7}
+        assert s.attrs["calibration_source"] == "manual"
 
 
 def test_accounting_unknowns_are_left_out(tmp_path, rng):
