@@ -172,6 +172,26 @@ class EventsItem:
 
 STOP = object()
 
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def superblock_eof(path: str | os.PathLike) -> int | None:
+    """(helper G) End-of-file address the HDF5 superblock (version 2 or 3) of ``path`` records.
+
+    A write that fails at the end of a file (ENOSPC, EFBIG) can leave the
+    superblock, rewritten in place, pointing past the real end; HDF5 then
+    refuses the file ("truncated file") although every flushed frame is in it.
+    Extending the file with zeros to this size makes it open again.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        head = os.pread(fd, 36, 0)
+    finally:
+        os.close(fd)
+    if len(head) < 36 or head[:8] != _HDF5_SIGNATURE or head[8] not in (2, 3) or head[9] != 8:
+        return None
+    return int.from_bytes(head[28:36], "little")
+
 
 def _batch_nbytes(batch: Any) -> int:
     n = batch.offsets.nbytes + batch.indices.nbytes
@@ -728,6 +748,8 @@ class WriteStage(_Stage):
                 writer.close()
         except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
             self._write_failed(series, [], exc)
+        if key in self._failed and series.path is not None:
+            self._repair_eof(series)
         self._writers.pop(key, None)
         self._open_series.pop(key, None)
         self._closed_bytes += self._file_bytes(series)
@@ -748,6 +770,47 @@ class WriteStage(_Stage):
             series.path,
         )
         self._finish(series)
+
+    def _repair_eof(self, series: SeriesInfo) -> None:
+        """(helper G) After a failed write, extend the file to its superblock's end if short."""
+        path = series.path
+        try:
+            eof = superblock_eof(path)
+            size = os.stat(path).st_size
+            if eof is None or eof <= size or eof - size > 1 << 30:
+                return
+        except OSError as exc:
+            log.error(
+                "series %s: cannot check %s after the write failure: %s",
+                series.series_id,
+                path,
+                exc,
+            )
+            return
+        try:
+            # zeros as a sparse hole: needs no free blocks on most file systems
+            os.truncate(path, eof)
+        except OSError as exc:
+            log.error(
+                "series %s: %s ends at byte %d but its HDF5 superblock says %d, so HDF5 will not "
+                "open it (%s); once there is room run: truncate -s %d %s",
+                series.series_id,
+                path,
+                size,
+                eof,
+                exc,
+                eof,
+                path,
+            )
+        else:
+            log.warning(
+                "series %s: extended %s from %d to %d bytes (the end its HDF5 superblock records) "
+                "so it opens with every frame flushed before the write failure",
+                series.series_id,
+                path,
+                size,
+                eof,
+            )
 
     def _close_dark(self, item: CloseItem) -> None:
         series = item.series
