@@ -3,13 +3,16 @@ series, a slow disk, a full disk.
 
 Real daemon subprocesses, real sockets, real HDF5 files. The full disk is a
 real 4 MiB tmpfs mounted in a private mount namespace (``unshare --mount``)
-for the daemon alone and filled by this test; where that cannot be mounted
-the test is skipped.
+for the daemon alone and filled by this test (real ENOSPC; skipped where it
+cannot be mounted), and, everywhere on Linux, the daemon's file-size limit
+(RLIMIT_FSIZE) lowered to its file's size while it runs (EFBIG).
 """
 
 from __future__ import annotations
 
 import errno
+import os
+import re
 import shutil
 import subprocess
 import time
@@ -21,6 +24,7 @@ import zmq
 from _ingest_harness import Daemon, Series, h5_files, pusher
 
 import streamstore
+from streamstore.errors import FormatError
 
 
 @pytest.fixture(scope="module")
@@ -191,26 +195,71 @@ def _fill(path: Path) -> int:
                     return n
 
 
+class _TmpfsFull:
+    """A 4 MiB tmpfs for the daemon alone, filled by this process (real ENOSPC)."""
+
+    error = "No space left on device"
+
+    def __init__(self, out: Path) -> None:
+        prefix = _unshare()
+        if prefix is None:
+            pytest.skip("cannot mount a private tmpfs here (unshare --mount not permitted)")
+        self.out = out
+        self.prefix = prefix + _private_tmpfs_prefix(out, "4m")
+
+    def view(self, pid: int) -> Path:
+        view = Path(f"/proc/{pid}/root") / self.out.relative_to("/")  # the daemon's tmpfs
+        if not view.is_dir():
+            pytest.skip("cannot see the daemon's mount namespace through /proc")
+        return view
+
+    def fill(self, view: Path, pid: int) -> str:
+        return f"4 MiB tmpfs filled ({_fill(view / 'filler') / 1e6:.2f} MB filler)"
+
+    def unfill(self, view: Path, pid: int) -> None:
+        (view / "filler").unlink()
+
+
+class _FileSizeLimit:
+    """RLIMIT_FSIZE of the daemon lowered to its file's size (EFBIG; runs anywhere on Linux)."""
+
+    error = "File too large"
+    prefix: tuple[str, ...] = ()
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def view(self, pid: int) -> Path:
+        return self.out
+
+    def fill(self, view: Path, pid: int) -> str:
+        import psutil
+
+        size = (view / "disk.h5").stat().st_size
+        proc = psutil.Process(pid)
+        self.old = proc.rlimit(psutil.RLIMIT_FSIZE)
+        proc.rlimit(psutil.RLIMIT_FSIZE, (size, self.old[1]))  # the soft limit only
+        return f"file size limit set to {size / 1e3:.0f} kB"
+
+    def unfill(self, view: Path, pid: int) -> None:
+        import psutil
+
+        psutil.Process(pid).rlimit(psutil.RLIMIT_FSIZE, self.old)
+
+
+@pytest.mark.parametrize("disk", [_TmpfsFull, _FileSizeLimit], ids=["tmpfs-enospc", "rlimit-efbig"])
 def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
-    tmp_path, series, capsys
+    tmp_path, series, capsys, disk
 ):
-    prefix = _unshare()
-    if prefix is None:
-        pytest.skip("cannot mount a private tmpfs here (unshare --mount not permitted)")
     out = tmp_path / "out"
     out.mkdir()
+    full = disk(out)
     n1, n = 200, 600
     ctx = zmq.Context()
     try:
-        with Daemon(
-            out,
-            calibration=series.calibration_path,
-            prefix=prefix + _private_tmpfs_prefix(out, "4m"),
-        ) as d:
+        with Daemon(out, calibration=series.calibration_path, prefix=full.prefix) as d:
             d.wait_ready()
-            view = Path(f"/proc/{d.pid()}/root") / out.relative_to("/")  # the daemon's tmpfs
-            if not view.is_dir():
-                pytest.skip("cannot see the daemon's mount namespace through /proc")
+            view = full.view(d.pid())
             s = pusher(ctx, d.listen)
             _send(s, series, "disk", range(n1), start=n)
             d.wait_until(lambda st: st["frames_stored"] >= n1, 60, "the first frames")
@@ -221,13 +270,13 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
                         break
                 assert time.monotonic() < deadline, "the first frames were never flushed"
                 time.sleep(0.2)
-            filled = _fill(view / "filler")
+            how = full.fill(view, d.pid())
             _send(s, series, "disk", range(n1, n), end=n)
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series on a full disk")
             saved = tmp_path / "disk.h5"
             shutil.copyfile(view / "disk.h5", saved)
             # space comes back: the daemon carries on with the next series
-            (view / "filler").unlink()
+            full.unfill(view, d.pid())
             _send(s, series, "next", range(30), start=30, end=30)
             st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the next series")
             with streamstore.open(view / "next.h5") as store:
@@ -238,12 +287,21 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
             log = d.log()
     finally:
         ctx.destroy(linger=0)
-    assert "WRITE FAILED" in log and "No space left on device" in log
+    assert "WRITE FAILED" in log and full.error in log
     assert st["write_errors"] >= 1
     # accounting continues: every frame is stored or counted missing
     assert st["frames_received"] == n
     assert st["frames_stored"] + st["missing"] == n
     assert st["missing"] > 0
+    # HDF5 rewrites its superblock in place: a failed write at the end of the file can
+    # leave it pointing past the real end. The daemon then extends the file (a sparse
+    # hole) so it opens; where it cannot (the file-size limit), it logs the command
+    m = re.search(r"once there is room run: truncate -s (\d+) ", log)
+    if m is not None:
+        assert disk is _FileSizeLimit, log
+        with pytest.raises(FormatError, match="truncated"):
+            streamstore.open(saved)
+        os.truncate(saved, int(m.group(1)))
     with streamstore.open(saved) as store:
         kept = store.frame_ids.tolist()
         assert kept == list(range(len(kept))) and len(kept) >= n1
@@ -253,9 +311,9 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
     assert st2["frames_stored"] == st["frames_stored"] + 30
     with capsys.disabled():
         print(
-            f"\nfull disk: 4 MiB tmpfs filled ({filled / 1e6:.2f} MB filler) after {n1} flushed "
-            f"frames; {n} sent, {st['frames_stored']} in the readable file, {st['missing']} "
-            f"counted missing, {st['write_errors']} write errors logged; next series stored"
+            f"\nfull disk ({full.error}): {how} after {n1} flushed frames; {n} sent, "
+            f"{st['frames_stored']} in the readable file, {st['missing']} counted missing, "
+            f"{st['write_errors']} write errors logged; next series stored"
         )
 
 
