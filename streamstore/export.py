@@ -198,6 +198,18 @@ def _check_unit(unit: str, pixel_size_A: float | None) -> None:
         )
 
 
+def _check_space(folder: Path, nbytes: int) -> None:
+    """Refuse an export that cannot fit on the disk, before writing anything."""
+    import shutil
+
+    free = shutil.disk_usage(folder).free
+    if nbytes > free:
+        raise UserError(
+            f"the export needs {nbytes / 1e9:.3g} GB but only {free / 1e9:.3g} GB are free in "
+            f"{folder}; choose a smaller window or ROI, or another disk"
+        )
+
+
 def _free_out(path: Path, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise UserError(f"{path} exists; choose another name or pass overwrite (--overwrite)")
@@ -359,7 +371,9 @@ def export_tiff(
         }
     )
     h, w = store.frame_shape
-    bigtiff = len(pages) * h * w * page_dtype.itemsize > 3_900_000_000
+    nbytes = len(pages) * h * w * page_dtype.itemsize
+    _check_space(out.parent, nbytes)
+    bigtiff = nbytes > 3_900_000_000
     tmp = out.with_name(out.name + ".part")
     try:
         with tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
@@ -546,6 +560,7 @@ def export_npy(
     if r is not None:
         h, w = r[1] - r[0], r[3] - r[2]
     shape = (b - a, h, w)
+    _check_space(out.parent, int(np.prod(shape)) * dt.itemsize)
     step = max(1, int(chunk_bytes // max(h * w * dt.itemsize, 1)))
     tmp = out.with_name(out.name + ".part")
     try:

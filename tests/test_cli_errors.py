@@ -104,3 +104,29 @@ def test_failed_export_leaves_no_partial_file(files):
     assert out.returncode == 2
     assert not (files / "late.npy").exists()
     assert not list(files.glob("late*"))
+
+
+def test_export_larger_than_the_free_disk_is_refused(tmp_path):
+    import shutil
+
+    from streamstore import EventBatch, StoreWriter
+
+    shape = (4092, 5760)
+    per_frame = shape[0] * shape[1] * 4  # uint32
+    n = shutil.disk_usage(tmp_path).free // per_frame + 2  # one frame more than fits
+    with StoreWriter(tmp_path / "big.h5", shape, frame_time_s=1e-3) as w:
+        w.append(EventBatch.empty(int(n), shape), np.arange(n), np.arange(n) * 10**6)
+    out = cli(
+        "export",
+        tmp_path / "big.h5",
+        tmp_path / "all.npy",
+        "-f",
+        "npy",
+        "--dtype",
+        "uint32",
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "GB are free" in lines[0]
+    assert not list(tmp_path.glob("all*"))
