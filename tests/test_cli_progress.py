@@ -132,3 +132,12 @@ def test_disabled_writes_nothing_and_env_forces_on(monkeypatch):
 def test_bad_backend_is_named():
     with pytest.raises(ValueError, match="progress backend"):
         Progress(3, enabled=True, stream=io.StringIO(), backend="fancy")
+
+
+@pytest.mark.parametrize("backend", ["rich", "tqdm"])
+def test_optional_renderers_finish_the_bar(backend):
+    pytest.importorskip(backend)
+    stream = io.StringIO()
+    for _ in track(range(3), desc="r", unit="x", enabled=True, stream=stream, backend=backend):
+        pass
+    assert "3/3" in stream.getvalue()
