@@ -175,6 +175,18 @@ def test_sum_parallel_jobs_equal_serial(tmp_path, rng, monkeypatch):
             np.testing.assert_array_equal(s.sum(5, 111), dense[5:111].sum(0))
             roi = (2, 21, 3, 30)
             np.testing.assert_array_equal(s.sum(roi=roi), dense[:, 2:21, 3:30].sum(0))
+            # selections with holes: short gaps stay inside a job, long ones split it
+            monkeypatch.setattr(reader, "_GAP_SPLIT", 400)  # frames hold ~190 events
+            every_other = np.arange(0, 120, 2)
+            assert len(s._jobs(every_other, 10**6)) == 1  # skipped frames stay inside
+            assert len(s._jobs(np.r_[0:10, 50:52, 90:120], 10**6)) == 3  # long gaps split
+            for sel in (every_other, np.r_[0:10, 50:52, 90:120], np.array([3, 117])):
+                jobs = s._jobs(sel, 500)
+                assert sum(len(j[2]) for j in jobs) == sel.size
+                np.testing.assert_array_equal(s.sum(select=sel), dense[sel].sum(0))
+                np.testing.assert_array_equal(
+                    s.sum(select=sel, roi=roi), dense[sel][:, 2:21, 3:30].sum(0)
+                )
     with streamstore.open(path, nthreads=1) as s:
         np.testing.assert_array_equal(s.sum(), dense.sum(0))
 
