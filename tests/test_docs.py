@@ -54,15 +54,16 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     assert len(blocks) == 1, "README has one Python example"
     code = blocks[0]
     assert len(code.strip().splitlines()) <= 12
-    # the file the example opens: about 50 e/A^2, so its dose window (2, 40) is realistic
+    # the file the example opens: about 30 e/px, so its dose window (1, 15) cuts both ends
     make_store(tmp_path / "run1.h5", 300, p=0.09)
     monkeypatch.chdir(tmp_path)
     ns = run_blocks(blocks, "README.md")
     assert capsys.readouterr().out.strip()
     store, keep = ns["store"], ns["keep"]
-    cum = store.dose(unit="e/A2").cumsum()
-    assert 40 < cum[-1] < 80 and 0 < keep.size < store.n_frames
-    assert len(ns["fractions"]) >= 40
+    cum = store.dose(unit="e/px").cumsum()
+    assert 15 < cum[-1] < 80 and 0 < keep.size < store.n_frames
+    assert keep[0] > 0 and keep[-1] < store.n_frames - 1
+    assert len(ns["fractions"]) == int(cum[-1] / 0.5) + 1  # full fractions + the remainder
 
 
 def test_readme_setup_lines_untouched():
