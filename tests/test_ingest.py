@@ -561,3 +561,38 @@ def test_cli_refuses_remote_bind_without_allow_remote(tmp_path):
     assert proc.returncode == 2
     assert "--allow-remote" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- --connect to a camera that binds (streamstore emulate's default) --------------------
+def test_connect_to_a_binding_emulator_with_a_dark_series(tmp_path):
+    port = _free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    emu = subprocess.Popen(
+        [sys.executable, "-m", "streamstore", "emulate", "--endpoint", endpoint,
+         "--shape", "64x96", "--frames", "30", "--dark-frames", "6", "--series-id", "cam",
+         "--seed", "5", "--pool", "30", "--timeout", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    try:
+        ingest = subprocess.run(
+            [sys.executable, "-m", "streamstore", "ingest", "--out", str(out), "--connect",
+             endpoint, "--exit-after-series", "2", "--threads", "1"],
+            capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+        emu.wait(60)
+    finally:
+        if emu.poll() is None:
+            emu.kill()
+            emu.wait()
+    assert ingest.returncode == 0, ingest.stderr
+    assert emu.returncode == 0, emu.stderr
+    # the dark series became the calibration of the data series, and is on disk
+    cal = streamstore.Calibration.load(out / "cam_dark.calibration.h5")
+    store = streamstore.open(out / "cam.h5")
+    assert store.attrs["calibration_source"] == "dark_frames"
+    assert store.n_frames == 30 and store.accounting["complete"] is True
+    e = CameraEmulator((64, 96), seed=5, pool_size=30)
+    e.dark_frames(6)  # the emulator makes the dark frames first, then its pool
+    pool, _ = e.pool()
+    assert store.events(0, 30) == streamstore.count(pool, cal)
