@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (UserError, FormatError, FileNotFoundError, IsADirectoryError) as exc:
+    except (UserError, FormatError, FileNotFoundError, FileExistsError, IsADirectoryError) as exc:
         if isinstance(exc, OSError) and exc.strerror:
             msg = f"{exc.strerror}: {exc.filename}"
         else:  # also OSErrors raised with a message only, e.g. FileNotFoundError("no such file")
