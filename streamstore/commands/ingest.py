@@ -188,7 +188,9 @@ def setup_logging(quiet: bool = False) -> None:
     logger = logging.getLogger("streamstore")
     if not logger.handlers:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(default_log_format(), "%H:%M:%S"))
+        # on a terminal, a log line first clears the live status line it interrupts
+        prefix = "\r\x1b[K" if sys.stderr.isatty() else ""
+        h.setFormatter(logging.Formatter(prefix + default_log_format(), "%H:%M:%S"))
         logger.addHandler(h)
         logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)

@@ -313,6 +313,7 @@ class CountStage(_Stage):
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
         self._dark: list[np.ndarray] = []
         self._dark_capped = False
+        self._estimate_failed = ""
 
     # -- calibration ---------------------------------------------------------
     def stop(self) -> None:
@@ -345,12 +346,15 @@ class CountStage(_Stage):
             try:
                 series.calibration = Calibration.estimate(np.stack(frames))
             except ValueError as exc:
-                log.error(
-                    "series %s: cannot estimate a calibration from its first %d frames: %s",
-                    series.series_id,
-                    len(frames),
-                    exc,
-                )
+                if series.series_id != self._estimate_failed:  # once per series
+                    self._estimate_failed = series.series_id
+                    log.error(
+                        "series %s: cannot estimate a calibration from its first %d frames "
+                        "(%s); its frames are recorded missing until an estimate succeeds",
+                        series.series_id,
+                        len(frames),
+                        exc,
+                    )
                 return
             series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
             log.info(
@@ -439,11 +443,12 @@ class CountStage(_Stage):
                 self.budget.release(it.nbytes)
                 it.array = None  # type: ignore[assignment]
         if items:
-            log.error(
-                "series %s: %d frame(s) could not be counted and are recorded as missing",
-                items[0].series.series_id,
-                len(items),
-            )
+            if items[0].series.series_id != self._estimate_failed:
+                log.error(
+                    "series %s: %d frame(s) could not be counted and are recorded as missing",
+                    items[0].series.series_id,
+                    len(items),
+                )
             self.outbox.put(MissingItem(items[0].series, [it.frame_id for it in items]))
 
     def _drain_pending(self) -> None:
