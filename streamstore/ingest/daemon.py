@@ -262,6 +262,7 @@ class IngestDaemon:
         self._write_q: queue.SimpleQueue = queue.SimpleQueue()
         self._recv_cpu_s = 0.0
         self.reporter: StatusReporter | None = None
+        self._auth: Any = None  # ZAP authenticator with --curve-keys (helper G)
         self._ctl_sock: Any = None  # scale-out: SUB socket of the sender's control channel
         self._control: Any = None
         if config.control_endpoint() is not None:
@@ -333,6 +334,8 @@ class IngestDaemon:
             "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
             "cpu_s": self.cpu_seconds(),
             "closed_series": closed,
+            # (helper G) CURVE clients refused for an unknown key (None: no --curve-keys)
+            "curve_refused": None if self._auth is None else self._auth.key_check.refused,
         }
 
     # -- main loop ------------------------------------------------------------------
@@ -389,6 +392,7 @@ class IngestDaemon:
                 from streamstore.security import curve_server
 
                 auth = curve_server(ctx, sock, cfg.curve_keys)
+                self._auth = auth
             if cfg.listen is not None:
                 sock.bind(cfg.listen)
                 where = f"listening on {cfg.listen}"
