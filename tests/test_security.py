@@ -216,6 +216,7 @@ def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_pat
         assert zmq.EVENT_HANDSHAKE_SUCCEEDED in ok_events and ok_sent == n
         # the daemon saw the authorized series only: not one message of the others
         assert st["messages"] == n + 2 and st["rejected"] == 0
+        assert st["curve_refused"] >= 1  # the rogue key, seen by the operator too
         assert [p.name for p in h5_files(tmp_path / "out")] == ["from-authorized.h5"]
         with streamstore.open(tmp_path / "out" / "from-authorized.h5") as store:
             assert series.check_store(store) == n
