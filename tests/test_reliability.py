@@ -257,7 +257,12 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
     n1, n = 200, 600
     ctx = zmq.Context()
     try:
-        with Daemon(out, calibration=series.calibration_path, prefix=full.prefix) as d:
+        with Daemon(
+            out,
+            calibration=series.calibration_path,
+            prefix=full.prefix,
+            args=("--idle-timeout", "600"),  # the series pauses while the disk fills
+        ) as d:
             d.wait_ready()
             view = full.view(d.pid())
             s = pusher(ctx, d.listen)
