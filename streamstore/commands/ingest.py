@@ -85,6 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow binding to non-loopback addresses (the port is then open to the network)",
     )
     p.add_argument(
+        "--max-missing-ids",
+        type=int,
+        default=1 << 22,
+        metavar="N",
+        help="most frame ids a series may record as missing; images beyond are rejected "
+        f"(default {1 << 22})",
+    )
+    p.add_argument(
         "--curve-keys",
         metavar="DIR",
         help="encrypt with ZeroMQ CURVE and admit only the clients authorized in DIR "
@@ -155,6 +163,7 @@ def config_from_args(args: argparse.Namespace):
         max_frame_bytes=args.max_frame_bytes,
         allow_remote=args.allow_remote,
         curve_keys=args.curve_keys,
+        max_missing_ids=args.max_missing_ids,
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
         **_scale_out(args),

@@ -116,6 +116,10 @@ class IngestConfig:
         Key directory from ``streamstore keys``: the socket becomes a CURVE
         server (encrypted) admitting only ``DIR/authorized_clients/*.key``
         (see :mod:`streamstore.security`).
+    max_missing_ids : int, default 4194304
+        Most frame ids one series may record as missing; an image that would
+        make more missing is rejected (``frame_id_range``), so a sender
+        walking frame ids upwards cannot exhaust memory.
     worker_id : int, optional
         Run as worker K of a stream dealt over several workers (scale-out,
         :mod:`streamstore.fanout`): the series goes to the shard
@@ -154,6 +158,7 @@ class IngestConfig:
     max_dark_frames: int = 64
     rcvhwm: int | None = None
     curve_keys: str | None = None
+    max_missing_ids: int = 1 << 22
     worker_id: int | None = None
     n_workers: int | None = None
     control: str | None = None
@@ -183,6 +188,8 @@ class IngestConfig:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         if self.encode_threads is not None and self.encode_threads < 1:
             raise UserError(f"--encode-threads must be >= 1, got {self.encode_threads}")
+        if self.max_missing_ids < 0:
+            raise UserError(f"--max-missing-ids must be >= 0, got {self.max_missing_ids}")
         if self.exit_after_series is not None and self.exit_after_series < 1:
             raise UserError(f"--exit-after-series must be >= 1, got {self.exit_after_series}")
         if self.curve_keys is not None:
@@ -681,12 +688,15 @@ class IngestDaemon:
             s.rejected += 1
             self._reject("payload_size", f"series {sid} image {msg.frame_id}: {exc}")
             return
-        if int(msg.frame_id) - s.tracker.next_id > MAX_ID_JUMP:
+        ahead = int(msg.frame_id) - s.tracker.next_id
+        room = self.config.max_missing_ids - s.tracker.n_missing
+        if ahead > MAX_ID_JUMP or ahead > room:
             s.rejected += 1
             self._reject(
                 "frame_id_range",
-                f"series {sid} image {msg.frame_id}: more than {MAX_ID_JUMP} ids ahead of the "
-                f"next expected frame {s.tracker.next_id}",
+                f"series {sid} image {msg.frame_id}: {ahead} ids ahead of the next expected "
+                f"frame {s.tracker.next_id}; at most {min(MAX_ID_JUMP, max(room, 0))} may "
+                f"become missing (--max-missing-ids {self.config.max_missing_ids})",
             )
             return
         self.counters.frames_received += 1
@@ -756,7 +766,8 @@ class IngestDaemon:
         if not complete:
             # without an end we know only the ids up to the highest one seen
             expected = max(int(n_sent or 0), s.tracker.max_id + 1)
-        cap = max(s.tracker.next_id, s.tracker.max_id + 1) + MAX_ID_JUMP
+        room = max(0, self.config.max_missing_ids - s.tracker.n_missing)
+        cap = max(s.tracker.next_id, s.tracker.max_id + 1) + min(MAX_ID_JUMP, room)
         if expected > cap:
             log.warning(
                 "series %s: the sender claims %d frames; recording at most %d ids as missing",
