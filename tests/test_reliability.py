@@ -352,6 +352,40 @@ def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
         assert int(store.missing_frame_ids[0]) == 8
 
 
+def test_frame_ids_walking_upwards_stop_at_the_missing_id_cap(tmp_path, series):
+    """Jumps each within the per-message limit still add up; --max-missing-ids caps them."""
+    cap = 3000
+    out = tmp_path / "out"
+    ctx = zmq.Context()
+    try:
+        with Daemon(
+            out,
+            calibration=series.calibration_path,
+            args=("--max-missing-ids", str(cap), "--reorder-window", "4"),
+        ) as d:
+            d.wait_ready()
+            s = pusher(ctx, d.listen)
+            s.send_multipart(series.start("walk"))
+            sent = list(range(5))
+            for base in (1000, 2000, 3000, 4000, 5000):
+                sent += list(range(base, base + 5))
+            _send(s, series, "walk", sent)
+            s.send_multipart(series.end("walk", 10**9))
+            st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
+            s.close(0)
+            assert d.stop() == 0
+    finally:
+        ctx.destroy(linger=0)
+    rejected = st["rejected_by_reason"]["frame_id_range"]
+    assert rejected >= 5  # the walk is stopped before the cap ...
+    assert cap - 1000 < st["missing"] <= cap  # ... and the cap holds, end included
+    assert st["frames_stored"] == len(sent) - rejected
+    with streamstore.open(out / "walk.h5") as store:
+        assert store.missing_frame_ids.size == st["missing"]
+        assert set(store.frame_ids.tolist()) <= set(sent)
+        assert series.check_store(store) == st["frames_stored"]
+
+
 def test_mark_missing_before_any_frame_is_stored(tmp_path):
     """Regression: a restarted daemon marks ids missing before its first frame."""
     from streamstore.events import EventBatch
