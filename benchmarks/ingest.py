@@ -11,7 +11,8 @@ In one run, with the same pool of emulator frames (4092 x 5760 uint16 at
    by the time from the first image received to the file being closed
    (everything counted, compressed, written and flushed).
 
-Reported: both rates and their ratio (target >= 0.9 with zero frames
+The two are alternated ``--repeats`` times (default 2) and the best of each is
+kept. Reported: both rates and their ratio (target >= 0.9 with zero frames
 missing), and the daemon's CPU seconds per frame by stage: ``receive`` (the
 socket thread: recv, parse, accounting), ``count`` (the count thread; with
 ``--threads 1`` all counting runs there), ``write`` (the write thread: gap
@@ -205,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         "--encode-threads", type=int, default=None, help="blosc2 threads (default: all cores)"
     )
     p.add_argument("--max-buffer-mb", type=float, default=1024.0)
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="transport and ingest runs, alternated; the best of each is kept (default 2)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
@@ -230,16 +237,23 @@ def main(argv: list[str] | None = None) -> int:
         cal_path = os.path.join(tmp, "cal.h5")
         Calibration.from_dark_frames(dark).save(cal_path)
         del dark
-        ceiling = measure("tcp", pool, args.frames)
-        ingest = measure_ingest(
-            pool,
-            args.frames,
-            cal_path,
-            os.path.join(tmp, "out"),
-            threads=args.threads,
-            encode_threads=args.encode_threads,
-            max_buffer_mb=args.max_buffer_mb,
-        )
+        # alternate the two so a change in the shared machine's load hits both
+        ceilings, ingests = [], []
+        for r in range(max(1, args.repeats)):
+            ceilings.append(measure("tcp", pool, args.frames))
+            ingests.append(
+                measure_ingest(
+                    pool,
+                    args.frames,
+                    cal_path,
+                    os.path.join(tmp, f"out{r}"),
+                    threads=args.threads,
+                    encode_threads=args.encode_threads,
+                    max_buffer_mb=args.max_buffer_mb,
+                )
+            )
+    ceiling = max(ceilings, key=lambda c: c["fps"])
+    ingest = max(ingests, key=lambda i: i["fps"])
     ratio = ingest["fps"] / ceiling["fps"]
     result = {
         "benchmark": "ingest",
@@ -252,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "uint16",
         "dose_e_per_px_frame": args.dose,
         "pool_generation_s": t_gen,
+        "repeats": max(1, args.repeats),
         "transport_tcp": ceiling,
         "ingest": ingest,
+        "all_fps": {
+            "transport_tcp": [c["fps"] for c in ceilings],
+            "ingest": [i["fps"] for i in ingests],
+        },
         "ratio_ingest_to_transport": ratio,
         "target_ratio": 0.9,
         "meets_target": bool(ratio >= 0.9 and ingest["missing"] == 0),
@@ -269,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{ceiling['gb_per_s']:6.2f} GB/s")  # fmt: skip
     print(f"  ingest (count, encode, write HDF5):                 {ingest['fps']:8.1f} frames/s "
           f"{ingest['gb_per_s']:6.2f} GB/s")  # fmt: skip
+    print("  all runs (fps): transport " + ", ".join(f"{c['fps']:.1f}" for c in ceilings)
+          + "; ingest " + ", ".join(f"{i['fps']:.1f}" for i in ingests))  # fmt: skip
     print(f"  ratio ingest / transport: {ratio:.2f} (target >= 0.9); stored {ingest['stored']}, "
           f"missing {ingest['missing']}, rejected {ingest['rejected']}")  # fmt: skip
     print(f"  events {ingest['events']}, file {ingest['bits_per_event_file']:.2f} bits/event, "
