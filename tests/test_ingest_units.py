@@ -202,3 +202,36 @@ def test_budget_hwm_derivation():
     small = IngestConfig(out_dir="x", listen="tcp://127.0.0.1:1", max_frame_bytes=64 * 96 * 2)
     assert small.derived_rcvhwm() == 1000
     assert np.isclose(small.budget_bytes, 1024 * 2**20)
+
+
+# -- status ------------------------------------------------------------------------
+def test_status_snapshot_rates_and_line():
+    import io
+    import json
+    import time
+
+    from streamstore.ingest.status import Counters, StatusReporter, format_status
+
+    c = Counters()
+    rep = StatusReporter(c, lambda: 0.25, lambda: "run7", stream=io.StringIO(), interval_s=1.0)
+    assert not rep.tty
+    time.sleep(0.05)
+    c.frames_received, c.bytes_received, c.events = 100, 10**8, 5000
+    c.frames_stored, c.events_stored, c.bytes_written = 90, 4000, 4000
+    c.reject("payload_size")
+    c.reject("payload_size")
+    c.reject("stale")
+    st = rep.snapshot()
+    assert st["fps"] > 0 and st["gb_per_s_in"] > 0 and st["events_per_s"] > 0
+    assert st["bits_per_event"] == pytest.approx(8.0)
+    assert st["rejected"] == 3 and st["rejected_by_reason"] == {"payload_size": 2, "stale": 1}
+    assert st["series"] == "run7" and st["queue_fill"] == 0.25
+    json.dumps(st)  # what the PUB socket sends
+    line = format_status(st)
+    for part in ("run7:", "frames/s", "GB/s in", "bits/event", "queue  25%", "rejected 3"):
+        assert part in line
+    # a second snapshot without new frames reports zero rates, same totals
+    st2 = rep.snapshot()
+    assert st2["fps"] == 0 and st2["frames_received"] == 100
+    empty = format_status({**st2, "bits_per_event": None, "series": None})
+    assert "- bits/event" in empty and empty.startswith("-:")
