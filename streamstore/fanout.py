@@ -91,10 +91,16 @@ def offset_endpoint(endpoint: str, k: int) -> str:
 
 
 def control_endpoint_for(data_endpoint: str) -> str:
-    """The default control endpoint of a data endpoint: tcp port + 1, ipc path + ``.control``."""
-    scheme, sep, _ = data_endpoint.partition("://")
+    """The default control endpoint of a data endpoint: tcp port + 1, ipc path + ``.control``.
+
+    A bind to any port (``tcp://host:*``) gives ``tcp://host:*`` again: the
+    sender then reports the port it got in ``FanoutSender.control_endpoint``.
+    """
+    scheme, sep, rest = data_endpoint.partition("://")
     if scheme in ("ipc", "inproc") and sep:
         return data_endpoint + ".control"
+    if rest.endswith(":*"):  # bind to any free port: the control socket too
+        return data_endpoint
     return offset_endpoint(data_endpoint, 1)
 
 

@@ -85,22 +85,23 @@ def test_two_worker_processes_store_every_frame_once_and_equal_a_single_worker(t
     sid = "run_a"
     reference = _single_worker_run(tmp_path, series, sid)
 
-    ep = free_endpoint()
     out, log = tmp_path / "multi", tmp_path / "multi.log"
     cal = str(series.calibration_path)
-    proc = _ingest(
-        out, "--connect", ep, "--workers", "2", "--calibration", cal, "--exit-after-series", "1",
-        log=log,
-    )  # fmt: skip
+    proc = None
     try:
-        with FanoutSender(ep, send_timeout_s=60) as tx:
+        # both ports chosen by bind (no race with other processes for "port + 1")
+        with FanoutSender("tcp://127.0.0.1:*", send_timeout_s=60) as tx:
+            proc = _ingest(
+                out, "--connect", tx.endpoint, "--control", tx.control_endpoint, "--workers", "2",
+                "--calibration", cal, "--exit-after-series", "1", log=log,
+            )  # fmt: skip
             assert tx.wait_workers(2, timeout_s=90) == 2
             tx.send_start(_start(series, sid, N_FRAMES))
             _send(tx, series, sid, range(N_FRAMES))
             tx.send_end(sid, N_FRAMES)
         assert _wait(proc, log) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
@@ -137,17 +138,18 @@ def test_two_worker_processes_store_every_frame_once_and_equal_a_single_worker(t
 def test_a_killed_worker_leaves_a_readable_series_with_its_frames_missing(tmp_path):
     series = Series(tmp_path)
     sid = "run_k"
-    ep = free_endpoint()
     out = tmp_path / "out"
     cal = str(series.calibration_path)
-    common = ("--connect", ep, "--calibration", cal, "--exit-after-series", "1")
     log0, log1 = tmp_path / "w0.log", tmp_path / "w1.log"
-    w0 = _ingest(out, *common, "--worker-id", "0", log=log0)
-    # worker 1 writes slowly (test hook), so it holds unwritten frames when killed
-    slow = {"STREAMSTORE_TEST_WRITE_DELAY_S": "0.5"}
-    w1 = _ingest(out, *common, "--worker-id", "1", log=log1, env=slow)
+    w0 = w1 = None
     try:
-        with FanoutSender(ep, send_timeout_s=60) as tx:
+        with FanoutSender("tcp://127.0.0.1:*", send_timeout_s=60) as tx:
+            common = ("--connect", tx.endpoint, "--control", tx.control_endpoint)
+            common += ("--calibration", cal, "--exit-after-series", "1")
+            w0 = _ingest(out, *common, "--worker-id", "0", log=log0)
+            # worker 1 writes slowly (test hook), so it holds unwritten frames when killed
+            slow = {"STREAMSTORE_TEST_WRITE_DELAY_S": "0.5"}
+            w1 = _ingest(out, *common, "--worker-id", "1", log=log1, env=slow)
             assert tx.wait_workers(2, timeout_s=90) == 2
             tx.send_start(_start(series, sid, N_FRAMES))
             _send(tx, series, sid, range(N_FRAMES // 2))
@@ -164,7 +166,7 @@ def test_a_killed_worker_leaves_a_readable_series_with_its_frames_missing(tmp_pa
         assert _wait(w0, log0) == 0, log0.read_text()
     finally:
         for p in (w0, w1):
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.kill()
                 p.wait(10)
     assert w1.returncode < 0  # it really died
@@ -278,20 +280,22 @@ def test_workers_count_must_be_positive(tmp_path, bad):
 
 def test_emulate_workers_feeds_ingest_workers_from_the_command_line(tmp_path):
     """The user-facing path: `emulate --workers 2` -> `ingest --workers 2` -> open(DIR/<id>)."""
-    ep = free_endpoint()
+    ep, ctl = free_endpoint(), free_endpoint()
     out, log = tmp_path / "out", tmp_path / "ingest.log"
-    proc = _ingest(out, "--connect", ep, "--workers", "2", "--exit-after-series", "2", log=log)
+    proc = _ingest(
+        out, "--connect", ep, "--control", ctl, "--workers", "2", "--exit-after-series", "2",
+        log=log,
+    )  # fmt: skip
     try:
         emu = subprocess.run(
-            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", ep, "--workers", "2",
-             "--shape", "48x80", "--frames", "40", "--dark-frames", "8", "--series-id", "cli",
-             "--timeout", "90", "--json"],
+            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", ep, "--control", ctl,
+             "--workers", "2", "--shape", "48x80", "--frames", "40", "--dark-frames", "8",
+             "--series-id", "cli", "--timeout", "90", "--json"],
             capture_output=True, text=True, timeout=180,
         )  # fmt: skip
         assert emu.returncode == 0, emu.stderr
         summary = json.loads(emu.stdout)
-        assert summary["workers"] == 2
-        assert summary["control_endpoint"].endswith(str(int(ep.rsplit(":", 1)[1]) + 1))
+        assert summary["workers"] == 2 and summary["control_endpoint"] == ctl
         assert _wait(proc, log) == 0, log.read_text()
     finally:
         if proc.poll() is None:

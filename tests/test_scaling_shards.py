@@ -221,6 +221,7 @@ def test_shard_tracker_releases_frames_held_too_long():
 def test_endpoints_are_derived_by_port_offset():
     assert control_endpoint_for("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5556"
     assert control_endpoint_for("ipc:///tmp/cam") == "ipc:///tmp/cam.control"
+    assert control_endpoint_for("tcp://127.0.0.1:*") == "tcp://127.0.0.1:*"
     assert offset_endpoint("tcp://10.0.0.2:7000", 3) == "tcp://10.0.0.2:7003"
     with pytest.raises(UserError, match="cannot derive"):
         offset_endpoint("tcp://host", 1)
