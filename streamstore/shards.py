@@ -48,6 +48,8 @@ MANIFEST_FORMAT = "streamstore.series"
 MANIFEST_VERSION = 1
 _MANIFEST_NAME = "manifest.json"
 _SHARD_GLOB = "shard-*.h5"
+# most missing frame ids a series may report (2 GiB of int64): a larger claim is an error
+_MAX_MISSING = 1 << 28
 
 
 def is_series(path: str | os.PathLike) -> bool:
@@ -228,7 +230,14 @@ class ShardedStore(Store):
             v = ing.get("n_frames_announced") if isinstance(ing, dict) else None
             if isinstance(v, int) and not isinstance(v, bool):
                 cands.append(v)
-        return max(cands)
+        expected = max(cands)
+        if expected - self._ids.size > _MAX_MISSING:
+            raise FormatError(
+                f"{self.path}: the series claims {expected} frames (frames_announced / "
+                f"frames_expected) but holds {self._ids.size}: more than {_MAX_MISSING} "
+                "missing ids to list; the manifest or the sender's count is wrong"
+            )
+        return expected
 
     # --------------------------------------------------------------- life --
     def refresh(self) -> int:

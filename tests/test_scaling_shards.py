@@ -293,3 +293,13 @@ def test_refresh_picks_up_frames_the_shards_flushed_since_opening(tmp_path, rng)
             writer.wait(10)
         writer.stdin.close()
         writer.stdout.close()
+
+
+def test_an_absurd_frame_count_in_the_manifest_is_a_format_error(tmp_path, rng):
+    frames = _frames(rng)
+    d = tmp_path / "ser"
+    d.mkdir()
+    _write(d / "shard-0.h5", frames, [0, 1, 2])
+    _manifest(d, [0], announced=10**15)
+    with pytest.raises(FormatError, match="claims 1000000000000000 frames"):
+        streamstore.open(d)
