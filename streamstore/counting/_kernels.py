@@ -5,7 +5,7 @@ parallel (``prange``) and each writes its events into its own slot of a
 preallocated buffer, so the result does not depend on the number of threads.
 
 Within an item, rows are processed as a rolling window of three signal rows
-(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, with a sentinel column at each end):
+(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, int32, with a sentinel column at each end):
 
 1. *scan* row ``r + 1`` in blocks of ``BLOCK`` pixels: one comparison per pixel
    against the threshold map, packed into a 64-bit mask (a fixed trip count,
@@ -24,12 +24,9 @@ X-ray hits are collected per item and the events within the exclusion radius
 are dropped when the items are joined (``_compact``): hits are rare, so this
 costs nothing in the common case.
 
-Signal rows are uint32: a candidate's signal is at least 1 and at most
-65535 * 32767, so 0 marks non-candidates. (uint16 rows without a gain map ran
-about 10 % faster but double the compiled signatures; one type keeps the compile
-count at one per frame type.)
-Compiled lazily for the frame type actually seen (uint8, uint16, and int8/int16
-for wrapped pedestal-subtracted data), cached on disk.
+The signal fits an int32: ``|raw - dark| <= 65535`` and the relative gain is at
+most 32767. Compiled lazily for the frame type actually seen (uint8, uint16,
+and int8/int16 for wrapped pedestal-subtracted data), cached on disk.
 """
 
 from __future__ import annotations
@@ -46,9 +43,8 @@ __all__ = ["BAND_ROWS", "count_frames", "xray_gate"]
 BAND_ROWS = 64
 #: Pixels per vectorised block (the width of the bit masks).
 BLOCK = 64
-#: Signal of a pixel that is not a candidate: every candidate's signal is >= 1 and
-#: fits the uint32 signal rows exactly, so 0 marks the rest.
-SKIP = 0
+#: Signal of a pixel that is not a candidate: below every real signal.
+SKIP = np.int32(-(2**31))
 #: X-ray hits one item records before the call is redone with room for every pixel.
 XRAY_CAPACITY = 64
 
@@ -113,18 +109,21 @@ def _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
     ``xray_level`` and below the signal of any saturated candidate, so a block whose
     largest signal does not exceed it holds no X-ray hit and the exact test is skipped.
     """
-    smax = srow[0]  # the sentinel column: SKIP, typed like the signals
+    smax = SKIP
     if n == BLOCK:
         for j in range(BLOCK):
             v = row[c0 + j]
-            # stored in the uint32 signal row: exact for candidates (1 <= s < 2**31)
-            srow[1 + c0 + j] = (v - drow[c0 + j]) * grow[c0 + j] if v > lrow[c0 + j] else 0
-            smax = max(smax, srow[1 + c0 + j])
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
     else:
         for j in range(n):
             v = row[c0 + j]
-            srow[1 + c0 + j] = (v - drow[c0 + j]) * grow[c0 + j] if v > lrow[c0 + j] else 0
-            smax = max(smax, srow[1 + c0 + j])
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
     nx = 0
     if smax > gate:
         for j in range(n):
@@ -137,18 +136,21 @@ def _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
 @njit(inline="always", **_OPTS)
 def _dense_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
     """Signals of a whole block (no candidate mask first); ``(has candidates, X-ray hits)``."""
-    smax = srow[0]  # the sentinel column: SKIP, typed like the signals
+    smax = SKIP
     if n == BLOCK:
         for j in range(BLOCK):
             v = row[c0 + j]
-            # stored in the uint32 signal row: exact for candidates (1 <= s < 2**31)
-            srow[1 + c0 + j] = (v - drow[c0 + j]) * grow[c0 + j] if v > lrow[c0 + j] else 0
-            smax = max(smax, srow[1 + c0 + j])
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
     else:
         for j in range(n):
             v = row[c0 + j]
-            srow[1 + c0 + j] = (v - drow[c0 + j]) * grow[c0 + j] if v > lrow[c0 + j] else 0
-            smax = max(smax, srow[1 + c0 + j])
+            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
+            s = s if v > lrow[c0 + j] else SKIP
+            srow[1 + c0 + j] = s
+            smax = max(smax, s)
     nx = 0
     if smax > gate:
         for j in range(n):
@@ -208,31 +210,19 @@ def _scan_row(
 
 
 @njit(inline="always", **_OPTS)
-def _pack_bits(flags64):
-    """Pack 64 bytes of 0/1 (viewed as 8 uint64) into a 64-bit mask, byte j -> bit j."""
-    bits = np.uint64(0)
-    for q in range(BLOCK // 8):
-        # the multiply gathers bit 0 of each byte into the top byte
-        byte = (flags64[q] * np.uint64(0x0102040810204080)) >> np.uint64(56)
-        bits |= byte << np.uint64(8 * q)
-    return bits
-
-
-@njit(inline="always", **_OPTS)
-def _local_max_bits(up, mid, down, c0, n, flags, flags64):
+def _local_max_bits(up, mid, down, c0, n):
     """Bit j set when pixel c0 + j of the middle row beats its 8 neighbours (and is a candidate).
 
     ``up``, ``mid``, ``down`` are signal rows with a sentinel at index 0, so pixel c
     sits at index c + 1. Earlier neighbours (row above, left) must be strictly
-    smaller, later ones (right, row below) smaller or equal. The comparisons go to
-    the byte buffer ``flags`` (so they vectorise at the signal width) and are packed
-    afterwards; ``flags64`` is its uint64 view.
+    smaller, later ones (right, row below) smaller or equal.
     """
+    bits = np.uint64(0)
     if n == BLOCK:
         for j in range(BLOCK):
             i = c0 + j + 1
             s = mid[i]
-            flags[j] = (
+            ok = (
                 (s != SKIP)
                 & (s > up[i - 1])
                 & (s > up[i])
@@ -243,13 +233,12 @@ def _local_max_bits(up, mid, down, c0, n, flags, flags64):
                 & (s >= down[i])
                 & (s >= down[i + 1])
             )
+            bits |= np.uint64(ok) << np.uint64(j)
     else:
-        for j in range(BLOCK):
-            flags[j] = 0
         for j in range(n):
             i = c0 + j + 1
             s = mid[i]
-            flags[j] = (
+            ok = (
                 (s != SKIP)
                 & (s > up[i - 1])
                 & (s > up[i])
@@ -260,7 +249,8 @@ def _local_max_bits(up, mid, down, c0, n, flags, flags64):
                 & (s >= down[i])
                 & (s >= down[i + 1])
             )
-    return _pack_bits(flags64)
+            bits |= np.uint64(ok) << np.uint64(j)
+    return bits
 
 
 @njit(parallel=True, **_OPTS)
@@ -281,7 +271,6 @@ def _count_items(
     xcap,
     out_xray,
     out_nx,
-    sig_proto,
 ):
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
@@ -294,9 +283,7 @@ def _count_items(
         frame = frames[f]
         # three signal rows with a sentinel column at each end; rows outside the frame
         # stay all SKIP
-        sig = np.zeros_like(sig_proto)
-        flags = np.zeros(BLOCK, np.uint8)
-        flags64 = flags.view(np.uint64)
+        sig = np.full((3, w + 2), SKIP, np.int32)
         masks = np.zeros((3, n_blocks), np.uint64)
         xr_rows = np.zeros(3, np.int64)
         ones = np.ones(w, np.uint16)
@@ -341,7 +328,7 @@ def _count_items(
                     continue
                 c0 = b * BLOCK
                 nb = BLOCK if b < full_blocks else w - c0
-                bits = _local_max_bits(up, mid, down, c0, nb, flags, flags64)
+                bits = _local_max_bits(up, mid, down, c0, nb)
                 while bits:
                     c = c0 + np.int64(_cttz(bits))
                     bits &= bits - np.uint64(1)
@@ -432,12 +419,12 @@ def xray_gate(lo: np.ndarray, dark: np.ndarray, gain: np.ndarray | None, xray_le
     :class:`~streamstore.counting.Counter` computes it once.
     """
     top = int(np.iinfo(lo.dtype).max)
-    level = int(xray_level)
+    level = min(int(xray_level), 2**31 - 1)
     sat = top - dark.astype(np.int64)
     if gain is not None:
         sat *= gain
     sat[lo >= top] = 2**62  # never a candidate
-    return max(0, min(level, int(sat.min()) - 1))
+    return int(max(min(level, int(sat.min()) - 1), -(2**31) + 1))
 
 
 def count_frames(
@@ -466,12 +453,10 @@ def count_frames(
     out_n = np.zeros(n_items, np.int64)
     out_nx = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
-    sig_proto = np.zeros((3, w + 2), np.uint32)
-    # every candidate's signal fits the signal type, so clipping the level keeps the test
-    level = np.int64(min(int(xray_level), int(np.iinfo(sig_proto.dtype).max)))
+    level = np.int32(min(int(xray_level), 2**31 - 1))  # signals are int32: same test
     if gate is None:
         gate = xray_gate(lo, dark, gain, xray_level)
-    gate = np.int64(max(0, min(int(gate), int(level))))
+    gate = np.int32(gate)
     gain_arg = _NO_GAIN if gain is None else gain
     previous = numba.get_num_threads()
     if threads is not None:
@@ -482,7 +467,7 @@ def count_frames(
             out_xray = np.empty(n_items * xcap, np.uint32)
             _count_items(
                 frames, lo, dark, gain_arg, gain is not None, gate, level, top, subpixel,
-                cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx, sig_proto,
+                cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx,
             )  # fmt: skip
             if int(out_nx.max(initial=0)) <= xcap:
                 break
