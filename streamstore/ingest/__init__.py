@@ -5,7 +5,9 @@ Modules, in data-flow order:
 * :mod:`~streamstore.ingest.daemon` - sockets, signals, the per-series state
   machine (:class:`IngestDaemon`, :class:`IngestConfig`);
 * :mod:`~streamstore.ingest.series` - frame-id accounting and the reorder window;
-* :mod:`~streamstore.ingest.pipeline` - count and write stages, the memory budget;
+* :mod:`~streamstore.ingest.pipeline` - the stages after the socket
+  (:mod:`~streamstore.ingest.items` items, memory budget and stage thread;
+  :mod:`~streamstore.ingest.count_stage`; :mod:`~streamstore.ingest.write_stage`);
 * :mod:`~streamstore.ingest.status` - counters, the live line, JSON over PUB;
 * :mod:`~streamstore.ingest.safety` - loopback-only binds, safe output paths.
 

@@ -1,0 +1,299 @@
+"""The count stage: raw frames -> events; dark series -> the calibration."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from typing import Any
+
+import numpy as np
+
+from streamstore.ingest.items import (
+    STOP,
+    ByteBudget,
+    CloseItem,
+    EventsItem,
+    FrameItem,
+    MissingItem,
+    OpenItem,
+    SeriesInfo,
+    _batch_nbytes,
+    _Stage,
+)
+
+__all__ = ["CountStage"]
+
+log = logging.getLogger("streamstore.ingest")
+
+
+class CountStage(_Stage):
+    """Counts frames into events; turns dark series into the calibration.
+
+    Calibration of a data series, chosen when the series opens: the latest
+    dark series' calibration if one arrived, else the ``--calibration`` file,
+    else :meth:`Calibration.estimate` on the first ``estimate_frames`` frames.
+
+    Parameters
+    ----------
+    inbox, outbox : queue.SimpleQueue
+    budget : ByteBudget
+    counters : status.Counters
+    calibration : Calibration, optional
+        From ``--calibration FILE``.
+    subpixel : bool
+    threads : int, optional
+        Threads of the counting kernel (None: numba's default, all cores).
+    estimate_frames : int
+        Frames used by ``Calibration.estimate`` when nothing else is known.
+    max_dark_frames : int
+        Dark frames kept for the calibration (later ones are counted as
+        received but not used).
+    """
+
+    def __init__(
+        self,
+        inbox: queue.SimpleQueue,
+        outbox: queue.SimpleQueue,
+        budget: ByteBudget,
+        counters: Any,
+        *,
+        calibration: Any = None,
+        calibration_label: str = "",
+        subpixel: bool = False,
+        threads: int | None = None,
+        estimate_frames: int = 8,
+        max_dark_frames: int = 64,
+    ) -> None:
+        super().__init__("count", inbox)
+        self.outbox = outbox
+        self.budget = budget
+        self.counters = counters
+        self.file_calibration = calibration
+        self.file_label = calibration_label
+        self.dark_calibration: Any = None
+        self.dark_label = ""
+        self.subpixel = subpixel
+        self.threads = threads
+        self.estimate_frames = max(1, int(estimate_frames))
+        self.max_dark_frames = int(max_dark_frames)
+        self._counter: Any = None
+        self._counter_key: Any = None
+        self._pending: list[Any] = []  # items of a data series waiting for its estimate
+        self._dark: list[np.ndarray] = []
+        self._dark_capped = False
+        self._estimate_failed = ""
+
+    # -- calibration ---------------------------------------------------------
+    def stop(self) -> None:
+        self.outbox.put(STOP)  # the write stage drains what is queued before it
+
+    def _pick_calibration(self, series: SeriesInfo) -> None:
+        if self.dark_calibration is not None:
+            series.calibration = self.dark_calibration
+            series.calibration_source = self.dark_label
+        elif self.file_calibration is not None:
+            series.calibration = self.file_calibration
+            series.calibration_source = self.file_label
+        if series.calibration is not None and series.calibration.frame_shape != series.frame_shape:
+            log.warning(
+                "series %s: calibration (%s) is for frames %s but the series has %s; "
+                "estimating from the series' first frames instead",
+                series.series_id,
+                series.calibration_source,
+                series.calibration.frame_shape,
+                series.frame_shape,
+            )
+            series.calibration = None
+            series.calibration_source = "none"
+
+    def _estimate(self, series: SeriesInfo) -> None:
+        from streamstore.calibration import Calibration
+
+        frames = [it.array for it in self._pending if isinstance(it, FrameItem)]
+        if frames:
+            try:
+                series.calibration = Calibration.estimate(np.stack(frames))
+            except ValueError as exc:
+                if series.series_id != self._estimate_failed:  # once per series
+                    self._estimate_failed = series.series_id
+                    log.error(
+                        "series %s: cannot estimate a calibration from its first %d frames "
+                        "(%s); its frames are recorded missing until an estimate succeeds",
+                        series.series_id,
+                        len(frames),
+                        exc,
+                    )
+                return
+            series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
+            log.info(
+                "series %s: no dark frames or calibration file; estimated the calibration "
+                "from its first %d frames",
+                series.series_id,
+                len(frames),
+            )
+
+    def _counter_for(self, series: SeriesInfo) -> Any:
+        key = (id(series.calibration), series.start.np_dtype.str)
+        if self._counter is None or self._counter_key != key:
+            from streamstore.counting import Counter
+
+            self._counter = Counter(
+                series.calibration,
+                series.start.np_dtype,
+                subpixel=self.subpixel,
+                threads=self.threads,
+            )
+            self._counter_key = key
+        return self._counter
+
+    # -- items ------------------------------------------------------------------
+    def handle(self, item: Any) -> None:
+        if isinstance(item, OpenItem):
+            self._pending = []
+            if item.series.kind == "data":
+                self._pick_calibration(item.series)
+            self.outbox.put(item)
+        elif isinstance(item, FrameItem):
+            series = item.series
+            if series.kind == "dark":
+                # dark copies count against the memory budget (a quarter of it at most)
+                held = sum(f.nbytes for f in self._dark)
+                if (
+                    len(self._dark) < self.max_dark_frames
+                    and held + item.nbytes <= self.budget.capacity // 4
+                ) or len(self._dark) < 2:
+                    self._dark.append(np.array(item.array, copy=True))
+                    self.budget.add(item.nbytes)
+                elif not self._dark_capped:
+                    self._dark_capped = True
+                    log.warning(
+                        "dark series %s: keeping %d frames for the calibration "
+                        "(memory budget / 4 or the dark-frame limit); later ones are not used",
+                        series.series_id,
+                        len(self._dark),
+                    )
+                self.budget.release(item.nbytes)
+                self.counters.frames_counted += 1
+            elif series.calibration is None:
+                self._pending.append(item)
+                if len(self._pending) >= self.estimate_frames:
+                    self._estimate(series)
+                    self._drain_pending()
+            else:
+                self._count([item])
+        elif isinstance(item, MissingItem):
+            if self._pending:
+                self._pending.append(item)
+            else:
+                self.outbox.put(item)
+        elif isinstance(item, CloseItem):
+            series = item.series
+            if series.kind == "dark":
+                self._finish_dark(series)
+            elif self._pending:
+                self._estimate(series)
+                self._drain_pending()
+            self.outbox.put(item)
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"count stage got an unexpected item {item!r}")
+
+    def item_failed(self, item: Any, exc: Exception) -> None:
+        super().item_failed(item, exc)
+        if isinstance(item, FrameItem):
+            self._lose([item])
+        elif isinstance(item, CloseItem | OpenItem | MissingItem):
+            self.outbox.put(item)  # keep the series' bookkeeping going
+
+    def _lose(self, items: list[FrameItem]) -> None:
+        """Frames that cannot be counted: give their memory back, record them missing."""
+        for it in items:
+            if it.array is not None:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]
+        if items:
+            if items[0].series.series_id != self._estimate_failed:
+                log.error(
+                    "series %s: %d frame(s) could not be counted and are recorded as missing",
+                    items[0].series.series_id,
+                    len(items),
+                )
+            self.outbox.put(MissingItem(items[0].series, [it.frame_id for it in items]))
+
+    def _drain_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        frames = [it for it in pending if isinstance(it, FrameItem)]
+        if frames and frames[0].series.calibration is None:
+            self._lose(frames)
+        elif frames:
+            self._count(frames)
+        for it in pending:
+            if isinstance(it, MissingItem):
+                self.outbox.put(it)
+
+    def _count(self, items: list[FrameItem]) -> None:
+        from streamstore.events import EventBatch
+
+        series = items[0].series
+        batches = []
+        try:
+            counter = self._counter_for(series)
+        except Exception:
+            log.exception("series %s: cannot build a counter", series.series_id)
+            self._lose(items)
+            return
+        for k, it in enumerate(items):
+            try:
+                batches.append(counter(it.array))
+            except Exception:
+                log.exception("series %s: counting failed", series.series_id)
+                self._lose(items[k:])  # the ones before k are counted and go on
+                items = items[:k]
+                break
+            self.budget.release(it.nbytes)
+            it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+        if not items:
+            return
+        events = batches[0] if len(batches) == 1 else EventBatch.concatenate(batches)
+        nbytes = _batch_nbytes(events)
+        self.budget.add(nbytes)
+        self.counters.frames_counted += len(items)
+        self.counters.events += events.n_events
+        self.outbox.put(
+            EventsItem(
+                series,
+                events,
+                [it.frame_id for it in items],
+                [it.timestamp_ns for it in items],
+                nbytes,
+            )
+        )
+
+    def _finish_dark(self, series: SeriesInfo) -> None:
+        from streamstore.calibration import Calibration
+
+        frames, self._dark = self._dark, []
+        self._dark_capped = False
+        self.budget.release(sum(f.nbytes for f in frames))
+        if len(frames) < 2:
+            log.warning(
+                "dark series %s brought %d frame(s); a calibration needs at least 2: ignored",
+                series.series_id,
+                len(frames),
+            )
+            return
+        try:
+            cal = Calibration.from_dark_frames(np.stack(frames))
+        except ValueError as exc:
+            log.error("dark series %s: cannot calibrate: %s", series.series_id, exc)
+            return
+        self.dark_calibration = cal
+        self.dark_label = f"dark_frames:{series.series_id} ({len(frames)} frames)"
+        series.calibration = cal
+        series.calibration_source = self.dark_label
+        log.info(
+            "dark series %s: calibration from %d frames (%d pixels masked) "
+            "for the following series",
+            series.series_id,
+            len(frames),
+            cal.n_masked,
+        )

@@ -1,0 +1,366 @@
+"""The write stage: events -> one StoreWriter (SWMR HDF5) per series."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from pathlib import Path
+from typing import Any
+
+from streamstore.ingest.items import (
+    WRITE_DELAY_ENV,
+    ByteBudget,
+    CloseItem,
+    EventsItem,
+    MissingItem,
+    OpenItem,
+    SeriesInfo,
+    _Stage,
+    superblock_eof,
+)
+from streamstore.ingest.safety import candidate_paths, is_free
+
+__all__ = ["WriteStage"]
+
+log = logging.getLogger("streamstore.ingest")
+
+
+class WriteStage(_Stage):
+    """Writes counted frames into one StoreWriter per series.
+
+    Parameters
+    ----------
+    inbox : queue.SimpleQueue
+    budget : ByteBudget
+    counters : status.Counters
+    out_dir : path
+    subpixel : bool
+    flush_interval_s : float
+        At most this much time of frames is unflushed (SIGKILL loses no more).
+    on_closed : callable, optional
+        Called with each closed :class:`SeriesInfo` (status, exit-after-N).
+    encode_threads : int, optional
+        Threads blosc2 uses to compress (None: all cores).
+    paths : callable, optional
+        ``paths(out_dir, series_id)`` yields candidate file paths of a series;
+        default :func:`~streamstore.ingest.safety.candidate_paths`.
+    """
+
+    def __init__(
+        self,
+        inbox: queue.SimpleQueue,
+        budget: ByteBudget,
+        counters: Any,
+        out_dir: str | os.PathLike,
+        *,
+        subpixel: bool = False,
+        flush_interval_s: float = 1.0,
+        on_closed: Any = None,
+        paths: Any = None,
+        encode_threads: int | None = None,
+    ) -> None:
+        super().__init__("write", inbox)
+        self.encode_threads = encode_threads
+        # candidate file paths of a series (scale-out workers: DIR/<id>/shard-K.h5)
+        self.paths = paths if paths is not None else candidate_paths
+        self.budget = budget
+        self.counters = counters
+        self.out_dir = Path(out_dir)
+        self.subpixel = subpixel
+        self.flush_interval_s = float(flush_interval_s)
+        self.on_closed = on_closed
+        self.delay_s = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
+        self._writers: dict[int, Any] = {}  # id(series) -> StoreWriter
+        self._open_series: dict[int, SeriesInfo] = {}
+        self._failed: set[int] = set()
+        self._summaries: dict[int, tuple[Any, dict]] = {}
+        self._last_flush = time.monotonic()
+        self._closed_bytes = 0
+
+    # -- files ----------------------------------------------------------------------
+    def _open(self, series: SeriesInfo) -> Any:
+        key = id(series)
+        if key in self._writers:
+            return self._writers[key]
+        from streamstore.store import StoreWriter
+
+        start = series.start
+        meta = {
+            "series_id": series.series_id,
+            "detector": getattr(start, "detector", None),
+            "calibration_source": series.calibration_source,
+            "sender_meta": getattr(start, "meta", None) or {},
+            "ingest": {"n_frames_announced": getattr(start, "n_frames", None)},
+        }
+        for path in self.paths(self.out_dir, series.series_id):
+            if not is_free(path):
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                writer = StoreWriter(
+                    path,
+                    series.frame_shape,
+                    frame_time_s=start.frame_time_s,
+                    pixel_size_A=getattr(start, "pixel_size_A", None),
+                    calibration=self._calibration_summary(series.calibration),
+                    meta=meta,
+                    raw_dtype=start.np_dtype,
+                    subpixel=self.subpixel,
+                    flush_interval_s=self.flush_interval_s,
+                    nthreads=self.encode_threads,
+                )
+            except FileExistsError:
+                continue  # somebody created it between the check and now
+            break
+        first = next(iter(self.paths(self.out_dir, series.series_id)))
+        if path != first:
+            log.warning(
+                "series %s: %s exists already; writing to %s instead",
+                series.series_id,
+                first,
+                path.relative_to(self.out_dir),
+            )
+        series.path = path
+        self._writers[key] = writer
+        self._open_series[key] = series
+        log.info("series %s -> %s", series.series_id, path)
+        return writer
+
+    def _calibration_summary(self, cal: Any) -> Any:
+        """``cal.summary()``, computed once per calibration (about 1 s at 24 MP)."""
+        if cal is None or not hasattr(cal, "summary"):
+            return cal
+        hit = self._summaries.get(id(cal))
+        if hit is None or hit[0] is not cal:
+            hit = (cal, dict(cal.summary()))
+            self._summaries = {id(cal): hit}  # keep the latest only
+        return dict(hit[1])
+
+    def _file_bytes(self, series: SeriesInfo) -> int:
+        try:
+            return os.stat(series.path).st_size if series.path else 0
+        except OSError:
+            return 0
+
+    # -- items --------------------------------------------------------------------------
+    def handle(self, item: Any) -> None:
+        if isinstance(item, OpenItem):
+            return  # files open lazily, once the calibration is known
+        series = item.series
+        if series.kind == "dark":
+            if isinstance(item, CloseItem):
+                self._close_dark(item)
+            return
+        if isinstance(item, EventsItem):
+            self._append(item)
+        elif isinstance(item, MissingItem):
+            self._mark_missing(series, item.frame_ids)
+        elif isinstance(item, CloseItem):
+            self._close(item)
+        else:  # pragma: no cover - programming error
+            raise TypeError(f"write stage got an unexpected item {item!r}")
+
+    def _append(self, item: EventsItem) -> None:
+        series = item.series
+        try:
+            if id(series) in self._failed:
+                raise OSError("an earlier write to this series failed")
+            writer = self._open(series)
+            if self.delay_s:
+                time.sleep(self.delay_s * len(item.frame_ids))
+            writer.append(item.events, item.frame_ids, item.timestamps_ns)
+        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+            self._write_failed(series, item.frame_ids, exc)
+        except ValueError as exc:  # refused by the writer: these frames only are lost
+            log.error(
+                "series %s: frames %s not stored: %s", series.series_id, item.frame_ids[:8], exc
+            )
+            self._mark_missing(series, list(item.frame_ids))
+        else:
+            series.stored += len(item.frame_ids)
+            series.events += item.events.n_events
+            self.counters.frames_stored += len(item.frame_ids)
+            self.counters.events_stored += item.events.n_events
+        finally:
+            self.budget.release(item.nbytes)
+
+    def _write_failed(self, series: SeriesInfo, frame_ids: list[int], exc: BaseException) -> None:
+        if id(series) not in self._failed:
+            log.error(
+                "series %s: WRITE FAILED (%s); the file keeps every frame flushed before this, "
+                "and the frames that cannot be stored are counted as missing",
+                series.series_id,
+                exc,
+            )
+            # (helper G) frames appended since the writer's last completed flush are
+            # not in the file either: count them as missing, not stored
+            writer = self._writers.get(id(series))
+            given = set(frame_ids)
+            lost = [] if writer is None else [int(i) for i in writer.unflushed_frame_ids]
+            lost = [i for i in lost if i not in given]
+            if lost:
+                log.error(
+                    "series %s: %d frame(s) appended since the last good flush are lost too",
+                    series.series_id,
+                    len(lost),
+                )
+                series.stored -= len(lost)
+                self.counters.frames_stored -= len(lost)
+                series.missing_ids.extend(lost)
+                self.counters.missing += len(lost)
+        self._failed.add(id(series))
+        self.counters.write_errors += 1
+        series.missing_ids.extend(frame_ids)
+        self.counters.missing += len(frame_ids)
+
+    def _mark_missing(self, series: SeriesInfo, ids: list[int]) -> None:
+        series.missing_ids.extend(ids)
+        self.counters.missing += len(ids)
+        if id(series) in self._failed:
+            return
+        try:
+            self._open(series).mark_missing(ids)
+        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+            self._write_failed(series, [], exc)
+
+    def _close(self, item: CloseItem) -> None:
+        series = item.series
+        series.complete = item.complete
+        key = id(series)
+        try:
+            writer = self._open(series) if key not in self._failed else self._writers.get(key)
+            if writer is not None:
+                if key in self._failed:
+                    lost = sorted(set(series.missing_ids))
+                    try:
+                        writer.mark_missing(lost)
+                    except Exception:
+                        pass
+                writer.update_accounting(
+                    received=item.received,
+                    duplicate=item.duplicate,
+                    rejected=item.rejected,
+                    complete=item.complete and key not in self._failed,
+                    reason=item.reason,
+                    receive_seconds=round(item.receive_s, 6),
+                )
+                writer.close()
+        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+            self._write_failed(series, [], exc)
+        if key in self._failed and series.path is not None:
+            self._repair_eof(series)
+        self._writers.pop(key, None)
+        self._open_series.pop(key, None)
+        self._closed_bytes += self._file_bytes(series)
+        self.counters.bytes_written = self._closed_bytes
+        n_missing = len(set(series.missing_ids))
+        log.info(
+            "series %s %s (%s): received %d, stored %d, missing %d, duplicate %d, rejected %d, "
+            "%d events -> %s",
+            series.series_id,
+            "complete" if series.complete else "INCOMPLETE",
+            item.reason,
+            item.received,
+            series.stored,
+            n_missing,
+            item.duplicate,
+            item.rejected,
+            series.events,
+            series.path,
+        )
+        self._finish(series)
+
+    def _repair_eof(self, series: SeriesInfo) -> None:
+        """(helper G) After a failed write, extend the file to its superblock's end if short."""
+        path = series.path
+        try:
+            eof = superblock_eof(path)
+            size = os.stat(path).st_size
+            if eof is None or eof <= size or eof - size > 1 << 30:
+                return
+        except OSError as exc:
+            log.error(
+                "series %s: cannot check %s after the write failure: %s",
+                series.series_id,
+                path,
+                exc,
+            )
+            return
+        try:
+            # zeros as a sparse hole: needs no free blocks on most file systems
+            os.truncate(path, eof)
+        except OSError as exc:
+            log.error(
+                "series %s: %s ends at byte %d but its HDF5 superblock says %d, so HDF5 will not "
+                "open it (%s); once there is room run: truncate -s %d %s",
+                series.series_id,
+                path,
+                size,
+                eof,
+                exc,
+                eof,
+                path,
+            )
+        else:
+            log.warning(
+                "series %s: extended %s from %d to %d bytes (the end its HDF5 superblock records) "
+                "so it opens with every frame flushed before the write failure",
+                series.series_id,
+                path,
+                size,
+                eof,
+            )
+
+    def _close_dark(self, item: CloseItem) -> None:
+        series = item.series
+        cal = series.calibration
+        if cal is not None:
+            for path in candidate_paths(self.out_dir, series.series_id + ".calibration"):
+                if is_free(path):
+                    break
+            try:
+                cal.save(path)
+                series.path = path
+                log.info("dark series %s: calibration saved to %s", series.series_id, path)
+            except OSError as exc:
+                log.error("dark series %s: cannot save the calibration: %s", series.series_id, exc)
+        series.complete = item.complete
+        self._finish(series)
+
+    def _finish(self, series: SeriesInfo) -> None:
+        series.closed_t = time.monotonic()
+        self.counters.series_closed += 1
+        if self.on_closed is not None:
+            self.on_closed(series)
+
+    def idle(self) -> None:
+        now = time.monotonic()
+        if now - self._last_flush < self.flush_interval_s / 2:
+            return
+        self._last_flush = now
+        for key, writer in list(self._writers.items()):
+            if key in self._failed or writer.closed:
+                continue
+            try:
+                writer.flush()
+            except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+                log.error("flush failed: %s", exc)
+                series = self._open_series.get(key)
+                if series is not None:
+                    self._write_failed(series, [], exc)
+        self._update_bytes()
+
+    def _update_bytes(self) -> None:
+        # bytes of closed files plus the open ones, for bits/event in the status
+        open_bytes = sum(self._file_bytes(s) for s in self._open_series.values())
+        self.counters.bytes_written = self._closed_bytes + open_bytes
+
+    def stop(self) -> None:
+        for writer in self._writers.values():
+            try:
+                writer.close()
+            except Exception as exc:  # pragma: no cover - best effort at exit
+                log.error("closing a file at shutdown failed: %s", exc)
+        self._writers.clear()
