@@ -204,3 +204,19 @@ def test_non_contiguous_frames_are_accepted(rng):
     big[5, 8] = 90
     view = big[:, ::2]
     assert count(view, cal).frame(0).indices.tolist() == [5 * 20 + 4]
+
+
+@pytest.mark.parametrize("threads", [1, None])
+def test_one_counter_from_several_python_threads(rng, threads):
+    """The kernel releases the GIL; concurrent calls give the sequential results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cal = flat_cal(64, 96, xray_threshold=400.0)
+    frames = (10 + rng.normal(0, 2, (12, 64, 96))).round()
+    frames += (rng.random((12, 64, 96)) < 0.02) * 80
+    frames = frames.astype(np.uint16)
+    c = Counter(cal, np.uint16, subpixel=True, threads=threads)
+    expected = [c(f) for f in frames]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        got = list(pool.map(c, frames))
+    assert all(a == b for a, b in zip(got, expected, strict=True))
