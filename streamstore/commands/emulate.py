@@ -172,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, "workers", 0):  # scale-out: start/end to every worker (helper F)
             from streamstore.fanout import FanoutSender
 
+            if not bind:
+                raise OSError(
+                    "--workers: the sender binds its data and control sockets "
+                    "(workers connect to it); drop --connect"
+                )
+
             make, extra = FanoutSender, {"control_endpoint": getattr(args, "control", None)}
         sender = make(
             endpoint,
