@@ -330,3 +330,13 @@ def test_sigterm_to_the_ingest_parent_stops_every_worker(tmp_path):
             proc.kill()
             proc.wait(10)
     assert log.read_text().count("stopped:") == 2
+
+
+def test_emulate_workers_refuses_connect_mode():
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamstore", "emulate", "--connect", free_endpoint(),
+         "--workers", "2", "--shape", "8x8", "--frames", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "drop --connect" in proc.stderr
