@@ -145,6 +145,8 @@ def count_native(
         int(xray_level), int(radius), int(bool(subpixel)), cap,
         _ptr(out_idx), _ptr(out_sub), _ptr(offsets),
     )  # fmt: skip
+    if k == -2:
+        raise MemoryError("native count: out of memory walking a plateau")
     if k < 0:
         raise RuntimeError("native count: output capacity exceeded (a bug: please report)")
     indices = out_idx[:k].copy()

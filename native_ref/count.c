@@ -8,7 +8,10 @@
  *   X-ray     = candidate and (raw(p) == TMAX or s(p) > xray_level)
  *   local max = candidate whose key (s, -flat index) beats every candidate 8-neighbour:
  *               s > s(q) for q earlier in raster order, s >= s(q) for later q
- *   event     = local max with no X-ray hit within Chebyshev distance radius
+ *   plateau   = a local max with an equal candidate neighbour stays only when it is the
+ *               raster-first pixel of its 8-connected equal-signal candidate plateau and no
+ *               candidate next to the plateau is brighter
+ *   event     = such a local max with no X-ray hit within Chebyshev distance radius
  *   subpixel  = integer centre of mass of max(s, 0) over the in-frame 3 x 3,
  *               q = clamp(floor((2 S + 4 T) / S), 0, 3), value (qy << 2) | qx
  * Events in ascending flat index r * W + c per frame. Single-threaded on purpose:
@@ -17,6 +20,7 @@
  * Built on first use by native_ref/__init__.py with cc -O3 -march=native -shared -fPIC.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #define BLOCK 64
 
@@ -74,6 +78,64 @@ static inline int64_t quantise(int64_t num, int64_t den) {
         return 0;                                                                          \
     }                                                                                      \
                                                                                            \
+    /* 1 when local max i stands for its plateau; -1 when out of memory. seen: h*w bytes */ \
+    static int NAME##_plateau_wins(const T *fr, const T *lo, const T *dark,                \
+                                   const uint16_t *gain, int64_t p, int64_t h, int64_t w,  \
+                                   uint8_t *seen) {                                        \
+        int64_t value = NAME##_signal(fr, dark, gain, p);                                  \
+        int64_t cap = 64, n = 1, head = 0;                                                 \
+        int64_t *list = malloc(cap * sizeof(int64_t));                                     \
+        int result = 1;                                                                    \
+        if (!list) return -1;                                                              \
+        list[0] = p;                                                                       \
+        seen[p] = 1;                                                                       \
+        while (head < n && result == 1) {                                                  \
+            int64_t q = list[head++], qr = q / w, qc = q % w;                              \
+            for (int dy = -1; dy <= 1 && result == 1; dy++) {                              \
+                int64_t rr = qr + dy;                                                      \
+                if (rr < 0 || rr >= h) continue;                                           \
+                for (int dx = -1; dx <= 1; dx++) {                                         \
+                    int64_t cc = qc + dx, t = rr * w + cc;                                 \
+                    if (cc < 0 || cc >= w || (dy == 0 && dx == 0) || fr[t] <= lo[t])       \
+                        continue;                                                          \
+                    int64_t st = NAME##_signal(fr, dark, gain, t);                         \
+                    if (st > value || (st == value && t < p)) {                            \
+                        result = 0;                                                        \
+                        break;                                                             \
+                    }                                                                      \
+                    if (st == value && !seen[t]) {                                         \
+                        if (n == cap) {                                                    \
+                            int64_t *grown = realloc(list, 2 * cap * sizeof(int64_t));     \
+                            if (!grown) { result = -1; break; }                            \
+                            list = grown;                                                  \
+                            cap *= 2;                                                      \
+                        }                                                                  \
+                        seen[t] = 1;                                                       \
+                        list[n++] = t;                                                     \
+                    }                                                                      \
+                }                                                                          \
+            }                                                                              \
+        }                                                                                  \
+        for (int64_t j = 0; j < n; j++) seen[list[j]] = 0;                                 \
+        free(list);                                                                        \
+        return result;                                                                     \
+    }                                                                                      \
+                                                                                           \
+    static int NAME##_has_equal_neighbour(const T *fr, const T *lo, const T *dark,         \
+                                          const uint16_t *gain, int64_t s, int64_t r,      \
+                                          int64_t c, int64_t h, int64_t w) {               \
+        for (int dy = -1; dy <= 1; dy++) {                                                 \
+            int64_t rr = r + dy;                                                           \
+            if (rr < 0 || rr >= h) continue;                                               \
+            for (int dx = -1; dx <= 1; dx++) {                                             \
+                int64_t cc = c + dx, t = rr * w + cc;                                      \
+                if (cc < 0 || cc >= w || (dy == 0 && dx == 0) || fr[t] <= lo[t]) continue; \
+                if (NAME##_signal(fr, dark, gain, t) == s) return 1;                       \
+            }                                                                              \
+        }                                                                                  \
+        return 0;                                                                          \
+    }                                                                                      \
+                                                                                           \
     static uint8_t NAME##_subpixel(const T *fr, const T *dark, const uint16_t *gain,       \
                                    int64_t r, int64_t c, int64_t h, int64_t w) {           \
         int64_t total = 0, ty = 0, tx = 0;                                                 \
@@ -96,12 +158,14 @@ static inline int64_t quantise(int64_t num, int64_t den) {
         return (uint8_t)((qy << 2) | qx);                                                  \
     }                                                                                      \
                                                                                            \
-    /* Returns the number of events, or -1 when cap is too small. gain may be NULL. */     \
+    /* Returns the number of events, -1 when cap is too small, -2 when out of memory.      \
+       gain may be NULL. */                                                                \
     int64_t NAME(const T *frames, int64_t n, int64_t h, int64_t w, const T *lo,            \
                  const T *dark, const uint16_t *gain, int64_t xray_level, int64_t radius,  \
                  int32_t want_sub, int64_t cap, uint32_t *out_idx, uint8_t *out_sub,       \
                  int64_t *offsets) {                                                       \
         int64_t k = 0;                                                                     \
+        uint8_t *seen = NULL; /* plateau walks, allocated on first need */                 \
         offsets[0] = 0;                                                                    \
         for (int64_t f = 0; f < n; f++) {                                                  \
             const T *fr = frames + f * h * w;                                              \
@@ -123,10 +187,17 @@ static inline int64_t quantise(int64_t num, int64_t den) {
                         int64_t s = NAME##_signal(fr, dark, gain, r * w + c);              \
                         if (!NAME##_is_local_max(s, fr, lo, dark, gain, r, c, h, w))       \
                             continue;                                                      \
+                        if (NAME##_has_equal_neighbour(fr, lo, dark, gain, s, r, c, h, w)) { \
+                            if (!seen && !(seen = calloc(h * w, 1))) return -2;            \
+                            int won = NAME##_plateau_wins(fr, lo, dark, gain, r * w + c, h, w, \
+                                                          seen);                           \
+                            if (won < 0) { free(seen); return -2; }                        \
+                            if (!won) continue;                                            \
+                        }                                                                  \
                         if (NAME##_near_xray(fr, lo, dark, gain, xray_level, r, c, h, w,   \
                                              radius))                                      \
                             continue;                                                      \
-                        if (k >= cap) return -1;                                           \
+                        if (k >= cap) { free(seen); return -1; }                           \
                         out_idx[k] = (uint32_t)(r * w + c);                                \
                         if (want_sub) out_sub[k] = NAME##_subpixel(fr, dark, gain, r, c, h, w); \
                         k++;                                                               \
@@ -135,6 +206,7 @@ static inline int64_t quantise(int64_t num, int64_t den) {
             }                                                                              \
             offsets[f + 1] = k;                                                            \
         }                                                                                  \
+        free(seen);                                                                        \
         return k;                                                                          \
     }
 

@@ -48,6 +48,9 @@ def test_top_level_names_and_shapes():
         [(0, 0), (0, 1), (1, 0), (1, 1)],  # 2 x 2 plateau
         [(r, c) for r in range(3) for c in range(3)],  # 3 x 3 plateau
         [(0, 0), (0, 1), (0, 2), (0, 3)],  # a line
+        [(0, 0), (1, 1), (0, 2)],  # a "V": two raster-first candidates under a plain order
+        [(0, 0), (1, 0), (2, 1), (1, 2), (0, 2)],  # a "U"
+        [(0, 1), (1, 0), (2, 1), (1, 2)],  # a diamond ring around a dimmer centre
     ],
 )
 def test_plateau_of_equal_maxima_gives_exactly_one_event(impl, block):
@@ -59,6 +62,16 @@ def test_plateau_of_equal_maxima_gives_exactly_one_event(impl, block):
         ev = events(frame, cal, impl)
         first = min(block)  # raster-first pixel wins
         assert ev.indices.tolist() == [(4 + first[0]) * 13 + 5 + first[1]]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_plateau_beside_a_brighter_pixel_gives_no_event(impl):
+    """A ridge of equal values running into a brighter pixel: one event, at the peak."""
+    cal = flat_cal(7, 12)
+    frame = np.full((7, 12), 10, np.uint16)
+    frame[3, 3:6] = [40, 40, 90]
+    frame[5, 8:10] = 40  # a lone equal pair elsewhere: one event
+    assert events(frame, cal, impl).indices.tolist() == [3 * 12 + 5, 5 * 12 + 8]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -33,13 +33,18 @@ def counting_cases(draw):
     amp = rng.integers(5, 60, (n, h, w)) * (1 if top == 255 else 4)
     frames += hits * amp
     for f, r, c in zip(*np.nonzero(hits), strict=True):
-        kind = rng.integers(0, 4)
+        kind = rng.integers(0, 6)
         if kind == 1 and c + 1 < w:
             frames[f, r, c + 1] = frames[f, r, c]  # horizontal tie
         elif kind == 2 and r + 1 < h:
             frames[f, r + 1, c] = frames[f, r, c]  # vertical tie
         elif kind == 3 and r + 1 < h and c + 1 < w:
             frames[f, r : r + 2, c : c + 2] = frames[f, r, c]  # 2 x 2 plateau
+        elif kind == 4 and r + 1 < h and c + 2 < w:
+            frames[f, r + 1, c + 1] = frames[f, r, c + 2] = frames[f, r, c]  # a "V"
+        elif kind == 5 and c + 2 < w:
+            frames[f, r, c + 1] = frames[f, r, c]  # a ridge into a brighter pixel
+            frames[f, r, c + 2] = frames[f, r, c] + 7
     frames = np.clip(np.rint(frames), 0, top)
     # saturated pixels
     sat = rng.random((n, h, w)) < draw(st.sampled_from([0.0, 0.002, 0.02]))

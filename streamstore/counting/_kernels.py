@@ -18,7 +18,8 @@ Within an item, rows are processed as a rolling window of three signal rows
 2. *test* row ``r``: in each block holding a candidate, the 3 x 3 local-maximum
    test of all 64 pixels at once (eight vectorised comparisons against the
    shifted neighbour rows), again packed into a bit mask;
-3. each set bit is an event: its index (and sub-pixel cell) is stored.
+3. each set bit is an event (after the plateau rule, when an equal neighbour
+   exists): its index (and sub-pixel cell) is stored.
 
 X-ray hits are collected per item and the events within the exclusion radius
 are dropped when the items are joined (``_compact``): hits are rare, so this
@@ -68,6 +69,40 @@ def _signal64(frame, dark, gain, has_gain, r, c):
     if has_gain:
         s *= np.int64(gain[r, c])
     return s
+
+
+@njit(**_OPTS)
+def _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w):
+    """May local maximum (r, c) stand for its plateau of equal signals? (rule 5)
+
+    Walks the candidates joined to it through 8-adjacent candidates of the same
+    signal; loses to an earlier plateau pixel or a brighter candidate next to the
+    plateau. Only called when an equal neighbour exists (rare).
+    """
+    value = _signal64(frame, dark, gain, has_gain, r, c)
+    p = r * w + c
+    todo = [p]
+    seen = {p}
+    while len(todo):
+        q = todo.pop()
+        qr = q // w
+        qc = q % w
+        for dy in range(-1, 2):
+            rr = qr + dy
+            if rr < 0 or rr >= h:
+                continue
+            for dx in range(-1, 2):
+                cc = qc + dx
+                if cc < 0 or cc >= w or (dy == 0 and dx == 0) or frame[rr, cc] <= lo[rr, cc]:
+                    continue
+                t = rr * w + cc
+                st = _signal64(frame, dark, gain, has_gain, rr, cc)
+                if st > value or (st == value and t < p):
+                    return False
+                if st == value and t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+    return True
 
 
 @njit(inline="always", **_OPTS)
@@ -332,6 +367,13 @@ def _count_items(
                 while bits:
                     c = c0 + np.int64(_cttz(bits))
                     bits &= bits - np.uint64(1)
+                    # an equal later neighbour (earlier ones failed the test) means a plateau
+                    sv = mid[c + 1]
+                    tie = (mid[c + 2] == sv) | (down[c] == sv) | (down[c + 1] == sv)
+                    if (tie | (down[c + 2] == sv)) and not _plateau_wins(
+                        frame, lo, dark, gain, has_gain, r, c, h, w
+                    ):
+                        continue
                     out_idx[base + k] = r * w + c
                     if want_sub:
                         out_sub[base + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)

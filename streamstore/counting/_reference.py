@@ -21,9 +21,15 @@ the frame type:
    left in the same row), ``s[p] >= s[q]`` for later ones. Pixels that are
    not candidates never compete. So of two or more equal adjacent maxima the
    raster-first one wins;
-5. an *event* is a local maximum with no X-ray hit within Chebyshev distance
+5. *plateaus*: a local maximum with a candidate 8-neighbour of equal signal
+   belongs to a plateau, all candidates joined to it through 8-adjacent
+   candidates of that same signal; it stays only when it is the plateau's
+   raster-first pixel and no candidate next to the plateau has a larger signal.
+   So every plateau of equal maxima, whatever its shape, gives exactly one
+   event, and a plateau beside a brighter pixel gives none;
+6. an *event* is such a local maximum with no X-ray hit within Chebyshev distance
    ``radius`` (``max(|dr|, |dc|) <= radius``, the pixel itself included);
-6. events are listed in ascending flat index ``r * W + c``.
+7. events are listed in ascending flat index ``r * W + c``.
 
 Sub-pixel: weights ``w[q] = max(s[q], 0)`` over the in-frame 3 x 3 around the
 event (every pixel, candidate or not; masked pixels have ``s <= 0``),
@@ -51,6 +57,31 @@ def _shifted(a: np.ndarray, dy: int, dx: int, fill: object) -> np.ndarray:
     if r0 < r1 and c0 < c1:
         out[r0:r1, c0:c1] = a[r0 + dy : r1 + dy, c0 + dx : c1 + dx]
     return out
+
+
+def _plateau_wins(p: int, s: np.ndarray, cand: np.ndarray, h: int, w: int) -> bool:
+    """Rule 5: may the local maximum ``p`` stand for its plateau of equal signals?
+
+    The plateau is every candidate joined to ``p`` through 8-adjacent candidates
+    of the same signal. ``p`` wins when it is the plateau's raster-first pixel and
+    no candidate next to the plateau has a larger signal (no equal neighbour: it wins).
+    """
+    value = s.flat[p]
+    todo, seen = [p], {p}
+    while todo:
+        q = todo.pop()
+        r, c = divmod(q, w)
+        for dy, dx in _NEIGHBOURS:
+            rr, cc = r + dy, c + dx
+            if not (0 <= rr < h and 0 <= cc < w) or not cand[rr, cc]:
+                continue
+            t = rr * w + cc
+            if s[rr, cc] > value or (s[rr, cc] == value and t < p):
+                return False
+            if s[rr, cc] == value and t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return True
 
 
 def _quantise(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -87,6 +118,10 @@ def count_frame_reference(
         for dx in range(-radius, radius + 1):
             near_xray |= _shifted(xray, dy, dx, False)
     event &= ~near_xray
+    h = raw.shape[0]
+    for p in np.flatnonzero(event):
+        if not _plateau_wins(int(p), s, cand, h, w):
+            event.flat[p] = False
     flat = np.flatnonzero(event)
     indices = flat.astype(np.uint32)
     if not subpixel:
