@@ -193,16 +193,30 @@ class Calibration:
         """Number of masked pixels."""
         return 0 if self.mask is None else int(self.mask.sum())
 
+    def _medians(self) -> tuple[float | None, float | None]:
+        """Median dark and noise over unmasked pixels, computed once (maps are read-only)."""
+        cached = self.__dict__.get("_median_cache")
+        if cached is None:
+            good = np.ones(self.frame_shape, bool) if self.mask is None else ~self.mask
+            if good.any():
+                cached = (float(np.median(self.dark[good])), float(np.median(self.noise[good])))
+            else:
+                cached = (None, None)
+            self.__dict__["_median_cache"] = cached
+        return cached
+
     @property
     def background_threshold(self) -> float:
         """Median background threshold ``n_sigma * noise`` over unmasked pixels (ADU)."""
-        good = self.noise if self.mask is None else self.noise[~self.mask]
-        return float(self.n_sigma * np.median(good)) if good.size else float("nan")
+        noise = self._medians()[1]
+        return float("nan") if noise is None else self.n_sigma * noise
 
     def summary(self) -> dict[str, Any]:
-        """JSON-serialisable scalars describing the calibration (for file attributes)."""
-        good = np.ones(self.frame_shape, bool) if self.mask is None else ~self.mask
-        any_good = bool(good.any())
+        """JSON-serialisable scalars describing the calibration (for file attributes).
+
+        The medians are computed on the first call and kept: treat the maps as read-only.
+        """
+        dark, noise = self._medians()
         return {
             "source": self.source,
             "frame_shape": list(self.frame_shape),
@@ -210,9 +224,9 @@ class Calibration:
             "xray_threshold": self.xray_threshold,
             "xray_radius": self.xray_radius,
             "wrapped": self.wrapped,
-            "median_dark_adu": float(np.median(self.dark[good])) if any_good else None,
-            "median_noise_adu": float(np.median(self.noise[good])) if any_good else None,
-            "background_threshold_adu": self.background_threshold if any_good else None,
+            "median_dark_adu": dark,
+            "median_noise_adu": noise,
+            "background_threshold_adu": None if noise is None else self.n_sigma * noise,
             "n_masked": self.n_masked,
             "has_gain": self.gain is not None,
         }
