@@ -112,12 +112,14 @@ def test_parity_on_a_larger_batch_across_bands(rng):
     assert Counter(cal, np.uint16, subpixel=True, threads=1)(frames) == out["reference"]
 
 
-def test_wrapped_frames_are_read_as_signed(rng):
-    """Pedestal-subtracted uint16 frames whose negatives wrapped: all three agree."""
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_wrapped_frames_are_read_as_signed(rng, dtype):
+    """Pedestal-subtracted frames whose negatives wrapped: all three agree."""
     h, w = 64, 96
     signed = np.rint(rng.normal(0, 3, (2, h, w)))
     signed += (rng.random((2, h, w)) < 0.02) * 80
-    frames = signed.astype(np.int16).view(np.uint16)
+    stype = np.int8 if dtype == np.uint8 else np.int16
+    frames = signed.astype(stype).view(dtype)
     cal = Calibration(np.zeros((h, w)), np.full((h, w), 3.0), wrapped=True)
     out = _count_all(frames, cal, False)
     assert out["numba"] == out["reference"] == out["native"]
