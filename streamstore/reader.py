@@ -507,6 +507,26 @@ class Store:
             )
         return s, e
 
+    def _selection(
+        self,
+        start: int | None,
+        stop: int | None,
+        select: Sequence[int] | np.ndarray | None,
+    ) -> np.ndarray:
+        """Frame indices (int64, ascending, unique) of a window or an explicit selection."""
+        if select is None:
+            s, e = self._window(start, stop)
+            return np.arange(s, e, dtype=np.int64)
+        if start is not None or stop is not None:
+            raise UserError("give either a window (start, stop) or select, not both")
+        sel = np.unique(np.asarray(select).astype(np.int64, copy=False))
+        if sel.size and (sel[0] < 0 or sel[-1] >= self.n_frames):
+            raise UserError(
+                f"select holds frame indices outside 0..{self.n_frames - 1} "
+                f"({self.n_frames} frames)"
+            )
+        return sel
+
     def _roi(self, roi: Sequence[int] | None) -> tuple[int, int, int, int]:
         h, w = self.frame_shape
         if roi is None:
@@ -601,18 +621,7 @@ class Store:
         from streamstore import _kernels
 
         r0, r1, c0, c1 = self._roi(roi)
-        if select is not None:
-            if start is not None or stop is not None:
-                raise UserError("give either a window (start, stop) or select, not both")
-            sel = np.unique(np.asarray(select).astype(np.int64, copy=False))
-            if sel.size and (sel[0] < 0 or sel[-1] >= self.n_frames):
-                raise UserError(
-                    f"select holds frame indices outside 0..{self.n_frames - 1} "
-                    f"({self.n_frames} frames)"
-                )
-        else:
-            s, e = self._window(start, stop)
-            sel = np.arange(s, e, dtype=np.int64)
+        sel = self._selection(start, stop, select)
         shape = (r1 - r0, c1 - c0)
         job_events = min(max(_JOB_EVENTS, 2 * shape[0] * shape[1]), _JOB_EVENTS_MAX)
         jobs = self._jobs(sel, job_events)

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.errors import FormatError, UserError
+from streamstore.errors import FormatError
 from streamstore.events import EventBatch
 from streamstore.reader import Store
 
@@ -392,18 +392,7 @@ class ShardedStore(Store):
     ) -> np.ndarray:
         """Summed counts image (uint32) over a window or a selection (see :meth:`Store.sum`)."""
         r0, r1, c0, c1 = self._roi(roi)
-        if select is not None:
-            if start is not None or stop is not None:
-                raise UserError("give either a window (start, stop) or select, not both")
-            sel = np.unique(np.asarray(select).astype(np.int64, copy=False))
-            if sel.size and (sel[0] < 0 or sel[-1] >= self.n_frames):
-                raise UserError(
-                    f"select holds frame indices outside 0..{self.n_frames - 1} "
-                    f"({self.n_frames} frames)"
-                )
-        else:
-            s, e = self._window(start, stop)
-            sel = np.arange(s, e, dtype=np.int64)
+        sel = self._selection(start, stop, select)
         total = np.zeros((r1 - r0, c1 - c0), np.uint32)
         for k, _pos, local in self._parts(sel):
             total += self.shards[k].sum(select=local, roi=(r0, r1, c0, c1))
