@@ -420,14 +420,7 @@ class IngestDaemon:
                 pub.setsockopt(zmq.SNDHWM, 10)
                 pub.bind(cfg.status_endpoint)
         except (zmq.ZMQError, UserError) as exc:
-            sock.close(0)
-            if self._ctl_sock is not None:
-                self._ctl_sock.close(0)
-            if pub is not None:
-                pub.close(0)
-            if auth is not None:
-                auth.stop()
-            ctx.term()
+            self._close_sockets(ctx, sock, pub, auth)
             if isinstance(exc, UserError):
                 raise
             raise UserError(f"cannot open the socket: {exc}") from exc
@@ -484,14 +477,7 @@ class IngestDaemon:
             self._recv_cpu_s = time.thread_time() - t_cpu0
             self.reporter.tick(force=True)
             self.reporter.end_line()
-            sock.close(0)
-            if self._ctl_sock is not None:
-                self._ctl_sock.close(0)
-            if pub is not None:
-                pub.close(0)
-            if auth is not None:
-                auth.stop()
-            ctx.term()
+            self._close_sockets(ctx, sock, pub, auth)
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             sys.setswitchinterval(old_switch)
@@ -510,6 +496,17 @@ class IngestDaemon:
             self.cpu_seconds(),
         )
         return status
+
+    def _close_sockets(self, ctx: Any, sock: Any, pub: Any, auth: Any) -> None:
+        """Close the data, control and status sockets, stop CURVE auth, end the context."""
+        sock.close(0)
+        if self._ctl_sock is not None:
+            self._ctl_sock.close(0)
+        if pub is not None:
+            pub.close(0)
+        if auth is not None:
+            auth.stop()
+        ctx.term()
 
     def _loop(self, sock: Any, zmq: Any) -> None:
         poller = zmq.Poller()
