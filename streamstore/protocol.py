@@ -31,7 +31,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -526,6 +526,10 @@ class Sender:
         (None: until they are).
     context : zmq.Context, optional
         Defaults to the process-wide instance.
+    setup_socket : callable, optional
+        Called with the PUSH socket before it binds or connects, to set
+        options such as CURVE keys (e.g. ``lambda s:
+        streamstore.security.curve_client(s, DIR, NAME)``).
 
     Notes
     -----
@@ -544,6 +548,7 @@ class Sender:
         send_timeout_s: float | None = None,
         linger_s: float | None = 10.0,
         context: Any = None,
+        setup_socket: Callable[[Any], None] | None = None,
     ) -> None:
         import zmq
 
@@ -556,6 +561,12 @@ class Sender:
         self.send_timeout_s = send_timeout_s
         if send_timeout_s is not None:
             self.socket.setsockopt(zmq.SNDTIMEO, max(1, int(send_timeout_s * 1000)))
+        if setup_socket is not None:
+            try:
+                setup_socket(self.socket)
+            except BaseException:
+                self.socket.close(linger=0)
+                raise
         try:
             if bind:
                 self.socket.bind(endpoint)

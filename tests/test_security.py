@@ -368,3 +368,56 @@ def test_files_are_created_with_the_process_umask(tmp_path, series, umask):
         ctx.destroy(linger=0)
     assert _mode(out / "masked.h5") == 0o644 & ~umask
     assert _mode(out) == 0o777 & ~umask
+
+
+# ------------------------------------------------------ emulate --curve-keys --
+def test_emulate_curve_keys_reach_a_curve_daemon_and_plain_emulate_is_refused(tmp_path, series):
+    """`streamstore emulate --curve-keys DIR --curve-client NAME` talks to `ingest --curve-keys`."""
+    from streamstore.security import make_keys
+
+    keys = tmp_path / "keys"
+    make_keys(keys, ["cam"])
+    n = 12
+    common = ("--shape", "64x96", "--frames", str(n), "--pool", "4", "--seed", "3")
+    with Daemon(
+        tmp_path / "out", calibration=series.calibration_path, args=("--curve-keys", str(keys))
+    ) as d:
+        d.wait_ready()
+        plain = _cli(
+            "emulate", "--connect", d.listen, "--series-id", "plain", "--timeout", "3", *common
+        )
+        wrong_name = _cli("emulate", "--connect", d.listen, "--curve-keys", str(keys), *common)
+        ok = _cli(
+            "emulate",
+            "--connect",
+            d.listen,
+            "--curve-keys",
+            str(keys),
+            "--curve-client",
+            "cam",
+            "--series-id",
+            "secure",
+            "--json",
+            *common,
+        )
+        assert ok.returncode == 0, ok.stderr
+        st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the CURVE series")
+        assert d.stop() == 0
+    # plain TCP: the handshake fails, nothing is taken, the send times out
+    assert plain.returncode == 2 and "no receiver took it" in plain.stderr
+    # no key pair named "client" in DIR: a clear error naming the file
+    assert wrong_name.returncode == 2 and "client.key_secret" in wrong_name.stderr
+    assert json.loads(ok.stdout)["curve"] is True
+    assert st["messages"] == n + 2 and st["rejected"] == 0
+    assert [p.name for p in h5_files(tmp_path / "out")] == ["secure.h5"]
+    with streamstore.open(tmp_path / "out" / "secure.h5") as store:
+        assert store.n_frames == n and store.accounting["complete"] is True
+        assert store.frame_shape == (64, 96)
+
+
+def test_emulate_curve_options_are_checked(tmp_path):
+    r = _cli("emulate", "--curve-client", "cam", "--frames", "1", "--shape", "8x8")
+    assert r.returncode == 2 and "--curve-client needs --curve-keys" in r.stderr
+    small = ("--frames", "1", "--shape", "8x8")
+    r = _cli("emulate", "--curve-keys", str(tmp_path), "--workers", "2", *small)
+    assert r.returncode == 2 and "--workers" in r.stderr

@@ -5,7 +5,9 @@ send rate is the cost of the send alone; image i of the series is pool frame
 i % pool. With --dark-frames N, N distinct beam-off frames are sent first as
 their own series <series-id>_dark (start meta {"kind": "dark"}). To reproduce
 the frames: CameraEmulator(shape, seed=...), dark_frames(N), then
-generate(pool).
+generate(pool). With --curve-keys DIR the link is encrypted and authenticated
+with ZeroMQ CURVE, as camera key pair --curve-client NAME of DIR (see
+`streamstore keys` and docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -122,6 +124,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="control channel endpoint with --workers (default: the data port + 1)",
     )
+    parser.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        default=None,
+        help="encrypt with ZeroMQ CURVE as camera key pair --curve-client of DIR "
+        "(made by `streamstore keys DIR`; needs DIR/NAME.key_secret and DIR/server.key), "
+        "for a daemon started with `ingest --curve-keys`",
+    )
+    parser.add_argument(
+        "--curve-client",
+        metavar="NAME",
+        default=None,
+        help="name of the camera key pair in --curve-keys DIR (default: client)",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -147,6 +163,23 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--frame-time: must be > 0, got {args.frame_time}")
     if args.pool < 1:
         raise UserError("--pool: must be >= 1")
+    curve_keys = getattr(args, "curve_keys", None)
+    curve_name = getattr(args, "curve_client", None)
+    if curve_name is not None and curve_keys is None:
+        raise UserError("--curve-client needs --curve-keys DIR")
+    if curve_keys is not None and getattr(args, "workers", 0):
+        raise UserError(
+            "--curve-keys with --workers: the control channel has no CURVE yet; "
+            "use one receiver, or a private network for scale-out"
+        )
+    setup_socket: Any = None
+    if curve_keys is not None:
+        import functools
+
+        from streamstore.security import DEFAULT_CLIENT_NAME, curve_client
+
+        name = curve_name or DEFAULT_CLIENT_NAME
+        setup_socket = functools.partial(curve_client, directory=curve_keys, name=name)
     try:
         emu = CameraEmulator(
             args.shape,
@@ -186,9 +219,10 @@ def run(args: argparse.Namespace) -> int:
             send_timeout_s=timeout,
             linger_s=timeout,
             context=ctx,
+            setup_socket=setup_socket,
             **extra,
         )
-    except OSError as exc:
+    except (OSError, UserError) as exc:  # UserError: a missing or unreadable key
         ctx.term()
         raise UserError(str(exc)) from None
 
@@ -205,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         )
 
     summary: dict[str, Any] = {"endpoint": sender.endpoint, "series_id": series_id}
+    summary["curve"] = curve_keys is not None
     delivered = False
     try:
         if getattr(args, "workers", 0):
