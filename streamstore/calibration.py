@@ -439,6 +439,66 @@ class Calibration:
             source="estimate",
         )
 
+    # -- X-ray threshold from frames with beam ----------------------------------
+    def electron_peak_signal(self, frames: Any) -> float | None:
+        """Median signal of single-electron peaks in frames with beam.
+
+        The signal is dark-subtracted and gain-corrected, like
+        ``xray_threshold``; a peak is a 3 x 3 local maximum above the
+        background threshold of its pixel (masked pixels excluded). Looks at up
+        to 8 frames, at most their central 1024 x 1024 pixels. Used to set an
+        X-ray threshold for a calibration made from dark frames, which hold no
+        electrons (:meth:`estimate` does the same with ``xray_threshold="auto"``).
+
+        Parameters
+        ----------
+        frames : array_like, shape (n, H, W) or (H, W)
+            uint8 or uint16 frames with beam, of this calibration's frame shape.
+
+        Returns
+        -------
+        float or None
+            None when fewer than 20 peaks are found.
+        """
+        arr = _check_frames("frames", frames, 1)
+        if arr.shape[1:] != self.frame_shape:
+            raise ValueError(f"frames are {arr.shape[1:]}, the calibration is {self.frame_shape}")
+        arr = arr.view(self.frame_dtype(arr.dtype))
+        h0, w0 = self.frame_shape
+        r0, c0 = max(0, (h0 - 1024) // 2), max(0, (w0 - 1024) // 2)
+        win = (slice(r0, r0 + 1024), slice(c0, c0 + 1024))
+        dark = self.dark[win].astype(np.float64)
+        above = self.n_sigma * self.noise[win].astype(np.float64)
+        gain = 1.0 if self.gain is None else self.gain[win].astype(np.float64)
+        bad = None if self.mask is None else self.mask[win]
+        peaks: list[np.ndarray] = []
+        for raw in arr[: min(8, arr.shape[0]), win[0], win[1]]:
+            d = raw.astype(np.float64) - dark
+            f = d * gain
+            candidate = d > above
+            if bad is not None:
+                f[bad] = -np.inf
+                candidate &= ~bad
+            peaks.append(_local_max_values(f, candidate))
+        vals = np.concatenate(peaks)
+        if vals.size < 20:
+            return None
+        return float(np.median(vals))
+
+    def with_xray_threshold(self, xray_threshold: float | None) -> Calibration:
+        """This calibration (same maps and source) with another X-ray threshold."""
+        return Calibration(
+            self.dark,
+            self.noise,
+            gain=self.gain,
+            mask=self.mask,
+            n_sigma=self.n_sigma,
+            xray_threshold=xray_threshold,
+            xray_radius=self.xray_radius,
+            wrapped=self.wrapped,
+            source=self.source,
+        )
+
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the calibration to an HDF5 file (overwrites ``path``)."""
@@ -654,15 +714,20 @@ def _electron_peak_scale(
     peaks: list[np.ndarray] = []
     for raw in frames[: min(8, frames.shape[0]), r0 : r0 + 1024, c0 : c0 + 1024]:
         f = raw.astype(np.float64) - centre
-        p = np.pad(f, 1, constant_values=-np.inf)
-        h, w = f.shape
-        is_max = f > n_sigma * sigma
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                if dy or dx:
-                    is_max &= f >= p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
-        peaks.append(f[is_max])
+        peaks.append(_local_max_values(f, f > n_sigma * sigma))
     vals = np.concatenate(peaks)
     if vals.size < 20:
         return None
     return float(np.median(vals))
+
+
+def _local_max_values(f: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Values of ``f`` at candidate pixels that are >= all 8 neighbours."""
+    p = np.pad(f, 1, constant_values=-np.inf)
+    h, w = f.shape
+    is_max = candidate.copy()
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                is_max &= f >= p[1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+    return f[is_max]

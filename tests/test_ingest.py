@@ -595,4 +595,8 @@ def test_connect_to_a_binding_emulator_with_a_dark_series(tmp_path):
     e = CameraEmulator((64, 96), seed=5, pool_size=30)
     e.dark_frames(6)  # the emulator makes the dark frames first, then its pool
     pool, _ = e.pool()
-    assert store.events(0, 30) == streamstore.count(pool, cal)
+    # --xray-threshold auto: the data series' first frames set the dark calibration's
+    # X-ray threshold (the saved dark calibration predates them)
+    xt = store.calibration_summary["xray_threshold"]
+    assert cal.xray_threshold is None and xt is not None
+    assert store.events(0, 30) == streamstore.count(pool, cal.with_xray_threshold(xt))

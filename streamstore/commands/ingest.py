@@ -36,6 +36,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--calibration", metavar="FILE", help="calibration from Calibration.save")
     p.add_argument(
+        "--xray-threshold",
+        type=_xray_threshold,
+        default="auto",
+        metavar="ADU|auto|none",
+        help="X-ray threshold (dark-subtracted signal, ADU) of the calibrations made from a "
+        "dark series or estimated from the data; auto: 10 x the median electron peak of the "
+        "data; none: saturated pixels only; a --calibration file keeps its own (default: auto)",
+    )
+    p.add_argument(
         "--max-buffer-mb",
         type=float,
         default=1024.0,
@@ -144,6 +153,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _xray_threshold(text: str) -> float | str | None:
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ADU, 'auto' or 'none', got {text!r}") from None
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be > 0 ADU, got {text!r}")
+    return value
+
+
 def config_from_args(args: argparse.Namespace):
     """Build an :class:`~streamstore.ingest.IngestConfig` from parsed options."""
     from streamstore.ingest.daemon import IngestConfig
@@ -166,6 +187,7 @@ def config_from_args(args: argparse.Namespace):
         max_missing_ids=args.max_missing_ids,
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
+        xray_threshold=getattr(args, "xray_threshold", "auto"),
         **_scale_out(args),
     )
 

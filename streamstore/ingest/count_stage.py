@@ -48,6 +48,14 @@ class CountStage(_Stage):
     max_dark_frames : int
         Dark frames kept for the calibration (later ones are counted as
         received but not used).
+    xray_threshold : float, "auto" or None
+        X-ray threshold (dark-subtracted signal, ADU) of the calibrations made
+        here: from a dark series and by ``Calibration.estimate``. "auto": the
+        estimate's own rule, and for a dark-series calibration
+        ``DEFAULT_XRAY_FACTOR`` times the median electron peak of the first
+        ``estimate_frames`` frames of the next data series (dark frames hold
+        no electrons). None: saturated pixels only. A ``--calibration`` file
+        keeps its own threshold.
     """
 
     def __init__(
@@ -63,6 +71,7 @@ class CountStage(_Stage):
         threads: int | None = None,
         estimate_frames: int = 8,
         max_dark_frames: int = 64,
+        xray_threshold: float | str | None = "auto",
     ) -> None:
         super().__init__("count", inbox)
         self.outbox = outbox
@@ -76,6 +85,8 @@ class CountStage(_Stage):
         self.threads = threads
         self.estimate_frames = max(1, int(estimate_frames))
         self.max_dark_frames = int(max_dark_frames)
+        self.xray_threshold = xray_threshold
+        self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
         self._counter: Any = None
         self._counter_key: Any = None
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
@@ -105,14 +116,63 @@ class CountStage(_Stage):
             )
             series.calibration = None
             series.calibration_source = "none"
+        cal = series.calibration
+        if (
+            cal is not None
+            and cal is self.dark_calibration
+            and cal.xray_threshold is None
+            and self.xray_threshold == "auto"
+        ):
+            self._xray_for = series  # hold its first frames to place the X-ray threshold
+
+    def _derive_xray(self, series: SeriesInfo, frames: list[np.ndarray]) -> None:
+        """Dark-series calibration + "auto": the X-ray threshold from the first data frames."""
+        from streamstore.calibration import DEFAULT_XRAY_FACTOR
+
+        self._xray_for = None
+        cal = series.calibration
+        try:
+            peak = cal.electron_peak_signal(np.stack(frames))
+        except ValueError as exc:
+            log.warning("series %s: cannot place the X-ray threshold: %s", series.series_id, exc)
+            return
+        if peak is None:
+            log.warning(
+                "series %s: fewer than 20 electron peaks in its first %d frames; X-ray hits "
+                "are excluded only when saturated (set one with --xray-threshold ADU)",
+                series.series_id,
+                len(frames),
+            )
+            return
+        xt = DEFAULT_XRAY_FACTOR * peak
+        new = cal.with_xray_threshold(xt)
+        if self.dark_calibration is cal:  # the following series reuse it
+            self.dark_calibration = new
+            self.dark_label += f", X-ray threshold {xt:.0f} ADU from {series.series_id}"
+            series.calibration_source = self.dark_label
+        series.calibration = new
+        log.info(
+            "series %s: X-ray threshold %.0f ADU (%g x the median electron peak %.1f ADU of "
+            "its first %d frames)",
+            series.series_id,
+            xt,
+            DEFAULT_XRAY_FACTOR,
+            peak,
+            len(frames),
+        )
 
     def _estimate(self, series: SeriesInfo) -> None:
         from streamstore.calibration import Calibration
 
         frames = [it.array for it in self._pending if isinstance(it, FrameItem)]
+        if frames and series.calibration is not None:  # a dark calibration without X-ray level
+            self._derive_xray(series, frames)
+            return
         if frames:
             try:
-                series.calibration = Calibration.estimate(np.stack(frames))
+                series.calibration = Calibration.estimate(
+                    np.stack(frames), xray_threshold=self.xray_threshold
+                )
             except ValueError as exc:
                 if series.series_id != self._estimate_failed:  # once per series
                     self._estimate_failed = series.series_id
@@ -150,6 +210,7 @@ class CountStage(_Stage):
     def handle(self, item: Any) -> None:
         if isinstance(item, OpenItem):
             self._pending = []
+            self._xray_for = None
             if item.series.kind == "data":
                 self._pick_calibration(item.series)
             self.outbox.put(item)
@@ -174,7 +235,7 @@ class CountStage(_Stage):
                     )
                 self.budget.release(item.nbytes)
                 self.counters.frames_counted += 1
-            elif series.calibration is None:
+            elif series.calibration is None or self._xray_for is series:
                 self._pending.append(item)
                 if len(self._pending) >= self.estimate_frames:
                     self._estimate(series)
@@ -282,7 +343,8 @@ class CountStage(_Stage):
             )
             return
         try:
-            cal = Calibration.from_dark_frames(np.stack(frames))
+            xt = None if isinstance(self.xray_threshold, str) else self.xray_threshold
+            cal = Calibration.from_dark_frames(np.stack(frames), xray_threshold=xt)
         except ValueError as exc:
             log.error("dark series %s: cannot calibrate: %s", series.series_id, exc)
             return

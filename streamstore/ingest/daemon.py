@@ -20,6 +20,7 @@ reason, and counted; nothing a sender does stops the daemon.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import signal
@@ -136,6 +137,11 @@ class IngestConfig:
         this long (while reading) before the series closes.
     control_wait_s : float, default 5.0
         Images of a series whose start has not arrived are kept this long.
+    xray_threshold : float, "auto" or None, default "auto"
+        X-ray threshold (dark-subtracted signal, ADU) of the calibrations the
+        daemon makes from a dark series or estimates; "auto" derives it from
+        the electron peaks of the data (see ``docs/ingest.md``); None:
+        saturated pixels only.
     """
 
     out_dir: str
@@ -164,6 +170,7 @@ class IngestConfig:
     control: str | None = None
     end_grace_s: float = 0.5
     control_wait_s: float = 5.0
+    xray_threshold: float | str | None = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -203,6 +210,11 @@ class IngestConfig:
             raise UserError(f"--worker-id must be >= 0, got {self.worker_id}")
         if self.worker_id is not None and self.control is None and self.connect is None:
             raise UserError("--worker-id with --listen needs --control ENDPOINT (start/end route)")
+        xt = self.xray_threshold
+        if isinstance(xt, str) and xt != "auto":
+            raise UserError(f"--xray-threshold must be ADU > 0, 'auto' or 'none', got {xt!r}")
+        if xt is not None and not isinstance(xt, str) and not (math.isfinite(xt) and xt > 0):
+            raise UserError(f"--xray-threshold must be > 0 ADU, got {xt}")
         if not self.end_grace_s > 0 or not self.control_wait_s > 0:
             raise UserError("--end-grace and the control wait must be > 0 s")
 
@@ -375,6 +387,7 @@ class IngestDaemon:
             threads=cfg.threads,
             estimate_frames=cfg.estimate_frames,
             max_dark_frames=cfg.max_dark_frames,
+            xray_threshold=cfg.xray_threshold,
         )
         self._write = WriteStage(
             self._write_q,
