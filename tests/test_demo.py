@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import streamstore
 
@@ -38,5 +39,21 @@ def test_demo_runs_end_to_end_and_reports_what_it_stored(tmp_path):
     assert streamstore.Calibration.load(cal).frame_shape == (64, 96)
     png = out / h5.name.replace(".h5", ".png")
     assert f"summed image: {png.resolve()}" in text
-    assert png.stat().st_size > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the pixel size (--pixel-size, default 1.0 A) is in the file: dose in e/A^2
+    assert store.pixel_size_A == 1.0
+    num = r"([0-9.e+-]+)"
+    m = re.search(rf"counted dose: {num} e/A\^2 in 80 frames, {num} e/A\^2/frame", text)
+    assert m, text
+    total = store.n_events / (64 * 96 * 1.0**2)
+    assert float(m.group(1)) == pytest.approx(total, rel=1e-3)
+    assert float(m.group(2)) == pytest.approx(total / 80, rel=1e-3)
     assert np.array_equal(store.sum(), store.events(0, 80).to_dense().sum(axis=0))
+
+
+def test_demo_refuses_a_bad_pixel_size(tmp_path):
+    cmd = [sys.executable, "-m", "streamstore", "demo", "--out", str(tmp_path / "d"),
+           "--pixel-size", "0"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--pixel-size" in proc.stderr
+    assert not list((tmp_path / "d").glob("*.h5"))

@@ -4,10 +4,11 @@ Starts an ingest daemon (`streamstore ingest`) and a camera emulator
 (`streamstore emulate`) as two processes talking ZeroMQ over tcp loopback,
 streams a dark series (which becomes the calibration) and a data series with
 ground truth, then opens the stored series through the Python API and prints
-frames received and stored, the achieved rate, events, bits/event, counting
-recall and precision against the truth, and where the file and a summed-image
-PNG are. The default frame size and rate finish in about a minute on two
-cores; --full streams 4092 x 5760 frames as fast as the machine goes.
+frames received and stored, the achieved rate, events, the counted dose in
+e/A^2 (the file records --pixel-size), bits/event, counting recall and
+precision against the truth, and where the file and a summed-image PNG are.
+The default frame size and rate finish in about a minute on two cores; --full
+streams 4092 x 5760 frames as fast as the machine goes.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dark-frames", type=int, default=40, help="dark frames first (default 40)")
     p.add_argument(
         "--dose-rate", type=float, default=15.0, help="e/px/s (0.01 e/px/frame at 1500 fps)"
+    )
+    p.add_argument(
+        "--pixel-size",
+        type=float,
+        default=1.0,
+        metavar="A",
+        help="pixel size at the specimen, Angstrom, recorded in the file so the dose "
+        "reads in e/A^2 (default 1.0)",
     )
     p.add_argument("--pattern", default="image", choices=("uniform", "disk", "image"))
     p.add_argument("--seed", type=int, default=0)
@@ -131,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             args.pool = 16
     if args.frames < 1 or args.dark_frames < 0 or args.fps < 0:
         raise UserError("--frames must be >= 1, --dark-frames and --fps >= 0")
+    if not args.pixel_size > 0:
+        raise UserError(f"--pixel-size must be > 0 Angstrom, got {args.pixel_size}")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
@@ -167,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
                  "--frames", str(args.frames), "--fps", str(args.fps),
                  "--dark-frames", str(args.dark_frames), "--dose-rate", str(args.dose_rate),
                  "--pattern", args.pattern, "--seed", str(args.seed), "--series-id", sid,
+                 "--pixel-size", repr(args.pixel_size),
                  "--pool", str(args.pool), "--truth", str(truth_path), "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
             )  # fmt: skip
@@ -227,6 +239,11 @@ def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: flo
     n_events = int(store.n_events)
     _say(f"  events: {n_events} ({n_events / max(n, 1):.0f} per frame, "
          f"{n_events / max(n, 1) / (h * w):.4f} e/px/frame)")  # fmt: skip
+    if store.pixel_size_A:
+        dose = store.dose(unit="e/A2")
+        _say(f"  counted dose: {float(dose.sum()):.4g} e/A^2 in {n} frames, "
+             f"{float(dose.mean()) if n else 0.0:.4g} e/A^2/frame "
+             f"(pixel size {store.pixel_size_A:g} A)")  # fmt: skip
     _say(f"  bits/event: {store.bits_per_event:.2f} (file {path.stat().st_size / 1e6:.2f} MB, "
          f"raw frames {sent['bytes'] / 1e6:.0f} MB: "
          f"{sent['bytes'] / max(path.stat().st_size, 1):.0f} x smaller)")  # fmt: skip
