@@ -38,7 +38,7 @@ def test_demo_runs_end_to_end_and_reports_what_it_stored(tmp_path):
     (cal,) = out.glob("*_dark.calibration.h5")
     assert streamstore.Calibration.load(cal).frame_shape == (64, 96)
     png = out / h5.name.replace(".h5", ".png")
-    assert f"summed image: {png.resolve()}" in text
+    assert f"summed image (and dose per frame): {png.resolve()}" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the pixel size (--pixel-size, default 1.0 A) is in the file: dose in e/A^2
     assert store.pixel_size_A == 1.0

@@ -6,7 +6,8 @@ streams a dark series (which becomes the calibration) and a data series with
 ground truth, then opens the stored series through the Python API and prints
 frames received and stored, the achieved rate, events, the counted dose in
 e/A^2 (the file records --pixel-size), bits/event, counting recall and
-precision against the truth, and where the file and a summed-image PNG are.
+precision against the truth, and where the file and a PNG (the summed image and
+the dose per frame, ``plotting.save_summary``, as ``streamstore show``) are.
 The default frame size and rate finish in about a minute on two cores; --full
 streams 4092 x 5760 frames as fast as the machine goes.
 """
@@ -276,24 +277,13 @@ def _score(store: Any, truth_path: Path, k: int, np) -> None:
 
 
 def _png(store: Any, path: Path, sid: str) -> None:
-    import numpy as np
+    from streamstore.errors import UserError
 
     try:
-        import matplotlib
+        from streamstore.plotting import save_summary
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _say("  summed image: skipped (matplotlib is not installed: pip install matplotlib)")
+        save_summary(store, path, title=f"{sid}: {store.n_frames} frames")
+    except UserError as exc:  # matplotlib is an optional extra
+        _say(f"  summed image: skipped ({exc})")
         return
-    img = store.sum()
-    fig, ax = plt.subplots(figsize=(6, 6 * img.shape[0] / img.shape[1] + 0.5))
-    hi = max(1.0, float(np.percentile(img, 99.5)))
-    im = ax.imshow(img, cmap="gray", interpolation="nearest", vmin=0, vmax=hi)
-    ax.set_title(f"{sid}: {store.n_frames} frames summed")
-    ax.set_xlabel("column")
-    ax.set_ylabel("row")
-    fig.colorbar(im, ax=ax, label="electrons")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    _say(f"  summed image: {path.resolve()}")
+    _say(f"  summed image (and dose per frame): {path.resolve()}")
