@@ -36,9 +36,10 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["BAND_ROWS", "count_frames", "xray_gate"]
+__all__ = ["BAND_ROWS", "compact_thresholds", "count_frames"]
 
 #: Rows per work item (fixed: results must not depend on the thread count).
 BAND_ROWS = 64
@@ -59,6 +60,45 @@ def _cttz(typingctx, x):
 
     def codegen(context, builder, signature, args):
         return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
+
+    return sig, codegen
+
+
+@intrinsic
+def _cttz0(typingctx, x):
+    """Count trailing zero bits of a uint64, 64 for zero (LLVM ``cttz``, defined at 0)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def _popcount(typingctx, x):
+    """Number of set bits of a uint64 (LLVM ``ctpop``)."""
+    sig = types.uint64(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        return builder.ctpop(args[0])
+
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, idx):
+    """Hint the CPU to fetch the cache line of ``arr[idx]`` (LLVM ``prefetch``; no effect)."""
+    sig = types.void(arr, types.intp)
+
+    def codegen(context, builder, signature, args):
+        ary = context.make_array(signature.args[0])(context, builder, args[0])
+        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(8).as_pointer())
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -105,6 +145,53 @@ def _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w):
     return True
 
 
+@njit(**_OPTS)
+def _plateau_wins_pair(frame, lo, dark, gain, has_gain, r, c, h, w):
+    """Rule 5 for local maximum (r, c), without the walk when its plateau is a pair.
+
+    Called only when (r, c) beat its neighbours and has an equal later one. When it
+    has exactly one equal neighbour ``q`` and ``q`` has no other equal neighbour,
+    the plateau is ``{p, q}`` with ``p`` first: ``p`` wins unless a neighbour of ``q``
+    is brighter (``p``'s own neighbours are not). Otherwise the general walk decides.
+    """
+    value = _signal64(frame, dark, gain, has_gain, r, c)
+    qr = -1
+    qc = -1
+    for dy in range(0, 2):
+        rr = r + dy
+        if rr >= h:
+            continue
+        for dx in range(-1, 2):
+            cc = c + dx
+            if cc < 0 or cc >= w or (dy == 0 and dx <= 0) or frame[rr, cc] <= lo[rr, cc]:
+                continue
+            if _signal64(frame, dark, gain, has_gain, rr, cc) == value:
+                if qr >= 0:
+                    return _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w)
+                qr = rr
+                qc = cc
+    for dy in range(-1, 2):
+        rr = qr + dy
+        if rr < 0 or rr >= h:
+            continue
+        for dx in range(-1, 2):
+            cc = qc + dx
+            if (
+                cc < 0
+                or cc >= w
+                or (dy == 0 and dx == 0)
+                or (rr == r and cc == c)
+                or frame[rr, cc] <= lo[rr, cc]
+            ):
+                continue
+            st = _signal64(frame, dark, gain, has_gain, rr, cc)
+            if st > value:
+                return False
+            if st == value:
+                return _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w)
+    return True
+
+
 @njit(inline="always", **_OPTS)
 def _quantise(num, den):
     if num < 0:
@@ -137,165 +224,104 @@ def _subpixel(frame, dark, gain, has_gain, r, c, h, w):
 
 
 @njit(inline="always", **_OPTS)
-def _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
-    """Signals of one block into ``srow`` (SKIP at non-candidates); X-ray hits in it.
+def _append_bits(cols, k, bits, c0):
+    """Append the positions ``c0 + j`` of the set bits ``j`` to ``cols[k:]``; new length.
 
-    The vectorised loop only tracks the block's largest signal; ``gate`` is at most
-    ``xray_level`` and below the signal of any saturated candidate, so a block whose
-    largest signal does not exceed it holds no X-ray hit and the exact test is skipped.
+    The first four are written whatever the number of bits (slots past the count are
+    scratch that the next append overwrites; ``cols`` has four spare slots), so the
+    common case takes no data-dependent branch.
     """
-    smax = SKIP
-    if n == BLOCK:
-        for j in range(BLOCK):
-            v = row[c0 + j]
-            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
-            s = s if v > lrow[c0 + j] else SKIP
-            srow[1 + c0 + j] = s
-            smax = max(smax, s)
-    else:
-        for j in range(n):
-            v = row[c0 + j]
-            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
-            s = s if v > lrow[c0 + j] else SKIP
-            srow[1 + c0 + j] = s
-            smax = max(smax, s)
-    nx = 0
-    if smax > gate:
-        for j in range(n):
-            s = srow[1 + c0 + j]
-            if s != SKIP and (row[c0 + j] == top or s > xray_level):
-                nx += 1
-    return nx
+    t = bits
+    cols[k] = c0 + np.int64(_cttz0(t))
+    t &= t - np.uint64(1)
+    cols[k + 1] = c0 + np.int64(_cttz0(t))
+    t &= t - np.uint64(1)
+    cols[k + 2] = c0 + np.int64(_cttz0(t))
+    t &= t - np.uint64(1)
+    cols[k + 3] = c0 + np.int64(_cttz0(t))
+    t &= t - np.uint64(1)
+    n = np.int64(_popcount(bits))
+    if n > 4:
+        m = k + 4
+        while t:
+            cols[m] = c0 + np.int64(_cttz(t))
+            t &= t - np.uint64(1)
+            m += 1
+    return k + n
 
 
 @njit(inline="always", **_OPTS)
-def _dense_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top):
-    """Signals of a whole block (no candidate mask first); ``(has candidates, X-ray hits)``."""
-    smax = SKIP
-    if n == BLOCK:
-        for j in range(BLOCK):
-            v = row[c0 + j]
-            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
-            s = s if v > lrow[c0 + j] else SKIP
-            srow[1 + c0 + j] = s
-            smax = max(smax, s)
-    else:
-        for j in range(n):
-            v = row[c0 + j]
-            s = (np.int32(v) - np.int32(drow[c0 + j])) * np.int32(grow[c0 + j])
-            s = s if v > lrow[c0 + j] else SKIP
-            srow[1 + c0 + j] = s
-            smax = max(smax, s)
-    nx = 0
-    if smax > gate:
-        for j in range(n):
-            s = srow[1 + c0 + j]
-            if s != SKIP and (row[c0 + j] == top or s > xray_level):
-                nx += 1
-    return smax != SKIP, nx
+def _scan_row(row, l8row, base, lrow, compact, drow, grow, srow, cols, n_old, w, full_blocks,
+              n_blocks, xray_level, top):  # fmt: skip
+    """Candidate columns of one row into ``cols`` and their signals into ``srow``.
 
-
-@njit(inline="always", **_OPTS)
-def _scan_row(
-    row, lrow, drow, grow, srow, masks, w, full_blocks, n_blocks, gate, xray_level, top, dense
-):
-    """Fill ``srow[1:w + 1]`` with the signal of the row's candidates (SKIP elsewhere).
-
-    ``grow`` is the row's relative gain (ones without a gain map). ``masks[b]`` says
-    whether block ``b`` of the row previously kept in ``srow`` held a candidate and is
-    overwritten for this row. Sparse mode first packs the candidates of a block
-    into a bit mask and computes signals only where there is one (a block without
-    candidates now and before is all SKIP already and is not touched); dense mode
-    computes every block's signals in one pass (cheaper when most blocks hold a
-    candidate). Both give the same ``srow`` and ``masks != 0``.
-
-    Returns ``(X-ray hits in the row, blocks holding a candidate)``.
+    ``srow`` holds SKIP everywhere but at the ``n_old`` columns ``cols`` held on entry
+    (the row kept there before), which are reset first. The scan compares 64 pixels
+    at a time (a fixed trip count LLVM vectorises) into a bit mask: in ``compact``
+    mode against ``base + l8row`` (one byte per pixel, 255 = never a candidate; see
+    :func:`compact_thresholds`), else against ``lrow``. The dark and gain rows are
+    read only at candidates. Returns ``(number of candidates, any X-ray hit)``.
     """
-    n_xray = 0
-    n_busy = 0
+    for q in range(n_old):
+        srow[1 + cols[q]] = SKIP
+    k = 0
     for b in range(n_blocks):
         c0 = b * BLOCK
-        n = BLOCK if b < full_blocks else w - c0
-        if dense:
-            busy, nx = _dense_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top)
-            masks[b] = np.uint64(busy)
-            n_busy += busy
-            n_xray += nx
-            continue
         bits = np.uint64(0)
-        if b < full_blocks:
+        if compact:
+            if b < full_blocks:
+                for j in range(BLOCK):
+                    t = l8row[c0 + j]
+                    bits |= np.uint64((row[c0 + j] > t + base) & (t != 255)) << np.uint64(j)
+            else:
+                for j in range(w - c0):
+                    t = l8row[c0 + j]
+                    bits |= np.uint64((row[c0 + j] > t + base) & (t != 255)) << np.uint64(j)
+        elif b < full_blocks:
             for j in range(BLOCK):
                 bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
         else:
-            for j in range(n):
+            for j in range(w - c0):
                 bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
-        before = masks[b]
-        masks[b] = bits
-        if bits != 0:
-            n_busy += 1
-            n_xray += _signal_block(row, lrow, drow, grow, srow, c0, n, gate, xray_level, top)
-        elif before != 0:
-            if b < full_blocks:
-                for j in range(BLOCK):
-                    srow[1 + c0 + j] = SKIP
-            else:
-                for j in range(n):
-                    srow[1 + c0 + j] = SKIP
-    return n_xray, n_busy
+        _prefetch(drow, c0)  # the signals below read the dark row at candidates
+        _prefetch(drow, c0 + 32)
+        k = _append_bits(cols, k, bits, c0)
+    xray = False
+    for q in range(k):
+        c = cols[q]
+        v = row[c]
+        s = (np.int32(v) - np.int32(drow[c])) * np.int32(grow[c])
+        srow[1 + c] = s
+        xray |= (v == top) | (s > xray_level)
+    return k, xray
 
 
 @njit(inline="always", **_OPTS)
-def _local_max_bits(up, mid, down, c0, n):
-    """Bit j set when pixel c0 + j of the middle row beats its 8 neighbours (and is a candidate).
-
-    ``up``, ``mid``, ``down`` are signal rows with a sentinel at index 0, so pixel c
-    sits at index c + 1. Earlier neighbours (row above, left) must be strictly
-    smaller, later ones (right, row below) smaller or equal.
-    """
-    bits = np.uint64(0)
-    if n == BLOCK:
-        for j in range(BLOCK):
-            i = c0 + j + 1
-            s = mid[i]
-            ok = (
-                (s != SKIP)
-                & (s > up[i - 1])
-                & (s > up[i])
-                & (s > up[i + 1])
-                & (s > mid[i - 1])
-                & (s >= mid[i + 1])
-                & (s >= down[i - 1])
-                & (s >= down[i])
-                & (s >= down[i + 1])
-            )
-            bits |= np.uint64(ok) << np.uint64(j)
-    else:
-        for j in range(n):
-            i = c0 + j + 1
-            s = mid[i]
-            ok = (
-                (s != SKIP)
-                & (s > up[i - 1])
-                & (s > up[i])
-                & (s > up[i + 1])
-                & (s > mid[i - 1])
-                & (s >= mid[i + 1])
-                & (s >= down[i - 1])
-                & (s >= down[i])
-                & (s >= down[i + 1])
-            )
-            bits |= np.uint64(ok) << np.uint64(j)
-    return bits
+def _is_local_max(up, mid, down, i):
+    """Does signal ``mid[i]`` beat its 8 neighbours (earlier strictly, later or equal)?"""
+    s = mid[i]
+    return (
+        (s > up[i - 1])
+        & (s > up[i])
+        & (s > up[i + 1])
+        & (s > mid[i - 1])
+        & (s >= mid[i + 1])
+        & (s >= down[i - 1])
+        & (s >= down[i])
+        & (s >= down[i + 1])
+    )
 
 
 @njit(parallel=True, **_OPTS)
 def _count_items(
     frames,
+    lo8,
+    base,
+    compact,
     lo,
     dark,
     gain,
     has_gain,
-    gate,
     xray_level,
     top,
     want_sub,
@@ -303,6 +329,7 @@ def _count_items(
     out_idx,
     out_sub,
     out_n,
+    defer,
     xcap,
     out_xray,
     out_nx,
@@ -316,68 +343,78 @@ def _count_items(
         r0 = (item % bands) * BAND_ROWS
         r1 = min(h, r0 + BAND_ROWS)
         frame = frames[f]
-        # three signal rows with a sentinel column at each end; rows outside the frame
-        # stay all SKIP
-        sig = np.full((3, w + 2), SKIP, np.int32)
-        masks = np.zeros((3, n_blocks), np.uint64)
-        xr_rows = np.zeros(3, np.int64)
+        # three signal rows with a sentinel column at each end (and one spare for the
+        # scratch slots); rows outside the frame stay all SKIP
+        sig = np.full((3, w + 3), SKIP, np.int32)
+        cols = np.zeros((3, w + 4), np.int64)  # candidate columns of each row
+        ncols = np.zeros(3, np.int64)
+        xrow = np.zeros(3, np.bool_)
         ones = np.ones(w, np.uint16)
-        dense = False  # scan mode of the next row: dense when a quarter of blocks are busy
-        for rr in range(max(0, r0 - 1), min(h, r0 + 1)):
-            slot = (rr - r0 + 3) % 3
-            xr_rows[slot], busy = _scan_row(
-                frame[rr], lo[rr], dark[rr], gain[rr] if has_gain else ones,
-                sig[slot], masks[slot], w, full_blocks, n_blocks, gate, xray_level, top, dense,
-            )  # fmt: skip
-            dense = 4 * busy > n_blocks
         k = 0
+        nd = 0  # maxima with an equal neighbour, deferred: their places in out_idx
         nxr = 0
-        base = item * cap
+        obase = item * cap
         xbase = item * xcap
-        for r in range(r0, r1):
-            up = sig[(r - 1 - r0 + 3) % 3]
-            mid = sig[(r - r0) % 3]
-            nslot = (r + 1 - r0) % 3
-            down = sig[nslot]
-            if r + 1 < h:
-                xr_rows[nslot], busy = _scan_row(
-                    frame[r + 1], lo[r + 1], dark[r + 1], gain[r + 1] if has_gain else ones,
-                    down, masks[nslot], w, full_blocks, n_blocks, gate, xray_level, top, dense,
+        for rr in range(max(0, r0 - 1), min(h + 1, r0 + BAND_ROWS + 1)):
+            # scan row rr into its slot (rows past the frame: no candidates)
+            slot = (rr - r0 + 3) % 3
+            if rr < h:
+                ncols[slot], xrow[slot] = _scan_row(
+                    frame[rr], lo8[rr if compact else 0], base[rr], lo[rr], compact, dark[rr],
+                    gain[rr] if has_gain else ones, sig[slot], cols[slot], ncols[slot], w,
+                    full_blocks, n_blocks, xray_level, top,
                 )  # fmt: skip
-                dense = 4 * busy > n_blocks
             else:
-                down[:] = SKIP
-                masks[nslot] = 0
-                xr_rows[nslot] = 0
-            mrow = masks[(r - r0) % 3]
-            # X-ray hits of this row (rare): record their positions
-            if xr_rows[(r - r0) % 3]:
+                for q in range(ncols[slot]):
+                    sig[slot, 1 + cols[slot, q]] = SKIP
+                ncols[slot] = 0
+                xrow[slot] = False
+            r = rr - 1  # the row whose neighbours are now all scanned
+            if r < r0 or r >= r1:
+                continue
+            up = sig[(r - 1 - r0 + 3) % 3]
+            ms = (r - r0) % 3
+            mid = sig[ms]
+            down = sig[(r + 1 - r0) % 3]
+            mcols = cols[ms]
+            if xrow[ms]:  # X-ray hits in this row (rare): record their positions
                 row = frame[r]
-                for c in range(w):
-                    if mid[c + 1] != SKIP and (row[c] == top or mid[c + 1] > xray_level):
+                for q in range(ncols[ms]):
+                    c = mcols[q]
+                    if row[c] == top or mid[c + 1] > xray_level:
                         if nxr < xcap:
                             out_xray[xbase + nxr] = r * w + c
                         nxr += 1
-            for b in range(n_blocks):
-                if mrow[b] == 0:
-                    continue
-                c0 = b * BLOCK
-                nb = BLOCK if b < full_blocks else w - c0
-                bits = _local_max_bits(up, mid, down, c0, nb)
-                while bits:
-                    c = c0 + np.int64(_cttz(bits))
-                    bits &= bits - np.uint64(1)
-                    # an equal later neighbour (earlier ones failed the test) means a plateau
-                    sv = mid[c + 1]
-                    tie = (mid[c + 2] == sv) | (down[c] == sv) | (down[c + 1] == sv)
-                    if (tie | (down[c + 2] == sv)) and not _plateau_wins(
-                        frame, lo, dark, gain, has_gain, r, c, h, w
-                    ):
+            for q in range(ncols[ms]):
+                c = mcols[q]
+                i = c + 1
+                ok = _is_local_max(up, mid, down, i)
+                # an equal later neighbour (earlier ones failed the test) means a plateau:
+                # rule 5 is decided after the band (rare; no call in this loop)
+                sv = mid[i]
+                tie = (mid[i + 1] == sv) | (down[i - 1] == sv) | (down[i] == sv)
+                tie = ok & (tie | (down[i + 1] == sv))
+                out_idx[obase + k] = r * w + c  # kept only when ok (a spare slot at the end)
+                if want_sub and ok:
+                    out_sub[obase + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)
+                defer[obase + nd] = k
+                nd += tie
+                k += ok
+        if nd:
+            # rule 5 for the maxima with an equal neighbour; drop those that lose
+            m = defer[obase]
+            j = 0
+            for e in range(defer[obase], k):
+                if j < nd and defer[obase + j] == e:
+                    j += 1
+                    p = np.int64(out_idx[obase + e])
+                    if not _plateau_wins_pair(frame, lo, dark, gain, has_gain, p // w, p % w, h, w):
                         continue
-                    out_idx[base + k] = r * w + c
-                    if want_sub:
-                        out_sub[base + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)
-                    k += 1
+                out_idx[obase + m] = out_idx[obase + e]
+                if want_sub:
+                    out_sub[obase + m] = out_sub[obase + e]
+                m += 1
+            k = m
         out_n[item] = k
         out_nx[item] = nxr
 
@@ -452,21 +489,27 @@ def item_capacity(w: int) -> int:
     return ((BAND_ROWS + 1) // 2) * ((w + 1) // 2)
 
 
-def xray_gate(lo: np.ndarray, dark: np.ndarray, gain: np.ndarray | None, xray_level: int) -> int:
-    """A signal no block without X-ray hits exceeds: ``min(xray_level, G - 1)``.
+def compact_thresholds(lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The scan's one-byte threshold map: ``(lo8 uint8 (H, W), base (H,), usable)``.
 
-    ``G`` is the smallest signal a saturated candidate can have, ``(top - dark) *
-    gain`` over the pixels that can be candidates (``lo < top``). Only a shortcut
-    (blocks above it get the exact test); costs a pass over the maps, so
+    ``base[r]`` is the smallest threshold of row ``r`` below the type's maximum
+    ``TMAX`` and ``lo8 = lo - base``, with 255 where ``lo == TMAX`` (never a
+    candidate). It is ``usable`` when every other pixel's ``lo - base`` is below
+    255 (dark levels and noise vary less than that within a row; always true for
+    uint8): then ``raw > base + lo8 and lo8 != 255`` is exactly ``raw > lo`` and the
+    scan reads one byte of map per pixel instead of two. Otherwise the kernel
+    compares with ``lo``. Costs a pass over the map, so
     :class:`~streamstore.counting.Counter` computes it once.
     """
-    top = int(np.iinfo(lo.dtype).max)
-    level = min(int(xray_level), 2**31 - 1)
-    sat = top - dark.astype(np.int64)
-    if gain is not None:
-        sat *= gain
-    sat[lo >= top] = 2**62  # never a candidate
-    return int(max(min(level, int(sat.min()) - 1), -(2**31) + 1))
+    top = np.iinfo(lo.dtype).max
+    never = lo == top
+    wide = lo.astype(np.int64)
+    base = np.where(never, top, wide).min(axis=1, initial=top)
+    delta = wide - base[:, None]
+    usable = bool(np.all(never | (delta < 255)))
+    if not usable:
+        return np.zeros((1, 1), np.uint8), base.astype(lo.dtype), False
+    return np.where(never, 255, delta).astype(np.uint8), base.astype(lo.dtype), True
 
 
 def count_frames(
@@ -478,27 +521,26 @@ def count_frames(
     radius: int,
     subpixel: bool,
     threads: int | None = None,
-    gate: int | None = None,
+    compact: tuple[np.ndarray, np.ndarray, bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
 
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     ``threads`` caps numba's thread count for this call (None: numba's current
-    setting); ``gate`` is :func:`xray_gate` of the maps (computed when None).
+    setting); ``compact`` is :func:`compact_thresholds` of ``lo`` (computed when None).
     """
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
-    cap = item_capacity(w)
+    cap = item_capacity(w) + 1  # one spare slot per item for the branch-free store
     n_items = n * bands
     out_idx = np.empty(n_items * cap, np.uint32)
     out_sub = np.empty(n_items * cap if subpixel else 1, np.uint8)
     out_n = np.zeros(n_items, np.int64)
+    defer = np.empty(n_items * cap, np.int32)
     out_nx = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
     level = np.int32(min(int(xray_level), 2**31 - 1))  # signals are int32: same test
-    if gate is None:
-        gate = xray_gate(lo, dark, gain, xray_level)
-    gate = np.int32(gate)
+    lo8, base, usable = compact_thresholds(lo) if compact is None else compact
     gain_arg = _NO_GAIN if gain is None else gain
     previous = numba.get_num_threads()
     if threads is not None:
@@ -508,8 +550,8 @@ def count_frames(
         while True:
             out_xray = np.empty(n_items * xcap, np.uint32)
             _count_items(
-                frames, lo, dark, gain_arg, gain is not None, gate, level, top, subpixel,
-                cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx,
+                frames, lo8, base, usable, lo, dark, gain_arg, gain is not None, level, top,
+                subpixel, cap, out_idx, out_sub, out_n, defer, xcap, out_xray, out_nx,
             )  # fmt: skip
             if int(out_nx.max(initial=0)) <= xcap:
                 break
