@@ -5,21 +5,22 @@ parallel (``prange``) and each writes its events into its own slot of a
 preallocated buffer, so the result does not depend on the number of threads.
 
 Within an item, rows are processed as a rolling window of three signal rows
-(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, int32, with a sentinel column at each end):
+(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, int32, a sentinel column at each end, the
+sentinel ``SKIP`` wherever there is no candidate):
 
-1. *scan* row ``r + 1`` in blocks of ``BLOCK`` pixels: one comparison per pixel
-   against the threshold map, packed into a 64-bit mask (a fixed trip count,
-   so LLVM vectorises it). Blocks without a candidate keep the sentinel
-   ``SKIP`` as signal; blocks with one get ``S = (raw - dark) * gain`` at
-   candidates and ``SKIP`` elsewhere (vectorised), with the block's largest
-   signal gating an exact X-ray test. When a quarter or more of the previous
-   row's blocks held a candidate, the row is scanned in *dense* mode instead:
-   signals of every block in one pass, without the mask first (same result);
-2. *test* row ``r``: in each block holding a candidate, the 3 x 3 local-maximum
-   test of all 64 pixels at once (eight vectorised comparisons against the
-   shifted neighbour rows), again packed into a bit mask;
-3. each set bit is an event (after the plateau rule, when an equal neighbour
-   exists): its index (and sub-pixel cell) is stored.
+1. *scan* row ``r + 1``: compare it with the threshold map 64 pixels at a time
+   into a bit mask (a fixed trip count, so LLVM vectorises it). The map is read
+   as one byte per pixel over a per-row base when the thresholds fit
+   (:func:`compact_thresholds`; exact), else as the frame-type map. The columns
+   of the set bits are appended to the row's candidate list without a
+   data-dependent branch in the common case (at most four per word), and the
+   dark row is prefetched;
+2. *signals* ``S = (raw - dark) * gain`` of the row's candidates only (and the
+   previous occupant's candidates reset to SKIP), with an X-ray flag for the row;
+3. *test* row ``r``: for each candidate, the 3 x 3 local-maximum comparisons
+   against the three signal rows and whether it has an equal later neighbour
+   (a plateau), into per-candidate flags; then the events in column order, rule
+   5 settled for the rare plateau maxima (a pair without the general walk).
 
 X-ray hits are collected per item and the events within the exclusion radius
 are dropped when the items are joined (``_compact``): hits are rare, so this
@@ -329,7 +330,6 @@ def _count_items(
     out_idx,
     out_sub,
     out_n,
-    defer,
     xcap,
     out_xray,
     out_nx,
@@ -348,10 +348,10 @@ def _count_items(
         sig = np.full((3, w + 3), SKIP, np.int32)
         cols = np.zeros((3, w + 4), np.int64)  # candidate columns of each row
         ncols = np.zeros(3, np.int64)
+        flags = np.zeros(w + 1, np.uint8)
         xrow = np.zeros(3, np.bool_)
         ones = np.ones(w, np.uint16)
         k = 0
-        nd = 0  # maxima with an equal neighbour, deferred: their places in out_idx
         nxr = 0
         obase = item * cap
         xbase = item * xcap
@@ -385,36 +385,26 @@ def _count_items(
                         if nxr < xcap:
                             out_xray[xbase + nxr] = r * w + c
                         nxr += 1
-            for q in range(ncols[ms]):
-                c = mcols[q]
-                i = c + 1
-                ok = _is_local_max(up, mid, down, i)
-                # an equal later neighbour (earlier ones failed the test) means a plateau:
-                # rule 5 is decided after the band (rare; no call in this loop)
+            # the 3 x 3 test of every candidate of the row into flags (bit 0: local
+            # maximum, bit 1: with an equal later neighbour, i.e. on a plateau)
+            nm = ncols[ms]
+            for q in range(nm):
+                i = mcols[q] + 1
                 sv = mid[i]
+                ok = _is_local_max(up, mid, down, i)
                 tie = (mid[i + 1] == sv) | (down[i - 1] == sv) | (down[i] == sv)
-                tie = ok & (tie | (down[i + 1] == sv))
-                out_idx[obase + k] = r * w + c  # kept only when ok (a spare slot at the end)
-                if want_sub and ok:
+                tie |= down[i + 1] == sv
+                flags[q] = np.uint8(ok) | (np.uint8(ok & tie) << np.uint8(1))
+            # events, in column order; rule 5 for the (rare) plateau maxima
+            for q in range(nm):
+                c = mcols[q]
+                fl = flags[q]
+                if fl & 2:
+                    fl = np.uint8(_plateau_wins_pair(frame, lo, dark, gain, has_gain, r, c, h, w))
+                out_idx[obase + k] = r * w + c  # kept only when fl (a spare slot at the end)
+                if want_sub and fl:
                     out_sub[obase + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)
-                defer[obase + nd] = k
-                nd += tie
-                k += ok
-        if nd:
-            # rule 5 for the maxima with an equal neighbour; drop those that lose
-            m = defer[obase]
-            j = 0
-            for e in range(defer[obase], k):
-                if j < nd and defer[obase + j] == e:
-                    j += 1
-                    p = np.int64(out_idx[obase + e])
-                    if not _plateau_wins_pair(frame, lo, dark, gain, has_gain, p // w, p % w, h, w):
-                        continue
-                out_idx[obase + m] = out_idx[obase + e]
-                if want_sub:
-                    out_sub[obase + m] = out_sub[obase + e]
-                m += 1
-            k = m
+                k += np.int64(fl & 1)
         out_n[item] = k
         out_nx[item] = nxr
 
@@ -536,7 +526,6 @@ def count_frames(
     out_idx = np.empty(n_items * cap, np.uint32)
     out_sub = np.empty(n_items * cap if subpixel else 1, np.uint8)
     out_n = np.zeros(n_items, np.int64)
-    defer = np.empty(n_items * cap, np.int32)
     out_nx = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
     level = np.int32(min(int(xray_level), 2**31 - 1))  # signals are int32: same test
@@ -551,7 +540,7 @@ def count_frames(
             out_xray = np.empty(n_items * xcap, np.uint32)
             _count_items(
                 frames, lo8, base, usable, lo, dark, gain_arg, gain is not None, level, top,
-                subpixel, cap, out_idx, out_sub, out_n, defer, xcap, out_xray, out_nx,
+                subpixel, cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx,
             )  # fmt: skip
             if int(out_nx.max(initial=0)) <= xcap:
                 break
