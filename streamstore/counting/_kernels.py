@@ -264,7 +264,7 @@ def _scan_row(row, l8row, base, lrow, compact, drow, grow, srow, cols, n_old, w,
     read only at candidates. Returns ``(number of candidates, any X-ray hit)``.
     """
     for q in range(n_old):
-        srow[1 + cols[q]] = SKIP
+        srow[np.uint64(cols[q]) + np.uint64(1)] = SKIP
     k = 0
     for b in range(n_blocks):
         c0 = b * BLOCK
@@ -289,27 +289,33 @@ def _scan_row(row, l8row, base, lrow, compact, drow, grow, srow, cols, n_old, w,
         k = _append_bits(cols, k, bits, c0)
     xray = False
     for q in range(k):
-        c = cols[q]
+        c = np.uint64(cols[q])
         v = row[c]
         s = (np.int32(v) - np.int32(drow[c])) * np.int32(grow[c])
-        srow[1 + c] = s
+        srow[c + np.uint64(1)] = s
         xray |= (v == top) | (s > xray_level)
     return k, xray
 
 
 @njit(inline="always", **_OPTS)
 def _is_local_max(up, mid, down, i):
-    """Does signal ``mid[i]`` beat its 8 neighbours (earlier strictly, later or equal)?"""
+    """Does signal ``mid[i]`` beat its 8 neighbours (earlier strictly, later or equal)?
+
+    ``i`` is unsigned (>= 1): numba then indexes without the negative-index
+    wrap-around, which measurably shortens the per-candidate loops.
+    """
     s = mid[i]
+    a = i - np.uint64(1)
+    b = i + np.uint64(1)
     return (
-        (s > up[i - 1])
+        (s > up[a])
         & (s > up[i])
-        & (s > up[i + 1])
-        & (s > mid[i - 1])
-        & (s >= mid[i + 1])
-        & (s >= down[i - 1])
+        & (s > up[b])
+        & (s > mid[a])
+        & (s >= mid[b])
+        & (s >= down[a])
         & (s >= down[i])
-        & (s >= down[i + 1])
+        & (s >= down[b])
     )
 
 
@@ -389,11 +395,13 @@ def _count_items(
             # maximum, bit 1: with an equal later neighbour, i.e. on a plateau)
             nm = ncols[ms]
             for q in range(nm):
-                i = mcols[q] + 1
+                i = np.uint64(mcols[q]) + np.uint64(1)
                 sv = mid[i]
                 ok = _is_local_max(up, mid, down, i)
-                tie = (mid[i + 1] == sv) | (down[i - 1] == sv) | (down[i] == sv)
-                tie |= down[i + 1] == sv
+                ia = i - np.uint64(1)
+                ib = i + np.uint64(1)
+                tie = (mid[ib] == sv) | (down[ia] == sv) | (down[i] == sv)
+                tie |= down[ib] == sv
                 flags[q] = np.uint8(ok) | (np.uint8(ok & tie) << np.uint8(1))
             # events, in column order; rule 5 for the (rare) plateau maxima
             for q in range(nm):
