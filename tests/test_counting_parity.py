@@ -112,6 +112,27 @@ def test_parity_on_a_larger_batch_across_bands(rng):
     assert Counter(cal, np.uint16, subpixel=True, threads=1)(frames) == out["reference"]
 
 
+def test_parity_when_a_row_s_thresholds_span_more_than_a_byte(rng):
+    """A dark map spread too wide for the one-byte threshold map: the kernel's
+    two-byte fallback must give the same events as the reference and C."""
+    from streamstore.counting._kernels import compact_thresholds
+
+    h, w, n = 64, 96, 3
+    dark = np.clip(2000 + rng.normal(0, 400, (h, w)), 0, 60000)
+    frames = dark + rng.normal(0, 3, (n, h, w))
+    frames += (rng.random((n, h, w)) < 0.02) * rng.integers(20, 300, (n, h, w))
+    frames = np.clip(np.rint(frames), 0, 65535).astype(np.uint16)
+    cal = Calibration(dark, np.full((h, w), 3.0), xray_threshold=2000)
+    lo = cal.threshold_maps(np.uint16)[0]
+    assert compact_thresholds(lo)[2] is False  # the fallback path is the one tested
+    for subpixel in (False, True):
+        out = _count_all(frames, cal, subpixel)
+        assert out["reference"].n_events > 100
+        assert out["numba"] == out["reference"] == out["native"]
+        two = Counter(cal, np.uint16, subpixel=subpixel, threads=2)(frames)
+        assert two == out["reference"]
+
+
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_wrapped_frames_are_read_as_signed(rng, dtype):
     """Pedestal-subtracted frames whose negatives wrapped: all three agree."""
