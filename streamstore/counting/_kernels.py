@@ -17,8 +17,10 @@ sentinel ``SKIP`` wherever there is no candidate):
    dark row is prefetched;
 2. *signals* ``S = (raw - dark) * gain`` of the row's candidates only (and the
    previous occupant's candidates reset to SKIP), with an X-ray flag for the row;
-3. *test* row ``r``: for each candidate, the 3 x 3 local-maximum comparisons
-   against the three signal rows and whether it has an equal later neighbour
+   without a gain map the gain row is not read;
+3. *test* row ``r``: for each candidate, the 3 x 3 local-maximum test against
+   the three signal rows (two comparisons, with the largest earlier and the
+   largest later neighbour) and whether it has an equal later neighbour
    (a plateau), into per-candidate flags; then the events in column order, rule
    5 settled for the rare plateau maxima (a pair without the general walk).
 
@@ -252,8 +254,8 @@ def _append_bits(cols, k, bits, c0):
 
 
 @njit(inline="always", **_OPTS)
-def _scan_row(row, l8row, base, lrow, compact, drow, grow, srow, cols, n_old, w, full_blocks,
-              n_blocks, xray_level, top):  # fmt: skip
+def _scan_row(row, l8row, base, lrow, compact, drow, grow, has_gain, srow, cols, n_old, w,
+              full_blocks, n_blocks, xray_level, top):  # fmt: skip
     """Candidate columns of one row into ``cols`` and their signals into ``srow``.
 
     ``srow`` holds SKIP everywhere but at the ``n_old`` columns ``cols`` held on entry
@@ -288,35 +290,21 @@ def _scan_row(row, l8row, base, lrow, compact, drow, grow, srow, cols, n_old, w,
         _prefetch(drow, c0 + 32)
         k = _append_bits(cols, k, bits, c0)
     xray = False
-    for q in range(k):
-        c = np.uint64(cols[q])
-        v = row[c]
-        s = (np.int32(v) - np.int32(drow[c])) * np.int32(grow[c])
-        srow[c + np.uint64(1)] = s
-        xray |= (v == top) | (s > xray_level)
+    if has_gain:
+        for q in range(k):
+            c = np.uint64(cols[q])
+            v = row[c]
+            s = (np.int32(v) - np.int32(drow[c])) * np.int32(grow[c])
+            srow[c + np.uint64(1)] = s
+            xray |= (v == top) | (s > xray_level)
+    else:  # no gain map: the gain row is not read
+        for q in range(k):
+            c = np.uint64(cols[q])
+            v = row[c]
+            s = np.int32(v) - np.int32(drow[c])
+            srow[c + np.uint64(1)] = s
+            xray |= (v == top) | (s > xray_level)
     return k, xray
-
-
-@njit(inline="always", **_OPTS)
-def _is_local_max(up, mid, down, i):
-    """Does signal ``mid[i]`` beat its 8 neighbours (earlier strictly, later or equal)?
-
-    ``i`` is unsigned (>= 1): numba then indexes without the negative-index
-    wrap-around, which measurably shortens the per-candidate loops.
-    """
-    s = mid[i]
-    a = i - np.uint64(1)
-    b = i + np.uint64(1)
-    return (
-        (s > up[a])
-        & (s > up[i])
-        & (s > up[b])
-        & (s > mid[a])
-        & (s >= mid[b])
-        & (s >= down[a])
-        & (s >= down[i])
-        & (s >= down[b])
-    )
 
 
 @njit(parallel=True, **_OPTS)
@@ -367,7 +355,7 @@ def _count_items(
             if rr < h:
                 ncols[slot], xrow[slot] = _scan_row(
                     frame[rr], lo8[rr if compact else 0], base[rr], lo[rr], compact, dark[rr],
-                    gain[rr] if has_gain else ones, sig[slot], cols[slot], ncols[slot], w,
+                    gain[rr] if has_gain else ones, has_gain, sig[slot], cols[slot], ncols[slot], w,
                     full_blocks, n_blocks, xray_level, top,
                 )  # fmt: skip
             else:
@@ -395,14 +383,16 @@ def _count_items(
             # maximum, bit 1: with an equal later neighbour, i.e. on a plateau)
             nm = ncols[ms]
             for q in range(nm):
-                i = np.uint64(mcols[q]) + np.uint64(1)
+                i = np.uint64(mcols[q]) + np.uint64(1)  # unsigned: no wrap-around test
                 sv = mid[i]
-                ok = _is_local_max(up, mid, down, i)
                 ia = i - np.uint64(1)
                 ib = i + np.uint64(1)
-                tie = (mid[ib] == sv) | (down[ia] == sv) | (down[i] == sv)
-                tie |= down[ib] == sv
-                flags[q] = np.uint8(ok) | (np.uint8(ok & tie) << np.uint8(1))
+                # beat the largest earlier neighbour strictly and the largest later one
+                # or equal it (then it is on a plateau): the eight comparisons of rule 4
+                before = max(max(up[ia], up[i]), max(up[ib], mid[ia]))
+                after = max(max(mid[ib], down[ia]), max(down[i], down[ib]))
+                ok = (sv > before) & (sv >= after)
+                flags[q] = np.uint8(ok) | (np.uint8(ok & (sv == after)) << np.uint8(1))
             # events, in column order; rule 5 for the (rare) plateau maxima
             for q in range(nm):
                 c = mcols[q]
