@@ -240,7 +240,6 @@ def test_npy_whole_series_in_small_chunks(stores, tmp_path):
 
 
 def test_stempy_export_via_cli(stores, tmp_path):
-    pytest.importorskip("streamstore.stempy_io", reason="stempy export not built yet")
     out = tmp_path / "run1_stempy.h5"
     res = cli(
         "export",
