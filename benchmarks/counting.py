@@ -36,6 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamstore import Calibration  # noqa: E402
+from streamstore.cli import parse_shape  # noqa: E402
 from streamstore.counting import Counter  # noqa: E402
 from streamstore.counting.accuracy import score_batch  # noqa: E402
 from streamstore.emulator import CameraEmulator  # noqa: E402
@@ -45,10 +46,7 @@ XRAY_THRESHOLD = 1000.0  # ADU, the same for streamstore and stempy
 
 
 def _parse_shape(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 4092x5760, got {text!r}") from None
+    h, w = parse_shape(text)
     if h < 8 or w < 8:
         raise argparse.ArgumentTypeError(f"shape must be at least 8x8, got {text!r}")
     return h, w

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.cli import parse_shape
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -188,15 +190,12 @@ def measure_ingest(
     }
 
 
-def _shape(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=60, help="timed frames (default 60)")
-    p.add_argument("--shape", type=_shape, default=(4092, 5760), help="HxW (default 4092x5760)")
+    p.add_argument(
+        "--shape", type=parse_shape, default=(4092, 5760), help="HxW (default 4092x5760)"
+    )
     p.add_argument("--dose", type=float, default=0.01, help="e/px/frame (default 0.01)")
     p.add_argument("--pool", type=int, default=4, help="distinct frames to cycle (default 4)")
     p.add_argument(

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.cli import parse_shape
+
 
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -211,15 +213,12 @@ def run_once(
     }
 
 
-def _shape(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a table or (``--json``) one JSON object."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=_shape, default=(4092, 5760), help="HxW (default 4092x5760)")
+    p.add_argument(
+        "--shape", type=parse_shape, default=(4092, 5760), help="HxW (default 4092x5760)"
+    )
     p.add_argument("--frames", type=int, default=40, help="frames per run (default 40)")
     p.add_argument("--workers", default="1,2", help="comma list of worker counts (default 1,2)")
     p.add_argument("--dose", type=float, default=0.01, help="e/px/frame (default 0.01)")

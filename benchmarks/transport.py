@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.cli import parse_shape
+
 WARMUP_FRAMES = 3
 
 
@@ -176,16 +178,13 @@ def measure(
             os.rmdir(tmpdir)
 
 
-def _shape(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    return h, w
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the transport benchmark and print a table (or JSON)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=60, help="timed frames per transport")
-    p.add_argument("--shape", type=_shape, default=(4092, 5760), help="HxW (default 4092x5760)")
+    p.add_argument(
+        "--shape", type=parse_shape, default=(4092, 5760), help="HxW (default 4092x5760)"
+    )
     p.add_argument("--dtype", choices=("uint16", "uint8"), default="uint16")
     p.add_argument("--pool", type=int, default=4, help="distinct frames to cycle")
     p.add_argument("--hwm", type=int, default=4, help="high-water marks, messages")

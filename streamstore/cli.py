@@ -27,6 +27,23 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def parse_shape(text: str) -> tuple[int, int]:
+    """Parse a frame shape written ``HxW`` (e.g. ``4092x5760``); an argparse ``type=``.
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        When the text is not two positive integers joined by ``x``.
+    """
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 4092x5760, got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"expected positive HxW, got {text!r}")
+    return h, w
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available subcommand."""
     from streamstore import __version__

@@ -15,17 +15,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from streamstore.cli import parse_shape
+
 DETECTOR = "streamstore-emulator"
-
-
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 4092x5760, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"expected positive HxW, got {text!r}")
-    return h, w
 
 
 def _non_negative(kind: type) -> Any:
@@ -55,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="connect to ENDPOINT instead of binding --endpoint",
     )
     parser.add_argument(
-        "--shape", type=_shape, default=(4092, 5760), help="frame HxW (default: 4092x5760)"
+        "--shape", type=parse_shape, default=(4092, 5760), help="frame HxW (default: 4092x5760)"
     )
     parser.add_argument("--dtype", choices=("uint16", "uint8"), default="uint16")
     parser.add_argument(
