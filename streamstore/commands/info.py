@@ -50,6 +50,16 @@ def _jsonable(obj: Any) -> Any:
     return _num(obj)
 
 
+def _json_attr(value: Any) -> Any:
+    """An attribute that holds JSON text, decoded; anything else as it is."""
+    if isinstance(value, str | bytes):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
 def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Everything ``streamstore info`` reports, as a JSON-able dict.
 
@@ -120,18 +130,8 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         return None if (isinstance(v, int) and v < 0) else v
 
     calib = getattr(store, "calibration_summary", None)
-    counting = attrs.get("counting")
-    if isinstance(counting, str | bytes):
-        try:
-            counting = json.loads(counting)
-        except ValueError:
-            pass
-    meta = attrs.get("meta")
-    if isinstance(meta, str | bytes):
-        try:
-            meta = json.loads(meta)
-        except ValueError:
-            pass
+    counting = _json_attr(attrs.get("counting"))
+    meta = _json_attr(attrs.get("meta"))
     # where the calibration came from: the writer's attribute, the calibration's own
     # record, and what ingest noted (e.g. the dark series it was made from)
     sources = [
