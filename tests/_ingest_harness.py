@@ -116,6 +116,7 @@ class Daemon:
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
         log_path: Path | None = None,
+        threads: int | None = 1,
     ) -> None:
         import zmq
 
@@ -134,8 +135,7 @@ class Daemon:
             *(("--connect", connect) if connect else ("--listen", self.listen)),
             "--status-endpoint",
             self.status_endpoint,
-            "--threads",
-            "1",
+            *(() if threads is None else ("--threads", str(threads))),
             *args,
         ]
         if calibration is not None:
@@ -193,10 +193,10 @@ class Daemon:
 
         return int(psutil.Process(self.proc.pid).memory_info().rss)
 
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM and wait; the exit status."""
+    def stop(self, timeout_s: float = 30.0, sig: int = signal.SIGTERM) -> int:
+        """Send ``sig`` (SIGTERM) and wait; the exit status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout_s)
         finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _ingest_harness import Daemon as HarnessDaemon
+from _ingest_harness import free_endpoint
 
 import streamstore
 from streamstore.emulator import CameraEmulator
@@ -28,97 +29,33 @@ SHAPE = (64, 96)
 FRAME_TIME = 1e-3
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Daemon:
-    """``streamstore ingest`` in a subprocess, with its status PUB socket read here."""
+class Daemon(HarnessDaemon):
+    """The shared harness daemon (``tests/_ingest_harness.py``), listening, with the
+    default counting threads and the short names these tests use."""
 
     def __init__(self, out: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        import zmq
-
-        self.out = out
-        self.endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.status_endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.log_path = out.parent / f"{out.name}-daemon.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        cmd = [
-            sys.executable,
-            "-m",
-            "streamstore",
-            "ingest",
-            "--out",
-            str(out),
-            "--listen",
-            self.endpoint,
-            "--status-endpoint",
-            self.status_endpoint,
-            *extra,
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        super().__init__(
+            out, args=extra, env=env, threads=None, log_path=out.parent / f"{out.name}-daemon.log"
         )
-        self.ctx = zmq.Context()
-        self.sub = self.ctx.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.sub.connect(self.status_endpoint)
-        self.last: dict | None = None
-        self.wait_for(lambda st: True, timeout=60)  # up and publishing
+        self.out = out
+        self.endpoint = self.listen
+        self.wait_ready(60)  # up and publishing
 
     def status(self, timeout: float = 30.0) -> dict:
-        """The newest status message (waits for one)."""
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
-        if not self.sub.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no status within {timeout} s:\n{self.log()}")
-        msg = self.sub.recv()
-        while self.sub.poll(0):
-            msg = self.sub.recv()
-        self.last = json.loads(msg)
-        return self.last
+        """The newest status message (waits for a new one)."""
+        return self.wait_until(lambda st: True, timeout, "a status")
 
     def wait_for(self, pred, timeout: float = 60.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = self.status(timeout=max(0.1, deadline - time.monotonic()))
-            if pred(st):
-                return st
-        raise TimeoutError(f"condition not met within {timeout} s; last status {self.last}")
+        return self.wait_until(pred, timeout)
 
     def wait_closed(self, n: int, timeout: float = 60.0) -> dict:
-        return self.wait_for(lambda st: st["series_closed"] >= n, timeout)
+        return self.wait_until(lambda st: st["series_closed"] >= n, timeout, f"{n} closed series")
 
     def sender(self) -> Sender:
         return Sender(self.endpoint, bind=False, linger_s=5.0)
 
-    def log(self) -> str:
-        if not self._log.closed:
-            self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-        finally:
-            self.sub.close(0)
-            self.ctx.term()
-            self._log.close()
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        return super().stop(timeout, sig)
 
 
 @pytest.fixture(scope="module")
@@ -565,8 +502,7 @@ def test_cli_refuses_remote_bind_without_allow_remote(tmp_path):
 
 # -- --connect to a camera that binds (streamstore emulate's default) --------------------
 def test_connect_to_a_binding_emulator_with_a_dark_series(tmp_path):
-    port = _free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
+    endpoint = free_endpoint()
     emu = subprocess.Popen(
         [sys.executable, "-m", "streamstore", "emulate", "--endpoint", endpoint,
          "--shape", "64x96", "--frames", "30", "--dark-frames", "6", "--series-id", "cam",
