@@ -19,7 +19,8 @@ def counting_cases(draw):
     dtype = draw(st.sampled_from([np.uint8, np.uint16]))
     top = int(np.iinfo(dtype).max)
     h = draw(st.integers(1, 40))
-    w = draw(st.integers(1, 40))
+    # the kernel works in 64-pixel blocks plus a scalar tail: widths on both sides
+    w = draw(st.one_of(st.integers(1, 40), st.integers(60, 140)))
     n = draw(st.integers(1, 3))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -112,10 +113,10 @@ def test_parity_on_a_larger_batch_across_bands(rng):
     assert Counter(cal, np.uint16, subpixel=True, threads=1)(frames) == out["reference"]
 
 
-def test_parity_when_a_row_s_thresholds_span_more_than_a_byte(rng):
-    """A dark map spread too wide for the one-byte threshold map: the kernel's
+def test_parity_when_a_row_s_dark_levels_span_more_than_a_byte(rng):
+    """A dark map spread too wide for the one-byte dark map: the kernel's
     two-byte fallback must give the same events as the reference and C."""
-    from streamstore.counting._kernels import compact_thresholds
+    from streamstore.counting._kernels import kernel_maps
 
     h, w, n = 64, 96, 3
     dark = np.clip(2000 + rng.normal(0, 400, (h, w)), 0, 60000)
@@ -123,8 +124,8 @@ def test_parity_when_a_row_s_thresholds_span_more_than_a_byte(rng):
     frames += (rng.random((n, h, w)) < 0.02) * rng.integers(20, 300, (n, h, w))
     frames = np.clip(np.rint(frames), 0, 65535).astype(np.uint16)
     cal = Calibration(dark, np.full((h, w), 3.0), xray_threshold=2000)
-    lo = cal.threshold_maps(np.uint16)[0]
-    assert compact_thresholds(lo)[2] is False  # the fallback path is the one tested
+    lo, dark_k = cal.threshold_maps(np.uint16)[:2]
+    assert kernel_maps(lo, dark_k)[0].dtype == np.uint16  # the fallback path is the one tested
     for subpixel in (False, True):
         out = _count_all(frames, cal, subpixel)
         assert out["reference"].n_events > 100
@@ -169,3 +170,50 @@ def test_flood_of_xray_hits(rng):
     out = _count_all(frames, cal, True)
     assert out["numba"] == out["reference"] == out["native"]
     assert out["numba"].n_events > 0
+
+
+@pytest.mark.parametrize("xray_threshold", [None, 500.0, 40000.0])
+@pytest.mark.parametrize("with_gain", [False, True])
+def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, with_gain):
+    """The kernel's map forms (one-byte dark over a row base, two-byte dark with a
+    one- or two-byte threshold, int32 thresholds) and its two row types (int16
+    with X-ray clamping, int32) give the reference's events, on a width with
+    full 64-pixel blocks and a scalar tail, with masked, saturated and X-ray pixels."""
+    from streamstore.counting._kernels import count_frames, kernel_maps, row_type
+    from streamstore.counting._reference import count_reference
+
+    h, w, n = 70, 203, 2
+    dark = 300 + rng.normal(0, 20, (h, w))
+    frames = dark + rng.normal(0, 3, (n, h, w))
+    hits = rng.random((n, h, w)) < 0.03
+    frames += hits * rng.integers(20, 400, (n, h, w))
+    frames[:, 10, 198:201] = frames[:, 10, 197:198]  # a plateau in the tail
+    frames[0, 30:33, 100:103] = 20000  # an X-ray
+    frames[1, 40, 5] = 65535  # saturated
+    frames = np.clip(np.rint(frames), 0, 65535).astype(np.uint16)
+    mask = rng.random((h, w)) < 0.01
+    gain = rng.uniform(0.8, 1.2, (h, w)) if with_gain else None
+    cal = Calibration(dark, np.full((h, w), 3.0), gain=gain, mask=mask,
+                      xray_threshold=xray_threshold, xray_radius=1)  # fmt: skip
+    lo, dk, gk, level = cal.threshold_maps(np.uint16)
+    ref = count_reference(frames, lo, dk, gk, level, 1, True)
+    compact = kernel_maps(lo, dk)
+    assert compact[0].dtype == np.uint8  # dark spread < 256 per row
+    t = lo.astype(np.int64) - dk.astype(np.int64)
+    forms = {
+        "compact": compact,
+        "dark16-t8": (dk, np.zeros(h, np.int64), t.astype(np.uint8)),
+        "dark16-t16": (dk, np.zeros(h, np.int64), t.astype(np.uint16)),
+        "dark16-t32": (dk, np.zeros(h, np.int64), t.astype(np.int32)),
+    }
+    rows = set()
+    for name, maps in forms.items():
+        rows.add(row_type(frames.dtype, maps[2].dtype, gk is not None, level)[0])
+        for threads in (1, 2):
+            got = count_frames(frames, lo, dk, gk, level, 1, True, threads=threads, maps=maps)
+            for a, b in zip(got, ref, strict=True):
+                np.testing.assert_array_equal(a, b, err_msg=name)
+    assert ref[1].size > 500
+    # without gain and with an X-ray level an int16 holds, the narrow rows are used
+    narrow = gk is None and level <= 32766
+    assert (np.int16 in rows) == narrow and np.int32 in rows

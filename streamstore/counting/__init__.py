@@ -88,7 +88,7 @@ class Counter:
         self.frame_shape = calibration.frame_shape
         self._lo, self._dark, self._gain, self._xray_level = calibration.threshold_maps(dt)
         self._radius = calibration.xray_radius
-        self._compact: tuple[np.ndarray, np.ndarray, bool] | None = None  # kernel's, on first use
+        self._maps: tuple[np.ndarray, ...] | None = None  # the kernel's maps, on first use
 
     def _prepare(self, frames: Any) -> np.ndarray:
         arr = np.asarray(frames)
@@ -127,11 +127,11 @@ class Counter:
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
         if self.implementation == "numba":
-            from streamstore.counting._kernels import compact_thresholds, count_frames
+            from streamstore.counting._kernels import count_frames, kernel_maps
 
-            if self._compact is None:
-                self._compact = compact_thresholds(self._lo)
-            offsets, indices, sub = count_frames(*args, threads=self.threads, compact=self._compact)
+            if self._maps is None:
+                self._maps = kernel_maps(self._lo, self._dark)
+            offsets, indices, sub = count_frames(*args, threads=self.threads, maps=self._maps)
         elif self.implementation == "reference":
             from streamstore.counting._reference import count_reference
 

@@ -5,32 +5,36 @@ parallel (``prange``) and each writes its events into its own slot of a
 preallocated buffer, so the result does not depend on the number of threads.
 
 Within an item, rows are processed as a rolling window of three signal rows
-(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, int32, a sentinel column at each end, the
-sentinel ``SKIP`` wherever there is no candidate):
+(``S[r - 1]``, ``S[r]``, ``S[r + 1]``, a sentinel column at each end, the row
+type's minimum, SKIP, wherever there is no candidate) and of their horizontal
+3-maxima. For each row ``r + 1`` (the vector loops are LLVM IR in ``_simd.py``):
 
-1. *scan* row ``r + 1``: compare it with the threshold map 64 pixels at a time
-   into a bit mask (a fixed trip count, so LLVM vectorises it). The map is read
-   as one byte per pixel over a per-row base when the thresholds fit
-   (:func:`compact_thresholds`; exact), else as the frame-type map. The columns
-   of the set bits are appended to the row's candidate list without a
-   data-dependent branch in the common case (at most four per word), and the
-   dark row is prefetched;
-2. *signals* ``S = (raw - dark) * gain`` of the row's candidates only (and the
-   previous occupant's candidates reset to SKIP), with an X-ray flag for the row;
-   without a gain map the gain row is not read;
-3. *test* row ``r``: for each candidate, the 3 x 3 local-maximum test against
-   the three signal rows (two comparisons, with the largest earlier and the
-   largest later neighbour) and whether it has an equal later neighbour
-   (a plateau), into per-candidate flags; then the events in column order, rule
-   5 settled for the rare plateau maxima (a pair without the general walk).
+1. :func:`~._simd.signal_row` streams the frame, dark and threshold rows once,
+   64 pixels at a time, into the signals of row ``r + 1``, and says whether the
+   row may hold an X-ray hit; the ``W mod 64`` tail is scalar code;
+2. :func:`~._simd.test_row`: the 3 x 3 local-maximum test of row ``r`` as 64-bit
+   words (bit ``j`` of word ``b``: pixel ``64 b + j`` beats its earlier
+   neighbours strictly and its later ones or equals them; a second word marks
+   those equal to a later neighbour, on a plateau), reading the row above
+   through its horizontal maxima, which the previous row's test stored. It
+   prefetches the next frame row, so memory keeps streaming while it computes;
+3. X-ray positions of row ``r`` when step 1 said so (:func:`~._simd.xray_row`);
+4. the events of row ``r`` appended from the nonzero words in column order,
+   without a data-dependent branch in the common case (at most four per word);
+   rule 5 settled for the rare plateau maxima by a small walk; sub-pixel cells
+   from the frame.
+
+The kernel streams the maps of :func:`kernel_maps`: in practice a one-byte
+dark over a per-row base and a one-byte threshold above dark, 4 bytes per
+pixel with the frame. Signal rows are int16 when that is exact (see
+:func:`row_type`), else int32: ``|raw - dark| <= 65535`` and the relative gain
+is at most 32767, so ``(raw - dark) * gain`` fits.
 
 X-ray hits are collected per item and the events within the exclusion radius
 are dropped when the items are joined (``_compact``): hits are rare, so this
-costs nothing in the common case.
-
-The signal fits an int32: ``|raw - dark| <= 65535`` and the relative gain is at
-most 32767. Compiled lazily for the frame type actually seen (uint8, uint16,
-and int8/int16 for wrapped pedestal-subtracted data), cached on disk.
+costs nothing in the common case. Compiled lazily for the types actually seen
+(uint8, uint16, and int8/int16 for wrapped pedestal-subtracted data), cached
+on disk.
 """
 
 from __future__ import annotations
@@ -39,17 +43,23 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["BAND_ROWS", "compact_thresholds", "count_frames"]
+from streamstore.counting._simd import (
+    LANES,
+    hmax_row,
+    signal_row,
+    signal_row_gain,
+    test_row,
+    xray_row,
+)
+
+__all__ = ["BAND_ROWS", "count_frames", "kernel_maps", "row_type"]
 
 #: Rows per work item (fixed: results must not depend on the thread count).
 BAND_ROWS = 64
-#: Pixels per vectorised block (the width of the bit masks).
-BLOCK = 64
-#: Signal of a pixel that is not a candidate: below every real signal.
-SKIP = np.int32(-(2**31))
+#: Plateau pixels rule 5 walks without allocating (larger ones: a list and a set).
+PLATEAU_SCRATCH = 32
 #: X-ray hits one item records before the call is redone with room for every pixel.
 XRAY_CAPACITY = 64
 
@@ -89,40 +99,85 @@ def _popcount(typingctx, x):
     return sig, codegen
 
 
-@intrinsic
-def _prefetch(typingctx, arr, idx):
-    """Hint the CPU to fetch the cache line of ``arr[idx]`` (LLVM ``prefetch``; no effect)."""
-    sig = types.void(arr, types.intp)
-
-    def codegen(context, builder, signature, args):
-        ary = context.make_array(signature.args[0])(context, builder, args[0])
-        ptr = builder.bitcast(builder.gep(ary.data, [args[1]]), ir.IntType(8).as_pointer())
-        i32 = ir.IntType(32)
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
 @njit(inline="always", **_OPTS)
-def _signal64(frame, dark, gain, has_gain, r, c):
-    s = np.int64(frame[r, c]) - np.int64(dark[r, c])
+def _signal64(frame, m, r, c):
+    """Signal ``(raw - dark) * gain`` of pixel (r, c) from the kernel's maps ``m``.
+
+    ``m = (dmap, dbase, tmap, gain, has_gain, compact, top)``; with compact maps a
+    masked pixel (``t = 255``) has dark TMAX, as in the reference.
+    """
+    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    if compact and tmap[r, c] == 255:
+        s = np.int64(frame[r, c]) - np.int64(top)
+    else:
+        s = np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(dmap[r, c])
     if has_gain:
         s *= np.int64(gain[r, c])
     return s
 
 
-@njit(**_OPTS)
-def _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w):
+@njit(inline="always", **_OPTS)
+def _candidate(frame, m, r, c):
+    """Whether pixel (r, c) is a candidate: ``raw > lo``, from the kernel's maps ``m``."""
+    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    t = tmap[r, c]
+    if compact and t == 255:
+        return False
+    return np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(dmap[r, c]) > np.int64(t)
+
+
+@njit(inline="always", **_OPTS)
+def _plateau_wins(frame, m, r, c, h, w, members):
     """May local maximum (r, c) stand for its plateau of equal signals? (rule 5)
 
     Walks the candidates joined to it through 8-adjacent candidates of the same
     signal; loses to an earlier plateau pixel or a brighter candidate next to the
-    plateau. Only called when an equal neighbour exists (rare).
+    plateau. Only called when an equal neighbour exists (rare). ``members`` is
+    scratch for the plateau's pixels (a queue and the set of those seen: plateaus
+    are a few pixels, so a linear search beats a hash set and nothing is
+    allocated); a plateau larger than it is walked again with a list and a set.
     """
-    value = _signal64(frame, dark, gain, has_gain, r, c)
+    value = _signal64(frame, m, r, c)
+    p = r * w + c
+    cap = members.size
+    members[0] = p
+    n = 1
+    i = 0
+    while i < n:
+        q = members[i]
+        i += 1
+        qr = q // w
+        qc = q - qr * w
+        for dy in range(-1, 2):
+            rr = qr + dy
+            if rr < 0 or rr >= h:
+                continue
+            for dx in range(-1, 2):
+                cc = qc + dx
+                if cc < 0 or cc >= w or (dy == 0 and dx == 0) or not _candidate(frame, m, rr, cc):
+                    continue
+                t = rr * w + cc
+                st = _signal64(frame, m, rr, cc)
+                if st > value or (st == value and t < p):
+                    return False
+                if st == value:
+                    seen = False
+                    for z in range(n):
+                        if members[z] == t:
+                            seen = True
+                            break
+                    if not seen:
+                        if n == cap:
+                            return _plateau_wins_large(frame, m, r, c, h, w)
+                        members[n] = t
+                        n += 1
+    return True
+
+
+@njit(**_OPTS)
+def _plateau_wins_large(frame, m, r, c, h, w):
+    """:func:`_plateau_wins` for a plateau of any size (a list and a set)."""
+    value = _signal64(frame, m, r, c)
     p = r * w + c
     todo = [p]
     seen = {p}
@@ -136,62 +191,15 @@ def _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w):
                 continue
             for dx in range(-1, 2):
                 cc = qc + dx
-                if cc < 0 or cc >= w or (dy == 0 and dx == 0) or frame[rr, cc] <= lo[rr, cc]:
+                if cc < 0 or cc >= w or (dy == 0 and dx == 0) or not _candidate(frame, m, rr, cc):
                     continue
                 t = rr * w + cc
-                st = _signal64(frame, dark, gain, has_gain, rr, cc)
+                st = _signal64(frame, m, rr, cc)
                 if st > value or (st == value and t < p):
                     return False
                 if st == value and t not in seen:
                     seen.add(t)
                     todo.append(t)
-    return True
-
-
-@njit(**_OPTS)
-def _plateau_wins_pair(frame, lo, dark, gain, has_gain, r, c, h, w):
-    """Rule 5 for local maximum (r, c), without the walk when its plateau is a pair.
-
-    Called only when (r, c) beat its neighbours and has an equal later one. When it
-    has exactly one equal neighbour ``q`` and ``q`` has no other equal neighbour,
-    the plateau is ``{p, q}`` with ``p`` first: ``p`` wins unless a neighbour of ``q``
-    is brighter (``p``'s own neighbours are not). Otherwise the general walk decides.
-    """
-    value = _signal64(frame, dark, gain, has_gain, r, c)
-    qr = -1
-    qc = -1
-    for dy in range(0, 2):
-        rr = r + dy
-        if rr >= h:
-            continue
-        for dx in range(-1, 2):
-            cc = c + dx
-            if cc < 0 or cc >= w or (dy == 0 and dx <= 0) or frame[rr, cc] <= lo[rr, cc]:
-                continue
-            if _signal64(frame, dark, gain, has_gain, rr, cc) == value:
-                if qr >= 0:
-                    return _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w)
-                qr = rr
-                qc = cc
-    for dy in range(-1, 2):
-        rr = qr + dy
-        if rr < 0 or rr >= h:
-            continue
-        for dx in range(-1, 2):
-            cc = qc + dx
-            if (
-                cc < 0
-                or cc >= w
-                or (dy == 0 and dx == 0)
-                or (rr == r and cc == c)
-                or frame[rr, cc] <= lo[rr, cc]
-            ):
-                continue
-            st = _signal64(frame, dark, gain, has_gain, rr, cc)
-            if st > value:
-                return False
-            if st == value:
-                return _plateau_wins(frame, lo, dark, gain, has_gain, r, c, h, w)
     return True
 
 
@@ -204,7 +212,7 @@ def _quantise(num, den):
 
 
 @njit(inline="always", **_OPTS)
-def _subpixel(frame, dark, gain, has_gain, r, c, h, w):
+def _subpixel(frame, m, r, c, h, w):
     total = np.int64(0)
     ty = np.int64(0)
     tx = np.int64(0)
@@ -216,7 +224,7 @@ def _subpixel(frame, dark, gain, has_gain, r, c, h, w):
             cc = c + dx
             if cc < 0 or cc >= w:
                 continue
-            v = _signal64(frame, dark, gain, has_gain, rr, cc)
+            v = _signal64(frame, m, rr, cc)
             if v > 0:
                 total += v
                 ty += dy * v
@@ -227,100 +235,83 @@ def _subpixel(frame, dark, gain, has_gain, r, c, h, w):
 
 
 @njit(inline="always", **_OPTS)
-def _append_bits(cols, k, bits, c0):
-    """Append the positions ``c0 + j`` of the set bits ``j`` to ``cols[k:]``; new length.
+def _append_events(out, k, bits, p0):
+    """Append ``p0 + j`` for the set bits ``j`` of ``bits`` to ``out[k:]``; the new length.
 
-    The first four are written whatever the number of bits (slots past the count are
-    scratch that the next append overwrites; ``cols`` has four spare slots), so the
-    common case takes no data-dependent branch.
+    The first four are written whatever the number of bits (slots past the count
+    are scratch that the next append overwrites; each item has four spare slots),
+    so the common case takes no data-dependent branch.
     """
     t = bits
-    cols[k] = c0 + np.int64(_cttz0(t))
+    out[k] = p0 + np.uint32(_cttz0(t))
     t &= t - np.uint64(1)
-    cols[k + 1] = c0 + np.int64(_cttz0(t))
+    out[k + 1] = p0 + np.uint32(_cttz0(t))
     t &= t - np.uint64(1)
-    cols[k + 2] = c0 + np.int64(_cttz0(t))
+    out[k + 2] = p0 + np.uint32(_cttz0(t))
     t &= t - np.uint64(1)
-    cols[k + 3] = c0 + np.int64(_cttz0(t))
+    out[k + 3] = p0 + np.uint32(_cttz0(t))
     t &= t - np.uint64(1)
     n = np.int64(_popcount(bits))
     if n > 4:
         m = k + 4
         while t:
-            cols[m] = c0 + np.int64(_cttz(t))
+            out[m] = p0 + np.uint32(_cttz(t))
             t &= t - np.uint64(1)
             m += 1
     return k + n
 
 
 @njit(inline="always", **_OPTS)
-def _scan_row(row, l8row, base, lrow, compact, drow, grow, has_gain, srow, cols, n_old, w,
-              full_blocks, n_blocks, xray_level, top):  # fmt: skip
-    """Candidate columns of one row into ``cols`` and their signals into ``srow``.
+def _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, obase, k, want_sub,
+              members):  # fmt: skip
+    """Append the events of row ``r`` from its test words; the item's new event count.
 
-    ``srow`` holds SKIP everywhere but at the ``n_old`` columns ``cols`` held on entry
-    (the row kept there before), which are reset first. The scan compares 64 pixels
-    at a time (a fixed trip count LLVM vectorises) into a bit mask: in ``compact``
-    mode against ``base + l8row`` (one byte per pixel, 255 = never a candidate; see
-    :func:`compact_thresholds`), else against ``lrow``. The dark and gain rows are
-    read only at candidates. Returns ``(number of candidates, any X-ray hit)``.
+    Column order, only the words that hold one (``summary``); rule 5 for the rare
+    plateau maxima; sub-pixel cells from the frame.
     """
-    for q in range(n_old):
-        srow[np.uint64(cols[q]) + np.uint64(1)] = SKIP
-    k = 0
-    for b in range(n_blocks):
-        c0 = b * BLOCK
-        bits = np.uint64(0)
-        if compact:
-            if b < full_blocks:
-                for j in range(BLOCK):
-                    t = l8row[c0 + j]
-                    bits |= np.uint64((row[c0 + j] > t + base) & (t != 255)) << np.uint64(j)
-            else:
-                for j in range(w - c0):
-                    t = l8row[c0 + j]
-                    bits |= np.uint64((row[c0 + j] > t + base) & (t != 255)) << np.uint64(j)
-        elif b < full_blocks:
-            for j in range(BLOCK):
-                bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
-        else:
-            for j in range(w - c0):
-                bits |= np.uint64(row[c0 + j] > lrow[c0 + j]) << np.uint64(j)
-        _prefetch(drow, c0)  # the signals below read the dark row at candidates
-        _prefetch(drow, c0 + 32)
-        k = _append_bits(cols, k, bits, c0)
-    xray = False
-    if has_gain:
-        for q in range(k):
-            c = np.uint64(cols[q])
-            v = row[c]
-            s = (np.int32(v) - np.int32(drow[c])) * np.int32(grow[c])
-            srow[c + np.uint64(1)] = s
-            xray |= (v == top) | (s > xray_level)
-    else:  # no gain map: the gain row is not read
-        for q in range(k):
-            c = np.uint64(cols[q])
-            v = row[c]
-            s = np.int32(v) - np.int32(drow[c])
-            srow[c + np.uint64(1)] = s
-            xray |= (v == top) | (s > xray_level)
-    return k, xray
+    k_row = k
+    p_row = np.uint32(r * w)
+    for si in range(summary.size):
+        sm = summary[si]
+        while sm:
+            b = si * 64 + np.int64(_cttz(sm))
+            sm &= sm - np.uint64(1)
+            e = eqw[b] if eq_any else np.uint64(0)
+            if e == 0:
+                k = _append_events(out_idx, obase + k, okw[b], p_row + np.uint32(b * LANES))
+                k -= obase
+                continue
+            t = okw[b]
+            while t:
+                j = _cttz(t)
+                t &= t - np.uint64(1)
+                c = b * LANES + np.int64(j)
+                if (e >> j) & np.uint64(1) and not _plateau_wins(frame, m, r, c, h, w, members):
+                    continue
+                out_idx[obase + k] = r * w + c
+                k += 1
+    if want_sub:
+        for q in range(k_row, k):
+            c = np.int64(out_idx[obase + q]) - r * w
+            out_sub[obase + q] = _subpixel(frame, m, r, c, h, w)
+    return k
 
 
 @njit(parallel=True, **_OPTS)
 def _count_items(
     frames,
-    lo8,
-    base,
-    compact,
-    lo,
-    dark,
+    dmap,
+    dbase,
+    tmap,
     gain,
     has_gain,
+    compact,
+    clamp,
     xray_level,
     top,
     want_sub,
     cap,
+    proto,
     out_idx,
     out_sub,
     out_n,
@@ -330,79 +321,90 @@ def _count_items(
 ):
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
-    full_blocks = w // BLOCK
-    n_blocks = (w + BLOCK - 1) // BLOCK
+    nfull = w // LANES
+    n_blocks = (w + LANES - 1) // LANES
+    skip = proto[0]
+    m = (dmap, dbase, tmap, gain, has_gain, compact, top)  # for the scalar paths
     for item in prange(n * bands):
         f = item // bands
         r0 = (item % bands) * BAND_ROWS
         r1 = min(h, r0 + BAND_ROWS)
         frame = frames[f]
-        # three signal rows with a sentinel column at each end (and one spare for the
-        # scratch slots); rows outside the frame stay all SKIP
-        sig = np.full((3, w + 3), SKIP, np.int32)
-        cols = np.zeros((3, w + 4), np.int64)  # candidate columns of each row
-        ncols = np.zeros(3, np.int64)
-        flags = np.zeros(w + 1, np.uint8)
+        # signal rows and their horizontal 3-maxima, three of each (row r is in slot
+        # (r - r0 + 3) % 3). Signal rows: the sentinel columns and the padding past
+        # the frame stay SKIP, the rest is written row by row; the row above the frame
+        # is all SKIP. The maxima rows are written whole before they are read.
+        sig = np.empty((3, n_blocks * LANES + 2), proto.dtype)
+        sig[:, 0] = skip
+        sig[:, w + 1 :] = skip
+        if r0 == 0:
+            sig[2, :] = skip
+        hmx = np.empty((3, n_blocks * LANES + 2), proto.dtype)
+        okw = np.zeros(n_blocks, np.uint64)  # bits of the local maxima (rule 4)
+        eqw = np.zeros(n_blocks, np.uint64)  # ... of those equal to a later neighbour
+        summary = np.zeros((n_blocks + 63) // 64, np.uint64)  # okw words not zero
+        xw = np.zeros(n_blocks, np.uint64)  # bits of the X-ray hits
         xrow = np.zeros(3, np.bool_)
-        ones = np.ones(w, np.uint16)
+        members = np.empty(PLATEAU_SCRATCH, np.int64)  # for rule 5
         k = 0
         nxr = 0
         obase = item * cap
         xbase = item * xcap
         for rr in range(max(0, r0 - 1), min(h + 1, r0 + BAND_ROWS + 1)):
-            # scan row rr into its slot (rows past the frame: no candidates)
             slot = (rr - r0 + 3) % 3
+            srow = sig[slot]
             if rr < h:
-                ncols[slot], xrow[slot] = _scan_row(
-                    frame[rr], lo8[rr if compact else 0], base[rr], lo[rr], compact, dark[rr],
-                    gain[rr] if has_gain else ones, has_gain, sig[slot], cols[slot], ncols[slot], w,
-                    full_blocks, n_blocks, xray_level, top,
-                )  # fmt: skip
-            else:
-                for q in range(ncols[slot]):
-                    sig[slot, 1 + cols[slot, q]] = SKIP
-                ncols[slot] = 0
+                row = frame[rr]
+                if has_gain:
+                    xr = signal_row_gain(row, dmap[rr], tmap[rr], gain[rr], srow, nfull,
+                                         dbase[rr], clamp, xray_level)  # fmt: skip
+                else:
+                    xr = signal_row(row, dmap[rr], tmap[rr], gain[0], srow, nfull, dbase[rr],
+                                    clamp, xray_level)  # fmt: skip
+                for c in range(nfull * LANES, w):  # the row's tail, one pixel at a time
+                    if _candidate(frame, m, rr, c):
+                        s = _signal64(frame, m, rr, c)
+                        srow[c + 1] = min(s, clamp)
+                        xr |= (row[c] == top) | (s > xray_level)
+                    else:
+                        srow[c + 1] = skip
+                xrow[slot] = xr
+            else:  # below the frame: no candidates
+                srow[:] = skip
                 xrow[slot] = False
-            r = rr - 1  # the row whose neighbours are now all scanned
+            r = rr - 1  # the row whose neighbours are all in once row rr is
             if r < r0 or r >= r1:
                 continue
-            up = sig[(r - 1 - r0 + 3) % 3]
-            ms = (r - r0) % 3
+            ms = (r - r0 + 3) % 3
             mid = sig[ms]
-            down = sig[(r + 1 - r0) % 3]
-            mcols = cols[ms]
-            if xrow[ms]:  # X-ray hits in this row (rare): record their positions
+            up = (r - 1 - r0 + 3) % 3
+            if r == r0:  # rows r0 - 1 and r0: their maxima were not made by a test
+                hmax_row(sig[up], hmx[up], n_blocks)
+                hmax_row(mid, hmx[ms], n_blocks)
+            # the test prefetches the next frame row, so memory streams while it computes
+            nxt = min(rr + 1, h - 1)
+            n_pf = nfull if rr + 1 < h else 0
+            eq_any = test_row(hmx[up], mid, srow, hmx[slot], okw, eqw, summary, n_blocks,
+                              frame[nxt], dmap[nxt], tmap[nxt], n_pf)  # fmt: skip
+            if xrow[ms]:  # X-ray hits in row r (rare): record their positions
                 row = frame[r]
-                for q in range(ncols[ms]):
-                    c = mcols[q]
-                    if row[c] == top or mid[c + 1] > xray_level:
+                xray_row(row, mid, xw, nfull, xray_level)
+                for b in range(nfull):
+                    t = xw[b]
+                    while t:
+                        if nxr < xcap:
+                            out_xray[xbase + nxr] = r * w + b * LANES + np.int64(_cttz(t))
+                        nxr += 1
+                        t &= t - np.uint64(1)
+                for c in range(nfull * LANES, w):
+                    sv = mid[c + 1]
+                    if sv != skip and (row[c] == top or sv > xray_level):
                         if nxr < xcap:
                             out_xray[xbase + nxr] = r * w + c
                         nxr += 1
-            # the 3 x 3 test of every candidate of the row into flags (bit 0: local
-            # maximum, bit 1: with an equal later neighbour, i.e. on a plateau)
-            nm = ncols[ms]
-            for q in range(nm):
-                i = np.uint64(mcols[q]) + np.uint64(1)  # unsigned: no wrap-around test
-                sv = mid[i]
-                ia = i - np.uint64(1)
-                ib = i + np.uint64(1)
-                # beat the largest earlier neighbour strictly and the largest later one
-                # or equal it (then it is on a plateau): the eight comparisons of rule 4
-                before = max(max(up[ia], up[i]), max(up[ib], mid[ia]))
-                after = max(max(mid[ib], down[ia]), max(down[i], down[ib]))
-                ok = (sv > before) & (sv >= after)
-                flags[q] = np.uint8(ok) | (np.uint8(ok & (sv == after)) << np.uint8(1))
-            # events, in column order; rule 5 for the (rare) plateau maxima
-            for q in range(nm):
-                c = mcols[q]
-                fl = flags[q]
-                if fl & 2:
-                    fl = np.uint8(_plateau_wins_pair(frame, lo, dark, gain, has_gain, r, c, h, w))
-                out_idx[obase + k] = r * w + c  # kept only when fl (a spare slot at the end)
-                if want_sub and fl:
-                    out_sub[obase + k] = _subpixel(frame, dark, gain, has_gain, r, c, h, w)
-                k += np.int64(fl & 1)
+            # the events, while the test's prefetches land
+            k = _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, obase,
+                          k, want_sub, members)  # fmt: skip
         out_n[item] = k
         out_nx[item] = nxr
 
@@ -477,27 +479,68 @@ def item_capacity(w: int) -> int:
     return ((BAND_ROWS + 1) // 2) * ((w + 1) // 2)
 
 
-def compact_thresholds(lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
-    """The scan's one-byte threshold map: ``(lo8 uint8 (H, W), base (H,), usable)``.
+def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The maps the kernel streams: ``(dmap, dbase, tmap)``, as narrow as is exact.
 
-    ``base[r]`` is the smallest threshold of row ``r`` below the type's maximum
-    ``TMAX`` and ``lo8 = lo - base``, with 255 where ``lo == TMAX`` (never a
-    candidate). It is ``usable`` when every other pixel's ``lo - base`` is below
-    255 (dark levels and noise vary less than that within a row; always true for
-    uint8): then ``raw > base + lo8 and lo8 != 255`` is exactly ``raw > lo`` and the
-    scan reads one byte of map per pixel instead of two. Otherwise the kernel
-    compares with ``lo``. Costs a pass over the map, so
-    :class:`~streamstore.counting.Counter` computes it once.
+    A pixel is a candidate when ``raw > lo``, that is when ``raw - dark > t`` with
+    ``t = lo - dark`` (never negative from
+    :meth:`~streamstore.Calibration.threshold_maps`). Three forms, the first that
+    holds:
+
+    * *compact* (16-bit frames whose dark levels span less than 256 within each
+      row, thresholds below 255 ADU): ``dmap = dark - dbase[row]`` and ``tmap = t``
+      as one byte each, ``tmap = 255`` where ``lo = dark = TMAX`` (masked: never a
+      candidate, signal ``raw - TMAX``). The kernel streams 4 bytes per pixel
+      instead of 5;
+    * ``dmap = dark`` and ``t`` as uint8 or uint16 (masked pixels have
+      ``lo = dark = TMAX``: ``t = 0`` and ``raw - dark <= 0``, never candidates);
+    * ``t`` as int32 when ``lo < dark`` somewhere (not made by Calibration).
+
+    Costs a few passes over the maps, so :class:`~streamstore.counting.Counter`
+    computes them once.
     """
-    top = np.iinfo(lo.dtype).max
-    never = lo == top
-    wide = lo.astype(np.int64)
-    base = np.where(never, top, wide).min(axis=1, initial=top)
-    delta = wide - base[:, None]
-    usable = bool(np.all(never | (delta < 255)))
-    if not usable:
-        return np.zeros((1, 1), np.uint8), base.astype(lo.dtype), False
-    return np.where(never, 255, delta).astype(np.uint8), base.astype(lo.dtype), True
+    h = lo.shape[0]
+    t = lo.astype(np.int64) - dark.astype(np.int64)
+    zero = np.zeros(h, np.int64)
+    if lo.dtype == np.uint16:
+        never = lo == np.iinfo(lo.dtype).max
+        d = dark.astype(np.int64)
+        base = np.where(never, 1 << 20, d).min(axis=1)
+        base = np.where(base == 1 << 20, 0, base)
+        delta = d - base[:, None]
+        fits = (delta >= 0) & (delta <= 255) & (t >= 0) & (t <= 254)
+        # t = 255 stands for dark = TMAX (masked), so every never-candidate must be that
+        if np.all(np.where(never, dark == np.iinfo(lo.dtype).max, fits)):
+            dmap = np.where(never, 0, delta).astype(np.uint8)
+            return dmap, base, np.where(never, 255, t).astype(np.uint8)
+    low, high = int(t.min(initial=0)), int(t.max(initial=0))
+    if low >= 0 and high <= 255:
+        return dark, zero, t.astype(np.uint8)
+    if low >= 0 and high <= 65535:
+        return dark, zero, t.astype(np.uint16)
+    return dark, zero, t.astype(np.int32)  # |lo - dark| <= 65535 for 8- and 16-bit types
+
+
+def row_type(frame_dtype, tmap_dtype, has_gain: bool, xray_level: int) -> tuple[type, int]:
+    """Signal-row type and clamp of the kernel: ``(np.int16, clamp)`` or ``(np.int32, 2**31 - 1)``.
+
+    int16 rows (the narrow path, :mod:`._simd`) serve unsigned frames without a
+    gain map whose X-ray level an int16 holds: a signal above ``xray_level`` is
+    stored as ``xray_level + 1``. That changes no event: such a pixel is an X-ray
+    hit (never an event), and against any other candidate (signal <= level) it
+    still wins; X-ray positions and plateau walks are taken from the frame.
+    Everything else (wrapped signed frames, a gain map, uint16 without an X-ray
+    threshold) uses exact int32 rows.
+    """
+    narrow = (
+        np.dtype(frame_dtype).kind == "u"
+        and np.dtype(tmap_dtype).kind == "u"
+        and not has_gain
+        and (np.dtype(frame_dtype).itemsize == 1 or xray_level <= 32766)
+    )
+    if narrow:
+        return np.int16, min(int(xray_level) + 1, 32767)
+    return np.int32, 2**31 - 1
 
 
 def count_frames(
@@ -509,25 +552,28 @@ def count_frames(
     radius: int,
     subpixel: bool,
     threads: int | None = None,
-    compact: tuple[np.ndarray, np.ndarray, bool] | None = None,
+    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
 
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     ``threads`` caps numba's thread count for this call (None: numba's current
-    setting); ``compact`` is :func:`compact_thresholds` of ``lo`` (computed when None).
+    setting); ``maps`` is :func:`kernel_maps` of ``lo`` and ``dark`` (computed
+    when None).
     """
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
-    cap = item_capacity(w) + 1  # one spare slot per item for the branch-free store
+    cap = item_capacity(w) + 4  # four spare slots per item for the branch-free appends
     n_items = n * bands
     out_idx = np.empty(n_items * cap, np.uint32)
     out_sub = np.empty(n_items * cap if subpixel else 1, np.uint8)
     out_n = np.zeros(n_items, np.int64)
     out_nx = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
-    level = np.int32(min(int(xray_level), 2**31 - 1))  # signals are int32: same test
-    lo8, base, usable = compact_thresholds(lo) if compact is None else compact
+    dmap, dbase, tmap = kernel_maps(lo, dark) if maps is None else maps
+    level = min(int(xray_level), 2**62)
+    rtype, clamp = row_type(frames.dtype, tmap.dtype, gain is not None, level)
+    proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
     gain_arg = _NO_GAIN if gain is None else gain
     previous = numba.get_num_threads()
     if threads is not None:
@@ -537,8 +583,10 @@ def count_frames(
         while True:
             out_xray = np.empty(n_items * xcap, np.uint32)
             _count_items(
-                frames, lo8, base, usable, lo, dark, gain_arg, gain is not None, level, top,
-                subpixel, cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx,
+                frames, dmap, dbase, tmap, gain_arg, gain is not None,
+                dmap.itemsize < frames.itemsize, np.int64(clamp),
+                np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
+                out_xray, out_nx,
             )  # fmt: skip
             if int(out_nx.max(initial=0)) <= xcap:
                 break

@@ -1,0 +1,341 @@
+"""Vector building blocks of the counting kernel, written as LLVM IR (numba intrinsics).
+
+LLVM's auto-vectoriser does well on plain loops but poorly on what the
+counting kernel needs most: turning 64 comparisons into a 64-bit mask (it
+shifts and ORs lane by lane instead of using a mask register) and keeping
+16-bit arithmetic in 16-bit lanes (numba widens every integer to 64 bits).
+So the hot loops are spelled out here on ``<64 x iN>`` vectors, which LLVM
+lowers to what the CPU has (AVX-512 mask registers, AVX2 ``pmovmskb``, NEON),
+and the rest of the kernel stays readable numba in ``_kernels.py``.
+
+Rows of signals and of their horizontal maxima have one sentinel column at
+each end: pixel ``c`` is element ``c + 1``, and a row is long enough for a
+64-lane load at every block start ``c0 = 64 b`` plus two. SKIP, the row type's
+minimum, marks a pixel that is not a candidate: it never competes.
+
+* :func:`signal_row`: the signals of the full 64-pixel blocks of one frame row
+  (the caller does the ``W mod 64`` tail), and whether the row may hold an X-ray
+  hit. The frame, dark and threshold rows are read once, in one stream.
+* :func:`test_row`: the 3 x 3 local-maximum test (rule 4 of ``_reference.py``)
+  of a row against the rows above and below, as words of bits; on the way it
+  stores the horizontal maxima of the row below, which the next row's test
+  reads as its row above (each row's maxima are computed once).
+* :func:`xray_row`: the exact X-ray hits of a row, as words of bits (the rare
+  path, when :func:`signal_row` says there may be one).
+
+Signals are computed in one of two ways, chosen by the types the kernel is
+compiled for:
+
+* *narrow* (unsigned frames, unsigned threshold map, int16 rows; no gain):
+  ``u = max(raw - dark, 0)`` in the frame's width (a saturating subtract), a
+  candidate where ``u > t``, stored as ``min(u, clamp)``. With a one-byte dark
+  map (*compact*: ``dark = base + d8`` for a per-row ``base``), ``t = 255``
+  marks a pixel that is never a candidate;
+* *wide* (int32 rows: signed frames, a gain map, or an X-ray level an int16
+  cannot hold): ``d = raw - dark`` in 32 bits, a candidate where ``d > t``,
+  stored as ``d * gain``.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = ["LANES", "hmax_row", "signal_row", "signal_row_gain", "test_row", "xray_row"]
+
+#: Pixels per block: the width of the vectors and of the bit-mask words.
+LANES = 64
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _vec(t: ir.Type) -> ir.VectorType:
+    return ir.VectorType(t, LANES)
+
+
+def _const(t: ir.IntType, value: int) -> ir.Constant:
+    return ir.Constant(_vec(t), [value] * LANES)
+
+
+def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    undef = ir.Constant(_vec(value.type), ir.Undefined)
+    v = builder.insert_element(undef, value, ir.Constant(_I32, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+    return builder.shuffle_vector(v, undef, zeros)
+
+
+def _data(context, builder, aryty, ary) -> ir.Value:
+    return context.make_array(aryty)(context, builder, ary).data
+
+
+def _load(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value) -> ir.Value:
+    ptr = builder.bitcast(builder.gep(data, [idx]), _vec(data.type.pointee).as_pointer())
+    return builder.load(ptr, align=1)
+
+
+def _store(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, value: ir.Value) -> None:
+    ptr = builder.bitcast(builder.gep(data, [idx]), value.type.as_pointer())
+    builder.store(value, ptr, align=1)
+
+
+def _ext(builder: ir.IRBuilder, v: ir.Value, signed: bool, t: ir.IntType) -> ir.Value:
+    width = v.type.element.width
+    if width == t.width:
+        return v
+    if width > t.width:
+        return builder.trunc(v, _vec(t))
+    return builder.sext(v, _vec(t)) if signed else builder.zext(v, _vec(t))
+
+
+def _max(builder: ir.IRBuilder, x: ir.Value, y: ir.Value, signed: bool = True) -> ir.Value:
+    cmp = builder.icmp_signed if signed else builder.icmp_unsigned
+    return builder.select(cmp(">", x, y), x, y)
+
+
+def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value) -> ir.Value:
+    fnty = ir.FunctionType(ret, [a.type for a in args])
+    return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(args))
+
+
+def _reduce(builder: ir.IRBuilder, op: str, v: ir.Value) -> ir.Value:
+    """``llvm.vector.reduce.<op>`` of ``v``: one scalar."""
+    elem = v.type.element
+    return _call(builder, f"llvm.vector.reduce.{op}.v{LANES}i{elem.width}", elem, v)
+
+
+def _index(builder: ir.IRBuilder, blk: ir.Value, extra: int = 0) -> ir.Value:
+    c0 = builder.mul(blk, ir.Constant(_I64, LANES))
+    return builder.add(c0, ir.Constant(_I64, extra)) if extra else c0
+
+
+class _Signals:
+    """Code generator of the signals of one block, for one combination of types."""
+
+    def __init__(self, frame_dt, dark_dt, t_dt, row_dt, gain: bool) -> None:
+        self.fsigned = frame_dt.signed
+        self.fw = frame_dt.bitwidth
+        self.tsigned = t_dt.signed
+        self.rw = row_dt.bitwidth
+        self.gain = gain
+        self.narrow = not frame_dt.signed and not t_dt.signed and row_dt.bitwidth == 16 and not gain
+        self.compact = dark_dt.bitwidth < frame_dt.bitwidth  # one-byte dark over a base
+        fmax = (1 << (self.fw - 1)) - 1 if self.fsigned else (1 << self.fw) - 1
+        self.top = ir.Constant(ir.IntType(self.fw), fmax)
+        self.skip = -(1 << (self.rw - 1))
+
+    def emit(self, builder, f, dk, t, g, base, clamp) -> ir.Value:
+        """Signals of one block in the row type: SKIP where not a candidate."""
+        b = builder
+        rt = ir.IntType(self.rw)
+        if self.narrow:
+            ft = ir.IntType(self.fw)
+            if self.compact:
+                dk = b.add(_ext(b, dk, False, ft), _splat(b, b.trunc(base, ft)))
+            u = b.select(b.icmp_unsigned(">", f, dk), b.sub(f, dk), _const(ft, 0))
+            cw = ir.IntType(max(self.fw, t.type.element.width))
+            cand = b.icmp_unsigned(">", _ext(b, u, False, cw), _ext(b, t, False, cw))
+            u16 = _ext(b, u, False, rt)
+            cl = _splat(b, b.trunc(clamp, rt))
+            s = b.select(b.icmp_unsigned("<", u16, cl), u16, cl)
+        else:
+            de = _ext(b, dk, self.fsigned and not self.compact, _I32)
+            if self.compact:
+                de = b.add(de, _splat(b, b.trunc(base, _I32)))
+            d = b.sub(_ext(b, f, self.fsigned, _I32), de)
+            cand = b.icmp_signed(">", d, _ext(b, t, self.tsigned, _I32))
+            s = _ext(b, b.mul(d, _ext(b, g, False, _I32)) if self.gain else d, True, rt)
+        if self.compact:  # t = 255: never a candidate
+            cand = b.and_(cand, b.icmp_unsigned("!=", t, _const(t.type.element, 255)))
+        return b.select(cand, s, _const(rt, self.skip))
+
+    def xray_init(self) -> list[ir.Constant]:
+        """Start of the running maxima of the signals and of the raw values."""
+        low = -(1 << (self.fw - 1)) if self.fsigned else 0
+        return [_const(ir.IntType(self.rw), self.skip), _const(ir.IntType(self.fw), low)]
+
+    def xray_update(self, builder, acc, out, f) -> list[ir.Value]:
+        return [_max(builder, acc[0], out), _max(builder, acc[1], f, self.fsigned)]
+
+    def xray_test(self, builder, acc, level: ir.Value) -> ir.Value:
+        """Whether the row may hold an X-ray hit: a signal above ``level``, or a
+        saturated pixel. Exact for the first; the second also fires for a saturated
+        pixel that is not a candidate (masked), and :func:`xray_row` then finds none."""
+        b = builder
+        smax = _reduce(b, "smax", acc[0])
+        fmax = _reduce(b, "smax" if self.fsigned else "umax", acc[1])
+        top = ir.Constant(_I64, (1 << (self.rw - 1)) - 1)
+        lvl = b.select(b.icmp_signed(">", level, top), top, level)
+        above = b.icmp_signed(">", smax, b.trunc(lvl, smax.type))
+        return b.or_(above, b.icmp_unsigned("==", fmax, self.top))
+
+
+def _make_signal_row(gain: bool):
+    def signal_row(typingctx, row, drow, trow, grow, srow, nfull, base, clamp, level):
+        gen = _Signals(row.dtype, drow.dtype, trow.dtype, srow.dtype, gain)
+        sig = types.boolean(row, drow, trow, grow, srow, types.intp, types.int64, types.int64,
+                            types.int64)  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            b = builder
+            f_, d_, t_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in range(5))
+            nfull, base, clamp, level = args[5:9]
+            acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
+            with cgutils.for_range(b, nfull) as loop:
+                c0 = _index(b, loop.index)
+                f = _load(b, f_, c0)
+                dk = _load(b, d_, c0)
+                t = _load(b, t_, c0)
+                g = _load(b, g_, c0) if gain else None
+                out = gen.emit(b, f, dk, t, g, base, clamp)
+                acc = gen.xray_update(b, [b.load(p) for p in acc_p], out, f)
+                for p, v in zip(acc_p, acc, strict=True):
+                    b.store(v, p)
+                _store(b, s_, _index(b, loop.index, 1), out)
+            return gen.xray_test(b, [b.load(p) for p in acc_p], level)
+
+        return sig, codegen
+
+    signal_row.__name__ = "signal_row_gain" if gain else "signal_row"
+    signal_row.__doc__ = """Signals of the ``nfull`` full blocks of a row into ``srow``; any X-ray?
+
+    ``drow`` is the dark row (or its one-byte form over ``base``), ``trow`` the
+    threshold row, ``grow`` the gain row (read by the gain variant only),
+    ``clamp`` the narrow rows' ceiling, ``level`` the X-ray level. Returns
+    False only when no full block holds an X-ray hit (True may be a saturated
+    pixel that is not a candidate).
+    """
+    return intrinsic(signal_row)
+
+
+signal_row = _make_signal_row(False)
+signal_row_gain = _make_signal_row(True)
+
+
+def _hmax(builder, row, c0) -> ir.Value:
+    """Horizontal maximum of pixels ``c - 1, c, c + 1`` for the 64 pixels from ``c0``."""
+    b = builder
+    v = [_load(b, row, b.add(c0, ir.Constant(_I64, k))) for k in range(3)]
+    return _max(b, _max(b, v[0], v[1]), v[2])
+
+
+@intrinsic
+def hmax_row(typingctx, srow, hrow, nblocks):
+    """Horizontal 3-maxima of a signal row into ``hrow`` (same layout)."""
+    sig = types.void(srow, hrow, types.intp)
+
+    def codegen(context, builder, signature, args):
+        s_, h_ = (_data(context, builder, signature.args[i], args[i]) for i in range(2))
+        with cgutils.for_range(builder, args[2]) as loop:
+            c0 = _index(builder, loop.index)
+            _store(builder, h_, builder.add(c0, ir.Constant(_I64, 1)), _hmax(builder, s_, c0))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _prefetch(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value) -> None:
+    """Hint the CPU to fetch the cache line of ``data[idx]`` (LLVM ``prefetch``)."""
+    i8p = ir.IntType(8).as_pointer()
+    ptr = builder.bitcast(builder.gep(data, [idx]), i8p)
+    _call(builder, "llvm.prefetch.p0i8", ir.VoidType(), ptr, ir.Constant(_I32, 0),
+          ir.Constant(_I32, 3), ir.Constant(_I32, 1))  # fmt: skip
+
+
+@intrinsic
+def test_row(typingctx, hup, mid, down, hdown, okw, eqw, summary, nblocks, pf_f, pf_d, pf_t,
+             n_pf):  # fmt: skip
+    """The 3 x 3 test of every block of row ``mid``; returns whether any eq bit is set.
+
+    ``hup``: horizontal maxima of the row above (:func:`hmax_row`); ``down``: the
+    signals of the row below, whose maxima are stored into ``hdown`` on the way.
+    Bit ``j`` of ``okw[b]``: pixel ``64 b + j`` beats its earlier neighbours
+    strictly and its later ones or equals them; of ``eqw[b]``: it is ok and equals
+    its largest later neighbour (a plateau, rule 5). Bit ``b % 64`` of
+    ``summary[b // 64]``: ``okw[b]`` is not zero (the caller skips empty words).
+    """
+    sig = types.boolean(hup, mid, down, hdown, okw, eqw, summary, types.intp, pf_f, pf_d, pf_t,
+                        types.intp)  # fmt: skip
+    rbits = mid.dtype.bitwidth
+    fstep = 64 // pf_f.dtype.bitwidth * 8
+    dstep = 64 // pf_d.dtype.bitwidth * 8
+    tstep = 64 // pf_t.dtype.bitwidth * 8
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        hup_, mid_, down_, hdn_, ok_, eq_, sm_ = (
+            _data(context, b, signature.args[i], args[i]) for i in range(7)
+        )
+        nblocks = args[7]
+        pf_f_, pf_d_, pf_t_ = (_data(context, b, signature.args[i], args[i]) for i in (8, 9, 10))
+        n_pf = args[11]
+        eqany_p = cgutils.alloca_once_value(b, ir.Constant(_I64, 0))
+        with cgutils.for_range(b, b.udiv(b.add(nblocks, ir.Constant(_I64, 63)),
+                                          ir.Constant(_I64, 64))) as loop:  # fmt: skip
+            b.store(ir.Constant(_I64, 0), b.gep(sm_, [loop.index]))
+        rt = ir.IntType(rbits)
+        one = ir.Constant(_I64, 1)
+        with cgutils.for_range(b, nblocks) as loop:
+            c0 = _index(b, loop.index)
+            with b.if_then(b.icmp_signed("<", loop.index, n_pf)):
+                # the next frame row's lines, so memory streams while this test computes
+                for k in range(0, LANES, fstep):
+                    _prefetch(b, pf_f_, b.add(c0, ir.Constant(_I64, k)))
+                for k in range(0, LANES, dstep):
+                    _prefetch(b, pf_d_, b.add(c0, ir.Constant(_I64, k)))
+                for k in range(0, LANES, tstep):
+                    _prefetch(b, pf_t_, b.add(c0, ir.Constant(_I64, k)))
+            c1 = b.add(c0, one)
+            hd = _hmax(b, down_, c0)
+            _store(b, hdn_, c1, hd)
+            m = [_load(b, mid_, b.add(c0, ir.Constant(_I64, k))) for k in range(3)]
+            before = _max(b, _load(b, hup_, c1), m[0])
+            after = _max(b, m[2], hd)
+            # m >= after is m > after - 1 (saturating: SKIP - 1 stays SKIP, and a SKIP
+            # pixel fails m > before anyway), so one comparison tests all eight
+            name = f"llvm.ssub.sat.v{LANES}i{rbits}"
+            after1 = _call(b, name, after.type, after, _const(rt, 1))
+            ok = b.icmp_signed(">", m[1], _max(b, before, after1))
+            eq = b.and_(ok, b.icmp_signed("==", m[1], after))
+            okb = b.bitcast(ok, _I64)
+            eqb = b.bitcast(eq, _I64)
+            b.store(okb, b.gep(ok_, [loop.index]))
+            b.store(eqb, b.gep(eq_, [loop.index]))
+            b.store(b.or_(b.load(eqany_p), eqb), eqany_p)
+            nz = b.zext(b.icmp_unsigned("!=", okb, ir.Constant(_I64, 0)), _I64)
+            sp = b.gep(sm_, [b.lshr(loop.index, ir.Constant(_I64, 6))])
+            bit = b.shl(nz, b.and_(loop.index, ir.Constant(_I64, 63)))
+            b.store(b.or_(b.load(sp), bit), sp)
+        return b.icmp_unsigned("!=", b.load(eqany_p), ir.Constant(_I64, 0))
+
+    return sig, codegen
+
+
+@intrinsic
+def xray_row(typingctx, row, mid, words, nfull, level):
+    """Bits of the X-ray hits among the full blocks of a row (exact).
+
+    A candidate (``mid`` not SKIP) that is saturated or whose signal exceeds
+    ``level`` (clipped to the row type's range: the signals are clamped to it).
+    """
+    sig = types.void(row, mid, words, types.intp, types.int64)
+    gen = _Signals(row.dtype, row.dtype, types.uint8, mid.dtype, False)
+
+    def codegen(context, builder, signature, args):
+        b = builder
+        f_, m_, w_ = (_data(context, b, signature.args[i], args[i]) for i in range(3))
+        rt = ir.IntType(gen.rw)
+        top = ir.Constant(_I64, (1 << (gen.rw - 1)) - 1)
+        lvl = _splat(b, b.trunc(b.select(b.icmp_signed(">", args[4], top), top, args[4]), rt))
+        with cgutils.for_range(b, args[3]) as loop:
+            c0 = _index(b, loop.index)
+            f = _load(b, f_, c0)
+            m = _load(b, m_, b.add(c0, ir.Constant(_I64, 1)))
+            cand = b.icmp_signed("!=", m, _const(rt, gen.skip))
+            hit = b.or_(b.icmp_unsigned("==", f, _splat(b, gen.top)), b.icmp_signed(">", m, lvl))
+            b.store(b.bitcast(b.and_(cand, hit), _I64), b.gep(w_, [loop.index]))
+        return context.get_dummy_value()
+
+    return sig, codegen
