@@ -487,7 +487,7 @@ class Calibration:
 
     def with_xray_threshold(self, xray_threshold: float | None) -> Calibration:
         """This calibration (same maps and source) with another X-ray threshold."""
-        return Calibration(
+        new = Calibration(
             self.dark,
             self.noise,
             gain=self.gain,
@@ -498,6 +498,9 @@ class Calibration:
             wrapped=self.wrapped,
             source=self.source,
         )
+        # the kernel's integer maps do not depend on the X-ray threshold: share them
+        new.__dict__["_int_maps_cache"] = self.__dict__.setdefault("_int_maps_cache", {})
+        return new
 
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> None:
@@ -604,8 +607,22 @@ class Calibration:
             (saturated candidates are X-ray hits regardless).
 
         The kernel type is the frames' dtype, or its signed twin when ``wrapped``.
+        The maps are computed once per type and shared, read-only, by the
+        calibrations :meth:`with_xray_threshold` derives (they do not depend on it).
         """
         dt = self.frame_dtype(dtype)
+        cache = self.__dict__.setdefault("_int_maps_cache", {})
+        if dt.str not in cache:
+            cache[dt.str] = self._int_maps(dt)
+        lo, dark_k, gain_k, scale = cache[dt.str]
+        if self.xray_threshold is None:
+            xray_level = 2**62
+        else:
+            xray_level = int(min(math.floor(self.xray_threshold * scale), 2**62))
+        return lo, dark_k, gain_k, xray_level
+
+    def _int_maps(self, dt: np.dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, float]:
+        """``(lo, dark, gain, gain scale)`` of :meth:`threshold_maps`."""
         info = np.iinfo(dt)
         dark = self.dark.astype(np.float64)
         dark_i = np.rint(dark)
@@ -619,20 +636,18 @@ class Calibration:
             top = float(self.gain[good].max()) if good.any() else 1.0
             scale = GAIN_SCALE / top
             gain_k = np.clip(np.rint(self.gain * scale), 1, GAIN_SCALE).astype(np.uint16)
-        if self.xray_threshold is None:
-            xray_level = 2**62
-        else:
-            xray_level = int(min(math.floor(self.xray_threshold * scale), 2**62))
         if self.mask is not None:
             lo[self.mask] = info.max
             dark_k[self.mask] = info.max
             if gain_k is not None:
                 gain_k[self.mask] = 0
+        # shared by every caller: treat as read-only (not flagged so, which would make
+        # numba compile a second, read-only variant of every kernel)
         return (
             np.ascontiguousarray(lo),
             np.ascontiguousarray(dark_k),
             None if gain_k is None else np.ascontiguousarray(gain_k),
-            xray_level,
+            scale,
         )
 
 

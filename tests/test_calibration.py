@@ -203,3 +203,16 @@ def test_from_dark_frames_input_errors():
         Calibration.estimate(np.zeros((2, 4, 5), np.float32))
     with pytest.raises(ValueError, match="xray_threshold"):
         Calibration.estimate(np.ones((2, 4, 5), np.uint16), xray_threshold="big")
+
+
+def test_integer_maps_are_computed_once_and_shared_across_xray_thresholds(rng):
+    """The ingest daemon derives a calibration per series with its own X-ray
+    threshold: the per-pixel integer maps (a full-frame pass each) are reused."""
+    cal = Calibration(100 + rng.normal(0, 2, (16, 24)), np.full((16, 24), 3.0))
+    lo, dark, gain, level = cal.threshold_maps(np.uint16)
+    assert gain is None and level == 2**62
+    derived = cal.with_xray_threshold(500.0)
+    lo2, dark2, _, level2 = derived.threshold_maps(np.uint16)
+    assert lo2 is lo and dark2 is dark and level2 == 500
+    # another type gets its own maps
+    assert cal.threshold_maps(np.uint8)[0].dtype == np.uint8

@@ -499,26 +499,48 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
     Costs a few passes over the maps, so :class:`~streamstore.counting.Counter`
     computes them once.
     """
-    h = lo.shape[0]
-    t = lo.astype(np.int64) - dark.astype(np.int64)
+    h, w = lo.shape
     zero = np.zeros(h, np.int64)
     if lo.dtype == np.uint16:
-        never = lo == np.iinfo(lo.dtype).max
-        d = dark.astype(np.int64)
-        base = np.where(never, 1 << 20, d).min(axis=1)
-        base = np.where(base == 1 << 20, 0, base)
-        delta = d - base[:, None]
-        fits = (delta >= 0) & (delta <= 255) & (t >= 0) & (t <= 254)
-        # t = 255 stands for dark = TMAX (masked), so every never-candidate must be that
-        if np.all(np.where(never, dark == np.iinfo(lo.dtype).max, fits)):
-            dmap = np.where(never, 0, delta).astype(np.uint8)
-            return dmap, base, np.where(never, 255, t).astype(np.uint8)
+        dmap = np.empty((h, w), np.uint8)
+        tmap = np.empty((h, w), np.uint8)
+        base = np.empty(h, np.int64)
+        if _compact_maps(lo, dark, np.uint16(65535), dmap, tmap, base):
+            return dmap, base, tmap
+    t = lo.astype(np.int64) - dark.astype(np.int64)
     low, high = int(t.min(initial=0)), int(t.max(initial=0))
     if low >= 0 and high <= 255:
         return dark, zero, t.astype(np.uint8)
     if low >= 0 and high <= 65535:
         return dark, zero, t.astype(np.uint16)
     return dark, zero, t.astype(np.int32)  # |lo - dark| <= 65535 for 8- and 16-bit types
+
+
+@njit(**_OPTS)
+def _compact_maps(lo, dark, top, dmap, tmap, base):
+    """Fill the compact maps of :func:`kernel_maps`; False when they do not hold."""
+    h, w = lo.shape
+    for r in range(h):
+        b = np.int64(1) << 40
+        for c in range(w):
+            if lo[r, c] != top:
+                b = min(b, np.int64(dark[r, c]))
+        b = 0 if b == np.int64(1) << 40 else b
+        base[r] = b
+        for c in range(w):
+            if lo[r, c] == top:  # t = 255 stands for dark = TMAX: masked
+                if dark[r, c] != top:
+                    return False
+                dmap[r, c] = 0
+                tmap[r, c] = 255
+            else:
+                delta = np.int64(dark[r, c]) - b
+                t = np.int64(lo[r, c]) - np.int64(dark[r, c])
+                if delta > 255 or t < 0 or t > 254:
+                    return False
+                dmap[r, c] = delta
+                tmap[r, c] = t
+    return True
 
 
 def row_type(frame_dtype, tmap_dtype, has_gain: bool, xray_level: int) -> tuple[type, int]:
