@@ -36,10 +36,17 @@ WARMUP_FRAMES = 3
 
 
 def _receiver(endpoint: str, series: list[str], results: Any, ready: Any) -> None:
-    """PULL, parse and discard; report (n_images, n_bytes, seconds) per series."""
+    """PULL, parse and discard; report (n_images, n_bytes, seconds) per series.
+
+    With the daemon's allocator setting (:mod:`streamstore.ingest.allocator`),
+    so the ceiling is the transport's best, not one slowed by page faults.
+    """
     import zmq
 
+    from streamstore.ingest.allocator import keep_large_buffers
     from streamstore.protocol import End, Image, Start, parse
+
+    keep_large_buffers()
 
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -235,3 +237,39 @@ def test_status_snapshot_rates_and_line():
     assert st2["fps"] == 0 and st2["frames_received"] == 100
     empty = format_status({**st2, "bits_per_event": None, "series": None})
     assert "- bits/event" in empty and empty.startswith("-:")
+
+
+_FAULTS_SCRIPT = """
+import ctypes, ctypes.util, resource, sys
+from streamstore.ingest.allocator import keep_large_buffers
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+applied = keep_large_buffers() if sys.argv[1] == "keep" else False
+n = 48 * 2**20  # a frame-sized buffer, as ZeroMQ allocates one per message
+def frame():
+    p = libc.malloc(n)
+    ctypes.memset(p, 1, n)
+    libc.free(p)
+frame()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+frame()  # the next one
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc behaviour")
+def test_keep_large_buffers_reuses_a_freed_frame_buffer_without_page_faults():
+    """By default glibc unmaps a freed 48 MB block, so the next one faults in
+    every page again; with keep_large_buffers it reuses the mapped heap."""
+    out = {}
+    for mode in ("default", "keep"):
+        proc = subprocess.run(
+            [sys.executable, "-c", _FAULTS_SCRIPT, mode], capture_output=True, text=True, check=True
+        )
+        applied, faults = proc.stdout.split()
+        out[mode] = (applied == "True", int(faults))
+    pages = 48 * 2**20 // 4096
+    assert out["default"][1] > pages // 2  # faulted in again
+    assert out["keep"][0] and out["keep"][1] < pages // 20

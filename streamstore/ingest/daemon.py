@@ -142,6 +142,10 @@ class IngestConfig:
         daemon makes from a dark series or estimates; "auto" derives it from
         the electron peaks of the data (see ``docs/ingest.md``); None:
         saturated pixels only.
+    keep_large_buffers : bool, default True
+        Make ``malloc`` reuse freed frame buffers instead of unmapping them
+        (:mod:`streamstore.ingest.allocator`; saves the kernel page faults and
+        zeroing of every received frame; the process keeps its peak heap).
     """
 
     out_dir: str
@@ -171,6 +175,7 @@ class IngestConfig:
     end_grace_s: float = 0.5
     control_wait_s: float = 5.0
     xray_threshold: float | str | None = "auto"
+    keep_large_buffers: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -369,6 +374,10 @@ class IngestDaemon:
         import zmq
 
         cfg = self.config
+        if cfg.keep_large_buffers:
+            from streamstore.ingest.allocator import keep_large_buffers
+
+            keep_large_buffers()
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         calibration, label = None, ""
         if cfg.calibration is not None:
