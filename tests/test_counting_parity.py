@@ -217,3 +217,24 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
     # without gain and with an X-ray level an int16 holds, the narrow rows are used
     narrow = gk is None and level <= 32766
     assert (np.int16 in rows) == narrow and np.int32 in rows
+
+
+def test_plateaus_larger_than_the_walk_scratch():
+    """Plateaus of more than PLATEAU_SCRATCH equal pixels (rule 5 then walks with
+    a set): one event for a free-standing one, none for one touching a brighter pixel."""
+    from streamstore.counting._kernels import PLATEAU_SCRATCH
+
+    h, w = 40, 150
+    frames = np.full((1, h, w), 100, np.uint16)
+    frames[0, 2:12, 3:13] = 400  # 100 equal pixels
+    frames[0, 20:27, 70:140] = 300  # 490 equal pixels across two 64-pixel blocks ...
+    frames[0, 30:33, 100:120] = 250  # ... and 60 more, beside a brighter pixel
+    frames[0, 33, 119] = 260
+    assert 60 > PLATEAU_SCRATCH
+    cal = Calibration(np.full((h, w), 100.0), np.full((h, w), 2.0), xray_threshold=1000)
+    out = _count_all(frames, cal, True)
+    assert out["numba"] == out["reference"] == out["native"]
+    idx = out["reference"].indices
+    assert 2 * w + 3 in idx and 20 * w + 70 in idx  # their raster-first pixels
+    plateau = (idx >= 30 * w) & (idx < 33 * w) & (idx % w >= 100) & (idx % w < 120)
+    assert not plateau.any() and 33 * w + 119 in idx  # only the brighter pixel

@@ -127,79 +127,84 @@ def _candidate(frame, m, r, c):
 
 
 @njit(inline="always", **_OPTS)
-def _plateau_wins(frame, m, r, c, h, w, members):
+def _equal_neighbours(frame, m, q, value, p, h, w, out):
+    """The candidates 8-adjacent to pixel ``q`` whose signal is ``value``, into ``out``.
+
+    Returns how many, or -1 when one of them is brighter, or equal and before
+    ``p`` in raster order (then ``p`` does not stand for the plateau).
+    """
+    qr = q // w
+    qc = q - qr * w
+    k = 0
+    for dy in range(-1, 2):
+        rr = qr + dy
+        if rr < 0 or rr >= h:
+            continue
+        for dx in range(-1, 2):
+            cc = qc + dx
+            if cc < 0 or cc >= w or (dy == 0 and dx == 0) or not _candidate(frame, m, rr, cc):
+                continue
+            t = rr * w + cc
+            st = _signal64(frame, m, rr, cc)
+            if st > value or (st == value and t < p):
+                return -1
+            if st == value:
+                out[k] = t
+                k += 1
+    return k
+
+
+@njit(inline="always", **_OPTS)
+def _plateau_wins(frame, m, r, c, h, w, members, nb):
     """May local maximum (r, c) stand for its plateau of equal signals? (rule 5)
 
     Walks the candidates joined to it through 8-adjacent candidates of the same
     signal; loses to an earlier plateau pixel or a brighter candidate next to the
     plateau. Only called when an equal neighbour exists (rare). ``members`` is
-    scratch for the plateau's pixels (a queue and the set of those seen: plateaus
-    are a few pixels, so a linear search beats a hash set and nothing is
-    allocated); a plateau larger than it is walked again with a list and a set.
+    the walk's queue, which also says which pixels were seen: plateaus are a few
+    pixels, so a linear search beats a hash set and nothing is allocated (``nb``:
+    eight slots of scratch). A plateau larger than ``members`` is walked again by
+    :func:`_plateau_wins_large`.
     """
     value = _signal64(frame, m, r, c)
     p = r * w + c
-    cap = members.size
     members[0] = p
     n = 1
     i = 0
     while i < n:
-        q = members[i]
+        k = _equal_neighbours(frame, m, members[i], value, p, h, w, nb)
         i += 1
-        qr = q // w
-        qc = q - qr * w
-        for dy in range(-1, 2):
-            rr = qr + dy
-            if rr < 0 or rr >= h:
-                continue
-            for dx in range(-1, 2):
-                cc = qc + dx
-                if cc < 0 or cc >= w or (dy == 0 and dx == 0) or not _candidate(frame, m, rr, cc):
-                    continue
-                t = rr * w + cc
-                st = _signal64(frame, m, rr, cc)
-                if st > value or (st == value and t < p):
-                    return False
-                if st == value:
-                    seen = False
-                    for z in range(n):
-                        if members[z] == t:
-                            seen = True
-                            break
-                    if not seen:
-                        if n == cap:
-                            return _plateau_wins_large(frame, m, r, c, h, w)
-                        members[n] = t
-                        n += 1
+        if k < 0:
+            return False
+        for j in range(k):
+            new = True
+            for z in range(n):
+                if members[z] == nb[j]:
+                    new = False
+                    break
+            if new:
+                if n == members.size:
+                    return _plateau_wins_large(frame, m, r, c, h, w, nb)
+                members[n] = nb[j]
+                n += 1
     return True
 
 
 @njit(**_OPTS)
-def _plateau_wins_large(frame, m, r, c, h, w):
+def _plateau_wins_large(frame, m, r, c, h, w, nb):
     """:func:`_plateau_wins` for a plateau of any size (a list and a set)."""
     value = _signal64(frame, m, r, c)
     p = r * w + c
     todo = [p]
     seen = {p}
     while len(todo):
-        q = todo.pop()
-        qr = q // w
-        qc = q % w
-        for dy in range(-1, 2):
-            rr = qr + dy
-            if rr < 0 or rr >= h:
-                continue
-            for dx in range(-1, 2):
-                cc = qc + dx
-                if cc < 0 or cc >= w or (dy == 0 and dx == 0) or not _candidate(frame, m, rr, cc):
-                    continue
-                t = rr * w + cc
-                st = _signal64(frame, m, rr, cc)
-                if st > value or (st == value and t < p):
-                    return False
-                if st == value and t not in seen:
-                    seen.add(t)
-                    todo.append(t)
+        k = _equal_neighbours(frame, m, todo.pop(), value, p, h, w, nb)
+        if k < 0:
+            return False
+        for j in range(k):
+            if nb[j] not in seen:
+                seen.add(nb[j])
+                todo.append(nb[j])
     return True
 
 
@@ -263,7 +268,7 @@ def _append_events(out, k, bits, p0):
 
 @njit(inline="always", **_OPTS)
 def _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, obase, k, want_sub,
-              members):  # fmt: skip
+              members, nb):  # fmt: skip
     """Append the events of row ``r`` from its test words; the item's new event count.
 
     Column order, only the words that hold one (``summary``); rule 5 for the rare
@@ -286,7 +291,7 @@ def _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, ob
                 j = _cttz(t)
                 t &= t - np.uint64(1)
                 c = b * LANES + np.int64(j)
-                if (e >> j) & np.uint64(1) and not _plateau_wins(frame, m, r, c, h, w, members):
+                if (e >> j) & np.uint64(1) and not _plateau_wins(frame, m, r, c, h, w, members, nb):
                     continue
                 out_idx[obase + k] = r * w + c
                 k += 1
@@ -346,6 +351,7 @@ def _count_items(
         xw = np.zeros(n_blocks, np.uint64)  # bits of the X-ray hits
         xrow = np.zeros(3, np.bool_)
         members = np.empty(PLATEAU_SCRATCH, np.int64)  # for rule 5
+        nb = np.empty(8, np.int64)  # ... and its neighbour lists
         k = 0
         nxr = 0
         obase = item * cap
@@ -404,7 +410,7 @@ def _count_items(
                         nxr += 1
             # the events, while the test's prefetches land
             k = _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, obase,
-                          k, want_sub, members)  # fmt: skip
+                          k, want_sub, members, nb)  # fmt: skip
         out_n[item] = k
         out_nx[item] = nxr
 
