@@ -233,3 +233,16 @@ def test_one_counter_from_several_python_threads(rng, threads):
     with ThreadPoolExecutor(max_workers=3) as pool:
         got = list(pool.map(c, frames))
     assert all(a == b for a, b in zip(got, expected, strict=True))
+
+
+def test_kernel_cache_key_follows_the_simd_intrinsics():
+    """numba caches _kernels.py's functions keyed on that file alone; the vector
+    code they inline lives in _simd.py. Editing _simd.py without updating
+    SIMD_SOURCE_SHA in _kernels.py would leave stale compiled kernels in use."""
+    import hashlib
+    from pathlib import Path
+
+    from streamstore.counting import _kernels
+
+    simd = Path(_kernels.__file__).with_name("_simd.py").read_bytes()
+    assert hashlib.sha256(simd).hexdigest()[:16] == _kernels.SIMD_SOURCE_SHA

@@ -45,25 +45,28 @@ from numba.extending import intrinsic
 
 __all__ = ["LANES", "hmax_row", "signal_row", "signal_row_gain", "test_row", "xray_row"]
 
-#: Pixels per block: the width of the vectors and of the bit-mask words.
+#: Pixels per block: the width of the test's vectors and of the bit-mask words.
 LANES = 64
+#: Pixels per step of the signal loop: two steps per block. Half-width vectors
+#: streamed the frame faster here (full frame: 2.3 against 2.9 ms for 64 lanes).
+SIG_LANES = 32
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 
 
-def _vec(t: ir.Type) -> ir.VectorType:
-    return ir.VectorType(t, LANES)
+def _vec(t: ir.Type, lanes: int = LANES) -> ir.VectorType:
+    return ir.VectorType(t, lanes)
 
 
-def _const(t: ir.IntType, value: int) -> ir.Constant:
-    return ir.Constant(_vec(t), [value] * LANES)
+def _const(t: ir.IntType, value: int, lanes: int = LANES) -> ir.Constant:
+    return ir.Constant(_vec(t, lanes), [value] * lanes)
 
 
-def _splat(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
-    undef = ir.Constant(_vec(value.type), ir.Undefined)
+def _splat(builder: ir.IRBuilder, value: ir.Value, lanes: int = LANES) -> ir.Value:
+    undef = ir.Constant(_vec(value.type, lanes), ir.Undefined)
     v = builder.insert_element(undef, value, ir.Constant(_I32, 0))
-    zeros = ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES)
+    zeros = ir.Constant(ir.VectorType(_I32, lanes), [0] * lanes)
     return builder.shuffle_vector(v, undef, zeros)
 
 
@@ -71,8 +74,8 @@ def _data(context, builder, aryty, ary) -> ir.Value:
     return context.make_array(aryty)(context, builder, ary).data
 
 
-def _load(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value) -> ir.Value:
-    ptr = builder.bitcast(builder.gep(data, [idx]), _vec(data.type.pointee).as_pointer())
+def _load(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, lanes: int = LANES) -> ir.Value:
+    ptr = builder.bitcast(builder.gep(data, [idx]), _vec(data.type.pointee, lanes).as_pointer())
     return builder.load(ptr, align=1)
 
 
@@ -83,11 +86,12 @@ def _store(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, value: ir.Value
 
 def _ext(builder: ir.IRBuilder, v: ir.Value, signed: bool, t: ir.IntType) -> ir.Value:
     width = v.type.element.width
+    vt = _vec(t, v.type.count)
     if width == t.width:
         return v
     if width > t.width:
-        return builder.trunc(v, _vec(t))
-    return builder.sext(v, _vec(t)) if signed else builder.zext(v, _vec(t))
+        return builder.trunc(v, vt)
+    return builder.sext(v, vt) if signed else builder.zext(v, vt)
 
 
 def _max(builder: ir.IRBuilder, x: ir.Value, y: ir.Value, signed: bool = True) -> ir.Value:
@@ -103,11 +107,11 @@ def _call(builder: ir.IRBuilder, name: str, ret: ir.Type, *args: ir.Value) -> ir
 def _reduce(builder: ir.IRBuilder, op: str, v: ir.Value) -> ir.Value:
     """``llvm.vector.reduce.<op>`` of ``v``: one scalar."""
     elem = v.type.element
-    return _call(builder, f"llvm.vector.reduce.{op}.v{LANES}i{elem.width}", elem, v)
+    return _call(builder, f"llvm.vector.reduce.{op}.v{v.type.count}i{elem.width}", elem, v)
 
 
-def _index(builder: ir.IRBuilder, blk: ir.Value, extra: int = 0) -> ir.Value:
-    c0 = builder.mul(blk, ir.Constant(_I64, LANES))
+def _index(builder: ir.IRBuilder, blk: ir.Value, extra: int = 0, lanes: int = LANES) -> ir.Value:
+    c0 = builder.mul(blk, ir.Constant(_I64, lanes))
     return builder.add(c0, ir.Constant(_I64, extra)) if extra else c0
 
 
@@ -125,6 +129,7 @@ class _Signals:
         fmax = (1 << (self.fw - 1)) - 1 if self.fsigned else (1 << self.fw) - 1
         self.top = ir.Constant(ir.IntType(self.fw), fmax)
         self.skip = -(1 << (self.rw - 1))
+        self.lanes = SIG_LANES
 
     def emit(self, builder, f, dk, t, g, base, clamp) -> ir.Value:
         """Signals of one block in the row type: SKIP where not a candidate."""
@@ -133,28 +138,29 @@ class _Signals:
         if self.narrow:
             ft = ir.IntType(self.fw)
             if self.compact:
-                dk = b.add(_ext(b, dk, False, ft), _splat(b, b.trunc(base, ft)))
-            u = b.select(b.icmp_unsigned(">", f, dk), b.sub(f, dk), _const(ft, 0))
+                dk = b.add(_ext(b, dk, False, ft), _splat(b, b.trunc(base, ft), self.lanes))
+            u = b.select(b.icmp_unsigned(">", f, dk), b.sub(f, dk), _const(ft, 0, self.lanes))
             cw = ir.IntType(max(self.fw, t.type.element.width))
             cand = b.icmp_unsigned(">", _ext(b, u, False, cw), _ext(b, t, False, cw))
             u16 = _ext(b, u, False, rt)
-            cl = _splat(b, b.trunc(clamp, rt))
+            cl = _splat(b, b.trunc(clamp, rt), self.lanes)
             s = b.select(b.icmp_unsigned("<", u16, cl), u16, cl)
         else:
             de = _ext(b, dk, self.fsigned and not self.compact, _I32)
             if self.compact:
-                de = b.add(de, _splat(b, b.trunc(base, _I32)))
+                de = b.add(de, _splat(b, b.trunc(base, _I32), self.lanes))
             d = b.sub(_ext(b, f, self.fsigned, _I32), de)
             cand = b.icmp_signed(">", d, _ext(b, t, self.tsigned, _I32))
             s = _ext(b, b.mul(d, _ext(b, g, False, _I32)) if self.gain else d, True, rt)
         if self.compact:  # t = 255: never a candidate
-            cand = b.and_(cand, b.icmp_unsigned("!=", t, _const(t.type.element, 255)))
-        return b.select(cand, s, _const(rt, self.skip))
+            cand = b.and_(cand, b.icmp_unsigned("!=", t, _const(t.type.element, 255, self.lanes)))
+        return b.select(cand, s, _const(rt, self.skip, self.lanes))
 
     def xray_init(self) -> list[ir.Constant]:
         """Start of the running maxima of the signals and of the raw values."""
         low = -(1 << (self.fw - 1)) if self.fsigned else 0
-        return [_const(ir.IntType(self.rw), self.skip), _const(ir.IntType(self.fw), low)]
+        n = self.lanes
+        return [_const(ir.IntType(self.rw), self.skip, n), _const(ir.IntType(self.fw), low, n)]
 
     def xray_update(self, builder, acc, out, f) -> list[ir.Value]:
         return [_max(builder, acc[0], out), _max(builder, acc[1], f, self.fsigned)]
@@ -183,17 +189,19 @@ def _make_signal_row(gain: bool):
             f_, d_, t_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in range(5))
             nfull, base, clamp, level = args[5:9]
             acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
-            with cgutils.for_range(b, nfull) as loop:
-                c0 = _index(b, loop.index)
-                f = _load(b, f_, c0)
-                dk = _load(b, d_, c0)
-                t = _load(b, t_, c0)
-                g = _load(b, g_, c0) if gain else None
+            n = SIG_LANES
+            steps = b.mul(nfull, ir.Constant(_I64, LANES // n))
+            with cgutils.for_range(b, steps) as loop:
+                c0 = _index(b, loop.index, lanes=n)
+                f = _load(b, f_, c0, n)
+                dk = _load(b, d_, c0, n)
+                t = _load(b, t_, c0, n)
+                g = _load(b, g_, c0, n) if gain else None
                 out = gen.emit(b, f, dk, t, g, base, clamp)
                 acc = gen.xray_update(b, [b.load(p) for p in acc_p], out, f)
                 for p, v in zip(acc_p, acc, strict=True):
                     b.store(v, p)
-                _store(b, s_, _index(b, loop.index, 1), out)
+                _store(b, s_, _index(b, loop.index, 1, lanes=n), out)
             return gen.xray_test(b, [b.load(p) for p in acc_p], level)
 
         return sig, codegen
