@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
 from streamstore.counting._simd import (
     LANES,
+    cttz,
+    cttz0,
     hmax_row,
+    popcount,
     signal_row,
     signal_row_gain,
     test_row,
@@ -67,40 +68,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "935116ea73d479b4"
-
-
-@intrinsic
-def _cttz(typingctx, x):
-    """Count trailing zero bits of a nonzero uint64 (LLVM ``cttz``)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 1))
-
-    return sig, codegen
-
-
-@intrinsic
-def _cttz0(typingctx, x):
-    """Count trailing zero bits of a uint64, 64 for zero (LLVM ``cttz``, defined at 0)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.cttz(args[0], ir.Constant(ir.IntType(1), 0))
-
-    return sig, codegen
-
-
-@intrinsic
-def _popcount(typingctx, x):
-    """Number of set bits of a uint64 (LLVM ``ctpop``)."""
-    sig = types.uint64(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        return builder.ctpop(args[0])
-
-    return sig, codegen
+SIMD_SOURCE_SHA = "dc8e06bd584c580a"
 
 
 @njit(inline="always", **_OPTS)
@@ -252,19 +220,19 @@ def _append_events(out, k, bits, p0):
     so the common case takes no data-dependent branch.
     """
     t = bits
-    out[k] = p0 + np.uint32(_cttz0(t))
+    out[k] = p0 + np.uint32(cttz0(t))
     t &= t - np.uint64(1)
-    out[k + 1] = p0 + np.uint32(_cttz0(t))
+    out[k + 1] = p0 + np.uint32(cttz0(t))
     t &= t - np.uint64(1)
-    out[k + 2] = p0 + np.uint32(_cttz0(t))
+    out[k + 2] = p0 + np.uint32(cttz0(t))
     t &= t - np.uint64(1)
-    out[k + 3] = p0 + np.uint32(_cttz0(t))
+    out[k + 3] = p0 + np.uint32(cttz0(t))
     t &= t - np.uint64(1)
-    n = np.int64(_popcount(bits))
+    n = np.int64(popcount(bits))
     if n > 4:
         m = k + 4
         while t:
-            out[m] = p0 + np.uint32(_cttz(t))
+            out[m] = p0 + np.uint32(cttz(t))
             t &= t - np.uint64(1)
             m += 1
     return k + n
@@ -283,7 +251,7 @@ def _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, ob
     for si in range(summary.size):
         sm = summary[si]
         while sm:
-            b = si * 64 + np.int64(_cttz(sm))
+            b = si * 64 + np.int64(cttz(sm))
             sm &= sm - np.uint64(1)
             e = eqw[b] if eq_any else np.uint64(0)
             if e == 0:
@@ -292,7 +260,7 @@ def _emit_row(frame, m, r, h, w, okw, eqw, summary, eq_any, out_idx, out_sub, ob
                 continue
             t = okw[b]
             while t:
-                j = _cttz(t)
+                j = cttz(t)
                 t &= t - np.uint64(1)
                 c = b * LANES + np.int64(j)
                 if (e >> j) & np.uint64(1) and not _plateau_wins(frame, m, r, c, h, w, members, nb):
@@ -403,7 +371,7 @@ def _count_items(
                     t = xw[b]
                     while t:
                         if nxr < xcap:
-                            out_xray[xbase + nxr] = r * w + b * LANES + np.int64(_cttz(t))
+                            out_xray[xbase + nxr] = r * w + b * LANES + np.int64(cttz(t))
                         nxr += 1
                         t &= t - np.uint64(1)
                 for c in range(nfull * LANES, w):

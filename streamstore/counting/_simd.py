@@ -43,7 +43,17 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["LANES", "hmax_row", "signal_row", "signal_row_gain", "test_row", "xray_row"]
+__all__ = [
+    "LANES",
+    "cttz",
+    "cttz0",
+    "hmax_row",
+    "popcount",
+    "signal_row",
+    "signal_row_gain",
+    "test_row",
+    "xray_row",
+]
 
 #: Pixels per block: the width of the test's vectors and of the bit-mask words.
 LANES = 64
@@ -113,6 +123,27 @@ def _reduce(builder: ir.IRBuilder, op: str, v: ir.Value) -> ir.Value:
 def _index(builder: ir.IRBuilder, blk: ir.Value, extra: int = 0, lanes: int = LANES) -> ir.Value:
     c0 = builder.mul(blk, ir.Constant(_I64, lanes))
     return builder.add(c0, ir.Constant(_I64, extra)) if extra else c0
+
+
+def _u64_op(name: str, emit, doc: str):
+    """An intrinsic ``uint64 -> uint64`` whose body is ``emit(builder, x)``."""
+
+    def op(typingctx, x):
+        def codegen(context, builder, signature, args):
+            return emit(builder, args[0])
+
+        return types.uint64(types.uint64), codegen
+
+    op.__name__ = name
+    op.__doc__ = doc
+    return intrinsic(op)
+
+
+_TRUE = ir.Constant(ir.IntType(1), 1)
+_FALSE = ir.Constant(ir.IntType(1), 0)
+cttz = _u64_op("cttz", lambda b, x: b.cttz(x, _TRUE), "Trailing zero bits of a nonzero uint64.")
+cttz0 = _u64_op("cttz0", lambda b, x: b.cttz(x, _FALSE), "Trailing zero bits of a uint64; 64 at 0.")
+popcount = _u64_op("popcount", lambda b, x: b.ctpop(x), "Number of set bits of a uint64.")
 
 
 class _Signals:
