@@ -68,7 +68,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "dc8e06bd584c580a"
+SIMD_SOURCE_SHA = "9f88fff03aeabdfb"
 
 
 @njit(inline="always", **_OPTS)

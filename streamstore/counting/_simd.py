@@ -15,7 +15,8 @@ minimum, marks a pixel that is not a candidate: it never competes.
 
 * :func:`signal_row`: the signals of the full 64-pixel blocks of one frame row
   (the caller does the ``W mod 64`` tail), and whether the row may hold an X-ray
-  hit. The frame, dark and threshold rows are read once, in one stream.
+  hit. The frame, dark and threshold rows are read once, in steps of
+  ``SIG_LANES`` pixels.
 * :func:`test_row`: the 3 x 3 local-maximum test (rule 4 of ``_reference.py``)
   of a row against the rows above and below, as words of bits; on the way it
   stores the horizontal maxima of the row below, which the next row's test
