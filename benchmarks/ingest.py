@@ -34,7 +34,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.cli import parse_shape
+from streamstore.cli import free_tcp_endpoint, parse_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -51,12 +50,6 @@ if str(ROOT) not in sys.path:
 
 WARMUP_FRAMES = 3
 TARGET_FPS = 1500
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _daemon(config: Any, results: Any) -> None:
@@ -111,8 +104,8 @@ def measure_ingest(
     from streamstore.ingest.daemon import IngestConfig
     from streamstore.protocol import Sender, Start
 
-    endpoint = f"tcp://127.0.0.1:{_free_port()}"
-    status_endpoint = f"tcp://127.0.0.1:{_free_port()}"
+    endpoint = free_tcp_endpoint()
+    status_endpoint = free_tcp_endpoint()
     _, h, w = pool.shape
     cfg = IngestConfig(
         out_dir=out_dir,

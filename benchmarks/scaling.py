@@ -29,7 +29,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -38,13 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.cli import parse_shape
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from streamstore.cli import free_tcp_endpoint, parse_shape
 
 
 def _worker(config: Any, results: Any) -> None:
@@ -125,8 +118,7 @@ def run_once(
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    data_ep, ctl_ep = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{_free_port()}"
+    data_ep, ctl_ep = free_tcp_endpoint(), free_tcp_endpoint()
     procs = []
     for k in range(n_workers):
         cfg = IngestConfig(

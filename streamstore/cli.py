@@ -44,6 +44,19 @@ def parse_shape(text: str) -> tuple[int, int]:
     return h, w
 
 
+def free_tcp_endpoint() -> str:
+    """``tcp://127.0.0.1:<port>`` on a loopback port that is free right now.
+
+    For the demo, benchmarks and tests that start a daemon and a sender on one
+    host (another process may take the port before it is bound: fine for those).
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the argument parser with every available subcommand."""
     from streamstore import __version__

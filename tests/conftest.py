@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
+
+from streamstore.cli import free_tcp_endpoint
 
 # small frames: the suite runs on 2 cores in minutes
 SMALL_SHAPE = (256, 384)
@@ -17,16 +18,10 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20261125)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def tcp_endpoint() -> str:
     """A tcp loopback endpoint on a currently free port."""
-    return f"tcp://127.0.0.1:{_free_port()}"
+    return free_tcp_endpoint()
 
 
 @pytest.fixture

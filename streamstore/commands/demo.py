@@ -18,12 +18,13 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from streamstore.cli import free_tcp_endpoint
 
 __all__ = ["add_arguments", "run"]
 
@@ -77,12 +78,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="frames scored against the truth for recall/precision (default 100)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="give up after S seconds")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _say(msg: str) -> None:
@@ -150,8 +145,8 @@ def run(args: argparse.Namespace) -> int:
     sid = time.strftime("demo-%Y%m%d-%H%M%S")
     truth_path = out / f"{sid}.truth.h5"
     log_path = out / f"{sid}.ingest.log"
-    data_ep = f"tcp://127.0.0.1:{_free_port()}"
-    status_ep = f"tcp://127.0.0.1:{_free_port()}"
+    data_ep = free_tcp_endpoint()
+    status_ep = free_tcp_endpoint()
     n_series = 2 if args.dark_frames else 1
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-m", "streamstore"]
