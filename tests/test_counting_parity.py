@@ -176,9 +176,10 @@ def test_flood_of_xray_hits(rng):
 @pytest.mark.parametrize("with_gain", [False, True])
 def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, with_gain):
     """The kernel's map forms (one-byte dark over a row base, two-byte dark with a
-    one- or two-byte threshold, int32 thresholds) and its two row types (int16
-    with X-ray clamping, int32) give the reference's events, on a width with
-    full 64-pixel blocks and a scalar tail, with masked, saturated and X-ray pixels."""
+    one- or two-byte threshold, int32 thresholds) and its two row types (bytes
+    clamped at 255 with an exact test of the clamped centres, int32) give the
+    reference's events, on a width with full 64-pixel blocks and a scalar tail,
+    with masked, saturated and X-ray pixels and neighbours that only differ above 255."""
     from streamstore.counting._kernels import count_frames, kernel_maps, row_type
     from streamstore.counting._reference import count_reference
 
@@ -190,6 +191,18 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
     frames[:, 10, 198:201] = frames[:, 10, 197:198]  # a plateau in the tail
     frames[0, 30:33, 100:103] = 20000  # an X-ray
     frames[1, 40, 5] = 65535  # saturated
+    # signals of 255 or more, equal once clamped to a byte: the earlier one, the
+    # later one or neither (a plateau) wins
+    pairs = {
+        (50, 60): (300, 260),
+        (53, 60): (260, 300),
+        (56, 60): (300, 300),
+        (59, 120): (290, 270),
+    }
+    for (r, c), (a, b) in pairs.items():
+        frames[0, r - 1 : r + 2, c - 1 : c + 3] = dark[r - 1 : r + 2, c - 1 : c + 3]
+        frames[0, r, c] = np.rint(dark[r, c]) + a
+        frames[0, r, c + 1] = np.rint(dark[r, c + 1]) + b
     frames = np.clip(np.rint(frames), 0, 65535).astype(np.uint16)
     mask = rng.random((h, w)) < 0.01
     gain = rng.uniform(0.8, 1.2, (h, w)) if with_gain else None
@@ -208,29 +221,38 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
     }
     rows = set()
     for name, maps in forms.items():
-        rows.add(row_type(frames.dtype, maps[2].dtype, gk is not None, level)[0])
+        rows.add(row_type(frames.dtype, maps[2].dtype, gk is not None)[0])
         for threads in (1, 2):
             got = count_frames(frames, lo, dk, gk, level, 1, True, threads=threads, maps=maps)
             for a, b in zip(got, ref, strict=True):
                 np.testing.assert_array_equal(a, b, err_msg=name)
     assert ref[1].size > 500
-    # without gain and with an X-ray level an int16 holds, the narrow rows are used
-    narrow = gk is None and level <= 32766
-    assert (np.int16 in rows) == narrow and np.int32 in rows
+    # without gain each pair gives the event its signals say (X-ray levels below 300 aside)
+    if gk is None and level >= 300:
+        for (r, c), (a, b) in pairs.items():
+            first, second = r * w + c, r * w + c + 1
+            want = {first} if a >= b else {second}
+            assert {first, second} & set(ref[1][ref[0][0] : ref[0][1]].tolist()) == want
+    # without gain the byte rows are used
+    assert (np.uint8 in rows) == (gk is None) and np.int32 in rows
 
 
-def test_plateaus_larger_than_the_walk_scratch():
-    """Plateaus of more than PLATEAU_SCRATCH equal pixels (rule 5 then walks with
-    a set): one event for a free-standing one, none for one touching a brighter pixel."""
-    from streamstore.counting._kernels import PLATEAU_SCRATCH
+def test_plateaus_reaching_past_the_maximums_neighbours():
+    """Plateaus the kernel cannot settle next to their maximum (walked in full when
+    the items are joined): one event for a free-standing one, none for one touching
+    a brighter pixel; and more of them in one item than it has room to list."""
+    from streamstore.counting._kernels import UNDECIDED_CAPACITY
 
-    h, w = 40, 150
+    h, w = 40, 450
     frames = np.full((1, h, w), 100, np.uint16)
     frames[0, 2:12, 3:13] = 400  # 100 equal pixels
     frames[0, 20:27, 70:140] = 300  # 490 equal pixels across two 64-pixel blocks ...
     frames[0, 30:33, 100:120] = 250  # ... and 60 more, beside a brighter pixel
     frames[0, 33, 119] = 260
-    assert 60 > PLATEAU_SCRATCH
+    frames[0, 36:39:2, 4:448:4] = 200  # 222 runs of three equal pixels in one item
+    frames[0, 36:39:2, 5:448:4] = 200
+    frames[0, 36:39:2, 6:448:4] = 200
+    assert 222 > UNDECIDED_CAPACITY
     cal = Calibration(np.full((h, w), 100.0), np.full((h, w), 2.0), xray_threshold=1000)
     out = _count_all(frames, cal, True)
     assert out["numba"] == out["reference"] == out["native"]
@@ -238,3 +260,5 @@ def test_plateaus_larger_than_the_walk_scratch():
     assert 2 * w + 3 in idx and 20 * w + 70 in idx  # their raster-first pixels
     plateau = (idx >= 30 * w) & (idx < 33 * w) & (idx % w >= 100) & (idx % w < 120)
     assert not plateau.any() and 33 * w + 119 in idx  # only the brighter pixel
+    runs = idx[idx >= 36 * w]
+    assert runs.size == 222 and set((runs % w % 4).tolist()) == {0}  # each run's first pixel

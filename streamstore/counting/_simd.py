@@ -10,31 +10,38 @@ and the rest of the kernel stays readable numba in ``_kernels.py``.
 
 Rows of signals and of their horizontal maxima have one sentinel column at
 each end: pixel ``c`` is element ``c + 1``, and a row is long enough for a
-64-lane load at every block start ``c0 = 64 b`` plus two. SKIP, the row type's
-minimum, marks a pixel that is not a candidate: it never competes.
+64-lane load at every block start ``c0 = 64 b`` plus two. SKIP (0 in byte rows,
+the minimum in int32 rows) marks a pixel that is not a candidate: it never
+competes.
 
 * :func:`signal_row`: the signals of the full 64-pixel blocks of one frame row
   (the caller does the ``W mod 64`` tail), and whether the row may hold an X-ray
   hit. The frame, dark and threshold rows are read once, in steps of
   ``SIG_LANES`` pixels.
 * :func:`test_row`: the 3 x 3 local-maximum test (rule 4 of ``_reference.py``)
-  of a row against the rows above and below, as words of bits; on the way it
-  stores the horizontal maxima of the row below, which the next row's test
-  reads as its row above (each row's maxima are computed once).
+  of a row against the rows above and below; it appends the maxima it settles
+  to the event list and leaves words of bits for the rest. On the way it stores
+  the horizontal maxima of the row below, which the next row's test reads as its
+  row above (each row's maxima are computed once).
 * :func:`xray_row`: the exact X-ray hits of a row, as words of bits (the rare
   path, when :func:`signal_row` says there may be one).
 
 Signals are computed in one of two ways, chosen by the types the kernel is
 compiled for:
 
-* *narrow* (unsigned frames, unsigned threshold map, int16 rows; no gain):
+* *narrow* (unsigned frames, unsigned threshold map, no gain; byte rows):
   ``u = max(raw - dark, 0)`` in the frame's width (a saturating subtract), a
-  candidate where ``u > t``, stored as ``min(u, clamp)``. With a one-byte dark
-  map (*compact*: ``dark = base + d8`` for a per-row ``base``), ``t = 255``
-  marks a pixel that is never a candidate;
-* *wide* (int32 rows: signed frames, a gain map, or an X-ray level an int16
-  cannot hold): ``d = raw - dark`` in 32 bits, a candidate where ``d > t``,
-  stored as ``d * gain``.
+  candidate where ``u > t``, stored as ``min(u, BYTE_TOP)`` (a candidate has
+  ``u >= 1``, so 0 is free for SKIP). With a one-byte dark map (*compact*:
+  ``dark = base + d8`` for a per-row ``base``), ``t = 255`` marks a pixel that
+  is never a candidate. The 3 x 3 test on bytes is exact for every centre below
+  BYTE_TOP: a neighbour of 255 or more is stored as BYTE_TOP and still beats
+  it; a centre stored as BYTE_TOP (on the benchmark frame 2 of 470 740
+  candidates) is left to the caller. Half the bytes of int16 rows per vector,
+  and the six working rows of a full-width frame fit in the L1 cache;
+* *wide* (int32 rows: signed frames, a gain map, a signed threshold map):
+  ``d = raw - dark`` in 32 bits, a candidate where ``d > t``, stored as
+  ``d * gain``, exact.
 """
 
 from __future__ import annotations
@@ -45,11 +52,12 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 __all__ = [
+    "BYTE_TOP",
+    "EQ_ANY",
     "LANES",
+    "SAT_ANY",
     "cttz",
-    "cttz0",
     "hmax_row",
-    "popcount",
     "signal_row",
     "signal_row_gain",
     "test_row",
@@ -61,6 +69,8 @@ LANES = 64
 #: Pixels per step of the signal loop: two steps per block. Half-width vectors
 #: streamed the frame faster here (full frame: 2.3 against 2.9 ms for 64 lanes).
 SIG_LANES = 32
+#: Ceiling of the byte rows: a signal of 255 or more is stored as 255.
+BYTE_TOP = 255
 
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
@@ -143,8 +153,6 @@ def _u64_op(name: str, emit, doc: str):
 _TRUE = ir.Constant(ir.IntType(1), 1)
 _FALSE = ir.Constant(ir.IntType(1), 0)
 cttz = _u64_op("cttz", lambda b, x: b.cttz(x, _TRUE), "Trailing zero bits of a nonzero uint64.")
-cttz0 = _u64_op("cttz0", lambda b, x: b.cttz(x, _FALSE), "Trailing zero bits of a uint64; 64 at 0.")
-popcount = _u64_op("popcount", lambda b, x: b.ctpop(x), "Number of set bits of a uint64.")
 
 
 class _Signals:
@@ -156,70 +164,76 @@ class _Signals:
         self.tsigned = t_dt.signed
         self.rw = row_dt.bitwidth
         self.gain = gain
-        self.narrow = not frame_dt.signed and not t_dt.signed and row_dt.bitwidth == 16 and not gain
+        self.narrow = not row_dt.signed  # byte rows: see the module docstring
         self.compact = dark_dt.bitwidth < frame_dt.bitwidth  # one-byte dark over a base
         fmax = (1 << (self.fw - 1)) - 1 if self.fsigned else (1 << self.fw) - 1
         self.top = ir.Constant(ir.IntType(self.fw), fmax)
-        self.skip = -(1 << (self.rw - 1))
+        self.skip = 0 if self.narrow else -(1 << (self.rw - 1))
         self.lanes = SIG_LANES
 
-    def emit(self, builder, f, dk, t, g, base, clamp) -> ir.Value:
-        """Signals of one block in the row type: SKIP where not a candidate."""
+    def emit(self, builder, f, dk, t, g, base, lanes=SIG_LANES) -> tuple[ir.Value, ir.Value]:
+        """Signals of one block in the row type (SKIP where not a candidate), and
+        the values the X-ray test looks at: the exact signals in the frame's width
+        (narrow, 0 where not a candidate) or the row itself (wide)."""
         b = builder
         rt = ir.IntType(self.rw)
         if self.narrow:
             ft = ir.IntType(self.fw)
             if self.compact:
-                dk = b.add(_ext(b, dk, False, ft), _splat(b, b.trunc(base, ft), self.lanes))
-            u = b.select(b.icmp_unsigned(">", f, dk), b.sub(f, dk), _const(ft, 0, self.lanes))
+                dk = b.add(_ext(b, dk, False, ft), _splat(b, b.trunc(base, ft), lanes))
+            u = b.select(b.icmp_unsigned(">", f, dk), b.sub(f, dk), _const(ft, 0, lanes))
             cw = ir.IntType(max(self.fw, t.type.element.width))
             cand = b.icmp_unsigned(">", _ext(b, u, False, cw), _ext(b, t, False, cw))
-            u16 = _ext(b, u, False, rt)
-            cl = _splat(b, b.trunc(clamp, rt), self.lanes)
-            s = b.select(b.icmp_unsigned("<", u16, cl), u16, cl)
+            top = _const(ft, BYTE_TOP, lanes)
+            s = _ext(b, b.select(b.icmp_unsigned("<", u, top), u, top), False, rt)
         else:
             de = _ext(b, dk, self.fsigned and not self.compact, _I32)
             if self.compact:
-                de = b.add(de, _splat(b, b.trunc(base, _I32), self.lanes))
+                de = b.add(de, _splat(b, b.trunc(base, _I32), lanes))
             d = b.sub(_ext(b, f, self.fsigned, _I32), de)
             cand = b.icmp_signed(">", d, _ext(b, t, self.tsigned, _I32))
             s = _ext(b, b.mul(d, _ext(b, g, False, _I32)) if self.gain else d, True, rt)
         if self.compact:  # t = 255: never a candidate
-            cand = b.and_(cand, b.icmp_unsigned("!=", t, _const(t.type.element, 255, self.lanes)))
-        return b.select(cand, s, _const(rt, self.skip, self.lanes))
+            cand = b.and_(cand, b.icmp_unsigned("!=", t, _const(t.type.element, 255, lanes)))
+        out = b.select(cand, s, _const(rt, self.skip, lanes))
+        if self.narrow:
+            return out, b.select(cand, u, _const(ir.IntType(self.fw), 0, lanes))
+        return out, out
 
     def xray_init(self) -> list[ir.Constant]:
-        """Start of the running maxima of the signals and of the raw values."""
+        """Start of the running maxima of the X-ray values and of the raw values."""
         low = -(1 << (self.fw - 1)) if self.fsigned else 0
         n = self.lanes
-        return [_const(ir.IntType(self.rw), self.skip, n), _const(ir.IntType(self.fw), low, n)]
+        first = _const(ir.IntType(self.fw), 0, n) if self.narrow else _const(_I32, self.skip, n)
+        return [first, _const(ir.IntType(self.fw), low, n)]
 
-    def xray_update(self, builder, acc, out, f) -> list[ir.Value]:
-        return [_max(builder, acc[0], out), _max(builder, acc[1], f, self.fsigned)]
+    def xray_update(self, builder, acc, xval, f) -> list[ir.Value]:
+        return [
+            _max(builder, acc[0], xval, not self.narrow),
+            _max(builder, acc[1], f, self.fsigned),
+        ]
 
     def xray_test(self, builder, acc, level: ir.Value) -> ir.Value:
         """Whether the row may hold an X-ray hit: a signal above ``level``, or a
         saturated pixel. Exact for the first; the second also fires for a saturated
         pixel that is not a candidate (masked), and :func:`xray_row` then finds none."""
         b = builder
-        smax = _reduce(b, "smax", acc[0])
+        smax = _reduce(b, "umax" if self.narrow else "smax", acc[0])
         fmax = _reduce(b, "smax" if self.fsigned else "umax", acc[1])
-        top = ir.Constant(_I64, (1 << (self.rw - 1)) - 1)
-        lvl = b.select(b.icmp_signed(">", level, top), top, level)
-        above = b.icmp_signed(">", smax, b.trunc(lvl, smax.type))
+        wide = b.zext(smax, _I64) if self.narrow else b.sext(smax, _I64)
+        above = b.icmp_signed(">", wide, level)
         return b.or_(above, b.icmp_unsigned("==", fmax, self.top))
 
 
 def _make_signal_row(gain: bool):
-    def signal_row(typingctx, row, drow, trow, grow, srow, nfull, base, clamp, level):
+    def signal_row(typingctx, row, drow, trow, grow, srow, nfull, base, level):
         gen = _Signals(row.dtype, drow.dtype, trow.dtype, srow.dtype, gain)
-        sig = types.boolean(row, drow, trow, grow, srow, types.intp, types.int64, types.int64,
-                            types.int64)  # fmt: skip
+        sig = types.boolean(row, drow, trow, grow, srow, types.intp, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
             b = builder
             f_, d_, t_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in range(5))
-            nfull, base, clamp, level = args[5:9]
+            nfull, base, level = args[5:8]
             acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
             n = SIG_LANES
             steps = b.mul(nfull, ir.Constant(_I64, LANES // n))
@@ -229,8 +243,8 @@ def _make_signal_row(gain: bool):
                 dk = _load(b, d_, c0, n)
                 t = _load(b, t_, c0, n)
                 g = _load(b, g_, c0, n) if gain else None
-                out = gen.emit(b, f, dk, t, g, base, clamp)
-                acc = gen.xray_update(b, [b.load(p) for p in acc_p], out, f)
+                out, xval = gen.emit(b, f, dk, t, g, base)
+                acc = gen.xray_update(b, [b.load(p) for p in acc_p], xval, f)
                 for p, v in zip(acc_p, acc, strict=True):
                     b.store(v, p)
                 _store(b, s_, _index(b, loop.index, 1, lanes=n), out)
@@ -243,9 +257,8 @@ def _make_signal_row(gain: bool):
 
     ``drow`` is the dark row (or its one-byte form over ``base``), ``trow`` the
     threshold row, ``grow`` the gain row (read by the gain variant only),
-    ``clamp`` the narrow rows' ceiling, ``level`` the X-ray level. Returns
-    False only when no full block holds an X-ray hit (True may be a saturated
-    pixel that is not a candidate).
+    ``level`` the X-ray level. Returns False only when no full block holds an
+    X-ray hit (True may be a saturated pixel that is not a candidate).
     """
     return intrinsic(signal_row)
 
@@ -254,23 +267,25 @@ signal_row = _make_signal_row(False)
 signal_row_gain = _make_signal_row(True)
 
 
-def _hmax(builder, row, c0) -> ir.Value:
+def _hmax(builder, row, c0, signed: bool) -> ir.Value:
     """Horizontal maximum of pixels ``c - 1, c, c + 1`` for the 64 pixels from ``c0``."""
     b = builder
     v = [_load(b, row, b.add(c0, ir.Constant(_I64, k))) for k in range(3)]
-    return _max(b, _max(b, v[0], v[1]), v[2])
+    return _max(b, _max(b, v[0], v[1], signed), v[2], signed)
 
 
 @intrinsic
 def hmax_row(typingctx, srow, hrow, nblocks):
     """Horizontal 3-maxima of a signal row into ``hrow`` (same layout)."""
     sig = types.void(srow, hrow, types.intp)
+    signed = srow.dtype.signed
 
     def codegen(context, builder, signature, args):
         s_, h_ = (_data(context, builder, signature.args[i], args[i]) for i in range(2))
         with cgutils.for_range(builder, args[2]) as loop:
             c0 = _index(builder, loop.index)
-            _store(builder, h_, builder.add(c0, ir.Constant(_I64, 1)), _hmax(builder, s_, c0))
+            hm = _hmax(builder, s_, c0, signed)
+            _store(builder, h_, builder.add(c0, ir.Constant(_I64, 1)), hm)
         return context.get_dummy_value()
 
     return sig, codegen
@@ -284,97 +299,165 @@ def _prefetch(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value) -> None:
           ir.Constant(_I32, 3), ir.Constant(_I32, 1))  # fmt: skip
 
 
+#: Flags returned by :func:`test_row`.
+EQ_ANY = 1
+SAT_ANY = 2
+
+
 @intrinsic
-def test_row(typingctx, hup, mid, down, hdown, okw, eqw, summary, nblocks, pf_f, pf_d, pf_t,
-             n_pf):  # fmt: skip
-    """The 3 x 3 test of every block of row ``mid``; returns whether any eq bit is set.
+def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f, pf_d, pf_t,
+             n_pf, out, k, p_row):  # fmt: skip
+    """The 3 x 3 test of every block of row ``mid``, its events appended to ``out``.
 
     ``hup``: horizontal maxima of the row above (:func:`hmax_row`); ``down``: the
     signals of the row below, whose maxima are stored into ``hdown`` on the way.
-    Bit ``j`` of ``okw[b]``: pixel ``64 b + j`` beats its earlier neighbours
-    strictly and its later ones or equals them; of ``eqw[b]``: it is ok and equals
-    its largest later neighbour (a plateau, rule 5). Bit ``b % 64`` of
-    ``summary[b // 64]``: ``okw[b]`` is not zero (the caller skips empty words).
+    A pixel is a local maximum (rule 4) when it beats its earlier neighbours
+    strictly and its later ones or equals them. The local maxima that are settled
+    here, neither equal to a later neighbour (bit ``j`` of ``eqw[b]`` for pixel
+    ``64 b + j``: a plateau, rule 5) nor, in byte rows, stored as BYTE_TOP (bit of
+    ``satw[b]``: the clamped values cannot decide; int32 rows leave ``satw``
+    alone), are appended to ``out[k:]`` as ``p_row + column``, in column order;
+    the caller decides the others. Writes up to four slots past the last event.
+    Bit ``b % 64`` of ``summary[b // 64]``: ``eqw[b]`` or ``satw[b]`` is not zero.
+    Returns ``(new k, flags)``, flags EQ_ANY | SAT_ANY: some eq / sat bit is set.
     """
-    sig = types.boolean(hup, mid, down, hdown, okw, eqw, summary, types.intp, pf_f, pf_d, pf_t,
-                        types.intp)  # fmt: skip
+    ret = types.UniTuple(types.int64, 2)
+    sig = ret(hup, mid, down, hdown, eqw, satw, summary, types.intp, pf_f, pf_d, pf_t,
+              types.intp, out, types.int64, types.uint32)  # fmt: skip
     rbits = mid.dtype.bitwidth
+    signed = mid.dtype.signed
     fstep = 64 // pf_f.dtype.bitwidth * 8
     dstep = 64 // pf_d.dtype.bitwidth * 8
     tstep = 64 // pf_t.dtype.bitwidth * 8
 
     def codegen(context, builder, signature, args):
         b = builder
-        hup_, mid_, down_, hdn_, ok_, eq_, sm_ = (
+        hup_, mid_, down_, hdn_, eq_, sat_, sm_ = (
             _data(context, b, signature.args[i], args[i]) for i in range(7)
         )
         nblocks = args[7]
         pf_f_, pf_d_, pf_t_ = (_data(context, b, signature.args[i], args[i]) for i in (8, 9, 10))
         n_pf = args[11]
-        eqany_p = cgutils.alloca_once_value(b, ir.Constant(_I64, 0))
+        out_ = _data(context, b, signature.args[12], args[12])
+        k_p = cgutils.alloca_once_value(b, args[13])
+        p_row = args[14]
+        zero = ir.Constant(_I64, 0)
+        eqany_p = cgutils.alloca_once_value(b, zero)
+        satany_p = cgutils.alloca_once_value(b, zero)
         with cgutils.for_range(b, b.udiv(b.add(nblocks, ir.Constant(_I64, 63)),
                                           ir.Constant(_I64, 64))) as loop:  # fmt: skip
-            b.store(ir.Constant(_I64, 0), b.gep(sm_, [loop.index]))
+            b.store(zero, b.gep(sm_, [loop.index]))
         rt = ir.IntType(rbits)
         one = ir.Constant(_I64, 1)
+        cmp = b.icmp_signed if signed else b.icmp_unsigned
         with cgutils.for_range(b, nblocks) as loop:
             c0 = _index(b, loop.index)
             with b.if_then(b.icmp_signed("<", loop.index, n_pf)):
                 # the next frame row's lines, so memory streams while this test computes
-                for k in range(0, LANES, fstep):
-                    _prefetch(b, pf_f_, b.add(c0, ir.Constant(_I64, k)))
-                for k in range(0, LANES, dstep):
-                    _prefetch(b, pf_d_, b.add(c0, ir.Constant(_I64, k)))
-                for k in range(0, LANES, tstep):
-                    _prefetch(b, pf_t_, b.add(c0, ir.Constant(_I64, k)))
+                for kk in range(0, LANES, fstep):
+                    _prefetch(b, pf_f_, b.add(c0, ir.Constant(_I64, kk)))
+                for kk in range(0, LANES, dstep):
+                    _prefetch(b, pf_d_, b.add(c0, ir.Constant(_I64, kk)))
+                for kk in range(0, LANES, tstep):
+                    _prefetch(b, pf_t_, b.add(c0, ir.Constant(_I64, kk)))
             c1 = b.add(c0, one)
-            hd = _hmax(b, down_, c0)
+            hd = _hmax(b, down_, c0, signed)
             _store(b, hdn_, c1, hd)
-            m = [_load(b, mid_, b.add(c0, ir.Constant(_I64, k))) for k in range(3)]
-            before = _max(b, _load(b, hup_, c1), m[0])
-            after = _max(b, m[2], hd)
+            m = [_load(b, mid_, b.add(c0, ir.Constant(_I64, kk))) for kk in range(3)]
+            before = _max(b, _load(b, hup_, c1), m[0], signed)
+            after = _max(b, m[2], hd, signed)
             # m >= after is m > after - 1 (saturating: SKIP - 1 stays SKIP, and a SKIP
             # pixel fails m > before anyway), so one comparison tests all eight
-            name = f"llvm.ssub.sat.v{LANES}i{rbits}"
+            name = f"llvm.{'s' if signed else 'u'}sub.sat.v{LANES}i{rbits}"
             after1 = _call(b, name, after.type, after, _const(rt, 1))
-            ok = b.icmp_signed(">", m[1], _max(b, before, after1))
-            eq = b.and_(ok, b.icmp_signed("==", m[1], after))
-            okb = b.bitcast(ok, _I64)
+            ok = cmp(">", m[1], _max(b, before, after1, signed))
+            eq = b.and_(ok, b.icmp_unsigned("==", m[1], after))
+            special = eq
+            if not signed:  # byte rows: BYTE_TOP centres are decided by the caller
+                sat = b.icmp_unsigned("==", m[1], _const(rt, BYTE_TOP))
+                eq = b.and_(eq, b.not_(sat))
+                special = b.or_(eq, sat)
+                satb = b.bitcast(sat, _I64)
+                b.store(satb, b.gep(sat_, [loop.index]))
+                b.store(b.or_(b.load(satany_p), satb), satany_p)
             eqb = b.bitcast(eq, _I64)
-            b.store(okb, b.gep(ok_, [loop.index]))
             b.store(eqb, b.gep(eq_, [loop.index]))
             b.store(b.or_(b.load(eqany_p), eqb), eqany_p)
-            nz = b.zext(b.icmp_unsigned("!=", okb, ir.Constant(_I64, 0)), _I64)
+            spb = b.bitcast(special, _I64)
+            nz = b.zext(b.icmp_unsigned("!=", spb, zero), _I64)
             sp = b.gep(sm_, [b.lshr(loop.index, ir.Constant(_I64, 6))])
             bit = b.shl(nz, b.and_(loop.index, ir.Constant(_I64, 63)))
             b.store(b.or_(b.load(sp), bit), sp)
-        return b.icmp_unsigned("!=", b.load(eqany_p), ir.Constant(_I64, 0))
+            # the settled maxima: the first four written whatever their number (the
+            # slots past the count are scratch), so the common case does not branch
+            bits = b.bitcast(b.and_(ok, b.not_(special)), _I64)
+            base = b.add(p_row, b.trunc(c0, _I32))
+            k = b.load(k_p)
+            t = bits
+            for i in range(4):
+                tz = b.trunc(b.cttz(t, _FALSE), _I32)
+                b.store(b.add(base, tz), b.gep(out_, [b.add(k, ir.Constant(_I64, i))]))
+                t = b.and_(t, b.sub(t, one))
+            n = b.ctpop(bits)
+            with b.if_then(b.icmp_unsigned(">", n, ir.Constant(_I64, 4)), likely=False):
+                t_p = cgutils.alloca_once_value(b, t)
+                i_p = cgutils.alloca_once_value(b, b.add(k, ir.Constant(_I64, 4)))
+                with cgutils.for_range(b, b.sub(n, ir.Constant(_I64, 4))):
+                    tv = b.load(t_p)
+                    iv = b.load(i_p)
+                    tz = b.trunc(b.cttz(tv, _TRUE), _I32)
+                    b.store(b.add(base, tz), b.gep(out_, [iv]))
+                    b.store(b.and_(tv, b.sub(tv, one)), t_p)
+                    b.store(b.add(iv, one), i_p)
+            b.store(b.add(k, n), k_p)
+        eq_flag = b.zext(b.icmp_unsigned("!=", b.load(eqany_p), zero), _I64)
+        sat_flag = b.zext(b.icmp_unsigned("!=", b.load(satany_p), zero), _I64)
+        flags = b.or_(eq_flag, b.shl(sat_flag, one))
+        return context.make_tuple(b, signature.return_type, [b.load(k_p), flags])
 
     return sig, codegen
 
 
 @intrinsic
-def xray_row(typingctx, row, mid, words, nfull, level):
+def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
     """Bits of the X-ray hits among the full blocks of a row (exact).
 
-    A candidate (``mid`` not SKIP) that is saturated or whose signal exceeds
-    ``level`` (clipped to the row type's range: the signals are clamped to it).
+    A candidate that is saturated or whose signal exceeds ``level``. Byte rows
+    hold clamped signals, so their signals are computed again from the frame row
+    and the maps (as in :func:`signal_row`); int32 rows are exact and read as
+    they are (``grow`` is not read).
     """
-    sig = types.void(row, mid, words, types.intp, types.int64)
-    gen = _Signals(row.dtype, row.dtype, types.uint8, mid.dtype, False)
+    sig = types.void(row, drow, trow, grow, mid, words, types.intp, types.int64, types.int64)
+    gen = _Signals(row.dtype, drow.dtype, trow.dtype, mid.dtype, False)
 
     def codegen(context, builder, signature, args):
         b = builder
-        f_, m_, w_ = (_data(context, b, signature.args[i], args[i]) for i in range(3))
-        rt = ir.IntType(gen.rw)
-        top = ir.Constant(_I64, (1 << (gen.rw - 1)) - 1)
-        lvl = _splat(b, b.trunc(b.select(b.icmp_signed(">", args[4], top), top, args[4]), rt))
-        with cgutils.for_range(b, args[3]) as loop:
+        f_, d_, t_, g_, m_, w_ = (_data(context, b, signature.args[i], args[i]) for i in range(6))
+        nfull, base, level = args[6:9]
+        if gen.narrow:  # compare in the frame's width: level clipped to [0, TMAX]
+            ft = ir.IntType(gen.fw)
+            fmax = ir.Constant(_I64, (1 << gen.fw) - 1)
+            lv = b.select(b.icmp_signed(">", level, fmax), fmax, level)
+            lv = b.select(b.icmp_signed("<", lv, ir.Constant(_I64, 0)), ir.Constant(_I64, 0), lv)
+            lvl = _splat(b, b.trunc(lv, ft))
+        else:
+            rt = ir.IntType(gen.rw)
+            top = ir.Constant(_I64, (1 << (gen.rw - 1)) - 1)
+            lvl = _splat(b, b.trunc(b.select(b.icmp_signed(">", level, top), top, level), rt))
+        with cgutils.for_range(b, nfull) as loop:
             c0 = _index(b, loop.index)
             f = _load(b, f_, c0)
-            m = _load(b, m_, b.add(c0, ir.Constant(_I64, 1)))
-            cand = b.icmp_signed("!=", m, _const(rt, gen.skip))
-            hit = b.or_(b.icmp_unsigned("==", f, _splat(b, gen.top)), b.icmp_signed(">", m, lvl))
+            if gen.narrow:
+                dk = _load(b, d_, c0)
+                t = _load(b, t_, c0)
+                _, xval = gen.emit(b, f, dk, t, None, base, LANES)
+                cand = b.icmp_unsigned("!=", xval, _const(ft, 0))
+                big = b.icmp_unsigned(">", xval, lvl)
+            else:
+                m = _load(b, m_, b.add(c0, ir.Constant(_I64, 1)))
+                cand = b.icmp_signed("!=", m, _const(rt, gen.skip))
+                big = b.icmp_signed(">", m, lvl)
+            hit = b.or_(b.icmp_unsigned("==", f, _splat(b, gen.top)), big)
             b.store(b.bitcast(b.and_(cand, hit), _I64), b.gep(w_, [loop.index]))
         return context.get_dummy_value()
 
