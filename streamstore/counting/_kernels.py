@@ -443,6 +443,10 @@ def _lower_bound(a, lo_i, hi_i, value):
     return lo_i
 
 
+#: Marks an event the join drops (never a flat index: frames have fewer pixels).
+_DROPPED = np.uint32(0xFFFFFFFF)
+
+
 @njit(**_OPTS)
 def _compact(
     frames,
@@ -462,59 +466,77 @@ def _compact(
     want_sub,
 ):
     """Join the items' events frame by frame: the undecided plateau maxima walked
-    (rule 5), the events near an X-ray hit dropped. ``maps`` as in ``_count_items``."""
+    (rule 5), the events near an X-ray hit dropped. ``maps`` as in ``_count_items``.
+
+    Both are rare, so they mark the events to drop in place and only the items
+    holding such a mark are copied event by event; the others are copied whole,
+    in parallel (:func:`_gather`).
+    """
     n, h, w = frames.shape
-    total = 0
-    for i in range(out_n.size):
-        total += out_n[i]
-    indices = np.empty(total, np.uint32)
-    sub = np.empty(total if want_sub else 0, np.uint8)
-    offsets = np.zeros(n + 1, np.int64)
-    k = 0
+    drop = []  # slots of the events to drop: marked once all are found (the
+    # binary searches need the item lists intact)
     for f in range(n):
-        start = k
         for b in range(bands):
             item = f * bands + b
             base = item * cap
-            u = item * ucap
-            u_end = u + out_nu[item]
-            for j in range(out_n[item]):
-                if u < u_end and out_und[u] == j:  # slots ascending
-                    u += 1
-                    if not _plateau_wins(frames[f], maps, np.int64(out_idx[base + j]), h, w):
-                        continue
-                indices[k] = out_idx[base + j]
-                if want_sub:
-                    sub[k] = out_sub[base + j]
-                k += 1
-        n_x = 0
+            for u in range(item * ucap, item * ucap + out_nu[item]):
+                j = base + out_und[u]
+                if not _plateau_wins(frames[f], maps, np.int64(out_idx[j]), h, w):
+                    drop.append(j)
+            for j in range(out_nx[item]):
+                x = np.int64(out_xray[item * xcap + j])
+                xr, xc = x // w, x % w
+                ca, cb = max(0, xc - radius), min(w - 1, xc + radius)
+                for rr in range(max(0, xr - radius), min(h, xr + radius + 1)):
+                    it = f * bands + rr // BAND_ROWS  # the item that holds row rr's events
+                    lo_i, hi_i = it * cap, it * cap + out_n[it]
+                    i = _lower_bound(out_idx, lo_i, hi_i, rr * w + ca)
+                    while i < hi_i and out_idx[i] <= rr * w + cb:
+                        drop.append(i)
+                        i += 1
+    marked = np.zeros(out_n.size, np.bool_)
+    for j in drop:
+        out_idx[j] = _DROPPED
+        marked[j // cap] = True
+    dest = np.empty(out_n.size + 1, np.int64)  # where each item's events go
+    dest[0] = 0
+    offsets = np.zeros(n + 1, np.int64)
+    for f in range(n):
         for b in range(bands):
-            n_x += out_nx[f * bands + b]
-        if n_x:
-            keep = np.ones(k - start, np.bool_)
-            for b in range(bands):
-                item = f * bands + b
-                for j in range(out_nx[item]):
-                    x = np.int64(out_xray[item * xcap + j])
-                    xr, xc = x // w, x % w
-                    ca, cb = max(0, xc - radius), min(w - 1, xc + radius)
-                    for rr in range(max(0, xr - radius), min(h, xr + radius + 1)):
-                        i = _lower_bound(indices, start, k, rr * w + ca)
-                        while i < k and indices[i] <= rr * w + cb:
-                            keep[i - start] = False
-                            i += 1
-            m = start
-            for i in range(start, k):
-                if keep[i - start]:
-                    indices[m] = indices[i]
-                    if want_sub:
-                        sub[m] = sub[i]
-                    m += 1
-            k = m
-        offsets[f + 1] = k
-    if k == total:  # nothing dropped (the common case): no copy
-        return offsets, indices, sub
-    return offsets, indices[:k].copy(), sub[: k if want_sub else 0].copy()
+            item = f * bands + b
+            kept = out_n[item]
+            if marked[item]:
+                base = item * cap
+                kept = 0
+                for j in range(base, base + out_n[item]):
+                    kept += np.int64(out_idx[j] != _DROPPED)
+            dest[item + 1] = dest[item] + kept
+        offsets[f + 1] = dest[(f + 1) * bands]
+    indices = np.empty(dest[-1], np.uint32)
+    sub = np.empty(dest[-1] if want_sub else 0, np.uint8)
+    _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, want_sub)
+    return offsets, indices, sub
+
+
+@njit(parallel=True, **_OPTS)
+def _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, want_sub):
+    """Copy the items' events to ``indices[dest[item]:]`` (and their sub-pixel cells),
+    in parallel; the marked items without their dropped events."""
+    for item in prange(out_n.size):
+        base = item * cap
+        k = dest[item]
+        m = out_n[item]
+        if not marked[item]:
+            indices[k : k + m] = out_idx[base : base + m]
+            if want_sub:
+                sub[k : k + m] = out_sub[base : base + m]
+            continue
+        for j in range(base, base + m):
+            if out_idx[j] != _DROPPED:
+                indices[k] = out_idx[j]
+                if want_sub:
+                    sub[k] = out_sub[j]
+                k += 1
 
 
 _NO_GAIN = np.zeros((1, 1), np.uint16)
@@ -625,6 +647,8 @@ def count_frames(
     when None).
     """
     n, h, w = frames.shape
+    if h * w > 0xFFFFFFFF:
+        raise ValueError(f"frames of {h} x {w} pixels: flat uint32 indices reach 2**32 - 1 pixels")
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     cap = item_capacity(w) + 4  # four spare slots per item for the branch-free appends
     n_items = n * bands
