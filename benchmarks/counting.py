@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", type=_parse_shape, default=(4092, 5760), help="HxW (4092x5760)")
     p.add_argument("--dose", type=float, default=0.01, help="e/px/frame (0.01)")
-    p.add_argument("--repeats", type=int, default=7, help="timed runs per method (7)")
+    p.add_argument("--repeats", type=int, default=21, help="timed runs per method (21)")
     p.add_argument("--dark-frames", type=int, default=8, help="dark frames for calibration (8)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--no-stempy", action="store_true", help="skip the stempy comparison")
