@@ -465,12 +465,13 @@ def _compact(
     radius,
     want_sub,
 ):
-    """Join the items' events frame by frame: the undecided plateau maxima walked
-    (rule 5), the events near an X-ray hit dropped. ``maps`` as in ``_count_items``.
+    """Prepare the join of the items' events: the undecided plateau maxima walked
+    (rule 5), the events near an X-ray hit marked as dropped. ``maps`` as in
+    ``_count_items``. Returns ``(offsets, marked, dest)``: per-frame event
+    offsets, the items holding a dropped event, where each item's events go.
 
-    Both are rare, so they mark the events to drop in place and only the items
-    holding such a mark are copied event by event; the others are copied whole,
-    in parallel (:func:`_gather`).
+    Both are rare, so the events to drop are marked in place; :func:`_gather`
+    then copies the marked items event by event and the others whole.
     """
     n, h, w = frames.shape
     drop = []  # slots of the events to drop: marked once all are found (the
@@ -512,10 +513,7 @@ def _compact(
                     kept += np.int64(out_idx[j] != _DROPPED)
             dest[item + 1] = dest[item] + kept
         offsets[f + 1] = dest[(f + 1) * bands]
-    indices = np.empty(dest[-1], np.uint32)
-    sub = np.empty(dest[-1] if want_sub else 0, np.uint8)
-    _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, want_sub)
-    return offsets, indices, sub
+    return offsets, marked, dest
 
 
 @njit(parallel=True, **_OPTS)
@@ -663,6 +661,7 @@ def count_frames(
     rtype, clamp = row_type(frames.dtype, tmap.dtype, gain is not None)
     proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
     gain_arg = _NO_GAIN if gain is None else gain
+    compact = dmap.itemsize < frames.itemsize  # one-byte dark over a row base
     previous = numba.get_num_threads()
     if threads is not None:
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
@@ -672,8 +671,7 @@ def count_frames(
             out_xray = np.empty(n_items * xcap, np.uint32)
             out_und = np.empty(n_items * ucap, np.int64)
             _count_items(
-                frames, dmap, dbase, tmap, gain_arg, gain is not None,
-                dmap.itemsize < frames.itemsize, np.int64(clamp),
+                frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
                 np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
                 out_xray, out_nx, ucap, out_und, out_nu,
             )  # fmt: skip
@@ -682,12 +680,17 @@ def count_frames(
             # a flood of X-rays (or saturation), of large plateaus: room for every pixel
             xcap = BAND_ROWS * w if int(out_nx.max(initial=0)) > xcap else xcap
             ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
+        maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
+        offsets, marked, dest = _compact(
+            frames, maps_, bands, cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx, ucap,
+            out_und, out_nu, radius, subpixel,
+        )  # fmt: skip
+        # called from Python, so it runs on the threads this call was given (from
+        # inside a compiled function a parallel loop takes numba's full count)
+        indices = np.empty(dest[-1], np.uint32)
+        sub = np.empty(dest[-1] if subpixel else 0, np.uint8)
+        _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, subpixel)
     finally:
         if threads is not None:
             numba.set_num_threads(previous)
-    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, dmap.itemsize < frames.itemsize, top)
-    offsets, indices, sub = _compact(
-        frames, maps_, bands, cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx, ucap,
-        out_und, out_nu, radius, subpixel,
-    )  # fmt: skip
     return offsets, indices, (sub if subpixel else None)
