@@ -209,6 +209,14 @@ def test_input_errors_are_clear():
         c(np.zeros((6, 9), np.uint16))
     with pytest.raises(ValueError, match="implementation"):
         Counter(cal, np.uint8, implementation="gpu")
+    # frames with 2**32 pixels or more: their flat indices do not fit the events'
+    # uint32 (a zero-stride view: the kernel refuses before touching memory)
+    from streamstore.counting._kernels import count_frames
+
+    huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (1, 65536, 65536), (0, 0, 0))
+    small = np.zeros((2, 2), np.uint8)
+    with pytest.raises(ValueError, match="65536 x 65536 = 4294967296 pixels"):
+        count_frames(huge, small, small, None, 255, 1, False)
 
 
 def test_non_contiguous_frames_are_accepted(rng):

@@ -297,7 +297,7 @@ def _settle_row(frame, m, r, h, w, eqw, satw, summary, flags, out_idx, obase, k_
                     undecided = res < 0
                 slot = _insert_event(out_idx, obase + k_row, obase + k, np.uint32(r * w + c))
                 k += 1
-                if undecided:  # slots of later rows' undecided only come later
+                if undecided:  # later insertions in this row go after it: the slot holds
                     if nu < ucap:
                         out_und[ubase + nu] = slot - obase
                     nu += 1
@@ -646,7 +646,9 @@ def count_frames(
     """
     n, h, w = frames.shape
     if h * w > 0xFFFFFFFF:
-        raise ValueError(f"frames of {h} x {w} pixels: flat uint32 indices reach 2**32 - 1 pixels")
+        raise ValueError(
+            f"frames of {h} x {w} = {h * w} pixels: uint32 event indices address 2**32 - 1"
+        )
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     cap = item_capacity(w) + 4  # four spare slots per item for the branch-free appends
     n_items = n * bands
