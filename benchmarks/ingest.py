@@ -42,11 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.cli import free_tcp_endpoint, parse_shape
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from streamstore.cli import free_tcp_endpoint, parse_shape  # noqa: E402
 
 WARMUP_FRAMES = 3
 TARGET_FPS = 1500

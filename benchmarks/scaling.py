@@ -37,7 +37,10 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.cli import free_tcp_endpoint, parse_shape
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamstore.cli import free_tcp_endpoint, parse_shape  # noqa: E402
 
 
 def _worker(config: Any, results: Any) -> None:

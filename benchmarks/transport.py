@@ -26,11 +26,15 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamstore.cli import parse_shape
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamstore.cli import parse_shape  # noqa: E402
 
 WARMUP_FRAMES = 3
 
