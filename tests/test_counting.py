@@ -219,6 +219,24 @@ def test_input_errors_are_clear():
         count_frames(huge, small, small, None, 255, 1, False)
 
 
+@pytest.mark.parametrize("gain_adu, wide", [(120, False), (600, True)])
+def test_counter_picks_16_bit_rows_for_high_gain_data(rng, gain_adu, wide):
+    """Electrons of several hundred ADU would send most maxima through the byte
+    rows' exact scalar test: the counter then uses 16-bit rows. Same events."""
+    h, w = 60, 150
+    dark = np.full((h, w), 100.0)
+    frames = dark + rng.normal(0, 2, (2, h, w))
+    hits = rng.random((2, h, w)) < 0.02
+    frames += hits * rng.normal(gain_adu, gain_adu / 4, (2, h, w)).clip(20)
+    frames = np.rint(frames).astype(np.uint16)
+    cal = Calibration(dark, np.full((h, w), 2.0), xray_threshold=20 * gain_adu)
+    c = Counter(cal, np.uint16)
+    got = c(frames)
+    assert c._wide_rows is wide
+    assert got.n_events > 50
+    assert got == Counter(cal, np.uint16, implementation="native")(frames)
+
+
 def test_non_contiguous_frames_are_accepted(rng):
     cal = flat_cal(16, 20)
     big = np.full((16, 40), 10, np.uint16)

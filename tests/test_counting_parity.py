@@ -192,9 +192,9 @@ def test_flood_of_xray_hits(rng):
 @pytest.mark.parametrize("with_gain", [False, True])
 def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, with_gain):
     """The kernel's map forms (one-byte dark over a row base, two-byte dark with a
-    one- or two-byte threshold, int32 thresholds) and its two row types (bytes
-    clamped at 255 with an exact test of the clamped centres, int32) give the
-    reference's events, on a width with full 64-pixel blocks and a scalar tail,
+    one- or two-byte threshold, int32 thresholds) and its three row types (bytes
+    clamped at 255 with an exact test of the clamped centres, 16-bit, int32) give
+    the reference's events, on a width with full 64-pixel blocks and a scalar tail,
     with masked, saturated and X-ray pixels and neighbours that only differ above 255."""
     from streamstore.counting._kernels import count_frames, kernel_maps, row_type
     from streamstore.counting._reference import count_reference
@@ -237,11 +237,13 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
     }
     rows = set()
     for name, maps in forms.items():
-        rows.add(row_type(frames.dtype, maps[2].dtype, gk is not None)[0])
-        for threads in (1, 2):
-            got = count_frames(frames, lo, dk, gk, level, 1, True, threads=threads, maps=maps)
-            for a, b in zip(got, ref, strict=True):
-                np.testing.assert_array_equal(a, b, err_msg=name)
+        for wide in (False, True):
+            rows.add(row_type(frames.dtype, maps[2].dtype, gk is not None, wide)[0])
+            for threads in (1, 2):
+                got = count_frames(frames, lo, dk, gk, level, 1, True, threads=threads,
+                                   maps=maps, wide_rows=wide)  # fmt: skip
+                for a, b in zip(got, ref, strict=True):
+                    np.testing.assert_array_equal(a, b, err_msg=f"{name}, wide rows {wide}")
     assert ref[1].size > 500
     # without gain each pair gives the event its signals say (X-ray levels below 300 aside)
     if gk is None and level >= 300:
@@ -249,8 +251,8 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
             first, second = r * w + c, r * w + c + 1
             want = {first} if a >= b else {second}
             assert {first, second} & set(ref[1][ref[0][0] : ref[0][1]].tolist()) == want
-    # without gain the byte rows are used
-    assert (np.uint8 in rows) == (gk is None) and np.int32 in rows
+    # without gain the byte and 16-bit rows are used
+    assert (np.uint8 in rows) == (np.uint16 in rows) == (gk is None) and np.int32 in rows
 
 
 def test_plateaus_reaching_past_the_maximums_neighbours():

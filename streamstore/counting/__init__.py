@@ -89,6 +89,7 @@ class Counter:
         self._lo, self._dark, self._gain, self._xray_level = calibration.threshold_maps(dt)
         self._radius = calibration.xray_radius
         self._maps: tuple[np.ndarray, ...] | None = None  # the kernel's maps, on first use
+        self._wide_rows: bool | None = None  # 16-bit signal rows? From the first frame
 
     def _prepare(self, frames: Any) -> np.ndarray:
         arr = np.asarray(frames)
@@ -127,11 +128,15 @@ class Counter:
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
         if self.implementation == "numba":
-            from streamstore.counting._kernels import count_frames, kernel_maps
+            from streamstore.counting._kernels import count_frames, kernel_maps, wide_rows_pay
 
             if self._maps is None:
                 self._maps = kernel_maps(self._lo, self._dark)
-            offsets, indices, sub = count_frames(*args, threads=self.threads, maps=self._maps)
+            if self._wide_rows is None:  # a speed choice only: the events are the same
+                self._wide_rows = wide_rows_pay(arr[0], self._lo, self._dark)
+            offsets, indices, sub = count_frames(
+                *args, threads=self.threads, maps=self._maps, wide_rows=self._wide_rows
+            )
         elif self.implementation == "reference":
             from streamstore.counting._reference import count_reference
 

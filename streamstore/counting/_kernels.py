@@ -58,7 +58,7 @@ from streamstore.counting._simd import (
     xray_row,
 )
 
-__all__ = ["BAND_ROWS", "count_frames", "kernel_maps", "row_type"]
+__all__ = ["BAND_ROWS", "count_frames", "kernel_maps", "row_type", "wide_rows_pay"]
 
 #: Rows per work item (fixed: results must not depend on the thread count).
 BAND_ROWS = 64
@@ -71,7 +71,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "82201fb940b01142"
+SIMD_SOURCE_SHA = "7603dbd049990aa7"
 
 
 @njit(inline="always", **_OPTS)
@@ -198,8 +198,8 @@ def _exact_max(frame, m, r, c, h, w):
     """Rule 4 for candidate (r, c) from the frame: 0 (not a local maximum), 1 (one),
     2 (one with a later neighbour of equal signal: a plateau, rule 5).
 
-    For the pixels the byte rows store as BYTE_TOP (a signal of 255 or more), whose
-    clamped neighbourhood cannot tell them apart."""
+    For the pixels unsigned rows store at their ceiling (in byte rows, a signal of
+    BYTE_TOP or more), whose clamped neighbourhood cannot tell them apart."""
     v = _signal64(frame, m, r, c)
     eq = False
     for dy in range(-1, 2):
@@ -351,7 +351,7 @@ def _count_items(
             sig[2, :] = skip
         hmx = np.empty((3, n_blocks * LANES + 2), proto.dtype)
         eqw = np.zeros(n_blocks, np.uint64)  # local maxima equal to a later neighbour
-        satw = np.zeros(n_blocks, np.uint64)  # byte rows' BYTE_TOP pixels
+        satw = np.zeros(n_blocks, np.uint64)  # unsigned rows' pixels at the ceiling
         summary = np.zeros((n_blocks + 63) // 64, np.uint64)  # eqw | satw words not zero
         xw = np.zeros(n_blocks, np.uint64)  # bits of the X-ray hits
         xrow = np.zeros(3, np.bool_)
@@ -609,21 +609,45 @@ def _compact_maps(lo, dark, top, dmap, tmap, base):
     return True
 
 
-def row_type(frame_dtype, tmap_dtype, has_gain: bool) -> tuple[type, int]:
-    """Signal-row type and ceiling of the kernel: ``(np.uint8, 255)`` or ``(np.int32, 2**31 - 1)``.
+def row_type(frame_dtype, tmap_dtype, has_gain: bool, wide_rows: bool = False) -> tuple[type, int]:
+    """Signal-row type and ceiling of the kernel: ``(np.uint8, 255)``, ``(np.uint16,
+    65535)`` or ``(np.int32, 2**31 - 1)``.
 
     Byte rows (the narrow path, :mod:`._simd`) serve unsigned frames without a
     gain map: a candidate's signal (at least 1) is stored as ``min(s, 255)``, 0
     marks a pixel that is not a candidate. The 3 x 3 test on them is exact for
     every centre below 255 (a neighbour of 255 or more still beats it); the rare
     centre stored as 255 is tested again from the frame. X-ray hits, plateau walks
-    and sub-pixel positions are taken from the frame. Everything else (wrapped
-    signed frames, a gain map, a signed threshold map) uses exact int32 rows.
+    and sub-pixel positions are taken from the frame. ``wide_rows`` asks for
+    16-bit rows instead, the same code at twice the bytes, for data whose signals
+    are often 255 or more (:func:`wide_rows_pay`). Everything else (wrapped signed
+    frames, a gain map, a signed threshold map) uses exact int32 rows.
     """
     narrow = np.dtype(frame_dtype).kind == "u" and np.dtype(tmap_dtype).kind == "u" and not has_gain
     if narrow:
-        return np.uint8, BYTE_TOP
+        return (np.uint16, 65535) if wide_rows else (np.uint8, BYTE_TOP)
     return np.int32, 2**31 - 1
+
+
+#: Share of candidates with a signal of BYTE_TOP or more above which 16-bit rows pay.
+WIDE_ROWS_SHARE = 0.01
+
+
+def wide_rows_pay(frame: np.ndarray, lo: np.ndarray, dark: np.ndarray, rows: int = 256) -> bool:
+    """Whether counting frames like ``frame`` is faster with 16-bit rows than bytes.
+
+    Byte rows send every candidate whose signal reaches BYTE_TOP through an exact
+    scalar test; where that is more than WIDE_ROWS_SHARE of the candidates (a
+    camera with several hundred ADU per electron), the 16-bit rows cost less. Looks
+    at the first ``rows`` rows of one frame; either choice gives the same events.
+    """
+    f = np.asarray(frame[:rows], np.int64)
+    cand = f > lo[:rows]
+    n = int(np.count_nonzero(cand))
+    if n == 0:
+        return False
+    high = np.count_nonzero(cand & (f - dark[:rows] >= BYTE_TOP))
+    return bool(high > WIDE_ROWS_SHARE * n)
 
 
 def count_frames(
@@ -636,13 +660,15 @@ def count_frames(
     subpixel: bool,
     threads: int | None = None,
     maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    wide_rows: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
 
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     ``threads`` caps numba's thread count for this call (None: numba's current
     setting); ``maps`` is :func:`kernel_maps` of ``lo`` and ``dark`` (computed
-    when None).
+    when None); ``wide_rows``: 16-bit instead of byte rows (:func:`row_type`;
+    the same events either way).
     """
     n, h, w = frames.shape
     if h * w > 0xFFFFFFFF:
@@ -660,7 +686,7 @@ def count_frames(
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
     dmap, dbase, tmap = kernel_maps(lo, dark) if maps is None else maps
     level = min(int(xray_level), 2**62)
-    rtype, clamp = row_type(frames.dtype, tmap.dtype, gain is not None)
+    rtype, clamp = row_type(frames.dtype, tmap.dtype, gain is not None, wide_rows)
     proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
     gain_arg = _NO_GAIN if gain is None else gain
     compact = dmap.itemsize < frames.itemsize  # one-byte dark over a row base

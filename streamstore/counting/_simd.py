@@ -10,8 +10,8 @@ and the rest of the kernel stays readable numba in ``_kernels.py``.
 
 Rows of signals and of their horizontal maxima have one sentinel column at
 each end: pixel ``c`` is element ``c + 1``, and a row is long enough for a
-64-lane load at every block start ``c0 = 64 b`` plus two. SKIP (0 in byte rows,
-the minimum in int32 rows) marks a pixel that is not a candidate: it never
+64-lane load at every block start ``c0 = 64 b`` plus two. SKIP (0 in unsigned
+rows, the minimum in int32 rows) marks a pixel that is not a candidate: it never
 competes.
 
 * :func:`signal_row`: the signals of the full 64-pixel blocks of one frame row
@@ -29,16 +29,19 @@ competes.
 Signals are computed in one of two ways, chosen by the types the kernel is
 compiled for:
 
-* *narrow* (unsigned frames, unsigned threshold map, no gain; byte rows):
+* *narrow* (unsigned frames, unsigned threshold map, no gain; unsigned rows of
+  bytes, or of 16 bits for data whose signals are mostly 255 or more):
   ``u = max(raw - dark, 0)`` in the frame's width (a saturating subtract), a
-  candidate where ``u > t``, stored as ``min(u, BYTE_TOP)`` (a candidate has
-  ``u >= 1``, so 0 is free for SKIP). With a one-byte dark map (*compact*:
+  candidate where ``u > t``, stored as ``min(u, ceiling)``, the ceiling the row
+  type's largest value (BYTE_TOP for bytes; a candidate has ``u >= 1``, so 0 is
+  free for SKIP). With a one-byte dark map (*compact*:
   ``dark = base + d8`` for a per-row ``base``), ``t = 255`` marks a pixel that
   is never a candidate. The 3 x 3 test on bytes is exact for every centre below
   BYTE_TOP: a neighbour of 255 or more is stored as BYTE_TOP and still beats
   it; a centre stored as BYTE_TOP (on the benchmark frame 2 of 470 740
   candidates) is left to the caller. Half the bytes of int16 rows per vector,
-  and the six working rows of a full-width frame fit in the L1 cache;
+  and the six working rows of a full-width frame fit in the L1 cache. In 16-bit
+  rows only ``u = 65535`` reaches the ceiling;
 * *wide* (int32 rows: signed frames, a gain map, a signed threshold map):
   ``d = raw - dark`` in 32 bits, a candidate where ``d > t``, stored as
   ``d * gain``, exact.
@@ -164,7 +167,7 @@ class _Signals:
         self.tsigned = t_dt.signed
         self.rw = row_dt.bitwidth
         self.gain = gain
-        self.narrow = not row_dt.signed  # byte rows: see the module docstring
+        self.narrow = not row_dt.signed  # unsigned rows: see the module docstring
         self.compact = dark_dt.bitwidth < frame_dt.bitwidth  # one-byte dark over a base
         fmax = (1 << (self.fw - 1)) - 1 if self.fsigned else (1 << self.fw) - 1
         self.top = ir.Constant(ir.IntType(self.fw), fmax)
@@ -184,8 +187,12 @@ class _Signals:
             u = b.select(b.icmp_unsigned(">", f, dk), b.sub(f, dk), _const(ft, 0, lanes))
             cw = ir.IntType(max(self.fw, t.type.element.width))
             cand = b.icmp_unsigned(">", _ext(b, u, False, cw), _ext(b, t, False, cw))
-            top = _const(ft, BYTE_TOP, lanes)
-            s = _ext(b, b.select(b.icmp_unsigned("<", u, top), u, top), False, rt)
+            ceiling = (1 << self.rw) - 1  # BYTE_TOP in byte rows, 65535 in 16-bit rows
+            uc = u
+            if ceiling < (1 << self.fw) - 1:
+                top = _const(ft, ceiling, lanes)
+                uc = b.select(b.icmp_unsigned("<", u, top), u, top)
+            s = _ext(b, uc, False, rt)
         else:
             de = _ext(b, dk, self.fsigned and not self.compact, _I32)
             if self.compact:
@@ -314,9 +321,9 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
     A pixel is a local maximum (rule 4) when it beats its earlier neighbours
     strictly and its later ones or equals them. The local maxima that are settled
     here, neither equal to a later neighbour (bit ``j`` of ``eqw[b]`` for pixel
-    ``64 b + j``: a plateau, rule 5) nor, in byte rows, stored as BYTE_TOP (bit of
-    ``satw[b]``: the clamped values cannot decide; int32 rows leave ``satw``
-    alone), are appended to ``out[k:]`` as ``p_row + column``, in column order;
+    ``64 b + j``: a plateau, rule 5) nor, in unsigned rows, stored at the row
+    type's ceiling (bit of ``satw[b]``: the clamped values cannot decide; int32
+    rows leave ``satw`` alone), are appended to ``out[k:]`` as ``p_row + column``, in column order;
     the caller decides the others. Writes up to four slots past the last event.
     Bit ``b % 64`` of ``summary[b // 64]``: ``eqw[b]`` or ``satw[b]`` is not zero.
     Returns ``(new k, flags)``, flags EQ_ANY | SAT_ANY: some eq / sat bit is set.
@@ -373,8 +380,8 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
             ok = cmp(">", m[1], _max(b, before, after1, signed))
             eq = b.and_(ok, b.icmp_unsigned("==", m[1], after))
             special = eq
-            if not signed:  # byte rows: BYTE_TOP centres are decided by the caller
-                sat = b.icmp_unsigned("==", m[1], _const(rt, BYTE_TOP))
+            if not signed:  # unsigned rows: centres at the ceiling are decided by the caller
+                sat = b.icmp_unsigned("==", m[1], _const(rt, (1 << rbits) - 1))
                 eq = b.and_(eq, b.not_(sat))
                 special = b.or_(eq, sat)
                 satb = b.bitcast(sat, _I64)
@@ -422,8 +429,8 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
 def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
     """Bits of the X-ray hits among the full blocks of a row (exact).
 
-    A candidate that is saturated or whose signal exceeds ``level``. Byte rows
-    hold clamped signals, so their signals are computed again from the frame row
+    A candidate that is saturated or whose signal exceeds ``level``. Unsigned
+    rows hold clamped signals, so their signals are computed again from the frame row
     and the maps (as in :func:`signal_row`); int32 rows are exact and read as
     they are (``grow`` is not read).
     """
