@@ -223,7 +223,7 @@ def test_input_errors_are_clear():
 def test_counter_picks_16_bit_rows_for_high_gain_data(rng, gain_adu, wide):
     """Electrons of several hundred ADU would send most maxima through the byte
     rows' exact scalar test: the counter then uses 16-bit rows. Same events."""
-    h, w = 60, 150
+    h, w = 70, 150  # at least one work item of rows: smaller frames keep bytes
     dark = np.full((h, w), 100.0)
     frames = dark + rng.normal(0, 2, (2, h, w))
     hits = rng.random((2, h, w)) < 0.02

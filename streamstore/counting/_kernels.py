@@ -640,7 +640,11 @@ def wide_rows_pay(frame: np.ndarray, lo: np.ndarray, dark: np.ndarray, rows: int
     scalar test; where that is more than WIDE_ROWS_SHARE of the candidates (a
     camera with several hundred ADU per electron), the 16-bit rows cost less. Looks
     at the first ``rows`` rows of one frame; either choice gives the same events.
+    Frames of less than one work item (BAND_ROWS rows) keep bytes: their time is
+    the call's, and one kernel variant fewer is compiled.
     """
+    if frame.shape[0] < BAND_ROWS:
+        return False
     f = np.asarray(frame[:rows], np.int64)
     cand = f > lo[:rows]
     n = int(np.count_nonzero(cand))
