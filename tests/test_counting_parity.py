@@ -237,7 +237,8 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
     }
     rows = set()
     for name, maps in forms.items():
-        for wide in (False, True):
+        # 16-bit rows with a compact and a two-byte dark map (each variant compiles)
+        for wide in (False, True) if name in ("compact", "dark16-t16") else (False,):
             rows.add(row_type(frames.dtype, maps[2].dtype, gk is not None, wide)[0])
             for threads in (1, 2):
                 got = count_frames(frames, lo, dk, gk, level, 1, True, threads=threads,
