@@ -67,13 +67,16 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def best_times(fns, repeats: int) -> list[float]:
-    """Best wall time of each function, calling them in turn ``repeats`` times."""
+def best_times(fns, repeats: int, before=None) -> list[float]:
+    """Best wall time of each function, calling them in turn ``repeats`` times
+    (``before``, when given, runs untimed ahead of every timed call)."""
     for fn in fns:
         fn()
     best = [float("inf")] * len(fns)
     for _ in range(repeats):
         for i, fn in enumerate(fns):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             fn()
             best[i] = min(best[i], time.perf_counter() - t0)
@@ -81,20 +84,11 @@ def best_times(fns, repeats: int) -> list[float]:
 
 
 def cold_times(fns, repeats: int, flush_bytes: int = 128 * 2**20) -> list[float]:
-    """Like :func:`best_times`, with the caches emptied before every timed call
-    (a read of ``flush_bytes``, larger than any L3 here), as a stream of new
-    frames meets them: nothing of the previous, identical pass is left."""
+    """:func:`best_times` with the caches emptied before every timed call (a read
+    of ``flush_bytes``, larger than any L3 here), as a stream of new frames meets
+    them: nothing of the previous, identical pass is left."""
     junk = np.ones(flush_bytes // 8)
-    for fn in fns:
-        fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            junk.sum()
-            t0 = time.perf_counter()
-            fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+    return best_times(fns, repeats, before=junk.sum)
 
 
 def run(
