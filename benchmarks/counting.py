@@ -9,6 +9,10 @@ Measures, on the same emulator frame (seeded):
 - ``np.copyto`` of the frame (the memory-stream bound) and a plain numpy
   compare-and-count pass over frame and threshold map;
 - streamstore's numba kernel with 1 and 2 threads (ratio to the copy; 2-thread speed-up);
+- a plain read of the bytes the kernel streams (the frame and its two
+  one-byte calibration maps) with 1 and 2 threads: the memory bound of the
+  kernel, and the 2-thread speed-up any kernel running at that bound could
+  reach (``stream_read`` in the JSON);
 - copy and the kernel again from a cold cache (``cold_cache`` in the JSON): the
   caches emptied before every timed call, as for a stream of new frames. The
   warm figures let the 32 MB L3 keep part of the previous identical pass, and
@@ -42,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from streamstore import Calibration  # noqa: E402
 from streamstore.cli import parse_shape  # noqa: E402
 from streamstore.counting import Counter  # noqa: E402
+from streamstore.counting._kernels import kernel_maps  # noqa: E402
 from streamstore.counting.accuracy import score_batch  # noqa: E402
 from streamstore.emulator import CameraEmulator  # noqa: E402
 from streamstore.events import EventBatch  # noqa: E402
@@ -89,6 +94,47 @@ def cold_times(fns, repeats: int, flush_bytes: int = 128 * 2**20) -> list[float]
     them: nothing of the previous, identical pass is left."""
     junk = np.ones(flush_bytes // 8)
     return best_times(fns, repeats, before=junk.sum)
+
+
+def _stream_reader():
+    """A numba function reading ``arrays`` (2-D, the same rows) in bands of 64 rows
+    in parallel, as the counting kernel streams them; returns their bytes' maximum."""
+    import numba
+
+    @numba.njit(parallel=True, cache=False)
+    def read(a, b, c):
+        rows = a.shape[0]
+        bands = (rows + 63) // 64
+        out = np.zeros(bands, np.uint8)
+        for band in numba.prange(bands):
+            m = np.uint8(0)
+            for r in range(band * 64, min(rows, band * 64 + 64)):
+                ra, rb, rc = a[r], b[r], c[r]
+                for i in range(ra.size):
+                    m = max(m, ra[i])
+                for i in range(rb.size):
+                    m = max(m, rb[i])
+                for i in range(rc.size):
+                    m = max(m, rc[i])
+            out[band] = m
+        return out.max()
+
+    return read
+
+
+def _with_threads(fn, args, threads: int):
+    """``fn(*args)`` under numba's thread count ``threads``, as a no-argument call."""
+    import numba
+
+    def call():
+        previous = numba.get_num_threads()
+        numba.set_num_threads(threads)
+        try:
+            return fn(*args)
+        finally:
+            numba.set_num_threads(previous)
+
+    return call
 
 
 def run(
@@ -142,6 +188,14 @@ def run(
     # 1 and 2 threads alternate, so a burst of load from other jobs hits both alike
     t1, t2 = best_times([lambda: c1(frame), lambda: c2(frame)], repeats)
     assert_same = c2(frame) == batch
+    # the memory bound: a plain read of what the kernel streams, 1 and 2 threads
+    dmap, _, tmap = kernel_maps(*cal.threshold_maps(np.uint16)[:2])  # what the kernel reads
+    streams = [a.view(np.uint8) for a in (frame, dmap, tmap)]
+    reader = _stream_reader()
+    r1, r2 = best_times(
+        [_with_threads(reader, streams, 1), _with_threads(reader, streams, 2)], repeats
+    )
+    read_bytes = sum(a.nbytes for a in streams)
     # the same three from a cold cache (a stream of new frames; copy and counting alike)
     tc_copy, tc1, tc2 = cold_times(
         [lambda: np.copyto(dst, frame), lambda: c1(frame), lambda: c2(frame)], repeats
@@ -174,6 +228,14 @@ def run(
             "gb_per_s_1thread": nbytes / t1 / 1e9,
             "gb_per_s_2threads": nbytes / t2 / 1e9,
             "copy_gb_per_s": nbytes / t_copy / 1e9,
+            "stream_read": {
+                "bytes": read_bytes,
+                "read_1thread_s": r1,
+                "read_2threads_s": r2,
+                "speedup_ceiling_2threads": r1 / r2,
+                "ratio_1thread_to_read": t1 / r1,
+                "ratio_2threads_to_read": t2 / r2,
+            },
             "cold_cache": {
                 "copy_s": tc_copy,
                 "numba_1thread_s": tc1,
@@ -197,6 +259,11 @@ def run(
     log(
         f"numba, 2 threads          {t2 * 1e3:8.2f} ms  (speed-up {t1 / t2:.2f} x, "
         f"{nbytes / t2 / 1e9:.1f} GB/s, identical: {assert_same})"
+    )
+    log(
+        f"plain read of the kernel's {read_bytes / 1e6:.0f} MB (frame and maps): 1 thread "
+        f"{r1 * 1e3:.2f} ms, 2 threads {r2 * 1e3:.2f} ms: a kernel at memory speed "
+        f"speeds up at most {r1 / r2:.2f} x (counting: {t1 / r1:.2f} / {t2 / r2:.2f} x the read)"
     )
     log(
         f"cold cache: copy {tc_copy * 1e3:.2f} ms, 1 thread {tc1 * 1e3:.2f} ms "

@@ -16,4 +16,8 @@ def test_counting_benchmark_json(capsys):
     assert out["n_events"] > 0 and 0 < out["recall"] <= 1 and 0 < out["precision"] <= 1
     for key in ("ratio_1thread_to_copy", "speedup_2threads", "ratio_native_to_numba"):
         assert out[key] > 0
+    read = out["stream_read"]  # the memory bound: frame and maps, 160 x 96 x 4 bytes
+    assert read["bytes"] == 96 * 160 * 4
+    assert read["read_1thread_s"] > 0 and read["read_2threads_s"] > 0
+    assert read["speedup_ceiling_2threads"] > 0
     assert "stempy" in out  # measured, or None when stempy is not installed
