@@ -329,6 +329,9 @@ def _count_items(
     out_und,
     out_nu,
 ):
+    # A flat parameter list on purpose: numba 0.68's parallel loops lose plain
+    # stores to arrays unpacked from a tuple argument (``a, n = items`` before a
+    # prange: ``n[i] = 3`` inside never lands), so the buffers are not grouped.
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     nfull = w // LANES
