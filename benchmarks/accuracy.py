@@ -1,0 +1,147 @@
+"""Counting accuracy against the emulator's truth, as the dose rises.
+
+    python benchmarks/accuracy.py                  # table: recall, precision, RMS error per dose
+    python benchmarks/accuracy.py --json           # one JSON object
+    python benchmarks/accuracy.py --doses 0.001,0.01 --frames 4   # a quick run
+
+For each dose (electrons per pixel per frame, uniform illumination), a seeded
+emulator makes ``--frames`` frames of ``--shape`` (more at low doses, so that
+each dose expects at least ``--electrons`` true electrons) with default physics and 50
+dark frames for the calibration; ``streamstore.count`` (sub-pixel on) is
+matched one-to-one to the true electrons within 1 px. Reported per dose:
+recall, precision, sub-pixel RMS position error, and the share of electrons
+that have another electron within one pixel (Chebyshev distance <= 1, the 3 x 3
+neighbourhood) in the same frame: two such electrons form one local maximum,
+so ``1 - recall`` follows that share. It tells a microscopist which dose a
+counting camera can take, where the beam is: what matters is the local dose,
+not the frame mean (a bright-field disk is many times the mean; see
+``docs/counting.md``).
+
+Not a speed benchmark: the figures are the same on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from streamstore import Calibration, count  # noqa: E402
+from streamstore.cli import parse_shape  # noqa: E402
+from streamstore.counting.accuracy import score_batch  # noqa: E402
+from streamstore.emulator import CameraEmulator  # noqa: E402
+
+DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
+XRAY_THRESHOLD = 1000.0  # ADU, as in tests/test_counting_accuracy.py
+
+
+def crowded_share(positions: list[np.ndarray]) -> float:
+    """Share of electrons with another electron of the same frame within one pixel
+    (the pixels' Chebyshev distance <= 1)."""
+    from scipy.spatial import cKDTree
+
+    n = crowded = 0
+    for p in positions:
+        if len(p) == 0:
+            continue
+        pix = np.floor(p).astype(np.int64)
+        pairs = cKDTree(pix).query_pairs(1, p=np.inf, output_type="ndarray")
+        mark = np.zeros(len(pix), bool)
+        mark[pairs.ravel()] = True
+        n += len(pix)
+        crowded += int(mark.sum())
+    return crowded / n if n else float("nan")
+
+
+def run(
+    shape: tuple[int, int],
+    doses: list[float],
+    n_frames: int,
+    seed: int,
+    electrons: int = 0,
+    log=print,
+) -> dict[str, Any]:
+    """Measure every dose; return the results as a dict."""
+    res: dict[str, Any] = {
+        "frame_shape": list(shape),
+        "min_frames_per_dose": n_frames,
+        "min_electrons_per_dose": electrons,
+        "seed": seed,
+        "python": platform.python_version(),
+        "doses": [],
+    }
+    log("dose e/px/frame   electrons   recall   precision   RMS px   within 1 px of another")
+    for i, dose in enumerate(doses):
+        t0 = time.perf_counter()
+        emu = CameraEmulator(
+            shape, dose_rate_e_per_px_s=dose * 1500, frame_time_s=1 / 1500, seed=seed + i
+        )
+        dark, _ = emu.dark_frames(50)
+        frames, truth = emu.generate(
+            max(n_frames, math.ceil(electrons / (dose * shape[0] * shape[1])))
+        )
+        cal = Calibration.from_dark_frames(dark, xray_threshold=XRAY_THRESHOLD)
+        s = score_batch(count(frames, cal, subpixel=True), truth.positions)
+        crowded = crowded_share(truth.positions)
+        row = {
+            "dose_e_per_px_frame": dose,
+            "frames": truth.n_frames,
+            "n_true": s.n_true,
+            "n_found": s.n_found,
+            "recall": s.recall,
+            "precision": s.precision,
+            "rms_error_px": s.rms_error_px,
+            "crowded_share": crowded,
+            "seconds": time.perf_counter() - t0,
+        }
+        res["doses"].append(row)
+        log(
+            f"{dose:>15g}   {s.n_true:>9d}   {s.recall:6.4f}   {s.precision:9.4f}   "
+            f"{s.rms_error_px:6.3f}   {crowded:6.3f}"
+        )
+    return res
+
+
+def _doses(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        msg = f"doses must be numbers separated by commas: {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not out or any(not 0 < d < 1 for d in out):
+        raise argparse.ArgumentTypeError(f"each dose must be in (0, 1) e/px/frame: {text!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", type=parse_shape, default=(256, 384), help="HxW (256x384)")
+    p.add_argument("--doses", type=_doses, default=list(DOSES), help="e/px/frame, comma-separated")
+    p.add_argument("--frames", type=int, default=16, help="least frames per dose (16)")
+    p.add_argument(
+        "--electrons", type=int, default=15000, help="true electrons each dose should expect (15000)"
+    )
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    args = p.parse_args(argv)
+    if args.frames < 1:
+        p.error("--frames must be >= 1")
+    log = (lambda *a, **k: None) if args.json else print
+    res = run(args.shape, args.doses, args.frames, args.seed, max(0, args.electrons), log=log)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
