@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doses", type=_doses, default=list(DOSES), help="e/px/frame, comma-separated")
     p.add_argument("--frames", type=int, default=16, help="least frames per dose (16)")
     p.add_argument(
-        "--electrons", type=int, default=15000, help="true electrons each dose should expect (15000)"
+        "--electrons", type=int, default=15000, help="electrons each dose should expect (15000)"
     )
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--json", action="store_true", help="print one JSON object only")

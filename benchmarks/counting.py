@@ -97,8 +97,9 @@ def cold_times(fns, repeats: int, flush_bytes: int = 128 * 2**20) -> list[float]
 
 
 def _stream_reader():
-    """A numba function reading ``arrays`` (2-D, the same rows) in bands of 64 rows
-    in parallel, as the counting kernel streams them; returns their bytes' maximum."""
+    """A numba function ``read(a, b, c)`` of three 2-D uint8 arrays with the same
+    rows, read in parallel bands of 64 rows as the counting kernel streams them;
+    returns their largest byte."""
     import numba
 
     @numba.njit(parallel=True, cache=False)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from streamstore import Calibration, count
-from streamstore.counting.accuracy import match_positions, score_batch
+from streamstore.counting.accuracy import match_positions, matched_electrons, score_batch
 from streamstore.emulator import CameraEmulator
 
 SHAPE = (256, 384)
@@ -86,17 +86,6 @@ def test_disk_dose_001(disk_001):
     assert s.precision >= 0.995, s
 
 
-def _matched(batch, truth):
-    """Per true electron (all frames, in order): was it matched to an event?"""
-    hit = []
-    for fe, tp in zip(batch, truth.positions, strict=True):
-        ti, _ = match_positions(tp, fe.positions(), 1.0)
-        h = np.zeros(len(tp), bool)
-        h[ti] = True
-        hit.append(h)
-    return np.concatenate(hit)
-
-
 def test_disk_loss_is_the_local_dose(disk_001):
     """What the frame-mean 0.01 disk loses is coincidence at the disk's local dose:
     electrons where the beam is dim are found as at 0.01 e/px, those in the disk as
@@ -106,7 +95,7 @@ def test_disk_loss_is_the_local_dose(disk_001):
     local = 0.01 * emu.pattern_map()  # e/px/frame at each pixel
     pos = np.concatenate(truth.positions).astype(np.int64)
     dose_at = local[pos[:, 0], pos[:, 1]]
-    hit = _matched(count(frames, cal), truth)
+    hit = matched_electrons(count(frames, cal), truth.positions)
     dim = dose_at <= 0.012
     bright = dose_at >= 0.06
     assert dim.sum() > 1500 and bright.sum() > 5000

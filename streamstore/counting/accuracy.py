@@ -1,7 +1,8 @@
 """Score counted events against ground truth: one-to-one matching, recall, precision.
 
-Used by the accuracy tests and ``benchmarks/counting.py`` (and useful for
-anyone tuning a calibration on emulator frames).
+Used by the accuracy tests, ``benchmarks/counting.py`` and
+``benchmarks/accuracy.py`` (and useful for anyone tuning a calibration on
+emulator frames).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 
 from streamstore.events import EventBatch
 
-__all__ = ["Score", "match_positions", "score_batch"]
+__all__ = ["Score", "match_positions", "matched_electrons", "score_batch"]
 
 
 def match_positions(
@@ -79,6 +80,33 @@ class Score:
     rms_error_px: float
 
 
+def _frame_matches(batch: EventBatch, true_positions: list[np.ndarray], max_distance: float):
+    """Per frame: ``(truth, found, ti, fi)``, the frame's true and found positions and
+    their matched pairs (:func:`match_positions`)."""
+    if len(true_positions) != batch.n_frames:
+        raise ValueError(
+            f"true_positions has {len(true_positions)} frames, the batch {batch.n_frames}"
+        )
+    for fe, tp in zip(batch, true_positions, strict=True):
+        tp = np.asarray(tp, np.float64).reshape(-1, 2)
+        found = fe.positions()
+        ti, fi = match_positions(tp, found, max_distance)
+        yield tp, found, ti, fi
+
+
+def matched_electrons(
+    batch: EventBatch, true_positions: list[np.ndarray], max_distance: float = 1.0
+) -> np.ndarray:
+    """Which true electrons an event was matched to: bool, one per electron, the
+    frames' electrons one after the other (as ``np.concatenate(true_positions)``)."""
+    hits = []
+    for tp, _, ti, _ in _frame_matches(batch, true_positions, max_distance):
+        hit = np.zeros(len(tp), bool)
+        hit[ti] = True
+        hits.append(hit)
+    return np.concatenate(hits) if hits else np.zeros(0, bool)
+
+
 def score_batch(
     batch: EventBatch, true_positions: list[np.ndarray], max_distance: float = 1.0
 ) -> Score:
@@ -87,20 +115,14 @@ def score_batch(
     Event positions are pixel centres, or sub-cell centres when the batch has
     sub-pixel data (:meth:`streamstore.events.FrameEvents.positions`).
     """
-    if len(true_positions) != batch.n_frames:
-        raise ValueError(
-            f"true_positions has {len(true_positions)} frames, the batch {batch.n_frames}"
-        )
     n_true = n_found = n_matched = 0
     sq = 0.0
-    for fe, tp in zip(batch, true_positions, strict=True):
-        found = fe.positions()
-        ti, fi = match_positions(tp, found, max_distance)
+    for tp, found, ti, fi in _frame_matches(batch, true_positions, max_distance):
         n_true += len(tp)
         n_found += len(found)
         n_matched += ti.size
         if ti.size:
-            sq += float(np.sum((np.asarray(tp)[ti] - found[fi]) ** 2))
+            sq += float(np.sum((tp[ti] - found[fi]) ** 2))
     return Score(
         n_true=n_true,
         n_found=n_found,
