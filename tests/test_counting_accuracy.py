@@ -44,6 +44,17 @@ def test_match_positions_is_one_to_one():
     assert ti.tolist() == [0] and fi.tolist() == [0]
 
 
+def test_matched_electrons_flags_each_true_electron_in_frame_order():
+    from streamstore import EventBatch
+
+    batch = EventBatch(offsets=np.array([0, 1, 1]), indices=np.array([5], np.uint32),
+                       frame_shape=(4, 4))  # fmt: skip
+    truth = [np.array([[1.4, 1.6], [3.5, 3.5]]), np.array([[0.5, 0.5]])]
+    assert matched_electrons(batch, truth).tolist() == [True, False, False]
+    with pytest.raises(ValueError, match="frames"):
+        matched_electrons(batch, truth[:1])
+
+
 @pytest.mark.parametrize("subpixel", [False, True])
 def test_uniform_dose_001(uniform_001, subpixel):
     frames, truth, cal = uniform_001
