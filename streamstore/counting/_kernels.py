@@ -457,7 +457,6 @@ def _compact(
     bands,
     cap,
     out_idx,
-    out_sub,
     out_n,
     xcap,
     out_xray,
@@ -466,7 +465,6 @@ def _compact(
     out_und,
     out_nu,
     radius,
-    want_sub,
 ):
     """Prepare the join of the items' events: the undecided plateau maxima walked
     (rule 5), the events near an X-ray hit marked as dropped. ``maps`` as in
@@ -717,8 +715,8 @@ def count_frames(
             ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
         maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
         offsets, marked, dest = _compact(
-            frames, maps_, bands, cap, out_idx, out_sub, out_n, xcap, out_xray, out_nx, ucap,
-            out_und, out_nu, radius, subpixel,
+            frames, maps_, bands, cap, out_idx, out_n, xcap, out_xray, out_nx, ucap, out_und,
+            out_nu, radius,
         )  # fmt: skip
         # called from Python, so it runs on the threads this call was given (from
         # inside a compiled function a parallel loop takes numba's full count)
