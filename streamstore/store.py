@@ -434,6 +434,11 @@ class StoreWriter:
         return self._ids[self._n_flushed : self._n_frames].copy()
 
     @property
+    def frame_ids(self) -> np.ndarray:
+        """Ids of the frames appended so far, ascending (a copy)."""
+        return self._ids[: self._n_frames].copy()
+
+    @property
     def n_events_written(self) -> int:
         """Events appended so far."""
         return self._n_events

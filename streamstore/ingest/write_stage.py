@@ -171,13 +171,12 @@ class WriteStage(_Stage):
             if self.delay_s:
                 time.sleep(self.delay_s * len(item.frame_ids))
             writer.append(item.events, item.frame_ids, item.timestamps_ns)
-        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+        # ValueError first: it is an Exception too, and a refused append costs only its
+        # own frames, where a failing file (OSError, h5py's RuntimeError) ends the series
+        except ValueError as exc:
+            self._refused(series, item.frame_ids, exc)
+        except Exception as exc:  # OSError, or RuntimeError from h5py
             self._write_failed(series, item.frame_ids, exc)
-        except ValueError as exc:  # refused by the writer: these frames only are lost
-            log.error(
-                "series %s: frames %s not stored: %s", series.series_id, item.frame_ids[:8], exc
-            )
-            self._mark_missing(series, list(item.frame_ids))
         else:
             series.stored += len(item.frame_ids)
             series.events += item.events.n_events
@@ -185,6 +184,26 @@ class WriteStage(_Stage):
             self.counters.events_stored += item.events.n_events
         finally:
             self.budget.release(item.nbytes)
+
+    def _refused(self, series: SeriesInfo, frame_ids: list[int], exc: BaseException) -> None:
+        """The writer refused an append: those frames are missing, the series goes on.
+
+        Ids the file already holds (a late second copy) stay stored: only the
+        others are marked missing.
+        """
+        writer = self._writers.get(id(series))
+        ids = [int(i) for i in frame_ids]
+        if writer is not None and ids:
+            held = set(writer.frame_ids.tolist())
+            ids = [i for i in ids if i not in held]
+        log.error(
+            "series %s: %d frame(s) not stored (%s..., refused by the writer): %s",
+            series.series_id,
+            len(ids),
+            ids[:8],
+            exc,
+        )
+        self._mark_missing(series, ids)
 
     def _write_failed(self, series: SeriesInfo, frame_ids: list[int], exc: BaseException) -> None:
         if id(series) not in self._failed:
