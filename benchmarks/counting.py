@@ -9,6 +9,11 @@ Measures, on the same emulator frame (seeded):
 - ``np.copyto`` of the frame (the memory-stream bound) and a plain numpy
   compare-and-count pass over frame and threshold map;
 - streamstore's numba kernel with 1 and 2 threads (ratio to the copy; 2-thread speed-up);
+- the one-call form ``streamstore.count(frame, cal, threads=...)`` called frame
+  after frame, 1 and 2 threads, against the reused ``Counter`` (``one_call`` in
+  the JSON; target: at most 1.15 x the Counter, 2 threads never slower than 1),
+  and its first call on a calibration (the kernel's maps and row type are then
+  derived and cached with the calibration);
 - a plain read of the bytes the kernel streams (the frame and its two
   one-byte calibration maps) with 1 and 2 threads: the memory bound of the
   kernel, and the 2-thread speed-up any kernel running at that bound could
@@ -43,7 +48,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from streamstore import Calibration  # noqa: E402
+from streamstore import Calibration, count  # noqa: E402
 from streamstore.cli import parse_shape  # noqa: E402
 from streamstore.counting import Counter  # noqa: E402
 from streamstore.counting._kernels import kernel_maps  # noqa: E402
@@ -185,9 +190,23 @@ def run(
     c1 = Counter(cal, np.uint16, threads=1)
     c2 = Counter(cal, np.uint16, threads=2)
     batch = c1(frame)
-    res["machine"]["threading_layer"] = numba.threading_layer()
-    # 1 and 2 threads alternate, so a burst of load from other jobs hits both alike
-    t1, t2 = best_times([lambda: c1(frame), lambda: c2(frame)], repeats)
+    # the one-call form's first call on a calibration: derives the kernel's maps
+    fresh = Calibration(
+        cal.dark, cal.noise, mask=cal.mask, xray_threshold=XRAY_THRESHOLD, source=cal.source
+    )
+    t_first = time.perf_counter()
+    first_same = count(frame, fresh, threads=1) == batch
+    t_first = time.perf_counter() - t_first
+    # 1 and 2 threads, Counter and count(), alternate: a burst of load hits all alike
+    t1, t2, tc1_call, tc2_call = best_times(
+        [
+            lambda: c1(frame),
+            lambda: c2(frame),
+            lambda: count(frame, cal, threads=1),
+            lambda: count(frame, cal, threads=2),
+        ],
+        repeats,
+    )
     assert_same = c2(frame) == batch
     # the memory bound: a plain read of what the kernel streams, 1 and 2 threads
     dmap, _, tmap = kernel_maps(*cal.threshold_maps(np.uint16)[:2])  # what the kernel reads
@@ -196,6 +215,7 @@ def run(
     r1, r2 = best_times(
         [_with_threads(reader, streams, 1), _with_threads(reader, streams, 2)], repeats
     )
+    res["machine"]["threading_layer"] = numba.threading_layer()  # the plain read's only
     read_bytes = sum(a.nbytes for a in streams)
     # the same three from a cold cache (a stream of new frames; copy and counting alike)
     tc_copy, tc1, tc2 = cold_times(
@@ -222,6 +242,16 @@ def run(
             "speedup_2threads": t1 / t2,
             "ratio_native_to_numba": t_nat / t1,
             "identical_1_2_threads": bool(assert_same),
+            "one_call": {
+                "count_1thread_s": tc1_call,
+                "count_2threads_s": tc2_call,
+                "ratio_to_counter_1thread": tc1_call / t1,
+                "ratio_to_counter_2threads": tc2_call / t2,
+                "ratio_1thread_to_copy": tc1_call / t_copy,
+                "speedup_2threads": tc1_call / tc2_call,
+                "first_call_s": t_first,
+                "first_call_identical": bool(first_same),
+            },
             "identical_numba_native": bool(same_native),
             "n_events": n_ev,
             "events_per_s_1thread": n_ev / t1,
@@ -260,6 +290,15 @@ def run(
     log(
         f"numba, 2 threads          {t2 * 1e3:8.2f} ms  (speed-up {t1 / t2:.2f} x, "
         f"{nbytes / t2 / 1e9:.1f} GB/s, identical: {assert_same})"
+    )
+    log(
+        f"count(), 1 thread         {tc1_call * 1e3:8.2f} ms  ({tc1_call / t1:.2f} x Counter, "
+        f"{tc1_call / t_copy:.2f} x copy)"
+    )
+    log(
+        f"count(), 2 threads        {tc2_call * 1e3:8.2f} ms  ({tc2_call / t2:.2f} x Counter, "
+        f"speed-up {tc1_call / tc2_call:.2f} x); first call on a calibration "
+        f"{t_first * 1e3:.1f} ms (maps derived and cached)"
     )
     log(
         f"plain read of the kernel's {read_bytes / 1e6:.0f} MB (frame and maps): 1 thread "

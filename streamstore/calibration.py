@@ -55,10 +55,29 @@ def _as_map(name: str, value: Any, shape: tuple[int, int] | None, dtype: Any) ->
     if dtype is bool:
         if arr.dtype != np.bool_:
             raise ValueError(f"{name} must be a boolean map, got dtype {arr.dtype}")
-        return np.ascontiguousarray(arr)
+        return _frozen(arr, np.bool_)
     if arr.dtype.kind not in "iuf":
         raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return _frozen(arr, dtype)
+
+
+def _frozen(arr: np.ndarray, dtype: Any) -> np.ndarray:
+    """``arr`` as a read-only C-contiguous array of ``dtype`` that nobody can write to.
+
+    What is derived from a calibration's maps is cached with it, so the maps must
+    not change: an array that is read-only all the way down (another
+    calibration's map) is shared, anything else is copied and the copy frozen.
+    """
+    out = np.ascontiguousarray(arr, dtype=dtype)
+    if out is arr or out.base is not None:  # not a fresh copy made just now
+        base: Any = out
+        while isinstance(base, np.ndarray) and not base.flags.writeable:
+            base = base.base
+        if base is None or isinstance(base, bytes):
+            return out
+        out = out.copy()
+    out.flags.writeable = False
+    return out
 
 
 def _check_frames(name: str, frames: Any, min_frames: int) -> np.ndarray:
@@ -134,6 +153,14 @@ class Calibration:
     ------
     ValueError
         When a map has the wrong shape or type, or a value is out of range.
+
+    Notes
+    -----
+    A calibration is immutable: its maps are read-only (an input array that
+    could still change is copied), and setting ``dark``, ``noise``, ``gain``,
+    ``mask``, ``n_sigma``, ``xray_threshold``, ``xray_radius`` or ``wrapped``
+    again raises AttributeError. What counting derives from it (integer maps,
+    the kernel's maps) is therefore computed once and kept with it.
     """
 
     def __init__(
@@ -181,6 +208,31 @@ class Calibration:
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
         self.source = source
+        self.__dict__["_derived_cache"] = {}  # from here on the defining attributes are fixed
+
+    #: Attributes that define the calibration: fixed once it is built (what is
+    #: derived from them is cached with it; the maps themselves are read-only).
+    _DEFINING = frozenset(
+        ("dark", "noise", "gain", "mask", "n_sigma", "xray_threshold", "xray_radius", "wrapped")
+    )
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._DEFINING and "_derived_cache" in self.__dict__:
+            raise AttributeError(
+                f"a Calibration is immutable: {name} cannot be set again; build a new one "
+                "(with_xray_threshold for another X-ray threshold)"
+            )
+        object.__setattr__(self, name, value)
+
+    def _derived(self) -> dict[Any, Any]:
+        """Cache of values derived from the maps and a frame type (the counting
+        kernel's maps, its row-type choice), freed with the calibration.
+
+        Keys are small tuples of names and dtypes, so it stays bounded. Like the
+        integer maps, it does not depend on the X-ray threshold and is shared with
+        the calibrations :meth:`with_xray_threshold` derives.
+        """
+        return self.__dict__.setdefault("_derived_cache", {})
 
     # -- shape and description --------------------------------------------
     @property
@@ -500,6 +552,7 @@ class Calibration:
         )
         # the kernel's integer maps do not depend on the X-ray threshold: share them
         new.__dict__["_int_maps_cache"] = self.__dict__.setdefault("_int_maps_cache", {})
+        new.__dict__["_derived_cache"] = self._derived()
         return new
 
     # -- persistence -------------------------------------------------------------

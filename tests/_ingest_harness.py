@@ -2,7 +2,7 @@
 
 :class:`Daemon` starts the daemon with ``--status-endpoint`` and reads its
 JSON status (the same the operator sees with ``streamstore status``) to know
-when it listens and what it has counted. :class:`Series` holds a pool of
+when it listens (``ready``) and what it has counted. :class:`Series` holds a pool of
 small emulated frames, the calibration the daemon is given with
 ``--calibration`` and the events ``streamstore.count`` finds in each frame, so
 a test can check every stored frame against the truth.
@@ -176,8 +176,10 @@ class Daemon:
                 )
         raise AssertionError(f"timed out waiting for {what}; last status {self.last}\n{self.log()}")
 
-    def wait_ready(self, timeout_s: float = 120.0) -> dict[str, Any]:
-        return self.wait_until(lambda st: True, timeout_s, "the first status")
+    def wait_ready(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Wait for the status that says the daemon listens (its counting kernels are
+        compiled or loaded first: minutes on a cold numba cache, about a second warm)."""
+        return self.wait_until(lambda st: st.get("ready") is True, timeout_s, "a ready status")
 
     def log(self) -> str:
         if not self._log.closed:

@@ -1,8 +1,9 @@
-"""Shared fixtures: small frames, seeded randomness, ZeroMQ endpoints."""
+"""Shared fixtures: small frames, seeded randomness, ZeroMQ endpoints, kernels compiled once."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,3 +40,30 @@ def zmq_ctx():
     ctx.setsockopt(zmq.LINGER, 0)
     yield ctx
     ctx.destroy(linger=0)
+
+
+#: Source text that marks a test module as one that starts an ingest daemon.
+_DAEMON_MARKS = ("_ingest_harness", "IngestDaemon", '"ingest"', '"demo"')
+
+
+def _starts_daemons(path: Path, seen: dict[Path, bool]) -> bool:
+    if path not in seen:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        seen[path] = any(mark in text for mark in _DAEMON_MARKS)
+    return seen[path]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _counting_kernels_compiled_once(request):
+    """A daemon compiles or loads every counting kernel variant before it listens.
+    Where the run starts daemons, compile them once here, first: numba's disk
+    cache then serves each daemon in about a second, and the counting tests reuse
+    the same variants (on a clean clone each compiles once per run, not per test)."""
+    seen: dict[Path, bool] = {}
+    if any(_starts_daemons(Path(str(item.fspath)), seen) for item in request.session.items):
+        from streamstore.counting.warmup import warm_kernels
+
+        warm_kernels()

@@ -39,7 +39,7 @@ class Daemon(HarnessDaemon):
         )
         self.out = out
         self.endpoint = self.listen
-        self.wait_ready(60)  # up and publishing
+        self.wait_ready()  # kernels ready, listening
 
     def status(self, timeout: float = 30.0) -> dict:
         """The newest status message (waits for a new one)."""

@@ -110,6 +110,29 @@ class _StatusWatch:
         self.ctx.term()
 
 
+def _wait_ready(daemon: subprocess.Popen, watch: _StatusWatch, log_path: Path) -> None:
+    """Wait for the daemon's ready status (it compiles or loads its counting kernels
+    first: minutes after an install, about a second later), saying what it does."""
+    from streamstore.errors import UserError
+
+    said = None
+    deadline = time.monotonic() + 60  # for the first status; compiling then has no limit
+    while True:
+        st = watch.poll(0.5)
+        if daemon.poll() is not None:
+            raise UserError(f"the ingest daemon exited ({daemon.returncode}); see {log_path}")
+        if st is None:
+            if time.monotonic() > deadline:
+                raise UserError(f"the ingest daemon did not start; see {log_path}")
+            continue
+        if st.get("ready", True):
+            return
+        state = str(st.get("state", "starting")).split(" (")[0]
+        if state != said:
+            said = state
+            _say(f"ingest daemon: {st.get('state')}")
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -166,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
         watch = _StatusWatch(status_ep)
         emulator = None
         try:
-            if watch.poll(60) is None:
-                raise UserError(f"the ingest daemon did not start; see {log_path}")
+            _wait_ready(daemon, watch, log_path)
             _say(f"ingest daemon {daemon.pid} listening on {data_ep} (log: {log_path})")
             emulator = subprocess.Popen(
                 [*base, "emulate", "--connect", data_ep, "--shape", args.shape,

@@ -1,9 +1,10 @@
 """Electron counting: raw frames plus a :class:`~streamstore.Calibration` -> :class:`EventBatch`.
 
-``count(frames, calibration)`` is the one-call form. The ingest daemon, which
-counts frame after frame with one calibration, builds a :class:`Counter`
-once: it caches the per-pixel threshold maps in the frames' integer type so
-each call goes straight to the kernel.
+``count(frames, calibration)`` is the one-call form; called frame after frame
+it costs what the kernel costs: what counting derives from a calibration and
+a frame type (integer threshold maps, the kernel's narrow maps, the row type
+chosen from the first frame) is computed once and cached with the calibration,
+which is immutable. A :class:`Counter` saves only the argument checks.
 
 Three implementations share one specification (``_reference.py`` documents
 it; ``docs/counting.md`` explains it): a plain numpy reference, the numba
@@ -88,8 +89,12 @@ class Counter:
         self.frame_shape = calibration.frame_shape
         self._lo, self._dark, self._gain, self._xray_level = calibration.threshold_maps(dt)
         self._radius = calibration.xray_radius
-        self._maps: tuple[np.ndarray, ...] | None = None  # the kernel's maps, on first use
-        self._wide_rows: bool | None = None  # 16-bit signal rows? From the first frame
+        # what the numba kernel derives from the calibration (its maps, the row type
+        # the first frame chose) lives in the calibration's cache, so a Counter built
+        # per call, as count() does, costs no more than a reused one
+        self._derived = calibration._derived()
+        self._maps: tuple[np.ndarray, ...] | None = None
+        self._wide_rows: bool | None = None
 
     def _prepare(self, frames: Any) -> np.ndarray:
         arr = np.asarray(frames)
@@ -131,9 +136,15 @@ class Counter:
             from streamstore.counting._kernels import count_frames, kernel_maps, wide_rows_pay
 
             if self._maps is None:
-                self._maps = kernel_maps(self._lo, self._dark)
+                key = ("kernel_maps", self.kernel_dtype.str)
+                if key not in self._derived:
+                    self._derived[key] = kernel_maps(self._lo, self._dark)
+                self._maps = self._derived[key]
             if self._wide_rows is None:  # a speed choice only: the events are the same
-                self._wide_rows = wide_rows_pay(arr[0], self._lo, self._dark)
+                key = ("wide_rows", self.kernel_dtype.str)
+                if key not in self._derived:
+                    self._derived[key] = wide_rows_pay(arr[0], self._lo, self._dark)
+                self._wide_rows = self._derived[key]
             offsets, indices, sub = count_frames(
                 *args, threads=self.threads, maps=self._maps, wide_rows=self._wide_rows
             )

@@ -1,8 +1,11 @@
 """numba counting kernels: the semantics of ``_reference.py`` at memory speed.
 
-Work is split into items of ``BAND_ROWS`` rows of one frame; items run in
-parallel (``prange``) and each writes its events into its own slot of a
-preallocated buffer, so the result does not depend on the number of threads.
+Work is split into items of ``BAND_ROWS`` rows of one frame; each item writes
+its events into its own slot of a preallocated buffer, so the result does not
+depend on the number of threads. The kernels are compiled single-threaded
+(``nogil``) and :func:`count_frames` runs contiguous ranges of items on its own
+threads: a parallel (``prange``) compile took about three times as long, for
+every variant, and the split is the same static one.
 
 Within an item, rows are processed as a rolling window of three signal rows
 (``S[r - 1]``, ``S[r]``, ``S[r + 1]``, a sentinel column at each end, SKIP
@@ -34,16 +37,20 @@ frames without a gain map (see :func:`row_type`), else exact int32:
 
 X-ray hits are collected per item and the events within the exclusion radius
 are dropped when the items are joined (``_compact``): hits are rare, so this
-costs nothing in the common case. Compiled lazily for the types actually seen
-(uint8, uint16, and int8/int16 for wrapped pedestal-subtracted data), cached
-on disk.
+costs nothing in the common case. Compiled lazily for the types actually seen,
+cached on disk; :data:`VARIANTS` lists every combination a calibration can
+lead to, and :mod:`streamstore.counting.warmup` compiles them ahead of use.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from streamstore.counting._simd import (
     BYTE_TOP,
@@ -304,8 +311,10 @@ def _settle_row(frame, m, r, h, w, eqw, satw, summary, flags, out_idx, obase, k_
     return k, nu
 
 
-@njit(parallel=True, **_OPTS)
+@njit(**_OPTS)
 def _count_items(
+    item0,
+    item1,
     frames,
     dmap,
     dbase,
@@ -329,16 +338,14 @@ def _count_items(
     out_und,
     out_nu,
 ):
-    # A flat parameter list on purpose: numba 0.68's parallel loops lose plain
-    # stores to arrays unpacked from a tuple argument (``a, n = items`` before a
-    # prange: ``n[i] = 3`` inside never lands), so the buffers are not grouped.
+    # Items item0 .. item1 - 1 of the call (count_frames gives each thread a range).
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     nfull = w // LANES
     n_blocks = (w + LANES - 1) // LANES
     skip = proto[0]
     m = (dmap, dbase, tmap, gain, has_gain, compact, top)  # for the scalar paths
-    for item in prange(n * bands):
+    for item in range(item0, item1):
         f = item // bands
         r0 = (item % bands) * BAND_ROWS
         r1 = min(h, r0 + BAND_ROWS)
@@ -517,11 +524,12 @@ def _compact(
     return offsets, marked, dest
 
 
-@njit(parallel=True, **_OPTS)
+@njit(**_OPTS)
 def _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, want_sub):
     """Copy the items' events to ``indices[dest[item]:]`` (and their sub-pixel cells),
-    in parallel; the marked items without their dropped events."""
-    for item in prange(out_n.size):
+    the marked items without their dropped events (a copy of the events only:
+    a fraction of a millisecond for a full frame, one thread is enough)."""
+    for item in range(out_n.size):
         base = item * cap
         k = dest[item]
         m = out_n[item]
@@ -550,8 +558,8 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
     """The maps the kernel streams: ``(dmap, dbase, tmap)``, as narrow as is exact.
 
     A pixel is a candidate when ``raw > lo``, that is when ``raw - dark > t`` with
-    ``t = lo - dark`` (never negative from
-    :meth:`~streamstore.Calibration.threshold_maps`). Three forms, the first that
+    ``t = lo - dark``, never negative in
+    :meth:`~streamstore.Calibration.threshold_maps`. Two forms, the first that
     holds:
 
     * *compact* (16-bit frames whose dark levels span less than 256 within each
@@ -559,12 +567,18 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
       as one byte each, ``tmap = 255`` where ``lo = dark = TMAX`` (masked: never a
       candidate, signal ``raw - TMAX``). The kernel streams 4 bytes per pixel
       instead of 5;
-    * ``dmap = dark`` and ``t`` as uint8 or uint16 (masked pixels have
-      ``lo = dark = TMAX``: ``t = 0`` and ``raw - dark <= 0``, never candidates);
-    * ``t`` as int32 when ``lo < dark`` somewhere (not made by Calibration).
+    * ``dmap = dark`` and ``t`` in the unsigned type of the frames' width (masked
+      pixels have ``lo = dark = TMAX``: ``t = 0`` and ``raw - dark <= 0``, never
+      candidates). One threshold type per frame type, so one compiled variant
+      fewer per row type (a one-byte ``t`` for 16-bit frames would save a byte
+      per pixel, only on calibrations the compact form does not fit).
 
-    Costs a few passes over the maps, so :class:`~streamstore.counting.Counter`
-    computes them once.
+    Costs a few passes over the maps, so it is cached with the calibration.
+
+    Raises
+    ------
+    ValueError
+        Where ``lo < dark`` (not a calibration's maps).
     """
     h, w = lo.shape
     zero = np.zeros(h, np.int64)
@@ -575,12 +589,9 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
         if _compact_maps(lo, dark, np.uint16(65535), dmap, tmap, base):
             return dmap, base, tmap
     t = lo.astype(np.int64) - dark.astype(np.int64)
-    low, high = int(t.min(initial=0)), int(t.max(initial=0))
-    if low >= 0 and high <= 255:
-        return dark, zero, t.astype(np.uint8)
-    if low >= 0 and high <= 65535:
-        return dark, zero, t.astype(np.uint16)
-    return dark, zero, t.astype(np.int32)  # |lo - dark| <= 65535 for 8- and 16-bit types
+    if int(t.min(initial=0)) < 0:
+        raise ValueError("threshold map below the dark map: not a calibration's maps")
+    return dark, zero, t.astype(f"u{lo.itemsize}")  # lo - dark fits the frame's width
 
 
 @njit(**_OPTS)
@@ -610,7 +621,7 @@ def _compact_maps(lo, dark, top, dmap, tmap, base):
     return True
 
 
-def row_type(frame_dtype, tmap_dtype, has_gain: bool, wide_rows: bool = False) -> tuple[type, int]:
+def row_type(frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False) -> tuple[type, int]:
     """Signal-row type and ceiling of the kernel: ``(np.uint8, 255)``, ``(np.uint16,
     65535)`` or ``(np.int32, 2**31 - 1)``.
 
@@ -620,14 +631,34 @@ def row_type(frame_dtype, tmap_dtype, has_gain: bool, wide_rows: bool = False) -
     every centre below 255 (a neighbour of 255 or more still beats it); the rare
     centre stored as 255 is tested again from the frame. X-ray hits, plateau walks
     and sub-pixel positions are taken from the frame. ``wide_rows`` asks for
-    16-bit rows instead, the same code at twice the bytes, for data whose signals
-    are often 255 or more (:func:`wide_rows_pay`). Everything else (wrapped signed
-    frames, a gain map, a signed threshold map) uses exact int32 rows.
+    16-bit rows instead, the same code at twice the bytes, for 16-bit frames
+    with compact maps whose signals are often 255 or more (:func:`wide_rows_pay`;
+    8-bit frames keep bytes: their signals are below 256). Everything else
+    (wrapped signed frames, a gain map, 16-bit frames with a two-byte dark map)
+    uses exact int32 rows: one compiled variant per map form serves all of them
+    (``has_gain`` is a run-time flag), where narrow rows would add one per form.
     """
-    narrow = np.dtype(frame_dtype).kind == "u" and np.dtype(tmap_dtype).kind == "u" and not has_gain
-    if narrow:
-        return (np.uint16, 65535) if wide_rows else (np.uint8, BYTE_TOP)
+    fdt, ddt = np.dtype(frame_dtype), np.dtype(dmap_dtype)
+    compact = ddt.itemsize < fdt.itemsize
+    if fdt.kind == "u" and not has_gain and (compact or fdt.itemsize == 1):
+        return (np.uint16, 65535) if wide_rows and compact else (np.uint8, BYTE_TOP)
     return np.int32, 2**31 - 1
+
+
+#: Every kernel variant a calibration can lead to, as ``(frame dtype, dmap dtype,
+#: row dtype)`` (the threshold map's type follows the dark map's): what
+#: :mod:`streamstore.counting.warmup` compiles. ``gain`` marks the variants only
+#: a gain map leads to.
+VARIANTS = (
+    {"frames": "uint16", "dmap": "uint8", "rows": "uint8", "gain": False},
+    {"frames": "uint16", "dmap": "uint8", "rows": "uint16", "gain": False},
+    {"frames": "uint16", "dmap": "uint16", "rows": "int32", "gain": False},
+    {"frames": "uint8", "dmap": "uint8", "rows": "uint8", "gain": False},
+    {"frames": "int16", "dmap": "int16", "rows": "int32", "gain": False},
+    {"frames": "int8", "dmap": "int8", "rows": "int32", "gain": False},
+    {"frames": "uint16", "dmap": "uint8", "rows": "int32", "gain": True},
+    {"frames": "uint8", "dmap": "uint8", "rows": "int32", "gain": True},
+)
 
 
 #: Share of candidates with a signal of BYTE_TOP or more above which 16-bit rows pay.
@@ -670,10 +701,10 @@ def count_frames(
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
 
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
-    ``threads`` caps numba's thread count for this call (None: numba's current
-    setting); ``maps`` is :func:`kernel_maps` of ``lo`` and ``dark`` (computed
-    when None); ``wide_rows``: 16-bit instead of byte rows (:func:`row_type`;
-    the same events either way).
+    ``threads``: threads for this call (None: numba's thread count,
+    ``NUMBA_NUM_THREADS``, all cores by default); ``maps`` is :func:`kernel_maps`
+    of ``lo`` and ``dark`` (computed when None); ``wide_rows``: 16-bit instead of
+    byte rows where that applies (:func:`row_type`; the same events either way).
     """
     n, h, w = frames.shape
     if h * w > 0xFFFFFFFF:
@@ -691,39 +722,68 @@ def count_frames(
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
     dmap, dbase, tmap = kernel_maps(lo, dark) if maps is None else maps
     level = min(int(xray_level), 2**62)
-    rtype, clamp = row_type(frames.dtype, tmap.dtype, gain is not None, wide_rows)
+    rtype, clamp = row_type(frames.dtype, dmap.dtype, gain is not None, wide_rows)
     proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
     gain_arg = _NO_GAIN if gain is None else gain
     compact = dmap.itemsize < frames.itemsize  # one-byte dark over a row base
-    previous = numba.get_num_threads()
-    if threads is not None:
-        numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    try:
-        xcap, ucap = XRAY_CAPACITY, UNDECIDED_CAPACITY
-        while True:
-            out_xray = np.empty(n_items * xcap, np.uint32)
-            out_und = np.empty(n_items * ucap, np.int64)
-            _count_items(
-                frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
-                np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
-                out_xray, out_nx, ucap, out_und, out_nu,
-            )  # fmt: skip
-            if int(out_nx.max(initial=0)) <= xcap and int(out_nu.max(initial=0)) <= ucap:
-                break
-            # a flood of X-rays (or saturation), of large plateaus: room for every pixel
-            xcap = BAND_ROWS * w if int(out_nx.max(initial=0)) > xcap else xcap
-            ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
-        maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
-        offsets, marked, dest = _compact(
-            frames, maps_, bands, cap, out_idx, out_n, xcap, out_xray, out_nx, ucap, out_und,
-            out_nu, radius,
+    xcap, ucap = XRAY_CAPACITY, UNDECIDED_CAPACITY
+    while True:
+        out_xray = np.empty(n_items * xcap, np.uint32)
+        out_und = np.empty(n_items * ucap, np.int64)
+        args = (
+            frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
+            np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
+            out_xray, out_nx, ucap, out_und, out_nu,
         )  # fmt: skip
-        # called from Python, so it runs on the threads this call was given (from
-        # inside a compiled function a parallel loop takes numba's full count)
-        indices = np.empty(dest[-1], np.uint32)
-        sub = np.empty(dest[-1] if subpixel else 0, np.uint8)
-        _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, subpixel)
-    finally:
-        if threads is not None:
-            numba.set_num_threads(previous)
+        _run_items(args, n_items, threads)
+        if int(out_nx.max(initial=0)) <= xcap and int(out_nu.max(initial=0)) <= ucap:
+            break
+        # a flood of X-rays (or saturation), of large plateaus: room for every pixel
+        xcap = BAND_ROWS * w if int(out_nx.max(initial=0)) > xcap else xcap
+        ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
+    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
+    offsets, marked, dest = _compact(
+        frames, maps_, bands, cap, out_idx, out_n, xcap, out_xray, out_nx, ucap, out_und,
+        out_nu, radius,
+    )  # fmt: skip
+    indices = np.empty(dest[-1], np.uint32)
+    sub = np.empty(dest[-1] if subpixel else 0, np.uint8)
+    _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, subpixel)
     return offsets, indices, (sub if subpixel else None)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
+_pool_lock = threading.Lock()
+
+
+def _thread_pool() -> ThreadPoolExecutor:
+    """The counting threads, made on first use (again in a forked child, whose
+    copy of the parent's pool has no threads)."""
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                thread_name_prefix="streamstore-count",
+            )
+            _pool_pid = os.getpid()
+        return _pool
+
+
+def _run_items(args: tuple, n_items: int, threads: int | None) -> None:
+    """``_count_items`` over all items, in ``threads`` contiguous ranges (the calling
+    thread takes the first; the kernel releases the GIL)."""
+    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
+    k = max(1, min(k, numba.config.NUMBA_NUM_THREADS, n_items))
+    if k == 1:
+        _count_items(0, n_items, *args)
+        return
+    cuts = [n_items * i // k for i in range(k + 1)]
+    pool = _thread_pool()
+    futures = [pool.submit(_count_items, cuts[i], cuts[i + 1], *args) for i in range(1, k)]
+    try:
+        _count_items(cuts[0], cuts[1], *args)
+    finally:
+        for f in futures:
+            f.result()

@@ -46,6 +46,7 @@ from streamstore.ingest.pipeline import (
 )
 from streamstore.ingest.safety import check_bind_endpoint
 from streamstore.ingest.series import FrameTracker, missing_ranges
+from streamstore.ingest.startup import warm_kernels_reporting
 from streamstore.ingest.status import Counters, StatusReporter
 
 __all__ = ["IngestConfig", "IngestDaemon", "K3_FRAME_BYTES"]
@@ -417,6 +418,26 @@ class IngestDaemon:
         pub = None
         auth = None
         try:
+            if cfg.status_endpoint is not None:  # first: it tells what start-up is doing
+                pub = ctx.socket(zmq.PUB)
+                pub.setsockopt(zmq.LINGER, 0)
+                pub.setsockopt(zmq.SNDHWM, 10)
+                pub.bind(cfg.status_endpoint)
+        except zmq.ZMQError as exc:
+            self._close_sockets(ctx, sock, pub, auth)
+            raise UserError(f"cannot open the socket: {exc}") from exc
+        self.reporter = StatusReporter(
+            self.counters,
+            lambda: self.budget.fill,
+            lambda: self._series.info.series_id if self._series else None,
+            interval_s=cfg.status_interval_s,
+            publisher=pub,
+            extra=self._status_extra,
+        )
+        try:
+            # every kernel variant is ready before the data socket exists: a camera
+            # waits for the bind (or its connection), not inside its first series
+            warm_kernels_reporting(self.reporter, calibration, self._stop)
             if cfg.curve_keys is not None:
                 from streamstore.security import curve_server
 
@@ -436,24 +457,11 @@ class IngestDaemon:
                 self._ctl_sock.setsockopt(zmq.SUBSCRIBE, b"")
                 self._ctl_sock.connect(ctl_ep)
                 where += f", worker {cfg.worker_id}, start/end from {ctl_ep}"
-            if cfg.status_endpoint is not None:
-                pub = ctx.socket(zmq.PUB)
-                pub.setsockopt(zmq.LINGER, 0)
-                pub.setsockopt(zmq.SNDHWM, 10)
-                pub.bind(cfg.status_endpoint)
-        except (zmq.ZMQError, UserError) as exc:
+        except (zmq.ZMQError, UserError, KeyboardInterrupt) as exc:
             self._close_sockets(ctx, sock, pub, auth)
-            if isinstance(exc, UserError):
+            if not isinstance(exc, zmq.ZMQError):
                 raise
             raise UserError(f"cannot open the socket: {exc}") from exc
-        self.reporter = StatusReporter(
-            self.counters,
-            lambda: self.budget.fill,
-            lambda: self._series.info.series_id if self._series else None,
-            interval_s=cfg.status_interval_s,
-            publisher=pub,
-            extra=self._status_extra,
-        )
         old_handlers = {}
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -471,6 +479,8 @@ class IngestDaemon:
             cfg.derived_rcvhwm(),
             cfg.max_frame_bytes,
         )
+        self.reporter.state = "ready"
+        self.reporter.tick(force=True)  # the first "ready" status, at once
         # Stages hand the GIL back and forth (kernels and compression release it); with
         # CPython's default 5 ms switch interval a stage returning from a kernel can
         # wait that long for the receive thread, which caps the frame rate.

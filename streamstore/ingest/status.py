@@ -69,6 +69,8 @@ def format_status(st: dict[str, Any]) -> str:
     bpe = st.get("bits_per_event")
     bpe_txt = f"{bpe:.2f}" if bpe else "-"
     series = st.get("series") or "-"
+    if st.get("ready") is False:  # starting up: say what it is doing, not zero rates
+        return f"not listening yet: {st.get('state')}"
     return (
         f"{series}: {st['fps']:7.1f} frames/s {st['gb_per_s_in']:6.3f} GB/s in "
         f"{st['events_per_s'] / 1e6:7.2f} M events/s {bpe_txt} bits/event "
@@ -124,6 +126,9 @@ class StatusReporter:
         self._last_pub = 0.0
         self._line_len = 0
         self.last_status: dict[str, Any] | None = None
+        #: What the daemon is doing: "ready" once it listens, else a phrase
+        #: ("compiling counting kernels, ..."); published as ``state`` and ``ready``.
+        self.state = "ready"
 
     def snapshot(self) -> dict[str, Any]:
         """Status now, with rates since the previous snapshot."""
@@ -141,6 +146,8 @@ class StatusReporter:
             if c.events_stored
             else None,
             "queue_fill": float(self._queue_fill()),
+            "state": self.state,
+            "ready": self.state == "ready",
         }
         d = asdict(c)
         d["rejected_by_reason"] = dict(c.rejected_by_reason)

@@ -1,0 +1,76 @@
+"""The daemon's start-up: every counting kernel ready before it listens, and said so."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+__all__ = ["warm_kernels_reporting"]
+
+log = logging.getLogger("streamstore.ingest")
+
+#: Longer than a load from numba's cache takes: a start-up past it is compiling.
+_LOAD_S = 1.0
+
+
+def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Event) -> None:
+    """Compile or load every counting kernel variant while the status says so.
+
+    From numba's cache this takes about a second; after an install or an upgrade
+    (empty cache) each variant compiles, and ``reporter.state`` (published in
+    every status message) and the log say that this is what the daemon is
+    doing. The gain-only variants are compiled only for a calibration with a
+    gain map (dark series and estimates have none). Returns early when ``stop``
+    is set; ``reporter.state`` is left for the caller to set to "ready".
+
+    Parameters
+    ----------
+    reporter : StatusReporter
+    calibration : Calibration or None
+        The calibration given at start (a file), if any.
+    stop : threading.Event
+        Set when the daemon is asked to stop.
+    """
+    from streamstore.counting.warmup import warm_kernels
+
+    gain = calibration is not None and calibration.gain is not None
+    done = threading.Event()
+    result: dict[str, Any] = {}
+    t0 = time.monotonic()
+
+    def progress(i: int, n: int, variant: dict[str, Any]) -> None:
+        if time.monotonic() - t0 < _LOAD_S:
+            reporter.state = f"loading counting kernels ({i + 1} of {n})"
+            return
+        reporter.state = (
+            f"compiling counting kernels, first run after install or upgrade ({i + 1} of {n}, "
+            "about 20 s each)"
+        )
+        if not result.get("said"):
+            result["said"] = True
+            log.info("compiling counting kernels, first run after install or upgrade")
+
+    def work() -> None:
+        try:
+            result.update(warm_kernels(gain=gain, progress=progress))
+        except BaseException as exc:  # raised again by the calling thread
+            result["error"] = exc
+        finally:
+            done.set()
+
+    reporter.state = "loading counting kernels"
+    threading.Thread(target=work, name="warm-kernels", daemon=True).start()
+    while not done.wait(0.25):  # the status keeps going while numba compiles
+        if stop.is_set():
+            return
+        reporter.tick()
+    if "error" in result:
+        raise result["error"]
+    log.info(
+        "counting kernels ready: %d variants in %.1f s (%d compiled)",
+        result["variants"] + 1,
+        time.monotonic() - t0,
+        result["compiled"],
+    )

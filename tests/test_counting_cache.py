@@ -1,0 +1,109 @@
+"""What counting derives from a calibration is cached with it; the calibration is immutable;
+every kernel variant a calibration can lead to is in the table the daemon warms up."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import weakref
+
+import numpy as np
+import pytest
+
+import streamstore
+from streamstore import Calibration
+from streamstore.counting import Counter
+
+
+def _frames(rng, h=70, w=150, n=3, dark=100.0):
+    frames = dark + rng.normal(0, 2, (n, h, w))
+    frames += (rng.random((n, h, w)) < 0.02) * rng.integers(20, 200, (n, h, w))
+    return np.rint(frames).astype(np.uint16)
+
+
+def test_count_derives_the_kernel_maps_once_and_frees_them_with_the_calibration(rng):
+    h, w = 70, 150
+    cal = Calibration(np.full((h, w), 100.0), np.full((h, w), 2.0))
+    frames = _frames(rng, h, w)
+    first = streamstore.count(frames, cal, threads=1)
+    maps = cal._derived()[("kernel_maps", "<u2")]
+    assert maps[0].dtype == np.uint8  # compact maps
+    again = streamstore.count(frames, cal, threads=2)
+    assert again == first == Counter(cal, np.uint16, threads=1)(frames)
+    assert cal._derived()[("kernel_maps", "<u2")] is maps  # not derived again
+    assert ("wide_rows", "<u2") in cal._derived()
+    # another X-ray threshold shares what does not depend on it
+    other = cal.with_xray_threshold(500.0)
+    assert other._derived() is cal._derived()
+    streamstore.count(frames, other)
+    alive = weakref.ref(maps[0])
+    del maps, cal, other
+    gc.collect()
+    assert alive() is None  # freed with the calibrations
+
+
+def test_a_calibration_is_immutable():
+    dark = np.full((6, 9), 100.0, np.float32)
+    noise = np.ones((6, 9), np.float32)
+    cal = Calibration(dark, noise, mask=np.zeros((6, 9), bool))
+    for name in ("dark", "noise", "gain", "mask", "n_sigma", "xray_threshold", "wrapped"):
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(cal, name, getattr(cal, name))
+    for arr in (cal.dark, cal.noise, cal.mask):
+        with pytest.raises(ValueError, match="read-only"):
+            arr[0, 0] = 1
+    # the caller's arrays stay theirs: changing them does not change the calibration
+    dark[0, 0] = 7.0
+    assert cal.dark[0, 0] == 100.0
+    # a calibration's own (read-only) maps are shared, not copied again
+    assert cal.with_xray_threshold(50.0).dark is cal.dark
+    cal.source = "estimate"  # not a defining attribute
+    assert cal.source == "estimate"
+
+
+def test_kernel_maps_refuse_thresholds_below_the_dark():
+    from streamstore.counting._kernels import kernel_maps
+
+    dark = np.full((4, 5), 100, np.uint8)
+    with pytest.raises(ValueError, match="below the dark"):
+        kernel_maps(dark - np.uint8(1), dark)
+
+
+@pytest.mark.parametrize(
+    "dtype, wrapped, gain, wide_dark, wide_rows",
+    list(
+        itertools.product(
+            (np.uint8, np.uint16), (False, True), (False, True), (False, True), (False, True)
+        )
+    ),  # fmt: skip
+)
+def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, wide_dark,
+                                                         wide_rows):  # fmt: skip
+    """The daemon compiles the kernel variants of ``kernel_variants()`` before it
+    listens: whatever the calibration, the Counter must pick one of them."""
+    from streamstore.counting._kernels import kernel_maps, row_type
+    from streamstore.counting.warmup import kernel_variants
+
+    h, w = 8, 70
+    rng = np.random.default_rng(3)
+    dark = np.full((h, w), 0.0 if wrapped else 60.0)
+    if wide_dark:  # dark levels spanning more than a byte within a row
+        dark[:, ::2] += 40 if dtype == np.uint8 else 2000
+    cal = Calibration(
+        dark,
+        np.full((h, w), 3.0),
+        gain=rng.uniform(0.9, 1.1, (h, w)) if gain else None,
+        mask=rng.random((h, w)) < 0.05,
+        wrapped=wrapped,
+    )
+    kt = cal.frame_dtype(dtype)
+    lo, dk, gk, _ = cal.threshold_maps(dtype)
+    dmap, _, tmap = kernel_maps(lo, dk)
+    rows = np.dtype(row_type(kt, dmap.dtype, gk is not None, wide_rows)[0])
+    assert tmap.dtype == (np.uint8 if dmap.itemsize < kt.itemsize else f"u{kt.itemsize}")
+    seen = {"frames": kt.name, "dmap": dmap.dtype.name, "rows": rows.name}
+    table = [{k: v[k] for k in ("frames", "dmap", "rows")} for v in kernel_variants(gain=True)]
+    assert seen in table
+    if gk is None:  # dark series and estimates have no gain: warmed without a gain file
+        no_gain = [{k: v[k] for k in ("frames", "dmap", "rows")} for v in kernel_variants(False)]
+        assert seen in no_gain
