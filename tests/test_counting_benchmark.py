@@ -20,4 +20,8 @@ def test_counting_benchmark_json(capsys):
     assert read["bytes"] == 96 * 160 * 4
     assert read["read_1thread_s"] > 0 and read["read_2threads_s"] > 0
     assert read["speedup_ceiling_2threads"] > 0
+    one = out["one_call"]  # count() frame after frame against the reused Counter
+    assert one["first_call_identical"] is True
+    for key in ("ratio_to_counter_1thread", "ratio_to_counter_2threads", "speedup_2threads"):
+        assert one[key] > 0
     assert "stempy" in out  # measured, or None when stempy is not installed

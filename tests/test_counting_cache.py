@@ -107,3 +107,48 @@ def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, 
     if gk is None:  # dark series and estimates have no gain: warmed without a gain file
         no_gain = [{k: v[k] for k in ("frames", "dmap", "rows")} for v in kernel_variants(False)]
         assert seen in no_gain
+
+
+def _kinds(rng):
+    """(frames, calibration) of every kind of calibration and frame type."""
+    h, w = 70, 150
+    flat = np.full((h, w), 100.0)
+    noise = np.full((h, w), 2.0)
+    u16 = _frames(rng, h, w)
+    high = np.rint(flat + rng.normal(0, 2, (2, h, w)) + (rng.random((2, h, w)) < 0.02) * 600)
+    wide_dark = flat.copy()
+    wide_dark[:, ::2] += 2000
+    signed = np.rint(rng.normal(0, 3, (2, h, w)) + (rng.random((2, h, w)) < 0.02) * 80)
+    gain = rng.uniform(0.9, 1.1, (h, w))
+    return [
+        (u16, Calibration(flat, noise)),
+        (high.astype(np.uint16), Calibration(flat, noise, xray_threshold=12000)),
+        ((u16 + wide_dark.astype(np.uint16) - 100), Calibration(wide_dark, noise)),
+        (u16, Calibration(flat, noise, gain=gain)),
+        (u16.astype(np.uint8), Calibration(flat, noise)),
+        (u16.astype(np.uint8), Calibration(flat, noise, gain=gain)),
+        (signed.astype(np.int16).view(np.uint16), Calibration(flat * 0, noise, wrapped=True)),
+        (signed.astype(np.int8).view(np.uint8), Calibration(flat * 0, noise, wrapped=True)),
+    ]
+
+
+def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
+    """What the daemon warms up before it listens covers every calibration and frame
+    type: counting any of them afterwards adds no compiled kernel."""
+    from streamstore.counting import _kernels as k
+    from streamstore.counting.warmup import warm_kernels
+
+    warm_kernels()
+    assert warm_kernels()["compiled"] == 0  # all there now
+    compiled = [len(d.signatures) for d in (k._count_items, k._compact, k._gather)]
+    rows = set()
+    for frames, cal in _kinds(rng):
+        for subpixel, threads in ((False, 1), (True, 2)):
+            c = Counter(cal, frames.dtype, subpixel=subpixel, threads=threads)
+            got = c(frames)
+            rows.add((np.dtype(c.kernel_dtype).name, c._maps[0].dtype.name, c._wide_rows))
+            assert got == Counter(cal, frames.dtype, subpixel=subpixel, implementation="native")(
+                frames
+            )
+    assert [len(d.signatures) for d in (k._count_items, k._compact, k._gather)] == compiled
+    assert len(rows) >= 6  # the kinds did reach different variants

@@ -128,7 +128,7 @@ def _wait_ready(daemon: subprocess.Popen, watch: _StatusWatch, log_path: Path) -
         if st.get("ready", True):
             return
         state = str(st.get("state", "starting")).split(" (")[0]
-        if state != said:
+        if state != said and not state.startswith("loading"):  # a load takes a second
             said = state
             _say(f"ingest daemon: {st.get('state')}")
 

@@ -457,7 +457,7 @@ class IngestDaemon:
                 self._ctl_sock.setsockopt(zmq.SUBSCRIBE, b"")
                 self._ctl_sock.connect(ctl_ep)
                 where += f", worker {cfg.worker_id}, start/end from {ctl_ep}"
-        except (zmq.ZMQError, UserError, KeyboardInterrupt) as exc:
+        except BaseException as exc:  # a failed warm-up or ^C too: close what is open
             self._close_sockets(ctx, sock, pub, auth)
             if not isinstance(exc, zmq.ZMQError):
                 raise
@@ -479,8 +479,7 @@ class IngestDaemon:
             cfg.derived_rcvhwm(),
             cfg.max_frame_bytes,
         )
-        self.reporter.state = "ready"
-        self.reporter.tick(force=True)  # the first "ready" status, at once
+        self.reporter.state = "ready"  # published with the next status, within 0.5 s
         # Stages hand the GIL back and forth (kernels and compression release it); with
         # CPython's default 5 ms switch interval a stage returning from a kernel can
         # wait that long for the receive thread, which caps the frame rate.
