@@ -2,7 +2,7 @@
 
     python benchmarks/startup.py            # one cold start, three warm starts
     python benchmarks/startup.py --json     # one JSON object
-    python benchmarks/startup.py --warm-runs 1 --no-cold   # a quick check
+    python benchmarks/startup.py --no-cold --warm-runs 1   # a quick check
 
 The daemon compiles or loads every counting kernel variant before it binds its
 data socket, and publishes its state meanwhile. Each run starts a real daemon
@@ -37,14 +37,18 @@ from streamstore.cli import free_tcp_endpoint  # noqa: E402
 _READY_LINE = re.compile(r"counting kernels ready: (\d+) variants in ([\d.]+) s \((\d+) compiled\)")
 
 
-def start_once(cache_dir: Path, work: Path, timeout_s: float) -> dict[str, Any]:
-    """Start one daemon with ``NUMBA_CACHE_DIR=cache_dir``; time it until ready."""
+def start_once(cache_dir: Path | None, work: Path, timeout_s: float) -> dict[str, Any]:
+    """Start one daemon with ``NUMBA_CACHE_DIR=cache_dir`` (None: numba's default,
+    beside the installed modules); time it until ready."""
     import zmq
 
     status_ep = free_tcp_endpoint()
     out = Path(tempfile.mkdtemp(dir=work))
     log_path = out.with_suffix(".log")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("NUMBA_CACHE_DIR", None)
+    if cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
     )
@@ -123,14 +127,10 @@ def run(cold: bool, warm_runs: int, timeout_s: float, log=print) -> dict[str, An
                 f"overloads compiled for {r['variants']} variants; states: "
                 f"{' -> '.join(r['states'])})"
             )
-        elif warm_runs:  # fill the cache first, untimed
-            log("no cold run: filling the numba cache first (not timed)")
-            env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
-            )
-            code = "from streamstore.counting.warmup import warm_kernels; warm_kernels()"
-            subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=timeout_s)
+        elif warm_runs:  # numba's own cache, as installed; one untimed start fills it
+            cache = None
+            log("no cold run: warm starts on numba's default cache (one untimed start first)")
+            start_once(cache, work, timeout_s)
         for _ in range(warm_runs):
             r = start_once(cache, work, timeout_s)
             res["warm"].append(r)
@@ -149,7 +149,11 @@ def run(cold: bool, warm_runs: int, timeout_s: float, log=print) -> dict[str, An
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--warm-runs", type=int, default=3, help="warm starts (3)")
-    p.add_argument("--no-cold", action="store_true", help="skip the cold start")
+    p.add_argument(
+        "--no-cold",
+        action="store_true",
+        help="skip the cold start; warm starts then use numba's default cache",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per start (1800)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(argv)

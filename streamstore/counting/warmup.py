@@ -62,7 +62,7 @@ def _compiled(dispatchers: list[Any]) -> int:
 
 def warm_kernels(
     gain: bool = True,
-    progress: Callable[[int, int, dict[str, Any]], None] | None = None,
+    progress: Callable[[int, int, dict[str, Any], int], None] | None = None,
 ) -> dict[str, Any]:
     """Compile or load every counting kernel variant and the event encoder.
 
@@ -71,8 +71,10 @@ def warm_kernels(
     gain : bool, default True
         Also the variants only a gain map leads to (see :func:`kernel_variants`).
     progress : callable, optional
-        Called as ``progress(i, n, variant)`` before variant ``i`` of ``n``
-        (the encoder is the last, ``{"name": "gap_encode"}``).
+        Called as ``progress(i, n, variant, compiled)`` before variant ``i`` of
+        ``n`` (the encoder is the last, ``{"name": "gap_encode"}``), ``compiled``
+        the kernel overloads compiled so far (0 while everything comes from the
+        cache).
 
     Returns
     -------
@@ -91,13 +93,13 @@ def warm_kernels(
     n = len(variants) + 1
     for i, v in enumerate(variants):
         if progress is not None:
-            progress(i, n, v)
+            progress(i, n, v, _compiled(dispatchers) - before)
         args = _variant_args(v)
         k.count_frames(*args[:7], threads=args[7], maps=args[8], wide_rows=args[9])
     lo = np.ones((3, 70), np.uint16)
     k.kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
     if progress is not None:
-        progress(n - 1, n, {"name": "gap_encode"})
+        progress(n - 1, n, {"name": "gap_encode"}, _compiled(dispatchers) - before)
     gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
     return {
         "variants": len(variants),
