@@ -4,8 +4,9 @@ Work is split into items of ``BAND_ROWS`` rows of one frame; each item writes
 its events into its own slot of a preallocated buffer, so the result does not
 depend on the number of threads. The kernels are compiled single-threaded
 (``nogil``) and :func:`count_frames` runs contiguous ranges of items on its own
-threads: a parallel (``prange``) compile took about three times as long, for
-every variant, and the split is the same static one.
+threads: a parallel (``prange``) compile cost several times as much, for every
+variant (``benchmarks/startup.py`` measures the cold start), and the split is the
+same static one.
 
 Within an item, rows are processed as a rolling window of three signal rows
 (``S[r - 1]``, ``S[r]``, ``S[r + 1]``, a sentinel column at each end, SKIP
@@ -31,7 +32,8 @@ wherever there is no candidate) and of their horizontal 3-maxima. For each row
 The kernel streams the maps of :func:`kernel_maps`: in practice a one-byte
 dark over a per-row base and a one-byte threshold above dark, 4 bytes per
 pixel with the frame. Signal rows are bytes, ``min(signal, 255)``, for unsigned
-frames without a gain map (see :func:`row_type`), else exact int32:
+frames without a gain map and with a one-byte dark map or 8-bit frames (see
+:func:`row_type`), else exact int32:
 ``|raw - dark| <= 65535`` and the relative gain is at most 32767, so
 ``(raw - dark) * gain`` fits.
 
