@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +66,7 @@ def _counting_kernels_compiled_once(request):
     the same variants (on a clean clone each compiles once per run, not per test)."""
     seen: dict[Path, bool] = {}
     if any(_starts_daemons(Path(str(item.fspath)), seen) for item in request.session.items):
-        from streamstore.counting.warmup import warm_kernels
-
-        warm_kernels()
+        # in a child process: minutes of compiling in this one would run into
+        # faulthandler_timeout, whose traceback dump crashed inside numba's codegen
+        code = "from streamstore.counting.warmup import warm_kernels; warm_kernels()"
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
