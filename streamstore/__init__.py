@@ -28,6 +28,7 @@ _LAZY = {
     "open": "streamstore.reader",
     "import_stempy": "streamstore.stempy_io",
     "export_stempy": "streamstore.stempy_io",
+    "export_eer": "streamstore.eer",
 }
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "StoreWriter",
     "__version__",
     "count",
+    "export_eer",
     "export_stempy",
     "import_stempy",
     "open",
@@ -47,6 +49,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from streamstore.calibration import Calibration
     from streamstore.counting import count
+    from streamstore.eer import export_eer
     from streamstore.emulator import CameraEmulator
     from streamstore.events import EventBatch
     from streamstore.protocol import ProtocolError

@@ -22,7 +22,7 @@ COMMANDS: dict[str, str] = {
     "status": "print the live status an ingest daemon publishes",
     "info": "summarise a stored series",
     "show": "draw a summary figure (summed image, dose per frame) to PNG",
-    "export": "export a stored series to stempy, TIFF or npy",
+    "export": "export a stored series to stempy, TIFF, EER or npy",
     "keys": "make CURVE key pairs for authenticated camera links",
 }
 

@@ -48,7 +48,6 @@ CENTRE_CELL = 0b1010
 _SUB_FLIP = 0b1010  # top bit of each 2-bit sub-pixel coordinate is stored flipped
 _SUB_BITS = 4  # 2 horizontal + 2 vertical sub-pixel bits (a 4 x 4 grid)
 _BLOCK_EVENTS = 1 << 16  # events bit-expanded at once (bounds the encoder's scratch)
-_READ_EVENTS = 1 << 20  # events read from the store at once
 
 
 def eer_compression(rle_bits: int) -> int:
@@ -356,6 +355,10 @@ def export_eer(
                 source=source or str(store),
                 progress=progress,
             )
+    try:
+        import tifffile  # noqa: F401  the gain reference is a TIFF
+    except ImportError:  # pragma: no cover - optional extra
+        raise UserError("EER export needs tifffile: pip install 'streamstore[tiff]'") from None
     out = Path(out)
     compression = eer_compression(rle_bits)
     pixel = store.pixel_size_A
@@ -400,13 +403,14 @@ def export_eer(
         ("numberOfFrames", page_ids.size, None),
         ("sensorImageWidth", w, "pixel"),
         ("sensorImageHeight", h, "pixel"),
-        ("frameTime", getattr(store, "frame_time_s", None), "s"),
-        ("exposureTime", float(getattr(store, "frame_time_s", 0) or 0) * page_ids.size, "s"),
         ("streamstore.source", source or str(getattr(store, "path", "") or "?"), None),
         ("streamstore.firstFrameId", int(page_ids[0]), None),
         ("streamstore.missingFrames", missing_pages.size, None),
         ("streamstore.subpixel", "Yes" if store.subpixel else "No", None),
     ]
+    dt = getattr(store, "frame_time_s", None)
+    if dt and np.isfinite(dt):
+        meta += [("frameTime", dt, "s"), ("exposureTime", dt * page_ids.size, "s")]
     if pixel:
         meta += [
             ("sensorPixelSize.width", pixel * 1e-10, "m"),
@@ -416,7 +420,7 @@ def export_eer(
     try:
         with open(tmp, "wb") as fh:
             pages = _EerPages(fh, (h, w), int(rle_bits), _xml(meta))
-            _write_pages(store, pages, page_ids.size, stored_page, counts, h * w, progress)
+            _write_pages(store, pages, page_ids.size, stored_page, h * w, progress)
             strip_bytes = pages.strip_bytes
         tmp.replace(out)
     finally:
@@ -459,38 +463,24 @@ def _write_pages(
     pages: _EerPages,
     n_pages: int,
     stored_page: np.ndarray,
-    counts: np.ndarray,
     n_pixels: int,
     progress: bool | None,
 ) -> None:
-    """Encode and append every page in order, reading the store in bounded batches."""
+    """Encode and append every page in order, reading one stored frame at a time."""
     empty = encode_eer_frame(np.zeros(0, np.uint32), None, n_pixels, pages.rle)
-    n_frames = stored_page.size
-    ends = np.cumsum(counts)
-    page = shown = 0
-    i = 0
+    page = 0
     with Progress(n_pages, "eer", "frame", enabled=progress) as bar:
-        while i < n_frames:
-            # frames i:j hold at most _READ_EVENTS events (at least one frame)
-            j = int(np.searchsorted(ends, ends[i] - counts[i] + _READ_EVENTS, side="right"))
-            j = min(max(j, i + 1), n_frames)
-            batch = store.events(i, j)
-            for k in range(i, j):
-                while page < stored_page[k]:  # missing frames before this one
-                    pages.add(empty)
-                    page += 1
-                a, b = int(batch.offsets[k - i]), int(batch.offsets[k - i + 1])
-                sub = None if batch.subpixel is None else batch.subpixel[a:b]
-                pages.add(encode_eer_frame(batch.indices[a:b], sub, n_pixels, pages.rle))
-                page += 1
-            bar.update(page - shown)
-            shown = page
-            i = j
-            del batch
-        while page < n_pages:  # missing frames after the last stored one
+        for i, target in enumerate(stored_page.tolist()):
+            for _ in range(target - page):  # frames that never arrived: empty pages
+                pages.add(empty)
+            ev = store.events(i, i + 1)
+            pages.add(encode_eer_frame(ev.indices, ev.subpixel, n_pixels, pages.rle))
+            bar.update(target + 1 - page)
+            page = target + 1
+        pages_left = n_pages - page
+        for _ in range(pages_left):
             pages.add(empty)
-            page += 1
-        bar.update(page - shown)
+        bar.update(pages_left)
 
 
 # -- sidecars ----------------------------------------------------------------
@@ -567,25 +557,24 @@ def _write_sidecars(
     cols = ["page", "frame_id", "stored", "events", "e_per_px"]
     cols += ["e_per_A2", "cumulative_e_per_A2"] if pixel else ["cumulative_e_per_px"]
     lines += ["#", "# " + "\t".join(cols)]
-    missing = np.zeros(n, bool)
-    missing[r.missing_pages] = True
+    stored = np.ones(n, bool)
+    stored[r.missing_pages] = False
     cum = np.cumsum(per_page)
-    for p in range(n):
-        row = [str(p), str(int(r.frame_ids[p])), "0" if missing[p] else "1"]
-        row += [str(int(r.page_events[p])), f"{conv['e/px'][p]:.9g}"]
-        if pixel:
-            row.append(f"{conv['e/A2'][p]:.9g}")
-        row.append(f"{cum[p]:.9g}")
-        lines.append("\t".join(row))
-    r.dose_path.write_text("\n".join(lines) + "\n")
+    with open(r.dose_path, "w") as fh:  # row by row: 10,000-frame movies stay small
+        fh.write("\n".join(lines) + "\n")
+        for p in range(n):
+            row = f"{p}\t{int(r.frame_ids[p])}\t{int(stored[p])}\t{int(r.page_events[p])}"
+            row += f"\t{conv['e/px'][p]:.9g}"
+            if pixel:
+                row += f"\t{conv['e/A2'][p]:.9g}"
+            fh.write(f"{row}\t{cum[p]:.9g}\n")
     if r.fmint_path is not None and r.grouping:
         # one line per fraction with its own mean dose per raw frame (exact when
         # the dose rate drifts); the remainder RELION drops is the last line
         g = r.grouping
         e = conv["e/A2"]
-        fm = [
-            f"{min(g, n - a)} {min(g, n - a)} {float(e[a : a + g].mean()):.6g}"
-            for a in range(0, n, g)
-        ]
-        r.fmint_path.write_text("\n".join(fm) + "\n")
+        with open(r.fmint_path, "w") as fh:
+            for a in range(0, n, g):
+                k = min(g, n - a)
+                fh.write(f"{k} {k} {float(e[a : a + g].mean()):.6g}\n")
     tifffile.imwrite(r.gain_path, np.ones((h, w), np.float32), photometric="minisblack")
