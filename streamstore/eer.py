@@ -21,8 +21,10 @@ What is written (docs/api.md has the full description)
   an EER file), the strip byte count is even and at least ``run + 4`` bits
   follow the last code (imagecodecs needs both).
 
-Missing frames (ids the receiver never got) become empty pages so page
-``k`` is always frame id ``first_id + k``; they are listed in the dose file.
+Missing frames (ids the store records as never received) become empty pages
+in frame-id order, so the dose and time of the pages stay right; they are
+listed in the dose file. Ids neither stored nor recorded missing (another
+worker's frames in a sharded series) get no page.
 """
 
 from __future__ import annotations
