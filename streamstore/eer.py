@@ -49,7 +49,6 @@ CENTRE_CELL = 0b1010
 
 _SUB_FLIP = 0b1010  # top bit of each 2-bit sub-pixel coordinate is stored flipped
 _SUB_BITS = 4  # 2 horizontal + 2 vertical sub-pixel bits (a 4 x 4 grid)
-_BLOCK_EVENTS = 1 << 16  # events bit-expanded at once (bounds the encoder's scratch)
 
 
 def eer_compression(rle_bits: int) -> int:
@@ -103,22 +102,30 @@ def encode_eer_frame(
     # an even byte count; RELION reads 32-bit words past the last code
     nbytes = (total + width + 1 + 7) // 8
     nbytes += nbytes & 1
-    bits = np.ones(nbytes * 8, np.uint8)  # escapes are all-ones codes
-    bits[total:] = 0
-    bits[total - rle : total] = (tail_rem >> np.arange(rle)) & 1
+    # Build the complement of the stream: escapes (all ones) become zeros, so
+    # only the event codes and the last run are placed. Codes never overlap, so
+    # adding their bytes is OR-ing them; each code spans at most three bytes.
     if n:
         sym = (
-            np.full(n, CENTRE_CELL, np.uint16)
+            np.full(n, CENTRE_CELL, np.uint32)
             if subpixel is None
-            else np.asarray(subpixel, np.uint16) & 0xF
+            else np.asarray(subpixel, np.uint32) & 0xF
         )
-        val = (gap - n_esc * esc).astype(np.uint16) | ((sym ^ _SUB_FLIP) << rle)
-        lanes = np.arange(width)
-        for a in range(0, n, _BLOCK_EVENTS):
-            b = min(a + _BLOCK_EVENTS, n)
-            pos = (code_end[a:b] - width)[:, None] + lanes
-            bits[pos] = (val[a:b, None] >> lanes) & 1
-    return np.packbits(bits, bitorder="little").tobytes()
+        val = (gap - n_esc * esc).astype(np.uint32) | ((sym ^ _SUB_FLIP) << rle)
+        inv = np.append(~val & ((1 << width) - 1), ~tail_rem & esc).astype(np.uint32)
+        start = np.append(code_end - width, total - rle)
+    else:
+        inv = np.array([~tail_rem & esc], np.uint32)
+        start = np.array([total - rle], np.int64)
+    shifted = inv << (start & 7).astype(np.uint32)
+    first = start >> 3
+    acc = np.zeros(nbytes + 3)
+    for k in range(3):
+        acc += np.bincount(first + k, weights=(shifted >> (8 * k)) & 0xFF, minlength=nbytes + 3)
+    out = ~acc[:nbytes].astype(np.uint8)
+    out[total >> 3] &= (1 << (total & 7)) - 1  # padding after the last run is zero
+    out[(total >> 3) + 1 :] = 0
+    return out.tobytes()
 
 
 # -- BigTIFF container ----------------------------------------------------
