@@ -38,7 +38,7 @@ from typing import IO, Any
 import numpy as np
 
 from streamstore.errors import UserError
-from streamstore.export import _check_space, _check_unit, _convert, _free_out
+from streamstore.export import _check_space, _check_unit, _free_out
 from streamstore.progress import Progress
 
 __all__ = ["EerExport", "export_eer", "encode_eer_frame", "eer_compression", "CENTRE_CELL"]
@@ -392,8 +392,9 @@ def export_eer(
     page_events = np.zeros(page_ids.size, np.int64)
     page_events[stored_page] = counts
     missing_pages = np.setdiff1d(np.arange(page_ids.size), stored_page)
-    # an empty 7-bit page is H * W / 127 escapes; events cost at most 4 bytes
-    _check_space(out.parent, page_ids.size * (h * w // 60 + 64) + int(counts.sum()) * 4)
+    esc = (1 << int(rle_bits)) - 1  # an empty page is H * W / esc escapes of rle_bits bits
+    page_bytes = (h * w // esc + 1) * int(rle_bits) // 8 + 64
+    _check_space(out.parent, page_ids.size * page_bytes + int(counts.sum()) * 2)
 
     notes: list[str] = []
     if not store.subpixel:
@@ -438,7 +439,11 @@ def export_eer(
 
     n_ev = int(counts.sum())
     dose_unit = "e/A2" if pixel else "e/px"
-    conv = _convert(page_events, (h, w), pixel)
+    # dose per page in every unit, from store.dose() (missing pages: zero)
+    conv = {}
+    for u in ("events", "e/px") + (("e/A2",) if pixel else ()):
+        conv[u] = np.zeros(page_ids.size, np.float64)
+        conv[u][stored_page] = store.dose(u)
     group = dropped = None
     frac_dose = None
     if x is not None:
@@ -463,6 +468,8 @@ def export_eer(
         unit=unit,
         notes=notes,
     )
+    if result.fmint_path is None and overwrite:
+        fmint_path.unlink(missing_ok=True)  # not one from an earlier export beside this one
     _write_sidecars(store, result, conv, dose_unit, x, source)
     return result
 
@@ -536,7 +543,7 @@ def _write_sidecars(
             if r.missing_pages.size
             else ""
         ),
-        f"# dose per raw frame (mean over pages): {mean:.6g} {main_unit}",
+        f"# dose per raw frame (Store.dose; mean over pages): {mean:.6g} {main_unit}",
     ]
     if x is None or r.grouping is None:
         lines.append(

@@ -186,6 +186,11 @@ def test_dose_sidecar_grouping_fmint_and_gain(sub_store, tmp_path):
     assert "gain reference movie_gain.tif: flat" in header
     assert "missing frames (never received, written as empty pages, zero dose): 3" in header
     assert f"streamstore file {r.store_bits_per_event:.4g}" in header
+    # again without a dose per fraction: no grouping, and no stale -FmIntFile beside it
+    r2 = export_eer(sub_store, out, overwrite=True, progress=False)
+    assert r2.grouping is None and r2.fmint_path is None
+    assert not (tmp_path / "movie_fmint.txt").exists()
+    assert "no dose per fraction requested" in (tmp_path / "movie_dose.txt").read_text()
 
 
 def test_export_memory_does_not_grow_with_the_series(tmp_path):
