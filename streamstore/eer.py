@@ -396,6 +396,16 @@ def export_eer(
     page_bytes = (h * w // esc + 1) * int(rle_bits) // 8 + 64
     _check_space(out.parent, page_ids.size * page_bytes + int(counts.sum()) * 2)
 
+    # dose per page in every unit, from store.dose() (missing pages: zero)
+    conv = {}
+    for u in ("events", "e/px") + (("e/A2",) if pixel else ()):
+        conv[u] = np.zeros(page_ids.size, np.float64)
+        conv[u][stored_page] = store.dose(u)
+    group = dropped = None
+    frac_dose = None
+    if x is not None:
+        group, dropped, frac_dose = eer_grouping(conv[unit], x)
+
     notes: list[str] = []
     if not store.subpixel:
         notes.append(
@@ -439,15 +449,6 @@ def export_eer(
 
     n_ev = int(counts.sum())
     dose_unit = "e/A2" if pixel else "e/px"
-    # dose per page in every unit, from store.dose() (missing pages: zero)
-    conv = {}
-    for u in ("events", "e/px") + (("e/A2",) if pixel else ()):
-        conv[u] = np.zeros(page_ids.size, np.float64)
-        conv[u][stored_page] = store.dose(u)
-    group = dropped = None
-    frac_dose = None
-    if x is not None:
-        group, dropped, frac_dose = eer_grouping(conv[unit], x)
     result = EerExport(
         path=out,
         dose_path=dose_path,
