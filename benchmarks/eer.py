@@ -6,7 +6,7 @@ one run, per density:
 
 * the store's bits/event (``Store.bits_per_event``, gaps + sub-pixel bytes);
 * the EER's bits/event (strip bytes x 8 / events) for 7-bit runs
-  (compression 65001, the default) and 8-bit runs (65000), beside the
+  (compression 65001, the default) and 8-bit runs (65002), beside the
   expected value for geometric gaps, ``rle + 4 + rle * q / (1 - q)`` with
   ``q = (1 - p) ** (2**rle - 1)`` (one escape per 2**rle - 1 empty pixels);
 * export speed, frames/s and M events/s, of :func:`streamstore.export_eer`

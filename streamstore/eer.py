@@ -14,9 +14,12 @@ What is written (docs/api.md has the full description)
   no sub-pixel bits). A last run brings the pixel count to exactly ``H * W``.
   The sub-pixel bits are stored with the top bit of each flipped (raw symbol
   ``((qy << 2) | qx) ^ 0b1010``), which is what both decoders undo.
-- ``rle_bits=8`` writes compression 65000 (8-bit runs, escape 255); other
-  widths (4-12) write 65002 with the widths in tags 65007-65009, which
-  imagecodecs and recent RELION read but RELION 3.1/4 do not.
+- Other run widths (4-12) write compression 65002 with the widths in tags
+  65007-65009: imagecodecs reads them, RELION refuses them (it takes 65002
+  only with 7-bit runs and 1-bit sub-pixel fields), so no reader misreads
+  them. Compression 65000 (8-bit runs) is never written: RELION reads its
+  escapes (run 255) as 12-bit codes, imagecodecs as 8-bit ones, so a page
+  with a run of 255 empty pixels cannot satisfy both.
 - Tag 65001 of the first page holds ``<metadata>`` XML (tifffile's test for
   an EER file), the strip byte count is even and at least ``run + 4`` bits
   follow the last code (imagecodecs needs both).
@@ -52,10 +55,10 @@ _SUB_BITS = 4  # 2 horizontal + 2 vertical sub-pixel bits (a 4 x 4 grid)
 
 
 def eer_compression(rle_bits: int) -> int:
-    """TIFF compression code for a run-length width: 65001 (7), 65000 (8), else 65002."""
+    """TIFF compression code for a run-length width: 65001 for 7 bits, else 65002."""
     if not 4 <= int(rle_bits) <= 12:
         raise UserError(f"rle_bits must be 4-12 (7 is what Falcon 4 writes), got {rle_bits!r}")
-    return {7: 65001, 8: 65000}.get(int(rle_bits), 65002)
+    return 65001 if int(rle_bits) == 7 else 65002
 
 
 def encode_eer_frame(
@@ -106,11 +109,8 @@ def encode_eer_frame(
     # only the event codes and the last run are placed. Codes never overlap, so
     # adding their bytes is OR-ing them; each code spans at most three bytes.
     if n:
-        sym = (
-            np.full(n, CENTRE_CELL, np.uint32)
-            if subpixel is None
-            else np.asarray(subpixel, np.uint32) & 0xF
-        )
+        sym = np.full(n, CENTRE_CELL) if subpixel is None else subpixel
+        sym = np.asarray(sym, np.uint32) & 0xF
         val = (gap - n_esc * esc).astype(np.uint32) | ((sym ^ _SUB_FLIP) << rle)
         inv = np.append(~val & ((1 << width) - 1), ~tail_rem & esc).astype(np.uint32)
         start = np.append(code_end - width, total - rle)
@@ -231,7 +231,7 @@ class EerExport:
     page_events : ndarray of int64
         Events on each page.
     compression : int
-        TIFF compression code written (65001, 65000 or 65002).
+        TIFF compression code written (65001 or 65002).
     rle_bits : int
         Run-length width.
     subpixel : bool
@@ -331,7 +331,8 @@ def export_eer(
         Unit of ``dose_per_fraction``.
     rle_bits : int, default 7
         Run-length width: 7 writes compression 65001 (Falcon 4, read by
-        RELION, MotionCor2, imagecodecs), 8 writes 65000, 4-12 else 65002.
+        RELION, MotionCor2, imagecodecs); other widths 4-12 write 65002
+        (imagecodecs only).
     overwrite : bool, default False
         Replace existing output files.
     source : str or None, default None
@@ -412,13 +413,15 @@ def export_eer(
             "the store has no sub-pixel positions: every event is written at the centre "
             "cell (2, 2) of the 4 x 4 grid, so super-resolution rendering adds no detail"
         )
-    if (h, w) != (4096, 4096):
+    if (h, w) not in ((4096, 4096), (2048, 2048)):
         notes.append(
-            f"frames are {h} x {w}: tifffile/imagecodecs read them, RELION 3.1-4 "
-            "renders only 4096 x 4096 EER movies"
+            f"frames are {h} x {w}: tifffile/imagecodecs read them, RELION renders "
+            "only 4096 x 4096 (and, since version 5, 2048 x 2048) EER movies"
         )
     if compression == 65002:
-        notes.append("compression 65002 is read by imagecodecs and recent RELION, not RELION 4")
+        notes.append(
+            f"compression 65002 with {rle_bits}-bit runs: imagecodecs reads it, RELION does not"
+        )
     meta = [
         ("numberOfFrames", page_ids.size, None),
         ("sensorImageWidth", w, "pixel"),
@@ -525,7 +528,7 @@ def _write_sidecars(
     per_page = conv[main_unit]
     n = r.n_pages
     mean = float(per_page.sum()) / n
-    codes = {65001: "7-bit runs", 65000: "8-bit runs", 65002: f"{r.rle_bits}-bit runs"}
+    codes = {65001: "7-bit runs", 65002: f"{r.rle_bits}-bit runs"}
     lines = [
         "# streamstore EER movie: one line per page (= one raw camera frame)",
         f"# eer: {r.path.name}   source: {source or getattr(store, 'path', '?')}",

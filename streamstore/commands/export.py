@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--rle-bits",
         type=int,
         default=None,
-        help="run-length bits: 7 (default, compression 65001 as Falcon 4), 8 (65000), 4-12 (65002)",
+        help="run-length bits: 7 (default: compression 65001, as the Falcon 4 writes) "
+        "or 4-12 (65002, read by imagecodecs, not RELION)",
     )
     st = parser.add_argument_group("stempy (4D-STEM)")
     st.add_argument(
