@@ -56,7 +56,7 @@ _SUB_BITS = 4  # 2 horizontal + 2 vertical sub-pixel bits (a 4 x 4 grid)
 
 def eer_compression(rle_bits: int) -> int:
     """TIFF compression code for a run-length width: 65001 for 7 bits, else 65002."""
-    if not 4 <= int(rle_bits) <= 12:
+    if not isinstance(rle_bits, (int, np.integer)) or not 4 <= int(rle_bits) <= 12:
         raise UserError(f"rle_bits must be 4-12 (7 is what Falcon 4 writes), got {rle_bits!r}")
     return 65001 if int(rle_bits) == 7 else 65002
 

@@ -130,6 +130,28 @@ def test_relion_loop_reads_the_strips(sub_store, tmp_path):
             np.testing.assert_array_equal(symbols, ev.subpixel)
 
 
+@pytest.mark.parametrize(
+    "n_pixels,indices",
+    [
+        (254, []),  # an empty page that is exactly two escapes
+        (256, []),
+        (127, [126]),  # last pixel: the page ends with a zero run
+        (381, [0, 253]),  # tail of 127: ends on an escape
+        (400, [127, 255, 271]),  # gaps of exactly 127 and of 127 + 0
+    ],
+)
+def test_runs_at_the_escape_boundaries(n_pixels, indices):
+    import imagecodecs
+
+    idx = np.array(indices, np.uint32)
+    sub = (np.arange(idx.size) * 5 % 16).astype(np.uint8)
+    strip = encode_eer_frame(idx, sub, n_pixels)
+    coarse = imagecodecs.eer_decode(strip, (1, n_pixels), 7, 2, 2)
+    assert np.flatnonzero(coarse).tolist() == indices
+    positions, symbols = _relion_7bit(strip, n_pixels)
+    assert positions.tolist() == indices and symbols.tolist() == sub.tolist()
+
+
 def test_encoder_rejects_unsorted_indices():
     with pytest.raises(ValueError, match="ascend strictly"):
         encode_eer_frame(np.array([5, 3], np.uint32), None, 100)
