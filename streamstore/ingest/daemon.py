@@ -112,8 +112,9 @@ class IngestConfig:
         Longest time counted frames stay unflushed (what SIGKILL can lose).
     estimate_frames : int, default 8
         Frames used to estimate a calibration when nothing else is known.
-    max_dark_frames : int, default 64
-        Dark frames kept to build a calibration.
+    max_dark_frames : int, optional
+        Most dark frames of a dark series used for its calibration (None: all;
+        they are summed as they come, so their number costs no memory).
     rcvhwm : int, optional
         Receive high-water mark in messages; None derives it from the budget
         and ``max_frame_bytes`` (at least 2).
@@ -170,7 +171,7 @@ class IngestConfig:
     status_interval_s: float = 5.0
     flush_interval_s: float = 1.0
     estimate_frames: int = 8
-    max_dark_frames: int = 64
+    max_dark_frames: int | None = None
     rcvhwm: int | None = None
     curve_keys: str | None = None
     max_missing_ids: int = 1 << 22
