@@ -152,13 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         f"frames {shape[0]} x {shape[1]} uint16: {frame_bytes / mb:.1f} MB each, "
         f"running sums {result['running_sums_bytes'] / mb:.0f} MB"
     )
-    print("| dark frames | stacked MB | library peak RSS MB | library s | daemon peak RSS MB |")
+    print(
+        "| dark frames | stacked MB | library peak RSS MB (above the frame pool) | library s "
+        "| daemon peak RSS MB |"
+    )
     print("|---|---|---|---|---|")
     for r in rows:
         lib, dmn = r.get("library"), r.get("daemon")
         print(
             f"| {r['n_frames']} | {r['stacked_bytes'] / mb:.0f} | "
-            f"{lib['peak_rss_bytes'] / mb:.0f} | {lib['seconds']:.2f} | "
+            f"{lib['peak_rss_bytes'] / mb:.0f} ({lib['growth_bytes'] / mb:.0f}) | "
+            f"{lib['seconds']:.2f} | "
             if lib
             else f"| {r['n_frames']} | {r['stacked_bytes'] / mb:.0f} | - | - | ",
             end="",
