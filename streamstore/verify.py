@@ -122,7 +122,10 @@ class Report:
             for p in f.problems:
                 out.append(f"  PROBLEM: {p}")
         if self.series_damaged:
-            out.append(f"{self.path}: damaged series frames {format_ranges(self.series_damaged)}")
+            n = sum(b - a for a, b in self.series_damaged)
+            out.append(
+                f"{self.path}: {n} damaged series frames: {format_ranges(self.series_damaged)}"
+            )
         for p in self.problems:
             out.append(f"{self.path}: PROBLEM: {p}")
         out.append(f"{self.path}: {'sound' if self.sound else 'DAMAGED'}")
