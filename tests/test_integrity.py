@@ -272,3 +272,17 @@ def test_verify_bad_input_is_one_sentence_and_exit_2(tmp_path):
     junk.write_bytes(b"not an HDF5 file at all")
     r = _verify(junk)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_dask_reads_go_through_the_check(store):
+    pytest.importorskip("dask")
+    path, batch = store
+    lo, hi = _flip(path, "events/gaps", 4)
+    a, b = _frames_in_slots(path, lo, hi)
+    with streamstore.open(path) as s:
+        arr = s.to_dask(chunk_frames=50)
+        first = arr[: a - a % 50].sum(axis=0).compute(scheduler="sync")
+        truth = batch.slice(0, a - a % 50).to_dense().sum(axis=0)
+        assert np.array_equal(first, truth)
+        with pytest.raises(streamstore.CorruptDataError):
+            arr[a:b].sum().compute(scheduler="sync")
