@@ -162,14 +162,16 @@ class ChunkReader:
             self._cache.clear()
 
 
-def read_column(ds: Any, n: int, swmr: bool) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
-    """Rows ``0:n`` of a per-frame dataset as int64, chunk by chunk through HDF5.
+def read_column(
+    ds: Any, n: int, swmr: bool, dtype: Any = np.int64
+) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+    """Rows ``0:n`` of a 1-d dataset as ``dtype``, chunk by chunk through HDF5.
 
     HDF5 checks each chunk's Fletcher-32 (when present) and decodes it; a chunk
     that fails reads as zeros and is returned as ``(lo, hi, reason)`` rows.
     """
     c = int(ds.chunks[0]) if ds.chunks else max(n, 1)
-    out = np.zeros(n, np.int64)
+    out = np.zeros(n, dtype)
     bad: list[tuple[int, int, str]] = []
     tries = _SWMR_RETRIES if swmr else 1
     for lo in range(0, n, c):

@@ -267,7 +267,7 @@ def _check(f: Any, path: Path, swmr: bool, nthreads: int) -> FileReport:
         if d.name in known:
             continue
         if d.ndim == 1 and d.chunks:
-            _, bad = read_column(d, int(d.shape[0]), swmr) if d.dtype.kind in "iu" else ([], [])
+            _, bad = read_column(d, int(d.shape[0]), swmr, d.dtype)
             rep.chunks_checked += -(-int(d.shape[0]) // int(d.chunks[0]))
         else:
             bad = []
@@ -297,6 +297,8 @@ def _check_events(rep, ds, offs, counts, damaged, npix, swmr, nthreads) -> None:
     rep.chunks_checked += -(-n_slots // c)
     ok = ~damaged
     live = np.flatnonzero(ok & (counts > 0))  # frames whose events we check
+    live_s = offs[live]
+    live_e = live_s + counts[live]  # both ascending: frames do not overlap
     # a hole next to a damaged frame may hold that frame's events: not checked
     dam_before = np.cumsum(damaged)
     reasons: dict[int, str] = {}
@@ -316,10 +318,13 @@ def _check_events(rep, ds, offs, counts, damaged, npix, swmr, nthreads) -> None:
             flag(_frames_hit(offs, counts, ok, b.lo, b.hi), b.reason)
         # frames lying wholly inside this window are checked here; frames that
         # straddle a window edge are checked by _check_straddling
-        sel = live[(offs[live] >= lo) & (offs[live] + counts[live] <= hi)]
+        j0 = int(np.searchsorted(live_e, lo, side="right"))
+        j1 = int(np.searchsorted(live_s, hi, side="left"))
+        win_s, win_e = live_s[j0:j1], live_e[j0:j1]
+        sel = live[j0:j1][(win_s >= lo) & (win_e <= hi)]
         addressed = np.zeros(hi - lo + 1, np.int64)
-        st = np.clip(offs[live] - lo, 0, hi - lo)
-        en = np.clip(offs[live] + counts[live] - lo, 0, hi - lo)
+        st = np.clip(win_s - lo, 0, hi - lo)
+        en = np.clip(win_e - lo, 0, hi - lo)
         np.add.at(addressed, st, 1)
         np.add.at(addressed, en, -1)
         covered = np.cumsum(addressed[:-1]) > 0
@@ -337,9 +342,8 @@ def _check_events(rep, ds, offs, counts, damaged, npix, swmr, nthreads) -> None:
         if sel.size:
             s_rel = offs[sel] - lo
             e_rel = s_rel + counts[sel]
-            clean = np.array(
-                [not badslot[a:b].any() for a, b in zip(s_rel, e_rel, strict=True)], bool
-            )
+            n_bad = np.concatenate([[0], np.cumsum(badslot)])
+            clean = n_bad[e_rel] == n_bad[s_rel]
             sel, s_rel, e_rel = sel[clean], s_rel[clean], e_rel[clean]
             _gap_checks(data, sel, s_rel, e_rel, npix, flag)
     _check_straddling(reader, live, offs, counts, step, n_slots, npix, flag)

@@ -286,3 +286,22 @@ def test_dask_reads_go_through_the_check(store):
         assert np.array_equal(first, truth)
         with pytest.raises(streamstore.CorruptDataError):
             arr[a:b].sum().compute(scheduler="sync")
+
+
+def test_damaged_subpixel_chunk_is_found_and_confined(tmp_path, rng):
+    batch = _batch(rng, 300)
+    sub = rng.integers(0, 16, batch.n_events, dtype=np.uint8)
+    batch = EventBatch(batch.offsets, batch.indices, sub, SHAPE)
+    path = tmp_path / "sub.h5"
+    with StoreWriter(path, SHAPE, frame_time_s=1e-3, chunk_events=CHUNK_EVENTS, subpixel=True) as w:
+        w.append(batch, np.arange(300), np.arange(300))
+    lo, hi = _flip(path, "events/subpixel", 2)
+    a, b = _frames_in_slots(path, lo, hi)
+    r = _verify(path)
+    assert r.returncode == 1
+    assert f"DAMAGED frames {a}:{b}: /events/subpixel chunk 2" in r.stdout
+    with streamstore.open(path) as s:
+        assert np.array_equal(s.events(0, a).subpixel, batch.slice(0, a).subpixel)
+        assert np.array_equal(s.frames(a, b), batch.slice(a, b).to_dense())  # gaps intact
+        with pytest.raises(streamstore.CorruptDataError):
+            s.events(a, b)
