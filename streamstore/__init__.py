@@ -23,6 +23,7 @@ _LAZY = {
     "count": "streamstore.counting",
     "CameraEmulator": "streamstore.emulator",
     "ProtocolError": "streamstore.protocol",
+    "CorruptDataError": "streamstore.errors",
     "StoreWriter": "streamstore.store",
     "Store": "streamstore.reader",
     "open": "streamstore.reader",
@@ -34,6 +35,7 @@ _LAZY = {
 __all__ = [
     "CameraEmulator",
     "Calibration",
+    "CorruptDataError",
     "EventBatch",
     "ProtocolError",
     "Store",
@@ -51,6 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from streamstore.counting import count
     from streamstore.eer import export_eer
     from streamstore.emulator import CameraEmulator
+    from streamstore.errors import CorruptDataError
     from streamstore.events import EventBatch
     from streamstore.protocol import ProtocolError
     from streamstore.reader import Store, open
