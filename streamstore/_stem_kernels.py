@@ -1,0 +1,64 @@
+"""numba forms of the per-frame 4D-STEM kernels (imported lazily: it loads numba).
+
+Same contracts as the numpy references in :mod:`streamstore._stem_reference`
+(tests hold them equal). Single-threaded and ``nogil``: :mod:`streamstore.stem`
+runs one per job from its own threads, each job a disjoint set of frames, so
+no two threads write the same output row.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["frame_label_counts", "frame_moments", "frame_weighted_sums"]
+
+
+@numba.njit(cache=True, nogil=True)
+def frame_label_counts(gaps, starts, counts, labels, out):  # pragma: no cover - compiled
+    """``out[f, labels[i]] += 1`` for every event ``i`` of frame ``f`` with ``labels[i] >= 0``."""
+    for f in range(starts.size):
+        idx = np.int64(0)
+        for k in range(starts[f], starts[f] + counts[f]):
+            idx += gaps[k]
+            lab = labels[idx]
+            if lab >= 0:
+                out[f, lab] += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def frame_weighted_sums(gaps, starts, counts, weights, out):  # pragma: no cover - compiled
+    """``out[f] += weights[i]`` summed over the events ``i`` of frame ``f``."""
+    for f in range(starts.size):
+        idx = np.int64(0)
+        acc = 0.0
+        for k in range(starts[f], starts[f] + counts[f]):
+            idx += gaps[k]
+            acc += weights[idx]
+        out[f] += acc
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def frame_moments(gaps, starts, counts, width, mask, out):  # pragma: no cover - compiled
+    """``out[f] += (sum of rows, sum of cols, number)`` of frame ``f``'s events in ``mask``."""
+    use_mask = mask.size > 0
+    for f in range(starts.size):
+        idx = np.int64(0)
+        sr = np.int64(0)
+        sc = np.int64(0)
+        n = np.int64(0)
+        for k in range(starts[f], starts[f] + counts[f]):
+            idx += gaps[k]
+            if use_mask and mask[idx] == 0:
+                continue
+            r = idx // width
+            sr += r
+            sc += idx - r * width
+            n += 1
+        # integer sums are exact; float64 holds them exactly below 2**53
+        out[f, 0] += sr
+        out[f, 1] += sc
+        out[f, 2] += n
+    return out
