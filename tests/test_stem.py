@@ -27,12 +27,14 @@ def dense_to_batch(dense: np.ndarray) -> EventBatch:
     return EventBatch(offs, idx, None, (h, w))
 
 
-def make_scan_store(path, *, scan=SCAN, fpp=2, flyback=1, seed=0, drop=(), scan_in_file=True):
+def make_scan_store(
+    path, *, frame=FRAME, scan=SCAN, fpp=2, flyback=1, seed=0, drop=(), scan_in_file=True
+):
     """A scan with a drifting bright disk; returns (path, dense frames by frame id, ids)."""
     rng = np.random.default_rng(seed)
     rows, cols = scan
     n = rows * (cols + flyback) * fpp
-    h, w = FRAME
+    h, w = frame
     rr, cc = np.mgrid[:h, :w]
     dense = np.zeros((n, h, w), np.uint8)
     for i in range(n):
@@ -43,7 +45,7 @@ def make_scan_store(path, *, scan=SCAN, fpp=2, flyback=1, seed=0, drop=(), scan_
         dense[i] = rng.random((h, w)) < prob
     ids = np.array([i for i in range(n) if i not in drop], np.int64)
     geom = ScanGeometry(scan, fpp, flyback) if scan_in_file else None
-    with streamstore.StoreWriter(path, FRAME, frame_time_s=1e-3, scan=geom) as wr:
+    with streamstore.StoreWriter(path, frame, frame_time_s=1e-3, scan=geom) as wr:
         wr.append(dense_to_batch(dense[ids]), ids, ids * 1000)
         if drop:
             wr.mark_missing(list(drop))
