@@ -44,6 +44,9 @@ def frame_weighted_sums(gaps, starts, counts, weights, out):  # pragma: no cover
 def frame_moments(gaps, starts, counts, width, mask, out):  # pragma: no cover - compiled
     """``out[f] += (sum of rows, sum of cols, number)`` of frame ``f``'s events in ``mask``."""
     use_mask = mask.size > 0
+    # a multiply by the reciprocal and one correction instead of an integer
+    # division per event (the division was two thirds of the kernel's time)
+    inv_w = 1.0 / width
     for f in range(starts.size):
         idx = np.int64(0)
         sr = np.int64(0)
@@ -53,7 +56,11 @@ def frame_moments(gaps, starts, counts, width, mask, out):  # pragma: no cover -
             idx += gaps[k]
             if use_mask and mask[idx] == 0:
                 continue
-            r = idx // width
+            r = np.int64(idx * inv_w)
+            if r * width > idx:
+                r -= 1
+            elif (r + 1) * width <= idx:
+                r += 1
             sr += r
             sc += idx - r * width
             n += 1

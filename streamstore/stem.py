@@ -469,11 +469,16 @@ class ScanAnalysisMixin:
         """
         geom = self._scan_override
         if geom is None:
-            f = getattr(self, "_f", None)
-            if f is not None:
-                geom = ScanGeometry.from_attrs(f.attrs)
-            elif getattr(self, "shards", None):
-                geom = self.shards[0].scan
+            if "_scan_file" not in self.__dict__:  # attribute reads cost ~1 ms: once
+                f = getattr(self, "_f", None)
+                if f is not None:
+                    found = ScanGeometry.from_attrs(f.attrs)
+                elif getattr(self, "shards", None):
+                    found = self.shards[0].scan
+                else:
+                    found = None
+                self.__dict__["_scan_file"] = found
+            geom = self.__dict__["_scan_file"]
         if geom is None:
             return None
         return geom.resolved(self.frame_ids, self.missing_frame_ids)  # type: ignore[attr-defined]
