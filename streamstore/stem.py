@@ -22,7 +22,9 @@ Conventions (rows, cols everywhere, as in ``docs/format.md``):
 * a scan region of interest ``scan_roi = (r0, r1, c0, c1)`` selects scan rows
   ``r0:r1`` and columns ``c0:c1``; outputs then have shape ``(r1 - r0, c1 - c0)``.
 
-The same analyses run on a dask cluster with :func:`map_scan`.
+The same analyses run on a dask cluster with :func:`map_scan` (reductions on
+the events, in the workers); :func:`scan_to_dask` gives the scan as a lazy
+4-D dask array for tools that want one.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "center_of_mass",
     "diffraction_sum",
     "map_scan",
+    "scan_to_dask",
     "radial_profile",
     "scan_coverage",
     "virtual_image",
@@ -452,6 +455,75 @@ def map_scan(store: Any, name: str, window: int = 4096, client: Any = None, **pa
     if name == "diffraction_sum":
         return total.astype(np.uint32)
     return total
+
+
+class _ScanSource:
+    """What ``dask.array.from_array`` slices for :func:`scan_to_dask`: whole scan rows.
+
+    Picklable (path and geometry only); a block is read in the worker that
+    computes it, the frames of a position added together.
+    """
+
+    def __init__(self, path: str, geom: ScanGeometry, frame_shape: Any, dtype: Any) -> None:
+        self.path = path
+        self.geom = geom
+        self.dtype = np.dtype(dtype)
+        self.shape = (*geom.scan_shape, *frame_shape)
+        self.ndim = 4
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        from streamstore.distributed import open_cached
+
+        if not isinstance(key, tuple):
+            key = (key,)
+        key = key + (slice(None),) * (4 - len(key))
+        r0, r1, _ = key[0].indices(self.shape[0]) if isinstance(key[0], slice) else (0, 0, 0)
+        if not isinstance(key[0], slice) or r1 <= r0:
+            return self[:][key]
+        g = self.geom
+        store = open_cached(self.path).with_scan(
+            g.scan_shape, g.frames_per_position, g.flyback, first_frame_id=g.first_frame_id
+        )
+        cols = self.shape[1]
+        out = np.zeros((r1 - r0, cols, *self.shape[2:]), self.dtype)
+        sel, local, _shape = _selection(store, (r0, r1, 0, cols), None, None)
+        flat = out.reshape((r1 - r0) * cols, *self.shape[2:])
+        for i in range(0, sel.size, _FALLBACK_FRAMES):
+            part = sel[i : i + _FALLBACK_FRAMES]
+            block = store.frames(int(part[0]), int(part[-1]) + 1, dtype=self.dtype)
+            np.add.at(flat, local[i : i + part.size], block[part - part[0]])
+        return out[(slice(None),) + key[1:]]
+
+
+def scan_to_dask(store: Any, *, chunk_rows: int = 1, dtype: Any = np.uint16) -> Any:
+    """A lazy dask array ``(rows, cols, H, W)`` of the scan, for dask-based 4D-STEM tools.
+
+    Each chunk is ``chunk_rows`` whole scan rows, read in the worker that
+    computes it (a position's frames added); nothing is densified before a
+    chunk is computed. Reductions over it equal the store's own analyses, e.g.
+    ``(arr * mask).sum(axis=(2, 3))`` is ``store.virtual_image(mask=mask)``.
+    Needs ``streamstore[dask]``.
+    """
+    import os
+
+    import dask.array as da
+    from dask.base import tokenize
+
+    from streamstore.distributed import _check_int
+
+    chunk_rows = _check_int("chunk_rows", chunk_rows, 1)
+    geom = _geometry(store)
+    src = _ScanSource(os.fspath(store.path), geom, tuple(store.frame_shape), dtype)
+    name = "streamstore-scan-" + tokenize(os.fspath(store.path), store.n_frames, geom, str(dtype))
+    return da.from_array(
+        src,
+        chunks=(chunk_rows, src.shape[1], *src.shape[2:]),
+        name=name,
+        lock=False,
+        asarray=True,
+        fancy=False,
+        meta=np.empty((0, 0, 0, 0), dtype=src.dtype),
+    )
 
 
 # ----------------------------------------------------------- Store methods --
