@@ -29,8 +29,8 @@ def find_disk(pattern: np.ndarray) -> tuple[tuple[float, float], float]:
 
     The centre is the centre of mass of the pixels brighter than halfway
     between the pattern's median and its (lightly smoothed) maximum, so a
-    diffuse background does not pull it; the radius is where the
-    ring-averaged intensity around it first falls below that halfway level.
+    diffuse background does not pull it; the radius is that of a disk with
+    the area of those pixels.
     """
     from scipy.ndimage import uniform_filter
 
@@ -44,10 +44,9 @@ def find_disk(pattern: np.ndarray) -> tuple[tuple[float, float], float]:
     h, w = img.shape
     cr = float(bright.sum(axis=1) @ np.arange(h) / total)
     cc = float(bright.sum(axis=0) @ np.arange(w) / total)
-    r = np.rint(np.hypot(np.arange(h)[:, None] - cr, np.arange(w)[None, :] - cc)).astype(np.int64)
-    ring = np.bincount(r.ravel(), smooth.ravel()) / np.maximum(np.bincount(r.ravel()), 1)
-    below = np.flatnonzero(ring < half)
-    radius = float(below[0]) if below.size else float(ring.size - 1)
+    # the radius of a disk of the bright area: counting losses can dim the
+    # disk's middle, so a walk outwards from the centre would stop too early
+    radius = float(np.sqrt(np.count_nonzero(bright) / np.pi))
     return (cr, cc), max(radius, 1.0)
 
 
@@ -64,6 +63,7 @@ def virtual_figure(
     """Draw the virtual ``kind`` ("bf", "adf" or "com") of a scanned store; return the Figure."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Circle
+    from matplotlib.ticker import MaxNLocator
 
     if kind not in VIRTUAL_KINDS:
         raise UserError(f"virtual must be one of {VIRTUAL_KINDS}, got {kind!r}")
@@ -108,6 +108,8 @@ def virtual_figure(
         else:
             im = ax.imshow(m, cmap=cmap, interpolation="nearest")
         ax.set_title(name, fontsize=10)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(f"scan column (0-{cols - 1})")
         ax.set_ylabel(f"scan row (0-{rows - 1})")
         fig.colorbar(im, ax=ax, shrink=0.8)
