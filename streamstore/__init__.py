@@ -28,6 +28,9 @@ _LAZY = {
     "open": "streamstore.reader",
     "import_stempy": "streamstore.stempy_io",
     "export_stempy": "streamstore.stempy_io",
+    "ScanGeometry": "streamstore.scan",
+    "STEMSpecimen": "streamstore.stem_specimen",
+    "export_raw_csr": "streamstore.libertem_io",
 }
 
 __all__ = [
@@ -35,10 +38,13 @@ __all__ = [
     "Calibration",
     "EventBatch",
     "ProtocolError",
+    "STEMSpecimen",
+    "ScanGeometry",
     "Store",
     "StoreWriter",
     "__version__",
     "count",
+    "export_raw_csr",
     "export_stempy",
     "import_stempy",
     "open",
@@ -49,8 +55,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from streamstore.counting import count
     from streamstore.emulator import CameraEmulator
     from streamstore.events import EventBatch
+    from streamstore.libertem_io import export_raw_csr
     from streamstore.protocol import ProtocolError
     from streamstore.reader import Store, open
+    from streamstore.scan import ScanGeometry
+    from streamstore.stem_specimen import STEMSpecimen
     from streamstore.stempy_io import export_stempy, import_stempy
     from streamstore.store import StoreWriter
 

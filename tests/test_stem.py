@@ -205,3 +205,43 @@ def test_kernel_parity_numba_vs_numpy(seed):
     a = _stem_kernels.frame_weighted_sums(gaps, starts, counts, weights, np.zeros(n))
     b = _stem_reference.frame_weighted_sums(gaps, starts, counts, weights, np.zeros(n))
     np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_sharded_series_gives_the_single_file_results(scan_file, tmp_path):
+    """A series split over two shards (read through events, not chunks) gives the same images."""
+    path, dense, ids = scan_file
+    series = tmp_path / "series"
+    series.mkdir()
+    geom = ScanGeometry(SCAN, 2, 1)
+    for k in range(2):
+        mine = ids[ids % 2 == k]
+        with streamstore.StoreWriter(
+            series / f"shard-{k}.h5", FRAME, frame_time_s=1e-3, scan=geom
+        ) as wr:
+            wr.append(dense_to_batch(dense[mine]), mine, mine * 1000)
+    m = np.random.default_rng(3).random(FRAME) < 0.5
+    with streamstore.open(series) as sh, streamstore.open(path) as st:
+        assert sh.scan == st.scan
+        np.testing.assert_array_equal(sh.virtual_image(1, 5), st.virtual_image(1, 5))
+        np.testing.assert_array_equal(sh.virtual_image(mask=m), st.virtual_image(mask=m))
+        np.testing.assert_allclose(sh.center_of_mass(), st.center_of_mass(), rtol=1e-12)
+        np.testing.assert_array_equal(
+            sh.diffraction_sum((1, 3, 0, 4)), st.diffraction_sum((1, 3, 0, 4))
+        )
+
+
+def test_start_message_scan_fields_round_trip():
+    from streamstore.protocol import ProtocolError, Start, encode_start, parse
+
+    start = Start(
+        "s1", (8, 9), "uint16", 1e-3, scan_shape=(4, 5), frames_per_position=2, scan_flyback=1
+    )
+    back = parse(encode_start(start))
+    assert (back.scan_shape, back.frames_per_position, back.scan_flyback) == ((4, 5), 2, 1)
+    assert not back.extra
+    plain = parse(encode_start(Start("s2", (8, 9), "uint16", 1e-3)))
+    assert plain.scan_shape is None and plain.frames_per_position is None
+    with pytest.raises(ProtocolError, match="scan_shape"):
+        Start("s3", (8, 9), "uint16", 1e-3, scan_shape=(0, 5))
+    with pytest.raises(ProtocolError, match="without scan_shape"):
+        Start("s4", (8, 9), "uint16", 1e-3, frames_per_position=2)
