@@ -43,3 +43,20 @@ def test_frames_per_position_flyback_and_lost_frames(tmp_path):
         np.testing.assert_array_equal(total, st.diffraction_sum())
         np.testing.assert_array_equal(per_position, st.virtual_image(mask=np.ones(FRAME, bool)))
         assert total.sum() < st.sum().sum()  # the flyback frames are not in the scan
+
+
+def test_cli_export_libertem(tmp_path):
+    from _cli_data import cli
+
+    path, _d, _i = make_scan_store(tmp_path / "c.h5", fpp=1, flyback=1, seed=9)
+    res = cli("export", path, "--format", "libertem", tmp_path / "c_csr")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"wrote {tmp_path / 'c_csr.toml'}: LiberTEM raw_csr, nav 5x7"
+    total, _per, _ds = run_udfs(tmp_path / "c_csr.toml")
+    with streamstore.open(path) as st:
+        np.testing.assert_array_equal(total, st.diffraction_sum())
+    again = cli("export", path, "--format", "libertem", tmp_path / "c_csr.toml")
+    assert again.returncode == 2 and "--overwrite" in again.stderr
+    assert cli("export", path, "-f", "libertem", tmp_path / "c_csr", "--overwrite").returncode == 0
+    bad = cli("export", path, "-f", "libertem", tmp_path / "d", "--start", "3")
+    assert bad.returncode == 2 and "--start does not apply" in bad.stderr
