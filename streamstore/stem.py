@@ -31,7 +31,8 @@ workers); :func:`streamstore.stem_dask.scan_to_dask` gives the scan as a lazy
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -119,6 +120,22 @@ def _kernels() -> Any:
     return _stem_kernels
 
 
+def _read_chunks(
+    store: Any, a: int, b: int, starts: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return store._gaps.read(a, b), starts, counts
+
+
+def _read_events(store: Any, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from streamstore.codec import gap_encode
+
+    batch = store.events(int(part[0]), int(part[-1]) + 1)
+    rel = part - part[0]
+    npix = store.frame_shape[0] * store.frame_shape[1]
+    gaps = gap_encode(batch.indices, batch.offsets, npix)
+    return gaps, batch.offsets[:-1][rel], batch.counts[rel]
+
+
 def _reduce(
     store: Any,
     sel: np.ndarray,
@@ -136,45 +153,38 @@ def _reduce(
     if sel.size == 0:
         return out
 
-    def run(job: tuple[Any, ...]) -> tuple[int, np.ndarray]:
-        first, gaps, starts, counts = job if len(job) == 4 else (job[0], *_read(job))
+    def run(job: tuple[int, Callable[[], tuple[np.ndarray, ...]]]) -> tuple[int, np.ndarray]:
+        first, load = job
+        gaps, starts, counts = load()
         vals = np.zeros((starts.size, k), dtype)
         kernel(gaps, starts, counts, vals)
         return first, vals
 
-    def _read(job: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        _first, a, b, starts, counts = job
-        return store._gaps.read(a, b), starts, counts
-
     def add(first: int, vals: np.ndarray) -> None:
         np.add.at(out, local[first : first + vals.shape[0]], vals)
 
-    jobs: list[tuple[Any, ...]] = []
-    if hasattr(store, "_gaps") and hasattr(store, "_jobs"):
-        n_ev = int(store.event_counts[sel].sum())
-        size = int(np.clip(n_ev // (4 * max(store.nthreads, 1)), _JOB_EVENTS_MIN, _JOB_EVENTS))
-        first = 0
-        for a, b, starts, counts in store._jobs(sel, size):
-            jobs.append((first, a, b, starts, counts))
-            first += starts.size
-    else:  # no direct chunk access (a sharded series): read events, re-encode as gaps
-        from streamstore.codec import gap_encode
+    def jobs() -> Iterator[tuple[int, Callable[[], tuple[np.ndarray, ...]]]]:
+        """(first selected frame, loader of its gaps, starts, counts); loaded when run."""
+        if hasattr(store, "_gaps") and hasattr(store, "_jobs"):
+            n_ev = int(store.event_counts[sel].sum())
+            nth = max(store.nthreads, 1)
+            size = int(np.clip(n_ev // (4 * nth), _JOB_EVENTS_MIN, _JOB_EVENTS))
+            first = 0
+            for a, b, starts, counts in store._jobs(sel, size):
+                yield first, functools.partial(_read_chunks, store, a, b, starts, counts)
+                first += starts.size
+        else:  # no direct chunk access (a sharded series): read events, re-encode as gaps
+            for i in range(0, sel.size, _FALLBACK_FRAMES):
+                yield i, functools.partial(_read_events, store, sel[i : i + _FALLBACK_FRAMES])
 
-        npix = store.frame_shape[0] * store.frame_shape[1]
-        for i in range(0, sel.size, _FALLBACK_FRAMES):
-            part = sel[i : i + _FALLBACK_FRAMES]
-            batch = store.events(int(part[0]), int(part[-1]) + 1)
-            rel = part - part[0]
-            gaps = gap_encode(batch.indices, batch.offsets, npix)
-            jobs.append((i, gaps, batch.offsets[:-1][rel], batch.counts[rel]))
     nthreads = max(int(getattr(store, "nthreads", 1)), 1)
-    if nthreads == 1 or len(jobs) == 1:
-        for job in jobs:
+    if nthreads == 1 or sel.size == 1:
+        for job in jobs():
             add(*run(job))
         return out
     with ThreadPoolExecutor(nthreads) as pool:
         pending = []
-        for job in jobs:
+        for job in jobs():
             pending.append(pool.submit(run, job))
             if len(pending) >= 2 * nthreads:  # bound the decoded data in flight
                 add(*pending.pop(0).result())

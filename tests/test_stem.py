@@ -207,8 +207,11 @@ def test_kernel_parity_numba_vs_numpy(seed):
     np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
-def test_sharded_series_gives_the_single_file_results(scan_file, tmp_path):
+def test_sharded_series_gives_the_single_file_results(scan_file, tmp_path, monkeypatch):
     """A series split over two shards (read through events, not chunks) gives the same images."""
+    import streamstore.stem as stem
+
+    monkeypatch.setattr(stem, "_FALLBACK_FRAMES", 5)  # many reads, on two threads
     path, dense, ids = scan_file
     series = tmp_path / "series"
     series.mkdir()
@@ -220,7 +223,7 @@ def test_sharded_series_gives_the_single_file_results(scan_file, tmp_path):
         ) as wr:
             wr.append(dense_to_batch(dense[mine]), mine, mine * 1000)
     m = np.random.default_rng(3).random(FRAME) < 0.5
-    with streamstore.open(series) as sh, streamstore.open(path) as st:
+    with streamstore.open(series, nthreads=2) as sh, streamstore.open(path) as st:
         assert sh.scan == st.scan
         np.testing.assert_array_equal(sh.virtual_image(1, 5), st.virtual_image(1, 5))
         np.testing.assert_array_equal(sh.virtual_image(mask=m), st.virtual_image(mask=m))
@@ -245,3 +248,21 @@ def test_start_message_scan_fields_round_trip():
         Start("s3", (8, 9), "uint16", 1e-3, scan_shape=(0, 5))
     with pytest.raises(ProtocolError, match="without scan_shape"):
         Start("s4", (8, 9), "uint16", 1e-3, frames_per_position=2)
+
+
+def test_many_small_jobs_on_threads_give_the_same_images(scan_file, monkeypatch):
+    """Jobs split inside a position's frames, run on threads, add up to the one-job result."""
+    import streamstore.stem as stem
+
+    path, _dense, _ids = scan_file
+    m = np.random.default_rng(4).random(FRAME) < 0.5
+    with streamstore.open(path, nthreads=1) as st:
+        want = (st.virtual_image(mask=m), st.center_of_mass(), st.radial_profile((5, 6))[0])
+    monkeypatch.setattr(stem, "_JOB_EVENTS_MIN", 37)
+    monkeypatch.setattr(stem, "_JOB_EVENTS", 37)
+    monkeypatch.setattr(stem, "_FALLBACK_FRAMES", 3)
+    with streamstore.open(path, nthreads=2) as st:
+        assert len(st._jobs(np.arange(st.n_frames), 37)) > 20
+        np.testing.assert_array_equal(st.virtual_image(mask=m), want[0])
+        np.testing.assert_allclose(st.center_of_mass(), want[1], rtol=1e-12)
+        np.testing.assert_array_equal(st.radial_profile((5, 6))[0], want[2])
