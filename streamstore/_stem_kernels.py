@@ -17,6 +17,17 @@ __all__ = ["frame_label_counts", "frame_moments", "frame_weighted_sums"]
 @numba.njit(cache=True, nogil=True)
 def frame_label_counts(gaps, starts, counts, labels, out):  # pragma: no cover - compiled
     """``out[f, labels[i]] += 1`` for every event ``i`` of frame ``f`` with ``labels[i] >= 0``."""
+    if out.shape[1] == 1:
+        # one detector: count in a register; an increment of out[f, 0] per event
+        # waits on the previous one through memory (3 x slower, measured)
+        for f in range(starts.size):
+            idx = np.int64(0)
+            n = np.int64(0)
+            for k in range(starts[f], starts[f] + counts[f]):
+                idx += gaps[k]
+                n += labels[idx] >= 0
+            out[f, 0] += n
+        return out
     for f in range(starts.size):
         idx = np.int64(0)
         for k in range(starts[f], starts[f] + counts[f]):

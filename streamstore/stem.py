@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -121,9 +122,14 @@ def _kernels() -> Any:
 
 
 def _read_chunks(
-    store: Any, a: int, b: int, starts: np.ndarray, counts: np.ndarray
+    store: Any, a: int, b: int, starts: np.ndarray, counts: np.ndarray, scratch: Any
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return store._gaps.read(a, b), starts, counts
+    # one buffer per thread, reused by its jobs: fresh memory for every job
+    # costs page faults comparable to the decompression
+    buf = getattr(scratch, "buf", None)
+    if buf is None or buf.size < b - a:
+        buf = scratch.buf = np.empty(b - a, np.uint32)
+    return store._gaps.read(a, b, out=buf[: b - a]), starts, counts
 
 
 def _read_events(store: Any, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,7 +167,16 @@ def _reduce(
         return first, vals
 
     def add(first: int, vals: np.ndarray) -> None:
-        np.add.at(out, local[first : first + vals.shape[0]], vals)
+        loc = local[first : first + vals.shape[0]]
+        if loc.size == 0:
+            return
+        # positions ascend along the selection (raster order): add runs, not events
+        run_start = np.flatnonzero(np.diff(loc)) + 1
+        if run_start.size and np.any(loc[run_start] < loc[run_start - 1]):
+            np.add.at(out, loc, vals)
+            return
+        starts = np.concatenate([[0], run_start])
+        out[loc[starts]] += np.add.reduceat(vals, starts, axis=0)
 
     def jobs() -> Iterator[tuple[int, Callable[[], tuple[np.ndarray, ...]]]]:
         """(first selected frame, loader of its gaps, starts, counts); loaded when run."""
@@ -170,8 +185,10 @@ def _reduce(
             nth = max(store.nthreads, 1)
             size = int(np.clip(n_ev // (4 * nth), _JOB_EVENTS_MIN, _JOB_EVENTS))
             first = 0
+            scratch = threading.local()
             for a, b, starts, counts in store._jobs(sel, size):
-                yield first, functools.partial(_read_chunks, store, a, b, starts, counts)
+                load = functools.partial(_read_chunks, store, a, b, starts, counts, scratch)
+                yield first, load
                 first += starts.size
         else:  # no direct chunk access (a sharded series): read events, re-encode as gaps
             for i in range(0, sel.size, _FALLBACK_FRAMES):
