@@ -95,6 +95,9 @@ def _selection(
     geom = _geometry(store)
     r0, r1, c0, c1 = _scan_roi(geom, scan_roi)
     s, e = store._window(start, stop)
+    check = getattr(store, "_check_damaged", None)
+    if check is not None:  # frames with damaged per-frame data have no id to place them by
+        check(np.arange(s, e, dtype=np.int64))
     pos = scan_positions(geom, store.frame_ids[s:e])
     cols = geom.scan_shape[1]
     row, col = pos // cols, pos % cols
@@ -129,6 +132,9 @@ def _read_chunks(
     buf = getattr(scratch, "buf", None)
     if buf is None or buf.size < b - a:
         buf = scratch.buf = np.empty(b - a, np.uint32)
+    checked = getattr(store, "_read_checked", None)
+    if checked is not None:  # a damaged chunk raises an error naming the frames
+        return checked(store._gaps, a, starts, counts, out=buf[: b - a]), starts, counts
     return store._gaps.read(a, b, out=buf[: b - a]), starts, counts
 
 

@@ -266,3 +266,22 @@ def test_many_small_jobs_on_threads_give_the_same_images(scan_file, monkeypatch)
         np.testing.assert_array_equal(st.virtual_image(mask=m), want[0])
         np.testing.assert_allclose(st.center_of_mass(), want[1], rtol=1e-12)
         np.testing.assert_array_equal(st.radial_profile((5, 6))[0], want[2])
+
+
+def test_damaged_event_chunk_raises_naming_frames(tmp_path):
+    """With chunk checksums in the format, a damaged chunk stops a scan analysis."""
+    import h5py
+
+    corrupt = getattr(streamstore.errors, "CorruptDataError", None)
+    if corrupt is None:
+        pytest.skip("this reader has no chunk checksums")
+    path, _d, _i = make_scan_store(tmp_path / "bad.h5", fpp=1, flyback=0, seed=13)
+    with h5py.File(path, "r") as f:
+        info = f["events/gaps"].id.get_chunk_info_by_coord((0,))
+    raw = bytearray(path.read_bytes())
+    raw[info.byte_offset + info.size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+    with streamstore.open(path) as st:
+        for call in (lambda: st.virtual_image(0, 4), st.center_of_mass, st.radial_profile):
+            with pytest.raises(corrupt, match="frames"):
+                call()
