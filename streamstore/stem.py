@@ -95,9 +95,9 @@ def _selection(
     geom = _geometry(store)
     r0, r1, c0, c1 = _scan_roi(geom, scan_roi)
     s, e = store._window(start, stop)
-    check = getattr(store, "_check_damaged", None)
-    if check is not None:  # frames with damaged per-frame data have no id to place them by
-        check(np.arange(s, e, dtype=np.int64))
+    if hasattr(store, "_damaged") and hasattr(store, "_check_damaged"):
+        # a single file: frames with damaged per-frame data have no id to place them by
+        store._check_damaged(np.arange(s, e, dtype=np.int64))
     pos = scan_positions(geom, store.frame_ids[s:e])
     cols = geom.scan_shape[1]
     row, col = pos // cols, pos % cols
