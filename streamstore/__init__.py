@@ -30,6 +30,9 @@ _LAZY = {
     "import_stempy": "streamstore.stempy_io",
     "export_stempy": "streamstore.stempy_io",
     "export_eer": "streamstore.eer",
+    "ScanGeometry": "streamstore.scan",
+    "STEMSpecimen": "streamstore.stem_specimen",
+    "export_raw_csr": "streamstore.libertem_io",
 }
 
 __all__ = [
@@ -38,11 +41,14 @@ __all__ = [
     "CorruptDataError",
     "EventBatch",
     "ProtocolError",
+    "STEMSpecimen",
+    "ScanGeometry",
     "Store",
     "StoreWriter",
     "__version__",
     "count",
     "export_eer",
+    "export_raw_csr",
     "export_stempy",
     "import_stempy",
     "open",
@@ -55,8 +61,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from streamstore.emulator import CameraEmulator
     from streamstore.errors import CorruptDataError
     from streamstore.events import EventBatch
+    from streamstore.libertem_io import export_raw_csr
     from streamstore.protocol import ProtocolError
     from streamstore.reader import Store, open
+    from streamstore.scan import ScanGeometry
+    from streamstore.stem_specimen import STEMSpecimen
     from streamstore.stempy_io import export_stempy, import_stempy
     from streamstore.store import StoreWriter
 

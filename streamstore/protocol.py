@@ -84,6 +84,9 @@ _START_KEYS = frozenset(
         "n_frames",
         "detector",
         "meta",
+        "scan_shape",
+        "frames_per_position",
+        "scan_flyback",
     }
 )
 _IMAGE_KEYS = frozenset({"htype", "series_id", "frame_id", "timestamp_ns"})
@@ -155,6 +158,15 @@ def _check_shape(value: object, dtype: str, max_frame_bytes: int) -> tuple[int, 
     return h, w
 
 
+def _check_scan_shape(value: object) -> tuple[int, int]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ProtocolError(f"scan_shape: expected [rows, cols], got {_show(value)}")
+    return (
+        _int(value[0], "scan_shape[0]", minimum=1),
+        _int(value[1], "scan_shape[1]", minimum=1),
+    )
+
+
 def _check_dtype(value: object) -> str:
     if not isinstance(value, str) or value not in DTYPES:
         raise ProtocolError(f"dtype: must be 'uint8' or 'uint16', got {_show(value)}")
@@ -184,6 +196,12 @@ class Start:
         Detector name.
     meta : dict, default {}
         Free JSON object (e.g. ``{"kind": "dark"}`` for a dark reference).
+    scan_shape : (rows, cols), optional
+        A scanned (4D-STEM) series: probe positions kept per scan.
+    frames_per_position : int, optional
+        Consecutive frames per probe position (default 1 when ``scan_shape`` is given).
+    scan_flyback : int, optional
+        Positions recorded at the end of each scan row and dropped (default 0).
     extra : dict, default {}
         Header keys the protocol does not define, kept as received.
     """
@@ -197,9 +215,19 @@ class Start:
     detector: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    scan_shape: tuple[int, int] | None = None
+    frames_per_position: int | None = None
+    scan_flyback: int | None = None
 
     def __post_init__(self) -> None:
         validate_series_id(self.series_id)
+        if self.scan_shape is not None:
+            object.__setattr__(self, "scan_shape", _check_scan_shape(self.scan_shape))
+        for key, low in (("frames_per_position", 1), ("scan_flyback", 0)):
+            if getattr(self, key) is not None:
+                if self.scan_shape is None:
+                    raise ProtocolError(f"{key}: given without scan_shape")
+                object.__setattr__(self, key, _int(getattr(self, key), key, minimum=low))
         dtype = _check_dtype(self.dtype)
         shape = _check_shape(self.frame_shape, dtype, sys.maxsize)
         object.__setattr__(self, "frame_shape", shape)
@@ -432,6 +460,9 @@ def parse(
             detector=header.get("detector"),
             meta={} if meta is None else meta,
             extra={k: v for k, v in header.items() if k not in _START_KEYS},
+            scan_shape=header.get("scan_shape"),
+            frames_per_position=header.get("frames_per_position"),
+            scan_flyback=header.get("scan_flyback"),
         )
     if htype == "end":
         _n_parts("end", parts, 1)
@@ -482,6 +513,11 @@ def encode_start(start: Start) -> list[bytes]:
         header["n_frames"] = start.n_frames
     if start.detector is not None:
         header["detector"] = start.detector
+    if start.scan_shape is not None:
+        header["scan_shape"] = list(start.scan_shape)
+    for key in ("frames_per_position", "scan_flyback"):
+        if getattr(start, key) is not None:
+            header[key] = getattr(start, key)
     header["meta"] = dict(start.meta)
     _dumps(header["meta"], "meta")
     _dumps(dict(start.extra), "extra")

@@ -34,6 +34,7 @@ from streamstore._chunkio import (
 )
 from streamstore.errors import CorruptDataError, FormatError, UserError
 from streamstore.events import EventBatch
+from streamstore.stem import ScanAnalysisMixin
 
 __all__ = ["Store", "open", "UNITS"]
 
@@ -97,8 +98,12 @@ def _check_range(name: str, rng: Any) -> tuple[float, float]:
     return lo, hi
 
 
-class Store:
+class Store(ScanAnalysisMixin):
     """A streamstore event file opened for reading (see :func:`open`).
+
+    A scanned (4D-STEM) series also has the scan methods of
+    :class:`streamstore.stem.ScanAnalysisMixin` (``scan``, ``with_scan``,
+    ``virtual_image``, ``center_of_mass``, ``diffraction_sum``, ``radial_profile``).
 
     Parameters
     ----------

@@ -259,6 +259,10 @@ class StoreWriter:
         Give every chunk of every dataset HDF5's Fletcher-32 checksum, so
         damaged chunks are found on read (:class:`streamstore.CorruptDataError`)
         and by ``streamstore verify``. False only to measure its cost.
+    scan : ScanGeometry or dict, optional
+        Scan geometry of a 4D-STEM series (``scan_shape``,
+        ``frames_per_position``, ``flyback``, ``first_frame_id``), stored as
+        root attributes (see :mod:`streamstore.scan`).
 
     Raises
     ------
@@ -291,11 +295,13 @@ class StoreWriter:
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         counting: dict[str, Any] | None = None,
         checksums: bool = True,
+        scan: Any = None,
     ) -> None:
         import h5py
 
         from streamstore import __version__
         from streamstore.codec import Blosc2ChunkCodec, hdf5_filter
+        from streamstore.scan import ScanGeometry
 
         shape = tuple(int(s) for s in frame_shape)
         if len(shape) != 2 or min(shape) <= 0:
@@ -348,6 +354,7 @@ class StoreWriter:
                 "calibration must be a streamstore.Calibration, a dict or None, "
                 f"got {type(calibration).__name__}"
             )
+        scan_geom = ScanGeometry.parse(scan)
         if meta is not None and not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
 
@@ -389,6 +396,9 @@ class StoreWriter:
             a[f"frames_{key}"] = np.int64(-1)
         a["series_complete"] = np.int8(-1)
         a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
+        if scan_geom is not None:
+            for key, val in scan_geom.to_attrs().items():
+                a[key] = val
 
         filt = hdf5_filter(codec)
         ev = f.create_group("events")

@@ -1,9 +1,11 @@
-"""Export a stored series to stempy, a dose-fractionated TIFF, EER, or npy.
+"""Export a stored series to stempy, LiberTEM's raw_csr, a dose-fractionated TIFF, EER, or npy.
 
 Examples::
 
     # 4D-STEM: stempy's sparse HDF5 (version 3)
     streamstore export run1.h5 --format stempy run1_stempy.h5
+    # 4D-STEM: LiberTEM's raw_csr (scan.toml + scan.{indptr,indices,data}.raw)
+    streamstore export scan.h5 --format libertem scan.toml
 
     # cryo-EM: one TIFF page per 1 e/A^2 fraction, plus run1_dose.txt (the
     # value RELION wants) and run1_fmint.txt (MotionCor2 -FmIntFile)
@@ -37,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--format",
         "-f",
         required=True,
-        choices=("stempy", "tiff", "eer", "npy"),
+        choices=("stempy", "libertem", "tiff", "eer", "npy"),
         help="output format",
     )
     t = parser.add_argument_group("tiff (dose fractions) and eer")
@@ -109,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--format tiff needs --dose-per-fraction (the dose of one TIFF page)")
     if args.format != "eer":
         _check_unused(args, ("rle_bits",))
+    if args.format == "libertem":
+        return _libertem(args)
     if args.format == "stempy":
         _check_unused(args, ("dose_per_fraction", "roi", "dtype"))
     elif args.format == "tiff":
@@ -139,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 raise
         finally:
             _close(store)
+        if scan is None and store.scan is not None:
+            scan = store.scan.scan_shape
         shape = f"scan {scan[0]}x{scan[1]}" if scan else f"scan 1x{b - a}"
         print(f"wrote {out}: stempy sparse HDF5 (version 3), frames {a}:{b}, {shape}")
         return 0
@@ -260,3 +266,38 @@ def _close(store: object) -> None:
     close = getattr(store, "close", None)
     if close is not None:
         close()
+
+
+def _libertem(args: argparse.Namespace) -> int:
+    """``--format libertem``: the whole scan (or movie) as LiberTEM's raw_csr dataset."""
+    from pathlib import Path
+
+    import streamstore
+    from streamstore.libertem_io import export_raw_csr
+
+    _check_unused(args, ("dose_per_fraction", "roi", "dtype", "start", "stop", "scan_shape"))
+    toml = Path(args.out)
+    if toml.suffix != ".toml":
+        toml = toml.with_name(toml.name + ".toml")
+    outs = [toml] + [toml.parent / f"{toml.stem}.{k}.raw" for k in ("indptr", "indices", "data")]
+    if args.overwrite:
+        for p in outs:
+            p.unlink(missing_ok=True)
+    store = streamstore.open(args.path)
+    try:
+        try:
+            export_raw_csr(store, toml)
+        except FileExistsError:
+            from streamstore.errors import UserError
+
+            have = ", ".join(str(p) for p in outs if p.exists())
+            raise UserError(f"{have} exists; choose another name or pass --overwrite") from None
+        except BaseException:
+            for p in outs:
+                p.unlink(missing_ok=True)
+            raise
+        nav = store.scan.scan_shape if store.scan is not None else (1, store.n_frames)
+    finally:
+        _close(store)
+    print(f"wrote {toml}: LiberTEM raw_csr, nav {nav[0]}x{nav[1]}")
+    return 0
