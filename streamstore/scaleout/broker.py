@@ -17,11 +17,13 @@ stream ``K``, each stream carrying its own ``start``, its images and its
 * a send to a worker blocks while its queue is full: the broker then stops
   reading, its own queue fills and the camera's PUSH blocks. A slow worker
   slows the camera; nothing is dropped in between;
-* a worker whose connection drops (killed, host gone: ZeroMQ heartbeats) is
-  *lost* for the open series: the broker logs it at ERROR, deals its blocks
-  over the workers that remain, and names it in the ``end``; the reader
-  lists the frames it held as missing and the series as incomplete. It is
-  dealt to again from the next ``start`` once it is connected;
+* a worker not connected at a ``start`` sits the series out (the others
+  share its blocks); a worker whose connection drops during a series
+  (killed, host gone: ZeroMQ heartbeats) is *lost* for that series: the
+  broker logs it at ERROR, deals its blocks over the workers that remain
+  and names it in the ``end``; the reader lists the frames it held as
+  missing and the series as incomplete. It is dealt to again from the next
+  ``start`` once it is connected;
 * an image of a series that has no ``start``, or an ``end`` that closes
   nothing, is rejected, counted by reason and logged at ERROR; the counts
   travel in the next ``end`` into the series manifest.
@@ -385,9 +387,13 @@ class Broker:
         if gone:
             log.error("series %s: workers %s are not connected: dealt over %s", msg.series_id,
                       gone, live)  # fmt: skip
-        extra = {**msg.extra, "workers": self.n, "block_frames": self.config.block_frames}
+        # "workers": the shards to expect, so a worker that dies before writing anything
+        # still leaves the series incomplete; a worker absent at the start gets nothing
+        extra = {**msg.extra, "workers": len(live), "block_frames": self.config.block_frames}
+        if gone:
+            extra["workers_absent"] = gone
         parts = protocol.encode_start(dataclasses.replace(msg, extra=extra))
-        self._series = _SeriesState(msg.series_id, live, lost=gone)
+        self._series = _SeriesState(msg.series_id, live)
         self.counters["starts"] += 1
         for k in list(live):
             self._send(k, parts, zmq)
