@@ -85,6 +85,14 @@ def _ingest(log: Path, out: Path, *args: str, env=None) -> subprocess.Popen:
     return _streamstore(log, "ingest", "--out", str(out), "--threads", "1", *args, env=env)
 
 
+def _worker(tmp: Path, out: Path, series: Series, base: str, k: int, n: int, series_n: int,
+            env=None) -> subprocess.Popen:  # fmt: skip
+    """Worker ``k`` of ``n``, started on its own as on another host."""
+    return _ingest(tmp / f"w{k}.log", out, "--connect", base, "--worker-id", str(k),
+                   "--workers", str(n), "--calibration", str(series.calibration_path),
+                   "--exit-after-series", str(series_n), env=env)  # fmt: skip
+
+
 def _wait(proc: subprocess.Popen, log: Path | None = None, timeout_s: float = 120.0) -> int:
     try:
         return proc.wait(timeout_s)
@@ -189,10 +197,7 @@ def test_fanout_broker_with_separately_started_workers(tmp_path):
                           "--block-frames", "4", "--exit-after-series", "1")  # fmt: skip
     workers = []
     try:
-        for k in range(2):
-            workers.append(_ingest(tmp_path / f"w{k}.log", out, "--connect", base,
-                                   "--worker-id", str(k), "--workers", "2", "--calibration",
-                                   str(series.calibration_path), "--exit-after-series", "1"))  # fmt: skip
+        workers = [_worker(tmp_path, out, series, base, k, 2, 1) for k in range(2)]
         cam = _camera(tmp_path, series, cam_ep, [["hosts", N_FRAMES, 0]])
         assert _wait(cam, blog) == 0, cam.stderr.read().decode()
         assert _wait(broker, blog) == 0, blog.read_text()
@@ -217,10 +222,7 @@ def test_a_killed_worker_loses_only_its_frames_and_the_rest_goes_on(tmp_path):
         for k in range(3):
             # worker 1 writes slowly (test hook), so it holds unwritten frames when killed
             env = {"STREAMSTORE_TEST_WRITE_DELAY_S": "0.5"} if k == 1 else None
-            workers.append(_ingest(tmp_path / f"w{k}.log", out, "--connect", base,
-                                   "--worker-id", str(k), "--workers", "3", "--calibration",
-                                   str(series.calibration_path), "--exit-after-series", "2",
-                                   env=env))  # fmt: skip
+            workers.append(_worker(tmp_path, out, series, base, k, 3, 2, env=env))
         cam = _camera(tmp_path, series, cam_ep, [["kill", N_FRAMES, 0], ["after", 24, 0]],
                       wait_file=go, pause_at=N_FRAMES // 2)  # fmt: skip
         shard1 = out / "kill" / "shard-1.h5"
@@ -257,10 +259,7 @@ def test_multi_stream_camera_two_streams_one_series(tmp_path):
     out = tmp_path / "out"
     workers = []
     try:
-        for k in range(2):
-            workers.append(_ingest(tmp_path / f"w{k}.log", out, "--connect", base,
-                                   "--worker-id", str(k), "--workers", "2", "--calibration",
-                                   str(series.calibration_path), "--exit-after-series", "1"))  # fmt: skip
+        workers = [_worker(tmp_path, out, series, base, k, 2, 1) for k in range(2)]
         emu = subprocess.run(
             [sys.executable, "-m", "streamstore", "emulate", "--endpoint", base, "--streams", "2",
              "--shape", "64x96", "--frames", "40", "--series-id", "multi", "--timeout", "120",
