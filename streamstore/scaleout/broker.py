@@ -86,7 +86,8 @@ class BrokerConfig:
     status_interval_s : float, default 5.0
         Seconds between status log lines.
     exit_after_series : int, optional
-        Stop once this many ``end`` messages were passed on.
+        Stop once this many ``end`` messages were passed on and every worker
+        has disconnected (at most ``drain_s`` later).
     ready_timeout_s : float, optional
         Give up (:class:`TimeoutError`) if the workers are not all connected
         within this time; None waits.
@@ -107,6 +108,7 @@ class BrokerConfig:
     exit_after_series: int | None = None
     ready_timeout_s: float | None = None
     linger_s: float = 10.0
+    drain_s: float = 60.0
 
     def check(self) -> None:
         """Raise :class:`UserError` naming the first bad option."""
@@ -320,6 +322,7 @@ class Broker:
         while not self._stop.is_set():
             if limit is not None and self.ends_passed >= limit:
                 log.info("%d series passed on (--exit-after-series): stopping", self.ends_passed)
+                self._wait_workers_gone(zmq)
                 return
             self._poll_monitors(zmq)
             self._publish()
@@ -333,6 +336,23 @@ class Broker:
                 self._handle(parts, zmq)
                 if self._stop.is_set():
                     return
+
+    def _wait_workers_gone(self, zmq: Any) -> None:
+        """Keep the worker links open until every worker has disconnected.
+
+        Closing a link drops what the worker has not read yet (ZeroMQ's linger
+        covers the broker's queue, not the bytes already on their way), so the
+        last frames and the ``end`` must be taken before the broker goes.
+        """
+        deadline = time.monotonic() + self.config.drain_s
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            self._poll_monitors(zmq)
+            if not any(self._peers):
+                return
+            zmq.select(self.monitors, [], [], 0.1)
+        still = [k for k, p in enumerate(self._peers) if p]
+        if still:
+            log.warning("workers %s still connected after %g s", still, self.config.drain_s)
 
     _last_pub = 0.0
     _last_log = 0.0

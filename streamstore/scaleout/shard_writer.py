@@ -214,9 +214,10 @@ def record_shard(series: Any, *, worker_id: int, n_workers: int | None) -> Path 
         broker = (getattr(series, "end_extra", None) or {}).get("broker")
         if isinstance(broker, dict):  # every worker gets the same end: the last one stays
             data["broker"] = broker
-        for n in (n_workers, told):
-            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-                data["n_workers"] = max(n, int(data.get("n_workers") or 0))
+        if isinstance(told, int) and not isinstance(told, bool) and told > 0:
+            data["n_workers"] = told  # the workers the series was dealt over, from its start
+        elif isinstance(n_workers, int) and not isinstance(n_workers, bool) and n_workers > 0:
+            data["n_workers"] = max(n_workers, int(data.get("n_workers") or 0))
         shards = [s for s in data.get("shards", []) if s.get("file") != entry["file"]]
         shards.append(entry)
         data["shards"] = sorted(shards, key=lambda s: (s["worker_id"], s["file"]))
