@@ -278,6 +278,44 @@ def test_multi_stream_camera_two_streams_one_series(tmp_path):
         assert acc["complete"] is True and acc["shards"] == 2 and acc["shards_expected"] == 2
 
 
+def test_curve_on_the_camera_and_the_worker_links(tmp_path):
+    """emulate (CURVE client) -> fanout (server to the camera, client to the worker) -> worker."""
+    series = Series(tmp_path)
+    keys = tmp_path / "keys"
+    made = subprocess.run(
+        [sys.executable, "-m", "streamstore", "keys", str(keys), "--client", "camera",
+         "--client", "broker"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    cam_ep, base = free_endpoint(), _consecutive_ports(1)
+    out, blog = tmp_path / "out", tmp_path / "fanout.log"
+    broker = _streamstore(blog, "fanout", "--connect", cam_ep, "--listen", base, "--workers", "1",
+                          "--curve-keys", str(keys), "--curve-client", "broker",
+                          "--exit-after-series", "1")  # fmt: skip
+    worker = _ingest(tmp_path / "w0.log", out, "--connect", base, "--worker-id", "0",
+                     "--workers", "1", "--curve-keys", str(keys), "--calibration",
+                     str(series.calibration_path), "--exit-after-series", "1")  # fmt: skip
+    try:
+        emu = subprocess.run(
+            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", cam_ep, "--shape",
+             "64x96", "--frames", "12", "--series-id", "secret", "--timeout", "120",
+             "--curve-keys", str(keys), "--curve-client", "camera", "--json"],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert emu.returncode == 0, emu.stderr
+        assert json.loads(emu.stdout)["curve"] is True
+        assert _wait(broker, blog) == 0, blog.read_text()
+        assert _wait(worker, tmp_path / "w0.log") == 0
+    finally:
+        _kill_all(broker, worker)
+    assert "(CURVE)" in blog.read_text()
+    assert "CURVE: encrypted" in (tmp_path / "w0.log").read_text()
+    with streamstore.open(out / "secret") as s:
+        np.testing.assert_array_equal(s.frame_ids, np.arange(12))
+        assert s.accounting["complete"] is True
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
