@@ -58,14 +58,15 @@ TIMED = "timed"
 
 
 # ------------------------------------------------------------------ roles
-def _camera(endpoint: str, pool: np.ndarray, n_frames: int, n_warm: int, out: Any) -> None:
-    """Bind a PUSH socket and send a warm-up series, then the timed one; report CPU."""
+def _camera(endpoint: str, pool: np.ndarray, n_frames: int, n_warm: int, go: Any, out: Any) -> None:
+    """Bind a PUSH socket, send a warm-up series, wait for ``go``, send the timed one."""
     from streamstore.protocol import Sender, Start
 
     h, w = pool.shape[1:]
     with Sender(endpoint, sndhwm=2, send_timeout_s=600, linger_s=None) as tx:
         for sid, n in ((WARM, n_warm), (TIMED, n_frames)):
             if sid == TIMED:
+                go.wait()  # the receivers finished the warm-up (numba load, first file)
                 cpu0, t0 = time.process_time(), time.time()
             tx.send_start(Start(sid, (h, w), pool.dtype.name, 1 / 1500, n_frames=n))
             for i in range(n):
@@ -185,7 +186,9 @@ def forwarding(pool: np.ndarray, n_frames: int, via: str | None) -> dict[str, An
                            max_frame_bytes=pool[0].nbytes, status_interval_s=3600)  # fmt: skip
         procs.append(ctx.Process(target=_broker, args=(cfg, results)))
     procs.append(ctx.Process(target=_sink, args=(sink_ep, results)))
-    procs.append(ctx.Process(target=_camera, args=(cam_ep, pool, n_frames, 4, results)))
+    go = ctx.Event()
+    go.set()
+    procs.append(ctx.Process(target=_camera, args=(cam_ep, pool, n_frames, 4, go, results)))
     for p in procs:
         p.start()
     by_role = {r["role"]: r for r in _collect(procs, results, len(procs))}
@@ -223,9 +226,20 @@ def aggregate(
                         max_frame_bytes=pool[0].nbytes, status_interval_s=3600)  # fmt: skip
     procs.append(ctx.Process(target=_broker, args=(bcfg, results)))
     warm = 2 * block * n_workers
-    procs.append(ctx.Process(target=_camera, args=(cam_ep, pool, n_frames, warm, results)))
+    go = ctx.Event()
+    procs.append(ctx.Process(target=_camera, args=(cam_ep, pool, n_frames, warm, go, results)))
     for p in procs:
         p.start()
+    manifest = Path(out_dir) / WARM / "manifest.json"
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:  # every worker closed its warm-up shard
+        try:
+            if len(json.loads(manifest.read_text()).get("shards", [])) >= n_workers:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    go.set()
     got = _collect(procs, results, len(procs))
     workers = sorted((r for r in got if r["role"] == "worker"), key=lambda r: r["worker_id"])
     cam = next(r for r in got if r["role"] == "camera")
