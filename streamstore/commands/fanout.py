@@ -78,6 +78,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the broker until SIGINT/SIGTERM or --exit-after-series."""
+    import logging
     import signal
 
     from streamstore.errors import UserError
@@ -105,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
     )
     broker = Broker(cfg)
     setup_logging(args.quiet)
+    if args.allow_remote and args.curve_client is None:
+        logging.getLogger("streamstore.fanout").warning(
+            "the worker links are not encrypted (no --curve-client): use them on a "
+            "private network only"
+        )
     old = {s: signal.signal(s, broker.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return broker.run()
