@@ -278,6 +278,28 @@ def test_multi_stream_camera_two_streams_one_series(tmp_path):
         assert acc["complete"] is True and acc["shards"] == 2 and acc["shards_expected"] == 2
 
 
+def test_sigterm_to_the_ingest_parent_stops_the_broker_and_every_worker(tmp_path):
+    import signal
+
+    import psutil
+
+    out, log = tmp_path / "out", tmp_path / "ingest.log"
+    proc = _ingest(log, out, "--connect", free_endpoint(), "--workers", "2")
+    try:
+        deadline = time.monotonic() + 120
+        while log.read_text().count("connected on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # both workers are up and connected to the broker
+        assert log.read_text().count("connected on") == 2, log.read_text()
+        children = psutil.Process(proc.pid).children()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive
+    finally:
+        _kill_all(proc)
+    assert log.read_text().count("stopped:") == 2  # each worker drained and said so
+
+
 def test_curve_on_the_camera_and_the_worker_links(tmp_path):
     """emulate (CURVE client) -> fanout (server to the camera, client to the worker) -> worker."""
     series = Series(tmp_path)

@@ -634,7 +634,7 @@ class IngestDaemon:
             else:
                 self._reject(
                     "unknown_series",
-                    f"image {msg.frame_id} of series {sid}, which has no start",
+                    f"image {msg.frame_id} of unknown series {sid} (it has no start)",
                     logging.ERROR,
                 )
             return
