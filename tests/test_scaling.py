@@ -297,7 +297,8 @@ def test_sigterm_to_the_ingest_parent_stops_the_broker_and_every_worker(tmp_path
         assert not alive
     finally:
         _kill_all(proc)
-    assert log.read_text().count("stopped:") == 2  # each worker drained and said so
+    assert log.read_text().count("INFO stopped:") == 2  # each worker drained and said so
+    assert "broker stopped:" in log.read_text()
 
 
 def test_curve_on_the_camera_and_the_worker_links(tmp_path):
