@@ -355,3 +355,21 @@ def test_scale_out_options_are_checked(tmp_path, args, message):
     )  # fmt: skip
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--listen", "tcp://0.0.0.0:7000", "--workers", "2"), "--allow-remote"),
+        (("--listen", "tcp://127.0.0.1:7000", "--workers", "0"), "--workers must be >= 1"),
+        (("--listen", "tcp://127.0.0.1:7000", "--workers", "2", "--curve-client", "b"),
+         "--curve-client needs --curve-keys"),
+    ],
+)  # fmt: skip
+def test_fanout_options_are_checked(args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamstore", "fanout", "--connect", "tcp://127.0.0.1:1", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stderr

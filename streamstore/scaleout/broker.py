@@ -204,6 +204,7 @@ class Broker:
         self.monitors: list[Any] = []
         self.auth: Any = None
         self.pub: Any = None
+        self.inp: Any = None
         events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         for ep in cfg.workers:
             s = self.ctx.socket(zmq.PUSH)
@@ -245,7 +246,8 @@ class Broker:
             s.disable_monitor()
         for m in self.monitors:
             m.close(0)
-        self.inp.close(0)
+        if self.inp is not None:
+            self.inp.close(0)
         for s in self.outs:
             s.close()  # linger: the last ends still go out
         if self.pub is not None:
@@ -286,10 +288,22 @@ class Broker:
 
     # -- main loop -------------------------------------------------------------------
     def run(self) -> int:
-        """Deal the camera's stream until stopped; return 0 (1 if the workers never came)."""
+        """Deal the camera's stream until stopped (or ``exit_after_series``); return 0.
+
+        Raises
+        ------
+        UserError
+            If an endpoint cannot be bound or connected.
+        TimeoutError
+            If the workers did not all connect within ``ready_timeout_s``.
+        """
         import zmq
 
-        self._open(zmq)
+        try:
+            self._open(zmq)
+        except BaseException:
+            self._close()
+            raise
         try:
             if not self._wait_ready(zmq):
                 return 0
@@ -394,6 +408,9 @@ class Broker:
     def _on_start(self, msg: Any, zmq: Any) -> None:
         from streamstore import protocol
 
+        if self._series is not None and self._series.series_id == msg.series_id:
+            self._reject("second_start", f"series {msg.series_id} is open already")
+            return
         if self._series is not None:
             log.error(
                 "series %s starts while %s is open: the workers close %s as aborted",
