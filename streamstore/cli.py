@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "demo": "emulate a camera, ingest it and summarise the stored series",
     "emulate": "run the camera emulator: stream frames over ZeroMQ",
     "ingest": "receive frames over ZeroMQ, count electrons, store HDF5",
+    "fanout": "deal one camera stream over ingest workers on other hosts",
     "status": "print the live status an ingest daemon publishes",
     "info": "summarise a stored series",
     "show": "draw a summary figure (summed image, dose per frame) to PNG",

@@ -619,8 +619,9 @@ class Sender:
     -----
     PUSH deals messages round-robin to the connected PULL peers, so with
     several peers start and end reach only one of them; for several ingest
-    workers use :class:`streamstore.fanout.FanoutSender`, which publishes
-    start and end on a control channel every worker subscribes to.
+    workers put a broker in between (``streamstore ingest --workers N`` or
+    ``streamstore fanout``, :mod:`streamstore.scaleout.broker`), which sends
+    start and end to every worker.
     """
 
     def __init__(

@@ -303,7 +303,9 @@ class ShardedStore(Store):
         ``shards``, ``shards_expected``, ``shards_unreadable``,
         ``shards_unclosed`` (shard files without a manifest entry: their
         worker died or is still writing), ``shards_absent`` (expected shards
-        with no file at all) and ``frames_expected``.
+        with no file at all), ``workers_lost`` (workers the broker lost
+        during the series; empty without a broker) and ``frames_expected``.
+        ``rejected`` includes the images the broker rejected.
         """
         accs = [s.accounting for s in self.shards]
         out: dict[str, Any] = {}
@@ -312,12 +314,22 @@ class ShardedStore(Store):
             if vals:
                 out[key] = int(sum(vals))
         out["duplicate"] = out.get("duplicate", 0) + self._cross_duplicates
+        # a broker's report (series written before brokers have none): what it rejected
+        # and the workers it lost mid-series
+        broker = self.manifest.get("broker")
+        broker = broker if isinstance(broker, dict) else {}
+        lost = broker.get("workers_lost")
+        lost = sorted(int(k) for k in lost if isinstance(k, int)) if isinstance(lost, list) else []
+        b_rej = broker.get("rejected")
+        if isinstance(b_rej, int) and not isinstance(b_rej, bool) and b_rej > 0:
+            out["rejected"] = out.get("rejected", 0) + b_rej
         n_workers = self.manifest.get("n_workers")
         unclosed = [n for n in self._names if n not in self._listed]
         complete = (
             all(a.get("complete") is True for a in accs)
             and not self.shard_errors
             and not unclosed
+            and not lost
             and (not isinstance(n_workers, int) or len(self.shards) >= n_workers)
         )
         out.update(
@@ -329,6 +341,7 @@ class ShardedStore(Store):
             shards_expected=n_workers,
             shards_unreadable=sorted(self.shard_errors),
             shards_unclosed=unclosed,
+            workers_lost=lost,
             shards_absent=max(0, n_workers - len(self._names) - len(self.shard_errors))
             if isinstance(n_workers, int)
             else None,

@@ -62,7 +62,14 @@ def run(args: argparse.Namespace) -> int:
             raw = sock.recv()
             try:
                 st = json.loads(raw)
-                line = json.dumps(st) if args.json else format_status(st)
+                if args.json:
+                    line = json.dumps(st)
+                elif st.get("role") == "broker":  # streamstore fanout / ingest --workers N
+                    from streamstore.scaleout.broker import format_broker_status
+
+                    line = format_broker_status(st)
+                else:
+                    line = format_status(st)
             except (ValueError, KeyError, TypeError) as exc:
                 print(f"streamstore status: unreadable status message: {exc}", file=sys.stderr)
                 continue

@@ -66,6 +66,9 @@ _LOG_FIRST = 20
 #: the tracker list every id before it: MemoryError, the daemon died.
 MAX_ID_JUMP = 1 << 20
 
+#: Longest time a worker's shard holds a frame back waiting for a lower frame id, s.
+SHARD_MAX_HOLD_S = 0.5
+
 
 @dataclass
 class IngestConfig:
@@ -128,20 +131,12 @@ class IngestConfig:
         walking frame ids upwards cannot exhaust memory.
     worker_id : int, optional
         Run as worker K of a stream dealt over several workers (scale-out,
-        :mod:`streamstore.fanout`): the series goes to the shard
+        :mod:`streamstore.scaleout`): the series goes to the shard
         ``DIR/<series_id>/shard-K.h5``, listed in the series' ``manifest.json``;
         gaps in the frame ids are the other workers' frames, not missing.
+        Start, images and end arrive on this worker's own stream.
     n_workers : int, optional
         Number of workers the stream is dealt over, when known (manifest).
-    control : str, optional
-        The sender's control channel (XPUB) where start and end arrive; default
-        for a worker: the ``connect`` endpoint's port + 1. Setting it without
-        ``worker_id`` keeps the single-file output.
-    end_grace_s : float, default 0.5
-        After an end on the control channel, the data socket must be quiet for
-        this long (while reading) before the series closes.
-    control_wait_s : float, default 5.0
-        Images of a series whose start has not arrived are kept this long.
     xray_threshold : float, "auto" or None, default "auto"
         X-ray threshold (dark-subtracted signal, ADU) of the calibrations the
         daemon makes from a dark series or estimates; "auto" derives it from
@@ -177,9 +172,6 @@ class IngestConfig:
     max_missing_ids: int = 1 << 22
     worker_id: int | None = None
     n_workers: int | None = None
-    control: str | None = None
-    end_grace_s: float = 0.5
-    control_wait_s: float = 5.0
     xray_threshold: float | str | None = "auto"
     keep_large_buffers: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -221,25 +213,11 @@ class IngestConfig:
             raise UserError(f"--out {out} exists and is not a directory")
         if self.worker_id is not None and self.worker_id < 0:
             raise UserError(f"--worker-id must be >= 0, got {self.worker_id}")
-        if self.worker_id is not None and self.control is None and self.connect is None:
-            raise UserError("--worker-id with --listen needs --control ENDPOINT (start/end route)")
         xt = self.xray_threshold
         if isinstance(xt, str) and xt != "auto":
             raise UserError(f"--xray-threshold must be ADU > 0, 'auto' or 'none', got {xt!r}")
         if xt is not None and not isinstance(xt, str) and not (math.isfinite(xt) and xt > 0):
             raise UserError(f"--xray-threshold must be > 0 ADU, got {xt}")
-        if not self.end_grace_s > 0 or not self.control_wait_s > 0:
-            raise UserError("--end-grace and the control wait must be > 0 s")
-
-    def control_endpoint(self) -> str | None:
-        """Where start and end arrive for a scaled-out worker (None: in the data stream)."""
-        if self.control is not None:
-            return self.control
-        if self.worker_id is None:
-            return None
-        from streamstore.fanout import control_endpoint_for
-
-        return control_endpoint_for(self.connect)  # type: ignore[arg-type]
 
     @property
     def budget_bytes(self) -> int:
@@ -300,17 +278,6 @@ class IngestDaemon:
         self._recv_cpu_s = 0.0
         self.reporter: StatusReporter | None = None
         self._auth: Any = None  # ZAP authenticator with --curve-keys (helper G)
-        self._ctl_sock: Any = None  # scale-out: SUB socket of the sender's control channel
-        self._control: Any = None
-        if config.control_endpoint() is not None:
-            from streamstore.fanout import ControlState
-
-            self._control = ControlState(
-                self,
-                end_grace_s=config.end_grace_s,
-                wait_s=config.control_wait_s,
-                max_pending_bytes=config.budget_bytes // 4,
-            )
 
     # -- control ------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
@@ -324,7 +291,7 @@ class IngestDaemon:
     def _on_closed(self, series: SeriesInfo) -> None:  # write thread
         series.cpu_at_close = self.cpu_seconds()
         if self.config.worker_id is not None and series.kind == "data":
-            from streamstore.fanout import record_shard
+            from streamstore.scaleout.shard_writer import record_shard
 
             cfg = self.config
             try:
@@ -441,14 +408,8 @@ class IngestDaemon:
             else:
                 sock.connect(cfg.connect)
                 where = f"connected to {cfg.connect}"
-            ctl_ep = cfg.control_endpoint()
-            if ctl_ep is not None:  # scale-out: start/end arrive on the sender's control PUB
-                self._ctl_sock = ctx.socket(zmq.SUB)
-                self._ctl_sock.setsockopt(zmq.LINGER, 0)
-                self._ctl_sock.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-                self._ctl_sock.setsockopt(zmq.SUBSCRIBE, b"")
-                self._ctl_sock.connect(ctl_ep)
-                where += f", worker {cfg.worker_id}, start/end from {ctl_ep}"
+            if cfg.worker_id is not None:
+                where += f", as worker {cfg.worker_id} of a scaled-out stream"
             if cfg.status_endpoint is not None:
                 pub = ctx.socket(zmq.PUB)
                 pub.setsockopt(zmq.LINGER, 0)
@@ -495,9 +456,6 @@ class IngestDaemon:
             self._loop(sock, zmq)
             self._drain_socket(sock, zmq)
         finally:
-            if self._control is not None:
-                self._drain_control(zmq)
-                self._control.finish()  # an end already received closes its series complete
             if self._series is not None:
                 self._close_series("shutdown", complete=False)
             self._count_q.put(STOP)
@@ -533,10 +491,8 @@ class IngestDaemon:
         return status
 
     def _close_sockets(self, ctx: Any, sock: Any, pub: Any, auth: Any) -> None:
-        """Close the data, control and status sockets, stop CURVE auth, end the context."""
+        """Close the data and status sockets, stop CURVE auth, end the context."""
         sock.close(0)
-        if self._ctl_sock is not None:
-            self._ctl_sock.close(0)
         if pub is not None:
             pub.close(0)
         if auth is not None:
@@ -546,15 +502,11 @@ class IngestDaemon:
     def _loop(self, sock: Any, zmq: Any) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        if self._ctl_sock is not None:
-            poller.register(self._ctl_sock, zmq.POLLIN)
         t_cpu0 = time.thread_time()
         while not self._stop.is_set():
             if self._count.error is not None or self._write.error is not None:
                 log.error("a pipeline stage failed: stopping")
                 break
-            if self._ctl_sock is not None:
-                self._drain_control(zmq)
             if self.budget.used >= self.budget.capacity:
                 # full: do not read; ZeroMQ's HWM now pushes back on the sender
                 self.budget.wait_room(0.1)
@@ -584,19 +536,13 @@ class IngestDaemon:
                 return
             self._handle(parts)
 
-    def _drain_control(self, zmq: Any) -> None:
-        """Handle what arrived on the control channel (scale-out start/end)."""
-        for _ in range(64):
-            try:
-                parts = self._ctl_sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._control.on_control(parts)
-
     def _housekeeping(self) -> None:
-        if self._control is not None:
-            self._control.tick(reading=self.budget.used < self.budget.capacity)
         s = self._series
+        if s is not None and self.config.worker_id is not None:
+            # a shard holds a frame back at most this long waiting for lower ids
+            offer = s.tracker.release_older(SHARD_MAX_HOLD_S)
+            if offer.ready:
+                self._forward(s, offer)
         if s is not None and time.monotonic() - s.last_activity > self.config.idle_timeout_s:
             log.warning(
                 "series %s: no message for %.0f s: closing it as incomplete",
@@ -606,12 +552,12 @@ class IngestDaemon:
             self._close_series("idle timeout", complete=False)
 
     # -- messages -----------------------------------------------------------------------
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, level: int = logging.WARNING) -> None:
         self.counters.reject(reason)
         n = self.counters.rejected_by_reason[reason]
         if n <= _LOG_FIRST or n % 1000 == 0:
             more = f" ({n} so far)" if n > 1 else ""
-            log.warning("rejected message: %s: %s%s", reason, detail, more)
+            log.log(level, "rejected message: %s: %s%s", reason, detail, more)
 
     def _handle(self, parts: list[Any]) -> None:
         from streamstore import protocol
@@ -701,7 +647,7 @@ class IngestDaemon:
         info = SeriesInfo(sid, msg, kind=kind)
         self._series = _OpenSeries(info, self.config.reorder_window)
         if self.config.worker_id is not None:  # a shard: the other ids are other workers'
-            from streamstore.fanout import ShardTracker
+            from streamstore.scaleout.shard_writer import ShardTracker
 
             self._series.tracker = ShardTracker(self.config.reorder_window)
         self._ever_started = True
@@ -719,19 +665,22 @@ class IngestDaemon:
         self._count_q.put(OpenItem(info))
 
     def _on_image(self, msg: Any) -> None:
-        if self._control is not None:
-            self._control.before_image(msg.series_id)
         s = self._series
         sid = msg.series_id
         if s is None or s.info.series_id != sid:
-            if self._control is not None and self._control.buffer(msg, _nbytes(msg.payload)):
-                return  # its start may still be on the way over the control channel
+            # an image whose series has no start is a sender (or dealing) fault: it is lost
             if sid in self._recent_closed:
                 self._reject("stale", f"image {msg.frame_id} of series {sid}, which is closed")
             elif not self._ever_started:
-                self._reject("before_start", f"image {msg.frame_id} of {sid} before any start")
+                self._reject(
+                    "before_start", f"image {msg.frame_id} of {sid} before any start", logging.ERROR
+                )
             else:
-                self._reject("unknown_series", f"image {msg.frame_id} of unknown series {sid}")
+                self._reject(
+                    "unknown_series",
+                    f"image {msg.frame_id} of unknown series {sid} (it has no start)",
+                    logging.ERROR,
+                )
             return
         s.last_activity = time.monotonic()
         start = s.info.start
@@ -818,6 +767,7 @@ class IngestDaemon:
             reason = "stale" if sid in self._recent_closed else "unknown_series"
             self._reject(reason, f"end of series {sid}, which is not open")
             return
+        s.info.end_extra = dict(msg.extra)  # a broker's report, for the series manifest
         self._close_series("end", complete=True, n_sent=int(msg.n_frames))
 
     def _close_series(self, reason: str, *, complete: bool, n_sent: int | None = None) -> None:
@@ -872,7 +822,7 @@ def _nbytes(payload: Any) -> int:
 def _shard_paths(worker_id: int | None) -> Any:
     if worker_id is None:
         return None
-    from streamstore.fanout import shard_paths
+    from streamstore.scaleout.shard_writer import shard_paths
 
     return shard_paths(worker_id)
 

@@ -112,6 +112,7 @@ class SeriesInfo:
         default_factory=lambda: {"receive": 0.0, "count": 0.0, "write": 0.0}
     )
     n_expected: int | None = None  # frame ids 0..n-1 expected (end / start), set at close
+    end_extra: dict[str, Any] | None = None  # extra keys of the end (a broker's report)
 
     @property
     def frame_shape(self) -> tuple[int, int]:
