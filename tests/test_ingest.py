@@ -193,8 +193,9 @@ def test_idle_series_is_closed_incomplete_and_stale_images_are_rejected(
         st = daemon.wait_closed(st0["series_closed"] + 3)  # "paused" by its idle timeout
         s.send_image("paused", 6, frames[6])  # now it is closed: stale
     st = daemon.wait_for(
-        lambda st: st["rejected_by_reason"].get("stale", 0)
-        > st0["rejected_by_reason"].get("stale", 0)
+        lambda st: (
+            st["rejected_by_reason"].get("stale", 0) > st0["rejected_by_reason"].get("stale", 0)
+        )
     )
     assert closed_info(st, "abandoned")["complete"] is False
     assert closed_info(st, "paused")["complete"] is False

@@ -101,9 +101,12 @@ class WriteStage(_Stage):
             "series_id": series.series_id,
             "detector": getattr(start, "detector", None),
             "calibration_source": series.calibration_source,
-            "calibration_changes": series.calibration_changes,
             "sender_meta": getattr(start, "meta", None) or {},
-            "ingest": {"n_frames_announced": getattr(start, "n_frames", None)},
+            "ingest": {
+                "n_frames_announced": getattr(start, "n_frames", None),
+                # every change of the daemon's calibration before this series opened
+                "calibration_changes": series.calibration_changes,
+            },
         }
         for path in self.paths(self.out_dir, series.series_id):
             if not is_free(path):
@@ -124,13 +127,13 @@ class WriteStage(_Stage):
                 )
             except FileExistsError:
                 continue  # somebody created it between the check and now
-            except OSError as exc:
+            except Exception as exc:  # OSError, or RuntimeError from h5py
                 log.error(
                     "series %s: CANNOT CREATE %s (%s); nothing is left at that path and "
                     "the series' frames are counted as missing",
                     series.series_id,
                     path,
-                    exc.strerror or exc,
+                    getattr(exc, "strerror", None) or exc,
                 )
                 raise
             break
