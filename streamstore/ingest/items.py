@@ -98,6 +98,8 @@ class SeriesInfo:
     kind: str = "data"  # "data" or "dark"
     calibration: Any = None
     calibration_source: str = "none"
+    # the calibration's summary once the object itself is freed (all frames counted)
+    calibration_summary: dict[str, Any] | None = None
     path: Path | None = None
     # final numbers, filled by the write stage; stored and events count flushed frames only
     stored: int = 0

@@ -118,7 +118,9 @@ class WriteStage(_Stage):
                     series.frame_shape,
                     frame_time_s=start.frame_time_s,
                     pixel_size_A=getattr(start, "pixel_size_A", None),
-                    calibration=self._calibration_summary(series.calibration),
+                    calibration=self._calibration_summary(series.calibration)
+                    if series.calibration is not None
+                    else series.calibration_summary,
                     meta=meta,
                     raw_dtype=start.np_dtype,
                     subpixel=self.subpixel,
@@ -374,6 +376,7 @@ class WriteStage(_Stage):
         # a closed series keeps its summary only: its calibration (estimated ones are
         # hundreds of MB at full frames) is freed with it
         series.calibration = None
+        series.calibration_summary = None
         series.closed_t = time.monotonic()
         self.counters.series_closed += 1
         if self.on_closed is not None:
