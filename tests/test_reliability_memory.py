@@ -61,7 +61,7 @@ def _many_parts(sock, n_parts: int = 601) -> None:
     sock.send_multipart([*head, *([part] * (n_parts - len(head)))], copy=False)
 
 
-def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp_path):
+def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp_path, capsys):
     from streamstore.emulator import CameraEmulator
 
     emu = CameraEmulator(EST_SHAPE, seed=11, dose_rate_e_per_px_s=30.0, frame_time_s=1e-3)
@@ -92,6 +92,11 @@ def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp
     assert st["missing"] == 1000 * (10**13)
     assert st["frames_stored"] == 100 * EST_FRAMES
     growth_mb = (rss1 - rss0) / 2**20
+    with capsys.disabled():
+        print(
+            f"\ndaemon RSS {rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MB (+{growth_mb:.1f} MB) "
+            f"through 1,000 claims, a 601-part message and 100 estimated series"
+        )
     assert growth_mb < BUDGET_MB + RSS_CONSTANT_MB, (
         f"daemon RSS grew by {growth_mb:.0f} MB ({rss0 / 2**20:.0f} -> {rss1 / 2**20:.0f} MB) "
         f"through 1,000 claims and 100 estimated calibrations; allowed {BUDGET_MB} MB budget "

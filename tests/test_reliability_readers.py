@@ -13,13 +13,14 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import zmq
 from _ingest_harness import Daemon, Series, pusher
 
 N_READERS = 8
-N_FRAMES = 3000
+N_FRAMES = 20000
 
 _READER = """
 import sys, time
@@ -27,6 +28,7 @@ import numpy as np
 import streamstore
 path, truth, seed, stop = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 from pathlib import Path
+Path(f"{stop}.ready{seed}").touch()  # imported: the test starts sending once all are
 z = np.load(truth)
 pool = [z[f"f{i}"] for i in range(int(z["n"]))]
 h, w = (int(v) for v in z["shape"])
@@ -92,6 +94,10 @@ def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(tmp_path):
         )
         for seed in range(N_READERS)
     ]
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{stop}.ready{k}").exists() for k in range(N_READERS)):
+        assert time.monotonic() < deadline, "the readers did not start"
+        time.sleep(0.1)
     ctx = zmq.Context()
     try:
         with Daemon(out, calibration=series.calibration_path) as d:
@@ -113,5 +119,9 @@ def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(tmp_path):
     for r, text in zip(readers, results, strict=True):
         assert r.returncode == 0, text
     seen = [tuple(int(v) for v in t.split()) for t in results]
-    assert sum(w for w, _, _ in seen) > 0, "no reader saw a frame"
-    print(f"\n{N_READERS} readers: windows read {[w for w, _, _ in seen]}")
+    assert all(w > 0 for w, _, _ in seen), "a reader never saw a frame during ingest"
+    print(
+        f"\n{N_READERS} readers during ingest of {N_FRAMES} frames: windows read "
+        f"{[w for w, _, _ in seen]}, frames checked {sum(f for _, f, _ in seen)}, "
+        "0 torn, 0 wrong sums"
+    )

@@ -56,7 +56,7 @@ import streamstore
 out, stop = Path(sys.argv[1]), Path(sys.argv[2])
 opened = 0
 while not stop.exists():
-    for p in sorted(out.glob("*.h5")):
+    for p in sorted(out.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)[:3]:
         try:
             with streamstore.open(p) as s:
                 s.n_frames
@@ -72,10 +72,13 @@ def test_a_reader_polling_the_folder_never_makes_a_series_fail(tmp_path, series)
     out = tmp_path / "out"
     out.mkdir()
     stop = tmp_path / "stop"
-    n_series, n_frames = 40, 3
-    poller = subprocess.Popen(
-        [sys.executable, "-c", _POLLER, str(out), str(stop)], stdout=subprocess.PIPE, text=True
-    )
+    n_series, n_frames = 120, 2
+    pollers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _POLLER, str(out), str(stop)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     ctx = zmq.Context()
     try:
         with Daemon(out, calibration=series.calibration_path) as d:
@@ -83,7 +86,7 @@ def test_a_reader_polling_the_folder_never_makes_a_series_fail(tmp_path, series)
             s = pusher(ctx, d.listen)
             for k in range(n_series):
                 _send(s, series, f"r{k:02d}", range(n_frames), start=n_frames, end=n_frames)
-                time.sleep(0.02)  # the series are created one by one while the reader polls
+                time.sleep(0.01)  # the series are created one by one while the readers poll
             st = d.wait_until(lambda st: st["series_closed"] >= n_series, 120, "all series")
             s.close(0)
             assert d.stop() == 0
@@ -91,7 +94,7 @@ def test_a_reader_polling_the_folder_never_makes_a_series_fail(tmp_path, series)
     finally:
         ctx.destroy(linger=0)
         stop.touch()
-        opened = int(poller.communicate(timeout=60)[0] or 0)
+        opened = sum(int(p.communicate(timeout=60)[0] or 0) for p in pollers)
     assert opened > 0, "the reader never opened a file"
     assert st["write_errors"] == 0, log
     assert "WRITE FAILED" not in log and "CANNOT CREATE" not in log
@@ -102,7 +105,7 @@ def test_a_reader_polling_the_folder_never_makes_a_series_fail(tmp_path, series)
 
 # -------------------------------------------------------------- idle timeout --
 def test_a_daemon_stall_longer_than_the_idle_timeout_closes_nothing(tmp_path, series):
-    """SIGSTOP for 4 s with --idle-timeout 2: the sender was not silent, the daemon was."""
+    """SIGSTOP for 4 s with --idle-timeout 2: the daemon's own pause is not the sender's silence."""
     out = tmp_path / "out"
     ctx = zmq.Context()
     try:
@@ -113,10 +116,11 @@ def test_a_daemon_stall_longer_than_the_idle_timeout_closes_nothing(tmp_path, se
             d.wait_until(lambda st: st["frames_received"] >= 50, 60, "the first frames")
             d.proc.send_signal(signal.SIGSTOP)
             try:
-                _send(s, series, "stall", range(50, 200))  # queued while the daemon is stopped
                 time.sleep(4.0)
             finally:
                 d.proc.send_signal(signal.SIGCONT)
+            time.sleep(0.5)  # the daemon's poll has timed out long ago: it runs first
+            _send(s, series, "stall", range(50, 200))
             _send(s, series, "stall", [], end=200)
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
             s.close(0)
