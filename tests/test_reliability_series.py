@@ -50,29 +50,39 @@ def _check(path: Path, series: Series, ids, *, complete: bool | None = True) -> 
 
 # --------------------------------------------------------------- reader locks --
 _POLLER = """
-import sys, time
+import sys
 from pathlib import Path
+import h5py
 import streamstore
 out, stop = Path(sys.argv[1]), Path(sys.argv[2])
 opened = 0
 while not stop.exists():
-    for p in sorted(out.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)[:3]:
-        try:
-            with streamstore.open(p) as s:
-                s.n_frames
+    newest = sorted(out.glob("*.h5"), key=lambda p: p.stat().st_mtime, reverse=True)[:2]
+    for p in newest:  # what a live viewer does: open the newest files, again and again
+        for how in ("h5py", "h5py-swmr", "streamstore"):
+            try:
+                if how == "streamstore":
+                    with streamstore.open(p) as s:
+                        s.n_frames
+                else:
+                    with h5py.File(p, "r", swmr=how == "h5py-swmr"):
+                        pass
                 opened += 1
-        except Exception:
-            pass
+            except Exception:
+                pass
 print(opened)
 """
 
 
 def test_a_reader_polling_the_folder_never_makes_a_series_fail(tmp_path, series):
-    """A live viewer opening files while they are created held HDF5 locks the writer hit."""
+    """A live viewer opening files while they are created held HDF5 locks the writer hit.
+
+    Without the fix about 1 series in 100 was lost here (errno 11 at creation).
+    """
     out = tmp_path / "out"
     out.mkdir()
     stop = tmp_path / "stop"
-    n_series, n_frames = 120, 2
+    n_series, n_frames = 200, 1
     pollers = [
         subprocess.Popen(
             [sys.executable, "-c", _POLLER, str(out), str(stop)], stdout=subprocess.PIPE, text=True
