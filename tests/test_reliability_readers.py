@@ -10,6 +10,7 @@ events, or events of a half-written chunk) would show as a mismatch.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -20,7 +21,10 @@ import zmq
 from _ingest_harness import Daemon, Series, pusher
 
 N_READERS = 8
-N_FRAMES = 20000
+#: frames and frame shape; the environment may raise them for the full-frame figure,
+#: e.g. STREAMSTORE_TEST_READERS_SHAPE=4092x5760 STREAMSTORE_TEST_READERS_FRAMES=300
+N_FRAMES = int(os.environ.get("STREAMSTORE_TEST_READERS_FRAMES", "20000"))
+SHAPE = tuple(int(v) for v in os.environ.get("STREAMSTORE_TEST_READERS_SHAPE", "64x96").split("x"))
 
 _READER = """
 import sys, time
@@ -74,7 +78,7 @@ print(windows, frames_seen, sums)
 
 
 def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(tmp_path):
-    series = Series(tmp_path, pool=16, seed=5)
+    series = Series(tmp_path, shape=SHAPE, pool=16, seed=5)
     truth = tmp_path / "truth.npz"
     np.savez(
         truth,
@@ -121,7 +125,7 @@ def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(tmp_path):
     seen = [tuple(int(v) for v in t.split()) for t in results]
     assert all(w > 0 for w, _, _ in seen), "a reader never saw a frame during ingest"
     print(
-        f"\n{N_READERS} readers during ingest of {N_FRAMES} frames: windows read "
+        f"\n{N_READERS} readers during ingest of {N_FRAMES} frames of {SHAPE}: windows read "
         f"{[w for w, _, _ in seen]}, frames checked {sum(f for _, f, _ in seen)}, "
         "0 torn, 0 wrong sums"
     )
