@@ -586,17 +586,24 @@ class IngestDaemon(SeriesMachine):
             self.reporter.tick()  # type: ignore[union-attr]
 
     def _drain_socket(self, sock: Any, zmq: Any) -> None:
-        """Take everything ZeroMQ already holds (waiting for room as needed), unless aborted."""
-        while not self._abort.is_set():
+        """Take what ZeroMQ already holds, waiting for room as long as the disk needs.
+
+        Reading itself stops after 1 s (waits for room not counted), so a sender
+        that keeps sending cannot hold the stop off; a second signal stops at once.
+        """
+        reading_s = 0.0
+        while not self._abort.is_set() and reading_s < 1.0:
             if self.budget.used >= self.budget.capacity:
                 self.budget.wait_room(0.1)
                 self.reporter.tick()  # type: ignore[union-attr]
                 continue
+            t0 = time.monotonic()
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._handle(parts)
+            reading_s += time.monotonic() - t0
 
     def _drain_control(self, zmq: Any) -> None:
         """Handle what arrived on the control channel (scale-out start/end)."""
