@@ -23,22 +23,26 @@ _LAZY = {
     "count": "streamstore.counting",
     "CameraEmulator": "streamstore.emulator",
     "ProtocolError": "streamstore.protocol",
+    "CorruptDataError": "streamstore.errors",
     "StoreWriter": "streamstore.store",
     "Store": "streamstore.reader",
     "open": "streamstore.reader",
     "import_stempy": "streamstore.stempy_io",
     "export_stempy": "streamstore.stempy_io",
+    "export_eer": "streamstore.eer",
 }
 
 __all__ = [
     "CameraEmulator",
     "Calibration",
+    "CorruptDataError",
     "EventBatch",
     "ProtocolError",
     "Store",
     "StoreWriter",
     "__version__",
     "count",
+    "export_eer",
     "export_stempy",
     "import_stempy",
     "open",
@@ -47,7 +51,9 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from streamstore.calibration import Calibration
     from streamstore.counting import count
+    from streamstore.eer import export_eer
     from streamstore.emulator import CameraEmulator
+    from streamstore.errors import CorruptDataError
     from streamstore.events import EventBatch
     from streamstore.protocol import ProtocolError
     from streamstore.reader import Store, open

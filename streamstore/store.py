@@ -104,9 +104,16 @@ class _Column:
     """
 
     def __init__(
-        self, ds: Any, codec: Any, chunk_len: int, dtype: np.dtype, tail_codec: Any = None
+        self,
+        ds: Any,
+        codec: Any,
+        chunk_len: int,
+        dtype: np.dtype,
+        tail_codec: Any = None,
+        checksum: bool = False,
     ) -> None:
         self.ds = ds
+        self.checksum = checksum  # append HDF5's Fletcher-32 (the dataset has the filter)
         self.codec = codec
         self.tail_codec = tail_codec
         self.chunk_len = chunk_len
@@ -128,7 +135,12 @@ class _Column:
         if extent > self.extent:
             self.ds.resize((extent,))
             self.extent = extent
-        self.ds.id.write_direct_chunk((start,), codec.encode(block), filter_mask=0)
+        data = codec.encode(block)
+        if self.checksum:
+            from streamstore.checksum import seal
+
+            data = seal(data)
+        self.ds.id.write_direct_chunk((start,), data, filter_mask=0)
 
     def _close_chunk(self) -> None:
         self.n_full += self.chunk_len
@@ -244,6 +256,10 @@ class StoreWriter:
         Frames per HDF5 chunk of the per-frame datasets.
     counting : dict, optional
         Counting parameters (thresholds, method), stored as JSON.
+    checksums : bool, default True
+        Give every chunk of every dataset HDF5's Fletcher-32 checksum, so
+        damaged chunks are found on read (:class:`streamstore.CorruptDataError`)
+        and by ``streamstore verify``. False only to measure its cost.
 
     Raises
     ------
@@ -275,6 +291,7 @@ class StoreWriter:
         chunk_events: int = DEFAULT_CHUNK_EVENTS,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         counting: dict[str, Any] | None = None,
+        checksums: bool = True,
     ) -> None:
         import h5py
 
@@ -335,6 +352,7 @@ class StoreWriter:
         if meta is not None and not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
 
+        self._checksums = bool(checksums)
         self.path = Path(path)
         fd = _open_exclusive(self.path)
         self._file = None
@@ -439,12 +457,18 @@ class StoreWriter:
 
         def make(group, name, dtype, chunk, c, tail=None, **attrs):
             ds = group.create_dataset(
-                name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, **filt
+                name,
+                shape=(0,),
+                maxshape=(None,),
+                chunks=(chunk,),
+                dtype=dtype,
+                fletcher32=self._checksums,
+                **filt,
             )
             ds.attrs["codec"] = _dumps(c.get_config())
             for k, v in attrs.items():
                 ds.attrs[k] = v
-            return _Column(ds, c, chunk, np.dtype(dtype), tail)
+            return _Column(ds, c, chunk, np.dtype(dtype), tail, checksum=self._checksums)
 
         self._gaps = make(
             ev,

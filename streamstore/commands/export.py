@@ -1,4 +1,4 @@
-"""Export a stored series to stempy, a dose-fractionated TIFF, or npy.
+"""Export a stored series to stempy, a dose-fractionated TIFF, EER, or npy.
 
 Examples::
 
@@ -8,6 +8,11 @@ Examples::
     # cryo-EM: one TIFF page per 1 e/A^2 fraction, plus run1_dose.txt (the
     # value RELION wants) and run1_fmint.txt (MotionCor2 -FmIntFile)
     streamstore export run1.h5 --format tiff --dose-per-fraction 1 --unit e/A2 run1.tif
+
+    # cryo-EM, fractionation chosen later: one EER page per frame with its
+    # sub-pixel positions, plus run1_dose.txt (RELION --eer_grouping for
+    # 1 e/A^2 per fraction), run1_fmint.txt and a flat run1_gain.tif
+    streamstore export run1.h5 run1.eer --format eer --dose-per-fraction 1 --unit e/A2
 
     # a window of dense frames (optionally a region of interest) as .npy
     streamstore export run1.h5 --format npy --start 0 --stop 100 --roi 0,128,0,128 win.npy
@@ -29,11 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="streamstore HDF5 file")
     parser.add_argument("out", help="output file")
     parser.add_argument(
-        "--format", "-f", required=True, choices=("stempy", "tiff", "npy"), help="output format"
+        "--format",
+        "-f",
+        required=True,
+        choices=("stempy", "tiff", "eer", "npy"),
+        help="output format",
     )
-    t = parser.add_argument_group("tiff (dose fractions)")
+    t = parser.add_argument_group("tiff (dose fractions) and eer")
     t.add_argument(
-        "--dose-per-fraction", type=float, default=None, help="dose of one TIFF page, in --unit"
+        "--dose-per-fraction",
+        type=float,
+        default=None,
+        help="dose of one TIFF page, or (eer, optional) of one fraction at processing, in --unit",
     )
     t.add_argument(
         "--unit",
@@ -58,6 +70,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=("uint8", "uint16", "uint32"),
         help="integer dtype (npy default uint16; tiff default: smallest that holds every page)",
+    )
+    e = parser.add_argument_group("eer (one page per frame)")
+    e.add_argument(
+        "--rle-bits",
+        type=int,
+        default=None,
+        help="run-length bits: 7 (default: compression 65001, as the Falcon 4 writes) "
+        "or 4-12 (65002, read by imagecodecs, not RELION)",
     )
     st = parser.add_argument_group("stempy (4D-STEM)")
     st.add_argument(
@@ -87,10 +107,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "tiff" and args.dose_per_fraction is None:
         raise UserError("--format tiff needs --dose-per-fraction (the dose of one TIFF page)")
+    if args.format != "eer":
+        _check_unused(args, ("rle_bits",))
     if args.format == "stempy":
         _check_unused(args, ("dose_per_fraction", "roi", "dtype"))
     elif args.format == "tiff":
         _check_unused(args, ("start", "stop", "roi", "scan_shape"))
+    elif args.format == "eer":
+        _check_unused(args, ("start", "stop", "roi", "scan_shape", "dtype"))
+        if args.remainder != "drop":
+            raise UserError("--remainder does not apply to --format eer (RELION drops it)")
     else:
         _check_unused(args, ("dose_per_fraction", "scan_shape"))
     out = Path(args.out)
@@ -116,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
         shape = f"scan {scan[0]}x{scan[1]}" if scan else f"scan 1x{b - a}"
         print(f"wrote {out}: stempy sparse HDF5 (version 3), frames {a}:{b}, {shape}")
         return 0
+
+    if args.format == "eer":
+        return _run_eer(args, out)
 
     from streamstore.export import export_npy, export_tiff
 
@@ -170,6 +199,45 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {r.path}: shape {r.shape}, {r.dtype.name}; metadata in {r.meta_path}")
     finally:
         _close(store)
+    return 0
+
+
+def _run_eer(args: argparse.Namespace, out: object) -> int:
+    import streamstore
+
+    store = streamstore.open(args.path)
+    try:
+        r = streamstore.export_eer(
+            store,
+            out,
+            dose_per_fraction=args.dose_per_fraction,
+            unit=args.unit,
+            rle_bits=7 if args.rle_bits is None else args.rle_bits,
+            overwrite=args.overwrite,
+            source=str(args.path),
+        )
+    finally:
+        _close(store)
+    print(
+        f"wrote {r.path}: {r.n_pages} EER pages (compression {r.compression}), "
+        f"{r.eer_bits_per_event:.3g} bits/event (store: {r.store_bits_per_event:.3g})"
+    )
+    if r.missing_pages.size:
+        print(
+            f"missing frames: {r.missing_pages.size} written as empty pages"
+            " (listed in the dose file)"
+        )
+    for note in r.notes:
+        print(f"note: {note}")
+    if r.grouping is not None:
+        print(
+            f"RELION --eer_grouping {r.grouping}: {r.n_pages // r.grouping} fractions of "
+            f"{r.fraction_dose:.4g} {r.unit}, {r.dropped_frames} frames dropped"
+        )
+    print(f"wrote {r.dose_path} (dose per raw frame, grouping, missing frames)")
+    if r.fmint_path is not None:
+        print(f"wrote {r.fmint_path} (MotionCor2 -FmIntFile, e/A^2 per raw frame)")
+    print(f"wrote {r.gain_path} (flat gain reference)")
     return 0
 
 
