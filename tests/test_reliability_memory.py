@@ -1,8 +1,9 @@
 """The daemon's memory stays within its budget plus a constant, whatever senders claim.
 
-Closed series keep only their summary (missing ids as ranges), and calibrations
-are freed with their series: 1,000 start/end pairs each claiming 10**13 frames,
-a message of 601 parts and 100 series with estimated calibrations leave the
+Closed series keep only their summary (missing ids as ranges), calibrations
+are freed with their series, and a message of too many parts is refused and its
+memory given back: 1,000 start/end pairs each claiming 10**13 frames, a message
+of 601 parts (150 MB) and 100 series with estimated calibrations leave the
 daemon's RSS within ``--max-buffer-mb`` plus :data:`RSS_CONSTANT_MB` of its
 warmed-up size (docs/reliability.md).
 """
@@ -52,13 +53,13 @@ def _estimated(sock, frames: np.ndarray, first: int, n: int) -> None:
         sock.send_multipart(protocol.encode_end(sid, EST_FRAMES))
 
 
-def _many_parts(sock, n_parts: int = 601) -> None:
-    """One image message of ``n_parts`` parts (refused; must not be held beyond the budget)."""
+def _many_parts(sock, n_parts: int = 601, part_bytes: int = 1 << 18) -> None:
+    """One message of ``n_parts`` parts, 150 MB in all (refused; never held in the budget)."""
     from streamstore import protocol
 
     head = protocol.encode_image("est000", 0, 0, np.zeros(EST_SHAPE, np.uint16))
-    part = np.zeros(4096, np.uint16)
-    sock.send_multipart([*head, *([part] * (n_parts - len(head)))], copy=False)
+    blob = bytes(part_bytes)  # one buffer sent 599 times (zero-copy on this side)
+    sock.send_multipart([*head, *([blob] * (n_parts - len(head)))], copy=False)
 
 
 def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp_path, capsys):
@@ -90,6 +91,7 @@ def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp
     finally:
         ctx.destroy(linger=0)
     assert st["missing"] == 1000 * (10**13)
+    assert st["rejected_by_reason"] == {"too_many_parts": 1}
     assert st["frames_stored"] == 100 * EST_FRAMES
     growth_mb = (rss1 - rss0) / 2**20
     with capsys.disabled():
