@@ -34,6 +34,7 @@ from streamstore._chunkio import (
 )
 from streamstore.errors import CorruptDataError, FormatError, UserError
 from streamstore.events import EventBatch
+from streamstore.idranges import IdRanges
 from streamstore.stem import ScanAnalysisMixin
 
 __all__ = ["Store", "open", "UNITS"]
@@ -170,6 +171,8 @@ class Store(ScanAnalysisMixin):
             k: f["frames"][k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
         }
         self._miss_ds = f["missing_frame_ids"]
+        # newer files record missing ids as [start, stop) pairs; older ones list them
+        self._miss_ranges_ds = f["missing_ranges"] if "missing_ranges" in f else None
         self._load_frames()
 
     def _load_frames(self) -> None:
@@ -213,7 +216,17 @@ class Store(ScanAnalysisMixin):
         self._damage_why = [(lo, min(hi, n), r) for lo, hi, r in why if lo < n]
         self._n_events = int(counts.sum())
         miss = self._miss_ds
-        self._missing = np.unique(miss[: miss.shape[0]].astype(np.int64))
+        ranges = IdRanges()
+        ranges.add_ids(miss[: miss.shape[0]].astype(np.int64))
+        rds = self._miss_ranges_ds
+        if rds is not None:
+            flat = rds[: rds.shape[0] // 2 * 2].astype(np.int64).reshape(-1, 2)
+            if flat.size and np.any((flat[:, 0] < 0) | (flat[:, 1] < flat[:, 0])):
+                raise FormatError(f"{self.path}: missing_ranges holds a reversed or negative range")
+            for a, b in flat.tolist():
+                ranges.add(a, b)
+        self._missing = ranges
+        self._missing_list: np.ndarray | None = None
 
     # ------------------------------------------------------------ life --
     def refresh(self) -> int:
@@ -228,6 +241,8 @@ class Store(ScanAnalysisMixin):
             if self._sub is not None:
                 self._sub.ds.refresh()
             self._miss_ds.refresh()
+            if self._miss_ranges_ds is not None:
+                self._miss_ranges_ds.refresh()
             self._gaps.clear()
             if self._sub is not None:
                 self._sub.clear()
@@ -279,8 +294,28 @@ class Store(ScanAnalysisMixin):
 
     @property
     def missing_frame_ids(self) -> np.ndarray:
-        """Frame ids that never arrived (sorted, int64)."""
-        return self._missing
+        """Frame ids that never arrived (sorted, int64).
+
+        Expanded from :attr:`missing_ranges` on first use: a gap of ten
+        million ids makes an 80 MB array; prefer the ranges for large gaps.
+        """
+        if self._missing_list is None:
+            self._missing_list = self._missing.ids()
+        return self._missing_list
+
+    @property
+    def missing_ranges(self) -> np.ndarray:
+        """Frame ids that never arrived as ``(n, 2)`` int64 rows ``[start, stop)``, ascending.
+
+        Files written before ranges were recorded give the same rows, built
+        from their ``missing_frame_ids`` list.
+        """
+        return self._missing.as_array()
+
+    @property
+    def n_missing(self) -> int:
+        """Number of frame ids that never arrived."""
+        return self._missing.n_ids
 
     @property
     def subpixel(self) -> bool:
@@ -336,7 +371,7 @@ class Store(ScanAnalysisMixin):
         if c >= 0:
             out["complete"] = bool(c)
         out["stored"] = self.n_frames
-        out["missing"] = int(self._missing.size)
+        out["missing"] = int(self._missing.n_ids)
         return out
 
     @property

@@ -42,6 +42,7 @@ import numpy as np
 from streamstore._chunkio import format_ranges, true_ranges
 from streamstore.errors import CorruptDataError, FormatError
 from streamstore.events import EventBatch
+from streamstore.idranges import IdRanges
 from streamstore.reader import Store
 
 __all__ = ["ShardedStore", "is_series", "read_manifest", "MANIFEST_FORMAT", "MANIFEST_VERSION"]
@@ -219,7 +220,10 @@ class ShardedStore(Store):
         self._frames_expected = self._expected()
         known_missing = np.concatenate([s.missing_frame_ids for s in self.shards])
         never = np.setdiff1d(np.arange(self._frames_expected, dtype=np.int64), self._ids)
-        self._missing = np.setdiff1d(np.union1d(never, known_missing), self._ids).astype(np.int64)
+        missing = np.setdiff1d(np.union1d(never, known_missing), self._ids).astype(np.int64)
+        self._missing = IdRanges()
+        self._missing.add_ids(missing)
+        self._missing_list = missing
 
     def _expected(self) -> int:
         """Number of frame ids the series should hold, as far as anybody knows."""
@@ -266,7 +270,7 @@ class ShardedStore(Store):
     def __repr__(self) -> str:
         return (
             f"ShardedStore({str(self.path)!r}, shards={len(self.shards)}, "
-            f"n_frames={self.n_frames}, missing={self._missing.size}, "
+            f"n_frames={self.n_frames}, missing={self._missing.n_ids}, "
             f"frame_shape={self.frame_shape}, n_events={self.n_events})"
         )
 
@@ -335,7 +339,7 @@ class ShardedStore(Store):
         out.update(
             complete=complete,
             stored=self.n_frames,
-            missing=int(self._missing.size),
+            missing=int(self._missing.n_ids),
             frames_expected=self._frames_expected,
             shards=len(self.shards),
             shards_expected=n_workers,

@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from streamstore.events import EventBatch
+from streamstore.idranges import IdRanges, ranges_of_ids
 
 __all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -354,16 +355,20 @@ class StoreWriter:
                 "calibration must be a streamstore.Calibration, a dict or None, "
                 f"got {type(calibration).__name__}"
             )
-        scan_geom = ScanGeometry.parse(scan)
+        self._scan = ScanGeometry.parse(scan)
         if meta is not None and not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
 
+        self._checksums = bool(checksums)
         self.path = Path(path)
         fd = _open_exclusive(self.path)
         self._file = None
         try:
             st_fd = os.fstat(fd)
-            f = h5py.File(self.path, "w", libver="latest")
+            # no HDF5 file lock: a reader polling the directory (a live viewer) would
+            # otherwise make this open or the switch to SWMR fail with EAGAIN; the
+            # O_EXCL create above is what keeps a second writer out
+            f = h5py.File(self.path, "w", libver="latest", locking=False)
             self._file = f
             st_path = os.lstat(self.path)
             if not stat.S_ISREG(st_path.st_mode) or (st_path.st_ino, st_path.st_dev) != (
@@ -371,13 +376,69 @@ class StoreWriter:
                 st_fd.st_dev,
             ):
                 raise FileExistsError(f"{self.path} was replaced while opening; refusing to write")
+            self._create_layout(
+                f,
+                raw_dt,
+                cal_summary,
+                cal_source,
+                counting,
+                meta,
+                codec,
+                small,
+                stored,
+                chunk_events,
+                chunk_frames,
+                __version__,
+                hdf5_filter,
+            )
         except BaseException:
+            # a file that could not be made whole (full disk, ...) is not left behind
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except Exception:
+                    pass
+            try:
+                if (os.lstat(self.path).st_ino, os.lstat(self.path).st_dev) == (
+                    st_fd.st_ino,
+                    st_fd.st_dev,
+                ):
+                    os.unlink(self.path)
+            except (OSError, NameError):
+                pass
             os.close(fd)
             raise
         os.close(fd)
 
+        self._n_frames = 0
+        self._n_events = 0
+        self._n_flushed = 0
+        self._n_events_flushed = 0
+        self._last_id: int | None = None
+        self._ids = np.empty(1024, np.int64)  # every stored frame id (for mark_missing)
+        self._missing_ids = IdRanges()
+        self._accounting: dict[str, Any] = {}
+        self._last_flush = time.monotonic()
+        self._frames_since_flush = 0
+        self._closed = False
+
+    def _create_layout(
+        self,
+        f,
+        raw_dt,
+        cal_summary,
+        cal_source,
+        counting,
+        meta,
+        codec,
+        small,
+        stored,
+        chunk_events,
+        chunk_frames,
+        version,
+        hdf5_filter,
+    ) -> None:
+        """Root attributes and every dataset, then SWMR mode."""
         a = f.attrs
         a["format"] = FORMAT_NAME
         a["format_version"] = np.int64(FORMAT_VERSION)
@@ -390,14 +451,14 @@ class StoreWriter:
         a["calibration_source"] = cal_source
         a["counting"] = _dumps(counting)
         a["meta"] = _dumps(meta or {})
-        a["writer"] = f"streamstore {__version__}"
+        a["writer"] = f"streamstore {version}"
         a["created_utc"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         for key in _ACCOUNTING_KEYS:
             a[f"frames_{key}"] = np.int64(-1)
         a["series_complete"] = np.int8(-1)
         a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
-        if scan_geom is not None:
-            for key, val in scan_geom.to_attrs().items():
+        if self._scan is not None:
+            for key, val in self._scan.to_attrs().items():
                 a[key] = val
 
         filt = hdf5_filter(codec)
@@ -411,13 +472,13 @@ class StoreWriter:
                 maxshape=(None,),
                 chunks=(chunk,),
                 dtype=dtype,
-                fletcher32=bool(checksums),
+                fletcher32=self._checksums,
                 **filt,
             )
             ds.attrs["codec"] = _dumps(c.get_config())
             for k, v in attrs.items():
                 ds.attrs[k] = v
-            return _Column(ds, c, chunk, np.dtype(dtype), tail, checksum=bool(checksums))
+            return _Column(ds, c, chunk, np.dtype(dtype), tail, checksum=self._checksums)
 
         self._gaps = make(
             ev,
@@ -436,19 +497,18 @@ class StoreWriter:
             "timestamp_ns": make(fr, "timestamp_ns", np.int64, chunk_frames, small, stored),
             "frame_id": make(fr, "frame_id", np.int64, chunk_frames, small, stored),
         }
-        self._missing = make(f, "missing_frame_ids", np.int64, 1024, small, stored)
+        # missing ids are recorded as ranges; the id list stays (empty) for the layout
+        make(f, "missing_frame_ids", np.int64, 1024, small, stored)
+        self._missing = make(
+            f,
+            "missing_ranges",
+            np.int64,
+            1024,
+            small,
+            stored,
+            encoding="missing frame ids: flat [start, stop) pairs, disjoint, any order",
+        )
         f.swmr_mode = True
-
-        self._n_frames = 0
-        self._n_events = 0
-        self._n_flushed = 0
-        self._last_id: int | None = None
-        self._ids = np.empty(1024, np.int64)  # every stored frame id (for mark_missing)
-        self._missing_set: set[int] = set()
-        self._accounting: dict[str, Any] = {}
-        self._last_flush = time.monotonic()
-        self._frames_since_flush = 0
-        self._closed = False
 
     # ------------------------------------------------------------ state --
     @property
@@ -465,6 +525,11 @@ class StoreWriter:
     def unflushed_frame_ids(self) -> np.ndarray:
         """Ids of the frames appended since the last completed flush (lost if writing fails now)."""
         return self._ids[self._n_flushed : self._n_frames].copy()
+
+    @property
+    def n_events_flushed(self) -> int:
+        """Events of the frames in the file as of the last flush."""
+        return self._n_events_flushed
 
     @property
     def n_events_written(self) -> int:
@@ -538,9 +603,10 @@ class StoreWriter:
             raise ValueError(
                 f"frame_ids must increase across appends: got {int(ids[0])} after {self._last_id}"
             )
-        if self._missing_set and not self._missing_set.isdisjoint(ids.tolist()):
-            bad = sorted(self._missing_set.intersection(ids.tolist()))
-            raise ValueError(f"frame ids {bad[:5]} were marked missing and cannot be stored")
+        if self._missing_ids.overlaps(int(ids[0]), int(ids[-1]) + 1):
+            bad = [i for i in ids.tolist() if i in self._missing_ids]
+            if bad:
+                raise ValueError(f"frame ids {bad[:5]} were marked missing and cannot be stored")
 
         from streamstore.codec import gap_encode
 
@@ -570,7 +636,7 @@ class StoreWriter:
             self.flush()
 
     def mark_missing(self, frame_ids: Sequence[int] | np.ndarray) -> None:
-        """Record frame ids that never arrived (stored in ``missing_frame_ids``).
+        """Record frame ids that never arrived (stored as ranges in ``missing_ranges``).
 
         Raises
         ------
@@ -578,22 +644,38 @@ class StoreWriter:
             If an id is already stored as a frame; ids already marked missing
             are ignored.
         """
+        self.mark_missing_ranges(ranges_of_ids(np.asarray(frame_ids, dtype=np.int64).ravel()))
+
+    def mark_missing_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Record the frame ids ``[start, stop)`` of each range as missing (constant space).
+
+        Raises
+        ------
+        ValueError
+            If a range is reversed or negative, or holds an id already stored as
+            a frame; ids already marked missing are ignored.
+        """
         self._check_open()
-        ids = np.unique(np.asarray(frame_ids, dtype=np.int64).ravel())
-        if ids.size == 0:
-            return
         stored = self._ids[: self._n_frames]
-        if stored.size:  # (indexing an empty array raised IndexError before any frame)
-            pos = np.searchsorted(stored, ids)
-            hit = (pos < stored.size) & (stored[np.minimum(pos, stored.size - 1)] == ids)
-        else:
-            hit = np.zeros(ids.shape, bool)
-        if np.any(hit):
-            raise ValueError(f"frame ids {ids[hit][:5].tolist()} are stored, not missing")
-        new = [i for i in ids.tolist() if i not in self._missing_set]
+        checked = []
+        for a, b in ranges:
+            a, b = int(a), int(b)
+            if a < 0 or b < a:
+                raise ValueError(f"missing range [{a}, {b}) is not a range of ids >= 0")
+            lo, hi = np.searchsorted(stored, [a, b])
+            if hi > lo:
+                raise ValueError(f"frame ids {stored[lo:hi][:5].tolist()} are stored, not missing")
+            checked.append((a, b))
+        new = []
+        for a, b in checked:
+            new.extend(self._missing_ids.add(a, b))
         if new:
-            self._missing_set.update(new)
-            self._missing.extend(np.array(new, np.int64), write_full=False)
+            self._missing.extend(np.asarray(new, np.int64).ravel(), write_full=False)
+
+    @property
+    def n_missing(self) -> int:
+        """Frame ids recorded missing so far."""
+        return self._missing_ids.n_ids
 
     def update_accounting(
         self,
@@ -629,7 +711,7 @@ class StoreWriter:
     def _write_accounting(self) -> None:
         acc = dict(self._accounting)
         acc["stored"] = self._n_flushed
-        acc["missing"] = len(self._missing_set)
+        acc["missing"] = self._missing_ids.n_ids
         a = self._file.attrs
         for key in _ACCOUNTING_KEYS:
             a.modify(f"frames_{key}", np.int64(acc.get(key, -1)))
@@ -655,6 +737,7 @@ class StoreWriter:
             self._cols[name].commit(final)
         self._missing.commit(final)
         self._n_flushed = self._n_frames
+        self._n_events_flushed = self._n_events
         self._write_accounting()
         self._file.flush()
         self._last_flush = time.monotonic()

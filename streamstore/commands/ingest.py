@@ -103,12 +103,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow binding to non-loopback addresses (the port is then open to the network)",
     )
     p.add_argument(
-        "--max-missing-ids",
+        "--max-open-series",
         type=int,
-        default=1 << 22,
+        default=8,
         metavar="N",
-        help="most frame ids a series may record as missing; images beyond are rejected "
-        f"(default {1 << 22})",
+        help="series open at once (each with its own idle timeout); a start beyond is "
+        "refused (default 8)",
+    )
+    p.add_argument(
+        "--calibration-from-dark-series",
+        action="store_true",
+        help="let a dark series replace the --calibration file for the series after it "
+        "(default: the file stays in use; the dark series' calibration is only saved)",
     )
     p.add_argument(
         "--curve-keys",
@@ -189,7 +195,8 @@ def config_from_args(args: argparse.Namespace):
         max_header_bytes=getattr(args, "max_header_bytes", 1 << 16),
         allow_remote=args.allow_remote,
         curve_keys=args.curve_keys,
-        max_missing_ids=args.max_missing_ids,
+        max_open_series=getattr(args, "max_open_series", 8),
+        calibration_from_dark_series=getattr(args, "calibration_from_dark_series", False),
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
         xray_threshold=getattr(args, "xray_threshold", "auto"),

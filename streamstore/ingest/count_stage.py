@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import queue
+import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -29,9 +32,17 @@ log = logging.getLogger("streamstore.ingest")
 class CountStage(_Stage):
     """Counts frames into events; turns dark series into the calibration.
 
-    Calibration of a data series, chosen when the series opens: the latest
-    dark series' calibration if one arrived, else the ``--calibration`` file,
-    else :meth:`Calibration.estimate` on the first ``estimate_frames`` frames.
+    Calibration of a data series, chosen when the series opens: the
+    ``--calibration`` file if one was given, else the latest dark series'
+    calibration, else :meth:`Calibration.estimate` on the first
+    ``estimate_frames`` frames. With ``calibration_from_dark_series`` a dark
+    series replaces the file's calibration for the series after it. Every
+    change of the calibration in use is logged at WARNING and recorded in
+    :attr:`changes`, which each data series carries into its file.
+
+    Several series may be open at once: the state of a series (frames waiting
+    for its estimate, dark frames) is swapped in when one of its items
+    arrives (:data:`PER_SERIES`).
 
     Parameters
     ----------
@@ -51,6 +62,11 @@ class CountStage(_Stage):
         running sums (:class:`~streamstore.dark_sums.DarkSums`, 16 bytes per
         pixel per open dark series) and released at once, so the number of
         dark frames does not change the memory used.
+    calibration_from_dark_series : bool, default False
+        Let a dark series replace the ``--calibration`` file's calibration.
+    abort : threading.Event, optional
+        Once set (a second stop signal), frames not yet counted are recorded
+        missing instead of counted, so shutdown does not wait for the kernel.
     xray_threshold : float, "auto" or None
         X-ray threshold (dark-subtracted signal, ADU) of the calibrations made
         here: from a dark series and by ``Calibration.estimate``. "auto": the
@@ -75,8 +91,17 @@ class CountStage(_Stage):
         estimate_frames: int = 8,
         max_dark_frames: int | None = None,
         xray_threshold: float | str | None = "auto",
+        calibration_from_dark_series: bool = False,
+        abort: threading.Event | None = None,
     ) -> None:
         super().__init__("count", inbox)
+        self.calibration_from_dark_series = bool(calibration_from_dark_series)
+        self.abort = abort if abort is not None else threading.Event()
+        self._aborted_frames = 0
+        #: every change of the calibration in use, oldest first (the last 64)
+        self.changes: deque[dict[str, Any]] = deque(maxlen=64)
+        self._states: dict[int, tuple] = {}  # id(series) -> saved PER_SERIES values
+        self._current: SeriesInfo | None = None
         self.outbox = outbox
         self.budget = budget
         self.counters = counters
@@ -97,12 +122,66 @@ class CountStage(_Stage):
         self._dark_capped: set[str] = set()
         self._estimate_failed = ""
 
+    #: attributes that belong to one series; swapped in by :meth:`_switch`
+    #: (dark-frame sums are kept by series id already)
+    PER_SERIES = ("_pending", "_xray_for")
+
+    def _fresh_state(self) -> tuple:
+        return ([], None)
+
+    def _switch(self, series: SeriesInfo) -> None:
+        """Make ``series``' state current (several series may be open at once)."""
+        cur = self._current
+        if cur is series:
+            return
+        if cur is not None:
+            self._states[id(cur)] = tuple(getattr(self, n) for n in self.PER_SERIES)
+        saved = self._states.pop(id(series), None)
+        for name, value in zip(self.PER_SERIES, saved or self._fresh_state(), strict=True):
+            setattr(self, name, value)
+        self._current = series
+
+    def _forget(self, series: SeriesInfo) -> None:
+        """Drop a closed series' state (its calibration goes with the series)."""
+        self._states.pop(id(series), None)
+        if self._current is series:
+            for name, value in zip(self.PER_SERIES, self._fresh_state(), strict=True):
+                setattr(self, name, value)
+            self._current = None
+
+    def _release_calibration(self, series: SeriesInfo) -> None:
+        """Every frame of the series is counted: keep only the summary of its own calibration.
+
+        An estimated calibration belongs to its series alone (about 300 MB at 4092 x
+        5760); while the series waits for the disk only its summary is needed.
+        """
+        cal = series.calibration
+        if series.kind != "data" or cal is None:
+            return
+        if cal is self.dark_calibration or cal is self.file_calibration:
+            return  # shared with later series
+        series.calibration_summary = dict(cal.summary())
+        series.calibration = None
+
+    def _record_change(self, old: str, new: str, by: str) -> None:
+        """Log a change of the calibration in use at WARNING and keep it for the files."""
+        change = {
+            "utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "from": old or "none",
+            "to": new,
+            "by": by,
+        }
+        self.changes.append(change)
+        log.warning("calibration changes from %s to %s (by %s)", change["from"], new, by)
+
     # -- calibration ---------------------------------------------------------
     def stop(self) -> None:
         self.outbox.put(STOP)  # the write stage drains what is queued before it
 
     def _pick_calibration(self, series: SeriesInfo) -> None:
-        if self.dark_calibration is not None:
+        series.calibration_changes = list(self.changes)
+        use_dark = self.file_calibration is None or self.calibration_from_dark_series
+        if self.dark_calibration is not None and use_dark:
             series.calibration = self.dark_calibration
             series.calibration_source = self.dark_label
         elif self.file_calibration is not None:
@@ -150,9 +229,12 @@ class CountStage(_Stage):
         xt = DEFAULT_XRAY_FACTOR * peak
         new = cal.with_xray_threshold(xt)
         if self.dark_calibration is cal:  # the following series reuse it
+            old = self.dark_label
             self.dark_calibration = new
             self.dark_label += f", X-ray threshold {xt:.0f} ADU from {series.series_id}"
             series.calibration_source = self.dark_label
+            self._record_change(old, self.dark_label, series.series_id)
+            series.calibration_changes = list(self.changes)
         series.calibration = new
         log.info(
             "series %s: X-ray threshold %.0f ADU (%g x the median electron peak %.1f ADU of "
@@ -211,9 +293,10 @@ class CountStage(_Stage):
 
     # -- items ------------------------------------------------------------------
     def handle(self, item: Any) -> None:
-        if isinstance(item, OpenItem):
-            self._pending = []
-            self._xray_for = None
+        self._switch(item.series)
+        if isinstance(item, FrameItem) and self.abort.is_set():
+            self._abandon(item)
+        elif isinstance(item, OpenItem):
             if item.series.kind == "data":
                 self._pick_calibration(item.series)
             self.outbox.put(item)
@@ -240,6 +323,8 @@ class CountStage(_Stage):
             elif self._pending:
                 self._estimate(series)
                 self._drain_pending()
+            self._release_calibration(series)
+            self._forget(series)
             self.outbox.put(item)
         else:  # pragma: no cover - programming error
             raise TypeError(f"count stage got an unexpected item {item!r}")
@@ -250,6 +335,28 @@ class CountStage(_Stage):
             self._lose([item])
         elif isinstance(item, CloseItem | OpenItem | MissingItem):
             self.outbox.put(item)  # keep the series' bookkeeping going
+
+    def _abandon(self, item: FrameItem) -> None:
+        """Shutdown cut short: a frame not counted yet is recorded missing, quickly."""
+        if self._aborted_frames == 0:
+            log.warning("stop cut short: frames not counted yet are recorded missing")
+        self._aborted_frames += 1
+        if item.series.kind == "dark":
+            self.budget.release(item.nbytes)
+            item.array = None  # type: ignore[assignment]
+            return
+        pending = [it for it in self._pending if isinstance(it, FrameItem)]
+        if pending:  # frames waiting for an estimate go the same way
+            self._pending = [it for it in self._pending if not isinstance(it, FrameItem)]
+            self._lose_quietly(pending)
+        self._lose_quietly([item])
+
+    def _lose_quietly(self, items: list[FrameItem]) -> None:
+        for it in items:
+            if it.array is not None:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]
+        self.outbox.put(MissingItem.of_ids(items[0].series, [it.frame_id for it in items]))
 
     def _lose(self, items: list[FrameItem]) -> None:
         """Frames that cannot be counted: give their memory back, record them missing."""
@@ -264,7 +371,7 @@ class CountStage(_Stage):
                     items[0].series.series_id,
                     len(items),
                 )
-            self.outbox.put(MissingItem(items[0].series, [it.frame_id for it in items]))
+            self.outbox.put(MissingItem.of_ids(items[0].series, [it.frame_id for it in items]))
 
     def _drain_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -356,14 +463,28 @@ class CountStage(_Stage):
         except ValueError as exc:
             log.error("dark series %s: cannot calibrate: %s", series.series_id, exc)
             return
-        self.dark_calibration = cal
-        self.dark_label = f"dark_frames:{series.series_id} ({n_frames} frames)"
+        label = f"dark_frames:{series.series_id} ({n_frames} frames)"
         series.calibration = cal
-        series.calibration_source = self.dark_label
+        series.calibration_source = label
         log.info(
-            "dark series %s: calibration from %d frames (%d pixels masked) "
-            "for the following series",
+            "dark series %s: calibration from %d frames (%d pixels masked)",
             series.series_id,
             n_frames,
             cal.n_masked,
         )
+        self._adopt_dark(series, cal, label)
+
+    def _adopt_dark(self, series: SeriesInfo, cal: Any, label: str) -> None:
+        """Use a dark series' calibration for the following series, unless a file rules."""
+        if self.file_calibration is not None and not self.calibration_from_dark_series:
+            log.warning(
+                "dark series %s: its calibration is saved but NOT used: the --calibration "
+                "file (%s) stays in use (pass --calibration-from-dark-series to use dark series)",
+                series.series_id,
+                self.file_label,
+            )
+            return
+        old = self.dark_label or (self.file_label if self.file_calibration is not None else "")
+        self.dark_calibration = cal
+        self.dark_label = label
+        self._record_change(old, label, series.series_id)
