@@ -260,13 +260,15 @@ def test_dose_sidecar_grouping_fmint_and_gain(sub_store, tmp_path):
 def test_export_memory_does_not_grow_with_the_series(tmp_path):
     """Holding one page at a time: 4x the frames costs (almost) no more memory.
 
-    Both series span more event chunks (64 frames each) than the reader's
-    small chunk cache holds, so the cache is full in both and only what the
-    export itself keeps per frame can differ.
+    Event chunks of 4096 slots (about 9 frames) make both series longer than
+    the reader's small chunk cache, so the cache is full in both and only what
+    the export itself keeps per frame can differ.
     """
     peaks = []
-    for n in (320, 1280):
-        path = make_store(tmp_path / f"m{n}.h5", n, shape=(96, 160), p=0.03, missing=(3,))
+    for n in (60, 240):
+        path = make_store(
+            tmp_path / f"m{n}.h5", n, shape=(96, 160), p=0.03, missing=(3,), chunk_events=4096
+        )
         export_eer(path, tmp_path / "warm.eer", overwrite=True, progress=False)  # imports, caches
         with streamstore.open(path) as st:
             tracemalloc.start()
@@ -274,8 +276,8 @@ def test_export_memory_does_not_grow_with_the_series(tmp_path):
             peaks.append(tracemalloc.get_traced_memory()[1])
             tracemalloc.stop()
             extra_events = int(st.n_events * 3 / 4)
-    # the 960 extra frames' events take extra_events * 5 bytes; a page is ~460 events
-    assert peaks[1] - peaks[0] < 64 * 960 + 20_000, peaks
+    # the 180 extra frames' events take extra_events * 5 bytes; a page is ~460 events
+    assert peaks[1] - peaks[0] < 64 * 180 + 20_000, peaks
     assert peaks[1] - peaks[0] < extra_events * 5 / 4, (peaks, extra_events)
 
 
