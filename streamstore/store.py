@@ -27,7 +27,9 @@ file 20 x too big). So:
   partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
   over the four columns) and overwritten in place as it fills; HDF5 reuses the
   space of a same-size chunk and the bytes of already published frames do not
-  change, so a concurrent reader never sees them torn.
+  change, so a concurrent reader never sees them torn. A last chunk never
+  published before close is compressed; chunks hold 256 frames, so a short
+  series pays at most 8 KiB for a published, uncompressed last chunk.
 
 Order of a flush (what makes a concurrent SWMR reader safe): event datasets
 first, then the per-frame datasets, ``frame_id`` last. A reader takes the
@@ -57,8 +59,10 @@ FORMAT_VERSION = 1
 
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20
-#: default frames per HDF5 chunk of the per-frame datasets
-DEFAULT_CHUNK_FRAMES = 1 << 12
+#: default frames per HDF5 chunk of the per-frame datasets: small, because a chunk
+#: published while partly filled stays uncompressed (32 bytes a frame over the four
+#: columns), which a short series would otherwise pay in full
+DEFAULT_CHUNK_FRAMES = 1 << 8
 
 # accounting keys kept as numeric root attributes (-1 = not known)
 _ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
@@ -186,7 +190,11 @@ class _Column:
                 self._write_chunk(self.n_full, block, extent, self.codec)
                 self._close_chunk()
             else:
-                self._write_chunk(self.n_full, block, self.length, self.tail_codec)
+                # a tail never published is written once, at close, so it may be
+                # compressed; a published one keeps its fixed size (a chunk of another
+                # size would get new space and, under SWMR, the old would never be freed)
+                codec = self.codec if final and not self.tail_published else self.tail_codec
+                self._write_chunk(self.n_full, block, self.length, codec)
                 self.tail_dirty = False
                 self.tail_published = True
         if self.tail_codec is not None and self.extent != self.length:
@@ -239,7 +247,7 @@ class StoreWriter:
         Codec of the event gaps (default ZSTD level 1 + SHUFFLE).
     chunk_events : int, default 1048576
         Events per HDF5 chunk.
-    chunk_frames : int, default 4096
+    chunk_frames : int, default 256
         Frames per HDF5 chunk of the per-frame datasets.
     counting : dict, optional
         Counting parameters (thresholds, method), stored as JSON.
