@@ -340,6 +340,13 @@ class Store:
         return out
 
     @property
+    def calibration_warning(self) -> str:
+        """Why the calibration is provisional or was for some frames ("" when it was
+        not, or the file predates the ``calibration_warning`` attribute)."""
+        v = self._f.attrs.get("calibration_warning")
+        return "" if v is None else str(_text(v)).strip()
+
+    @property
     def calibration_summary(self) -> dict[str, Any] | None:
         """The calibration summary written by the counting side, or None."""
         v = self.attrs.get("calibration")

@@ -67,6 +67,8 @@ DEFAULT_CHUNK_FRAMES = 1 << 8
 # accounting keys kept as numeric root attributes (-1 = not known)
 _ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
 _ACCOUNTING_JSON_BYTES = 4096
+# room of the calibration warning attribute (fixed: attributes cannot grow under SWMR)
+_CAL_WARNING_BYTES = 1024
 
 _FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
 
@@ -379,6 +381,8 @@ class StoreWriter:
         for key in _ACCOUNTING_KEYS:
             a[f"frames_{key}"] = np.int64(-1)
         a["series_complete"] = np.int8(-1)
+        a["calibration_warning"] = np.bytes_(b"".ljust(_CAL_WARNING_BYTES))
+        self._cal_warning = ""
         a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
 
         filt = hdf5_filter(codec)
@@ -616,6 +620,23 @@ class StoreWriter:
                 f"at most {_ACCOUNTING_JSON_BYTES} fit"
             )
         a.modify("accounting_json", np.bytes_(text.ljust(_ACCOUNTING_JSON_BYTES)))
+
+    def set_calibration_warning(self, text: str) -> None:
+        """Say in the file that its calibration is provisional ("" when it is not).
+
+        Stored in the root attribute ``calibration_warning`` (UTF-8, space-padded,
+        at most 1024 bytes, longer text is cut) and readable while the file is
+        written.
+        """
+        self._check_open()
+        data = str(text).encode()[:_CAL_WARNING_BYTES].decode(errors="ignore").encode()
+        self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(_CAL_WARNING_BYTES)))
+        self._cal_warning = str(text)
+
+    @property
+    def calibration_warning(self) -> str:
+        """The text last given to :meth:`set_calibration_warning` ("" if none)."""
+        return self._cal_warning
 
     def flush(self) -> None:
         """Write every buffered frame to the file so it survives a crash."""

@@ -185,6 +185,7 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         "counting": counting or None,
         "calibration_source": cal_source or None,
         "calibration": calib or None,
+        "calibration_warning": str(getattr(store, "calibration_warning", "") or "") or None,
     }
     return _jsonable(out)
 
@@ -295,6 +296,8 @@ def format_summary(s: dict[str, Any]) -> str:
         counting = {k: v for k, v in s["calibration"].items() if k not in skip}
     row("counting", _dict_line(counting, limit=8))
     row("calibration", s["calibration_source"] or "source not recorded")
+    if s.get("calibration_warning"):
+        lines.append(f"  WARNING: {s['calibration_warning']}")
     return "\n".join(lines)
 
 

@@ -96,6 +96,8 @@ class SeriesInfo:
     kind: str = "data"  # "data" or "dark"
     calibration: Any = None
     calibration_source: str = "none"
+    # non-empty while (or after) frames are counted with a provisional calibration
+    calibration_warning: str = ""
     path: Path | None = None
     # final numbers, filled by the write stage when it closes the series
     stored: int = 0
