@@ -73,3 +73,12 @@ def test_an_empty_window_is_an_error_in_the_library_and_the_cli(tmp_path):
     ):
         r = cli(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_failing_demo_exits_2_with_one_line(tmp_path):
+    # the emulator refuses the shape after the daemon started: still one line, exit 2
+    r = cli("demo", "--out", tmp_path / "d", "--shape", "0x5", "--frames", "2",
+            "--dark-frames", "0", "--timeout", "120")  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "the emulator failed" in r.stderr
+    assert "--shape" in r.stderr

@@ -208,14 +208,11 @@ def run(args: argparse.Namespace) -> int:
                 emulator.wait()
             _stop(daemon)
             watch.close()
-    if emulator.returncode != 0:
-        sys.stderr.write(emu_err.decode(errors="replace"))
-        _say(f"streamstore demo: the emulator failed (exit {emulator.returncode})")
-        return 1
+    if emulator.returncode != 0:  # one line, as every error: the emulator's last one
+        lines = emu_err.decode(errors="replace").strip().splitlines() or ["no message"]
+        raise UserError(f"the emulator failed (exit {emulator.returncode}): {lines[-1]}")
     if daemon.returncode != 0:
-        _say(f"streamstore demo: the ingest daemon failed (exit {daemon.returncode}); "
-             f"see {log_path}")  # fmt: skip
-        return 1
+        raise UserError(f"the ingest daemon failed (exit {daemon.returncode}); see {log_path}")
     sent = json.loads(emu_out.decode().strip().splitlines()[-1])
     try:
         return _report(args, out, sid, truth_path, sent, time.monotonic() - t_start, np)
@@ -267,10 +264,12 @@ def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: flo
     _png(store, out / f"{sid}.png", sid)
     _say(f"demo finished in {wall_s:.1f} s")
     ok = acc.get("stored") == sent["frames"] and acc.get("missing") == 0
-    if not ok:
-        _say("streamstore demo: not every frame was stored (see the accounting above)")
     store.close()
-    return 0 if ok else 1
+    if not ok:
+        from streamstore.errors import UserError
+
+        raise UserError("not every frame was stored (see the accounting above)")
+    return 0
 
 
 def _score(store: Any, truth_path: Path, k: int, np) -> None:
