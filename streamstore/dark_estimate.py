@@ -163,7 +163,7 @@ class DarkEstimator:
         k = arr.shape[0]
         sigma = 1.4826 * float(np.median(np.abs(res))) * math.sqrt(k / (k - 1.0))
         self.sigma = max(sigma, 0.5)
-        for _ in range(4):
+        for _ in range(2):  # two passes: the second window sits on the refined centre
             previous = self.sigma
             self.s1.fill(0)
             self.s2.fill(0)
