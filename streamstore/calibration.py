@@ -344,11 +344,14 @@ class Calibration:
         seed: int = 0,
         pedestal_subtracted: bool | None = None,
         per_pixel: bool | None = None,
+        estimator_out: list | None = None,
     ) -> Calibration:
         """Estimate thresholds from frames with beam, without dark frames.
 
         For data whose dark offset the camera already subtracted (the 4D
-        Camera does this), or as a stop-gap before dark frames exist. Samples
+        Camera does this), and for raw frames without a dark series: when the
+        frames carry a fixed dark pattern, the dark and noise are estimated per
+        pixel from the frames themselves (see ``per_pixel``). Otherwise it samples
         up to ``n_samples`` pixel values and fits a Gaussian to the logarithm of
         their histogram on the clean side of the noise peak (electrons only add
         signal), falling back to median/MAD with clipped refits; sets a uniform
@@ -389,6 +392,11 @@ class Calibration:
             (default): per pixel when the pooled noise peak is more than 1.1 x
             the per-pixel noise, i.e. the frames carry a fixed dark pattern (raw
             frames); pedestal-subtracted frames keep the single level.
+        estimator_out : list, optional
+            When the estimate is per pixel, its ``DarkEstimator`` is appended
+            here, to keep refining it on later frames and rebuild the
+            calibration with :meth:`from_estimator` (not kept otherwise: it
+            holds 15 bytes per pixel).
 
         Returns
         -------
@@ -451,7 +459,8 @@ class Calibration:
                     mask=mask,
                     frames=arr,
                 )
-                cal.__dict__["_estimator"] = est  # refined further by the ingest count stage
+                if estimator_out is not None:  # to be refined further (ingest does)
+                    estimator_out.append(est)
                 return cal
         if per_pixel:
             raise ValueError("a per-pixel estimate needs at least 2 frames")

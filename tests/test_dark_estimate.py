@@ -69,10 +69,13 @@ def test_pedestal_subtracted_frames_keep_one_dark_level():
     frames, _ = emu.generate(8)
     ref = Calibration.from_dark_frames(dark)
     sub = (frames.astype(np.int64) - np.rint(ref.dark).astype(np.int64)).astype(np.uint16)
-    est = Calibration.estimate(sub)
+    kept: list = []
+    est = Calibration.estimate(sub, estimator_out=kept)
     assert est.wrapped and np.ptp(est.dark) == 0  # no fixed pattern left to map
-    raw = Calibration.estimate(frames)
+    assert kept == []
+    raw = Calibration.estimate(frames, estimator_out=kept)
     assert np.ptp(raw.dark) > 10  # raw frames: a per-pixel map
+    assert len(kept) == 1 and isinstance(kept[0], DarkEstimator) and kept[0].n_frames == 8
     forced = Calibration.estimate(sub, per_pixel=True)
     assert forced.wrapped and np.ptp(forced.dark) > 0
 

@@ -177,9 +177,10 @@ class CountStage(_Stage):
             self._derive_xray(series, frames)
             return
         if frames:
+            estimators: list[Any] = []
             try:
                 series.calibration = Calibration.estimate(
-                    np.stack(frames), xray_threshold=self.xray_threshold
+                    np.stack(frames), xray_threshold=self.xray_threshold, estimator_out=estimators
                 )
             except ValueError as exc:
                 if series.series_id != self._estimate_failed:  # once per series
@@ -193,7 +194,7 @@ class CountStage(_Stage):
                     )
                 return
             series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
-            est = series.calibration.__dict__.get("_estimator")
+            est = estimators[0] if estimators else None
             if est is not None and est.n_frames < self.refine_frames:
                 self._refining = (series, est)
                 self._set_warning(
