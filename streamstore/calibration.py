@@ -263,8 +263,12 @@ class Calibration:
 
         Parameters
         ----------
-        dark_frames : array_like, shape (n, H, W)
+        dark_frames : array_like, shape (n, H, W), or iterable of (H, W) frames
             At least 2 beam-off frames (more give a better noise map; 50+ is good).
+            An iterator (a generator, an HDF5 dataset) is read one frame at a
+            time into running sums, so memory does not grow with the number of
+            frames; for integer frames the result equals that of the stacked
+            array (:mod:`streamstore.dark_sums`).
         n_sigma : float, default 5.0
             Background threshold in units of each pixel's noise.
         xray_threshold : float, optional
@@ -285,19 +289,13 @@ class Calibration:
         Calibration
             With ``source == "dark_frames"``.
         """
-        frames = _check_frames("dark_frames", dark_frames, 2)
-        shape = frames.shape[1:]
-        # mean and std per pixel, in float64 chunks to bound memory
-        n = frames.shape[0]
-        s1 = np.zeros(shape, np.float64)
-        s2 = np.zeros(shape, np.float64)
-        step = max(1, (1 << 24) // (shape[0] * shape[1]))  # float64 blocks of <= 128 MB
-        for i in range(0, n, step):
-            block = frames[i : i + step].astype(np.float64)
-            s1 += block.sum(axis=0)
-            s2 += np.square(block).sum(axis=0)
-        dark = s1 / n
-        var = np.maximum(s2 / n - dark * dark, 0.0) * (n / (n - 1))
+        from streamstore.dark_sums import DarkSums
+
+        # mean and variance per pixel from running sums: memory independent of n
+        sums = DarkSums.of(dark_frames)
+        n = sums.n
+        dark, var = sums.mean_and_variance()
+        shape = dark.shape
         noise = np.sqrt(var)
         # (a pixel whose n values happen to be equal has zero noise: with few frames
         # thousands do, so zero noise is not a reason to mask)

@@ -412,7 +412,11 @@ class ControlState:
 
         self.messages += 1
         try:
-            msg = protocol.parse(parts, max_frame_bytes=self.d.config.max_frame_bytes)
+            msg = protocol.parse(
+                parts,
+                max_frame_bytes=self.d.config.max_frame_bytes,
+                max_header_bytes=self.d.config.max_header_bytes,
+            )
         except protocol.ProtocolError as exc:
             self.d._reject("malformed control", str(exc))
             return

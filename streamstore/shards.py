@@ -30,15 +30,17 @@ directory or its manifest file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamstore.errors import FormatError
+from streamstore._chunkio import format_ranges, true_ranges
+from streamstore.errors import CorruptDataError, FormatError
 from streamstore.events import EventBatch
 from streamstore.reader import Store
 
@@ -202,6 +204,8 @@ class ShardedStore(Store):
         loc = np.concatenate([np.arange(s.n_frames, dtype=np.int64) for s in self.shards])
         ts = np.concatenate([s.timestamps_ns for s in self.shards])
         counts = np.concatenate([s.event_counts for s in self.shards])
+        known = ids >= 0  # a damaged frame_id chunk: those frames cannot be placed (missing)
+        ids, src, loc, ts, counts = (c[known] for c in (ids, src, loc, ts, counts))
         order = np.lexsort((src, ids))  # by frame id, then by shard
         ids = ids[order]
         keep = np.ones(ids.size, bool)
@@ -337,6 +341,38 @@ class ShardedStore(Store):
         return float(sum(sizes) / self.n_events) if self.n_events else float("nan")
 
     # ------------------------------------------------------------- reading --
+    @contextlib.contextmanager
+    def _as_series(self, k: int) -> Iterator[None]:
+        """Re-raise a shard's :class:`CorruptDataError` with the series' frame indices."""
+        try:
+            yield
+        except CorruptDataError as exc:
+            mine = np.flatnonzero(self._src == k)  # ascending in the shard's own order too
+            hit = np.zeros(self.n_frames, bool)
+            for a, b in exc.frames:
+                pos = np.searchsorted(self._loc[mine], [a, b])
+                hit[mine[pos[0] : pos[1]]] = True
+            ranges = true_ranges(hit)
+            name = self.shards[k].path.name
+            raise CorruptDataError(
+                f"frames {format_ranges(ranges)} of the series {self.series_dir} are damaged "
+                f"(in {name}: {exc})",
+                ranges,
+                str(self.series_dir),
+            ) from None
+
+    @property
+    def damaged_frames(self) -> list[tuple[int, int]]:
+        """Frames whose per-frame data failed its check in their shard (``(start, stop)``)."""
+        hit = np.zeros(self.n_frames, bool)
+        for k, s in enumerate(self.shards):
+            bad = np.zeros(s.n_frames, bool)
+            for a, b in s.damaged_frames:
+                bad[a:b] = True
+            mine = self._src == k
+            hit[mine] = bad[self._loc[mine]]
+        return true_ranges(hit)
+
     def _parts(self, sel: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Per shard: (shard index, positions in ``sel``, local frame indices ascending)."""
         src = self._src[sel]
@@ -355,7 +391,8 @@ class ShardedStore(Store):
         sub = np.empty(int(offs[-1]), np.uint8) if self.subpixel else None
         for k, pos, local in self._parts(np.arange(s, e)):
             lo, hi = int(local[0]), int(local[-1]) + 1
-            b = self.shards[k].events(lo, hi)
+            with self._as_series(k):
+                b = self.shards[k].events(lo, hi)
             if local.size != hi - lo:
                 b = _take(b, local - lo)
             dest = np.repeat(offs[pos] - b.offsets[:-1], b.counts) + np.arange(b.n_events)
@@ -378,7 +415,8 @@ class ShardedStore(Store):
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
         for k, pos, local in self._parts(np.arange(s, e)):
             lo, hi = int(local[0]), int(local[-1]) + 1
-            block = self.shards[k].frames(lo, hi, roi=(r0, r1, c0, c1), dtype=dtype)
+            with self._as_series(k):
+                block = self.shards[k].frames(lo, hi, roi=(r0, r1, c0, c1), dtype=dtype)
             out[pos] = block[local - lo]
         return out
 
@@ -395,5 +433,6 @@ class ShardedStore(Store):
         sel = self._selection(start, stop, select)
         total = np.zeros((r1 - r0, c1 - c0), np.uint32)
         for k, _pos, local in self._parts(sel):
-            total += self.shards[k].sum(select=local, roi=(r0, r1, c0, c1))
+            with self._as_series(k):
+                total += self.shards[k].sum(select=local, roi=(r0, r1, c0, c1))
         return total

@@ -109,9 +109,16 @@ class _Column:
     """
 
     def __init__(
-        self, ds: Any, codec: Any, chunk_len: int, dtype: np.dtype, tail_codec: Any = None
+        self,
+        ds: Any,
+        codec: Any,
+        chunk_len: int,
+        dtype: np.dtype,
+        tail_codec: Any = None,
+        checksum: bool = False,
     ) -> None:
         self.ds = ds
+        self.checksum = checksum  # append HDF5's Fletcher-32 (the dataset has the filter)
         self.codec = codec
         self.tail_codec = tail_codec
         self.chunk_len = chunk_len
@@ -133,7 +140,12 @@ class _Column:
         if extent > self.extent:
             self.ds.resize((extent,))
             self.extent = extent
-        self.ds.id.write_direct_chunk((start,), codec.encode(block), filter_mask=0)
+        data = codec.encode(block)
+        if self.checksum:
+            from streamstore.checksum import seal
+
+            data = seal(data)
+        self.ds.id.write_direct_chunk((start,), data, filter_mask=0)
 
     def _close_chunk(self) -> None:
         self.n_full += self.chunk_len
@@ -253,6 +265,14 @@ class StoreWriter:
         Frames per HDF5 chunk of the per-frame datasets.
     counting : dict, optional
         Counting parameters (thresholds, method), stored as JSON.
+    checksums : bool, default True
+        Give every chunk of every dataset HDF5's Fletcher-32 checksum, so
+        damaged chunks are found on read (:class:`streamstore.CorruptDataError`)
+        and by ``streamstore verify``. False only to measure its cost.
+    scan : ScanGeometry or dict, optional
+        Scan geometry of a 4D-STEM series (``scan_shape``,
+        ``frames_per_position``, ``flyback``, ``first_frame_id``), stored as
+        root attributes (see :mod:`streamstore.scan`).
 
     Raises
     ------
@@ -284,11 +304,14 @@ class StoreWriter:
         chunk_events: int = DEFAULT_CHUNK_EVENTS,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         counting: dict[str, Any] | None = None,
+        checksums: bool = True,
+        scan: Any = None,
     ) -> None:
         import h5py
 
         from streamstore import __version__
         from streamstore.codec import Blosc2ChunkCodec, hdf5_filter
+        from streamstore.scan import ScanGeometry
 
         shape = tuple(int(s) for s in frame_shape)
         if len(shape) != 2 or min(shape) <= 0:
@@ -341,6 +364,7 @@ class StoreWriter:
                 "calibration must be a streamstore.Calibration, a dict or None, "
                 f"got {type(calibration).__name__}"
             )
+        scan_geom = ScanGeometry.parse(scan)
         if meta is not None and not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
 
@@ -384,6 +408,9 @@ class StoreWriter:
         a["calibration_warning"] = np.bytes_(b"".ljust(_CAL_WARNING_BYTES))
         self._cal_warning = ""
         a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
+        if scan_geom is not None:
+            for key, val in scan_geom.to_attrs().items():
+                a[key] = val
 
         filt = hdf5_filter(codec)
         ev = f.create_group("events")
@@ -391,12 +418,18 @@ class StoreWriter:
 
         def make(group, name, dtype, chunk, c, tail=None, **attrs):
             ds = group.create_dataset(
-                name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, **filt
+                name,
+                shape=(0,),
+                maxshape=(None,),
+                chunks=(chunk,),
+                dtype=dtype,
+                fletcher32=bool(checksums),
+                **filt,
             )
             ds.attrs["codec"] = _dumps(c.get_config())
             for k, v in attrs.items():
                 ds.attrs[k] = v
-            return _Column(ds, c, chunk, np.dtype(dtype), tail)
+            return _Column(ds, c, chunk, np.dtype(dtype), tail, checksum=bool(checksums))
 
         self._gaps = make(
             ev,

@@ -93,7 +93,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=K3_FRAME_BYTES,
         metavar="N",
-        help=f"largest frame accepted; sets ZeroMQ's max message size (default {K3_FRAME_BYTES})",
+        help=f"largest frame accepted, its header not included (default {K3_FRAME_BYTES})",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=1 << 16,
+        metavar="N",
+        help="largest message header (JSON) accepted, bounded apart from the frame "
+        f"(default {1 << 16})",
     )
     p.add_argument(
         "--allow-remote",
@@ -200,6 +208,7 @@ def config_from_args(args: argparse.Namespace):
         threads=args.threads,
         encode_threads=getattr(args, "encode_threads", None),
         max_frame_bytes=args.max_frame_bytes,
+        max_header_bytes=getattr(args, "max_header_bytes", 1 << 16),
         allow_remote=args.allow_remote,
         curve_keys=args.curve_keys,
         max_missing_ids=args.max_missing_ids,

@@ -50,9 +50,12 @@ class CountStage(_Stage):
         refining on every frame counted until this many frames; meanwhile the
         calibration is provisional, rebuilt at 16, 32, 64, ... frames, and the
         status line and the file say so as a WARNING.
-    max_dark_frames : int
-        Dark frames kept for the calibration (later ones are counted as
-        received but not used).
+    max_dark_frames : int or None
+        Dark frames used for the calibration (later ones are counted as
+        received but not used); None: all. Each dark frame is folded into
+        running sums (:class:`~streamstore.dark_sums.DarkSums`, 16 bytes per
+        pixel per open dark series) and released at once, so the number of
+        dark frames does not change the memory used.
     xray_threshold : float, "auto" or None
         X-ray threshold (dark-subtracted signal, ADU) of the calibrations made
         here: from a dark series and by ``Calibration.estimate``. "auto": the
@@ -76,7 +79,7 @@ class CountStage(_Stage):
         threads: int | None = None,
         estimate_frames: int = 8,
         refine_frames: int = 64,
-        max_dark_frames: int = 64,
+        max_dark_frames: int | None = None,
         xray_threshold: float | str | None = "auto",
     ) -> None:
         super().__init__("count", inbox)
@@ -92,14 +95,14 @@ class CountStage(_Stage):
         self.estimate_frames = max(1, int(estimate_frames))
         self.refine_frames = int(refine_frames)
         self._refining: Any = None  # (series, DarkEstimator) while a calibration is provisional
-        self.max_dark_frames = int(max_dark_frames)
+        self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
         self._counter: Any = None
         self._counter_key: Any = None
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
-        self._dark: list[np.ndarray] = []
-        self._dark_capped = False
+        self._dark: dict[str, Any] = {}  # series id -> DarkSums of its frames so far
+        self._dark_capped: set[str] = set()
         self._estimate_failed = ""
 
     # -- calibration ---------------------------------------------------------
@@ -286,24 +289,7 @@ class CountStage(_Stage):
         elif isinstance(item, FrameItem):
             series = item.series
             if series.kind == "dark":
-                # dark copies count against the memory budget (a quarter of it at most)
-                held = sum(f.nbytes for f in self._dark)
-                if (
-                    len(self._dark) < self.max_dark_frames
-                    and held + item.nbytes <= self.budget.capacity // 4
-                ) or len(self._dark) < 2:
-                    self._dark.append(np.array(item.array, copy=True))
-                    self.budget.add(item.nbytes)
-                elif not self._dark_capped:
-                    self._dark_capped = True
-                    log.warning(
-                        "dark series %s: keeping %d frames for the calibration "
-                        "(memory budget / 4 or the dark-frame limit); later ones are not used",
-                        series.series_id,
-                        len(self._dark),
-                    )
-                self.budget.release(item.nbytes)
-                self.counters.frames_counted += 1
+                self._add_dark(item)
             elif series.calibration is None or self._xray_for is series:
                 self._pending.append(item)
                 if len(self._pending) >= self.estimate_frames:
@@ -409,33 +395,55 @@ class CountStage(_Stage):
             )
         )
 
+    def _add_dark(self, item: FrameItem) -> None:
+        """Fold a dark frame into its series' running sums and release the frame at once."""
+        from streamstore.dark_sums import DarkSums
+
+        sid = item.series.series_id
+        sums = self._dark.get(sid)
+        if sums is None:
+            sums = self._dark[sid] = DarkSums(f"dark series {sid}: frame")
+        if self.max_dark_frames is None or sums.n < self.max_dark_frames:
+            sums.add(item.array)
+        elif sid not in self._dark_capped:
+            self._dark_capped.add(sid)
+            log.warning(
+                "dark series %s: using %d frames for the calibration (the dark-frame limit); "
+                "later ones are not used",
+                sid,
+                sums.n,
+            )
+        self.budget.release(item.nbytes)
+        item.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+        self.counters.frames_counted += 1
+
     def _finish_dark(self, series: SeriesInfo) -> None:
         from streamstore.calibration import Calibration
 
-        frames, self._dark = self._dark, []
-        self._dark_capped = False
-        self.budget.release(sum(f.nbytes for f in frames))
-        if len(frames) < 2:
+        sums = self._dark.pop(series.series_id, None)
+        self._dark_capped.discard(series.series_id)
+        n_frames = 0 if sums is None else sums.n
+        if sums is None or n_frames < 2:
             log.warning(
                 "dark series %s brought %d frame(s); a calibration needs at least 2: ignored",
                 series.series_id,
-                len(frames),
+                n_frames,
             )
             return
         try:
             xt = None if isinstance(self.xray_threshold, str) else self.xray_threshold
-            cal = Calibration.from_dark_frames(np.stack(frames), xray_threshold=xt)
+            cal = Calibration.from_dark_frames(sums, xray_threshold=xt)
         except ValueError as exc:
             log.error("dark series %s: cannot calibrate: %s", series.series_id, exc)
             return
         self.dark_calibration = cal
-        self.dark_label = f"dark_frames:{series.series_id} ({len(frames)} frames)"
+        self.dark_label = f"dark_frames:{series.series_id} ({n_frames} frames)"
         series.calibration = cal
         series.calibration_source = self.dark_label
         log.info(
             "dark series %s: calibration from %d frames (%d pixels masked) "
             "for the following series",
             series.series_id,
-            len(frames),
+            n_frames,
             cal.n_masked,
         )

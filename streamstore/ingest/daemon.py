@@ -100,7 +100,11 @@ class IngestConfig:
     encode_threads : int, optional
         Threads blosc2 uses to compress (None: all cores).
     max_frame_bytes : int, default 4092 * 5760 * 2
-        Largest frame accepted; sets ZeroMQ's maximum message size.
+        Largest frame accepted (the image payload alone, its header not included).
+    max_header_bytes : int, default 65536
+        Largest JSON header accepted, bounded separately from the frame.
+        ZeroMQ's maximum message size (which it applies to each part) is the
+        larger of the two.
     allow_remote : bool, default False
         Allow binding to non-loopback addresses.
     exit_after_series : int, optional
@@ -111,8 +115,9 @@ class IngestConfig:
         Longest time counted frames stay unflushed (what SIGKILL can lose).
     estimate_frames : int, default 8
         Frames used to estimate a calibration when nothing else is known.
-    max_dark_frames : int, default 64
-        Dark frames kept to build a calibration.
+    max_dark_frames : int, optional
+        Most dark frames of a dark series used for its calibration (None: all;
+        they are summed as they come, so their number costs no memory).
     rcvhwm : int, optional
         Receive high-water mark in messages; None derives it from the budget
         and ``max_frame_bytes`` (at least 2).
@@ -165,12 +170,13 @@ class IngestConfig:
     threads: int | None = None
     encode_threads: int | None = None
     max_frame_bytes: int = K3_FRAME_BYTES
+    max_header_bytes: int = 1 << 16
     allow_remote: bool = False
     exit_after_series: int | None = None
     status_interval_s: float = 5.0
     flush_interval_s: float = 1.0
     estimate_frames: int = 8
-    max_dark_frames: int = 64
+    max_dark_frames: int | None = None
     rcvhwm: int | None = None
     curve_keys: str | None = None
     max_missing_ids: int = 1 << 22
@@ -201,6 +207,8 @@ class IngestConfig:
             raise UserError(f"--reorder-window must be >= 0 frames, got {self.reorder_window}")
         if self.max_frame_bytes <= 0:
             raise UserError(f"--max-frame-bytes must be > 0, got {self.max_frame_bytes}")
+        if self.max_header_bytes < 256:
+            raise UserError(f"--max-header-bytes must be >= 256, got {self.max_header_bytes}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"--threads must be >= 1, got {self.threads}")
         if self.encode_threads is not None and self.encode_threads < 1:
@@ -241,6 +249,11 @@ class IngestConfig:
     @property
     def budget_bytes(self) -> int:
         return int(self.max_buffer_mb * 1024 * 1024)
+
+    @property
+    def max_part_bytes(self) -> int:
+        """ZeroMQ's ``MAXMSGSIZE`` (per part): room for the largest frame and the largest header."""
+        return int(max(self.max_frame_bytes, self.max_header_bytes))
 
     def derived_rcvhwm(self) -> int:
         """Receive high-water mark: a quarter of the budget in largest frames, 2..1000."""
@@ -418,7 +431,7 @@ class IngestDaemon:
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RCVHWM, cfg.derived_rcvhwm())
-        sock.setsockopt(zmq.MAXMSGSIZE, int(cfg.max_frame_bytes))
+        sock.setsockopt(zmq.MAXMSGSIZE, cfg.max_part_bytes)
         pub = None
         auth = None
         try:
@@ -620,8 +633,15 @@ class IngestDaemon:
         from streamstore import protocol
 
         self.counters.messages += 1
+        if len(parts) > protocol.MAX_PARTS:
+            self._refuse_parts(parts)
+            return
         try:
-            msg = protocol.parse(parts, max_frame_bytes=self.config.max_frame_bytes)
+            msg = protocol.parse(
+                parts,
+                max_frame_bytes=self.config.max_frame_bytes,
+                max_header_bytes=self.config.max_header_bytes,
+            )
         except protocol.ProtocolError as exc:
             # the message starts with the field at fault: "header: ...", "payload: ..."
             field_name = str(exc).split(":", 1)[0].strip().split(" ")[0][:24] or "message"
@@ -638,6 +658,30 @@ class IngestDaemon:
             self._on_end(msg)
         else:  # pragma: no cover - parse returns only these
             self._reject("malformed", f"unknown message type {type(msg).__name__}")
+
+    def _refuse_parts(self, parts: list[Any]) -> None:
+        """Drop a message with too many parts at once, and give its memory back.
+
+        ZeroMQ's high-water mark counts whole messages and ``MAXMSGSIZE`` each
+        part, so one message of many parts can be far larger than the budget; it
+        is never held. When it was larger than any valid message, the freed heap
+        is returned to the system (the daemon otherwise keeps its peak heap to
+        reuse frame buffers).
+        """
+        from streamstore import protocol
+
+        n = len(parts)
+        total = sum(_nbytes(p) for p in parts)
+        parts.clear()  # the caller's list: the zmq buffers go now
+        self._reject(
+            "too_many_parts",
+            f"a message of {n} parts ({total} bytes); at most {protocol.MAX_PARTS} "
+            "(header and frame)",
+        )
+        if total > self.config.max_frame_bytes + self.config.max_header_bytes:
+            from streamstore.ingest.allocator import release_free_memory
+
+            release_free_memory()
 
     def _on_start(self, msg: Any) -> None:
         from streamstore import protocol

@@ -110,6 +110,7 @@ class WriteStage(_Stage):
                     subpixel=self.subpixel,
                     flush_interval_s=self.flush_interval_s,
                     nthreads=self.encode_threads,
+                    scan=_scan_of(start),
                 )
             except FileExistsError:
                 continue  # somebody created it between the check and now
@@ -381,3 +382,17 @@ class WriteStage(_Stage):
             except Exception as exc:  # pragma: no cover - best effort at exit
                 log.error("closing a file at shutdown failed: %s", exc)
         self._writers.clear()
+
+
+def _scan_of(start: Any) -> Any:
+    """The scan geometry announced in a start message, or None."""
+    shape = getattr(start, "scan_shape", None)
+    if shape is None:
+        return None
+    from streamstore.scan import ScanGeometry
+
+    return ScanGeometry(
+        tuple(shape),
+        getattr(start, "frames_per_position", None) or 1,
+        getattr(start, "scan_flyback", None) or 0,
+    )
