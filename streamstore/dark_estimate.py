@@ -33,8 +33,8 @@ only add signal, so only a noisy pixel swings that far down).
 
 Memory is bounded: 15 bytes per pixel (centre and two window sums as float32,
 a uint16 count, a uint8 count of low values), independent of the number of
-frames. The same sums serve beam-off frames, so a streaming dark-series
-calibration can use this class as well.
+frames. A dark series (no electrons) needs none of the clipping: its streaming
+calibration uses the exact running sums of :class:`streamstore.dark_sums.DarkSums`.
 """
 
 from __future__ import annotations
