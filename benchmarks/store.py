@@ -12,7 +12,10 @@ number of events confined to a central disk, as a bright-field disk in
   per-core figure) and with 2;
 * read throughput of ``Store.sum`` over the whole series, 1 and 2 threads;
 * side by side: stempy's sparse HDF5 file of the same events (bits/event) and
-  ``stempy.io.SparseArray.from_hdf5`` + sum over all frames.
+  ``stempy.io.SparseArray.from_hdf5`` + sum over all frames;
+* a small series (40 frames of 1024 x 1536 at 1 %): the whole file's size
+  against the entropy bound (limit 1.10 x the bound + 48 KiB), written once
+  at close and with a flush every 5 frames (as a streaming writer publishes).
 
 With ``--checksums`` each case is also written and read without chunk
 checksums, interleaved with the default (checksummed) file in the same run, on
@@ -244,6 +247,74 @@ def run_case(
     return res
 
 
+SMALL_SHAPE = (1024, 1536)
+SMALL_FRAMES = 40
+
+
+def small_series(tmp: Path, p: float = 0.01) -> list[dict]:
+    """Whole-file size of a short series against the entropy bound, closed once and
+    flushed every 5 frames: what a series pays beyond its events."""
+    import streamstore
+    from streamstore import EventBatch, StoreWriter
+
+    h, w = SMALL_SHAPE
+    rng = np.random.default_rng(4040)
+    frames = [bernoulli_indices(rng, p, h * w) for _ in range(SMALL_FRAMES)]
+    offsets = np.zeros(SMALL_FRAMES + 1, np.int64)
+    np.cumsum([f.size for f in frames], out=offsets[1:])
+    batch = EventBatch(offsets, np.concatenate(frames), None, SMALL_SHAPE, validate=False)
+    bound_bytes = entropy_bound(p) * batch.n_events / 8
+    rows = []
+    for mode, flush_every in (("closed once", 0), ("flush every 5", 5)):
+        path = tmp / f"small-{flush_every}.h5"
+        with StoreWriter(path, SMALL_SHAPE, frame_time_s=1 / 1500, flush_interval_s=1e9) as wr:
+            for a in range(0, SMALL_FRAMES, 5):
+                wr.append(batch.slice(a, a + 5), np.arange(a, a + 5), np.arange(a, a + 5) * 10**6)
+                if flush_every:
+                    wr.flush()
+        size = path.stat().st_size
+        with streamstore.open(path) as s:
+            event_bits = s.bits_per_event
+        rows.append(
+            {
+                "mode": mode,
+                "frames": SMALL_FRAMES,
+                "frame_shape": list(SMALL_SHAPE),
+                "p": p,
+                "n_events": batch.n_events,
+                "file_bytes": size,
+                "bound_bytes": bound_bytes,
+                "file_bits_per_event": size * 8 / batch.n_events,
+                "event_bits_per_event": event_bits,
+                "bound_bits_per_event": entropy_bound(p),
+                "file_ratio_to_bound": size / bound_bytes,
+                "event_ratio_to_bound": event_bits / entropy_bound(p),
+                "file_limit_bytes": 1.10 * bound_bytes + 48 * 1024,
+                "within_limit": size <= 1.10 * bound_bytes + 48 * 1024,
+            }
+        )
+        path.unlink()
+    return rows
+
+
+def print_small(rows: list[dict]) -> None:
+    print(
+        f"small series, {SMALL_FRAMES} frames {SMALL_SHAPE[0]}x{SMALL_SHAPE[1]} at 1 %: "
+        "whole file vs entropy bound (limit 1.10 x + 48 KiB)"
+    )
+    print(
+        f"{'mode':14} {'file KiB':>8} {'limit KiB':>9} {'file b/ev':>9} {'ratio':>6} "
+        f"{'events b/ev':>11} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:14} {r['file_bytes'] / 1024:8.1f} {r['file_limit_bytes'] / 1024:9.1f} "
+            f"{r['file_bits_per_event']:9.2f} {r['file_ratio_to_bound']:6.3f} "
+            f"{r['event_bits_per_event']:11.2f} {r['event_ratio_to_bound']:6.3f}"
+            + ("" if r["within_limit"] else "  OVER LIMIT")
+        )
+
+
 def warm_up(tmp: Path) -> None:
     """Load the numba kernels (cache) and blosc2 once, outside the timed runs."""
     import streamstore
@@ -270,13 +341,18 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also write and read each case without chunk checksums (1 thread): their cost",
     )
+    ap.add_argument("--small-only", action="store_true", help="only the small-series rows")
     args = ap.parse_args(argv)
     n_events = 3e6 if args.quick else args.events
     repeats = 1 if args.quick else args.repeats
     cases = []
     with tempfile.TemporaryDirectory(prefix="ss-bench-") as d:
-        warm_up(Path(d))
-        for pattern in args.pattern:
+        small = small_series(Path(d))
+        if not args.json:
+            print_small(small)
+        if not args.small_only:
+            warm_up(Path(d))
+        for pattern in [] if args.small_only else args.pattern:
             for p in args.density:
                 cases.append(run_case(pattern, p, n_events, repeats, Path(d), args.checksums))
                 if not args.json:
@@ -295,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": list(os.getloadavg()),  # the machine is shared: context
         },
         "cases": cases,
+        "small_series": small,
     }
     if args.json:
         json.dump(out, sys.stdout, indent=1)

@@ -61,6 +61,12 @@ __all__ = [
 
 #: Largest frame a parser accepts unless told otherwise (1 GiB; a K3 frame is 47 MB).
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
+#: Where a camera (and ``streamstore emulate``) binds its PUSH socket by default, and
+#: where ``streamstore ingest`` connects by default: the camera binds, the receiver
+#: connects.
+DEFAULT_DATA_ENDPOINT = "tcp://127.0.0.1:5555"
+#: Where the ingest daemon publishes its status by default (``streamstore status``).
+DEFAULT_STATUS_ENDPOINT = "tcp://127.0.0.1:5558"
 #: Largest JSON header accepted unless told otherwise, bytes (``max_header_bytes``).
 MAX_HEADER_BYTES = 1 << 16
 #: Deepest nesting of arrays and objects a header may have (the header object is

@@ -339,6 +339,13 @@ class Store(ScanAnalysisMixin):
         return out
 
     @property
+    def calibration_warning(self) -> str:
+        """Why the calibration is provisional or was for some frames ("" when it was
+        not, or the file predates the ``calibration_warning`` attribute)."""
+        v = self._f.attrs.get("calibration_warning")
+        return "" if v is None else str(_text(v)).strip()
+
+    @property
     def calibration_summary(self) -> dict[str, Any] | None:
         """The calibration summary written by the counting side, or None."""
         v = self.attrs.get("calibration")
@@ -491,7 +498,11 @@ class Store(ScanAnalysisMixin):
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     # ---------------------------------------------------------- events --
-    def _window(self, start: int | None, stop: int | None) -> tuple[int, int]:
+    def _window(
+        self, start: int | None, stop: int | None, *, empty_ok: bool = True
+    ) -> tuple[int, int]:
+        """Resolve ``[start, stop)``; with ``empty_ok=False`` an explicit empty window
+        (``start == stop``) is refused, as the command line refuses it."""
         n = self.n_frames
         s = 0 if start is None else start
         e = n if stop is None else stop
@@ -504,6 +515,8 @@ class Store(ScanAnalysisMixin):
                 f"frame window {s}:{e} is outside the series: valid windows lie in 0:{n} "
                 f"({n} frames)"
             )
+        if s == e and not empty_ok and (start is not None or stop is not None):
+            raise UserError(f"frame window {s}:{e} is empty: need start < stop")
         return s, e
 
     def _selection(
@@ -514,7 +527,7 @@ class Store(ScanAnalysisMixin):
     ) -> np.ndarray:
         """Frame indices (int64, ascending, unique) of a window or an explicit selection."""
         if select is None:
-            s, e = self._window(start, stop)
+            s, e = self._window(start, stop, empty_ok=False)
             return np.arange(s, e, dtype=np.int64)
         if start is not None or stop is not None:
             raise UserError("give either a window (start, stop) or select, not both")
@@ -653,7 +666,8 @@ class Store(ScanAnalysisMixin):
         Parameters
         ----------
         start, stop : int
-            Frame window (indices into the stored frames).
+            Frame window (indices into the stored frames); ``start < stop``: an
+            empty window raises UserError, as on the command line.
         roi : (row0, row1, col0, col1), optional
             Crop; ``h = row1 - row0``, ``w = col1 - col0``.
         dtype : numpy dtype, default uint16
@@ -661,7 +675,7 @@ class Store(ScanAnalysisMixin):
         """
         from streamstore import _kernels
 
-        s, e = self._window(start, stop)
+        s, e = self._window(start, stop, empty_ok=False)
         r0, r1, c0, c1 = self._roi(roi)
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
         a, b, starts, counts = self._span(s, e)
@@ -683,7 +697,8 @@ class Store(ScanAnalysisMixin):
         Parameters
         ----------
         start, stop : int, optional
-            Frame window; default the whole series.
+            Frame window; default the whole series. An empty window
+            (``start == stop``) raises UserError, as on the command line.
         select : array_like of int, optional
             Frame indices to sum instead of a window (e.g. from :meth:`select`);
             duplicates count once.

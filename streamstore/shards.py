@@ -427,7 +427,7 @@ class ShardedStore(Store):
         dtype: np.dtype | type = np.uint16,
     ) -> np.ndarray:
         """Dense count frames ``(n, h, w)`` of frames ``start:stop`` (see :meth:`Store.frames`)."""
-        s, e = self._window(start, stop)
+        s, e = self._window(start, stop, empty_ok=False)
         r0, r1, c0, c1 = self._roi(roi)
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
         for k, pos, local in self._parts(np.arange(s, e)):

@@ -27,7 +27,9 @@ file 20 x too big). So:
   partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
   over the four columns) and overwritten in place as it fills; HDF5 reuses the
   space of a same-size chunk and the bytes of already published frames do not
-  change, so a concurrent reader never sees them torn.
+  change, so a concurrent reader never sees them torn. A last chunk never
+  published before close is compressed; chunks hold 256 frames, so a short
+  series pays at most 8 KiB for a published, uncompressed last chunk.
 
 Order of a flush (what makes a concurrent SWMR reader safe): event datasets
 first, then the per-frame datasets, ``frame_id`` last. A reader takes the
@@ -58,12 +60,16 @@ FORMAT_VERSION = 1
 
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20
-#: default frames per HDF5 chunk of the per-frame datasets
-DEFAULT_CHUNK_FRAMES = 1 << 12
+#: default frames per HDF5 chunk of the per-frame datasets: small, because a chunk
+#: published while partly filled stays uncompressed (32 bytes a frame over the four
+#: columns), which a short series would otherwise pay in full
+DEFAULT_CHUNK_FRAMES = 1 << 8
 
 # accounting keys kept as numeric root attributes (-1 = not known)
 _ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
 _ACCOUNTING_JSON_BYTES = 4096
+# room of the calibration warning attribute (fixed: attributes cannot grow under SWMR)
+_CAL_WARNING_BYTES = 1024
 
 _FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
 
@@ -199,7 +205,11 @@ class _Column:
                 self._write_chunk(self.n_full, block, extent, self.codec)
                 self._close_chunk()
             else:
-                self._write_chunk(self.n_full, block, self.length, self.tail_codec)
+                # a tail never published is written once, at close, so it may be
+                # compressed; a published one keeps its fixed size (a chunk of another
+                # size would get new space and, under SWMR, the old would never be freed)
+                codec = self.codec if final and not self.tail_published else self.tail_codec
+                self._write_chunk(self.n_full, block, self.length, codec)
                 self.tail_dirty = False
                 self.tail_published = True
         if self.tail_codec is not None and self.extent != self.length:
@@ -252,7 +262,7 @@ class StoreWriter:
         Codec of the event gaps (default ZSTD level 1 + SHUFFLE).
     chunk_events : int, default 1048576
         Events per HDF5 chunk.
-    chunk_frames : int, default 4096
+    chunk_frames : int, default 256
         Frames per HDF5 chunk of the per-frame datasets.
     counting : dict, optional
         Counting parameters (thresholds, method), stored as JSON.
@@ -456,6 +466,8 @@ class StoreWriter:
         for key in _ACCOUNTING_KEYS:
             a[f"frames_{key}"] = np.int64(-1)
         a["series_complete"] = np.int8(-1)
+        a["calibration_warning"] = np.bytes_(b"".ljust(_CAL_WARNING_BYTES))
+        self._cal_warning = ""
         a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
         if self._scan is not None:
             for key, val in self._scan.to_attrs().items():
@@ -723,6 +735,23 @@ class StoreWriter:
                 f"at most {_ACCOUNTING_JSON_BYTES} fit"
             )
         a.modify("accounting_json", np.bytes_(text.ljust(_ACCOUNTING_JSON_BYTES)))
+
+    def set_calibration_warning(self, text: str) -> None:
+        """Say in the file that its calibration is provisional ("" when it is not).
+
+        Stored in the root attribute ``calibration_warning`` (UTF-8, space-padded,
+        at most 1024 bytes, longer text is cut) and readable while the file is
+        written.
+        """
+        self._check_open()
+        data = str(text).encode()[:_CAL_WARNING_BYTES].decode(errors="ignore").encode()
+        self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(_CAL_WARNING_BYTES)))
+        self._cal_warning = str(text)
+
+    @property
+    def calibration_warning(self) -> str:
+        """The text last given to :meth:`set_calibration_warning` ("" if none)."""
+        return self._cal_warning
 
     def flush(self) -> None:
         """Write every buffered frame to the file so it survives a crash."""

@@ -39,10 +39,13 @@ def _non_negative(kind: type) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``emulate`` options to ``parser``."""
+    from streamstore.protocol import DEFAULT_DATA_ENDPOINT
+
     parser.add_argument(
         "--endpoint",
-        default="tcp://127.0.0.1:5555",
-        help="ZeroMQ endpoint to bind (PUSH) (default: %(default)s)",
+        default=DEFAULT_DATA_ENDPOINT,
+        help="ZeroMQ endpoint to bind (PUSH), as a camera does; `streamstore ingest` "
+        "connects there by default (default: %(default)s)",
     )
     parser.add_argument(
         "--connect",

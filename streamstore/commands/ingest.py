@@ -28,12 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from streamstore.ingest.daemon import K3_FRAME_BYTES
 
     p.add_argument("--out", required=True, metavar="DIR", help="directory of the output files")
-    src = p.add_mutually_exclusive_group(required=True)
+    from streamstore.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
+
+    src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--listen", metavar="ENDPOINT", help="bind a PULL socket, e.g. tcp://127.0.0.1:5555"
     )
     src.add_argument(
-        "--connect", metavar="ENDPOINT", help="connect to a camera that binds its PUSH socket"
+        "--connect",
+        metavar="ENDPOINT",
+        help="connect to a camera that binds its PUSH socket (the default, at "
+        f"{DEFAULT_DATA_ENDPOINT}, where `streamstore emulate` binds)",
     )
     p.add_argument("--calibration", metavar="FILE", help="calibration from Calibration.save")
     p.add_argument(
@@ -55,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--status-endpoint",
         metavar="EP",
-        help="publish the status as JSON on a PUB socket (read it with `streamstore status EP`)",
+        help="publish the status as JSON on a PUB socket (read it with `streamstore status "
+        f"EP`); default {DEFAULT_STATUS_ENDPOINT}, where plain `streamstore status` reads, "
+        "skipped with a warning if another daemon holds it; 'none': do not publish",
     )
     p.add_argument(
         "--idle-timeout",
@@ -179,13 +186,24 @@ def _xray_threshold(text: str) -> float | str | None:
 def config_from_args(args: argparse.Namespace):
     """Build an :class:`~streamstore.ingest.IngestConfig` from parsed options."""
     from streamstore.ingest.daemon import IngestConfig
+    from streamstore.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
 
+    listen, connect = args.listen, args.connect
+    if listen is None and connect is None:  # the camera binds, the receiver connects
+        connect = DEFAULT_DATA_ENDPOINT
+    status = args.status_endpoint
+    status_default = status is None
+    if status_default:
+        status = DEFAULT_STATUS_ENDPOINT
+    elif status.lower() == "none":
+        status = None
     return IngestConfig(
         out_dir=args.out,
-        listen=args.listen,
+        listen=listen,
         calibration=args.calibration,
         max_buffer_mb=args.max_buffer_mb,
-        status_endpoint=args.status_endpoint,
+        status_endpoint=status,
+        status_endpoint_optional=status_default,
         idle_timeout_s=args.idle_timeout,
         reorder_window=args.reorder_window,
         subpixel=args.subpixel,
@@ -200,7 +218,7 @@ def config_from_args(args: argparse.Namespace):
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
         xray_threshold=getattr(args, "xray_threshold", "auto"),
-        **{"connect": args.connect, **_scale_out(args)},
+        **{"connect": connect, **_scale_out(args)},
     )
 
 

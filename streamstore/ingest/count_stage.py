@@ -56,6 +56,11 @@ class CountStage(_Stage):
         Threads of the counting kernel (None: numba's default, all cores).
     estimate_frames : int
         Frames used by ``Calibration.estimate`` when nothing else is known.
+    refine_frames : int
+        Raw frames (a fixed dark pattern) get a per-pixel estimate that keeps
+        refining on every frame counted until this many frames; meanwhile the
+        calibration is provisional, rebuilt at 16, 32, 64, ... frames, and the
+        status line and the file say so as a WARNING.
     max_dark_frames : int or None
         Dark frames used for the calibration (later ones are counted as
         received but not used); None: all. Each dark frame is folded into
@@ -89,6 +94,7 @@ class CountStage(_Stage):
         subpixel: bool = False,
         threads: int | None = None,
         estimate_frames: int = 8,
+        refine_frames: int = 64,
         max_dark_frames: int | None = None,
         xray_threshold: float | str | None = "auto",
         calibration_from_dark_series: bool = False,
@@ -112,6 +118,8 @@ class CountStage(_Stage):
         self.subpixel = subpixel
         self.threads = threads
         self.estimate_frames = max(1, int(estimate_frames))
+        self.refine_frames = int(refine_frames)
+        self._refining: Any = None  # (series, DarkEstimator) while a calibration is provisional
         self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
@@ -124,10 +132,10 @@ class CountStage(_Stage):
 
     #: attributes that belong to one series; swapped in by :meth:`_switch`
     #: (dark-frame sums are kept by series id already)
-    PER_SERIES = ("_pending", "_xray_for")
+    PER_SERIES = ("_pending", "_xray_for", "_refining")
 
     def _fresh_state(self) -> tuple:
-        return ([], None)
+        return ([], None, None)
 
     def _switch(self, series: SeriesInfo) -> None:
         """Make ``series``' state current (several series may be open at once)."""
@@ -254,9 +262,10 @@ class CountStage(_Stage):
             self._derive_xray(series, frames)
             return
         if frames:
+            estimators: list[Any] = []
             try:
                 series.calibration = Calibration.estimate(
-                    np.stack(frames), xray_threshold=self.xray_threshold
+                    np.stack(frames), xray_threshold=self.xray_threshold, estimator_out=estimators
                 )
             except ValueError as exc:
                 if series.series_id != self._estimate_failed:  # once per series
@@ -270,11 +279,68 @@ class CountStage(_Stage):
                     )
                 return
             series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
-            log.info(
+            est = estimators[0] if estimators else None
+            if est is not None and est.n_frames < self.refine_frames:
+                self._refining = (series, est)
+                self._set_warning(
+                    series,
+                    f"provisional calibration: dark and noise estimated from the data "
+                    f"(first {est.n_frames} frames of {series.series_id}, no dark series or "
+                    f"calibration file), refined until frame {self.refine_frames}",
+                )
+            log.warning(
                 "series %s: no dark frames or calibration file; estimated the calibration "
-                "from its first %d frames",
+                "from its first %d frames (%s)",
                 series.series_id,
                 len(frames),
+                "per-pixel dark map" if est is not None else "one dark level",
+            )
+
+    def _set_warning(self, series: SeriesInfo, text: str) -> None:
+        series.calibration_warning = text
+        self.counters.calibration_warning = text if self._refining is not None else ""
+
+    def _refine(self, item: FrameItem) -> None:
+        """Add a frame to the provisional estimate; rebuild the calibration at the
+        estimator's refinement points, and finish at ``refine_frames``."""
+        from streamstore.calibration import Calibration
+        from streamstore.dark_estimate import REFINE_AT
+
+        series, est = self._refining
+        try:
+            est.update(item.array)
+        except ValueError as exc:  # e.g. a frame of another shape: keep what we have
+            log.warning("series %s: calibration refinement stopped: %s", series.series_id, exc)
+            self._refining = None
+            self.counters.calibration_warning = ""
+            return
+        done = est.n_frames >= self.refine_frames
+        if not (done or est.n_frames in REFINE_AT):
+            return
+        old = series.calibration
+        series.calibration = Calibration.from_estimator(
+            est,
+            n_sigma=old.n_sigma,
+            xray_threshold=old.xray_threshold,
+            xray_radius=old.xray_radius,
+            gain=old.gain,
+        )
+        series.calibration_source = (
+            f"estimate:first {est.n_frames} frames of {series.series_id} (per-pixel dark)"
+        )
+        if done:
+            self._refining = None
+            self._set_warning(
+                series,
+                f"calibration estimated from the data (no dark series or calibration file); "
+                f"frames before {est.n_frames} of the series were counted while it was "
+                "provisional",
+            )
+            log.info(
+                "series %s: calibration refined on its first %d frames (noise %.2f ADU)",
+                series.series_id,
+                est.n_frames,
+                est.noise_sigma,
             )
 
     def _counter_for(self, series: SeriesInfo) -> Any:
@@ -310,6 +376,8 @@ class CountStage(_Stage):
                     self._estimate(series)
                     self._drain_pending()
             else:
+                if self._refining is not None and self._refining[0] is series:
+                    self._refine(item)
                 self._count([item])
         elif isinstance(item, MissingItem):
             if self._pending:
@@ -318,6 +386,15 @@ class CountStage(_Stage):
                 self.outbox.put(item)
         elif isinstance(item, CloseItem):
             series = item.series
+            if self._refining is not None and self._refining[0] is series:
+                n = self._refining[1].n_frames
+                self._refining = None
+                self._set_warning(
+                    series,
+                    f"provisional calibration: dark and noise estimated from the data (no "
+                    f"dark series or calibration file); the series ended after {n} of the "
+                    f"{self.refine_frames} frames that refine it",
+                )
             if series.kind == "dark":
                 self._finish_dark(series)
             elif self._pending:

@@ -81,6 +81,9 @@ class IngestConfig:
         ZeroMQ's high-water mark pushes back on the sender.
     status_endpoint : str, optional
         Bind a PUB socket here and publish the status as JSON twice a second.
+    status_endpoint_optional : bool, default False
+        The status endpoint is the default one: if it cannot be bound (another
+        daemon holds it), log a warning and run without publishing.
     idle_timeout_s : float, default 30.0
         A series whose sender sent nothing for this long is closed and marked
         incomplete (time the daemon itself did not read is not counted).
@@ -149,6 +152,8 @@ class IngestConfig:
     calibration: str | None = None
     max_buffer_mb: float = 1024.0
     status_endpoint: str | None = None
+    # the default status endpoint: when another daemon holds it, go on without it
+    status_endpoint_optional: bool = False
     idle_timeout_s: float = 30.0
     reorder_window: int = 64
     subpixel: bool = False
@@ -409,7 +414,18 @@ class IngestDaemon(SeriesMachine):
                 pub = ctx.socket(zmq.PUB)
                 pub.setsockopt(zmq.LINGER, 0)
                 pub.setsockopt(zmq.SNDHWM, 10)
-                pub.bind(cfg.status_endpoint)
+                try:
+                    pub.bind(cfg.status_endpoint)
+                except zmq.ZMQError as exc:
+                    if not cfg.status_endpoint_optional:
+                        raise
+                    pub.close(0)
+                    pub = None
+                    log.warning(
+                        "status not published: cannot bind %s (%s); give --status-endpoint",
+                        cfg.status_endpoint,
+                        exc,
+                    )
         except (zmq.ZMQError, UserError) as exc:
             self._close_sockets(ctx, sock, pub, auth)
             if isinstance(exc, UserError):

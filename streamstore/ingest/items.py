@@ -100,6 +100,8 @@ class SeriesInfo:
     calibration_source: str = "none"
     # the calibration's summary once the object itself is freed (all frames counted)
     calibration_summary: dict[str, Any] | None = None
+    # non-empty while (or after) frames are counted with a provisional calibration
+    calibration_warning: str = ""
     path: Path | None = None
     # final numbers, filled by the write stage; stored and events count flushed frames only
     stored: int = 0

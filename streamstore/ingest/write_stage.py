@@ -149,10 +149,25 @@ class WriteStage(_Stage):
                 path.relative_to(self.out_dir),
             )
         series.path = path
+        if series.calibration_warning:
+            writer.set_calibration_warning(series.calibration_warning)
         self._writers[key] = writer
         self._open_series[key] = series
         log.info("series %s -> %s", series.series_id, path)
         return writer
+
+    def _sync_warning(self, series: SeriesInfo) -> None:
+        """Carry the count stage's calibration warning into the open file."""
+        writer = self._writers.get(id(series))
+        if writer is None or writer.closed or id(series) in self._failed:
+            return
+        if writer.calibration_warning != series.calibration_warning:
+            try:
+                writer.set_calibration_warning(series.calibration_warning)
+            except Exception as exc:  # OSError, or RuntimeError from h5py
+                log.warning(
+                    "series %s: cannot record the calibration warning: %s", series.series_id, exc
+                )
 
     def _calibration_summary(self, cal: Any) -> Any:
         """``cal.summary()``, computed once per calibration (about 1 s at 24 MP)."""
@@ -181,6 +196,7 @@ class WriteStage(_Stage):
             return
         if isinstance(item, EventsItem):
             self._append(item)
+            self._sync_warning(series)
         elif isinstance(item, MissingItem):
             self._mark_missing(series, item.ranges)
         elif isinstance(item, CloseItem):
@@ -268,6 +284,7 @@ class WriteStage(_Stage):
                         writer.mark_missing_ranges(list(series.missing))
                     except Exception:
                         pass
+                self._sync_warning(series)
                 extra = {"inconsistent": series.inconsistent} if series.inconsistent else {}
                 writer.update_accounting(
                     received=item.received,
