@@ -64,7 +64,7 @@ def _daemon(config: Any, results: Any) -> None:
         {
             "series_id": s.series_id,
             "stored": s.stored,
-            "missing": len(set(s.missing_ids)),
+            "missing": s.missing.n_ids,
             "events": s.events,
             "path": str(s.path),
             "seconds": (s.closed_t or 0.0) - (s.first_frame_t or 0.0),

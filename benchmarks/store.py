@@ -12,7 +12,15 @@ number of events confined to a central disk, as a bright-field disk in
   per-core figure) and with 2;
 * read throughput of ``Store.sum`` over the whole series, 1 and 2 threads;
 * side by side: stempy's sparse HDF5 file of the same events (bits/event) and
-  ``stempy.io.SparseArray.from_hdf5`` + sum over all frames.
+  ``stempy.io.SparseArray.from_hdf5`` + sum over all frames;
+* a small series (40 frames of 1024 x 1536 at 1 %): the whole file's size
+  against the entropy bound (limit 1.10 x the bound + 48 KiB), written once
+  at close and with a flush every 5 frames (as a streaming writer publishes).
+
+With ``--checksums`` each case is also written and read without chunk
+checksums, interleaved with the default (checksummed) file in the same run, on
+one thread: write, ``Store.events`` and ``Store.sum`` throughput with and
+without, and the cost in percent.
 
 Run ``python benchmarks/store.py`` (table) or ``--json`` (one JSON object);
 ``--quick`` for a short run while developing. Fixed seeds.
@@ -79,14 +87,21 @@ def make_frames(pattern: str, p: float, n_frames: int, seed: int):
     return batch, p_in
 
 
-def bench_write(path: Path, batch, nthreads: int, frames_per_append: int) -> tuple[float, float]:
+def bench_write(
+    path: Path, batch, nthreads: int, frames_per_append: int, checksums: bool = True
+) -> tuple[float, float]:
     """(wall seconds, process CPU seconds) of writing ``batch``."""
     from streamstore import StoreWriter
 
     c0 = time.process_time()
     t0 = time.perf_counter()
     with StoreWriter(
-        path, FRAME_SHAPE, frame_time_s=1 / 1500, nthreads=nthreads, flush_interval_s=1e9
+        path,
+        FRAME_SHAPE,
+        frame_time_s=1 / 1500,
+        nthreads=nthreads,
+        flush_interval_s=1e9,
+        checksums=checksums,
     ) as w:
         for a in range(0, batch.n_frames, frames_per_append):
             b = min(a + frames_per_append, batch.n_frames)
@@ -108,6 +123,46 @@ def bench_sum(path: Path, nthreads: int, repeats: int) -> tuple[float, float, np
             best = min(best, time.perf_counter() - t0)
             cpu = min(cpu, time.process_time() - c0)
     return best, cpu, img
+
+
+def checksum_cost(batch, frames_per_append: int, repeats: int, tmp: Path) -> dict:
+    """Write and read the same events with and without chunk checksums, interleaved.
+
+    One blosc2 thread (the per-core cost). Reads: ``Store.events`` over the
+    whole series (decompression + gap decoding, where the checksum pass
+    shows most) and ``Store.sum``. Best of ``repeats`` for each.
+    """
+    import streamstore
+
+    ne = batch.n_events
+    best: dict[str, float] = {}
+    paths = {}
+    for r in range(repeats):
+        for ck in (True, False):  # interleaved: both see the same machine state
+            path = tmp / f"ck-{ck}-{r}.h5"
+            wall, _ = bench_write(path, batch, 1, frames_per_append, checksums=ck)
+            best[f"write_{ck}"] = min(best.get(f"write_{ck}", float("inf")), wall)
+            paths[ck] = path
+    for _ in range(repeats):
+        for ck in (True, False):
+            with streamstore.open(paths[ck], nthreads=1) as s:
+                t0 = time.perf_counter()
+                ev = s.events(0, s.n_frames)
+                t1 = time.perf_counter()
+                s.sum()
+                t2 = time.perf_counter()
+            assert ev.n_events == ne
+            best[f"events_{ck}"] = min(best.get(f"events_{ck}", float("inf")), t1 - t0)
+            best[f"sum_{ck}"] = min(best.get(f"sum_{ck}", float("inf")), t2 - t1)
+    size = {ck: paths[ck].stat().st_size for ck in (True, False)}
+    out = {}
+    for what in ("write", "events", "sum"):
+        out[f"{what}_Mev_s_checksums"] = ne / best[f"{what}_True"] / 1e6
+        out[f"{what}_Mev_s_no_checksums"] = ne / best[f"{what}_False"] / 1e6
+        out[f"{what}_checksum_cost"] = best[f"{what}_True"] / best[f"{what}_False"] - 1
+    out["file_bytes_checksums"] = size[True]
+    out["file_bytes_no_checksums"] = size[False]
+    return out
 
 
 def bench_stempy(store_path: Path, out: Path, repeats: int) -> dict:
@@ -137,7 +192,9 @@ def bench_stempy(store_path: Path, out: Path, repeats: int) -> dict:
     }
 
 
-def run_case(pattern: str, p: float, n_events: float, repeats: int, tmp: Path) -> dict:
+def run_case(
+    pattern: str, p: float, n_events: float, repeats: int, tmp: Path, checksums: bool = False
+) -> dict:
     import streamstore
 
     h, w = FRAME_SHAPE
@@ -175,6 +232,8 @@ def run_case(pattern: str, p: float, n_events: float, repeats: int, tmp: Path) -
     res["sum_correct"] = bool(np.array_equal(img, truth))
     res["sum_Mev_s_1thread"] = ne / sums[1] / 1e6
     res["sum_Mev_s_2threads"] = ne / sums[2] / 1e6
+    if checksums:
+        res["checksum"] = checksum_cost(batch, fpa, repeats, tmp)
     st = bench_stempy(keep, tmp / f"stempy-{pattern}-{p}.h5", repeats)
     if st.get("available"):
         res["stempy_bits_per_event"] = st["bytes"] * 8 / ne
@@ -186,6 +245,74 @@ def run_case(pattern: str, p: float, n_events: float, repeats: int, tmp: Path) -
     for f in tmp.glob("*.h5"):
         f.unlink()
     return res
+
+
+SMALL_SHAPE = (1024, 1536)
+SMALL_FRAMES = 40
+
+
+def small_series(tmp: Path, p: float = 0.01) -> list[dict]:
+    """Whole-file size of a short series against the entropy bound, closed once and
+    flushed every 5 frames: what a series pays beyond its events."""
+    import streamstore
+    from streamstore import EventBatch, StoreWriter
+
+    h, w = SMALL_SHAPE
+    rng = np.random.default_rng(4040)
+    frames = [bernoulli_indices(rng, p, h * w) for _ in range(SMALL_FRAMES)]
+    offsets = np.zeros(SMALL_FRAMES + 1, np.int64)
+    np.cumsum([f.size for f in frames], out=offsets[1:])
+    batch = EventBatch(offsets, np.concatenate(frames), None, SMALL_SHAPE, validate=False)
+    bound_bytes = entropy_bound(p) * batch.n_events / 8
+    rows = []
+    for mode, flush_every in (("closed once", 0), ("flush every 5", 5)):
+        path = tmp / f"small-{flush_every}.h5"
+        with StoreWriter(path, SMALL_SHAPE, frame_time_s=1 / 1500, flush_interval_s=1e9) as wr:
+            for a in range(0, SMALL_FRAMES, 5):
+                wr.append(batch.slice(a, a + 5), np.arange(a, a + 5), np.arange(a, a + 5) * 10**6)
+                if flush_every:
+                    wr.flush()
+        size = path.stat().st_size
+        with streamstore.open(path) as s:
+            event_bits = s.bits_per_event
+        rows.append(
+            {
+                "mode": mode,
+                "frames": SMALL_FRAMES,
+                "frame_shape": list(SMALL_SHAPE),
+                "p": p,
+                "n_events": batch.n_events,
+                "file_bytes": size,
+                "bound_bytes": bound_bytes,
+                "file_bits_per_event": size * 8 / batch.n_events,
+                "event_bits_per_event": event_bits,
+                "bound_bits_per_event": entropy_bound(p),
+                "file_ratio_to_bound": size / bound_bytes,
+                "event_ratio_to_bound": event_bits / entropy_bound(p),
+                "file_limit_bytes": 1.10 * bound_bytes + 48 * 1024,
+                "within_limit": size <= 1.10 * bound_bytes + 48 * 1024,
+            }
+        )
+        path.unlink()
+    return rows
+
+
+def print_small(rows: list[dict]) -> None:
+    print(
+        f"small series, {SMALL_FRAMES} frames {SMALL_SHAPE[0]}x{SMALL_SHAPE[1]} at 1 %: "
+        "whole file vs entropy bound (limit 1.10 x + 48 KiB)"
+    )
+    print(
+        f"{'mode':14} {'file KiB':>8} {'limit KiB':>9} {'file b/ev':>9} {'ratio':>6} "
+        f"{'events b/ev':>11} {'ratio':>6}"
+    )
+    for r in rows:
+        print(
+            f"{r['mode']:14} {r['file_bytes'] / 1024:8.1f} {r['file_limit_bytes'] / 1024:9.1f} "
+            f"{r['file_bits_per_event']:9.2f} {r['file_ratio_to_bound']:6.3f} "
+            f"{r['event_bits_per_event']:11.2f} {r['event_ratio_to_bound']:6.3f}"
+            + ("" if r["within_limit"] else "  OVER LIMIT")
+        )
 
 
 def warm_up(tmp: Path) -> None:
@@ -209,17 +336,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--density", type=float, nargs="*", default=list(DENSITIES))
     ap.add_argument("--pattern", nargs="*", default=list(PATTERNS), choices=PATTERNS)
+    ap.add_argument(
+        "--checksums",
+        action="store_true",
+        help="also write and read each case without chunk checksums (1 thread): their cost",
+    )
+    ap.add_argument("--small-only", action="store_true", help="only the small-series rows")
     args = ap.parse_args(argv)
     n_events = 3e6 if args.quick else args.events
     repeats = 1 if args.quick else args.repeats
     cases = []
     with tempfile.TemporaryDirectory(prefix="ss-bench-") as d:
-        warm_up(Path(d))
-        for pattern in args.pattern:
+        small = small_series(Path(d))
+        if not args.json:
+            print_small(small)
+        if not args.small_only:
+            warm_up(Path(d))
+        for pattern in [] if args.small_only else args.pattern:
             for p in args.density:
-                cases.append(run_case(pattern, p, n_events, repeats, Path(d)))
+                cases.append(run_case(pattern, p, n_events, repeats, Path(d), args.checksums))
                 if not args.json:
                     print_case(cases[-1], header=len(cases) == 1)
+        if args.checksums and not args.json:
+            print_checksum_cost(cases)
     out = {
         "benchmark": "store",
         "frame_shape": list(FRAME_SHAPE),
@@ -232,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_after": list(os.getloadavg()),  # the machine is shared: context
         },
         "cases": cases,
+        "small_series": small,
     }
     if args.json:
         json.dump(out, sys.stdout, indent=1)
@@ -263,6 +403,24 @@ def print_case(r: dict, header: bool) -> None:
         f"{r.get('sum_speedup_vs_stempy', float('nan')):5.1f}"
         + ("" if r["sum_correct"] else "  SUM WRONG")
     )
+
+
+def print_checksum_cost(cases: list[dict]) -> None:
+    print("\nchunk checksums (Fletcher-32), 1 thread, M events/s with / without, cost:")
+    print(
+        f"{'pattern':8} {'p':>6} {'write':>15} {'cost':>6} {'events':>15} {'cost':>6} "
+        f"{'sum':>15} {'cost':>6} {'bytes':>6}"
+    )
+    for r in cases:
+        c = r["checksum"]
+        cols = []
+        for what in ("write", "events", "sum"):
+            cols.append(
+                f"{c[f'{what}_Mev_s_checksums']:7.0f}/{c[f'{what}_Mev_s_no_checksums']:<7.0f} "
+                f"{100 * c[f'{what}_checksum_cost']:+5.1f}%"
+            )
+        extra = c["file_bytes_checksums"] / c["file_bytes_no_checksums"] - 1
+        print(f"{r['pattern']:8} {r['p']:6.3f} " + " ".join(cols) + f" {100 * extra:+5.2f}%")
 
 
 if __name__ == "__main__":

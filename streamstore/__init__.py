@@ -23,22 +23,32 @@ _LAZY = {
     "count": "streamstore.counting",
     "CameraEmulator": "streamstore.emulator",
     "ProtocolError": "streamstore.protocol",
+    "CorruptDataError": "streamstore.errors",
     "StoreWriter": "streamstore.store",
     "Store": "streamstore.reader",
     "open": "streamstore.reader",
     "import_stempy": "streamstore.stempy_io",
     "export_stempy": "streamstore.stempy_io",
+    "export_eer": "streamstore.eer",
+    "ScanGeometry": "streamstore.scan",
+    "STEMSpecimen": "streamstore.stem_specimen",
+    "export_raw_csr": "streamstore.libertem_io",
 }
 
 __all__ = [
     "CameraEmulator",
     "Calibration",
+    "CorruptDataError",
     "EventBatch",
     "ProtocolError",
+    "STEMSpecimen",
+    "ScanGeometry",
     "Store",
     "StoreWriter",
     "__version__",
     "count",
+    "export_eer",
+    "export_raw_csr",
     "export_stempy",
     "import_stempy",
     "open",
@@ -47,10 +57,15 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from streamstore.calibration import Calibration
     from streamstore.counting import count
+    from streamstore.eer import export_eer
     from streamstore.emulator import CameraEmulator
+    from streamstore.errors import CorruptDataError
     from streamstore.events import EventBatch
+    from streamstore.libertem_io import export_raw_csr
     from streamstore.protocol import ProtocolError
     from streamstore.reader import Store, open
+    from streamstore.scan import ScanGeometry
+    from streamstore.stem_specimen import STEMSpecimen
     from streamstore.stempy_io import export_stempy, import_stempy
     from streamstore.store import StoreWriter
 

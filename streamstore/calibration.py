@@ -43,6 +43,13 @@ _MAX_GAIN = 1e6
 #: |(raw - dark) * gain| <= 65535 * 32767 < 2**31, so signals fit an int32.
 GAIN_SCALE = 32767
 _FORMAT_VERSION = 1
+#: :meth:`Calibration.estimate` uses a per-pixel dark map when the pooled noise peak
+#: is this much wider than the per-pixel noise (a fixed dark pattern).
+PER_PIXEL_GAIN = 1.1
+#: Frames :meth:`Calibration.estimate` reads for a per-pixel dark map: the first
+#: ``START_FRAMES`` start it, the others refine it.
+MAX_ESTIMATE_FRAMES = 64
+START_FRAMES = 8
 _SOURCES = ("dark_frames", "estimate", "file", "manual")
 
 
@@ -308,8 +315,12 @@ class Calibration:
 
         Parameters
         ----------
-        dark_frames : array_like, shape (n, H, W)
+        dark_frames : array_like, shape (n, H, W), or iterable of (H, W) frames
             At least 2 beam-off frames (more give a better noise map; 50+ is good).
+            An iterator (a generator, an HDF5 dataset) is read one frame at a
+            time into running sums, so memory does not grow with the number of
+            frames; for integer frames the result equals that of the stacked
+            array (:mod:`streamstore.dark_sums`).
         n_sigma : float, default 5.0
             Background threshold in units of each pixel's noise.
         xray_threshold : float, optional
@@ -330,19 +341,13 @@ class Calibration:
         Calibration
             With ``source == "dark_frames"``.
         """
-        frames = _check_frames("dark_frames", dark_frames, 2)
-        shape = frames.shape[1:]
-        # mean and std per pixel, in float64 chunks to bound memory
-        n = frames.shape[0]
-        s1 = np.zeros(shape, np.float64)
-        s2 = np.zeros(shape, np.float64)
-        step = max(1, (1 << 24) // (shape[0] * shape[1]))  # float64 blocks of <= 128 MB
-        for i in range(0, n, step):
-            block = frames[i : i + step].astype(np.float64)
-            s1 += block.sum(axis=0)
-            s2 += np.square(block).sum(axis=0)
-        dark = s1 / n
-        var = np.maximum(s2 / n - dark * dark, 0.0) * (n / (n - 1))
+        from streamstore.dark_sums import DarkSums
+
+        # mean and variance per pixel from running sums: memory independent of n
+        sums = DarkSums.of(dark_frames)
+        n = sums.n
+        dark, var = sums.mean_and_variance()
+        shape = dark.shape
         noise = np.sqrt(var)
         # (a pixel whose n values happen to be equal has zero noise: with few frames
         # thousands do, so zero noise is not a reason to mask)
@@ -388,11 +393,15 @@ class Calibration:
         n_samples: int = 200_000,
         seed: int = 0,
         pedestal_subtracted: bool | None = None,
+        per_pixel: bool | None = None,
+        estimator_out: list | None = None,
     ) -> Calibration:
         """Estimate thresholds from frames with beam, without dark frames.
 
         For data whose dark offset the camera already subtracted (the 4D
-        Camera does this), or as a stop-gap before dark frames exist. Samples
+        Camera does this), and for raw frames without a dark series: when the
+        frames carry a fixed dark pattern, the dark and noise are estimated per
+        pixel from the frames themselves (see ``per_pixel``). Otherwise it samples
         up to ``n_samples`` pixel values and fits a Gaussian to the logarithm of
         their histogram on the clean side of the noise peak (electrons only add
         signal), falling back to median/MAD with clipped refits; sets a uniform
@@ -427,6 +436,17 @@ class Calibration:
             Seed of the pixel sampler (the result is reproducible).
         pedestal_subtracted : bool, optional
             Force (True/False) or auto-detect (None) whether values wrapped.
+        per_pixel : bool, optional
+            Estimate a per-pixel dark map (:class:`~streamstore.dark_estimate.DarkEstimator`,
+            from up to 64 frames, at least 2) instead of one dark level. None
+            (default): per pixel when the pooled noise peak is more than 1.1 x
+            the per-pixel noise, i.e. the frames carry a fixed dark pattern (raw
+            frames); pedestal-subtracted frames keep the single level.
+        estimator_out : list, optional
+            When the estimate is per pixel, its ``DarkEstimator`` is appended
+            here, to keep refining it on later frames and rebuild the
+            calibration with :meth:`from_estimator` (not kept otherwise: it
+            holds 15 bytes per pixel).
 
         Returns
         -------
@@ -470,6 +490,30 @@ class Calibration:
         centre, sigma = _noise_peak(sample.astype(np.int64))
         if not sigma > 0:
             raise ValueError("cannot estimate the noise: the sampled pixels are all equal")
+        if per_pixel is not False and arr.shape[0] >= 2:
+            from streamstore.dark_estimate import DarkEstimator
+
+            # the first frames start it; later ones refine it the way ingest does
+            est = DarkEstimator(arr[:START_FRAMES], n_sigma=n_sigma, wrapped=wrapped)
+            for frame in arr[START_FRAMES:MAX_ESTIMATE_FRAMES]:
+                est.update(frame)
+            # a fixed dark pattern widens the pooled peak beyond the per-pixel noise
+            if per_pixel or sigma > PER_PIXEL_GAIN * est.noise_sigma:
+                cal = cls.from_estimator(
+                    est,
+                    n_sigma=n_sigma,
+                    xray_threshold=xray_threshold,
+                    xray_factor=xray_factor,
+                    xray_radius=xray_radius,
+                    gain=gain,
+                    mask=mask,
+                    frames=arr,
+                )
+                if estimator_out is not None:  # to be refined further (ingest does)
+                    estimator_out.append(est)
+                return cal
+        if per_pixel:
+            raise ValueError("a per-pixel estimate needs at least 2 frames")
         xt: float | None
         if isinstance(xray_threshold, str):
             xt = _electron_peak_scale(arr, centre, sigma, n_sigma)
@@ -490,6 +534,65 @@ class Calibration:
             wrapped=wrapped,
             source="estimate",
         )
+
+    @classmethod
+    def from_estimator(
+        cls,
+        estimator: Any,
+        *,
+        n_sigma: float = DEFAULT_N_SIGMA,
+        xray_threshold: float | str | None = "auto",
+        xray_factor: float = DEFAULT_XRAY_FACTOR,
+        xray_radius: int = DEFAULT_XRAY_RADIUS,
+        gain: Any = None,
+        mask: Any = None,
+        frames: Any = None,
+    ) -> Calibration:
+        """Calibration from a :class:`~streamstore.dark_estimate.DarkEstimator`'s maps.
+
+        Parameters
+        ----------
+        estimator : DarkEstimator
+            Per-pixel running estimate (refined by this call).
+        n_sigma, xray_radius, gain, mask
+            As in :meth:`estimate`; the estimator's hot pixels join ``mask``.
+        xray_threshold : float, "auto" or None
+            "auto" places it at ``xray_factor`` times the median electron peak
+            of ``frames`` (None without frames or with fewer than 20 peaks).
+        frames : array_like, optional
+            A few frames with beam for "auto".
+
+        Returns
+        -------
+        Calibration
+            With ``source == "estimate"``.
+        """
+        if isinstance(xray_threshold, str) and xray_threshold != "auto":
+            raise ValueError(
+                f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}"
+            )
+        dark, noise, hot = estimator.maps()
+        if mask is not None:
+            hot |= _as_map("mask", mask, dark.shape, bool)
+        cal = cls(
+            dark,
+            noise,
+            gain=gain,
+            mask=hot if hot.any() else None,
+            n_sigma=n_sigma,
+            xray_threshold=None if isinstance(xray_threshold, str) else xray_threshold,
+            xray_radius=xray_radius,
+            wrapped=estimator.wrapped,
+            source="estimate",
+        )
+        if isinstance(xray_threshold, str) and frames is not None:
+            arr = np.asarray(frames)
+            if arr.dtype.kind == "i":  # signed view of wrapped frames: back to the raw type
+                arr = arr.view(np.dtype(f"uint{8 * arr.dtype.itemsize}"))
+            peak = cal.electron_peak_signal(arr)
+            if peak is not None:
+                cal = cal.with_xray_threshold(float(xray_factor) * peak)
+        return cal
 
     # -- X-ray threshold from frames with beam ----------------------------------
     def electron_peak_signal(self, frames: Any) -> float | None:

@@ -19,11 +19,13 @@ COMMANDS: dict[str, str] = {
     "demo": "emulate a camera, ingest it and summarise the stored series",
     "emulate": "run the camera emulator: stream frames over ZeroMQ",
     "ingest": "receive frames over ZeroMQ, count electrons, store HDF5",
+    "fanout": "deal one camera stream over ingest workers on other hosts",
     "status": "print the live status an ingest daemon publishes",
     "info": "summarise a stored series",
     "show": "draw a summary figure (summed image, dose per frame) to PNG",
-    "export": "export a stored series to stempy, TIFF or npy",
+    "export": "export a stored series to stempy, TIFF, EER or npy",
     "keys": "make CURVE key pairs for authenticated camera links",
+    "verify": "check every chunk's checksum and the frame totals; list damaged frames",
 }
 
 
@@ -83,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``streamstore`` console script."""
-    from streamstore.errors import FormatError, UserError
+    from streamstore.errors import CorruptDataError, FormatError, UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -96,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             msg = str(exc)
         print(f"streamstore {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except CorruptDataError as exc:  # damaged data is not bad input: the verify status
+        print(f"streamstore {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # output piped into `head` & co. that stopped reading

@@ -117,6 +117,9 @@ class Truth:
         Requested frame-mean dose, e/px/frame, of the frames with beam.
     params : dict
         The emulator parameters (JSON-serialisable).
+    stem : dict or None
+        4D-STEM mode only: the specimen's truth maps
+        (:meth:`streamstore.stem_specimen.STEMSpecimen.truth`).
     """
 
     frame_shape: tuple[int, int]
@@ -132,6 +135,7 @@ class Truth:
     electron_adu_mean: float
     dose_per_frame: float
     params: dict[str, Any] = field(default_factory=dict)
+    stem: dict[str, Any] | None = None
 
     @property
     def n_frames(self) -> int:
@@ -209,6 +213,10 @@ class Truth:
             f.create_dataset("dark", data=self.dark, compression="gzip", compression_opts=1)
             f.create_dataset("gain", data=self.gain, compression="gzip", compression_opts=1)
             f["hot_pixels"] = self.hot_pixels
+            if self.stem is not None:
+                g = f.create_group("stem")
+                for k, v in self.stem.items():
+                    g[k] = v
 
     @classmethod
     def load(cls, path: str | Path) -> Truth:
@@ -239,6 +247,7 @@ class Truth:
                 electron_adu_mean=float(f.attrs["electron_adu_mean"]),
                 dose_per_frame=float(f.attrs["dose_per_frame"]),
                 params=json.loads(f.attrs["params"]),
+                stem={k: v[()] for k, v in f["stem"].items()} if "stem" in f else None,
             )
 
 
@@ -302,6 +311,10 @@ class CameraEmulator:
     adu_scale : float or None, default None
         Multiplies every ``*_adu`` parameter; None means 1.0 for uint16 and
         0.25 for uint8.
+    stem : STEMSpecimen, optional
+        4D-STEM mode: frame ``i`` is the diffraction pattern of the probe
+        position frame id ``i`` maps to (:mod:`streamstore.stem_specimen`);
+        replaces ``pattern``. The specimen's truth maps come back in ``Truth.stem``.
     """
 
     def __init__(
@@ -328,6 +341,7 @@ class CameraEmulator:
         xray_rate_per_frame: float = 0.5,
         xray_signal_adu: float = 3000.0,
         adu_scale: float | None = None,
+        stem: Any = None,
     ) -> None:
         try:
             h, w = (int(v) for v in frame_shape)
@@ -369,6 +383,9 @@ class CameraEmulator:
         self.hot_sigma_adu = s * _positive("hot_sigma_adu", hot_sigma_adu)
         self.xray_rate_per_frame = _positive("xray_rate_per_frame", xray_rate_per_frame)
         self.xray_signal_adu = s * _positive("xray_signal_adu", xray_signal_adu)
+        if stem is not None and tuple(getattr(stem, "frame_shape", ())) != (h, w):
+            raise ValueError(f"stem: a STEMSpecimen for frames of shape {(h, w)} is needed")
+        self.stem = stem
 
         maps_seq, frames_seq = np.random.SeedSequence(self.seed).spawn(2)
         self._map_seq = maps_seq
@@ -464,7 +481,7 @@ class CameraEmulator:
         xrays: list[np.ndarray] = []
         buf = np.empty((h, w), dtype=np.float32)
         for i in range(int(n)):
-            pos, eng, xr = self._one_frame(buf, dose_v)
+            pos, eng, xr = self._one_frame(buf, dose_v, self._next_frame_id + i)
             frames[i] = buf  # float32 values already rounded and clipped
             positions.append(pos)
             energies.append(eng)
@@ -485,6 +502,7 @@ class CameraEmulator:
             electron_adu_mean=self.electron_adu_mean,
             dose_per_frame=dose_v,
             params=self.params(),
+            stem=None if self.stem is None else self.stem.truth(),
         )
         return frames, truth
 
@@ -514,7 +532,9 @@ class CameraEmulator:
             self._pool = self.generate(size)
         return self._pool
 
-    def _one_frame(self, buf: np.ndarray, dose: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _one_frame(
+        self, buf: np.ndarray, dose: float, frame_id: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Fill ``buf`` (float32 H x W) with one frame; return its truth."""
         rng = self._rng
         h, w = self.frame_shape
@@ -528,7 +548,10 @@ class CameraEmulator:
         buf += row[:, None]
         # electrons
         n_e = int(rng.poisson(dose * h * w)) if dose > 0 else 0
-        if self.pattern == "uniform":
+        if self.stem is not None:  # electrons that miss the detector are lost
+            pix = self.stem.sample(rng, n_e, frame_id)
+            n_e = pix.size
+        elif self.pattern == "uniform":
             pix = rng.integers(0, h * w, size=n_e, dtype=np.int64)
         else:
             if self._pattern_cdf is None:

@@ -320,7 +320,15 @@ def summary_figure(
 
     # -- headline --------------------------------------------------------
     head = title or "streamstore series"
-    rate = f"{1.0 / ft:,.0f} frames/s" if ft else "frame rate unknown"
+    # the camera's frame time and the rate the frames were sent at (timestamps), named
+    # as `streamstore info` names them
+    rate = f"frame time {ft * 1e3:.4g} ms" if ft else "frame time unknown"
+    ids = np.asarray(store.frame_ids, dtype=np.int64)
+    ts = np.asarray(store.timestamps_ns, dtype=np.int64)
+    if ids.size > 1 and ts[-1] > ts[0]:
+        rate += (
+            f" · sent at {float(ids[-1] - ids[0]) / (float(ts[-1] - ts[0]) / 1e9):,.6g} frames/s"
+        )
     px = f"pixel {pixel:g} Å" if pixel else "pixel size unknown"
     fig.suptitle(
         f"{head}\n{store.n_frames:,} frames stored, {n_missing:,} missing · {h} x {w} px · "

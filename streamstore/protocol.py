@@ -42,6 +42,9 @@ from streamstore.errors import StreamstoreError
 __all__ = [
     "DEFAULT_MAX_FRAME_BYTES",
     "DTYPES",
+    "MAX_HEADER_BYTES",
+    "MAX_HEADER_DEPTH",
+    "MAX_PARTS",
     "End",
     "Image",
     "Message",
@@ -58,8 +61,20 @@ __all__ = [
 
 #: Largest frame a parser accepts unless told otherwise (1 GiB; a K3 frame is 47 MB).
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
-#: Largest JSON header accepted, bytes.
+#: Where a camera (and ``streamstore emulate``) binds its PUSH socket by default, and
+#: where ``streamstore ingest`` connects by default: the camera binds, the receiver
+#: connects.
+DEFAULT_DATA_ENDPOINT = "tcp://127.0.0.1:5555"
+#: Where the ingest daemon publishes its status by default (``streamstore status``).
+DEFAULT_STATUS_ENDPOINT = "tcp://127.0.0.1:5558"
+#: Largest JSON header accepted unless told otherwise, bytes (``max_header_bytes``).
 MAX_HEADER_BYTES = 1 << 16
+#: Deepest nesting of arrays and objects a header may have (the header object is
+#: level 1). ``json.loads`` accepts about 1000 levels, but recursive serialisers
+#: downstream (the file's JSON attributes) fail from about 500: refuse at parse time.
+MAX_HEADER_DEPTH = 64
+#: Most parts a message may have (an image: header and frame).
+MAX_PARTS = 2
 #: Pixel types on the wire, with their little-endian numpy dtypes.
 DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2")}
 
@@ -75,6 +90,9 @@ _START_KEYS = frozenset(
         "n_frames",
         "detector",
         "meta",
+        "scan_shape",
+        "frames_per_position",
+        "scan_flyback",
     }
 )
 _IMAGE_KEYS = frozenset({"htype", "series_id", "frame_id", "timestamp_ns"})
@@ -146,6 +164,15 @@ def _check_shape(value: object, dtype: str, max_frame_bytes: int) -> tuple[int, 
     return h, w
 
 
+def _check_scan_shape(value: object) -> tuple[int, int]:
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise ProtocolError(f"scan_shape: expected [rows, cols], got {_show(value)}")
+    return (
+        _int(value[0], "scan_shape[0]", minimum=1),
+        _int(value[1], "scan_shape[1]", minimum=1),
+    )
+
+
 def _check_dtype(value: object) -> str:
     if not isinstance(value, str) or value not in DTYPES:
         raise ProtocolError(f"dtype: must be 'uint8' or 'uint16', got {_show(value)}")
@@ -175,6 +202,12 @@ class Start:
         Detector name.
     meta : dict, default {}
         Free JSON object (e.g. ``{"kind": "dark"}`` for a dark reference).
+    scan_shape : (rows, cols), optional
+        A scanned (4D-STEM) series: probe positions kept per scan.
+    frames_per_position : int, optional
+        Consecutive frames per probe position (default 1 when ``scan_shape`` is given).
+    scan_flyback : int, optional
+        Positions recorded at the end of each scan row and dropped (default 0).
     extra : dict, default {}
         Header keys the protocol does not define, kept as received.
     """
@@ -188,9 +221,19 @@ class Start:
     detector: str | None = None
     meta: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    scan_shape: tuple[int, int] | None = None
+    frames_per_position: int | None = None
+    scan_flyback: int | None = None
 
     def __post_init__(self) -> None:
         validate_series_id(self.series_id)
+        if self.scan_shape is not None:
+            object.__setattr__(self, "scan_shape", _check_scan_shape(self.scan_shape))
+        for key, low in (("frames_per_position", 1), ("scan_flyback", 0)):
+            if getattr(self, key) is not None:
+                if self.scan_shape is None:
+                    raise ProtocolError(f"{key}: given without scan_shape")
+                object.__setattr__(self, key, _int(getattr(self, key), key, minimum=low))
         dtype = _check_dtype(self.dtype)
         shape = _check_shape(self.frame_shape, dtype, sys.maxsize)
         object.__setattr__(self, "frame_shape", shape)
@@ -307,14 +350,43 @@ def _finite_float(text: str) -> float:
     return v
 
 
-def _header(view: memoryview) -> dict[str, Any]:
-    if view.nbytes > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header: {view.nbytes} bytes, more than {MAX_HEADER_BYTES}")
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _nesting(text: str, limit: int) -> int:
+    """Deepest nesting of arrays and objects in JSON ``text``, counted up to ``limit + 1``.
+
+    Scanned before ``json.loads``, whose recursion limit depends on the caller's
+    stack, so the refusal is the same wherever the parser runs.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return 0  # cannot be deeper than the limit (every header that is not hostile)
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(_JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
+def _header(view: memoryview, max_header_bytes: int = MAX_HEADER_BYTES) -> dict[str, Any]:
+    if view.nbytes > max_header_bytes:
+        raise ProtocolError(
+            f"header: {view.nbytes} bytes, more than max_header_bytes={max_header_bytes}"
+        )
     try:
         text = bytes(view).decode("utf-8")
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"header: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if _nesting(text, MAX_HEADER_DEPTH) > MAX_HEADER_DEPTH:
+        raise ProtocolError(
+            f"header: arrays and objects nested more than {MAX_HEADER_DEPTH} levels deep"
+        )
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         raise ProtocolError(f"header: not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(obj, dict):
@@ -330,7 +402,12 @@ def _n_parts(htype: str, parts: Sequence[Any], expected: int) -> None:
         )
 
 
-def parse(parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+def parse(
+    parts: Sequence[Any],
+    *,
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    max_header_bytes: int = MAX_HEADER_BYTES,
+) -> Message:
     """Parse one received multipart message.
 
     Parameters
@@ -339,6 +416,9 @@ def parse(parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTE
         The message parts as received (``recv_multipart(copy=False)`` works).
     max_frame_bytes : int, default DEFAULT_MAX_FRAME_BYTES
         Largest frame (start ``frame_shape``) or image payload accepted.
+    max_header_bytes : int, default MAX_HEADER_BYTES
+        Largest JSON header accepted (bounded separately from the frame).
+        Headers nested more than ``MAX_HEADER_DEPTH`` levels are refused too.
 
     Returns
     -------
@@ -353,7 +433,9 @@ def parse(parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTE
         raise ProtocolError(f"parts: expected a list of message parts, got {type(parts).__name__}")
     if len(parts) == 0:
         raise ProtocolError("parts: empty message")
-    header = _header(_as_buffer(parts[0], 0))
+    if len(parts) > MAX_PARTS:
+        raise ProtocolError(f"parts: {len(parts)} parts; a message has at most {MAX_PARTS}")
+    header = _header(_as_buffer(parts[0], 0), max_header_bytes)
     htype = header.get("htype")
     if htype == "image":
         _n_parts("image", parts, 2)
@@ -384,6 +466,9 @@ def parse(parts: Sequence[Any], *, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTE
             detector=header.get("detector"),
             meta={} if meta is None else meta,
             extra={k: v for k, v in header.items() if k not in _START_KEYS},
+            scan_shape=header.get("scan_shape"),
+            frames_per_position=header.get("frames_per_position"),
+            scan_flyback=header.get("scan_flyback"),
         )
     if htype == "end":
         _n_parts("end", parts, 1)
@@ -434,6 +519,11 @@ def encode_start(start: Start) -> list[bytes]:
         header["n_frames"] = start.n_frames
     if start.detector is not None:
         header["detector"] = start.detector
+    if start.scan_shape is not None:
+        header["scan_shape"] = list(start.scan_shape)
+    for key in ("frames_per_position", "scan_flyback"):
+        if getattr(start, key) is not None:
+            header[key] = getattr(start, key)
     header["meta"] = dict(start.meta)
     _dumps(header["meta"], "meta")
     _dumps(dict(start.extra), "extra")
@@ -535,8 +625,9 @@ class Sender:
     -----
     PUSH deals messages round-robin to the connected PULL peers, so with
     several peers start and end reach only one of them; for several ingest
-    workers use :class:`streamstore.fanout.FanoutSender`, which publishes
-    start and end on a control channel every worker subscribes to.
+    workers put a broker in between (``streamstore ingest --workers N`` or
+    ``streamstore fanout``, :mod:`streamstore.scaleout.broker`), which sends
+    start and end to every worker.
     """
 
     def __init__(
@@ -635,8 +726,11 @@ class Receiver:
     rcvhwm : int, default 4
         Receive high-water mark in messages.
     max_frame_bytes : int, default DEFAULT_MAX_FRAME_BYTES
-        Largest frame accepted; also caps what a peer can make this process
-        allocate (``zmq.MAXMSGSIZE``).
+        Largest frame accepted.
+    max_header_bytes : int, default MAX_HEADER_BYTES
+        Largest header accepted. The larger of the two is ``zmq.MAXMSGSIZE``
+        (which ZeroMQ applies to each part): what a peer can make this process
+        allocate per part.
     context : zmq.Context, optional
         Defaults to the process-wide instance.
     """
@@ -648,17 +742,19 @@ class Receiver:
         bind: bool = False,
         rcvhwm: int = 4,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_header_bytes: int = MAX_HEADER_BYTES,
         context: Any = None,
     ) -> None:
         import zmq
 
         self._zmq = zmq
         self.max_frame_bytes = int(max_frame_bytes)
+        self.max_header_bytes = int(max_header_bytes)
         ctx = context if context is not None else zmq.Context.instance()
         self.socket = ctx.socket(zmq.PULL)
         self.socket.setsockopt(zmq.RCVHWM, int(rcvhwm))
         self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_frame_bytes + MAX_HEADER_BYTES)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max(self.max_frame_bytes, self.max_header_bytes))
         try:
             if bind:
                 self.socket.bind(endpoint)
@@ -682,7 +778,9 @@ class Receiver:
         if timeout_s is not None and not self.socket.poll(int(timeout_s * 1000)):
             raise TimeoutError(f"nothing received on {self.endpoint} within {timeout_s} s")
         parts = self.socket.recv_multipart(copy=False)
-        return parse(parts, max_frame_bytes=self.max_frame_bytes)
+        return parse(
+            parts, max_frame_bytes=self.max_frame_bytes, max_header_bytes=self.max_header_bytes
+        )
 
     def close(self) -> None:
         """Close the socket."""

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,8 +25,17 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.errors import FormatError, UserError
+from streamstore._chunkio import (
+    BadChunk,
+    ChunkReader,
+    format_ranges,
+    read_column,
+    true_ranges,
+)
+from streamstore.errors import CorruptDataError, FormatError, UserError
 from streamstore.events import EventBatch
+from streamstore.idranges import IdRanges
+from streamstore.stem import ScanAnalysisMixin
 
 __all__ = ["Store", "open", "UNITS"]
 
@@ -80,75 +87,6 @@ def _h5_open(path: Path) -> tuple[Any, bool]:
             raise first from None
 
 
-class _ChunkReader:
-    """Reads and decodes whole chunks of one 1-d dataset, with a small LRU cache."""
-
-    def __init__(self, ds: Any, nthreads: int, cache_chunks: int = 4) -> None:
-        from streamstore.codec import Blosc2ChunkCodec
-
-        self.ds = ds
-        self.chunk = int(ds.chunks[0])
-        self.dtype = ds.dtype
-        cfg = ds.attrs.get("codec")
-        self.codec = (
-            Blosc2ChunkCodec.from_config(_text(cfg), nthreads=nthreads)
-            if cfg is not None
-            else Blosc2ChunkCodec(nthreads=nthreads)
-        )
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._cache_n = cache_chunks
-        self._lock = threading.Lock()
-
-    def _decode_into(self, ci: int, dst: np.ndarray) -> None:
-        with self._lock:
-            mask, buf = self.ds.id.read_direct_chunk((ci * self.chunk,))
-        if mask != 0:
-            dst[:] = self.ds[ci * self.chunk : (ci + 1) * self.chunk]
-        else:
-            self.codec.decode(buf, (self.chunk,), self.dtype, out=dst)
-
-    def chunk_data(self, ci: int) -> np.ndarray:
-        with self._lock:
-            hit = self._cache.get(ci)
-            if hit is not None:
-                self._cache.move_to_end(ci)
-                return hit
-            mask, buf = self.ds.id.read_direct_chunk((ci * self.chunk,))
-        if mask != 0:
-            # a chunk written through the HDF5 filter pipeline with some filter skipped
-            data = self.ds[ci * self.chunk : (ci + 1) * self.chunk]
-            out = np.zeros(self.chunk, self.dtype)
-            out[: data.size] = data
-        else:
-            out = self.codec.decode(buf, (self.chunk,), self.dtype)
-        with self._lock:
-            self._cache[ci] = out
-            while len(self._cache) > self._cache_n:
-                self._cache.popitem(last=False)
-        return out
-
-    def read(self, a: int, b: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Elements ``a:b`` (whole chunks decoded, then sliced)."""
-        if out is None:
-            out = np.empty(max(b - a, 0), self.dtype)
-        pos = a
-        c = self.chunk
-        while pos < b:
-            ci = pos // c
-            end = min(b, (ci + 1) * c)
-            if pos == ci * c and end == pos + c and ci not in self._cache:
-                # a whole chunk: decompress straight into the output, no cache, no copy
-                self._decode_into(ci, out[pos - a : end - a])
-            else:
-                out[pos - a : end - a] = self.chunk_data(ci)[pos - ci * c : end - ci * c]
-            pos = end
-        return out
-
-    def clear(self) -> None:
-        with self._lock:
-            self._cache.clear()
-
-
 def _check_range(name: str, rng: Any) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in rng)
@@ -161,8 +99,12 @@ def _check_range(name: str, rng: Any) -> tuple[float, float]:
     return lo, hi
 
 
-class Store:
+class Store(ScanAnalysisMixin):
     """A streamstore event file opened for reading (see :func:`open`).
+
+    A scanned (4D-STEM) series also has the scan methods of
+    :class:`streamstore.stem.ScanAnalysisMixin` (``scan``, ``with_scan``,
+    ``virtual_image``, ``center_of_mass``, ``diffraction_sum``, ``radial_profile``).
 
     Parameters
     ----------
@@ -218,15 +160,19 @@ class Store:
         ps = float(a.get("pixel_size_A", np.nan))
         self.pixel_size_A: float | None = None if np.isnan(ps) else ps
         self.raw_dtype = str(_text(a.get("raw_dtype", "")))
-        self._gaps = _ChunkReader(f["events/gaps"], self.nthreads)
+        self._gaps = ChunkReader(f["events/gaps"], self.nthreads, swmr=self.swmr)
         self._sub = (
-            _ChunkReader(f["events/subpixel"], self.nthreads) if "subpixel" in f["events"] else None
+            ChunkReader(f["events/subpixel"], self.nthreads, swmr=self.swmr)
+            if "subpixel" in f["events"]
+            else None
         )
         # keep these handles: SWMR refresh() must refresh the very handles we read
         self._frame_ds = {
             k: f["frames"][k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
         }
         self._miss_ds = f["missing_frame_ids"]
+        # newer files record missing ids as [start, stop) pairs; older ones list them
+        self._miss_ranges_ds = f["missing_ranges"] if "missing_ranges" in f else None
         self._load_frames()
 
     def _load_frames(self) -> None:
@@ -234,8 +180,27 @@ class Store:
             self._frame_ds[k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
         ]
         n = min(int(d.shape[0]) for d in dss)
-        cols = [d[:n].astype(np.int64) for d in dss]
+        damaged = np.zeros(n, bool)
+        why: list[tuple[int, int, str]] = []
+        cols = []
+        for d in dss:
+            col, bad = read_column(d, n, self.swmr)
+            for lo, hi, reason in bad:
+                damaged[lo:hi] = True
+                why.append((lo, hi, reason))
+            cols.append(col)
         ids, ts, counts, offs = cols
+        if why:
+            # placeholders keep the arrays ordered; reading these frames raises
+            good = ~damaged
+            ids[damaged] = -1
+            counts[damaged] = 0
+            prev_end = np.maximum.accumulate(np.where(good, offs + counts, 0))
+            offs[damaged] = prev_end[damaged]
+            if good.any():
+                pos = np.maximum.accumulate(np.where(good, np.arange(n), -1))
+                pos[pos < 0] = int(np.argmax(good))
+                ts = ts[pos]
         n_ev_file = int(self._gaps.ds.shape[0])
         ends = offs + counts
         if n and int(ends[-1]) > n_ev_file:
@@ -247,9 +212,21 @@ class Store:
                 f"{self.path}: frames/event_offset and event_count overlap or are negative"
             )
         self._ids, self._ts, self._counts, self._starts = ids, ts, counts, offs
+        self._damaged = damaged[:n]
+        self._damage_why = [(lo, min(hi, n), r) for lo, hi, r in why if lo < n]
         self._n_events = int(counts.sum())
         miss = self._miss_ds
-        self._missing = np.unique(miss[: miss.shape[0]].astype(np.int64))
+        ranges = IdRanges()
+        ranges.add_ids(miss[: miss.shape[0]].astype(np.int64))
+        rds = self._miss_ranges_ds
+        if rds is not None:
+            flat = rds[: rds.shape[0] // 2 * 2].astype(np.int64).reshape(-1, 2)
+            if flat.size and np.any((flat[:, 0] < 0) | (flat[:, 1] < flat[:, 0])):
+                raise FormatError(f"{self.path}: missing_ranges holds a reversed or negative range")
+            for a, b in flat.tolist():
+                ranges.add(a, b)
+        self._missing = ranges
+        self._missing_list: np.ndarray | None = None
 
     # ------------------------------------------------------------ life --
     def refresh(self) -> int:
@@ -264,6 +241,8 @@ class Store:
             if self._sub is not None:
                 self._sub.ds.refresh()
             self._miss_ds.refresh()
+            if self._miss_ranges_ds is not None:
+                self._miss_ranges_ds.refresh()
             self._gaps.clear()
             if self._sub is not None:
                 self._sub.clear()
@@ -315,8 +294,28 @@ class Store:
 
     @property
     def missing_frame_ids(self) -> np.ndarray:
-        """Frame ids that never arrived (sorted, int64)."""
-        return self._missing
+        """Frame ids that never arrived (sorted, int64).
+
+        Expanded from :attr:`missing_ranges` on first use: a gap of ten
+        million ids makes an 80 MB array; prefer the ranges for large gaps.
+        """
+        if self._missing_list is None:
+            self._missing_list = self._missing.ids()
+        return self._missing_list
+
+    @property
+    def missing_ranges(self) -> np.ndarray:
+        """Frame ids that never arrived as ``(n, 2)`` int64 rows ``[start, stop)``, ascending.
+
+        Files written before ranges were recorded give the same rows, built
+        from their ``missing_frame_ids`` list.
+        """
+        return self._missing.as_array()
+
+    @property
+    def n_missing(self) -> int:
+        """Number of frame ids that never arrived."""
+        return self._missing.n_ids
 
     @property
     def subpixel(self) -> bool:
@@ -338,6 +337,13 @@ class Store:
                 v = v.tolist()
             out[k] = v
         return out
+
+    @property
+    def calibration_warning(self) -> str:
+        """Why the calibration is provisional or was for some frames ("" when it was
+        not, or the file predates the ``calibration_warning`` attribute)."""
+        v = self._f.attrs.get("calibration_warning")
+        return "" if v is None else str(_text(v)).strip()
 
     @property
     def calibration_summary(self) -> dict[str, Any] | None:
@@ -372,7 +378,7 @@ class Store:
         if c >= 0:
             out["complete"] = bool(c)
         out["stored"] = self.n_frames
-        out["missing"] = int(self._missing.size)
+        out["missing"] = int(self._missing.n_ids)
         return out
 
     @property
@@ -492,7 +498,11 @@ class Store:
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
     # ---------------------------------------------------------- events --
-    def _window(self, start: int | None, stop: int | None) -> tuple[int, int]:
+    def _window(
+        self, start: int | None, stop: int | None, *, empty_ok: bool = True
+    ) -> tuple[int, int]:
+        """Resolve ``[start, stop)``; with ``empty_ok=False`` an explicit empty window
+        (``start == stop``) is refused, as the command line refuses it."""
         n = self.n_frames
         s = 0 if start is None else start
         e = n if stop is None else stop
@@ -505,6 +515,8 @@ class Store:
                 f"frame window {s}:{e} is outside the series: valid windows lie in 0:{n} "
                 f"({n} frames)"
             )
+        if s == e and not empty_ok and (start is not None or stop is not None):
+            raise UserError(f"frame window {s}:{e} is empty: need start < stop")
         return s, e
 
     def _selection(
@@ -515,7 +527,7 @@ class Store:
     ) -> np.ndarray:
         """Frame indices (int64, ascending, unique) of a window or an explicit selection."""
         if select is None:
-            s, e = self._window(start, stop)
+            s, e = self._window(start, stop, empty_ok=False)
             return np.arange(s, e, dtype=np.int64)
         if start is not None or stop is not None:
             raise UserError("give either a window (start, stop) or select, not both")
@@ -550,20 +562,93 @@ class Store:
         a, b, starts, counts = self._span(s, e)
         offs = np.zeros(e - s + 1, np.int64)
         np.cumsum(counts, out=offs[1:])
-        idx = _kernels.gather_decode(
-            self._gaps.read(a, b), starts, counts, np.empty(int(offs[-1]), np.uint32)
-        )
+        gaps = self._read_checked(self._gaps, a, starts, counts)
+        idx = _kernels.gather_decode(gaps, starts, counts, np.empty(int(offs[-1]), np.uint32))
         sub = None
         if self._sub is not None:
             sub = _kernels.gather(
-                self._sub.read(a, b), starts, counts, np.empty(int(offs[-1]), np.uint8)
+                self._read_checked(self._sub, a, starts, counts),
+                starts,
+                counts,
+                np.empty(int(offs[-1]), np.uint8),
             )
         return EventBatch(offs, idx, sub, self.frame_shape, validate=False)
+
+    # ------------------------------------------------------- integrity --
+    @property
+    def damaged_frames(self) -> list[tuple[int, int]]:
+        """Frames whose per-frame data failed its check, as ``(start, stop)`` ranges.
+
+        Found when the file is opened; reading them raises
+        :class:`~streamstore.CorruptDataError` (their ``frame_ids`` read -1).
+        Damage inside event chunks is found when read, or by ``streamstore verify``.
+        """
+        return true_ranges(self._damaged)
+
+    def _corrupt(self, frames: np.ndarray, reasons: Sequence[str]) -> CorruptDataError:
+        mask = np.zeros(self.n_frames, bool)
+        mask[frames] = True
+        ranges = true_ranges(mask)
+        ids = self._ids[frames]
+        id_text = (
+            f" (frame ids {int(ids.min())}..{int(ids.max())})"
+            if ids.size and ids.min() >= 0
+            else ""
+        )
+        why = "; ".join(dict.fromkeys(reasons))
+        return CorruptDataError(
+            f"frames {format_ranges(ranges)}{id_text} of {self.path} are damaged ({why}); "
+            "reads that do not touch them still work",
+            ranges,
+            str(self.path),
+        )
+
+    def _check_damaged(self, sel: np.ndarray) -> None:
+        """Raise if any frame of ``sel`` has damaged per-frame data."""
+        if not self._damage_why or sel.size == 0:
+            return
+        hit = sel[self._damaged[sel]]
+        if hit.size:
+            reasons = [r for lo, hi, r in self._damage_why if np.any((hit >= lo) & (hit < hi))]
+            raise self._corrupt(hit, reasons)
+
+    def _read_checked(
+        self,
+        reader: ChunkReader,
+        a: int,
+        starts: np.ndarray,
+        counts: np.ndarray,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Read the slots of frames ``(a + starts, counts)``; raise if one lies in a bad chunk.
+
+        A bad chunk that only holds slots of frames not asked for (padding, or
+        frames skipped by a selection) does not stop the read.
+        """
+        b = int(a + starts[-1] + counts[-1]) if starts.size else a
+        bad: list[BadChunk] = []
+        data = reader.read(a, b, out=out, bad=bad)
+        if bad:
+            s_abs = starts + a
+            e_abs = s_abs + counts
+            hit = np.zeros(starts.size, bool)
+            reasons = []
+            for chunk in bad:
+                m = (counts > 0) & (s_abs < chunk.hi) & (e_abs > chunk.lo)
+                if m.any():
+                    hit |= m
+                    reasons.append(chunk.reason)
+            if hit.any():
+                # frames with events have distinct ends: find their indices by them
+                frames = np.searchsorted(self._starts + self._counts, e_abs[hit], side="left")
+                raise self._corrupt(frames, reasons)
+        return data
 
     def _span(self, s: int, e: int) -> tuple[int, int, np.ndarray, np.ndarray]:
         """Dataset range ``a:b`` holding frames ``s:e`` and their starts (relative) / counts."""
         if e <= s:
             return 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64)
+        self._check_damaged(np.arange(s, e))
         a = int(self._starts[s])
         b = int(self._starts[e - 1] + self._counts[e - 1])
         return a, b, self._starts[s:e] - a, self._counts[s:e]
@@ -581,7 +666,8 @@ class Store:
         Parameters
         ----------
         start, stop : int
-            Frame window (indices into the stored frames).
+            Frame window (indices into the stored frames); ``start < stop``: an
+            empty window raises UserError, as on the command line.
         roi : (row0, row1, col0, col1), optional
             Crop; ``h = row1 - row0``, ``w = col1 - col0``.
         dtype : numpy dtype, default uint16
@@ -589,12 +675,12 @@ class Store:
         """
         from streamstore import _kernels
 
-        s, e = self._window(start, stop)
+        s, e = self._window(start, stop, empty_ok=False)
         r0, r1, c0, c1 = self._roi(roi)
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
         a, b, starts, counts = self._span(s, e)
         flat = out.reshape(e - s, (r1 - r0) * (c1 - c0))
-        gaps = self._gaps.read(a, b)
+        gaps = self._read_checked(self._gaps, a, starts, counts)
         _kernels.dense_frames(gaps, starts, counts, self.frame_shape[1], (r0, r1, c0, c1), flat)
         return out
 
@@ -611,7 +697,8 @@ class Store:
         Parameters
         ----------
         start, stop : int, optional
-            Frame window; default the whole series.
+            Frame window; default the whole series. An empty window
+            (``start == stop``) raises UserError, as on the command line.
         select : array_like of int, optional
             Frame indices to sum instead of a window (e.g. from :meth:`select`);
             duplicates count once.
@@ -622,6 +709,7 @@ class Store:
 
         r0, r1, c0, c1 = self._roi(roi)
         sel = self._selection(start, stop, select)
+        self._check_damaged(sel)
         shape = (r1 - r0, c1 - c0)
         job_events = min(max(_JOB_EVENTS, 2 * shape[0] * shape[1]), _JOB_EVENTS_MAX)
         jobs = self._jobs(sel, job_events)
@@ -638,7 +726,8 @@ class Store:
             buf = scratch.get(0)
             if buf is None:
                 buf = scratch[0] = np.empty(longest, np.uint32)
-            return self._gaps.read(job[0], job[1], out=buf[: job[1] - job[0]])
+            out = buf[: job[1] - job[0]]
+            return self._read_checked(self._gaps, job[0], job[2], job[3], out=out)
 
         def add(gaps: np.ndarray, job: tuple[int, int, np.ndarray, np.ndarray]) -> None:
             _kernels.sum_frames(gaps, job[2], job[3], w, roi_t, acc, _SUM_BAND)

@@ -30,16 +30,19 @@ directory or its manifest file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from streamstore.errors import FormatError
+from streamstore._chunkio import format_ranges, true_ranges
+from streamstore.errors import CorruptDataError, FormatError
 from streamstore.events import EventBatch
+from streamstore.idranges import IdRanges
 from streamstore.reader import Store
 
 __all__ = ["ShardedStore", "is_series", "read_manifest", "MANIFEST_FORMAT", "MANIFEST_VERSION"]
@@ -202,6 +205,8 @@ class ShardedStore(Store):
         loc = np.concatenate([np.arange(s.n_frames, dtype=np.int64) for s in self.shards])
         ts = np.concatenate([s.timestamps_ns for s in self.shards])
         counts = np.concatenate([s.event_counts for s in self.shards])
+        known = ids >= 0  # a damaged frame_id chunk: those frames cannot be placed (missing)
+        ids, src, loc, ts, counts = (c[known] for c in (ids, src, loc, ts, counts))
         order = np.lexsort((src, ids))  # by frame id, then by shard
         ids = ids[order]
         keep = np.ones(ids.size, bool)
@@ -215,7 +220,10 @@ class ShardedStore(Store):
         self._frames_expected = self._expected()
         known_missing = np.concatenate([s.missing_frame_ids for s in self.shards])
         never = np.setdiff1d(np.arange(self._frames_expected, dtype=np.int64), self._ids)
-        self._missing = np.setdiff1d(np.union1d(never, known_missing), self._ids).astype(np.int64)
+        missing = np.setdiff1d(np.union1d(never, known_missing), self._ids).astype(np.int64)
+        self._missing = IdRanges()
+        self._missing.add_ids(missing)
+        self._missing_list = missing
 
     def _expected(self) -> int:
         """Number of frame ids the series should hold, as far as anybody knows."""
@@ -262,7 +270,7 @@ class ShardedStore(Store):
     def __repr__(self) -> str:
         return (
             f"ShardedStore({str(self.path)!r}, shards={len(self.shards)}, "
-            f"n_frames={self.n_frames}, missing={self._missing.size}, "
+            f"n_frames={self.n_frames}, missing={self._missing.n_ids}, "
             f"frame_shape={self.frame_shape}, n_events={self.n_events})"
         )
 
@@ -299,7 +307,9 @@ class ShardedStore(Store):
         ``shards``, ``shards_expected``, ``shards_unreadable``,
         ``shards_unclosed`` (shard files without a manifest entry: their
         worker died or is still writing), ``shards_absent`` (expected shards
-        with no file at all) and ``frames_expected``.
+        with no file at all), ``workers_lost`` (workers the broker lost
+        during the series; empty without a broker) and ``frames_expected``.
+        ``rejected`` includes the images the broker rejected.
         """
         accs = [s.accounting for s in self.shards]
         out: dict[str, Any] = {}
@@ -308,23 +318,34 @@ class ShardedStore(Store):
             if vals:
                 out[key] = int(sum(vals))
         out["duplicate"] = out.get("duplicate", 0) + self._cross_duplicates
+        # a broker's report (series written before brokers have none): what it rejected
+        # and the workers it lost mid-series
+        broker = self.manifest.get("broker")
+        broker = broker if isinstance(broker, dict) else {}
+        lost = broker.get("workers_lost")
+        lost = sorted(int(k) for k in lost if isinstance(k, int)) if isinstance(lost, list) else []
+        b_rej = broker.get("rejected")
+        if isinstance(b_rej, int) and not isinstance(b_rej, bool) and b_rej > 0:
+            out["rejected"] = out.get("rejected", 0) + b_rej
         n_workers = self.manifest.get("n_workers")
         unclosed = [n for n in self._names if n not in self._listed]
         complete = (
             all(a.get("complete") is True for a in accs)
             and not self.shard_errors
             and not unclosed
+            and not lost
             and (not isinstance(n_workers, int) or len(self.shards) >= n_workers)
         )
         out.update(
             complete=complete,
             stored=self.n_frames,
-            missing=int(self._missing.size),
+            missing=int(self._missing.n_ids),
             frames_expected=self._frames_expected,
             shards=len(self.shards),
             shards_expected=n_workers,
             shards_unreadable=sorted(self.shard_errors),
             shards_unclosed=unclosed,
+            workers_lost=lost,
             shards_absent=max(0, n_workers - len(self._names) - len(self.shard_errors))
             if isinstance(n_workers, int)
             else None,
@@ -337,6 +358,38 @@ class ShardedStore(Store):
         return float(sum(sizes) / self.n_events) if self.n_events else float("nan")
 
     # ------------------------------------------------------------- reading --
+    @contextlib.contextmanager
+    def _as_series(self, k: int) -> Iterator[None]:
+        """Re-raise a shard's :class:`CorruptDataError` with the series' frame indices."""
+        try:
+            yield
+        except CorruptDataError as exc:
+            mine = np.flatnonzero(self._src == k)  # ascending in the shard's own order too
+            hit = np.zeros(self.n_frames, bool)
+            for a, b in exc.frames:
+                pos = np.searchsorted(self._loc[mine], [a, b])
+                hit[mine[pos[0] : pos[1]]] = True
+            ranges = true_ranges(hit)
+            name = self.shards[k].path.name
+            raise CorruptDataError(
+                f"frames {format_ranges(ranges)} of the series {self.series_dir} are damaged "
+                f"(in {name}: {exc})",
+                ranges,
+                str(self.series_dir),
+            ) from None
+
+    @property
+    def damaged_frames(self) -> list[tuple[int, int]]:
+        """Frames whose per-frame data failed its check in their shard (``(start, stop)``)."""
+        hit = np.zeros(self.n_frames, bool)
+        for k, s in enumerate(self.shards):
+            bad = np.zeros(s.n_frames, bool)
+            for a, b in s.damaged_frames:
+                bad[a:b] = True
+            mine = self._src == k
+            hit[mine] = bad[self._loc[mine]]
+        return true_ranges(hit)
+
     def _parts(self, sel: np.ndarray) -> list[tuple[int, np.ndarray, np.ndarray]]:
         """Per shard: (shard index, positions in ``sel``, local frame indices ascending)."""
         src = self._src[sel]
@@ -355,7 +408,8 @@ class ShardedStore(Store):
         sub = np.empty(int(offs[-1]), np.uint8) if self.subpixel else None
         for k, pos, local in self._parts(np.arange(s, e)):
             lo, hi = int(local[0]), int(local[-1]) + 1
-            b = self.shards[k].events(lo, hi)
+            with self._as_series(k):
+                b = self.shards[k].events(lo, hi)
             if local.size != hi - lo:
                 b = _take(b, local - lo)
             dest = np.repeat(offs[pos] - b.offsets[:-1], b.counts) + np.arange(b.n_events)
@@ -373,12 +427,13 @@ class ShardedStore(Store):
         dtype: np.dtype | type = np.uint16,
     ) -> np.ndarray:
         """Dense count frames ``(n, h, w)`` of frames ``start:stop`` (see :meth:`Store.frames`)."""
-        s, e = self._window(start, stop)
+        s, e = self._window(start, stop, empty_ok=False)
         r0, r1, c0, c1 = self._roi(roi)
         out = np.zeros((e - s, r1 - r0, c1 - c0), dtype=dtype)
         for k, pos, local in self._parts(np.arange(s, e)):
             lo, hi = int(local[0]), int(local[-1]) + 1
-            block = self.shards[k].frames(lo, hi, roi=(r0, r1, c0, c1), dtype=dtype)
+            with self._as_series(k):
+                block = self.shards[k].frames(lo, hi, roi=(r0, r1, c0, c1), dtype=dtype)
             out[pos] = block[local - lo]
         return out
 
@@ -395,5 +450,6 @@ class ShardedStore(Store):
         sel = self._selection(start, stop, select)
         total = np.zeros((r1 - r0, c1 - c0), np.uint32)
         for k, _pos, local in self._parts(sel):
-            total += self.shards[k].sum(select=local, roi=(r0, r1, c0, c1))
+            with self._as_series(k):
+                total += self.shards[k].sum(select=local, roi=(r0, r1, c0, c1))
         return total

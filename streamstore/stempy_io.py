@@ -17,7 +17,10 @@ keep ``index = row * W + col`` meaning the same pixel, the export writes
 way. The scan attributes follow stempy's own writer: ``Nx`` is the number of
 scan columns, ``Ny`` the number of rows, and ``from_hdf5`` returns
 ``scan_shape = (Ny, Nx)``. A movie exports with ``scan_shape = (1, n_frames)``
-unless you give one.
+unless you give one. A store with a scan geometry (``store.scan``) exports its
+scan: the frames in position order, ``frames_per_position`` entries per
+position, flyback positions dropped; a position short of frames (lost ones)
+gets empty entries, counted in the ``metadata`` attribute ``empty_entries``.
 """
 
 from __future__ import annotations
@@ -96,7 +99,9 @@ def export_stempy(
         Frame window to export (default: all frames).
     scan_shape : (rows, cols), optional
         Scan shape whose size divides the number of exported frames (frames
-        per scan position = n / (rows * cols)). Default ``(1, n)``.
+        per scan position = n / (rows * cols)). Default: the store's scan
+        geometry if it has one (then the window limits which frames fill it),
+        else ``(1, n)``.
 
     Returns
     -------
@@ -123,7 +128,11 @@ def export_stempy(
         e = store.n_frames if stop is None else stop
         ev = store.events(s, e)
         n = ev.n_frames
-        if scan_shape is None:
+        empty_entries = 0
+        if scan_shape is None and store.scan is not None:
+            ev, scan_shape, empty_entries = _scan_order(store, ev, s, e)
+            n = ev.n_frames
+        elif scan_shape is None:
             scan_shape = (1, n)
         try:
             rows, cols = (int(v) for v in scan_shape)
@@ -162,6 +171,7 @@ def export_stempy(
             if store.pixel_size_A is not None:
                 md.attrs["pixel_size_A"] = store.pixel_size_A
             md.attrs["first_frame_index"] = s
+            md.attrs["empty_entries"] = empty_entries
             if n:
                 md.attrs["first_frame_id"] = int(store.frame_ids[s])
                 md.attrs["last_frame_id"] = int(store.frame_ids[e - 1])
@@ -169,6 +179,34 @@ def export_stempy(
         if own:
             store.close()
     return out
+
+
+def _scan_order(store: Any, ev: EventBatch, s: int, e: int) -> tuple[EventBatch, Any, int]:
+    """Frames ``s:e`` of a scanned store as stempy entries: position order, F per position."""
+    from streamstore.stem import _selection
+
+    geom = store.scan
+    sel, local, shape = _selection(store, None, s, e)
+    fpp = geom.frames_per_position
+    n_pos = shape[0] * shape[1]
+    # slot of each kept frame: its position's block, then its rank within the position
+    order = np.argsort(local, kind="stable")
+    have = np.bincount(local, minlength=n_pos)
+    first = np.zeros(n_pos, np.int64)
+    np.cumsum(have[:-1], out=first[1:])
+    rank = np.empty(local.size, np.int64)
+    rank[order] = np.arange(local.size) - first[local[order]]
+    slot = local * fpp + rank
+    counts = np.zeros(n_pos * fpp, np.int64)
+    rel = sel - s
+    counts[slot] = ev.counts[rel]
+    offs = np.zeros(n_pos * fpp + 1, np.int64)
+    np.cumsum(counts, out=offs[1:])
+    idx = np.empty(int(offs[-1]), np.uint32)
+    for k, f in zip(slot.tolist(), rel.tolist(), strict=True):
+        idx[offs[k] : offs[k + 1]] = ev.indices[ev.offsets[f] : ev.offsets[f + 1]]
+    empty = n_pos * fpp - int(local.size)
+    return EventBatch(offs, idx, None, ev.frame_shape, validate=False), shape, empty
 
 
 def import_stempy(path: str | os.PathLike) -> StempyData:

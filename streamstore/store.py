@@ -27,7 +27,9 @@ file 20 x too big). So:
   partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
   over the four columns) and overwritten in place as it fills; HDF5 reuses the
   space of a same-size chunk and the bytes of already published frames do not
-  change, so a concurrent reader never sees them torn.
+  change, so a concurrent reader never sees them torn. A last chunk never
+  published before close is compressed; chunks hold 256 frames, so a short
+  series pays at most 8 KiB for a published, uncompressed last chunk.
 
 Order of a flush (what makes a concurrent SWMR reader safe): event datasets
 first, then the per-frame datasets, ``frame_id`` last. A reader takes the
@@ -49,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from streamstore.events import EventBatch
+from streamstore.idranges import IdRanges, ranges_of_ids
 
 __all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
 
@@ -57,12 +60,16 @@ FORMAT_VERSION = 1
 
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20
-#: default frames per HDF5 chunk of the per-frame datasets
-DEFAULT_CHUNK_FRAMES = 1 << 12
+#: default frames per HDF5 chunk of the per-frame datasets: small, because a chunk
+#: published while partly filled stays uncompressed (32 bytes a frame over the four
+#: columns), which a short series would otherwise pay in full
+DEFAULT_CHUNK_FRAMES = 1 << 8
 
 # accounting keys kept as numeric root attributes (-1 = not known)
 _ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
 _ACCOUNTING_JSON_BYTES = 4096
+# room of the calibration warning attribute (fixed: attributes cannot grow under SWMR)
+_CAL_WARNING_BYTES = 1024
 
 _FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
 
@@ -103,9 +110,16 @@ class _Column:
     """
 
     def __init__(
-        self, ds: Any, codec: Any, chunk_len: int, dtype: np.dtype, tail_codec: Any = None
+        self,
+        ds: Any,
+        codec: Any,
+        chunk_len: int,
+        dtype: np.dtype,
+        tail_codec: Any = None,
+        checksum: bool = False,
     ) -> None:
         self.ds = ds
+        self.checksum = checksum  # append HDF5's Fletcher-32 (the dataset has the filter)
         self.codec = codec
         self.tail_codec = tail_codec
         self.chunk_len = chunk_len
@@ -127,7 +141,12 @@ class _Column:
         if extent > self.extent:
             self.ds.resize((extent,))
             self.extent = extent
-        self.ds.id.write_direct_chunk((start,), codec.encode(block), filter_mask=0)
+        data = codec.encode(block)
+        if self.checksum:
+            from streamstore.checksum import seal
+
+            data = seal(data)
+        self.ds.id.write_direct_chunk((start,), data, filter_mask=0)
 
     def _close_chunk(self) -> None:
         self.n_full += self.chunk_len
@@ -186,7 +205,11 @@ class _Column:
                 self._write_chunk(self.n_full, block, extent, self.codec)
                 self._close_chunk()
             else:
-                self._write_chunk(self.n_full, block, self.length, self.tail_codec)
+                # a tail never published is written once, at close, so it may be
+                # compressed; a published one keeps its fixed size (a chunk of another
+                # size would get new space and, under SWMR, the old would never be freed)
+                codec = self.codec if final and not self.tail_published else self.tail_codec
+                self._write_chunk(self.n_full, block, self.length, codec)
                 self.tail_dirty = False
                 self.tail_published = True
         if self.tail_codec is not None and self.extent != self.length:
@@ -239,10 +262,18 @@ class StoreWriter:
         Codec of the event gaps (default ZSTD level 1 + SHUFFLE).
     chunk_events : int, default 1048576
         Events per HDF5 chunk.
-    chunk_frames : int, default 4096
+    chunk_frames : int, default 256
         Frames per HDF5 chunk of the per-frame datasets.
     counting : dict, optional
         Counting parameters (thresholds, method), stored as JSON.
+    checksums : bool, default True
+        Give every chunk of every dataset HDF5's Fletcher-32 checksum, so
+        damaged chunks are found on read (:class:`streamstore.CorruptDataError`)
+        and by ``streamstore verify``. False only to measure its cost.
+    scan : ScanGeometry or dict, optional
+        Scan geometry of a 4D-STEM series (``scan_shape``,
+        ``frames_per_position``, ``flyback``, ``first_frame_id``), stored as
+        root attributes (see :mod:`streamstore.scan`).
 
     Raises
     ------
@@ -274,11 +305,14 @@ class StoreWriter:
         chunk_events: int = DEFAULT_CHUNK_EVENTS,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         counting: dict[str, Any] | None = None,
+        checksums: bool = True,
+        scan: Any = None,
     ) -> None:
         import h5py
 
         from streamstore import __version__
         from streamstore.codec import Blosc2ChunkCodec, hdf5_filter
+        from streamstore.scan import ScanGeometry
 
         shape = tuple(int(s) for s in frame_shape)
         if len(shape) != 2 or min(shape) <= 0:
@@ -331,15 +365,20 @@ class StoreWriter:
                 "calibration must be a streamstore.Calibration, a dict or None, "
                 f"got {type(calibration).__name__}"
             )
+        self._scan = ScanGeometry.parse(scan)
         if meta is not None and not isinstance(meta, dict):
             raise ValueError(f"meta must be a dict or None, got {type(meta).__name__}")
 
+        self._checksums = bool(checksums)
         self.path = Path(path)
         fd = _open_exclusive(self.path)
         self._file = None
         try:
             st_fd = os.fstat(fd)
-            f = h5py.File(self.path, "w", libver="latest")
+            # no HDF5 file lock: a reader polling the directory (a live viewer) would
+            # otherwise make this open or the switch to SWMR fail with EAGAIN; the
+            # O_EXCL create above is what keeps a second writer out
+            f = h5py.File(self.path, "w", libver="latest", locking=False)
             self._file = f
             st_path = os.lstat(self.path)
             if not stat.S_ISREG(st_path.st_mode) or (st_path.st_ino, st_path.st_dev) != (
@@ -347,13 +386,69 @@ class StoreWriter:
                 st_fd.st_dev,
             ):
                 raise FileExistsError(f"{self.path} was replaced while opening; refusing to write")
+            self._create_layout(
+                f,
+                raw_dt,
+                cal_summary,
+                cal_source,
+                counting,
+                meta,
+                codec,
+                small,
+                stored,
+                chunk_events,
+                chunk_frames,
+                __version__,
+                hdf5_filter,
+            )
         except BaseException:
+            # a file that could not be made whole (full disk, ...) is not left behind
             if self._file is not None:
-                self._file.close()
+                try:
+                    self._file.close()
+                except Exception:
+                    pass
+            try:
+                if (os.lstat(self.path).st_ino, os.lstat(self.path).st_dev) == (
+                    st_fd.st_ino,
+                    st_fd.st_dev,
+                ):
+                    os.unlink(self.path)
+            except (OSError, NameError):
+                pass
             os.close(fd)
             raise
         os.close(fd)
 
+        self._n_frames = 0
+        self._n_events = 0
+        self._n_flushed = 0
+        self._n_events_flushed = 0
+        self._last_id: int | None = None
+        self._ids = np.empty(1024, np.int64)  # every stored frame id (for mark_missing)
+        self._missing_ids = IdRanges()
+        self._accounting: dict[str, Any] = {}
+        self._last_flush = time.monotonic()
+        self._frames_since_flush = 0
+        self._closed = False
+
+    def _create_layout(
+        self,
+        f,
+        raw_dt,
+        cal_summary,
+        cal_source,
+        counting,
+        meta,
+        codec,
+        small,
+        stored,
+        chunk_events,
+        chunk_frames,
+        version,
+        hdf5_filter,
+    ) -> None:
+        """Root attributes and every dataset, then SWMR mode."""
         a = f.attrs
         a["format"] = FORMAT_NAME
         a["format_version"] = np.int64(FORMAT_VERSION)
@@ -366,12 +461,17 @@ class StoreWriter:
         a["calibration_source"] = cal_source
         a["counting"] = _dumps(counting)
         a["meta"] = _dumps(meta or {})
-        a["writer"] = f"streamstore {__version__}"
+        a["writer"] = f"streamstore {version}"
         a["created_utc"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
         for key in _ACCOUNTING_KEYS:
             a[f"frames_{key}"] = np.int64(-1)
         a["series_complete"] = np.int8(-1)
+        a["calibration_warning"] = np.bytes_(b"".ljust(_CAL_WARNING_BYTES))
+        self._cal_warning = ""
         a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
+        if self._scan is not None:
+            for key, val in self._scan.to_attrs().items():
+                a[key] = val
 
         filt = hdf5_filter(codec)
         ev = f.create_group("events")
@@ -379,12 +479,18 @@ class StoreWriter:
 
         def make(group, name, dtype, chunk, c, tail=None, **attrs):
             ds = group.create_dataset(
-                name, shape=(0,), maxshape=(None,), chunks=(chunk,), dtype=dtype, **filt
+                name,
+                shape=(0,),
+                maxshape=(None,),
+                chunks=(chunk,),
+                dtype=dtype,
+                fletcher32=self._checksums,
+                **filt,
             )
             ds.attrs["codec"] = _dumps(c.get_config())
             for k, v in attrs.items():
                 ds.attrs[k] = v
-            return _Column(ds, c, chunk, np.dtype(dtype), tail)
+            return _Column(ds, c, chunk, np.dtype(dtype), tail, checksum=self._checksums)
 
         self._gaps = make(
             ev,
@@ -403,19 +509,18 @@ class StoreWriter:
             "timestamp_ns": make(fr, "timestamp_ns", np.int64, chunk_frames, small, stored),
             "frame_id": make(fr, "frame_id", np.int64, chunk_frames, small, stored),
         }
-        self._missing = make(f, "missing_frame_ids", np.int64, 1024, small, stored)
+        # missing ids are recorded as ranges; the id list stays (empty) for the layout
+        make(f, "missing_frame_ids", np.int64, 1024, small, stored)
+        self._missing = make(
+            f,
+            "missing_ranges",
+            np.int64,
+            1024,
+            small,
+            stored,
+            encoding="missing frame ids: flat [start, stop) pairs, disjoint, any order",
+        )
         f.swmr_mode = True
-
-        self._n_frames = 0
-        self._n_events = 0
-        self._n_flushed = 0
-        self._last_id: int | None = None
-        self._ids = np.empty(1024, np.int64)  # every stored frame id (for mark_missing)
-        self._missing_set: set[int] = set()
-        self._accounting: dict[str, Any] = {}
-        self._last_flush = time.monotonic()
-        self._frames_since_flush = 0
-        self._closed = False
 
     # ------------------------------------------------------------ state --
     @property
@@ -437,6 +542,11 @@ class StoreWriter:
     def frame_ids(self) -> np.ndarray:
         """Ids of the frames appended so far, ascending (a copy)."""
         return self._ids[: self._n_frames].copy()
+
+    @property
+    def n_events_flushed(self) -> int:
+        """Events of the frames in the file as of the last flush."""
+        return self._n_events_flushed
 
     @property
     def n_events_written(self) -> int:
@@ -510,9 +620,10 @@ class StoreWriter:
             raise ValueError(
                 f"frame_ids must increase across appends: got {int(ids[0])} after {self._last_id}"
             )
-        if self._missing_set and not self._missing_set.isdisjoint(ids.tolist()):
-            bad = sorted(self._missing_set.intersection(ids.tolist()))
-            raise ValueError(f"frame ids {bad[:5]} were marked missing and cannot be stored")
+        if self._missing_ids.overlaps(int(ids[0]), int(ids[-1]) + 1):
+            bad = [i for i in ids.tolist() if i in self._missing_ids]
+            if bad:
+                raise ValueError(f"frame ids {bad[:5]} were marked missing and cannot be stored")
 
         from streamstore.codec import gap_encode
 
@@ -542,7 +653,7 @@ class StoreWriter:
             self.flush()
 
     def mark_missing(self, frame_ids: Sequence[int] | np.ndarray) -> None:
-        """Record frame ids that never arrived (stored in ``missing_frame_ids``).
+        """Record frame ids that never arrived (stored as ranges in ``missing_ranges``).
 
         Raises
         ------
@@ -550,22 +661,38 @@ class StoreWriter:
             If an id is already stored as a frame; ids already marked missing
             are ignored.
         """
+        self.mark_missing_ranges(ranges_of_ids(np.asarray(frame_ids, dtype=np.int64).ravel()))
+
+    def mark_missing_ranges(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Record the frame ids ``[start, stop)`` of each range as missing (constant space).
+
+        Raises
+        ------
+        ValueError
+            If a range is reversed or negative, or holds an id already stored as
+            a frame; ids already marked missing are ignored.
+        """
         self._check_open()
-        ids = np.unique(np.asarray(frame_ids, dtype=np.int64).ravel())
-        if ids.size == 0:
-            return
         stored = self._ids[: self._n_frames]
-        if stored.size:  # (indexing an empty array raised IndexError before any frame)
-            pos = np.searchsorted(stored, ids)
-            hit = (pos < stored.size) & (stored[np.minimum(pos, stored.size - 1)] == ids)
-        else:
-            hit = np.zeros(ids.shape, bool)
-        if np.any(hit):
-            raise ValueError(f"frame ids {ids[hit][:5].tolist()} are stored, not missing")
-        new = [i for i in ids.tolist() if i not in self._missing_set]
+        checked = []
+        for a, b in ranges:
+            a, b = int(a), int(b)
+            if a < 0 or b < a:
+                raise ValueError(f"missing range [{a}, {b}) is not a range of ids >= 0")
+            lo, hi = np.searchsorted(stored, [a, b])
+            if hi > lo:
+                raise ValueError(f"frame ids {stored[lo:hi][:5].tolist()} are stored, not missing")
+            checked.append((a, b))
+        new = []
+        for a, b in checked:
+            new.extend(self._missing_ids.add(a, b))
         if new:
-            self._missing_set.update(new)
-            self._missing.extend(np.array(new, np.int64), write_full=False)
+            self._missing.extend(np.asarray(new, np.int64).ravel(), write_full=False)
+
+    @property
+    def n_missing(self) -> int:
+        """Frame ids recorded missing so far."""
+        return self._missing_ids.n_ids
 
     def update_accounting(
         self,
@@ -601,7 +728,7 @@ class StoreWriter:
     def _write_accounting(self) -> None:
         acc = dict(self._accounting)
         acc["stored"] = self._n_flushed
-        acc["missing"] = len(self._missing_set)
+        acc["missing"] = self._missing_ids.n_ids
         a = self._file.attrs
         for key in _ACCOUNTING_KEYS:
             a.modify(f"frames_{key}", np.int64(acc.get(key, -1)))
@@ -613,6 +740,23 @@ class StoreWriter:
                 f"at most {_ACCOUNTING_JSON_BYTES} fit"
             )
         a.modify("accounting_json", np.bytes_(text.ljust(_ACCOUNTING_JSON_BYTES)))
+
+    def set_calibration_warning(self, text: str) -> None:
+        """Say in the file that its calibration is provisional ("" when it is not).
+
+        Stored in the root attribute ``calibration_warning`` (UTF-8, space-padded,
+        at most 1024 bytes, longer text is cut) and readable while the file is
+        written.
+        """
+        self._check_open()
+        data = str(text).encode()[:_CAL_WARNING_BYTES].decode(errors="ignore").encode()
+        self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(_CAL_WARNING_BYTES)))
+        self._cal_warning = str(text)
+
+    @property
+    def calibration_warning(self) -> str:
+        """The text last given to :meth:`set_calibration_warning` ("" if none)."""
+        return self._cal_warning
 
     def flush(self) -> None:
         """Write every buffered frame to the file so it survives a crash."""
@@ -627,6 +771,7 @@ class StoreWriter:
             self._cols[name].commit(final)
         self._missing.commit(final)
         self._n_flushed = self._n_frames
+        self._n_events_flushed = self._n_events
         self._write_accounting()
         self._file.flush()
         self._last_flush = time.monotonic()

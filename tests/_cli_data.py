@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,8 +47,12 @@ def make_store(
     p: float = 0.003,
     batch: int = 64,
     shape: tuple[int, int] = SHAPE,
+    **writer_kw: Any,
 ) -> Path:
-    """Write a store of ``n_frames`` frames with ``missing`` frame ids absent."""
+    """Write a store of ``n_frames`` frames with ``missing`` frame ids absent.
+
+    ``writer_kw`` goes to :class:`StoreWriter` (chunk sizes, for instance).
+    """
     events = disk_events(n_frames, seed, p, shape)
     ids = np.array([i for i in range(n_frames + len(missing)) if i not in missing][:n_frames])
     ts = ids * int(FRAME_TIME_S * 1e9) + 1_000
@@ -59,6 +64,7 @@ def make_store(
         calibration=CALIBRATION,
         counting=COUNTING,
         meta={"series": "cli-test"},
+        **writer_kw,
     ) as w:
         for a in range(0, n_frames, batch):
             b = min(a + batch, n_frames)

@@ -19,6 +19,10 @@ def test_accuracy_benchmark_json(capsys):
     assert low["n_true"] > 1300 and low["frames"] == 123  # ceil(1500 / (0.002 * 64 * 96))
     for row in (low, high):
         assert 0 < row["recall"] <= 1 and 0 < row["precision"] <= 1
+        # the data-only (no dark series) calibration is measured beside it
+        for key in ("data_only_recall", "data_only_precision", "first8_recall"):
+            assert 0 < row[key] <= 1
+        assert row["data_only_recall_minus_dark"] == row["data_only_recall"] - row["recall"]
     # the measure can fail: crowding, and with it the loss, grows with the dose
     assert high["crowded_share"] > 5 * low["crowded_share"]
     assert high["recall"] < low["recall"] - 0.1

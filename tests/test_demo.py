@@ -49,6 +49,30 @@ def test_demo_runs_end_to_end_and_reports_what_it_stored(tmp_path):
     assert float(m.group(1)) == pytest.approx(total, rel=1e-3)
     assert float(m.group(2)) == pytest.approx(total / 80, rel=1e-3)
     assert np.array_equal(store.sum(), store.events(0, 80).to_dense().sum(axis=0))
+    # ground truth only when asked (--truth): scored, then deleted
+    assert not list(out.glob("*truth*"))
+    # the demo and `info` print the same two rates, each named
+    m = re.search(r"frame time ([0-9.]+) ms \(([0-9.,]+) frames/s while exposing\); "
+                  r"sent at ([0-9.,]+) frames/s", text)  # fmt: skip
+    assert m, text
+    info = subprocess.run([sys.executable, "-m", "streamstore", "info", str(h5)],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert info.returncode == 0, info.stderr
+    assert f"frame time {m.group(1)} ms ({m.group(2)} frames/s while exposing)" in info.stdout
+    assert f"sent at {m.group(3)} frames/s" in info.stdout
+
+
+def test_demo_keeps_the_truth_when_asked(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [
+        sys.executable, "-m", "streamstore", "demo", "--out", str(out), "--shape", "32x48",
+        "--frames", "20", "--fps", "0", "--dark-frames", "4", "--pool", "4",
+        "--score-frames", "10", "--timeout", "240", "--truth",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (truth,) = out.glob("*.truth.h5")
+    assert f"ground truth: {truth.resolve()}" in proc.stdout
 
 
 def test_demo_refuses_a_bad_pixel_size(tmp_path):

@@ -30,6 +30,7 @@ def run_blocks(blocks: list[str], name: str) -> dict:
 def test_api_md_examples_run(tmp_path, monkeypatch, capsys):
     pytest.importorskip("tifffile")
     pytest.importorskip("matplotlib")
+    pytest.importorskip("imagecodecs")
     blocks = python_blocks(ROOT / "docs" / "api.md")
     assert len(blocks) >= 8
     monkeypatch.chdir(tmp_path)
@@ -43,6 +44,10 @@ def test_api_md_examples_run(tmp_path, monkeypatch, capsys):
         "movie_fmint.txt",
         "window.npy",
         "window.json",
+        "run1.eer",
+        "run1_dose.txt",
+        "run1_fmint.txt",
+        "run1_gain.tif",
         "view.png",
     ):
         assert (tmp_path / name).is_file(), name

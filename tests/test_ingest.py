@@ -22,7 +22,9 @@ from _ingest_harness import Daemon as HarnessDaemon
 from _ingest_harness import free_endpoint
 
 import streamstore
+from streamstore.dark_estimate import DarkEstimator
 from streamstore.emulator import CameraEmulator
+from streamstore.ingest.status import format_status
 from streamstore.protocol import Sender, Start
 
 SHAPE = (64, 96)
@@ -185,20 +187,22 @@ def test_idle_series_is_closed_incomplete_and_stale_images_are_rejected(
     with daemon.sender() as s:
         send_series(s, "abandoned", frames, range(12), end=False)
         st = daemon.wait_closed(st0["series_closed"] + 1)  # idle timeout: 2 s
-        # a series aborted by the start of the next one
-        send_series(s, "aborted", frames, range(5), end=False)
+        # a series left open while the next one starts: both stay open, each with its
+        # own idle timer; the first series' late image is still stored
+        send_series(s, "paused", frames, range(5), end=False)
         send_series(s, "after", frames, range(6))
-        s.send_image("aborted", 5, frames[5])  # left over from the aborted series
+        s.send_image("paused", 5, frames[5])
+        st = daemon.wait_closed(st0["series_closed"] + 3)  # "paused" by its idle timeout
+        s.send_image("paused", 6, frames[6])  # now it is closed: stale
     st = daemon.wait_for(
         lambda st: (
-            st["series_closed"] >= st0["series_closed"] + 3
-            and st["rejected_by_reason"].get("stale", 0) > st0["rejected_by_reason"].get("stale", 0)
+            st["rejected_by_reason"].get("stale", 0) > st0["rejected_by_reason"].get("stale", 0)
         )
     )
     assert closed_info(st, "abandoned")["complete"] is False
-    assert closed_info(st, "aborted")["complete"] is False
+    assert closed_info(st, "paused")["complete"] is False
     assert closed_info(st, "after")["complete"] is True
-    for sid, n in (("abandoned", 12), ("aborted", 5), ("after", 6)):
+    for sid, n in (("abandoned", 12), ("paused", 6), ("after", 6)):
         store = streamstore.open(daemon.out / f"{sid}.h5")
         assert store.n_frames == n
         assert store.accounting["complete"] is (sid == "after")
@@ -443,11 +447,20 @@ def test_memory_stays_bounded_while_the_writer_is_slow(tmp_path):
 def test_estimated_calibration_and_sigint(tmp_path, frames):
     d = Daemon(tmp_path / "out", "--threads", "1", "--idle-timeout", "300")
     flat = np.full((10, *SHAPE), 100, np.uint16)  # nothing to estimate a noise from
+    long_run = frames[np.arange(70) % len(frames)]  # past the 64 frames of refinement
     try:
         with d.sender() as s:
             send_series(s, "flat", flat, range(10))
-            send_series(s, "est", frames, range(20))
-            d.wait_closed(2)
+            send_series(s, "est", frames, range(12), end=False, announce=20)
+            # raw frames with a fixed dark pattern: a per-pixel estimate, provisional
+            # while it refines, and the status says so
+            st = d.wait_for(lambda st: st["frames_received"] >= 22 and st["calibration_warning"])
+            assert "WARNING: provisional calibration" in format_status(st)
+            for i in range(12, 20):
+                s.send_image("est", i, frames[i], timestamp_ns=1_000_000 * i + 17)
+            s.send_end("est", 20)
+            send_series(s, "refined", long_run, range(70))
+            d.wait_closed(3)
             send_series(s, "interrupted", frames, range(6), end=False)
             # 6 frames: fewer than the 8 the estimate waits for, so they are still held
             d.wait_for(lambda st: st["frames_received"] >= 36)
@@ -461,8 +474,43 @@ def test_estimated_calibration_and_sigint(tmp_path, frames):
     store = streamstore.open(tmp_path / "out" / "est.h5")
     assert store.attrs["calibration_source"] == "estimate"
     assert "estimate:first 8 frames of est" in json.dumps(store.meta)
-    cal = streamstore.Calibration.estimate(frames[:8])
-    assert store.events(0, 20) == streamstore.count(frames[:20], cal)
+    # the count stage's policy: estimate on 8 frames, refine on every frame after (before
+    # counting it), rebuild the calibration at 16 frames (frame 15 is the 16th)
+    est = DarkEstimator(frames[:8])
+    cal = streamstore.Calibration.from_estimator(est, frames=frames[:8])
+    assert np.array_equal(cal.dark, streamstore.Calibration.estimate(frames[:8]).dark)
+    for i in range(8, 16):
+        est.update(frames[i])
+    cal16 = streamstore.Calibration.from_estimator(
+        est, xray_threshold=cal.xray_threshold, xray_radius=cal.xray_radius
+    )
+    assert store.events(0, 15) == streamstore.count(frames[:15], cal)
+    assert store.events(15, 20) == streamstore.count(frames[15:20], cal16)
+    # the series ended before the estimate was refined: the file and info say so
+    assert "provisional calibration" in store.calibration_warning
+    info = subprocess.run(
+        [sys.executable, "-m", "streamstore", "info", str(tmp_path / "out" / "est.h5")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert info.returncode == 0 and "WARNING: provisional calibration" in info.stdout
+    # a series past 64 frames: rebuilt at 16, 32 and 64 frames, then final; the file
+    # still says which frames were counted while it was provisional
+    est = DarkEstimator(long_run[:8])
+    cals = [streamstore.Calibration.from_estimator(est, frames=long_run[:8])]
+    for i in range(8, 70):
+        est.update(long_run[i])
+        if est.n_frames in (16, 32, 64):
+            cals.append(
+                streamstore.Calibration.from_estimator(
+                    est, xray_threshold=cals[0].xray_threshold, xray_radius=2
+                )
+            )
+    refined = streamstore.open(tmp_path / "out" / "refined.h5")
+    for cal, (a, b) in zip(cals, [(0, 15), (15, 31), (31, 63), (63, 70)], strict=True):
+        assert refined.events(a, b) == streamstore.count(long_run[a:b], cal), (a, b)
+    assert "frames before 64 of the series were counted while it was provisional" in (
+        refined.calibration_warning
+    )
     # the next series has no calibration of its own either: estimated again, then SIGINT
     cut = streamstore.open(tmp_path / "out" / "interrupted.h5")
     assert cut.n_frames == 6 and cut.accounting["complete"] is False

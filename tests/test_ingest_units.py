@@ -25,18 +25,22 @@ from streamstore.ingest.safety import (
 from streamstore.ingest.series import FrameTracker, missing_ranges
 
 
+def _ids(ranges: list[tuple[int, int]]) -> list[int]:
+    return [i for a, b in ranges for i in range(a, b)]
+
+
 def _drive(tracker: FrameTracker, ids: list[int], n_expected: int):
     stored, missing, verdicts = [], [], []
     for fid in ids:
         off = tracker.offer(fid, f"item{fid}")
         verdicts.append(off.verdict)
         stored += [i for i, _ in off.ready]
-        missing += off.missing
+        missing += _ids(off.missing)
         for i, item in off.ready:
             assert item == f"item{i}"
     off = tracker.finish(n_expected)
     stored += [i for i, _ in off.ready]
-    missing += off.missing
+    missing += _ids(off.missing)
     return stored, missing, verdicts
 
 
@@ -126,7 +130,17 @@ def test_every_id_is_stored_once_or_missing(n, window, data):
 
 def test_missing_ranges_text():
     assert missing_ranges([]) == "none"
-    assert missing_ranges([3, 7, 8, 9, 12]) == "3, 7-9, 12"
+    assert missing_ranges([(3, 4), (7, 10), (12, 13)]) == "3, 7-9, 12"
+
+
+def test_a_jump_of_ten_million_ids_is_one_missing_range():
+    t = FrameTracker(window=0)
+    assert t.offer(0, 0).missing == []
+    off = t.offer(10_000_000, 1)
+    assert [fid for fid, _ in off.ready] == [10_000_000]
+    assert off.missing == [(1, 10_000_000)]
+    assert t.n_missing == 9_999_999 and len(t.missing) == 1
+    assert t.offer(5, 2).verdict == "late"
 
 
 # -- safety -------------------------------------------------------------------

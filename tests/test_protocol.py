@@ -183,6 +183,43 @@ def test_max_frame_bytes_is_an_argument():
         parse(img, max_frame_bytes=47)
 
 
+def test_header_depth_is_bounded_at_parse_time():
+    from streamstore.protocol import MAX_HEADER_DEPTH
+
+    def start_with_meta(levels):  # meta: an object nesting `levels` objects, itself included
+        meta = '{"m":' * (levels - 1) + "{}" + "}" * (levels - 1)
+        head = _start_header()[0][:-1]  # built as text: json.dumps itself gives up near 1000
+        return [head + b',"meta":' + meta.encode() + b"}"]
+
+    # the header is level 1, so meta may nest MAX_HEADER_DEPTH - 1 levels
+    assert parse(start_with_meta(MAX_HEADER_DEPTH - 1)).meta
+    for levels in (MAX_HEADER_DEPTH, 600, 980):  # 600, 980: json.loads accepts them
+        with pytest.raises(ProtocolError, match="^header: arrays and objects nested more than 64"):
+            parse(start_with_meta(levels))
+    deep_list = json.dumps({"htype": "end", "series_id": "s", "n_frames": 1, "l": [[[[[]]]]] * 2})
+    assert parse([deep_list.encode()]).extra["l"][0] == [[[[]]]]
+    with pytest.raises(ProtocolError, match="nested"):
+        parse([b'{"htype": "end", "l": ' + b"[" * 800 + b"]" * 800 + b"}"])
+
+
+def test_header_size_is_bounded_apart_from_the_frame():
+    parts = _start_header(frame_shape=[4, 6], meta={"notes": "x" * 20_000})
+    # a frame limit as small as the frame leaves the 20 KB header alone
+    assert parse(parts, max_frame_bytes=48).meta["notes"] == "x" * 20_000
+    with pytest.raises(ProtocolError, match="header: .* more than max_header_bytes=10000"):
+        parse(parts, max_header_bytes=10_000)
+    img = encode_image("s", 0, 0, _frame(shape=(4, 6)))
+    assert parse(img, max_frame_bytes=48, max_header_bytes=256).nbytes == 48
+
+
+def test_a_message_of_many_parts_is_refused_before_its_header_is_read():
+    img = encode_image("s", 0, 0, _frame(shape=(4, 6)))
+    with pytest.raises(ProtocolError, match="parts: 601 parts; a message has at most 2"):
+        parse([img[0]] + [b"\0" * 8] * 600)
+    with pytest.raises(ProtocolError, match="parts: 3 parts"):
+        parse([b"not json", b"", b""])
+
+
 @pytest.mark.parametrize(
     ("parts", "field"),
     [

@@ -1,20 +1,18 @@
-"""Scale-out ingest end to end: worker processes over tcp loopback, shards, a killed worker.
+"""Scale-out ingest end to end with cameras that know nothing of streamstore.
 
-Real ``streamstore ingest`` subprocesses, real ZeroMQ sockets, real HDF5
-files; the camera side is :class:`streamstore.fanout.FanoutSender` in the test
-process. Frames and the events they must give come from the ingest tests'
-harness (:class:`_ingest_harness.Series`: emulated 64 x 96 frames, a
-calibration file, ``streamstore.count`` of every frame).
+Real processes throughout: the camera is a plain pyzmq script (it imports
+nothing of streamstore) or ``streamstore emulate``; the broker is
+``streamstore ingest --workers N`` or ``streamstore fanout``; the workers are
+real ingest daemons writing real HDF5 shards. Frames and the events they must
+give come from the ingest tests' harness (emulated 64 x 96 frames).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -23,320 +21,355 @@ import pytest
 from _ingest_harness import Series, free_endpoint
 
 import streamstore
-from streamstore.fanout import FanoutSender
-from streamstore.protocol import Sender, Start
 
-N_FRAMES = 60
+N_FRAMES = 48
+
+# A camera as a facility would write it: one PUSH socket, docs/protocol.md, nothing else.
+CAMERA = r"""
+import json, os, sys, time
+import numpy as np
+import zmq
+
+endpoint, frames_file, plan, wait_file, pause_at = sys.argv[1:6]
+frames = np.load(frames_file)
+ctx = zmq.Context()
+s = ctx.socket(zmq.PUSH)
+s.setsockopt(zmq.SNDHWM, 2)
+s.setsockopt(zmq.SNDTIMEO, 120000)
+s.setsockopt(zmq.LINGER, 120000)
+s.bind(endpoint)
+h, w = frames.shape[1:]
+for sid, n, orphans in json.loads(plan):
+    for i in range(orphans):  # images of a series that never starts
+        hdr = {"htype": "image", "series_id": sid + "_nostart", "frame_id": i, "timestamp_ns": i}
+        s.send_multipart([json.dumps(hdr).encode(), frames[i % len(frames)]], copy=False)
+    start = {"htype": "start", "series_id": sid, "frame_shape": [h, w], "dtype": "uint16",
+             "frame_time_s": 1e-3, "n_frames": n}
+    s.send(json.dumps(start).encode())
+    for i in range(n):
+        if i == int(pause_at) and wait_file != "-":
+            while not os.path.exists(wait_file):
+                time.sleep(0.05)
+        hdr = {"htype": "image", "series_id": sid, "frame_id": i, "timestamp_ns": 1000000 * i}
+        s.send_multipart([json.dumps(hdr).encode(), frames[i % len(frames)]], copy=False)
+    s.send(json.dumps({"htype": "end", "series_id": sid, "n_frames": n}).encode())
+s.close()
+ctx.term()
+"""
 
 
-def _ingest(out: Path, *args: str, log: Path, env: dict[str, str] | None = None):
-    cmd = [sys.executable, "-m", "streamstore", "ingest", "--out", str(out), "--threads", "1"]
+def _camera(tmp: Path, series: Series, endpoint: str, plan, wait_file="-", pause_at=-1):
+    frames = tmp / "frames.npy"
+    np.save(frames, series.frames)
+    script = tmp / "camera.py"
+    script.write_text(CAMERA)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no streamstore there
+    return subprocess.Popen(
+        [sys.executable, str(script), endpoint, str(frames), json.dumps(plan), str(wait_file),
+         str(pause_at)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp,
+    )  # fmt: skip
+
+
+def _streamstore(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     full_env = dict(os.environ)
     full_env.update(env or {})
     with open(log, "wb") as fh:
         return subprocess.Popen(
-            [*cmd, *args],
-            stdout=subprocess.DEVNULL,
-            stderr=fh,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-        )
+            [sys.executable, "-m", "streamstore", *args],
+            stdout=subprocess.DEVNULL, stderr=fh, stdin=subprocess.DEVNULL, env=full_env,
+        )  # fmt: skip
 
 
-def _wait(proc: subprocess.Popen, log: Path, timeout_s: float = 90.0) -> int:
+def _ingest(log: Path, out: Path, *args: str, env=None) -> subprocess.Popen:
+    return _streamstore(log, "ingest", "--out", str(out), "--threads", "1", *args, env=env)
+
+
+def _worker(tmp: Path, out: Path, series: Series, base: str, k: int, n: int, series_n: int,
+            env=None) -> subprocess.Popen:  # fmt: skip
+    """Worker ``k`` of ``n``, started on its own as on another host."""
+    return _ingest(tmp / f"w{k}.log", out, "--connect", base, "--worker-id", str(k),
+                   "--workers", str(n), "--calibration", str(series.calibration_path),
+                   "--exit-after-series", str(series_n), env=env)  # fmt: skip
+
+
+def _wait(proc: subprocess.Popen, log: Path | None = None, timeout_s: float = 120.0) -> int:
     try:
         return proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-        raise AssertionError(f"ingest did not exit:\n{log.read_text()[-3000:]}") from None
+        text = log.read_text()[-3000:] if log is not None else ""
+        raise AssertionError(f"process did not exit:\n{text}") from None
 
 
-def _start(series: Series, sid: str, n: int) -> Start:
-    return Start(sid, series.shape, "uint16", 1e-3, n_frames=n)
+def _kill_all(*procs) -> None:
+    for p in procs:
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait(10)
 
 
-def _send(sender: Sender, series: Series, sid: str, ids: range) -> None:
-    for i in ids:
-        sender.send_image(sid, i, series.frame(i), timestamp_ns=1_000_000 * i)
+def _consecutive_ports(n: int) -> str:
+    """A base tcp endpoint whose next ``n - 1`` ports are free right now too."""
+    import socket
+
+    for _ in range(50):
+        base = int(free_endpoint().rsplit(":", 1)[1])
+        socks = []
+        try:
+            for k in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + k))
+            return f"tcp://127.0.0.1:{base}"
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no run of free ports")
 
 
-def _single_worker_run(tmp: Path, series: Series, sid: str) -> Path:
-    """The reference: one plain daemon, start/end in the data stream."""
+def _check_series(series: Series, path: Path, n: int, shards: int) -> None:
+    with streamstore.open(path) as s:
+        np.testing.assert_array_equal(s.frame_ids, np.arange(n))  # every frame once, in order
+        acc = s.accounting
+        assert acc["complete"] is True, acc
+        assert (acc["stored"], acc["missing"], acc["received"]) == (n, 0, n)
+        assert acc["duplicate"] == 0 and acc["shards"] == shards
+        assert series.check_store(s) == n
+
+
+def test_plain_camera_three_local_workers_two_series_camera_first(tmp_path):
+    """The camera binds and sends before the workers exist; two series back to back."""
+    series = Series(tmp_path)
     ep = free_endpoint()
-    out, log = tmp / "single", tmp / "single.log"
-    cal = str(series.calibration_path)
-    proc = _ingest(out, "--connect", ep, "--calibration", cal, "--exit-after-series", "1", log=log)
+    out, log = tmp_path / "out", tmp_path / "ingest.log"
+    cam = _camera(tmp_path, series, ep, [["first", N_FRAMES, 0], ["second", 20, 0]])
+    time.sleep(0.5)  # the camera is up and blocked on its first send
+    proc = _ingest(log, out, "--connect", ep, "--workers", "3", "--calibration",
+                   str(series.calibration_path), "--exit-after-series", "2")  # fmt: skip
     try:
-        with Sender(ep, send_timeout_s=60) as tx:
-            tx.send_start(_start(series, sid, N_FRAMES))
-            _send(tx, series, sid, range(N_FRAMES))
-            tx.send_end(sid, N_FRAMES)
+        assert _wait(cam, log) == 0, cam.stderr.read().decode()
         assert _wait(proc, log) == 0, log.read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    return out / f"{sid}.h5"
+        _kill_all(cam, proc)
+    _check_series(series, out / "first", N_FRAMES, 3)
+    _check_series(series, out / "second", 20, 3)
+    manifest = json.loads((out / "first" / "manifest.json").read_text())
+    assert manifest["n_workers"] == 3 and manifest["block_frames"] == 8
+    assert manifest["broker"]["rejected"] == 0 and manifest["broker"]["workers_lost"] == []
+    with streamstore.open(out / "first" / "shard-1.h5") as shard:  # blocks of 8: 8-15, 32-39
+        np.testing.assert_array_equal(shard.frame_ids, np.r_[8:16, 32:40])
+    text = log.read_text()
+    assert " ERROR " not in text and "rejected message" not in text, text
 
 
-def test_two_worker_processes_store_every_frame_once_and_equal_a_single_worker(tmp_path):
+def test_images_without_a_start_are_rejected_counted_and_logged_as_errors(tmp_path):
     series = Series(tmp_path)
-    sid = "run_a"
-    reference = _single_worker_run(tmp_path, series, sid)
-
-    out, log = tmp_path / "multi", tmp_path / "multi.log"
-    cal = str(series.calibration_path)
-    proc = None
+    ep = free_endpoint()
+    out, log = tmp_path / "out", tmp_path / "ingest.log"
+    proc = _ingest(log, out, "--connect", ep, "--workers", "2", "--calibration",
+                   str(series.calibration_path), "--exit-after-series", "1")  # fmt: skip
+    cam = _camera(tmp_path, series, ep, [["after", 16, 5]])
     try:
-        # both ports chosen by bind (no race with other processes for "port + 1")
-        with FanoutSender("tcp://127.0.0.1:*", send_timeout_s=60) as tx:
-            proc = _ingest(
-                out, "--connect", tx.endpoint, "--control", tx.control_endpoint, "--workers", "2",
-                "--calibration", cal, "--exit-after-series", "1", log=log,
-            )  # fmt: skip
-            assert tx.wait_workers(2, timeout_s=90) == 2
-            tx.send_start(_start(series, sid, N_FRAMES))
-            _send(tx, series, sid, range(N_FRAMES))
-            tx.send_end(sid, N_FRAMES)
+        assert _wait(cam, log) == 0, cam.stderr.read().decode()
         assert _wait(proc, log) == 0, log.read_text()
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-
-    shard_files = sorted((out / sid).glob("shard-*.h5"))
-    assert [f.name for f in shard_files] == ["shard-0.h5", "shard-1.h5"]
-    shard_ids = []
-    for f in shard_files:
-        with streamstore.open(f) as shard:
-            assert shard.n_frames > 0, f"{f.name} got no frames: the stream was not dealt"
-            assert shard.missing_frame_ids.size == 0  # a shard never claims others' frames
-            shard_ids.append(set(shard.frame_ids.tolist()))
-    assert not shard_ids[0] & shard_ids[1]  # every frame id in exactly one shard
-    assert shard_ids[0] | shard_ids[1] == set(range(N_FRAMES))
-
-    with streamstore.open(reference) as single, streamstore.open(out / sid) as multi:
-        assert type(multi).__name__ == "ShardedStore"
-        np.testing.assert_array_equal(multi.frame_ids, single.frame_ids)
-        np.testing.assert_array_equal(multi.timestamps_ns, single.timestamps_ns)
-        np.testing.assert_array_equal(multi.dose("events"), single.dose("events"))
-        assert multi.events(0, N_FRAMES) == single.events(0, N_FRAMES)
-        assert multi.events(7, 31) == single.events(7, 31)
-        np.testing.assert_array_equal(multi.sum(), single.sum())
-        np.testing.assert_array_equal(multi.frames(5, 12), single.frames(5, 12))
-        assert series.check_store(multi) == N_FRAMES
-        acc = multi.accounting
-        assert acc["complete"] is True and single.accounting["complete"] is True
-        assert (acc["stored"], acc["missing"], acc["received"]) == (N_FRAMES, 0, N_FRAMES)
-        assert acc["shards"] == 2 and acc["shards_expected"] == 2
-    # the manifest file itself opens the same series
-    with streamstore.open(out / sid / "manifest.json") as via_manifest:
-        assert via_manifest.n_frames == N_FRAMES
+        _kill_all(cam, proc)
+    _check_series(series, out / "after", 16, 2)
+    manifest = json.loads((out / "after" / "manifest.json").read_text())
+    assert manifest["broker"]["rejected"] == 5
+    assert manifest["broker"]["rejected_by_reason"] == {"before_start": 5}
+    with streamstore.open(out / "after") as s:
+        assert s.accounting["rejected"] == 5
+    errors = [ln for ln in log.read_text().splitlines() if " ERROR " in ln and "no start" in ln]
+    assert len(errors) == 5, log.read_text()
 
 
-def test_a_killed_worker_leaves_a_readable_series_with_its_frames_missing(tmp_path):
+def test_fanout_broker_with_separately_started_workers(tmp_path):
     series = Series(tmp_path)
-    sid = "run_k"
+    cam_ep, base = free_endpoint(), _consecutive_ports(2)
     out = tmp_path / "out"
-    cal = str(series.calibration_path)
-    log0, log1 = tmp_path / "w0.log", tmp_path / "w1.log"
-    w0 = w1 = None
+    blog = tmp_path / "fanout.log"
+    broker = _streamstore(blog, "fanout", "--connect", cam_ep, "--listen", base, "--workers", "2",
+                          "--block-frames", "4", "--exit-after-series", "1")  # fmt: skip
+    workers = []
     try:
-        with FanoutSender("tcp://127.0.0.1:*", send_timeout_s=60) as tx:
-            common = ("--connect", tx.endpoint, "--control", tx.control_endpoint)
-            common += ("--calibration", cal, "--exit-after-series", "1")
-            w0 = _ingest(out, *common, "--worker-id", "0", log=log0)
-            # worker 1 writes slowly (test hook), so it holds unwritten frames when killed
-            slow = {"STREAMSTORE_TEST_WRITE_DELAY_S": "0.5"}
-            w1 = _ingest(out, *common, "--worker-id", "1", log=log1, env=slow)
-            assert tx.wait_workers(2, timeout_s=90) == 2
-            tx.send_start(_start(series, sid, N_FRAMES))
-            _send(tx, series, sid, range(N_FRAMES // 2))
-            shard1 = out / sid / "shard-1.h5"
-            deadline = time.monotonic() + 60
-            while not shard1.exists() and time.monotonic() < deadline:
-                time.sleep(0.05)  # worker 1 is writing its first frame (slowly)
-            assert shard1.exists(), log1.read_text()
-            time.sleep(0.2)
-            w1.kill()  # SIGKILL mid-series
-            w1.wait(30)
-            _send(tx, series, sid, range(N_FRAMES // 2, N_FRAMES))
-            tx.send_end(sid, N_FRAMES)
-        assert _wait(w0, log0) == 0, log0.read_text()
+        workers = [_worker(tmp_path, out, series, base, k, 2, 1) for k in range(2)]
+        cam = _camera(tmp_path, series, cam_ep, [["hosts", N_FRAMES, 0]])
+        assert _wait(cam, blog) == 0, cam.stderr.read().decode()
+        assert _wait(broker, blog) == 0, blog.read_text()
+        for k, w in enumerate(workers):
+            assert _wait(w, tmp_path / f"w{k}.log") == 0, (tmp_path / f"w{k}.log").read_text()
     finally:
-        for p in (w0, w1):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(10)
-    assert w1.returncode < 0  # it really died
+        _kill_all(broker, *workers)
+    _check_series(series, out / "hosts", N_FRAMES, 2)
+    with streamstore.open(out / "hosts" / "shard-0.h5") as shard:
+        assert shard.frame_ids.tolist() == [f for f in range(N_FRAMES) if (f // 4) % 2 == 0]
 
-    with streamstore.open(out / sid) as s:
+
+def test_a_killed_worker_loses_only_its_frames_and_the_rest_goes_on(tmp_path):
+    series = Series(tmp_path)
+    cam_ep, base = free_endpoint(), _consecutive_ports(3)
+    out, go = tmp_path / "out", tmp_path / "go"
+    blog = tmp_path / "fanout.log"
+    broker = _streamstore(blog, "fanout", "--connect", cam_ep, "--listen", base, "--workers", "3",
+                          "--exit-after-series", "2")  # fmt: skip
+    workers = []
+    try:
+        for k in range(3):
+            # worker 1 writes slowly (test hook), so it holds unwritten frames when killed
+            env = {"STREAMSTORE_TEST_WRITE_DELAY_S": "0.5"} if k == 1 else None
+            workers.append(_worker(tmp_path, out, series, base, k, 3, 2, env=env))
+        cam = _camera(tmp_path, series, cam_ep, [["kill", N_FRAMES, 0], ["after", 24, 0]],
+                      wait_file=go, pause_at=N_FRAMES // 2)  # fmt: skip
+        shard1 = out / "kill" / "shard-1.h5"
+        deadline = time.monotonic() + 90
+        while not shard1.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # worker 1 is writing its first frame (slowly)
+        assert shard1.exists(), (tmp_path / "w1.log").read_text()
+        workers[1].kill()  # SIGKILL mid-series
+        workers[1].wait(30)
+        go.touch()
+        assert _wait(cam, blog) == 0, cam.stderr.read().decode()
+        assert _wait(broker, blog) == 0, blog.read_text()
+        for k in (0, 2):
+            assert _wait(workers[k], tmp_path / f"w{k}.log") == 0
+    finally:
+        _kill_all(broker, *workers)
+    with streamstore.open(out / "kill") as s:
         stored = set(s.frame_ids.tolist())
         missing = set(s.missing_frame_ids.tolist())
-        assert stored | missing == set(range(N_FRAMES))
-        assert not stored & missing
+        assert stored | missing == set(range(N_FRAMES)) and not stored & missing
         assert missing, "frames held by the killed worker must be reported missing"
-        assert series.check_store(s) == len(stored)  # what is stored is right
+        assert missing <= {f for f in range(N_FRAMES) if (f // 8) % 3 == 1}  # only its blocks
+        assert series.check_store(s) == len(stored)
         acc = s.accounting
-        assert acc["complete"] is False  # one shard never closed
-        assert acc["missing"] == len(missing) and acc["frames_expected"] == N_FRAMES
-        assert acc["shards_expected"] == 2  # the sender told the workers how many they are
-        assert "shard-1.h5" in acc["shards_unclosed"] + acc["shards_unreadable"]
-        np.testing.assert_array_equal(s.sum(), s.frames(0, s.n_frames, dtype=np.uint32).sum(0))
+        assert acc["complete"] is False and acc["missing"] == len(missing)
+        assert acc["workers_lost"] == [1] or "shard-1.h5" in acc["shards_unclosed"], acc
+    assert "worker 1 is lost" in blog.read_text() or "disconnected" in blog.read_text()
+    _check_series(series, out / "after", 24, 2)  # the broker and the others went on
 
 
-def _run_inprocess_worker(cfg):
-    from streamstore.ingest.daemon import IngestDaemon
-
-    daemon = IngestDaemon(cfg)
-    result: dict[str, int] = {}
-
-    def target() -> None:
-        result["rc"] = daemon.run(install_signals=False)
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    return daemon, thread, result
-
-
-def test_worker_buffers_images_before_their_start_and_waits_for_late_ones_after_end(
-    tmp_path, zmq_ctx
-):
-    """The control channel races the data channel both ways; nothing is lost."""
-    import zmq
-
-    from streamstore import protocol
-    from streamstore.ingest.daemon import IngestConfig
-
+def test_multi_stream_camera_two_streams_one_series(tmp_path):
     series = Series(tmp_path)
-    sid = "race"
-    data = zmq_ctx.socket(zmq.PUSH)
-    data.bind("tcp://127.0.0.1:*")
-    ctl = zmq_ctx.socket(zmq.XPUB)
-    ctl.bind("tcp://127.0.0.1:*")
-    cfg = IngestConfig(
-        out_dir=str(tmp_path / "out"),
-        connect=data.getsockopt_string(zmq.LAST_ENDPOINT),
-        control=ctl.getsockopt_string(zmq.LAST_ENDPOINT),
-        worker_id=0,
-        calibration=str(series.calibration_path),
-        threads=1,
-        end_grace_s=1.5,
-        exit_after_series=1,
-        status_interval_s=60,
-    )
-    daemon, thread, result = _run_inprocess_worker(cfg)
+    base = _consecutive_ports(2)
+    out = tmp_path / "out"
+    workers = []
     try:
-        assert ctl.poll(60_000), "the worker never subscribed"
-        assert ctl.recv()[:1] == b"\x01"
-
-        def image(i):
-            data.send_multipart(protocol.encode_image(sid, i, i, series.frame(i)), copy=False)
-
-        for i in range(5):  # images before the start is published
-            image(i)
-        time.sleep(0.3)
-        ctl.send_multipart(protocol.encode_start(_start(series, sid, 15)))
-        for i in range(5, 10):
-            image(i)
-        ctl.send_multipart(protocol.encode_end(sid, 15))  # end overtakes the last images
-        time.sleep(0.3)
-        for i in range(10, 15):
-            image(i)
-        thread.join(60)
-        assert not thread.is_alive()
-    finally:
-        daemon.request_stop()
-        thread.join(30)
-    assert result["rc"] == 0
-    assert daemon.counters.rejected == 0, dict(daemon.counters.rejected_by_reason)
-    with streamstore.open(tmp_path / "out" / sid) as s:
-        np.testing.assert_array_equal(s.frame_ids, np.arange(15))
-        assert s.accounting["complete"] is True and s.accounting["missing"] == 0
-        assert series.check_store(s) == 15
-
-
-def test_workers_option_needs_connect(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamstore", "ingest", "--out", str(tmp_path), "--listen",
-         free_endpoint(), "--workers", "2"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert "--workers needs --connect" in proc.stderr
-
-
-@pytest.mark.parametrize("bad", ["0", "-1"])
-def test_workers_count_must_be_positive(tmp_path, bad):
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamstore", "ingest", "--out", str(tmp_path), "--connect",
-         free_endpoint(), "--workers", bad],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 2
-    assert "--workers must be >= 1" in proc.stderr
-
-
-def test_emulate_workers_feeds_ingest_workers_from_the_command_line(tmp_path):
-    """The user-facing path: `emulate --workers 2` -> `ingest --workers 2` -> open(DIR/<id>)."""
-    ep, ctl = free_endpoint(), free_endpoint()
-    out, log = tmp_path / "out", tmp_path / "ingest.log"
-    proc = _ingest(
-        out, "--connect", ep, "--control", ctl, "--workers", "2", "--exit-after-series", "2",
-        log=log,
-    )  # fmt: skip
-    try:
+        workers = [_worker(tmp_path, out, series, base, k, 2, 1) for k in range(2)]
         emu = subprocess.run(
-            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", ep, "--control", ctl,
-             "--workers", "2", "--shape", "48x80", "--frames", "40", "--dark-frames", "8",
-             "--series-id", "cli", "--timeout", "90", "--json"],
-            capture_output=True, text=True, timeout=180,
+            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", base, "--streams", "2",
+             "--shape", "64x96", "--frames", "40", "--series-id", "multi", "--timeout", "120",
+             "--json"],
+            capture_output=True, text=True, timeout=240,
         )  # fmt: skip
         assert emu.returncode == 0, emu.stderr
-        summary = json.loads(emu.stdout)
-        assert summary["workers"] == 2 and summary["control_endpoint"] == ctl
-        assert _wait(proc, log) == 0, log.read_text()
+        assert len(json.loads(emu.stdout)["streams"]) == 2
+        for k, w in enumerate(workers):
+            assert _wait(w, tmp_path / f"w{k}.log") == 0, (tmp_path / f"w{k}.log").read_text()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    with streamstore.open(out / "cli") as s:
+        _kill_all(*workers)
+    with streamstore.open(out / "multi") as s:
         np.testing.assert_array_equal(s.frame_ids, np.arange(40))
-        assert s.accounting["complete"] is True and s.accounting["shards"] == 2
-    manifest = json.loads((out / "cli" / "manifest.json").read_text())
-    # each worker calibrated from its own share of the dark series
-    assert all("dark_frames:cli_dark" in e["calibration_source"] for e in manifest["shards"])
+        acc = s.accounting
+        assert acc["complete"] is True and acc["shards"] == 2 and acc["shards_expected"] == 2
 
 
-def test_sigterm_to_the_ingest_parent_stops_every_worker(tmp_path):
+def test_sigterm_to_the_ingest_parent_stops_the_broker_and_every_worker(tmp_path):
+    import signal
+
     import psutil
 
-    ep = free_endpoint()
     out, log = tmp_path / "out", tmp_path / "ingest.log"
-    proc = _ingest(out, "--connect", ep, "--workers", "2", log=log)
+    proc = _ingest(log, out, "--connect", free_endpoint(), "--workers", "2")
     try:
-        deadline = time.monotonic() + 90
-        while log.read_text().count("start/end from") < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)  # both workers are up
+        deadline = time.monotonic() + 120
+        while log.read_text().count("connected on") < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)  # both workers are up and connected to the broker
+        assert log.read_text().count("connected on") == 2, log.read_text()
         children = psutil.Process(proc.pid).children()
-        assert len(children) >= 2, log.read_text()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0, log.read_text()
-        gone, alive = psutil.wait_procs(children, timeout=10)
+        assert proc.wait(60) == 0, log.read_text()
+        _, alive = psutil.wait_procs(children, timeout=20)
         assert not alive
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert log.read_text().count("stopped:") == 2
+        _kill_all(proc)
+    assert log.read_text().count("INFO stopped:") == 2  # each worker drained and said so
+    assert "broker stopped:" in log.read_text()
 
 
-def test_emulate_workers_refuses_connect_mode():
+def test_curve_on_the_camera_and_the_worker_links(tmp_path):
+    """emulate (CURVE client) -> fanout (server to the camera, client to the worker) -> worker."""
+    series = Series(tmp_path)
+    keys = tmp_path / "keys"
+    made = subprocess.run(
+        [sys.executable, "-m", "streamstore", "keys", str(keys), "--client", "camera",
+         "--client", "broker"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    cam_ep, base = free_endpoint(), _consecutive_ports(1)
+    out, blog = tmp_path / "out", tmp_path / "fanout.log"
+    broker = _streamstore(blog, "fanout", "--connect", cam_ep, "--listen", base, "--workers", "1",
+                          "--curve-keys", str(keys), "--curve-client", "broker",
+                          "--exit-after-series", "1")  # fmt: skip
+    worker = _ingest(tmp_path / "w0.log", out, "--connect", base, "--worker-id", "0",
+                     "--workers", "1", "--curve-keys", str(keys), "--calibration",
+                     str(series.calibration_path), "--exit-after-series", "1")  # fmt: skip
+    try:
+        emu = subprocess.run(
+            [sys.executable, "-m", "streamstore", "emulate", "--endpoint", cam_ep, "--shape",
+             "64x96", "--frames", "12", "--series-id", "secret", "--timeout", "120",
+             "--curve-keys", str(keys), "--curve-client", "camera", "--json"],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert emu.returncode == 0, emu.stderr
+        assert json.loads(emu.stdout)["curve"] is True
+        assert _wait(broker, blog) == 0, blog.read_text()
+        assert _wait(worker, tmp_path / "w0.log") == 0
+    finally:
+        _kill_all(broker, worker)
+    assert "(CURVE)" in blog.read_text()
+    assert "CURVE: encrypted" in (tmp_path / "w0.log").read_text()
+    with streamstore.open(out / "secret") as s:
+        np.testing.assert_array_equal(s.frame_ids, np.arange(12))
+        assert s.accounting["complete"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--listen", "tcp://127.0.0.1:1", "--workers", "2"), "--workers needs --connect"),
+        (("--connect", "tcp://127.0.0.1:1", "--workers", "0"), "--workers must be >= 1"),
+        (("--connect", "tcp://127.0.0.1:1", "--workers", "2", "--worker-id", "2"), "below"),
+        (("--connect", "tcp://127.0.0.1:1", "--block-frames", "4"), "--block-frames goes"),
+    ],
+)
+def test_scale_out_options_are_checked(tmp_path, args, message):
     proc = subprocess.run(
-        [sys.executable, "-m", "streamstore", "emulate", "--connect", free_endpoint(),
-         "--workers", "2", "--shape", "8x8", "--frames", "1"],
+        [sys.executable, "-m", "streamstore", "ingest", "--out", str(tmp_path), *args],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert "drop --connect" in proc.stderr
+    assert message in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--listen", "tcp://0.0.0.0:7000", "--workers", "2"), "--allow-remote"),
+        (("--listen", "tcp://127.0.0.1:7000", "--workers", "0"), "--workers must be >= 1"),
+        (("--listen", "tcp://127.0.0.1:7000", "--workers", "2", "--curve-client", "b"),
+         "--curve-client needs --curve-keys"),
+    ],
+)  # fmt: skip
+def test_fanout_options_are_checked(args, message):
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamstore", "fanout", "--connect", "tcp://127.0.0.1:1", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert message in proc.stderr

@@ -10,7 +10,8 @@ import pytest
 import streamstore
 from streamstore.errors import FormatError, UserError
 from streamstore.events import EventBatch
-from streamstore.fanout import ShardTracker, control_endpoint_for, offset_endpoint
+from streamstore.scaleout.deal import offset_endpoint, worker_of
+from streamstore.scaleout.shard_writer import ShardTracker
 from streamstore.shards import MANIFEST_FORMAT, ShardedStore, is_series, read_manifest
 
 SHAPE = (24, 40)  # non-square
@@ -219,12 +220,19 @@ def test_shard_tracker_releases_frames_held_too_long():
 
 
 def test_endpoints_are_derived_by_port_offset():
-    assert control_endpoint_for("tcp://127.0.0.1:5555") == "tcp://127.0.0.1:5556"
-    assert control_endpoint_for("ipc:///tmp/cam") == "ipc:///tmp/cam.control"
-    assert control_endpoint_for("tcp://127.0.0.1:*") == "tcp://127.0.0.1:*"
     assert offset_endpoint("tcp://10.0.0.2:7000", 3) == "tcp://10.0.0.2:7003"
+    assert offset_endpoint("ipc:///tmp/cam", 2) == "ipc:///tmp/cam-2"
+    assert offset_endpoint("tcp://host", 0) == "tcp://host"
     with pytest.raises(UserError, match="cannot derive"):
         offset_endpoint("tcp://host", 1)
+    with pytest.raises(UserError, match="above 65535"):
+        offset_endpoint("tcp://h:65535", 1)
+
+
+def test_frames_are_dealt_in_blocks():
+    got = [worker_of(f, 3, 4) for f in range(26)]
+    assert got == [0] * 4 + [1] * 4 + [2] * 4 + [0] * 4 + [1] * 4 + [2] * 4 + [0] * 2
+    assert [worker_of(f, 2, 1) for f in range(4)] == [0, 1, 0, 1]
 
 
 _WRITER = """

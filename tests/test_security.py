@@ -418,6 +418,3 @@ def test_emulate_curve_keys_reach_a_curve_daemon_and_plain_emulate_is_refused(tm
 def test_emulate_curve_options_are_checked(tmp_path):
     r = _cli("emulate", "--curve-client", "cam", "--frames", "1", "--shape", "8x8")
     assert r.returncode == 2 and "--curve-client needs --curve-keys" in r.stderr
-    small = ("--frames", "1", "--shape", "8x8")
-    r = _cli("emulate", "--curve-keys", str(tmp_path), "--workers", "2", *small)
-    assert r.returncode == 2 and "--workers" in r.stderr

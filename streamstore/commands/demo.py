@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="frames scored against the truth for recall/precision (default 100)",
     )
     p.add_argument("--timeout", type=float, default=600.0, help="give up after S seconds")
+    p.add_argument(
+        "--truth",
+        action="store_true",
+        help="keep the emulator's ground truth (HDF5, about 20 bytes per electron) in --out; "
+        "without it the truth is scored and deleted",
+    )
 
 
 def _say(msg: str) -> None:
@@ -166,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     sid = time.strftime("demo-%Y%m%d-%H%M%S")
-    truth_path = out / f"{sid}.truth.h5"
+    scratch = tempfile.TemporaryDirectory(prefix="streamstore-demo-truth-")
+    truth_path = (out if args.truth else Path(scratch.name)) / f"{sid}.truth.h5"
     log_path = out / f"{sid}.ingest.log"
     data_ep = free_tcp_endpoint()
     status_ep = free_tcp_endpoint()
@@ -174,8 +182,8 @@ def run(args: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base = [sys.executable, "-m", "streamstore"]
     _say(
-        f"streamstore demo: {args.frames} frames {args.shape} at "
-        f"{'full speed' if not args.fps else f'{args.fps:g} frames/s'}, "
+        f"streamstore demo: {args.frames} frames {args.shape}, sent "
+        f"{'as fast as possible' if not args.fps else f'at up to {args.fps:g} frames/s'}, "
         f"{args.dark_frames} dark frames first; files in {out.resolve()}"
     )
     t_start = time.monotonic()
@@ -222,16 +230,16 @@ def run(args: argparse.Namespace) -> int:
                 emulator.wait()
             _stop(daemon)
             watch.close()
-    if emulator.returncode != 0:
-        sys.stderr.write(emu_err.decode(errors="replace"))
-        _say(f"streamstore demo: the emulator failed (exit {emulator.returncode})")
-        return 1
+    if emulator.returncode != 0:  # one line, as every error: the emulator's last one
+        lines = emu_err.decode(errors="replace").strip().splitlines() or ["no message"]
+        raise UserError(f"the emulator failed (exit {emulator.returncode}): {lines[-1]}")
     if daemon.returncode != 0:
-        _say(f"streamstore demo: the ingest daemon failed (exit {daemon.returncode}); "
-             f"see {log_path}")  # fmt: skip
-        return 1
+        raise UserError(f"the ingest daemon failed (exit {daemon.returncode}); see {log_path}")
     sent = json.loads(emu_out.decode().strip().splitlines()[-1])
-    return _report(args, out, sid, truth_path, sent, time.monotonic() - t_start, np)
+    try:
+        return _report(args, out, sid, truth_path, sent, time.monotonic() - t_start, np)
+    finally:
+        scratch.cleanup()
 
 
 def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: float, np) -> int:
@@ -251,9 +259,15 @@ def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: flo
          f"{acc.get('stored')}, missing {acc.get('missing')}, duplicate "
          f"{acc.get('duplicate')}, rejected {acc.get('rejected')}, "
          f"complete {acc.get('complete')}")  # fmt: skip
-    _say(f"  rate: sent {sent['fps']:.1f} frames/s ({sent['gb_per_s']:.3f} GB/s), "
-         f"received by the daemon at {ingest_fps:.1f} frames/s "
-         f"({ingest_fps * frame_bytes / 1e9:.3f} GB/s)")  # fmt: skip
+    # the same two rates `streamstore info` and `show` print, from the same file
+    from streamstore.commands.info import summary
+
+    s = summary(store, path)
+    ft, sent_fps = s["frame_time_s"], s["measured_frame_rate_hz"]
+    _say(f"  frame time {ft * 1e3:.6g} ms ({1 / ft:,.6g} frames/s while exposing); "
+         f"sent at {sent_fps or float('nan'):,.6g} frames/s (timestamps, as `info` shows), "
+         f"{sent_fps * frame_bytes / 1e9 if sent_fps else float('nan'):.3f} GB/s; "
+         f"received by the daemon at {ingest_fps:.1f} frames/s")  # fmt: skip
     n_events = int(store.n_events)
     _say(f"  events: {n_events} ({n_events / max(n, 1):.0f} per frame, "
          f"{n_events / max(n, 1) / (h * w):.4f} e/px/frame)")  # fmt: skip
@@ -266,14 +280,18 @@ def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: flo
          f"raw frames {sent['bytes'] / 1e6:.0f} MB: "
          f"{sent['bytes'] / max(path.stat().st_size, 1):.0f} x smaller)")  # fmt: skip
     _score(store, truth_path, min(args.score_frames, n), np)
+    if args.truth:
+        _say(f"  ground truth: {truth_path.resolve()}")
     _say(f"  file: {path.resolve()}")
     _png(store, out / f"{sid}.png", sid)
     _say(f"demo finished in {wall_s:.1f} s")
     ok = acc.get("stored") == sent["frames"] and acc.get("missing") == 0
-    if not ok:
-        _say("streamstore demo: not every frame was stored (see the accounting above)")
     store.close()
-    return 0 if ok else 1
+    if not ok:
+        from streamstore.errors import UserError
+
+        raise UserError("not every frame was stored (see the accounting above)")
+    return 0
 
 
 def _score(store: Any, truth_path: Path, k: int, np) -> None:

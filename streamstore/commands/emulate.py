@@ -7,7 +7,11 @@ their own series <series-id>_dark (start meta {"kind": "dark"}). To reproduce
 the frames: CameraEmulator(shape, seed=...), dark_frames(N), then
 generate(pool). With --curve-keys DIR the link is encrypted and authenticated
 with ZeroMQ CURVE, as camera key pair --curve-client NAME of DIR (see
-`streamstore keys` and docs/reliability.md).
+`streamstore keys` and docs/reliability.md). With --streams N the emulator
+is a multi-stream camera: N PUSH sockets on consecutive ports (the --endpoint
+port + k), each with its own start and end, images dealt in blocks of
+--block-frames, stream = (frame_id // B) % N; ingest worker K connects to
+stream K (`ingest --connect ENDPOINT --worker-id K --workers N`).
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ def _non_negative(kind: type) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``emulate`` options to ``parser``."""
+    from streamstore.protocol import DEFAULT_DATA_ENDPOINT
+
     parser.add_argument(
         "--endpoint",
-        default="tcp://127.0.0.1:5555",
-        help="ZeroMQ endpoint to bind (PUSH) (default: %(default)s)",
+        default=DEFAULT_DATA_ENDPOINT,
+        help="ZeroMQ endpoint to bind (PUSH), as a camera does; `streamstore ingest` "
+        "connects there by default (default: %(default)s)",
     )
     parser.add_argument(
         "--connect",
@@ -103,18 +110,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hwm", type=_non_negative(int), default=4, help="send high-water mark (default: 4)"
     )
     parser.add_argument(
-        "--workers",
+        "--streams",
         type=_non_negative(int),
-        default=0,
+        default=1,
         metavar="N",
-        help="scale-out: publish start/end on a control channel so every ingest worker gets "
-        "them, and wait for N workers before sending (default: 0, start/end in the stream)",
+        help="multi-stream camera: N PUSH sockets on consecutive ports, each with its own "
+        "start and end, images dealt in blocks (default: 1)",
     )
     parser.add_argument(
-        "--control",
-        metavar="ENDPOINT",
-        default=None,
-        help="control channel endpoint with --workers (default: the data port + 1)",
+        "--block-frames",
+        type=_non_negative(int),
+        default=8,
+        metavar="B",
+        help="with --streams: consecutive frames sent on one stream (default: %(default)s)",
     )
     parser.add_argument(
         "--curve-keys",
@@ -159,11 +167,10 @@ def run(args: argparse.Namespace) -> int:
     curve_name = getattr(args, "curve_client", None)
     if curve_name is not None and curve_keys is None:
         raise UserError("--curve-client needs --curve-keys DIR")
-    if curve_keys is not None and getattr(args, "workers", 0):
-        raise UserError(
-            "--curve-keys with --workers: the control channel has no CURVE yet; "
-            "use one receiver, or a private network for scale-out"
-        )
+    n_streams = getattr(args, "streams", 1)
+    block = getattr(args, "block_frames", 8)
+    if n_streams < 1 or block < 1:
+        raise UserError("--streams and --block-frames must be >= 1")
     setup_socket: Any = None
     if curve_keys is not None:
         import functools
@@ -187,36 +194,33 @@ def run(args: argparse.Namespace) -> int:
 
     import zmq
 
+    from streamstore.scaleout.deal import stream_endpoints
+
     bind = args.connect is None
     endpoint = args.endpoint if bind else args.connect
     timeout = args.timeout if args.timeout > 0 else None
     ctx = zmq.Context()
+    senders: list[Any] = []
     try:
-        extra: dict[str, Any] = {}
-        make: Any = Sender
-        if getattr(args, "workers", 0):  # scale-out: start/end to every worker (helper F)
-            from streamstore.fanout import FanoutSender
-
-            if not bind:
-                raise OSError(
-                    "--workers: the sender binds its data and control sockets "
-                    "(workers connect to it); drop --connect"
+        endpoints = stream_endpoints(endpoint, n_streams) if n_streams > 1 else [endpoint]
+        for ep in endpoints:
+            senders.append(
+                Sender(
+                    ep,
+                    bind=bind,
+                    sndhwm=max(1, args.hwm),
+                    send_timeout_s=timeout,
+                    linger_s=timeout,
+                    context=ctx,
+                    setup_socket=setup_socket,
                 )
-
-            make, extra = FanoutSender, {"control_endpoint": getattr(args, "control", None)}
-        sender = make(
-            endpoint,
-            bind=bind,
-            sndhwm=max(1, args.hwm),
-            send_timeout_s=timeout,
-            linger_s=timeout,
-            context=ctx,
-            setup_socket=setup_socket,
-            **extra,
-        )
+            )
     except (OSError, UserError) as exc:  # UserError: a missing or unreadable key
+        for tx in senders:
+            tx.close(linger_s=0)
         ctx.term()
         raise UserError(str(exc)) from None
+    sender = _Streams(senders, block)
 
     def start_of(sid: str, n: int, meta: dict[str, Any]) -> Start:
         return Start(
@@ -231,12 +235,11 @@ def run(args: argparse.Namespace) -> int:
         )
 
     summary: dict[str, Any] = {"endpoint": sender.endpoint, "series_id": series_id}
+    if n_streams > 1:
+        summary["streams"] = [tx.endpoint for tx in senders]
     summary["curve"] = curve_keys is not None
     delivered = False
     try:
-        if getattr(args, "workers", 0):
-            summary["control_endpoint"] = sender.control_endpoint
-            summary["workers"] = sender.wait_workers(args.workers, timeout)
         if dark_id is not None:
             sender.send_start(start_of(dark_id, args.dark_frames, {"kind": "dark"}))
             for i in range(args.dark_frames):
@@ -268,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         # linger: queued messages still go out (up to --timeout) before the
         # context terminates, unless sending failed
-        sender.close(linger_s=None if delivered else 0)
+        for tx in senders:
+            tx.close(linger_s=None if delivered else 0)
         ctx.term()
     elapsed = time.perf_counter() - t0
 
@@ -296,3 +300,27 @@ def run(args: argparse.Namespace) -> int:
             f"{summary['gb_per_s']:.3f} GB/s"
         )
     return 0
+
+
+class _Streams:
+    """One or more PUSH streams as one sender: start and end on every stream, images
+    in blocks of ``block`` frames, stream = (frame_id // block) % N."""
+
+    def __init__(self, senders: list[Any], block: int) -> None:
+        self.senders = senders
+        self.block = block
+        self.endpoint = senders[0].endpoint
+
+    def send_start(self, start: Any) -> None:
+        for tx in self.senders:
+            tx.send_start(start)
+
+    def send_image(self, series_id: str, frame_id: int, frame: Any) -> None:
+        from streamstore.scaleout.deal import worker_of
+
+        k = worker_of(frame_id, len(self.senders), self.block)
+        self.senders[k].send_image(series_id, frame_id, frame)
+
+    def send_end(self, series_id: str, n_frames: int) -> None:
+        for tx in self.senders:
+            tx.send_end(series_id, n_frames)

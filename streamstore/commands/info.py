@@ -185,6 +185,7 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         "counting": counting or None,
         "calibration_source": cal_source or None,
         "calibration": calib or None,
+        "calibration_warning": str(getattr(store, "calibration_warning", "") or "") or None,
     }
     return _jsonable(out)
 
@@ -255,15 +256,19 @@ def format_summary(s: dict[str, Any]) -> str:
     if s["complete"] is not None:
         row("series end", "complete" if s["complete"] else "INCOMPLETE (closed without its end)")
     ft = s["frame_time_s"]
+    # two rates, named: the camera's frame time (exposure per frame) and the rate the
+    # frames were sent at (from their timestamps); the demo and `show` print the same
     timing = (
-        f"{s['frame_rate_hz']:,.6g} frames/s (frame time {ft * 1e3:.6g} ms)" if ft else "unknown"
+        f"frame time {ft * 1e3:.6g} ms ({s['frame_rate_hz']:,.6g} frames/s while exposing)"
+        if ft
+        else "frame time unknown"
     )
     if s["duration_s"] is not None:
         timing += f", exposure {s['duration_s']:.6g} s"
     if s["measured_frame_rate_hz"] is not None:
         timing += (
-            f"; timestamps span {s['timestamps_span_s']:.6g} s"
-            f" ({s['measured_frame_rate_hz']:,.6g} frames/s)"
+            f"; sent at {s['measured_frame_rate_hz']:,.6g} frames/s"
+            f" (timestamps span {s['timestamps_span_s']:.6g} s)"
         )
     row("timing", timing)
     dt, df = s["dose_total"], s["dose_per_frame"]
@@ -295,6 +300,8 @@ def format_summary(s: dict[str, Any]) -> str:
         counting = {k: v for k, v in s["calibration"].items() if k not in skip}
     row("counting", _dict_line(counting, limit=8))
     row("calibration", s["calibration_source"] or "source not recorded")
+    if s.get("calibration_warning"):
+        lines.append(f"  WARNING: {s['calibration_warning']}")
     return "\n".join(lines)
 
 

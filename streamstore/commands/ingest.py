@@ -5,19 +5,20 @@ overwritten: a numbered suffix is added and logged). A series whose start
 meta says {"kind": "dark"} becomes the calibration of the following series.
 SIGINT/SIGTERM drain the pipeline, close the files and exit 0.
 
-Scale-out: --workers N runs N worker processes on this host, --worker-id K
-makes this process worker K (one per host, each with --connect to the camera);
-workers write DIR/<series_id>/shard-K.h5 plus a manifest, and take start/end
-from the sender's control channel (--control, default: the --connect port + 1;
-`streamstore emulate --workers N` publishes it). streamstore.open(DIR/<id>)
-reads the shards as one series.
+Scale-out: --workers N (without --worker-id) makes this process a broker
+that owns the camera's stream and deals it, in blocks of --block-frames, over
+N worker processes on this host. --worker-id K --workers N makes this process
+worker K of N: it connects to stream K, the --connect port + K (a
+`streamstore fanout` broker, or a camera with one stream per worker such as
+`streamstore emulate --streams N`). Workers write DIR/<series_id>/shard-K.h5
+plus a manifest; streamstore.open(DIR/<id>) reads the shards as one series.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
+
+from streamstore.logsetup import setup_logging
 
 __all__ = ["add_arguments", "run", "config_from_args", "setup_logging"]
 
@@ -27,12 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from streamstore.ingest.daemon import K3_FRAME_BYTES
 
     p.add_argument("--out", required=True, metavar="DIR", help="directory of the output files")
-    src = p.add_mutually_exclusive_group(required=True)
+    from streamstore.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
+
+    src = p.add_mutually_exclusive_group()
     src.add_argument(
         "--listen", metavar="ENDPOINT", help="bind a PULL socket, e.g. tcp://127.0.0.1:5555"
     )
     src.add_argument(
-        "--connect", metavar="ENDPOINT", help="connect to a camera that binds its PUSH socket"
+        "--connect",
+        metavar="ENDPOINT",
+        help="connect to a camera that binds its PUSH socket (the default, at "
+        f"{DEFAULT_DATA_ENDPOINT}, where `streamstore emulate` binds)",
     )
     p.add_argument("--calibration", metavar="FILE", help="calibration from Calibration.save")
     p.add_argument(
@@ -54,7 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--status-endpoint",
         metavar="EP",
-        help="publish the status as JSON on a PUB socket (read it with `streamstore status EP`)",
+        help="publish the status as JSON on a PUB socket (read it with `streamstore status "
+        f"EP`); default {DEFAULT_STATUS_ENDPOINT}, where plain `streamstore status` reads, "
+        "skipped with a warning if another daemon holds it; 'none': do not publish",
     )
     p.add_argument(
         "--idle-timeout",
@@ -86,7 +94,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=K3_FRAME_BYTES,
         metavar="N",
-        help=f"largest frame accepted; sets ZeroMQ's max message size (default {K3_FRAME_BYTES})",
+        help=f"largest frame accepted, its header not included (default {K3_FRAME_BYTES})",
+    )
+    p.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=1 << 16,
+        metavar="N",
+        help="largest message header (JSON) accepted, bounded apart from the frame "
+        f"(default {1 << 16})",
     )
     p.add_argument(
         "--allow-remote",
@@ -94,12 +110,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="allow binding to non-loopback addresses (the port is then open to the network)",
     )
     p.add_argument(
-        "--max-missing-ids",
+        "--max-open-series",
         type=int,
-        default=1 << 22,
+        default=8,
         metavar="N",
-        help="most frame ids a series may record as missing; images beyond are rejected "
-        f"(default {1 << 22})",
+        help="series open at once (each with its own idle timeout); a start beyond is "
+        "refused (default 8)",
+    )
+    p.add_argument(
+        "--calibration-from-dark-series",
+        action="store_true",
+        help="let a dark series replace the --calibration file for the series after it "
+        "(default: the file stays in use; the dark series' calibration is only saved)",
     )
     p.add_argument(
         "--curve-keys",
@@ -128,28 +150,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="run N worker processes here (ids K..K+N-1, K from --worker-id, default 0); "
-        "needs --connect",
+        help="without --worker-id: receive the camera here and deal it over N worker "
+        "processes on this host; with --worker-id K: this is worker K of N",
     )
     s.add_argument(
         "--worker-id",
         type=int,
         default=None,
         metavar="K",
-        help="this process is worker K: writes DIR/<series_id>/shard-K.h5",
+        help="this process is worker K: connects to stream K (the --connect port + K) "
+        "and writes DIR/<series_id>/shard-K.h5",
     )
     s.add_argument(
-        "--control",
-        metavar="ENDPOINT",
+        "--block-frames",
+        type=int,
         default=None,
-        help="the sender's control channel for start/end (default: --connect port + 1)",
-    )
-    s.add_argument(
-        "--end-grace",
-        type=float,
-        default=0.5,
-        metavar="S",
-        help="after an end, close the series once no frame came for S seconds (default 0.5)",
+        metavar="B",
+        help="with --workers N alone: consecutive frames dealt to one worker, "
+        "worker = (frame_id // B) %% N (default 8)",
     )
 
 
@@ -168,63 +186,71 @@ def _xray_threshold(text: str) -> float | str | None:
 def config_from_args(args: argparse.Namespace):
     """Build an :class:`~streamstore.ingest.IngestConfig` from parsed options."""
     from streamstore.ingest.daemon import IngestConfig
+    from streamstore.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
 
+    listen, connect = args.listen, args.connect
+    if listen is None and connect is None:  # the camera binds, the receiver connects
+        connect = DEFAULT_DATA_ENDPOINT
+    status = args.status_endpoint
+    status_default = status is None
+    if status_default:
+        status = DEFAULT_STATUS_ENDPOINT
+    elif status.lower() == "none":
+        status = None
     return IngestConfig(
         out_dir=args.out,
-        listen=args.listen,
-        connect=args.connect,
+        listen=listen,
         calibration=args.calibration,
         max_buffer_mb=args.max_buffer_mb,
-        status_endpoint=args.status_endpoint,
+        status_endpoint=status,
+        status_endpoint_optional=status_default,
         idle_timeout_s=args.idle_timeout,
         reorder_window=args.reorder_window,
         subpixel=args.subpixel,
         threads=args.threads,
         encode_threads=getattr(args, "encode_threads", None),
         max_frame_bytes=args.max_frame_bytes,
+        max_header_bytes=getattr(args, "max_header_bytes", 1 << 16),
         allow_remote=args.allow_remote,
         curve_keys=args.curve_keys,
-        max_missing_ids=args.max_missing_ids,
+        max_open_series=getattr(args, "max_open_series", 8),
+        calibration_from_dark_series=getattr(args, "calibration_from_dark_series", False),
         exit_after_series=args.exit_after_series,
         status_interval_s=args.status_interval,
         xray_threshold=getattr(args, "xray_threshold", "auto"),
-        **_scale_out(args),
+        **{"connect": connect, **_scale_out(args)},
     )
 
 
 def _scale_out(args: argparse.Namespace) -> dict:
-    """IngestConfig fields of the scale-out options (absent in older Namespaces)."""
+    """IngestConfig fields of the scale-out options (absent in older Namespaces).
+
+    A worker (``--worker-id K``) connects to stream K: the ``--connect`` port + K.
+    """
     from streamstore.errors import UserError
+    from streamstore.scaleout.deal import offset_endpoint
 
     workers = getattr(args, "workers", None)
     worker_id = getattr(args, "worker_id", None)
-    if workers is not None:
-        if workers < 1:
-            raise UserError(f"--workers must be >= 1, got {workers}")
-        if getattr(args, "listen", None) is not None:
-            raise UserError("--workers needs --connect (N workers cannot bind one --listen)")
-        worker_id = worker_id or 0
-    return {
-        "worker_id": worker_id,
-        "n_workers": workers if getattr(args, "worker_id", None) is None else None,
-        "control": getattr(args, "control", None),
-        "end_grace_s": getattr(args, "end_grace", 0.5),
-    }
-
-
-def setup_logging(quiet: bool = False) -> None:
-    """Log lines on stderr: time, pid, level, message."""
-    from streamstore.ingest.daemon import default_log_format
-
-    logger = logging.getLogger("streamstore")
-    if not logger.handlers:
-        h = logging.StreamHandler(sys.stderr)
-        # on a terminal, a log line first clears the live status line it interrupts
-        prefix = "\r\x1b[K" if sys.stderr.isatty() else ""
-        h.setFormatter(logging.Formatter(prefix + default_log_format(), "%H:%M:%S"))
-        logger.addHandler(h)
-        logger.propagate = False
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    block = getattr(args, "block_frames", None)
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    if worker_id is not None and worker_id < 0:
+        raise UserError(f"--worker-id must be >= 0, got {worker_id}")
+    if workers is not None and worker_id is not None and worker_id >= workers:
+        raise UserError(f"--worker-id {worker_id} must be below --workers {workers}")
+    if block is not None and (workers is None or worker_id is not None):
+        raise UserError("--block-frames goes with --workers N alone (this process deals)")
+    if block is not None and block < 1:
+        raise UserError(f"--block-frames must be >= 1, got {block}")
+    out: dict = {"worker_id": worker_id, "n_workers": workers}
+    if worker_id is not None:
+        connect = getattr(args, "connect", None)
+        if connect is not None:
+            out["connect"] = offset_endpoint(connect, worker_id)
+    elif workers is not None and getattr(args, "listen", None) is not None:
+        raise UserError("--workers needs --connect (this process connects to the camera)")
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,8 +261,10 @@ def run(args: argparse.Namespace) -> int:
     cfg.check()
     setup_logging(args.quiet)
     workers = getattr(args, "workers", None)
-    if workers is not None and workers > 1:
-        from streamstore.fanout import run_workers
+    if workers is not None and getattr(args, "worker_id", None) is None:
+        from streamstore.scaleout.deal import DEFAULT_BLOCK_FRAMES
+        from streamstore.scaleout.local import run_local
 
-        return run_workers(cfg, workers, quiet=args.quiet)
+        block = getattr(args, "block_frames", None) or DEFAULT_BLOCK_FRAMES
+        return run_local(cfg, workers, block_frames=block, quiet=args.quiet)
     return IngestDaemon(cfg).run()

@@ -5,6 +5,15 @@ Examples::
     streamstore show run1.h5 --out view.png
     streamstore show run1.h5 --out first100.png --start 0 --stop 100 --log
     streamstore show run1.h5 --out roi.png --roi 100,300,200,500
+    streamstore show scan.h5 --virtual adf --out adf.png
+    streamstore show movie.h5 --virtual com --scan 64,64 --out com.png
+
+``--virtual bf|adf|com`` pictures a 4D-STEM scan instead: the summed
+diffraction pattern with the detector drawn on it, and the virtual image (or
+the two centre-of-mass components) with the scan axes labelled. Radii
+(``--inner``/``--outer``, pixels) default to the bright disk found in the
+pattern; ``--scan ROWS,COLS[,FRAMES[,FLYBACK]]`` gives a scan geometry to a
+file that has none.
 
 ``--start``/``--stop`` pick the stored frames summed into the image (0-based
 positions, stop exclusive, like Python slices); the dose panels always show
@@ -41,6 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="dose unit of the time panels (default e/A2 if the pixel size is known, else e/px)",
     )
     parser.add_argument("--dpi", type=int, default=100, help="resolution (default 100)")
+    parser.add_argument(
+        "--virtual", choices=("bf", "adf", "com"), default=None, help="4D-STEM virtual image"
+    )
+    parser.add_argument("--inner", type=float, default=None, help="detector inner radius (px)")
+    parser.add_argument("--outer", type=float, default=None, help="detector outer radius (px)")
+    parser.add_argument(
+        "--scan", default=None, metavar="ROWS,COLS[,F[,FLYBACK]]", help="scan geometry to use"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(Path(args.path).stem + ".png")
     store = streamstore.open(args.path)
     try:
+        if args.virtual is not None or args.scan is not None:
+            return _virtual(store, out, args)
         save_summary(
             store,
             out,
@@ -69,5 +88,34 @@ def run(args: argparse.Namespace) -> int:
         close = getattr(store, "close", None)
         if close is not None:
             close()
+    print(f"wrote {out}")
+    return 0
+
+
+def _virtual(store, out: Path, args: argparse.Namespace) -> int:
+    from streamstore.errors import UserError
+    from streamstore.stem_plot import save_virtual
+
+    if args.virtual is None:
+        raise UserError("--scan goes with --virtual bf|adf|com")
+    if args.scan is not None:
+        try:
+            parts = [int(v) for v in args.scan.split(",")]
+        except ValueError:
+            raise UserError(
+                f"--scan must be ROWS,COLS[,FRAMES[,FLYBACK]], got {args.scan!r}"
+            ) from None
+        if not 2 <= len(parts) <= 4:
+            raise UserError(f"--scan must be ROWS,COLS[,FRAMES[,FLYBACK]], got {args.scan!r}")
+        store = store.with_scan(tuple(parts[:2]), *parts[2:])
+    save_virtual(
+        store,
+        out,
+        args.virtual,
+        inner=args.inner,
+        outer=args.outer,
+        dpi=args.dpi,
+        title=Path(args.path).name,
+    )
     print(f"wrote {out}")
     return 0

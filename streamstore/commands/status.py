@@ -1,6 +1,7 @@
-"""Print the live status an ingest daemon publishes with --status-endpoint.
+"""Print the live status an ingest daemon publishes (default tcp://127.0.0.1:5558).
 
-Connects a SUB socket to ENDPOINT and prints one status (or keeps printing
+Connects a SUB socket to ENDPOINT (the daemon's --status-endpoint; by default
+the endpoint the daemon publishes on by default) and prints one status (or keeps printing
 with --follow): frames/s, GB/s in, events/s, bits/event, memory-queue fill,
 and the counts of frames received, stored, missing, duplicate and rejected.
 """
@@ -17,7 +18,15 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``streamstore status``."""
-    p.add_argument("endpoint", metavar="ENDPOINT", help="the daemon's --status-endpoint")
+    from streamstore.protocol import DEFAULT_STATUS_ENDPOINT
+
+    p.add_argument(
+        "endpoint",
+        metavar="ENDPOINT",
+        nargs="?",
+        default=DEFAULT_STATUS_ENDPOINT,
+        help="the daemon's --status-endpoint (default: %(default)s, the daemon's default)",
+    )
     p.add_argument("--json", action="store_true", help="print the raw JSON status")
     p.add_argument("--follow", action="store_true", help="keep printing until interrupted")
     p.add_argument(
@@ -33,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print statuses; exit 1 if none arrived within the timeout."""
+    """Print statuses; UserError (exit 2) if none arrived within the timeout."""
     import zmq
 
     from streamstore.errors import UserError
@@ -53,16 +62,21 @@ def run(args: argparse.Namespace) -> int:
         shown = 0
         while args.follow or shown < args.count:
             if not sock.poll(int(args.timeout * 1000)):
-                print(
-                    f"streamstore status: no status from {args.endpoint} within "
-                    f"{args.timeout:g} s (is `streamstore ingest --status-endpoint` running?)",
-                    file=sys.stderr,
+                raise UserError(
+                    f"no status from {args.endpoint} within {args.timeout:g} s "
+                    "(is `streamstore ingest` running, publishing there?)"
                 )
-                return 1
             raw = sock.recv()
             try:
                 st = json.loads(raw)
-                line = json.dumps(st) if args.json else format_status(st)
+                if args.json:
+                    line = json.dumps(st)
+                elif st.get("role") == "broker":  # streamstore fanout / ingest --workers N
+                    from streamstore.scaleout.broker import format_broker_status
+
+                    line = format_broker_status(st)
+                else:
+                    line = format_status(st)
             except (ValueError, KeyError, TypeError) as exc:
                 print(f"streamstore status: unreadable status message: {exc}", file=sys.stderr)
                 continue

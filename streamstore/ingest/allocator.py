@@ -24,7 +24,7 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["keep_large_buffers"]
+__all__ = ["keep_large_buffers", "release_free_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -49,3 +49,20 @@ def keep_large_buffers() -> bool:
     if not ok:
         log.debug("mallopt refused M_MMAP_MAX / M_TRIM_THRESHOLD")
     return ok
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the system now (``malloc_trim(0)``); True if any were.
+
+    For after an outsized message was dropped: with :func:`keep_large_buffers`
+    the heap would otherwise keep that peak for good. Does nothing without
+    glibc's ``malloc_trim``.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return bool(trim(0))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import logging
 import queue
+import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -29,9 +32,17 @@ log = logging.getLogger("streamstore.ingest")
 class CountStage(_Stage):
     """Counts frames into events; turns dark series into the calibration.
 
-    Calibration of a data series, chosen when the series opens: the latest
-    dark series' calibration if one arrived, else the ``--calibration`` file,
-    else :meth:`Calibration.estimate` on the first ``estimate_frames`` frames.
+    Calibration of a data series, chosen when the series opens: the
+    ``--calibration`` file if one was given, else the latest dark series'
+    calibration, else :meth:`Calibration.estimate` on the first
+    ``estimate_frames`` frames. With ``calibration_from_dark_series`` a dark
+    series replaces the file's calibration for the series after it. Every
+    change of the calibration in use is logged at WARNING and recorded in
+    :attr:`changes`, which each data series carries into its file.
+
+    Several series may be open at once: the state of a series (frames waiting
+    for its estimate, dark frames) is swapped in when one of its items
+    arrives (:data:`PER_SERIES`).
 
     Parameters
     ----------
@@ -45,9 +56,22 @@ class CountStage(_Stage):
         Threads of the counting kernel (None: numba's default, all cores).
     estimate_frames : int
         Frames used by ``Calibration.estimate`` when nothing else is known.
-    max_dark_frames : int
-        Dark frames kept for the calibration (later ones are counted as
-        received but not used).
+    refine_frames : int
+        Raw frames (a fixed dark pattern) get a per-pixel estimate that keeps
+        refining on every frame counted until this many frames; meanwhile the
+        calibration is provisional, rebuilt at 16, 32, 64, ... frames, and the
+        status line and the file say so as a WARNING.
+    max_dark_frames : int or None
+        Dark frames used for the calibration (later ones are counted as
+        received but not used); None: all. Each dark frame is folded into
+        running sums (:class:`~streamstore.dark_sums.DarkSums`, 16 bytes per
+        pixel per open dark series) and released at once, so the number of
+        dark frames does not change the memory used.
+    calibration_from_dark_series : bool, default False
+        Let a dark series replace the ``--calibration`` file's calibration.
+    abort : threading.Event, optional
+        Once set (a second stop signal), frames not yet counted are recorded
+        missing instead of counted, so shutdown does not wait for the kernel.
     xray_threshold : float, "auto" or None
         X-ray threshold (dark-subtracted signal, ADU) of the calibrations made
         here: from a dark series and by ``Calibration.estimate``. "auto": the
@@ -70,10 +94,20 @@ class CountStage(_Stage):
         subpixel: bool = False,
         threads: int | None = None,
         estimate_frames: int = 8,
-        max_dark_frames: int = 64,
+        refine_frames: int = 64,
+        max_dark_frames: int | None = None,
         xray_threshold: float | str | None = "auto",
+        calibration_from_dark_series: bool = False,
+        abort: threading.Event | None = None,
     ) -> None:
         super().__init__("count", inbox)
+        self.calibration_from_dark_series = bool(calibration_from_dark_series)
+        self.abort = abort if abort is not None else threading.Event()
+        self._aborted_frames = 0
+        #: every change of the calibration in use, oldest first (the last 64)
+        self.changes: deque[dict[str, Any]] = deque(maxlen=64)
+        self._states: dict[int, tuple] = {}  # id(series) -> saved PER_SERIES values
+        self._current: SeriesInfo | None = None
         self.outbox = outbox
         self.budget = budget
         self.counters = counters
@@ -84,22 +118,78 @@ class CountStage(_Stage):
         self.subpixel = subpixel
         self.threads = threads
         self.estimate_frames = max(1, int(estimate_frames))
-        self.max_dark_frames = int(max_dark_frames)
+        self.refine_frames = int(refine_frames)
+        self._refining: Any = None  # (series, DarkEstimator) while a calibration is provisional
+        self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
         self._counter: Any = None
         self._counter_key: Any = None
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
-        self._dark: list[np.ndarray] = []
-        self._dark_capped = False
+        self._dark: dict[str, Any] = {}  # series id -> DarkSums of its frames so far
+        self._dark_capped: set[str] = set()
         self._estimate_failed = ""
+
+    #: attributes that belong to one series; swapped in by :meth:`_switch`
+    #: (dark-frame sums are kept by series id already)
+    PER_SERIES = ("_pending", "_xray_for", "_refining")
+
+    def _fresh_state(self) -> tuple:
+        return ([], None, None)
+
+    def _switch(self, series: SeriesInfo) -> None:
+        """Make ``series``' state current (several series may be open at once)."""
+        cur = self._current
+        if cur is series:
+            return
+        if cur is not None:
+            self._states[id(cur)] = tuple(getattr(self, n) for n in self.PER_SERIES)
+        saved = self._states.pop(id(series), None)
+        for name, value in zip(self.PER_SERIES, saved or self._fresh_state(), strict=True):
+            setattr(self, name, value)
+        self._current = series
+
+    def _forget(self, series: SeriesInfo) -> None:
+        """Drop a closed series' state (its calibration goes with the series)."""
+        self._states.pop(id(series), None)
+        if self._current is series:
+            for name, value in zip(self.PER_SERIES, self._fresh_state(), strict=True):
+                setattr(self, name, value)
+            self._current = None
+
+    def _release_calibration(self, series: SeriesInfo) -> None:
+        """Every frame of the series is counted: keep only the summary of its own calibration.
+
+        An estimated calibration belongs to its series alone (about 300 MB at 4092 x
+        5760); while the series waits for the disk only its summary is needed.
+        """
+        cal = series.calibration
+        if series.kind != "data" or cal is None:
+            return
+        if cal is self.dark_calibration or cal is self.file_calibration:
+            return  # shared with later series
+        series.calibration_summary = dict(cal.summary())
+        series.calibration = None
+
+    def _record_change(self, old: str, new: str, by: str) -> None:
+        """Log a change of the calibration in use at WARNING and keep it for the files."""
+        change = {
+            "utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "from": old or "none",
+            "to": new,
+            "by": by,
+        }
+        self.changes.append(change)
+        log.warning("calibration changes from %s to %s (by %s)", change["from"], new, by)
 
     # -- calibration ---------------------------------------------------------
     def stop(self) -> None:
         self.outbox.put(STOP)  # the write stage drains what is queued before it
 
     def _pick_calibration(self, series: SeriesInfo) -> None:
-        if self.dark_calibration is not None:
+        series.calibration_changes = list(self.changes)
+        use_dark = self.file_calibration is None or self.calibration_from_dark_series
+        if self.dark_calibration is not None and use_dark:
             series.calibration = self.dark_calibration
             series.calibration_source = self.dark_label
         elif self.file_calibration is not None:
@@ -147,9 +237,12 @@ class CountStage(_Stage):
         xt = DEFAULT_XRAY_FACTOR * peak
         new = cal.with_xray_threshold(xt)
         if self.dark_calibration is cal:  # the following series reuse it
+            old = self.dark_label
             self.dark_calibration = new
             self.dark_label += f", X-ray threshold {xt:.0f} ADU from {series.series_id}"
             series.calibration_source = self.dark_label
+            self._record_change(old, self.dark_label, series.series_id)
+            series.calibration_changes = list(self.changes)
         series.calibration = new
         log.info(
             "series %s: X-ray threshold %.0f ADU (%g x the median electron peak %.1f ADU of "
@@ -169,9 +262,10 @@ class CountStage(_Stage):
             self._derive_xray(series, frames)
             return
         if frames:
+            estimators: list[Any] = []
             try:
                 series.calibration = Calibration.estimate(
-                    np.stack(frames), xray_threshold=self.xray_threshold
+                    np.stack(frames), xray_threshold=self.xray_threshold, estimator_out=estimators
                 )
             except ValueError as exc:
                 if series.series_id != self._estimate_failed:  # once per series
@@ -185,11 +279,68 @@ class CountStage(_Stage):
                     )
                 return
             series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
-            log.info(
+            est = estimators[0] if estimators else None
+            if est is not None and est.n_frames < self.refine_frames:
+                self._refining = (series, est)
+                self._set_warning(
+                    series,
+                    f"provisional calibration: dark and noise estimated from the data "
+                    f"(first {est.n_frames} frames of {series.series_id}, no dark series or "
+                    f"calibration file), refined until frame {self.refine_frames}",
+                )
+            log.warning(
                 "series %s: no dark frames or calibration file; estimated the calibration "
-                "from its first %d frames",
+                "from its first %d frames (%s)",
                 series.series_id,
                 len(frames),
+                "per-pixel dark map" if est is not None else "one dark level",
+            )
+
+    def _set_warning(self, series: SeriesInfo, text: str) -> None:
+        series.calibration_warning = text
+        self.counters.calibration_warning = text if self._refining is not None else ""
+
+    def _refine(self, item: FrameItem) -> None:
+        """Add a frame to the provisional estimate; rebuild the calibration at the
+        estimator's refinement points, and finish at ``refine_frames``."""
+        from streamstore.calibration import Calibration
+        from streamstore.dark_estimate import REFINE_AT
+
+        series, est = self._refining
+        try:
+            est.update(item.array)
+        except ValueError as exc:  # e.g. a frame of another shape: keep what we have
+            log.warning("series %s: calibration refinement stopped: %s", series.series_id, exc)
+            self._refining = None
+            self.counters.calibration_warning = ""
+            return
+        done = est.n_frames >= self.refine_frames
+        if not (done or est.n_frames in REFINE_AT):
+            return
+        old = series.calibration
+        series.calibration = Calibration.from_estimator(
+            est,
+            n_sigma=old.n_sigma,
+            xray_threshold=old.xray_threshold,
+            xray_radius=old.xray_radius,
+            gain=old.gain,
+        )
+        series.calibration_source = (
+            f"estimate:first {est.n_frames} frames of {series.series_id} (per-pixel dark)"
+        )
+        if done:
+            self._refining = None
+            self._set_warning(
+                series,
+                f"calibration estimated from the data (no dark series or calibration file); "
+                f"frames before {est.n_frames} of the series were counted while it was "
+                "provisional",
+            )
+            log.info(
+                "series %s: calibration refined on its first %d frames (noise %.2f ADU)",
+                series.series_id,
+                est.n_frames,
+                est.noise_sigma,
             )
 
     def _counter_for(self, series: SeriesInfo) -> Any:
@@ -208,39 +359,25 @@ class CountStage(_Stage):
 
     # -- items ------------------------------------------------------------------
     def handle(self, item: Any) -> None:
-        if isinstance(item, OpenItem):
-            self._pending = []
-            self._xray_for = None
+        self._switch(item.series)
+        if isinstance(item, FrameItem) and self.abort.is_set():
+            self._abandon(item)
+        elif isinstance(item, OpenItem):
             if item.series.kind == "data":
                 self._pick_calibration(item.series)
             self.outbox.put(item)
         elif isinstance(item, FrameItem):
             series = item.series
             if series.kind == "dark":
-                # dark copies count against the memory budget (a quarter of it at most)
-                held = sum(f.nbytes for f in self._dark)
-                if (
-                    len(self._dark) < self.max_dark_frames
-                    and held + item.nbytes <= self.budget.capacity // 4
-                ) or len(self._dark) < 2:
-                    self._dark.append(np.array(item.array, copy=True))
-                    self.budget.add(item.nbytes)
-                elif not self._dark_capped:
-                    self._dark_capped = True
-                    log.warning(
-                        "dark series %s: keeping %d frames for the calibration "
-                        "(memory budget / 4 or the dark-frame limit); later ones are not used",
-                        series.series_id,
-                        len(self._dark),
-                    )
-                self.budget.release(item.nbytes)
-                self.counters.frames_counted += 1
+                self._add_dark(item)
             elif series.calibration is None or self._xray_for is series:
                 self._pending.append(item)
                 if len(self._pending) >= self.estimate_frames:
                     self._estimate(series)
                     self._drain_pending()
             else:
+                if self._refining is not None and self._refining[0] is series:
+                    self._refine(item)
                 self._count([item])
         elif isinstance(item, MissingItem):
             if self._pending:
@@ -249,11 +386,22 @@ class CountStage(_Stage):
                 self.outbox.put(item)
         elif isinstance(item, CloseItem):
             series = item.series
+            if self._refining is not None and self._refining[0] is series:
+                n = self._refining[1].n_frames
+                self._refining = None
+                self._set_warning(
+                    series,
+                    f"provisional calibration: dark and noise estimated from the data (no "
+                    f"dark series or calibration file); the series ended after {n} of the "
+                    f"{self.refine_frames} frames that refine it",
+                )
             if series.kind == "dark":
                 self._finish_dark(series)
             elif self._pending:
                 self._estimate(series)
                 self._drain_pending()
+            self._release_calibration(series)
+            self._forget(series)
             self.outbox.put(item)
         else:  # pragma: no cover - programming error
             raise TypeError(f"count stage got an unexpected item {item!r}")
@@ -264,6 +412,28 @@ class CountStage(_Stage):
             self._lose([item])
         elif isinstance(item, CloseItem | OpenItem | MissingItem):
             self.outbox.put(item)  # keep the series' bookkeeping going
+
+    def _abandon(self, item: FrameItem) -> None:
+        """Shutdown cut short: a frame not counted yet is recorded missing, quickly."""
+        if self._aborted_frames == 0:
+            log.warning("stop cut short: frames not counted yet are recorded missing")
+        self._aborted_frames += 1
+        if item.series.kind == "dark":
+            self.budget.release(item.nbytes)
+            item.array = None  # type: ignore[assignment]
+            return
+        pending = [it for it in self._pending if isinstance(it, FrameItem)]
+        if pending:  # frames waiting for an estimate go the same way
+            self._pending = [it for it in self._pending if not isinstance(it, FrameItem)]
+            self._lose_quietly(pending)
+        self._lose_quietly([item])
+
+    def _lose_quietly(self, items: list[FrameItem]) -> None:
+        for it in items:
+            if it.array is not None:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]
+        self.outbox.put(MissingItem.of_ids(items[0].series, [it.frame_id for it in items]))
 
     def _lose(self, items: list[FrameItem]) -> None:
         """Frames that cannot be counted: give their memory back, record them missing."""
@@ -278,7 +448,7 @@ class CountStage(_Stage):
                     items[0].series.series_id,
                     len(items),
                 )
-            self.outbox.put(MissingItem(items[0].series, [it.frame_id for it in items]))
+            self.outbox.put(MissingItem.of_ids(items[0].series, [it.frame_id for it in items]))
 
     def _drain_pending(self) -> None:
         pending, self._pending = self._pending, []
@@ -329,33 +499,69 @@ class CountStage(_Stage):
             )
         )
 
+    def _add_dark(self, item: FrameItem) -> None:
+        """Fold a dark frame into its series' running sums and release the frame at once."""
+        from streamstore.dark_sums import DarkSums
+
+        sid = item.series.series_id
+        sums = self._dark.get(sid)
+        if sums is None:
+            sums = self._dark[sid] = DarkSums(f"dark series {sid}: frame")
+        if self.max_dark_frames is None or sums.n < self.max_dark_frames:
+            sums.add(item.array)
+        elif sid not in self._dark_capped:
+            self._dark_capped.add(sid)
+            log.warning(
+                "dark series %s: using %d frames for the calibration (the dark-frame limit); "
+                "later ones are not used",
+                sid,
+                sums.n,
+            )
+        self.budget.release(item.nbytes)
+        item.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+        self.counters.frames_counted += 1
+
     def _finish_dark(self, series: SeriesInfo) -> None:
         from streamstore.calibration import Calibration
 
-        frames, self._dark = self._dark, []
-        self._dark_capped = False
-        self.budget.release(sum(f.nbytes for f in frames))
-        if len(frames) < 2:
+        sums = self._dark.pop(series.series_id, None)
+        self._dark_capped.discard(series.series_id)
+        n_frames = 0 if sums is None else sums.n
+        if sums is None or n_frames < 2:
             log.warning(
                 "dark series %s brought %d frame(s); a calibration needs at least 2: ignored",
                 series.series_id,
-                len(frames),
+                n_frames,
             )
             return
         try:
             xt = None if isinstance(self.xray_threshold, str) else self.xray_threshold
-            cal = Calibration.from_dark_frames(np.stack(frames), xray_threshold=xt)
+            cal = Calibration.from_dark_frames(sums, xray_threshold=xt)
         except ValueError as exc:
             log.error("dark series %s: cannot calibrate: %s", series.series_id, exc)
             return
-        self.dark_calibration = cal
-        self.dark_label = f"dark_frames:{series.series_id} ({len(frames)} frames)"
+        label = f"dark_frames:{series.series_id} ({n_frames} frames)"
         series.calibration = cal
-        series.calibration_source = self.dark_label
+        series.calibration_source = label
         log.info(
-            "dark series %s: calibration from %d frames (%d pixels masked) "
-            "for the following series",
+            "dark series %s: calibration from %d frames (%d pixels masked)",
             series.series_id,
-            len(frames),
+            n_frames,
             cal.n_masked,
         )
+        self._adopt_dark(series, cal, label)
+
+    def _adopt_dark(self, series: SeriesInfo, cal: Any, label: str) -> None:
+        """Use a dark series' calibration for the following series, unless a file rules."""
+        if self.file_calibration is not None and not self.calibration_from_dark_series:
+            log.warning(
+                "dark series %s: its calibration is saved but NOT used: the --calibration "
+                "file (%s) stays in use (pass --calibration-from-dark-series to use dark series)",
+                series.series_id,
+                self.file_label,
+            )
+            return
+        old = self.dark_label or (self.file_label if self.file_calibration is not None else "")
+        self.dark_calibration = cal
+        self.dark_label = label
+        self._record_change(old, label, series.series_id)

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.idranges import IdRanges, ranges_of_ids
+
 __all__ = [
     "ByteBudget",
     "SeriesInfo",
@@ -96,12 +98,21 @@ class SeriesInfo:
     kind: str = "data"  # "data" or "dark"
     calibration: Any = None
     calibration_source: str = "none"
+    # the calibration's summary once the object itself is freed (all frames counted)
+    calibration_summary: dict[str, Any] | None = None
+    # non-empty while (or after) frames are counted with a provisional calibration
+    calibration_warning: str = ""
     path: Path | None = None
-    # final numbers, filled by the write stage when it closes the series
+    # final numbers, filled by the write stage; stored and events count flushed frames only
     stored: int = 0
     events: int = 0
-    missing_ids: list[int] = field(default_factory=list)
+    missing: IdRanges = field(default_factory=IdRanges)
     complete: bool = False
+    # why the sender's account contradicts what arrived (e.g. an end below the frames
+    # received); empty when it does not
+    inconsistent: str = ""
+    # the daemon's calibration changes up to this series' start (recorded in its file)
+    calibration_changes: list[dict[str, Any]] = field(default_factory=list)
     # time.monotonic() of the first image received and of the close (benchmarks)
     first_frame_t: float | None = None
     closed_t: float | None = None
@@ -112,6 +123,7 @@ class SeriesInfo:
         default_factory=lambda: {"receive": 0.0, "count": 0.0, "write": 0.0}
     )
     n_expected: int | None = None  # frame ids 0..n-1 expected (end / start), set at close
+    end_extra: dict[str, Any] | None = None  # extra keys of the end (a broker's report)
 
     @property
     def frame_shape(self) -> tuple[int, int]:
@@ -134,8 +146,18 @@ class FrameItem:
 
 @dataclass(eq=False)
 class MissingItem:
+    """Frame ids of a series that will never be stored, as ``[start, stop)`` ranges."""
+
     series: SeriesInfo
-    frame_ids: list[int]
+    ranges: list[tuple[int, int]]
+
+    @classmethod
+    def of_ids(cls, series: SeriesInfo, ids: list[int]) -> MissingItem:
+        return cls(series, ranges_of_ids(ids))
+
+    @property
+    def n_ids(self) -> int:
+        return sum(b - a for a, b in self.ranges)
 
 
 @dataclass(eq=False)

@@ -25,6 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from streamstore.idranges import IdRanges, format_ranges
+
 __all__ = ["Offer", "FrameTracker", "missing_ranges"]
 
 ACCEPTED = "accepted"
@@ -42,13 +44,19 @@ class Offer:
         ``"accepted"`` (released or held), ``"duplicate"`` or ``"late"``.
     ready : list of (int, object)
         Items now ready to store, ascending frame id.
-    missing : list of int
-        Frame ids declared missing by this call, ascending.
+    missing : list of (int, int)
+        Frame ids declared missing by this call, as ascending ``[start, stop)``
+        ranges (a jump of ten million ids is one pair).
     """
 
     verdict: str
     ready: list[tuple[int, Any]] = field(default_factory=list)
-    missing: list[int] = field(default_factory=list)
+    missing: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def n_missing(self) -> int:
+        """Number of ids in :attr:`missing`."""
+        return sum(b - a for a, b in self.missing)
 
 
 class FrameTracker:
@@ -72,7 +80,7 @@ class FrameTracker:
         self.window = int(window)
         self.next_id = 0
         self._held: dict[int, Any] = {}
-        self._missing: set[int] = set()
+        self._missing = IdRanges()
         self.received = 0
         self.released = 0
         self.duplicate = 0
@@ -88,12 +96,17 @@ class FrameTracker:
     @property
     def n_missing(self) -> int:
         """Number of frame ids declared missing so far."""
-        return len(self._missing)
+        return self._missing.n_ids
+
+    @property
+    def missing(self) -> IdRanges:
+        """Frame ids declared missing so far (ranges; do not modify)."""
+        return self._missing
 
     @property
     def missing_ids(self) -> list[int]:
-        """Frame ids declared missing so far, ascending."""
-        return sorted(self._missing)
+        """Frame ids declared missing so far, ascending (expanded: mind huge gaps)."""
+        return self._missing.ids().tolist()
 
     def held_items(self) -> list[Any]:
         """The items currently held (e.g. to release their memory)."""
@@ -165,18 +178,14 @@ class FrameTracker:
             self._release_lowest(out)
         stop = max(self.next_id, int(n_expected or 0))
         if stop > self.next_id:
-            gap = range(self.next_id, stop)
-            out.missing.extend(gap)
-            self._missing.update(gap)
+            out.missing.extend(self._missing.add(self.next_id, stop))
             self.next_id = stop
         return out
 
     # -- internals ---------------------------------------------------------------
     def _release_lowest(self, out: Offer) -> None:
         low = min(self._held)
-        gap = range(self.next_id, low)
-        out.missing.extend(gap)
-        self._missing.update(gap)
+        out.missing.extend(self._missing.add(self.next_id, low))
         out.ready.append((low, self._held.pop(low)))
         self.released += 1
         self.next_id = low + 1
@@ -189,19 +198,6 @@ class FrameTracker:
             self.next_id += 1
 
 
-def missing_ranges(ids: list[int]) -> str:
-    """Compact text of sorted ids for log lines: ``"3, 7-9, 12"``."""
-    if not ids:
-        return "none"
-    parts: list[str] = []
-    start = prev = ids[0]
-    for i in ids[1:]:
-        if i == prev + 1:
-            prev = i
-            continue
-        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-        start = prev = i
-    parts.append(f"{start}" if start == prev else f"{start}-{prev}")
-    if len(parts) > 8:
-        return ", ".join(parts[:8]) + f", ... ({len(ids)} ids)"
-    return ", ".join(parts)
+def missing_ranges(ranges: list[tuple[int, int]]) -> str:
+    """Compact text of ``[start, stop)`` ranges for log lines: ``"3, 7-9, 12"``."""
+    return format_ranges(ranges)

@@ -45,6 +45,8 @@ class Counters:
     missing: int = 0
     series_closed: int = 0
     write_errors: int = 0
+    # count thread: set while a series is counted with a provisional calibration
+    calibration_warning: str = ""
 
     def reject(self, reason: str) -> None:
         """Count one rejected message under a short reason key."""
@@ -77,7 +79,7 @@ def format_status(st: dict[str, Any]) -> str:
         f"queue {100 * st['queue_fill']:3.0f}% | received {st['frames_received']} "
         f"stored {st['frames_stored']} missing {st['missing']} duplicate {st['duplicate']} "
         f"rejected {st['rejected']}"
-    )
+    ) + (f" | WARNING: {st['calibration_warning']}" if st.get("calibration_warning") else "")
 
 
 class StatusReporter:

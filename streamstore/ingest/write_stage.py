@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,13 @@ class WriteStage(_Stage):
     paths : callable, optional
         ``paths(out_dir, series_id)`` yields candidate file paths of a series;
         default :func:`~streamstore.ingest.safety.candidate_paths`.
+    abort : threading.Event, optional
+        Once set (a second stop signal), counted frames not yet written are
+        recorded missing instead of written; every file is still closed with
+        its accounting.
+
+    A frame counts as stored (``series.stored``, ``counters.frames_stored``)
+    once a flush has put it in the file, never before.
     """
 
     def __init__(
@@ -60,8 +68,10 @@ class WriteStage(_Stage):
         on_closed: Any = None,
         paths: Any = None,
         encode_threads: int | None = None,
+        abort: threading.Event | None = None,
     ) -> None:
         super().__init__("write", inbox)
+        self.abort = abort if abort is not None else threading.Event()
         self.encode_threads = encode_threads
         # candidate file paths of a series (scale-out workers: DIR/<id>/shard-K.h5)
         self.paths = paths if paths is not None else candidate_paths
@@ -92,7 +102,11 @@ class WriteStage(_Stage):
             "detector": getattr(start, "detector", None),
             "calibration_source": series.calibration_source,
             "sender_meta": getattr(start, "meta", None) or {},
-            "ingest": {"n_frames_announced": getattr(start, "n_frames", None)},
+            "ingest": {
+                "n_frames_announced": getattr(start, "n_frames", None),
+                # every change of the daemon's calibration before this series opened
+                "calibration_changes": series.calibration_changes,
+            },
         }
         for path in self.paths(self.out_dir, series.series_id):
             if not is_free(path):
@@ -104,15 +118,27 @@ class WriteStage(_Stage):
                     series.frame_shape,
                     frame_time_s=start.frame_time_s,
                     pixel_size_A=getattr(start, "pixel_size_A", None),
-                    calibration=self._calibration_summary(series.calibration),
+                    calibration=self._calibration_summary(series.calibration)
+                    if series.calibration is not None
+                    else series.calibration_summary,
                     meta=meta,
                     raw_dtype=start.np_dtype,
                     subpixel=self.subpixel,
                     flush_interval_s=self.flush_interval_s,
                     nthreads=self.encode_threads,
+                    scan=_scan_of(start),
                 )
             except FileExistsError:
                 continue  # somebody created it between the check and now
+            except Exception as exc:  # OSError, or RuntimeError from h5py
+                log.error(
+                    "series %s: CANNOT CREATE %s (%s); nothing is left at that path and "
+                    "the series' frames are counted as missing",
+                    series.series_id,
+                    path,
+                    getattr(exc, "strerror", None) or exc,
+                )
+                raise
             break
         first = next(iter(self.paths(self.out_dir, series.series_id)))
         if path != first:
@@ -123,10 +149,25 @@ class WriteStage(_Stage):
                 path.relative_to(self.out_dir),
             )
         series.path = path
+        if series.calibration_warning:
+            writer.set_calibration_warning(series.calibration_warning)
         self._writers[key] = writer
         self._open_series[key] = series
         log.info("series %s -> %s", series.series_id, path)
         return writer
+
+    def _sync_warning(self, series: SeriesInfo) -> None:
+        """Carry the count stage's calibration warning into the open file."""
+        writer = self._writers.get(id(series))
+        if writer is None or writer.closed or id(series) in self._failed:
+            return
+        if writer.calibration_warning != series.calibration_warning:
+            try:
+                writer.set_calibration_warning(series.calibration_warning)
+            except Exception as exc:  # OSError, or RuntimeError from h5py
+                log.warning(
+                    "series %s: cannot record the calibration warning: %s", series.series_id, exc
+                )
 
     def _calibration_summary(self, cal: Any) -> Any:
         """``cal.summary()``, computed once per calibration (about 1 s at 24 MP)."""
@@ -155,8 +196,9 @@ class WriteStage(_Stage):
             return
         if isinstance(item, EventsItem):
             self._append(item)
+            self._sync_warning(series)
         elif isinstance(item, MissingItem):
-            self._mark_missing(series, item.frame_ids)
+            self._mark_missing(series, item.ranges)
         elif isinstance(item, CloseItem):
             self._close(item)
         else:  # pragma: no cover - programming error
@@ -165,6 +207,9 @@ class WriteStage(_Stage):
     def _append(self, item: EventsItem) -> None:
         series = item.series
         try:
+            if self.abort.is_set():
+                self._mark_missing(series, [(i, i + 1) for i in item.frame_ids])
+                return
             if id(series) in self._failed:
                 raise OSError("an earlier write to this series failed")
             writer = self._open(series)
@@ -178,18 +223,22 @@ class WriteStage(_Stage):
         except Exception as exc:  # OSError, or RuntimeError from h5py
             self._write_failed(series, item.frame_ids, exc)
         else:
-            series.stored += len(item.frame_ids)
-            series.events += item.events.n_events
-            self.counters.frames_stored += len(item.frame_ids)
-            self.counters.events_stored += item.events.n_events
+            self._sync_stored(series, writer)
         finally:
             self.budget.release(item.nbytes)
+
+    def _sync_stored(self, series: SeriesInfo, writer: Any) -> None:
+        """Count the frames the writer's flushes have put in the file (and only those)."""
+        n, e = writer.n_flushed, writer.n_events_flushed
+        self.counters.frames_stored += n - series.stored
+        self.counters.events_stored += e - series.events
+        series.stored, series.events = n, e
 
     def _refused(self, series: SeriesInfo, frame_ids: list[int], exc: BaseException) -> None:
         """The writer refused an append: those frames are missing, the series goes on.
 
         Ids the file already holds (a late second copy) stay stored: only the
-        others are marked missing.
+        others are marked missing (marking a stored id missing would fail the file).
         """
         writer = self._writers.get(id(series))
         ids = [int(i) for i in frame_ids]
@@ -203,9 +252,10 @@ class WriteStage(_Stage):
             ids[:8],
             exc,
         )
-        self._mark_missing(series, ids)
+        self._mark_missing(series, [(i, i + 1) for i in ids])
 
     def _write_failed(self, series: SeriesInfo, frame_ids: list[int], exc: BaseException) -> None:
+        new = series.missing.add_ids(frame_ids)
         if id(series) not in self._failed:
             log.error(
                 "series %s: WRITE FAILED (%s); the file keeps every frame flushed before this, "
@@ -213,81 +263,92 @@ class WriteStage(_Stage):
                 series.series_id,
                 exc,
             )
-            # (helper G) frames appended since the writer's last completed flush are
-            # not in the file either: count them as missing, not stored
+            # frames appended since the writer's last completed flush are not in the
+            # file either (they were never counted as stored)
             writer = self._writers.get(id(series))
-            given = set(frame_ids)
-            lost = [] if writer is None else [int(i) for i in writer.unflushed_frame_ids]
-            lost = [i for i in lost if i not in given]
-            if lost:
-                log.error(
-                    "series %s: %d frame(s) appended since the last good flush are lost too",
-                    series.series_id,
-                    len(lost),
-                )
-                series.stored -= len(lost)
-                self.counters.frames_stored -= len(lost)
-                series.missing_ids.extend(lost)
-                self.counters.missing += len(lost)
+            if writer is not None:
+                lost = series.missing.add_ids(writer.unflushed_frame_ids.tolist())
+                if lost:
+                    log.error(
+                        "series %s: %d frame(s) appended since the last good flush are lost too",
+                        series.series_id,
+                        sum(b - a for a, b in lost),
+                    )
+                new += lost
         self._failed.add(id(series))
         self.counters.write_errors += 1
-        series.missing_ids.extend(frame_ids)
-        self.counters.missing += len(frame_ids)
+        self.counters.missing += sum(b - a for a, b in new)
 
-    def _mark_missing(self, series: SeriesInfo, ids: list[int]) -> None:
-        series.missing_ids.extend(ids)
-        self.counters.missing += len(ids)
-        if id(series) in self._failed:
+    def _mark_missing(self, series: SeriesInfo, ranges: list[tuple[int, int]]) -> None:
+        new = []
+        for a, b in ranges:
+            new.extend(series.missing.add(a, b))
+        self.counters.missing += sum(b - a for a, b in new)
+        if id(series) in self._failed or not new:
             return
         try:
-            self._open(series).mark_missing(ids)
-        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+            self._open(series).mark_missing_ranges(new)
+        except Exception as exc:  # OSError, or RuntimeError from h5py
             self._write_failed(series, [], exc)
 
     def _close(self, item: CloseItem) -> None:
         series = item.series
-        series.complete = item.complete
+        series.complete = item.complete and not series.inconsistent
         key = id(series)
         try:
             writer = self._open(series) if key not in self._failed else self._writers.get(key)
             if writer is not None:
                 if key in self._failed:
-                    lost = sorted(set(series.missing_ids))
                     try:
-                        writer.mark_missing(lost)
+                        writer.mark_missing_ranges(list(series.missing))
                     except Exception:
                         pass
+                self._sync_warning(series)
+                extra = {"inconsistent": series.inconsistent} if series.inconsistent else {}
                 writer.update_accounting(
                     received=item.received,
                     duplicate=item.duplicate,
                     rejected=item.rejected,
-                    complete=item.complete and key not in self._failed,
+                    complete=series.complete and key not in self._failed,
                     reason=item.reason,
                     receive_seconds=round(item.receive_s, 6),
+                    **extra,
                 )
                 writer.close()
-        except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+                self._sync_stored(series, writer)
+        except Exception as exc:  # OSError, or RuntimeError from h5py
             self._write_failed(series, [], exc)
-        if key in self._failed and series.path is not None:
+        if key in self._failed and series.path is not None and series.path.exists():
             self._repair_eof(series)
         self._writers.pop(key, None)
         self._open_series.pop(key, None)
         self._closed_bytes += self._file_bytes(series)
         self.counters.bytes_written = self._closed_bytes
-        n_missing = len(set(series.missing_ids))
-        log.info(
+        failed = key in self._failed
+        self._failed.discard(key)
+        if failed:
+            level, state = logging.ERROR, "FAILED"
+        elif series.inconsistent:
+            level, state = logging.WARNING, "INCONSISTENT"
+        elif not series.complete:
+            level, state = logging.WARNING, "INCOMPLETE"
+        else:
+            level, state = logging.INFO, "complete"
+        log.log(
+            level,
             "series %s %s (%s): received %d, stored %d, missing %d, duplicate %d, rejected %d, "
-            "%d events -> %s",
+            "%d events -> %s%s",
             series.series_id,
-            "complete" if series.complete else "INCOMPLETE",
+            state,
             item.reason,
             item.received,
             series.stored,
-            n_missing,
+            series.missing.n_ids,
             item.duplicate,
             item.rejected,
             series.events,
             series.path,
+            f"; {series.inconsistent}" if series.inconsistent else "",
         )
         self._finish(series)
 
@@ -349,6 +410,10 @@ class WriteStage(_Stage):
         self._finish(series)
 
     def _finish(self, series: SeriesInfo) -> None:
+        # a closed series keeps its summary only: its calibration (estimated ones are
+        # hundreds of MB at full frames) is freed with it
+        series.calibration = None
+        series.calibration_summary = None
         series.closed_t = time.monotonic()
         self.counters.series_closed += 1
         if self.on_closed is not None:
@@ -362,13 +427,16 @@ class WriteStage(_Stage):
         for key, writer in list(self._writers.items()):
             if key in self._failed or writer.closed:
                 continue
+            series = self._open_series.get(key)
             try:
                 writer.flush()
-            except Exception as exc:  # OSError, or RuntimeError from h5py (helper G)
+            except Exception as exc:  # OSError, or RuntimeError from h5py
                 log.error("flush failed: %s", exc)
-                series = self._open_series.get(key)
                 if series is not None:
                     self._write_failed(series, [], exc)
+            else:
+                if series is not None:
+                    self._sync_stored(series, writer)
         self._update_bytes()
 
     def _update_bytes(self) -> None:
@@ -383,3 +451,17 @@ class WriteStage(_Stage):
             except Exception as exc:  # pragma: no cover - best effort at exit
                 log.error("closing a file at shutdown failed: %s", exc)
         self._writers.clear()
+
+
+def _scan_of(start: Any) -> Any:
+    """The scan geometry announced in a start message, or None."""
+    shape = getattr(start, "scan_shape", None)
+    if shape is None:
+        return None
+    from streamstore.scan import ScanGeometry
+
+    return ScanGeometry(
+        tuple(shape),
+        getattr(start, "frames_per_position", None) or 1,
+        getattr(start, "scan_flyback", None) or 0,
+    )
