@@ -506,14 +506,18 @@ class IngestDaemon(SeriesMachine):
         """Wait for the stages to store everything queued; 1 if one failed or was cut off."""
         told = False
         abort_t: float | None = None
+
+        def say_abort() -> None:
+            log.warning(
+                "second stop signal: cutting the drain short; what is not stored yet "
+                "is recorded missing in its file"
+            )
+
         while self._count.is_alive() or self._write.is_alive():
             if self._abort.is_set():
                 if abort_t is None:
                     abort_t = time.monotonic()
-                    log.warning(
-                        "second stop signal: cutting the drain short; what is not stored yet "
-                        "is recorded missing in its file"
-                    )
+                    say_abort()
                 elif time.monotonic() - abort_t > 30.0:
                     log.error("pipeline did not stop within 30 s of the second signal; exiting")
                     return 1
@@ -527,6 +531,8 @@ class IngestDaemon(SeriesMachine):
             self._count.join(0.2)
             self._write.join(0.2)
             self.reporter.tick()  # type: ignore[union-attr]
+        if abort_t is None and self._abort.is_set():
+            say_abort()  # the stages stopped before this loop saw the signal
         if self._count.error is not None or self._write.error is not None:
             return 1
         return 0
