@@ -267,7 +267,7 @@ class IngestDaemon(SeriesMachine):
         self._write_q: queue.SimpleQueue = queue.SimpleQueue()
         self._recv_cpu_s = 0.0
         self.reporter: StatusReporter | None = None
-        self._auth: Any = None  # ZAP authenticator with --curve-keys (helper G)
+        self._auth: Any = None  # ZAP authenticator with --curve-keys
 
     # -- control ------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:

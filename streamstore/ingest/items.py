@@ -186,7 +186,7 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def superblock_eof(path: str | os.PathLike) -> int | None:
-    """(helper G) End-of-file address the HDF5 superblock (version 2 or 3) of ``path`` records.
+    """End-of-file address the HDF5 superblock (version 2 or 3) of ``path`` records.
 
     A write that fails at the end of a file (ENOSPC, EFBIG) can leave the
     superblock, rewritten in place, pointing past the real end; HDF5 then

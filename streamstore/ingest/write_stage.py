@@ -353,7 +353,7 @@ class WriteStage(_Stage):
         self._finish(series)
 
     def _repair_eof(self, series: SeriesInfo) -> None:
-        """(helper G) After a failed write, extend the file to its superblock's end if short."""
+        """After a failed write, extend the file to its superblock's end if short."""
         path = series.path
         try:
             eof = superblock_eof(path)
