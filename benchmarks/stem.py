@@ -7,9 +7,9 @@ disk whose centre wanders over the scan, 30 % spread over the frame), is
 written once as a streamstore file with its scan geometry and once as
 stempy's sparse HDF5 (``streamstore.export_stempy``). Then, in the same run:
 
-* **streamstore**: ``store.virtual_image`` (BF disk and ADF annulus) and
-  ``store.center_of_mass`` straight from the file, with 1 thread (the
-  per-core figure) and with all cores;
+* **streamstore**: ``store.virtual_images`` (BF disk and ADF annulus in one
+  call, as stempy's) and ``store.center_of_mass`` straight from the file,
+  with 1 thread (the per-core figure) and with all cores;
 * **stempy**: ``SparseArray.from_hdf5`` (load), ``create_stem_images`` (both
   detectors in one call) and ``com_sparse`` on the loaded array.
 
@@ -114,11 +114,8 @@ def run(args: argparse.Namespace) -> dict:
     def ours(nthreads: int):
         def task():
             with streamstore.open(path, nthreads=nthreads) as st:
-                return (
-                    st.virtual_image(0, bf, center),
-                    st.virtual_image(adf[0], adf[1], center),
-                    st.center_of_mass(),
-                )
+                bf_img, adf_img = st.virtual_images([(0, bf), adf], center)
+                return bf_img, adf_img, st.center_of_mass()
 
         return task
 
@@ -140,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
 
     def our_images():  # a fresh store each time: no decoded chunk cached from the last call
         with streamstore.open(path, nthreads=1) as st:
-            return st.virtual_image(0, bf, center), st.virtual_image(adf[0], adf[1], center)
+            return tuple(st.virtual_images([(0, bf), adf], center))
 
     def com_only():
         with streamstore.open(path, nthreads=1) as st:

@@ -615,7 +615,12 @@ class Sender:
         On :meth:`close`, how long queued messages may still be delivered
         (None: until they are).
     context : zmq.Context, optional
-        Defaults to the process-wide instance.
+        Defaults to a context of the sender's own, which :meth:`close`
+        terminates: close then waits (up to ``linger_s``) until the queued
+        messages are delivered. Frames go out zero-copy, so their arrays must
+        outlive the delivery; a process that returned right after closing a
+        socket of a shared context could free them while ZeroMQ still sends
+        from them (libzmq aborts with "Bad address").
     setup_socket : callable, optional
         Called with the PUSH socket before it binds or connects, to set
         options such as CURVE keys (e.g. ``lambda s:
@@ -645,7 +650,9 @@ class Sender:
 
         self._zmq = zmq
         self.endpoint = endpoint
-        ctx = context if context is not None else zmq.Context.instance()
+        self._own_context = context is None
+        ctx = zmq.Context() if context is None else context
+        self._context = ctx
         self.socket = ctx.socket(zmq.PUSH)
         self.socket.setsockopt(zmq.SNDHWM, int(sndhwm))
         self.socket.setsockopt(zmq.LINGER, -1 if linger_s is None else int(linger_s * 1000))
@@ -656,7 +663,7 @@ class Sender:
             try:
                 setup_socket(self.socket)
             except BaseException:
-                self.socket.close(linger=0)
+                self._abandon()
                 raise
         try:
             if bind:
@@ -668,7 +675,7 @@ class Sender:
                 self.socket.setsockopt(zmq.IMMEDIATE, 1)
                 self.socket.connect(endpoint)
         except zmq.ZMQError as exc:
-            self.socket.close(linger=0)
+            self._abandon()
             verb = "bind" if bind else "connect"
             raise OSError(f"cannot {verb} {endpoint}: {exc}") from None
 
@@ -700,12 +707,26 @@ class Sender:
         """Send the end of a series."""
         self._send(encode_end(series_id, n_frames), "end")
 
+    def _abandon(self) -> None:
+        """Close at once, nothing sent yet (a failed set-up)."""
+        self.socket.close(linger=0)
+        if self._own_context:
+            self._context.term()
+
     def close(self, linger_s: float | None = None) -> None:
-        """Close the socket, letting queued messages go for up to the linger time."""
+        """Close the socket, letting queued messages go for up to the linger time.
+
+        With the sender's own context this returns once they are delivered (or
+        the linger time is over), so the frames they point at may be freed.
+        """
+        if self.socket.closed:
+            return
         if linger_s is None:
             self.socket.close()
         else:
             self.socket.close(linger=int(linger_s * 1000))
+        if self._own_context:
+            self._context.term()
 
     def __enter__(self) -> Sender:
         return self

@@ -41,7 +41,7 @@ __all__ = ["Store", "open", "UNITS"]
 
 UNITS = ("events", "e/px", "e/A2")
 _FORMAT_NAME = "streamstore.events"
-_SUPPORTED_VERSIONS = (1,)
+_SUPPORTED_VERSIONS = (1, 2)
 # events per job of sum(): at least _JOB_EVENTS, 2 per image pixel, at most
 # _JOB_EVENTS_MAX (scratch = 4 bytes an event). The kernel sweeps the whole image
 # once per job, so a job must hold many events per pixel: measured on 24 MP

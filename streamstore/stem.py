@@ -50,6 +50,7 @@ __all__ = [
     "radial_profile",
     "scan_coverage",
     "virtual_image",
+    "virtual_images",
 ]
 
 # events per job: big enough that per-job overhead vanishes, small enough to
@@ -319,6 +320,49 @@ def virtual_image(
     return out[:, 0].reshape(shape)
 
 
+def virtual_images(
+    store: Any,
+    radii: Sequence[tuple[float, float]],
+    center: tuple[float, float] | None = None,
+    *,
+    scan_roi: Sequence[int] | None = None,
+    start: int | None = None,
+    stop: int | None = None,
+) -> np.ndarray:
+    """Several annular detectors ``(n, rows, cols)``, in one pass over the events when disjoint.
+
+    See :meth:`ScanAnalysisMixin.virtual_images`.
+    """
+    try:
+        pairs = [(float(a), float(b)) for a, b in radii]
+    except (TypeError, ValueError):
+        raise UserError(f"radii must be (inner, outer) pairs, got {radii!r}") from None
+    if not pairs:
+        raise UserError("give at least one (inner, outer) detector")
+    sel, local, shape = _selection(store, scan_roi, start, stop)
+    if center is None:
+        center = _pattern_center(store, sel)
+    masks = [annular_mask(store.frame_shape, a, b, center) for a, b in pairs]
+    cover = np.sum(masks, axis=0)
+    if cover.max(initial=0) > 1:  # overlapping detectors: a pixel can carry one label only
+        return np.stack(
+            [
+                virtual_image(store, a, b, center, scan_roi=scan_roi, start=start, stop=stop)
+                for a, b in pairs
+            ]
+        )
+    labels = np.full(cover.shape, -1, np.int32)
+    for k, m in enumerate(masks):
+        labels[m] = k
+    labels = labels.ravel()
+    kern = _kernels()
+    out = _reduce(
+        store, sel, local, shape[0] * shape[1], len(pairs), np.int64,
+        lambda g, s, c, o: kern.frame_label_counts(g, s, c, labels, o),
+    )  # fmt: skip
+    return np.ascontiguousarray(out.T).reshape(len(pairs), *shape)
+
+
 def _moments(
     store: Any, mask: Any, scan_roi: Any, start: int | None, stop: int | None
 ) -> tuple[np.ndarray, tuple[int, int]]:
@@ -523,6 +567,38 @@ class ScanAnalysisMixin:
             int64 counts (float64 for a float mask).
         """
         return virtual_image(self, inner_radius, outer_radius, center, mask=mask, scan_roi=scan_roi)
+
+    def virtual_images(
+        self,
+        radii: Sequence[tuple[float, float]],
+        center: tuple[float, float] | None = None,
+        *,
+        scan_roi: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Several annular detectors at once (bright field, annular dark field, ...).
+
+        Each detector equals :meth:`virtual_image` with the same radii and
+        centre. Detectors that share no pixel are counted in one pass over the
+        events (the file is read and decompressed once, as stempy's
+        ``create_stem_images`` takes several radii); overlapping ones cost a
+        pass each.
+
+        Parameters
+        ----------
+        radii : sequence of (inner_radius, outer_radius)
+            One annulus ``inner**2 <= d**2 < outer**2`` per detector.
+        center : (row, col), optional
+            Common centre in pixels; None: the centre of mass of the summed
+            pattern of the selected positions.
+        scan_roi : (row0, row1, col0, col1), optional
+            Scan region; default the whole scan.
+
+        Returns
+        -------
+        ndarray (n_detectors, rows, cols)
+            int64 counts.
+        """
+        return virtual_images(self, radii, center, scan_roi=scan_roi)
 
     def center_of_mass(
         self, mask: Any = None, *, scan_roi: Sequence[int] | None = None

@@ -1,6 +1,6 @@
 """StoreWriter: stream counted events into a streamstore HDF5 file.
 
-The file layout ("streamstore.events" version 1) is specified in
+The file layout ("streamstore.events" version 2) is specified in
 ``docs/format.md``. In short: a flat gap-encoded event dataset (CSR) plus
 per-frame datasets, every dataset chunked and compressed with Blosc2 (HDF5
 filter 32026) by python-blosc2 ourselves and written with
@@ -56,7 +56,7 @@ from streamstore.idranges import IdRanges, ranges_of_ids
 __all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "streamstore.events"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20

@@ -118,6 +118,34 @@ def test_virtual_images_match_brute_force(scan_file):
         )
 
 
+def test_several_detectors_in_one_call_match_brute_force(scan_file):
+    path, dense, ids = scan_file
+    d4 = brute_4d(dense, ids, SCAN, 2, 1)
+    h, w = FRAME
+    rr, cc = np.mgrid[:h, :w]
+    center = (5.5, 7.25)
+    d2 = (rr - center[0]) ** 2 + (cc - center[1]) ** 2
+    with streamstore.open(path, nthreads=2) as st:
+        # disjoint (one pass, labelled pixels) and overlapping (a pass each) detectors
+        for radii in ([(0, 3), (4, 9), (9, 30)], [(0, 5), (2, 8)]):
+            got = st.virtual_images(radii, center)
+            assert got.shape == (len(radii), *SCAN) and got.dtype == np.int64
+            for k, (inner, outer) in enumerate(radii):
+                m = (d2 >= inner**2) & (d2 < outer**2)
+                np.testing.assert_array_equal(got[k], (d4 * m).sum(axis=(2, 3)))
+                np.testing.assert_array_equal(got[k], st.virtual_image(inner, outer, center))
+        roi = (1, 4, 2, 6)
+        np.testing.assert_array_equal(
+            st.virtual_images([(0, 3), (4, 9)], center, scan_roi=roi)[1],
+            st.virtual_image(4, 9, center, scan_roi=roi),
+        )
+        np.testing.assert_array_equal(st.virtual_images([(0, 4)])[0], st.virtual_image(0, 4))
+        with pytest.raises(UserError, match="at least one"):
+            st.virtual_images([])
+        with pytest.raises(UserError, match="pairs"):
+            st.virtual_images([3])
+
+
 def test_center_of_mass_diffraction_sum_radial_profile(scan_file):
     path, dense, ids = scan_file
     d4 = brute_4d(dense, ids, SCAN, 2, 1).astype(np.float64)

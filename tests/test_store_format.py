@@ -107,7 +107,7 @@ GOLDEN = sorted(DATA.glob("golden_v*.h5"))
 
 
 def test_golden_files_exist():
-    assert [p.name for p in GOLDEN] == ["golden_v1.h5"]
+    assert [p.name for p in GOLDEN] == ["golden_v1.h5", "golden_v2.h5"]
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
@@ -132,6 +132,16 @@ def test_golden_file_decodes_to_its_expected_content(path):
         assert s.calibration_summary == exp["calibration"]
         assert s.meta == exp["meta"]
         assert s.accounting == exp["accounting"]
+        # what version 2 added; a version-1 file has none of it
+        assert s.missing_ranges.tolist() == exp.get("missing_ranges", s.missing_ranges.tolist())
+        scan = exp.get("scan")
+        if scan is None:
+            assert s.scan is None
+        else:
+            assert s.scan.scan_shape == tuple(scan["scan_shape"])
+            assert s.scan.frames_per_position == scan["frames_per_position"]
+            assert s.scan.flyback == scan["flyback"]
+        assert s.calibration_warning == exp.get("calibration_warning", "")
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
@@ -153,6 +163,6 @@ def test_unknown_version_is_refused(tmp_path, rng):
     with StoreWriter(path, (8, 8), frame_time_s=1e-3) as w:
         w.append(_batch(rng, 2, (8, 8), 0.1, False), [0, 1], [0, 1])
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = 2
-    with pytest.raises(FormatError, match="format version 2"):
+        f.attrs["format_version"] = 3
+    with pytest.raises(FormatError, match="format version 3"):
         streamstore.open(path)

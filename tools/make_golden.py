@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk_events=64,  # several chunks and holes in a tiny file
         chunk_frames=2,
         flush_interval_s=1e9,
+        scan={"scan_shape": (2, 4), "frames_per_position": 1, "flyback": 1},
     ) as w:
         for k, (b, fid) in enumerate(zip(batches, ids, strict=True)):
             w.append(b, fid, 1_700_000_000_000_000_000 + fid * 4_000_000)
@@ -88,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
         "frame_ids": np.concatenate(ids).tolist(),
         "timestamps_ns": (1_700_000_000_000_000_000 + np.concatenate(ids) * 4_000_000).tolist(),
         "missing_frame_ids": [13, 18, 19],
+        "missing_ranges": [[13, 14], [18, 20]],
+        "scan": {"scan_shape": [2, 4], "frames_per_position": 1, "flyback": 1},
+        "calibration_warning": "",
         "frame_time_s": 0.004,
         "pixel_size_A": 1.25,
         "calibration": {"n_sigma": 5.0, "source": "manual", "dark_mean": 100.0},
