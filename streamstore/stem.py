@@ -51,6 +51,7 @@ __all__ = [
     "scan_coverage",
     "virtual_image",
     "virtual_images",
+    "virtual_images_and_com",
 ]
 
 # events per job: big enough that per-job overhead vanishes, small enough to
@@ -320,6 +321,25 @@ def virtual_image(
     return out[:, 0].reshape(shape)
 
 
+def _detector_labels(
+    store: Any, radii: Sequence[tuple[float, float]], center: tuple[float, float]
+) -> tuple[list[tuple[float, float]], np.ndarray | None]:
+    """The (inner, outer) pairs and, when no two share a pixel, each pixel's detector (-1: none)."""
+    try:
+        pairs = [(float(a), float(b)) for a, b in radii]
+    except (TypeError, ValueError):
+        raise UserError(f"radii must be (inner, outer) pairs, got {radii!r}") from None
+    if not pairs:
+        raise UserError("give at least one (inner, outer) detector")
+    masks = [annular_mask(store.frame_shape, a, b, center) for a, b in pairs]
+    if np.sum(masks, axis=0).max(initial=0) > 1:  # a pixel can carry one label only
+        return pairs, None
+    labels = np.full(store.frame_shape, -1, np.int32)
+    for k, m in enumerate(masks):
+        labels[m] = k
+    return pairs, labels.ravel()
+
+
 def virtual_images(
     store: Any,
     radii: Sequence[tuple[float, float]],
@@ -333,34 +353,61 @@ def virtual_images(
 
     See :meth:`ScanAnalysisMixin.virtual_images`.
     """
-    try:
-        pairs = [(float(a), float(b)) for a, b in radii]
-    except (TypeError, ValueError):
-        raise UserError(f"radii must be (inner, outer) pairs, got {radii!r}") from None
-    if not pairs:
-        raise UserError("give at least one (inner, outer) detector")
     sel, local, shape = _selection(store, scan_roi, start, stop)
-    if center is None:
+    if center is None and len(radii):
         center = _pattern_center(store, sel)
-    masks = [annular_mask(store.frame_shape, a, b, center) for a, b in pairs]
-    cover = np.sum(masks, axis=0)
-    if cover.max(initial=0) > 1:  # overlapping detectors: a pixel can carry one label only
+    pairs, labels = _detector_labels(store, radii, center)  # type: ignore[arg-type]
+    if labels is None:
         return np.stack(
             [
                 virtual_image(store, a, b, center, scan_roi=scan_roi, start=start, stop=stop)
                 for a, b in pairs
             ]
         )
-    labels = np.full(cover.shape, -1, np.int32)
-    for k, m in enumerate(masks):
-        labels[m] = k
-    labels = labels.ravel()
     kern = _kernels()
     out = _reduce(
         store, sel, local, shape[0] * shape[1], len(pairs), np.int64,
         lambda g, s, c, o: kern.frame_label_counts(g, s, c, labels, o),
     )  # fmt: skip
     return np.ascontiguousarray(out.T).reshape(len(pairs), *shape)
+
+
+def virtual_images_and_com(
+    store: Any,
+    radii: Sequence[tuple[float, float]],
+    center: tuple[float, float] | None = None,
+    *,
+    scan_roi: Sequence[int] | None = None,
+    start: int | None = None,
+    stop: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`virtual_images` and :func:`center_of_mass` from one pass over the events.
+
+    See :meth:`ScanAnalysisMixin.virtual_images_and_com`.
+    """
+    sel, local, shape = _selection(store, scan_roi, start, stop)
+    if center is None and len(radii):
+        center = _pattern_center(store, sel)
+    pairs, labels = _detector_labels(store, radii, center)  # type: ignore[arg-type]
+    if labels is None:
+        return (
+            virtual_images(store, pairs, center, scan_roi=scan_roi, start=start, stop=stop),
+            center_of_mass(store, scan_roi=scan_roi, start=start, stop=stop),
+        )
+    k = len(pairs)
+    width = store.frame_shape[1]
+    no_mask = np.zeros(0, np.uint8)
+    kern = _kernels()
+
+    def both(g: np.ndarray, s: np.ndarray, c: np.ndarray, o: np.ndarray) -> None:
+        # the events are decoded once and read twice while they are in cache
+        kern.frame_label_counts(g, s, c, labels, o[:, :k])
+        kern.frame_moments(g, s, c, width, no_mask, o[:, k:])
+
+    # float64 holds the counts exactly (below 2**53 events per position)
+    sums = _reduce(store, sel, local, shape[0] * shape[1], k + 3, np.float64, both)
+    images = np.ascontiguousarray(sums[:, :k].T).astype(np.int64).reshape(k, *shape)
+    return images, _finish_com(sums[:, k:], shape)
 
 
 def _moments(
@@ -599,6 +646,27 @@ class ScanAnalysisMixin:
             int64 counts.
         """
         return virtual_images(self, radii, center, scan_roi=scan_roi)
+
+    def virtual_images_and_com(
+        self,
+        radii: Sequence[tuple[float, float]],
+        center: tuple[float, float] | None = None,
+        *,
+        scan_roi: Sequence[int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`virtual_images` and :meth:`center_of_mass` (no mask) in one pass.
+
+        The first analyses of a scan, bright field, dark field and centre of
+        mass, from one read and decompression of the events instead of two.
+
+        Returns
+        -------
+        images : ndarray (n_detectors, rows, cols)
+            int64 counts, as :meth:`virtual_images`.
+        com : ndarray (2, rows, cols)
+            As :meth:`center_of_mass`.
+        """
+        return virtual_images_and_com(self, radii, center, scan_roi=scan_roi)
 
     def center_of_mass(
         self, mask: Any = None, *, scan_roi: Sequence[int] | None = None

@@ -140,6 +140,11 @@ def test_several_detectors_in_one_call_match_brute_force(scan_file):
             st.virtual_image(4, 9, center, scan_roi=roi),
         )
         np.testing.assert_array_equal(st.virtual_images([(0, 4)])[0], st.virtual_image(0, 4))
+        for radii, center in (([(0, 3), (4, 9)], (5.5, 7.25)), ([(0, 5), (2, 8)], None)):
+            images, com = st.virtual_images_and_com(radii, center, scan_roi=roi)
+            assert images.dtype == np.int64
+            np.testing.assert_array_equal(images, st.virtual_images(radii, center, scan_roi=roi))
+            np.testing.assert_array_equal(com, st.center_of_mass(scan_roi=roi))
         with pytest.raises(UserError, match="at least one"):
             st.virtual_images([])
         with pytest.raises(UserError, match="pairs"):

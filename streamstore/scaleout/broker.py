@@ -299,6 +299,11 @@ class Broker:
         """
         import zmq
 
+        from streamstore.ingest.allocator import keep_large_buffers
+
+        # every frame is one ZeroMQ message buffer: reuse freed ones instead of
+        # mapping (and zeroing) 47 MB anew per frame, as the ingest daemon does
+        keep_large_buffers()
         try:
             self._open(zmq)
         except BaseException:
