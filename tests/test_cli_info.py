@@ -65,7 +65,7 @@ def test_info_text_is_readable(store_path):
     with streamstore.open(store_path) as st:
         total_a2 = float(st.dose(unit="e/A2").sum())
         n_events = int(st.event_counts.sum())
-    assert text.startswith("run1.h5: streamstore.events v1")
+    assert text.startswith("run1.h5: streamstore.events v2")
     assert "300 stored, 3 missing, 2 duplicate" in text
     assert "256 x 384 px (rows x cols)" in text
     assert f"{n_events:,} events" in text
