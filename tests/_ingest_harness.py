@@ -248,6 +248,19 @@ class Daemon:
         return out
 
 
+def send_series(
+    sock: Any, series: Series, sid: str, ids, *, start: int | None = None, end: int | None = None
+) -> None:
+    """Send ``series``' images ``ids`` of ``sid`` on ``sock``, with a start and an end if given
+    (their ``n_frames``)."""
+    if start is not None:
+        sock.send_multipart(series.start(sid, start))
+    for i in ids:
+        sock.send_multipart(series.image(sid, i), copy=False)
+    if end is not None:
+        sock.send_multipart(series.end(sid, end))
+
+
 def pusher(ctx: Any, endpoint: str, *, sndhwm: int = 1000, curve: Any = None) -> Any:
     """A PUSH socket connected to ``endpoint`` (``curve``: a callable that sets CURVE options)."""
     import zmq

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher
+from _ingest_harness import Daemon, Series, h5_files, pusher, send_series
 
 import streamstore
 from streamstore.errors import FormatError
@@ -30,15 +30,6 @@ from streamstore.errors import FormatError
 @pytest.fixture(scope="module")
 def series(tmp_path_factory) -> Series:
     return Series(tmp_path_factory.mktemp("rel-series"))
-
-
-def _send(sock, series: Series, sid: str, ids, *, start: int | None = None, end: int | None = None):
-    if start is not None:
-        sock.send_multipart(series.start(sid, start))
-    for i in ids:
-        sock.send_multipart(series.image(sid, i), copy=False)
-    if end is not None:
-        sock.send_multipart(series.end(sid, end))
 
 
 # ------------------------------------------------------- stale and aborted --
@@ -50,19 +41,19 @@ def test_stale_messages_are_dropped_and_a_silent_series_is_incomplete(tmp_path, 
             d.wait_ready()
             s = pusher(ctx, d.listen)
             # A and B interleave: the start of B leaves A open, A's end closes it complete
-            _send(s, series, "A", range(20), start=40)
-            _send(s, series, "B", range(10), start=20)
-            _send(s, series, "A", range(20, 40), end=40)
-            _send(s, series, "B", range(10, 20), end=20)
-            _send(s, series, "B", [5, 19])  # stale: B is closed
-            _send(s, series, "A", [3], end=40)  # stale image and end: A is closed
+            send_series(s, series, "A", range(20), start=40)
+            send_series(s, series, "B", range(10), start=20)
+            send_series(s, series, "A", range(20, 40), end=40)
+            send_series(s, series, "B", range(10, 20), end=20)
+            send_series(s, series, "B", [5, 19])  # stale: B is closed
+            send_series(s, series, "A", [3], end=40)  # stale image and end: A is closed
             # C goes silent: closed after the idle timeout, marked incomplete
-            _send(s, series, "C", range(12), start=50)
+            send_series(s, series, "C", range(12), start=50)
             st = d.wait_until(lambda st: st["series_closed"] >= 3, 60, "three closed series")
             assert st["rejected_by_reason"].get("stale") == 4
             assert st["rejected"] == 4
             # the daemon carries on: a fourth series after all that
-            _send(s, series, "D", range(5), start=5, end=5)
+            send_series(s, series, "D", range(5), start=5, end=5)
             st = d.wait_until(lambda st: st["series_closed"] >= 4, 60, "series D")
             s.close(0)
             assert d.stop() == 0
@@ -265,7 +256,7 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
             d.wait_ready()
             view = full.view(d.pid())
             s = pusher(ctx, d.listen)
-            _send(s, series, "disk", range(n1), start=n)
+            send_series(s, series, "disk", range(n1), start=n)
             d.wait_until(lambda st: st["frames_stored"] >= n1, 60, "the first frames")
             deadline = time.monotonic() + 30
             while True:  # the idle writer flushes within about a second
@@ -275,13 +266,13 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
                 assert time.monotonic() < deadline, "the first frames were never flushed"
                 time.sleep(0.2)
             how = full.fill(view, d.pid())
-            _send(s, series, "disk", range(n1, n), end=n)
+            send_series(s, series, "disk", range(n1, n), end=n)
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series on a full disk")
             saved = tmp_path / "disk.h5"
             shutil.copyfile(view / "disk.h5", saved)
             # space comes back: the daemon carries on with the next series
             full.unfill(view, d.pid())
-            _send(s, series, "next", range(30), start=30, end=30)
+            send_series(s, series, "next", range(30), start=30, end=30)
             st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the next series")
             with streamstore.open(view / "next.h5") as store:
                 assert series.check_store(store) == 30
@@ -338,10 +329,10 @@ def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
             d.wait_ready()
             s = pusher(ctx, d.listen)
             s.send_multipart(series.start("far"))
-            _send(s, series, "far", range(5))
+            send_series(s, series, "far", range(5))
             far = MAX_ID_JUMP + 10
             s.send_multipart(protocol.encode_image("far", far, 0, series.frame(0)), copy=False)
-            _send(s, series, "far", range(5, 8))
+            send_series(s, series, "far", range(5, 8))
             s.send_multipart(series.end("far", 10**13))
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
             assert d.proc.poll() is None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher
+from _ingest_harness import Daemon, Series, h5_files, pusher, send_series
 
 import streamstore
 from streamstore.ingest.items import WRITE_DELAY_ENV
@@ -27,15 +27,6 @@ from streamstore.ingest.items import WRITE_DELAY_ENV
 @pytest.fixture(scope="module")
 def series(tmp_path_factory) -> Series:
     return Series(tmp_path_factory.mktemp("series-machine"))
-
-
-def _send(sock, series: Series, sid: str, ids, *, start: int | None = None, end: int | None = None):
-    if start is not None:
-        sock.send_multipart(series.start(sid, start))
-    for i in ids:
-        sock.send_multipart(series.image(sid, i), copy=False)
-    if end is not None:
-        sock.send_multipart(series.end(sid, end))
 
 
 def _check(path: Path, series: Series, ids, *, complete: bool | None = True) -> dict:
@@ -95,7 +86,7 @@ def test_a_reader_polling_the_folder_never_makes_a_series_fail(tmp_path, series)
             d.wait_ready()
             s = pusher(ctx, d.listen)
             for k in range(n_series):
-                _send(s, series, f"r{k:02d}", range(n_frames), start=n_frames, end=n_frames)
+                send_series(s, series, f"r{k:02d}", range(n_frames), start=n_frames, end=n_frames)
                 time.sleep(0.01)  # the series are created one by one while the readers poll
             st = d.wait_until(lambda st: st["series_closed"] >= n_series, 120, "all series")
             s.close(0)
@@ -122,7 +113,7 @@ def test_a_daemon_stall_longer_than_the_idle_timeout_closes_nothing(tmp_path, se
         with Daemon(out, calibration=series.calibration_path, args=("--idle-timeout", "2")) as d:
             d.wait_ready()
             s = pusher(ctx, d.listen)
-            _send(s, series, "stall", range(50), start=200)
+            send_series(s, series, "stall", range(50), start=200)
             d.wait_until(lambda st: st["frames_received"] >= 50, 60, "the first frames")
             d.proc.send_signal(signal.SIGSTOP)
             try:
@@ -130,8 +121,8 @@ def test_a_daemon_stall_longer_than_the_idle_timeout_closes_nothing(tmp_path, se
             finally:
                 d.proc.send_signal(signal.SIGCONT)
             time.sleep(0.5)  # the daemon's poll has timed out long ago: it runs first
-            _send(s, series, "stall", range(50, 200))
-            _send(s, series, "stall", [], end=200)
+            send_series(s, series, "stall", range(50, 200))
+            send_series(s, series, "stall", [], end=200)
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
             s.close(0)
             assert d.stop() == 0
@@ -156,7 +147,7 @@ def test_a_write_stall_with_a_full_budget_is_not_the_senders_silence(tmp_path, s
         ) as d:
             d.wait_ready()
             s = pusher(ctx, d.listen)
-            _send(s, series, "slow", range(n), start=n, end=n)
+            send_series(s, series, "slow", range(n), start=n, end=n)
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 120, "the series")
             s.close(0)
             assert d.stop() == 0
@@ -179,7 +170,7 @@ def test_sigterm_drains_a_write_backlog_however_long_it_takes(tmp_path, series):
         with Daemon(out, calibration=series.calibration_path, env={WRITE_DELAY_ENV: "0.05"}) as d:
             d.wait_ready()
             s = pusher(ctx, d.listen)
-            _send(s, series, "backlog", range(n), start=n, end=n)
+            send_series(s, series, "backlog", range(n), start=n, end=n)
             st = d.wait_until(lambda st: st["frames_received"] >= n, 60, "all frames received")
             assert st["frames_stored"] < n / 2, "no backlog: the test proves nothing"
             s.close(0)
@@ -200,7 +191,7 @@ def test_a_second_signal_cuts_the_drain_short_and_the_file_records_the_loss(tmp_
         with Daemon(out, calibration=series.calibration_path, env={WRITE_DELAY_ENV: "0.05"}) as d:
             d.wait_ready()
             s = pusher(ctx, d.listen)
-            _send(s, series, "cut", range(n), start=n)  # no end: the stop closes it
+            send_series(s, series, "cut", range(n), start=n)  # no end: the stop closes it
             d.wait_until(
                 lambda st: st["frames_received"] >= n and st["frames_stored"] > 0,
                 60,
@@ -254,7 +245,7 @@ def test_a_dark_series_replaces_the_calibration_file_only_when_asked(tmp_path, s
                 s.send_multipart(protocol.encode_image("dark", i, i, bright), copy=False)
             s.send_multipart(series.end("dark", 4))
             d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the dark series")
-            _send(s, series, "data", range(6), start=6, end=6)
+            send_series(s, series, "data", range(6), start=6, end=6)
             d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the data series")
             s.close(0)
             assert d.stop() == 0
@@ -286,7 +277,7 @@ def test_an_end_below_the_frames_received_marks_the_series_inconsistent(tmp_path
         with Daemon(out, calibration=series.calibration_path) as d:
             d.wait_ready()
             s = pusher(ctx, d.listen)
-            _send(s, series, "short", range(20), start=20, end=12)
+            send_series(s, series, "short", range(20), start=20, end=12)
             d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
             s.close(0)
             assert d.stop() == 0
@@ -343,11 +334,11 @@ def test_a_file_that_cannot_be_created_leaves_nothing_behind_and_says_why(tmp_pa
             view = disk.view(d.pid())
             _fill(view / "filler")
             s = pusher(ctx, d.listen)
-            _send(s, series, "nospace", range(20), start=20, end=20)
+            send_series(s, series, "nospace", range(20), start=20, end=20)
             st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
             left = sorted(p.name for p in view.iterdir())
             (view / "filler").unlink()
-            _send(s, series, "after", range(5), start=5, end=5)
+            send_series(s, series, "after", range(5), start=5, end=5)
             st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the next series")
             after = disk.view(d.pid()) / "after.h5"
             _check(after, series, range(5))
@@ -372,8 +363,8 @@ def test_a_jump_of_ten_million_ids_is_stored_as_one_missing_range(tmp_path, seri
         with Daemon(out, calibration=series.calibration_path, args=("--reorder-window", "4")) as d:
             d.wait_ready()
             s = pusher(ctx, d.listen)
-            _send(s, series, "jump", [0, 10_000_000], start=2, end=2)
-            _send(s, series, "claim", range(3), start=3, end=10**13)
+            send_series(s, series, "jump", [0, 10_000_000], start=2, end=2)
+            send_series(s, series, "claim", range(3), start=3, end=10**13)
             st = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the series")
             s.close(0)
             assert d.stop() == 0
