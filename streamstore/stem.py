@@ -321,23 +321,28 @@ def virtual_image(
     return out[:, 0].reshape(shape)
 
 
-def _detector_labels(
-    store: Any, radii: Sequence[tuple[float, float]], center: tuple[float, float]
-) -> tuple[list[tuple[float, float]], np.ndarray | None]:
-    """The (inner, outer) pairs and, when no two share a pixel, each pixel's detector (-1: none)."""
+def _radii_pairs(radii: Any) -> list[tuple[float, float]]:
+    """``radii`` as a non-empty list of (inner, outer) floats."""
     try:
         pairs = [(float(a), float(b)) for a, b in radii]
     except (TypeError, ValueError):
         raise UserError(f"radii must be (inner, outer) pairs, got {radii!r}") from None
     if not pairs:
         raise UserError("give at least one (inner, outer) detector")
+    return pairs
+
+
+def _detector_labels(
+    store: Any, pairs: list[tuple[float, float]], center: tuple[float, float]
+) -> np.ndarray | None:
+    """Each pixel's detector (-1: none), or None when two detectors share a pixel."""
     masks = [annular_mask(store.frame_shape, a, b, center) for a, b in pairs]
     if np.sum(masks, axis=0).max(initial=0) > 1:  # a pixel can carry one label only
-        return pairs, None
+        return None
     labels = np.full(store.frame_shape, -1, np.int32)
     for k, m in enumerate(masks):
         labels[m] = k
-    return pairs, labels.ravel()
+    return labels.ravel()
 
 
 def virtual_images(
@@ -353,10 +358,11 @@ def virtual_images(
 
     See :meth:`ScanAnalysisMixin.virtual_images`.
     """
+    pairs = _radii_pairs(radii)
     sel, local, shape = _selection(store, scan_roi, start, stop)
-    if center is None and len(radii):
+    if center is None:
         center = _pattern_center(store, sel)
-    pairs, labels = _detector_labels(store, radii, center)  # type: ignore[arg-type]
+    labels = _detector_labels(store, pairs, center)
     if labels is None:
         return np.stack(
             [
@@ -385,10 +391,11 @@ def virtual_images_and_com(
 
     See :meth:`ScanAnalysisMixin.virtual_images_and_com`.
     """
+    pairs = _radii_pairs(radii)
     sel, local, shape = _selection(store, scan_roi, start, stop)
-    if center is None and len(radii):
+    if center is None:
         center = _pattern_center(store, sel)
-    pairs, labels = _detector_labels(store, radii, center)  # type: ignore[arg-type]
+    labels = _detector_labels(store, pairs, center)
     if labels is None:
         return (
             virtual_images(store, pairs, center, scan_roi=scan_roi, start=start, stop=stop),
