@@ -55,7 +55,7 @@ def test_status_without_a_daemon_is_an_error_exit_2():
 def test_show_and_tiff_export_need_no_extra_install():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in deps}
-    assert {"matplotlib", "tifffile"} <= names
+    assert {"matplotlib", "tifffile", "tqdm"} <= names
 
 
 def test_an_empty_window_is_an_error_in_the_library_and_the_cli(tmp_path):
