@@ -28,7 +28,7 @@ Measures, on the same emulator frame (seeded):
   (one-to-one matching within 1 px), events/s and GB/s of frame data.
 
 Times are the best of ``--repeats`` runs (the machine is shared; the best run is the
-least disturbed). Targets (issue 3): 1 thread <= 2.0 x copy, 2 threads >= 1.7 x the
+least disturbed). Targets: 1 thread <= 2.0 x copy, 2 threads >= 1.7 x the
 1-thread rate, numba at least as fast as native_ref.
 """
 

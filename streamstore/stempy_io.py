@@ -9,7 +9,7 @@ stempy (the 4D Camera counting library) stores counted frames as::
                                attributes Nx = scan columns, Ny = scan rows
     /metadata                  groups and attributes (free metadata)
 
-Axis names are a known trap (stempy issue 106). ``SparseArray.from_hdf5``
+Axis names are a known trap in stempy's format. ``SparseArray.from_hdf5``
 takes ``frame_shape = (frames.attrs["Nx"], frames.attrs["Ny"])`` and unravels
 a flat index ``i`` as ``(i // frame_shape[1], i % frame_shape[1])``. So to
 keep ``index = row * W + col`` meaning the same pixel, the export writes

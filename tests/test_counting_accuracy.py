@@ -1,4 +1,4 @@
-"""Counting accuracy against the emulator's ground truth (issue 3, "Accuracy").
+"""Counting accuracy against the emulator's ground truth (recall, precision, position error).
 
 Emulator frames of 256 x 384 with default physics; calibration from 50 dark
 frames of the same emulator; events matched one-to-one to true electrons

@@ -1,4 +1,4 @@
-"""Fuzz a running ingest daemon (issue 7, part 1).
+"""Fuzz a running ingest daemon with malformed and hostile messages.
 
 More than 10,000 malformed or hostile messages (truncated JSON, wrong types,
 huge declared shapes, negative ids, payloads too short and too long, extra

@@ -1,5 +1,4 @@
-"""Reliability of the ingest daemon (issue 7, parts 3 and 4): stale and aborted
-series, a slow disk, a full disk.
+"""Reliability of the ingest daemon: stale and aborted series, a slow disk, a full disk.
 
 Real daemon subprocesses, real sockets, real HDF5 files. The full disk is a
 real 4 MiB tmpfs mounted in a private mount namespace (``unshare --mount``)

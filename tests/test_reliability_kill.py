@@ -1,4 +1,4 @@
-"""SIGKILL the ingest daemon at random moments and restart it (issue 7, part 2).
+"""SIGKILL the ingest daemon at random moments and restart it.
 
 Ten seeded trials on one output directory, each against a real daemon
 subprocess. In trial ``t`` a sender streams series ``s<t>`` (300 small frames

@@ -1,4 +1,4 @@
-"""Soak the ingest daemon (issue 7, part 6): many small frames, several series, loopback.
+"""Soak the ingest daemon: many small frames, several series, loopback.
 
 The full soak (100,000 frames in 5 series, marked ``slow``: ``pytest -m slow``)
 and a short variant in the default run (10,000 frames in 2 series) send as
