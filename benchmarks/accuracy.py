@@ -1,9 +1,9 @@
 """Counting accuracy against the emulator's truth, as the dose rises.
 
-    python benchmarks/accuracy.py                  # table: recall, precision, RMS error per dose
-    python benchmarks/accuracy.py --json           # one JSON object
-    python benchmarks/accuracy.py --doses 0.001,0.01 --frames 4   # a quick run
-    python benchmarks/accuracy.py --emulator read_noise_adu=2,gain_sigma=0.1   # a sweep point
+    python -m benchmarks.accuracy                  # table: recall, precision, RMS error per dose
+    python -m benchmarks.accuracy --json           # one JSON object
+    python -m benchmarks.accuracy --doses 0.001,0.01 --frames 4   # a quick run
+    python -m benchmarks.accuracy --emulator read_noise_adu=2,gain_sigma=0.1   # a sweep point
 
 For each dose (electrons per pixel per frame, uniform illumination), a seeded
 emulator makes ``--frames`` frames of ``--shape`` (more at low doses, so that
@@ -33,20 +33,16 @@ import argparse
 import json
 import math
 import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamstore import Calibration, count  # noqa: E402
-from streamstore.cli import parse_shape  # noqa: E402
-from streamstore.counting.accuracy import score_batch  # noqa: E402
-from streamstore.emulator import CameraEmulator  # noqa: E402
+from benchmarks import record
+from streamstore import Calibration, count
+from streamstore.cli import parse_shape
+from streamstore.counting.accuracy import score_batch
+from streamstore.emulator import CameraEmulator
 
 DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
 XRAY_THRESHOLD = 1000.0  # ADU, as in tests/test_counting_accuracy.py
@@ -183,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         help="emulator parameters, e.g. read_noise_adu=2,gain_sigma=0.1 (a sweep point)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    record.add_options(p)
     args = p.parse_args(argv)
     if args.frames < 1:
         p.error("--frames must be >= 1")
@@ -196,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         log=log,
         emulator=args.emulator,
     )
+    record.save("accuracy", res, args)
     if args.json:
         print(json.dumps(res, indent=2))
     return 0

@@ -1,8 +1,8 @@
 """Counting speed and accuracy on one full-size frame, every anchor measured in the same run.
 
-    python benchmarks/counting.py                 # 4092 x 5760 uint16 at 0.01 e/px/frame
-    python benchmarks/counting.py --json          # one JSON object
-    python benchmarks/counting.py --shape 1024x1536 --repeats 3   # a quick run
+    python -m benchmarks.counting                 # 4092 x 5760 uint16 at 0.01 e/px/frame
+    python -m benchmarks.counting --json          # one JSON object
+    python -m benchmarks.counting --shape 1024x1536 --repeats 3   # a quick run
 
 Measures, on the same emulator frame (seeded):
 
@@ -38,23 +38,19 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamstore import Calibration, count  # noqa: E402
-from streamstore.cli import parse_shape  # noqa: E402
-from streamstore.counting import Counter  # noqa: E402
-from streamstore.counting._kernels import kernel_maps  # noqa: E402
-from streamstore.counting.accuracy import score_batch  # noqa: E402
-from streamstore.emulator import CameraEmulator  # noqa: E402
-from streamstore.events import EventBatch  # noqa: E402
+from benchmarks import record
+from streamstore import Calibration, count
+from streamstore.cli import parse_shape
+from streamstore.counting import Counter
+from streamstore.counting._kernels import kernel_maps
+from streamstore.counting.accuracy import score_batch
+from streamstore.emulator import CameraEmulator
+from streamstore.events import EventBatch
 
 XRAY_THRESHOLD = 1000.0  # ADU, the same for streamstore and stempy
 
@@ -373,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--no-stempy", action="store_true", help="skip the stempy comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    record.add_options(p)
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
@@ -388,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         not args.no_stempy,
         log,
     )
+    record.save("counting", res, args)
     if args.json:
         print(json.dumps(res, indent=2))
     return 0

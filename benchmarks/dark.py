@@ -15,7 +15,7 @@ Anchors measured in the same run: the bytes of one frame, of the running sums
 Memory independent of the number of frames means the peak at 100 frames is the
 peak at 10 plus noise, far below the stacked size.
 
-Run ``python benchmarks/dark.py`` (table) or ``--json``; ``--quick`` uses
+Run ``python -m benchmarks.dark`` (table) or ``--json``; ``--quick`` uses
 512 x 768 frames for a check while developing.
 """
 
@@ -34,6 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import record
+
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks.dark` runs
 FULL_SHAPE = (4092, 5760)
 POOL = 8
 
@@ -112,6 +115,7 @@ def _daemon_run(n: int, shape: tuple[int, int]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="dark-series calibration memory benchmark")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(ap)
     ap.add_argument("--quick", action="store_true", help="512 x 768 frames")
     ap.add_argument("--frames", default="10,100", help="numbers of dark frames (default 10,100)")
     ap.add_argument("--mode", choices=("library", "daemon", "both"), default="both")
@@ -131,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         row: dict = {"n_frames": n, "stacked_bytes": n * frame_bytes}
         if args.mode in ("library", "both"):
             out = subprocess.run(
-                [sys.executable, __file__, "--child", str(n), "--shape", f"{shape[0]}x{shape[1]}"],
-                capture_output=True, text=True, check=True,
+                [sys.executable, "-m", "benchmarks.dark", "--child", str(n),
+                 "--shape", f"{shape[0]}x{shape[1]}"],
+                capture_output=True, text=True, check=True, cwd=ROOT,
             )  # fmt: skip
             row["library"] = json.loads(out.stdout.strip().splitlines()[-1])
         if args.mode in ("daemon", "both"):
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "running_sums_bytes": 16 * shape[0] * shape[1],
         "rows": rows,
     }
+    record.save("dark", result, args)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -15,7 +15,7 @@ one run, per density:
   (``Store.events(i, i + 1)``, the export's floor) and decoding the whole
   export with tifffile + imagecodecs.
 
-Run ``python benchmarks/eer.py`` (table) or ``--json`` (one JSON object);
+Run ``python -m benchmarks.eer`` (table) or ``--json`` (one JSON object);
 ``--quick`` for a short run while developing. Fixed seeds.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import record
 
 FRAME_SHAPE = (4096, 4096)
 DENSITIES = (0.001, 0.005, 0.02)
@@ -130,6 +130,7 @@ def run(shape, densities, n_frames: int, repeats: int, tmp: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(ap)
     ap.add_argument("--quick", action="store_true", help="1024 x 1024, 20 frames, 1 repeat")
     ap.add_argument("--frames", type=int, default=200, help="frames per density (default 200)")
     ap.add_argument("--repeats", type=int, default=3, help="best of N (default 3)")
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "rows": rows,
     }
+    record.save("eer", result, args)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -22,9 +22,9 @@ thread, status). From the total, the cores a 1500 frames/s stream needs.
 
 Usage::
 
-    python benchmarks/ingest.py                  # full-size frames, ~1-2 min
-    python benchmarks/ingest.py --json
-    python benchmarks/ingest.py --shape 1024x1536 --frames 300
+    python -m benchmarks.ingest                  # full-size frames, ~1-2 min
+    python -m benchmarks.ingest --json
+    python -m benchmarks.ingest --shape 1024x1536 --frames 300
 """
 
 from __future__ import annotations
@@ -37,15 +37,12 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamstore.cli import free_tcp_endpoint, parse_shape  # noqa: E402
+from benchmarks import record
+from streamstore.cli import free_tcp_endpoint, parse_shape
 
 WARMUP_FRAMES = 3
 TARGET_FPS = 1500
@@ -205,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(p)
     args = p.parse_args(argv)
 
     from benchmarks.transport import measure
@@ -268,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": 0.9,
         "meets_target": bool(ratio >= 0.9 and ingest["missing"] == 0),
     }
+    record.save("ingest", result, args)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -25,9 +25,9 @@ full-rate camera. Each part sends an untimed warm-up series first.
 
 Usage::
 
-    python benchmarks/scaling.py                      # 4092 x 5760, 40 frames, N = 1, 2
-    python benchmarks/scaling.py --workers 1,2,4,8 --frames 200 --json
-    python benchmarks/scaling.py --shape 256x384 --frames 20   # quick check
+    python -m benchmarks.scaling                      # 4092 x 5760, 40 frames, N = 1, 2
+    python -m benchmarks.scaling --workers 1,2,4,8 --frames 200 --json
+    python -m benchmarks.scaling --shape 256x384 --frames 20   # quick check
 
 On a host with fewer cores than roles, the roles compete for the cores: the
 rates then show how the work shares a machine, not how hosts add up.
@@ -48,10 +48,8 @@ from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamstore.cli import free_tcp_endpoint, parse_shape  # noqa: E402
+from benchmarks import record
+from streamstore.cli import free_tcp_endpoint, parse_shape
 
 WARM = "warmup"
 TIMED = "timed"
@@ -287,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs of each kind; best kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(p)
     args = p.parse_args(argv)
     counts = [int(v) for v in args.workers.split(",") if v.strip()]
     if not counts or min(counts) < 1:
@@ -331,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform(), "load_avg": os.getloadavg()},
     }  # fmt: skip
+    record.save("scaling", result, args)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -1,8 +1,8 @@
 """Daemon start-up: time until ``streamstore ingest`` is ready, from a cold and a warm numba cache.
 
-    python benchmarks/startup.py            # one cold start, three warm starts
-    python benchmarks/startup.py --json     # one JSON object
-    python benchmarks/startup.py --no-cold --warm-runs 1   # a quick check
+    python -m benchmarks.startup            # one cold start, three warm starts
+    python -m benchmarks.startup --json     # one JSON object
+    python -m benchmarks.startup --no-cold --warm-runs 1   # a quick check
 
 The daemon compiles or loads every counting kernel variant before it binds its
 data socket, and publishes its state meanwhile. Each run starts a real daemon
@@ -29,10 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamstore.cli import free_tcp_endpoint  # noqa: E402
+from benchmarks import record
+from streamstore.cli import free_tcp_endpoint
 
 _READY_LINE = re.compile(r"counting kernels ready: (\d+) variants in ([\d.]+) s \((\d+) compiled\)")
 
@@ -49,9 +47,6 @@ def start_once(cache_dir: Path | None, work: Path, timeout_s: float) -> dict[str
     env.pop("NUMBA_CACHE_DIR", None)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")) if p
-    )
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -156,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per start (1800)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    record.add_options(p)
     args = p.parse_args(argv)
     if args.warm_runs < 0:
         p.error("--warm-runs must be >= 0")
@@ -165,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         args.timeout,
         log=(lambda *a, **k: None) if args.json else print,
     )
+    record.save("startup", res, args)
     if args.json:
         print(json.dumps(res))
     return 0

@@ -21,7 +21,7 @@ used several threads is charged for all of them. The ratios are printed with
 and without stempy's load. The results are also checked equal (counts exact,
 centre of mass to 1e-6 relative).
 
-Run ``python benchmarks/stem.py`` (table) or ``--json``; ``--quick`` for a
+Run ``python -m benchmarks.stem`` (table) or ``--json``; ``--quick`` for a
 32 x 32 scan of 128 x 128 frames while developing. Fixed seeds.
 """
 
@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import record
 
 BATCH_FRAMES = 4096
 
@@ -188,6 +190,7 @@ def run(args: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description="4D-STEM analysis: streamstore vs stempy")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(ap)
     ap.add_argument("--quick", action="store_true", help="32 x 32 scan of 128 x 128 frames")
     ap.add_argument("--scan", type=int, default=256, help="scan rows = cols (default 256)")
     ap.add_argument("--frame", type=int, default=576, help="frame rows = cols (default 576)")
@@ -200,6 +203,7 @@ def main() -> int:
     if args.quick:
         args.scan, args.frame, args.repeats = 32, 128, 1
     res = run(args)
+    record.save("stem", res, args)
     if args.json:
         json.dump(res, sys.stdout, indent=1)
         print()

@@ -22,7 +22,7 @@ checksums, interleaved with the default (checksummed) file in the same run, on
 one thread: write, ``Store.events`` and ``Store.sum`` throughput with and
 without, and the cost in percent.
 
-Run ``python benchmarks/store.py`` (table) or ``--json`` (one JSON object);
+Run ``python -m benchmarks.store`` (table) or ``--json`` (one JSON object);
 ``--quick`` for a short run while developing. Fixed seeds.
 """
 
@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks import record
 
 FRAME_SHAPE = (4092, 5760)
 DENSITIES = (0.001, 0.01, 0.05)
@@ -331,6 +333,7 @@ def warm_up(tmp: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="streamstore event store benchmark")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(ap)
     ap.add_argument("--quick", action="store_true", help="fewer events, one repeat")
     ap.add_argument("--events", type=float, default=3e7, help="events per case (default 3e7)")
     ap.add_argument("--repeats", type=int, default=2)
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": cases,
         "small_series": small,
     }
+    record.save("store", out, args)
     if args.json:
         json.dump(out, sys.stdout, indent=1)
         print()

@@ -9,9 +9,9 @@ same run is one in-process ``np.copyto`` of a frame (memory bandwidth).
 
 Usage::
 
-    python benchmarks/transport.py            # 4092 x 5760 uint16, tcp and ipc
-    python benchmarks/transport.py --json     # one JSON object
-    python benchmarks/transport.py --frames 20 --shape 1024x1024
+    python -m benchmarks.transport            # 4092 x 5760 uint16, tcp and ipc
+    python -m benchmarks.transport --json     # one JSON object
+    python -m benchmarks.transport --frames 20 --shape 1024x1024
 
 Other benchmarks can call :func:`measure` to get the same figures in their run.
 """
@@ -26,15 +26,12 @@ import platform
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a script: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from streamstore.cli import parse_shape  # noqa: E402
+from benchmarks import record
+from streamstore.cli import parse_shape
 
 WARMUP_FRAMES = 3
 
@@ -203,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="runs per transport; best kept")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    record.add_options(p)
     args = p.parse_args(argv)
 
     from streamstore.emulator import CameraEmulator
@@ -235,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
         },
     }
+    record.save("transport", report, args)
     if args.json:
         print(json.dumps(report))
         return 0

@@ -1,4 +1,5 @@
-"""benchmarks/accuracy.py runs end to end on small frames and prints one JSON object."""
+"""benchmarks/accuracy.py runs end to end on small frames, prints one JSON object and
+writes it with the machine's description to a results file."""
 
 from __future__ import annotations
 
@@ -10,10 +11,19 @@ import pytest
 from benchmarks import accuracy as bench
 
 
-def test_accuracy_benchmark_json(capsys):
+def test_accuracy_benchmark_json(capsys, tmp_path):
     args = ["--shape", "64x96", "--doses", "0.002,0.08", "--frames", "4", "--electrons", "1500"]
-    assert bench.main([*args, "--json"]) == 0
+    assert bench.main([*args, "--json", "--results", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
+    # the run's results file holds the same figures and the machine that made them
+    (saved,) = tmp_path.glob("accuracy-*Z.json")
+    record = json.loads(saved.read_text())
+    assert record["benchmark"] == "accuracy" and record["figures"] == out
+    assert record["options"]["shape"] == [64, 96] and record["options"]["frames"] == 4
+    machine = record["machine"]
+    assert machine["cores"] >= 1 and machine["cpu_model"] and machine["python"]
+    assert machine["packages"]["numpy"] == np.__version__
+    assert record["time_utc"].endswith("Z")
     low, high = out["doses"]
     assert low["dose_e_per_px_frame"] == 0.002 and high["dose_e_per_px_frame"] == 0.08
     assert low["n_true"] > 1300 and low["frames"] == 123  # ceil(1500 / (0.002 * 64 * 96))
@@ -37,5 +47,5 @@ def test_crowded_share_counts_electrons_within_one_pixel():
 @pytest.mark.parametrize("doses", ["0.01,x", "0", "1.5", ""])
 def test_bad_doses_are_refused_by_name(doses, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--doses", doses])
+        bench.main(["--doses", doses, "--no-save"])
     assert "dose" in capsys.readouterr().err

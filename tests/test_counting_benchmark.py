@@ -7,9 +7,13 @@ import json
 from benchmarks import counting as bench
 
 
-def test_counting_benchmark_json(capsys):
-    assert bench.main(["--shape", "96x160", "--repeats", "1", "--dark-frames", "4", "--json"]) == 0
+def test_counting_benchmark_json(capsys, tmp_path):
+    args = ["--shape", "96x160", "--repeats", "1", "--dark-frames", "4", "--json"]
+    assert bench.main([*args, "--results", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
+    (saved,) = tmp_path.glob("counting-*Z.json")
+    record = json.loads(saved.read_text())
+    assert record["figures"] == out and record["machine"]["packages"]["numba"]
     assert out["frame_shape"] == [96, 160]
     assert out["identical_1_2_threads"] is True
     assert out["identical_numba_native"] is True
