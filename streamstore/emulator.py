@@ -16,7 +16,10 @@ Physics, per frame (every number is a constructor parameter):
   (Implemented exactly as Poisson splitting: a Poisson total, then pixels drawn
   with probability proportional to the pattern.)
 * **Charge cloud.** Each electron deposits a Moyal (Landau-like) distributed
-  signal, ``loc - scale * ln(Z**2)`` with ``Z ~ N(0, 1)`` (clipped at 0),
+  signal, ``loc - scale * ln(Z**2)`` with ``Z ~ N(0, 1)`` (clipped at 0), or
+  with ``deposit="gamma"`` a gamma distributed one of the same mean (shape
+  ``deposit_shape``: no long tail, more weak deposits), so that counting is not
+  judged on one deposit law only;
   spread over the neighbouring pixels by a Gaussian point spread of
   ``psf_sigma_px`` integrated over each pixel; charge falling off the sensor is
   lost.
@@ -64,6 +67,7 @@ import numpy as np
 __all__ = ["CameraEmulator", "Truth", "PATTERNS"]
 
 PATTERNS = ("uniform", "disk", "image")
+DEPOSITS = ("moyal", "gamma")
 _DTYPES = {"uint8": np.dtype("uint8"), "uint16": np.dtype("uint16")}
 _EULER_GAMMA = 0.5772156649015329
 # mean of the standard Moyal distribution (loc 0, scale 1)
@@ -288,6 +292,12 @@ class CameraEmulator:
         Moyal location (most probable signal) of one electron, ADU.
     electron_scale_adu : float, default 18.0
         Moyal scale of one electron's signal, ADU.
+    deposit : {"moyal", "gamma"}, default "moyal"
+        Distribution of one electron's signal: Moyal (``electron_loc_adu``,
+        ``electron_scale_adu``), or gamma with the Moyal's mean and shape
+        ``deposit_shape``.
+    deposit_shape : float, default 4.0
+        Shape of the gamma deposit (relative spread ``1 / sqrt(shape)``).
     dark_mean_adu : float, default 100.0
         Mean of the fixed-pattern dark offset, ADU.
     dark_sigma_adu : float, default 5.0
@@ -330,6 +340,8 @@ class CameraEmulator:
         psf_sigma_px: float = 0.5,
         electron_loc_adu: float = 100.0,
         electron_scale_adu: float = 18.0,
+        deposit: str = "moyal",
+        deposit_shape: float = 4.0,
         dark_mean_adu: float = 100.0,
         dark_sigma_adu: float = 5.0,
         gain_sigma: float = 0.03,
@@ -371,6 +383,10 @@ class CameraEmulator:
         s = self.adu_scale
         self.electron_loc_adu = s * _positive("electron_loc_adu", electron_loc_adu)
         self.electron_scale_adu = s * _positive("electron_scale_adu", electron_scale_adu)
+        if deposit not in DEPOSITS:
+            raise ValueError(f"deposit: must be one of {DEPOSITS}, got {deposit!r}")
+        self.deposit = deposit
+        self.deposit_shape = _positive("deposit_shape", deposit_shape, allow_zero=False)
         self.dark_mean_adu = s * _positive("dark_mean_adu", dark_mean_adu)
         self.dark_sigma_adu = s * _positive("dark_sigma_adu", dark_sigma_adu)
         self.gain_sigma = _positive("gain_sigma", gain_sigma)
@@ -426,7 +442,8 @@ class CameraEmulator:
 
     @property
     def electron_adu_mean(self) -> float:
-        """Mean total signal of one electron in ADU at gain 1 (Moyal mean)."""
+        """Mean total signal of one electron in ADU at gain 1 (Moyal mean; the gamma
+        deposit has the same mean)."""
         return self.electron_loc_adu + self.electron_scale_adu * MOYAL_MEAN
 
     @property
@@ -444,7 +461,8 @@ class CameraEmulator:
         """The parameters of this emulator (ADU values after ``adu_scale``), JSON-friendly."""
         keys = (
             "dose_rate_e_per_px_s frame_time_s pattern seed pool_size psf_sigma_px "
-            "electron_loc_adu electron_scale_adu dark_mean_adu dark_sigma_adu gain_sigma "
+            "electron_loc_adu electron_scale_adu deposit deposit_shape dark_mean_adu "
+            "dark_sigma_adu gain_sigma "
             "read_noise_adu row_noise_adu hot_pixel_fraction hot_level_adu hot_sigma_adu "
             "xray_rate_per_frame xray_signal_adu adu_scale"
         ).split()
@@ -566,8 +584,14 @@ class CameraEmulator:
         pos = np.empty((n_e, 2), dtype=np.float64)
         pos[:, 0] = r + frac[:, 0]
         pos[:, 1] = c + frac[:, 1]
-        z = rng.standard_normal(n_e)
-        energy = self.electron_loc_adu - self.electron_scale_adu * np.log(np.maximum(z * z, 1e-300))
+        if self.deposit == "gamma":
+            k = self.deposit_shape
+            energy = rng.gamma(k, self.electron_adu_mean / k, n_e)
+        else:
+            z = rng.standard_normal(n_e)
+            energy = self.electron_loc_adu - self.electron_scale_adu * np.log(
+                np.maximum(z * z, 1e-300)
+            )
         np.maximum(energy, 0.0, out=energy)
         if n_e:
             self._deposit(flat, r, c, frac, energy)

@@ -67,6 +67,22 @@ def test_electron_signal_is_moyal_with_the_documented_mean():
     assert np.median(e) == pytest.approx(100.0 + 18.0 * 0.7877, abs=1.5)
 
 
+def test_gamma_deposit_has_the_moyal_mean_and_its_own_spread():
+    emu = CameraEmulator(
+        SMALL_SHAPE, dose_rate_e_per_px_s=150.0, seed=6, deposit="gamma", deposit_shape=4.0
+    )
+    _, truth = emu.generate(2)
+    e = np.concatenate(truth.energies).astype(np.float64)
+    sd = truth.electron_adu_mean / 2.0  # gamma of shape 4: relative spread 1/2
+    assert abs(e.mean() - truth.electron_adu_mean) < 4 * sd / math.sqrt(len(e))
+    assert np.std(e) == pytest.approx(sd, rel=0.1)
+    # unlike the Moyal (median about 114 ADU), a gamma of shape 4 puts its median below the mean
+    assert np.median(e) < 0.95 * truth.electron_adu_mean
+    assert truth.params["deposit"] == "gamma"
+    with pytest.raises(ValueError, match="deposit"):
+        CameraEmulator(SMALL_SHAPE, deposit="landau")
+
+
 def test_deposited_charge_adds_up():
     emu = CameraEmulator(SMALL_SHAPE, seed=7, xray_rate_per_frame=0.0, hot_pixel_fraction=0.0)
     n = 10

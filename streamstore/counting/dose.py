@@ -1,0 +1,509 @@
+"""Corrected dose: the electrons that arrived, estimated from the events counted.
+
+The counter reports one event per 3 x 3 local maximum, so two electrons that land
+close together make one event: the event count falls behind the dose as the local
+dose rises (coincidence loss). This module estimates, per frame, how many
+electrons arrived, from the events alone.
+
+Model
+-----
+An electron is found when no other electron of its neighbourhood takes its
+event. Two zones, both measured from the events (below):
+
+* the *hard core* of area ``a`` (pixels): two electrons there always make one
+  event, the brighter one's. Arrivals are Poisson with local density ``lam``
+  (e/px/frame), so ``K``, the others in the zone, is Poisson(``lam * a``) and, the
+  signals being exchangeable, the electron wins with probability
+  ``E[1 / (K + 1)] = (1 - exp(-lam a)) / (lam a)``. Without charge spread this is
+  exact for the 3 x 3 rule with ``a = 9``: a pixel holds an event when it is hit
+  and its value beats every hit pixel of its 3 x 3 neighbourhood, and the nine
+  pixels are alike;
+* a *soft* zone of area ``b`` (the pair deficit beyond the hard core): charge
+  spread lets electrons two pixels apart merge, sometimes. Rare and partial,
+  these merges are taken as independent, each taking one of the two events:
+  the electron survives them with probability ``exp(-lam b / 2)``.
+
+So the density of events is::
+
+    mu = (1 - exp(-lam * a)) / a * exp(-lam * b / 2)
+
+inverted numerically (:func:`electrons_from_events`). To first order,
+``mu = lam - lam**2 (a + b) / 2``.
+
+``a`` and ``b`` are not constants fitted to an emulator but measured from the
+events: ``g(d)``, the pair correlation of the events at lattice offset ``d``
+(pairs at ``d`` over pairs far away), is 0 where two events cannot coexist and
+below 1 where electrons sometimes merge; ``a`` is the sum of ``1 - g(d)`` over
+``|d|_inf <= 1`` (with ``g(0) = 0``), ``b`` over ``2 <= |d|_inf <= pair_radius``.
+To first order in the dose, a pair of electrons at ``d`` that the counter merges
+removes one pair of events at ``d`` and one event, so the pair deficit and the
+areas of the model are the same numbers. Pairs are pooled over every frame seen,
+so a series measures its own detector (point spread, deposits, noise,
+threshold) at its own dose.
+
+``mu`` is local: events are pooled per tile of ``tile x tile`` pixels over the
+frames seen, so a bright disk is corrected as a disk and a dim halo as a halo.
+Each event of a frame counts ``lam_t / mu_t`` electrons of its tile ``t``. The
+bias that the noise of the pooled count puts into the (convex) inversion is
+removed to first order.
+
+What the model cannot see: electrons the counter misses when alone (a deposit
+no pixel of which passes the threshold) leave no event and no pair, so they are
+not in the estimate; nor can it invert a tile near saturation (beyond a local
+dose of a few ``1 / a`` the count carries almost no information on the dose):
+the inversion stops at ``lam_max``, where the hard core is :data:`MAX_FILL` full
+or the soft losses make ``mu`` fall again, whichever comes first.
+
+Implementations: a numpy reference of the pair count (:func:`pair_histogram_reference`)
+and its numba twin (:func:`pair_histogram`), equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from streamstore.events import EventBatch
+
+__all__ = [
+    "DoseEstimator",
+    "MAX_FILL",
+    "corrected_electrons",
+    "electrons_from_events",
+    "events_from_electrons",
+    "exclusion_areas",
+    "pair_histogram",
+    "pair_histogram_reference",
+]
+
+#: Largest ``mu * A`` that is inverted; denser tiles are treated as this full.
+MAX_FILL = 0.98
+#: Exclusion area of the 3 x 3 local-maximum rule without charge spread (pixels).
+HARD_CORE_AREA = 9.0
+#: Pairs far away below which the measured excess over the hard core is shrunk
+#: toward 0 (few pairs: a noisy excess; it matters little there, the dose is low).
+_FAR_PAIRS_PRIOR = 200.0
+
+
+def events_from_electrons(lam: np.ndarray | float, hard: float, soft: float = 0.0) -> np.ndarray:
+    """Event density the model expects for an electron density ``lam``.
+
+    Parameters
+    ----------
+    lam : array_like
+        Electrons per pixel per frame.
+    hard : float
+        Hard-core area ``a`` (pixels).
+    soft : float, default 0.0
+        Soft area ``b`` (pixels).
+
+    Returns
+    -------
+    ndarray
+        ``(1 - exp(-lam a)) / a * exp(-lam b / 2)``.
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    return -np.expm1(-lam * hard) / hard * np.exp(-0.5 * soft * lam)
+
+
+def _lam_max(hard: float, soft: float) -> float:
+    """Largest electron density the model inverts (see the module docstring)."""
+    cap = -np.log1p(-MAX_FILL) / hard
+    if soft <= 0:
+        return float(cap)
+    lo, hi = 0.0, float(cap)
+    b = 0.5 * soft
+
+    def slope(lam: float) -> float:
+        return np.exp(-lam * (hard + b)) - b * float(events_from_electrons(lam, hard, soft))
+
+    if slope(hi) > 0:
+        return hi
+    for _ in range(60):  # mu rises then falls: bisect its peak
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    return lo
+
+
+_TABLE_SIZE = 4097
+
+
+def _inverse_table(hard: float, soft: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mu, lam, d2)`` on a grid of ``lam`` from 0 to ``lam_max``; ``d2`` is
+    ``d^2 lam / d mu^2`` (for the noise bias of the inversion)."""
+    lam = np.linspace(0.0, _lam_max(hard, soft), _TABLE_SIZE)
+    mu = events_from_electrons(lam, hard, soft)
+    b = 0.5 * soft
+    e = np.exp(-lam * (hard + b))
+    d1 = e - b * mu
+    d2mu = -(hard + b) * e - b * d1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d2 = np.where(d1 > 0, -d2mu / np.maximum(d1, 1e-300) ** 3, 0.0)
+    return mu, lam, d2
+
+
+def electrons_from_events(mu: np.ndarray | float, hard: float, soft: float = 0.0) -> np.ndarray:
+    """Electron density for an event density ``mu`` (inverse of :func:`events_from_electrons`).
+
+    Parameters
+    ----------
+    mu : array_like
+        Events per pixel per frame.
+    hard, soft : float
+        Areas ``a`` and ``b`` of the model (pixels).
+
+    Returns
+    -------
+    ndarray
+        ``lam`` with ``events_from_electrons(lam) == mu``, at most ``lam_max``.
+    """
+    tmu, tlam, _ = _inverse_table(hard, soft)
+    mu = np.asarray(mu, dtype=np.float64)
+    lam = np.interp(mu, tmu, tlam)
+    # one Newton step polishes the table's linear interpolation
+    slope = np.exp(-lam * (hard + 0.5 * soft)) - 0.5 * soft * events_from_electrons(lam, hard, soft)
+    inside = (mu < tmu[-1]) & (slope > 0)
+    step = (events_from_electrons(lam, hard, soft) - mu) / np.where(inside, slope, 1.0)
+    return np.where(inside, lam - step, lam)
+
+
+def _check_radii(pair_radius: int, far_radii: tuple[int, int]) -> tuple[int, int, int]:
+    lo, hi = (int(v) for v in far_radii)
+    if not 1 <= int(pair_radius) < lo <= hi:
+        raise ValueError(
+            f"need 1 <= pair_radius < far_radii[0] <= far_radii[1], got {pair_radius}, {far_radii}"
+        )
+    return int(pair_radius), lo, hi
+
+
+def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
+    """Count pairs of events of the same frame by their lattice offset (numpy reference).
+
+    Parameters
+    ----------
+    batch : EventBatch
+        Events.
+    radius : int
+        Largest Chebyshev distance counted.
+
+    Returns
+    -------
+    ndarray of int64, shape (radius + 1, 2 * radius + 1)
+        ``h[dy, dx + radius]``: pairs whose second event lies ``dy`` rows below and
+        ``dx`` columns right of the first; each unordered pair once (``dy > 0``, or
+        ``dy == 0`` and ``dx > 0``); other cells 0.
+    """
+    h, w = batch.frame_shape
+    hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
+    for f in range(batch.n_frames):
+        idx = batch.indices[batch.offsets[f] : batch.offsets[f + 1]].astype(np.int64)
+        r, c = np.divmod(idx, w)
+        for dy in range(radius + 1):
+            for dx in range(-radius, radius + 1):
+                if dy == 0 and dx <= 0:
+                    continue
+                ok = (r + dy < h) & (c + dx >= 0) & (c + dx < w)
+                target = idx[ok] + dy * w + dx
+                pos = np.searchsorted(idx, target)
+                inside = pos < idx.size
+                hist[dy, dx + radius] += int(np.sum(idx[pos[inside]] == target[inside]))
+    return hist
+
+
+@njit(nogil=True, cache=True)
+def _pair_histogram_kernel(offsets, indices, h, w, radius, hist):  # pragma: no cover - numba
+    ptr = np.empty(radius + 1, np.int64)
+    for f in range(offsets.size - 1):
+        a = offsets[f]
+        b = offsets[f + 1]
+        for dy in range(radius + 1):
+            ptr[dy] = a
+        for i in range(a, b):
+            e = np.int64(indices[i])
+            r = e // w
+            c = e - r * w
+            for dy in range(radius + 1):
+                if r + dy >= h:
+                    break
+                lo = e + dy * w - radius
+                p = ptr[dy]
+                # events ascend, so each row's window start only moves forward
+                while p < b and np.int64(indices[p]) < lo:
+                    p += 1
+                ptr[dy] = p
+                hi = e + dy * w + radius
+                q = p
+                while q < b and np.int64(indices[q]) <= hi:
+                    t = np.int64(indices[q])
+                    rq = t // w
+                    dx = t - rq * w - c
+                    if rq == r + dy and (dy > 0 or dx > 0):
+                        hist[dy, dx + radius] += 1
+                    q += 1
+    return hist
+
+
+def pair_histogram(batch: EventBatch, radius: int) -> np.ndarray:
+    """Count pairs of events by lattice offset (numba; same result as
+    :func:`pair_histogram_reference`, in O(events * radius + pairs))."""
+    h, w = batch.frame_shape
+    hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
+    if batch.n_events:
+        _pair_histogram_kernel(batch.offsets, batch.indices, h, w, int(radius), hist)
+    return hist
+
+
+def exclusion_areas(
+    hist: np.ndarray,
+    frame_shape: tuple[int, int],
+    pair_radius: int = 2,
+    far_radii: tuple[int, int] = (4, 5),
+) -> tuple[float, float]:
+    """Hard-core and soft areas ``(a, b)`` (pixels) from a pair histogram.
+
+    Pairs per offset (:func:`pair_histogram`) are divided by the number of places
+    the offset fits in a frame, and by their mean over the far offsets (Chebyshev
+    distance in ``far_radii``) to give ``g(d)``. ``a = 1 + 2 * sum (1 - g(d))`` over
+    the half plane with ``|d|_inf == 1``; ``b = 2 * sum (1 - g(d))`` for
+    ``2 <= |d|_inf <= pair_radius``, shrunk toward 0 while few far pairs are seen
+    and never below 0. Without pairs: ``(9, 0)``, the 3 x 3 rule's hard core.
+
+    Parameters
+    ----------
+    hist : ndarray, shape (R + 1, 2 R + 1)
+        Pair counts, ``R >= far_radii[1]``.
+    frame_shape : tuple of int
+        ``(H, W)``.
+    pair_radius : int, default 2
+        Largest Chebyshev distance of the deficit sum.
+    far_radii : tuple of int, default (4, 5)
+        Chebyshev distances that normalise ``g``.
+
+    Returns
+    -------
+    tuple of float
+    """
+    near, lo, hi = _check_radii(pair_radius, far_radii)
+    radius = (hist.shape[1] - 1) // 2
+    if hist.shape != (radius + 1, 2 * radius + 1) or radius < hi:
+        raise ValueError(f"hist: expected shape (R + 1, 2 R + 1) with R >= {hi}, got {hist.shape}")
+    h, w = frame_shape
+    dy = np.arange(radius + 1)[:, None]
+    dx = np.arange(-radius, radius + 1)[None, :]
+    half = (dy > 0) | (dx > 0)
+    cheb = np.maximum(dy, np.abs(dx))
+    places = np.maximum((h - dy) * (w - np.abs(dx)), 1).astype(np.float64)
+    far = half & (cheb >= lo) & (cheb <= hi)
+    n_far = float(hist[far].sum())
+    if n_far == 0:
+        return HARD_CORE_AREA, 0.0
+    rate = hist / places
+    deficit = 1.0 - rate / rate[far].mean()
+    hard = 1.0 + 2.0 * float(np.sum(deficit[half & (cheb == 1)]))
+    soft = 2.0 * float(np.sum(deficit[half & (cheb >= 2) & (cheb <= near)]))
+    soft *= n_far / (n_far + _FAR_PAIRS_PRIOR)
+    return max(hard, 1.0), max(soft, 0.0)
+
+
+class DoseEstimator:
+    """Running estimate of the electrons that arrived in each frame of a series.
+
+    Feed it the series' events batch after batch with :meth:`update`; it pools
+    events per tile and close pairs over every frame seen and returns, per frame
+    of each batch, the electrons the model estimates arrived (float64).
+
+    Parameters
+    ----------
+    frame_shape : tuple of int
+        ``(H, W)``.
+    tile : int, default 8
+        Side of the square tiles whose pooled event density sets the local
+        correction. Small enough to follow a disk's edge; a pooled tile needs a
+        few hundred events for a good estimate where the correction is large.
+    pair_radius : int, default 2
+        Chebyshev radius of the close-pair deficit (:func:`exclusion_area`).
+    far_radii : tuple of int, default (4, 5)
+        Chebyshev distances whose pairs normalise the pair correlation.
+    memory : float, optional
+        Frames over which tile densities are averaged (exponential forgetting,
+        for patterns that drift); None pools every frame seen.
+    refresh : int, default 64
+        The tile corrections are recomputed after this many new frames at most
+        (early on after 1, 2, 4, ... frames, as many as were pooled before).
+    exclusion_areas : tuple of float, optional
+        Use these areas ``(a, b)`` instead of measuring them.
+    implementation : {"numba", "reference"}, default "numba"
+        Pair counting by :func:`pair_histogram` or :func:`pair_histogram_reference`.
+    """
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, int],
+        *,
+        tile: int = 8,
+        pair_radius: int = 2,
+        far_radii: tuple[int, int] = (4, 5),
+        memory: float | None = None,
+        refresh: int = 64,
+        exclusion_areas: tuple[float, float] | None = None,
+        implementation: str = "numba",
+    ) -> None:
+        h, w = (int(v) for v in frame_shape)
+        if h < 1 or w < 1:
+            raise ValueError(f"frame_shape: expected two positive ints, got {frame_shape!r}")
+        if int(tile) != tile or tile < 1:
+            raise ValueError(f"tile: expected an int >= 1, got {tile!r}")
+        if memory is not None and not memory >= 1:
+            raise ValueError(f"memory: expected None or >= 1 frames, got {memory!r}")
+        if int(refresh) != refresh or refresh < 1:
+            raise ValueError(f"refresh: expected an int >= 1, got {refresh!r}")
+        if exclusion_areas is not None:
+            exclusion_areas = (float(exclusion_areas[0]), float(exclusion_areas[1]))
+            if not (exclusion_areas[0] > 0 and exclusion_areas[1] >= 0):
+                raise ValueError(f"exclusion_areas: expected (> 0, >= 0), got {exclusion_areas!r}")
+        if implementation not in ("numba", "reference"):
+            raise ValueError(f"implementation: 'numba' or 'reference', got {implementation!r}")
+        self.frame_shape = (h, w)
+        self.tile = int(tile)
+        self.pair_radius, lo, hi = _check_radii(pair_radius, far_radii)
+        self.far_radii = (lo, hi)
+        self.memory = memory
+        self.refresh = int(refresh)
+        self.fixed_areas = exclusion_areas
+        self.implementation = implementation
+        self.n_ty = -(-h // self.tile)
+        self.n_tx = -(-w // self.tile)
+        ty = np.minimum(self.tile, h - self.tile * np.arange(self.n_ty))
+        tx = np.minimum(self.tile, w - self.tile * np.arange(self.n_tx))
+        self._tile_area = (ty[:, None] * tx[None, :]).astype(np.float64).ravel()
+        self._counts = np.zeros(self.n_ty * self.n_tx, np.float64)
+        self._weight = 0.0  # frames pooled (sum of weights)
+        self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
+        self._pairs = np.zeros((hi + 1, 2 * hi + 1), np.int64)
+        self._factor: np.ndarray | None = None
+        self._stale = 0
+        self._refreshed_at = 0
+        self._table: tuple[tuple[float, float], tuple[np.ndarray, ...]] | None = None
+        self.frames_seen = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def exclusion_areas(self) -> tuple[float, float]:
+        """The areas ``(a, b)`` in use (pixels): fixed, or measured from the pairs."""
+        if self.fixed_areas is not None:
+            return self.fixed_areas
+        return exclusion_areas(self._pairs, self.frame_shape, self.pair_radius, self.far_radii)
+
+    def pair_counts(self) -> np.ndarray:
+        """The pooled pair histogram (a copy; see :func:`pair_histogram`)."""
+        return self._pairs.copy()
+
+    def event_density(self) -> np.ndarray:
+        """Pooled events per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
+        mu = self._counts / (self._tile_area * max(self._weight, 1e-300))
+        return mu.reshape(self.n_ty, self.n_tx)
+
+    def electron_density(self) -> np.ndarray:
+        """Estimated electrons per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
+        return (self._tile_factor() * self.event_density().ravel()).reshape(self.n_ty, self.n_tx)
+
+    def _tile_ids(self, indices: np.ndarray) -> np.ndarray:
+        r, c = np.divmod(indices.astype(np.int64), self.frame_shape[1])
+        return (r // self.tile) * self.n_tx + c // self.tile
+
+    def _tile_factor(self) -> np.ndarray:
+        """Electrons per event in each tile (>= 1), from the pooled densities."""
+        areas = self.exclusion_areas
+        if self._table is None or self._table[0] != areas:
+            self._table = (areas, _inverse_table(*areas))
+        tmu, tlam, td2 = self._table[1]
+        w = max(self._weight, 1e-300)
+        mu = self._counts / (self._tile_area * w)
+        lam = np.interp(mu, tmu, tlam)
+        # E[lam(mu_hat)] = lam(mu) + lam''(mu) var(mu_hat) / 2 for the convex inversion.
+        # Events are thinner than Poisson (none in the hard core of another): the
+        # variance of a tile's count is about mu (1 - mu (a + b)), less what pairs
+        # across the tile edge keep of the spread
+        fill = mu * (areas[0] + areas[1]) * max(0.0, 1.0 - 2.0 / self.tile) ** 2
+        var = mu * np.maximum(1.0 - fill, 0.0) * (self._weight2 / (w * w)) / self._tile_area
+        lam = lam - 0.5 * np.interp(mu, tmu, td2) * var
+        with np.errstate(invalid="ignore", divide="ignore"):
+            factor = np.where(mu > 0, lam / mu, 1.0)
+        return np.maximum(factor, 1.0)
+
+    # ----------------------------------------------------------------- update
+    def update(self, batch: EventBatch) -> np.ndarray:
+        """Pool ``batch`` and estimate the electrons that arrived in each of its frames.
+
+        Parameters
+        ----------
+        batch : EventBatch
+            The next frames' events, of this estimator's frame shape.
+
+        Returns
+        -------
+        ndarray of float64, shape (batch.n_frames,)
+            Estimated electrons per frame (the event count where nothing is lost).
+        """
+        if tuple(batch.frame_shape) != self.frame_shape:
+            raise ValueError(
+                f"batch: frame shape {batch.frame_shape} is not the estimator's {self.frame_shape}"
+            )
+        n = batch.n_frames
+        if n == 0:
+            return np.zeros(0, np.float64)
+        tiles = self._tile_ids(batch.indices)
+        counts = batch.counts
+        if self.memory is None:
+            self._counts += np.bincount(tiles, minlength=self._counts.size)
+            self._weight += n
+            self._weight2 += n
+        else:
+            keep = 1.0 - 1.0 / float(self.memory)
+            # frame j of the batch (0-based) is weighted keep ** (n - 1 - j)
+            wf = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)
+            ew = np.repeat(wf, counts)
+            decay = keep**n
+            self._counts *= decay
+            self._counts += np.bincount(tiles, weights=ew, minlength=self._counts.size)
+            self._weight = self._weight * decay + float(wf.sum())
+            self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
+        if self.fixed_areas is None:
+            radius = self._pairs.shape[0] - 1
+            if self.implementation == "numba":
+                self._pairs += pair_histogram(batch, radius)
+            else:
+                self._pairs += pair_histogram_reference(batch, radius)
+        self.frames_seen += n
+        self._stale += n
+        # early on the pooled map changes fast: refresh after 1, 2, 4, ... frames
+        if self._factor is None or self._stale >= min(self.refresh, self._refreshed_at):
+            self._factor = self._tile_factor()
+            self._stale = 0
+            self._refreshed_at = self.frames_seen
+        per_event = self._factor[tiles]
+        frame_of = np.repeat(np.arange(n), counts)
+        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+
+
+def corrected_electrons(batch: EventBatch, **kwargs) -> np.ndarray:
+    """Estimated electrons per frame of a whole series held in one batch.
+
+    Pools the whole batch first (tile densities and pairs), then corrects each
+    frame with the pooled estimate, so early frames are corrected as well as late
+    ones (a :class:`DoseEstimator` fed the batch at once).
+
+    Parameters
+    ----------
+    batch : EventBatch
+        The series' events.
+    **kwargs
+        :class:`DoseEstimator` parameters (``tile``, ``pair_radius``, ...).
+
+    Returns
+    -------
+    ndarray of float64, shape (batch.n_frames,)
+    """
+    kwargs.setdefault("refresh", max(1, batch.n_frames))
+    est = DoseEstimator(batch.frame_shape, **kwargs)
+    return est.update(batch)
