@@ -10,6 +10,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from streamstore._numba_cache import serialize_saves
+
 __all__ = [
     "dense_frames",
     "gap_decode",
@@ -133,3 +135,7 @@ def gather(src, starts, counts, out):  # pragma: no cover - compiled
             out[j] = src[k]
             j += 1
     return out
+
+
+# several processes may compile these at once (see streamstore._numba_cache)
+serialize_saves(gap_encode, gap_decode, sum_frames, dense_frames, gather_decode, gather)

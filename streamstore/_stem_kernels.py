@@ -11,6 +11,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from streamstore._numba_cache import serialize_saves
+
 __all__ = ["frame_label_counts", "frame_moments", "frame_weighted_sums"]
 
 
@@ -80,3 +82,7 @@ def frame_moments(gaps, starts, counts, width, mask, out):  # pragma: no cover -
         out[f, 1] += sc
         out[f, 2] += n
     return out
+
+
+# several processes may compile these at once (see streamstore._numba_cache)
+serialize_saves(frame_label_counts, frame_weighted_sums, frame_moments)

@@ -117,6 +117,9 @@ def _get_kernel():
                     s2 = m
             return np.uint32((s2 << np.uint64(16)) | s1)
 
+        from streamstore._numba_cache import serialize_saves
+
+        serialize_saves(_fletcher32)  # test workers and readers may compile it at once
         _kernel = _fletcher32
     return _kernel
 

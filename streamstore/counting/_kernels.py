@@ -54,6 +54,7 @@ import numba
 import numpy as np
 from numba import njit
 
+from streamstore._numba_cache import serialize_saves
 from streamstore.counting._simd import (
     BYTE_TOP,
     EQ_ANY,
@@ -789,3 +790,7 @@ def _run_items(args: tuple, n_items: int, threads: int | None) -> None:
     finally:
         for f in futures:
             f.result()
+
+
+# the start-up compiles variants in several processes at once (streamstore._numba_cache)
+serialize_saves(_plateau_wins, _count_items, _lower_bound, _compact, _gather, _compact_maps)

@@ -63,6 +63,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from streamstore._numba_cache import serialize_saves
 from streamstore.events import EventBatch
 
 __all__ = [
@@ -507,3 +508,7 @@ def corrected_electrons(batch: EventBatch, **kwargs) -> np.ndarray:
     kwargs.setdefault("refresh", max(1, batch.n_frames))
     est = DoseEstimator(batch.frame_shape, **kwargs)
     return est.update(batch)
+
+
+# several processes may compile this at once (see streamstore._numba_cache)
+serialize_saves(_pair_histogram_kernel)

@@ -11,6 +11,11 @@ count, the gain flag and the X-ray level are run-time values: no variant each.
 
 from __future__ import annotations
 
+import os
+import queue
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -60,11 +65,102 @@ def _compiled(dispatchers: list[Any]) -> int:
     return sum(sum(getattr(d, "_cache_misses", {}).values()) for d in dispatchers)
 
 
+def _warm_variant(i: int, gain: bool) -> int:
+    """Compile or load variant ``i`` of :func:`kernel_variants` (the event encoder
+    when ``i`` is past the last): how many kernel overloads this compiled."""
+    from streamstore import _kernels as codec_kernels
+    from streamstore.codec import gap_encode
+    from streamstore.counting import _kernels as k
+
+    dispatchers = [k._count_items, k._compact, k._gather, k._compact_maps, codec_kernels.gap_encode]
+    before = _compiled(dispatchers)
+    variants = kernel_variants(gain)
+    if i < len(variants):
+        args = _variant_args(variants[i])
+        k.count_frames(*args[:7], threads=args[7], maps=args[8], wide_rows=args[9])
+        if i == 0:
+            lo = np.ones((3, 70), np.uint16)
+            k.kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
+    else:
+        gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
+    return _compiled(dispatchers) - before
+
+
+def _compile_processes() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+#: What a compile worker runs: the variants named on its command line, one line
+#: ``i compiled`` on stdout as each is done.
+_WORKER = (
+    "import sys\n"
+    "from streamstore.counting.warmup import _warm_variant\n"
+    "gain = sys.argv[1] == '1'\n"
+    "for i in map(int, sys.argv[2:]):\n"
+    "    print(i, _warm_variant(i, gain), flush=True)\n"
+)
+
+
+def _compile_in_workers(
+    jobs: list[int], gain: bool, workers: int, done: Callable[[int, int], None]
+) -> None:
+    """Compile variants ``jobs`` in ``workers`` child interpreters, round robin,
+    calling ``done(i, compiled)`` as each finishes. Children, not a
+    multiprocessing pool: a pool would import the caller's ``__main__`` again."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same streamstore
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, "1" if gain else "0", *map(str, jobs[k::workers])],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            start_new_session=True,  # not the caller's Ctrl-C: they fill the cache and exit
+        )
+        for k in range(workers)
+    ]
+    try:
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump(proc: subprocess.Popen) -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                lines.put(line)
+            lines.put(None)
+
+        for proc in procs:
+            threading.Thread(target=pump, args=(proc,), daemon=True).start()
+        open_pipes = len(procs)
+        while open_pipes:
+            line = lines.get()
+            if line is None:
+                open_pipes -= 1
+                continue
+            i, got = map(int, line.split())
+            done(i, got)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 def warm_kernels(
     gain: bool = True,
     progress: Callable[[int, int, dict[str, Any], int], None] | None = None,
+    processes: int | None = None,
 ) -> dict[str, Any]:
     """Compile or load every counting kernel variant and the event encoder.
+
+    Where numba's on-disk cache lacks variants (a fresh install or an
+    upgrade), they are compiled side by side in ``processes`` child
+    interpreters, each writing the cache (saves serialised by
+    :func:`streamstore._numba_cache.serialize_saves`), and then loaded here
+    from it: on ``c`` cores the cold start takes about ``1 / c`` of compiling
+    them one by one. From a warm cache everything loads here.
 
     Parameters
     ----------
@@ -72,37 +168,42 @@ def warm_kernels(
         Also the variants only a gain map leads to (see :func:`kernel_variants`).
     progress : callable, optional
         Called as ``progress(i, n, variant, compiled)`` before variant ``i`` of
-        ``n`` (the encoder is the last, ``{"name": "gap_encode"}``), ``compiled``
-        the kernel overloads compiled so far (0 while everything comes from the
-        cache).
+        ``n`` is loaded or compiled here, and as each worker finishes one (the
+        encoder is the last, ``{"name": "gap_encode"}``), ``compiled`` the kernel
+        overloads compiled so far (0 while everything comes from the cache).
+    processes : int, optional
+        Compile workers for an empty cache; default: the CPUs this process may
+        use. 1 compiles everything in this process.
 
     Returns
     -------
     dict
         ``variants`` (how many), ``compiled`` (how many kernel overloads had to be
-        compiled: 0 from a warm cache) and ``seconds``.
+        compiled, here and in the workers: 0 from a warm cache) and ``seconds``.
     """
-    from streamstore import _kernels as codec_kernels
-    from streamstore.codec import gap_encode
+    from streamstore._numba_cache import cached_overloads
     from streamstore.counting import _kernels as k
 
     t0 = time.perf_counter()
-    dispatchers = [k._count_items, k._compact, k._gather, k._compact_maps, codec_kernels.gap_encode]
-    before = _compiled(dispatchers)
     variants = kernel_variants(gain)
     n = len(variants) + 1
-    for i, v in enumerate(variants):
+    names = [*variants, {"name": "gap_encode"}]
+    compiled = 0
+    workers = min(_compile_processes() if processes is None else processes, n)
+    held = cached_overloads(k._count_items)
+    if workers > 1 and held is not None and held < len(variants):  # an empty cache
+        finished = 0
+
+        def done(i: int, got: int) -> None:
+            nonlocal compiled, finished
+            compiled += got
+            finished += 1
+            if progress is not None:
+                progress(finished - 1, n, names[i], compiled)
+
+        _compile_in_workers(list(range(n)), gain, workers, done)
+    for i in range(n):  # loads what the workers compiled (or compiles what they did not)
         if progress is not None:
-            progress(i, n, v, _compiled(dispatchers) - before)
-        args = _variant_args(v)
-        k.count_frames(*args[:7], threads=args[7], maps=args[8], wide_rows=args[9])
-    lo = np.ones((3, 70), np.uint16)
-    k.kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
-    if progress is not None:
-        progress(n - 1, n, {"name": "gap_encode"}, _compiled(dispatchers) - before)
-    gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
-    return {
-        "variants": len(variants),
-        "compiled": _compiled(dispatchers) - before,
-        "seconds": time.perf_counter() - t0,
-    }
+            progress(i, n, names[i], compiled)
+        compiled += _warm_variant(i, gain)
+    return {"variants": len(variants), "compiled": compiled, "seconds": time.perf_counter() - t0}
