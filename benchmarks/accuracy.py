@@ -44,9 +44,9 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamstore import Calibration, count  # noqa: E402
+from streamstore.camera.emulator import CameraEmulator  # noqa: E402
 from streamstore.cli import parse_shape  # noqa: E402
 from streamstore.counting.accuracy import score_batch  # noqa: E402
-from streamstore.emulator import CameraEmulator  # noqa: E402
 
 DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
 XRAY_THRESHOLD = 1000.0  # ADU, as in tests/test_counting_accuracy.py

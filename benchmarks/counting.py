@@ -49,11 +49,11 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from streamstore import Calibration, count  # noqa: E402
+from streamstore.camera.emulator import CameraEmulator  # noqa: E402
 from streamstore.cli import parse_shape  # noqa: E402
 from streamstore.counting import Counter  # noqa: E402
 from streamstore.counting._kernels import kernel_maps  # noqa: E402
 from streamstore.counting.accuracy import score_batch  # noqa: E402
-from streamstore.emulator import CameraEmulator  # noqa: E402
 from streamstore.events import EventBatch  # noqa: E402
 
 XRAY_THRESHOLD = 1000.0  # ADU, the same for streamstore and stempy

@@ -101,7 +101,7 @@ def measure_ingest(
     import zmq
 
     from streamstore.ingest.daemon import IngestConfig
-    from streamstore.protocol import Sender, Start
+    from streamstore.link.protocol import Sender, Start
 
     endpoint = free_tcp_endpoint()
     status_endpoint = free_tcp_endpoint()
@@ -208,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from benchmarks.transport import measure
-    from streamstore.calibration import Calibration
-    from streamstore.emulator import CameraEmulator
+    from streamstore.camera.emulator import CameraEmulator
+    from streamstore.counting.calibration import Calibration
 
     frame_time = 1 / 1500
     emu = CameraEmulator(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamstore.codec import (
+from streamstore.store.codec import (
     BLOSC2_FILTER_ID,
     Blosc2ChunkCodec,
     gap_decode,

@@ -15,8 +15,8 @@ import zmq
 from _ingest_harness import Daemon, Series, pusher
 
 from streamstore import Calibration, protocol
-from streamstore.dark_sums import DarkSums
-from streamstore.emulator import CameraEmulator
+from streamstore.camera.emulator import CameraEmulator
+from streamstore.counting.dark_sums import DarkSums
 
 SHAPE = (64, 96)
 

@@ -163,7 +163,7 @@ def test_round_trip_windows_roi_and_dtype(tmp_path, rng):
 
 def test_sum_parallel_jobs_equal_serial(tmp_path, rng, monkeypatch):
     """Several worker threads over many small jobs give the serial result."""
-    import streamstore.reader as reader
+    import streamstore.store.reader as reader
 
     batches = [random_batch(rng, 40, p=0.2) for _ in range(3)]
     path = write(tmp_path / "p.h5", batches, flush_after={0}, chunk_events=300)

@@ -82,9 +82,9 @@ def warm_kernels(
         ``variants`` (how many), ``compiled`` (how many kernel overloads had to be
         compiled: 0 from a warm cache) and ``seconds``.
     """
-    from streamstore import _kernels as codec_kernels
-    from streamstore.codec import gap_encode
     from streamstore.counting import _kernels as k
+    from streamstore.store import _kernels as codec_kernels
+    from streamstore.store.codec import gap_encode
 
     t0 = time.perf_counter()
     dispatchers = [k._count_items, k._compact, k._gather, k._compact_maps, codec_kernels.gap_encode]

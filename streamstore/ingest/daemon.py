@@ -127,7 +127,7 @@ class IngestConfig:
     curve_keys : str, optional
         Key directory from ``streamstore keys``: the socket becomes a CURVE
         server (encrypted) admitting only ``DIR/authorized_clients/*.key``
-        (see :mod:`streamstore.security`).
+        (see :mod:`streamstore.link.security`).
     worker_id : int, optional
         Run as worker K of a stream dealt over several workers (scale-out,
         :mod:`streamstore.scaleout`): the series goes to the shard
@@ -207,7 +207,7 @@ class IngestConfig:
         if self.exit_after_series is not None and self.exit_after_series < 1:
             raise UserError(f"--exit-after-series must be >= 1, got {self.exit_after_series}")
         if self.curve_keys is not None:
-            from streamstore.security import check_keys_dir
+            from streamstore.link.security import check_keys_dir
 
             check_keys_dir(self.curve_keys)
         out = Path(self.out_dir)
@@ -359,7 +359,7 @@ class IngestDaemon(SeriesMachine):
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         calibration, label = None, ""
         if cfg.calibration is not None:
-            from streamstore.calibration import Calibration
+            from streamstore.counting.calibration import Calibration
 
             calibration = Calibration.load(cfg.calibration)
             label = f"file:{cfg.calibration}"
@@ -430,7 +430,7 @@ class IngestDaemon(SeriesMachine):
             # waits for the bind (or its connection), not inside its first series
             warm_kernels_reporting(self.reporter, calibration, self._stop)
             if cfg.curve_keys is not None:
-                from streamstore.security import curve_server
+                from streamstore.link.security import curve_server
 
                 auth = curve_server(ctx, sock, cfg.curve_keys)
                 self._auth = auth
@@ -619,7 +619,7 @@ class IngestDaemon(SeriesMachine):
             log.log(level, "rejected message: %s: %s%s", reason, detail, more)
 
     def _handle(self, parts: list[Any]) -> None:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         self.counters.messages += 1
         if len(parts) > protocol.MAX_PARTS:
@@ -657,7 +657,7 @@ class IngestDaemon(SeriesMachine):
         is returned to the system (the daemon otherwise keeps its peak heap to
         reuse frame buffers).
         """
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         n = len(parts)
         total = sum(_nbytes(p) for p in parts)

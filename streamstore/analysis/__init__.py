@@ -1,0 +1,11 @@
+"""Analysis of stored series: 4D-STEM reductions, dask, figures.
+
+* :mod:`streamstore.analysis.stem` -- virtual detectors, centre of mass,
+  diffraction sums and radial profiles over a scan;
+* :mod:`streamstore.analysis.distributed` and
+  :mod:`streamstore.analysis.stem_dask` -- the same on a dask cluster;
+* :mod:`streamstore.analysis.plotting` and :mod:`streamstore.analysis.stem_plot`
+  -- summary and virtual-image figures.
+
+Nothing heavy is imported here.
+"""
