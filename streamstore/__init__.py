@@ -1,8 +1,8 @@
 """streamstore: keep up with a direct-detection electron camera.
 
-Data flow, one module per stage::
+Data flow, one folder per stage (``docs/architecture.md``)::
 
-    protocol -> emulator / ingest -> counting -> codec -> store -> reader -> cli
+    camera -> link -> ingest -> counting -> store -> analysis, exports -> cli
 
 Importing this package is cheap: the public names below are resolved lazily
 (PEP 562), so no numba compilation, thread pool, file or socket work happens
@@ -26,7 +26,7 @@ _LAZY = {
     "CorruptDataError": "streamstore.errors",
     "StoreWriter": "streamstore.store.writer",
     "Store": "streamstore.store.reader",
-    "open": "streamstore.store.reader",
+    "open": "streamstore.store.open",
     "import_stempy": "streamstore.exports.stempy_io",
     "export_stempy": "streamstore.exports.stempy_io",
     "export_eer": "streamstore.exports.eer",
@@ -66,7 +66,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from streamstore.exports.stempy_io import export_stempy, import_stempy
     from streamstore.link.protocol import ProtocolError
     from streamstore.scan import ScanGeometry
-    from streamstore.store.reader import Store, open
+    from streamstore.store.open import open
+    from streamstore.store.reader import Store
     from streamstore.store.writer import StoreWriter
 
 

@@ -352,7 +352,7 @@ def export_eer(
         empty series; existing output without ``overwrite``.
     """
     if isinstance(store, (str, os.PathLike)):
-        from streamstore.store.reader import open as open_store
+        from streamstore.store.open import open as open_store
 
         with open_store(store) as st:
             return export_eer(

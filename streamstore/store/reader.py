@@ -1,10 +1,11 @@
 """Read streamstore event files: windows, dose selection, sums.
 
-``streamstore.open(path)`` returns a :class:`Store`. The per-frame arrays
-(frame ids, timestamps, event counts and offsets) are loaded when the file is
-opened; events are read on demand, a whole HDF5 chunk at a time with
-``read_direct_chunk`` and decompressed by python-blosc2 (multi-threaded),
-and reduced by the numba kernels of :mod:`streamstore.store._kernels`.
+``streamstore.open(path)`` (:mod:`streamstore.store.open`) returns a
+:class:`Store`. The per-frame arrays (frame ids, timestamps, event counts and
+offsets) are loaded when the file is opened; events are read on demand, a
+whole HDF5 chunk at a time with ``read_direct_chunk`` and decompressed by
+python-blosc2 (multi-threaded), and reduced by the numba kernels of
+:mod:`streamstore.store._kernels`.
 
 Doses use one unit system everywhere (argument ``unit``):
 
@@ -37,7 +38,7 @@ from streamstore.store._chunkio import (
     true_ranges,
 )
 
-__all__ = ["Store", "open", "UNITS"]
+__all__ = ["Store", "UNITS"]
 
 UNITS = ("events", "e/px", "e/A2")
 _FORMAT_NAME = "streamstore.events"
@@ -818,36 +819,3 @@ class Store(ScanAnalysisMixin):
                 jobs.append((a, b, s_sel[i:j] - a, c_sel[i:j]))
                 i = j
         return jobs
-
-
-def open(path: str | os.PathLike, **kwargs: Any) -> Store:  # noqa: A001 - public API name
-    """Open a streamstore events file for reading.
-
-    Parameters
-    ----------
-    path : str or Path
-        A ``.h5`` file written by :class:`streamstore.StoreWriter` (also while
-        it is being written, or after its writer was killed: the file is then
-        opened in SWMR mode).
-        Or a series written by several ingest workers: its directory or its
-        ``manifest.json``; that returns a :class:`streamstore.store.shards.ShardedStore`
-        (a Store over all shards, ordered by frame id).
-    **kwargs
-        Passed to :class:`Store` (``nthreads``).
-
-    Returns
-    -------
-    Store
-    """
-    p = Path(path)
-    if p.is_dir() or p.suffix == ".json":
-        from streamstore.store.shards import ShardedStore, is_series
-
-        if is_series(p):  # a series written by several ingest workers
-            return ShardedStore(p, **kwargs)
-    if p.is_dir():
-        raise UserError(
-            f"{p} is a directory but not a series (no manifest.json or shard-*.h5 in it); "
-            "streamstore.open reads a .h5 events file or a series directory"
-        )
-    return Store(p, **kwargs)
