@@ -128,6 +128,6 @@ def test_direct_chunks_decode_through_the_hdf5_filter(tmp_path, rng):
 
 
 def test_codec_satisfies_the_chunk_codec_contract():
-    from streamstore._contracts import ChunkCodec
+    from streamstore.abc import ChunkCodec
 
     assert isinstance(Blosc2ChunkCodec(), ChunkCodec)

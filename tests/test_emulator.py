@@ -240,7 +240,7 @@ def test_pool_of_another_size_continues_the_stream():
 
 def test_emulator_is_a_frame_source_at_the_top_level():
     import streamstore
-    from streamstore._contracts import FrameSource
+    from streamstore.abc import FrameSource
 
     emu = streamstore.CameraEmulator((8, 12), seed=1)
     assert isinstance(emu, FrameSource)

@@ -527,7 +527,7 @@ def test_empty_store(tmp_path):
 
 
 def test_writer_satisfies_the_event_sink_contract(tmp_path):
-    from streamstore._contracts import EventSink
+    from streamstore.abc import EventSink
 
     with StoreWriter(tmp_path / "c.h5", SHAPE, frame_time_s=1e-3) as w:
         assert isinstance(w, EventSink)
