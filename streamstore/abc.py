@@ -1,38 +1,37 @@
 """Contracts between the stages of the data flow.
 
-Implementations live in their own modules; these Protocols say what each
-stage needs from the next, so a stage can be swapped (a real camera for the
-emulator, another codec, a shard writer for a single-file writer) without
-touching its neighbours.
+Implementations live in their stage's folder; these Protocols say what a stage
+needs from its neighbour, so one can be swapped (another counting
+implementation, another codec) without touching the others. The code's own
+type hints use them, and ``tests/conformance.py`` holds the conformance tests
+any implementation must pass (subclass the matching ``...Tests`` class and
+provide the fixture).
+
+* :class:`FrameCounter` -- what the ingest count stage calls on every batch
+  of frames; implemented by :class:`streamstore.counting.Counter`.
+* :class:`ChunkCodec` -- what the store writer compresses every chunk with
+  and reads back; implemented by
+  :class:`streamstore.store.codec.Blosc2ChunkCodec`.
+
+A contract nothing in the code depends on is not kept here: the write stage
+needs more of :class:`~streamstore.store.writer.StoreWriter` than any small
+protocol would say, and the camera emulator is used as itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from streamstore.events import EventBatch
 
-__all__ = ["Counter", "ChunkCodec", "EventSink", "FrameSource"]
+__all__ = ["ChunkCodec", "FrameCounter"]
 
 
 @runtime_checkable
-class FrameSource(Protocol):
-    """Something that makes frames: the emulator, a file, a camera SDK."""
-
-    frame_shape: tuple[int, int]
-    dtype: np.dtype
-
-    def generate(self, n: int) -> tuple[np.ndarray, Any]:
-        """Return ``(frames (n, H, W), truth or None)``."""
-        ...
-
-
-@runtime_checkable
-class Counter(Protocol):
-    """Turns raw frames into events."""
+class FrameCounter(Protocol):
+    """Turns raw frames into events: ``(H, W)`` or ``(n, H, W)`` -> one batch entry per frame."""
 
     def __call__(self, frames: np.ndarray) -> EventBatch: ...
 
@@ -43,24 +42,12 @@ class ChunkCodec(Protocol):
 
     def encode(self, block: np.ndarray) -> bytes: ...
 
-    def decode(self, buf: bytes, chunk_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray: ...
+    def decode(
+        self,
+        buf: bytes,
+        chunk_shape: tuple[int, ...],
+        dtype: np.dtype | type,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray: ...
 
     def get_config(self) -> dict[str, Any]: ...
-
-
-@runtime_checkable
-class EventSink(Protocol):
-    """Where counted frames go: a store file, a shard, a network peer."""
-
-    def append(
-        self,
-        events: EventBatch,
-        frame_ids: Sequence[int] | np.ndarray,
-        timestamps_ns: Sequence[int] | np.ndarray,
-    ) -> None: ...
-
-    def mark_missing(self, frame_ids: Sequence[int] | np.ndarray) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...

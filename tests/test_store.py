@@ -524,10 +524,3 @@ def test_empty_store(tmp_path):
         assert s.fractions(1.0) == [] and s.select().size == 0
         assert s.events(0, 0).n_frames == 0
         assert np.isnan(s.bits_per_event)
-
-
-def test_writer_satisfies_the_event_sink_contract(tmp_path):
-    from streamstore.abc import EventSink
-
-    with StoreWriter(tmp_path / "c.h5", SHAPE, frame_time_s=1e-3) as w:
-        assert isinstance(w, EventSink)

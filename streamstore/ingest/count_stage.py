@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.abc import FrameCounter
 from streamstore.ingest.items import (
     STOP,
     ByteBudget,
@@ -123,7 +124,7 @@ class CountStage(_Stage):
         self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
-        self._counter: Any = None
+        self._counter: FrameCounter | None = None
         self._counter_key: Any = None
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
         self._dark: dict[str, Any] = {}  # series id -> DarkSums of its frames so far
@@ -343,7 +344,7 @@ class CountStage(_Stage):
                 est.noise_sigma,
             )
 
-    def _counter_for(self, series: SeriesInfo) -> Any:
+    def _counter_for(self, series: SeriesInfo) -> FrameCounter:
         key = (id(series.calibration), series.start.np_dtype.str)
         if self._counter is None or self._counter_key != key:
             from streamstore.counting import Counter

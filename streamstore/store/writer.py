@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.abc import ChunkCodec
 from streamstore.events import EventBatch
 from streamstore.idranges import IdRanges, ranges_of_ids
 
@@ -112,10 +113,10 @@ class _Column:
     def __init__(
         self,
         ds: Any,
-        codec: Any,
+        codec: ChunkCodec,
         chunk_len: int,
         dtype: np.dtype,
-        tail_codec: Any = None,
+        tail_codec: ChunkCodec | None = None,
         checksum: bool = False,
     ) -> None:
         self.ds = ds
@@ -137,7 +138,7 @@ class _Column:
         """Position of the next element (including holes)."""
         return self.n_full + self.n_buf
 
-    def _write_chunk(self, start: int, block: np.ndarray, extent: int, codec: Any) -> None:
+    def _write_chunk(self, start: int, block: np.ndarray, extent: int, codec: ChunkCodec) -> None:
         if extent > self.extent:
             self.ds.resize((extent,))
             self.extent = extent
@@ -258,8 +259,9 @@ class StoreWriter:
         appended. Call :meth:`flush` yourself when the stream idles.
     nthreads : int, optional
         Threads blosc2 uses to compress; None means all cores.
-    codec : Blosc2ChunkCodec, optional
-        Codec of the event gaps (default ZSTD level 1 + SHUFFLE).
+    codec : ChunkCodec, optional
+        Codec of the event gaps (default :class:`Blosc2ChunkCodec`, ZSTD level 1
+        + SHUFFLE).
     chunk_events : int, default 1048576
         Events per HDF5 chunk.
     chunk_frames : int, default 256
@@ -301,7 +303,7 @@ class StoreWriter:
         subpixel: bool = False,
         flush_interval_s: float = 1.0,
         nthreads: int | None = None,
-        codec: Any = None,
+        codec: ChunkCodec | None = None,
         chunk_events: int = DEFAULT_CHUNK_EVENTS,
         chunk_frames: int = DEFAULT_CHUNK_FRAMES,
         counting: dict[str, Any] | None = None,
