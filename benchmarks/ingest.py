@@ -101,7 +101,8 @@ def measure_ingest(
     import zmq
 
     from streamstore.ingest.daemon import IngestConfig
-    from streamstore.link.protocol import Sender, Start
+    from streamstore.link.protocol import Start
+    from streamstore.link.sockets import Sender
 
     endpoint = free_tcp_endpoint()
     status_endpoint = free_tcp_endpoint()

@@ -2,7 +2,7 @@
 
 Every role is its own process (``multiprocessing`` spawn), as in production:
 
-* **camera**: a plain PUSH socket (``streamstore.link.protocol.Sender``, SNDHWM 2)
+* **camera**: a plain PUSH socket (``streamstore.link.sockets.Sender``, SNDHWM 2)
   sending an emulator pool as fast as it is taken;
 * **broker**: :class:`streamstore.scaleout.broker.Broker`, the camera's only
   receiver, dealing blocks of frames over the worker streams;
@@ -60,7 +60,8 @@ TIMED = "timed"
 # ------------------------------------------------------------------ roles
 def _camera(endpoint: str, pool: np.ndarray, n_frames: int, n_warm: int, go: Any, out: Any) -> None:
     """Bind a PUSH socket, send a warm-up series, wait for ``go``, send the timed one."""
-    from streamstore.link.protocol import Sender, Start
+    from streamstore.link.protocol import Start
+    from streamstore.link.sockets import Sender
 
     h, w = pool.shape[1:]
     with Sender(endpoint, sndhwm=2, send_timeout_s=600, linger_s=None) as tx:

@@ -129,7 +129,8 @@ def measure(
     """
     import zmq
 
-    from streamstore.link.protocol import Sender, Start
+    from streamstore.link.protocol import Start
+    from streamstore.link.sockets import Sender
 
     tmpdir = None
     if endpoint is None:

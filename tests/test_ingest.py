@@ -25,7 +25,8 @@ import streamstore
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.dark_estimate import DarkEstimator
 from streamstore.ingest.status import format_status
-from streamstore.link.protocol import Sender, Start
+from streamstore.link.protocol import Start
+from streamstore.link.sockets import Sender
 
 SHAPE = (64, 96)
 FRAME_TIME = 1e-3

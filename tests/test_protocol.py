@@ -14,8 +14,6 @@ from streamstore.link.protocol import (
     End,
     Image,
     ProtocolError,
-    Receiver,
-    Sender,
     Start,
     encode_end,
     encode_image,
@@ -23,6 +21,7 @@ from streamstore.link.protocol import (
     parse,
     validate_series_id,
 )
+from streamstore.link.sockets import Receiver, Sender
 
 SHAPE = (16, 24)  # tiny, non-square
 

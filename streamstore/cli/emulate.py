@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
 
     from streamstore.camera.emulator import CameraEmulator
     from streamstore.errors import UserError
-    from streamstore.link.protocol import ProtocolError, Sender, Start, validate_series_id
+    from streamstore.link.protocol import ProtocolError, Start, validate_series_id
+    from streamstore.link.sockets import Sender
 
     try:
         series_id = validate_series_id(args.series_id)
