@@ -100,7 +100,7 @@ def measure_ingest(
     """Stream a warm-up and a timed series to a daemon process; return its figures."""
     import zmq
 
-    from streamstore.ingest.daemon import IngestConfig
+    from streamstore.ingest.config import IngestConfig
     from streamstore.link.protocol import Start
     from streamstore.link.sockets import Sender
 

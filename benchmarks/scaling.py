@@ -208,7 +208,7 @@ def aggregate(
     n_workers: int, pool: np.ndarray, n_frames: int, calibration: str, out_dir: str, block: int
 ) -> dict[str, Any]:
     """Camera -> broker -> ``n_workers`` ingest workers over ipc, as ``ingest --workers N``."""
-    from streamstore.ingest.daemon import IngestConfig
+    from streamstore.ingest.config import IngestConfig
     from streamstore.scaleout.broker import BrokerConfig
     from streamstore.scaleout.deal import stream_endpoints
 

@@ -25,7 +25,7 @@ __all__ = ["add_arguments", "run"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``streamstore fanout``."""
-    from streamstore.ingest.daemon import K3_FRAME_BYTES
+    from streamstore.ingest.config import K3_FRAME_BYTES
     from streamstore.scaleout.deal import DEFAULT_BLOCK_FRAMES
 
     p.add_argument("--connect", required=True, metavar="CAMERA", help="the camera's PUSH endpoint")

@@ -25,7 +25,7 @@ __all__ = ["add_arguments", "run", "config_from_args", "setup_logging"]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``streamstore ingest``."""
-    from streamstore.ingest.daemon import K3_FRAME_BYTES
+    from streamstore.ingest.config import K3_FRAME_BYTES
 
     p.add_argument("--out", required=True, metavar="DIR", help="directory of the output files")
     from streamstore.link.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
@@ -185,7 +185,7 @@ def _xray_threshold(text: str) -> float | str | None:
 
 def config_from_args(args: argparse.Namespace):
     """Build an :class:`~streamstore.ingest.IngestConfig` from parsed options."""
-    from streamstore.ingest.daemon import IngestConfig
+    from streamstore.ingest.config import IngestConfig
     from streamstore.link.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
 
     listen, connect = args.listen, args.connect
