@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from streamstore.camera.emulator import MOYAL_MEAN, PATTERNS, CameraEmulator, Truth
+from streamstore.camera.emulator import MOYAL_MEAN, PATTERNS, CameraEmulator
+from streamstore.camera.truth import Truth
 
 SMALL_SHAPE = (256, 384)  # as tests/conftest.py: non-square, small
 

@@ -15,7 +15,8 @@ import pytest
 from _ingest_harness import Daemon
 
 import streamstore
-from streamstore.camera.emulator import CameraEmulator, Truth
+from streamstore.camera.emulator import CameraEmulator
+from streamstore.camera.truth import Truth
 from streamstore.counting.calibration import Calibration
 
 SHAPE = (64, 96)

@@ -295,7 +295,7 @@ def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: flo
 
 
 def _score(store: Any, truth_path: Path, k: int, np) -> None:
-    from streamstore.camera.emulator import Truth
+    from streamstore.camera.truth import Truth
 
     truth = Truth.load(truth_path)
     ids = np.asarray(store.frame_ids[:k])
