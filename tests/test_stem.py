@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import streamstore
-from streamstore import _stem_kernels, _stem_reference
+from streamstore.analysis import _stem_kernels, _stem_reference
 from streamstore.errors import UserError
 from streamstore.events import EventBatch
 from streamstore.scan import ScanGeometry

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.analysis.stem import ScanAnalysisMixin
+from streamstore.analysis.scan_methods import ScanAnalysisMixin
 from streamstore.errors import CorruptDataError, FormatError, UserError
 from streamstore.events import EventBatch
 from streamstore.idranges import IdRanges
