@@ -77,7 +77,7 @@ def _free_endpoint() -> str:
 def _daemon_run(n: int, shape: tuple[int, int]) -> dict:
     import zmq
 
-    from streamstore import protocol
+    from streamstore.link import protocol
 
     pool = _pool(shape)
     endpoint = _free_endpoint()

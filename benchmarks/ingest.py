@@ -97,8 +97,9 @@ def measure_ingest(
     """Stream a warm-up and a timed series to a daemon process; return its figures."""
     import zmq
 
-    from streamstore.ingest.daemon import IngestConfig
-    from streamstore.protocol import Sender, Start
+    from streamstore.ingest.config import IngestConfig
+    from streamstore.link.protocol import Start
+    from streamstore.link.sockets import Sender
 
     endpoint = free_tcp_endpoint()
     status_endpoint = free_tcp_endpoint()
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from benchmarks.transport import measure
-    from streamstore.calibration import Calibration
-    from streamstore.emulator import CameraEmulator
+    from streamstore.camera.emulator import CameraEmulator
+    from streamstore.counting.calibration import Calibration
 
     frame_time = 1 / 1500
     emu = CameraEmulator(

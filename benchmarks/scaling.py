@@ -2,7 +2,7 @@
 
 Every role is its own process (``multiprocessing`` spawn), as in production:
 
-* **camera**: a plain PUSH socket (``streamstore.protocol.Sender``, SNDHWM 2)
+* **camera**: a plain PUSH socket (``streamstore.link.sockets.Sender``, SNDHWM 2)
   sending an emulator pool as fast as it is taken;
 * **broker**: :class:`streamstore.scaleout.broker.Broker`, the camera's only
   receiver, dealing blocks of frames over the worker streams;
@@ -58,7 +58,8 @@ TIMED = "timed"
 # ------------------------------------------------------------------ roles
 def _camera(endpoint: str, pool: np.ndarray, n_frames: int, n_warm: int, go: Any, out: Any) -> None:
     """Bind a PUSH socket, send a warm-up series, wait for ``go``, send the timed one."""
-    from streamstore.protocol import Sender, Start
+    from streamstore.link.protocol import Start
+    from streamstore.link.sockets import Sender
 
     h, w = pool.shape[1:]
     with Sender(endpoint, sndhwm=2, send_timeout_s=600, linger_s=None) as tx:
@@ -205,7 +206,7 @@ def aggregate(
     n_workers: int, pool: np.ndarray, n_frames: int, calibration: str, out_dir: str, block: int
 ) -> dict[str, Any]:
     """Camera -> broker -> ``n_workers`` ingest workers over ipc, as ``ingest --workers N``."""
-    from streamstore.ingest.daemon import IngestConfig
+    from streamstore.ingest.config import IngestConfig
     from streamstore.scaleout.broker import BrokerConfig
     from streamstore.scaleout.deal import stream_endpoints
 
@@ -293,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.frames, args.pool, args.repeats, args.block_frames) < 1:
         p.error("--frames, --pool, --repeats and --block-frames must be >= 1")
 
-    from streamstore.calibration import Calibration
-    from streamstore.emulator import CameraEmulator
+    from streamstore.camera.emulator import CameraEmulator
+    from streamstore.counting.calibration import Calibration
 
     emu = CameraEmulator(args.shape, seed=args.seed, dose_rate_e_per_px_s=args.dose * 1500,
                          frame_time_s=1 / 1500, pool_size=args.pool)  # fmt: skip

@@ -1,7 +1,7 @@
 """Transport ceiling: emulator pool -> ZeroMQ PUSH -> a PULL receiver that discards.
 
 The receiver runs in its own process (``multiprocessing`` spawn context),
-parses every message with :func:`streamstore.protocol.parse` (zero-copy) and
+parses every message with :func:`streamstore.link.protocol.parse` (zero-copy) and
 drops it. The rate is timed on the receiver, from the ``start`` message to the
 ``end`` message of a series, after a short untimed warm-up series. This is the
 ceiling the ingest benchmark is compared with; the anchor measured in the
@@ -45,7 +45,7 @@ def _receiver(endpoint: str, series: list[str], results: Any, ready: Any) -> Non
     import zmq
 
     from streamstore.ingest.allocator import keep_large_buffers
-    from streamstore.protocol import End, Image, Start, parse
+    from streamstore.link.protocol import End, Image, Start, parse
 
     keep_large_buffers()
 
@@ -126,7 +126,8 @@ def measure(
     """
     import zmq
 
-    from streamstore.protocol import Sender, Start
+    from streamstore.link.protocol import Start
+    from streamstore.link.sockets import Sender
 
     tmpdir = None
     if endpoint is None:
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     record.add_options(p)
     args = p.parse_args(argv)
 
-    from streamstore.emulator import CameraEmulator
+    from streamstore.camera.emulator import CameraEmulator
 
     t = time.perf_counter()
     emu = CameraEmulator(args.shape, dtype=args.dtype, seed=args.seed, pool_size=args.pool)

@@ -1,8 +1,8 @@
 """streamstore: keep up with a direct-detection electron camera.
 
-Data flow, one module per stage::
+Data flow, one folder per stage (``docs/architecture.md``)::
 
-    protocol -> emulator / ingest -> counting -> codec -> store -> reader -> cli
+    camera -> link -> ingest -> counting -> store -> analysis, exports -> cli
 
 Importing this package is cheap: the public names below are resolved lazily
 (PEP 562), so no numba compilation, thread pool, file or socket work happens
@@ -19,20 +19,20 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "EventBatch": "streamstore.events",
-    "Calibration": "streamstore.calibration",
+    "Calibration": "streamstore.counting.calibration",
     "count": "streamstore.counting",
-    "CameraEmulator": "streamstore.emulator",
-    "ProtocolError": "streamstore.protocol",
+    "CameraEmulator": "streamstore.camera.emulator",
+    "ProtocolError": "streamstore.link.protocol",
     "CorruptDataError": "streamstore.errors",
-    "StoreWriter": "streamstore.store",
-    "Store": "streamstore.reader",
-    "open": "streamstore.reader",
-    "import_stempy": "streamstore.stempy_io",
-    "export_stempy": "streamstore.stempy_io",
-    "export_eer": "streamstore.eer",
+    "StoreWriter": "streamstore.store.writer",
+    "Store": "streamstore.store.reader",
+    "open": "streamstore.store.open",
+    "import_stempy": "streamstore.exports.stempy_io",
+    "export_stempy": "streamstore.exports.stempy_io",
+    "export_eer": "streamstore.exports.eer",
     "ScanGeometry": "streamstore.scan",
-    "STEMSpecimen": "streamstore.stem_specimen",
-    "export_raw_csr": "streamstore.libertem_io",
+    "STEMSpecimen": "streamstore.camera.specimen",
+    "export_raw_csr": "streamstore.exports.libertem_io",
 }
 
 __all__ = [
@@ -55,19 +55,20 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from streamstore.calibration import Calibration
+    from streamstore.camera.emulator import CameraEmulator
+    from streamstore.camera.specimen import STEMSpecimen
     from streamstore.counting import count
-    from streamstore.eer import export_eer
-    from streamstore.emulator import CameraEmulator
+    from streamstore.counting.calibration import Calibration
     from streamstore.errors import CorruptDataError
     from streamstore.events import EventBatch
-    from streamstore.libertem_io import export_raw_csr
-    from streamstore.protocol import ProtocolError
-    from streamstore.reader import Store, open
+    from streamstore.exports.eer import export_eer
+    from streamstore.exports.libertem_io import export_raw_csr
+    from streamstore.exports.stempy_io import export_stempy, import_stempy
+    from streamstore.link.protocol import ProtocolError
     from streamstore.scan import ScanGeometry
-    from streamstore.stem_specimen import STEMSpecimen
-    from streamstore.stempy_io import export_stempy, import_stempy
-    from streamstore.store import StoreWriter
+    from streamstore.store.open import open
+    from streamstore.store.reader import Store
+    from streamstore.store.writer import StoreWriter
 
 
 def __getattr__(name: str) -> Any:

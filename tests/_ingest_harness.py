@@ -40,9 +40,9 @@ class Series:
     """
 
     def __init__(self, tmp: Path, shape=SHAPE, pool: int = 16, seed: int = 7) -> None:
-        from streamstore.calibration import Calibration
+        from streamstore.camera.emulator import CameraEmulator
         from streamstore.counting import count
-        from streamstore.emulator import CameraEmulator
+        from streamstore.counting.calibration import Calibration
 
         emu = CameraEmulator(shape, seed=seed, dose_rate_e_per_px_s=30.0, frame_time_s=1e-3)
         dark, _ = emu.dark_frames(16)
@@ -62,7 +62,7 @@ class Series:
         return self.expected[i % len(self.expected)]
 
     def start(self, series_id: str, n_frames: int | None = None, **kw: Any) -> list[bytes]:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         return protocol.encode_start(
             protocol.Start(
@@ -76,13 +76,13 @@ class Series:
         )
 
     def image(self, series_id: str, i: int) -> list[Any]:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         return protocol.encode_image(series_id, i, 1_000_000 * i, self.frame(i))
 
     @staticmethod
     def end(series_id: str, n: int) -> list[bytes]:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         return protocol.encode_end(series_id, n)
 

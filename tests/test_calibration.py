@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamstore import Calibration
-from streamstore.emulator import CameraEmulator
+from streamstore.camera.emulator import CameraEmulator
 from streamstore.errors import FormatError
 
 SHAPE = (96, 160)  # non-square on purpose

@@ -11,12 +11,12 @@ import pytest
 from _cli_data import cli, make_store
 
 import streamstore
+from streamstore.cli import emulate as emulate_cmd
 from streamstore.cli import free_tcp_endpoint
-from streamstore.commands import emulate as emulate_cmd
-from streamstore.commands import ingest as ingest_cmd
-from streamstore.commands import status as status_cmd
+from streamstore.cli import ingest as ingest_cmd
+from streamstore.cli import status as status_cmd
 from streamstore.errors import UserError
-from streamstore.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
+from streamstore.link.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -228,7 +228,7 @@ def test_npy_window_with_roi(stores, tmp_path):
 
 
 def test_npy_whole_series_in_small_chunks(stores, tmp_path):
-    from streamstore.export import export_npy
+    from streamstore.exports.images import export_npy
 
     with streamstore.open(stores["nopx"]) as st:
         # chunks of 3 frames: the chunked writer must stitch windows exactly
@@ -289,7 +289,7 @@ def test_tiff_from_a_sharded_series(tmp_path):
 
 
 def test_remainder_rule_against_brute_force(stores, tmp_path):
-    from streamstore.export import export_tiff
+    from streamstore.exports.images import export_tiff
 
     with streamstore.open(stores["run"]) as st:
         dose = st.dose(unit="e/px")

@@ -88,7 +88,7 @@ def test_info_without_pixel_size(nopx_path):
 
 
 def test_summary_function_is_json_clean(nopx_path):
-    from streamstore.commands.info import summary
+    from streamstore.cli.info import summary
 
     with streamstore.open(nopx_path) as st:
         s = summary(st, nopx_path)

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from streamstore.progress import Progress, progress_enabled, track
+from streamstore.exports.progress import Progress, progress_enabled, track
 
 LOOP = (
-    "from streamstore.progress import track\n"
+    "from streamstore.exports.progress import track\n"
     "total = 0\n"
     "for i in track(range(25), desc='summing', unit='frame'):\n"
     "    total += i\n"

@@ -7,7 +7,7 @@ import pytest
 from _cli_data import SHAPE, cli, make_store
 
 import streamstore
-from streamstore.plotting import DEFAULT_DPI, FIGSIZE_IN, summary_figure
+from streamstore.analysis.plotting import DEFAULT_DPI, FIGSIZE_IN, summary_figure
 
 pytest.importorskip("matplotlib")
 

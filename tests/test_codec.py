@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamstore.codec import (
+from streamstore.store.codec import (
     BLOSC2_FILTER_ID,
     Blosc2ChunkCodec,
     gap_decode,
@@ -128,6 +128,6 @@ def test_direct_chunks_decode_through_the_hdf5_filter(tmp_path, rng):
 
 
 def test_codec_satisfies_the_chunk_codec_contract():
-    from streamstore._contracts import ChunkCodec
+    from streamstore.abc import ChunkCodec
 
     assert isinstance(Blosc2ChunkCodec(), ChunkCodec)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from streamstore import Calibration, count
+from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.accuracy import match_positions, matched_electrons, score_batch
-from streamstore.emulator import CameraEmulator
 
 SHAPE = (256, 384)
 XRAY_THRESHOLD = 1000.0  # ADU: ~8 electrons' total signal, a third of an X-ray's

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamstore.calibration import Calibration
 from streamstore.counting import Counter
+from streamstore.counting.calibration import Calibration
 
 IMPLEMENTATIONS = ("reference", "numba", "native")
 

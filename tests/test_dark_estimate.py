@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from streamstore import Calibration, count
+from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.accuracy import score_batch
-from streamstore.dark_estimate import DarkEstimator
-from streamstore.emulator import CameraEmulator
+from streamstore.counting.dark_estimate import DarkEstimator
 
 SHAPE = (96, 160)  # non-square on purpose
 XRAY = 1000.0

@@ -14,9 +14,10 @@ import pytest
 import zmq
 from _ingest_harness import Daemon, Series, pusher
 
-from streamstore import Calibration, protocol
-from streamstore.dark_sums import DarkSums
-from streamstore.emulator import CameraEmulator
+from streamstore import Calibration
+from streamstore.camera.emulator import CameraEmulator
+from streamstore.counting.dark_sums import DarkSums
+from streamstore.link import protocol
 
 SHAPE = (64, 96)
 

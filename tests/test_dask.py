@@ -1,6 +1,6 @@
 """Dask: lazy dense frames and windowed reductions on a LocalCluster of 2 processes.
 
-The workers open the files themselves (``streamstore.distributed.open_cached``);
+The workers open the files themselves (``streamstore.analysis.distributed.open_cached``);
 the results must equal the local API's on a single file and on a sharded
 series.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import streamstore
-from streamstore.distributed import window_dose, window_sum
+from streamstore.analysis.distributed import window_dose, window_sum
 
 pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")

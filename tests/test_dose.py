@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from streamstore import Calibration, EventBatch, count
+from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.dose import (
     HARD_CORE_AREA,
     DoseEstimator,
@@ -22,7 +23,6 @@ from streamstore.counting.dose import (
     pair_histogram,
     pair_histogram_reference,
 )
-from streamstore.emulator import CameraEmulator
 
 SHAPE = (128, 192)
 

@@ -10,7 +10,7 @@ from _cli_data import cli, make_store
 
 import streamstore
 from streamstore import EventBatch, StoreWriter
-from streamstore.eer import CENTRE_CELL, encode_eer_frame, export_eer
+from streamstore.exports.eer import CENTRE_CELL, encode_eer_frame, export_eer
 
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("imagecodecs")

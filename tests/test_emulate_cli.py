@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import zmq
 
-from streamstore.emulator import CameraEmulator, Truth
-from streamstore.protocol import End, Image, Start, parse
+from streamstore.camera.emulator import CameraEmulator
+from streamstore.camera.truth import Truth
+from streamstore.link.protocol import End, Image, Start, parse
 
 SHAPE = (64, 96)  # small and non-square: every byte is compared
 

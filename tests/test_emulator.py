@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from streamstore.emulator import MOYAL_MEAN, PATTERNS, CameraEmulator, Truth
+from streamstore.camera.emulator import MOYAL_MEAN, PATTERNS, CameraEmulator
+from streamstore.camera.truth import Truth
 
 SMALL_SHAPE = (256, 384)  # as tests/conftest.py: non-square, small
 
@@ -254,12 +255,10 @@ def test_pool_of_another_size_continues_the_stream():
     assert not np.array_equal(first[0], other[0])
 
 
-def test_emulator_is_a_frame_source_at_the_top_level():
+def test_emulator_generates_frames_at_the_top_level():
     import streamstore
-    from streamstore._contracts import FrameSource
 
     emu = streamstore.CameraEmulator((8, 12), seed=1)
-    assert isinstance(emu, FrameSource)
     frames, truth = emu.generate(2)
     assert frames.shape == (2, 8, 12) and frames.dtype == emu.dtype == np.uint16
     assert truth.frame_shape == emu.frame_shape == (8, 12)

@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamstore
-from streamstore import protocol
 from streamstore.ingest.daemon import MAX_ID_JUMP
+from streamstore.link import protocol
 
 VALID = "valid"
 N_VALID = 300

@@ -22,10 +22,11 @@ from _ingest_harness import Daemon as HarnessDaemon
 from _ingest_harness import free_endpoint
 
 import streamstore
-from streamstore.dark_estimate import DarkEstimator
-from streamstore.emulator import CameraEmulator
+from streamstore.camera.emulator import CameraEmulator
+from streamstore.counting.dark_estimate import DarkEstimator
 from streamstore.ingest.status import format_status
-from streamstore.protocol import Sender, Start
+from streamstore.link.protocol import Start
+from streamstore.link.sockets import Sender
 
 SHAPE = (64, 96)
 FRAME_TIME = 1e-3

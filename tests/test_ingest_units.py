@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from streamstore.errors import UserError
-from streamstore.ingest.daemon import IngestConfig
+from streamstore.ingest.config import IngestConfig
 from streamstore.ingest.pipeline import ByteBudget
 from streamstore.ingest.safety import (
     candidate_paths,

@@ -15,8 +15,9 @@ import pytest
 from _ingest_harness import Daemon
 
 import streamstore
-from streamstore.calibration import Calibration
-from streamstore.emulator import CameraEmulator, Truth
+from streamstore.camera.emulator import CameraEmulator
+from streamstore.camera.truth import Truth
+from streamstore.counting.calibration import Calibration
 
 SHAPE = (64, 96)
 N_FRAMES = 40

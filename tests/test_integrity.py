@@ -20,7 +20,7 @@ import pytest
 
 import streamstore
 from streamstore import EventBatch, StoreWriter
-from streamstore.checksum import fletcher32, fletcher32_reference, seal, unseal
+from streamstore.store.checksum import fletcher32, fletcher32_reference, seal, unseal
 
 SHAPE = (48, 64)
 N_FRAMES = 600

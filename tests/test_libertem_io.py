@@ -7,7 +7,7 @@ import pytest
 from test_stem import FRAME, make_scan_store
 
 import streamstore
-from streamstore.libertem_io import export_raw_csr
+from streamstore.exports.libertem_io import export_raw_csr
 
 api = pytest.importorskip("libertem.api")
 

@@ -10,12 +10,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streamstore.protocol import (
+from streamstore.link.protocol import (
     End,
     Image,
     ProtocolError,
-    Receiver,
-    Sender,
     Start,
     encode_end,
     encode_image,
@@ -23,6 +21,7 @@ from streamstore.protocol import (
     parse,
     validate_series_id,
 )
+from streamstore.link.sockets import Receiver, Sender
 
 SHAPE = (16, 24)  # tiny, non-square
 
@@ -184,7 +183,7 @@ def test_max_frame_bytes_is_an_argument():
 
 
 def test_header_depth_is_bounded_at_parse_time():
-    from streamstore.protocol import MAX_HEADER_DEPTH
+    from streamstore.link.protocol import MAX_HEADER_DEPTH
 
     def start_with_meta(levels):  # meta: an object nesting `levels` objects, itself included
         meta = '{"m":' * (levels - 1) + "{}" + "}" * (levels - 1)

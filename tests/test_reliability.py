@@ -318,8 +318,8 @@ def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
     id beyond ``MAX_ID_JUMP`` (no camera reaches it) is refused so it cannot strand the
     rest of the series as late.
     """
-    from streamstore import protocol
     from streamstore.ingest.daemon import MAX_ID_JUMP
+    from streamstore.link import protocol
 
     out = tmp_path / "out"
     ctx = zmq.Context()
@@ -349,7 +349,7 @@ def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
 def test_mark_missing_before_any_frame_is_stored(tmp_path):
     """Regression: a restarted daemon marks ids missing before its first frame."""
     from streamstore.events import EventBatch
-    from streamstore.store import StoreWriter
+    from streamstore.store.writer import StoreWriter
 
     with StoreWriter(tmp_path / "r.h5", (8, 8), frame_time_s=1e-3) as w:
         w.mark_missing([0, 1, 2])

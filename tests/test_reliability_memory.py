@@ -25,7 +25,7 @@ EST_FRAMES = 8
 
 
 def _start(sid: str, shape, n_frames):
-    from streamstore import protocol
+    from streamstore.link import protocol
 
     return protocol.encode_start(
         protocol.Start(
@@ -35,7 +35,7 @@ def _start(sid: str, shape, n_frames):
 
 
 def _claims(sock, first: int, n: int) -> None:
-    from streamstore import protocol
+    from streamstore.link import protocol
 
     for k in range(first, first + n):
         sock.send_multipart(_start(f"claim{k:04d}", (8, 8), None))
@@ -43,7 +43,7 @@ def _claims(sock, first: int, n: int) -> None:
 
 
 def _estimated(sock, frames: np.ndarray, first: int, n: int) -> None:
-    from streamstore import protocol
+    from streamstore.link import protocol
 
     for k in range(first, first + n):
         sid = f"est{k:03d}"
@@ -55,7 +55,7 @@ def _estimated(sock, frames: np.ndarray, first: int, n: int) -> None:
 
 def _many_parts(sock, n_parts: int = 601, part_bytes: int = 1 << 18) -> None:
     """One message of ``n_parts`` parts, 150 MB in all (refused; never held in the budget)."""
-    from streamstore import protocol
+    from streamstore.link import protocol
 
     head = protocol.encode_image("est000", 0, 0, np.zeros(EST_SHAPE, np.uint16))
     blob = bytes(part_bytes)  # one buffer sent 599 times (zero-copy on this side)
@@ -63,7 +63,7 @@ def _many_parts(sock, n_parts: int = 601, part_bytes: int = 1 << 18) -> None:
 
 
 def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp_path, capsys):
-    from streamstore.emulator import CameraEmulator
+    from streamstore.camera.emulator import CameraEmulator
 
     emu = CameraEmulator(EST_SHAPE, seed=11, dose_rate_e_per_px_s=30.0, frame_time_s=1e-3)
     frames, _ = emu.generate(8)

@@ -229,7 +229,7 @@ def test_a_dark_series_replaces_the_calibration_file_only_when_asked(tmp_path, s
     """A dark series of zeros from any peer made every later series count 0 events."""
     import numpy as np
 
-    from streamstore import protocol
+    from streamstore.link import protocol
 
     out = tmp_path / "out"
     ctx = zmq.Context()

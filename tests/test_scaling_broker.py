@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-from streamstore.protocol import Sender, Start, parse
+from streamstore.link.protocol import Start, parse
+from streamstore.link.sockets import Sender
 from streamstore.scaleout.broker import Broker, BrokerConfig, format_broker_status
 from streamstore.scaleout.deal import stream_endpoints, worker_of
 

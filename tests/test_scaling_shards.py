@@ -12,7 +12,7 @@ from streamstore.errors import FormatError, UserError
 from streamstore.events import EventBatch
 from streamstore.scaleout.deal import offset_endpoint, worker_of
 from streamstore.scaleout.shard_writer import ShardTracker
-from streamstore.shards import MANIFEST_FORMAT, ShardedStore, is_series, read_manifest
+from streamstore.store.shards import MANIFEST_FORMAT, ShardedStore, is_series, read_manifest
 
 SHAPE = (24, 40)  # non-square
 N = 50

@@ -99,7 +99,7 @@ def test_keys_command_makes_pairs_without_overwriting(tmp_path):
 
 def test_keys_refuse_bad_names_and_readable_secrets(tmp_path):
     from streamstore.errors import UserError
-    from streamstore.security import check_keys_dir, make_keys
+    from streamstore.link.security import check_keys_dir, make_keys
 
     d = tmp_path / "k"
     for bad in ("../evil", "server", ".hidden", "a/b", ""):
@@ -122,7 +122,7 @@ def test_keys_refuse_bad_names_and_readable_secrets(tmp_path):
 
 def test_keys_never_write_through_a_symlink(tmp_path):
     from streamstore.errors import UserError
-    from streamstore.security import make_key_pair
+    from streamstore.link.security import make_key_pair
 
     d = tmp_path / "k"
     d.mkdir()
@@ -139,7 +139,7 @@ OLD_KEYS = Path(__file__).parent / "data" / "curve_keys_old_format"
 
 def test_key_files_written_by_the_earlier_writer_still_load(tmp_path):
     """Keys made before zmq.auth wrote them (own banner, same certificate lines)."""
-    from streamstore.security import (
+    from streamstore.link.security import (
         check_keys_dir,
         curve_client,
         curve_server,
@@ -184,7 +184,7 @@ def test_key_files_written_by_the_earlier_writer_still_load(tmp_path):
 
 def test_damaged_key_files_are_named(tmp_path):
     from streamstore.errors import UserError
-    from streamstore.security import load_public_key, load_secret_key, make_key_pair
+    from streamstore.link.security import load_public_key, load_secret_key, make_key_pair
 
     pair = make_key_pair(tmp_path, "cam")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cam.key", "cam.key_secret"]
@@ -236,7 +236,7 @@ _FAILED = {
 
 
 def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_path, series):
-    from streamstore.security import curve_client, make_key_pair, make_keys
+    from streamstore.link.security import curve_client, make_key_pair, make_keys
 
     keys = tmp_path / "keys"
     make_keys(keys, ["camera"])
@@ -312,7 +312,7 @@ def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_pat
 
 def test_curve_when_the_daemon_connects_to_a_camera_that_binds(tmp_path, series):
     """`ingest --connect` stays the CURVE server; the binding camera is the client."""
-    from streamstore.security import curve_client, make_keys
+    from streamstore.link.security import curve_client, make_keys
 
     keys = tmp_path / "keys"
     make_keys(keys, ["cam"])
@@ -454,7 +454,7 @@ def test_files_are_created_with_the_process_umask(tmp_path, series, umask):
 # ------------------------------------------------------ emulate --curve-keys --
 def test_emulate_curve_keys_reach_a_curve_daemon_and_plain_emulate_is_refused(tmp_path, series):
     """`streamstore emulate --curve-keys DIR --curve-client NAME` talks to `ingest --curve-keys`."""
-    from streamstore.security import make_keys
+    from streamstore.link.security import make_keys
 
     keys = tmp_path / "keys"
     make_keys(keys, ["cam"])

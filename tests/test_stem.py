@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 import streamstore
-from streamstore import _stem_kernels, _stem_reference
-from streamstore.codec import gap_encode
+from streamstore.analysis import _stem_kernels, _stem_reference
 from streamstore.errors import UserError
 from streamstore.events import EventBatch
 from streamstore.scan import ScanGeometry
+from streamstore.store.codec import gap_encode
 
 FRAME = (11, 14)  # non-square on purpose: rows != cols
 SCAN = (5, 7)
@@ -242,7 +242,7 @@ def test_kernel_parity_numba_vs_numpy(seed):
 
 def test_sharded_series_gives_the_single_file_results(scan_file, tmp_path, monkeypatch):
     """A series split over two shards (read through events, not chunks) gives the same images."""
-    import streamstore.stem as stem
+    import streamstore.analysis.stem as stem
 
     monkeypatch.setattr(stem, "_FALLBACK_FRAMES", 5)  # many reads, on two threads
     path, dense, ids = scan_file
@@ -267,7 +267,7 @@ def test_sharded_series_gives_the_single_file_results(scan_file, tmp_path, monke
 
 
 def test_start_message_scan_fields_round_trip():
-    from streamstore.protocol import ProtocolError, Start, encode_start, parse
+    from streamstore.link.protocol import ProtocolError, Start, encode_start, parse
 
     start = Start(
         "s1", (8, 9), "uint16", 1e-3, scan_shape=(4, 5), frames_per_position=2, scan_flyback=1
@@ -285,7 +285,7 @@ def test_start_message_scan_fields_round_trip():
 
 def test_many_small_jobs_on_threads_give_the_same_images(scan_file, monkeypatch):
     """Jobs split inside a position's frames, run on threads, add up to the one-job result."""
-    import streamstore.stem as stem
+    import streamstore.analysis.stem as stem
 
     path, _dense, _ids = scan_file
     m = np.random.default_rng(4).random(FRAME) < 0.5

@@ -7,7 +7,7 @@ import pytest
 from test_stem import FRAME, SCAN, make_scan_store
 
 import streamstore
-from streamstore.stem_dask import map_scan, scan_to_dask
+from streamstore.analysis.stem_dask import map_scan, scan_to_dask
 
 pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import streamstore
+from streamstore.camera.specimen import STEMSpecimen
 from streamstore.events import EventBatch
-from streamstore.stem_specimen import STEMSpecimen
 
 FRAME = (64, 72)
 

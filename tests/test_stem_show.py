@@ -8,7 +8,7 @@ from _cli_data import cli
 from test_stem import SCAN, make_scan_store
 
 import streamstore
-from streamstore.stem_plot import find_disk, virtual_figure
+from streamstore.analysis.stem_plot import find_disk, virtual_figure
 
 pytest.importorskip("matplotlib")
 

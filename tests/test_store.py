@@ -163,7 +163,7 @@ def test_round_trip_windows_roi_and_dtype(tmp_path, rng):
 
 def test_sum_parallel_jobs_equal_serial(tmp_path, rng, monkeypatch):
     """Several worker threads over many small jobs give the serial result."""
-    import streamstore.reader as reader
+    import streamstore.store.reader as reader
 
     batches = [random_batch(rng, 40, p=0.2) for _ in range(3)]
     path = write(tmp_path / "p.h5", batches, flush_after={0}, chunk_events=300)
@@ -524,10 +524,3 @@ def test_empty_store(tmp_path):
         assert s.fractions(1.0) == [] and s.select().size == 0
         assert s.events(0, 0).n_frames == 0
         assert np.isnan(s.bits_per_event)
-
-
-def test_writer_satisfies_the_event_sink_contract(tmp_path):
-    from streamstore._contracts import EventSink
-
-    with StoreWriter(tmp_path / "c.h5", SHAPE, frame_time_s=1e-3) as w:
-        assert isinstance(w, EventSink)

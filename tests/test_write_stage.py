@@ -11,7 +11,7 @@ from streamstore.events import EventBatch
 from streamstore.ingest.items import ByteBudget, CloseItem, EventsItem, SeriesInfo
 from streamstore.ingest.status import Counters
 from streamstore.ingest.write_stage import WriteStage
-from streamstore.protocol import Start
+from streamstore.link.protocol import Start
 
 SHAPE = (8, 12)
 

@@ -17,7 +17,7 @@ import numpy as np
 
 import streamstore
 from streamstore import Calibration, CameraEmulator, count
-from streamstore.plotting import save_summary
+from streamstore.analysis.plotting import save_summary
 
 H, W = 512, 768
 FRAME_TIME_S = 1 / 1500

@@ -20,7 +20,7 @@ import numpy as np
 from streamstore.events import EventBatch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from streamstore.calibration import Calibration
+    from streamstore.counting.calibration import Calibration
 
 __all__ = ["Counter", "count"]
 
@@ -67,7 +67,7 @@ class Counter:
         threads: int | None = None,
         implementation: str = "numba",
     ) -> None:
-        from streamstore.calibration import Calibration
+        from streamstore.counting.calibration import Calibration
 
         if not isinstance(calibration, Calibration):
             raise ValueError(

@@ -68,9 +68,9 @@ def _compiled(dispatchers: list[Any]) -> int:
 def _warm_variant(i: int, gain: bool) -> int:
     """Compile or load variant ``i`` of :func:`kernel_variants` (the event encoder
     when ``i`` is past the last): how many kernel overloads this compiled."""
-    from streamstore import _kernels as codec_kernels
-    from streamstore.codec import gap_encode
     from streamstore.counting import _kernels as k
+    from streamstore.store import _kernels as codec_kernels
+    from streamstore.store.codec import gap_encode
 
     dispatchers = [k._count_items, k._compact, k._gather, k._compact_maps, codec_kernels.gap_encode]
     before = _compiled(dispatchers)

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.abc import FrameCounter
 from streamstore.ingest.items import (
     STOP,
     ByteBudget,
@@ -64,7 +65,7 @@ class CountStage(_Stage):
     max_dark_frames : int or None
         Dark frames used for the calibration (later ones are counted as
         received but not used); None: all. Each dark frame is folded into
-        running sums (:class:`~streamstore.dark_sums.DarkSums`, 16 bytes per
+        running sums (:class:`~streamstore.counting.dark_sums.DarkSums`, 16 bytes per
         pixel per open dark series) and released at once, so the number of
         dark frames does not change the memory used.
     calibration_from_dark_series : bool, default False
@@ -123,7 +124,7 @@ class CountStage(_Stage):
         self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
-        self._counter: Any = None
+        self._counter: FrameCounter | None = None
         self._counter_key: Any = None
         self._pending: list[Any] = []  # items of a data series waiting for its estimate
         self._dark: dict[str, Any] = {}  # series id -> DarkSums of its frames so far
@@ -217,7 +218,7 @@ class CountStage(_Stage):
 
     def _derive_xray(self, series: SeriesInfo, frames: list[np.ndarray]) -> None:
         """Dark-series calibration + "auto": the X-ray threshold from the first data frames."""
-        from streamstore.calibration import DEFAULT_XRAY_FACTOR
+        from streamstore.counting.calibration import DEFAULT_XRAY_FACTOR
 
         self._xray_for = None
         cal = series.calibration
@@ -255,7 +256,7 @@ class CountStage(_Stage):
         )
 
     def _estimate(self, series: SeriesInfo) -> None:
-        from streamstore.calibration import Calibration
+        from streamstore.counting.calibration import Calibration
 
         frames = [it.array for it in self._pending if isinstance(it, FrameItem)]
         if frames and series.calibration is not None:  # a dark calibration without X-ray level
@@ -303,8 +304,8 @@ class CountStage(_Stage):
     def _refine(self, item: FrameItem) -> None:
         """Add a frame to the provisional estimate; rebuild the calibration at the
         estimator's refinement points, and finish at ``refine_frames``."""
-        from streamstore.calibration import Calibration
-        from streamstore.dark_estimate import REFINE_AT
+        from streamstore.counting.calibration import Calibration
+        from streamstore.counting.dark_estimate import REFINE_AT
 
         series, est = self._refining
         try:
@@ -343,7 +344,7 @@ class CountStage(_Stage):
                 est.noise_sigma,
             )
 
-    def _counter_for(self, series: SeriesInfo) -> Any:
+    def _counter_for(self, series: SeriesInfo) -> FrameCounter:
         key = (id(series.calibration), series.start.np_dtype.str)
         if self._counter is None or self._counter_key != key:
             from streamstore.counting import Counter
@@ -501,7 +502,7 @@ class CountStage(_Stage):
 
     def _add_dark(self, item: FrameItem) -> None:
         """Fold a dark frame into its series' running sums and release the frame at once."""
-        from streamstore.dark_sums import DarkSums
+        from streamstore.counting.dark_sums import DarkSums
 
         sid = item.series.series_id
         sums = self._dark.get(sid)
@@ -522,7 +523,7 @@ class CountStage(_Stage):
         self.counters.frames_counted += 1
 
     def _finish_dark(self, series: SeriesInfo) -> None:
-        from streamstore.calibration import Calibration
+        from streamstore.counting.calibration import Calibration
 
         sums = self._dark.pop(series.series_id, None)
         self._dark_capped.discard(series.series_id)

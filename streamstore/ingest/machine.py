@@ -74,7 +74,7 @@ class SeriesMachine:
 
     # -- messages ------------------------------------------------------------------
     def _on_start(self, msg: Any) -> None:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         sid = msg.series_id
         try:

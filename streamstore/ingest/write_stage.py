@@ -94,7 +94,7 @@ class WriteStage(_Stage):
         key = id(series)
         if key in self._writers:
             return self._writers[key]
-        from streamstore.store import StoreWriter
+        from streamstore.store.writer import StoreWriter
 
         start = series.start
         meta = {

@@ -121,7 +121,7 @@ class BrokerConfig:
         if self.curve_client is not None and self.curve_keys is None:
             raise UserError("--curve-client needs --curve-keys DIR")
         if self.curve_keys is not None:
-            from streamstore.security import check_keys_dir
+            from streamstore.link.security import check_keys_dir
 
             check_keys_dir(self.curve_keys)
         if self.exit_after_series is not None and self.exit_after_series < 1:
@@ -214,7 +214,7 @@ class Broker:
             s.setsockopt(zmq.HEARTBEAT_IVL, hb)
             s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * hb)
             if cfg.curve_client is not None:
-                from streamstore.security import curve_client
+                from streamstore.link.security import curve_client
 
                 curve_client(s, cfg.curve_keys, cfg.curve_client)  # type: ignore[arg-type]
             self.outs.append(s)
@@ -237,7 +237,7 @@ class Broker:
         self.inp.setsockopt(zmq.RCVHWM, max(1, cfg.rcvhwm))
         self.inp.setsockopt(zmq.MAXMSGSIZE, int(cfg.max_frame_bytes) + (1 << 16))
         if cfg.curve_keys is not None:
-            from streamstore.security import curve_server
+            from streamstore.link.security import curve_server
 
             self.auth = curve_server(self.ctx, self.inp, cfg.curve_keys)
 
@@ -395,7 +395,7 @@ class Broker:
             log.error("rejected: %s: %s (%d so far)", reason, detail, n)
 
     def _handle(self, parts: list[Any], zmq: Any) -> None:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         self.counters["messages"] += 1
         try:
@@ -411,7 +411,7 @@ class Broker:
             self._on_end(msg, zmq)
 
     def _on_start(self, msg: Any, zmq: Any) -> None:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         if self._series is not None and self._series.series_id == msg.series_id:
             self._reject("second_start", f"series {msg.series_id} is open already")
@@ -467,7 +467,7 @@ class Broker:
         return s.workers[block % len(s.workers)]  # a lost worker's blocks: the others in turn
 
     def _on_end(self, msg: Any, zmq: Any) -> None:
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         s = self._series
         if s is None or s.series_id != msg.series_id:

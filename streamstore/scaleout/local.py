@@ -31,7 +31,7 @@ log = logging.getLogger("streamstore.ingest")
 def _worker_entry(config: Any, quiet: bool) -> None:
     """Target of a spawned worker process."""
     from streamstore.ingest.daemon import IngestDaemon
-    from streamstore.logsetup import setup_logging
+    from streamstore.ingest.logsetup import setup_logging
 
     setup_logging(quiet)
     raise SystemExit(IngestDaemon(config).run())

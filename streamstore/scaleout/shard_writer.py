@@ -3,7 +3,7 @@
 Each ingest worker of a scaled-out stream (``--worker-id K``) writes its
 frames to ``DIR/<series_id>/shard-<K>.h5`` and, when it closes the series,
 adds an entry to ``DIR/<series_id>/manifest.json`` (read back as one series
-by :mod:`streamstore.shards`). A shard never declares frame ids missing (the
+by :mod:`streamstore.store.shards`). A shard never declares frame ids missing (the
 other workers hold them); the combined store does, from the ids the sender
 announced or ended with.
 """
@@ -199,7 +199,7 @@ def record_shard(series: Any, *, worker_id: int, n_workers: int | None) -> Path 
     }
 
     def update(data: dict[str, Any]) -> None:
-        from streamstore.shards import MANIFEST_FORMAT, MANIFEST_VERSION
+        from streamstore.store.shards import MANIFEST_FORMAT, MANIFEST_VERSION
 
         data.setdefault("format", MANIFEST_FORMAT)
         data.setdefault("format_version", MANIFEST_VERSION)

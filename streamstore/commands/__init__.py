@@ -1,1 +1,0 @@
-"""One module per ``streamstore`` subcommand (see :mod:`streamstore.cli`)."""
