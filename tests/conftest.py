@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -58,15 +59,27 @@ def _starts_daemons(path: Path, seen: dict[Path, bool]) -> bool:
     return seen[path]
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The modules that start daemons first: they hold most of the suite's wall time,
+    and test workers (pytest-xdist) that take them early end together."""
+    seen: dict[Path, bool] = {}
+    items.sort(key=lambda item: not _starts_daemons(Path(str(item.fspath)), seen))
+
+
 @pytest.fixture(scope="session", autouse=True)
-def _counting_kernels_compiled_once(request):
+def _counting_kernels_compiled_once(request, tmp_path_factory):
     """A daemon compiles or loads every counting kernel variant before it listens.
     Where the run starts daemons, compile them once here, first: numba's disk
     cache then serves each daemon in about a second, and the counting tests reuse
-    the same variants (on a clean clone each compiles once per run, not per test)."""
+    the same variants (on a clean clone each compiles once per run, not per test).
+    Test workers share the compile: the first to take the lock fills the cache
+    (one compiling child interpreter per CPU), the others wait and then load."""
     seen: dict[Path, bool] = {}
     if any(_starts_daemons(Path(str(item.fspath)), seen) for item in request.session.items):
-        # in a child process: minutes of compiling in this one would run into
-        # faulthandler_timeout, whose traceback dump crashed inside numba's codegen
-        code = "from streamstore.counting.warmup import warm_kernels; warm_kernels()"
-        subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
+        lock = tmp_path_factory.getbasetemp().parent / "streamstore-kernels.lock"
+        with open(lock, "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            # in a child process: minutes of compiling in this one would run into
+            # faulthandler_timeout, whose traceback dump crashed inside numba's codegen
+            code = "from streamstore.counting.warmup import warm_kernels; warm_kernels()"
+            subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
