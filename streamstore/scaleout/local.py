@@ -110,6 +110,7 @@ def run_local(
                 status_endpoint=config.status_endpoint,
                 status_interval_s=config.status_interval_s,
                 exit_after_series=config.exit_after_series,
+                orphans_dir=config.out_dir,
             )
         )
         configs = worker_configs(config, endpoints)
