@@ -391,6 +391,8 @@ class Broker:
                 self._handle(parts, zmq)
                 if self._stop.is_set():
                     return
+                if limit is not None and self.ends_passed >= limit:
+                    break  # what follows the last end is not dealt: _refuse_queued takes it
 
     def _wait_workers_gone(self, zmq: Any) -> None:
         """Keep the worker links open until every worker has disconnected.
