@@ -311,11 +311,14 @@ class Broker:
         """
         import zmq
 
-        from streamstore.ingest.allocator import keep_large_buffers
+        from streamstore.ingest.allocator import keep_large_buffers, one_malloc_arena
 
         # every frame is one ZeroMQ message buffer: reuse freed ones instead of
-        # mapping (and zeroing) 47 MB anew per frame, as the ingest daemon does
+        # mapping (and zeroing) 47 MB anew per frame, as the ingest daemon does;
+        # ZeroMQ's I/O thread allocates them, and only from the main heap are they
+        # reused without page faults (before the context starts that thread)
         keep_large_buffers()
+        one_malloc_arena()
         try:
             self._open(zmq)
         except BaseException:

@@ -95,6 +95,9 @@ def run_local(
     """
     import multiprocessing as mp
 
+    from streamstore.ingest.allocator import one_malloc_arena
+
+    one_malloc_arena()  # the broker's frame buffers (Broker.run), before any thread starts
     camera = config.listen if camera_bind else config.connect
     ipc_dir = tempfile.mkdtemp(prefix="streamstore-fanout-")
     try:
