@@ -39,7 +39,7 @@ s.setsockopt(zmq.SNDTIMEO, 120000)
 s.setsockopt(zmq.LINGER, 120000)
 s.bind(endpoint)
 h, w = frames.shape[1:]
-for sid, n, orphans in json.loads(plan):
+for sid, n, orphans, *after in json.loads(plan):
     for i in range(orphans):  # images of a series that never starts
         hdr = {"htype": "image", "series_id": sid + "_nostart", "frame_id": i, "timestamp_ns": i}
         s.send_multipart([json.dumps(hdr).encode(), frames[i % len(frames)]], copy=False)
@@ -53,6 +53,9 @@ for sid, n, orphans in json.loads(plan):
         hdr = {"htype": "image", "series_id": sid, "frame_id": i, "timestamp_ns": 1000000 * i}
         s.send_multipart([json.dumps(hdr).encode(), frames[i % len(frames)]], copy=False)
     s.send(json.dumps({"htype": "end", "series_id": sid, "n_frames": n}).encode())
+    for i in range(after[0] if after else 0):  # images after the series ended
+        hdr = {"htype": "image", "series_id": sid + "_after", "frame_id": i, "timestamp_ns": i}
+        s.send_multipart([json.dumps(hdr).encode(), frames[i % len(frames)]], copy=False)
 s.close()
 ctx.term()
 """
@@ -373,3 +376,172 @@ def test_fanout_options_are_checked(args, message):
     )  # fmt: skip
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+# A camera with one PUSH socket per worker (as PSI's Jungfraujoch), plain pyzmq: each stream
+# carries images of a series that never starts, its own start, its blocks of the series, its
+# end, then images of the ended series.
+MULTI_CAMERA = r"""
+import json, sys
+import numpy as np
+import zmq
+
+base, frames_file, sid, n, block, before, after = sys.argv[1:8]
+n, block, before, after = int(n), int(block), int(before), int(after)
+frames = np.load(frames_file)
+host, port = base.rsplit(":", 1)
+ctx = zmq.Context()
+socks = []
+for k in range(2):
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 2)
+    s.setsockopt(zmq.SNDTIMEO, 120000)
+    s.setsockopt(zmq.LINGER, 120000)
+    s.bind(f"{host}:{int(port) + k}")
+    socks.append(s)
+h, w = frames.shape[1:]
+def image(s, series, i):
+    hdr = {"htype": "image", "series_id": series, "frame_id": i, "timestamp_ns": i}
+    s.send_multipart([json.dumps(hdr).encode(), frames[i % len(frames)]], copy=False)
+for k, s in enumerate(socks):
+    for i in range(before):
+        image(s, sid + "_nostart", i)
+    start = {"htype": "start", "series_id": sid, "frame_shape": [h, w], "dtype": "uint16",
+             "frame_time_s": 1e-3, "n_frames": n}
+    s.send(json.dumps(start).encode())
+for i in range(n):
+    image(socks[(i // block) % 2], sid, i)
+for s in socks:
+    s.send(json.dumps({"htype": "end", "series_id": sid, "n_frames": n}).encode())
+    for i in range(after):
+        image(s, sid, n + i)  # its series has ended
+for s in socks:
+    s.close()
+ctx.term()
+"""
+
+
+def _orphans(out: Path) -> dict:
+    return json.loads((out / "orphans.json").read_text())
+
+
+def _wait_for(cond, what: str, log: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen:\n{log.read_text()[-3000:]}")
+
+
+def test_images_after_the_last_series_reach_orphans_json_of_the_local_broker(tmp_path):
+    """Before the start: the series manifest; after the end: DIR/orphans.json, at the stop."""
+    import signal
+
+    series = Series(tmp_path)
+    ep = free_endpoint()
+    out, log = tmp_path / "out", tmp_path / "ingest.log"
+    proc = _ingest(log, out, "--connect", ep, "--workers", "2", "--calibration",
+                   str(series.calibration_path))  # fmt: skip
+    cam = _camera(tmp_path, series, ep, [["tail", 16, 2, 3]])
+    try:
+        assert _wait(cam, log) == 0, cam.stderr.read().decode()
+        _wait_for(lambda: log.read_text().count("of series tail_after, which has no start") == 3,
+                  "three rejections after the end", log)  # fmt: skip
+        assert not (out / "orphans.json").exists()  # written when the broker stops
+        proc.send_signal(signal.SIGTERM)
+        assert _wait(proc, log) == 0, log.read_text()
+    finally:
+        _kill_all(cam, proc)
+    _check_series(series, out / "tail", 16, 2)
+    manifest = json.loads((out / "tail" / "manifest.json").read_text())
+    assert manifest["broker"]["rejected_by_reason"] == {"before_start": 2}
+    rec = _orphans(out)
+    assert rec["format"] == "streamstore.orphans" and rec["rejected"] == 3, rec
+    (entry,) = rec["records"]
+    assert entry["role"] == "broker" and entry["rejected"] == 3
+    assert entry["series_ids"] == {"tail_after": 3}
+    assert "recorded in" in log.read_text()
+
+
+def test_fanout_exit_after_series_reads_and_records_what_follows_the_last_end(tmp_path):
+    """The camera's images after the last end are taken while the workers finish, not dropped."""
+    series = Series(tmp_path)
+    cam_ep, base = free_endpoint(), _consecutive_ports(2)
+    out, blog = tmp_path / "out", tmp_path / "fanout.log"
+    broker = _streamstore(blog, "fanout", "--connect", cam_ep, "--listen", base, "--workers", "2",
+                          "--exit-after-series", "1", "--out", str(out))  # fmt: skip
+    workers = []
+    try:
+        # the workers write slowly (test hook): they are still connected when the
+        # camera's last images reach the broker
+        env = {"STREAMSTORE_TEST_WRITE_DELAY_S": "0.3"}
+        workers = [_worker(tmp_path, out, series, base, k, 2, 1, env=env) for k in range(2)]
+        cam = _camera(tmp_path, series, cam_ep, [["last", 16, 0, 4]])
+        assert _wait(cam, blog) == 0, cam.stderr.read().decode()
+        assert _wait(broker, blog) == 0, blog.read_text()
+        for k, w in enumerate(workers):
+            assert _wait(w, tmp_path / f"w{k}.log") == 0, (tmp_path / f"w{k}.log").read_text()
+    finally:
+        _kill_all(broker, *workers)
+    _check_series(series, out / "last", 16, 2)
+    (entry,) = _orphans(out)["records"]
+    assert entry["role"] == "broker", entry
+    assert entry["rejected_by_reason"] == {"after_last_series": 4}
+    assert entry["series_ids"] == {"last_after": 4}
+    lines = blog.read_text().splitlines()
+    assert sum(" ERROR " in ln and "after the last series" in ln for ln in lines) >= 4, lines
+
+
+def test_multi_stream_workers_record_images_of_no_series_in_orphans_json(tmp_path):
+    import signal
+
+    series = Series(tmp_path)
+    base = _consecutive_ports(2)
+    out = tmp_path / "out"
+    frames = tmp_path / "frames.npy"
+    np.save(frames, series.frames)
+    script = tmp_path / "multi_camera.py"
+    script.write_text(MULTI_CAMERA)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # no streamstore there
+    workers = []
+    cam = None
+    try:
+        # no --exit-after-series: the workers run until stopped, as on a beamline
+        workers = [
+            _ingest(tmp_path / f"w{k}.log", out, "--connect", base, "--worker-id", str(k),
+                    "--workers", "2", "--calibration", str(series.calibration_path))
+            for k in range(2)
+        ]  # fmt: skip
+        cam = subprocess.Popen(
+            [sys.executable, str(script), base, str(frames), "multi", "24", "4", "2", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path,
+        )  # fmt: skip
+        assert _wait(cam, tmp_path / "w0.log") == 0, cam.stderr.read().decode()
+
+        def recorded() -> bool:
+            try:
+                return _orphans(out)["rejected"] == 6
+            except (FileNotFoundError, ValueError):
+                return False
+
+        _wait_for(recorded, "orphans.json with 6 images", tmp_path / "w0.log")
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for k, w in enumerate(workers):
+            assert _wait(w, tmp_path / f"w{k}.log") == 0, (tmp_path / f"w{k}.log").read_text()
+    finally:
+        _kill_all(cam, *workers)
+    with streamstore.open(out / "multi") as s:
+        np.testing.assert_array_equal(s.frame_ids, np.arange(24))
+        assert s.accounting["complete"] is True
+    rec = _orphans(out)
+    assert rec["rejected"] == 6
+    by_worker = {r["worker_id"]: r for r in rec["records"]}
+    assert sorted(by_worker) == [0, 1] and {r["role"] for r in rec["records"]} == {"worker"}
+    for r in by_worker.values():
+        assert r["rejected_by_reason"] == {"before_start": 2, "stale": 1}, r
+        assert r["series_ids"] == {"multi_nostart": 2, "multi": 1}
+    for k in range(2):
+        text = (tmp_path / f"w{k}.log").read_text()
+        assert "images of no series" in text and "orphans.json" in text

@@ -311,3 +311,27 @@ def test_an_absurd_frame_count_in_the_manifest_is_a_format_error(tmp_path, rng):
     _manifest(d, [0], announced=10**15)
     with pytest.raises(FormatError, match="claims 1000000000000000 frames"):
         streamstore.open(d)
+
+
+def test_orphan_records_of_several_processes_share_one_file(tmp_path):
+    from streamstore.scaleout.shard_writer import ORPHANS_FORMAT, OrphanRecord
+
+    a = OrphanRecord(tmp_path, "worker", 0)
+    b = OrphanRecord(tmp_path, "broker")
+    assert a.write() is None and not (tmp_path / "orphans.json").exists()  # nothing counted
+    a.add("before_start", "ghost", 2)
+    b.add("after_last_series", "late")
+    for i in range(70):  # more distinct ids than a record names
+        b.add("unknown_series", f"s{i}")
+    assert a.pending and a.write() == b.write() == tmp_path / "orphans.json"
+    a.add("stale", "ghost")
+    a.write()  # replaces its own record, keeps the other's
+    data = json.loads((tmp_path / "orphans.json").read_text())
+    assert data["format"] == ORPHANS_FORMAT and data["rejected"] == 3 + 71
+    by_role = {r["role"]: r for r in data["records"]}
+    assert by_role["worker"]["worker_id"] == 0
+    assert by_role["worker"]["rejected_by_reason"] == {"before_start": 2, "stale": 1}
+    assert by_role["worker"]["series_ids"] == {"ghost": 3}
+    named = by_role["broker"]["series_ids"]
+    assert len(named) == 65 and named["(other series)"] == 71 - 64 and sum(named.values()) == 71
+    assert not a.pending and a.write_if_due(0.0) is None

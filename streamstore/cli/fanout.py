@@ -67,6 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--status-endpoint", metavar="EP", help="publish the status as JSON here")
     p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="the workers' output directory, if this host sees it: what the broker rejected "
+        "after the last series (no series manifest holds it) goes to DIR/orphans.json",
+    )
+    p.add_argument(
         "--exit-after-series",
         type=int,
         default=None,
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         max_frame_bytes=args.max_frame_bytes,
         status_endpoint=args.status_endpoint,
         exit_after_series=args.exit_after_series,
+        orphans_dir=args.out,
     )
     broker = Broker(cfg)
     setup_logging(args.quiet)

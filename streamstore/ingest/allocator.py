@@ -24,12 +24,13 @@ import ctypes
 import ctypes.util
 import logging
 
-__all__ = ["keep_large_buffers", "release_free_memory"]
+__all__ = ["keep_large_buffers", "one_malloc_arena", "release_free_memory"]
 
 log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 #: Heap kept on free before glibc trims it back (bytes; the largest value mallopt takes).
 _TRIM = 2**31 - 1
 
@@ -49,6 +50,30 @@ def keep_large_buffers() -> bool:
     if not ok:
         log.debug("mallopt refused M_MMAP_MAX / M_TRIM_THRESHOLD")
     return ok
+
+
+def one_malloc_arena() -> bool:
+    """Make every thread ``malloc`` from the main heap (``M_ARENA_MAX = 1``); True if applied.
+
+    A thread other than the main one allocates from its own arena, made of
+    heaps of at most 64 MiB: ZeroMQ's I/O thread allocates every received
+    message there, and with 47 MB frames each buffer needs a heap of its own
+    whose pages come back faulted in and zeroed again, about 1,000-3,800
+    page faults per frame received (``benchmarks/broker_cpu.py``). From the
+    main heap, with :func:`keep_large_buffers`, freed frames are reused
+    mapped. For a process whose threads do little else but move frames (the
+    broker): threads that allocate much in parallel would contend for the one
+    arena's lock. Call it before the process starts threads: glibc fixes the
+    arena a thread uses at the thread's first ``malloc``.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return mallopt(_M_ARENA_MAX, 1) == 1
 
 
 def release_free_memory() -> bool:

@@ -57,6 +57,9 @@ KEEP_CLOSED = 256
 #: Longest time a worker's shard holds a frame back waiting for a lower frame id, s.
 SHARD_MAX_HOLD_S = 0.5
 
+#: Shortest time between two updates of a worker's entry in ``orphans.json``, s.
+ORPHANS_WRITE_S = 1.0
+
 
 class IngestDaemon(SeriesMachine):
     """Receive, count and store series until stopped.
@@ -178,6 +181,10 @@ class IngestDaemon(SeriesMachine):
 
             keep_large_buffers()
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        if cfg.worker_id is not None:
+            from streamstore.scaleout.shard_writer import OrphanRecord
+
+            self._orphan_record = OrphanRecord(cfg.out_dir, "worker", cfg.worker_id)
         calibration, label = None, ""
         if cfg.calibration is not None:
             from streamstore.counting.calibration import Calibration
@@ -301,6 +308,7 @@ class IngestDaemon(SeriesMachine):
             self._count_q.put(STOP)
             status = self._wait_drained()
             self._recv_cpu_s = time.thread_time() - t_cpu0
+            self._write_orphans(0.0)  # the images the drain rejected too
             self.reporter.tick(force=True)
             self.reporter.end_line()
             self._close_sockets(ctx, sock, pub, auth)
@@ -429,7 +437,25 @@ class IngestDaemon(SeriesMachine):
                 offer = s.tracker.release_older(SHARD_MAX_HOLD_S)
                 if offer.ready:
                     self._forward(s, offer)
+            self._write_orphans(ORPHANS_WRITE_S)
         self._close_idle(waiting)
+
+    def _write_orphans(self, interval_s: float) -> None:
+        """Bring this worker's entry of ``orphans.json`` up to date (at most every ``interval_s``).
+
+        ``interval_s == 0`` is the last call, at the stop: it also says where they are.
+        """
+        rec = self._orphan_record
+        if rec is None or not rec.total:
+            return
+        try:
+            rec.write_if_due(interval_s)
+        except OSError as exc:  # retried after the interval
+            log.error("cannot record %d images of no series in %s: %s", rec.total, rec.path, exc)
+            return
+        if interval_s == 0.0:
+            log.error("%d images of no series %s: recorded in %s", rec.total, dict(rec.by_reason),
+                      rec.path)  # fmt: skip
 
     # -- messages -----------------------------------------------------------------------
     def _reject(self, reason: str, detail: str, level: int = logging.WARNING) -> None:

@@ -62,6 +62,8 @@ class SeriesMachine:
         self._open: dict[str, OpenSeries] = {}  # by series_id, in start order
         self._ever_started = False
         self._recent_closed: deque[str] = deque(maxlen=64)
+        # a scale-out worker records images that belong to no series (orphans.json)
+        self._orphan_record: Any = None
 
     @property
     def _series(self) -> OpenSeries | None:
@@ -134,17 +136,22 @@ class SeriesMachine:
         if s is None:
             # an image whose series has no start is a sender (or dealing) fault: it is lost
             if sid in self._recent_closed:
-                self._reject("stale", f"image {msg.frame_id} of series {sid}, which is closed")
+                reason = "stale"
+                self._reject(reason, f"image {msg.frame_id} of series {sid}, which is closed")
             elif not self._ever_started:
+                reason = "before_start"
                 self._reject(
-                    "before_start", f"image {msg.frame_id} of {sid} before any start", logging.ERROR
+                    reason, f"image {msg.frame_id} of {sid} before any start", logging.ERROR
                 )
             else:
+                reason = "unknown_series"
                 self._reject(
-                    "unknown_series",
+                    reason,
                     f"image {msg.frame_id} of unknown series {sid} (it has no start)",
                     logging.ERROR,
                 )
+            if self._orphan_record is not None:  # no series manifest will hold it
+                self._orphan_record.add(reason, sid)
             return
         s.last_activity = time.monotonic()
         start = s.info.start

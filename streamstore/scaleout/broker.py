@@ -26,7 +26,13 @@ stream ``K``, each stream carrying its own ``start``, its images and its
   ``start`` once it is connected;
 * an image of a series that has no ``start``, or an ``end`` that closes
   nothing, is rejected, counted by reason and logged at ERROR; the counts
-  travel in the next ``end`` into the series manifest.
+  travel in the next ``end`` into the series manifest. What no ``end``
+  carries (rejected after the last series, or while the broker stops) goes
+  to ``orphans_dir/orphans.json`` when the broker stops
+  (:class:`~streamstore.scaleout.shard_writer.OrphanRecord`). With
+  ``exit_after_series``, what the camera sends after the last ``end`` while
+  the workers finish is read and rejected as ``after_last_series``, not
+  dropped unseen.
 
 ``zmq`` is imported inside the functions only.
 """
@@ -91,6 +97,10 @@ class BrokerConfig:
     ready_timeout_s : float, optional
         Give up (:class:`TimeoutError`) if the workers are not all connected
         within this time; None waits.
+    orphans_dir : str, optional
+        The output directory: rejections that no ``end`` carried into a
+        series manifest are written to ``orphans_dir/orphans.json`` when the
+        broker stops. None: they are logged (ERROR) and in the status only.
     """
 
     camera: str
@@ -109,6 +119,7 @@ class BrokerConfig:
     ready_timeout_s: float | None = None
     linger_s: float = 10.0
     drain_s: float = 60.0
+    orphans_dir: str | None = None
 
     def check(self) -> None:
         """Raise :class:`UserError` naming the first bad option."""
@@ -166,6 +177,7 @@ class Broker:
         self._stop = threading.Event()
         self._series: _SeriesState | None = None
         self._orphans: Counter[str] = Counter()  # rejections since the last end
+        self._orphan_series: Counter[str] = Counter()  # their series ids, when known
         self.ready = threading.Event()
         self.endpoints: list[str] = []
         self.camera_endpoint = config.camera
@@ -299,11 +311,14 @@ class Broker:
         """
         import zmq
 
-        from streamstore.ingest.allocator import keep_large_buffers
+        from streamstore.ingest.allocator import keep_large_buffers, one_malloc_arena
 
         # every frame is one ZeroMQ message buffer: reuse freed ones instead of
-        # mapping (and zeroing) 47 MB anew per frame, as the ingest daemon does
+        # mapping (and zeroing) 47 MB anew per frame, as the ingest daemon does;
+        # ZeroMQ's I/O thread allocates them, and only from the main heap are they
+        # reused without page faults (before the context starts that thread)
         keep_large_buffers()
+        one_malloc_arena()
         try:
             self._open(zmq)
         except BaseException:
@@ -332,9 +347,33 @@ class Broker:
             self._loop(zmq)
         finally:
             self._publish(force=True)
+            self._record_orphans()
             log.info("broker stopped: %s", json.dumps(self.status()))
             self._close()
         return 0
+
+    def _record_orphans(self) -> None:
+        """Put the rejections no ``end`` carried into ``orphans.json`` (or say they are in none)."""
+        if not self._orphans:
+            return
+        n = int(sum(self._orphans.values()))
+        what = f"{n} rejected messages no series end reported ({dict(self._orphans)})"
+        if self.config.orphans_dir is None:
+            log.error("%s: in the status and this log only (no output directory)", what)
+            return
+        from streamstore.scaleout.shard_writer import OrphanRecord
+
+        rec = OrphanRecord(self.config.orphans_dir, "broker")
+        for reason, k in self._orphans.items():
+            rec.by_reason[reason] += k
+        for sid, k in self._orphan_series.items():
+            rec.by_series[sid] += k
+        try:
+            path = rec.write()
+        except OSError as exc:
+            log.error("%s: cannot record them in %s: %s", what, rec.path, exc)
+            return
+        log.error("%s: recorded in %s", what, path)
 
     def _loop(self, zmq: Any) -> None:
         limit = self.config.exit_after_series
@@ -355,6 +394,8 @@ class Broker:
                 self._handle(parts, zmq)
                 if self._stop.is_set():
                     return
+                if limit is not None and self.ends_passed >= limit:
+                    break  # what follows the last end is not dealt: _refuse_queued takes it
 
     def _wait_workers_gone(self, zmq: Any) -> None:
         """Keep the worker links open until every worker has disconnected.
@@ -368,10 +409,37 @@ class Broker:
             self._poll_monitors(zmq)
             if not any(self._peers):
                 return
-            zmq.select(self.monitors, [], [], 0.1)
+            self._refuse_queued(zmq)
+            zmq.select([*self.monitors, self.inp], [], [], 0.1)
         still = [k for k, p in enumerate(self._peers) if p]
         if still:
             log.warning("workers %s still connected after %g s", still, self.config.drain_s)
+
+    def _refuse_queued(self, zmq: Any) -> None:
+        """Reject what the camera sent after the last series: closing the socket drops it."""
+        from streamstore import protocol
+
+        while True:
+            try:
+                parts = self.inp.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self.counters["messages"] += 1
+            try:
+                msg = protocol.parse(parts, max_frame_bytes=self.config.max_frame_bytes)
+            except protocol.ProtocolError as exc:
+                self._reject("malformed", str(exc))
+                continue
+            what = type(msg).__name__.lower()
+            if isinstance(msg, protocol.Image):
+                self.counters["images"] += 1
+                what = f"image {msg.frame_id}"
+            self._reject(
+                "after_last_series",
+                f"{what} of series {msg.series_id} after the last series "
+                f"(--exit-after-series {self.config.exit_after_series})",
+                msg.series_id,
+            )
 
     _last_pub = 0.0
     _last_log = 0.0
@@ -386,10 +454,13 @@ class Broker:
             log.info(format_broker_status(self.status()))
 
     # -- messages --------------------------------------------------------------------
-    def _reject(self, reason: str, detail: str) -> None:
+    def _reject(self, reason: str, detail: str, series_id: str | None = None) -> None:
         self.counters["rejected"] += 1
         self.counters[f"rejected:{reason}"] += 1
         self._orphans[reason] += 1
+        if series_id is not None and (series_id in self._orphan_series or
+                                      len(self._orphan_series) < 64):  # fmt: skip
+            self._orphan_series[series_id] += 1
         n = self.counters[f"rejected:{reason}"]
         if n <= _LOG_FIRST or n % 1000 == 0:
             log.error("rejected: %s: %s (%d so far)", reason, detail, n)
@@ -414,7 +485,7 @@ class Broker:
         from streamstore.link import protocol
 
         if self._series is not None and self._series.series_id == msg.series_id:
-            self._reject("second_start", f"series {msg.series_id} is open already")
+            self._reject("second_start", f"series {msg.series_id} is open already", msg.series_id)
             return
         if self._series is not None:
             log.error(
@@ -445,7 +516,11 @@ class Broker:
         self.counters["images"] += 1
         if s is None or s.series_id != msg.series_id:
             why = "before_start" if s is None else "unknown_series"
-            self._reject(why, f"image {msg.frame_id} of series {msg.series_id}, which has no start")
+            self._reject(
+                why,
+                f"image {msg.frame_id} of series {msg.series_id}, which has no start",
+                msg.series_id,
+            )
             return
         while s.workers:
             block = int(msg.frame_id) // self.config.block_frames
@@ -458,7 +533,8 @@ class Broker:
             if self._stop.is_set():
                 return
         # every worker of the series is lost: nobody holds its start any more
-        self._reject("no_worker", f"image {msg.frame_id} of {msg.series_id}: every worker lost")
+        sid = msg.series_id
+        self._reject("no_worker", f"image {msg.frame_id} of {sid}: every worker lost", sid)
 
     def _dealt_to(self, block: int, s: _SeriesState) -> int:
         k = block % self.n
@@ -471,7 +547,9 @@ class Broker:
 
         s = self._series
         if s is None or s.series_id != msg.series_id:
-            self._reject("unknown_end", f"end of series {msg.series_id}, which is not open")
+            self._reject(
+                "unknown_end", f"end of series {msg.series_id}, which is not open", msg.series_id
+            )
             return
         report = {
             "forwarded": s.forwarded,
@@ -487,6 +565,7 @@ class Broker:
         if s.lost or report["rejected"]:
             log.error("series %s ended: %s", s.series_id, json.dumps(report))
         self._orphans.clear()
+        self._orphan_series.clear()
         self._series = None
         self.counters["ends"] += 1
         self.ends_passed += 1

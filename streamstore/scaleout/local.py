@@ -95,6 +95,9 @@ def run_local(
     """
     import multiprocessing as mp
 
+    from streamstore.ingest.allocator import one_malloc_arena
+
+    one_malloc_arena()  # the broker's frame buffers (Broker.run), before any thread starts
     camera = config.listen if camera_bind else config.connect
     ipc_dir = tempfile.mkdtemp(prefix="streamstore-fanout-")
     try:
@@ -110,6 +113,7 @@ def run_local(
                 status_endpoint=config.status_endpoint,
                 status_interval_s=config.status_interval_s,
                 exit_after_series=config.exit_after_series,
+                orphans_dir=config.out_dir,
             )
         )
         configs = worker_configs(config, endpoints)

@@ -12,17 +12,35 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ShardTracker", "shard_paths", "record_shard", "MANIFEST_NAME", "SHARD_PATTERN"]
+__all__ = [
+    "ShardTracker",
+    "shard_paths",
+    "record_shard",
+    "OrphanRecord",
+    "MANIFEST_NAME",
+    "SHARD_PATTERN",
+    "ORPHANS_NAME",
+    "ORPHANS_FORMAT",
+    "ORPHANS_VERSION",
+]
 
 #: Name of the series manifest inside a series directory.
 MANIFEST_NAME = "manifest.json"
 #: Glob of shard files inside a series directory.
 SHARD_PATTERN = "shard-*.h5"
+#: Record, in the output directory, of rejected messages that no series manifest holds.
+ORPHANS_NAME = "orphans.json"
+ORPHANS_FORMAT = "streamstore.orphans"
+ORPHANS_VERSION = 1
+# distinct series ids named per record; the rest are summed under one key
+_MAX_SERIES_IDS = 64
 
 
 class ShardTracker:
@@ -224,3 +242,103 @@ def record_shard(series: Any, *, worker_id: int, n_workers: int | None) -> Path 
 
     _locked_update(manifest, update)
     return manifest
+
+
+# -------------------------------------------------------------------- orphans
+class OrphanRecord:
+    """One process's rejected messages that no series manifest holds: ``DIR/orphans.json``.
+
+    An image whose series has no ``start`` (or arrives after its series
+    closed, or after the broker's last series) belongs to no series
+    directory, so the process that rejected it (a broker, or a worker fed by
+    a multi-stream camera) records it here. The file holds one entry per
+    process (``role``, ``worker_id``, ``host``, ``pid``, ``started_unix_s``)
+    with its cumulative counts; several processes share the file under an
+    exclusive ``flock``, as they share a series manifest.
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+        The output directory (the workers' ``--out``).
+    role : str
+        ``"broker"`` or ``"worker"``.
+    worker_id : int, optional
+        The worker's id (``--worker-id``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, role: str, worker_id: int | None = None) -> None:
+        self.path = Path(out_dir) / ORPHANS_NAME
+        self.role = role
+        self.worker_id = worker_id
+        self.by_reason: Counter[str] = Counter()
+        self.by_series: Counter[str] = Counter()
+        self.started = round(time.time(), 3)
+        self._written = 0
+        self._last_write = 0.0
+
+    @property
+    def total(self) -> int:
+        """Messages counted so far."""
+        return int(sum(self.by_reason.values()))
+
+    @property
+    def pending(self) -> bool:
+        """True when counts were added since the last :meth:`write`."""
+        return self.total != self._written
+
+    def add(self, reason: str, series_id: str | None = None, n: int = 1) -> None:
+        """Count ``n`` rejected messages (of series ``series_id``, when it is known)."""
+        self.by_reason[reason] += n
+        if series_id is not None:
+            key = str(series_id)
+            if key not in self.by_series and len(self.by_series) >= _MAX_SERIES_IDS:
+                key = "(other series)"
+            self.by_series[key] += n
+
+    def write(self) -> Path | None:
+        """Write this process's entry (replacing its earlier one); None if nothing was counted.
+
+        Raises
+        ------
+        OSError
+            If the directory cannot be written.
+        """
+        if not self.total:
+            return None
+        self._last_write = time.monotonic()  # a failed write is retried after the interval too
+        entry = {
+            "role": self.role,
+            "worker_id": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_unix_s": self.started,
+            "updated_unix_s": round(time.time(), 3),
+            "rejected": self.total,
+            "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            "series_ids": dict(sorted(self.by_series.items())),
+        }
+        key = (entry["role"], entry["worker_id"], entry["host"], entry["pid"], self.started)
+
+        def update(data: dict[str, Any]) -> None:
+            data.setdefault("format", ORPHANS_FORMAT)
+            data.setdefault("format_version", ORPHANS_VERSION)
+            records = [
+                r
+                for r in data.get("records", [])
+                if (r.get("role"), r.get("worker_id"), r.get("host"), r.get("pid"),
+                    r.get("started_unix_s")) != key
+            ]  # fmt: skip
+            records.append(entry)
+            data["records"] = records
+            data["rejected"] = int(sum(int(r.get("rejected") or 0) for r in records))
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _locked_update(self.path, update)
+        self._written = entry["rejected"]
+        return self.path
+
+    def write_if_due(self, interval_s: float) -> Path | None:
+        """:meth:`write` if counts are pending and the last write is ``interval_s`` old."""
+        if self.pending and time.monotonic() - self._last_write >= interval_s:
+            return self.write()
+        return None
