@@ -50,6 +50,7 @@ streaming calibration uses the exact running sums of
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import threading
@@ -71,6 +72,9 @@ SEGMENT_MAX = 512
 #: out of the sums: an electron's charge spills into its neighbours in small shares
 #: that would otherwise sit inside the window, lifting the dark and widening the noise.
 NEIGHBOURHOOD = 2
+#: A pixel whose window caught fewer than this share of its values (half the share a
+#: window on the pixel's mean catches) has lost its values: see :func:`fold_numpy`.
+LOST_SHARE = 0.42
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
@@ -131,6 +135,17 @@ def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.nda
     return g0, v0, bias, v @ wq
 
 
+@functools.lru_cache(maxsize=1)
+def _probit_table() -> np.ndarray:
+    """The quantile function of a unit Gaussian at ``q = i / 4096`` (the ends at
+    ``1 / 8192`` from 0 and 1)."""
+    from scipy.special import ndtri
+
+    q = np.linspace(0.0, 1.0, 4097)
+    q[0], q[-1] = 1.0 / 8192, 1.0 - 1.0 / 8192
+    return ndtri(q)
+
+
 # -- numpy definitions ---------------------------------------------------------------
 def _near(mask: np.ndarray, radius: int) -> np.ndarray:
     """``mask`` grown by ``radius`` pixels (Chebyshev distance)."""
@@ -151,6 +166,8 @@ def accumulate_numpy(
     s1: np.ndarray,
     s2: np.ndarray,
     n: np.ndarray,
+    above: np.ndarray,
+    below: np.ndarray,
     low: np.ndarray,
     edges: tuple[float, float, float, float],
     radius: int = NEIGHBOURHOOD,
@@ -159,14 +176,17 @@ def accumulate_numpy(
 
     ``edges = (lo, hi, hit, sink)`` in ADU about the centre: values in ``[-lo,
     hi]`` join ``s1``, ``s2`` and ``n`` unless within ``radius`` pixels of one
-    above ``hit``; ``low`` counts values below ``-sink`` (saturating at 255).
+    above ``hit``, which are left out; of the others, ``above`` counts those above
+    the window and ``below`` those below it (saturating at 255); ``low`` counts
+    values below ``-sink`` (saturating at 255).
     """
     lo, hi, hit, sink = (np.float32(e) for e in edges)
     r = frame.astype(np.float32)
     r -= centre
-    inside = (r >= -lo) & (r <= hi)
-    if radius:
-        inside &= ~_near(r > hit, radius)
+    keep = ~_near(r > hit, radius) if radius else np.ones(r.shape, bool)
+    inside = (r >= -lo) & (r <= hi) & keep
+    above += ((r > hi) & keep).astype(np.uint16)
+    below += ((r < -lo) & keep & (below < 255)).astype(np.uint8)
     sank = (r < -sink) & (low < 255)
     low += sank.astype(np.uint8)
     np.multiply(r, inside, out=r)
@@ -181,10 +201,12 @@ def fold_numpy(
     s1: np.ndarray,
     s2: np.ndarray,
     n: np.ndarray,
+    above: np.ndarray,
+    below: np.ndarray,
     var: np.ndarray,
     w: np.ndarray,
     sigma: float,
-    model: tuple[float, float, np.ndarray, np.ndarray],
+    model: tuple[Any, ...],
     v_start: float,
     frames: tuple[float, float],
 ) -> None:
@@ -193,22 +215,41 @@ def fold_numpy(
     equals); the sums restart.
 
     ``sigma`` is the segment's noise, ``model`` :func:`window_model` of the window
-    in its units, ``v_start`` the variance (sigma**2) of the starting centre of
+    in its units followed by the window's edges ``lo, hi`` (sigmas) and the
+    table :func:`_probit_table`, ``v_start`` the variance (sigma**2) of the starting centre of
     pixels without earlier segments, ``frames`` the frames of the earlier
     segments and of this one.
 
     The window mean, linearised about the centre, is ``delta`` (the pixel's mean
     less the centre, sigmas) plus ``bias(tau2)`` on average over pixels whose
-    centre has the error variance ``tau2``, which is taken off. ``tau2`` is ``v_start`` (the starting median) before the first
-    segment, then ``1 / (v(0) w)`` for the ``w`` in-window values of the earlier
-    segments. The segment's estimate joins the centre in proportion to its count: the starting
+    centre has the error variance ``tau2``, which is taken off. ``tau2`` is
+    ``v_start`` (the starting median) before the first segment, then
+    ``1 / (v(0) w)`` for the ``w`` in-window values of the earlier segments. The
+    segment's estimate joins the centre in proportion to its count: the starting
     median only places the first window (electrons lift a median of few frames). The
     variance inside the window is ``E v`` times the pixel's own; the segments'
     variances are weighted by their frames, not by the pixel's counts, which
     depend on where the window sat on the pixel as its variance does.
+
+    A pixel whose window caught fewer than ``LOST_SHARE`` of its values (of 4 or
+    more not left out) has its window too far from its values for the window's
+    moments to say where they are (a starting median that electrons lifted, or
+    one off by chance by a sigma or two): its centre moves to where the share of
+    its values above (below) the window says its mean is, and the pixel starts
+    over (``w = 0``).
     """
-    g0, vt0, btab, vtab = model
+    g0, vt0, btab, vtab, a, b, ptab = model
     nn = n.astype(np.float64)
+    na = above.astype(np.float64)
+    nb = below.astype(np.float64)
+    total = nn + na + nb
+    lost = (total >= 4) & (nn < LOST_SHARE * total)
+    up = na >= nb
+    q = np.where(up, na + 0.5, nb + 0.5) / (total + 1.0)
+    tq = q * (len(ptab) - 1)
+    iq = np.minimum(tq.astype(np.int64), len(ptab) - 2)
+    z = ptab[iq] + (tq - iq) * (ptab[iq + 1] - ptab[iq])  # the q-quantile of a unit Gaussian
+    d_lost = np.clip(np.where(up, b + z, -a - z), -_MAX_STEP, _MAX_STEP)
     ww = w.astype(np.float64)
     first = ww == 0
     tau2 = np.where(first, v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
@@ -221,7 +262,9 @@ def fold_numpy(
     bias = btab[i] + f * (btab[i + 1] - btab[i])
     vbar = vtab[i] + f * (vtab[i + 1] - vtab[i])
     d = np.clip((m / sigma - g0) / vt0 - bias, -_MAX_STEP, _MAX_STEP)
-    new_c = centre + sigma * d * nn / np.maximum(ww + nn, 1.0)
+    new_c = np.where(
+        lost, centre + sigma * d_lost, centre + sigma * d * nn / np.maximum(ww + nn, 1.0)
+    )
     two = nn >= 2
     ss = np.zeros(nn.shape)
     np.divide(s1.astype(np.float64) * s1, nn, out=ss, where=has)
@@ -229,12 +272,14 @@ def fold_numpy(
     np.divide(np.maximum(s2 - ss, 0.0), (nn - 1.0) * vbar, out=v, where=two)
     fp, fs = frames
     new_v = np.where(first, v, (fp * var + fs * v) / (fp + fs))
-    centre[...] = np.where(has, new_c, centre).astype(np.float32)
-    var[...] = np.where(two, new_v, var).astype(np.float32)
-    w[...] = np.minimum(ww + nn, 65535).astype(np.uint16)
+    centre[...] = np.where(has | lost, new_c, centre).astype(np.float32)
+    var[...] = np.where(two & ~lost, new_v, var).astype(np.float32)
+    w[...] = np.where(lost, 0, np.minimum(ww + nn, 65535)).astype(np.uint16)
     s1.fill(0)
     s2.fill(0)
     n.fill(0)
+    above.fill(0)
+    below.fill(0)
 
 
 # -- kernels ------------------------------------------------------------------------
@@ -251,7 +296,7 @@ def _hit_row(frame, centre, hit, q, out):  # pragma: no cover - compiled
 
 @numba.njit(**_OPTS)
 def _accumulate_rows(
-    frame, centre, s1, s2, n, low, lo, hi, hit, sink, radius, r0, r1
+    frame, centre, s1, s2, n, above, below, low, lo, hi, hit, sink, radius, r0, r1
 ):  # pragma: no cover - compiled
     """:func:`accumulate_numpy` on rows ``r0:r1``: one pass, reading the hits of
     rows ``r0 - radius`` to ``r1 + radius`` into a ring of rows."""
@@ -273,11 +318,16 @@ def _accumulate_rows(
             x = np.float32(frame[r, j]) - centre[r, j]
             if x < -sink and low[r, j] < 255:
                 low[r, j] += 1
-            if x >= -lo and x <= hi:
-                e = np.uint8(0)
-                for i in range(k):
-                    e |= near[j + i]
-                if e == 0:
+            e = np.uint8(0)
+            for i in range(k):
+                e |= near[j + i]
+            if e == 0:
+                if x > hi:
+                    above[r, j] += 1
+                elif x < -lo:
+                    if below[r, j] < 255:
+                        below[r, j] += 1
+                else:
                     s1[r, j] += x
                     s2[r, j] += x * x
                     n[r, j] += 1
@@ -285,7 +335,27 @@ def _accumulate_rows(
 
 @numba.njit(**_OPTS)
 def _fold_rows(
-    centre, s1, s2, n, var, w, sigma, g0, vt0, btab, vtab, v_start, fp, fs, r0, r1
+    centre,
+    s1,
+    s2,
+    n,
+    above,
+    below,
+    var,
+    w,
+    sigma,
+    g0,
+    vt0,
+    btab,
+    vtab,
+    a,
+    b,
+    ptab,
+    v_start,
+    fp,
+    fs,
+    r0,
+    r1,
 ):  # pragma: no cover - compiled
     """:func:`fold_numpy` on rows ``r0:r1``."""
     top = btab.size - 1.000001
@@ -300,6 +370,27 @@ def _fold_rows(
             f = t - i
             bias = btab[i] + f * (btab[i + 1] - btab[i])
             vbar = vtab[i] + f * (vtab[i + 1] - vtab[i])
+            na = np.float64(above[r, j])
+            nb = np.float64(below[r, j])
+            total = nn + na + nb
+            above[r, j] = 0
+            below[r, j] = 0
+            if total >= 4 and nn < LOST_SHARE * total:
+                if na >= nb:
+                    q = (na + 0.5) / (total + 1.0)
+                else:
+                    q = (nb + 0.5) / (total + 1.0)
+                tq = q * (ptab.size - 1)
+                iq = min(np.int64(tq), ptab.size - 2)
+                z = ptab[iq] + (tq - iq) * (ptab[iq + 1] - ptab[iq])
+                d = b + z if na >= nb else -a - z
+                d = min(max(d, -_MAX_STEP), _MAX_STEP)
+                centre[r, j] = np.float32(np.float64(centre[r, j]) + sigma * d)
+                w[r, j] = 0
+                s1[r, j] = 0
+                s2[r, j] = 0
+                n[r, j] = 0
+                continue
             if nn > 0:
                 m = np.float64(s1[r, j]) / nn
                 d = min(max((m / sigma - g0) / vt0 - bias, -_MAX_STEP), _MAX_STEP)
@@ -482,6 +573,8 @@ class DarkEstimator:
         self.w = np.zeros((h, w), np.uint16)  # values inside the window, earlier segments
         self.var = np.zeros((h, w), np.float32)  # per-pixel variance, earlier segments
         self.low = np.zeros((h, w), np.uint8)  # values below centre - n_sigma * noise
+        self.above = np.zeros((h, w), np.uint16)  # values above the window, this segment
+        self.below = np.zeros((h, w), np.uint8)  # values below the window, this segment
         self.n_frames = 0
         km = min(k, MEDIAN_FRAMES)
         self.sigma = _start_sigma(arr[:km])
@@ -495,9 +588,8 @@ class DarkEstimator:
         # centre is their own median), so the first segment starts after them
         for frame in arr:
             self._accumulate(frame)
-        self.s1.fill(0)
-        self.s2.fill(0)
-        self.n.fill(0)
+        for sums in (self.s1, self.s2, self.n, self.above, self.below):
+            sums.fill(0)
 
     def _signed(self, x: np.ndarray) -> np.ndarray:
         if self.wrapped and x.dtype.kind == "u":
@@ -513,7 +605,8 @@ class DarkEstimator:
     def _accumulate(self, x: np.ndarray) -> None:
         lo, hi, hit, sink = (np.float32(e) for e in self._edges())
         frame = np.ascontiguousarray(x)
-        args = (frame, self.centre, self.s1, self.s2, self.n, self.low, lo, hi, hit, sink)
+        args = (frame, self.centre, self.s1, self.s2, self.n, self.above, self.below, self.low)
+        args += (lo, hi, hit, sink)
         _run_rows(_accumulate_rows, self.frame_shape[0], *args, NEIGHBOURHOOD)
         self.n_frames += 1
 
@@ -539,22 +632,24 @@ class DarkEstimator:
     def refine(self) -> None:
         """End the segment: fold its sums into the per-pixel mean (the new centre)
         and variance, and refit the noise; the sums restart."""
-        if not self.n.any():
+        if self.n_frames == self._folded:
             return
         sigma = self._segment_sigma()
         model = self._model(sigma)
-        args = (self.centre, self.s1, self.s2, self.n, self.var, self.w, sigma)
+        args = (self.centre, self.s1, self.s2, self.n, self.above, self.below, self.var, self.w)
+        args += (sigma,)
         # frames of the earlier segments (the starting frames place the first window only)
         frames = (float(self._folded - self._k0), float(self.n_frames - self._folded))
         _run_rows(_fold_rows, self.frame_shape[0], *args, *model, self._v_start, *frames)
         self._folded = self.n_frames
         self.sigma = self._rms()
 
-    def _model(self, sigma: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+    def _model(self, sigma: float) -> tuple[Any, ...]:
         """:func:`window_model` of the segment's window in units of the noise
-        ``sigma`` (it was drawn ``clip`` sigmas wide with the noise then known)."""
-        lo, hi = self.clip
-        return window_model(lo * self.sigma / sigma, hi * self.sigma / sigma)
+        ``sigma`` (it was drawn ``clip`` sigmas wide with the noise then known),
+        the window's edges in those units and :func:`_probit_table`."""
+        a, b = (c * self.sigma / sigma for c in self.clip)
+        return (*window_model(a, b), a, b, _probit_table())
 
     def _segment_sigma(self) -> float:
         """The noise of the segment's window sums, self-consistently: the window's
@@ -574,7 +669,7 @@ class DarkEstimator:
         ww = self.w.reshape(-1)[::step][ok].astype(np.float64)
         sigma = self.sigma
         for _ in range(8):
-            _, vt0, _, vtab = self._model(sigma)
+            _, vt0, _, vtab = self._model(sigma)[:4]
             tau2 = np.where(ww == 0, self._v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
             t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
             i = t.astype(np.int64)
