@@ -72,9 +72,13 @@ SEGMENT_MAX = 512
 #: out of the sums: an electron's charge spills into its neighbours in small shares
 #: that would otherwise sit inside the window, lifting the dark and widening the noise.
 NEIGHBOURHOOD = 2
-#: A pixel whose window caught fewer than this share of its values (half the share a
+#: A value this many noise sigmas above its centre leaves its neighbourhood out of the
+#: sums: below the event threshold, so that electrons too weak or too spread out to
+#: be counted still do not lift the dark.
+EXCLUDE_SIGMA = 5.0
+#: A pixel whose window caught fewer than this share of its values (a quarter of the share a
 #: window on the pixel's mean catches) has lost its values: see :func:`fold_numpy`.
-LOST_SHARE = 0.42
+LOST_SHARE = 0.2
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
@@ -183,7 +187,7 @@ def accumulate_numpy(
     lo, hi, hit, sink = (np.float32(e) for e in edges)
     r = frame.astype(np.float32)
     r -= centre
-    keep = ~_near(r > hit, radius) if radius else np.ones(r.shape, bool)
+    keep = ~_near(r > hit, radius)
     inside = (r >= -lo) & (r <= hi) & keep
     above += ((r > hi) & keep).astype(np.uint16)
     below += ((r < -lo) & keep & (below < 255)).astype(np.uint8)
@@ -283,54 +287,56 @@ def fold_numpy(
 
 
 # -- kernels ------------------------------------------------------------------------
-@numba.njit(**_OPTS)
-def _hit_row(frame, centre, hit, q, out):  # pragma: no cover - compiled
-    """``out[j] = frame[q, j] - centre[q, j] > hit`` (zeros outside the frame)."""
-    h, w = frame.shape
-    if q < 0 or q >= h:
-        out[:] = 0
-        return
+@numba.njit(inline="always", **_OPTS)
+def _sum_row(
+    frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, r
+):  # pragma: no cover - compiled
+    """Row ``r`` of :func:`_accumulate_rows`, branch-free (it vectorises)."""
+    w = frame.shape[1]
+    for j in range(w + 2 * radius):
+        vert[j] = last[j] >= r - radius
     for j in range(w):
-        out[j] = np.float32(frame[q, j]) - centre[q, j] > hit
+        near = np.uint8(0)
+        for i in range(2 * radius + 1):
+            near |= vert[j + i]
+        keep = np.uint8(1) - near
+        x = np.float32(frame[r, j]) - centre[r, j]
+        up = np.uint8(x > hi)
+        down = np.uint8(x < -lo)
+        inside = keep & (np.uint8(1) - up) & (np.uint8(1) - down)
+        xi = x * np.float32(inside)
+        s1[r, j] += xi
+        s2[r, j] += xi * xi
+        n[r, j] += np.uint16(inside)
+        above[r, j] += np.uint16(up & keep)
+        below[r, j] += down & keep & np.uint8(below[r, j] < 255)
+        low[r, j] += np.uint8(x < -sink) & np.uint8(low[r, j] < 255)
 
 
 @numba.njit(**_OPTS)
 def _accumulate_rows(
     frame, centre, s1, s2, n, above, below, low, lo, hi, hit, sink, radius, r0, r1
 ):  # pragma: no cover - compiled
-    """:func:`accumulate_numpy` on rows ``r0:r1``: one pass, reading the hits of
-    rows ``r0 - radius`` to ``r1 + radius`` into a ring of rows."""
+    """:func:`accumulate_numpy` on rows ``r0:r1`` in one pass.
+
+    ``last[j]`` is the last row, ``radius`` rows ahead of the one summed, with a
+    value above ``hit`` in column ``j``: a pixel is near one when ``last`` is
+    within ``radius`` rows in one of the ``2 radius + 1`` columns around it.
+    """
     h, w = frame.shape
-    k = 2 * radius + 1
-    ring = np.zeros((k, w), np.uint8)
-    near = np.zeros(w + 2 * radius, np.uint8)
-    for q in range(r0 - radius, r0 + radius):
-        _hit_row(frame, centre, hit, q, ring[(q + k) % k])
-    for r in range(r0, r1):
-        q = r + radius
-        _hit_row(frame, centre, hit, q, ring[(q + k) % k])
+    last = np.full(w + 2 * radius, np.int64(-(1 << 40)))
+    vert = np.zeros(w + 2 * radius, np.uint8)
+    for q in range(max(r0 - radius, 0), min(r1 + radius, h)):
         for j in range(w):
-            v = np.uint8(0)
-            for i in range(k):
-                v |= ring[i, j]
-            near[j + radius] = v
-        for j in range(w):
-            x = np.float32(frame[r, j]) - centre[r, j]
-            if x < -sink and low[r, j] < 255:
-                low[r, j] += 1
-            e = np.uint8(0)
-            for i in range(k):
-                e |= near[j + i]
-            if e == 0:
-                if x > hi:
-                    above[r, j] += 1
-                elif x < -lo:
-                    if below[r, j] < 255:
-                        below[r, j] += 1
-                else:
-                    s1[r, j] += x
-                    s2[r, j] += x * x
-                    n[r, j] += 1
+            ahead = np.float32(frame[q, j]) - centre[q, j] > hit
+            last[j + radius] = q if ahead else last[j + radius]  # a select: it vectorises
+        r = q - radius
+        if r < r0:
+            continue
+        _sum_row(frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, r)
+    # rows at the end of the range whose look-ahead ran past the frame
+    for r in range(max(r0, min(r1 + radius, h) - radius), r1):
+        _sum_row(frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, r)
 
 
 @numba.njit(**_OPTS)
@@ -600,7 +606,7 @@ class DarkEstimator:
     def _edges(self) -> tuple[float, float, float, float]:
         lo, hi = self.clip
         s = self.sigma
-        return (lo * s, hi * s, self.n_sigma * s, self.n_sigma * s)
+        return (lo * s, hi * s, EXCLUDE_SIGMA * s, self.n_sigma * s)
 
     def _accumulate(self, x: np.ndarray) -> None:
         lo, hi, hit, sink = (np.float32(e) for e in self._edges())
@@ -674,7 +680,7 @@ class DarkEstimator:
             t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
             i = t.astype(np.int64)
             vbar = vtab[i] + (t - i) * (vtab[i + 1] - vtab[i])
-            new = math.sqrt(float(np.mean(ss / vbar)))
+            new = max(math.sqrt(float(np.mean(ss / vbar))), 1e-3)  # equal values: no noise seen
             done = abs(new - sigma) <= 1e-4 * sigma
             sigma = new
             if done:
