@@ -446,7 +446,7 @@ class Calibration:
             When the estimate is per pixel, its ``DarkEstimator`` is appended
             here, to keep refining it on later frames and rebuild the
             calibration with :meth:`from_estimator` (not kept otherwise: it
-            holds 15 bytes per pixel).
+            holds 24 bytes per pixel).
 
         Returns
         -------

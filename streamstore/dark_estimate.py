@@ -10,26 +10,28 @@ mean and its frame-to-frame standard deviation, which holds the read noise and
 the row noise (a common offset per row and frame) alike: counting has no
 common-mode correction, so the threshold must cover both.
 
-1. The first frames give a per-pixel median (the starting centre) and a first
-   noise figure (the residuals' median absolute deviation).
-2. Every frame adds, per pixel, the values from ``clip[0]`` noise sigmas below
-   the centre to ``clip[1]`` above it to running sums (count, sum and sum of
-   squares relative to the centre). Electrons only add signal, so the window is
-   lopsided: its upper edge sits just above the centre, where the small charge
-   shares of neighbouring electrons would otherwise widen and lift the peak;
-   X-rays and electron signal drop out. Pixels within ``NEIGHBOURHOOD`` pixels
-   of a value above the event threshold are left out of that frame's sums (an
-   electron spills small charge shares into its neighbours).
+1. The first frames give a per-pixel median (the starting centre) and the
+   noise (the residuals of each frame about the median of the others, on the
+   clean lower side of their peak). The median only places the first window:
+   electrons lift a median of few frames.
+2. Every later frame adds, per pixel, the values from ``clip[0]`` noise sigmas
+   below the centre to ``clip[1]`` above it to running sums (count, sum and sum
+   of squares relative to the centre) and counts those above and below the
+   window. Electrons only add signal, so the window is lopsided: its upper edge
+   sits just above the centre, where the small charge shares of neighbouring
+   electrons would otherwise widen and lift the peak; X-rays and electron signal
+   drop out. Pixels within ``NEIGHBOURHOOD`` pixels of a value ``EXCLUDE_SIGMA``
+   sigmas above its centre are left out of that frame (an electron spills small
+   charge shares into its neighbours).
 3. At 16, 32, 64, ... frames (and in :meth:`DarkEstimator.maps`) the sums of
    the frames since the last such point (a *segment*: every value in it was
-   windowed about the same centre) are turned into the pixel's mean and
-   variance by inverting the moments of a Gaussian truncated to the window:
-   the window's mean is ``delta + m(-a - delta, b - delta)`` noise sigmas for a
-   pixel whose mean lies ``delta`` sigmas from the centre, and its variance the
-   truncated Gaussian's. This holds for any centre, so a poor starting centre
-   leaves no bias. The segment's estimates join those of the earlier segments
-   (weighted by their counts), the centre moves to the new mean and the sums
-   restart.
+   windowed about the same centre) give the pixel's mean and variance through
+   the moments of a Gaussian truncated to the window, linearised about the
+   centre, less their known average bias for a centre of known error
+   (:func:`fold_numpy`); the noise of the window's units is refitted from the
+   segment first. The estimates join those of the earlier segments, the centre
+   moves to the new mean and the sums restart. A pixel whose window caught few
+   of its values recentres on the share above or below it.
 
 The noise map is each pixel's own standard deviation, raised to the RMS over
 the pixels where it came out lower, the rule of a dark-series calibration (an
@@ -41,9 +43,9 @@ or when its dark level or noise is an outlier as in a dark series.
 The per-frame pass is one numba kernel (:func:`_accumulate_rows`, ``nogil``,
 run on row ranges from a few threads); :func:`accumulate_numpy` and
 :func:`fold_numpy` are the plain numpy definitions that the kernels equal.
-Memory is bounded: 21 bytes per pixel (centre, two window sums and the variance
-as float32, two uint16 counts, a uint8 count of low values), independent of the
-number of frames. A dark series (no electrons) needs none of the clipping: its
+Memory is bounded: 24 bytes per pixel (centre, two window sums and the variance
+as float32, three uint16 counts, two uint8 counts), independent of the number
+of frames. A dark series (no electrons) needs none of the clipping: its
 streaming calibration uses the exact running sums of
 :class:`streamstore.dark_sums.DarkSums`.
 """
