@@ -7,25 +7,40 @@ import pytest
 
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
+from streamstore.counting import dark_estimate as de
 from streamstore.counting.accuracy import score_batch
 from streamstore.counting.dark_estimate import DarkEstimator
 
 SHAPE = (96, 160)  # non-square on purpose
 XRAY = 1000.0
 
-# the emulator's full fixed-pattern dark, gain spread and row noise, then sweeps of them
+# the emulator's full fixed-pattern dark, gain spread and row noise, then sweeps of each
+# physical parameter away from its default: noise, row noise, gain, dark pattern, point
+# spread and the electrons' deposit distribution
 SWEEPS = {
     "default": {},
-    "low-noise": {"read_noise_adu": 2.0, "row_noise_adu": 0.5},
+    "read-noise-2": {"read_noise_adu": 2.0, "row_noise_adu": 0.5},
     "gain-spread": {"gain_sigma": 0.15},
     "strong-dark-pattern": {"dark_sigma_adu": 25.0},
+    "narrow-psf": {"psf_sigma_px": 0.3},
+}
+#: Sweep points where the recall band is not held yet at 0.02 e/px/frame: a noise
+#: map from the data is each pixel's own noise floored at the RMS, as a dark series
+#: has it, but it scatters more than one from 50 dark frames, and where recall is
+#: steep in the threshold (high noise, wide point spread, soft deposits) that lowers
+#: recall by more than 0.01 (precision holds).
+NOT_YET = {
+    "read-noise-6": {"read_noise_adu": 6.0},
+    "row-noise-4": {"row_noise_adu": 4.0},
+    "wide-psf": {"psf_sigma_px": 0.8},
+    "soft-deposits": {"electron_loc_adu": 60.0, "electron_scale_adu": 30.0},
 }
 
 
-def _scores(params: dict, dose: float, seed: int):
-    emu = CameraEmulator(SHAPE, dose_rate_e_per_px_s=dose * 1500, seed=seed, **params)
+def _scores(params: dict, dose: float, seed: int, shape=SHAPE, electrons=6000):
+    emu = CameraEmulator(shape, dose_rate_e_per_px_s=dose * 1500, seed=seed, **params)
     dark, _ = emu.dark_frames(50)
-    n = max(64, int(6000 / (dose * SHAPE[0] * SHAPE[1])))
+    n = max(64, int(electrons / (dose * shape[0] * shape[1])))
     frames, truth = emu.generate(n)
     ref = Calibration.from_dark_frames(dark, xray_threshold=XRAY)
     est = Calibration.estimate(frames[:64], xray_threshold=XRAY)
@@ -35,12 +50,26 @@ def _scores(params: dict, dose: float, seed: int):
     return est, s_ref, s_est
 
 
-@pytest.mark.parametrize("dose", [0.001, 0.02])
-@pytest.mark.parametrize("sweep", list(SWEEPS))
-def test_data_only_calibration_counts_like_a_dark_series(sweep, dose):
-    est, s_ref, s_est = _scores(SWEEPS[sweep], dose, seed=31)
-    assert abs(s_est.recall - s_ref.recall) <= 0.01, (s_est, s_ref)
-    assert s_est.precision >= 0.995, s_est
+def _misses(sweeps: dict, doses: tuple) -> list:
+    bad = []
+    for i, (name, params) in enumerate(sweeps.items()):
+        for dose in doses:
+            _, s_ref, s_est = _scores(params, dose, seed=31 + i, electrons=3000)
+            d = s_est.recall - s_ref.recall
+            if abs(d) > 0.01 or s_est.precision < 0.995:
+                bad.append((name, dose, round(d, 4), round(s_est.precision, 4)))
+    return bad
+
+
+def test_data_only_calibration_counts_like_a_dark_series_over_a_sweep():
+    # one test over the sweep points at both ends of the dose range, frames small
+    # enough to keep it a few seconds; misses are collected so one run shows all
+    assert not _misses(SWEEPS, (0.001, 0.02))
+
+
+@pytest.mark.xfail(strict=True, reason="recall band not held at 0.02 e/px/frame (NOT_YET)")
+def test_data_only_calibration_at_the_steep_sweep_points():
+    assert not _misses(NOT_YET, (0.02,))
 
 
 def test_estimate_finds_the_fixed_pattern_and_the_noise():
@@ -57,8 +86,10 @@ def test_estimate_finds_the_fixed_pattern_and_the_noise():
     # the dark map is each pixel's own (the pattern is 5 ADU, the estimate's error ~ 0.15 sigma)
     assert abs(float(np.median(err))) < 0.2 * true_noise
     assert float(np.std(err)) < 0.25 * true_noise
-    assert est.sigma == pytest.approx(true_noise, rel=0.05)
-    assert float(noise[0, 0]) == pytest.approx(est.sigma * np.sqrt(1 + 1 / 64), rel=1e-5)
+    assert est.sigma == pytest.approx(true_noise, rel=0.03)
+    # each pixel's own noise, never below the RMS over the pixels (as a dark series has it)
+    assert float(noise[good].min()) >= np.float32(est.sigma) * (1 - 1e-6)
+    assert float(np.median(noise[good])) == pytest.approx(true_noise, rel=0.08)
     # hot pixels are masked, and few others
     assert hot[~good].all() and hot.sum() <= (~good).sum() + 3
 
@@ -88,3 +119,79 @@ def test_estimator_rejects_bad_input():
     est = DarkEstimator(np.random.default_rng(0).integers(90, 110, (4, 4, 5), dtype=np.uint16))
     with pytest.raises(ValueError, match="frame is"):
         est.update(np.zeros((5, 4), np.uint16))
+
+
+def _sums(shape, rng):
+    h, w = shape
+    return (
+        rng.normal(0, 20, (h, w)).astype(np.float32),
+        rng.uniform(0, 400, (h, w)).astype(np.float32),
+        rng.integers(0, 30, (h, w)).astype(np.uint16),
+        rng.integers(0, 5, (h, w)).astype(np.uint16),
+        rng.integers(0, 5, (h, w)).astype(np.uint8),
+        rng.integers(0, 3, (h, w)).astype(np.uint8),
+    )
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_kernels_equal_their_numpy_definitions(wrapped):
+    rng = np.random.default_rng(7)
+    shape = (70, 53)  # rows split unevenly over the threads
+    centre = (100 + rng.normal(0, 5, shape)).astype(np.float32)
+    frame = np.rint(centre + rng.normal(0, 4, shape)).astype(np.int64)
+    frame[rng.random(shape) < 0.02] += 80  # electrons: neighbourhoods left out
+    frame[0, :3] = 65535  # saturated, at the edge
+    if wrapped:
+        centre -= 100
+        frame = (frame - 100).astype(np.int16)
+    else:
+        frame = frame.astype(np.uint16)
+    edges = (12.0, 4.0, 20.0, 20.0)
+    for radius in (0, de.NEIGHBOURHOOD):
+        ref = _sums(shape, np.random.default_rng(1))
+        got = _sums(shape, np.random.default_rng(1))
+        de.accumulate_numpy(frame, centre, *ref, edges, radius)
+        args = (frame, centre, *got, *(np.float32(e) for e in edges), radius)
+        de._run_rows(de._accumulate_rows, shape[0], *args)
+        for a, b in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # the fold of a segment, from sums the accumulation made
+    s1, s2, n, above, below, _ = got
+    w = rng.integers(0, 40, shape).astype(np.uint16)
+    var = rng.uniform(10, 20, shape).astype(np.float32)
+    model = (*de.window_model(3.0, 1.0), 3.0, 1.0, de._probit_table())
+    arrays = [centre.copy(), s1.copy(), s2.copy(), n.copy(), above.copy(), below.copy()]
+    arrays += [var.copy(), w.copy()]
+    de.fold_numpy(*arrays, 4.0, model, 0.2, (16.0, 16.0))
+    kern = [centre.copy(), s1.copy(), s2.copy(), n.copy(), above.copy(), below.copy()]
+    kern += [var.copy(), w.copy()]
+    de._run_rows(de._fold_rows, shape[0], *kern, 4.0, *model, 0.2, 16.0, 16.0)
+    for a, b in zip(arrays, kern, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert not arrays[3].any() and not kern[3].any()  # the sums restart
+
+
+def test_start_median_equals_numpy():
+    rng = np.random.default_rng(3)
+    for k in (2, 7, 8):
+        frames = rng.integers(0, 1000, (k, 33, 41)).astype(np.uint16)
+        out = np.empty((33, 41), np.float32)
+        de._run_rows(de._median_rows, 33, frames, out)
+        np.testing.assert_array_equal(out, np.median(frames, axis=0).astype(np.float32))
+
+
+def test_a_pixel_whose_first_frames_sit_low_finds_its_level():
+    # the first frames read 3 sigma low on a block of pixels (a drifting start): their
+    # first window catches almost none of the later values, which must still find them
+    emu = CameraEmulator(SHAPE, dose_rate_e_per_px_s=15.0, seed=9, hot_pixel_fraction=0)
+    frames, truth = emu.generate(64)
+    frames = frames.astype(np.int64)
+    frames[:8, 10:20, 10:20] -= 13
+    est = DarkEstimator(frames[:8].astype(np.uint16))
+    for f in frames[8:]:
+        est.update(f.astype(np.uint16))
+    dark, _, hot = est.maps()
+    err = dark[10:20, 10:20] - truth.dark[10:20, 10:20]
+    # stuck on the first window they would be 13 ADU off; found, about as good as the rest
+    assert np.abs(err).max() < 4.0 and float(np.median(np.abs(err))) < 0.8, err
+    assert not hot[10:20, 10:20].any()

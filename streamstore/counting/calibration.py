@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from streamstore.counting.robust import noise_peak, robust_sigma
+
 __all__ = ["Calibration"]
 
 #: Default background threshold, in standard deviations of each pixel's noise.
@@ -100,30 +102,6 @@ def _check_frames(name: str, frames: Any, min_frames: int) -> np.ndarray:
     if arr.shape[1] < 1 or arr.shape[2] < 1:
         raise ValueError(f"{name} frames are empty: shape {arr.shape}")
     return arr
-
-
-def _robust_sigma(x: np.ndarray) -> tuple[float, float]:
-    """Centre and sigma of the Gaussian core of ``x`` (median/MAD, then clipped refits)."""
-    x = np.asarray(x, dtype=np.float64)
-    centre = float(np.median(x))
-    sigma = 1.4826 * float(np.median(np.abs(x - centre)))
-    for _ in range(5):
-        if sigma <= 0:
-            break
-        core = x[np.abs(x - centre) <= 3.0 * sigma]
-        if core.size < 16:
-            break
-        # a Gaussian clipped at +-3 sigma has std 0.9866 sigma
-        new_centre = float(core.mean())
-        new_sigma = float(core.std()) / 0.98658
-        if abs(new_sigma - sigma) <= 1e-3 * sigma and abs(new_centre - centre) <= 1e-3 * sigma:
-            centre, sigma = new_centre, new_sigma
-            break
-        centre, sigma = new_centre, new_sigma
-    if sigma <= 0:
-        # quantised data with a spike at one value: fall back to the plain std of the core
-        sigma = float(np.std(x[np.abs(x - centre) <= max(1.0, 3.0 * float(np.std(x)))]))
-    return centre, sigma
 
 
 class Calibration:
@@ -352,8 +330,8 @@ class Calibration:
         # (a pixel whose n values happen to be equal has zero noise: with few frames
         # thousands do, so zero noise is not a reason to mask)
         hot = ~np.isfinite(noise)
-        d_c, d_s = _robust_sigma(dark[~hot])
-        n_c, n_s = _robust_sigma(noise[~hot])
+        d_c, d_s = robust_sigma(dark[~hot])
+        n_c, n_s = robust_sigma(noise[~hot])
         # floors on the spreads: a perfectly uniform sensor must not make pixels "hot"
         d_s = max(d_s, 0.5 * n_c / math.sqrt(n))
         n_s = max(n_s, n_c / math.sqrt(2.0 * (n - 1)))
@@ -446,7 +424,7 @@ class Calibration:
             When the estimate is per pixel, its ``DarkEstimator`` is appended
             here, to keep refining it on later frames and rebuild the
             calibration with :meth:`from_estimator` (not kept otherwise: it
-            holds 15 bytes per pixel).
+            holds 24 bytes per pixel).
 
         Returns
         -------
@@ -487,7 +465,7 @@ class Calibration:
             if pick.size == 0:
                 raise ValueError("mask covers every pixel: nothing to estimate from")
         sample = flat[pick]
-        centre, sigma = _noise_peak(sample.astype(np.int64))
+        centre, sigma = noise_peak(sample.astype(np.int64))
         if not sigma > 0:
             raise ValueError("cannot estimate the noise: the sampled pixels are all equal")
         if per_pixel is not False and arr.shape[0] >= 2:
@@ -805,39 +783,6 @@ class Calibration:
             None if gain_k is None else np.ascontiguousarray(gain_k),
             scale,
         )
-
-
-def _noise_peak(x: np.ndarray) -> tuple[float, float]:
-    """Centre and sigma of the noise peak of integer pixel values ``x``.
-
-    Electrons only add positive signal, so the peak's lower side is clean: a Gaussian
-    is fitted to the logarithm of the histogram from 2.5 sigma below the mode to half
-    a sigma above it (weighted least squares, weights = counts). Falls back to the
-    clipped median/MAD estimate when the fit is not a peak.
-    """
-    centre0, sigma0 = _robust_sigma(x.astype(np.float64))
-    if not sigma0 > 0:
-        return centre0, sigma0
-    half = max(4, int(math.ceil(5 * sigma0)))
-    base = int(math.floor(centre0)) - half
-    counts = np.bincount(np.clip(x - base, 0, 2 * half), minlength=2 * half + 1)[1:-1]
-    xs = np.arange(1, 2 * half, dtype=np.float64) + base
-    smooth = np.convolve(counts, np.ones(3), mode="same")
-    mode = float(xs[int(np.argmax(smooth))])
-    lo_x = mode - max(3.0, 2.5 * sigma0)
-    hi_x = mode + max(1.0, 0.5 * sigma0)
-    sel = (xs >= lo_x) & (xs <= hi_x) & (counts > 0)
-    if np.count_nonzero(sel) < 4:
-        return centre0, sigma0
-    xf, nf = xs[sel] - mode, counts[sel].astype(np.float64)
-    coef = np.polyfit(xf, np.log(nf), 2, w=np.sqrt(nf))
-    if not coef[0] < 0:
-        return centre0, sigma0
-    sigma = math.sqrt(-1.0 / (2.0 * coef[0]))
-    centre = mode - coef[1] / (2.0 * coef[0])
-    if not (math.isfinite(sigma) and 0.3 * sigma0 < sigma < 3.0 * sigma0):
-        return centre0, sigma0
-    return centre, sigma
 
 
 def _hot_pixels(frames: np.ndarray, centre: float, sigma: float, n_sigma: float) -> np.ndarray:

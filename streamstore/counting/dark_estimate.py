@@ -2,68 +2,158 @@
 
 A camera that sends raw frames without a dark series still has a fixed-pattern
 dark offset per pixel. Electrons are sparse at counting doses (a pixel sees
-signal in a few percent of frames), so each pixel's dark offset is the centre
-of its own values once the rare high ones are set aside:
+signal in a few percent of frames), so each pixel's dark offset and noise are
+those of the Gaussian core of its own values once the rare high ones are set
+aside. The estimator measures what a dark series measures
+(:meth:`streamstore.counting.calibration.Calibration.from_dark_frames`): each pixel's
+mean and its frame-to-frame standard deviation, which holds the read noise and
+the row noise (a common offset per row and frame) alike: counting has no
+common-mode correction, so the threshold must cover both.
 
-1. the first frames give a per-pixel median (the starting centre) and a first
-   noise figure;
-2. every frame then adds, per pixel, the values from ``clip[0]`` noise sigmas
-   below the centre to ``clip[1]`` above it to running sums (count, sum, sum
-   of squares, relative to the centre). Electrons only add signal, so the
-   window is lopsided: its upper edge sits just above the centre, where the
-   small charge shares of neighbouring electrons would otherwise widen and
-   lift the peak; X-rays and electron signal drop out;
-3. :meth:`DarkEstimator.maps` turns the sums into a dark map (the window's
-   mean minus the known mean of a Gaussian truncated to that window) and a
-   hot-pixel mask, and moves the centre to the new dark map (the sums are
-   re-based on it, nothing is lost; repeated, the window recentres). It does
-   so by itself at 16, 32, 64, ... frames.
+1. The first frames give a per-pixel median (the starting centre) and the
+   noise (the residuals of each frame about the median of the others, on the
+   clean lower side of their peak). The median only places the first window:
+   electrons lift a median of few frames.
+2. Every later frame adds, per pixel, the values from ``clip[0]`` noise sigmas
+   below the centre to ``clip[1]`` above it to running sums (count, sum and sum
+   of squares relative to the centre) and counts those above and below the
+   window. Electrons only add signal, so the window is lopsided: its upper edge
+   sits just above the centre, where the small charge shares of neighbouring
+   electrons would otherwise widen and lift the peak; X-rays and electron signal
+   drop out. Pixels within ``NEIGHBOURHOOD`` pixels of a value ``EXCLUDE_SIGMA``
+   sigmas above its centre are left out of that frame (an electron spills small
+   charge shares into its neighbours).
+3. At 16, 32, 64, ... frames (and in :meth:`DarkEstimator.maps`) the sums of
+   the frames since the last such point (a *segment*: every value in it was
+   windowed about the same centre) give the pixel's mean and variance through
+   the moments of a Gaussian truncated to the window, linearised about the
+   centre, less their known average bias for a centre of known error
+   (:func:`fold_numpy`); the noise of the window's units is refitted from the
+   segment first. The estimates join those of the earlier segments, the centre
+   moves to the new mean and the sums restart. A pixel whose window caught few
+   of its values recentres on the share above or below it.
 
-The read noise is the pooled variance inside the window over that of the
-truncated Gaussian, from pixels that never fell far below their centre. Pixels
-within ``NEIGHBOURHOOD`` pixels of a value above the event threshold are left
-out of the sums of that frame: an electron spills small charge shares into its
-neighbours, and they would lift the dark and widen the noise. The noise is one
-figure for the sensor (as from a dark series, where no pixel gets less than the
-typical noise), inflated for the thresholds by the uncertainty of the per-pixel
-dark estimate, ``sqrt(1 + 1 / n)``, so that a pixel's false-event rate does not
-grow because its dark level comes from few frames. A pixel is hot (masked) when
-a value lies more than ``n_sigma`` noise sigmas *below* its centre (electrons
-only add signal, so only a noisy pixel swings that far down).
+The noise map is each pixel's own standard deviation, raised to the RMS over
+the pixels where it came out lower, the rule of a dark-series calibration (an
+estimate from few frames scatters; read noise is nearly uniform). A pixel is hot
+(masked) when it fell more than ``n_sigma`` sigmas *below* its centre in two
+frames (electrons only add signal, so only a noisy pixel swings that far down),
+or when its dark level or noise is an outlier as in a dark series.
 
-Memory is bounded: 15 bytes per pixel (centre and two window sums as float32,
-a uint16 count, a uint8 count of low values), independent of the number of
-frames. A dark series (no electrons) needs none of the clipping: its streaming
-calibration uses the exact running sums of :class:`streamstore.counting.dark_sums.DarkSums`.
+The per-frame pass is one numba kernel (:func:`_accumulate_rows`, ``nogil``,
+run on row ranges from a few threads); :func:`accumulate_numpy` and
+:func:`fold_numpy` are the plain numpy definitions that the kernels equal.
+Memory is bounded: 24 bytes per pixel (centre, two window sums and the variance
+as float32, three uint16 counts, two uint8 counts), independent of the number
+of frames. A dark series (no electrons) needs none of the clipping: its
+streaming calibration uses the exact running sums of
+:class:`streamstore.counting.dark_sums.DarkSums`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
 import numpy as np
 
-__all__ = ["DarkEstimator"]
+from streamstore.counting._dark_kernels import (
+    _MAX_STEP,
+    LOST_SHARE,
+    TAU2_MAX,
+    _accumulate_rows,
+    _fold_rows,
+    _median_rows,
+    _run_rows,
+)
+
+__all__ = ["DarkEstimator", "accumulate_numpy", "fold_numpy"]
 
 #: Window of the running sums around the centre, in noise sigmas (below, above).
 DEFAULT_CLIP = (3.0, 1.0)
-_ROW_BLOCK_BYTES = 1 << 26  # rows per block of the starting median: about 64 MB of float32
-#: Variance of the dark estimate from n frames, in read-noise variances times n.
-CENTRE_VARIANCE = 1.0
-#: Frame counts at which :meth:`DarkEstimator.update` refines the centre (the window
-#: then sits on a better centre for the frames after).
+#: Frame counts at which :meth:`DarkEstimator.update` ends a segment and refines
+#: the centre (and every ``SEGMENT_MAX`` frames after the last).
 REFINE_AT = frozenset({16, 32, 64, 128, 256, 512})
+SEGMENT_MAX = 512
 #: Pixels within this Chebyshev distance of a value above the event threshold are left
 #: out of the sums: an electron's charge spills into its neighbours in small shares
 #: that would otherwise sit inside the window, lifting the dark and widening the noise.
 NEIGHBOURHOOD = 2
+#: A value this many noise sigmas above its centre leaves its neighbourhood out of the
+#: sums: below the event threshold, so that electrons too weak or too spread out to
+#: be counted still do not lift the dark.
+EXCLUDE_SIGMA = 5.0
+#: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
+LOW_HOT = 2
+#: As in a dark series: a dark level or noise this many robust sigmas above the
+#: median of all pixels marks a hot pixel.
+HOT_SIGMA = 10.0
+#: Frames the starting median reads at most (the others go into the sums only).
+MEDIAN_FRAMES = 64
+_TAU2_STEPS = 257
 
 
+# -- the truncated Gaussian --------------------------------------------------------
+def _truncated_moments(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of a unit Gaussian truncated to [a, b] (arrays, a < b)."""
+    from scipy.special import ndtr
+
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    pa = np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+    pb = np.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
+    # the smaller tail difference keeps precision where both bounds are far out
+    z = np.where(a > 0, ndtr(-a) - ndtr(-b), ndtr(b) - ndtr(a))
+    mean = (pa - pb) / z
+    var = 1.0 + (a * pa - b * pb) / z - mean * mean
+    return mean, var
+
+
+def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """How a window's moments answer to the pixel's mean, about the window's centre.
+
+    A pixel whose mean lies ``delta`` noise sigmas above the centre has, inside
+    the window ``[-lo, hi]`` sigmas about the centre, the mean ``g(delta) =
+    delta + m(-lo - delta, hi - delta)`` and the variance ``v(delta)`` of the
+    truncated Gaussian (sigma units); ``g'(0) = v(0)``. Over pixels whose centre
+    has a Gaussian error of variance ``tau2``, the linearised mean ``(g - g(0)) /
+    v(0)`` exceeds ``delta`` by ``bias(tau2) = (E g - g(0)) / v(0)`` on average,
+    and the window variance is ``E v``.
+
+    Returns
+    -------
+    g0, v0 : float
+        ``g(0)`` and ``v(0)``.
+    bias, vbar : ndarray of float64
+        ``bias(tau2)`` and ``E v`` at ``tau2 = i * TAU2_MAX / (len - 1)``.
+    """
+    x, wq = np.polynomial.hermite_e.hermegauss(48)
+    wq = wq / wq.sum()
+    tau = np.sqrt(np.linspace(0.0, TAU2_MAX, _TAU2_STEPS))
+    d = np.clip(tau[:, None] * x[None, :], -8.0, 8.0)
+    m, v = _truncated_moments(-lo - d, hi - d)
+    g = d + m
+    g0, v0 = float(g[0, 0]), float(v[0, 0])
+    bias = ((g @ wq) - g0) / v0
+    return g0, v0, bias, v @ wq
+
+
+@functools.lru_cache(maxsize=1)
+def _probit_table() -> np.ndarray:
+    """The quantile function of a unit Gaussian at ``q = i / 4096`` (the ends at
+    ``1 / 8192`` from 0 and 1)."""
+    from scipy.special import ndtri
+
+    q = np.linspace(0.0, 1.0, 4097)
+    q[0], q[-1] = 1.0 / 8192, 1.0 - 1.0 / 8192
+    return ndtri(q)
+
+
+# -- numpy definitions ---------------------------------------------------------------
 def _near(mask: np.ndarray, radius: int) -> np.ndarray:
     """``mask`` grown by ``radius`` pixels (Chebyshev distance)."""
     out = mask.copy()
-    h, w = mask.shape
     for _ in range(radius):
         grown = out.copy()
         grown[1:] |= out[:-1]
@@ -74,23 +164,178 @@ def _near(mask: np.ndarray, radius: int) -> np.ndarray:
     return out
 
 
-def _truncated_moments(a: float, b: float) -> tuple[float, float]:
-    """Mean and variance of a unit Gaussian truncated to [a, b]."""
+def accumulate_numpy(
+    frame: np.ndarray,
+    centre: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    n: np.ndarray,
+    above: np.ndarray,
+    below: np.ndarray,
+    low: np.ndarray,
+    edges: tuple[float, float, float, float],
+    radius: int = NEIGHBOURHOOD,
+) -> None:
+    """Add one frame to the window sums (the definition :func:`_accumulate_rows` equals).
 
-    def pdf(x: float) -> float:
-        return math.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    ``edges = (lo, hi, hit, sink)`` in ADU about the centre: values in ``[-lo,
+    hi]`` join ``s1``, ``s2`` and ``n`` unless within ``radius`` pixels of one
+    above ``hit``, which are left out; of the others, ``above`` counts those above
+    the window and ``below`` those below it (saturating at 255); ``low`` counts
+    values below ``-sink`` (saturating at 255).
+    """
+    lo, hi, hit, sink = (np.float32(e) for e in edges)
+    r = frame.astype(np.float32)
+    r -= centre
+    keep = ~_near(r > hit, radius)
+    inside = (r >= -lo) & (r <= hi) & keep
+    above += ((r > hi) & keep).astype(np.uint16)
+    below += ((r < -lo) & keep & (below < 255)).astype(np.uint8)
+    sank = (r < -sink) & (low < 255)
+    low += sank.astype(np.uint8)
+    np.multiply(r, inside, out=r)
+    s1 += r
+    r *= r
+    s2 += r
+    n += inside.astype(np.uint16)
 
-    def cdf(x: float) -> float:
-        return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
 
-    z = cdf(b) - cdf(a)
-    mean = (pdf(a) - pdf(b)) / z
-    var = 1.0 + (a * pdf(a) - b * pdf(b)) / z - mean * mean
-    return mean, var
+def fold_numpy(
+    centre: np.ndarray,
+    s1: np.ndarray,
+    s2: np.ndarray,
+    n: np.ndarray,
+    above: np.ndarray,
+    below: np.ndarray,
+    var: np.ndarray,
+    w: np.ndarray,
+    sigma: float,
+    model: tuple[Any, ...],
+    v_start: float,
+    frames: tuple[float, float],
+) -> None:
+    """Turn a segment's sums into per-pixel mean and variance and fold them into
+    ``centre``, ``var`` and the weights ``w`` (the definition :func:`_fold_rows`
+    equals); the sums restart.
+
+    ``sigma`` is the segment's noise, ``model`` :func:`window_model` of the window
+    in its units followed by the window's edges ``lo, hi`` (sigmas) and the
+    table :func:`_probit_table`, ``v_start`` the variance (sigma**2) of the starting centre of
+    pixels without earlier segments, ``frames`` the frames of the earlier
+    segments and of this one.
+
+    The window mean, linearised about the centre, is ``delta`` (the pixel's mean
+    less the centre, sigmas) plus ``bias(tau2)`` on average over pixels whose
+    centre has the error variance ``tau2``, which is taken off. ``tau2`` is
+    ``v_start`` (the starting median) before the first segment, then
+    ``1 / (v(0) w)`` for the ``w`` in-window values of the earlier segments. The
+    segment's estimate joins the centre in proportion to its count: the starting
+    median only places the first window (electrons lift a median of few frames). The
+    variance inside the window is ``E v`` times the pixel's own; the segments'
+    variances are weighted by their frames, not by the pixel's counts, which
+    depend on where the window sat on the pixel as its variance does.
+
+    A pixel whose window caught fewer than ``LOST_SHARE`` of its values (of 4 or
+    more not left out) has its window too far from its values for the window's
+    moments to say where they are (a starting median that electrons lifted, or
+    one off by chance by a sigma or two): its centre moves to where the share of
+    its values above (below) the window says its mean is, and the pixel starts
+    over (``w = 0``).
+    """
+    g0, vt0, btab, vtab, a, b, ptab = model
+    nn = n.astype(np.float64)
+    na = above.astype(np.float64)
+    nb = below.astype(np.float64)
+    total = nn + na + nb
+    lost = (total >= 4) & (nn < LOST_SHARE * total)
+    up = na >= nb
+    q = np.where(up, na + 0.5, nb + 0.5) / (total + 1.0)
+    tq = q * (len(ptab) - 1)
+    iq = np.minimum(tq.astype(np.int64), len(ptab) - 2)
+    z = ptab[iq] + (tq - iq) * (ptab[iq + 1] - ptab[iq])  # the q-quantile of a unit Gaussian
+    d_lost = np.clip(np.where(up, b + z, -a - z), -_MAX_STEP, _MAX_STEP)
+    ww = w.astype(np.float64)
+    first = ww == 0
+    tau2 = np.where(first, v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
+    has = nn > 0
+    m = np.zeros(nn.shape)
+    np.divide(s1, nn, out=m, where=has)
+    t = np.minimum(tau2 * ((len(btab) - 1) / TAU2_MAX), len(btab) - 1.000001)
+    i = t.astype(np.int64)
+    f = t - i
+    bias = btab[i] + f * (btab[i + 1] - btab[i])
+    vbar = vtab[i] + f * (vtab[i + 1] - vtab[i])
+    d = np.clip((m / sigma - g0) / vt0 - bias, -_MAX_STEP, _MAX_STEP)
+    new_c = np.where(
+        lost, centre + sigma * d_lost, centre + sigma * d * nn / np.maximum(ww + nn, 1.0)
+    )
+    two = nn >= 2
+    ss = np.zeros(nn.shape)
+    np.divide(s1.astype(np.float64) * s1, nn, out=ss, where=has)
+    v = np.zeros(nn.shape)
+    np.divide(np.maximum(s2 - ss, 0.0), (nn - 1.0) * vbar, out=v, where=two)
+    fp, fs = frames
+    new_v = np.where(first, v, (fp * var + fs * v) / (fp + fs))
+    centre[...] = np.where(has | lost, new_c, centre).astype(np.float32)
+    var[...] = np.where(two & ~lost, new_v, var).astype(np.float32)
+    w[...] = np.where(lost, 0, np.minimum(ww + nn, 65535)).astype(np.uint16)
+    s1.fill(0)
+    s2.fill(0)
+    n.fill(0)
+    above.fill(0)
+    below.fill(0)
+
+
+def _robust_centre_sigma(x: np.ndarray) -> tuple[float, float]:
+    from streamstore.counting.robust import robust_sigma
+
+    return robust_sigma(x)
+
+
+def _median_variance(m: int) -> float:
+    """Variance of the median of ``m`` (odd) unit Gaussian values."""
+    from scipy.special import gammaln, ndtr
+
+    x = np.linspace(-8.0, 8.0, 16001)
+    h = (m - 1) // 2
+    logc = gammaln(m + 1) - 2.0 * gammaln(h + 1)
+    cdf = np.clip(ndtr(x), 1e-300, 1.0)
+    sf = np.clip(ndtr(-x), 1e-300, 1.0)
+    f = np.exp(logc + h * (np.log(cdf) + np.log(sf)) - 0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return float(np.sum(x * x * f) * (x[1] - x[0]))
+
+
+def _start_sigma(arr: np.ndarray) -> float:
+    """The noise of the first frames ``(k, H, W)``, from a sample of pixels.
+
+    Each value's residual about the median of an odd number of the *other*
+    frames has the noise widened by that median's own error (a known factor for
+    Gaussian noise); electrons only add signal, so the residuals' noise peak is
+    fitted on its clean lower side (:func:`streamstore.counting.robust.noise_peak`).
+    A median of the same frames would sit closer to their values than the dark
+    level does and make the noise look smaller.
+    """
+    from streamstore.counting.robust import noise_peak
+
+    k, h, w = arr.shape
+    step = max(1, int(math.sqrt(h * w / 65536)))
+    sample = arr[:, ::step, ::step].astype(np.int64)
+    m = k - 1 if k % 2 == 0 else k - 2
+    if m < 1:  # two frames: the difference of the two, which holds the noise twice
+        d = (sample[1] - sample[0]).reshape(-1)
+        return max(noise_peak(d)[1] / math.sqrt(2.0), 0.5)
+    res = []
+    for t in range(k):
+        others = np.delete(sample, t, axis=0)[:m]
+        res.append((sample[t] - np.median(others, axis=0)).reshape(-1))
+    r = np.concatenate(res)
+    r = np.rint(r).astype(np.int64)  # the median of an odd count is one of the values
+    sigma = noise_peak(r)[1] / math.sqrt(1.0 + _median_variance(m))
+    return max(float(sigma), 0.5)
 
 
 class DarkEstimator:
-    """Running per-pixel dark offset, read noise and hot pixels from frames with beam.
+    """Running per-pixel dark offset, noise and hot pixels from frames with beam.
 
     Parameters
     ----------
@@ -99,7 +344,8 @@ class DarkEstimator:
         without beam. Read as signed integers when ``wrapped``.
     n_sigma : float, default 5.0
         Background threshold of the counting calibration, in noise sigmas; also
-        the depth below the centre that marks a pixel hot.
+        the height above the centre that leaves a pixel's neighbourhood out of
+        the sums and the depth below it that marks a pixel hot.
     clip : (float, float), default (3.0, 1.0)
         The window of values the running sums keep: from ``clip[0]`` noise
         sigmas below the centre to ``clip[1]`` above it.
@@ -112,7 +358,7 @@ class DarkEstimator:
     centre : ndarray of float32, shape (H, W)
         The current per-pixel dark estimate (ADU).
     sigma : float
-        The read noise (ADU), from consecutive-frame differences.
+        The noise (ADU): the RMS of the pixels' frame-to-frame standard deviations.
     n_frames : int
         Frames added so far (the starting frames included).
 
@@ -139,68 +385,55 @@ class DarkEstimator:
         if not all(math.isfinite(v) and v > 0 for v in (n_sigma, lo, hi)):
             raise ValueError(f"n_sigma and clip must be positive, got {n_sigma!r}, {clip!r}")
         self.wrapped = bool(wrapped)
-        if self.wrapped and arr.dtype.kind == "u":
-            arr = arr.view(np.dtype(f"int{8 * arr.dtype.itemsize}"))
+        arr = self._signed(arr)
         self.frame_shape: tuple[int, int] = (int(arr.shape[1]), int(arr.shape[2]))
         self.n_sigma = float(n_sigma)
         self.clip = (lo, hi)
-        self._mean_offset, self._var_factor = _truncated_moments(-lo, hi)
         h, w = self.frame_shape
-        self.centre = np.empty((h, w), np.float32)
-        rows = max(1, _ROW_BLOCK_BYTES // max(1, 4 * arr.shape[0] * w))
-        for r in range(0, h, rows):
-            block = arr[:, r : r + rows].astype(np.float32)
-            self.centre[r : r + rows] = np.median(block, axis=0)
-        self.s1 = np.zeros((h, w), np.float32)  # sum of (x - centre) inside the window
-        self.n = np.zeros((h, w), np.uint16)  # values inside the window
-        self.low = np.zeros((h, w), np.uint8)  # values below centre - n_sigma * noise
-        self.n_frames = 0
-        self.s2 = np.zeros((h, w), np.float32)  # sum of (x - centre)**2 inside the window
-        # a first noise figure for the window (the residuals' median absolute
-        # deviation), then the pooled window variance as the window settles
-        step = max(1, int(math.sqrt(h * w / 65536)))
-        res = arr[:, ::step, ::step].astype(np.float32) - self.centre[::step, ::step]
         k = arr.shape[0]
-        sigma = 1.4826 * float(np.median(np.abs(res))) * math.sqrt(k / (k - 1.0))
-        self.sigma = max(sigma, 0.5)
-        for _ in range(2):  # two passes: the second window sits on the refined centre
-            previous = self.sigma
-            self.s1.fill(0)
-            self.s2.fill(0)
-            self.n.fill(0)
-            self.low.fill(0)
-            self.n_frames = 0
-            for frame in arr:
-                self._accumulate(frame)
-            self.refine()
-            if abs(self.sigma - previous) <= 0.01 * previous:
-                break
+        self.centre = np.empty((h, w), np.float32)
+        _run_rows(_median_rows, h, np.ascontiguousarray(arr[:MEDIAN_FRAMES]), self.centre)
+        self.s1 = np.zeros((h, w), np.float32)  # sum of (x - centre) inside the window
+        self.s2 = np.zeros((h, w), np.float32)  # sum of (x - centre)**2 inside the window
+        self.n = np.zeros((h, w), np.uint16)  # values inside the window, this segment
+        self.w = np.zeros((h, w), np.uint16)  # values inside the window, earlier segments
+        self.var = np.zeros((h, w), np.float32)  # per-pixel variance, earlier segments
+        self.low = np.zeros((h, w), np.uint8)  # values below centre - n_sigma * noise
+        self.above = np.zeros((h, w), np.uint16)  # values above the window, this segment
+        self.below = np.zeros((h, w), np.uint8)  # values below the window, this segment
+        self.n_frames = 0
+        km = min(k, MEDIAN_FRAMES)
+        self.sigma = _start_sigma(arr[:km])
+        self._start = km
+        self._k0 = k
+        self._folded = k  # frames before the current segment
+        # variance (sigma**2) of the starting median: between those of the odd counts
+        # around an even one
+        self._v_start = 0.5 * (_median_variance(km | 1) + _median_variance(km - 1 + km % 2))
+        # the starting frames mark hot pixels; their window sums would be biased (the
+        # centre is their own median), so the first segment starts after them
+        for frame in arr:
+            self._accumulate(frame)
+        for sums in (self.s1, self.s2, self.n, self.above, self.below):
+            sums.fill(0)
+
+    def _signed(self, x: np.ndarray) -> np.ndarray:
+        if self.wrapped and x.dtype.kind == "u":
+            return x.view(np.dtype(f"int{8 * x.dtype.itemsize}"))
+        return x
 
     # -- streaming ------------------------------------------------------------------
-    def _pooled_sigma(self) -> float:
-        """Read noise from the pooled window variance of pixels without low values."""
-        n = self.n.astype(np.float64)
-        ok = (n >= 2) & (self.low == 0)
-        if not ok.any():
-            return self.sigma
-        s1 = self.s1[ok].astype(np.float64)
-        ss = self.s2[ok].astype(np.float64) - s1 * s1 / n[ok]
-        var = float(ss.sum() / (n[ok] - 1.0).sum()) / self._var_factor
-        return max(math.sqrt(max(var, 0.0)), 1e-3)
+    def _edges(self) -> tuple[float, float, float, float]:
+        lo, hi = self.clip
+        s = self.sigma
+        return (lo * s, hi * s, EXCLUDE_SIGMA * s, self.n_sigma * s)
 
     def _accumulate(self, x: np.ndarray) -> None:
-        r = x.astype(np.float32)
-        r -= self.centre
-        lo, hi = self.clip
-        inside = (r >= np.float32(-lo * self.sigma)) & (r <= np.float32(hi * self.sigma))
-        self.low += r < np.float32(-self.n_sigma * self.noise_sigma)
-        if NEIGHBOURHOOD:
-            inside &= ~_near(r > np.float32(self.n_sigma * self.sigma), NEIGHBOURHOOD)
-        np.multiply(r, inside, out=r)
-        self.s1 += r
-        r *= r
-        self.s2 += r
-        self.n += inside
+        lo, hi, hit, sink = (np.float32(e) for e in self._edges())
+        frame = np.ascontiguousarray(x)
+        args = (frame, self.centre, self.s1, self.s2, self.n, self.above, self.below, self.low)
+        args += (lo, hi, hit, sink)
+        _run_rows(_accumulate_rows, self.frame_shape[0], *args, NEIGHBOURHOOD)
         self.n_frames += 1
 
     def update(self, frame: Any) -> None:
@@ -208,40 +441,106 @@ class DarkEstimator:
         x = np.asarray(frame)
         if x.shape != self.frame_shape:
             raise ValueError(f"frame is {x.shape}, the estimator is {self.frame_shape}")
-        if self.wrapped and x.dtype.kind == "u":
-            x = x.view(np.dtype(f"int{8 * x.dtype.itemsize}"))
-        if self.n_frames >= min(np.iinfo(np.uint16).max, 255 * 255):
-            return  # the sums are good enough long before this
-        self._accumulate(x)
-        if self.n_frames in REFINE_AT:
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"frame must be integer, got {x.dtype}")
+        if self.n_frames >= np.iinfo(np.uint16).max:
+            return  # the estimate is as good as it gets long before this
+        self._accumulate(self._signed(x))
+        if self.n_frames in REFINE_AT or self.n_frames % SEGMENT_MAX == 0:
             self.refine()
 
     # -- results ----------------------------------------------------------------------
     @property
     def noise_sigma(self) -> float:
-        """Noise used for thresholds: read noise inflated by the dark estimate's error."""
-        return self.sigma * math.sqrt(1.0 + CENTRE_VARIANCE / max(1, self.n_frames))
+        """The sensor's noise (ADU), the RMS of the per-pixel noise."""
+        return self.sigma
 
     def refine(self) -> None:
-        """Move the centre to the window means (less the truncated Gaussian's mean
-        offset) and refit the read noise.
+        """End the segment: fold its sums into the per-pixel mean (the new centre)
+        and variance, and refit the noise; the sums restart."""
+        if self.n_frames == self._folded:
+            return
+        sigma = self._segment_sigma()
+        model = self._model(sigma)
+        args = (self.centre, self.s1, self.s2, self.n, self.above, self.below, self.var, self.w)
+        args += (sigma,)
+        # frames of the earlier segments (the starting frames place the first window only)
+        frames = (float(self._folded - self._k0), float(self.n_frames - self._folded))
+        _run_rows(_fold_rows, self.frame_shape[0], *args, *model, self._v_start, *frames)
+        self._folded = self.n_frames
+        self.sigma = self._rms()
 
-        The window sums are re-based on the new centre, so later frames and the
-        frames already added count alike.
-        """
-        self.sigma = self._pooled_sigma()
-        n = self.n.astype(np.float32)
-        shift = np.zeros(self.frame_shape, np.float32)
-        np.divide(self.s1, n, out=shift, where=n > 0)
-        shift[n > 0] -= np.float32(self._mean_offset * self.sigma)
-        # sums about the new centre: s2 - 2 d s1 + n d^2, s1 - n d
-        self.s2 -= shift * (2.0 * self.s1 - n * shift)
-        np.maximum(self.s2, 0, out=self.s2)
-        self.s1 -= n * shift
-        self.centre += shift
+    def _model(self, sigma: float) -> tuple[Any, ...]:
+        """:func:`window_model` of the segment's window in units of the noise
+        ``sigma`` (it was drawn ``clip`` sigmas wide with the noise then known),
+        the window's edges in those units and :func:`_probit_table`."""
+        a, b = (c * self.sigma / sigma for c in self.clip)
+        return (*window_model(a, b), a, b, _probit_table())
+
+    def _segment_sigma(self) -> float:
+        """The noise of the segment's window sums, self-consistently: the window's
+        width in noise sigmas depends on the noise being estimated."""
+        h, w = self.frame_shape
+        step = max(1, (h * w) // (1 << 20))
+        n = self.n.reshape(-1)[::step].astype(np.float64)
+        ok = (n >= 2) & (self.low.reshape(-1)[::step] < LOW_HOT)
+        if np.count_nonzero(ok) < 16:
+            return self.sigma
+        n = n[ok]
+        s1 = self.s1.reshape(-1)[::step][ok].astype(np.float64)
+        # per pixel, then averaged: a pixel's count in the window depends on where the
+        # window sits on it, as does its window variance, so weighting by the count
+        # would favour the wider ones
+        ss = np.maximum(self.s2.reshape(-1)[::step][ok] - s1 * s1 / n, 0.0) / (n - 1.0)
+        ww = self.w.reshape(-1)[::step][ok].astype(np.float64)
+        sigma = self.sigma
+        for _ in range(8):
+            _, vt0, _, vtab = self._model(sigma)[:4]
+            tau2 = np.where(ww == 0, self._v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
+            t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
+            i = t.astype(np.int64)
+            vbar = vtab[i] + (t - i) * (vtab[i + 1] - vtab[i])
+            new = max(math.sqrt(float(np.mean(ss / vbar))), 1e-3)  # equal values: no noise seen
+            done = abs(new - sigma) <= 1e-4 * sigma
+            sigma = new
+            if done:
+                break
+        return max(sigma, 1e-3)
+
+    def _rms(self) -> float:
+        """RMS of the per-pixel noise over pixels with a variance and no low values."""
+        h, w = self.frame_shape
+        step = max(1, (h * w) // (1 << 22))  # a few million pixels pin it down
+        var = self.var.reshape(-1)[::step]
+        ok = (self.w.reshape(-1)[::step] >= 2) & (self.low.reshape(-1)[::step] < LOW_HOT)
+        if not ok.any():
+            return self.sigma
+        return max(math.sqrt(float(np.mean(var[ok], dtype=np.float64))), 1e-3)
 
     def maps(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(dark, noise, hot)`` after :meth:`refine`: float32 maps and a bool mask."""
+        """``(dark, noise, hot)`` after :meth:`refine`: float32 maps and a bool mask.
+
+        ``noise`` is each pixel's own frame-to-frame standard deviation, at least
+        the RMS over all pixels (:attr:`sigma`), as a dark series has it.
+        """
         self.refine()
-        noise = np.full(self.frame_shape, self.noise_sigma, np.float32)
-        return self.centre.copy(), noise, self.low > 0
+        h, w = self.frame_shape
+        noise = np.sqrt(self.var)
+        hot = self.low >= LOW_HOT
+        step = max(1, (h * w) // (1 << 20))
+        sample = ~hot.reshape(-1)[::step] & (self.w.reshape(-1)[::step] >= 2)
+        if sample.any():
+            d_c, d_s = _robust_centre_sigma(self.centre.reshape(-1)[::step][sample])
+            n_c, n_s = _robust_centre_sigma(noise.reshape(-1)[::step][sample])
+            # floors on the spreads, as in a dark series: a uniform sensor has no hot pixels
+            d_s = max(d_s, 0.5 * self.sigma)
+            n_s = max(n_s, 0.1 * self.sigma)
+            hot |= self.centre > d_c + HOT_SIGMA * d_s
+            hot |= noise > n_c + HOT_SIGMA * n_s
+        rms = np.float32(self.sigma)
+        noise = np.where(hot | (self.w < 2), rms, np.maximum(noise, rms)).astype(np.float32)
+        if not self.w.any():
+            # the starting median only: its error (pi / 2 sigma**2 / k) widens the noise
+            # a threshold sees
+            noise[...] = rms * np.float32(math.sqrt(1.0 + 0.5 * math.pi / self._start))
+        return self.centre.copy(), noise, hot

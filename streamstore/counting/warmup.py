@@ -5,7 +5,8 @@ from an empty cache (a fresh install, an upgrade) one counting variant takes
 tens of seconds. A daemon that met them one by one would stall inside its first
 series, so it calls :func:`warm_kernels` before it listens: the variants of
 :data:`~streamstore.counting._kernels.VARIANTS` (frame type, dark-map form,
-row type) plus the event encoder the writer runs. Sub-pixel output, the thread
+row type) plus the event encoder the writer runs and the data-only dark
+estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
 count, the gain flag and the X-ray level are run-time values: no variant each.
 """
 
@@ -81,9 +82,27 @@ def _warm_variant(i: int, gain: bool) -> int:
         if i == 0:
             lo = np.ones((3, 70), np.uint16)
             k.kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
-    else:
+    elif i == len(variants):
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
+    else:  # a camera with no dark series: the per-pixel estimate from its frames
+        dispatchers += _warm_estimator()
     return _compiled(dispatchers) - before
+
+
+def _warm_estimator() -> list[Any]:
+    """Run the data-only dark estimator on tiny frames of every frame type a
+    variant counts (signed ones as wrapped unsigned): its kernels' dispatchers."""
+    from streamstore.counting import dark_estimate as de
+    from streamstore.counting.calibration import START_FRAMES
+
+    rng = np.random.default_rng(0)
+    for dt, wrapped in ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True)):
+        frames = rng.integers(0, 100, (max(de.REFINE_AT) + 1, 8, 70)).astype(dt)
+        est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)
+        for f in frames[: min(de.REFINE_AT)]:
+            est.update(f)
+        est.maps()
+    return [de._accumulate_rows, de._fold_rows, de._median_rows]
 
 
 def _compile_processes() -> int:
@@ -169,7 +188,8 @@ def warm_kernels(
     progress : callable, optional
         Called as ``progress(i, n, variant, compiled)`` before variant ``i`` of
         ``n`` is loaded or compiled here, and as each worker finishes one (the
-        encoder is the last, ``{"name": "gap_encode"}``), ``compiled`` the kernel
+        encoder and the data-only dark estimator are the last two,
+        ``{"name": "gap_encode"}`` and ``{"name": "dark_estimator"}``), ``compiled`` the kernel
         overloads compiled so far (0 while everything comes from the cache).
     processes : int, optional
         Compile workers for an empty cache; default: the CPUs this process may
@@ -186,8 +206,8 @@ def warm_kernels(
 
     t0 = time.perf_counter()
     variants = kernel_variants(gain)
-    n = len(variants) + 1
-    names = [*variants, {"name": "gap_encode"}]
+    n = len(variants) + 2
+    names = [*variants, {"name": "gap_encode"}, {"name": "dark_estimator"}]
     compiled = 0
     workers = min(_compile_processes() if processes is None else processes, n)
     held = cached_overloads(k._count_items)

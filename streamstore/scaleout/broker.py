@@ -417,7 +417,7 @@ class Broker:
 
     def _refuse_queued(self, zmq: Any) -> None:
         """Reject what the camera sent after the last series: closing the socket drops it."""
-        from streamstore import protocol
+        from streamstore.link import protocol
 
         while True:
             try:
