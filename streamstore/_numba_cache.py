@@ -25,7 +25,7 @@ try:
 except ImportError:  # not POSIX: saves stay as numba makes them
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["cached_overloads", "serialize_saves"]
+__all__ = ["cached_overloads", "compiling_alone", "serialize_saves"]
 
 
 @contextlib.contextmanager
@@ -74,3 +74,17 @@ def cached_overloads(dispatcher: Any) -> int | None:
         return len(cache_file._load_index())  # type: ignore[union-attr]
     except Exception:  # a numba laid out differently: unknown
         return None
+
+
+@contextlib.contextmanager
+def compiling_alone(dispatcher: Any) -> Iterator[None]:
+    """Hold a host-wide lock beside ``dispatcher``'s cache while compiling into it:
+    daemons started together after an install (``ingest --workers N``) then compile
+    once, in the first, and the others load what it wrote."""
+    path = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
+    if fcntl is None or path is None:
+        yield
+        return
+    os.makedirs(path, exist_ok=True)
+    with _locked(os.path.join(path, "streamstore-compile.lock")):
+        yield

@@ -201,7 +201,7 @@ def warm_kernels(
         ``variants`` (how many), ``compiled`` (how many kernel overloads had to be
         compiled, here and in the workers: 0 from a warm cache) and ``seconds``.
     """
-    from streamstore._numba_cache import cached_overloads
+    from streamstore._numba_cache import cached_overloads, compiling_alone
     from streamstore.counting import _kernels as k
 
     t0 = time.perf_counter()
@@ -210,18 +210,23 @@ def warm_kernels(
     names = [*variants, {"name": "gap_encode"}, {"name": "dark_estimator"}]
     compiled = 0
     workers = min(_compile_processes() if processes is None else processes, n)
-    held = cached_overloads(k._count_items)
-    if workers > 1 and held is not None and held < len(variants):  # an empty cache
-        finished = 0
+    finished = 0
 
-        def done(i: int, got: int) -> None:
-            nonlocal compiled, finished
-            compiled += got
-            finished += 1
-            if progress is not None:
-                progress(finished - 1, n, names[i], compiled)
+    def done(i: int, got: int) -> None:
+        nonlocal compiled, finished
+        compiled += got
+        finished += 1
+        if progress is not None:
+            progress(finished - 1, n, names[i], compiled)
 
-        _compile_in_workers(list(range(n)), gain, workers, done)
+    def cold() -> bool:
+        held = cached_overloads(k._count_items)
+        return held is not None and held < len(variants)
+
+    if workers > 1 and cold():  # an empty cache
+        with compiling_alone(k._count_items):  # or another daemon fills it meanwhile
+            if cold():
+                _compile_in_workers(list(range(n)), gain, workers, done)
     for i in range(n):  # loads what the workers compiled (or compiles what they did not)
         if progress is not None:
             progress(i, n, names[i], compiled)
