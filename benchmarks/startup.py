@@ -3,6 +3,7 @@
     python -m benchmarks.startup            # one cold start, three warm starts
     python -m benchmarks.startup --json     # one JSON object
     python -m benchmarks.startup --no-cold --warm-runs 1   # a quick check
+    python -m benchmarks.startup --sequential   # and a cold start compiling in one process
 
 The daemon compiles or loads every counting kernel variant before it binds its
 data socket, and publishes its state meanwhile. Each run starts a real daemon
@@ -31,13 +32,17 @@ from typing import Any
 
 from benchmarks import record
 from streamstore.cli import free_tcp_endpoint
+from streamstore.counting.warmup import PROCESSES_ENV
 
 _READY_LINE = re.compile(r"counting kernels ready: (\d+) variants in ([\d.]+) s \((\d+) compiled\)")
 
 
-def start_once(cache_dir: Path | None, work: Path, timeout_s: float) -> dict[str, Any]:
+def start_once(
+    cache_dir: Path | None, work: Path, timeout_s: float, processes: int | None = None
+) -> dict[str, Any]:
     """Start one daemon with ``NUMBA_CACHE_DIR=cache_dir`` (None: numba's default,
-    beside the installed modules); time it until ready."""
+    beside the installed modules) and, where given, that many compile workers;
+    time it until ready."""
     import zmq
 
     status_ep = free_tcp_endpoint()
@@ -47,6 +52,9 @@ def start_once(cache_dir: Path | None, work: Path, timeout_s: float) -> dict[str
     env.pop("NUMBA_CACHE_DIR", None)
     if cache_dir is not None:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    env.pop(PROCESSES_ENV, None)
+    if processes is not None:
+        env[PROCESSES_ENV] = str(processes)
     ctx = zmq.Context()
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
@@ -98,8 +106,11 @@ def start_once(cache_dir: Path | None, work: Path, timeout_s: float) -> dict[str
     }
 
 
-def run(cold: bool, warm_runs: int, timeout_s: float, log=print) -> dict[str, Any]:
-    """Run the benchmark; the results as a dict."""
+def run(
+    cold: bool, warm_runs: int, timeout_s: float, log=print, sequential: bool = False
+) -> dict[str, Any]:
+    """Run the benchmark; the results as a dict. ``sequential`` adds a cold start
+    that compiles in the daemon alone (one compile worker), for the ratio."""
     res: dict[str, Any] = {
         "machine": {
             "python": platform.python_version(),
@@ -107,12 +118,20 @@ def run(cold: bool, warm_runs: int, timeout_s: float, log=print) -> dict[str, An
             "load_average_at_start": list(os.getloadavg()),
         },
         "cold": None,
+        "cold_sequential": None,
         "warm": [],
     }
     with tempfile.TemporaryDirectory(prefix="streamstore-startup-") as tmp:
         work = Path(tmp)
         cache = work / "numba-cache"
         cache.mkdir()
+        if cold and sequential:
+            r = start_once(work / "numba-cache-sequential", work, timeout_s, processes=1)
+            res["cold_sequential"] = r
+            log(
+                f"cold start, one compile worker: ready after {r['ready_s']:.1f} s "
+                f"({r['compiled']} kernel overloads compiled)"
+            )
         if cold:
             r = start_once(cache, work, timeout_s)
             res["cold"] = r
@@ -149,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the cold start; warm starts then use numba's default cache",
     )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="also a cold start with one compile worker (STREAMSTORE_COMPILE_PROCESSES=1)",
+    )
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per start (1800)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     record.add_options(p)
@@ -160,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warm_runs,
         args.timeout,
         log=(lambda *a, **k: None) if args.json else print,
+        sequential=args.sequential,
     )
     record.save("startup", res, args)
     if args.json:

@@ -105,7 +105,18 @@ def _warm_estimator() -> list[Any]:
     return [de._accumulate_rows, de._fold_rows, de._median_rows]
 
 
+#: Environment variable that caps the compile workers of an empty cache (default:
+#: the CPUs this process may use; 1 compiles in the daemon itself).
+PROCESSES_ENV = "STREAMSTORE_COMPILE_PROCESSES"
+
+
 def _compile_processes() -> int:
+    value = os.environ.get(PROCESSES_ENV, "").strip()
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"{PROCESSES_ENV} must be a whole number, got {value!r}") from None
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -192,8 +203,8 @@ def warm_kernels(
         ``{"name": "gap_encode"}`` and ``{"name": "dark_estimator"}``), ``compiled`` the kernel
         overloads compiled so far (0 while everything comes from the cache).
     processes : int, optional
-        Compile workers for an empty cache; default: the CPUs this process may
-        use. 1 compiles everything in this process.
+        Compile workers for an empty cache; default: ``$STREAMSTORE_COMPILE_PROCESSES``
+        or else the CPUs this process may use. 1 compiles everything in this process.
 
     Returns
     -------

@@ -43,8 +43,7 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
 
     def compiling(i: int, n: int) -> None:
         reporter.state = (
-            f"compiling counting kernels, first run after install or upgrade ({i + 1} of {n}, "
-            "about 20 s each)"
+            f"compiling counting kernels, first run after install or upgrade ({i + 1} of {n})"
         )
         if not result.get("said"):
             result["said"] = True
