@@ -41,8 +41,8 @@ import numpy as np
 from benchmarks import record
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
-from streamstore.cli import parse_shape
 from streamstore.counting.accuracy import score_batch
+from streamstore.shapes import parse_shape
 
 DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
 XRAY_THRESHOLD = 1000.0  # ADU, as in tests/test_counting_accuracy.py

@@ -46,11 +46,11 @@ import numpy as np
 from benchmarks import record
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
-from streamstore.cli import parse_shape
 from streamstore.counting import Counter
 from streamstore.counting._kernels import kernel_maps
 from streamstore.counting.accuracy import score_batch
 from streamstore.events import EventBatch
+from streamstore.shapes import parse_shape
 
 XRAY_THRESHOLD = 1000.0  # ADU, the same for streamstore and stempy
 

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import record
-from streamstore.cli import free_tcp_endpoint, parse_shape
+from streamstore.link.endpoints import free_tcp_endpoint
+from streamstore.shapes import parse_shape
 
 WARMUP_FRAMES = 3
 TARGET_FPS = 1500

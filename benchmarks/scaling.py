@@ -49,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import record
-from streamstore.cli import free_tcp_endpoint, parse_shape
+from streamstore.link.endpoints import free_tcp_endpoint
+from streamstore.shapes import parse_shape
 
 WARM = "warmup"
 TIMED = "timed"

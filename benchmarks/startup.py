@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import record
-from streamstore.cli import free_tcp_endpoint
 from streamstore.counting.warmup import PROCESSES_ENV
+from streamstore.link.endpoints import free_tcp_endpoint
 
 _READY_LINE = re.compile(r"counting kernels ready: (\d+) variants in ([\d.]+) s \((\d+) compiled\)")
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import record
-from streamstore.cli import parse_shape
+from streamstore.shapes import parse_shape
 
 WARMUP_FRAMES = 3
 

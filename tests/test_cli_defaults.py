@@ -12,10 +12,10 @@ from _cli_data import cli, make_store
 
 import streamstore
 from streamstore.cli import emulate as emulate_cmd
-from streamstore.cli import free_tcp_endpoint
 from streamstore.cli import ingest as ingest_cmd
 from streamstore.cli import status as status_cmd
 from streamstore.errors import UserError
+from streamstore.link.endpoints import free_tcp_endpoint
 from streamstore.link.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
 
 ROOT = Path(__file__).resolve().parents[1]

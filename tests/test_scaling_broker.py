@@ -25,7 +25,7 @@ def broker_and_sinks(zmq_ctx):
     """A broker dealing over two ipc streams, each read by a plain PULL socket."""
     import zmq
 
-    from streamstore.cli import free_tcp_endpoint
+    from streamstore.link.endpoints import free_tcp_endpoint
 
     d = tempfile.mkdtemp(prefix="streamstore-test-")
     eps = stream_endpoints(f"ipc://{d}/w", 2)

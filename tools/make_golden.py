@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from streamstore import EventBatch, StoreWriter
-from streamstore.store.writer import FORMAT_VERSION
+from streamstore.store.format import FORMAT_VERSION
 
 SHAPE = (12, 20)  # non-square: rows != cols
 

@@ -1,8 +1,8 @@
 """Analysis of stored series: 4D-STEM reductions, dask, figures.
 
 * :mod:`streamstore.analysis.stem` -- virtual detectors, centre of mass,
-  diffraction sums and radial profiles over a scan (and
-  :mod:`streamstore.analysis.scan_methods`, the same as methods of a store);
+  diffraction sums and radial profiles over a scan (the same are methods of a
+  store, :mod:`streamstore.store.scan_methods`, which forwards to these);
 * :mod:`streamstore.analysis.distributed` and
   :mod:`streamstore.analysis.stem_dask` -- the same on a dask cluster;
 * :mod:`streamstore.analysis.plotting` and :mod:`streamstore.analysis.stem_plot`

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from streamstore.errors import UserError
-from streamstore.exports.images import check_roi, check_window
 from streamstore.exports.progress import Progress
+from streamstore.store.selection import check_roi, check_window
 
 __all__ = ["summary_figure", "save_summary", "summed_image", "FIGSIZE_IN", "DEFAULT_DPI"]
 
@@ -58,7 +58,7 @@ def summed_image(
     -------
     ndarray of int64, shape (H, W)
     """
-    a, b = check_window(store.n_frames, start, stop)
+    a, b = check_window(store.n_frames, start, stop, empty_ok=False, need_frames=True)
     counts = np.asarray(store.event_counts[a:b], dtype=np.int64)
     # cut the window where the running event count crosses multiples of a chunk
     cum = np.cumsum(counts)
@@ -162,7 +162,7 @@ def summary_figure(
     except ImportError:  # pragma: no cover - optional extra
         raise UserError("show needs matplotlib: pip install 'streamstore[plot]'") from None
 
-    a, b = check_window(store.n_frames, start, stop)
+    a, b = check_window(store.n_frames, start, stop, empty_ok=False, need_frames=True)
     r = check_roi(roi, tuple(store.frame_shape))
     pixel = store.pixel_size_A
     if unit is None:

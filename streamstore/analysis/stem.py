@@ -40,6 +40,7 @@ import numpy as np
 
 from streamstore.errors import UserError
 from streamstore.scan import ScanGeometry, scan_positions
+from streamstore.store.scan_methods import require_scan
 
 __all__ = [
     "annular_mask",
@@ -61,15 +62,8 @@ _FALLBACK_FRAMES = 4096
 
 
 # --------------------------------------------------------------- geometry --
-def _geometry(store: Any) -> ScanGeometry:
-    geom = store.scan
-    if geom is None:
-        raise UserError(
-            f"{store.path} has no scan geometry (a movie, or a file written before scans "
-            "were recorded); give one with store.with_scan(scan_shape, frames_per_position, "
-            "flyback)"
-        )
-    return geom
+# the rule "a store must have a scan" is the store's own
+_geometry = require_scan
 
 
 def _scan_roi(geom: ScanGeometry, scan_roi: Sequence[int] | None) -> tuple[int, int, int, int]:
@@ -288,7 +282,7 @@ def virtual_image(
 ) -> np.ndarray:
     """Virtual detector image ``(rows, cols)``: per position, the events inside the detector.
 
-    See :meth:`ScanAnalysisMixin.virtual_image`; ``start``/``stop`` restrict it to a
+    See :meth:`ScanMethods.virtual_image`; ``start``/``stop`` restrict it to a
     window of stored frames (how :func:`map_scan` splits a scan).
     """
     sel, local, shape = _selection(store, scan_roi, start, stop)
@@ -354,7 +348,7 @@ def virtual_images(
 ) -> np.ndarray:
     """Several annular detectors ``(n, rows, cols)``, in one pass over the events when disjoint.
 
-    See :meth:`ScanAnalysisMixin.virtual_images`.
+    See :meth:`ScanMethods.virtual_images`.
     """
     pairs = _radii_pairs(radii)
     sel, local, shape = _selection(store, scan_roi, start, stop)
@@ -387,7 +381,7 @@ def virtual_images_and_com(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`virtual_images` and :func:`center_of_mass` from one pass over the events.
 
-    See :meth:`ScanAnalysisMixin.virtual_images_and_com`.
+    See :meth:`ScanMethods.virtual_images_and_com`.
     """
     pairs = _radii_pairs(radii)
     sel, local, shape = _selection(store, scan_roi, start, stop)
@@ -448,7 +442,7 @@ def center_of_mass(
 ) -> np.ndarray:
     """Centre of mass of each position's events, ``(2, rows, cols)`` float64 pixels.
 
-    See :meth:`ScanAnalysisMixin.center_of_mass`.
+    See :meth:`ScanMethods.center_of_mass`.
     """
     sums, shape = _moments(store, mask, scan_roi, start, stop)
     return _finish_com(sums, shape)
@@ -495,7 +489,7 @@ def radial_profile(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Events per ring around ``center`` for every position: ``(profile, edges)``.
 
-    See :meth:`ScanAnalysisMixin.radial_profile`.
+    See :meth:`ScanMethods.radial_profile`.
     """
     sel, local, shape = _selection(store, scan_roi, start, stop)
     if center is None:

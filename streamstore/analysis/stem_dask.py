@@ -63,7 +63,7 @@ def map_scan(store: Any, name: str, window: int = 4096, client: Any = None, **pa
     Parameters
     ----------
     store : Store
-        A store with a scan geometry (from the file or :meth:`~ScanAnalysisMixin.with_scan`).
+        A store with a scan geometry (from the file or :meth:`~ScanMethods.with_scan`).
     name : {"virtual_image", "center_of_mass", "diffraction_sum", "radial_profile"}
         The analysis.
     window : int, default 4096

@@ -14,6 +14,13 @@ import argparse
 import importlib
 import sys
 
+# the library homes of two helpers the command line uses; still importable from
+# here for scripts written against the command-line module
+from streamstore.link.endpoints import free_tcp_endpoint
+from streamstore.shapes import parse_shape
+
+__all__ = ["COMMANDS", "build_parser", "free_tcp_endpoint", "main", "parse_shape"]
+
 # subcommand -> one-line help; the module is streamstore.cli.<name>
 COMMANDS: dict[str, str] = {
     "demo": "emulate a camera, ingest it and summarise the stored series",
@@ -27,36 +34,6 @@ COMMANDS: dict[str, str] = {
     "keys": "make CURVE key pairs for authenticated camera links",
     "verify": "check every chunk's checksum and the frame totals; list damaged frames",
 }
-
-
-def parse_shape(text: str) -> tuple[int, int]:
-    """Parse a frame shape written ``HxW`` (e.g. ``4092x5760``); an argparse ``type=``.
-
-    Raises
-    ------
-    argparse.ArgumentTypeError
-        When the text is not two positive integers joined by ``x``.
-    """
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW, e.g. 4092x5760, got {text!r}") from None
-    if h < 1 or w < 1:
-        raise argparse.ArgumentTypeError(f"expected positive HxW, got {text!r}")
-    return h, w
-
-
-def free_tcp_endpoint() -> str:
-    """``tcp://127.0.0.1:<port>`` on a loopback port that is free right now.
-
-    For the demo, benchmarks and tests that start a daemon and a sender on one
-    host (another process may take the port before it is bound: fine for those).
-    """
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 def build_parser() -> argparse.ArgumentParser:

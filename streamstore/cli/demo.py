@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from streamstore.cli import free_tcp_endpoint
+from streamstore.link.endpoints import free_tcp_endpoint
 
 __all__ = ["add_arguments", "run"]
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from streamstore.cli import parse_shape
+from streamstore.shapes import parse_shape
 
 DETECTOR = "streamstore-emulator"
 

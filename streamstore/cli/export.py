@@ -128,12 +128,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{out} exists; choose another name or pass --overwrite")
 
     if args.format == "stempy":
-        from streamstore.exports.images import check_window
+        from streamstore.store.selection import check_window
 
         scan = _scan_shape(args.scan_shape)
         store = streamstore.open(args.path)  # errors for people before the export starts
         try:
-            a, b = check_window(store.n_frames, args.start, args.stop)
+            a, b = check_window(
+                store.n_frames, args.start, args.stop, empty_ok=False, need_frames=True
+            )
             if out.exists():
                 out.unlink()
             try:

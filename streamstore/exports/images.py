@@ -41,20 +41,17 @@ import numpy as np
 
 from streamstore.errors import UserError
 from streamstore.exports.progress import Progress, track
+from streamstore.store.selection import UNITS, check_roi, check_window, unit_scale
 
 __all__ = [
     "TiffExport",
     "NpyExport",
     "export_tiff",
     "export_npy",
-    "check_window",
-    "check_roi",
     "tiff_page_dtype",
     "UNITS",
 ]
 
-#: dose units understood everywhere in streamstore
-UNITS = ("events", "e/px", "e/A2")
 
 _INT_DTYPES = (np.uint8, np.uint16, np.uint32)
 
@@ -132,70 +129,9 @@ class NpyExport:
 
 
 # -- validation -----------------------------------------------------------
-def check_window(n_frames: int, start: int | None, stop: int | None) -> tuple[int, int]:
-    """Resolve a ``[start, stop)`` window of stored frames, or raise UserError.
-
-    Parameters
-    ----------
-    n_frames : int
-        Frames in the series.
-    start, stop : int or None
-        Frame positions (0-based, ``stop`` exclusive); None means the series
-        start / end. Negative values are not accepted (say what you mean).
-
-    Returns
-    -------
-    (int, int)
-        The window.
-    """
-    a = 0 if start is None else int(start)
-    b = n_frames if stop is None else int(stop)
-    if n_frames == 0:
-        raise UserError("the series holds no frames yet")
-    if not (0 <= a < b <= n_frames):
-        raise UserError(
-            f"frames {a}:{b} are outside the series of {n_frames} frames "
-            f"(need 0 <= start < stop <= {n_frames})"
-        )
-    return a, b
-
-
-def check_roi(roi: Any, frame_shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
-    """Validate ``roi = (row0, row1, col0, col1)`` against ``frame_shape``.
-
-    Accepts None, a 4-sequence of ints or the CLI form ``"r0,r1,c0,c1"``.
-    Raises UserError naming the problem.
-    """
-    if roi is None:
-        return None
-    if isinstance(roi, str):
-        parts = [p.strip() for p in roi.split(",")]
-        try:
-            roi = tuple(int(p) for p in parts)
-        except ValueError:
-            raise UserError(
-                f"--roi must be four integers row0,row1,col0,col1, got {roi!r}"
-            ) from None
-    vals = tuple(int(v) for v in roi)
-    if len(vals) != 4:
-        raise UserError(f"roi must be (row0, row1, col0, col1), got {roi!r}")
-    r0, r1, c0, c1 = vals
-    h, w = frame_shape
-    if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
-        raise UserError(
-            f"roi rows {r0}:{r1}, cols {c0}:{c1} is not inside the {h} x {w} frame "
-            f"(need 0 <= row0 < row1 <= {h} and 0 <= col0 < col1 <= {w})"
-        )
-    return vals
-
-
 def _check_unit(unit: str, pixel_size_A: float | None) -> None:
-    if unit not in UNITS:
-        raise UserError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
-    if unit == "e/A2" and not pixel_size_A:
-        raise UserError(
-            "dose in e/A2 needs the pixel size, and this series has none recorded; use --unit e/px"
-        )
+    """Refuse a dose unit this series cannot give (the store's rule: :func:`unit_scale`)."""
+    unit_scale(unit, (1, 1), pixel_size_A)
 
 
 def _check_space(folder: Path, nbytes: int) -> None:
@@ -546,7 +482,7 @@ def export_npy(
     meta_path = out.with_suffix(".json") if out.suffix == ".npy" else Path(f"{out}.json")
     if out.suffix != ".npy":
         raise UserError(f"the npy output must end in .npy, got {out.name}")
-    a, b = check_window(store.n_frames, start, stop)
+    a, b = check_window(store.n_frames, start, stop, empty_ok=False, need_frames=True)
     r = check_roi(roi, tuple(store.frame_shape))
     try:
         dt = np.dtype(dtype)

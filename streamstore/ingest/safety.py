@@ -24,8 +24,6 @@ from streamstore.errors import UserError
 
 __all__ = ["check_bind_endpoint", "is_loopback_endpoint", "candidate_paths", "is_free"]
 
-_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-")
-
 
 def is_loopback_endpoint(endpoint: str) -> bool:
     """True for ``ipc://``, ``inproc://`` and tcp endpoints on a loopback address.
@@ -76,10 +74,16 @@ def check_bind_endpoint(endpoint: str, allow_remote: bool, what: str = "--listen
 
 
 def _check_series_id(series_id: str) -> None:
-    # validate_series_id (protocol) is the contract; this is the last line of
-    # defence right where the path is built.
-    if not series_id or len(series_id) > 64 or series_id[0] == "." or not set(series_id) <= _SAFE:
-        raise ValueError(f"series_id {series_id!r} cannot name a file inside the output directory")
+    # validate_series_id (protocol) is the one rule; it is checked again right where
+    # the path is built, as the last line of defence against a path outside DIR
+    from streamstore.link.protocol import ProtocolError, validate_series_id
+
+    try:
+        validate_series_id(series_id)
+    except ProtocolError:
+        raise ValueError(
+            f"series_id {series_id!r} cannot name a file inside the output directory"
+        ) from None
 
 
 def candidate_paths(out_dir: str | os.PathLike, series_id: str) -> Iterator[Path]:

@@ -26,22 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.analysis.scan_methods import ScanAnalysisMixin
-from streamstore.errors import CorruptDataError, FormatError, UserError
+from streamstore.errors import FormatError
 from streamstore.events import EventBatch
 from streamstore.idranges import IdRanges
 from streamstore.store._chunkio import (
-    BadChunk,
     ChunkReader,
-    format_ranges,
     read_column,
-    true_ranges,
 )
+from streamstore.store.damage import DamageChecks
+from streamstore.store.format import FORMAT_NAME
+from streamstore.store.scan_methods import ScanMethods, analysis_function
+from streamstore.store.selection import UNITS, FrameSelection
 
 __all__ = ["Store", "UNITS"]
 
-UNITS = ("events", "e/px", "e/A2")
-_FORMAT_NAME = "streamstore.events"
 _SUPPORTED_VERSIONS = (1, 2)
 # events per job of sum(): at least _JOB_EVENTS, 2 per image pixel, at most
 # _JOB_EVENTS_MAX (scratch = 4 bytes an event). The kernel sweeps the whole image
@@ -88,23 +86,13 @@ def _h5_open(path: Path) -> tuple[Any, bool]:
             raise first from None
 
 
-def _check_range(name: str, rng: Any) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in rng)
-    except (TypeError, ValueError):
-        raise UserError(f"{name} must be a pair (lo, hi) of numbers, got {rng!r}") from None
-    if np.isnan(lo) or np.isnan(hi):
-        raise UserError(f"{name} must not contain NaN, got {rng!r}")
-    if lo > hi:
-        raise UserError(f"{name} range is empty: lo {lo:g} > hi {hi:g}")
-    return lo, hi
-
-
-class Store(ScanAnalysisMixin):
+class Store(FrameSelection, DamageChecks, ScanMethods):
     """A streamstore event file opened for reading (see :func:`open`).
 
-    A scanned (4D-STEM) series also has the scan methods of
-    :class:`streamstore.analysis.stem.ScanAnalysisMixin` (``scan``, ``with_scan``,
+    Dose and frame selections come from
+    :class:`~streamstore.store.selection.FrameSelection` (``dose``, ``select``,
+    ``fractions``); a scanned (4D-STEM) series also has the scan methods of
+    :class:`~streamstore.store.scan_methods.ScanMethods` (``scan``, ``with_scan``,
     ``virtual_image``, ``center_of_mass``, ``diffraction_sum``, ``radial_profile``).
 
     Parameters
@@ -146,8 +134,8 @@ class Store(ScanAnalysisMixin):
         f = self._f
         a = f.attrs
         fmt = _text(a.get("format", ""))
-        if fmt != _FORMAT_NAME:
-            raise FormatError(f"{self.path} is not a {_FORMAT_NAME} file (format={fmt!r})")
+        if fmt != FORMAT_NAME:
+            raise FormatError(f"{self.path} is not a {FORMAT_NAME} file (format={fmt!r})")
         ver = int(a.get("format_version", -1))
         if ver not in _SUPPORTED_VERSIONS:
             raise FormatError(
@@ -390,171 +378,7 @@ class Store(ScanAnalysisMixin):
             size += self._sub.ds.id.get_storage_size()
         return float(size * 8 / self.n_events) if self.n_events else float("nan")
 
-    # ------------------------------------------------------------ dose --
-    def _unit_scale(self, unit: str) -> float:
-        """Factor from counts to ``unit``."""
-        h, w = self.frame_shape
-        if unit == "events":
-            return 1.0
-        if unit == "e/px":
-            return 1.0 / (h * w)
-        if unit == "e/A2":
-            if self.pixel_size_A is None:
-                raise UserError(
-                    f"dose in e/A2 needs the pixel size, and {self.path.name} has none; "
-                    'use unit="e/px" or "events"'
-                )
-            return 1.0 / (h * w * self.pixel_size_A**2)
-        raise UserError(f"unit must be one of {UNITS}, got {unit!r}")
-
-    def dose(self, unit: str = "e/px") -> np.ndarray:
-        """Per-frame dose in ``unit`` ("events" gives int64 counts, else float64)."""
-        scale = self._unit_scale(unit)
-        if unit == "events":
-            return self._counts.copy()
-        return self._counts * scale
-
-    def select(
-        self,
-        *,
-        dose: tuple[float, float] | None = None,
-        cumulative_dose: tuple[float, float] | None = None,
-        time_s: tuple[float, float] | None = None,
-        unit: str = "e/px",
-    ) -> np.ndarray:
-        """Indices (ascending, int64) of the frames meeting every given criterion.
-
-        Parameters
-        ----------
-        dose : (lo, hi), optional
-            Keep frames whose own dose is in the closed range ``[lo, hi]``.
-        cumulative_dose : (lo, hi), optional
-            Keep frames whose running dose -- the dose from the series start up
-            to and including the frame -- is in ``[lo, hi]``.
-        time_s : (t0, t1), optional
-            Keep frames whose time since the first stored frame
-            (``(timestamp_ns - timestamp_ns[0]) / 1e9``) is in ``[t0, t1]``.
-        unit : str, default "e/px"
-            Unit of ``dose`` and ``cumulative_dose``.
-
-        Raises
-        ------
-        UserError
-            On a malformed or empty range, or an unknown / unusable unit.
-        """
-        keep = np.ones(self.n_frames, dtype=bool)
-        if dose is not None or cumulative_dose is not None:
-            d = self._counts * self._unit_scale(unit)
-            if dose is not None:
-                lo, hi = _check_range("dose", dose)
-                keep &= (d >= lo) & (d <= hi)
-            if cumulative_dose is not None:
-                lo, hi = _check_range("cumulative_dose", cumulative_dose)
-                cum = np.cumsum(self._counts) * self._unit_scale(unit)
-                keep &= (cum >= lo) & (cum <= hi)
-        else:
-            self._unit_scale(unit)  # validate the unit anyway
-        if time_s is not None:
-            t0, t1 = _check_range("time_s", time_s)
-            t = (self._ts - (self._ts[0] if self.n_frames else 0)) / 1e9
-            keep &= (t >= t0) & (t <= t1)
-        return np.flatnonzero(keep).astype(np.int64)
-
-    def fractions(self, dose_per_fraction: float, *, unit: str = "e/px") -> list[slice]:
-        """Group consecutive frames into dose fractions.
-
-        Frame ``i`` goes to fraction ``k = floor(D_i / dose_per_fraction)``,
-        where ``D_i`` is the dose before frame ``i`` (so fraction ``k`` holds
-        the frames that start in ``[k, k + 1) * dose_per_fraction``; rounding
-        never drifts along the series). Empty fractions (one frame more dosed
-        than a fraction) are skipped. The remainder -- a last fraction with
-        less than ``dose_per_fraction`` -- is returned as the last slice, never
-        dropped; compare its dose with the others to decide.
-
-        Returns
-        -------
-        list of slice
-            Contiguous frame-index slices covering all frames in order.
-
-        Raises
-        ------
-        UserError
-            If ``dose_per_fraction`` is not a positive number, or on a bad unit.
-        """
-        try:
-            target = float(dose_per_fraction)
-        except (TypeError, ValueError):
-            raise UserError(
-                f"dose_per_fraction must be a positive number, got {dose_per_fraction!r}"
-            ) from None
-        if not np.isfinite(target) or target <= 0:
-            raise UserError(f"dose_per_fraction must be a positive number, got {target!r}")
-        scale = self._unit_scale(unit)
-        if self.n_frames == 0:
-            return []
-        before = (np.cumsum(self._counts) - self._counts) * scale
-        k = np.floor(before / target + 1e-12).astype(np.int64)
-        cut = np.flatnonzero(np.diff(k)) + 1
-        bounds = np.concatenate([[0], cut, [self.n_frames]])
-        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
     # ---------------------------------------------------------- events --
-    def _window(
-        self, start: int | None, stop: int | None, *, empty_ok: bool = True
-    ) -> tuple[int, int]:
-        """Resolve ``[start, stop)``; with ``empty_ok=False`` an explicit empty window
-        (``start == stop``) is refused, as the command line refuses it."""
-        n = self.n_frames
-        s = 0 if start is None else start
-        e = n if stop is None else stop
-        try:
-            s, e = int(s), int(e)
-        except (TypeError, ValueError):
-            raise UserError(f"frame window must be integers, got {start!r}:{stop!r}") from None
-        if not (0 <= s <= e <= n):
-            raise UserError(
-                f"frame window {s}:{e} is outside the series: valid windows lie in 0:{n} "
-                f"({n} frames)"
-            )
-        if s == e and not empty_ok and (start is not None or stop is not None):
-            raise UserError(f"frame window {s}:{e} is empty: need start < stop")
-        return s, e
-
-    def _selection(
-        self,
-        start: int | None,
-        stop: int | None,
-        select: Sequence[int] | np.ndarray | None,
-    ) -> np.ndarray:
-        """Frame indices (int64, ascending, unique) of a window or an explicit selection."""
-        if select is None:
-            s, e = self._window(start, stop, empty_ok=False)
-            return np.arange(s, e, dtype=np.int64)
-        if start is not None or stop is not None:
-            raise UserError("give either a window (start, stop) or select, not both")
-        sel = np.unique(np.asarray(select).astype(np.int64, copy=False))
-        if sel.size and (sel[0] < 0 or sel[-1] >= self.n_frames):
-            raise UserError(
-                f"select holds frame indices outside 0..{self.n_frames - 1} "
-                f"({self.n_frames} frames)"
-            )
-        return sel
-
-    def _roi(self, roi: Sequence[int] | None) -> tuple[int, int, int, int]:
-        h, w = self.frame_shape
-        if roi is None:
-            return 0, h, 0, w
-        try:
-            r0, r1, c0, c1 = (int(v) for v in roi)
-        except (TypeError, ValueError):
-            raise UserError(f"roi must be (row0, row1, col0, col1), got {roi!r}") from None
-        if not (0 <= r0 < r1 <= h and 0 <= c0 < c1 <= w):
-            raise UserError(
-                f"roi {(r0, r1, c0, c1)} is outside the frame: need 0 <= row0 < row1 <= {h} "
-                f"and 0 <= col0 < col1 <= {w}"
-            )
-        return r0, r1, c0, c1
-
     def events(self, start: int, stop: int) -> EventBatch:
         """Events of frames ``start:stop`` as an :class:`EventBatch`."""
         from streamstore.store import _kernels
@@ -574,76 +398,6 @@ class Store(ScanAnalysisMixin):
                 np.empty(int(offs[-1]), np.uint8),
             )
         return EventBatch(offs, idx, sub, self.frame_shape, validate=False)
-
-    # ------------------------------------------------------- integrity --
-    @property
-    def damaged_frames(self) -> list[tuple[int, int]]:
-        """Frames whose per-frame data failed its check, as ``(start, stop)`` ranges.
-
-        Found when the file is opened; reading them raises
-        :class:`~streamstore.CorruptDataError` (their ``frame_ids`` read -1).
-        Damage inside event chunks is found when read, or by ``streamstore verify``.
-        """
-        return true_ranges(self._damaged)
-
-    def _corrupt(self, frames: np.ndarray, reasons: Sequence[str]) -> CorruptDataError:
-        mask = np.zeros(self.n_frames, bool)
-        mask[frames] = True
-        ranges = true_ranges(mask)
-        ids = self._ids[frames]
-        id_text = (
-            f" (frame ids {int(ids.min())}..{int(ids.max())})"
-            if ids.size and ids.min() >= 0
-            else ""
-        )
-        why = "; ".join(dict.fromkeys(reasons))
-        return CorruptDataError(
-            f"frames {format_ranges(ranges)}{id_text} of {self.path} are damaged ({why}); "
-            "reads that do not touch them still work",
-            ranges,
-            str(self.path),
-        )
-
-    def _check_damaged(self, sel: np.ndarray) -> None:
-        """Raise if any frame of ``sel`` has damaged per-frame data."""
-        if not self._damage_why or sel.size == 0:
-            return
-        hit = sel[self._damaged[sel]]
-        if hit.size:
-            reasons = [r for lo, hi, r in self._damage_why if np.any((hit >= lo) & (hit < hi))]
-            raise self._corrupt(hit, reasons)
-
-    def _read_checked(
-        self,
-        reader: ChunkReader,
-        a: int,
-        starts: np.ndarray,
-        counts: np.ndarray,
-        out: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """Read the slots of frames ``(a + starts, counts)``; raise if one lies in a bad chunk.
-
-        A bad chunk that only holds slots of frames not asked for (padding, or
-        frames skipped by a selection) does not stop the read.
-        """
-        b = int(a + starts[-1] + counts[-1]) if starts.size else a
-        bad: list[BadChunk] = []
-        data = reader.read(a, b, out=out, bad=bad)
-        if bad:
-            s_abs = starts + a
-            e_abs = s_abs + counts
-            hit = np.zeros(starts.size, bool)
-            reasons = []
-            for chunk in bad:
-                m = (counts > 0) & (s_abs < chunk.hi) & (e_abs > chunk.lo)
-                if m.any():
-                    hit |= m
-                    reasons.append(chunk.reason)
-            if hit.any():
-                # frames with events have distinct ends: find their indices by them
-                frames = np.searchsorted(self._starts + self._counts, e_abs[hit], side="left")
-                raise self._corrupt(frames, reasons)
-        return data
 
     def _span(self, s: int, e: int) -> tuple[int, int, np.ndarray, np.ndarray]:
         """Dataset range ``a:b`` holding frames ``s:e`` and their starts (relative) / counts."""
@@ -775,18 +529,18 @@ class Store(ScanAnalysisMixin):
 
         See :func:`streamstore.analysis.distributed.to_dask` (needs ``streamstore[dask]``).
         """
-        from streamstore.analysis.distributed import to_dask
-
-        return to_dask(self, chunk_frames=chunk_frames, **kwargs)
+        return analysis_function("distributed", "to_dask")(
+            self, chunk_frames=chunk_frames, **kwargs
+        )
 
     def map_windows(self, func: Any, window: int, client: Any = None, **kwargs: Any) -> Any:
         """Run ``func(store, start, stop)`` on each window of frames on a dask cluster.
 
         See :func:`streamstore.analysis.distributed.map_windows` (needs ``streamstore[dask]``).
         """
-        from streamstore.analysis.distributed import map_windows
-
-        return map_windows(self, func, window, client=client, **kwargs)
+        return analysis_function("distributed", "map_windows")(
+            self, func, window, client=client, **kwargs
+        )
 
     def _jobs(
         self, sel: np.ndarray, size: int = _JOB_EVENTS

@@ -39,8 +39,6 @@ beyond ``event_offset[-1] + event_count[-1]``.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import os
 import stat
 import time
@@ -53,170 +51,21 @@ import numpy as np
 from streamstore.abc import ChunkCodec
 from streamstore.events import EventBatch
 from streamstore.idranges import IdRanges, ranges_of_ids
+from streamstore.store.format import (
+    ACCOUNTING_JSON_BYTES,
+    ACCOUNTING_KEYS,
+    CAL_WARNING_BYTES,
+    DEFAULT_CHUNK_EVENTS,
+    DEFAULT_CHUNK_FRAMES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    FRAME_COLUMNS,
+    create_layout,
+    dumps,
+    jsonable,
+)
 
 __all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
-
-FORMAT_NAME = "streamstore.events"
-FORMAT_VERSION = 2
-
-#: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
-DEFAULT_CHUNK_EVENTS = 1 << 20
-#: default frames per HDF5 chunk of the per-frame datasets: small, because a chunk
-#: published while partly filled stays uncompressed (32 bytes a frame over the four
-#: columns), which a short series would otherwise pay in full
-DEFAULT_CHUNK_FRAMES = 1 << 8
-
-# accounting keys kept as numeric root attributes (-1 = not known)
-_ACCOUNTING_KEYS = ("received", "stored", "missing", "duplicate", "rejected")
-_ACCOUNTING_JSON_BYTES = 4096
-# room of the calibration warning attribute (fixed: attributes cannot grow under SWMR)
-_CAL_WARNING_BYTES = 1024
-
-_FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
-
-
-def _jsonable(obj: Any) -> Any:
-    """Convert numpy scalars/arrays (and nested containers) for ``json.dumps``."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(_jsonable(obj), sort_keys=True, allow_nan=True)
-
-
-class _Column:
-    """One append-only 1-d dataset written as whole blosc2 chunks (see module doc).
-
-    Two policies for the open (partially filled) chunk at a flush:
-
-    * ``tail_codec is None`` (event datasets): the open chunk is compressed,
-      padded with zeros and written once; the next events start at the next
-      chunk boundary, leaving padding between flushes ("holes", addressed by
-      ``event_offset``). Nothing is ever rewritten.
-    * ``tail_codec`` given (per-frame datasets, where row ``i`` must be frame
-      ``i``): the open chunk is written with ``tail_codec`` (blosc2 level 0, a
-      fixed size) and overwritten in place as it fills; HDF5 reuses the space
-      of a same-size chunk, so nothing leaks. A chunk written whole is
-      compressed with ``codec``.
-    """
-
-    def __init__(
-        self,
-        ds: Any,
-        codec: ChunkCodec,
-        chunk_len: int,
-        dtype: np.dtype,
-        tail_codec: ChunkCodec | None = None,
-        checksum: bool = False,
-    ) -> None:
-        self.ds = ds
-        self.checksum = checksum  # append HDF5's Fletcher-32 (the dataset has the filter)
-        self.codec = codec
-        self.tail_codec = tail_codec
-        self.chunk_len = chunk_len
-        self.dtype = np.dtype(dtype)
-        self.n_full = 0  # elements before the open chunk (chunks written or pending)
-        self.buf = np.empty(chunk_len, self.dtype)  # the open chunk
-        self.n_buf = 0
-        self.tail_dirty = False
-        self.tail_published = False  # the open chunk was written partially (in place)
-        self.extent = 0  # current dataset extent
-        self.pending: list[tuple[int, np.ndarray, bool]] = []  # full chunks not yet written
-
-    @property
-    def length(self) -> int:
-        """Position of the next element (including holes)."""
-        return self.n_full + self.n_buf
-
-    def _write_chunk(self, start: int, block: np.ndarray, extent: int, codec: ChunkCodec) -> None:
-        if extent > self.extent:
-            self.ds.resize((extent,))
-            self.extent = extent
-        data = codec.encode(block)
-        if self.checksum:
-            from streamstore.store.checksum import seal
-
-            data = seal(data)
-        self.ds.id.write_direct_chunk((start,), data, filter_mask=0)
-
-    def _close_chunk(self) -> None:
-        self.n_full += self.chunk_len
-        self.n_buf = 0
-        self.tail_dirty = False
-        self.tail_published = False
-
-    def extend(self, values: np.ndarray, write_full: bool) -> None:
-        """Append values.
-
-        With ``write_full`` completed chunks go to the file now; otherwise they
-        wait for :meth:`commit` (per-frame datasets: the extent of ``frame_id``
-        publishes frames, so it may only grow in a flush).
-        """
-        values = np.asarray(values, self.dtype)
-        pos = 0
-        n = values.size
-        c = self.chunk_len
-        while pos < n:
-            take = min(c - self.n_buf, n - pos)
-            if self.n_buf == 0 and take == c and write_full:
-                # a whole chunk straight from the input, no copy into buf
-                self._write_chunk(self.n_full, values[pos : pos + c], self.n_full + c, self.codec)
-                self._close_chunk()
-                pos += c
-                continue
-            self.buf[self.n_buf : self.n_buf + take] = values[pos : pos + take]
-            self.n_buf += take
-            pos += take
-            self.tail_dirty = True
-            if self.n_buf == c:
-                if write_full:
-                    self._write_chunk(self.n_full, self.buf, self.n_full + c, self.codec)
-                else:
-                    self.pending.append((self.n_full, self.buf.copy(), self.tail_published))
-                self._close_chunk()
-
-    def commit(self, final: bool = False) -> None:
-        """Write pending chunks and the open chunk, set the extent, flush the dataset.
-
-        With ``final`` (at close) the extent ends at the last element, so the
-        padding of the last chunk is outside the dataset.
-        """
-        c = self.chunk_len
-        for start, block, published in self.pending:
-            codec = self.tail_codec if published else self.codec
-            self._write_chunk(start, block, start + c, codec)
-        self.pending.clear()
-        if self.tail_dirty and self.n_buf:
-            block = self.buf.copy()
-            block[self.n_buf :] = 0
-            if self.tail_codec is None:  # events: write once, then leave a hole
-                # never shrink a dataset: HDF5 would rewrite the edge chunk itself
-                # through the filter (not as our cframe)
-                extent = self.length if final else self.n_full + c
-                self._write_chunk(self.n_full, block, extent, self.codec)
-                self._close_chunk()
-            else:
-                # a tail never published is written once, at close, so it may be
-                # compressed; a published one keeps its fixed size (a chunk of another
-                # size would get new space and, under SWMR, the old would never be freed)
-                codec = self.codec if final and not self.tail_published else self.tail_codec
-                self._write_chunk(self.n_full, block, self.length, codec)
-                self.tail_dirty = False
-                self.tail_published = True
-        if self.tail_codec is not None and self.extent != self.length:
-            self.ds.resize((self.length,))
-            self.extent = self.length
-        self.ds.flush()
 
 
 def _open_exclusive(path: Path) -> int:
@@ -388,21 +237,32 @@ class StoreWriter:
                 st_fd.st_dev,
             ):
                 raise FileExistsError(f"{self.path} was replaced while opening; refusing to write")
-            self._create_layout(
+            layout = create_layout(
                 f,
-                raw_dt,
-                cal_summary,
-                cal_source,
-                counting,
-                meta,
-                codec,
-                small,
-                stored,
-                chunk_events,
-                chunk_frames,
-                __version__,
-                hdf5_filter,
+                frame_shape=self.frame_shape,
+                raw_dtype=raw_dt,
+                frame_time_s=self.frame_time_s,
+                pixel_size_A=self.pixel_size_A,
+                subpixel=self.subpixel,
+                cal_summary=cal_summary,
+                cal_source=cal_source,
+                counting=counting,
+                meta=meta,
+                scan=self._scan,
+                codec=codec,
+                small=small,
+                stored=stored,
+                chunk_events=chunk_events,
+                chunk_frames=chunk_frames,
+                checksums=self._checksums,
+                version=__version__,
+                hdf5_filter=hdf5_filter,
             )
+            self._gaps = layout.gaps
+            self._sub = layout.subpixel
+            self._cols = layout.frames
+            self._missing = layout.missing
+            self._cal_warning = ""
         except BaseException:
             # a file that could not be made whole (full disk, ...) is not left behind
             if self._file is not None:
@@ -433,96 +293,6 @@ class StoreWriter:
         self._last_flush = time.monotonic()
         self._frames_since_flush = 0
         self._closed = False
-
-    def _create_layout(
-        self,
-        f,
-        raw_dt,
-        cal_summary,
-        cal_source,
-        counting,
-        meta,
-        codec,
-        small,
-        stored,
-        chunk_events,
-        chunk_frames,
-        version,
-        hdf5_filter,
-    ) -> None:
-        """Root attributes and every dataset, then SWMR mode."""
-        a = f.attrs
-        a["format"] = FORMAT_NAME
-        a["format_version"] = np.int64(FORMAT_VERSION)
-        a["frame_shape"] = np.array(self.frame_shape, np.int64)
-        a["raw_dtype"] = raw_dt.name
-        a["frame_time_s"] = np.float64(self.frame_time_s)
-        a["pixel_size_A"] = np.float64(np.nan if self.pixel_size_A is None else self.pixel_size_A)
-        a["subpixel"] = np.int8(self.subpixel)
-        a["calibration"] = _dumps(cal_summary)
-        a["calibration_source"] = cal_source
-        a["counting"] = _dumps(counting)
-        a["meta"] = _dumps(meta or {})
-        a["writer"] = f"streamstore {version}"
-        a["created_utc"] = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        for key in _ACCOUNTING_KEYS:
-            a[f"frames_{key}"] = np.int64(-1)
-        a["series_complete"] = np.int8(-1)
-        a["calibration_warning"] = np.bytes_(b"".ljust(_CAL_WARNING_BYTES))
-        self._cal_warning = ""
-        a["accounting_json"] = np.bytes_(b"{}".ljust(_ACCOUNTING_JSON_BYTES))
-        if self._scan is not None:
-            for key, val in self._scan.to_attrs().items():
-                a[key] = val
-
-        filt = hdf5_filter(codec)
-        ev = f.create_group("events")
-        fr = f.create_group("frames")
-
-        def make(group, name, dtype, chunk, c, tail=None, **attrs):
-            ds = group.create_dataset(
-                name,
-                shape=(0,),
-                maxshape=(None,),
-                chunks=(chunk,),
-                dtype=dtype,
-                fletcher32=self._checksums,
-                **filt,
-            )
-            ds.attrs["codec"] = _dumps(c.get_config())
-            for k, v in attrs.items():
-                ds.attrs[k] = v
-            return _Column(ds, c, chunk, np.dtype(dtype), tail, checksum=self._checksums)
-
-        self._gaps = make(
-            ev,
-            "gaps",
-            np.uint32,
-            chunk_events,
-            codec,
-            encoding="gaps: first event of a frame absolute, then index - previous index",
-        )
-        self._sub = None
-        if self.subpixel:
-            self._sub = make(ev, "subpixel", np.uint8, chunk_events, small, encoding="(qy<<2)|qx")
-        self._cols = {
-            "event_offset": make(fr, "event_offset", np.int64, chunk_frames, small, stored),
-            "event_count": make(fr, "event_count", np.int64, chunk_frames, small, stored),
-            "timestamp_ns": make(fr, "timestamp_ns", np.int64, chunk_frames, small, stored),
-            "frame_id": make(fr, "frame_id", np.int64, chunk_frames, small, stored),
-        }
-        # missing ids are recorded as ranges; the id list stays (empty) for the layout
-        make(f, "missing_frame_ids", np.int64, 1024, small, stored)
-        self._missing = make(
-            f,
-            "missing_ranges",
-            np.int64,
-            1024,
-            small,
-            stored,
-            encoding="missing frame ids: flat [start, stop) pairs, disjoint, any order",
-        )
-        f.swmr_mode = True
 
     # ------------------------------------------------------------ state --
     @property
@@ -725,23 +495,23 @@ class StoreWriter:
                 self._accounting[key] = int(val)
         if complete is not None:
             self._accounting["complete"] = bool(complete)
-        self._accounting.update(_jsonable(extra))
+        self._accounting.update(jsonable(extra))
 
     def _write_accounting(self) -> None:
         acc = dict(self._accounting)
         acc["stored"] = self._n_flushed
         acc["missing"] = self._missing_ids.n_ids
         a = self._file.attrs
-        for key in _ACCOUNTING_KEYS:
+        for key in ACCOUNTING_KEYS:
             a.modify(f"frames_{key}", np.int64(acc.get(key, -1)))
         a.modify("series_complete", np.int8(-1 if "complete" not in acc else int(acc["complete"])))
-        text = _dumps(acc).encode()
-        if len(text) > _ACCOUNTING_JSON_BYTES:
+        text = dumps(acc).encode()
+        if len(text) > ACCOUNTING_JSON_BYTES:
             raise ValueError(
                 f"accounting extras take {len(text)} bytes as JSON, "
-                f"at most {_ACCOUNTING_JSON_BYTES} fit"
+                f"at most {ACCOUNTING_JSON_BYTES} fit"
             )
-        a.modify("accounting_json", np.bytes_(text.ljust(_ACCOUNTING_JSON_BYTES)))
+        a.modify("accounting_json", np.bytes_(text.ljust(ACCOUNTING_JSON_BYTES)))
 
     def set_calibration_warning(self, text: str) -> None:
         """Say in the file that its calibration is provisional ("" when it is not).
@@ -751,8 +521,8 @@ class StoreWriter:
         written.
         """
         self._check_open()
-        data = str(text).encode()[:_CAL_WARNING_BYTES].decode(errors="ignore").encode()
-        self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(_CAL_WARNING_BYTES)))
+        data = str(text).encode()[:CAL_WARNING_BYTES].decode(errors="ignore").encode()
+        self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(CAL_WARNING_BYTES)))
         self._cal_warning = str(text)
 
     @property
@@ -769,7 +539,7 @@ class StoreWriter:
         self._gaps.commit(final)
         if self._sub is not None:
             self._sub.commit(final)
-        for name in _FRAME_COLUMNS:  # frame_id last: it publishes the frames
+        for name in FRAME_COLUMNS:  # frame_id last: it publishes the frames
             self._cols[name].commit(final)
         self._missing.commit(final)
         self._n_flushed = self._n_frames

@@ -1,35 +1,52 @@
-"""The 4D-STEM methods of :class:`streamstore.Store`, over :mod:`streamstore.analysis.stem`.
+"""The scan (4D-STEM) methods of :class:`streamstore.Store`.
 
-The reductions themselves (virtual detectors, centre of mass, diffraction sums,
-radial profiles) are functions of a store in :mod:`streamstore.analysis.stem`;
-this mixin gives :class:`~streamstore.store.reader.Store` the same as methods,
-plus the scan geometry it reads them with.
+The scan geometry is the store's own (read from the file, or given by
+:meth:`ScanMethods.with_scan`). The reductions (virtual detectors, centre of
+mass, diffraction sums, radial profiles) are functions of a store in
+:mod:`streamstore.analysis.stem`, a stage above the store: the store never
+imports it. The methods here are a front for those functions, found by name
+when first called (:func:`analysis_function`); ``tests/test_architecture.py``
+checks that every name forwarded exists.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import importlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from streamstore.analysis.stem import (
-    _geometry,
-    center_of_mass,
-    diffraction_sum,
-    radial_profile,
-    scan_coverage,
-    virtual_image,
-    virtual_images,
-    virtual_images_and_com,
-)
+from streamstore.errors import UserError
 from streamstore.scan import ScanGeometry, scan_positions
 
-__all__ = ["ScanAnalysisMixin"]
+__all__ = ["ScanMethods", "analysis_function", "require_scan"]
 
 
-class ScanAnalysisMixin:
+def analysis_function(module: str, name: str) -> Callable[..., Any]:
+    """The function ``name`` of ``streamstore.analysis.<module>``, imported now.
+
+    The store stage sits below the analysis stage (docs/architecture.md), so
+    its convenience methods reach the analysis code by name at call time, not
+    by an import that would make the store depend on it.
+    """
+    return getattr(importlib.import_module(f"streamstore.analysis.{module}"), name)
+
+
+def require_scan(store: Any) -> ScanGeometry:
+    """The scan geometry of ``store``, or a UserError saying how to give one."""
+    geom = store.scan
+    if geom is None:
+        raise UserError(
+            f"{store.path} has no scan geometry (a movie, or a file written before scans "
+            "were recorded); give one with store.with_scan(scan_shape, frames_per_position, "
+            "flyback)"
+        )
+    return geom
+
+
+class ScanMethods:
     """The scan methods of :class:`streamstore.Store` (4D-STEM)."""
 
     _scan_override: ScanGeometry | None = None
@@ -92,11 +109,11 @@ class ScanAnalysisMixin:
 
     def scan_positions(self) -> np.ndarray:
         """Flat scan position (``row * cols + col``) of each stored frame; -1 for none."""
-        return scan_positions(_geometry(self), self.frame_ids)  # type: ignore[attr-defined]
+        return scan_positions(require_scan(self), self.frame_ids)  # type: ignore[attr-defined]
 
     def scan_coverage(self, scan_roi: Sequence[int] | None = None) -> np.ndarray:
         """Stored frames per position, int64 ``(rows, cols)`` (short where frames were lost)."""
-        return scan_coverage(self, scan_roi)
+        return analysis_function("stem", "scan_coverage")(self, scan_roi)
 
     def virtual_image(
         self,
@@ -128,7 +145,9 @@ class ScanAnalysisMixin:
         ndarray (rows, cols)
             int64 counts (float64 for a float mask).
         """
-        return virtual_image(self, inner_radius, outer_radius, center, mask=mask, scan_roi=scan_roi)
+        return analysis_function("stem", "virtual_image")(
+            self, inner_radius, outer_radius, center, mask=mask, scan_roi=scan_roi
+        )
 
     def virtual_images(
         self,
@@ -160,7 +179,7 @@ class ScanAnalysisMixin:
         ndarray (n_detectors, rows, cols)
             int64 counts.
         """
-        return virtual_images(self, radii, center, scan_roi=scan_roi)
+        return analysis_function("stem", "virtual_images")(self, radii, center, scan_roi=scan_roi)
 
     def virtual_images_and_com(
         self,
@@ -181,7 +200,9 @@ class ScanAnalysisMixin:
         com : ndarray (2, rows, cols)
             As :meth:`center_of_mass`.
         """
-        return virtual_images_and_com(self, radii, center, scan_roi=scan_roi)
+        return analysis_function("stem", "virtual_images_and_com")(
+            self, radii, center, scan_roi=scan_roi
+        )
 
     def center_of_mass(
         self, mask: Any = None, *, scan_roi: Sequence[int] | None = None
@@ -201,11 +222,11 @@ class ScanAnalysisMixin:
             Index 0: row (y) coordinate, index 1: column (x) coordinate, in
             detector pixels; NaN at positions without events.
         """
-        return center_of_mass(self, mask, scan_roi=scan_roi)
+        return analysis_function("stem", "center_of_mass")(self, mask, scan_roi=scan_roi)
 
     def diffraction_sum(self, scan_roi: Sequence[int] | None = None) -> np.ndarray:
         """Summed diffraction pattern (uint32 ``(H, W)``) of the positions in ``scan_roi``."""
-        return diffraction_sum(self, scan_roi)
+        return analysis_function("stem", "diffraction_sum")(self, scan_roi)
 
     def radial_profile(
         self,
@@ -235,4 +256,4 @@ class ScanAnalysisMixin:
             summed pattern.
         edges : ndarray (n_rings + 1,)
         """
-        return radial_profile(self, center, bins, scan_roi=scan_roi)
+        return analysis_function("stem", "radial_profile")(self, center, bins, scan_roi=scan_roi)
