@@ -93,7 +93,7 @@ def _warm_estimator() -> list[Any]:
     """Run the data-only dark estimator on tiny frames of every frame type a
     variant counts (signed ones as wrapped unsigned): its kernels' dispatchers."""
     from streamstore.counting import dark_estimate as de
-    from streamstore.counting.calibration import START_FRAMES
+    from streamstore.counting.calibration_estimate import START_FRAMES
 
     rng = np.random.default_rng(0)
     for dt, wrapped in ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True)):
