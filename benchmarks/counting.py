@@ -47,7 +47,7 @@ from benchmarks import record
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import Counter
-from streamstore.counting._kernels import kernel_maps
+from streamstore.counting._maps import kernel_maps
 from streamstore.counting.accuracy import score_batch
 from streamstore.events import EventBatch
 from streamstore.shapes import parse_shape

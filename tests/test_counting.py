@@ -211,7 +211,7 @@ def test_input_errors_are_clear():
         Counter(cal, np.uint8, implementation="gpu")
     # frames with 2**32 pixels or more: their flat indices do not fit the events'
     # uint32 (a zero-stride view: the kernel refuses before touching memory)
-    from streamstore.counting._kernels import count_frames
+    from streamstore.counting._launch import count_frames
 
     huge = np.lib.stride_tricks.as_strided(np.zeros(1, np.uint8), (1, 65536, 65536), (0, 0, 0))
     small = np.zeros((2, 2), np.uint8)
@@ -262,13 +262,28 @@ def test_one_counter_from_several_python_threads(rng, threads):
 
 
 def test_kernel_cache_key_follows_the_simd_intrinsics():
-    """numba caches _kernels.py's functions keyed on that file alone; the vector
+    """numba caches a module's functions keyed on that file alone; the vector
     code they inline lives in _simd.py. Editing _simd.py without updating
-    SIMD_SOURCE_SHA in _kernels.py would leave stale compiled kernels in use."""
+    SIMD_SOURCE_SHA in every module that imports it would leave stale compiled
+    kernels in use."""
+    import ast
     import hashlib
+    import importlib
     from pathlib import Path
 
     from streamstore.counting import _kernels
 
-    simd = Path(_kernels.__file__).with_name("_simd.py").read_bytes()
-    assert hashlib.sha256(simd).hexdigest()[:16] == _kernels.SIMD_SOURCE_SHA
+    here = Path(_kernels.__file__).parent
+    sha = hashlib.sha256((here / "_simd.py").read_bytes()).hexdigest()[:16]
+    users = sorted(
+        path.stem
+        for path in here.glob("*.py")
+        if any(
+            isinstance(node, ast.ImportFrom) and (node.module or "").endswith("_simd")
+            for node in ast.walk(ast.parse(path.read_text("utf-8")))
+        )
+    )
+    assert {"_kernels", "_maps"} <= set(users)  # the walk finds the importers
+    for name in users:
+        module = importlib.import_module(f"streamstore.counting.{name}")
+        assert getattr(module, "SIMD_SOURCE_SHA", None) == sha, name

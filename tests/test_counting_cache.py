@@ -62,7 +62,7 @@ def test_a_calibration_is_immutable():
 
 
 def test_kernel_maps_refuse_thresholds_below_the_dark():
-    from streamstore.counting._kernels import kernel_maps
+    from streamstore.counting._maps import kernel_maps
 
     dark = np.full((4, 5), 100, np.uint8)
     with pytest.raises(ValueError, match="below the dark"):
@@ -81,7 +81,7 @@ def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, 
                                                          wide_rows):  # fmt: skip
     """The daemon compiles the kernel variants of ``kernel_variants()`` before it
     listens: whatever the calibration, the Counter must pick one of them."""
-    from streamstore.counting._kernels import kernel_maps, row_type
+    from streamstore.counting._maps import kernel_maps, row_type
     from streamstore.counting.warmup import kernel_variants
 
     h, w = 8, 70

@@ -132,7 +132,7 @@ def test_parity_on_a_larger_batch_across_bands(rng):
 def test_parity_when_a_row_s_dark_levels_span_more_than_a_byte(rng):
     """A dark map spread too wide for the one-byte dark map: the kernel's
     two-byte fallback must give the same events as the reference and C."""
-    from streamstore.counting._kernels import kernel_maps
+    from streamstore.counting._maps import kernel_maps
 
     h, w, n = 64, 96, 3
     dark = np.clip(2000 + rng.normal(0, 400, (h, w)), 0, 60000)
@@ -196,7 +196,8 @@ def test_every_kernel_map_form_agrees_with_the_reference(rng, xray_threshold, wi
     the clamped centres, 16-bit, int32) give
     the reference's events, on a width with full 64-pixel blocks and a scalar tail,
     with masked, saturated and X-ray pixels and neighbours that only differ above 255."""
-    from streamstore.counting._kernels import count_frames, kernel_maps, row_type
+    from streamstore.counting._launch import count_frames
+    from streamstore.counting._maps import kernel_maps, row_type
     from streamstore.counting._reference import count_reference
 
     h, w, n = 70, 203, 2

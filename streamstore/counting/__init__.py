@@ -133,7 +133,8 @@ class Counter:
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
         if self.implementation == "numba":
-            from streamstore.counting._kernels import count_frames, kernel_maps, wide_rows_pay
+            from streamstore.counting._launch import count_frames
+            from streamstore.counting._maps import kernel_maps, wide_rows_pay
 
             if self._maps is None:
                 key = ("kernel_maps", self.kernel_dtype.str)

@@ -3,7 +3,7 @@
 Work is split into items of ``BAND_ROWS`` rows of one frame; each item writes
 its events into its own slot of a preallocated buffer, so the result does not
 depend on the number of threads. The kernels are compiled single-threaded
-(``nogil``) and :func:`count_frames` runs contiguous ranges of items on its own
+(``nogil``) and :func:`._launch.count_frames` runs contiguous ranges of items on its own
 threads: a parallel (``prange``) compile cost several times as much, for every
 variant (``benchmarks/startup.py`` measures the cold start), and the split is the
 same static one.
@@ -29,34 +29,28 @@ wherever there is no candidate) and of their horizontal 3-maxima. For each row
    (:func:`_exact_max`), inserted in column order; then sub-pixel cells from the
    frame.
 
-The kernel streams the maps of :func:`kernel_maps`: in practice a one-byte
+The kernel streams the maps of :func:`._maps.kernel_maps`: in practice a one-byte
 dark over a per-row base and a one-byte threshold above dark, 4 bytes per
 pixel with the frame. Signal rows are bytes, ``min(signal, 255)``, for unsigned
 frames without a gain map and with a one-byte dark map or 8-bit frames (see
-:func:`row_type`), else exact int32:
+:func:`._maps.row_type`), else exact int32:
 ``|raw - dark| <= 65535`` and the relative gain is at most 32767, so
 ``(raw - dark) * gain`` fits.
 
 X-ray hits are collected per item and the events within the exclusion radius
 are dropped when the items are joined (``_compact``): hits are rare, so this
 costs nothing in the common case. Compiled lazily for the types actually seen,
-cached on disk; :data:`VARIANTS` lists every combination a calibration can
+cached on disk; :data:`._maps.VARIANTS` lists every combination a calibration can
 lead to, and :mod:`streamstore.counting.warmup` compiles them ahead of use.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
-import numba
 import numpy as np
 from numba import njit
 
 from streamstore._numba_cache import serialize_saves
 from streamstore.counting._simd import (
-    BYTE_TOP,
     EQ_ANY,
     LANES,
     SAT_ANY,
@@ -68,7 +62,7 @@ from streamstore.counting._simd import (
     xray_row,
 )
 
-__all__ = ["BAND_ROWS", "count_frames", "kernel_maps", "row_type", "wide_rows_pay"]
+__all__ = ["BAND_ROWS", "UNDECIDED_CAPACITY", "XRAY_CAPACITY"]
 
 #: Rows per work item (fixed: results must not depend on the thread count).
 BAND_ROWS = 64
@@ -549,248 +543,5 @@ def _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, want_sub):
                 k += 1
 
 
-_NO_GAIN = np.zeros((1, 1), np.uint16)
-
-
-def item_capacity(w: int) -> int:
-    """Most events one item can hold: no two events are 8-adjacent."""
-    return ((BAND_ROWS + 1) // 2) * ((w + 1) // 2)
-
-
-def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The maps the kernel streams: ``(dmap, dbase, tmap)``, as narrow as is exact.
-
-    A pixel is a candidate when ``raw > lo``, that is when ``raw - dark > t`` with
-    ``t = lo - dark``, never negative in
-    :meth:`~streamstore.Calibration.threshold_maps`. Two forms, the first that
-    holds:
-
-    * *compact* (16-bit frames whose dark levels span less than 256 within each
-      row, thresholds below 255 ADU): ``dmap = dark - dbase[row]`` and ``tmap = t``
-      as one byte each, ``tmap = 255`` where ``lo = dark = TMAX`` (masked: never a
-      candidate, signal ``raw - TMAX``). The kernel streams 4 bytes per pixel
-      instead of 5;
-    * ``dmap = dark`` and ``t`` in the unsigned type of the frames' width (masked
-      pixels have ``lo = dark = TMAX``: ``t = 0`` and ``raw - dark <= 0``, never
-      candidates). One threshold type per frame type, so one compiled variant
-      fewer per row type (a one-byte ``t`` for 16-bit frames would save a byte
-      per pixel, only on calibrations the compact form does not fit).
-
-    Costs a few passes over the maps, so it is cached with the calibration.
-
-    Raises
-    ------
-    ValueError
-        Where ``lo < dark`` (not a calibration's maps).
-    """
-    h, w = lo.shape
-    zero = np.zeros(h, np.int64)
-    if lo.dtype == np.uint16:
-        dmap = np.empty((h, w), np.uint8)
-        tmap = np.empty((h, w), np.uint8)
-        base = np.empty(h, np.int64)
-        if _compact_maps(lo, dark, np.uint16(65535), dmap, tmap, base):
-            return dmap, base, tmap
-    t = lo.astype(np.int64) - dark.astype(np.int64)
-    if int(t.min(initial=0)) < 0:
-        raise ValueError("threshold map below the dark map: not a calibration's maps")
-    return dark, zero, t.astype(f"u{lo.itemsize}")  # lo - dark fits the frame's width
-
-
-@njit(**_OPTS)
-def _compact_maps(lo, dark, top, dmap, tmap, base):
-    """Fill the compact maps of :func:`kernel_maps`; False when they do not hold."""
-    h, w = lo.shape
-    for r in range(h):
-        b = np.int64(1) << 40
-        for c in range(w):
-            if lo[r, c] != top:
-                b = min(b, np.int64(dark[r, c]))
-        b = 0 if b == np.int64(1) << 40 else b
-        base[r] = b
-        for c in range(w):
-            if lo[r, c] == top:  # t = 255 stands for dark = TMAX: masked
-                if dark[r, c] != top:
-                    return False
-                dmap[r, c] = 0
-                tmap[r, c] = 255
-            else:
-                delta = np.int64(dark[r, c]) - b
-                t = np.int64(lo[r, c]) - np.int64(dark[r, c])
-                if delta > 255 or t < 0 or t > 254:
-                    return False
-                dmap[r, c] = delta
-                tmap[r, c] = t
-    return True
-
-
-def row_type(frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False) -> tuple[type, int]:
-    """Signal-row type and ceiling of the kernel: ``(np.uint8, 255)``, ``(np.uint16,
-    65535)`` or ``(np.int32, 2**31 - 1)``.
-
-    Byte rows (the narrow path, :mod:`._simd`) serve unsigned frames without a
-    gain map: a candidate's signal (at least 1) is stored as ``min(s, 255)``, 0
-    marks a pixel that is not a candidate. The 3 x 3 test on them is exact for
-    every centre below 255 (a neighbour of 255 or more still beats it); the rare
-    centre stored as 255 is tested again from the frame. X-ray hits, plateau walks
-    and sub-pixel positions are taken from the frame. ``wide_rows`` asks for
-    16-bit rows instead, the same code at twice the bytes, for 16-bit frames
-    with compact maps whose signals are often 255 or more (:func:`wide_rows_pay`;
-    8-bit frames keep bytes: their signals are below 256). Everything else
-    (wrapped signed frames, a gain map, 16-bit frames with a two-byte dark map)
-    uses exact int32 rows: one compiled variant per map form serves all of them
-    (``has_gain`` is a run-time flag), where narrow rows would add one per form.
-    """
-    fdt, ddt = np.dtype(frame_dtype), np.dtype(dmap_dtype)
-    compact = ddt.itemsize < fdt.itemsize
-    if fdt.kind == "u" and not has_gain and (compact or fdt.itemsize == 1):
-        return (np.uint16, 65535) if wide_rows and compact else (np.uint8, BYTE_TOP)
-    return np.int32, 2**31 - 1
-
-
-#: Every kernel variant a calibration can lead to, as ``(frame dtype, dmap dtype,
-#: row dtype)`` (the threshold map's type follows the dark map's): what
-#: :mod:`streamstore.counting.warmup` compiles. ``gain`` marks the variants only
-#: a gain map leads to.
-VARIANTS = (
-    {"frames": "uint16", "dmap": "uint8", "rows": "uint8", "gain": False},
-    {"frames": "uint16", "dmap": "uint8", "rows": "uint16", "gain": False},
-    {"frames": "uint16", "dmap": "uint16", "rows": "int32", "gain": False},
-    {"frames": "uint8", "dmap": "uint8", "rows": "uint8", "gain": False},
-    {"frames": "int16", "dmap": "int16", "rows": "int32", "gain": False},
-    {"frames": "int8", "dmap": "int8", "rows": "int32", "gain": False},
-    {"frames": "uint16", "dmap": "uint8", "rows": "int32", "gain": True},
-    {"frames": "uint8", "dmap": "uint8", "rows": "int32", "gain": True},
-)
-
-
-#: Share of candidates with a signal of BYTE_TOP or more above which 16-bit rows pay.
-WIDE_ROWS_SHARE = 0.01
-
-
-def wide_rows_pay(frame: np.ndarray, lo: np.ndarray, dark: np.ndarray, rows: int = 256) -> bool:
-    """Whether counting frames like ``frame`` is faster with 16-bit rows than bytes.
-
-    Byte rows send every candidate whose signal reaches BYTE_TOP through an exact
-    scalar test; where that is more than WIDE_ROWS_SHARE of the candidates (a
-    camera with several hundred ADU per electron), the 16-bit rows cost less. Looks
-    at the first ``rows`` rows of one frame; either choice gives the same events.
-    Frames of less than one work item (BAND_ROWS rows) keep bytes: their time is
-    the call's, and one kernel variant fewer is compiled.
-    """
-    if frame.shape[0] < BAND_ROWS:
-        return False
-    f = np.asarray(frame[:rows], np.int64)
-    cand = f > lo[:rows]
-    n = int(np.count_nonzero(cand))
-    if n == 0:
-        return False
-    high = np.count_nonzero(cand & (f - dark[:rows] >= BYTE_TOP))
-    return bool(high > WIDE_ROWS_SHARE * n)
-
-
-def count_frames(
-    frames: np.ndarray,
-    lo: np.ndarray,
-    dark: np.ndarray,
-    gain: np.ndarray | None,
-    xray_level: int,
-    radius: int,
-    subpixel: bool,
-    threads: int | None = None,
-    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    wide_rows: bool = False,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
-
-    Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
-    ``threads``: threads for this call (None: numba's thread count,
-    ``NUMBA_NUM_THREADS``, all cores by default); ``maps`` is :func:`kernel_maps`
-    of ``lo`` and ``dark`` (computed when None); ``wide_rows``: 16-bit instead of
-    byte rows where that applies (:func:`row_type`; the same events either way).
-    """
-    n, h, w = frames.shape
-    if h * w > 0xFFFFFFFF:
-        raise ValueError(
-            f"frames of {h} x {w} = {h * w} pixels: uint32 event indices address 2**32 - 1"
-        )
-    bands = (h + BAND_ROWS - 1) // BAND_ROWS
-    cap = item_capacity(w) + 4  # four spare slots per item for the branch-free appends
-    n_items = n * bands
-    out_idx = np.empty(n_items * cap, np.uint32)
-    out_sub = np.empty(n_items * cap if subpixel else 1, np.uint8)
-    out_n = np.zeros(n_items, np.int64)
-    out_nx = np.zeros(n_items, np.int64)
-    out_nu = np.zeros(n_items, np.int64)
-    top = frames.dtype.type(np.iinfo(frames.dtype).max)
-    dmap, dbase, tmap = kernel_maps(lo, dark) if maps is None else maps
-    level = min(int(xray_level), 2**62)
-    rtype, clamp = row_type(frames.dtype, dmap.dtype, gain is not None, wide_rows)
-    proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
-    gain_arg = _NO_GAIN if gain is None else gain
-    compact = dmap.itemsize < frames.itemsize  # one-byte dark over a row base
-    xcap, ucap = XRAY_CAPACITY, UNDECIDED_CAPACITY
-    while True:
-        out_xray = np.empty(n_items * xcap, np.uint32)
-        out_und = np.empty(n_items * ucap, np.int64)
-        args = (
-            frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
-            np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
-            out_xray, out_nx, ucap, out_und, out_nu,
-        )  # fmt: skip
-        _run_items(args, n_items, threads)
-        if int(out_nx.max(initial=0)) <= xcap and int(out_nu.max(initial=0)) <= ucap:
-            break
-        # a flood of X-rays (or saturation), of large plateaus: room for every pixel
-        xcap = BAND_ROWS * w if int(out_nx.max(initial=0)) > xcap else xcap
-        ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
-    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
-    offsets, marked, dest = _compact(
-        frames, maps_, bands, cap, out_idx, out_n, xcap, out_xray, out_nx, ucap, out_und,
-        out_nu, radius,
-    )  # fmt: skip
-    indices = np.empty(dest[-1], np.uint32)
-    sub = np.empty(dest[-1] if subpixel else 0, np.uint8)
-    _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, subpixel)
-    return offsets, indices, (sub if subpixel else None)
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_pid = 0
-_pool_lock = threading.Lock()
-
-
-def _thread_pool() -> ThreadPoolExecutor:
-    """The counting threads, made on first use (again in a forked child, whose
-    copy of the parent's pool has no threads)."""
-    global _pool, _pool_pid
-    with _pool_lock:
-        if _pool is None or _pool_pid != os.getpid():
-            _pool = ThreadPoolExecutor(
-                max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
-                thread_name_prefix="streamstore-count",
-            )
-            _pool_pid = os.getpid()
-        return _pool
-
-
-def _run_items(args: tuple, n_items: int, threads: int | None) -> None:
-    """``_count_items`` over all items, in ``threads`` contiguous ranges (the calling
-    thread takes the first; the kernel releases the GIL)."""
-    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
-    k = max(1, min(k, numba.config.NUMBA_NUM_THREADS, n_items))
-    if k == 1:
-        _count_items(0, n_items, *args)
-        return
-    cuts = [n_items * i // k for i in range(k + 1)]
-    pool = _thread_pool()
-    futures = [pool.submit(_count_items, cuts[i], cuts[i + 1], *args) for i in range(1, k)]
-    try:
-        _count_items(cuts[0], cuts[1], *args)
-    finally:
-        for f in futures:
-            f.result()
-
-
 # the start-up compiles variants in several processes at once (streamstore._numba_cache)
-serialize_saves(_plateau_wins, _count_items, _lower_bound, _compact, _gather, _compact_maps)
+serialize_saves(_plateau_wins, _count_items, _lower_bound, _compact, _gather)

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.counting.robust import noise_peak, robust_sigma
+from streamstore.counting import calibration_estimate, calibration_io
+from streamstore.counting.calibration_checks import as_map
 
 __all__ = ["Calibration"]
 
@@ -44,66 +45,7 @@ _MAX_GAIN = 1e6
 #: The largest pixel's gain in the kernels' relative gain map: with 16-bit frames
 #: |(raw - dark) * gain| <= 65535 * 32767 < 2**31, so signals fit an int32.
 GAIN_SCALE = 32767
-_FORMAT_VERSION = 1
-#: :meth:`Calibration.estimate` uses a per-pixel dark map when the pooled noise peak
-#: is this much wider than the per-pixel noise (a fixed dark pattern).
-PER_PIXEL_GAIN = 1.1
-#: Frames :meth:`Calibration.estimate` reads for a per-pixel dark map: the first
-#: ``START_FRAMES`` start it, the others refine it.
-MAX_ESTIMATE_FRAMES = 64
-START_FRAMES = 8
 _SOURCES = ("dark_frames", "estimate", "file", "manual")
-# the 8 neighbours of a pixel (hot-pixel test)
-_RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], np.int32)
-
-
-def _as_map(name: str, value: Any, shape: tuple[int, int] | None, dtype: Any) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d (H, W) map, got shape {arr.shape}")
-    if shape is not None and arr.shape != shape:
-        raise ValueError(f"{name} has shape {arr.shape}, expected the frame shape {shape}")
-    if dtype is bool:
-        if arr.dtype != np.bool_:
-            raise ValueError(f"{name} must be a boolean map, got dtype {arr.dtype}")
-        return _frozen(arr, np.bool_)
-    if arr.dtype.kind not in "iuf":
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-    return _frozen(arr, dtype)
-
-
-def _frozen(arr: np.ndarray, dtype: Any) -> np.ndarray:
-    """``arr`` as a read-only C-contiguous array of ``dtype`` that nobody can write to.
-
-    What is derived from a calibration's maps is cached with it, so the maps must
-    not change: an array that is read-only all the way down (another
-    calibration's map) is shared, anything else is copied and the copy frozen.
-    """
-    out = np.ascontiguousarray(arr, dtype=dtype)
-    if out is arr or out.base is not None:  # not a fresh copy made just now
-        base: Any = out
-        while isinstance(base, np.ndarray) and not base.flags.writeable:
-            base = base.base
-        if base is None or isinstance(base, bytes):
-            return out
-        out = out.copy()
-    out.flags.writeable = False
-    return out
-
-
-def _check_frames(name: str, frames: Any, min_frames: int) -> np.ndarray:
-    arr = np.asarray(frames)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(f"{name} must be (n, H, W) or (H, W), got shape {arr.shape}")
-    if arr.dtype.kind not in "iuf":
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
-    if arr.shape[0] < min_frames:
-        raise ValueError(f"{name} needs at least {min_frames} frames, got {arr.shape[0]}")
-    if arr.shape[1] < 1 or arr.shape[2] < 1:
-        raise ValueError(f"{name} frames are empty: shape {arr.shape}")
-    return arr
 
 
 class Calibration:
@@ -163,11 +105,11 @@ class Calibration:
         wrapped: bool = False,
         source: str = "manual",
     ) -> None:
-        self.dark = _as_map("dark", dark, None, np.float32)
+        self.dark = as_map("dark", dark, None, np.float32)
         shape = self.dark.shape
-        self.noise = _as_map("noise", noise, shape, np.float32)
-        self.mask = None if mask is None else _as_map("mask", mask, shape, bool)
-        self.gain = None if gain is None else _as_map("gain", gain, shape, np.float32)
+        self.noise = as_map("noise", noise, shape, np.float32)
+        self.mask = None if mask is None else as_map("mask", mask, shape, bool)
+        self.gain = None if gain is None else as_map("gain", gain, shape, np.float32)
         good = np.ones(shape, bool) if self.mask is None else ~self.mask
         if not np.all(np.isfinite(self.dark[good])):
             raise ValueError("dark must be finite on every unmasked pixel")
@@ -321,42 +263,15 @@ class Calibration:
         Calibration
             With ``source == "dark_frames"``.
         """
-        from streamstore.counting.dark_sums import DarkSums
-
-        # mean and variance per pixel from running sums: memory independent of n
-        sums = DarkSums.of(dark_frames)
-        n = sums.n
-        dark, var = sums.mean_and_variance()
-        shape = dark.shape
-        noise = np.sqrt(var)
-        # (a pixel whose n values happen to be equal has zero noise: with few frames
-        # thousands do, so zero noise is not a reason to mask)
-        hot = ~np.isfinite(noise)
-        d_c, d_s = robust_sigma(dark[~hot])
-        n_c, n_s = robust_sigma(noise[~hot])
-        # floors on the spreads: a perfectly uniform sensor must not make pixels "hot"
-        d_s = max(d_s, 0.5 * n_c / math.sqrt(n))
-        n_s = max(n_s, n_c / math.sqrt(2.0 * (n - 1)))
-        hot |= dark > d_c + hot_sigma * d_s
-        hot |= noise > n_c + hot_sigma * n_s
-        # typical noise: the RMS over the other pixels (the median of per-pixel
-        # estimates from few frames is biased low)
-        rms = math.sqrt(float(np.mean(var[~hot]))) if (~hot).any() else 1.0
-        if mask is not None:
-            hot |= _as_map("mask", mask, shape, bool)
-        # A noise estimate from n frames scatters by about 1/sqrt(2 (n - 1)); pixels whose
-        # estimate came out low would get a threshold below n_sigma of their true noise and
-        # fire on noise. Read noise is nearly uniform, so no pixel gets less than the RMS.
-        noise = np.where(hot, 1.0, np.maximum(noise, rms))
-        return cls(
-            dark.astype(np.float32),
-            noise.astype(np.float32),
-            gain=gain,
-            mask=hot,
+        return calibration_estimate.from_dark_frames(
+            cls,
+            dark_frames,
             n_sigma=n_sigma,
             xray_threshold=xray_threshold,
+            gain=gain,
+            mask=mask,
             xray_radius=xray_radius,
-            source="dark_frames",
+            hot_sigma=hot_sigma,
         )
 
     @classmethod
@@ -433,86 +348,20 @@ class Calibration:
         Calibration
             With ``source == "estimate"``.
         """
-        if isinstance(xray_threshold, str) and xray_threshold != "auto":
-            raise ValueError(
-                f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}"
-            )
-        arr = _check_frames("frames", frames, 1)
-        if arr.dtype.kind == "f":
-            raise ValueError("estimate needs integer frames (uint8 or uint16)")
-        shape = arr.shape[1:]
-        wrapped = False
-        if arr.dtype.kind == "u":
-            signed = arr.view(np.dtype(f"int{8 * arr.dtype.itemsize}"))
-            if pedestal_subtracted is None:
-                # wrapped data: a large share of values sit just below the top of the range
-                top = int(np.iinfo(arr.dtype).max)
-                probe = arr.reshape(-1)[:: max(1, arr.size // 100_000)]
-                near_top = np.count_nonzero(probe > top - top // 8)
-                near_zero = np.count_nonzero(probe < top // 8)
-                wrapped = near_top > 0.05 * probe.size and near_zero > 0.05 * probe.size
-            else:
-                wrapped = bool(pedestal_subtracted)
-            if wrapped:
-                arr = signed
-        flat = arr.reshape(-1)
-        rng = np.random.default_rng(seed)
-        if flat.size > n_samples:
-            pick = np.sort(rng.choice(flat.size, size=n_samples, replace=False))
-        else:
-            pick = np.arange(flat.size)
-        if mask is not None:
-            m = _as_map("mask", mask, shape, bool).reshape(-1)
-            pick = pick[~m[pick % m.size]]
-            if pick.size == 0:
-                raise ValueError("mask covers every pixel: nothing to estimate from")
-        sample = flat[pick]
-        centre, sigma = noise_peak(sample.astype(np.int64))
-        if not sigma > 0:
-            raise ValueError("cannot estimate the noise: the sampled pixels are all equal")
-        if per_pixel is not False and arr.shape[0] >= 2:
-            from streamstore.counting.dark_estimate import DarkEstimator
-
-            # the first frames start it; later ones refine it the way ingest does
-            est = DarkEstimator(arr[:START_FRAMES], n_sigma=n_sigma, wrapped=wrapped)
-            for frame in arr[START_FRAMES:MAX_ESTIMATE_FRAMES]:
-                est.update(frame)
-            # a fixed dark pattern widens the pooled peak beyond the per-pixel noise
-            if per_pixel or sigma > PER_PIXEL_GAIN * est.noise_sigma:
-                cal = cls.from_estimator(
-                    est,
-                    n_sigma=n_sigma,
-                    xray_threshold=xray_threshold,
-                    xray_factor=xray_factor,
-                    xray_radius=xray_radius,
-                    gain=gain,
-                    mask=mask,
-                    frames=arr,
-                )
-                if estimator_out is not None:  # to be refined further (ingest does)
-                    estimator_out.append(est)
-                return cal
-        if per_pixel:
-            raise ValueError("a per-pixel estimate needs at least 2 frames")
-        xt: float | None
-        if isinstance(xray_threshold, str):
-            xt = _electron_peak_scale(arr, centre, sigma, n_sigma)
-            xt = None if xt is None else float(xray_factor) * xt
-        else:
-            xt = xray_threshold
-        hot = _hot_pixels(arr, centre, sigma, n_sigma)
-        if mask is not None:
-            hot |= _as_map("mask", mask, shape, bool)
-        return cls(
-            np.full(shape, centre, np.float32),
-            np.full(shape, sigma, np.float32),
-            gain=gain,
-            mask=hot if hot.any() else None,
+        return calibration_estimate.estimate(
+            cls,
+            frames,
             n_sigma=n_sigma,
-            xray_threshold=xt,
+            xray_threshold=xray_threshold,
+            xray_factor=xray_factor,
             xray_radius=xray_radius,
-            wrapped=wrapped,
-            source="estimate",
+            gain=gain,
+            mask=mask,
+            n_samples=n_samples,
+            seed=seed,
+            pedestal_subtracted=pedestal_subtracted,
+            per_pixel=per_pixel,
+            estimator_out=estimator_out,
         )
 
     @classmethod
@@ -547,32 +396,17 @@ class Calibration:
         Calibration
             With ``source == "estimate"``.
         """
-        if isinstance(xray_threshold, str) and xray_threshold != "auto":
-            raise ValueError(
-                f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}"
-            )
-        dark, noise, hot = estimator.maps()
-        if mask is not None:
-            hot |= _as_map("mask", mask, dark.shape, bool)
-        cal = cls(
-            dark,
-            noise,
-            gain=gain,
-            mask=hot if hot.any() else None,
+        return calibration_estimate.from_estimator(
+            cls,
+            estimator,
             n_sigma=n_sigma,
-            xray_threshold=None if isinstance(xray_threshold, str) else xray_threshold,
+            xray_threshold=xray_threshold,
+            xray_factor=xray_factor,
             xray_radius=xray_radius,
-            wrapped=estimator.wrapped,
-            source="estimate",
+            gain=gain,
+            mask=mask,
+            frames=frames,
         )
-        if isinstance(xray_threshold, str) and frames is not None:
-            arr = np.asarray(frames)
-            if arr.dtype.kind == "i":  # signed view of wrapped frames: back to the raw type
-                arr = arr.view(np.dtype(f"uint{8 * arr.dtype.itemsize}"))
-            peak = cal.electron_peak_signal(arr)
-            if peak is not None:
-                cal = cal.with_xray_threshold(float(xray_factor) * peak)
-        return cal
 
     # -- X-ray threshold from frames with beam ----------------------------------
     def electron_peak_signal(self, frames: Any) -> float | None:
@@ -595,30 +429,7 @@ class Calibration:
         float or None
             None when fewer than 20 peaks are found.
         """
-        arr = _check_frames("frames", frames, 1)
-        if arr.shape[1:] != self.frame_shape:
-            raise ValueError(f"frames are {arr.shape[1:]}, the calibration is {self.frame_shape}")
-        arr = arr.view(self.frame_dtype(arr.dtype))
-        h0, w0 = self.frame_shape
-        r0, c0 = max(0, (h0 - 1024) // 2), max(0, (w0 - 1024) // 2)
-        win = (slice(r0, r0 + 1024), slice(c0, c0 + 1024))
-        dark = self.dark[win].astype(np.float64)
-        above = self.n_sigma * self.noise[win].astype(np.float64)
-        gain = 1.0 if self.gain is None else self.gain[win].astype(np.float64)
-        bad = None if self.mask is None else self.mask[win]
-        peaks: list[np.ndarray] = []
-        for raw in arr[: min(8, arr.shape[0]), win[0], win[1]]:
-            d = raw.astype(np.float64) - dark
-            f = d * gain
-            candidate = d > above
-            if bad is not None:
-                f[bad] = -np.inf
-                candidate &= ~bad
-            peaks.append(_local_max_values(f, candidate))
-        vals = np.concatenate(peaks)
-        if vals.size < 20:
-            return None
-        return float(np.median(vals))
+        return calibration_estimate.electron_peak_signal(self, frames)
 
     def with_xray_threshold(self, xray_threshold: float | None) -> Calibration:
         """This calibration (same maps and source) with another X-ray threshold."""
@@ -641,25 +452,7 @@ class Calibration:
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write the calibration to an HDF5 file (overwrites ``path``)."""
-        import h5py
-
-        with h5py.File(path, "w") as f:
-            g = f.create_group("calibration")
-            g.attrs["format"] = "streamstore.counting.calibration"
-            g.attrs["version"] = _FORMAT_VERSION
-            g.attrs["n_sigma"] = self.n_sigma
-            g.attrs["xray_threshold"] = (
-                np.nan if self.xray_threshold is None else self.xray_threshold
-            )
-            g.attrs["xray_radius"] = self.xray_radius
-            g.attrs["wrapped"] = self.wrapped
-            g.attrs["origin"] = self.source
-            g.create_dataset("dark", data=self.dark, compression="gzip", shuffle=True)
-            g.create_dataset("noise", data=self.noise, compression="gzip", shuffle=True)
-            if self.gain is not None:
-                g.create_dataset("gain", data=self.gain, compression="gzip", shuffle=True)
-            if self.mask is not None:
-                g.create_dataset("mask", data=self.mask, compression="gzip")
+        calibration_io.save(self, path)
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -672,38 +465,7 @@ class Calibration:
         FormatError
             When the file holds no streamstore calibration.
         """
-        import h5py
-
-        from streamstore.errors import FormatError
-
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        try:
-            f = h5py.File(path, "r")
-        except OSError as exc:
-            raise FormatError(f"{path} is not an HDF5 file: {exc}") from None
-        with f:
-            g = f.get("calibration")
-            if g is None or g.attrs.get("format") != "streamstore.counting.calibration":
-                raise FormatError(f"{path} holds no streamstore calibration")
-            version = int(g.attrs["version"])
-            if version > _FORMAT_VERSION:
-                raise FormatError(
-                    f"{path}: calibration format version {version} is newer than this reader"
-                )
-            xt = float(g.attrs["xray_threshold"])
-            return cls(
-                g["dark"][()],
-                g["noise"][()],
-                gain=g["gain"][()] if "gain" in g else None,
-                mask=g["mask"][()] if "mask" in g else None,
-                n_sigma=float(g.attrs["n_sigma"]),
-                xray_threshold=None if math.isnan(xt) else xt,
-                xray_radius=int(g.attrs["xray_radius"]),
-                wrapped=bool(g.attrs["wrapped"]),
-                source="file",
-            )
+        return calibration_io.load(cls, path)
 
     # -- maps for the kernels -------------------------------------------------------
     def frame_dtype(self, dtype: Any) -> np.dtype:
@@ -785,61 +547,3 @@ class Calibration:
             None if gain_k is None else np.ascontiguousarray(gain_k),
             scale,
         )
-
-
-def _hot_pixels(frames: np.ndarray, centre: float, sigma: float, n_sigma: float) -> np.ndarray:
-    """Hot (noisy) pixels in up to 16 frames with beam.
-
-    Two signs, each impossible for a normal pixel at counting doses:
-
-    - a value *below* ``centre - n_sigma * sigma`` in any frame (electrons only add
-      signal, so only a noisy pixel swings that far down);
-    - with 4 or more frames: above ``centre + n_sigma * sigma`` in at least a quarter
-      of the frames (and 3), and more than ``4 x mean of its 8 neighbours + 2``
-      times (illumination varies smoothly, so neighbours share a real pixel's rate).
-    """
-    n = min(16, frames.shape[0])
-    high = centre + n_sigma * sigma
-    low = centre - n_sigma * sigma
-    fired = np.zeros(frames.shape[1:], np.int32)
-    sank = np.zeros(frames.shape[1:], bool)
-    for f in frames[:n]:
-        fired += f > high
-        sank |= f < low
-    if n < 4:
-        return sank
-    from scipy import ndimage
-
-    # the sum of the 8 neighbours, a pixel outside the frame counting 0
-    around = ndimage.correlate(fired, _RING, mode="constant", cval=0)
-    return sank | ((fired >= max(3, n // 4)) & (8 * fired > 4 * around + 16))
-
-
-def _electron_peak_scale(
-    frames: np.ndarray, centre: float, sigma: float, n_sigma: float
-) -> float | None:
-    """Median signal of 3 x 3 local maxima above ``centre + n_sigma * sigma``.
-
-    Used to place the X-ray threshold relative to a typical electron. Looks at
-    up to 8 frames, at most their central 1024 x 1024 pixels; returns None when
-    fewer than 20 peaks are found.
-    """
-    h0, w0 = frames.shape[1:]
-    r0, c0 = max(0, (h0 - 1024) // 2), max(0, (w0 - 1024) // 2)
-    peaks: list[np.ndarray] = []
-    for raw in frames[: min(8, frames.shape[0]), r0 : r0 + 1024, c0 : c0 + 1024]:
-        f = raw.astype(np.float64) - centre
-        peaks.append(_local_max_values(f, f > n_sigma * sigma))
-    vals = np.concatenate(peaks)
-    if vals.size < 20:
-        return None
-    return float(np.median(vals))
-
-
-def _local_max_values(f: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Values of ``f`` at candidate pixels that are >= all 8 neighbours."""
-    from scipy import ndimage
-
-    # the 3 x 3 maximum includes the pixel itself: f >= it is f >= every neighbour
-    peak = ndimage.maximum_filter(f, size=3, mode="constant", cval=-np.inf)
-    return f[candidate & (f >= peak)]

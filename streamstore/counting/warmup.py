@@ -4,7 +4,7 @@ A numba kernel is compiled for each combination of argument types it meets;
 from an empty cache (a fresh install, an upgrade) one counting variant takes
 tens of seconds. A daemon that met them one by one would stall inside its first
 series, so it calls :func:`warm_kernels` before it listens: the variants of
-:data:`~streamstore.counting._kernels.VARIANTS` (frame type, dark-map form,
+:data:`~streamstore.counting._maps.VARIANTS` (frame type, dark-map form,
 row type) plus the event encoder the writer runs and the data-only dark
 estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
 count, the gain flag and the X-ray level are run-time values: no variant each.
@@ -35,14 +35,14 @@ def kernel_variants(gain: bool = True) -> list[dict[str, Any]]:
         Include the variants only a gain map leads to (a calibration file
         with a gain map; dark series and estimates have none).
     """
-    from streamstore.counting._kernels import VARIANTS
+    from streamstore.counting._maps import VARIANTS
 
     return [dict(v) for v in VARIANTS if gain or not v["gain"]]
 
 
 def _variant_args(v: dict[str, Any]) -> tuple[Any, ...]:
     """Tiny frames and maps of the types of variant ``v``: ``count_frames`` arguments."""
-    from streamstore.counting._kernels import row_type
+    from streamstore.counting._maps import row_type
 
     h, w = 3, 70  # a full 64-pixel block and a scalar tail; the types are what matter
     fdt, ddt = np.dtype(v["frames"]), np.dtype(v["dmap"])
@@ -70,18 +70,20 @@ def _warm_variant(i: int, gain: bool) -> int:
     """Compile or load variant ``i`` of :func:`kernel_variants` (the event encoder
     when ``i`` is past the last): how many kernel overloads this compiled."""
     from streamstore.counting import _kernels as k
+    from streamstore.counting._launch import count_frames
+    from streamstore.counting._maps import _compact_maps, kernel_maps
     from streamstore.store import _kernels as codec_kernels
     from streamstore.store.codec import gap_encode
 
-    dispatchers = [k._count_items, k._compact, k._gather, k._compact_maps, codec_kernels.gap_encode]
+    dispatchers = [k._count_items, k._compact, k._gather, _compact_maps, codec_kernels.gap_encode]
     before = _compiled(dispatchers)
     variants = kernel_variants(gain)
     if i < len(variants):
         args = _variant_args(variants[i])
-        k.count_frames(*args[:7], threads=args[7], maps=args[8], wide_rows=args[9])
+        count_frames(*args[:7], threads=args[7], maps=args[8], wide_rows=args[9])
         if i == 0:
             lo = np.ones((3, 70), np.uint16)
-            k.kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
+            kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
     elif i == len(variants):
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
     else:  # a camera with no dark series: the per-pixel estimate from its frames
@@ -93,7 +95,7 @@ def _warm_estimator() -> list[Any]:
     """Run the data-only dark estimator on tiny frames of every frame type a
     variant counts (signed ones as wrapped unsigned): its kernels' dispatchers."""
     from streamstore.counting import dark_estimate as de
-    from streamstore.counting.calibration import START_FRAMES
+    from streamstore.counting.calibration_estimate import START_FRAMES
 
     rng = np.random.default_rng(0)
     for dt, wrapped in ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True)):

@@ -7,7 +7,7 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from streamstore.ingest.items import (
     STOP,
     ByteBudget,
     CloseItem,
+    CountInput,
     EventsItem,
     FrameItem,
     MissingItem,
@@ -25,12 +26,18 @@ from streamstore.ingest.items import (
     _Stage,
 )
 
+if TYPE_CHECKING:
+    from streamstore.counting.calibration import Calibration
+    from streamstore.counting.dark_estimate import DarkEstimator
+    from streamstore.counting.dark_sums import DarkSums
+    from streamstore.ingest.status import Counters
+
 __all__ = ["CountStage"]
 
 log = logging.getLogger("streamstore.ingest")
 
 
-class CountStage(_Stage):
+class CountStage(_Stage[CountInput]):
     """Counts frames into events; turns dark series into the calibration.
 
     Calibration of a data series, chosen when the series opens: the
@@ -88,9 +95,9 @@ class CountStage(_Stage):
         inbox: queue.SimpleQueue,
         outbox: queue.SimpleQueue,
         budget: ByteBudget,
-        counters: Any,
+        counters: Counters,
         *,
-        calibration: Any = None,
+        calibration: Calibration | None = None,
         calibration_label: str = "",
         subpixel: bool = False,
         threads: int | None = None,
@@ -114,20 +121,22 @@ class CountStage(_Stage):
         self.counters = counters
         self.file_calibration = calibration
         self.file_label = calibration_label
-        self.dark_calibration: Any = None
+        self.dark_calibration: Calibration | None = None
         self.dark_label = ""
         self.subpixel = subpixel
         self.threads = threads
         self.estimate_frames = max(1, int(estimate_frames))
         self.refine_frames = int(refine_frames)
-        self._refining: Any = None  # (series, DarkEstimator) while a calibration is provisional
+        # (series, its estimator) while a calibration is provisional
+        self._refining: tuple[SeriesInfo, DarkEstimator] | None = None
         self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
         self._counter: FrameCounter | None = None
         self._counter_key: Any = None
-        self._pending: list[Any] = []  # items of a data series waiting for its estimate
-        self._dark: dict[str, Any] = {}  # series id -> DarkSums of its frames so far
+        # items of a data series waiting for its estimate
+        self._pending: list[FrameItem | MissingItem] = []
+        self._dark: dict[str, DarkSums] = {}  # series id -> sums of its frames so far
         self._dark_capped: set[str] = set()
         self._estimate_failed = ""
 
@@ -263,7 +272,7 @@ class CountStage(_Stage):
             self._derive_xray(series, frames)
             return
         if frames:
-            estimators: list[Any] = []
+            estimators: list[DarkEstimator] = []
             try:
                 series.calibration = Calibration.estimate(
                     np.stack(frames), xray_threshold=self.xray_threshold, estimator_out=estimators
@@ -359,7 +368,7 @@ class CountStage(_Stage):
         return self._counter
 
     # -- items ------------------------------------------------------------------
-    def handle(self, item: Any) -> None:
+    def handle(self, item: CountInput) -> None:
         self._switch(item.series)
         if isinstance(item, FrameItem) and self.abort.is_set():
             self._abandon(item)
@@ -407,7 +416,7 @@ class CountStage(_Stage):
         else:  # pragma: no cover - programming error
             raise TypeError(f"count stage got an unexpected item {item!r}")
 
-    def item_failed(self, item: Any, exc: Exception) -> None:
+    def item_failed(self, item: CountInput, exc: Exception) -> None:
         super().item_failed(item, exc)
         if isinstance(item, FrameItem):
             self._lose([item])
@@ -552,7 +561,7 @@ class CountStage(_Stage):
         )
         self._adopt_dark(series, cal, label)
 
-    def _adopt_dark(self, series: SeriesInfo, cal: Any, label: str) -> None:
+    def _adopt_dark(self, series: SeriesInfo, cal: Calibration, label: str) -> None:
         """Use a dark series' calibration for the following series, unless a file rules."""
         if self.file_calibration is not None and not self.calibration_from_dark_series:
             log.warning(

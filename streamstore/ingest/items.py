@@ -15,11 +15,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeAlias, TypeVar
 
 import numpy as np
 
 from streamstore.idranges import IdRanges, ranges_of_ids
+
+if TYPE_CHECKING:
+    from streamstore.counting.calibration import Calibration
+    from streamstore.events import EventBatch
+    from streamstore.link.protocol import Start
 
 __all__ = [
     "ByteBudget",
@@ -29,6 +34,8 @@ __all__ = [
     "MissingItem",
     "CloseItem",
     "EventsItem",
+    "CountInput",
+    "WriteInput",
     "STOP",
     "WRITE_DELAY_ENV",
     "superblock_eof",
@@ -94,9 +101,9 @@ class SeriesInfo:
     """
 
     series_id: str
-    start: Any  # protocol.Start
+    start: Start
     kind: str = "data"  # "data" or "dark"
-    calibration: Any = None
+    calibration: Calibration | None = None
     calibration_source: str = "none"
     # the calibration's summary once the object itself is freed (all frames counted)
     calibration_summary: dict[str, Any] | None = None
@@ -174,11 +181,18 @@ class CloseItem:
 @dataclass(eq=False)
 class EventsItem:
     series: SeriesInfo
-    events: Any  # EventBatch
+    events: EventBatch
     frame_ids: list[int]
     timestamps_ns: list[int]
     nbytes: int
 
+
+#: What the receiver hands the count stage, in a series' order.
+CountInput: TypeAlias = OpenItem | FrameItem | MissingItem | CloseItem
+#: What the count stage hands the write stage: a frame's events in place of the frame.
+WriteInput: TypeAlias = OpenItem | EventsItem | MissingItem | CloseItem
+#: The items a stage handles (:class:`_Stage`'s type parameter).
+ItemT = TypeVar("ItemT", CountInput, WriteInput)
 
 STOP = object()
 
@@ -203,15 +217,16 @@ def superblock_eof(path: str | os.PathLike) -> int | None:
     return int.from_bytes(head[28:36], "little")
 
 
-def _batch_nbytes(batch: Any) -> int:
+def _batch_nbytes(batch: EventBatch) -> int:
     n = batch.offsets.nbytes + batch.indices.nbytes
     if batch.subpixel is not None:
         n += batch.subpixel.nbytes
     return int(n)
 
 
-class _Stage(threading.Thread):
-    """A thread that takes items from ``inbox`` until :data:`STOP`."""
+class _Stage(threading.Thread, Generic[ItemT]):
+    """A thread that takes items (``ItemT``: :data:`CountInput` or
+    :data:`WriteInput`) from ``inbox`` until :data:`STOP`."""
 
     def __init__(self, name: str, inbox: queue.SimpleQueue) -> None:
         super().__init__(name=name, daemon=True)
@@ -249,7 +264,7 @@ class _Stage(threading.Thread):
     def idle(self) -> None:
         pass
 
-    def item_failed(self, item: Any, exc: Exception) -> None:
+    def item_failed(self, item: ItemT, exc: Exception) -> None:
         """An item raised: log it loudly; the stage carries on."""
         series = getattr(item, "series", None)
         log.error(
@@ -264,5 +279,5 @@ class _Stage(threading.Thread):
     def stop(self) -> None:
         pass
 
-    def handle(self, item: Any) -> None:  # pragma: no cover - abstract
+    def handle(self, item: ItemT) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

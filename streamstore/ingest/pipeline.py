@@ -6,6 +6,9 @@ control messages stay in order with its frames)::
     receive (daemon.py) --FrameItem/MissingItem/OpenItem/CloseItem--> CountStage
         --EventsItem/...--> WriteStage --> StoreWriter (HDF5, blosc2 threads)
 
+(:data:`~streamstore.ingest.items.CountInput` and
+:data:`~streamstore.ingest.items.WriteInput` name what each stage takes.)
+
 Memory is bounded by one :class:`ByteBudget` shared by the stages: the
 receiver adds the size of every raw frame it holds (zero-copy zmq buffers,
 also while they wait in the reorder window), the count stage gives a frame's
@@ -27,11 +30,13 @@ from streamstore.ingest.items import (
     WRITE_DELAY_ENV,
     ByteBudget,
     CloseItem,
+    CountInput,
     EventsItem,
     FrameItem,
     MissingItem,
     OpenItem,
     SeriesInfo,
+    WriteInput,
     superblock_eof,
 )
 from streamstore.ingest.write_stage import WriteStage
@@ -44,6 +49,8 @@ __all__ = [
     "MissingItem",
     "CloseItem",
     "EventsItem",
+    "CountInput",
+    "WriteInput",
     "STOP",
     "CountStage",
     "WriteStage",

@@ -7,8 +7,9 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from streamstore.ingest.items import (
     WRITE_DELAY_ENV,
@@ -18,17 +19,25 @@ from streamstore.ingest.items import (
     MissingItem,
     OpenItem,
     SeriesInfo,
+    WriteInput,
     _Stage,
     superblock_eof,
 )
 from streamstore.ingest.safety import candidate_paths, is_free
+
+if TYPE_CHECKING:
+    from streamstore.counting.calibration import Calibration
+    from streamstore.ingest.status import Counters
+    from streamstore.link.protocol import Start
+    from streamstore.scan import ScanGeometry
+    from streamstore.store.writer import StoreWriter
 
 __all__ = ["WriteStage"]
 
 log = logging.getLogger("streamstore.ingest")
 
 
-class WriteStage(_Stage):
+class WriteStage(_Stage[WriteInput]):
     """Writes counted frames into one StoreWriter per series.
 
     Parameters
@@ -60,13 +69,13 @@ class WriteStage(_Stage):
         self,
         inbox: queue.SimpleQueue,
         budget: ByteBudget,
-        counters: Any,
+        counters: Counters,
         out_dir: str | os.PathLike,
         *,
         subpixel: bool = False,
         flush_interval_s: float = 1.0,
-        on_closed: Any = None,
-        paths: Any = None,
+        on_closed: Callable[[SeriesInfo], None] | None = None,
+        paths: Callable[[str | os.PathLike, str], Iterable[Path]] | None = None,
         encode_threads: int | None = None,
         abort: threading.Event | None = None,
     ) -> None:
@@ -82,7 +91,7 @@ class WriteStage(_Stage):
         self.flush_interval_s = float(flush_interval_s)
         self.on_closed = on_closed
         self.delay_s = float(os.environ.get(WRITE_DELAY_ENV, "0") or 0)
-        self._writers: dict[int, Any] = {}  # id(series) -> StoreWriter
+        self._writers: dict[int, StoreWriter] = {}  # id(series) -> its writer
         self._open_series: dict[int, SeriesInfo] = {}
         self._failed: set[int] = set()
         self._summaries: dict[int, tuple[Any, dict]] = {}
@@ -90,7 +99,7 @@ class WriteStage(_Stage):
         self._closed_bytes = 0
 
     # -- files ----------------------------------------------------------------------
-    def _open(self, series: SeriesInfo) -> Any:
+    def _open(self, series: SeriesInfo) -> StoreWriter:
         key = id(series)
         if key in self._writers:
             return self._writers[key]
@@ -169,7 +178,7 @@ class WriteStage(_Stage):
                     "series %s: cannot record the calibration warning: %s", series.series_id, exc
                 )
 
-    def _calibration_summary(self, cal: Any) -> Any:
+    def _calibration_summary(self, cal: Calibration | None) -> dict[str, Any] | None:
         """``cal.summary()``, computed once per calibration (about 1 s at 24 MP)."""
         if cal is None or not hasattr(cal, "summary"):
             return cal
@@ -186,7 +195,7 @@ class WriteStage(_Stage):
             return 0
 
     # -- items --------------------------------------------------------------------------
-    def handle(self, item: Any) -> None:
+    def handle(self, item: WriteInput) -> None:
         if isinstance(item, OpenItem):
             return  # files open lazily, once the calibration is known
         series = item.series
@@ -227,7 +236,7 @@ class WriteStage(_Stage):
         finally:
             self.budget.release(item.nbytes)
 
-    def _sync_stored(self, series: SeriesInfo, writer: Any) -> None:
+    def _sync_stored(self, series: SeriesInfo, writer: StoreWriter) -> None:
         """Count the frames the writer's flushes have put in the file (and only those)."""
         n, e = writer.n_flushed, writer.n_events_flushed
         self.counters.frames_stored += n - series.stored
@@ -453,7 +462,7 @@ class WriteStage(_Stage):
         self._writers.clear()
 
 
-def _scan_of(start: Any) -> Any:
+def _scan_of(start: Start) -> ScanGeometry | None:
     """The scan geometry announced in a start message, or None."""
     shape = getattr(start, "scan_shape", None)
     if shape is None:
