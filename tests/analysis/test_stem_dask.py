@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_stem import FRAME, SCAN, make_scan_store
 
 import streamstore
 from streamstore.analysis.stem_dask import map_scan, scan_to_dask
+from tests.analysis.test_stem import FRAME, SCAN, make_scan_store
 
 pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")

@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from _cli_data import cli, make_store
 
 import streamstore
 from streamstore.cli import emulate as emulate_cmd
@@ -17,8 +16,9 @@ from streamstore.cli import ingest as ingest_cmd
 from streamstore.cli import status as status_cmd
 from streamstore.errors import UserError
 from streamstore.link.protocol import DEFAULT_DATA_ENDPOINT, DEFAULT_STATUS_ENDPOINT
+from tests._cli_data import cli, make_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _parse(module, argv: list[str]) -> argparse.Namespace:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from _cli_data import cli, make_store
+
+from tests._cli_data import cli, make_store
 
 
 @pytest.fixture(scope="module")

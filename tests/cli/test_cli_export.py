@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from _cli_data import SHAPE, cli, make_store
 
 import streamstore
+from tests._cli_data import SHAPE, cli, make_store
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -268,7 +268,7 @@ def test_stempy_export_via_cli(stores, tmp_path):
 
 
 def test_tiff_from_a_sharded_series(tmp_path):
-    from _cli_data import make_sharded
+    from tests._cli_data import make_sharded
 
     d = make_sharded(tmp_path / "series")
     res = cli(

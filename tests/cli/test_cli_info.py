@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from _cli_data import CALIBRATION, COUNTING, FRAME_TIME_S, MISSING, SHAPE, cli, make_store
 
 import streamstore
+from tests._cli_data import CALIBRATION, COUNTING, FRAME_TIME_S, MISSING, SHAPE, cli, make_store
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_info_on_a_file_being_written(tmp_path):
 
 
 def test_info_on_a_sharded_series(tmp_path):
-    from _cli_data import make_sharded
+    from tests._cli_data import make_sharded
 
     d = make_sharded(tmp_path / "series")
     out = cli("info", d, "--json")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _cli_data import SHAPE, cli, make_store
 
 import streamstore
 from streamstore.analysis.plotting import DEFAULT_DPI, FIGSIZE_IN, summary_figure
+from tests._cli_data import SHAPE, cli, make_store
 
 pytest.importorskip("matplotlib")
 

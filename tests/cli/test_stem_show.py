@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _cli_data import cli
-from test_stem import SCAN, make_scan_store
 
 import streamstore
 from streamstore.analysis.stem_plot import find_disk, virtual_figure
+from tests._cli_data import cli
+from tests.analysis.test_stem import SCAN, make_scan_store
 
 pytest.importorskip("matplotlib")
 

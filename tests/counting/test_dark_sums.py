@@ -12,12 +12,12 @@ import tracemalloc
 import numpy as np
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, pusher
 
 from streamstore import Calibration
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.dark_sums import DarkSums
 from streamstore.link import protocol
+from tests._ingest_harness import Daemon, Series, pusher
 
 SHAPE = (64, 96)
 

@@ -26,13 +26,13 @@ from collections import Counter
 import numpy as np
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamstore
 from streamstore.ingest.daemon import MAX_ID_JUMP
 from streamstore.link import protocol
+from tests._ingest_harness import Daemon, Series, h5_files, pusher
 
 VALID = "valid"
 N_VALID = 300

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _ingest_harness import Daemon as HarnessDaemon
-from _ingest_harness import free_endpoint
 
 import streamstore
 from streamstore.camera.emulator import CameraEmulator
@@ -27,6 +25,8 @@ from streamstore.counting.dark_estimate import DarkEstimator
 from streamstore.ingest.status import format_status
 from streamstore.link.protocol import Start
 from streamstore.link.sockets import Sender
+from tests._ingest_harness import Daemon as HarnessDaemon
+from tests._ingest_harness import free_endpoint
 
 SHAPE = (64, 96)
 FRAME_TIME = 1e-3

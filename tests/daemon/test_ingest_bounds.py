@@ -11,9 +11,9 @@ import json
 
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher
 
 import streamstore
+from tests._ingest_harness import Daemon, Series, h5_files, pusher
 
 N = 6  # frames per valid series
 

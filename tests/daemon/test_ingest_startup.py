@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher
 
 import streamstore
+from tests._ingest_harness import Daemon, Series, h5_files, pusher
 
 
 def test_the_daemon_listens_once_its_kernels_are_ready_and_says_what_it_does(tmp_path):

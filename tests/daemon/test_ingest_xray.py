@@ -12,12 +12,12 @@ import sys
 
 import numpy as np
 import pytest
-from _ingest_harness import Daemon
 
 import streamstore
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.camera.truth import Truth
 from streamstore.counting.calibration import Calibration
+from tests._ingest_harness import Daemon
 
 SHAPE = (64, 96)
 N_FRAMES = 40

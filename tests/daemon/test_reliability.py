@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher, send_series
 
 import streamstore
 from streamstore.errors import FormatError
+from tests._ingest_harness import Daemon, Series, h5_files, pusher, send_series
 
 
 @pytest.fixture(scope="module")

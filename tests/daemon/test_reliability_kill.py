@@ -27,9 +27,9 @@ import time
 import numpy as np
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, pusher
 
 import streamstore
+from tests._ingest_harness import Daemon, Series, pusher
 
 N_TRIALS = 10
 N_FRAMES = 300

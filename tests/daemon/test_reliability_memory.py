@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 import zmq
-from _ingest_harness import Daemon, pusher
+
+from tests._ingest_harness import Daemon, pusher
 
 #: RSS a warmed-up daemon may grow by beyond its memory budget (documented constant).
 RSS_CONSTANT_MB = 48.0

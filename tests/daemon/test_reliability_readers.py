@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import zmq
-from _ingest_harness import Daemon, Series, pusher
+
+from tests._ingest_harness import Daemon, Series, pusher
 
 N_READERS = 8
 #: frames and frame shape; the environment may raise them for the full-frame figure,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, h5_files, pusher, send_series
 
 import streamstore
 from streamstore.ingest.items import WRITE_DELAY_ENV
+from tests._ingest_harness import Daemon, Series, h5_files, pusher, send_series
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ def test_a_start_of_another_series_never_aborts_a_running_one(tmp_path, series):
 
 # ----------------------------------------------------- file creation, full disk --
 def test_a_file_that_cannot_be_created_leaves_nothing_behind_and_says_why(tmp_path, series):
-    from test_reliability import _fill, _TmpfsFull
+    from tests.daemon.test_reliability import _fill, _TmpfsFull
 
     out = tmp_path / "out"
     out.mkdir()

@@ -13,9 +13,9 @@ import time
 
 import pytest
 import zmq
-from _ingest_harness import Daemon, Series, pusher
 
 import streamstore
+from tests._ingest_harness import Daemon, Series, pusher
 
 
 @pytest.fixture(scope="module")

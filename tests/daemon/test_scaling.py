@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _ingest_harness import Series, free_endpoint
 
 import streamstore
+from tests._ingest_harness import Series, free_endpoint
 
 N_FRAMES = 48
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import zmq
 import zmq.auth
-from _ingest_harness import Daemon, Series, free_endpoint, h5_files, pusher
 
 import streamstore
+from tests._ingest_harness import Daemon, Series, free_endpoint, h5_files, pusher
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -134,7 +134,7 @@ def test_keys_never_write_through_a_symlink(tmp_path):
     assert not (d / "cam.key").exists()
 
 
-OLD_KEYS = Path(__file__).parent / "data" / "curve_keys_old_format"
+OLD_KEYS = Path(__file__).resolve().parents[1] / "data" / "curve_keys_old_format"
 
 
 def test_key_files_written_by_the_earlier_writer_still_load(tmp_path):

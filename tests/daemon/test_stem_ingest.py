@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import test_ingest as _ingest
 
 import streamstore
 from streamstore.scan import ScanGeometry
+from tests.daemon import test_ingest as _ingest
 
 # the module fixtures of the ingest tests: a real daemon subprocess and its frames
 calibration_file = _ingest.calibration_file

@@ -75,7 +75,7 @@ def test_bar_drawn_in_a_terminal(size):
 
 
 def test_export_draws_a_bar_in_a_terminal_only(tmp_path):
-    from _cli_data import make_store
+    from tests._cli_data import make_store
 
     store = make_store(tmp_path / "run1.h5", 120)
     code = (

@@ -6,11 +6,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from _cli_data import cli, make_store
 
 import streamstore
 from streamstore import EventBatch, StoreWriter
 from streamstore.exports.eer import CENTRE_CELL, encode_eer_frame, export_eer
+from tests._cli_data import cli, make_store
 
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("imagecodecs")

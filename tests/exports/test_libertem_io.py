@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_stem import FRAME, make_scan_store
 
 import streamstore
 from streamstore.exports.libertem_io import export_raw_csr
+from tests.analysis.test_stem import FRAME, make_scan_store
 
 api = pytest.importorskip("libertem.api")
 
@@ -46,7 +46,7 @@ def test_frames_per_position_flyback_and_lost_frames(tmp_path):
 
 
 def test_cli_export_libertem(tmp_path):
-    from _cli_data import cli
+    from tests._cli_data import cli
 
     path, _d, _i = make_scan_store(tmp_path / "c.h5", fpp=1, flyback=1, seed=9)
     res = cli("export", path, "--format", "libertem", tmp_path / "c_csr")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_stem import make_scan_store
 
 import streamstore
+from tests.analysis.test_stem import make_scan_store
 
 stempy_image = pytest.importorskip("stempy.image")
 stempy_io = pytest.importorskip("stempy.io")

@@ -454,7 +454,7 @@ def test_docs_protocol_example_runs(capsys):
     import re
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text("utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text("utf-8")
     blocks = re.findall(r"^```python\n(.*?)^```", text, re.S | re.M)
     assert blocks
     for code in blocks:

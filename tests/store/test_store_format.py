@@ -14,8 +14,8 @@ import pytest
 import streamstore
 from streamstore import EventBatch, StoreWriter
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parent / "data"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 def recipe_source() -> str:
