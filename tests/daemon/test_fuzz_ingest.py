@@ -25,14 +25,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import streamstore
 from streamstore.ingest.daemon import MAX_ID_JUMP
 from streamstore.link import protocol
-from tests._ingest_harness import Daemon, Series, h5_files, pusher
+from tests._ingest_harness import Series, h5_files
 
 VALID = "valid"
 N_VALID = 300
@@ -217,7 +216,7 @@ def series(tmp_path_factory) -> Series:
 
 
 def test_fuzzed_daemon_stays_up_stores_the_valid_series_and_counts_every_rejection(
-    tmp_path, series, capsys
+    tmp_path, series, capsys, start_daemon, pusher
 ):
     # above the 64 KiB header limit, so oversized headers reach the parser (a part
     # above --max-frame-bytes makes ZeroMQ drop the connection, tested at the end)
@@ -226,92 +225,89 @@ def test_fuzzed_daemon_stays_up_stores_the_valid_series_and_counts_every_rejecti
     rng = np.random.default_rng(SEED)
     sent = Counter()  # expected outcome -> messages
     by_category = Counter()
-    ctx = zmq.Context()
-    with Daemon(
+    d = start_daemon(
         tmp_path / "out",
         calibration=series.calibration_path,
         args=("--max-frame-bytes", str(max_frame_bytes), "--max-buffer-mb", "64"),
-    ) as d:
-        d.wait_ready()
-        s = pusher(ctx, d.listen, sndhwm=0)  # no limit: the fuzz goes out as fast as it can
-        s.send_multipart(series.start(VALID, N_VALID))
-        every = N_RAW // N_VALID
+    )
+    s = pusher(d.listen, sndhwm=0)  # no limit: the fuzz goes out as fast as it can
+    s.send_multipart(series.start(VALID, N_VALID))
+    every = N_RAW // N_VALID
 
-        def send_valid_frame() -> None:
-            s.send_multipart(series.image(VALID, oracle.next_valid), copy=False)
-            oracle.next_valid += 1
+    def send_valid_frame() -> None:
+        s.send_multipart(series.image(VALID, oracle.next_valid), copy=False)
+        oracle.next_valid += 1
 
-        # 1. seeded raw fuzz, one valid frame every `every` messages
-        n_raw = 0
-        while n_raw < N_RAW:
-            cat, parts = _raw_message(series, rng, oracle.next_valid)
-            outcome = oracle(parts)
-            if outcome is None:  # the daemon would accept it: not hostile, do not send
-                continue
-            s.send_multipart(parts, copy=False)
-            sent[outcome] += 1
-            by_category[cat] += 1
-            n_raw += 1
-            if n_raw % every == 0 and oracle.next_valid < N_VALID // 2:
-                send_valid_frame()
-
-        # 2. hypothesis-made headers and parts
-        n_hyp = Counter()
-
-        @settings(
-            max_examples=N_HYPOTHESIS,
-            derandomize=True,
-            database=None,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(
-            header=_header_strategy,
-            payloads=st.lists(_payload(series.frame_nbytes), max_size=2),
-            raw_header=st.booleans(),
-            cut=st.integers(min_value=0, max_value=200),
-        )
-        def send_hypothesis_message(header, payloads, raw_header, cut):
-            text = json.dumps(header).encode()
-            if raw_header:
-                text = text[:cut]
-            parts = [text, *payloads]
-            outcome = oracle(parts)
-            if outcome is None:
-                return
-            s.send_multipart(parts, copy=False)
-            sent[outcome] += 1
-            n_hyp["sent"] += 1
-            if n_hyp["sent"] % 10 == 0 and oracle.next_valid < N_VALID:
-                send_valid_frame()
-
-        send_hypothesis_message()
-        by_category["hypothesis"] = n_hyp["sent"]
-
-        # 3. the rest of the valid series and its end
-        while oracle.next_valid < N_VALID:
+    # 1. seeded raw fuzz, one valid frame every `every` messages
+    n_raw = 0
+    while n_raw < N_RAW:
+        cat, parts = _raw_message(series, rng, oracle.next_valid)
+        outcome = oracle(parts)
+        if outcome is None:  # the daemon would accept it: not hostile, do not send
+            continue
+        s.send_multipart(parts, copy=False)
+        sent[outcome] += 1
+        by_category[cat] += 1
+        n_raw += 1
+        if n_raw % every == 0 and oracle.next_valid < N_VALID // 2:
             send_valid_frame()
-        s.send_multipart(series.end(VALID, N_VALID))
-        total_messages = sum(sent.values()) + N_VALID + 2
-        st_ = d.wait_until(
-            lambda st: st["messages"] >= total_messages and st["series_closed"] >= 1,
-            180,
-            f"{total_messages} messages",
-        )
-        # 4. a hostile connection that sends a part above the size limit is cut by
-        # ZeroMQ (MAXMSGSIZE) before the daemon allocates it; the daemon carries on
-        hostile = pusher(ctx, d.listen)
-        hostile.send_multipart([b'{"htype":"image"}', b"\0" * (2 * max_frame_bytes)])
-        s.send_multipart(series.start("after", 4))
-        for i in range(4):
-            s.send_multipart(series.image("after", i), copy=False)
-        s.send_multipart(series.end("after", 4))
-        st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the series after the fuzz")
-        assert d.proc.poll() is None, "the daemon died"
-        hostile.close(0)
-        s.close(0)
-        assert d.stop() == 0
-    ctx.term()
+
+    # 2. hypothesis-made headers and parts
+    n_hyp = Counter()
+
+    @settings(
+        max_examples=N_HYPOTHESIS,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        header=_header_strategy,
+        payloads=st.lists(_payload(series.frame_nbytes), max_size=2),
+        raw_header=st.booleans(),
+        cut=st.integers(min_value=0, max_value=200),
+    )
+    def send_hypothesis_message(header, payloads, raw_header, cut):
+        text = json.dumps(header).encode()
+        if raw_header:
+            text = text[:cut]
+        parts = [text, *payloads]
+        outcome = oracle(parts)
+        if outcome is None:
+            return
+        s.send_multipart(parts, copy=False)
+        sent[outcome] += 1
+        n_hyp["sent"] += 1
+        if n_hyp["sent"] % 10 == 0 and oracle.next_valid < N_VALID:
+            send_valid_frame()
+
+    send_hypothesis_message()
+    by_category["hypothesis"] = n_hyp["sent"]
+
+    # 3. the rest of the valid series and its end
+    while oracle.next_valid < N_VALID:
+        send_valid_frame()
+    s.send_multipart(series.end(VALID, N_VALID))
+    total_messages = sum(sent.values()) + N_VALID + 2
+    st_ = d.wait_until(
+        lambda st: st["messages"] >= total_messages and st["series_closed"] >= 1,
+        180,
+        f"{total_messages} messages",
+    )
+    # 4. a hostile connection that sends a part above the size limit is cut by
+    # ZeroMQ (MAXMSGSIZE) before the daemon allocates it; the daemon carries on
+    hostile = pusher(d.listen)
+    hostile.send_multipart([b'{"htype":"image"}', b"\0" * (2 * max_frame_bytes)])
+    s.send_multipart(series.start("after", 4))
+    for i in range(4):
+        s.send_multipart(series.image("after", i), copy=False)
+    s.send_multipart(series.end("after", 4))
+    st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the series after the fuzz")
+    assert d.proc.poll() is None, "the daemon died"
+    hostile.close(0)
+    s.close(0)
+    assert d.stop() == 0
 
     n_fuzz = sum(sent.values())
     assert n_fuzz >= 10_000

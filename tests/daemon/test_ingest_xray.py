@@ -17,7 +17,6 @@ import streamstore
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.camera.truth import Truth
 from streamstore.counting.calibration import Calibration
-from tests._ingest_harness import Daemon
 
 SHAPE = (64, 96)
 N_FRAMES = 40
@@ -35,41 +34,40 @@ def _near_xray(indices: np.ndarray, xrays: np.ndarray, radius: int) -> int:
 
 
 @pytest.mark.parametrize("xray", ["auto", "1500", "none"])
-def test_dark_series_calibration_excludes_xray_hits(tmp_path, xray):
+def test_dark_series_calibration_excludes_xray_hits(tmp_path, xray, start_daemon):
     out = tmp_path / "out"
     truth_path = tmp_path / "truth.h5"
-    with Daemon(out, args=("--xray-threshold", xray, "--exit-after-series", "2")) as d:
-        d.wait_ready()
-        r = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "streamstore",
-                "emulate",
-                "--connect",
-                d.listen,
-                "--shape",
-                f"{SHAPE[0]}x{SHAPE[1]}",
-                "--dark-frames",
-                "16",
-                "--frames",
-                str(N_FRAMES),
-                "--pool",
-                str(N_FRAMES),
-                "--seed",
-                "11",
-                "--series-id",
-                "xr",
-                "--truth",
-                str(truth_path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert r.returncode == 0, r.stderr
-        assert d.wait_exit(120) == 0, d.log()
-        log = d.log()
+    d = start_daemon(out, args=("--xray-threshold", xray, "--exit-after-series", "2"))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "streamstore",
+            "emulate",
+            "--connect",
+            d.listen,
+            "--shape",
+            f"{SHAPE[0]}x{SHAPE[1]}",
+            "--dark-frames",
+            "16",
+            "--frames",
+            str(N_FRAMES),
+            "--pool",
+            str(N_FRAMES),
+            "--seed",
+            "11",
+            "--series-id",
+            "xr",
+            "--truth",
+            str(truth_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert d.wait_exit(120) == 0, d.log()
+    log = d.log()
     truth = Truth.load(truth_path)
     n_xrays = sum(len(x) for x in truth.xray_positions)
     assert n_xrays >= 8  # about 0.5 per frame: the test needs some

@@ -23,42 +23,34 @@ import zmq
 
 import streamstore
 from streamstore.errors import FormatError
-from tests._ingest_harness import Daemon, Series, h5_files, pusher, send_series
-
-
-@pytest.fixture(scope="module")
-def series(tmp_path_factory) -> Series:
-    return Series(tmp_path_factory.mktemp("rel-series"))
+from tests._ingest_harness import Series, h5_files, send_series
 
 
 # ------------------------------------------------------- stale and aborted --
-def test_stale_messages_are_dropped_and_a_silent_series_is_incomplete(tmp_path, series):
+def test_stale_messages_are_dropped_and_a_silent_series_is_incomplete(
+    tmp_path, series, start_daemon, pusher
+):
     out = tmp_path / "out"
-    ctx = zmq.Context()
-    try:
-        with Daemon(out, calibration=series.calibration_path, args=("--idle-timeout", "2")) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen)
-            # A and B interleave: the start of B leaves A open, A's end closes it complete
-            send_series(s, series, "A", range(20), start=40)
-            send_series(s, series, "B", range(10), start=20)
-            send_series(s, series, "A", range(20, 40), end=40)
-            send_series(s, series, "B", range(10, 20), end=20)
-            send_series(s, series, "B", [5, 19])  # stale: B is closed
-            send_series(s, series, "A", [3], end=40)  # stale image and end: A is closed
-            # C goes silent: closed after the idle timeout, marked incomplete
-            send_series(s, series, "C", range(12), start=50)
-            st = d.wait_until(lambda st: st["series_closed"] >= 3, 60, "three closed series")
-            assert st["rejected_by_reason"].get("stale") == 4
-            assert st["rejected"] == 4
-            # the daemon carries on: a fourth series after all that
-            send_series(s, series, "D", range(5), start=5, end=5)
-            st = d.wait_until(lambda st: st["series_closed"] >= 4, 60, "series D")
-            s.close(0)
-            assert d.stop() == 0
-            log = d.log()
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(out, calibration=series.calibration_path, args=("--idle-timeout", "2"))
+    s = pusher(d.listen)
+    # A and B interleave: the start of B leaves A open, A's end closes it complete
+    send_series(s, series, "A", range(20), start=40)
+    send_series(s, series, "B", range(10), start=20)
+    send_series(s, series, "A", range(20, 40), end=40)
+    send_series(s, series, "B", range(10, 20), end=20)
+    send_series(s, series, "B", [5, 19])  # stale: B is closed
+    send_series(s, series, "A", [3], end=40)  # stale image and end: A is closed
+    # C goes silent: closed after the idle timeout, marked incomplete
+    send_series(s, series, "C", range(12), start=50)
+    st = d.wait_until(lambda st: st["series_closed"] >= 3, 60, "three closed series")
+    assert st["rejected_by_reason"].get("stale") == 4
+    assert st["rejected"] == 4
+    # the daemon carries on: a fourth series after all that
+    send_series(s, series, "D", range(5), start=5, end=5)
+    st = d.wait_until(lambda st: st["series_closed"] >= 4, 60, "series D")
+    s.close(0)
+    assert d.stop() == 0
+    log = d.log()
     assert "no message for 2 s" in log
     assert [p.name for p in h5_files(out)] == ["A.h5", "B.h5", "C.h5", "D.h5"]
     expect = {"A": (40, True), "B": (20, True), "C": (12, False), "D": (5, True)}
@@ -72,58 +64,55 @@ def test_stale_messages_are_dropped_and_a_silent_series_is_incomplete(tmp_path, 
 
 
 # ------------------------------------------------------------------ slow disk --
-def test_slow_writer_keeps_memory_bounded_and_pushes_back_on_the_sender(tmp_path, capsys):
+def test_slow_writer_keeps_memory_bounded_and_pushes_back_on_the_sender(
+    tmp_path, capsys, start_daemon, pusher
+):
     big = Series(tmp_path, shape=(256, 384), pool=8, seed=11)
     n = 600
     budget_mb = 1.0
-    ctx = zmq.Context()
     again = 0
     first_again_at = None
     fills = []
     rss = []
-    try:
-        with Daemon(
-            tmp_path / "out",
-            calibration=big.calibration_path,
-            args=(
-                "--max-buffer-mb",
-                str(budget_mb),
-                "--max-frame-bytes",
-                str(big.frame_nbytes),
-            ),
-            env={"STREAMSTORE_TEST_WRITE_DELAY_S": "0.01"},
-        ) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen, sndhwm=2)
-            s.send_multipart(big.start("slow", n))
-            # warm up (kernel loaded, file open) before taking the baseline RSS
-            for i in range(4):
-                s.send_multipart(big.image("slow", i), copy=False)
-            d.wait_until(lambda st: st["frames_stored"] >= 4, 60, "the first frames")
-            rss.append(d.rss_bytes())
-            i = 4
-            while i < n:
-                try:
-                    s.send_multipart(big.image("slow", i), flags=zmq.NOBLOCK, copy=False)
-                    i += 1
-                except zmq.Again:  # the high-water mark: the daemon pushes back
-                    again += 1
-                    if first_again_at is None:
-                        first_again_at = i
-                    s.poll(200, zmq.POLLOUT)
-                    if d._take(0):
-                        fills.append(d.last["queue_fill"])
-                    if again % 20 == 0:
-                        rss.append(d.rss_bytes())
-            s.send_multipart(big.end("slow", n))
-            st = d.wait_until(lambda st: st["series_closed"] >= 1, 120, "the slow series")
-            fills += [x["queue_fill"] for x in d.statuses]
-            rss.append(d.rss_bytes())
-            s.close(0)
-            assert d.stop() == 0
-            summary = d.final_summary()
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(
+        tmp_path / "out",
+        calibration=big.calibration_path,
+        args=(
+            "--max-buffer-mb",
+            str(budget_mb),
+            "--max-frame-bytes",
+            str(big.frame_nbytes),
+        ),
+        env={"STREAMSTORE_TEST_WRITE_DELAY_S": "0.01"},
+    )
+    s = pusher(d.listen, sndhwm=2)
+    s.send_multipart(big.start("slow", n))
+    # warm up (kernel loaded, file open) before taking the baseline RSS
+    for i in range(4):
+        s.send_multipart(big.image("slow", i), copy=False)
+    d.wait_until(lambda st: st["frames_stored"] >= 4, 60, "the first frames")
+    rss.append(d.rss_bytes())
+    i = 4
+    while i < n:
+        try:
+            s.send_multipart(big.image("slow", i), flags=zmq.NOBLOCK, copy=False)
+            i += 1
+        except zmq.Again:  # the high-water mark: the daemon pushes back
+            again += 1
+            if first_again_at is None:
+                first_again_at = i
+            s.poll(200, zmq.POLLOUT)
+            if d._take(0):
+                fills.append(d.last["queue_fill"])
+            if again % 20 == 0:
+                rss.append(d.rss_bytes())
+    s.send_multipart(big.end("slow", n))
+    st = d.wait_until(lambda st: st["series_closed"] >= 1, 120, "the slow series")
+    fills += [x["queue_fill"] for x in d.statuses]
+    rss.append(d.rss_bytes())
+    s.close(0)
+    assert d.stop() == 0
+    summary = d.final_summary()
     capacity = int(budget_mb * 1024 * 1024)
     peak = st.get("budget_peak", summary["peak_buffer_mb"] * 1e6)
     assert st["frames_stored"] == n and st["missing"] == 0
@@ -238,49 +227,44 @@ class _FileSizeLimit:
 
 @pytest.mark.parametrize("disk", [_TmpfsFull, _FileSizeLimit], ids=["tmpfs-enospc", "rlimit-efbig"])
 def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
-    tmp_path, series, capsys, disk
+    tmp_path, series, capsys, disk, start_daemon, pusher
 ):
     out = tmp_path / "out"
     out.mkdir()
     full = disk(out)
     n1, n = 200, 600
-    ctx = zmq.Context()
-    try:
-        with Daemon(
-            out,
-            calibration=series.calibration_path,
-            prefix=full.prefix,
-            args=("--idle-timeout", "600"),  # the series pauses while the disk fills
-        ) as d:
-            d.wait_ready()
-            view = full.view(d.pid())
-            s = pusher(ctx, d.listen)
-            send_series(s, series, "disk", range(n1), start=n)
-            d.wait_until(lambda st: st["frames_stored"] >= n1, 60, "the first frames")
-            deadline = time.monotonic() + 30
-            while True:  # the idle writer flushes within about a second
-                with streamstore.open(view / "disk.h5") as store:
-                    if store.refresh() >= n1:
-                        break
-                assert time.monotonic() < deadline, "the first frames were never flushed"
-                time.sleep(0.2)
-            how = full.fill(view, d.pid())
-            send_series(s, series, "disk", range(n1, n), end=n)
-            st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series on a full disk")
-            saved = tmp_path / "disk.h5"
-            shutil.copyfile(view / "disk.h5", saved)
-            # space comes back: the daemon carries on with the next series
-            full.unfill(view, d.pid())
-            send_series(s, series, "next", range(30), start=30, end=30)
-            st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the next series")
-            with streamstore.open(view / "next.h5") as store:
-                assert series.check_store(store) == 30
-                assert store.accounting["complete"] is True
-            s.close(0)
-            assert d.stop() == 0
-            log = d.log()
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(
+        out,
+        calibration=series.calibration_path,
+        prefix=full.prefix,
+        args=("--idle-timeout", "600"),  # the series pauses while the disk fills
+    )
+    view = full.view(d.pid())
+    s = pusher(d.listen)
+    send_series(s, series, "disk", range(n1), start=n)
+    d.wait_until(lambda st: st["frames_stored"] >= n1, 60, "the first frames")
+    deadline = time.monotonic() + 30
+    while True:  # the idle writer flushes within about a second
+        with streamstore.open(view / "disk.h5") as store:
+            if store.refresh() >= n1:
+                break
+        assert time.monotonic() < deadline, "the first frames were never flushed"
+        time.sleep(0.2)
+    how = full.fill(view, d.pid())
+    send_series(s, series, "disk", range(n1, n), end=n)
+    st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series on a full disk")
+    saved = tmp_path / "disk.h5"
+    shutil.copyfile(view / "disk.h5", saved)
+    # space comes back: the daemon carries on with the next series
+    full.unfill(view, d.pid())
+    send_series(s, series, "next", range(30), start=30, end=30)
+    st2 = d.wait_until(lambda st: st["series_closed"] >= 2, 60, "the next series")
+    with streamstore.open(view / "next.h5") as store:
+        assert series.check_store(store) == 30
+        assert store.accounting["complete"] is True
+    s.close(0)
+    assert d.stop() == 0
+    log = d.log()
     assert "WRITE FAILED" in log and full.error in log
     assert st["write_errors"] >= 1
     # accounting continues: every frame is stored or counted missing
@@ -311,7 +295,7 @@ def test_full_disk_is_reported_the_file_stays_readable_and_accounting_continues(
         )
 
 
-def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
+def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series, start_daemon, pusher):
     """One image 10**12 ids ahead, or an end claiming 10**13 frames, used to kill the daemon.
 
     Missing ids are ranges now: both cost constant memory and are recorded exactly; an
@@ -322,23 +306,18 @@ def test_hostile_frame_ids_and_counts_cannot_exhaust_memory(tmp_path, series):
     from streamstore.link import protocol
 
     out = tmp_path / "out"
-    ctx = zmq.Context()
-    try:
-        with Daemon(out, calibration=series.calibration_path) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen)
-            s.send_multipart(series.start("far"))
-            send_series(s, series, "far", range(5))
-            far = MAX_ID_JUMP + 10
-            s.send_multipart(protocol.encode_image("far", far, 0, series.frame(0)), copy=False)
-            send_series(s, series, "far", range(5, 8))
-            s.send_multipart(series.end("far", 10**13))
-            st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
-            assert d.proc.poll() is None
-            s.close(0)
-            assert d.stop() == 0
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(out, calibration=series.calibration_path)
+    s = pusher(d.listen)
+    s.send_multipart(series.start("far"))
+    send_series(s, series, "far", range(5))
+    far = MAX_ID_JUMP + 10
+    s.send_multipart(protocol.encode_image("far", far, 0, series.frame(0)), copy=False)
+    send_series(s, series, "far", range(5, 8))
+    s.send_multipart(series.end("far", 10**13))
+    st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
+    assert d.proc.poll() is None
+    s.close(0)
+    assert d.stop() == 0
     assert st["rejected_by_reason"]["frame_id_range"] == 1
     assert st["missing"] == 10**13 - 8
     with streamstore.open(out / "far.h5") as store:

@@ -25,11 +25,9 @@ import hashlib
 import time
 
 import numpy as np
-import pytest
-import zmq
 
 import streamstore
-from tests._ingest_harness import Daemon, Series, pusher
+from tests._ingest_harness import Series
 
 N_TRIALS = 10
 N_FRAMES = 300
@@ -41,11 +39,6 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def series(tmp_path_factory) -> Series:
-    return Series(tmp_path_factory.mktemp("kill-series"))
-
-
 def _send_rest(sock, series: Series, sid: str, first: int) -> None:
     sock.send_multipart(series.start(sid, N_FRAMES))
     for i in range(first, N_FRAMES):
@@ -53,76 +46,69 @@ def _send_rest(sock, series: Series, sid: str, first: int) -> None:
     sock.send_multipart(series.end(sid, N_FRAMES))
 
 
-def test_sigkill_at_random_moments_then_restart(tmp_path, series, capsys):
+def test_sigkill_at_random_moments_then_restart(tmp_path, series, capsys, start_daemon, pusher):
     rng = np.random.default_rng(SEED)
     out = tmp_path / "out"
-    ctx = zmq.Context()
     old_files: dict[str, str] = {}  # path -> sha256 right after the kill
     report = []
-    daemon = Daemon(out, calibration=series.calibration_path)
-    try:
-        daemon.wait_ready()
-        for t in range(N_TRIALS):
-            sid = f"s{t}"
-            k = int(rng.integers(1, N_FRAMES))  # frames sent before the kill
-            extra_s = float(rng.uniform(0.0, 0.3))
-            sock = pusher(ctx, daemon.listen)
-            sock.send_multipart(series.start(sid, N_FRAMES))
-            for i in range(k):
-                sock.send_multipart(series.image(sid, i), copy=False)
-                time.sleep(FRAME_PERIOD_S)
-            time.sleep(extra_s)
-            path = out / f"{sid}.h5"
-            seen = 0
-            reader = None
-            if path.exists():
-                try:
-                    reader = streamstore.open(path)  # SWMR: the writer is still running
-                    seen = reader.refresh()
-                except Exception:  # created a moment ago and not yet readable: nothing flushed
-                    seen = 0
-            daemon.kill()
-            if reader is not None:
-                reader.close()
-            sock.close(0)
+    daemon = start_daemon(out, calibration=series.calibration_path)
+    for t in range(N_TRIALS):
+        sid = f"s{t}"
+        k = int(rng.integers(1, N_FRAMES))  # frames sent before the kill
+        extra_s = float(rng.uniform(0.0, 0.3))
+        sock = pusher(daemon.listen)
+        sock.send_multipart(series.start(sid, N_FRAMES))
+        for i in range(k):
+            sock.send_multipart(series.image(sid, i), copy=False)
+            time.sleep(FRAME_PERIOD_S)
+        time.sleep(extra_s)
+        path = out / f"{sid}.h5"
+        seen = 0
+        reader = None
+        if path.exists():
+            try:
+                reader = streamstore.open(path)  # SWMR: the writer is still running
+                seen = reader.refresh()
+            except Exception:  # created a moment ago and not yet readable: nothing flushed
+                seen = 0
+        daemon.kill()
+        if reader is not None:
+            reader.close()
+        sock.close(0)
 
-            # every file in the directory opens; the killed one holds a correct prefix
-            for p in sorted(out.glob("*.h5")):
-                with streamstore.open(p) as store:
-                    series.check_store(store)
-            kept = 0
-            if path.exists():
-                with streamstore.open(path) as store:
-                    ids = store.frame_ids.tolist()
-                    kept = len(ids)
-                    assert ids == list(range(kept)), f"{path}: not a prefix"
-                    assert kept >= seen, f"{path}: {seen} frames were visible before the kill"
-                    assert "complete" not in store.accounting or not store.accounting["complete"]
-                old_files[str(path)] = _sha(path)
-            assert kept <= k
+        # every file in the directory opens; the killed one holds a correct prefix
+        for p in sorted(out.glob("*.h5")):
+            with streamstore.open(p) as store:
+                series.check_store(store)
+        kept = 0
+        if path.exists():
+            with streamstore.open(path) as store:
+                ids = store.frame_ids.tolist()
+                kept = len(ids)
+                assert ids == list(range(kept)), f"{path}: not a prefix"
+                assert kept >= seen, f"{path}: {seen} frames were visible before the kill"
+                assert "complete" not in store.accounting or not store.accounting["complete"]
+            old_files[str(path)] = _sha(path)
+        assert kept <= k
 
-            # restart: the rest of the series goes to a new file
-            daemon = Daemon(out, calibration=series.calibration_path)
-            daemon.wait_ready()
-            sock = pusher(ctx, daemon.listen)
-            _send_rest(sock, series, sid, k)
-            daemon.wait_until(lambda st, t=t: st["series_closed"] >= 1, 60, f"the rest of {sid}")
-            sock.close(0)
-            new = out / (f"{sid}-1.h5" if path.exists() else f"{sid}.h5")
-            with streamstore.open(new) as store:
-                assert store.frame_ids.tolist() == list(range(k, N_FRAMES))
-                assert series.check_store(store) == N_FRAMES - k
-                assert store.missing_frame_ids.tolist() == list(range(k))
-                acc = store.accounting
-                assert acc["complete"] is True and acc["received"] == N_FRAMES - k
-            report.append((t, k, seen, kept, k - kept))
-            # the restarted daemon also reports the series it found cut short:
-            # both files are there, read side by side
-            assert path.exists() or kept == 0
-        assert daemon.stop() == 0
-    finally:
-        daemon.close()
-        ctx.destroy(linger=0)
+        # restart: the rest of the series goes to a new file
+        daemon = start_daemon(out, calibration=series.calibration_path)
+        sock = pusher(daemon.listen)
+        _send_rest(sock, series, sid, k)
+        daemon.wait_until(lambda st, t=t: st["series_closed"] >= 1, 60, f"the rest of {sid}")
+        sock.close(0)
+        new = out / (f"{sid}-1.h5" if path.exists() else f"{sid}.h5")
+        with streamstore.open(new) as store:
+            assert store.frame_ids.tolist() == list(range(k, N_FRAMES))
+            assert series.check_store(store) == N_FRAMES - k
+            assert store.missing_frame_ids.tolist() == list(range(k))
+            acc = store.accounting
+            assert acc["complete"] is True and acc["received"] == N_FRAMES - k
+        report.append((t, k, seen, kept, k - kept))
+        # the restarted daemon also reports the series it found cut short:
+        # both files are there, read side by side
+        assert path.exists() or kept == 0
+    assert daemon.stop() == 0
 
     # no later daemon touched an old file
     for p, digest in old_files.items():

@@ -11,9 +11,6 @@ warmed-up size (docs/reliability.md).
 from __future__ import annotations
 
 import numpy as np
-import zmq
-
-from tests._ingest_harness import Daemon, pusher
 
 #: RSS a warmed-up daemon may grow by beyond its memory budget (documented constant).
 RSS_CONSTANT_MB = 48.0
@@ -63,34 +60,31 @@ def _many_parts(sock, n_parts: int = 601, part_bytes: int = 1 << 18) -> None:
     sock.send_multipart([*head, *([blob] * (n_parts - len(head)))], copy=False)
 
 
-def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(tmp_path, capsys):
+def test_rss_stays_within_the_budget_through_claims_many_parts_and_estimates(
+    tmp_path, capsys, start_daemon, pusher
+):
     from streamstore.camera.emulator import CameraEmulator
 
     emu = CameraEmulator(EST_SHAPE, seed=11, dose_rate_e_per_px_s=30.0, frame_time_s=1e-3)
     frames, _ = emu.generate(8)
     out = tmp_path / "out"
-    ctx = zmq.Context()
-    try:
-        with Daemon(
-            out,
-            args=("--max-buffer-mb", str(BUDGET_MB)),
-        ) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen)
-            # warm up: kernels compiled, HDF5 and blosc2 buffers allocated
-            _claims(s, 0, 20)
-            _estimated(s, frames, 0, 10)
-            d.wait_until(lambda st: st["series_closed"] >= 30, 300, "the warm-up series")
-            rss0 = d.rss_bytes()
-            _claims(s, 20, 980)
-            _many_parts(s)
-            _estimated(s, frames, 10, 90)
-            st = d.wait_until(lambda st: st["series_closed"] >= 1100, 600, "1,100 series")
-            rss1 = d.rss_bytes()
-            s.close(0)
-            assert d.stop() == 0
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(
+        out,
+        args=("--max-buffer-mb", str(BUDGET_MB)),
+    )
+    s = pusher(d.listen)
+    # warm up: kernels compiled, HDF5 and blosc2 buffers allocated
+    _claims(s, 0, 20)
+    _estimated(s, frames, 0, 10)
+    d.wait_until(lambda st: st["series_closed"] >= 30, 300, "the warm-up series")
+    rss0 = d.rss_bytes()
+    _claims(s, 20, 980)
+    _many_parts(s)
+    _estimated(s, frames, 10, 90)
+    st = d.wait_until(lambda st: st["series_closed"] >= 1100, 600, "1,100 series")
+    rss1 = d.rss_bytes()
+    s.close(0)
+    assert d.stop() == 0
     assert st["missing"] == 1000 * (10**13)
     assert st["rejected_by_reason"] == {"too_many_parts": 1}
     assert st["frames_stored"] == 100 * EST_FRAMES

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from tests._ingest_harness import Daemon, Series, pusher
+from tests._ingest_harness import Series
 
 N_READERS = 8
 #: frames and frame shape; the environment may raise them for the full-frame figure,
@@ -78,7 +77,9 @@ print(windows, frames_seen, sums)
 """
 
 
-def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(tmp_path):
+def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(
+    tmp_path, start_daemon, pusher
+):
     series = Series(tmp_path, shape=SHAPE, pool=16, seed=5)
     truth = tmp_path / "truth.npz"
     np.savez(
@@ -103,20 +104,17 @@ def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(tmp_path):
     while not all(Path(f"{stop}.ready{k}").exists() for k in range(N_READERS)):
         assert time.monotonic() < deadline, "the readers did not start"
         time.sleep(0.1)
-    ctx = zmq.Context()
     try:
-        with Daemon(out, calibration=series.calibration_path) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen, sndhwm=64)
-            s.send_multipart(series.start("live", N_FRAMES))
-            for i in range(N_FRAMES):
-                s.send_multipart(series.image("live", i), copy=False)
-            s.send_multipart(series.end("live", N_FRAMES))
-            st = d.wait_until(lambda st: st["series_closed"] >= 1, 300, "the series")
-            s.close(0)
-            assert d.stop() == 0
+        d = start_daemon(out, calibration=series.calibration_path)
+        s = pusher(d.listen, sndhwm=64)
+        s.send_multipart(series.start("live", N_FRAMES))
+        for i in range(N_FRAMES):
+            s.send_multipart(series.image("live", i), copy=False)
+        s.send_multipart(series.end("live", N_FRAMES))
+        st = d.wait_until(lambda st: st["series_closed"] >= 1, 300, "the series")
+        s.close(0)
+        assert d.stop() == 0
     finally:
-        ctx.destroy(linger=0)
         time.sleep(0.5)
         stop.touch()
         results = [r.communicate(timeout=120)[0].strip() for r in readers]

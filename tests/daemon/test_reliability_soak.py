@@ -12,10 +12,9 @@ from __future__ import annotations
 import time
 
 import pytest
-import zmq
 
 import streamstore
-from tests._ingest_harness import Daemon, Series, pusher
+from tests._ingest_harness import Series
 
 
 @pytest.fixture(scope="module")
@@ -27,37 +26,32 @@ def series(tmp_path_factory) -> Series:
     ("n_series", "n_per_series"),
     [pytest.param(5, 20_000, marks=pytest.mark.slow, id="100k"), pytest.param(2, 5_000, id="10k")],
 )
-def test_soak_zero_missing_and_flat_memory(tmp_path, series, capsys, n_series, n_per_series):
+def test_soak_zero_missing_and_flat_memory(
+    tmp_path, series, capsys, n_series, n_per_series, start_daemon, pusher
+):
     out = tmp_path / "out"
-    ctx = zmq.Context()
     rss = []
     t0 = None
-    try:
-        with Daemon(out, calibration=series.calibration_path, args=("--max-buffer-mb", "64")) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen, sndhwm=100)
-            for k in range(n_series):
-                sid = f"soak{k}"
-                s.send_multipart(series.start(sid, n_per_series))
-                for i in range(n_per_series):
-                    s.send_multipart(series.image(sid, i), copy=False)
-                    if k == 0 and i == 2000:
-                        # baseline once the kernels are loaded and the first file is open
-                        d.wait_until(lambda st: st["frames_stored"] >= 1000, 60, "warm-up")
-                        rss.append(d.rss_bytes())
-                        t0 = time.monotonic()
-                    elif i % 5000 == 0 and rss:
-                        rss.append(d.rss_bytes())
-                s.send_multipart(series.end(sid, n_per_series))
-            st = d.wait_until(
-                lambda st: st["series_closed"] >= n_series, 600, f"{n_series} closed series"
-            )
-            elapsed = time.monotonic() - t0
-            rss.append(d.rss_bytes())
-            s.close(0)
-            assert d.stop() == 0
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(out, calibration=series.calibration_path, args=("--max-buffer-mb", "64"))
+    s = pusher(d.listen, sndhwm=100)
+    for k in range(n_series):
+        sid = f"soak{k}"
+        s.send_multipart(series.start(sid, n_per_series))
+        for i in range(n_per_series):
+            s.send_multipart(series.image(sid, i), copy=False)
+            if k == 0 and i == 2000:
+                # baseline once the kernels are loaded and the first file is open
+                d.wait_until(lambda st: st["frames_stored"] >= 1000, 60, "warm-up")
+                rss.append(d.rss_bytes())
+                t0 = time.monotonic()
+            elif i % 5000 == 0 and rss:
+                rss.append(d.rss_bytes())
+        s.send_multipart(series.end(sid, n_per_series))
+    st = d.wait_until(lambda st: st["series_closed"] >= n_series, 600, f"{n_series} closed series")
+    elapsed = time.monotonic() - t0
+    rss.append(d.rss_bytes())
+    s.close(0)
+    assert d.stop() == 0
     total = n_series * n_per_series
     assert st["frames_received"] == total
     assert st["frames_stored"] == total

@@ -20,7 +20,7 @@ import zmq
 import zmq.auth
 
 import streamstore
-from tests._ingest_harness import Daemon, Series, free_endpoint, h5_files, pusher
+from tests._ingest_harness import free_endpoint, h5_files
 
 
 def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -31,11 +31,6 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
         timeout=120,
         **kw,
     )
-
-
-@pytest.fixture(scope="module")
-def series(tmp_path_factory) -> Series:
-    return Series(tmp_path_factory.mktemp("series"))
 
 
 # ------------------------------------------------------------------ binding --
@@ -235,7 +230,9 @@ _FAILED = {
 }
 
 
-def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_path, series):
+def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(
+    tmp_path, series, start_daemon, zmq_ctx
+):
     from streamstore.link.security import curve_client, make_key_pair, make_keys
 
     keys = tmp_path / "keys"
@@ -246,148 +243,131 @@ def test_curve_refuses_unauthenticated_clients_and_admits_the_authorized(tmp_pat
     make_key_pair(rogue, "camera")
     (rogue / "server.key").write_text((keys / "server.key").read_text())
 
-    ctx = zmq.Context()
-    socks = []
     n = 40
-    try:
-        with Daemon(
-            tmp_path / "out",
-            calibration=series.calibration_path,
-            args=("--curve-keys", str(keys)),
-        ) as d:
-            d.wait_ready()
-            outcomes = {}
-            for name, curve in (
-                ("plain", None),
-                ("rogue", lambda s: curve_client(s, rogue, "camera")),
-                ("authorized", lambda s: curve_client(s, keys, "camera")),
-            ):
-                s = ctx.socket(zmq.PUSH)
-                s.setsockopt(zmq.LINGER, 0)
-                s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a completed handshake
-                s.setsockopt(zmq.SNDTIMEO, 1500)
-                if curve is not None:
-                    curve(s)
-                mon = s.get_monitor_socket()
-                s.connect(d.listen)
-                socks.append(s)
-                events = _handshake_events(mon, 10.0)
-                sent = 0
-                sid = f"from-{name}"
-                try:
-                    s.send_multipart(series.start(sid, n))
-                    for i in range(n):
-                        s.send_multipart(series.image(sid, i), copy=False)
-                    s.send_multipart(series.end(sid, n))
-                    sent = n
-                except zmq.Again:
-                    pass  # no peer took it: refused
-                s.disable_monitor()
-                mon.close(0)
-                outcomes[name] = (events, sent)
-            st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the authorized series")
-            assert d.stop() == 0
-        plain_events, plain_sent = outcomes["plain"]
-        rogue_events, rogue_sent = outcomes["rogue"]
-        ok_events, ok_sent = outcomes["authorized"]
-        assert plain_events & _FAILED and zmq.EVENT_HANDSHAKE_SUCCEEDED not in plain_events
-        assert zmq.EVENT_HANDSHAKE_FAILED_AUTH in rogue_events
-        assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in rogue_events
-        assert plain_sent == 0 and rogue_sent == 0
-        assert zmq.EVENT_HANDSHAKE_SUCCEEDED in ok_events and ok_sent == n
-        # the daemon saw the authorized series only: not one message of the others
-        assert st["messages"] == n + 2 and st["rejected"] == 0
-        assert st["curve_refused"] >= 1  # the rogue key, seen by the operator too
-        assert [p.name for p in h5_files(tmp_path / "out")] == ["from-authorized.h5"]
-        with streamstore.open(tmp_path / "out" / "from-authorized.h5") as store:
-            assert series.check_store(store) == n
-            assert store.accounting["complete"] is True
-        log = d.log()
-        assert "CURVE" in log and "refused a CURVE client" in log
-    finally:
-        for s in socks:
-            s.close(0)
-        ctx.destroy(linger=0)
+    d = start_daemon(
+        tmp_path / "out",
+        calibration=series.calibration_path,
+        args=("--curve-keys", str(keys)),
+    )
+    outcomes = {}
+    for name, curve in (
+        ("plain", None),
+        ("rogue", lambda s: curve_client(s, rogue, "camera")),
+        ("authorized", lambda s: curve_client(s, keys, "camera")),
+    ):
+        s = zmq_ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.IMMEDIATE, 1)  # queue only on a completed handshake
+        s.setsockopt(zmq.SNDTIMEO, 1500)
+        if curve is not None:
+            curve(s)
+        mon = s.get_monitor_socket()
+        s.connect(d.listen)
+        events = _handshake_events(mon, 10.0)
+        sent = 0
+        sid = f"from-{name}"
+        try:
+            s.send_multipart(series.start(sid, n))
+            for i in range(n):
+                s.send_multipart(series.image(sid, i), copy=False)
+            s.send_multipart(series.end(sid, n))
+            sent = n
+        except zmq.Again:
+            pass  # no peer took it: refused
+        s.disable_monitor()
+        mon.close(0)
+        outcomes[name] = (events, sent)
+    st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the authorized series")
+    assert d.stop() == 0
+    plain_events, plain_sent = outcomes["plain"]
+    rogue_events, rogue_sent = outcomes["rogue"]
+    ok_events, ok_sent = outcomes["authorized"]
+    assert plain_events & _FAILED and zmq.EVENT_HANDSHAKE_SUCCEEDED not in plain_events
+    assert zmq.EVENT_HANDSHAKE_FAILED_AUTH in rogue_events
+    assert zmq.EVENT_HANDSHAKE_SUCCEEDED not in rogue_events
+    assert plain_sent == 0 and rogue_sent == 0
+    assert zmq.EVENT_HANDSHAKE_SUCCEEDED in ok_events and ok_sent == n
+    # the daemon saw the authorized series only: not one message of the others
+    assert st["messages"] == n + 2 and st["rejected"] == 0
+    assert st["curve_refused"] >= 1  # the rogue key, seen by the operator too
+    assert [p.name for p in h5_files(tmp_path / "out")] == ["from-authorized.h5"]
+    with streamstore.open(tmp_path / "out" / "from-authorized.h5") as store:
+        assert series.check_store(store) == n
+        assert store.accounting["complete"] is True
+    log = d.log()
+    assert "CURVE" in log and "refused a CURVE client" in log
 
 
-def test_curve_when_the_daemon_connects_to_a_camera_that_binds(tmp_path, series):
+def test_curve_when_the_daemon_connects_to_a_camera_that_binds(
+    tmp_path, series, start_daemon, zmq_ctx
+):
     """`ingest --connect` stays the CURVE server; the binding camera is the client."""
     from streamstore.link.security import curve_client, make_keys
 
     keys = tmp_path / "keys"
     make_keys(keys, ["cam"])
-    ctx = zmq.Context()
-    try:
-        cam = ctx.socket(zmq.PUSH)
-        cam.setsockopt(zmq.LINGER, 0)
-        curve_client(cam, keys, "cam")
-        port = cam.bind_to_random_port("tcp://127.0.0.1")
-        mon = cam.get_monitor_socket()
-        with Daemon(
-            tmp_path / "out",
-            connect=f"tcp://127.0.0.1:{port}",
-            calibration=series.calibration_path,
-            args=("--curve-keys", str(keys)),
-        ) as d:
-            d.wait_ready()
-            assert zmq.EVENT_HANDSHAKE_SUCCEEDED in _handshake_events(mon, 20.0)
-            cam.send_multipart(series.start("linked", 6))
-            for i in range(6):
-                cam.send_multipart(series.image("linked", i), copy=False)
-            cam.send_multipart(series.end("linked", 6))
-            d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
-            assert d.stop() == 0
-        cam.disable_monitor()
-        mon.close(0)
-        cam.close(0)
-        with streamstore.open(tmp_path / "out" / "linked.h5") as store:
-            assert series.check_store(store) == 6
-    finally:
-        ctx.destroy(linger=0)
+    cam = zmq_ctx.socket(zmq.PUSH)
+    cam.setsockopt(zmq.LINGER, 0)
+    curve_client(cam, keys, "cam")
+    port = cam.bind_to_random_port("tcp://127.0.0.1")
+    mon = cam.get_monitor_socket()
+    d = start_daemon(
+        tmp_path / "out",
+        connect=f"tcp://127.0.0.1:{port}",
+        calibration=series.calibration_path,
+        args=("--curve-keys", str(keys)),
+    )
+    assert zmq.EVENT_HANDSHAKE_SUCCEEDED in _handshake_events(mon, 20.0)
+    cam.send_multipart(series.start("linked", 6))
+    for i in range(6):
+        cam.send_multipart(series.image("linked", i), copy=False)
+    cam.send_multipart(series.end("linked", 6))
+    d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the series")
+    assert d.stop() == 0
+    cam.disable_monitor()
+    mon.close(0)
+    cam.close(0)
+    with streamstore.open(tmp_path / "out" / "linked.h5") as store:
+        assert series.check_store(store) == 6
 
 
 # ------------------------------------------------------------- output paths --
 ESCAPING_IDS = ["../x", "../../etc/evil", "/tmp/abs", "a/../../b", "a\x00b", "..", ".hidden"]
 
 
-def test_escaping_series_ids_are_refused_and_nothing_leaves_the_output_dir(tmp_path, series):
+def test_escaping_series_ids_are_refused_and_nothing_leaves_the_output_dir(
+    tmp_path, series, start_daemon, pusher
+):
     root = tmp_path / "root"
     out = root / "sub" / "out"
     out.mkdir(parents=True)
     before = {p for p in tmp_path.rglob("*")}
-    ctx = zmq.Context()
-    try:
-        with Daemon(out, calibration=series.calibration_path, log_path=tmp_path / "d.log") as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen)
-            for sid in ESCAPING_IDS:
-                # the encoders refuse these ids, so forge the JSON as a hostile sender would
-                sid_json = json.dumps(sid)
-                start = {"htype": "start", "frame_shape": [64, 96], "dtype": "uint16"}
-                start["frame_time_s"] = 0.001
-                s.send(_forge(start, sid_json))
-                image = {"htype": "image", "frame_id": 0, "timestamp_ns": 0}
-                s.send_multipart([_forge(image, sid_json), series.frame(0)], copy=False)
-                s.send(_forge({"htype": "end", "n_frames": 1}, sid_json))
-            s.send_multipart(series.start("good", 3))
-            for i in range(3):
-                s.send_multipart(series.image("good", i), copy=False)
-            s.send_multipart(series.end("good", 3))
-            n_bad = 3 * len(ESCAPING_IDS)
-            st = d.wait_until(
-                lambda st: st["series_closed"] >= 1 and st["messages"] >= n_bad + 5, 60
-            )
-            s.close(0)
-            assert d.stop() == 0
-        assert st["rejected"] == n_bad
-        assert set(st["rejected_by_reason"]) == {"malformed series_id"}
-        after = {p for p in tmp_path.rglob("*")} - before
-        assert {p.relative_to(tmp_path).as_posix() for p in after} == {
-            "root/sub/out/good.h5",
-            "d.log",
-        }
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(out, calibration=series.calibration_path, log_path=tmp_path / "d.log")
+    s = pusher(d.listen)
+    for sid in ESCAPING_IDS:
+        # the encoders refuse these ids, so forge the JSON as a hostile sender would
+        sid_json = json.dumps(sid)
+        start = {"htype": "start", "frame_shape": [64, 96], "dtype": "uint16"}
+        start["frame_time_s"] = 0.001
+        s.send(_forge(start, sid_json))
+        image = {"htype": "image", "frame_id": 0, "timestamp_ns": 0}
+        s.send_multipart([_forge(image, sid_json), series.frame(0)], copy=False)
+        s.send(_forge({"htype": "end", "n_frames": 1}, sid_json))
+    s.send_multipart(series.start("good", 3))
+    for i in range(3):
+        s.send_multipart(series.image("good", i), copy=False)
+    s.send_multipart(series.end("good", 3))
+    n_bad = 3 * len(ESCAPING_IDS)
+    st = d.wait_until(lambda st: st["series_closed"] >= 1 and st["messages"] >= n_bad + 5, 60)
+    s.close(0)
+    assert d.stop() == 0
+    assert st["rejected"] == n_bad
+    assert set(st["rejected_by_reason"]) == {"malformed series_id"}
+    after = {p for p in tmp_path.rglob("*")} - before
+    assert {p.relative_to(tmp_path).as_posix() for p in after} == {
+        "root/sub/out/good.h5",
+        "d.log",
+    }
 
 
 def _forge(header: dict, sid_json: str) -> bytes:
@@ -396,7 +376,7 @@ def _forge(header: dict, sid_json: str) -> bytes:
     return (text[:-1] + ', "series_id": ' + sid_json + "}").encode()
 
 
-def test_output_symlinks_are_never_followed(tmp_path, series):
+def test_output_symlinks_are_never_followed(tmp_path, series, start_daemon, pusher):
     out = tmp_path / "out"
     out.mkdir()
     outside = tmp_path / "outside"
@@ -405,21 +385,16 @@ def test_output_symlinks_are_never_followed(tmp_path, series):
     victim.write_bytes(b"precious")
     (out / "run.h5").symlink_to(victim)  # points at an existing file
     (out / "run-1.h5").symlink_to(outside / "new.h5")  # dangling: following would create it
-    ctx = zmq.Context()
-    try:
-        with Daemon(out, calibration=series.calibration_path) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen)
-            s.send_multipart(series.start("run", 5))
-            for i in range(5):
-                s.send_multipart(series.image("run", i), copy=False)
-            s.send_multipart(series.end("run", 5))
-            d.wait_until(lambda st: st["series_closed"] >= 1, 60)
-            s.close(0)
-            assert d.stop() == 0
-            log = d.log()
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(out, calibration=series.calibration_path)
+    s = pusher(d.listen)
+    s.send_multipart(series.start("run", 5))
+    for i in range(5):
+        s.send_multipart(series.image("run", i), copy=False)
+    s.send_multipart(series.end("run", 5))
+    d.wait_until(lambda st: st["series_closed"] >= 1, 60)
+    s.close(0)
+    assert d.stop() == 0
+    log = d.log()
     assert victim.read_bytes() == b"precious"
     assert not (outside / "new.h5").exists()
     assert (out / "run.h5").is_symlink() and (out / "run-1.h5").is_symlink()
@@ -430,29 +405,26 @@ def test_output_symlinks_are_never_followed(tmp_path, series):
 
 
 @pytest.mark.parametrize("umask", [0o027, 0o077])
-def test_files_are_created_with_the_process_umask(tmp_path, series, umask):
+def test_files_are_created_with_the_process_umask(tmp_path, series, umask, start_daemon, pusher):
     out = tmp_path / "out"
     prefix = ("sh", "-c", f'umask {umask:03o}; exec "$0" "$@"')
-    ctx = zmq.Context()
-    try:
-        with Daemon(out, calibration=series.calibration_path, prefix=prefix) as d:
-            d.wait_ready()
-            s = pusher(ctx, d.listen)
-            s.send_multipart(series.start("masked", 2))
-            for i in range(2):
-                s.send_multipart(series.image("masked", i), copy=False)
-            s.send_multipart(series.end("masked", 2))
-            d.wait_until(lambda st: st["series_closed"] >= 1, 60)
-            s.close(0)
-            assert d.stop() == 0
-    finally:
-        ctx.destroy(linger=0)
+    d = start_daemon(out, calibration=series.calibration_path, prefix=prefix)
+    s = pusher(d.listen)
+    s.send_multipart(series.start("masked", 2))
+    for i in range(2):
+        s.send_multipart(series.image("masked", i), copy=False)
+    s.send_multipart(series.end("masked", 2))
+    d.wait_until(lambda st: st["series_closed"] >= 1, 60)
+    s.close(0)
+    assert d.stop() == 0
     assert _mode(out / "masked.h5") == 0o644 & ~umask
     assert _mode(out) == 0o777 & ~umask
 
 
 # ------------------------------------------------------ emulate --curve-keys --
-def test_emulate_curve_keys_reach_a_curve_daemon_and_plain_emulate_is_refused(tmp_path, series):
+def test_emulate_curve_keys_reach_a_curve_daemon_and_plain_emulate_is_refused(
+    tmp_path, series, start_daemon
+):
     """`streamstore emulate --curve-keys DIR --curve-client NAME` talks to `ingest --curve-keys`."""
     from streamstore.link.security import make_keys
 
@@ -460,30 +432,29 @@ def test_emulate_curve_keys_reach_a_curve_daemon_and_plain_emulate_is_refused(tm
     make_keys(keys, ["cam"])
     n = 12
     common = ("--shape", "64x96", "--frames", str(n), "--pool", "4", "--seed", "3")
-    with Daemon(
+    d = start_daemon(
         tmp_path / "out", calibration=series.calibration_path, args=("--curve-keys", str(keys))
-    ) as d:
-        d.wait_ready()
-        plain = _cli(
-            "emulate", "--connect", d.listen, "--series-id", "plain", "--timeout", "3", *common
-        )
-        wrong_name = _cli("emulate", "--connect", d.listen, "--curve-keys", str(keys), *common)
-        ok = _cli(
-            "emulate",
-            "--connect",
-            d.listen,
-            "--curve-keys",
-            str(keys),
-            "--curve-client",
-            "cam",
-            "--series-id",
-            "secure",
-            "--json",
-            *common,
-        )
-        assert ok.returncode == 0, ok.stderr
-        st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the CURVE series")
-        assert d.stop() == 0
+    )
+    plain = _cli(
+        "emulate", "--connect", d.listen, "--series-id", "plain", "--timeout", "3", *common
+    )
+    wrong_name = _cli("emulate", "--connect", d.listen, "--curve-keys", str(keys), *common)
+    ok = _cli(
+        "emulate",
+        "--connect",
+        d.listen,
+        "--curve-keys",
+        str(keys),
+        "--curve-client",
+        "cam",
+        "--series-id",
+        "secure",
+        "--json",
+        *common,
+    )
+    assert ok.returncode == 0, ok.stderr
+    st = d.wait_until(lambda st: st["series_closed"] >= 1, 60, "the CURVE series")
+    assert d.stop() == 0
     # plain TCP: the handshake fails, nothing is taken, the send times out
     assert plain.returncode == 2 and "no receiver took it" in plain.stderr
     # no key pair named "client" in DIR: a clear error naming the file
