@@ -45,7 +45,7 @@ from streamstore.counting.accuracy import score_batch
 from streamstore.shapes import parse_shape
 
 DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
-XRAY_THRESHOLD = 1000.0  # ADU, as in tests/test_counting_accuracy.py
+XRAY_THRESHOLD = 1000.0  # ADU, as in tests/counting/test_counting_accuracy.py
 
 
 def crowded_share(positions: list[np.ndarray]) -> float:

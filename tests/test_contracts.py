@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from conformance import ChunkCodecTests, FrameCounterTests
 
 from streamstore.counting import Counter
 from streamstore.store.codec import Blosc2ChunkCodec
+from tests.conformance import ChunkCodecTests, FrameCounterTests
 
 
 class TestBlosc2ChunkCodec(ChunkCodecTests):

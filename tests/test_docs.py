@@ -6,7 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-from _cli_data import make_store
+
+from tests._cli_data import make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

@@ -1,7 +1,7 @@
 """Write the golden files of the current format version into tests/data/.
 
 Run once per format version and commit the output; never regenerate an old
-version's file (that is the point: tests/test_store_format.py decodes the
+version's file (that is the point: tests/store/test_store_format.py decodes the
 committed bytes on every run, so a reader change that breaks old files fails).
 
     python tools/make_golden.py [--out tests/data]

@@ -74,7 +74,7 @@ XRAY_CAPACITY = 64
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
-#: stale machine code would run: tests/test_counting.py checks the two agree.
+#: stale machine code would run: tests/counting/test_counting.py checks the two agree.
 SIMD_SOURCE_SHA = "7603dbd049990aa7"
 
 
