@@ -328,6 +328,8 @@ class CountStage(_Stage[CountInput]):
         if not (done or est.n_frames in REFINE_AT):
             return
         old = series.calibration
+        if series.path is None and series.opening_calibration is None:  # file not open yet
+            series.opening_calibration = (old, series.calibration_source)
         series.calibration = Calibration.from_estimator(
             est,
             n_sigma=old.n_sigma,

@@ -105,6 +105,10 @@ class SeriesInfo:
     kind: str = "data"  # "data" or "dark"
     calibration: Calibration | None = None
     calibration_source: str = "none"
+    # the calibration (and its source) the first frames were counted with, kept when
+    # the count stage refines it before the write stage has opened the file: the file
+    # records what its first frames were counted with
+    opening_calibration: tuple[Calibration, str] | None = None
     # the calibration's summary once the object itself is freed (all frames counted)
     calibration_summary: dict[str, Any] | None = None
     # non-empty while (or after) frames are counted with a provisional calibration

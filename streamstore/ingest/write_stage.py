@@ -106,10 +106,16 @@ class WriteStage(_Stage[WriteInput]):
         from streamstore.store.writer import StoreWriter
 
         start = series.start
+        # the calibration the first frames were counted with, whatever the count stage
+        # has refined since
+        calibration, source = series.opening_calibration or (
+            series.calibration,
+            series.calibration_source,
+        )
         meta = {
             "series_id": series.series_id,
             "detector": getattr(start, "detector", None),
-            "calibration_source": series.calibration_source,
+            "calibration_source": source,
             "sender_meta": getattr(start, "meta", None) or {},
             "ingest": {
                 "n_frames_announced": getattr(start, "n_frames", None),
@@ -127,8 +133,8 @@ class WriteStage(_Stage[WriteInput]):
                     series.frame_shape,
                     frame_time_s=start.frame_time_s,
                     pixel_size_A=getattr(start, "pixel_size_A", None),
-                    calibration=self._calibration_summary(series.calibration)
-                    if series.calibration is not None
+                    calibration=self._calibration_summary(calibration)
+                    if calibration is not None
                     else series.calibration_summary,
                     meta=meta,
                     raw_dtype=start.np_dtype,
@@ -158,6 +164,7 @@ class WriteStage(_Stage[WriteInput]):
                 path.relative_to(self.out_dir),
             )
         series.path = path
+        series.opening_calibration = None  # recorded: its maps need not stay in memory
         if series.calibration_warning:
             writer.set_calibration_warning(series.calibration_warning)
         self._writers[key] = writer
