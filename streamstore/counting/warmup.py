@@ -98,13 +98,23 @@ def _warm_estimator() -> list[Any]:
     from streamstore.counting.calibration_estimate import START_FRAMES
 
     rng = np.random.default_rng(0)
-    for dt, wrapped in ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True)):
-        frames = rng.integers(0, 100, (max(de.REFINE_AT) + 1, 8, 70)).astype(dt)
-        est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)
-        for f in frames[: min(de.REFINE_AT)]:
-            est.update(f)
-        est.maps()
+    kinds = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
+    for k, (dt, wrapped) in enumerate(kinds):
+        frames = rng.integers(0, 100, (min(de.REFINE_AT), 8, 70)).astype(dt)
+        est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)  # median, sums
+        if k == 0:  # the fold takes float maps only: one frame type refines
+            for f in frames:
+                est.update(f)
     return [de._accumulate_rows, de._fold_rows, de._median_rows]
+
+
+def _estimator_cached() -> bool:
+    """Whether every kernel overload :func:`_warm_estimator` reaches is in the cache."""
+    from streamstore._numba_cache import cached_overloads
+    from streamstore.counting import dark_estimate as de
+
+    held = [cached_overloads(d) for d in (de._accumulate_rows, de._fold_rows, de._median_rows)]
+    return None not in held and held[0] >= 4 and held[1] >= 1 and held[2] >= 4
 
 
 #: Environment variable that caps the compile workers of an empty cache (default:
@@ -184,6 +194,7 @@ def warm_kernels(
     gain: bool = True,
     progress: Callable[[int, int, dict[str, Any], int], None] | None = None,
     processes: int | None = None,
+    estimator_in_background: bool = False,
 ) -> dict[str, Any]:
     """Compile or load every counting kernel variant and the event encoder.
 
@@ -207,6 +218,12 @@ def warm_kernels(
     processes : int, optional
         Compile workers for an empty cache; default: ``$STREAMSTORE_COMPILE_PROCESSES``
         or else the CPUs this process may use. 1 compiles everything in this process.
+    estimator_in_background : bool, default False
+        Where the data-only dark estimator's kernels are all in numba's cache,
+        load them in a background thread and return without waiting (the
+        estimator first runs once a series has brought its first frames; a
+        load, about 0.2 s, is never a compile). Where any is missing it is
+        compiled here, before returning, like the rest.
 
     Returns
     -------
@@ -240,8 +257,13 @@ def warm_kernels(
         with compiling_alone(k._count_items):  # or another daemon fills it meanwhile
             if cold():
                 _compile_in_workers(list(range(n)), gain, workers, done)
-    for i in range(n):  # loads what the workers compiled (or compiles what they did not)
+    later = estimator_in_background and _estimator_cached()
+    for i in range(n - 1 if later else n):  # loads what the workers compiled (or compiles)
         if progress is not None:
             progress(i, n, names[i], compiled)
         compiled += _warm_variant(i, gain)
+    if later:
+        threading.Thread(
+            target=_warm_variant, args=(n - 1, gain), name="warm-estimator", daemon=True
+        ).start()
     return {"variants": len(variants), "compiled": compiled, "seconds": time.perf_counter() - t0}

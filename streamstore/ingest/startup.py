@@ -58,7 +58,7 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
 
     def work() -> None:
         try:
-            result.update(warm_kernels(gain=gain, progress=progress))
+            result.update(warm_kernels(gain=gain, progress=progress, estimator_in_background=True))
         except BaseException as exc:  # raised again by the calling thread
             result["error"] = exc
         finally:
