@@ -91,6 +91,11 @@ def _warm_variant(i: int, gain: bool) -> int:
     return _compiled(dispatchers) - before
 
 
+#: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
+#: of the per-frame pass and the median (a wrapped frame is read as signed).
+_ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
+
+
 def _warm_estimator() -> list[Any]:
     """Run the data-only dark estimator on tiny frames of every frame type a
     variant counts (signed ones as wrapped unsigned): its kernels' dispatchers."""
@@ -98,8 +103,7 @@ def _warm_estimator() -> list[Any]:
     from streamstore.counting.calibration_estimate import START_FRAMES
 
     rng = np.random.default_rng(0)
-    kinds = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
-    for k, (dt, wrapped) in enumerate(kinds):
+    for k, (dt, wrapped) in enumerate(_ESTIMATOR_FRAMES):
         frames = rng.integers(0, 100, (min(de.REFINE_AT), 8, 70)).astype(dt)
         est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)  # median, sums
         if k == 0:  # the fold takes float maps only: one frame type refines
@@ -114,7 +118,8 @@ def _estimator_cached() -> bool:
     from streamstore.counting import dark_estimate as de
 
     held = [cached_overloads(d) for d in (de._accumulate_rows, de._fold_rows, de._median_rows)]
-    return None not in held and held[0] >= 4 and held[1] >= 1 and held[2] >= 4
+    n = len(_ESTIMATOR_FRAMES)
+    return None not in held and held[0] >= n and held[1] >= 1 and held[2] >= n
 
 
 #: Environment variable that caps the compile workers of an empty cache (default:
@@ -135,14 +140,17 @@ def _compile_processes() -> int:
         return os.cpu_count() or 1
 
 
+#: Marks a compile worker's report lines: numba (``NUMBA_DEBUG_CACHE``) and others
+#: may print to the same stdout.
+_DONE = "streamstore-warm-up-done"
 #: What a compile worker runs: the variants named on its command line, one line
-#: ``i compiled`` on stdout as each is done.
+#: ``_DONE i compiled`` on stdout as each is done.
 _WORKER = (
     "import sys\n"
-    "from streamstore.counting.warmup import _warm_variant\n"
+    "from streamstore.counting.warmup import _DONE, _warm_variant\n"
     "gain = sys.argv[1] == '1'\n"
     "for i in map(int, sys.argv[2:]):\n"
-    "    print(i, _warm_variant(i, gain), flush=True)\n"
+    "    print(_DONE, i, _warm_variant(i, gain), flush=True)\n"
 )
 
 
@@ -181,8 +189,9 @@ def _compile_in_workers(
             if line is None:
                 open_pipes -= 1
                 continue
-            i, got = map(int, line.split())
-            done(i, got)
+            words = line.split()
+            if len(words) == 3 and words[0] == _DONE:
+                done(int(words[1]), int(words[2]))
     finally:
         for proc in procs:
             if proc.poll() is None:

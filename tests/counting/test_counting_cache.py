@@ -152,3 +152,15 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
             )
     assert [len(d.signatures) for d in (k._count_items, k._compact, k._gather)] == compiled
     assert len(rows) >= 6  # the kinds did reach different variants
+
+
+def test_compile_workers_report_past_what_else_they_print(monkeypatch):
+    """A compile worker's stdout also carries what numba prints there (its cache
+    log with NUMBA_DEBUG_CACHE=1): the start-up reads its own report lines only."""
+    from streamstore.counting.warmup import _compile_in_workers, kernel_variants
+
+    monkeypatch.setenv("NUMBA_DEBUG_CACHE", "1")
+    encoder = len(kernel_variants(True))  # the event encoder's slot: quick to load
+    seen: list[tuple[int, int]] = []
+    _compile_in_workers([encoder], True, 1, lambda i, got: seen.append((i, got)))
+    assert len(seen) == 1 and seen[0][0] == encoder and seen[0][1] >= 0
