@@ -5,8 +5,8 @@ from an empty cache (a fresh install, an upgrade) one counting variant takes
 tens of seconds. A daemon that met them one by one would stall inside its first
 series, so it calls :func:`warm_kernels` before it listens: the variants of
 :data:`~streamstore.counting._maps.VARIANTS` (frame type, dark-map form,
-row type) plus the event encoder the writer runs and the data-only dark
-estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
+row type) plus the event encoder and chunk checksum the writer runs and the
+data-only dark estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
 count, the gain flag and the X-ray level are run-time values: no variant each.
 """
 
@@ -84,8 +84,13 @@ def _warm_variant(i: int, gain: bool) -> int:
         if i == 0:
             lo = np.ones((3, 70), np.uint16)
             kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
-    elif i == len(variants):
+    elif i == len(variants):  # what the writer runs on every chunk
+        from streamstore.store import checksum
+
+        dispatchers.append(checksum._get_kernel())
+        before = _compiled(dispatchers)
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
+        checksum.seal(bytes(5))  # the chunk's Fletcher-32, over read-only bytes as written
     else:  # a camera with no dark series: the per-pixel estimate from its frames
         dispatchers += _warm_estimator()
     return _compiled(dispatchers) - before
