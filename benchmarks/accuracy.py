@@ -415,7 +415,9 @@ def _measure_dose(
 
 
 def _fmt(x: float | None, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-".rjust(int(spec.lstrip("+").split(".")[0]))  # keep the columns aligned
+    return format(x, spec)
 
 
 def _log_row(row: dict[str, Any], log) -> None:
