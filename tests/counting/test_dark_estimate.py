@@ -140,14 +140,17 @@ def test_kernels_equal_their_numpy_definitions(wrapped):
     centre = (100 + rng.normal(0, 5, shape)).astype(np.float32)
     frame = np.rint(centre + rng.normal(0, 4, shape)).astype(np.int64)
     frame[rng.random(shape) < 0.02] += 80  # electrons: neighbourhoods left out
+    # electrons shared by 2 x 2 blocks, each pixel below the hit level, at the edges too
+    for r, c in ((5, 5), (0, 20), (69, 30), (40, 0), (30, 52), (69, 52)):
+        frame[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1] += 9
     frame[0, :3] = 65535  # saturated, at the edge
     if wrapped:
         centre -= 100
         frame = (frame - 100).astype(np.int16)
     else:
         frame = frame.astype(np.uint16)
-    edges = (12.0, 4.0, 20.0, 20.0)
-    for radius in (0, de.NEIGHBOURHOOD):
+    edges = (12.0, 4.0, 20.0, 30.0, 20.0)
+    for radius in (0, de.NEIGHBOURHOOD, 2):
         ref = _sums(shape, np.random.default_rng(1))
         got = _sums(shape, np.random.default_rng(1))
         de.accumulate_numpy(frame, centre, *ref, edges, radius)
