@@ -17,12 +17,16 @@ common-mode correction, so the threshold must cover both.
 2. Every later frame adds, per pixel, the values from ``clip[0]`` noise sigmas
    below the centre to ``clip[1]`` above it to running sums (count, sum and sum
    of squares relative to the centre) and counts those above and below the
-   window. Electrons only add signal, so the window is lopsided: its upper edge
-   sits just above the centre, where the small charge shares of neighbouring
-   electrons would otherwise widen and lift the peak; X-rays and electron signal
-   drop out. Pixels within ``NEIGHBOURHOOD`` pixels of a value ``EXCLUDE_SIGMA``
-   sigmas above its centre are left out of that frame (an electron spills small
-   charge shares into its neighbours).
+   window. Electrons and their charge are left out first: pixels within
+   ``NEIGHBOURHOOD`` pixels of a value ``EXCLUDE_SIGMA`` sigmas above its centre,
+   or of a 2 x 2 block whose sum is ``BLOCK_SIGMA`` of its own sigmas above the
+   centres (an electron near a pixel corner shares its charge between four
+   pixels that each stay below a single-pixel level; a wide point spread puts a
+   few percent two pixels out). What is left is noise, so the window is as wide
+   above the centre as below it: a window cut just above the centre would keep
+   only part of each pixel's values, and the per-pixel noise, measured on fewer
+   of them, would scatter more (a noise map floored at the RMS is then higher).
+   X-rays and electron signal drop out.
 3. At 16, 32, 64, ... frames (and in :meth:`DarkEstimator.maps`) the sums of
    the frames since the last such point (a *segment*: every value in it was
    windowed about the same centre) give the pixel's mean and variance through
@@ -361,7 +365,7 @@ class DarkEstimator:
         Background threshold of the counting calibration, in noise sigmas; also
         the height above the centre that leaves a pixel's neighbourhood out of
         the sums and the depth below it that marks a pixel hot.
-    clip : (float, float), default (3.0, 1.0)
+    clip : (float, float), default (3.0, 3.0)
         The window of values the running sums keep: from ``clip[0]`` noise
         sigmas below the centre to ``clip[1]`` above it.
     wrapped : bool, default False
