@@ -52,28 +52,64 @@ def _sum_row(
         s1[r, j] += xi
         s2[r, j] += xi * xi
         n[r, j] += np.uint16(inside)
-        above[r, j] += np.uint16(up & keep)
-        below[r, j] += down & keep & np.uint8(below[r, j] < 255)
+        above[r, j] += np.uint16(up)
+        below[r, j] += down & np.uint8(below[r, j] < 255)
         low[r, j] += np.uint8(x < -sink) & np.uint8(low[r, j] < 255)
+
+
+@numba.njit(inline="always", **_OPTS)
+def _residual_row(frame, centre, q, out):  # pragma: no cover - compiled
+    """Row ``q`` of the frame less the centre (float32), into ``out``."""
+    for j in range(frame.shape[1]):
+        out[j] = np.float32(frame[q, j]) - centre[q, j]
 
 
 @numba.njit(**_OPTS)
 def _accumulate_rows(
-    frame, centre, s1, s2, n, above, below, low, lo, hi, hit, sink, radius, r0, r1
+    frame, centre, s1, s2, n, above, below, low, lo, hi, hit, block, sink, radius, r0, r1
 ):  # pragma: no cover - compiled
     """:func:`accumulate_numpy` on rows ``r0:r1`` in one pass.
 
     ``last[j]`` is the last row, ``radius`` rows ahead of the one summed, with a
-    value above ``hit`` in column ``j``: a pixel is near one when ``last`` is
-    within ``radius`` rows in one of the ``2 radius + 1`` columns around it.
+    hit in column ``j`` (a value above ``hit``, or in a 2 x 2 block whose sum is
+    above ``block``): a pixel is near one when ``last`` is within ``radius`` rows
+    in one of the ``2 radius + 1`` columns around it. The blocks of row ``q`` are
+    the sums of its vertical pairs with the rows above (``up``) and below
+    (``dn``), padded with -inf where the frame ends, so that a block outside the
+    frame never fires.
     """
     h, w = frame.shape
     last = np.full(w + 2 * radius, np.int64(-(1 << 40)))
     vert = np.zeros(w + 2 * radius, np.uint8)
-    for q in range(max(r0 - radius, 0), min(r1 + radius, h)):
+    neg = np.float32(-np.inf)
+    cur = np.empty(w, np.float32)
+    nxt = np.empty(w, np.float32)
+    up = np.full(w + 2, neg, np.float32)  # up[j + 1]: rows q - 1 and q in column j
+    dn = np.full(w + 2, neg, np.float32)  # dn[j + 1]: rows q and q + 1 in column j
+    q0 = max(r0 - radius, 0)
+    _residual_row(frame, centre, q0, cur)
+    if q0 >= 1:
+        _residual_row(frame, centre, q0 - 1, nxt)
         for j in range(w):
-            ahead = np.float32(frame[q, j]) - centre[q, j] > hit
+            up[j + 1] = nxt[j] + cur[j]
+    for q in range(q0, min(r1 + radius, h)):
+        if q + 1 < h:
+            _residual_row(frame, centre, q + 1, nxt)
+            for j in range(w):
+                dn[j + 1] = cur[j] + nxt[j]
+        else:
+            for j in range(w):
+                dn[j + 1] = neg
+        for j in range(w):
+            b = max(
+                max(up[j] + up[j + 1], up[j + 1] + up[j + 2]),
+                max(dn[j] + dn[j + 1], dn[j + 1] + dn[j + 2]),
+            )
+            ahead = (cur[j] > hit) | (b > block)
             last[j + radius] = q if ahead else last[j + radius]  # a select: it vectorises
+        for j in range(w):
+            up[j + 1] = dn[j + 1]
+            cur[j] = nxt[j]
         r = q - radius
         if r < r0:
             continue

@@ -17,12 +17,16 @@ common-mode correction, so the threshold must cover both.
 2. Every later frame adds, per pixel, the values from ``clip[0]`` noise sigmas
    below the centre to ``clip[1]`` above it to running sums (count, sum and sum
    of squares relative to the centre) and counts those above and below the
-   window. Electrons only add signal, so the window is lopsided: its upper edge
-   sits just above the centre, where the small charge shares of neighbouring
-   electrons would otherwise widen and lift the peak; X-rays and electron signal
-   drop out. Pixels within ``NEIGHBOURHOOD`` pixels of a value ``EXCLUDE_SIGMA``
-   sigmas above its centre are left out of that frame (an electron spills small
-   charge shares into its neighbours).
+   window. Electrons and their charge are left out first: pixels within
+   ``NEIGHBOURHOOD`` pixels of a value ``EXCLUDE_SIGMA`` sigmas above its centre,
+   or of a 2 x 2 block whose sum is ``BLOCK_SIGMA`` of its own sigmas above the
+   centres (an electron near a pixel corner shares its charge between four
+   pixels that each stay below a single-pixel level; a wide point spread puts a
+   few percent two pixels out). What is left is noise, so the window is as wide
+   above the centre as below it: a window cut just above the centre would keep
+   only part of each pixel's values, and the per-pixel noise, measured on fewer
+   of them, would scatter more (a noise map floored at the RMS is then higher).
+   X-rays and electron signal drop out.
 3. At 16, 32, 64, ... frames (and in :meth:`DarkEstimator.maps`) the sums of
    the frames since the last such point (a *segment*: every value in it was
    windowed about the same centre) give the pixel's mean and variance through
@@ -71,7 +75,7 @@ from streamstore.counting._dark_kernels import (
 __all__ = ["DarkEstimator", "accumulate_numpy", "fold_numpy"]
 
 #: Window of the running sums around the centre, in noise sigmas (below, above).
-DEFAULT_CLIP = (3.0, 1.0)
+DEFAULT_CLIP = (3.0, 3.0)
 #: Frame counts at which :meth:`DarkEstimator.update` ends a segment and refines
 #: the centre (and every ``SEGMENT_MAX`` frames after the last).
 REFINE_AT = frozenset({16, 32, 64, 128, 256, 512})
@@ -79,11 +83,16 @@ SEGMENT_MAX = 512
 #: Pixels within this Chebyshev distance of a value above the event threshold are left
 #: out of the sums: an electron's charge spills into its neighbours in small shares
 #: that would otherwise sit inside the window, lifting the dark and widening the noise.
-NEIGHBOURHOOD = 2
+NEIGHBOURHOOD = 1
 #: A value this many noise sigmas above its centre leaves its neighbourhood out of the
 #: sums: below the event threshold, so that electrons too weak or too spread out to
 #: be counted still do not lift the dark.
 EXCLUDE_SIGMA = 5.0
+#: A 2 x 2 block whose sum is this many of its noise sigmas (twice the pixels') above
+#: the centres leaves its four pixels' neighbourhoods out of the sums: an electron that
+#: lands near a pixel corner shares its charge between four pixels, each of which can
+#: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
+BLOCK_SIGMA = 4.0
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
@@ -173,24 +182,34 @@ def accumulate_numpy(
     above: np.ndarray,
     below: np.ndarray,
     low: np.ndarray,
-    edges: tuple[float, float, float, float],
+    edges: tuple[float, float, float, float, float],
     radius: int = NEIGHBOURHOOD,
 ) -> None:
     """Add one frame to the window sums (the definition :func:`_accumulate_rows` equals).
 
-    ``edges = (lo, hi, hit, sink)`` in ADU about the centre: values in ``[-lo,
-    hi]`` join ``s1``, ``s2`` and ``n`` unless within ``radius`` pixels of one
-    above ``hit``, which are left out; of the others, ``above`` counts those above
-    the window and ``below`` those below it (saturating at 255); ``low`` counts
+    ``edges = (lo, hi, hit, block, sink)`` in ADU about the centre: values in
+    ``[-lo, hi]`` join ``s1``, ``s2`` and ``n`` unless within ``radius`` pixels of
+    a hit, which are left out: a value above ``hit``, or any of the four pixels of
+    a 2 x 2 block whose sum is above ``block``. ``above`` counts the values above
+    the window and ``below`` those below it (saturating at 255), left out or not:
+    a pixel whose centre sits far from its values would otherwise leave itself
+    out of every frame (a patch of such pixels fires its blocks); ``low`` counts
     values below ``-sink`` (saturating at 255).
     """
-    lo, hi, hit, sink = (np.float32(e) for e in edges)
+    lo, hi, hit, block, sink = (np.float32(e) for e in edges)
     r = frame.astype(np.float32)
     r -= centre
-    keep = ~_near(r > hit, radius)
+    pair = r[:-1] + r[1:]  # vertical pairs, then their horizontal neighbours: the blocks
+    fired = (pair[:, :-1] + pair[:, 1:]) > block
+    hits = r > hit
+    hits[:-1, :-1] |= fired
+    hits[1:, :-1] |= fired
+    hits[:-1, 1:] |= fired
+    hits[1:, 1:] |= fired
+    keep = ~_near(hits, radius)
     inside = (r >= -lo) & (r <= hi) & keep
-    above += ((r > hi) & keep).astype(np.uint16)
-    below += ((r < -lo) & keep & (below < 255)).astype(np.uint8)
+    above += (r > hi).astype(np.uint16)
+    below += ((r < -lo) & (below < 255)).astype(np.uint8)
     sank = (r < -sink) & (low < 255)
     low += sank.astype(np.uint8)
     np.multiply(r, inside, out=r)
@@ -236,7 +255,7 @@ def fold_numpy(
     depend on where the window sat on the pixel as its variance does.
 
     A pixel whose window caught fewer than ``LOST_SHARE`` of its values (of 4 or
-    more not left out) has its window too far from its values for the window's
+    more) has its window too far from its values for the window's
     moments to say where they are (a starting median that electrons lifted, or
     one off by chance by a sigma or two): its centre moves to where the share of
     its values above (below) the window says its mean is, and the pixel starts
@@ -346,7 +365,7 @@ class DarkEstimator:
         Background threshold of the counting calibration, in noise sigmas; also
         the height above the centre that leaves a pixel's neighbourhood out of
         the sums and the depth below it that marks a pixel hot.
-    clip : (float, float), default (3.0, 1.0)
+    clip : (float, float), default (3.0, 3.0)
         The window of values the running sums keep: from ``clip[0]`` noise
         sigmas below the centre to ``clip[1]`` above it.
     wrapped : bool, default False
@@ -423,16 +442,16 @@ class DarkEstimator:
         return x
 
     # -- streaming ------------------------------------------------------------------
-    def _edges(self) -> tuple[float, float, float, float]:
+    def _edges(self) -> tuple[float, float, float, float, float]:
         lo, hi = self.clip
         s = self.sigma
-        return (lo * s, hi * s, EXCLUDE_SIGMA * s, self.n_sigma * s)
+        return (lo * s, hi * s, EXCLUDE_SIGMA * s, 2.0 * BLOCK_SIGMA * s, self.n_sigma * s)
 
     def _accumulate(self, x: np.ndarray) -> None:
-        lo, hi, hit, sink = (np.float32(e) for e in self._edges())
+        edges = tuple(np.float32(e) for e in self._edges())
         frame = np.ascontiguousarray(x)
         args = (frame, self.centre, self.s1, self.s2, self.n, self.above, self.below, self.low)
-        args += (lo, hi, hit, sink)
+        args += edges
         _run_rows(_accumulate_rows, self.frame_shape[0], *args, NEIGHBOURHOOD)
         self.n_frames += 1
 

@@ -24,12 +24,12 @@ SWEEPS = {
     "strong-dark-pattern": {"dark_sigma_adu": 25.0},
     "narrow-psf": {"psf_sigma_px": 0.3},
 }
-#: Sweep points where the recall band is not held yet at 0.02 e/px/frame: a noise
-#: map from the data is each pixel's own noise floored at the RMS, as a dark series
-#: has it, but it scatters more than one from 50 dark frames, and where recall is
-#: steep in the threshold (high noise, wide point spread, soft deposits) that lowers
-#: recall by more than 0.01 (precision holds).
-NOT_YET = {
+#: Sweep points where recall is steep in the threshold (high noise, row noise, wide
+#: point spread, soft deposits): a noise map floored at the RMS, as a dark series
+#: has it, is higher the more its per-pixel values scatter, and the charge that
+#: electrons spill into their neighbours lifts the dark and widens the noise. Both
+#: lower recall most at the highest dose.
+STEEP = {
     "read-noise-6": {"read_noise_adu": 6.0},
     "row-noise-4": {"row_noise_adu": 4.0},
     "wide-psf": {"psf_sigma_px": 0.8},
@@ -56,7 +56,9 @@ def _misses(sweeps: dict, doses: tuple) -> list:
         for dose in doses:
             _, s_ref, s_est = _scores(params, dose, seed=31 + i, electrons=3000)
             d = s_est.recall - s_ref.recall
-            if abs(d) > 0.01 or s_est.precision < 0.995:
+            # precision 0.995, or the dark series' own where the counter falls short of
+            # it (a point spread of 0.8 px on small frames: 0.994 with a dark series)
+            if abs(d) > 0.01 or s_est.precision < min(0.995, s_ref.precision - 0.001):
                 bad.append((name, dose, round(d, 4), round(s_est.precision, 4)))
     return bad
 
@@ -67,9 +69,9 @@ def test_data_only_calibration_counts_like_a_dark_series_over_a_sweep():
     assert not _misses(SWEEPS, (0.001, 0.02))
 
 
-@pytest.mark.xfail(strict=True, reason="recall band not held at 0.02 e/px/frame (NOT_YET)")
 def test_data_only_calibration_at_the_steep_sweep_points():
-    assert not _misses(NOT_YET, (0.02,))
+    # the highest dose, where the electrons' charge weighs most
+    assert not _misses(STEEP, (0.02,))
 
 
 def test_estimate_finds_the_fixed_pattern_and_the_noise():
@@ -140,14 +142,17 @@ def test_kernels_equal_their_numpy_definitions(wrapped):
     centre = (100 + rng.normal(0, 5, shape)).astype(np.float32)
     frame = np.rint(centre + rng.normal(0, 4, shape)).astype(np.int64)
     frame[rng.random(shape) < 0.02] += 80  # electrons: neighbourhoods left out
+    # electrons shared by 2 x 2 blocks, each pixel below the hit level, at the edges too
+    for r, c in ((5, 5), (0, 20), (69, 30), (40, 0), (30, 52), (69, 52)):
+        frame[max(r - 1, 0) : r + 1, max(c - 1, 0) : c + 1] += 9
     frame[0, :3] = 65535  # saturated, at the edge
     if wrapped:
         centre -= 100
         frame = (frame - 100).astype(np.int16)
     else:
         frame = frame.astype(np.uint16)
-    edges = (12.0, 4.0, 20.0, 20.0)
-    for radius in (0, de.NEIGHBOURHOOD):
+    edges = (12.0, 4.0, 20.0, 30.0, 20.0)
+    for radius in (0, de.NEIGHBOURHOOD, 2):
         ref = _sums(shape, np.random.default_rng(1))
         got = _sums(shape, np.random.default_rng(1))
         de.accumulate_numpy(frame, centre, *ref, edges, radius)
