@@ -67,6 +67,8 @@ from streamstore._numba_cache import serialize_saves
 from streamstore.events import EventBatch
 
 __all__ = [
+    "DOSE_MODEL_NAME",
+    "DoseCorrector",
     "DoseEstimator",
     "MAX_FILL",
     "corrected_electrons",
@@ -77,6 +79,10 @@ __all__ = [
     "pair_histogram_reference",
 ]
 
+#: Name of this module's model, as a store records it beside the corrected dose.
+DOSE_MODEL_NAME = "tile-coincidence"
+#: Version of the model (what its recorded parameters mean).
+DOSE_MODEL_VERSION = 1
 #: Largest ``mu * A`` that is inverted; denser tiles are treated as this full.
 MAX_FILL = 0.98
 #: Exclusion area of the 3 x 3 local-maximum rule without charge spread (pixels).
@@ -485,6 +491,78 @@ class DoseEstimator:
         per_event = self._factor[tiles]
         frame_of = np.repeat(np.arange(n), counts)
         return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+
+    def model(self) -> dict:
+        """The model and its parameters, as a store records them (JSON-able).
+
+        Returns
+        -------
+        dict
+            ``name``, ``version``, the settings (``tile``, ``pair_radius``,
+            ``far_radii``, ``memory``, ``refresh``), the areas in use
+            (``hard_area``, ``soft_area``, and whether they were ``measured``) and
+            ``frames_seen``.
+        """
+        hard, soft = self.exclusion_areas
+        return {
+            "name": DOSE_MODEL_NAME,
+            "version": DOSE_MODEL_VERSION,
+            "tile": self.tile,
+            "pair_radius": self.pair_radius,
+            "far_radii": list(self.far_radii),
+            "memory": self.memory,
+            "refresh": self.refresh,
+            "hard_area": round(float(hard), 6),
+            "soft_area": round(float(soft), 6),
+            "measured": self.fixed_areas is None,
+            "frames_seen": int(self.frames_seen),
+        }
+
+
+class DoseCorrector:
+    """Fill :attr:`EventBatch.electrons` for the frames of one series, in order.
+
+    A :class:`DoseEstimator` fed one frame at a time, so the electrons of a
+    frame depend on the frames before it and on nothing else: not on how the
+    frames were grouped into batches, nor on the counter's threads.
+
+    Parameters
+    ----------
+    frame_shape : tuple of int
+        ``(H, W)``.
+    **kwargs
+        :class:`DoseEstimator` parameters.
+    """
+
+    def __init__(self, frame_shape: tuple[int, int], **kwargs) -> None:
+        self.estimator = DoseEstimator(frame_shape, **kwargs)
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self.estimator.frame_shape
+
+    def __call__(self, batch: EventBatch) -> EventBatch:
+        """``batch`` with its ``electrons`` (the same events, no copy).
+
+        Parameters
+        ----------
+        batch : EventBatch
+            The next frames of the series.
+
+        Returns
+        -------
+        EventBatch
+        """
+        n = batch.n_frames
+        out = np.empty(n, np.float64)
+        for i in range(n):  # frame by frame: the result does not depend on batching
+            out[i] = self.estimator.update(batch.slice(i, i + 1))[0]
+        return batch.with_electrons(out)
+
+    def model(self) -> dict:
+        """The model and its current parameters (:meth:`DoseEstimator.model`)."""
+        return self.estimator.model()
 
 
 def corrected_electrons(batch: EventBatch, **kwargs) -> np.ndarray:
