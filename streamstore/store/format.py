@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "streamstore.events"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20
@@ -46,7 +46,17 @@ ACCOUNTING_JSON_BYTES = 4096
 CAL_WARNING_BYTES = 1024
 
 #: the per-frame datasets in the order a flush writes them (frame_id last: it publishes)
-FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
+FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "electrons", "frame_id")
+#: dtype of each per-frame dataset
+FRAME_DTYPES = {name: np.dtype(np.int64) for name in FRAME_COLUMNS} | {
+    "electrons": np.dtype(np.float64)
+}
+#: room of the dose model's name and of its parameters (JSON) on ``frames/electrons``
+#: (fixed: attributes cannot grow under SWMR)
+DOSE_MODEL_BYTES = 64
+DOSE_PARAMETERS_BYTES = 2048
+#: the dose model name a file records when its electrons are the event counts
+NO_DOSE_MODEL = "none"
 
 
 def jsonable(obj: Any) -> Any:
@@ -171,7 +181,20 @@ def create_layout(
     sub = None
     if subpixel:
         sub = make(ev, "subpixel", np.uint8, chunk_events, small, encoding="(qy<<2)|qx")
-    cols = {name: make(fr, name, np.int64, chunk_frames, small, stored) for name in FRAME_COLUMNS}
+    cols = {
+        name: make(fr, name, FRAME_DTYPES[name], chunk_frames, small, stored)
+        for name in FRAME_COLUMNS
+    }
+    # the model that made the corrected dose: set by the writer's first append and
+    # kept current at every flush (fixed-size, space-padded)
+    el = cols["electrons"].ds.attrs
+    el["dose_model"] = np.bytes_(b"".ljust(DOSE_MODEL_BYTES))
+    el["dose_model_parameters"] = np.bytes_(b"{}".ljust(DOSE_PARAMETERS_BYTES))
+    el["description"] = (
+        "electrons that arrived per frame, estimated from the events and corrected for "
+        "coincidence loss by the model named in dose_model (the event count where "
+        f"dose_model is {NO_DOSE_MODEL!r})"
+    )
     # missing ids are recorded as ranges; the id list stays (empty) for the layout
     make(f, "missing_frame_ids", np.int64, 1024, small, stored)
     missing = make(

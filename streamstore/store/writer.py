@@ -1,6 +1,6 @@
 """StoreWriter: stream counted events into a streamstore HDF5 file.
 
-The file layout ("streamstore.events" version 2) is specified in
+The file layout ("streamstore.events" version 3) is specified in
 ``docs/format.md``. In short: a flat gap-encoded event dataset (CSR) plus
 per-frame datasets, every dataset chunked and compressed with Blosc2 (HDF5
 filter 32026) by python-blosc2 ourselves and written with
@@ -25,7 +25,7 @@ file 20 x too big). So:
 * Per-frame datasets (row ``i`` is frame ``i``, no holes possible): a chunk
   written whole is compressed (ZSTD); a chunk that must be published while
   partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
-  over the four columns) and overwritten in place as it fills; HDF5 reuses the
+  over the five columns) and overwritten in place as it fills; HDF5 reuses the
   space of a same-size chunk and the bytes of already published frames do not
   change, so a concurrent reader never sees them torn. A last chunk never
   published before close is compressed; chunks hold 256 frames, so a short
@@ -56,6 +56,9 @@ from streamstore.store.format import (
     ACCOUNTING_KEYS,
     CAL_WARNING_BYTES,
     DEFAULT_CHUNK_EVENTS,
+    DOSE_MODEL_BYTES,
+    DOSE_PARAMETERS_BYTES,
+    NO_DOSE_MODEL,
     DEFAULT_CHUNK_FRAMES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -293,6 +296,10 @@ class StoreWriter:
         self._last_flush = time.monotonic()
         self._frames_since_flush = 0
         self._closed = False
+        # whether the batches carry electrons: fixed by the first append with frames
+        self._corrected: bool | None = None
+        self._dose_model: dict[str, Any] | None = None
+        self._dose_model_dirty = False
 
     # ------------------------------------------------------------ state --
     @property
@@ -353,10 +360,19 @@ class StoreWriter:
         timestamps_ns : array_like of int, shape (n,)
             Acquisition time of each frame in nanoseconds.
 
+        Notes
+        -----
+        ``events.electrons`` (the corrected dose) goes to ``frames/electrons``.
+        The first append decides: a series whose batches carry no electrons
+        stores the event counts there and records the dose model ``"none"``;
+        a batch that differs from the first is refused. Record the model that
+        made the electrons with :meth:`set_dose_model`.
+
         Raises
         ------
         ValueError
-            On a shape/type mismatch or frame ids that do not increase.
+            On a shape/type mismatch, frame ids that do not increase, or
+            electrons present in some batches and not in others.
         """
         self._check_open()
         if not isinstance(events, EventBatch):
@@ -386,6 +402,15 @@ class StoreWriter:
         ts = ts.astype(np.int64)
         if n == 0:
             return
+        has_el = events.electrons is not None
+        if self._corrected is not None and has_el != self._corrected:
+            raise ValueError(
+                "events carry electrons but the series' first frames did not"
+                if has_el
+                else "events carry no electrons but the series' first frames did"
+            )
+        if has_el and not np.all(np.isfinite(events.electrons)):
+            raise ValueError("events.electrons must be finite")
         if n > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("frame_ids must be strictly increasing within a batch")
         if self._last_id is not None and ids[0] <= self._last_id:
@@ -408,7 +433,12 @@ class StoreWriter:
         self._cols["event_offset"].extend(events.offsets[:-1] + first, write_full=False)
         self._cols["event_count"].extend(counts, write_full=False)
         self._cols["timestamp_ns"].extend(ts, write_full=False)
+        electrons = events.electrons if has_el else counts.astype(np.float64)
+        self._cols["electrons"].extend(electrons, write_full=False)
         self._cols["frame_id"].extend(ids, write_full=False)
+        if self._corrected is None:
+            self._corrected = has_el
+            self._dose_model_dirty = True
         if self._n_frames + n > self._ids.size:
             grown = np.empty(max(2 * self._ids.size, self._n_frames + n), np.int64)
             grown[: self._n_frames] = self._ids[: self._n_frames]
@@ -525,6 +555,59 @@ class StoreWriter:
         self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(CAL_WARNING_BYTES)))
         self._cal_warning = str(text)
 
+    def set_dose_model(self, model: dict[str, Any] | None) -> None:
+        """Record the model that made the batches' electrons (written at the next flush).
+
+        Parameters
+        ----------
+        model : dict or None
+            JSON-able, with at least ``name`` (str); the other items are the
+            model's parameters (e.g. :meth:`streamstore.counting.dose.DoseCorrector.model`).
+            Stored in the attributes ``dose_model`` (the name) and
+            ``dose_model_parameters`` (JSON) of ``frames/electrons``. Ignored
+            while the series' batches carry no electrons (the file says ``"none"``).
+
+        Raises
+        ------
+        ValueError
+            Without a name, or when it does not fit (64 bytes of name, 2048 of JSON).
+        """
+        self._check_open()
+        if model is None:
+            self._dose_model = None
+        else:
+            model = dict(model)
+            name = str(model.get("name", ""))
+            if not name or name == NO_DOSE_MODEL:
+                raise ValueError(f"dose model needs a name (not {NO_DOSE_MODEL!r}), got {model!r}")
+            if len(name.encode()) > DOSE_MODEL_BYTES:
+                raise ValueError(f"dose model name {name!r} is longer than {DOSE_MODEL_BYTES} bytes")
+            text = dumps(model).encode()
+            if len(text) > DOSE_PARAMETERS_BYTES:
+                raise ValueError(
+                    f"dose model parameters take {len(text)} bytes as JSON, "
+                    f"at most {DOSE_PARAMETERS_BYTES} fit"
+                )
+            self._dose_model = model
+        self._dose_model_dirty = True
+
+    def _write_dose_model(self) -> None:
+        if not self._dose_model_dirty or self._corrected is None:
+            return
+        attrs = self._cols["electrons"].ds.attrs
+        if self._corrected and self._dose_model is not None:
+            model = self._dose_model
+            name = str(model["name"])
+        else:
+            # electrons without a recorded model are still the batches' electrons:
+            # say so rather than pass them for event counts
+            model = {} if not self._corrected else {"name": "unrecorded"}
+            name = NO_DOSE_MODEL if not self._corrected else "unrecorded"
+        attrs.modify("dose_model", np.bytes_(name.encode().ljust(DOSE_MODEL_BYTES)))
+        text = dumps(model).encode()
+        attrs.modify("dose_model_parameters", np.bytes_(text.ljust(DOSE_PARAMETERS_BYTES)))
+        self._dose_model_dirty = False
+
     @property
     def calibration_warning(self) -> str:
         """The text last given to :meth:`set_calibration_warning` ("" if none)."""
@@ -536,6 +619,7 @@ class StoreWriter:
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
+        self._write_dose_model()  # before frame_id publishes the frames it describes
         self._gaps.commit(final)
         if self._sub is not None:
             self._sub.commit(final)
