@@ -56,13 +56,13 @@ from streamstore.store.format import (
     ACCOUNTING_KEYS,
     CAL_WARNING_BYTES,
     DEFAULT_CHUNK_EVENTS,
+    DEFAULT_CHUNK_FRAMES,
     DOSE_MODEL_BYTES,
     DOSE_PARAMETERS_BYTES,
-    NO_DOSE_MODEL,
-    DEFAULT_CHUNK_FRAMES,
     FORMAT_NAME,
     FORMAT_VERSION,
     FRAME_COLUMNS,
+    NO_DOSE_MODEL,
     create_layout,
     dumps,
     jsonable,
@@ -581,7 +581,9 @@ class StoreWriter:
             if not name or name == NO_DOSE_MODEL:
                 raise ValueError(f"dose model needs a name (not {NO_DOSE_MODEL!r}), got {model!r}")
             if len(name.encode()) > DOSE_MODEL_BYTES:
-                raise ValueError(f"dose model name {name!r} is longer than {DOSE_MODEL_BYTES} bytes")
+                raise ValueError(
+                    f"dose model name {name!r} is longer than {DOSE_MODEL_BYTES} bytes"
+                )
             text = dumps(model).encode()
             if len(text) > DOSE_PARAMETERS_BYTES:
                 raise ValueError(
