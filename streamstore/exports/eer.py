@@ -547,6 +547,8 @@ def _write_sidecars(
             if r.missing_pages.size
             else ""
         ),
+        # which dose the e_per_* columns are: the corrected electrons or the counted events
+        "# " + str(getattr(store, "dose_label", "dose: counted events")),
         f"# dose per raw frame (Store.dose; mean over pages): {mean:.6g} {main_unit}",
     ]
     if x is None or r.grouping is None:
