@@ -108,7 +108,7 @@ class Counter:
         if dose:
             from streamstore.counting.dose import DoseCorrector
 
-            self._dose = DoseCorrector(self.frame_shape)
+            self._dose = DoseCorrector(self.frame_shape, calibration=calibration, dtype=dt)
         self._dose_lock = threading.Lock()
 
     def dose_model(self) -> dict | None:
@@ -182,7 +182,7 @@ class Counter:
         batch = EventBatch(offsets, indices, sub, self.frame_shape, validate=False)
         if _dose and self._dose is not None:
             with self._dose_lock:
-                batch = self._dose(batch)
+                batch = self._dose(batch, arr)
         return batch
 
     def __repr__(self) -> str:
@@ -232,4 +232,5 @@ def count(
     arr = np.asarray(frames)
     counter = Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads, dose=False)
     batch = counter(arr)
-    return batch.with_electrons(corrected_electrons(batch))
+    frames3 = arr.reshape((-1, *counter.frame_shape))
+    return batch.with_electrons(corrected_electrons(batch, frames3, calibration))

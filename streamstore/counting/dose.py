@@ -526,67 +526,466 @@ class DoseCorrector:
     frame depend on the frames before it and on nothing else: not on how the
     frames were grouped into batches, nor on the counter's threads.
 
+    Given the frames and their calibration (:meth:`use`), tiles denser than
+    :data:`CHARGE_LAM` e/px/frame are estimated from their charge instead of
+    their events: the tile's signal over the mean charge of one electron,
+    measured from the 5 x 5 windows of isolated events in tiles below
+    :data:`WINDOW_LAM` (each window divided by the electrons its event stands
+    for, the model's ``lam / mu``). Until :data:`MIN_WINDOWS` windows are seen,
+    or without frames, every tile is estimated from its events.
+
     Parameters
     ----------
     frame_shape : tuple of int
         ``(H, W)``.
+    calibration : Calibration, optional
+        The frames' calibration (see :meth:`use`).
+    dtype : uint8 or uint16, default uint16
+        The frames' type.
+    charge : bool, default True
+        Estimate dense tiles from their charge when frames are given.
     **kwargs
         :class:`DoseEstimator` parameters.
     """
 
-    def __init__(self, frame_shape: tuple[int, int], **kwargs) -> None:
+    def __init__(
+        self,
+        frame_shape: tuple[int, int],
+        *,
+        calibration=None,
+        dtype=np.uint16,
+        charge: bool = True,
+        **kwargs,
+    ) -> None:
         self.estimator = DoseEstimator(frame_shape, **kwargs)
+        self.charge = bool(charge)
+        self._maps = None
+        self._kdt = None
+        if calibration is not None:
+            self.use(calibration, dtype)
+        est = self.estimator
+        self._dense = np.zeros((est.n_ty, est.n_tx), bool)
+        self._low = np.zeros((est.n_ty, est.n_tx), bool)
+        self._flags_at = -1  # frames_seen of the estimator's refresh the flags follow
+        self._win_charge = 0  # summed window charge (integer signal)
+        self._win_electrons = 0.0  # electrons the windows' events stand for
+        self._win_n = 0
 
     @property
     def frame_shape(self) -> tuple[int, int]:
         """``(H, W)``."""
         return self.estimator.frame_shape
 
-    def __call__(self, batch: EventBatch) -> EventBatch:
+    def use(self, calibration, dtype=np.uint16) -> None:
+        """Read the next frames' charge with ``calibration`` (frames of ``dtype``)."""
+        if tuple(calibration.frame_shape) != self.frame_shape:
+            raise ValueError(
+                f"calibration: frame shape {calibration.frame_shape} is not {self.frame_shape}"
+            )
+        self._maps = _signal_maps(calibration, dtype)
+        self._kdt = calibration.frame_dtype(dtype)
+
+    @property
+    def electron_charge(self) -> float | None:
+        """Mean charge of one electron (ADU, gain-weighted), None until measured."""
+        if self._win_n < MIN_WINDOWS or self._win_electrons <= 0:
+            return None
+        return self._win_charge / self._win_electrons / CHARGE_SCALE
+
+    def _refresh_flags(self) -> None:
+        est = self.estimator
+        if est._refreshed_at == self._flags_at:
+            return
+        lam = est.electron_density()
+        self._dense = lam > CHARGE_LAM
+        self._low = (lam < WINDOW_LAM) & (est.event_density() > 0)
+        self._flags_at = est._refreshed_at
+
+    def _sample_windows(self, raw: np.ndarray, indices: np.ndarray) -> None:
+        if self._win_n >= MAX_WINDOWS or not self._low.any():
+            return
+        limit = min(WINDOWS_PER_FRAME, MAX_WINDOWS - self._win_n)
+        impl = (
+            window_charge if self.estimator.implementation == "numba" else (window_charge_reference)
+        )
+        est = self.estimator
+        q, t = impl(raw, *self._maps, indices, self._low, est.tile, limit)
+        if q.size:
+            self._win_charge += int(q.sum())
+            self._win_electrons += float(np.sum(est._factor[t]))
+            self._win_n += int(q.size)
+
+    def _frame_electrons(self, fb: EventBatch, raw: np.ndarray | None) -> float:
+        """Electrons of the one-frame batch ``fb`` with the current pooled state."""
+        est = self.estimator
+        tiles = est._tile_ids(fb.indices)
+        per_event = est._factor[tiles]
+        q1 = self.electron_charge
+        if raw is None or q1 is None or not self._dense.any():
+            return float(per_event.sum())
+        dense = self._dense.ravel()[tiles]
+        impl = tile_charge if est.implementation == "numba" else tile_charge_reference
+        charge = impl(raw, *self._maps, est.tile, self._dense)
+        return float(per_event[~dense].sum()) + float(charge.sum()) / (q1 * CHARGE_SCALE)
+
+    def _raw(self, frames, i: int) -> np.ndarray | None:
+        if frames is None or self._maps is None or not self.charge:
+            return None
+        raw = np.asarray(frames[i])
+        return raw.view(self._kdt) if raw.dtype != self._kdt else raw
+
+    def __call__(self, batch: EventBatch, frames: np.ndarray | None = None) -> EventBatch:
         """``batch`` with its ``electrons`` (the same events, no copy).
 
         Parameters
         ----------
         batch : EventBatch
             The next frames of the series.
+        frames : ndarray (n, H, W), optional
+            Their raw frames, for the charge of dense tiles (needs :meth:`use`).
 
         Returns
         -------
         EventBatch
         """
         n = batch.n_frames
+        if frames is not None and len(frames) != n:
+            raise ValueError(f"frames: {len(frames)} frames for a batch of {n}")
         out = np.empty(n, np.float64)
         for i in range(n):  # frame by frame: the result does not depend on batching
-            out[i] = self.estimator.update(batch.slice(i, i + 1))[0]
+            fb = batch.slice(i, i + 1)
+            raw = self._raw(frames, i)
+            self.estimator.update(fb)
+            self._refresh_flags()
+            if raw is not None:
+                self._sample_windows(raw, fb.indices)
+            out[i] = self._frame_electrons(fb, raw)
         return batch.with_electrons(out)
 
+    def pooled(self, batch: EventBatch, frames: np.ndarray | None = None) -> np.ndarray:
+        """Electrons per frame of a whole series in one batch, every frame corrected
+        with the state pooled over all of them (a fresh corrector only)."""
+        if self.estimator.frames_seen:
+            raise ValueError("pooled() needs a fresh DoseCorrector")
+        est = self.estimator
+        est.refresh = max(1, batch.n_frames)
+        est.update(batch)
+        self._refresh_flags()
+        if frames is not None and self._maps is not None and self.charge:
+            for i in range(batch.n_frames):
+                a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
+                self._sample_windows(self._raw(frames, i), batch.indices[a:b])
+        out = np.empty(batch.n_frames, np.float64)
+        for i in range(batch.n_frames):
+            out[i] = self._frame_electrons(batch.slice(i, i + 1), self._raw(frames, i))
+        return out
+
     def model(self) -> dict:
-        """The model and its current parameters (:meth:`DoseEstimator.model`)."""
-        return self.estimator.model()
+        """The model and its current parameters (:meth:`DoseEstimator.model`, plus the
+        charge estimate: ``charge_lam``, ``window_lam``, ``electron_charge_adu``,
+        ``windows`` and ``charge_tiles``)."""
+        out = self.estimator.model()
+        q1 = self.electron_charge
+        used = q1 is not None and self._maps is not None and self.charge
+        out.update(
+            charge=bool(self.charge and self._maps is not None),
+            charge_lam=CHARGE_LAM,
+            window_lam=WINDOW_LAM,
+            electron_charge_adu=None if q1 is None else round(q1, 6),
+            windows=int(self._win_n),
+            charge_tiles=int(self._dense.sum()) if used else 0,
+        )
+        return out
 
 
-def corrected_electrons(batch: EventBatch, **kwargs) -> np.ndarray:
+def corrected_electrons(
+    batch: EventBatch, frames: np.ndarray | None = None, calibration=None, **kwargs
+) -> np.ndarray:
     """Estimated electrons per frame of a whole series held in one batch.
 
-    Pools the whole batch first (tile densities and pairs), then corrects each
-    frame with the pooled estimate, so early frames are corrected as well as late
-    ones (a :class:`DoseEstimator` fed the batch at once).
+    Pools the whole batch first (tile densities and pairs, and the charge of
+    one electron when frames are given), then corrects each frame with the
+    pooled estimate, so early frames are corrected as well as late ones.
 
     Parameters
     ----------
     batch : EventBatch
         The series' events.
+    frames : ndarray (n, H, W), optional
+        The raw frames, for the charge of dense tiles (with ``calibration``).
+    calibration : Calibration, optional
+        Their calibration.
     **kwargs
-        :class:`DoseEstimator` parameters (``tile``, ``pair_radius``, ...).
+        :class:`DoseCorrector` and :class:`DoseEstimator` parameters (``tile``, ...).
 
     Returns
     -------
     ndarray of float64, shape (batch.n_frames,)
     """
-    kwargs.setdefault("refresh", max(1, batch.n_frames))
-    est = DoseEstimator(batch.frame_shape, **kwargs)
-    return est.update(batch)
+    if frames is not None and calibration is not None:
+        kwargs.setdefault("dtype", np.asarray(frames).dtype)
+        kwargs["calibration"] = calibration
+    return DoseCorrector(batch.frame_shape, **kwargs).pooled(batch, frames)
 
 
 # several processes may compile this at once (see streamstore._numba_cache)
 serialize_saves(_pair_histogram_kernel)
+
+
+# --------------------------------------------------------------------- charge
+#
+# Where a tile is so dense that its events say little about its dose (a bright
+# disk: one event per 3 x 3 neighbourhood whatever the dose), the electrons are
+# estimated from the charge instead: the dark-subtracted signal of the tile over
+# the mean charge of one electron, which no coincidence changes. The charge of
+# one electron is measured from the series itself, from the 5 x 5 window of
+# isolated events in dim tiles. Signals are integers (raw and dark in 1/16 ADU,
+# times the counting's integer gain), so the numba kernels and their numpy
+# references agree bit for bit and sums do not depend on their order.
+
+#: Fixed-point scale of the dark level in the charge sums (1/16 ADU).
+CHARGE_SCALE = 16
+#: Half side of the window whose charge is one isolated electron's (5 x 5).
+WINDOW_HALF = 2
+#: An event is isolated when no other event of its frame lies within this
+#: Chebyshev distance (its window holds no other event's centre, nor most of its spread).
+ISOLATION = 4
+#: Tiles whose estimated electron density is above this are estimated from their
+#: charge (e/px/frame): there the 3 x 3 rule has lost about a third of the events
+#: and the event model's error grows fast.
+CHARGE_LAM = 0.05
+#: Isolated events are taken from tiles below this electron density (e/px/frame),
+#: where an event's window rarely holds a second, merged electron.
+WINDOW_LAM = 0.012
+#: Windows (isolated events) needed before the charge of one electron is used.
+MIN_WINDOWS = 300
+#: Windows sampled per frame at most, and in all: enough for a 0.3 % mean.
+WINDOWS_PER_FRAME = 256
+MAX_WINDOWS = 100_000
+
+
+def _signal_maps(calibration, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """``(dark16, gain, good, xray_level, tmax)`` for the charge sums.
+
+    ``dark16`` is ``rint(dark * 16)`` (int64); ``gain`` the counting's integer gain
+    (uint16, 1 everywhere without a gain map); ``good`` 1 on unmasked pixels;
+    ``xray_level`` the counting's (integer signal units, see
+    :meth:`~streamstore.Calibration.threshold_maps`); ``tmax`` the frame type's maximum.
+    """
+    cache = calibration._derived()
+    key = ("dose_signal_maps", np.dtype(dtype).str)
+    if key not in cache:
+        kdt = calibration.frame_dtype(dtype)
+        _, _, gain_k, xray_level = calibration.threshold_maps(dtype)
+        dark16 = np.rint(np.asarray(calibration.dark, np.float64) * CHARGE_SCALE).astype(np.int64)
+        good = np.ones(calibration.frame_shape, np.uint8)
+        if calibration.mask is not None:
+            good[np.asarray(calibration.mask, bool)] = 0
+        gain = np.ones(calibration.frame_shape, np.uint16) if gain_k is None else gain_k
+        cache[key] = (dark16, gain, good, int(xray_level), int(np.iinfo(kdt).max))
+    return cache[key]
+
+
+def _pixel_signal(raw, dark16, gain, good, xray_level, tmax) -> np.ndarray:
+    """Integer signal of every pixel (numpy): ``(16 raw - dark16) * gain``, 0 on masked
+    pixels and X-ray hits (saturated, or above the counting's X-ray level)."""
+    r = raw.astype(np.int64)
+    s = (r * CHARGE_SCALE - dark16) * gain.astype(np.int64)
+    # the counting's X-ray rule, on its own integer signal (raw - rint(dark)) * gain
+    coarse = (r - np.rint(dark16 / CHARGE_SCALE).astype(np.int64)) * gain.astype(np.int64)
+    xray = (r == tmax) | (coarse > xray_level)
+    return np.where((good != 0) & ~xray, s, 0)
+
+
+def tile_charge_reference(raw, dark16, gain, good, xray_level, tmax, tile, flags) -> np.ndarray:
+    """Charge (integer signal) of each flagged tile of one frame (numpy reference).
+
+    Parameters
+    ----------
+    raw : ndarray (H, W)
+        The frame, in the counting's frame type.
+    dark16, gain, good, xray_level, tmax
+        From :func:`_signal_maps`.
+    tile : int
+        Tile side.
+    flags : ndarray of bool, (n_ty, n_tx)
+        Tiles to sum; the others are 0.
+
+    Returns
+    -------
+    ndarray of int64, (n_ty, n_tx)
+    """
+    h, w = raw.shape
+    s = _pixel_signal(raw, dark16, gain, good, xray_level, tmax)
+    n_ty, n_tx = flags.shape
+    pad = np.zeros((n_ty * tile, n_tx * tile), np.int64)
+    pad[:h, :w] = s
+    sums = pad.reshape(n_ty, tile, n_tx, tile).sum(axis=(1, 3))
+    return np.where(flags, sums, 0)
+
+
+@njit(nogil=True, cache=True)
+def _tile_charge_kernel(
+    raw, dark16, gain, good, xray_level, tmax, tile, flags, out
+):  # pragma: no cover
+    h, w = raw.shape
+    n_tx = flags.shape[1]
+    for r in range(h):
+        ty = r // tile
+        for tx in range(n_tx):
+            if not flags[ty, tx]:
+                continue
+            acc = np.int64(0)
+            c1 = min(w, (tx + 1) * tile)
+            for c in range(tx * tile, c1):
+                if good[r, c] == 0:
+                    continue
+                v = np.int64(raw[r, c])
+                g = np.int64(gain[r, c])
+                d = dark16[r, c]
+                if v == tmax:
+                    continue
+                # rint(dark16 / 16) as numpy rounds (half to even)
+                q = d // 16
+                rem = d - q * 16
+                if rem > 8 or (rem == 8 and (q & 1) == 1):
+                    q += 1
+                if (v - q) * g > xray_level:
+                    continue
+                acc += (v * 16 - d) * g
+            out[ty, tx] += acc
+    return out
+
+
+def tile_charge(raw, dark16, gain, good, xray_level, tmax, tile, flags) -> np.ndarray:
+    """Charge of each flagged tile of one frame (numba; equal to :func:`tile_charge_reference`)."""
+    out = np.zeros(flags.shape, np.int64)
+    if flags.any():
+        _tile_charge_kernel(raw, dark16, gain, good, int(xray_level), int(tmax), int(tile),
+                            flags, out)  # fmt: skip
+    return out
+
+
+def window_charge_reference(raw, dark16, gain, good, xray_level, tmax, indices, allowed, tile,
+                            limit) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Charge of the 5 x 5 windows of isolated events (numpy reference).
+
+    An event qualifies when its tile is ``allowed``, its window lies inside the
+    frame and no other event of the frame lies within :data:`ISOLATION`
+    (Chebyshev); the first ``limit`` that qualify, in index order, are taken.
+
+    Returns
+    -------
+    (ndarray of int64, ndarray of int64)
+        The windows' charges and the flat tile index of each.
+    """
+    h, w = raw.shape
+    n_tx = allowed.shape[1]
+    idx = np.asarray(indices, np.int64)
+    r, c = np.divmod(idx, w)
+    k = WINDOW_HALF
+    ok = (r >= k) & (r < h - k) & (c >= k) & (c < w - k)
+    ok &= allowed[r // tile, c // tile]
+    iso = np.ones(idx.size, bool)
+    for dy in range(-ISOLATION, ISOLATION + 1):
+        for dx in range(-ISOLATION, ISOLATION + 1):
+            if dy == 0 and dx == 0:
+                continue
+            rr, cc = r + dy, c + dx
+            inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+            target = np.where(inside, rr * w + cc, -1)
+            pos = np.searchsorted(idx, target)
+            hit = (pos < idx.size) & inside
+            hit[hit] = idx[pos[hit]] == target[hit]
+            iso &= ~hit
+    take = np.flatnonzero(ok & iso)[: max(int(limit), 0)]
+    s = _pixel_signal(raw, dark16, gain, good, xray_level, tmax)
+    q = np.zeros(take.size, np.int64)
+    for dy in range(-k, k + 1):
+        for dx in range(-k, k + 1):
+            q += s[r[take] + dy, c[take] + dx]
+    return q, (r[take] // tile) * n_tx + c[take] // tile
+
+
+@njit(nogil=True, cache=True)
+def _window_charge_kernel(raw, dark16, gain, good, xray_level, tmax, indices, allowed, tile,
+                          limit, q_out, t_out):  # pragma: no cover  # fmt: skip
+    h, w = raw.shape
+    n_tx = allowed.shape[1]
+    n = indices.size
+    k = 2
+    iso_r = 4
+    got = 0
+    for i in range(n):
+        if got >= limit:
+            break
+        e = np.int64(indices[i])
+        r = e // w
+        c = e - r * w
+        if r < k or r >= h - k or c < k or c >= w - k:
+            continue
+        if not allowed[r // tile, c // tile]:
+            continue
+        lone = True
+        for dy in range(-iso_r, iso_r + 1):
+            rr = r + dy
+            if rr < 0 or rr >= h:
+                continue
+            lo = rr * w + max(c - iso_r, 0)
+            hi = rr * w + min(c + iso_r, w - 1)
+            # events ascend: binary search for the first index >= lo
+            a = 0
+            b = n
+            while a < b:
+                m = (a + b) // 2
+                if np.int64(indices[m]) < lo:
+                    a = m + 1
+                else:
+                    b = m
+            while a < n and np.int64(indices[a]) <= hi:
+                if np.int64(indices[a]) != e:
+                    lone = False
+                    break
+                a += 1
+            if not lone:
+                break
+        if not lone:
+            continue
+        acc = np.int64(0)
+        for rr in range(r - k, r + k + 1):
+            for cc in range(c - k, c + k + 1):
+                if good[rr, cc] == 0:
+                    continue
+                v = np.int64(raw[rr, cc])
+                if v == tmax:
+                    continue
+                g = np.int64(gain[rr, cc])
+                d = dark16[rr, cc]
+                q = d // 16
+                rem = d - q * 16
+                if rem > 8 or (rem == 8 and (q & 1) == 1):
+                    q += 1
+                if (v - q) * g > xray_level:
+                    continue
+                acc += (v * 16 - d) * g
+        q_out[got] = acc
+        t_out[got] = (r // tile) * n_tx + c // tile
+        got += 1
+    return got
+
+
+def window_charge(raw, dark16, gain, good, xray_level, tmax, indices, allowed, tile,
+                  limit) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Charge of the windows of isolated events (numba; equal to
+    :func:`window_charge_reference`)."""
+    limit = max(int(limit), 0)
+    q = np.zeros(limit, np.int64)
+    t = np.zeros(limit, np.int64)
+    if limit == 0 or indices.size == 0:
+        return q[:0], t[:0]
+    n = _window_charge_kernel(raw, dark16, gain, good, int(xray_level), int(tmax),
+                              np.ascontiguousarray(indices), allowed, int(tile), limit, q, t)  # fmt: skip
+    return q[:n], t[:n]
+
+
+serialize_saves(_tile_charge_kernel, _window_charge_kernel)
