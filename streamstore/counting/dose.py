@@ -861,8 +861,8 @@ def tile_charge(raw, dark16, gain, good, xray_level, tmax, tile, flags) -> np.nd
     """Charge of each flagged tile of one frame (numba; equal to :func:`tile_charge_reference`)."""
     out = np.zeros(flags.shape, np.int64)
     if flags.any():
-        _tile_charge_kernel(raw, dark16, gain, good, int(xray_level), int(tmax), int(tile),
-                            flags, out)  # fmt: skip
+        args = (int(xray_level), int(tmax), int(tile), flags, out)
+        _tile_charge_kernel(raw, dark16, gain, good, *args)
     return out
 
 
@@ -983,8 +983,8 @@ def window_charge(raw, dark16, gain, good, xray_level, tmax, indices, allowed, t
     t = np.zeros(limit, np.int64)
     if limit == 0 or indices.size == 0:
         return q[:0], t[:0]
-    n = _window_charge_kernel(raw, dark16, gain, good, int(xray_level), int(tmax),
-                              np.ascontiguousarray(indices), allowed, int(tile), limit, q, t)  # fmt: skip
+    args = (int(xray_level), int(tmax), np.ascontiguousarray(indices), allowed, int(tile))
+    n = _window_charge_kernel(raw, dark16, gain, good, *args, limit, q, t)
     return q[:n], t[:n]
 
 
