@@ -493,9 +493,12 @@ class CountStage(_Stage[CountInput]):
             from streamstore.counting.dose import DoseCorrector
 
             self._dose = DoseCorrector(series.frame_shape)
+        # the charge of dense tiles is read with the calibration the frames are counted with
+        self._dose.use(series.calibration, series.start.np_dtype)
         for k, it in enumerate(items):
             try:
-                batches.append(self._dose(counter(it.array)))
+                frame = np.asarray(it.array).reshape((1, *series.frame_shape))
+                batches.append(self._dose(counter(it.array), frame))
             except Exception:
                 log.exception("series %s: counting failed", series.series_id)
                 self._lose(items[k:])  # the ones before k are counted and go on
