@@ -305,3 +305,19 @@ def test_model_records_the_charge_estimate():
     # dozen small frames), the frames are corrected as well as by count()
     late = truth.counts()[15:].sum()
     assert electrons[15:].sum() == pytest.approx(late, rel=0.03)
+
+
+def test_pair_count_stops_once_the_areas_are_known(monkeypatch):
+    from streamstore.counting import dose as D
+
+    rng = np.random.default_rng(6)
+    b = _random_batch(rng, (64, 64), 10, 0.03)
+    monkeypatch.setattr(D, "MAX_FAR_PAIRS", 300)
+    est = DoseEstimator((64, 64))
+    est.update(b.slice(0, 2))
+    first = est.pair_counts()
+    assert est.pairs_complete and est.model()["far_pairs"] >= 300
+    areas = est.exclusion_areas
+    est.update(b.slice(2, 10))
+    np.testing.assert_array_equal(est.pair_counts(), first)
+    assert est.exclusion_areas == areas and est.frames_seen == 10
