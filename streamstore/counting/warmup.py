@@ -101,20 +101,24 @@ def _warm_variant(i: int, gain: bool) -> int:
 def _warm_dose() -> list[Any]:
     """Run the dose correction's kernels (pairs, and the charge sums on every frame
     type counting reads: unsigned, and signed for wrapped frames): their dispatchers."""
-    from streamstore.counting import dose
+    from streamstore.counting import charge, coincidence
     from streamstore.events import EventBatch
 
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
-    dose.pair_histogram(b, 5)
+    coincidence.pair_histogram(b, 5)
     dark16 = np.zeros((8, 70), np.int64)
     gain = np.ones((8, 70), np.uint16)
     good = np.ones((8, 70), np.uint8)
     flags = np.ones((1, 9), bool)
     for dt in (np.uint16, np.uint8, np.int16, np.int8):
         raw = np.zeros((8, 70), dt)
-        dose.tile_charge(raw, dark16, gain, good, 2**62, 1, 8, flags)
-        dose.window_charge(raw, dark16, gain, good, 2**62, 1, b.indices, flags, 8, 1)
-    return [dose._pair_histogram_kernel, dose._tile_charge_kernel, dose._window_charge_kernel]
+        charge.tile_charge(raw, dark16, gain, good, 2**62, 1, 8, flags)
+        charge.window_charge(raw, dark16, gain, good, 2**62, 1, b.indices, flags, 8, 1)
+    return [
+        coincidence._pair_histogram_kernel,
+        charge._tile_charge_kernel,
+        charge._window_charge_kernel,
+    ]
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each

@@ -34,7 +34,7 @@ from streamstore.store._chunkio import (
     read_column,
 )
 from streamstore.store.damage import DamageChecks
-from streamstore.store.format import FORMAT_NAME
+from streamstore.store.format import FORMAT_NAME, read_dose_model
 from streamstore.store.scan_methods import ScanMethods, analysis_function
 from streamstore.store.selection import UNITS, FrameSelection
 
@@ -210,7 +210,7 @@ class Store(FrameSelection, DamageChecks, ScanMethods):
                 f"{self.path}: frames/event_offset and event_count overlap or are negative"
             )
         self._ids, self._ts, self._counts, self._starts = ids, ts, counts, offs
-        self._load_dose_model()
+        self._dose_model = read_dose_model(self._frame_ds.get("electrons"))
         self._electrons = electrons if self._dose_model is not None else None
         self._damaged = damaged[:n]
         self._damage_why = [(lo, min(hi, n), r) for lo, hi, r in why if lo < n]
@@ -337,25 +337,6 @@ class Store(FrameSelection, DamageChecks, ScanMethods):
                 v = v.tolist()
             out[k] = v
         return out
-
-    def _load_dose_model(self) -> None:
-        """Read the dose model of ``frames/electrons`` (None: no correction recorded)."""
-        from streamstore.store.format import NO_DOSE_MODEL
-
-        self._dose_model: dict[str, Any] | None = None
-        ds = self._frame_ds.get("electrons")
-        if ds is None:
-            return
-        name = str(_text(ds.attrs.get("dose_model", b""))).strip()
-        if not name or name == NO_DOSE_MODEL:
-            return
-        try:
-            params = json.loads(str(_text(ds.attrs.get("dose_model_parameters", b"{}"))).strip())
-        except ValueError:
-            params = {}
-        model = dict(params) if isinstance(params, dict) else {}
-        model["name"] = name
-        self._dose_model = model
 
     @property
     def calibration_warning(self) -> str:

@@ -57,15 +57,15 @@ from streamstore.store.format import (
     CAL_WARNING_BYTES,
     DEFAULT_CHUNK_EVENTS,
     DEFAULT_CHUNK_FRAMES,
-    DOSE_MODEL_BYTES,
-    DOSE_PARAMETERS_BYTES,
     FORMAT_NAME,
     FORMAT_VERSION,
     FRAME_COLUMNS,
-    NO_DOSE_MODEL,
+    check_dose_model,
     create_layout,
     dumps,
+    electrons_of,
     jsonable,
+    write_dose_model,
 )
 
 __all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -296,8 +296,7 @@ class StoreWriter:
         self._last_flush = time.monotonic()
         self._frames_since_flush = 0
         self._closed = False
-        # whether the batches carry electrons: fixed by the first append with frames
-        self._corrected: bool | None = None
+        self._corrected: bool | None = None  # batches carry electrons (the first decides)
         self._dose_model: dict[str, Any] | None = None
         self._dose_model_dirty = False
 
@@ -360,19 +359,10 @@ class StoreWriter:
         timestamps_ns : array_like of int, shape (n,)
             Acquisition time of each frame in nanoseconds.
 
-        Notes
-        -----
-        ``events.electrons`` (the corrected dose) goes to ``frames/electrons``.
-        The first append decides: a series whose batches carry no electrons
-        stores the event counts there and records the dose model ``"none"``;
-        a batch that differs from the first is refused. Record the model that
-        made the electrons with :meth:`set_dose_model`.
-
         Raises
         ------
         ValueError
-            On a shape/type mismatch, frame ids that do not increase, or
-            electrons present in some batches and not in others.
+            On a shape/type mismatch, ids that do not increase, mixed ``electrons``.
         """
         self._check_open()
         if not isinstance(events, EventBatch):
@@ -402,15 +392,7 @@ class StoreWriter:
         ts = ts.astype(np.int64)
         if n == 0:
             return
-        has_el = events.electrons is not None
-        if self._corrected is not None and has_el != self._corrected:
-            raise ValueError(
-                "events carry electrons but the series' first frames did not"
-                if has_el
-                else "events carry no electrons but the series' first frames did"
-            )
-        if has_el and not np.all(np.isfinite(events.electrons)):
-            raise ValueError("events.electrons must be finite")
+        electrons, has_el = electrons_of(events, self._corrected)
         if n > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("frame_ids must be strictly increasing within a batch")
         if self._last_id is not None and ids[0] <= self._last_id:
@@ -433,7 +415,6 @@ class StoreWriter:
         self._cols["event_offset"].extend(events.offsets[:-1] + first, write_full=False)
         self._cols["event_count"].extend(counts, write_full=False)
         self._cols["timestamp_ns"].extend(ts, write_full=False)
-        electrons = events.electrons if has_el else counts.astype(np.float64)
         self._cols["electrons"].extend(electrons, write_full=False)
         self._cols["frame_id"].extend(ids, write_full=False)
         if self._corrected is None:
@@ -556,59 +537,12 @@ class StoreWriter:
         self._cal_warning = str(text)
 
     def set_dose_model(self, model: dict[str, Any] | None) -> None:
-        """Record the model that made the batches' electrons (written at the next flush).
-
-        Parameters
-        ----------
-        model : dict or None
-            JSON-able, with at least ``name`` (str); the other items are the
-            model's parameters (e.g. :meth:`streamstore.counting.dose.DoseCorrector.model`).
-            Stored in the attributes ``dose_model`` (the name) and
-            ``dose_model_parameters`` (JSON) of ``frames/electrons``. Ignored
-            while the series' batches carry no electrons (the file says ``"none"``).
-
-        Raises
-        ------
-        ValueError
-            Without a name, or when it does not fit (64 bytes of name, 2048 of JSON).
-        """
+        """Record the model (JSON-able dict with ``name``, or None) that made the
+        batches' ``electrons``, at the next flush; a series whose first batch has no
+        electrons stores the counts in ``frames/electrons`` and says ``"none"``."""
         self._check_open()
-        if model is None:
-            self._dose_model = None
-        else:
-            model = dict(model)
-            name = str(model.get("name", ""))
-            if not name or name == NO_DOSE_MODEL:
-                raise ValueError(f"dose model needs a name (not {NO_DOSE_MODEL!r}), got {model!r}")
-            if len(name.encode()) > DOSE_MODEL_BYTES:
-                raise ValueError(
-                    f"dose model name {name!r} is longer than {DOSE_MODEL_BYTES} bytes"
-                )
-            text = dumps(model).encode()
-            if len(text) > DOSE_PARAMETERS_BYTES:
-                raise ValueError(
-                    f"dose model parameters take {len(text)} bytes as JSON, "
-                    f"at most {DOSE_PARAMETERS_BYTES} fit"
-                )
-            self._dose_model = model
+        self._dose_model = None if model is None else check_dose_model(model)
         self._dose_model_dirty = True
-
-    def _write_dose_model(self) -> None:
-        if not self._dose_model_dirty or self._corrected is None:
-            return
-        attrs = self._cols["electrons"].ds.attrs
-        if self._corrected and self._dose_model is not None:
-            model = self._dose_model
-            name = str(model["name"])
-        else:
-            # electrons without a recorded model are still the batches' electrons:
-            # say so rather than pass them for event counts
-            model = {} if not self._corrected else {"name": "unrecorded"}
-            name = NO_DOSE_MODEL if not self._corrected else "unrecorded"
-        attrs.modify("dose_model", np.bytes_(name.encode().ljust(DOSE_MODEL_BYTES)))
-        text = dumps(model).encode()
-        attrs.modify("dose_model_parameters", np.bytes_(text.ljust(DOSE_PARAMETERS_BYTES)))
-        self._dose_model_dirty = False
 
     @property
     def calibration_warning(self) -> str:
@@ -621,7 +555,9 @@ class StoreWriter:
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
-        self._write_dose_model()  # before frame_id publishes the frames it describes
+        if self._dose_model_dirty and self._corrected is not None:  # before frame_id publishes
+            write_dose_model(self._cols["electrons"].ds, self._corrected, self._dose_model)
+            self._dose_model_dirty = False
         self._gaps.commit(final)
         if self._sub is not None:
             self._sub.commit(final)

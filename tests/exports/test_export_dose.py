@@ -44,7 +44,7 @@ def test_eer_dose_sidecar(tmp_path, store_path):
         r = export_eer(s, tmp_path / "m.eer")
         el, counts = s.dose("events"), s.event_counts
     lines, rows = _table(r.dose_path)
-    assert f"# {LABEL}" in lines
+    assert f"# {LABEL} (the e_per_* columns)" in lines
     # columns: page, frame_id, stored, events, e_per_px, e_per_A2, cumulative_e_per_A2
     np.testing.assert_array_equal(rows[:, 3], counts)
     np.testing.assert_allclose(rows[:, 4], el / (16 * 24), rtol=1e-8)
