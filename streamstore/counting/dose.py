@@ -294,13 +294,22 @@ class DoseEstimator:
         ndarray of float64, shape (batch.n_frames,)
             Estimated electrons per frame (the event count where nothing is lost).
         """
+        n = batch.n_frames
+        if n == 0 and tuple(batch.frame_shape) == self.frame_shape:
+            return np.zeros(0, np.float64)
+        tiles = self.pool(batch)
+        per_event = self._factor[tiles]
+        frame_of = np.repeat(np.arange(n), batch.counts)
+        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+
+    def pool(self, batch: EventBatch) -> np.ndarray:
+        """Pool ``batch`` (the :meth:`update` without the per-frame sums); return the
+        tile of each of its events (flat index into the tiles)."""
         if tuple(batch.frame_shape) != self.frame_shape:
             raise ValueError(
                 f"batch: frame shape {batch.frame_shape} is not the estimator's {self.frame_shape}"
             )
         n = batch.n_frames
-        if n == 0:
-            return np.zeros(0, np.float64)
         tiles = self._tile_ids(batch.indices)
         counts = batch.counts
         if self.memory is None:
@@ -331,9 +340,7 @@ class DoseEstimator:
             self._factor = self._tile_factor()
             self._stale = 0
             self._refreshed_at = self.frames_seen
-        per_event = self._factor[tiles]
-        frame_of = np.repeat(np.arange(n), counts)
-        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+        return tiles
 
     def model(self) -> dict:
         """The model and its parameters, as a store records them (JSON-able).
@@ -459,10 +466,9 @@ class DoseCorrector:
             self._win_electrons += float(np.sum(est._factor[t]))
             self._win_n += int(q.size)
 
-    def _frame_electrons(self, fb: EventBatch, raw: np.ndarray | None) -> float:
-        """Electrons of the one-frame batch ``fb`` with the current pooled state."""
+    def _frame_electrons(self, tiles: np.ndarray, raw: np.ndarray | None) -> float:
+        """Electrons of one frame whose events lie in ``tiles``, with the pooled state."""
         est = self.estimator
-        tiles = est._tile_ids(fb.indices)
         per_event = est._factor[tiles]
         q1 = self.electron_charge
         if raw is None or q1 is None or not self._dense.any():
@@ -499,11 +505,11 @@ class DoseCorrector:
         for i in range(n):  # frame by frame: the result does not depend on batching
             fb = batch.slice(i, i + 1)
             raw = self._raw(frames, i)
-            self.estimator.update(fb)
+            tiles = self.estimator.pool(fb)
             self._refresh_flags()
             if raw is not None:
                 self._sample_windows(raw, fb.indices)
-            out[i] = self._frame_electrons(fb, raw)
+            out[i] = self._frame_electrons(tiles, raw)
         return batch.with_electrons(out)
 
     def pooled(self, batch: EventBatch, frames: np.ndarray | None = None) -> np.ndarray:
@@ -513,7 +519,7 @@ class DoseCorrector:
             raise ValueError("pooled() needs a fresh DoseCorrector")
         est = self.estimator
         est.refresh = max(1, batch.n_frames)
-        est.update(batch)
+        tiles = est.pool(batch) if batch.n_frames else np.zeros(0, np.int64)
         self._refresh_flags()
         if frames is not None and self._maps is not None and self.charge:
             for i in range(batch.n_frames):
@@ -521,7 +527,8 @@ class DoseCorrector:
                 self._sample_windows(self._raw(frames, i), batch.indices[a:b])
         out = np.empty(batch.n_frames, np.float64)
         for i in range(batch.n_frames):
-            out[i] = self._frame_electrons(batch.slice(i, i + 1), self._raw(frames, i))
+            a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
+            out[i] = self._frame_electrons(tiles[a:b], self._raw(frames, i))
         return out
 
     def model(self) -> dict:
