@@ -6,6 +6,9 @@ each index is the flat pixel index ``row * W + col`` and indices ascend within
 a frame. The optional ``subpixel`` array is aligned with ``indices``: bits 2-3
 hold the row quarter and bits 0-1 the column quarter of the position inside
 the pixel (a 4 x 4 grid, as EER does), i.e. ``subpixel = (qy << 2) | qx``.
+The optional ``electrons`` array holds one float64 per frame: the electrons
+estimated to have arrived, corrected for coincidence loss
+(:mod:`streamstore.counting.dose`); None where no correction was made.
 """
 
 from __future__ import annotations
@@ -80,6 +83,10 @@ class EventBatch:
         with ``indices``.
     frame_shape : tuple of int
         ``(H, W)`` of the frames the events came from.
+    electrons : array_like of float64, optional
+        Per frame, the electrons estimated to have arrived (the event count
+        corrected for coincidence loss, :mod:`streamstore.counting.dose`);
+        None: no correction made.
     validate : bool, default True
         Check the invariants above (O(n_events)); internal producers that
         guarantee them may pass False.
@@ -90,7 +97,7 @@ class EventBatch:
         When an invariant does not hold; the message names it.
     """
 
-    __slots__ = ("offsets", "indices", "subpixel", "frame_shape")
+    __slots__ = ("offsets", "indices", "subpixel", "frame_shape", "electrons")
 
     def __init__(
         self,
@@ -99,6 +106,7 @@ class EventBatch:
         subpixel: np.ndarray | None = None,
         frame_shape: tuple[int, int] | None = None,
         *,
+        electrons: np.ndarray | None = None,
         validate: bool = True,
     ) -> None:
         if frame_shape is None:
@@ -110,6 +118,14 @@ class EventBatch:
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
         self.indices = np.ascontiguousarray(indices, dtype=np.uint32)
         self.subpixel = None if subpixel is None else np.ascontiguousarray(subpixel, np.uint8)
+        self.electrons = (
+            None if electrons is None else np.ascontiguousarray(electrons, dtype=np.float64)
+        )
+        if self.electrons is not None and self.electrons.shape != (self.offsets.size - 1,):
+            raise ValueError(
+                f"electrons must hold one value per frame ({self.offsets.size - 1}), "
+                f"got shape {self.electrons.shape}"
+            )
         if validate:
             self._validate(offsets, indices)
 
@@ -191,11 +207,24 @@ class EventBatch:
         stop = max(stop, start)
         a, b = int(self.offsets[start]), int(self.offsets[stop])
         sub = None if self.subpixel is None else self.subpixel[a:b]
+        el = None if self.electrons is None else self.electrons[start:stop]
         return EventBatch(
             self.offsets[start : stop + 1] - a,
             self.indices[a:b],
             sub,
             self.frame_shape,
+            electrons=el,
+            validate=False,
+        )
+
+    def with_electrons(self, electrons: np.ndarray | None) -> EventBatch:
+        """The same events with ``electrons`` (one float64 per frame, or None); no copy."""
+        return EventBatch(
+            self.offsets,
+            self.indices,
+            self.subpixel,
+            self.frame_shape,
+            electrons=electrons,
             validate=False,
         )
 
@@ -216,11 +245,16 @@ class EventBatch:
             offs.append(b.offsets[1:] + base)
             base += b.n_events
         sub = np.concatenate([b.subpixel for b in batches]) if all(has_sub) else None
+        has_el = [b.electrons is not None for b in batches]
+        if any(has_el) and not all(has_el):
+            raise ValueError("cannot concatenate batches with and without electrons")
+        el = np.concatenate([b.electrons for b in batches]) if all(has_el) else None
         return cls(
             np.concatenate(offs),
             np.concatenate([b.indices for b in batches]),
             sub,
             shape,
+            electrons=el,
             validate=False,
         )
 
@@ -257,13 +291,15 @@ class EventBatch:
         )
         if same and self.subpixel is not None:
             same = np.array_equal(self.subpixel, other.subpixel)
+        # the events only: ``electrons`` is an estimate made from them, compared apart
         return bool(same)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         sub = ", subpixel" if self.subpixel is not None else ""
+        el = "" if self.electrons is None else f", electrons={float(self.electrons.sum()):.1f}"
         return (
             f"EventBatch(n_frames={self.n_frames}, n_events={self.n_events}, "
-            f"frame_shape={self.frame_shape}{sub})"
+            f"frame_shape={self.frame_shape}{sub}{el})"
         )

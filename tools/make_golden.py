@@ -24,6 +24,11 @@ from streamstore.store.format import FORMAT_VERSION
 SHAPE = (12, 20)  # non-square: rows != cols
 
 
+#: the corrected dose of the golden frames (format 3): made-up numbers, what matters
+#: is that they are stored and read back exactly, beside the model that "made" them
+GOLDEN_DOSE_MODEL = {"name": "tile-coincidence", "version": 1, "tile": 8, "hard_area": 9.0}
+
+
 def golden_batches() -> list[EventBatch]:
     """Deterministic batches covering the corner cases of the format."""
     rng = np.random.default_rng(20261125)
@@ -44,7 +49,8 @@ def golden_batches() -> list[EventBatch]:
     np.cumsum(counts, out=offsets[1:])
     idx = np.concatenate(frames).astype(np.uint32)
     sub = rng.integers(0, 16, idx.size).astype(np.uint8)
-    batch = EventBatch(offsets, idx, sub, SHAPE)
+    electrons = counts * 1.25 + np.arange(len(frames)) / 8.0
+    batch = EventBatch(offsets, idx, sub, SHAPE, electrons=electrons)
     return [batch.slice(0, 3), batch.slice(3, 4), batch.slice(4, 8)]
 
 
@@ -73,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         flush_interval_s=1e9,
         scan={"scan_shape": (2, 4), "frames_per_position": 1, "flyback": 1},
     ) as w:
+        w.set_dose_model(GOLDEN_DOSE_MODEL)
         for k, (b, fid) in enumerate(zip(batches, ids, strict=True)):
             w.append(b, fid, 1_700_000_000_000_000_000 + fid * 4_000_000)
             if k == 0:
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "missing_ranges": [[13, 14], [18, 20]],
         "scan": {"scan_shape": [2, 4], "frames_per_position": 1, "flyback": 1},
         "calibration_warning": "",
+        "electrons": full.electrons.tolist(),
+        "dose_model": GOLDEN_DOSE_MODEL,
         "frame_time_s": 0.004,
         "pixel_size_A": 1.25,
         "calibration": {"n_sigma": 5.0, "source": "manual", "dark_mean": 100.0},

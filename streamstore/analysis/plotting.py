@@ -288,8 +288,11 @@ def summary_figure(
     # headroom above the data for the legend, so it never covers a curve
     top = float(dose.max()) if dose.size and dose.max() > 0 else 1.0
     ax_dose.set_ylim(0, top * 1.45)
+    # which dose: the corrected electrons where the file records them, else the events
+    kind = "corrected" if getattr(store, "dose_corrected", False) else "counted events"
     ax_dose.set_title(
-        f"dose per frame: mean {dose.mean():.3g} (range {dose.min():.3g} to {dose.max():.3g})",
+        f"dose per frame ({kind}): mean {dose.mean():.3g} "
+        f"(range {dose.min():.3g} to {dose.max():.3g})",
         fontsize=10,
     )
     ax_dose.legend(loc="upper right", fontsize=8, framealpha=0.85, ncol=2)

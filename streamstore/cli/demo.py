@@ -4,8 +4,8 @@ Starts an ingest daemon (`streamstore ingest`) and a camera emulator
 (`streamstore emulate`) as two processes talking ZeroMQ over tcp loopback,
 streams a dark series (which becomes the calibration) and a data series with
 ground truth, then opens the stored series through the Python API and prints
-frames received and stored, the achieved rate, events, the counted dose in
-e/A^2 (the file records --pixel-size), bits/event, counting recall and
+frames received and stored, the achieved rate, events, the counted and the
+coincidence-corrected dose in e/A^2 (the file records --pixel-size), bits/event, counting recall and
 precision against the truth, and where the file and a PNG (the summed image and
 the dose per frame, ``plotting.save_summary``, as ``streamstore show``) are.
 The default frame size and rate finish in about a minute on two cores; --full
@@ -272,10 +272,13 @@ def _report(args, out: Path, sid: str, truth_path: Path, sent: dict, wall_s: flo
     _say(f"  events: {n_events} ({n_events / max(n, 1):.0f} per frame, "
          f"{n_events / max(n, 1) / (h * w):.4f} e/px/frame)")  # fmt: skip
     if store.pixel_size_A:
-        dose = store.dose(unit="e/A2")
+        dose = store.dose(unit="e/A2", corrected=False)
         _say(f"  counted dose: {float(dose.sum()):.4g} e/A^2 in {n} frames, "
              f"{float(dose.mean()) if n else 0.0:.4g} e/A^2/frame "
              f"(pixel size {store.pixel_size_A:g} A)")  # fmt: skip
+        if store.dose_corrected:  # what the store's dose() gives: coincidence loss corrected
+            fixed = float(store.dose(unit="e/A2").sum())
+            _say(f"  corrected dose: {fixed:.4g} e/A^2 in {n} frames ({store.dose_label})")
     _say(f"  bits/event: {store.bits_per_event:.2f} (file {path.stat().st_size / 1e6:.2f} MB, "
          f"raw frames {sent['bytes'] / 1e6:.0f} MB: "
          f"{sent['bytes'] / max(path.stat().st_size, 1):.0f} x smaller)")  # fmt: skip

@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"wrote {r.path}: {r.n_pages} pages ({r.dtype.name}), "
                 f"{min(sizes)}-{max(sizes)} frames per page, "
-                f"{r.page_dose.mean():.4g} {r.unit} per page on average"
+                f"{r.page_dose.mean():.4g} {r.unit} per page on average "
+                f"({getattr(store, 'dose_label', 'dose: counted events')})"
             )
             if r.remainder is None:
                 print("remainder: none")

@@ -84,7 +84,11 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         (from the timestamps), ``duration_s`` (frame ids spanned x frame time),
         ``n_events``, ``pixel_size_A``, ``dose_total`` and
         ``dose_per_frame`` (dicts by unit; ``dose_per_frame`` holds mean, min
-        and max), ``dose_rate_per_s`` (dict by unit, over ``duration_s``),
+        and max), ``dose_rate_per_s`` (dict by unit, over ``duration_s``): the
+        corrected dose where the file records one (``"events"`` is then
+        electrons), else the counted events; ``dose_corrected`` (bool),
+        ``dose_model`` (name and parameters, or None) and ``dose_label`` (one
+        line saying which),
         ``bits_per_event``, ``counting``, ``calibration_source``,
         ``calibration``.
     """
@@ -113,6 +117,14 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
             "min": float(d.min()) if n else None,
             "max": float(d.max()) if n else None,
         }
+    corrected = bool(getattr(store, "dose_corrected", False))
+    dose_model = getattr(store, "dose_model", None)
+    version = attrs.get("format_version")
+    dose_label = getattr(
+        store,
+        "dose_label",
+        f"dose: counted events, no coincidence correction recorded (format {version})",
+    )
     measured = ts_span = None
     if n > 1 and ts[-1] > ts[0]:  # frame ids advance once per camera frame, missing or not
         ts_span = float(ts[-1] - ts[0]) / 1e9
@@ -181,6 +193,9 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         "dose_total": dose_total,
         "dose_per_frame": dose_frame,
         "dose_rate_per_s": {u: v / duration for u, v in dose_total.items()} if duration else None,
+        "dose_corrected": corrected,
+        "dose_model": dose_model,
+        "dose_label": dose_label,
         "bits_per_event": bits,
         "counting": counting or None,
         "calibration_source": cal_source or None,
@@ -188,6 +203,15 @@ def summary(store: Any, path: str | os.PathLike | None = None) -> dict[str, Any]
         "calibration_warning": str(getattr(store, "calibration_warning", "") or "") or None,
     }
     return _jsonable(out)
+
+
+def _model_line(model: dict[str, Any] | None) -> str:
+    """``: hard_area 9, soft_area 2.1, ...`` for the dose line ("" without a model)."""
+    if not model:
+        return ""
+    keys = ("hard_area", "soft_area", "charge_tiles", "efficiency", "frames_seen")
+    parts = [f"{k} {model[k]:.4g}" for k in keys if isinstance(model.get(k), int | float)]
+    return (": " + ", ".join(parts)) if parts else ""
 
 
 def _si(x: float | None, unit: str) -> str:
@@ -273,7 +297,11 @@ def format_summary(s: dict[str, Any]) -> str:
     row("timing", timing)
     dt, df = s["dose_total"], s["dose_per_frame"]
     px = s["pixel_size_A"]
-    total = f"{s['n_events']:,} events = {dt['e/px']:.6g} e/px"
+    if s["dose_corrected"]:
+        total = f"{dt['events']:,.1f} electrons ({s['n_events']:,} events counted)"
+    else:
+        total = f"{s['n_events']:,} events"
+    total += f" = {dt['e/px']:.6g} e/px"
     if "e/A2" in dt:
         total += f" = {dt['e/A2']:.6g} e/A^2"
     rate = s["dose_rate_per_s"]
@@ -282,6 +310,8 @@ def format_summary(s: dict[str, Any]) -> str:
         total += f", {rate[ru]:.4g} {'e/A^2' if ru == 'e/A2' else 'e/px'} per s"
     if "e/A2" not in dt:
         total += " (e/A^2 needs the pixel size)"
+    # what the dose below is: the corrected electrons, or the counted events
+    lines.append(f"  {s['dose_label']}{_model_line(s['dose_model'])}")
     row("dose total", total)
     u = "e/A2" if "e/A2" in df else "e/px"
     ulabel = "e/A^2" if u == "e/A2" else "e/px"
@@ -289,7 +319,7 @@ def format_summary(s: dict[str, Any]) -> str:
         row(
             "dose / frame",
             f"mean {df[u]['mean']:.4g} {ulabel} (min {df[u]['min']:.4g}, max {df[u]['max']:.4g});"
-            f" {df['events']['mean']:,.1f} events",
+            f" {df['events']['mean']:,.1f} {'electrons' if s['dose_corrected'] else 'events'}",
         )
     row("pixel size", f"{px:g} A" if px else "not recorded")
     bits = s["bits_per_event"]

@@ -51,11 +51,17 @@ class Counter:
     implementation : {"numba", "reference", "native"}, default "numba"
         "reference" is the plain numpy specification, "native" the C twin
         from ``native_ref`` (compiled on first use); both for tests and benchmarks.
+    dose : bool, default True
+        Fill ``EventBatch.electrons``: a :class:`~streamstore.counting.dose.DoseCorrector`
+        pools the frames this Counter counts, call after call, and corrects each
+        frame from the frames up to it. False: ``electrons`` stays None.
 
     Notes
     -----
     Calling a Counter releases the GIL inside the kernel; it is safe to call
-    one Counter from several Python threads.
+    one Counter from several Python threads. The dose correction of a frame
+    depends on the frames counted before it, so calls from several threads get
+    electrons that depend on the order the calls finish in (the events do not).
     """
 
     def __init__(
@@ -66,7 +72,10 @@ class Counter:
         subpixel: bool = False,
         threads: int | None = None,
         implementation: str = "numba",
+        dose: bool = True,
     ) -> None:
+        import threading
+
         from streamstore.counting.calibration import Calibration
 
         if not isinstance(calibration, Calibration):
@@ -95,6 +104,19 @@ class Counter:
         self._derived = calibration._derived()
         self._maps: tuple[np.ndarray, ...] | None = None
         self._wide_rows: bool | None = None
+        self._dose = None
+        if dose:
+            from streamstore.counting.dose import DoseCorrector
+
+            self._dose = DoseCorrector(self.frame_shape, calibration=calibration, dtype=dt)
+        self._dose_lock = threading.Lock()
+
+    def dose_model(self) -> dict | None:
+        """The dose model and its current parameters (None with ``dose=False``)."""
+        if self._dose is None:
+            return None
+        with self._dose_lock:
+            return self._dose.model()
 
     def _prepare(self, frames: Any) -> np.ndarray:
         arr = np.asarray(frames)
@@ -118,7 +140,7 @@ class Counter:
             arr = arr.view(self.kernel_dtype)
         return arr
 
-    def __call__(self, frames: Any) -> EventBatch:
+    def __call__(self, frames: Any, *, _dose: bool = True) -> EventBatch:
         """Count ``frames`` ((H, W) or (n, H, W)); returns one batch entry per frame."""
         arr = self._prepare(frames)
         args = (
@@ -157,7 +179,11 @@ class Counter:
             from native_ref import count_native
 
             offsets, indices, sub = count_native(*args)
-        return EventBatch(offsets, indices, sub, self.frame_shape, validate=False)
+        batch = EventBatch(offsets, indices, sub, self.frame_shape, validate=False)
+        if _dose and self._dose is not None:
+            with self._dose_lock:
+                batch = self._dose(batch, arr)
+        return batch
 
     def __repr__(self) -> str:
         return (
@@ -191,12 +217,20 @@ def count(
     Returns
     -------
     EventBatch
-        Flat indices ``row * W + col`` ascending within each frame.
+        Flat indices ``row * W + col`` ascending within each frame, and
+        ``electrons``: per frame, the electrons estimated from the events,
+        corrected for coincidence loss with the model pooled over the frames of
+        this call (:func:`streamstore.counting.dose.corrected_electrons`).
 
     Raises
     ------
     ValueError
         Wrong frame shape or dtype, or a bad ``threads`` value.
     """
+    from streamstore.counting.dose import corrected_electrons
+
     arr = np.asarray(frames)
-    return Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads)(arr)
+    counter = Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads, dose=False)
+    batch = counter(arr)
+    frames3 = arr.reshape((-1, *counter.frame_shape))
+    return batch.with_electrons(corrected_electrons(batch, frames3, calibration))

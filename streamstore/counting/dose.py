@@ -3,7 +3,10 @@
 The counter reports one event per 3 x 3 local maximum, so two electrons that land
 close together make one event: the event count falls behind the dose as the local
 dose rises (coincidence loss). This module estimates, per frame, how many
-electrons arrived, from the events alone.
+electrons arrived: from the events, and where the events are too dense to say,
+from the charge (below). :class:`DoseCorrector` does both for a series, frame
+after frame; it fills :attr:`EventBatch.electrons` for ``count`` and ``Counter``
+and for the ingest daemon, and the store records it (``frames/electrons``).
 
 Model
 -----
@@ -54,19 +57,72 @@ dose of a few ``1 / a`` the count carries almost no information on the dose):
 the inversion stops at ``lam_max``, where the hard core is :data:`MAX_FILL` full
 or the soft losses make ``mu`` fall again, whichever comes first.
 
-Implementations: a numpy reference of the pair count (:func:`pair_histogram_reference`)
-and its numba twin (:func:`pair_histogram`), equal bit for bit.
+Dense tiles: the charge
+-----------------------
+Where a tile holds more than :data:`CHARGE_LAM` e/px/frame (a bright disk at
+0.2-0.5 e/px/frame has one event per 3 x 3 whatever its dose), a
+:class:`DoseCorrector` given the frames and their calibration estimates the
+tile from its charge instead: the dark-subtracted, gain-weighted signal of the
+tile (saturated pixels and X-ray hits left out, as counting leaves them) over
+the charge of one electron. That charge is measured from the series itself: the
+5 x 5 windows of isolated events (no other event within :data:`ISOLATION` px)
+in tiles below :data:`WINDOW_LAM` e/px/frame, each divided by the electrons its
+event stands for (the model's ``lam / mu``). Signals are integers (raw x 16
+minus ``rint(16 dark)``, times the counting's integer gain), so sums do not
+depend on their order and the numba kernels equal their numpy references
+(:func:`tile_charge`, :func:`window_charge`).
+
+What neither part can see: a lone electron the counter misses (no pixel above
+the threshold) makes no event, and the windows that measure one electron's
+charge are those of found electrons, about as much brighter than the average
+electron as the counter misses (measured at the emulator's defaults: 2.1 % of
+lone electrons missed, windows 1.5 % above the mean deposit). The estimate is so
+low by about the counter's lone-electron loss. Estimating that loss from the
+data needs the charge of the missed electrons, which the dark level's error
+(its row-noise part does not average out over a few dozen dark frames) hides
+at the doses where it matters.
+
+Implementations: numpy references of the pair count (:func:`pair_histogram_reference`)
+and of the charge sums, and their numba twins, equal bit for bit.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from streamstore._numba_cache import serialize_saves
+from streamstore.counting.charge import (  # noqa: F401  (re-exported: the dose API)
+    CHARGE_LAM,
+    CHARGE_SCALE,
+    ISOLATION,
+    MAX_WINDOWS,
+    MIN_WINDOWS,
+    WINDOW_HALF,
+    WINDOW_LAM,
+    WINDOWS_PER_FRAME,
+    _pixel_signal,
+    _signal_maps,
+    tile_charge,
+    tile_charge_reference,
+    window_charge,
+    window_charge_reference,
+)
+from streamstore.counting.coincidence import (  # noqa: F401  (re-exported: the dose API)
+    HARD_CORE_AREA,
+    MAX_FILL,
+    _check_radii,
+    _inverse_table,
+    electrons_from_events,
+    events_from_electrons,
+    exclusion_areas,
+    pair_histogram,
+    pair_histogram_reference,
+)
 from streamstore.events import EventBatch
 
 __all__ = [
+    "CHARGE_LAM",
+    "DOSE_MODEL_NAME",
+    "DoseCorrector",
     "DoseEstimator",
     "MAX_FILL",
     "corrected_electrons",
@@ -75,235 +131,21 @@ __all__ = [
     "exclusion_areas",
     "pair_histogram",
     "pair_histogram_reference",
+    "tile_charge",
+    "tile_charge_reference",
+    "window_charge",
+    "window_charge_reference",
 ]
 
-#: Largest ``mu * A`` that is inverted; denser tiles are treated as this full.
-MAX_FILL = 0.98
-#: Exclusion area of the 3 x 3 local-maximum rule without charge spread (pixels).
-HARD_CORE_AREA = 9.0
-#: Pairs far away below which the measured excess over the hard core is shrunk
-#: toward 0 (few pairs: a noisy excess; it matters little there, the dose is low).
-_FAR_PAIRS_PRIOR = 200.0
-
-
-def events_from_electrons(lam: np.ndarray | float, hard: float, soft: float = 0.0) -> np.ndarray:
-    """Event density the model expects for an electron density ``lam``.
-
-    Parameters
-    ----------
-    lam : array_like
-        Electrons per pixel per frame.
-    hard : float
-        Hard-core area ``a`` (pixels).
-    soft : float, default 0.0
-        Soft area ``b`` (pixels).
-
-    Returns
-    -------
-    ndarray
-        ``(1 - exp(-lam a)) / a * exp(-lam b / 2)``.
-    """
-    lam = np.asarray(lam, dtype=np.float64)
-    return -np.expm1(-lam * hard) / hard * np.exp(-0.5 * soft * lam)
-
-
-def _lam_max(hard: float, soft: float) -> float:
-    """Largest electron density the model inverts (see the module docstring)."""
-    cap = -np.log1p(-MAX_FILL) / hard
-    if soft <= 0:
-        return float(cap)
-    lo, hi = 0.0, float(cap)
-    b = 0.5 * soft
-
-    def slope(lam: float) -> float:
-        return np.exp(-lam * (hard + b)) - b * float(events_from_electrons(lam, hard, soft))
-
-    if slope(hi) > 0:
-        return hi
-    for _ in range(60):  # mu rises then falls: bisect its peak
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
-    return lo
-
-
-_TABLE_SIZE = 4097
-
-
-def _inverse_table(hard: float, soft: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(mu, lam, d2)`` on a grid of ``lam`` from 0 to ``lam_max``; ``d2`` is
-    ``d^2 lam / d mu^2`` (for the noise bias of the inversion)."""
-    lam = np.linspace(0.0, _lam_max(hard, soft), _TABLE_SIZE)
-    mu = events_from_electrons(lam, hard, soft)
-    b = 0.5 * soft
-    e = np.exp(-lam * (hard + b))
-    d1 = e - b * mu
-    d2mu = -(hard + b) * e - b * d1
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d2 = np.where(d1 > 0, -d2mu / np.maximum(d1, 1e-300) ** 3, 0.0)
-    return mu, lam, d2
-
-
-def electrons_from_events(mu: np.ndarray | float, hard: float, soft: float = 0.0) -> np.ndarray:
-    """Electron density for an event density ``mu`` (inverse of :func:`events_from_electrons`).
-
-    Parameters
-    ----------
-    mu : array_like
-        Events per pixel per frame.
-    hard, soft : float
-        Areas ``a`` and ``b`` of the model (pixels).
-
-    Returns
-    -------
-    ndarray
-        ``lam`` with ``events_from_electrons(lam) == mu``, at most ``lam_max``.
-    """
-    tmu, tlam, _ = _inverse_table(hard, soft)
-    mu = np.asarray(mu, dtype=np.float64)
-    lam = np.interp(mu, tmu, tlam)
-    # one Newton step polishes the table's linear interpolation
-    slope = np.exp(-lam * (hard + 0.5 * soft)) - 0.5 * soft * events_from_electrons(lam, hard, soft)
-    inside = (mu < tmu[-1]) & (slope > 0)
-    step = (events_from_electrons(lam, hard, soft) - mu) / np.where(inside, slope, 1.0)
-    return np.where(inside, lam - step, lam)
-
-
-def _check_radii(pair_radius: int, far_radii: tuple[int, int]) -> tuple[int, int, int]:
-    lo, hi = (int(v) for v in far_radii)
-    if not 1 <= int(pair_radius) < lo <= hi:
-        raise ValueError(
-            f"need 1 <= pair_radius < far_radii[0] <= far_radii[1], got {pair_radius}, {far_radii}"
-        )
-    return int(pair_radius), lo, hi
-
-
-def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
-    """Count pairs of events of the same frame by their lattice offset (numpy reference).
-
-    Parameters
-    ----------
-    batch : EventBatch
-        Events.
-    radius : int
-        Largest Chebyshev distance counted.
-
-    Returns
-    -------
-    ndarray of int64, shape (radius + 1, 2 * radius + 1)
-        ``h[dy, dx + radius]``: pairs whose second event lies ``dy`` rows below and
-        ``dx`` columns right of the first; each unordered pair once (``dy > 0``, or
-        ``dy == 0`` and ``dx > 0``); other cells 0.
-    """
-    h, w = batch.frame_shape
-    hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
-    for f in range(batch.n_frames):
-        idx = batch.indices[batch.offsets[f] : batch.offsets[f + 1]].astype(np.int64)
-        r, c = np.divmod(idx, w)
-        for dy in range(radius + 1):
-            for dx in range(-radius, radius + 1):
-                if dy == 0 and dx <= 0:
-                    continue
-                ok = (r + dy < h) & (c + dx >= 0) & (c + dx < w)
-                target = idx[ok] + dy * w + dx
-                pos = np.searchsorted(idx, target)
-                inside = pos < idx.size
-                hist[dy, dx + radius] += int(np.sum(idx[pos[inside]] == target[inside]))
-    return hist
-
-
-@njit(nogil=True, cache=True)
-def _pair_histogram_kernel(offsets, indices, h, w, radius, hist):  # pragma: no cover - numba
-    ptr = np.empty(radius + 1, np.int64)
-    for f in range(offsets.size - 1):
-        a = offsets[f]
-        b = offsets[f + 1]
-        for dy in range(radius + 1):
-            ptr[dy] = a
-        for i in range(a, b):
-            e = np.int64(indices[i])
-            r = e // w
-            c = e - r * w
-            for dy in range(radius + 1):
-                if r + dy >= h:
-                    break
-                lo = e + dy * w - radius
-                p = ptr[dy]
-                # events ascend, so each row's window start only moves forward
-                while p < b and np.int64(indices[p]) < lo:
-                    p += 1
-                ptr[dy] = p
-                hi = e + dy * w + radius
-                q = p
-                while q < b and np.int64(indices[q]) <= hi:
-                    t = np.int64(indices[q])
-                    rq = t // w
-                    dx = t - rq * w - c
-                    if rq == r + dy and (dy > 0 or dx > 0):
-                        hist[dy, dx + radius] += 1
-                    q += 1
-    return hist
-
-
-def pair_histogram(batch: EventBatch, radius: int) -> np.ndarray:
-    """Count pairs of events by lattice offset (numba; same result as
-    :func:`pair_histogram_reference`, in O(events * radius + pairs))."""
-    h, w = batch.frame_shape
-    hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
-    if batch.n_events:
-        _pair_histogram_kernel(batch.offsets, batch.indices, h, w, int(radius), hist)
-    return hist
-
-
-def exclusion_areas(
-    hist: np.ndarray,
-    frame_shape: tuple[int, int],
-    pair_radius: int = 2,
-    far_radii: tuple[int, int] = (4, 5),
-) -> tuple[float, float]:
-    """Hard-core and soft areas ``(a, b)`` (pixels) from a pair histogram.
-
-    Pairs per offset (:func:`pair_histogram`) are divided by the number of places
-    the offset fits in a frame, and by their mean over the far offsets (Chebyshev
-    distance in ``far_radii``) to give ``g(d)``. ``a = 1 + 2 * sum (1 - g(d))`` over
-    the half plane with ``|d|_inf == 1``; ``b = 2 * sum (1 - g(d))`` for
-    ``2 <= |d|_inf <= pair_radius``, shrunk toward 0 while few far pairs are seen
-    and never below 0. Without pairs: ``(9, 0)``, the 3 x 3 rule's hard core.
-
-    Parameters
-    ----------
-    hist : ndarray, shape (R + 1, 2 R + 1)
-        Pair counts, ``R >= far_radii[1]``.
-    frame_shape : tuple of int
-        ``(H, W)``.
-    pair_radius : int, default 2
-        Largest Chebyshev distance of the deficit sum.
-    far_radii : tuple of int, default (4, 5)
-        Chebyshev distances that normalise ``g``.
-
-    Returns
-    -------
-    tuple of float
-    """
-    near, lo, hi = _check_radii(pair_radius, far_radii)
-    radius = (hist.shape[1] - 1) // 2
-    if hist.shape != (radius + 1, 2 * radius + 1) or radius < hi:
-        raise ValueError(f"hist: expected shape (R + 1, 2 R + 1) with R >= {hi}, got {hist.shape}")
-    h, w = frame_shape
-    dy = np.arange(radius + 1)[:, None]
-    dx = np.arange(-radius, radius + 1)[None, :]
-    half = (dy > 0) | (dx > 0)
-    cheb = np.maximum(dy, np.abs(dx))
-    places = np.maximum((h - dy) * (w - np.abs(dx)), 1).astype(np.float64)
-    far = half & (cheb >= lo) & (cheb <= hi)
-    n_far = float(hist[far].sum())
-    if n_far == 0:
-        return HARD_CORE_AREA, 0.0
-    rate = hist / places
-    deficit = 1.0 - rate / rate[far].mean()
-    hard = 1.0 + 2.0 * float(np.sum(deficit[half & (cheb == 1)]))
-    soft = 2.0 * float(np.sum(deficit[half & (cheb >= 2) & (cheb <= near)]))
-    soft *= n_far / (n_far + _FAR_PAIRS_PRIOR)
-    return max(hard, 1.0), max(soft, 0.0)
+#: Name of this module's model, as a store records it beside the corrected dose.
+DOSE_MODEL_NAME = "tile-coincidence"
+#: Version of the model (what its recorded parameters mean).
+DOSE_MODEL_VERSION = 1
+#: Far pairs (Chebyshev distance in ``far_radii``) after which the pair count stops:
+#: about 28,000 per far offset, so ``g(d)`` is known to 0.6 % and the areas to a few
+#: hundredths of a pixel; counting on would cost a pass over the events every frame
+#: for nothing.
+MAX_FAR_PAIRS = 2_000_000
 
 
 class DoseEstimator:
@@ -381,6 +223,12 @@ class DoseEstimator:
         self._weight = 0.0  # frames pooled (sum of weights)
         self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
         self._pairs = np.zeros((hi + 1, 2 * hi + 1), np.int64)
+        dy = np.arange(hi + 1)[:, None]
+        dx = np.arange(-hi, hi + 1)[None, :]
+        cheb = np.maximum(dy, np.abs(dx))
+        self._far = ((dy > 0) | (dx > 0)) & (cheb >= lo) & (cheb <= hi)
+        #: True once :data:`MAX_FAR_PAIRS` far pairs are pooled: the areas stay as measured
+        self.pairs_complete = False
         self._factor: np.ndarray | None = None
         self._stale = 0
         self._refreshed_at = 0
@@ -446,13 +294,22 @@ class DoseEstimator:
         ndarray of float64, shape (batch.n_frames,)
             Estimated electrons per frame (the event count where nothing is lost).
         """
+        n = batch.n_frames
+        if n == 0 and tuple(batch.frame_shape) == self.frame_shape:
+            return np.zeros(0, np.float64)
+        tiles = self.pool(batch)
+        per_event = self._factor[tiles]
+        frame_of = np.repeat(np.arange(n), batch.counts)
+        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+
+    def pool(self, batch: EventBatch) -> np.ndarray:
+        """Pool ``batch`` (the :meth:`update` without the per-frame sums); return the
+        tile of each of its events (flat index into the tiles)."""
         if tuple(batch.frame_shape) != self.frame_shape:
             raise ValueError(
                 f"batch: frame shape {batch.frame_shape} is not the estimator's {self.frame_shape}"
             )
         n = batch.n_frames
-        if n == 0:
-            return np.zeros(0, np.float64)
         tiles = self._tile_ids(batch.indices)
         counts = batch.counts
         if self.memory is None:
@@ -469,12 +326,13 @@ class DoseEstimator:
             self._counts += np.bincount(tiles, weights=ew, minlength=self._counts.size)
             self._weight = self._weight * decay + float(wf.sum())
             self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
-        if self.fixed_areas is None:
+        if self.fixed_areas is None and not self.pairs_complete:
             radius = self._pairs.shape[0] - 1
             if self.implementation == "numba":
                 self._pairs += pair_histogram(batch, radius)
             else:
                 self._pairs += pair_histogram_reference(batch, radius)
+            self.pairs_complete = int(self._pairs[self._far].sum()) >= MAX_FAR_PAIRS
         self.frames_seen += n
         self._stale += n
         # early on the pooled map changes fast: refresh after 1, 2, 4, ... frames
@@ -482,33 +340,243 @@ class DoseEstimator:
             self._factor = self._tile_factor()
             self._stale = 0
             self._refreshed_at = self.frames_seen
-        per_event = self._factor[tiles]
-        frame_of = np.repeat(np.arange(n), counts)
-        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+        return tiles
+
+    def model(self) -> dict:
+        """The model and its parameters, as a store records them (JSON-able).
+
+        Returns
+        -------
+        dict
+            ``name``, ``version``, the settings (``tile``, ``pair_radius``,
+            ``far_radii``, ``memory``, ``refresh``), the areas in use
+            (``hard_area``, ``soft_area``, and whether they were ``measured``) and
+            ``frames_seen``.
+        """
+        hard, soft = self.exclusion_areas
+        return {
+            "name": DOSE_MODEL_NAME,
+            "version": DOSE_MODEL_VERSION,
+            "tile": self.tile,
+            "pair_radius": self.pair_radius,
+            "far_radii": list(self.far_radii),
+            "memory": self.memory,
+            "refresh": self.refresh,
+            "hard_area": round(float(hard), 6),
+            "soft_area": round(float(soft), 6),
+            "measured": self.fixed_areas is None,
+            "far_pairs": int(self._pairs[self._far].sum()),
+            "frames_seen": int(self.frames_seen),
+        }
 
 
-def corrected_electrons(batch: EventBatch, **kwargs) -> np.ndarray:
+class DoseCorrector:
+    """Fill :attr:`EventBatch.electrons` for the frames of one series, in order.
+
+    A :class:`DoseEstimator` fed one frame at a time, so the electrons of a
+    frame depend on the frames before it and on nothing else: not on how the
+    frames were grouped into batches, nor on the counter's threads.
+
+    Given the frames and their calibration (:meth:`use`), tiles denser than
+    :data:`CHARGE_LAM` e/px/frame are estimated from their charge instead of
+    their events: the tile's signal over the mean charge of one electron,
+    measured from the 5 x 5 windows of isolated events in tiles below
+    :data:`WINDOW_LAM` (each window divided by the electrons its event stands
+    for, the model's ``lam / mu``). Until :data:`MIN_WINDOWS` windows are seen,
+    or without frames, every tile is estimated from its events.
+
+    Parameters
+    ----------
+    frame_shape : tuple of int
+        ``(H, W)``.
+    calibration : Calibration, optional
+        The frames' calibration (see :meth:`use`).
+    dtype : uint8 or uint16, default uint16
+        The frames' type.
+    charge : bool, default True
+        Estimate dense tiles from their charge when frames are given.
+    **kwargs
+        :class:`DoseEstimator` parameters.
+    """
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, int],
+        *,
+        calibration=None,
+        dtype=np.uint16,
+        charge: bool = True,
+        **kwargs,
+    ) -> None:
+        self.estimator = DoseEstimator(frame_shape, **kwargs)
+        self.charge = bool(charge)
+        self._maps = None
+        self._kdt = None
+        if calibration is not None:
+            self.use(calibration, dtype)
+        est = self.estimator
+        self._dense = np.zeros((est.n_ty, est.n_tx), bool)
+        self._low = np.zeros((est.n_ty, est.n_tx), bool)
+        self._flags_at = -1  # frames_seen of the estimator's refresh the flags follow
+        self._win_charge = 0  # summed window charge (integer signal)
+        self._win_electrons = 0.0  # electrons the windows' events stand for
+        self._win_n = 0
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self.estimator.frame_shape
+
+    def use(self, calibration, dtype=np.uint16) -> None:
+        """Read the next frames' charge with ``calibration`` (frames of ``dtype``)."""
+        if tuple(calibration.frame_shape) != self.frame_shape:
+            raise ValueError(
+                f"calibration: frame shape {calibration.frame_shape} is not {self.frame_shape}"
+            )
+        self._maps = _signal_maps(calibration, dtype)
+        self._kdt = calibration.frame_dtype(dtype)
+
+    @property
+    def electron_charge(self) -> float | None:
+        """Mean charge of one electron (ADU, gain-weighted), None until measured."""
+        if self._win_n < MIN_WINDOWS or self._win_electrons <= 0:
+            return None
+        return self._win_charge / self._win_electrons / CHARGE_SCALE
+
+    def _refresh_flags(self) -> None:
+        est = self.estimator
+        if est._refreshed_at == self._flags_at:
+            return
+        lam = est.electron_density()
+        self._dense = lam > CHARGE_LAM
+        self._low = (lam < WINDOW_LAM) & (est.event_density() > 0)
+        self._flags_at = est._refreshed_at
+
+    def _sample_windows(self, raw: np.ndarray, indices: np.ndarray) -> None:
+        if self._win_n >= MAX_WINDOWS or not self._low.any():
+            return
+        limit = min(WINDOWS_PER_FRAME, MAX_WINDOWS - self._win_n)
+        impl = (
+            window_charge if self.estimator.implementation == "numba" else (window_charge_reference)
+        )
+        est = self.estimator
+        q, t = impl(raw, *self._maps, indices, self._low, est.tile, limit)
+        if q.size:
+            self._win_charge += int(q.sum())
+            self._win_electrons += float(np.sum(est._factor[t]))
+            self._win_n += int(q.size)
+
+    def _frame_electrons(self, tiles: np.ndarray, raw: np.ndarray | None) -> float:
+        """Electrons of one frame whose events lie in ``tiles``, with the pooled state."""
+        est = self.estimator
+        per_event = est._factor[tiles]
+        q1 = self.electron_charge
+        if raw is None or q1 is None or not self._dense.any():
+            return float(per_event.sum())
+        dense = self._dense.ravel()[tiles]
+        impl = tile_charge if est.implementation == "numba" else tile_charge_reference
+        charge = impl(raw, *self._maps, est.tile, self._dense)
+        return float(per_event[~dense].sum()) + float(charge.sum()) / (q1 * CHARGE_SCALE)
+
+    def _raw(self, frames, i: int) -> np.ndarray | None:
+        if frames is None or self._maps is None or not self.charge:
+            return None
+        raw = np.asarray(frames[i])
+        return raw.view(self._kdt) if raw.dtype != self._kdt else raw
+
+    def __call__(self, batch: EventBatch, frames: np.ndarray | None = None) -> EventBatch:
+        """``batch`` with its ``electrons`` (the same events, no copy).
+
+        Parameters
+        ----------
+        batch : EventBatch
+            The next frames of the series.
+        frames : ndarray (n, H, W), optional
+            Their raw frames, for the charge of dense tiles (needs :meth:`use`).
+
+        Returns
+        -------
+        EventBatch
+        """
+        n = batch.n_frames
+        if frames is not None and len(frames) != n:
+            raise ValueError(f"frames: {len(frames)} frames for a batch of {n}")
+        out = np.empty(n, np.float64)
+        for i in range(n):  # frame by frame: the result does not depend on batching
+            fb = batch.slice(i, i + 1)
+            raw = self._raw(frames, i)
+            tiles = self.estimator.pool(fb)
+            self._refresh_flags()
+            if raw is not None:
+                self._sample_windows(raw, fb.indices)
+            out[i] = self._frame_electrons(tiles, raw)
+        return batch.with_electrons(out)
+
+    def pooled(self, batch: EventBatch, frames: np.ndarray | None = None) -> np.ndarray:
+        """Electrons per frame of a whole series in one batch, every frame corrected
+        with the state pooled over all of them (a fresh corrector only)."""
+        if self.estimator.frames_seen:
+            raise ValueError("pooled() needs a fresh DoseCorrector")
+        est = self.estimator
+        est.refresh = max(1, batch.n_frames)
+        tiles = est.pool(batch) if batch.n_frames else np.zeros(0, np.int64)
+        self._refresh_flags()
+        if frames is not None and self._maps is not None and self.charge:
+            for i in range(batch.n_frames):
+                a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
+                self._sample_windows(self._raw(frames, i), batch.indices[a:b])
+        out = np.empty(batch.n_frames, np.float64)
+        for i in range(batch.n_frames):
+            a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
+            out[i] = self._frame_electrons(tiles[a:b], self._raw(frames, i))
+        return out
+
+    def model(self) -> dict:
+        """The model and its current parameters (:meth:`DoseEstimator.model`, plus the
+        charge estimate: ``charge_lam``, ``window_lam``, ``electron_charge_adu``,
+        ``windows`` and ``charge_tiles``)."""
+        out = self.estimator.model()
+        q1 = self.electron_charge
+        used = q1 is not None and self._maps is not None and self.charge
+        out.update(
+            charge=bool(self.charge and self._maps is not None),
+            charge_lam=CHARGE_LAM,
+            window_lam=WINDOW_LAM,
+            electron_charge_adu=None if q1 is None else round(q1, 6),
+            windows=int(self._win_n),
+            charge_tiles=int(self._dense.sum()) if used else 0,
+        )
+        return out
+
+
+def corrected_electrons(
+    batch: EventBatch, frames: np.ndarray | None = None, calibration=None, **kwargs
+) -> np.ndarray:
     """Estimated electrons per frame of a whole series held in one batch.
 
-    Pools the whole batch first (tile densities and pairs), then corrects each
-    frame with the pooled estimate, so early frames are corrected as well as late
-    ones (a :class:`DoseEstimator` fed the batch at once).
+    Pools the whole batch first (tile densities and pairs, and the charge of
+    one electron when frames are given), then corrects each frame with the
+    pooled estimate, so early frames are corrected as well as late ones.
 
     Parameters
     ----------
     batch : EventBatch
         The series' events.
+    frames : ndarray (n, H, W), optional
+        The raw frames, for the charge of dense tiles (with ``calibration``).
+    calibration : Calibration, optional
+        Their calibration.
     **kwargs
-        :class:`DoseEstimator` parameters (``tile``, ``pair_radius``, ...).
+        :class:`DoseCorrector` and :class:`DoseEstimator` parameters (``tile``, ...).
 
     Returns
     -------
     ndarray of float64, shape (batch.n_frames,)
     """
-    kwargs.setdefault("refresh", max(1, batch.n_frames))
-    est = DoseEstimator(batch.frame_shape, **kwargs)
-    return est.update(batch)
+    if frames is not None and calibration is not None:
+        kwargs.setdefault("dtype", np.asarray(frames).dtype)
+        kwargs["calibration"] = calibration
+    return DoseCorrector(batch.frame_shape, **kwargs).pooled(batch, frames)
 
 
 # several processes may compile this at once (see streamstore._numba_cache)
-serialize_saves(_pair_histogram_kernel)

@@ -5,7 +5,8 @@ from an empty cache (a fresh install, an upgrade) one counting variant takes
 tens of seconds. A daemon that met them one by one would stall inside its first
 series, so it calls :func:`warm_kernels` before it listens: the variants of
 :data:`~streamstore.counting._maps.VARIANTS` (frame type, dark-map form,
-row type) plus the event encoder and chunk checksum the writer runs and the
+row type) plus the event encoder and chunk checksum the writer runs, the dose
+correction's kernels (:mod:`streamstore.counting.dose`) and the
 data-only dark estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
 count, the gain flag and the X-ray level are run-time values: no variant each.
 """
@@ -91,9 +92,33 @@ def _warm_variant(i: int, gain: bool) -> int:
         before = _compiled(dispatchers)
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
         checksum.seal(bytes(5))  # the chunk's Fletcher-32, over read-only bytes as written
+        dispatchers += _warm_dose()
     else:  # a camera with no dark series: the per-pixel estimate from its frames
         dispatchers += _warm_estimator()
     return _compiled(dispatchers) - before
+
+
+def _warm_dose() -> list[Any]:
+    """Run the dose correction's kernels (pairs, and the charge sums on every frame
+    type counting reads: unsigned, and signed for wrapped frames): their dispatchers."""
+    from streamstore.counting import charge, coincidence
+    from streamstore.events import EventBatch
+
+    b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
+    coincidence.pair_histogram(b, 5)
+    dark16 = np.zeros((8, 70), np.int64)
+    gain = np.ones((8, 70), np.uint16)
+    good = np.ones((8, 70), np.uint8)
+    flags = np.ones((1, 9), bool)
+    for dt in (np.uint16, np.uint8, np.int16, np.int8):
+        raw = np.zeros((8, 70), dt)
+        charge.tile_charge(raw, dark16, gain, good, 2**62, 1, 8, flags)
+        charge.window_charge(raw, dark16, gain, good, 2**62, 1, b.indices, flags, 8, 1)
+    return [
+        coincidence._pair_histogram_kernel,
+        charge._tile_charge_kernel,
+        charge._window_charge_kernel,
+    ]
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each

@@ -526,8 +526,7 @@ def _write_sidecars(
     h, w = (int(v) for v in store.frame_shape)
     pixel = store.pixel_size_A
     per_page = conv[main_unit]
-    n = r.n_pages
-    mean = float(per_page.sum()) / n
+    n, mean = r.n_pages, float(per_page.sum()) / r.n_pages
     codes = {65001: "7-bit runs", 65002: f"{r.rle_bits}-bit runs"}
     lines = [
         "# streamstore EER movie: one line per page (= one raw camera frame)",
@@ -547,6 +546,7 @@ def _write_sidecars(
             if r.missing_pages.size
             else ""
         ),
+        f"# {getattr(store, 'dose_label', 'dose: counted events')} (the e_per_* columns)",
         f"# dose per raw frame (Store.dose; mean over pages): {mean:.6g} {main_unit}",
     ]
     if x is None or r.grouping is None:

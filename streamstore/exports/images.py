@@ -302,6 +302,7 @@ def export_tiff(
             "unit": unit,
             "fractions": [[f.start, f.stop] for f in pages],
             "page_dose": [round(v, 9) for v in page_dose.tolist()],
+            "dose": str(getattr(store, "dose_label", "dose: counted events")),
             "remainder": None if rem is None else [rem.start, rem.stop],
             "remainder_exported": bool(rem is not None and remainder == "keep"),
         }
@@ -360,14 +361,18 @@ def _convert(events: np.ndarray, frame_shape: tuple[int, int], pixel: float | No
 def _write_dose_files(store: Any, r: TiffExport, x: float, source: str | None) -> None:
     pixel = store.pixel_size_A
     ids = np.asarray(store.frame_ids)
-    conv = _convert(r.page_events, tuple(store.frame_shape), pixel)
+    # the dose columns are Store.dose: the corrected electrons where the file has them
+    per_frame = np.asarray(store.dose("events"), dtype=np.float64)
+    page_electrons = np.array([float(per_frame[f].sum()) for f in r.fractions], np.float64)
+    conv = _convert(page_electrons, tuple(store.frame_shape), pixel)
     main_unit = "e/A2" if pixel else "e/px"
     per_page = conv[main_unit]
     mean_page = float(per_page.mean())
-    raw = _convert(np.asarray(store.event_counts, dtype=np.int64), store.frame_shape, pixel)
+    raw = _convert(per_frame, store.frame_shape, pixel)
     mean_raw = float(raw[main_unit].mean())
     lines = [
         "# streamstore dose fractions: one line per TIFF page (= one dose fraction)",
+        "# " + str(getattr(store, "dose_label", "dose: counted events")),
         f"# tiff: {r.path.name}   source: {source or '?'}",
         f"# frame shape (H, W): {store.frame_shape[0]} x {store.frame_shape[1]}   "
         f"pixel size: {f'{pixel:g} A' if pixel else 'unknown'}",

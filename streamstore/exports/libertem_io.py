@@ -112,7 +112,11 @@ def export_raw_csr(store_or_path: Any, out_path: str | os.PathLike) -> Path:
         np.cumsum(per_pos, out=indptr[1:])
         with _create(paths[0]) as f_ptr:
             f_ptr.write(indptr.astype("<i8").tobytes())
+        # the events are counts; what dose they stand for is a comment for people
+        dose = float(np.sum(store.dose("events")[sel])) if sel.size else 0.0
         text = (
+            f"# {getattr(store, 'dose_label', 'dose: counted events')}; "
+            f"{dose:.6g} electrons in the exported frames\n"
             "[params]\n"
             'filetype = "raw_csr"\n'
             f"nav_shape = [{nav[0]}, {nav[1]}]\n"

@@ -175,6 +175,9 @@ def export_stempy(
             if n:
                 md.attrs["first_frame_id"] = int(store.frame_ids[s])
                 md.attrs["last_frame_id"] = int(store.frame_ids[e - 1])
+            # the dose of the exported frames, and which dose it is (corrected or counted)
+            md.attrs["dose_electrons"] = float(np.sum(store.dose("events")[s:e]))
+            md.attrs["dose"] = str(getattr(store, "dose_label", "dose: counted events"))
     finally:
         if own:
             store.close()

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from streamstore.counting.calibration import Calibration
     from streamstore.counting.dark_estimate import DarkEstimator
     from streamstore.counting.dark_sums import DarkSums
+    from streamstore.counting.dose import DoseCorrector
     from streamstore.ingest.status import Counters
 
 __all__ = ["CountStage"]
@@ -136,16 +137,19 @@ class CountStage(_Stage[CountInput]):
         self._counter_key: Any = None
         # items of a data series waiting for its estimate
         self._pending: list[FrameItem | MissingItem] = []
+        # the series' dose correction: pools the series' frames in frame order, so the
+        # electrons of a frame do not depend on batching or on the counting threads
+        self._dose: DoseCorrector | None = None
         self._dark: dict[str, DarkSums] = {}  # series id -> sums of its frames so far
         self._dark_capped: set[str] = set()
         self._estimate_failed = ""
 
     #: attributes that belong to one series; swapped in by :meth:`_switch`
     #: (dark-frame sums are kept by series id already)
-    PER_SERIES = ("_pending", "_xray_for", "_refining")
+    PER_SERIES = ("_pending", "_xray_for", "_refining", "_dose")
 
     def _fresh_state(self) -> tuple:
-        return ([], None, None)
+        return ([], None, None, None)
 
     def _switch(self, series: SeriesInfo) -> None:
         """Make ``series``' state current (several series may be open at once)."""
@@ -365,6 +369,7 @@ class CountStage(_Stage[CountInput]):
                 series.start.np_dtype,
                 subpixel=self.subpixel,
                 threads=self.threads,
+                dose=False,  # the series' own DoseCorrector fills electrons (_count)
             )
             self._counter_key = key
         return self._counter
@@ -484,9 +489,16 @@ class CountStage(_Stage[CountInput]):
             log.exception("series %s: cannot build a counter", series.series_id)
             self._lose(items)
             return
+        if self._dose is None or self._dose.frame_shape != series.frame_shape:
+            from streamstore.counting.dose import DoseCorrector
+
+            self._dose = DoseCorrector(series.frame_shape)
+        # the charge of dense tiles is read with the calibration the frames are counted with
+        self._dose.use(series.calibration, series.start.np_dtype)
         for k, it in enumerate(items):
             try:
-                batches.append(counter(it.array))
+                frame = np.asarray(it.array).reshape((1, *series.frame_shape))
+                batches.append(self._dose(counter(it.array), frame))
             except Exception:
                 log.exception("series %s: counting failed", series.series_id)
                 self._lose(items[k:])  # the ones before k are counted and go on
@@ -508,6 +520,7 @@ class CountStage(_Stage[CountInput]):
                 [it.frame_id for it in items],
                 [it.timestamp_ns for it in items],
                 nbytes,
+                dose_model=self._dose.model(),
             )
         )
 

@@ -185,10 +185,12 @@ class CloseItem:
 @dataclass(eq=False)
 class EventsItem:
     series: SeriesInfo
-    events: EventBatch
+    events: EventBatch  # with ``electrons``, the corrected dose, when the count stage made it
     frame_ids: list[int]
     timestamps_ns: list[int]
     nbytes: int
+    #: the model that made ``events.electrons`` and its parameters as of these frames
+    dose_model: dict[str, Any] | None = None
 
 
 #: What the receiver hands the count stage, in a series' order.
@@ -225,6 +227,8 @@ def _batch_nbytes(batch: EventBatch) -> int:
     n = batch.offsets.nbytes + batch.indices.nbytes
     if batch.subpixel is not None:
         n += batch.subpixel.nbytes
+    if batch.electrons is not None:
+        n += batch.electrons.nbytes
     return int(n)
 
 

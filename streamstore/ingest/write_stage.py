@@ -231,6 +231,8 @@ class WriteStage(_Stage[WriteInput]):
             writer = self._open(series)
             if self.delay_s:
                 time.sleep(self.delay_s * len(item.frame_ids))
+            if item.dose_model is not None:
+                writer.set_dose_model(item.dose_model)  # written with the frames' next flush
             writer.append(item.events, item.frame_ids, item.timestamps_ns)
         # ValueError first: it is an Exception too, and a refused append costs only its
         # own frames, where a failing file (OSError, h5py's RuntimeError) ends the series

@@ -20,6 +20,11 @@ from streamstore.abc import ChunkCodec
 from streamstore.store.column import ChunkColumn
 
 __all__ = [
+    "NO_DOSE_MODEL",
+    "check_dose_model",
+    "electrons_of",
+    "read_dose_model",
+    "write_dose_model",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "DEFAULT_CHUNK_EVENTS",
@@ -30,7 +35,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "streamstore.events"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 #: default events per HDF5 chunk of the event datasets (4 MiB of uint32)
 DEFAULT_CHUNK_EVENTS = 1 << 20
@@ -46,7 +51,17 @@ ACCOUNTING_JSON_BYTES = 4096
 CAL_WARNING_BYTES = 1024
 
 #: the per-frame datasets in the order a flush writes them (frame_id last: it publishes)
-FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "frame_id")
+FRAME_COLUMNS = ("event_offset", "event_count", "timestamp_ns", "electrons", "frame_id")
+#: dtype of each per-frame dataset
+FRAME_DTYPES = {name: np.dtype(np.int64) for name in FRAME_COLUMNS} | {
+    "electrons": np.dtype(np.float64)
+}
+#: room of the dose model's name and of its parameters (JSON) on ``frames/electrons``
+#: (fixed: attributes cannot grow under SWMR)
+DOSE_MODEL_BYTES = 64
+DOSE_PARAMETERS_BYTES = 2048
+#: the dose model name a file records when its electrons are the event counts
+NO_DOSE_MODEL = "none"
 
 
 def jsonable(obj: Any) -> Any:
@@ -171,7 +186,20 @@ def create_layout(
     sub = None
     if subpixel:
         sub = make(ev, "subpixel", np.uint8, chunk_events, small, encoding="(qy<<2)|qx")
-    cols = {name: make(fr, name, np.int64, chunk_frames, small, stored) for name in FRAME_COLUMNS}
+    cols = {
+        name: make(fr, name, FRAME_DTYPES[name], chunk_frames, small, stored)
+        for name in FRAME_COLUMNS
+    }
+    # the model that made the corrected dose: set by the writer's first append and
+    # kept current at every flush (fixed-size, space-padded)
+    el = cols["electrons"].ds.attrs
+    el["dose_model"] = np.bytes_(b"".ljust(DOSE_MODEL_BYTES))
+    el["dose_model_parameters"] = np.bytes_(b"{}".ljust(DOSE_PARAMETERS_BYTES))
+    el["description"] = (
+        "electrons that arrived per frame, estimated from the events and corrected for "
+        "coincidence loss by the model named in dose_model (the event count where "
+        f"dose_model is {NO_DOSE_MODEL!r})"
+    )
     # missing ids are recorded as ranges; the id list stays (empty) for the layout
     make(f, "missing_frame_ids", np.int64, 1024, small, stored)
     missing = make(
@@ -185,3 +213,72 @@ def create_layout(
     )
     f.swmr_mode = True
     return Layout(gaps, sub, cols, missing)
+
+
+def check_dose_model(model: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``model`` if it names a model and fits the attributes, else ValueError."""
+    model = dict(model)
+    name = str(model.get("name", ""))
+    if not name or name == NO_DOSE_MODEL:
+        raise ValueError(f"dose model needs a name (not {NO_DOSE_MODEL!r}), got {model!r}")
+    if len(name.encode()) > DOSE_MODEL_BYTES:
+        raise ValueError(f"dose model name {name!r} is longer than {DOSE_MODEL_BYTES} bytes")
+    n = len(dumps(model).encode())
+    if n > DOSE_PARAMETERS_BYTES:
+        raise ValueError(
+            f"dose model parameters take {n} bytes as JSON, at most {DOSE_PARAMETERS_BYTES} fit"
+        )
+    return model
+
+
+def write_dose_model(ds: Any, corrected: bool, model: dict[str, Any] | None) -> None:
+    """Set the dose model attributes of ``frames/electrons`` in place (SWMR-safe).
+
+    Electrons without a recorded model are still the batches' electrons: the name
+    says ``"unrecorded"`` rather than pass them for event counts; a series without
+    electrons says :data:`NO_DOSE_MODEL`.
+    """
+    if not corrected:
+        model, name = {}, NO_DOSE_MODEL
+    else:
+        model = model if model is not None else {"name": "unrecorded"}
+        name = str(model["name"])
+    ds.attrs.modify("dose_model", np.bytes_(name.encode().ljust(DOSE_MODEL_BYTES)))
+    text = dumps(model).encode().ljust(DOSE_PARAMETERS_BYTES)
+    ds.attrs.modify("dose_model_parameters", np.bytes_(text))
+
+
+def read_dose_model(ds: Any | None) -> dict[str, Any] | None:
+    """The dose model of ``frames/electrons`` (``name`` plus its parameters), or None
+    when the file records no correction (no dataset, :data:`NO_DOSE_MODEL`, or empty)."""
+    if ds is None:
+        return None
+    name = bytes(ds.attrs.get("dose_model", b"")).rstrip(b" \x00").decode()
+    if not name or name == NO_DOSE_MODEL:
+        return None
+    raw = bytes(ds.attrs.get("dose_model_parameters", b"{}")).rstrip(b" \x00").decode()
+    try:
+        params = json.loads(raw)
+    except ValueError:
+        params = {}
+    model = dict(params) if isinstance(params, dict) else {}
+    model["name"] = name
+    return model
+
+
+def electrons_of(events: Any, corrected: bool | None) -> tuple[np.ndarray, bool]:
+    """``(frames/electrons values, whether the batch carries electrons)`` of a batch.
+
+    A batch without electrons stores its event counts. ``corrected``: what the
+    series' first batch did (None before it); a batch that differs is refused
+    (ValueError), as are electrons that are not finite.
+    """
+    has = events.electrons is not None
+    if corrected is not None and has != corrected:
+        first = "did not" if has else "did"
+        raise ValueError(
+            f"events carry {'' if has else 'no '}electrons but the series' first frames {first}"
+        )
+    if has and not np.all(np.isfinite(events.electrons)):
+        raise ValueError("events.electrons must be finite")
+    return (events.electrons if has else events.counts.astype(np.float64)), has

@@ -34,13 +34,13 @@ from streamstore.store._chunkio import (
     read_column,
 )
 from streamstore.store.damage import DamageChecks
-from streamstore.store.format import FORMAT_NAME
+from streamstore.store.format import FORMAT_NAME, read_dose_model
 from streamstore.store.scan_methods import ScanMethods, analysis_function
 from streamstore.store.selection import UNITS, FrameSelection
 
 __all__ = ["Store", "UNITS"]
 
-_SUPPORTED_VERSIONS = (1, 2)
+_SUPPORTED_VERSIONS = (1, 2, 3)
 # events per job of sum(): at least _JOB_EVENTS, 2 per image pixel, at most
 # _JOB_EVENTS_MAX (scratch = 4 bytes an event). The kernel sweeps the whole image
 # once per job, so a job must hold many events per pixel: measured on 24 MP
@@ -159,31 +159,38 @@ class Store(FrameSelection, DamageChecks, ScanMethods):
         self._frame_ds = {
             k: f["frames"][k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
         }
+        # format 3 records the corrected dose beside the event counts
+        if "electrons" in f["frames"]:
+            self._frame_ds["electrons"] = f["frames"]["electrons"]
         self._miss_ds = f["missing_frame_ids"]
         # newer files record missing ids as [start, stop) pairs; older ones list them
         self._miss_ranges_ds = f["missing_ranges"] if "missing_ranges" in f else None
         self._load_frames()
 
     def _load_frames(self) -> None:
-        dss = [
-            self._frame_ds[k] for k in ("frame_id", "timestamp_ns", "event_count", "event_offset")
-        ]
+        names = ["frame_id", "timestamp_ns", "event_count", "event_offset"]
+        if "electrons" in self._frame_ds:
+            names.append("electrons")
+        dss = [self._frame_ds[k] for k in names]
         n = min(int(d.shape[0]) for d in dss)
         damaged = np.zeros(n, bool)
         why: list[tuple[int, int, str]] = []
         cols = []
-        for d in dss:
-            col, bad = read_column(d, n, self.swmr)
+        for k, d in zip(names, dss, strict=True):
+            col, bad = read_column(d, n, self.swmr, np.float64 if k == "electrons" else np.int64)
             for lo, hi, reason in bad:
                 damaged[lo:hi] = True
                 why.append((lo, hi, reason))
             cols.append(col)
-        ids, ts, counts, offs = cols
+        ids, ts, counts, offs = cols[:4]
+        electrons = cols[4] if len(cols) > 4 else None
         if why:
             # placeholders keep the arrays ordered; reading these frames raises
             good = ~damaged
             ids[damaged] = -1
             counts[damaged] = 0
+            if electrons is not None:
+                electrons[damaged] = 0.0
             prev_end = np.maximum.accumulate(np.where(good, offs + counts, 0))
             offs[damaged] = prev_end[damaged]
             if good.any():
@@ -196,11 +203,15 @@ class Store(FrameSelection, DamageChecks, ScanMethods):
             # a frame whose events are not (yet) in the file: keep the complete prefix
             n = int(np.searchsorted(ends, n_ev_file, side="right"))
             ids, ts, counts, offs, ends = (c[:n] for c in (ids, ts, counts, offs, ends))
+            if electrons is not None:
+                electrons = electrons[:n]
         if n and (np.any(counts < 0) or offs[0] < 0 or np.any(offs[1:] < ends[:-1])):
             raise FormatError(
                 f"{self.path}: frames/event_offset and event_count overlap or are negative"
             )
         self._ids, self._ts, self._counts, self._starts = ids, ts, counts, offs
+        self._dose_model = read_dose_model(self._frame_ds.get("electrons"))
+        self._electrons = electrons if self._dose_model is not None else None
         self._damaged = damaged[:n]
         self._damage_why = [(lo, min(hi, n), r) for lo, hi, r in why if lo < n]
         self._n_events = int(counts.sum())
@@ -397,7 +408,8 @@ class Store(FrameSelection, DamageChecks, ScanMethods):
                 counts,
                 np.empty(int(offs[-1]), np.uint8),
             )
-        return EventBatch(offs, idx, sub, self.frame_shape, validate=False)
+        el = None if self._electrons is None else self._electrons[s:e].copy()
+        return EventBatch(offs, idx, sub, self.frame_shape, electrons=el, validate=False)
 
     def _span(self, s: int, e: int) -> tuple[int, int, np.ndarray, np.ndarray]:
         """Dataset range ``a:b`` holding frames ``s:e`` and their starts (relative) / counts."""

@@ -169,13 +169,49 @@ class FrameSelection:
     """Dose, selections and windows of a store's frames (a mixin of the readers).
 
     Uses the reader's ``frame_shape``, ``pixel_size_A``, ``n_frames``,
-    ``_counts`` (events per frame) and ``_ts`` (timestamps).
+    ``format_version``, ``_counts`` (events per frame), ``_electrons`` (the
+    corrected dose per frame, None when the file records no correction),
+    ``_dose_model`` and ``_ts`` (timestamps).
+
+    The dose is the corrected one (electrons that arrived, coincidence loss
+    corrected, :mod:`streamstore.counting.dose`) wherever the file records it,
+    else the counted events; :attr:`dose_label` says which.
     """
 
     frame_shape: tuple[int, int]
     pixel_size_A: float | None
+    format_version: int
     _counts: np.ndarray
+    _electrons: np.ndarray | None
+    _dose_model: dict[str, Any] | None
     _ts: np.ndarray
+
+    @property
+    def dose_corrected(self) -> bool:
+        """True when the file records a coincidence-corrected dose (format 3 and a model)."""
+        return self._electrons is not None
+
+    @property
+    def dose_model(self) -> dict[str, Any] | None:
+        """The model of the corrected dose: ``name`` plus its parameters; None when
+        the file records no correction (formats 1-2, or a series counted without one)."""
+        return None if self._dose_model is None else dict(self._dose_model)
+
+    @property
+    def dose_label(self) -> str:
+        """One line saying what :meth:`dose` returns by default."""
+        if self._electrons is not None:
+            return f"dose: electrons, coincidence-corrected (model {self._dose_model['name']})"
+        return (
+            "dose: counted events, no coincidence correction recorded "
+            f"(format {self.format_version})"
+        )
+
+    def _per_frame(self, corrected: bool) -> np.ndarray:
+        """Electrons per frame (float64) where corrected and recorded, else event counts."""
+        if corrected and self._electrons is not None:
+            return self._electrons
+        return self._counts
 
     @property
     def n_frames(self) -> int:  # pragma: no cover - the reader defines it
@@ -185,12 +221,29 @@ class FrameSelection:
         """Factor from counts to ``unit``."""
         return unit_scale(unit, self.frame_shape, self.pixel_size_A)
 
-    def dose(self, unit: str = "e/px") -> np.ndarray:
-        """Per-frame dose in ``unit`` ("events" gives int64 counts, else float64)."""
+    def dose(self, unit: str = "e/px", *, corrected: bool = True) -> np.ndarray:
+        """Per-frame dose in ``unit``.
+
+        Parameters
+        ----------
+        unit : {"events", "e/px", "e/A2"}, default "e/px"
+            "events" is electrons per frame (the corrected dose, float64) or
+            events per frame (the counts, int64).
+        corrected : bool, default True
+            The coincidence-corrected dose (``frames/electrons``) where the file
+            records one; a file without (formats 1-2) gives the counted events,
+            as ``corrected=False`` does (:attr:`dose_corrected` says which).
+
+        Returns
+        -------
+        ndarray
+            int64 for counted events in "events", else float64.
+        """
         scale = self._unit_scale(unit)
+        d = self._per_frame(corrected)
         if unit == "events":
-            return self._counts.copy()
-        return self._counts * scale
+            return d.copy()
+        return d * scale
 
     def select(
         self,
@@ -199,6 +252,7 @@ class FrameSelection:
         cumulative_dose: tuple[float, float] | None = None,
         time_s: tuple[float, float] | None = None,
         unit: str = "e/px",
+        corrected: bool = True,
     ) -> np.ndarray:
         """Indices (ascending, int64) of the frames meeting every given criterion.
 
@@ -214,6 +268,8 @@ class FrameSelection:
             (``(timestamp_ns - timestamp_ns[0]) / 1e9``) is in ``[t0, t1]``.
         unit : str, default "e/px"
             Unit of ``dose`` and ``cumulative_dose``.
+        corrected : bool, default True
+            Doses are the corrected dose where the file records it (see :meth:`dose`).
 
         Raises
         ------
@@ -222,13 +278,14 @@ class FrameSelection:
         """
         keep = np.ones(self.n_frames, dtype=bool)
         if dose is not None or cumulative_dose is not None:
-            d = self._counts * self._unit_scale(unit)
+            per = self._per_frame(corrected)
+            d = per * self._unit_scale(unit)
             if dose is not None:
                 lo, hi = check_range("dose", dose)
                 keep &= (d >= lo) & (d <= hi)
             if cumulative_dose is not None:
                 lo, hi = check_range("cumulative_dose", cumulative_dose)
-                cum = np.cumsum(self._counts) * self._unit_scale(unit)
+                cum = np.cumsum(per) * self._unit_scale(unit)
                 keep &= (cum >= lo) & (cum <= hi)
         else:
             self._unit_scale(unit)  # validate the unit anyway
@@ -238,7 +295,9 @@ class FrameSelection:
             keep &= (t >= t0) & (t <= t1)
         return np.flatnonzero(keep).astype(np.int64)
 
-    def fractions(self, dose_per_fraction: float, *, unit: str = "e/px") -> list[slice]:
+    def fractions(
+        self, dose_per_fraction: float, *, unit: str = "e/px", corrected: bool = True
+    ) -> list[slice]:
         """Group consecutive frames into dose fractions.
 
         Frame ``i`` goes to fraction ``k = floor(D_i / dose_per_fraction)``,
@@ -247,7 +306,8 @@ class FrameSelection:
         never drifts along the series). Empty fractions (one frame more dosed
         than a fraction) are skipped. The remainder -- a last fraction with
         less than ``dose_per_fraction`` -- is returned as the last slice, never
-        dropped; compare its dose with the others to decide.
+        dropped; compare its dose with the others to decide. The dose is the
+        corrected one where the file records it (``corrected``, see :meth:`dose`).
 
         Returns
         -------
@@ -270,7 +330,8 @@ class FrameSelection:
         scale = self._unit_scale(unit)
         if self.n_frames == 0:
             return []
-        before = (np.cumsum(self._counts) - self._counts) * scale
+        per = self._per_frame(corrected)
+        before = (np.cumsum(per) - per) * scale
         k = np.floor(before / target + 1e-12).astype(np.int64)
         cut = np.flatnonzero(np.diff(k)) + 1
         bounds = np.concatenate([[0], cut, [self.n_frames]])

@@ -205,8 +205,15 @@ class ShardedStore(Store):
         loc = np.concatenate([np.arange(s.n_frames, dtype=np.int64) for s in self.shards])
         ts = np.concatenate([s.timestamps_ns for s in self.shards])
         counts = np.concatenate([s.event_counts for s in self.shards])
+        # the corrected dose only when every shard records one with the same model
+        # name: a merged series whose shards disagree falls back to the counted events
+        models = [s._dose_model for s in self.shards]
+        same = all(m is not None for m in models) and len({m["name"] for m in models}) == 1
+        electrons = np.concatenate([s._electrons for s in self.shards]) if same else counts
         known = ids >= 0  # a damaged frame_id chunk: those frames cannot be placed (missing)
-        ids, src, loc, ts, counts = (c[known] for c in (ids, src, loc, ts, counts))
+        ids, src, loc, ts, counts, electrons = (
+            c[known] for c in (ids, src, loc, ts, counts, electrons)
+        )
         order = np.lexsort((src, ids))  # by frame id, then by shard
         ids = ids[order]
         keep = np.ones(ids.size, bool)
@@ -216,6 +223,13 @@ class ShardedStore(Store):
         sel = order[keep]
         self._ids, self._src, self._loc = ids[keep], src[sel], loc[sel]
         self._ts, self._counts = ts[sel], counts[sel]
+        self._electrons = electrons[sel].astype(np.float64) if same else None
+        # each shard pooled its own frames: the model of the first shard, with the
+        # parameters of every shard
+        self._dose_model = None
+        if same:
+            self._dose_model = dict(models[0])
+            self._dose_model["shards"] = [dict(m) for m in models]
         self._n_events = int(self._counts.sum())
         self._frames_expected = self._expected()
         known_missing = np.concatenate([s.missing_frame_ids for s in self.shards])
@@ -416,7 +430,8 @@ class ShardedStore(Store):
             idx[dest] = b.indices
             if sub is not None:
                 sub[dest] = b.subpixel
-        return EventBatch(offs, idx, sub, self.frame_shape, validate=False)
+        el = None if self._electrons is None else self._electrons[s:e].copy()
+        return EventBatch(offs, idx, sub, self.frame_shape, electrons=el, validate=False)
 
     def frames(
         self,

@@ -219,13 +219,15 @@ def _check(f: Any, path: Path, swmr: bool, nthreads: int) -> FileReport:
     rep.checksums = "present" if all(flags) else ("absent" if not any(flags) else "partial")
 
     # per-frame datasets: HDF5 checks and decodes each chunk
-    cols = [f["frames"][k] for k in _FRAME_COLUMNS]
+    # format 3 adds the corrected dose, a per-frame column like the others
+    names = _FRAME_COLUMNS + (("electrons",) if "electrons" in f["frames"] else ())
+    cols = [f["frames"][k] for k in names]
     n = min(int(d.shape[0]) for d in cols)
     rep.n_frames = n
     damaged = np.zeros(n, bool)
     values = {}
-    for name, d in zip(_FRAME_COLUMNS, cols, strict=True):
-        vals, bad = read_column(d, n, swmr)
+    for name, d in zip(names, cols, strict=True):
+        vals, bad = read_column(d, n, swmr, d.dtype)
         rep.chunks_checked += -(-n // int(d.chunks[0])) if n else 0
         for lo, hi, why in bad:
             damaged[lo:hi] = True
@@ -262,7 +264,7 @@ def _check(f: Any, path: Path, swmr: bool, nthreads: int) -> FileReport:
         _check_chunks_only(rep, f["events/subpixel"], offs, counts, damaged, swmr, nthreads)
 
     # every other dataset (missing ids and anything newer): checked and decoded
-    known = {f"/frames/{k}" for k in _FRAME_COLUMNS} | {"/events/gaps", "/events/subpixel"}
+    known = {f"/frames/{k}" for k in names} | {"/events/gaps", "/events/subpixel"}
     for d in dss:
         if d.name in known:
             continue

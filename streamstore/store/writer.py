@@ -1,6 +1,6 @@
 """StoreWriter: stream counted events into a streamstore HDF5 file.
 
-The file layout ("streamstore.events" version 2) is specified in
+The file layout ("streamstore.events" version 3) is specified in
 ``docs/format.md``. In short: a flat gap-encoded event dataset (CSR) plus
 per-frame datasets, every dataset chunked and compressed with Blosc2 (HDF5
 filter 32026) by python-blosc2 ourselves and written with
@@ -25,7 +25,7 @@ file 20 x too big). So:
 * Per-frame datasets (row ``i`` is frame ``i``, no holes possible): a chunk
   written whole is compressed (ZSTD); a chunk that must be published while
   partly filled is stored with blosc2 level 0 (fixed size, 32 bytes a frame
-  over the four columns) and overwritten in place as it fills; HDF5 reuses the
+  over the five columns) and overwritten in place as it fills; HDF5 reuses the
   space of a same-size chunk and the bytes of already published frames do not
   change, so a concurrent reader never sees them torn. A last chunk never
   published before close is compressed; chunks hold 256 frames, so a short
@@ -60,9 +60,12 @@ from streamstore.store.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     FRAME_COLUMNS,
+    check_dose_model,
     create_layout,
     dumps,
+    electrons_of,
     jsonable,
+    write_dose_model,
 )
 
 __all__ = ["StoreWriter", "FORMAT_NAME", "FORMAT_VERSION"]
@@ -293,6 +296,9 @@ class StoreWriter:
         self._last_flush = time.monotonic()
         self._frames_since_flush = 0
         self._closed = False
+        self._corrected: bool | None = None  # batches carry electrons (the first decides)
+        self._dose_model: dict[str, Any] | None = None
+        self._dose_model_dirty = False
 
     # ------------------------------------------------------------ state --
     @property
@@ -356,7 +362,7 @@ class StoreWriter:
         Raises
         ------
         ValueError
-            On a shape/type mismatch or frame ids that do not increase.
+            On a shape/type mismatch, ids that do not increase, mixed ``electrons``.
         """
         self._check_open()
         if not isinstance(events, EventBatch):
@@ -386,6 +392,7 @@ class StoreWriter:
         ts = ts.astype(np.int64)
         if n == 0:
             return
+        electrons, has_el = electrons_of(events, self._corrected)
         if n > 1 and np.any(np.diff(ids) <= 0):
             raise ValueError("frame_ids must be strictly increasing within a batch")
         if self._last_id is not None and ids[0] <= self._last_id:
@@ -408,7 +415,11 @@ class StoreWriter:
         self._cols["event_offset"].extend(events.offsets[:-1] + first, write_full=False)
         self._cols["event_count"].extend(counts, write_full=False)
         self._cols["timestamp_ns"].extend(ts, write_full=False)
+        self._cols["electrons"].extend(electrons, write_full=False)
         self._cols["frame_id"].extend(ids, write_full=False)
+        if self._corrected is None:
+            self._corrected = has_el
+            self._dose_model_dirty = True
         if self._n_frames + n > self._ids.size:
             grown = np.empty(max(2 * self._ids.size, self._n_frames + n), np.int64)
             grown[: self._n_frames] = self._ids[: self._n_frames]
@@ -525,6 +536,14 @@ class StoreWriter:
         self._file.attrs.modify("calibration_warning", np.bytes_(data.ljust(CAL_WARNING_BYTES)))
         self._cal_warning = str(text)
 
+    def set_dose_model(self, model: dict[str, Any] | None) -> None:
+        """Record the model (JSON-able dict with ``name``, or None) that made the
+        batches' ``electrons``, at the next flush; a series whose first batch has no
+        electrons stores the counts in ``frames/electrons`` and says ``"none"``."""
+        self._check_open()
+        self._dose_model = None if model is None else check_dose_model(model)
+        self._dose_model_dirty = True
+
     @property
     def calibration_warning(self) -> str:
         """The text last given to :meth:`set_calibration_warning` ("" if none)."""
@@ -536,6 +555,9 @@ class StoreWriter:
         self._flush(final=False)
 
     def _flush(self, final: bool) -> None:
+        if self._dose_model_dirty and self._corrected is not None:  # before frame_id publishes
+            write_dose_model(self._cols["electrons"].ds, self._corrected, self._dose_model)
+            self._dose_model_dirty = False
         self._gaps.commit(final)
         if self._sub is not None:
             self._sub.commit(final)

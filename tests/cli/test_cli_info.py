@@ -65,7 +65,7 @@ def test_info_text_is_readable(store_path):
     with streamstore.open(store_path) as st:
         total_a2 = float(st.dose(unit="e/A2").sum())
         n_events = int(st.event_counts.sum())
-    assert text.startswith("run1.h5: streamstore.events v2")
+    assert text.startswith("run1.h5: streamstore.events v3")
     assert "300 stored, 3 missing, 2 duplicate" in text
     assert "256 x 384 px (rows x cols)" in text
     assert f"{n_events:,} events" in text
@@ -164,3 +164,33 @@ def test_info_on_a_sharded_series(tmp_path):
     assert s["shards"] == ["shard-0.h5", "shard-1.h5"]
     assert s["file_size_bytes"] == sum(f.stat().st_size for f in d.glob("shard-*.h5"))
     assert "shards        2 files (shard-0.h5, shard-1.h5)" in cli("info", d).stdout
+
+
+def test_info_says_which_dose(tmp_path):
+    """The corrected dose where the file has it, said so; the counted events elsewhere."""
+    from pathlib import Path
+
+    golden = Path(__file__).resolve().parents[1] / "data"
+    out = cli("info", golden / "golden_v2.h5")
+    assert out.returncode == 0, out.stderr
+    assert "  dose: counted events, no coincidence correction recorded (format 2)\n" in out.stdout
+    assert "299 events = " in out.stdout
+    s = json.loads(cli("info", golden / "golden_v2.h5", "--json").stdout)
+    assert s["dose_corrected"] is False and s["dose_model"] is None
+    assert s["dose_total"]["events"] == 299
+
+    out = cli("info", golden / "golden_v3.h5")
+    assert out.returncode == 0, out.stderr
+    exp = json.loads((golden / "golden_v3_expected.json").read_text())
+    total = sum(exp["electrons"])
+    assert "  dose: electrons, coincidence-corrected (model tile-coincidence): hard_area 9" in (
+        out.stdout
+    )
+    assert f"{total:,.1f} electrons (299 events counted) = {total / 240:.6g} e/px" in out.stdout
+    s = json.loads(cli("info", golden / "golden_v3.h5", "--json").stdout)
+    assert s["dose_corrected"] is True and s["dose_model"] == exp["dose_model"]
+    assert s["dose_total"]["events"] == pytest.approx(total)
+    assert s["n_events"] == 299
+    # a version-3 file written without a correction says so with its own version
+    out = cli("info", make_store(tmp_path / "plain.h5", 20))
+    assert "dose: counted events, no coincidence correction recorded (format 3)" in out.stdout

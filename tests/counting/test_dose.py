@@ -13,6 +13,7 @@ import pytest
 
 from streamstore import Calibration, EventBatch, count
 from streamstore.camera.emulator import CameraEmulator
+from streamstore.counting import Counter
 from streamstore.counting.dose import (
     HARD_CORE_AREA,
     DoseEstimator,
@@ -160,3 +161,163 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="frame shape"):
         DoseEstimator(SHAPE).update(EventBatch.empty(1, (10, 10)))
     assert DoseEstimator(SHAPE).update(EventBatch.empty(0, SHAPE)).shape == (0,)
+
+
+# ------------------------------------------------------------ charge, count, Counter
+def _frames(pattern, dose, n_frames, seed, shape=SHAPE, **emu_kw):
+    emu = CameraEmulator(
+        shape, pattern=pattern, dose_rate_e_per_px_s=dose * 1500, seed=seed, **emu_kw
+    )
+    dark, _ = emu.dark_frames(40)
+    cal = Calibration.from_dark_frames(dark, xray_threshold=1000.0)
+    frames, truth = emu.generate(n_frames)
+    return frames, truth, cal
+
+
+def test_charge_kernels_match_their_references():
+    from streamstore.counting import dose as D
+
+    shape = (45, 61)  # tiles cut at both edges
+    frames, _, cal = _frames("disk", 0.05, 3, seed=31, shape=shape, xray_rate_per_frame=4.0)
+    mask = np.zeros(shape, bool)
+    mask[3, 4] = mask[20, 30] = True
+    gain = np.linspace(0.9, 1.1, 45 * 61).reshape(shape)
+    cal = Calibration(cal.dark, cal.noise, mask=mask, gain=gain, xray_threshold=1000.0)
+    maps = D._signal_maps(cal, np.uint16)
+    batch = count(frames, cal)
+    rng = np.random.default_rng(8)
+    flags = rng.random((6, 8)) < 0.6
+    allowed = rng.random((6, 8)) < 0.8
+    n_windows = 0
+    for i in range(3):
+        ref = D.tile_charge_reference(frames[i], *maps, 8, flags)
+        assert np.any(ref != 0) and np.all(ref[~flags] == 0)
+        np.testing.assert_array_equal(D.tile_charge(frames[i], *maps, 8, flags), ref)
+        idx = batch.indices[batch.offsets[i] : batch.offsets[i + 1]]
+        for limit in (3, 1000):
+            q_ref, t_ref = D.window_charge_reference(frames[i], *maps, idx, allowed, 8, limit)
+            q, t = D.window_charge(frames[i], *maps, idx, allowed, 8, limit)
+            np.testing.assert_array_equal(q, q_ref)
+            np.testing.assert_array_equal(t, t_ref)
+            assert q.size <= limit
+        n_windows += q.size
+    assert n_windows > 10  # the check can fail: isolated events were found
+    # an X-ray hit adds no charge: a saturated pixel in a flagged tile changes nothing
+    hot = frames[0].copy()
+    r, c = np.argwhere(np.kron(flags, np.ones((8, 8), bool))[:45, :61])[5]
+    before = D.tile_charge_reference(hot, *maps, 8, flags).sum()
+    hot[r, c] = 65535
+    assert (
+        D.tile_charge_reference(hot, *maps, 8, flags).sum()
+        == before - (D._pixel_signal(frames[0], *maps)[r, c])
+    )
+
+
+def test_electrons_do_not_depend_on_batching_or_threads():
+    frames, _, cal = _frames("disk", 0.02, 12, seed=32)
+    b1 = count(frames, cal, threads=1)
+    b2 = count(frames, cal, threads=2)
+    np.testing.assert_array_equal(b1.electrons, b2.electrons)
+    # a Counter corrects frame by frame: batches of any size give the same electrons
+    whole = Counter(cal)(frames).electrons
+    c = Counter(cal, threads=1)
+    parts = [c(frames[a:b]).electrons for a, b in ((0, 1), (1, 5), (5, 12))]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    assert c.dose_model()["frames_seen"] == 12
+    assert Counter(cal, dose=False)(frames).electrons is None
+
+
+@pytest.mark.parametrize(
+    ("pattern", "dose", "n_frames"),
+    [
+        ("uniform", 0.001, 120),
+        ("uniform", 0.005, 40),
+        ("uniform", 0.02, 20),
+        ("uniform", 0.05, 16),
+        ("disk", 0.001, 120),
+        ("disk", 0.005, 40),
+        ("disk", 0.02, 20),
+        ("disk", 0.05, 16),
+    ],
+)
+def test_count_electrons_follow_the_truth(pattern, dose, n_frames):
+    """count() fills electrons: total within 3 % of the electrons that arrived.
+
+    The target is 2 %; what is left is mostly the counter's lone electrons that no
+    pixel shows above the threshold (about 1.5 % at these defaults), which neither
+    the events nor the charge of one electron measured from isolated events can see
+    (the charge estimate reads every electron, but divides by the charge of a found
+    one, about 1.5 % more than an average electron's). Measured here: uniform 0.9858,
+    0.9771, 0.9984, 0.9714; disk 0.9815, 0.9895, 0.9722, 0.9972. The disk at 0.02
+    and 0.05 holds 0.18 and 0.44 e/px/frame where it is bright: the events alone
+    give 0.58 and 0.38 of the truth there, the event model 0.74 and 0.45.
+    """
+    frames, truth, cal = _frames(pattern, dose, n_frames, seed=21)
+    b = count(frames, cal)
+    n_true = int(truth.counts().sum())
+    assert b.electrons.shape == (n_frames,) and b.electrons.dtype == np.float64
+    ratio = b.electrons.sum() / n_true
+    assert abs(ratio - 1.0) <= 0.03, (ratio, b.n_events / n_true)
+    if pattern == "disk" and dose >= 0.02:
+        # the check can fail: the events lose 40 % and more here
+        assert b.n_events / n_true < 0.6
+    # per frame, the estimate follows the frame's own arrivals
+    if n_frames >= 20:
+        assert np.corrcoef(b.electrons, truth.counts())[0, 1] > 0.5
+
+
+def test_disk_at_a_frame_mean_of_001_is_dosed_right():
+    """The counter's recall on this disk is about 0.72 (the strict xfail
+    test_disk_dose_001 of test_counting_accuracy.py); the corrected dose is not
+    that far off: 256 x 384 frames, as there."""
+    frames, truth, cal = _frames("disk", 0.01, 16, seed=103, shape=(256, 384))
+    b = count(frames, cal)
+    n_true = int(truth.counts().sum())
+    assert b.n_events / n_true < 0.8
+    assert abs(b.electrons.sum() / n_true - 1.0) <= 0.03, b.electrons.sum() / n_true
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "2 % target not met at 0.05 e/px/frame uniform (measured 0.971 of the truth): "
+        "the counter misses about 1.5 % of lone electrons and no dim tile gives the "
+        "charge of one electron on a uniform frame this bright (NOT_YET)"
+    ),
+)
+def test_uniform_005_within_2_percent():
+    frames, truth, cal = _frames("uniform", 0.05, 16, seed=21)
+    ratio = count(frames, cal).electrons.sum() / truth.counts().sum()
+    assert abs(ratio - 1.0) <= 0.02, ratio
+
+
+def test_model_records_the_charge_estimate():
+    frames, truth, cal = _frames("disk", 0.05, 30, seed=33)
+    c = Counter(cal)
+    electrons = c(frames).electrons
+    m = c.dose_model()
+    assert m["name"] == "tile-coincidence" and m["charge"] is True
+    assert m["charge_tiles"] > 20 and m["windows"] >= 300
+    # one electron: the emulator's mean deposit is about 123 ADU (Moyal, loc 100, scale 18)
+    assert 100 < m["electron_charge_adu"] < 150
+    assert m["hard_area"] == pytest.approx(9.0)
+    # streaming: once the charge of one electron is known (300 windows, here after a
+    # dozen small frames), the frames are corrected as well as by count()
+    late = truth.counts()[15:].sum()
+    assert electrons[15:].sum() == pytest.approx(late, rel=0.03)
+
+
+def test_pair_count_stops_once_the_areas_are_known(monkeypatch):
+    from streamstore.counting import dose as D
+
+    rng = np.random.default_rng(6)
+    b = _random_batch(rng, (64, 64), 10, 0.03)
+    monkeypatch.setattr(D, "MAX_FAR_PAIRS", 200)
+    est = DoseEstimator((64, 64))
+    est.update(b.slice(0, 2))
+    first = est.pair_counts()
+    assert est.pairs_complete and est.model()["far_pairs"] >= 200
+    areas = est.exclusion_areas
+    est.update(b.slice(2, 10))
+    np.testing.assert_array_equal(est.pair_counts(), first)
+    assert est.exclusion_areas == areas and est.frames_seen == 10

@@ -48,6 +48,13 @@ def test_demo_runs_end_to_end_and_reports_what_it_stored(tmp_path):
     total = store.n_events / (64 * 96 * 1.0**2)
     assert float(m.group(1)) == pytest.approx(total, rel=1e-3)
     assert float(m.group(2)) == pytest.approx(total / 80, rel=1e-3)
+    # and the corrected dose the store gives by default, said so
+    m = re.search(
+        rf"corrected dose: {num} e/A\^2 in 80 frames \(dose: electrons, coincidence", text
+    )
+    assert m, text
+    assert float(m.group(1)) == pytest.approx(float(store.dose(unit="e/A2").sum()), rel=1e-3)
+    assert float(m.group(1)) > total  # the check can fail: the correction adds electrons
     assert np.array_equal(store.sum(), store.events(0, 80).to_dense().sum(axis=0))
     # ground truth only when asked (--truth): scored, then deleted
     assert not list(out.glob("*truth*"))

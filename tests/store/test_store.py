@@ -227,7 +227,7 @@ def test_attributes_calibration_meta_and_accounting(tmp_path, rng):
         w.append(random_batch(rng, 1), [6], [6])
     with streamstore.open(path) as s:
         a = s.attrs
-        assert a["format"] == "streamstore.events" and a["format_version"] == 2
+        assert a["format"] == "streamstore.events" and a["format_version"] == 3
         assert a["frame_shape"] == [24, 40] and a["raw_dtype"] == "uint16"
         assert s.frame_time_s == 2e-3 and s.pixel_size_A == 0.8 and s.raw_dtype == "uint16"
         summary = s.calibration_summary

@@ -107,7 +107,7 @@ GOLDEN = sorted(DATA.glob("golden_v*.h5"))
 
 
 def test_golden_files_exist():
-    assert [p.name for p in GOLDEN] == ["golden_v1.h5", "golden_v2.h5"]
+    assert [p.name for p in GOLDEN] == ["golden_v1.h5", "golden_v2.h5", "golden_v3.h5"]
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
@@ -142,6 +142,24 @@ def test_golden_file_decodes_to_its_expected_content(path):
             assert s.scan.frames_per_position == scan["frames_per_position"]
             assert s.scan.flyback == scan["flyback"]
         assert s.calibration_warning == exp.get("calibration_warning", "")
+        # what version 3 added: the corrected dose and its model; older files record
+        # none, and their dose is the counted events, saying so
+        counts = np.diff(exp["offsets"])
+        np.testing.assert_array_equal(s.dose("events", corrected=False), counts)
+        if "electrons" in exp:
+            assert s.dose_corrected and s.dose_model == exp["dose_model"]
+            np.testing.assert_array_equal(s.dose("events"), exp["electrons"])
+            np.testing.assert_array_equal(s.events(0, s.n_frames).electrons, exp["electrons"])
+            assert "coincidence-corrected" in s.dose_label
+        else:
+            assert not s.dose_corrected and s.dose_model is None
+            assert s.dose("events").dtype == np.int64
+            np.testing.assert_array_equal(s.dose("events"), counts)
+            assert s.events(0, s.n_frames).electrons is None
+            assert s.dose_label == (
+                "dose: counted events, no coincidence correction recorded "
+                f"(format {exp['format_version']})"
+            )
 
 
 @pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.name)
@@ -163,6 +181,6 @@ def test_unknown_version_is_refused(tmp_path, rng):
     with StoreWriter(path, (8, 8), frame_time_s=1e-3) as w:
         w.append(_batch(rng, 2, (8, 8), 0.1, False), [0, 1], [0, 1])
     with h5py.File(path, "r+") as f:
-        f.attrs["format_version"] = 3
-    with pytest.raises(FormatError, match="format version 3"):
+        f.attrs["format_version"] = 4
+    with pytest.raises(FormatError, match="format version 4"):
         streamstore.open(path)

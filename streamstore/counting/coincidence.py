@@ -1,0 +1,258 @@
+"""The coincidence model of the corrected dose: inversion, pair counts, loss areas.
+
+The model (:mod:`streamstore.counting.dose` explains it): an event density ``mu``
+for an electron density ``lam`` given the hard-core and soft areas ``a`` and
+``b`` measured from the pair deficit of the events. A numpy reference of the
+pair count (:func:`pair_histogram_reference`) and its numba twin
+(:func:`pair_histogram`), equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from streamstore._numba_cache import serialize_saves
+from streamstore.events import EventBatch
+
+__all__ = [
+    "HARD_CORE_AREA",
+    "MAX_FILL",
+    "electrons_from_events",
+    "events_from_electrons",
+    "exclusion_areas",
+    "pair_histogram",
+    "pair_histogram_reference",
+]
+
+#: Largest ``mu * A`` that is inverted; denser tiles are treated as this full.
+MAX_FILL = 0.98
+#: Exclusion area of the 3 x 3 local-maximum rule without charge spread (pixels).
+HARD_CORE_AREA = 9.0
+#: Pairs far away below which the measured excess over the hard core is shrunk
+#: toward 0 (few pairs: a noisy excess; it matters little there, the dose is low).
+_FAR_PAIRS_PRIOR = 200.0
+
+
+def events_from_electrons(lam: np.ndarray | float, hard: float, soft: float = 0.0) -> np.ndarray:
+    """Event density the model expects for an electron density ``lam``.
+
+    Parameters
+    ----------
+    lam : array_like
+        Electrons per pixel per frame.
+    hard : float
+        Hard-core area ``a`` (pixels).
+    soft : float, default 0.0
+        Soft area ``b`` (pixels).
+
+    Returns
+    -------
+    ndarray
+        ``(1 - exp(-lam a)) / a * exp(-lam b / 2)``.
+    """
+    lam = np.asarray(lam, dtype=np.float64)
+    return -np.expm1(-lam * hard) / hard * np.exp(-0.5 * soft * lam)
+
+
+def _lam_max(hard: float, soft: float) -> float:
+    """Largest electron density the model inverts (see the module docstring)."""
+    cap = -np.log1p(-MAX_FILL) / hard
+    if soft <= 0:
+        return float(cap)
+    lo, hi = 0.0, float(cap)
+    b = 0.5 * soft
+
+    def slope(lam: float) -> float:
+        return np.exp(-lam * (hard + b)) - b * float(events_from_electrons(lam, hard, soft))
+
+    if slope(hi) > 0:
+        return hi
+    for _ in range(60):  # mu rises then falls: bisect its peak
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
+    return lo
+
+
+_TABLE_SIZE = 4097
+
+
+def _inverse_table(hard: float, soft: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(mu, lam, d2)`` on a grid of ``lam`` from 0 to ``lam_max``; ``d2`` is
+    ``d^2 lam / d mu^2`` (for the noise bias of the inversion)."""
+    lam = np.linspace(0.0, _lam_max(hard, soft), _TABLE_SIZE)
+    mu = events_from_electrons(lam, hard, soft)
+    b = 0.5 * soft
+    e = np.exp(-lam * (hard + b))
+    d1 = e - b * mu
+    d2mu = -(hard + b) * e - b * d1
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d2 = np.where(d1 > 0, -d2mu / np.maximum(d1, 1e-300) ** 3, 0.0)
+    return mu, lam, d2
+
+
+def electrons_from_events(mu: np.ndarray | float, hard: float, soft: float = 0.0) -> np.ndarray:
+    """Electron density for an event density ``mu`` (inverse of :func:`events_from_electrons`).
+
+    Parameters
+    ----------
+    mu : array_like
+        Events per pixel per frame.
+    hard, soft : float
+        Areas ``a`` and ``b`` of the model (pixels).
+
+    Returns
+    -------
+    ndarray
+        ``lam`` with ``events_from_electrons(lam) == mu``, at most ``lam_max``.
+    """
+    tmu, tlam, _ = _inverse_table(hard, soft)
+    mu = np.asarray(mu, dtype=np.float64)
+    lam = np.interp(mu, tmu, tlam)
+    # one Newton step polishes the table's linear interpolation
+    slope = np.exp(-lam * (hard + 0.5 * soft)) - 0.5 * soft * events_from_electrons(lam, hard, soft)
+    inside = (mu < tmu[-1]) & (slope > 0)
+    step = (events_from_electrons(lam, hard, soft) - mu) / np.where(inside, slope, 1.0)
+    return np.where(inside, lam - step, lam)
+
+
+def _check_radii(pair_radius: int, far_radii: tuple[int, int]) -> tuple[int, int, int]:
+    lo, hi = (int(v) for v in far_radii)
+    if not 1 <= int(pair_radius) < lo <= hi:
+        raise ValueError(
+            f"need 1 <= pair_radius < far_radii[0] <= far_radii[1], got {pair_radius}, {far_radii}"
+        )
+    return int(pair_radius), lo, hi
+
+
+def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
+    """Count pairs of events of the same frame by their lattice offset (numpy reference).
+
+    Parameters
+    ----------
+    batch : EventBatch
+        Events.
+    radius : int
+        Largest Chebyshev distance counted.
+
+    Returns
+    -------
+    ndarray of int64, shape (radius + 1, 2 * radius + 1)
+        ``h[dy, dx + radius]``: pairs whose second event lies ``dy`` rows below and
+        ``dx`` columns right of the first; each unordered pair once (``dy > 0``, or
+        ``dy == 0`` and ``dx > 0``); other cells 0.
+    """
+    h, w = batch.frame_shape
+    hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
+    for f in range(batch.n_frames):
+        idx = batch.indices[batch.offsets[f] : batch.offsets[f + 1]].astype(np.int64)
+        r, c = np.divmod(idx, w)
+        for dy in range(radius + 1):
+            for dx in range(-radius, radius + 1):
+                if dy == 0 and dx <= 0:
+                    continue
+                ok = (r + dy < h) & (c + dx >= 0) & (c + dx < w)
+                target = idx[ok] + dy * w + dx
+                pos = np.searchsorted(idx, target)
+                inside = pos < idx.size
+                hist[dy, dx + radius] += int(np.sum(idx[pos[inside]] == target[inside]))
+    return hist
+
+
+@njit(nogil=True, cache=True)
+def _pair_histogram_kernel(offsets, indices, h, w, radius, hist):  # pragma: no cover - numba
+    ptr = np.empty(radius + 1, np.int64)
+    for f in range(offsets.size - 1):
+        a = offsets[f]
+        b = offsets[f + 1]
+        for dy in range(radius + 1):
+            ptr[dy] = a
+        for i in range(a, b):
+            e = np.int64(indices[i])
+            r = e // w
+            c = e - r * w
+            for dy in range(radius + 1):
+                if r + dy >= h:
+                    break
+                lo = e + dy * w - radius
+                p = ptr[dy]
+                # events ascend, so each row's window start only moves forward
+                while p < b and np.int64(indices[p]) < lo:
+                    p += 1
+                ptr[dy] = p
+                hi = e + dy * w + radius
+                q = p
+                while q < b and np.int64(indices[q]) <= hi:
+                    t = np.int64(indices[q])
+                    rq = t // w
+                    dx = t - rq * w - c
+                    if rq == r + dy and (dy > 0 or dx > 0):
+                        hist[dy, dx + radius] += 1
+                    q += 1
+    return hist
+
+
+def pair_histogram(batch: EventBatch, radius: int) -> np.ndarray:
+    """Count pairs of events by lattice offset (numba; same result as
+    :func:`pair_histogram_reference`, in O(events * radius + pairs))."""
+    h, w = batch.frame_shape
+    hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
+    if batch.n_events:
+        _pair_histogram_kernel(batch.offsets, batch.indices, h, w, int(radius), hist)
+    return hist
+
+
+def exclusion_areas(
+    hist: np.ndarray,
+    frame_shape: tuple[int, int],
+    pair_radius: int = 2,
+    far_radii: tuple[int, int] = (4, 5),
+) -> tuple[float, float]:
+    """Hard-core and soft areas ``(a, b)`` (pixels) from a pair histogram.
+
+    Pairs per offset (:func:`pair_histogram`) are divided by the number of places
+    the offset fits in a frame, and by their mean over the far offsets (Chebyshev
+    distance in ``far_radii``) to give ``g(d)``. ``a = 1 + 2 * sum (1 - g(d))`` over
+    the half plane with ``|d|_inf == 1``; ``b = 2 * sum (1 - g(d))`` for
+    ``2 <= |d|_inf <= pair_radius``, shrunk toward 0 while few far pairs are seen
+    and never below 0. Without pairs: ``(9, 0)``, the 3 x 3 rule's hard core.
+
+    Parameters
+    ----------
+    hist : ndarray, shape (R + 1, 2 R + 1)
+        Pair counts, ``R >= far_radii[1]``.
+    frame_shape : tuple of int
+        ``(H, W)``.
+    pair_radius : int, default 2
+        Largest Chebyshev distance of the deficit sum.
+    far_radii : tuple of int, default (4, 5)
+        Chebyshev distances that normalise ``g``.
+
+    Returns
+    -------
+    tuple of float
+    """
+    near, lo, hi = _check_radii(pair_radius, far_radii)
+    radius = (hist.shape[1] - 1) // 2
+    if hist.shape != (radius + 1, 2 * radius + 1) or radius < hi:
+        raise ValueError(f"hist: expected shape (R + 1, 2 R + 1) with R >= {hi}, got {hist.shape}")
+    h, w = frame_shape
+    dy = np.arange(radius + 1)[:, None]
+    dx = np.arange(-radius, radius + 1)[None, :]
+    half = (dy > 0) | (dx > 0)
+    cheb = np.maximum(dy, np.abs(dx))
+    places = np.maximum((h - dy) * (w - np.abs(dx)), 1).astype(np.float64)
+    far = half & (cheb >= lo) & (cheb <= hi)
+    n_far = float(hist[far].sum())
+    if n_far == 0:
+        return HARD_CORE_AREA, 0.0
+    rate = hist / places
+    deficit = 1.0 - rate / rate[far].mean()
+    hard = 1.0 + 2.0 * float(np.sum(deficit[half & (cheb == 1)]))
+    soft = 2.0 * float(np.sum(deficit[half & (cheb >= 2) & (cheb <= near)]))
+    soft *= n_far / (n_far + _FAR_PAIRS_PRIOR)
+    return max(hard, 1.0), max(soft, 0.0)
+
+
+# several processes may compile this at once (see streamstore._numba_cache)
+serialize_saves(_pair_histogram_kernel)
