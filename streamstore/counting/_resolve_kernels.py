@@ -1,0 +1,287 @@
+"""Numba kernel of the "resolve" counting rule (specification: ``_resolve_reference.py``).
+
+One frame per call of :func:`_resolve_frame`, scalar and plain: it gives the
+same events as the reference bit for bit. Frames are independent, so
+:func:`count_resolve_frames` spreads them over threads and the events do not
+depend on the thread count. Speed is not its aim yet: the common path is one
+compare per pixel (``raw > lo_c``), but the signal is computed for every pixel.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from numba import njit
+
+from streamstore._numba_cache import serialize_saves
+
+__all__ = ["count_resolve_frames"]
+
+_OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+_INT64_MIN = np.iinfo(np.int64).min
+
+
+@njit(**_OPTS)
+def _quantise(num, den):
+    if num < 0:
+        return 0
+    q = num // (den if den > 1 else 1)
+    return 3 if q > 3 else q
+
+
+@njit(**_OPTS)
+def _centroid(s, r, c, br, bc, partner):
+    """Sub-pixel cell of the event ``(r, c)``; with ``partner`` each pixel of its 3 x 3
+    is weighted 2 / 1 / 0 as it is nearer ``(r, c)``, as near, or nearer ``(br, bc)``."""
+    h, w = s.shape
+    total = np.int64(0)
+    ty = np.int64(0)
+    tx = np.int64(0)
+    for dy in range(-1, 2):
+        rr = r + dy
+        if rr < 0 or rr >= h:
+            continue
+        for dx in range(-1, 2):
+            cc = c + dx
+            if cc < 0 or cc >= w:
+                continue
+            wv = s[rr, cc]
+            if wv < 0:
+                wv = 0
+            if partner:
+                da = dy * dy + dx * dx
+                db = (rr - br) * (rr - br) + (cc - bc) * (cc - bc)
+                if da < db:
+                    wv = 2 * wv
+                elif da > db:
+                    wv = 0
+            total += wv
+            ty += dy * wv
+            tx += dx * wv
+    qy = _quantise(2 * total + 4 * ty, total)
+    qx = _quantise(2 * total + 4 * tx, total)
+    return np.uint8((qy << 2) | qx)
+
+
+@njit(**_OPTS)
+def _beats(s, cand, r, c, rr, cc):
+    """Does the key of ``(r, c)`` beat that of the candidate ``(rr, cc)`` (True when
+    ``(rr, cc)`` is out of the frame or not a candidate)?"""
+    h, w = s.shape
+    if rr < 0 or rr >= h or cc < 0 or cc >= w or not cand[rr, cc]:
+        return True
+    if rr < r or (rr == r and cc < c):
+        return s[r, c] > s[rr, cc]
+    return s[r, c] >= s[rr, cc]
+
+
+@njit(**_OPTS)
+def _resolve_frame(
+    raw, lo, lo_c, dark, gain, has_gain, qthr, xray_level, radius, subpixel,
+    e_unit, pair16, any16, spread16, top,
+):  # fmt: skip
+    h, w = raw.shape
+    s = np.empty((h, w), np.int64)
+    cand = np.empty((h, w), np.bool_)
+    xray = np.empty((h, w), np.bool_)
+    okp = np.empty((h, w), np.bool_)
+    n_cand = 0
+    for r in range(h):
+        for c in range(w):
+            v = raw[r, c]
+            is_c = v > lo_c[r, c]
+            cand[r, c] = is_c
+            n_cand += is_c
+            ok = lo_c[r, c] != top
+            okp[r, c] = ok
+            if ok:
+                sv = np.int64(v) - np.int64(dark[r, c])
+                if has_gain:
+                    sv *= np.int64(gain[r, c])
+            else:
+                sv = np.int64(0)
+            s[r, c] = sv
+            xray[r, c] = is_c and (v == top or sv > xray_level)
+    cap = 2 * n_cand + 1
+    out_i = np.empty(cap, np.int64)
+    out_s = np.empty(cap, np.uint8)
+    n = 0
+    q_i = np.empty(cap, np.int64)
+    q_s = np.empty(cap, np.uint8)
+    nq = 0
+    for r in range(h):
+        for c in range(w):
+            if not cand[r, c]:
+                continue
+            is_max = True
+            for dy in range(-1, 2):
+                for dx in range(-1, 2):
+                    if (dy != 0 or dx != 0) and not _beats(s, cand, r, c, r + dy, c + dx):
+                        is_max = False
+            if not is_max:
+                continue
+            if not raw[r, c] > lo[r, c]:
+                charged = False
+                for r0 in range(r - 1, r + 1):
+                    for c0 in range(c - 1, c + 1):
+                        if r0 < 0 or c0 < 0 or r0 >= h - 1 or c0 >= w - 1:
+                            continue
+                        quad = s[r0, c0] + s[r0, c0 + 1] + s[r0 + 1, c0] + s[r0 + 1, c0 + 1]
+                        if quad > qthr[r0, c0]:
+                            charged = True
+                if not charged:
+                    continue
+                wide = True
+                for dy in range(-2, 3):
+                    for dx in range(-2, 3):
+                        if max(abs(dy), abs(dx)) == 2 and not _beats(s, cand, r, c, r + dy, c + dx):
+                            wide = False
+                if not wide:
+                    continue
+            near = False
+            for rr in range(max(0, r - radius), min(h, r + radius + 1)):
+                for cc in range(max(0, c - radius), min(w, c + radius + 1)):
+                    if xray[rr, cc]:
+                        near = True
+            if near:
+                continue
+            # partner: the brightest unmasked 8-neighbour, raster-first on ties
+            has = False
+            best = np.int64(_INT64_MIN)
+            ey = 0
+            ex = 0
+            for dy in range(-1, 2):
+                rr = r + dy
+                if rr < 0 or rr >= h:
+                    continue
+                for dx in range(-1, 2):
+                    cc = c + dx
+                    if (dy == 0 and dx == 0) or cc < 0 or cc >= w or not okp[rr, cc]:
+                        continue
+                    if not has or s[rr, cc] > best:
+                        has = True
+                        best = s[rr, cc]
+                        ey = dy
+                        ex = dx
+            split = False
+            if has:
+                e2 = ey * ey + ex * ex
+                big = np.int64(0)
+                spread = np.int64(0)
+                for dy in range(-2, 3):
+                    rr = r + dy
+                    if rr < 0 or rr >= h:
+                        continue
+                    for dx in range(-2, 3):
+                        cc = c + dx
+                        if cc < 0 or cc >= w:
+                            continue
+                        inside = (abs(dy) <= 1 and abs(dx) <= 1) or (
+                            abs(dy - ey) <= 1 and abs(dx - ex) <= 1
+                        )
+                        if not inside:
+                            continue
+                        v = s[rr, cc]
+                        u = np.int64(2 * (dy * ey + dx * ex) - e2)
+                        big += v
+                        spread += v * u * u * (2 if e2 == 1 else 1)
+                split = 16 * big >= any16 * e_unit or (
+                    16 * big >= pair16 * e_unit and 2 * spread >= spread16 * big
+                )
+            out_i[n] = r * w + c
+            if subpixel:
+                out_s[n] = _centroid(s, r, c, r + ey, c + ex, split)
+            n += 1
+            if split:
+                q_i[nq] = (r + ey) * w + (c + ex)
+                if subpixel:
+                    q_s[nq] = _centroid(s, r + ey, c + ex, r, c, True)
+                nq += 1
+    # the second events were made in raster order of their origins: a stable sort
+    # by pixel keeps, of several splits to one pixel, the lowest origin's
+    order = np.argsort(q_i[:nq], kind="mergesort")
+    idx = np.empty(n + nq, np.uint32)
+    sub = np.empty(n + nq if subpixel else 0, np.uint8)
+    i = 0
+    j = 0
+    k = 0
+    last = np.int64(-1)
+    while i < n or j < nq:
+        if j < nq and q_i[order[j]] == last:  # a pixel another split already took
+            j += 1
+            continue
+        if j >= nq or (i < n and out_i[i] < q_i[order[j]]):
+            idx[k] = out_i[i]
+            if subpixel:
+                sub[k] = out_s[i]
+            i += 1
+        else:
+            last = q_i[order[j]]
+            idx[k] = last
+            if subpixel:
+                sub[k] = q_s[order[j]]
+            j += 1
+        k += 1
+    return idx[:k], sub[: k if subpixel else 0]
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def count_resolve_frames(
+    frames: np.ndarray,
+    lo: np.ndarray,
+    lo_c: np.ndarray,
+    dark: np.ndarray,
+    gain: np.ndarray | None,
+    qthr: np.ndarray,
+    xray_level: int,
+    radius: int,
+    subpixel: bool,
+    e_unit: int,
+    pair16: int,
+    any16: int,
+    spread16: int,
+    threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Count ``frames (n, H, W)`` by the resolve rule; the arguments of
+    :func:`~streamstore.counting._resolve_reference.count_resolve_reference` plus
+    ``threads`` (None: numba's thread count). Returns ``(offsets, indices, subpixel)``."""
+    global _pool
+    n = frames.shape[0]
+    top = frames.dtype.type(np.iinfo(frames.dtype).max)
+    g = np.ones((1, 1), np.uint16) if gain is None else gain
+    level = np.int64(min(int(xray_level), 2**62))
+
+    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+        return _resolve_frame(
+            frames[i], lo, lo_c, dark, g, gain is not None, qthr, level, np.int64(radius),
+            bool(subpixel), np.int64(e_unit), np.int64(pair16), np.int64(any16),
+            np.int64(spread16), top,
+        )  # fmt: skip
+
+    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
+    k = max(1, min(k, n))
+    if k == 1:
+        parts = [one(i) for i in range(n)]
+    else:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-resolve"
+            )
+        # at most k frames in flight; results are taken in frame order
+        parts = []
+        for start in range(0, n, k):
+            parts.extend(_pool.map(one, range(start, min(n, start + k))))
+    offsets = np.zeros(n + 1, np.int64)
+    offsets[1:] = np.cumsum([p[0].size for p in parts])
+    indices = np.concatenate([p[0] for p in parts]) if n else np.zeros(0, np.uint32)
+    sub = None
+    if subpixel:
+        sub = np.concatenate([p[1] for p in parts]) if n else np.zeros(0, np.uint8)
+    return offsets, indices, sub
+
+
+serialize_saves(_resolve_frame)

@@ -1,0 +1,156 @@
+"""The "resolve" counting rule: its parameters, its maps, and one electron's charge.
+
+The peak rule (``_reference.py``) reports a pixel when it passes a threshold
+of ``n_sigma`` noise and is a 3 x 3 local maximum. It misses electrons whose
+charge is spread over several pixels (none of them passes), and two electrons
+within one pixel of each other give one event. The resolve rule
+(``_resolve_reference.py`` is its specification) keeps the one-compare
+candidate test at a lower threshold, accepts a local maximum on the peak rule
+or on the charge of its brightest 2 x 2 quadrant against that quadrant's
+noise, and splits an event in two when its charge and its elongation say so.
+
+:func:`resolve_maps` derives the integer maps from a calibration;
+:func:`electron_charge` measures one electron's charge (the split unit) from
+frames with beam.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from streamstore.counting.calibration import Calibration
+
+__all__ = ["ResolveParams", "electron_charge", "resolve_maps"]
+
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True)
+class ResolveParams:
+    """Thresholds of the resolve rule.
+
+    Attributes
+    ----------
+    candidate_sigma : float
+        A pixel is a candidate when its dark-subtracted value exceeds this many
+        of its noise sigmas (the calibration's ``n_sigma`` stays the peak rule's).
+    quadrant_sigma : float
+        A local maximum is accepted on charge when a 2 x 2 quadrant holding it
+        has more than this many sigmas of the quadrant's summed noise.
+    pair_charge : float
+        With an elongation of ``pair_spread`` or more, an event of this many
+        electrons' charge or more is split in two.
+    any_charge : float
+        An event of this many electrons' charge or more is split in two whatever
+        its shape.
+    pair_spread : float
+        Second moment along the event's axis (square pixels) from which an event
+        of ``pair_charge`` is split.
+    """
+
+    candidate_sigma: float = 3.0
+    quadrant_sigma: float = 6.0
+    pair_charge: float = 1.5
+    any_charge: float = 3.0
+    pair_spread: float = 0.5
+
+    def integers(self) -> tuple[int, int, int]:
+        """``(pair16, any16, spread16)``: the split thresholds in sixteenths."""
+        return (
+            int(round(16 * self.pair_charge)),
+            int(round(16 * self.any_charge)),
+            int(round(16 * self.pair_spread)),
+        )
+
+
+def resolve_maps(
+    calibration: Calibration, dtype: Any, params: ResolveParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int]:
+    """Integer maps of the resolve rule: ``(lo, lo_c, dark, gain, qthr, xray_level)``.
+
+    ``lo``, ``dark``, ``gain`` and ``xray_level`` are
+    :meth:`~streamstore.Calibration.threshold_maps`; ``lo_c`` is ``lo`` at
+    ``params.candidate_sigma`` (masked pixels: the type's maximum); ``qthr[r, c]``
+    (int64) is the charge threshold of the 2 x 2 quadrant with top-left corner
+    ``(r, c)`` in signal units, ``floor(quadrant_sigma * sqrt(sum((noise *
+    gain)^2)))`` over its unmasked pixels, and ``INT64_MAX`` where the quadrant
+    leaves the frame or is all masked.
+    """
+    from streamstore.counting.calibration import Calibration
+
+    lo, dark, gain, xray_level = calibration.threshold_maps(dtype)
+    low = Calibration(
+        calibration.dark,
+        calibration.noise,
+        gain=calibration.gain,
+        mask=calibration.mask,
+        n_sigma=params.candidate_sigma,
+        xray_threshold=calibration.xray_threshold,
+        xray_radius=calibration.xray_radius,
+        wrapped=calibration.wrapped,
+    )
+    lo_c = low.threshold_maps(dtype)[0]
+    top = np.iinfo(lo.dtype).max
+    sig = calibration.noise.astype(np.float64)
+    if gain is not None:
+        sig = sig * gain
+    var = np.where(lo_c == top, 0.0, sig * sig)
+    h, w = var.shape
+    qthr = np.full((h, w), _INT64_MAX, np.int64)
+    if h > 1 and w > 1:
+        qv = var[:-1, :-1] + var[:-1, 1:] + var[1:, :-1] + var[1:, 1:]
+        t = np.floor(params.quadrant_sigma * np.sqrt(qv))
+        qthr[:-1, :-1] = np.where(qv > 0, np.minimum(t, 2.0**62), _INT64_MAX).astype(np.int64)
+    return lo, lo_c, dark, gain, qthr, xray_level
+
+
+def electron_charge(
+    frames: np.ndarray,
+    maps: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int],
+    radius: int,
+    max_frames: int = 16,
+) -> int | None:
+    """One electron's charge in signal units, measured on frames with beam.
+
+    The median 3 x 3 charge of the accepted events (the resolve rule without
+    splits) that have no other event within Chebyshev distance 3. Merged
+    electrons look isolated too, so at high doses this reads high, which makes
+    splits rarer (the safe side). None below 50 such events.
+    """
+    from streamstore.counting._resolve_reference import count_frame_resolve_reference
+
+    lo, lo_c, dark, gain, qthr, xray_level = maps
+    charges: list[np.ndarray] = []
+    big = 2**62
+    for raw in frames[:max_frames]:
+        idx, _ = count_frame_resolve_reference(
+            raw, lo, lo_c, dark, gain, qthr, xray_level, radius, False, 1, big, big, big
+        )
+        h, w = raw.shape
+        s = raw.astype(np.int64) - dark.astype(np.int64)
+        if gain is not None:
+            s *= gain.astype(np.int64)
+        s[lo_c == np.iinfo(lo_c.dtype).max] = 0
+        r, c = np.divmod(idx.astype(np.int64), w)
+        occ = np.zeros((h + 6, w + 6), np.int32)
+        np.add.at(occ, (r + 3, c + 3), 1)
+        crowd = np.zeros(idx.size, np.int32)
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                crowd += occ[r + 3 + dy, c + 3 + dx]
+        sp = np.zeros((h + 2, w + 2), np.int64)
+        sp[1:-1, 1:-1] = s
+        q = np.zeros(idx.size, np.int64)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                q += sp[r + 1 + dy, c + 1 + dx]
+        charges.append(q[crowd == 1])
+    allq = np.concatenate(charges) if charges else np.zeros(0, np.int64)
+    if allq.size < 50:
+        return None
+    return max(1, int(math.floor(float(np.median(allq)))))
