@@ -51,6 +51,19 @@ class Counter:
     implementation : {"numba", "reference", "native"}, default "numba"
         "reference" is the plain numpy specification, "native" the C twin
         from ``native_ref`` (compiled on first use); both for tests and benchmarks.
+    method : {"peak", "resolve"}, default "peak"
+        "peak": a pixel above ``n_sigma`` noise that is a 3 x 3 local maximum
+        (``_reference.py``). "resolve": candidates at a lower threshold, accepted
+        on the peak rule or on the charge of a 2 x 2 quadrant, and events split in
+        two on charge and elongation (``_resolve_reference.py``); finds electrons
+        whose charge is spread over several pixels. Opt-in: not yet as fast.
+    resolve : ResolveParams, optional
+        Thresholds of the "resolve" method (default ``ResolveParams()``).
+    electron_charge : float, optional
+        One electron's gain-corrected charge in ADU, the split unit of "resolve".
+        None: measured on the first call's frames
+        (:func:`streamstore.counting.resolve.electron_charge`) and kept; while
+        too few electrons have been seen, nothing is split.
 
     Notes
     -----
@@ -66,6 +79,9 @@ class Counter:
         subpixel: bool = False,
         threads: int | None = None,
         implementation: str = "numba",
+        method: str = "peak",
+        resolve: Any = None,
+        electron_charge: float | None = None,
     ) -> None:
         from streamstore.counting.calibration import Calibration
 
@@ -80,6 +96,10 @@ class Counter:
             raise ValueError(
                 f"implementation must be 'numba', 'reference' or 'native', got {implementation!r}"
             )
+        if method not in ("peak", "resolve"):
+            raise ValueError(f"method must be 'peak' or 'resolve', got {method!r}")
+        self.method = method
+        self.resolve = None
         self.calibration = calibration
         self.dtype = dt
         self.kernel_dtype = calibration.frame_dtype(dt)
@@ -95,6 +115,18 @@ class Counter:
         self._derived = calibration._derived()
         self._maps: tuple[np.ndarray, ...] | None = None
         self._wide_rows: bool | None = None
+        if method == "resolve":
+            from streamstore.counting.resolve import ResolveParams, charge_units
+
+            self.resolve = ResolveParams() if resolve is None else resolve
+            if not isinstance(self.resolve, ResolveParams):
+                raise ValueError("resolve must be a ResolveParams")
+            self._e_unit: int | None = None
+            if electron_charge is not None:
+                e = float(electron_charge)
+                if not (np.isfinite(e) and e > 0):
+                    raise ValueError(f"electron_charge must be positive, got {electron_charge!r}")
+                self._e_unit = max(1, int(round(e * charge_units(calibration, self.kernel_dtype))))
 
     def _prepare(self, frames: Any) -> np.ndarray:
         arr = np.asarray(frames)
@@ -132,7 +164,9 @@ class Counter:
         )
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
-        if self.implementation == "numba":
+        if self.method == "resolve":
+            offsets, indices, sub = self._count_resolve(arr)
+        elif self.implementation == "numba":
             from streamstore.counting._launch import count_frames
             from streamstore.counting._maps import kernel_maps, wide_rows_pay
 
@@ -159,11 +193,39 @@ class Counter:
             offsets, indices, sub = count_native(*args)
         return EventBatch(offsets, indices, sub, self.frame_shape, validate=False)
 
+    def _count_resolve(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        from streamstore.counting.resolve import electron_charge, resolve_maps
+
+        key = ("resolve_maps", self.kernel_dtype.str, self.resolve)
+        if key not in self._derived:
+            self._derived[key] = resolve_maps(self.calibration, self.dtype, self.resolve)
+        maps = self._derived[key]
+        if self._e_unit is None:
+            self._e_unit = electron_charge(arr, maps, self._radius)
+        lo, lo_c, dark, gain, qthr, level = maps
+        e_unit = 2**40 if self._e_unit is None else self._e_unit  # unknown: no splits
+        args = (
+            arr, lo, lo_c, dark, gain, qthr, level, self._radius, self.subpixel, e_unit,
+            *self.resolve.integers(),
+        )  # fmt: skip
+        if self.implementation == "numba":
+            from streamstore.counting._resolve_kernels import count_resolve_frames
+
+            return count_resolve_frames(*args, threads=self.threads)
+        if self.implementation == "reference":
+            from streamstore.counting._resolve_reference import count_resolve_reference
+
+            return count_resolve_reference(*args)
+        from native_ref import count_resolve_native
+
+        return count_resolve_native(*args)
+
     def __repr__(self) -> str:
         return (
             f"Counter(frame_shape={self.frame_shape}, dtype={self.dtype}, "
             f"subpixel={self.subpixel}, threads={self.threads}, "
-            f"implementation={self.implementation!r})"
+            f"implementation={self.implementation!r}"
+            + (", method='resolve')" if self.method == "resolve" else ")")
         )
 
 
@@ -173,6 +235,7 @@ def count(
     *,
     subpixel: bool = False,
     threads: int | None = None,
+    method: str = "peak",
 ) -> EventBatch:
     """Find the electron events in ``frames``.
 
@@ -187,6 +250,9 @@ def count(
         the dark-subtracted 3 x 3 neighbourhood).
     threads : int, optional
         Threads to use (None: all cores). The result does not depend on it.
+    method : {"peak", "resolve"}, default "peak"
+        Counting rule (see :class:`Counter`); "resolve" measures one electron's
+        charge on these frames.
 
     Returns
     -------
@@ -199,4 +265,4 @@ def count(
         Wrong frame shape or dtype, or a bad ``threads`` value.
     """
     arr = np.asarray(frames)
-    return Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads)(arr)
+    return Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads, method=method)(arr)
