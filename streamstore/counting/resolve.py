@@ -102,16 +102,17 @@ def resolve_maps(
     )
     lo_c = low.threshold_maps(dtype)[0]
     top = np.iinfo(lo.dtype).max
-    sig = calibration.noise.astype(np.float64)
+    masked = lo_c == top
+    sig = np.where(masked, 0.0, calibration.noise.astype(np.float64))  # masked noise: any value
     if gain is not None:
         sig = sig * gain
-    var = np.where(lo_c == top, 0.0, sig * sig)
+    var = sig * sig
     h, w = var.shape
     qthr = np.full((h, w), _INT64_MAX, np.int64)
     if h > 1 and w > 1:
         qv = var[:-1, :-1] + var[:-1, 1:] + var[1:, :-1] + var[1:, 1:]
-        t = np.floor(params.quadrant_sigma * np.sqrt(qv))
-        qthr[:-1, :-1] = np.where(qv > 0, np.minimum(t, 2.0**62), _INT64_MAX).astype(np.int64)
+        t = np.minimum(np.floor(params.quadrant_sigma * np.sqrt(qv)), 2.0**62).astype(np.int64)
+        qthr[:-1, :-1] = np.where(qv > 0, t, _INT64_MAX)
     return lo, lo_c, dark, gain, qthr, xray_level
 
 
