@@ -11,8 +11,9 @@
  *               distance 2 (charge rule); and no X-ray within Chebyshev distance radius
  *   split     = partner q: brightest unmasked 8-neighbour (raster-first on ties); S, A the
  *               charge and the along-axis moment over the pixels within 1 of p or q;
- *               16 S >= any16 E, or 16 S >= pair16 E and 2 A >= spread16 S: a second event
- *               at q (one per pixel: the lowest origin's)
+ *               16 S >= any16 E, or 16 S >= pair16 E and 2 A >= spread16 S, and p beating
+ *               every candidate at Chebyshev distance 2: a second event at q (one per
+ *               pixel: the lowest origin's)
  *   subpixel  = centre of mass of max(s, 0) over the in-frame 3 x 3, weights 2/1/0 by
  *               side for the two events of a split
  * One frame per call; events in ascending flat index.
@@ -73,6 +74,16 @@ static inline int rs_beats(const int64_t *s, const uint8_t *cand, int64_t h, int
     return s[r * w + c] >= s[rr * w + cc];
 }
 
+/* does the key of (r, c) beat every candidate at Chebyshev distance 2? */
+static int rs_wide(const int64_t *s, const uint8_t *cand, int64_t h, int64_t w, int64_t r,
+                   int64_t c) {
+    for (int dy = -2; dy <= 2; dy++)
+        for (int dx = -2; dx <= 2; dx++)
+            if ((abs(dy) == 2 || abs(dx) == 2) && !rs_beats(s, cand, h, w, r, c, r + dy, c + dx))
+                return 0;
+    return 1;
+}
+
 /* the events of one frame from its signal and flags; returns the count, -2 out of memory */
 static int64_t rs_frame(const int64_t *s, const uint8_t *cand, const uint8_t *xray,
                         const uint8_t *okp, const uint8_t *peak, const int64_t *qthr,
@@ -105,17 +116,7 @@ static int64_t rs_frame(const int64_t *s, const uint8_t *cand, const uint8_t *xr
                         if (quad > qthr[r0 * w + c0]) charged = 1;
                     }
                 if (!charged) continue;
-                int wide = 1;
-                for (int dy = -2; dy <= 2 && wide; dy++)
-                    for (int dx = -2; dx <= 2; dx++) {
-                        int ady = dy < 0 ? -dy : dy, adx = dx < 0 ? -dx : dx;
-                        if ((ady == 2 || adx == 2) &&
-                            !rs_beats(s, cand, h, w, r, c, r + dy, c + dx)) {
-                            wide = 0;
-                            break;
-                        }
-                    }
-                if (!wide) continue;
+                if (!rs_wide(s, cand, h, w, r, c)) continue;
             }
             int near = 0;
             int64_t ra = r - radius < 0 ? 0 : r - radius;
@@ -146,7 +147,7 @@ static int64_t rs_frame(const int64_t *s, const uint8_t *cand, const uint8_t *xr
                 }
             }
             int split = 0;
-            if (has) {
+            if (has && rs_wide(s, cand, h, w, r, c)) {
                 int64_t e2 = ey * ey + ex * ex, big = 0, spread = 0;
                 for (int dy = -2; dy <= 2; dy++) {
                     int64_t rr = r + dy;

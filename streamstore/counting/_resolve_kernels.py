@@ -78,6 +78,16 @@ def _beats(s, cand, r, c, rr, cc):
 
 
 @njit(**_OPTS)
+def _wide(s, cand, r, c):
+    """Does the key of ``(r, c)`` beat every candidate at Chebyshev distance 2?"""
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            if max(abs(dy), abs(dx)) == 2 and not _beats(s, cand, r, c, r + dy, c + dx):
+                return False
+    return True
+
+
+@njit(**_OPTS)
 def _resolve_frame(
     raw, lo, lo_c, dark, gain, has_gain, qthr, xray_level, radius, subpixel,
     e_unit, pair16, any16, spread16, top,
@@ -133,12 +143,7 @@ def _resolve_frame(
                             charged = True
                 if not charged:
                     continue
-                wide = True
-                for dy in range(-2, 3):
-                    for dx in range(-2, 3):
-                        if max(abs(dy), abs(dx)) == 2 and not _beats(s, cand, r, c, r + dy, c + dx):
-                            wide = False
-                if not wide:
+                if not _wide(s, cand, r, c):
                     continue
             near = False
             for rr in range(max(0, r - radius), min(h, r + radius + 1)):
@@ -166,7 +171,7 @@ def _resolve_frame(
                         ey = dy
                         ex = dx
             split = False
-            if has:
+            if has and _wide(s, cand, r, c):
                 e2 = ey * ey + ex * ex
                 big = np.int64(0)
                 spread = np.int64(0)

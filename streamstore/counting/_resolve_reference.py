@@ -35,7 +35,9 @@ frame type:
    (eighths of a square pixel: the second moment about the midpoint of ``p`` and
    ``q`` along ``e``). ``p`` splits in two electrons when ``16 S >= any16 *
    e_unit`` (charge alone), or ``16 S >= pair16 * e_unit`` and ``2 A >= spread16
-   * S`` (charge and elongation). A split reports a second event at ``q``;
+   * S`` (charge and elongation), and ``p``'s key beats every candidate at
+   Chebyshev distance 2 (another maximum that close lends ``W`` its charge). A
+   split reports a second event at ``q``;
    where several accepted pixels split to the same ``q``, the one of lowest flat
    index reports it;
 6. events are listed in ascending flat index ``r * W + c`` (so at most one per
@@ -181,7 +183,7 @@ def count_frame_resolve_reference(
             big += v
             spread += v * u * u * np.where(e2 == 1, 2, 1)
     e_unit = np.int64(e_unit)
-    split = has & (
+    split = has & wide[rows, cols] & (
         (16 * big >= any16 * e_unit)
         | ((16 * big >= pair16 * e_unit) & (2 * spread >= spread16 * big))
     )

@@ -50,19 +50,22 @@ class ResolveParams:
         its shape.
     pair_spread : float
         Second moment along the event's axis (square pixels) from which an event
-        of ``pair_charge`` is split. The default, 16, is beyond what a 4 x 4 window
-        holds: off. On emulator frames a single electron of a Moyal tail and two
-        electrons a pixel apart overlap too much in this moment for a split at a
-        precision of 0.999 (docs/counting.md has the measured trade).
+        of ``pair_charge`` is split.
 
-    The defaults keep a precision of 0.999 on isolated electrons; splitting on
-    charge alone (``any_charge``) costs precision through the deposit's tail.
+    Notes
+    -----
+    The defaults split nothing (``any_charge`` 64 and ``pair_spread`` 16 are out
+    of reach): on emulator frames a single electron from the long tail of the
+    deposit and two electrons a pixel apart overlap too much in charge and in
+    this moment for a split that keeps a precision of 0.999. ``pair_spread=0.8``
+    (with ``pair_charge=1.6``) splits: recall 0.754 -> 0.798 at 0.05 e/px/frame
+    for a precision of 1.000 -> 0.977, and 0.9986 at 0.001 (``docs/counting.md``).
     """
 
     candidate_sigma: float = 3.0
     quadrant_sigma: float = 5.5
-    pair_charge: float = 2.0
-    any_charge: float = 3.5
+    pair_charge: float = 1.6
+    any_charge: float = 64.0
     pair_spread: float = 16.0
 
     def integers(self) -> tuple[int, int, int]:

@@ -158,15 +158,16 @@ def test_a_big_event_splits_into_two_neighbours():
     frame = np.full((h, w), 100, np.uint16)
     frame[5, 5] += 400
     frame[5, 6] += 380
-    c = Counter(cal, np.uint16, subpixel=True, method="resolve", electron_charge=100.0)
+    split = ResolveParams(any_charge=3.5)
+    c = Counter(cal, np.uint16, subpixel=True, method="resolve", electron_charge=100.0,
+                resolve=split)  # fmt: skip
     ev = c(frame)
     assert ev.indices.tolist() == [5 * w + 5, 5 * w + 6]
     # each takes its own side: the partner's charge does not pull it off its centre
     assert ev.subpixel.tolist() == [(2 << 2) | 2] * 2
-    whole = Counter(cal, np.uint16, subpixel=True, electron_charge=100.0, method="resolve",
-                    resolve=ResolveParams(any_charge=99.0))(frame)  # fmt: skip
+    whole = Counter(cal, np.uint16, subpixel=True, electron_charge=100.0, method="resolve")(frame)
     assert whole.indices.tolist() == [5 * w + 5] and whole.subpixel[0] & 3 == 3
-    one = Counter(cal, np.uint16, method="resolve", electron_charge=500.0)(frame)
+    one = Counter(cal, np.uint16, method="resolve", electron_charge=500.0, resolve=split)(frame)
     assert one.indices.tolist() == [5 * w + 5]
 
 
@@ -198,7 +199,7 @@ ACCURACY_CASES = [
     ({}, 0.001, 0.985, 0.005),
     ({}, 0.01, 0.93, 0.005),
     ({"read_noise_adu": 6.0}, 0.001, 0.90, 0.04),
-    ({"psf_sigma_px": 0.8}, 0.001, 0.86, 0.15),
+    ({"psf_sigma_px": 0.8}, 0.001, 0.84, 0.15),
     ({"deposit": "gamma"}, 0.01, 0.83, 0.02),
     ({"read_noise_adu": 2.0, "gain_sigma": 0.1}, 0.01, 0.93, 0.0),
 ]
@@ -213,8 +214,24 @@ def test_resolve_finds_more_electrons_at_the_same_precision(
     res = score_batch(count(frames, cal, subpixel=True, method="resolve"), truth.positions)
     assert res.recall >= least_recall
     assert res.recall >= peak.recall + least_gain
-    assert res.precision >= 0.997
+    # the mislocalised weak events of a wide point spread (found more than 1 px off
+    # their electron) cost precision first
+    assert res.precision >= (0.995 if physics.get("psf_sigma_px", 0) > 0.6 else 0.998)
     assert res.rms_error_px <= 0.32
+
+
+def test_splitting_finds_merged_electrons_at_high_dose():
+    """Splits on charge and elongation recover merged electrons at 0.05 e/px/frame,
+    at a cost in precision (the measured trade of ResolveParams' notes)."""
+    frames, truth, cal = _emulated(0.05, 11, 2500)
+    plain = score_batch(count(frames, cal, subpixel=True, method="resolve"), truth.positions)
+    split = ResolveParams(pair_charge=1.6, pair_spread=0.8)
+    c = Counter(cal, np.uint16, subpixel=True, method="resolve", resolve=split)
+    res = score_batch(c(frames), truth.positions)
+    assert res.recall >= plain.recall + 0.025
+    # most extra events are electrons: at least half of them match one
+    assert res.n_matched - plain.n_matched >= 0.5 * (res.n_found - plain.n_found)
+    assert res.precision >= 0.95
 
 
 def test_pure_noise_gives_almost_nothing_at_read_noise_6():
