@@ -63,7 +63,11 @@ class Counter:
         One electron's gain-corrected charge in ADU, the split unit of "resolve".
         None: measured on the first call's frames
         (:func:`streamstore.counting.resolve.electron_charge`) and kept; while
-        too few electrons have been seen, nothing is split.
+        too few electrons have been seen, nothing is split. The first call's
+        frames also set how much wider the noise of a 2 x 2 sum is than
+        independent pixels give (:func:`~streamstore.counting.resolve.quadrant_noise_factor`,
+        ``Counter.noise_factor``), so "resolve" events depend on what the first
+        call counted, never on the thread count.
 
     Notes
     -----
@@ -122,6 +126,8 @@ class Counter:
             if not isinstance(self.resolve, ResolveParams):
                 raise ValueError("resolve must be a ResolveParams")
             self._e_unit: int | None = None
+            #: widening of the quadrant noise, measured on the first call's frames
+            self.noise_factor: float | None = None
             if electron_charge is not None:
                 e = float(electron_charge)
                 if not (np.isfinite(e) and e > 0):
@@ -194,11 +200,19 @@ class Counter:
         return EventBatch(offsets, indices, sub, self.frame_shape, validate=False)
 
     def _count_resolve(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        from streamstore.counting.resolve import electron_charge, resolve_maps
+        from streamstore.counting.resolve import (
+            electron_charge,
+            quadrant_noise_factor,
+            resolve_maps,
+        )
 
-        key = ("resolve_maps", self.kernel_dtype.str, self.resolve)
+        if self.noise_factor is None:
+            self.noise_factor = quadrant_noise_factor(self.calibration, arr)
+        key = ("resolve_maps", self.kernel_dtype.str, self.resolve, self.noise_factor)
         if key not in self._derived:
-            self._derived[key] = resolve_maps(self.calibration, self.dtype, self.resolve)
+            self._derived[key] = resolve_maps(
+                self.calibration, self.dtype, self.resolve, self.noise_factor
+            )
         maps = self._derived[key]
         if self._e_unit is None:
             self._e_unit = electron_charge(arr, maps, self._radius)

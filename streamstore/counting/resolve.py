@@ -25,7 +25,13 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from streamstore.counting.calibration import Calibration
 
-__all__ = ["ResolveParams", "charge_units", "electron_charge", "resolve_maps"]
+__all__ = [
+    "ResolveParams",
+    "charge_units",
+    "electron_charge",
+    "quadrant_noise_factor",
+    "resolve_maps",
+]
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -63,7 +69,7 @@ class ResolveParams:
     """
 
     candidate_sigma: float = 3.0
-    quadrant_sigma: float = 5.5
+    quadrant_sigma: float = 5.0
     pair_charge: float = 1.6
     any_charge: float = 64.0
     pair_spread: float = 16.0
@@ -78,7 +84,7 @@ class ResolveParams:
 
 
 def resolve_maps(
-    calibration: Calibration, dtype: Any, params: ResolveParams
+    calibration: Calibration, dtype: Any, params: ResolveParams, noise_factor: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int]:
     """Integer maps of the resolve rule: ``(lo, lo_c, dark, gain, qthr, xray_level)``.
 
@@ -86,9 +92,11 @@ def resolve_maps(
     :meth:`~streamstore.Calibration.threshold_maps`; ``lo_c`` is ``lo`` at
     ``params.candidate_sigma`` (masked pixels: the type's maximum); ``qthr[r, c]``
     (int64) is the charge threshold of the 2 x 2 quadrant with top-left corner
-    ``(r, c)`` in signal units, ``floor(quadrant_sigma * sqrt(sum((noise *
-    gain)^2)))`` over its unmasked pixels, and ``INT64_MAX`` where the quadrant
-    leaves the frame or is all masked.
+    ``(r, c)`` in signal units, ``floor(quadrant_sigma * noise_factor *
+    sqrt(sum((noise * gain)^2)))`` over its unmasked pixels, and ``INT64_MAX``
+    where the quadrant leaves the frame or is all masked. ``noise_factor``
+    (:func:`quadrant_noise_factor`) widens the sum's noise where pixels' noise is
+    correlated (a common offset per row).
     """
     from streamstore.counting.calibration import Calibration
 
@@ -114,7 +122,8 @@ def resolve_maps(
     qthr = np.full((h, w), _INT64_MAX, np.int64)
     if h > 1 and w > 1:
         qv = var[:-1, :-1] + var[:-1, 1:] + var[1:, :-1] + var[1:, 1:]
-        t = np.minimum(np.floor(params.quadrant_sigma * np.sqrt(qv)), 2.0**62).astype(np.int64)
+        k = params.quadrant_sigma * float(noise_factor)
+        t = np.minimum(np.floor(k * np.sqrt(qv)), 2.0**62).astype(np.int64)
         qthr[:-1, :-1] = np.where(qv > 0, t, _INT64_MAX)
     return lo, lo_c, dark, gain, qthr, xray_level
 
@@ -204,3 +213,61 @@ def electron_charge(
     if allq.size < 50:
         return None
     return max(1, int(math.floor(float(np.median(allq)))))
+
+
+def quadrant_noise_factor(
+    calibration: Calibration,
+    frames: np.ndarray,
+    max_frames: int = 8,
+    window: int = 1024,
+) -> float:
+    """How much wider the noise of a 2 x 2 sum is on ``frames`` than the calibration's
+    per-pixel noise says (independent pixels), at least 1.
+
+    A common offset per row and frame adds to every pixel of a row alike, so a
+    quadrant's two pixels of one row add it twice: at read noise 2 ADU and a row
+    noise of 1 ADU the sum's sigma is 10 % wider than the calibration's noise
+    map gives, and a threshold of 5 sigmas lets noise through. Measured on the
+    quadrants without masked pixels of the central ``window`` x ``window``
+    pixels of the first ``max_frames`` frames, each divided by its predicted
+    sigma: a third of the distance of their 0.135 % quantile below zero (electrons
+    only add charge, so the far low side is noise alone, and at high doses, where
+    electrons touch most quadrants, it reads low: the factor errs towards 1 where
+    noise events matter least). 1.0 with fewer than 1000 quadrants.
+
+    Parameters
+    ----------
+    calibration : Calibration
+        Dark, noise, gain and mask.
+    frames : ndarray (n, H, W)
+        Frames of the calibration's kernel type (with or without beam).
+    max_frames, window : int
+        How much of ``frames`` is looked at.
+
+    Returns
+    -------
+    float
+    """
+    h0, w0 = calibration.frame_shape
+    r0, c0 = max(0, (h0 - window) // 2), max(0, (w0 - window) // 2)
+    win = (slice(r0, r0 + window), slice(c0, c0 + window))
+    good = np.ones(calibration.frame_shape, bool)
+    if calibration.mask is not None:
+        good = ~calibration.mask
+    good = good[win]
+    dark = np.where(good, np.rint(calibration.dark[win].astype(np.float64)), 0.0)
+    noise = np.where(good, calibration.noise[win].astype(np.float64), 0.0)
+    gain = 1.0 if calibration.gain is None else np.where(good, calibration.gain[win], 0.0)
+    var = (noise * gain) ** 2
+    qv = var[:-1, :-1] + var[:-1, 1:] + var[1:, :-1] + var[1:, 1:]
+    ok = good[:-1, :-1] & good[:-1, 1:] & good[1:, :-1] & good[1:, 1:] & (qv > 0)
+    if ok.sum() * min(max_frames, frames.shape[0]) < 1000:
+        return 1.0
+    sd = np.sqrt(qv[ok])
+    z: list[np.ndarray] = []
+    for raw in frames[:max_frames, win[0], win[1]]:
+        s = (raw.astype(np.float64) - dark) * gain
+        q = s[:-1, :-1] + s[:-1, 1:] + s[1:, :-1] + s[1:, 1:]
+        z.append(q[ok] / sd)
+    low = float(np.quantile(np.concatenate(z), 0.00135))
+    return max(1.0, round(-low / 3.0, 3))
