@@ -28,7 +28,7 @@ __all__ = ["NativeBuildError", "count_native", "count_resolve_native", "library_
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("count.c", "resolve.c")
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 

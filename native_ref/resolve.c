@@ -9,11 +9,12 @@
  *   accepted  = raw > lo (peak rule), or a 2 x 2 quadrant holding p with sum(s) > qthr at
  *               its top-left corner and p's key beating every candidate at Chebyshev
  *               distance 2 (charge rule); and no X-ray within Chebyshev distance radius
- *   split     = partner q: brightest unmasked 8-neighbour (raster-first on ties); S, A the
- *               charge and the along-axis moment over the pixels within 1 of p or q;
- *               16 S >= any16 E, or 16 S >= pair16 E and 2 A >= spread16 S, and p beating
- *               every candidate at Chebyshev distance 2: a second event at q (one per
- *               pixel: the lowest origin's)
+ *   split     = partner q: brightest unmasked 8-neighbour (raster-first on ties); S the
+ *               charge over the pixels within 1 of p or q, anisotropy of its second
+ *               moments along and across p-q (float64, the reference's order);
+ *               16 S >= any16 E, or 16 S >= pair16 E and the anisotropy test, and p beating
+ *               every candidate at Chebyshev distance 2, none a local max: a second event
+ *               at q (one per pixel: the lowest origin's)
  *   subpixel  = centre of mass of max(s, 0) over the in-frame 3 x 3, weights 2/1/0 by
  *               side for the two events of a split
  * One frame per call; events in ascending flat index.
@@ -84,6 +85,26 @@ static int rs_wide(const int64_t *s, const uint8_t *cand, int64_t h, int64_t w, 
     return 1;
 }
 
+/* rule 3 at (r, c): an in-frame candidate beating every candidate 8-neighbour */
+static int rs_is_local_max(const int64_t *s, const uint8_t *cand, int64_t h, int64_t w,
+                           int64_t r, int64_t c) {
+    if (r < 0 || r >= h || c < 0 || c >= w || !cand[r * w + c]) return 0;
+    for (int dy = -1; dy <= 1; dy++)
+        for (int dx = -1; dx <= 1; dx++)
+            if ((dy || dx) && !rs_beats(s, cand, h, w, r, c, r + dy, c + dx)) return 0;
+    return 1;
+}
+
+/* no local maximum at Chebyshev distance 2 of (r, c) */
+static int rs_lonely(const int64_t *s, const uint8_t *cand, int64_t h, int64_t w, int64_t r,
+                     int64_t c) {
+    for (int dy = -2; dy <= 2; dy++)
+        for (int dx = -2; dx <= 2; dx++)
+            if ((abs(dy) == 2 || abs(dx) == 2) && rs_is_local_max(s, cand, h, w, r + dy, c + dx))
+                return 0;
+    return 1;
+}
+
 /* the events of one frame from its signal and flags; returns the count, -2 out of memory */
 static int64_t rs_frame(const int64_t *s, const uint8_t *cand, const uint8_t *xray,
                         const uint8_t *okp, const uint8_t *peak, const int64_t *qthr,
@@ -147,8 +168,8 @@ static int64_t rs_frame(const int64_t *s, const uint8_t *cand, const uint8_t *xr
                 }
             }
             int split = 0;
-            if (has && rs_wide(s, cand, h, w, r, c)) {
-                int64_t e2 = ey * ey + ex * ex, big = 0, spread = 0;
+            if (has && rs_wide(s, cand, h, w, r, c) && rs_lonely(s, cand, h, w, r, c)) {
+                int64_t e2 = ey * ey + ex * ex, big = 0, su = 0, suu = 0, sv = 0, svv = 0;
                 for (int dy = -2; dy <= 2; dy++) {
                     int64_t rr = r + dy;
                     if (rr < 0 || rr >= h) continue;
@@ -161,12 +182,20 @@ static int64_t rs_frame(const int64_t *s, const uint8_t *cand, const uint8_t *xr
                         if (!inside) continue;
                         int64_t v = s[rr * w + cc];
                         int64_t u = 2 * (dy * ey + dx * ex) - e2;
+                        int64_t x = 2 * (dy * ex - dx * ey);
                         big += v;
-                        spread += v * u * u * (e2 == 1 ? 2 : 1);
+                        su += v * u;
+                        suu += v * u * u;
+                        sv += v * x;
+                        svv += v * x * x;
                     }
                 }
-                split = 16 * big >= any16 * e_unit ||
-                        (16 * big >= pair16 * e_unit && 2 * spread >= spread16 * big);
+                /* float64 in the reference's order; built with -ffp-contract=off (no FMA) */
+                double fs = (double)big;
+                double a = fs * (double)suu - (double)su * (double)su;
+                double b = fs * (double)svv - (double)sv * (double)sv;
+                int elongated = 16.0 * (a - b) >= (double)(spread16 * 4 * e2) * (fs * fs);
+                split = 16 * big >= any16 * e_unit || (16 * big >= pair16 * e_unit && elongated);
             }
             items[n].idx = r * w + c;
             items[n].seq = seq++;

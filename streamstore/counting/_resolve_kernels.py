@@ -88,6 +88,30 @@ def _wide(s, cand, r, c):
 
 
 @njit(**_OPTS)
+def _is_local_max(s, cand, r, c):
+    """Rule 3 at ``(r, c)``: an in-frame candidate whose key beats every candidate
+    8-neighbour's."""
+    h, w = s.shape
+    if r < 0 or r >= h or c < 0 or c >= w or not cand[r, c]:
+        return False
+    for dy in range(-1, 2):
+        for dx in range(-1, 2):
+            if (dy != 0 or dx != 0) and not _beats(s, cand, r, c, r + dy, c + dx):
+                return False
+    return True
+
+
+@njit(**_OPTS)
+def _lonely(s, cand, r, c):
+    """No local maximum at Chebyshev distance 2 of ``(r, c)``."""
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            if max(abs(dy), abs(dx)) == 2 and _is_local_max(s, cand, r + dy, c + dx):
+                return False
+    return True
+
+
+@njit(**_OPTS)
 def _resolve_frame(
     raw, lo, lo_c, dark, gain, has_gain, qthr, xray_level, radius, subpixel,
     e_unit, pair16, any16, spread16, top,
@@ -125,12 +149,7 @@ def _resolve_frame(
         for c in range(w):
             if not cand[r, c]:
                 continue
-            is_max = True
-            for dy in range(-1, 2):
-                for dx in range(-1, 2):
-                    if (dy != 0 or dx != 0) and not _beats(s, cand, r, c, r + dy, c + dx):
-                        is_max = False
-            if not is_max:
+            if not _is_local_max(s, cand, r, c):
                 continue
             if not raw[r, c] > lo[r, c]:
                 charged = False
@@ -171,10 +190,13 @@ def _resolve_frame(
                         ey = dy
                         ex = dx
             split = False
-            if has and _wide(s, cand, r, c):
+            if has and _wide(s, cand, r, c) and _lonely(s, cand, r, c):
                 e2 = ey * ey + ex * ex
                 big = np.int64(0)
-                spread = np.int64(0)
+                su = np.int64(0)
+                suu = np.int64(0)
+                sv = np.int64(0)
+                svv = np.int64(0)
                 for dy in range(-2, 3):
                     rr = r + dy
                     if rr < 0 or rr >= h:
@@ -190,11 +212,17 @@ def _resolve_frame(
                             continue
                         v = s[rr, cc]
                         u = np.int64(2 * (dy * ey + dx * ex) - e2)
+                        x = np.int64(2 * (dy * ex - dx * ey))
                         big += v
-                        spread += v * u * u * (2 if e2 == 1 else 1)
-                split = 16 * big >= any16 * e_unit or (
-                    16 * big >= pair16 * e_unit and 2 * spread >= spread16 * big
-                )
+                        su += v * u
+                        suu += v * u * u
+                        sv += v * x
+                        svv += v * x * x
+                fs = np.float64(big)
+                a = fs * np.float64(suu) - np.float64(su) * np.float64(su)
+                b = fs * np.float64(svv) - np.float64(sv) * np.float64(sv)
+                elongated = 16.0 * (a - b) >= np.float64(spread16 * 4 * e2) * (fs * fs)
+                split = 16 * big >= any16 * e_unit or (16 * big >= pair16 * e_unit and elongated)
             out_i[n] = r * w + c
             if subpixel:
                 out_s[n] = _centroid(s, r, c, r + ey, c + ex, split)

@@ -8,7 +8,7 @@ W)``, and :func:`streamstore.counting.resolve.resolve_maps` of a calibration:
 ``dark``, ``gain``, ``qthr`` (int64 charge thresholds of the 2 x 2 quadrants),
 the X-ray level and radius, and the split parameters: ``e_unit`` (one
 electron's charge, signal units), ``pair16``, ``any16`` (charges in sixteenths
-of ``e_unit``) and ``spread16`` (sixteenths of a square pixel).
+of ``e_unit``) and ``spread16`` (an anisotropy, sixteenths of a square pixel).
 
 For each pixel ``p = (r, c)`` of a frame, ``TMAX`` the largest value of the
 frame type:
@@ -30,16 +30,23 @@ frame type:
 5. *split*: the partner ``q`` of an accepted ``p`` is its 8-neighbour of largest
    key ``(s, -flat_index)`` among in-frame unmasked ones (none: no split). ``W``
    is the set of in-frame pixels within Chebyshev distance 1 of ``p`` or of
-   ``q``; ``S = sum(s over W)``; with ``e = q - p``, ``u(x) = 2 ((x - p) . e) -
-   |e|^2`` and ``A = sum(s[x] * u(x)^2 * (2 if |e|^2 == 1 else 1))`` over ``W``
-   (eighths of a square pixel: the second moment about the midpoint of ``p`` and
-   ``q`` along ``e``). ``p`` splits in two electrons when ``16 S >= any16 *
-   e_unit`` (charge alone), or ``16 S >= pair16 * e_unit`` and ``2 A >= spread16
-   * S`` (charge and elongation), and ``p``'s key beats every candidate at
-   Chebyshev distance 2 (another maximum that close lends ``W`` its charge). A
-   split reports a second event at ``q``;
-   where several accepted pixels split to the same ``q``, the one of lowest flat
-   index reports it;
+   ``q``, ``S = sum(s over W)``; with ``e = q - p`` and, for ``x`` in ``W``, ``d
+   = x - p``, ``u = 2 (d . e) - |e|^2`` (along the axis ``p``-``q``, from its
+   midpoint) and ``v = 2 (d_y e_x - d_x e_y)`` (across it), both ``2 |e|`` times
+   the distance: ``Su = sum(s u)``, ``Suu = sum(s u^2)``, ``Sv``, ``Svv`` alike,
+   all int64. ``a = S Suu - Su^2``, ``b = S Svv - Sv^2`` and the test
+   ``16 (a - b) >= 4 spread16 |e|^2 S^2`` are evaluated in float64 in exactly
+   this order (each int64 converted first): the variance of the charge along
+   the axis exceeds the variance across it by ``spread16 / 16`` square pixels.
+   A single electron's cloud is round, so this anisotropy is near 0 whatever
+   the point spread; two electrons ``d`` apart add ``d^2 / 4``. ``p`` splits in
+   two electrons when ``16 S >= any16 * e_unit`` (charge alone), or ``16 S >=
+   pair16 * e_unit`` and the anisotropy test holds (charge and shape), and
+   ``p``'s key beats every candidate at Chebyshev distance 2, none of which is a
+   local maximum (rule 3): another electron that close lends ``W`` its charge
+   and is an event of its own. A split reports a second event at
+   ``q``; where several accepted pixels split to the same ``q``, the one of
+   lowest flat index reports it;
 6. events are listed in ascending flat index ``r * W + c`` (so at most one per
    pixel, as :class:`~streamstore.EventBatch` needs).
 
@@ -130,6 +137,7 @@ def count_frame_resolve_reference(
         nb = _shifted(s_cand, dy, dx, lowest)
         earlier = dy < 0 or (dy == 0 and dx < 0)
         event &= (s > nb) if earlier else (s >= nb)
+    local = event.copy()
     # rule 4: the peak rule or a quadrant's charge
     quad = s + _shifted(s, 0, 1, 0) + _shifted(s, 1, 0, 0) + _shifted(s, 1, 1, 0)
     passes = quad > qthr  # qthr is INT64_MAX where a quadrant leaves the frame
@@ -140,12 +148,14 @@ def count_frame_resolve_reference(
     # a charge-only event must also be the maximum of its 5 x 5: one broad cloud
     # with noise on it often shows two 3 x 3 maxima two pixels apart
     wide = np.ones_like(event)
+    lonely = np.ones_like(event)  # no local maximum at distance 2
     for dy in range(-2, 3):
         for dx in range(-2, 3):
             if max(abs(dy), abs(dx)) == 2:
                 nb = _shifted(s_cand, dy, dx, lowest)
                 earlier = dy < 0 or (dy == 0 and dx < 0)
                 wide &= (s > nb) if earlier else (s >= nb)
+                lonely &= ~_shifted(local, dy, dx, False)
     event &= (raw > lo) | (charged & wide)
     near_xray = np.zeros_like(xray)
     for dy in range(-radius, radius + 1):
@@ -171,7 +181,10 @@ def count_frame_resolve_reference(
         ex = np.where(ok, dx, ex)
         has |= ok
     big = np.zeros(flat.size, np.int64)
-    spread = np.zeros(flat.size, np.int64)
+    su = np.zeros(flat.size, np.int64)
+    suu = np.zeros(flat.size, np.int64)
+    sv = np.zeros(flat.size, np.int64)
+    svv = np.zeros(flat.size, np.int64)
     e2 = ey * ey + ex * ex
     for dy in range(-2, 3):
         for dx in range(-2, 3):
@@ -179,13 +192,24 @@ def count_frame_resolve_reference(
                 (np.abs(dy - ey) <= 1) & (np.abs(dx - ex) <= 1)
             )
             v = np.where(inside, sp[rows + dy + 2, cols + dx + 2], 0)
-            u = 2 * (dy * ey + dx * ex) - e2
+            u = 2 * (dy * ey + dx * ex) - e2  # along the axis, doubled
+            x = 2 * (dy * ex - dx * ey)  # across it, doubled alike
             big += v
-            spread += v * u * u * np.where(e2 == 1, 2, 1)
+            su += v * u
+            suu += v * u * u
+            sv += v * x
+            svv += v * x * x
+    # anisotropy: S^2 (variance along - variance across), in float64 in this order
+    fs = big.astype(np.float64)
+    a = fs * suu.astype(np.float64) - su.astype(np.float64) * su.astype(np.float64)
+    b = fs * svv.astype(np.float64) - sv.astype(np.float64) * sv.astype(np.float64)
+    elongated = 16.0 * (a - b) >= (spread16 * 4 * e2).astype(np.float64) * (fs * fs)
     e_unit = np.int64(e_unit)
-    split = has & wide[rows, cols] & (
-        (16 * big >= any16 * e_unit)
-        | ((16 * big >= pair16 * e_unit) & (2 * spread >= spread16 * big))
+    split = (
+        has
+        & wide[rows, cols]
+        & lonely[rows, cols]
+        & ((16 * big >= any16 * e_unit) | ((16 * big >= pair16 * e_unit) & elongated))
     )
     # the second events; one per pixel, from the lowest flat index
     qf = (rows + ey) * w + (cols + ex)

@@ -49,23 +49,27 @@ class ResolveParams:
         A local maximum is accepted on charge when a 2 x 2 quadrant holding it
         has more than this many sigmas of the quadrant's summed noise.
     pair_charge : float
-        With an elongation of ``pair_spread`` or more, an event of this many
+        With an anisotropy of ``pair_spread`` or more, an event of this many
         electrons' charge or more is split in two.
     any_charge : float
         An event of this many electrons' charge or more is split in two whatever
         its shape.
     pair_spread : float
-        Second moment along the event's axis (square pixels) from which an event
-        of ``pair_charge`` is split.
+        Anisotropy (square pixels) from which an event of ``pair_charge`` is
+        split: the variance of its charge along the axis to its brightest
+        neighbour less the variance across it. A single electron's cloud is
+        round (near 0 whatever the point spread); two electrons ``d`` apart add
+        ``d^2 / 4``.
 
     Notes
     -----
     The defaults split nothing (``any_charge`` 64 and ``pair_spread`` 16 are out
     of reach): on emulator frames a single electron from the long tail of the
-    deposit and two electrons a pixel apart overlap too much in charge and in
-    this moment for a split that keeps a precision of 0.999. ``pair_spread=0.8``
-    (with ``pair_charge=1.6``) splits: recall 0.754 -> 0.798 at 0.05 e/px/frame
-    for a precision of 1.000 -> 0.977, and 0.9986 at 0.001 (``docs/counting.md``).
+    deposit, or one beside a neighbour electron, and two electrons a pixel apart
+    overlap too much in charge and shape for a split that keeps a precision of
+    0.999. ``pair_spread=0.45`` splits (128 x 192 emulator frames, default
+    physics): recall 0.755 -> 0.786 at 0.05 e/px/frame for a precision of 1.000
+    -> 0.984, and precision 0.9986 at 0.001 (``docs/counting.md``).
     """
 
     candidate_sigma: float = 3.0
