@@ -62,7 +62,7 @@ class Counter:
     electron_charge : float, optional
         One electron's gain-corrected charge in ADU, the split unit of "resolve".
         None: measured on the first call's frames
-        (:func:`streamstore.counting.resolve.electron_charge`) and kept; while
+        (:func:`streamstore.counting.resolve.single_electron`) and kept; while
         too few electrons have been seen, nothing is split. The first call's
         frames also set how much wider the noise of a 2 x 2 sum is than
         independent pixels give (:func:`~streamstore.counting.resolve.quadrant_noise_factor`,
@@ -126,6 +126,8 @@ class Counter:
             if not isinstance(self.resolve, ResolveParams):
                 raise ValueError("resolve must be a ResolveParams")
             self._e_unit: int | None = None
+            #: one electron's anisotropy, measured on the first call's frames
+            self.anisotropy: float | None = None
             #: widening of the quadrant noise, measured on the first call's frames
             self.noise_factor: float | None = None
             if electron_charge is not None:
@@ -201,9 +203,9 @@ class Counter:
 
     def _count_resolve(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         from streamstore.counting.resolve import (
-            electron_charge,
             quadrant_noise_factor,
             resolve_maps,
+            single_electron,
         )
 
         if self.noise_factor is None:
@@ -214,13 +216,17 @@ class Counter:
                 self.calibration, self.dtype, self.resolve, self.noise_factor
             )
         maps = self._derived[key]
-        if self._e_unit is None:
-            self._e_unit = electron_charge(arr, maps, self._radius)
+        if self.anisotropy is None:
+            single = single_electron(arr, maps, self._radius)
+            if single is not None:
+                if self._e_unit is None:
+                    self._e_unit = single[0]
+                self.anisotropy = single[1]
         lo, lo_c, dark, gain, qthr, level = maps
         e_unit = 2**40 if self._e_unit is None else self._e_unit  # unknown: no splits
         args = (
             arr, lo, lo_c, dark, gain, qthr, level, self._radius, self.subpixel, e_unit,
-            *self.resolve.integers(),
+            *self.resolve.integers(self.anisotropy or 0.0),
         )  # fmt: skip
         if self.implementation == "numba":
             from streamstore.counting._resolve_kernels import count_resolve_frames

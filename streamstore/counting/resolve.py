@@ -28,9 +28,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "ResolveParams",
     "charge_units",
-    "electron_charge",
+    "anisotropy",
     "quadrant_noise_factor",
     "resolve_maps",
+    "single_electron",
 ]
 
 _INT64_MAX = np.iinfo(np.int64).max
@@ -55,35 +56,37 @@ class ResolveParams:
         An event of this many electrons' charge or more is split in two whatever
         its shape.
     pair_spread : float
-        Anisotropy (square pixels) from which an event of ``pair_charge`` is
-        split: the variance of its charge along the axis to its brightest
-        neighbour less the variance across it. A single electron's cloud is
-        round (near 0 whatever the point spread); two electrons ``d`` apart add
-        ``d^2 / 4``.
+        Anisotropy (square pixels) beyond one electron's own from which an event
+        of ``pair_charge`` is split: the variance of its charge along the axis to
+        its brightest neighbour less the variance across it. A single electron's
+        cloud is round (near 0); two electrons ``d`` apart add ``d^2 / 4``. 16 or
+        more: no split on shape.
 
     Notes
     -----
-    The defaults split nothing (``any_charge`` 64 and ``pair_spread`` 16 are out
-    of reach): on emulator frames a single electron from the long tail of the
-    deposit, or one beside a neighbour electron, and two electrons a pixel apart
-    overlap too much in charge and shape for a split that keeps a precision of
-    0.999. ``pair_spread=0.45`` splits (128 x 192 emulator frames, default
-    physics): recall 0.755 -> 0.786 at 0.05 e/px/frame for a precision of 1.000
-    -> 0.984, and precision 0.9986 at 0.001 (``docs/counting.md``).
+    ``pair_spread`` is counted from one electron's own anisotropy, measured on
+    the data (:func:`single_electron`; about 0.04 px^2 at a point spread of 0.5
+    px, 0.18 at 0.8). Splitting on charge alone (``any_charge``) is off by
+    default: a single electron from the long tail of the deposit and two merged
+    ones have the same charge, and even 3.5 electrons' charge cost a precision of
+    0.999 at read noise 6 ADU. The defaults keep a precision of 0.999 where the
+    detection has it (128 x 192 emulator frames; docs/counting.md has the table).
     """
 
     candidate_sigma: float = 3.0
     quadrant_sigma: float = 5.0
     pair_charge: float = 1.6
     any_charge: float = 64.0
-    pair_spread: float = 16.0
+    pair_spread: float = 0.45
 
-    def integers(self) -> tuple[int, int, int]:
-        """``(pair16, any16, spread16)``: the split thresholds in sixteenths."""
+    def integers(self, spread_offset: float = 0.0) -> tuple[int, int, int]:
+        """``(pair16, any16, spread16)``: the split thresholds in sixteenths;
+        ``spread_offset`` (one electron's own anisotropy, at least 0) is added to
+        ``pair_spread``."""
         return (
             int(round(16 * self.pair_charge)),
             int(round(16 * self.any_charge)),
-            int(round(16 * self.pair_spread)),
+            int(round(16 * (self.pair_spread + max(0.0, spread_offset)))),
         )
 
 
@@ -144,21 +147,71 @@ def charge_units(calibration: Calibration, dtype: Any) -> float:
     return GAIN_SCALE / top
 
 
-def electron_charge(
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+
+
+def anisotropy(s: np.ndarray, good: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The split rule's anisotropy (square pixels) of the events ``(rows, cols)``.
+
+    ``s`` is the signal (0 on masked pixels), ``good`` the unmasked pixels. The
+    variance of the charge of ``W`` along the axis to the brightest neighbour
+    less the variance across it (``_resolve_reference.py``, rule 5), in float64
+    (NaN without a neighbour or without charge).
+    """
+    h, w = s.shape
+    sp = np.zeros((h + 4, w + 4), np.int64)
+    sp[2:-2, 2:-2] = s
+    okp = np.zeros((h + 4, w + 4), bool)
+    okp[2:-2, 2:-2] = good
+    best = np.zeros(rows.size, np.int64)
+    ey = np.zeros(rows.size, np.int64)
+    ex = np.zeros(rows.size, np.int64)
+    has = np.zeros(rows.size, bool)
+    for dy, dx in _NEIGHBOURS:
+        v = sp[rows + dy + 2, cols + dx + 2]
+        ok = okp[rows + dy + 2, cols + dx + 2] & (~has | (v > best))
+        best = np.where(ok, v, best)
+        ey = np.where(ok, dy, ey)
+        ex = np.where(ok, dx, ex)
+        has |= ok
+    e2 = ey * ey + ex * ex
+    sums = np.zeros((5, rows.size), np.float64)
+    for dy in range(-2, 3):
+        for dx in range(-2, 3):
+            inside = ((abs(dy) <= 1) & (abs(dx) <= 1)) | (
+                (np.abs(dy - ey) <= 1) & (np.abs(dx - ex) <= 1)
+            )
+            v = np.where(inside, sp[rows + dy + 2, cols + dx + 2], 0).astype(np.float64)
+            u = 2 * (dy * ey + dx * ex) - e2
+            x = 2 * (dy * ex - dx * ey)
+            sums += np.stack([v, v * u, v * u * u, v * x, v * x * x])
+    big, su, suu, sv, svv = sums
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = ((big * suu - su * su) - (big * svv - sv * sv)) / (4.0 * e2 * big * big)
+    return np.where(has & (big > 0), out, np.nan)
+
+
+def single_electron(
     frames: np.ndarray,
     maps: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray, int],
     radius: int,
-    max_frames: int = 8,
+    max_frames: int = 64,
     window: int = 1024,
-) -> int | None:
-    """One electron's charge in signal units, measured on frames with beam.
+    enough: int = 1000,
+) -> tuple[int, float] | None:
+    """One electron's charge (signal units) and anisotropy (square pixels), measured
+    on frames with beam.
 
-    The median 3 x 3 charge of the accepted events (the resolve rule without
-    splits) that have no other event within Chebyshev distance 3, in the central
-    ``window`` x ``window`` pixels of the first ``max_frames`` frames. Merged
-    electrons look isolated too, so at high doses this reads high (about 10 %
-    at 0.05 e/px/frame), which makes splits rarer: the safe side. None below 50
-    such events.
+    The median 3 x 3 charge and the median :func:`anisotropy` of the accepted events
+    (the resolve rule without splits) that have no other event within Chebyshev
+    distance 3, in the central ``window`` x ``window`` pixels of the first
+    ``max_frames`` frames, 8 frames at a time until ``enough`` such events are
+    found (the estimate's spread costs splits). Merged electrons look isolated too, so at high doses
+    the charge reads high (about 10 % at 0.05 e/px/frame), which makes splits
+    rarer: the safe side. The anisotropy of one electron is near 0 but not 0:
+    its window is 4 pixels long and 3 across, so a wide cloud (point spread 0.8
+    px) loses more across (about 0.15 px^2): the split threshold is counted from
+    it. None below 50 such events.
 
     Parameters
     ----------
@@ -168,12 +221,12 @@ def electron_charge(
         :func:`resolve_maps` of the calibration.
     radius : int
         X-ray exclusion radius.
-    max_frames, window : int
+    max_frames, window, enough : int
         How much of ``frames`` is looked at.
 
     Returns
     -------
-    int or None
+    (int, float) or None
     """
     from streamstore.counting._resolve_kernels import count_resolve_frames
 
@@ -186,37 +239,51 @@ def electron_charge(
     qthr[:, -1] = _INT64_MAX
     if gain is not None:
         gain = np.ascontiguousarray(gain[win])
+    good = lo_c != np.iinfo(lo_c.dtype).max
     charges: list[np.ndarray] = []
+    shapes: list[np.ndarray] = []
     big = 2**40
-    sample = np.ascontiguousarray(frames[:max_frames, win[0], win[1]])
-    offsets, found, _ = count_resolve_frames(
-        sample, lo, lo_c, dark, gain, qthr, xray_level, radius, False, 1, big, big, big, threads=1
-    )
-    for i, raw in enumerate(sample):
-        idx = found[offsets[i] : offsets[i + 1]]
-        h, w = raw.shape
-        s = raw.astype(np.int64) - dark.astype(np.int64)
-        if gain is not None:
-            s *= gain.astype(np.int64)
-        s[lo_c == np.iinfo(lo_c.dtype).max] = 0
-        r, c = np.divmod(idx.astype(np.int64), w)
-        occ = np.zeros((h + 6, w + 6), np.int32)
-        np.add.at(occ, (r + 3, c + 3), 1)
-        crowd = np.zeros(idx.size, np.int32)
-        for dy in range(-3, 4):
-            for dx in range(-3, 4):
-                crowd += occ[r + 3 + dy, c + 3 + dx]
-        sp = np.zeros((h + 2, w + 2), np.int64)
-        sp[1:-1, 1:-1] = s
-        q = np.zeros(idx.size, np.int64)
-        for dy in (-1, 0, 1):
-            for dx in (-1, 0, 1):
-                q += sp[r + 1 + dy, c + 1 + dx]
-        charges.append(q[crowd == 1])
+    n_alone = 0
+    for start in range(0, min(max_frames, frames.shape[0]), 8):
+        if n_alone >= enough:
+            break
+        stop = min(start + 8, max_frames, frames.shape[0])
+        sample = np.ascontiguousarray(frames[start:stop, win[0], win[1]])
+        offsets, found, _ = count_resolve_frames(
+            sample, lo, lo_c, dark, gain, qthr, xray_level, radius, False, 1, big, big, big,
+            threads=1,
+        )  # fmt: skip
+        for i, raw in enumerate(sample):
+            idx = found[offsets[i] : offsets[i + 1]]
+            h, w = raw.shape
+            s = raw.astype(np.int64) - dark.astype(np.int64)
+            if gain is not None:
+                s *= gain.astype(np.int64)
+            s[~good] = 0
+            r, c = np.divmod(idx.astype(np.int64), w)
+            occ = np.zeros((h + 6, w + 6), np.int32)
+            np.add.at(occ, (r + 3, c + 3), 1)
+            crowd = np.zeros(idx.size, np.int32)
+            for dy in range(-3, 4):
+                for dx in range(-3, 4):
+                    crowd += occ[r + 3 + dy, c + 3 + dx]
+            sp = np.zeros((h + 2, w + 2), np.int64)
+            sp[1:-1, 1:-1] = s
+            q = np.zeros(idx.size, np.int64)
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    q += sp[r + 1 + dy, c + 1 + dx]
+            alone = crowd == 1
+            charges.append(q[alone])
+            shapes.append(anisotropy(s, good, r[alone], c[alone]))
+            n_alone += int(alone.sum())
     allq = np.concatenate(charges) if charges else np.zeros(0, np.int64)
     if allq.size < 50:
         return None
-    return max(1, int(math.floor(float(np.median(allq)))))
+    a = np.concatenate(shapes)
+    a = a[np.isfinite(a)]
+    e_unit = max(1, int(math.floor(float(np.median(allq)))))
+    return e_unit, round(float(np.median(a)), 4) if a.size else 0.0
 
 
 def quadrant_noise_factor(
