@@ -3,8 +3,9 @@
 One frame per call of :func:`_resolve_frame`, scalar and plain: it gives the
 same events as the reference bit for bit. Frames are independent, so
 :func:`count_resolve_frames` spreads them over threads and the events do not
-depend on the thread count. Speed is not its aim yet: the common path is one
-compare per pixel (``raw > lo_c``), but the signal is computed for every pixel.
+depend on the thread count. The common path is one compare per pixel (``raw >
+lo_c``) and no scratch map: the rest is computed from the frame where a candidate
+needs it. Not yet vectorised.
 """
 
 from __future__ import annotations
@@ -31,11 +32,33 @@ def _quantise(num, den):
     return 3 if q > 3 else q
 
 
+# A frame travels as F = (raw, lo_c, dark, gain, has_gain, top): the signal and the
+# candidate flag are computed where they are needed, so the common path reads
+# two maps and makes one compare per pixel, with no scratch map.
+
+
 @njit(**_OPTS)
-def _centroid(s, r, c, br, bc, partner):
+def _sig(F, r, c):
+    """Signal ``(raw - dark) * gain`` of an in-frame pixel, 0 when masked."""
+    raw, lo_c, dark, gain, has_gain, top = F
+    if lo_c[r, c] == top:
+        return np.int64(0)
+    v = np.int64(raw[r, c]) - np.int64(dark[r, c])
+    if has_gain:
+        v *= np.int64(gain[r, c])
+    return v
+
+
+@njit(**_OPTS)
+def _cand(F, r, c):
+    return F[0][r, c] > F[1][r, c]
+
+
+@njit(**_OPTS)
+def _centroid(F, r, c, br, bc, partner):
     """Sub-pixel cell of the event ``(r, c)``; with ``partner`` each pixel of its 3 x 3
     is weighted 2 / 1 / 0 as it is nearer ``(r, c)``, as near, or nearer ``(br, bc)``."""
-    h, w = s.shape
+    h, w = F[0].shape
     total = np.int64(0)
     ty = np.int64(0)
     tx = np.int64(0)
@@ -47,7 +70,7 @@ def _centroid(s, r, c, br, bc, partner):
             cc = c + dx
             if cc < 0 or cc >= w:
                 continue
-            wv = s[rr, cc]
+            wv = _sig(F, rr, cc)
             if wv < 0:
                 wv = 0
             if partner:
@@ -66,49 +89,70 @@ def _centroid(s, r, c, br, bc, partner):
 
 
 @njit(**_OPTS)
-def _beats(s, cand, r, c, rr, cc):
+def _beats(F, r, c, rr, cc):
     """Does the key of ``(r, c)`` beat that of the candidate ``(rr, cc)`` (True when
     ``(rr, cc)`` is out of the frame or not a candidate)?"""
-    h, w = s.shape
-    if rr < 0 or rr >= h or cc < 0 or cc >= w or not cand[rr, cc]:
+    h, w = F[0].shape
+    if rr < 0 or rr >= h or cc < 0 or cc >= w or not _cand(F, rr, cc):
         return True
     if rr < r or (rr == r and cc < c):
-        return s[r, c] > s[rr, cc]
-    return s[r, c] >= s[rr, cc]
+        return _sig(F, r, c) > _sig(F, rr, cc)
+    return _sig(F, r, c) >= _sig(F, rr, cc)
 
 
 @njit(**_OPTS)
-def _wide(s, cand, r, c):
+def _wide(F, r, c):
     """Does the key of ``(r, c)`` beat every candidate at Chebyshev distance 2?"""
     for dy in range(-2, 3):
         for dx in range(-2, 3):
-            if max(abs(dy), abs(dx)) == 2 and not _beats(s, cand, r, c, r + dy, c + dx):
+            if max(abs(dy), abs(dx)) == 2 and not _beats(F, r, c, r + dy, c + dx):
                 return False
     return True
 
 
 @njit(**_OPTS)
-def _is_local_max(s, cand, r, c):
+def _is_local_max(F, r, c):
     """Rule 3 at ``(r, c)``: an in-frame candidate whose key beats every candidate
     8-neighbour's."""
-    h, w = s.shape
-    if r < 0 or r >= h or c < 0 or c >= w or not cand[r, c]:
+    h, w = F[0].shape
+    if r < 0 or r >= h or c < 0 or c >= w or not _cand(F, r, c):
         return False
     for dy in range(-1, 2):
         for dx in range(-1, 2):
-            if (dy != 0 or dx != 0) and not _beats(s, cand, r, c, r + dy, c + dx):
+            if (dy != 0 or dx != 0) and not _beats(F, r, c, r + dy, c + dx):
                 return False
     return True
 
 
 @njit(**_OPTS)
-def _lonely(s, cand, r, c):
+def _lonely(F, r, c):
     """No local maximum at Chebyshev distance 2 of ``(r, c)``."""
     for dy in range(-2, 3):
         for dx in range(-2, 3):
-            if max(abs(dy), abs(dx)) == 2 and _is_local_max(s, cand, r + dy, c + dx):
+            if max(abs(dy), abs(dx)) == 2 and _is_local_max(F, r + dy, c + dx):
                 return False
     return True
+
+
+@njit(**_OPTS)
+def _near_xray(F, xray_level, radius, r, c):
+    """An X-ray hit (a saturated candidate, or one above ``xray_level``) within
+    Chebyshev distance ``radius`` of ``(r, c)``?"""
+    raw, top = F[0], F[5]
+    h, w = raw.shape
+    for rr in range(max(0, r - radius), min(h, r + radius + 1)):
+        for cc in range(max(0, c - radius), min(w, c + radius + 1)):
+            if _cand(F, rr, cc) and (raw[rr, cc] == top or _sig(F, rr, cc) > xray_level):
+                return True
+    return False
+
+
+@njit(**_OPTS)
+def _grow(a, n):
+    """``a`` with room for twice as many items, its first ``n`` kept."""
+    b = np.empty(2 * a.size, a.dtype)
+    b[:n] = a[:n]
+    return b
 
 
 @njit(**_OPTS)
@@ -117,39 +161,18 @@ def _resolve_frame(
     e_unit, pair16, any16, spread16, top,
 ):  # fmt: skip
     h, w = raw.shape
-    s = np.empty((h, w), np.int64)
-    cand = np.empty((h, w), np.bool_)
-    xray = np.empty((h, w), np.bool_)
-    okp = np.empty((h, w), np.bool_)
-    n_cand = 0
-    for r in range(h):
-        for c in range(w):
-            v = raw[r, c]
-            is_c = v > lo_c[r, c]
-            cand[r, c] = is_c
-            n_cand += is_c
-            ok = lo_c[r, c] != top
-            okp[r, c] = ok
-            if ok:
-                sv = np.int64(v) - np.int64(dark[r, c])
-                if has_gain:
-                    sv *= np.int64(gain[r, c])
-            else:
-                sv = np.int64(0)
-            s[r, c] = sv
-            xray[r, c] = is_c and (v == top or sv > xray_level)
-    cap = 2 * n_cand + 1
-    out_i = np.empty(cap, np.int64)
-    out_s = np.empty(cap, np.uint8)
+    F = (raw, lo_c, dark, gain, has_gain, top)
+    out_i = np.empty(256, np.int64)
+    out_s = np.empty(256, np.uint8)
     n = 0
-    q_i = np.empty(cap, np.int64)
-    q_s = np.empty(cap, np.uint8)
+    q_i = np.empty(256, np.int64)
+    q_s = np.empty(256, np.uint8)
     nq = 0
     for r in range(h):
         for c in range(w):
-            if not cand[r, c]:
+            if not raw[r, c] > lo_c[r, c]:  # the common path: one compare
                 continue
-            if not _is_local_max(s, cand, r, c):
+            if not _is_local_max(F, r, c):
                 continue
             if not raw[r, c] > lo[r, c]:
                 charged = False
@@ -157,19 +180,17 @@ def _resolve_frame(
                     for c0 in range(c - 1, c + 1):
                         if r0 < 0 or c0 < 0 or r0 >= h - 1 or c0 >= w - 1:
                             continue
-                        quad = s[r0, c0] + s[r0, c0 + 1] + s[r0 + 1, c0] + s[r0 + 1, c0 + 1]
+                        quad = (
+                            _sig(F, r0, c0) + _sig(F, r0, c0 + 1)
+                            + _sig(F, r0 + 1, c0) + _sig(F, r0 + 1, c0 + 1)
+                        )  # fmt: skip
                         if quad > qthr[r0, c0]:
                             charged = True
                 if not charged:
                     continue
-                if not _wide(s, cand, r, c):
+                if not _wide(F, r, c):
                     continue
-            near = False
-            for rr in range(max(0, r - radius), min(h, r + radius + 1)):
-                for cc in range(max(0, c - radius), min(w, c + radius + 1)):
-                    if xray[rr, cc]:
-                        near = True
-            if near:
+            if _near_xray(F, xray_level, radius, r, c):
                 continue
             # partner: the brightest unmasked 8-neighbour, raster-first on ties
             has = False
@@ -182,15 +203,16 @@ def _resolve_frame(
                     continue
                 for dx in range(-1, 2):
                     cc = c + dx
-                    if (dy == 0 and dx == 0) or cc < 0 or cc >= w or not okp[rr, cc]:
+                    if (dy == 0 and dx == 0) or cc < 0 or cc >= w or lo_c[rr, cc] == top:
                         continue
-                    if not has or s[rr, cc] > best:
+                    v = _sig(F, rr, cc)
+                    if not has or v > best:
                         has = True
-                        best = s[rr, cc]
+                        best = v
                         ey = dy
                         ex = dx
             split = False
-            if has and _wide(s, cand, r, c) and _lonely(s, cand, r, c):
+            if has and _wide(F, r, c) and _lonely(F, r, c):
                 e2 = ey * ey + ex * ex
                 big = np.int64(0)
                 su = np.int64(0)
@@ -210,7 +232,7 @@ def _resolve_frame(
                         )
                         if not inside:
                             continue
-                        v = s[rr, cc]
+                        v = _sig(F, rr, cc)
                         u = np.int64(2 * (dy * ey + dx * ex) - e2)
                         x = np.int64(2 * (dy * ex - dx * ey))
                         big += v
@@ -223,14 +245,20 @@ def _resolve_frame(
                 b = fs * np.float64(svv) - np.float64(sv) * np.float64(sv)
                 elongated = 16.0 * (a - b) >= np.float64(spread16 * 4 * e2) * (fs * fs)
                 split = 16 * big >= any16 * e_unit or (16 * big >= pair16 * e_unit and elongated)
+            if n == out_i.size:
+                out_i = _grow(out_i, n)
+                out_s = _grow(out_s, n)
             out_i[n] = r * w + c
             if subpixel:
-                out_s[n] = _centroid(s, r, c, r + ey, c + ex, split)
+                out_s[n] = _centroid(F, r, c, r + ey, c + ex, split)
             n += 1
             if split:
+                if nq == q_i.size:
+                    q_i = _grow(q_i, nq)
+                    q_s = _grow(q_s, nq)
                 q_i[nq] = (r + ey) * w + (c + ex)
                 if subpixel:
-                    q_s[nq] = _centroid(s, r + ey, c + ex, r, c, True)
+                    q_s[nq] = _centroid(F, r + ey, c + ex, r, c, True)
                 nq += 1
     # the second events were made in raster order of their origins: a stable sort
     # by pixel keeps, of several splits to one pixel, the lowest origin's
