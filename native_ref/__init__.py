@@ -1,7 +1,10 @@
 """native_ref: plain C twins of streamstore's hot kernels, built on first use.
 
-The C source is compiled with the system C compiler (``cc -O3 -march=native
--shared -fPIC``; ``$CC`` overrides ``cc``) into ``native_ref/build/`` the first
+The C sources (``count.c``, the peak rule; ``resolve.c``, the resolve rule)
+are compiled with the system C compiler (``cc -O3 -march=native -shared -fPIC
+-std=c99 -ffp-contract=off``: no fused multiply-add, so the resolve rule's
+float64 test rounds as numpy and numba do; ``$CC`` overrides ``cc``) into
+``native_ref/build/`` the first
 time it is needed, and loaded through ctypes. Nothing is built at install
 time. The library name carries a hash of the source and the compiler flags,
 so an edit rebuilds it, and concurrent first uses are safe (each compiles to
