@@ -202,6 +202,7 @@ ACCURACY_CASES = [
     ({"psf_sigma_px": 0.8}, 0.001, 0.84, 0.15),
     ({"deposit": "gamma"}, 0.01, 0.83, 0.02),
     ({"read_noise_adu": 2.0, "gain_sigma": 0.1}, 0.01, 0.93, 0.0),
+    ({"dtype": "uint8"}, 0.01, 0.93, 0.01),
 ]
 
 
