@@ -345,4 +345,8 @@ def count_resolve_frames(
     return offsets, indices, sub
 
 
-serialize_saves(_resolve_frame)
+# several processes may compile at once (streamstore._numba_cache)
+serialize_saves(
+    _quantise, _sig, _cand, _centroid, _beats, _wide, _is_local_max, _lonely, _near_xray,
+    _grow, _resolve_frame,
+)  # fmt: skip
