@@ -13,6 +13,7 @@ kernel used here, and the C twin in ``native_ref/``.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,8 +56,9 @@ class Counter:
         "peak": a pixel above ``n_sigma`` noise that is a 3 x 3 local maximum
         (``_reference.py``). "resolve": candidates at a lower threshold, accepted
         on the peak rule or on the charge of a 2 x 2 quadrant, and events split in
-        two on charge and elongation (``_resolve_reference.py``); finds electrons
-        whose charge is spread over several pixels. Opt-in: not yet as fast.
+        two on charge and anisotropy (``_resolve_reference.py``); finds electrons
+        whose charge is spread over several pixels, and some merged ones. Opt-in:
+        not yet as fast.
     resolve : ResolveParams, optional
         Thresholds of the "resolve" method (default ``ResolveParams()``).
     electron_charge : float, optional
@@ -130,6 +132,8 @@ class Counter:
             self.anisotropy: float | None = None
             #: widening of the quadrant noise, measured on the first call's frames
             self.noise_factor: float | None = None
+            # the first call measures; a concurrent first call waits for it
+            self._measure_lock = threading.Lock()
             if electron_charge is not None:
                 e = float(electron_charge)
                 if not (np.isfinite(e) and e > 0):
@@ -208,20 +212,21 @@ class Counter:
             single_electron,
         )
 
-        if self.noise_factor is None:
-            self.noise_factor = quadrant_noise_factor(self.calibration, arr)
-        key = ("resolve_maps", self.kernel_dtype.str, self.resolve, self.noise_factor)
-        if key not in self._derived:
-            self._derived[key] = resolve_maps(
-                self.calibration, self.dtype, self.resolve, self.noise_factor
-            )
-        maps = self._derived[key]
-        if self.anisotropy is None:
-            single = single_electron(arr, maps, self._radius)
-            if single is not None:
-                if self._e_unit is None:
-                    self._e_unit = single[0]
-                self.anisotropy = single[1]
+        with self._measure_lock:
+            if self.noise_factor is None:
+                self.noise_factor = quadrant_noise_factor(self.calibration, arr)
+            key = ("resolve_maps", self.kernel_dtype.str, self.resolve, self.noise_factor)
+            if key not in self._derived:
+                self._derived[key] = resolve_maps(
+                    self.calibration, self.dtype, self.resolve, self.noise_factor
+                )
+            maps = self._derived[key]
+            if self.anisotropy is None:
+                single = single_electron(arr, maps, self._radius)
+                if single is not None:
+                    if self._e_unit is None:
+                        self._e_unit = single[0]
+                    self.anisotropy = single[1]
         lo, lo_c, dark, gain, qthr, level = maps
         e_unit = 2**40 if self._e_unit is None else self._e_unit  # unknown: no splits
         args = (
