@@ -1,7 +1,10 @@
 """native_ref: plain C twins of streamstore's hot kernels, built on first use.
 
-The C source is compiled with the system C compiler (``cc -O3 -march=native
--shared -fPIC``; ``$CC`` overrides ``cc``) into ``native_ref/build/`` the first
+The C sources (``count.c``, the peak rule; ``resolve.c``, the resolve rule)
+are compiled with the system C compiler (``cc -O3 -march=native -shared -fPIC
+-std=c99 -ffp-contract=off``: no fused multiply-add, so the resolve rule's
+float64 test rounds as numpy and numba do; ``$CC`` overrides ``cc``) into
+``native_ref/build/`` the first
 time it is needed, and loaded through ctypes. Nothing is built at install
 time. The library name carries a hash of the source and the compiler flags,
 so an edit rebuilds it, and concurrent first uses are safe (each compiles to
@@ -24,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NativeBuildError", "count_native", "library_path", "load"]
+__all__ = ["NativeBuildError", "count_native", "count_resolve_native", "library_path", "load"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("count.c",)
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99")
+_SOURCES = ("count.c", "resolve.c")
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
@@ -97,6 +100,10 @@ def load() -> ctypes.CDLL:
                 fn = getattr(lib, f"count_{suffix}")
                 fn.restype = i64
                 fn.argtypes = [p, i64, i64, i64, p, p, p, i64, i64, ctypes.c_int32, i64, p, p, p]
+                fn = getattr(lib, f"resolve_{suffix}")
+                fn.restype = i64
+                fn.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, ctypes.c_int32,
+                               i64, i64, i64, i64, p, p, p]  # fmt: skip
             _lib = lib
         return _lib
 
@@ -149,6 +156,60 @@ def count_native(
         raise MemoryError("native count: out of memory walking a plateau")
     if k < 0:
         raise RuntimeError("native count: output capacity exceeded (a bug: please report)")
+    indices = out_idx[:k].copy()
+    sub = out_sub[:k].copy() if subpixel else None
+    return offsets, indices, sub
+
+
+def count_resolve_native(
+    frames: np.ndarray,
+    lo: np.ndarray,
+    lo_c: np.ndarray,
+    dark: np.ndarray,
+    gain: np.ndarray | None,
+    qthr: np.ndarray,
+    xray_level: int,
+    radius: int,
+    subpixel: bool,
+    e_unit: int,
+    pair16: int,
+    any16: int,
+    spread16: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """C form of the resolve rule (``resolve.c``); the inputs and outputs of
+    :func:`streamstore.counting._resolve_reference.count_resolve_reference`."""
+    if frames.ndim != 3:
+        raise ValueError(f"frames must be (n, H, W), got shape {frames.shape}")
+    suffix = _SUFFIX.get(frames.dtype)
+    if suffix is None:
+        raise ValueError(f"frames must be uint8, uint16, int8 or int16, got {frames.dtype}")
+    n, h, w = frames.shape
+    frames = np.ascontiguousarray(frames)
+    maps = {
+        "lo": np.ascontiguousarray(lo, dtype=frames.dtype),
+        "lo_c": np.ascontiguousarray(lo_c, dtype=frames.dtype),
+        "dark": np.ascontiguousarray(dark, dtype=frames.dtype),
+        "qthr": np.ascontiguousarray(qthr, dtype=np.int64),
+    }
+    if gain is not None:
+        maps["gain"] = np.ascontiguousarray(gain, dtype=np.uint16)
+    for name, m in maps.items():
+        if m.shape != (h, w):
+            raise ValueError(f"{name} has shape {m.shape}, expected {(h, w)}")
+    cap = max(n * h * w, 1)  # events sit on distinct pixels
+    out_idx = np.empty(cap, np.uint32)
+    out_sub = np.empty(cap if subpixel else 1, np.uint8)
+    offsets = np.zeros(n + 1, np.int64)
+    fn = getattr(load(), f"resolve_{suffix}")
+    g = maps.get("gain")
+    k = fn(
+        _ptr(frames), n, h, w, _ptr(maps["lo"]), _ptr(maps["lo_c"]), _ptr(maps["dark"]),
+        None if g is None else _ptr(g), _ptr(maps["qthr"]), min(int(xray_level), 2**62),
+        int(radius), int(bool(subpixel)), int(e_unit), int(pair16), int(any16), int(spread16),
+        _ptr(out_idx), _ptr(out_sub), _ptr(offsets),
+    )  # fmt: skip
+    if k < 0:
+        raise MemoryError("native resolve: out of memory")
     indices = out_idx[:k].copy()
     sub = out_sub[:k].copy() if subpixel else None
     return offsets, indices, sub

@@ -13,6 +13,7 @@ kernel used here, and the C twin in ``native_ref/``.
 
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,6 +56,24 @@ class Counter:
         Fill ``EventBatch.electrons``: a :class:`~streamstore.counting.dose.DoseCorrector`
         pools the frames this Counter counts, call after call, and corrects each
         frame from the frames up to it. False: ``electrons`` stays None.
+    method : {"peak", "resolve"}, default "peak"
+        "peak": a pixel above ``n_sigma`` noise that is a 3 x 3 local maximum
+        (``_reference.py``). "resolve": candidates at a lower threshold, accepted
+        on the peak rule or on the charge of a 2 x 2 quadrant, and events split in
+        two on charge and anisotropy (``_resolve_reference.py``); finds electrons
+        whose charge is spread over several pixels, and some merged ones. Opt-in:
+        not yet as fast.
+    resolve : ResolveParams, optional
+        Thresholds of the "resolve" method (default ``ResolveParams()``).
+    electron_charge : float, optional
+        One electron's gain-corrected charge in ADU, the split unit of "resolve".
+        None: measured on the first call's frames
+        (:func:`streamstore.counting.resolve.single_electron`) and kept; while
+        too few electrons have been seen, nothing is split. The first call's
+        frames also set how much wider the noise of a 2 x 2 sum is than
+        independent pixels give (:func:`~streamstore.counting.resolve.quadrant_noise_factor`,
+        ``Counter.noise_factor``), so "resolve" events depend on what the first
+        call counted, never on the thread count.
 
     Notes
     -----
@@ -73,9 +92,10 @@ class Counter:
         threads: int | None = None,
         implementation: str = "numba",
         dose: bool = True,
+        method: str = "peak",
+        resolve: Any = None,
+        electron_charge: float | None = None,
     ) -> None:
-        import threading
-
         from streamstore.counting.calibration import Calibration
 
         if not isinstance(calibration, Calibration):
@@ -89,6 +109,10 @@ class Counter:
             raise ValueError(
                 f"implementation must be 'numba', 'reference' or 'native', got {implementation!r}"
             )
+        if method not in ("peak", "resolve"):
+            raise ValueError(f"method must be 'peak' or 'resolve', got {method!r}")
+        self.method = method
+        self.resolve = None
         self.calibration = calibration
         self.dtype = dt
         self.kernel_dtype = calibration.frame_dtype(dt)
@@ -110,6 +134,25 @@ class Counter:
 
             self._dose = DoseCorrector(self.frame_shape, calibration=calibration, dtype=dt)
         self._dose_lock = threading.Lock()
+
+        if method == "resolve":
+            from streamstore.counting.resolve import ResolveParams, charge_units
+
+            self.resolve = ResolveParams() if resolve is None else resolve
+            if not isinstance(self.resolve, ResolveParams):
+                raise ValueError("resolve must be a ResolveParams")
+            self._e_unit: int | None = None
+            #: one electron's anisotropy, measured on the first call's frames
+            self.anisotropy: float | None = None
+            #: widening of the quadrant noise, measured on the first call's frames
+            self.noise_factor: float | None = None
+            # the first call measures; a concurrent first call waits for it
+            self._measure_lock = threading.Lock()
+            if electron_charge is not None:
+                e = float(electron_charge)
+                if not (np.isfinite(e) and e > 0):
+                    raise ValueError(f"electron_charge must be positive, got {electron_charge!r}")
+                self._e_unit = max(1, int(round(e * charge_units(calibration, self.kernel_dtype))))
 
     def dose_model(self) -> dict | None:
         """The dose model and its current parameters (None with ``dose=False``)."""
@@ -154,7 +197,9 @@ class Counter:
         )
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
-        if self.implementation == "numba":
+        if self.method == "resolve":
+            offsets, indices, sub = self._count_resolve(arr)
+        elif self.implementation == "numba":
             from streamstore.counting._launch import count_frames
             from streamstore.counting._maps import kernel_maps, wide_rows_pay
 
@@ -185,11 +230,52 @@ class Counter:
                 batch = self._dose(batch, arr)
         return batch
 
+    def _count_resolve(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        from streamstore.counting.resolve import (
+            quadrant_noise_factor,
+            resolve_maps,
+            single_electron,
+        )
+
+        with self._measure_lock:
+            if self.noise_factor is None:
+                self.noise_factor = quadrant_noise_factor(self.calibration, arr)
+            key = ("resolve_maps", self.kernel_dtype.str, self.resolve, self.noise_factor)
+            if key not in self._derived:
+                self._derived[key] = resolve_maps(
+                    self.calibration, self.dtype, self.resolve, self.noise_factor
+                )
+            maps = self._derived[key]
+            if self.anisotropy is None:
+                single = single_electron(arr, maps, self._radius)
+                if single is not None:
+                    if self._e_unit is None:
+                        self._e_unit = single[0]
+                    self.anisotropy = single[1]
+        lo, lo_c, dark, gain, qthr, level = maps
+        e_unit = 2**40 if self._e_unit is None else self._e_unit  # unknown: no splits
+        args = (
+            arr, lo, lo_c, dark, gain, qthr, level, self._radius, self.subpixel, e_unit,
+            *self.resolve.integers(self.anisotropy or 0.0),
+        )  # fmt: skip
+        if self.implementation == "numba":
+            from streamstore.counting._resolve_kernels import count_resolve_frames
+
+            return count_resolve_frames(*args, threads=self.threads)
+        if self.implementation == "reference":
+            from streamstore.counting._resolve_reference import count_resolve_reference
+
+            return count_resolve_reference(*args)
+        from native_ref import count_resolve_native
+
+        return count_resolve_native(*args)
+
     def __repr__(self) -> str:
         return (
             f"Counter(frame_shape={self.frame_shape}, dtype={self.dtype}, "
             f"subpixel={self.subpixel}, threads={self.threads}, "
-            f"implementation={self.implementation!r})"
+            f"implementation={self.implementation!r}"
+            + (", method='resolve')" if self.method == "resolve" else ")")
         )
 
 
@@ -199,6 +285,7 @@ def count(
     *,
     subpixel: bool = False,
     threads: int | None = None,
+    method: str = "peak",
 ) -> EventBatch:
     """Find the electron events in ``frames``.
 
@@ -213,6 +300,9 @@ def count(
         the dark-subtracted 3 x 3 neighbourhood).
     threads : int, optional
         Threads to use (None: all cores). The result does not depend on it.
+    method : {"peak", "resolve"}, default "peak"
+        Counting rule (see :class:`Counter`); "resolve" measures one electron's
+        charge on these frames.
 
     Returns
     -------
@@ -230,7 +320,9 @@ def count(
     from streamstore.counting.dose import corrected_electrons
 
     arr = np.asarray(frames)
-    counter = Counter(calibration, arr.dtype, subpixel=subpixel, threads=threads, dose=False)
+    counter = Counter(
+        calibration, arr.dtype, subpixel=subpixel, threads=threads, method=method, dose=False
+    )
     batch = counter(arr)
     frames3 = arr.reshape((-1, *counter.frame_shape))
     return batch.with_electrons(corrected_electrons(batch, frames3, calibration))
