@@ -125,7 +125,9 @@ def _check_radii(pair_radius: int, far_radii: tuple[int, int]) -> tuple[int, int
     return int(pair_radius), lo, hi
 
 
-def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
+def pair_histogram_reference(
+    batch: EventBatch, radius: int, first_events: int | None = None
+) -> np.ndarray:
     """Count pairs of events of the same frame by their lattice offset (numpy reference).
 
     Parameters
@@ -134,6 +136,11 @@ def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
         Events.
     radius : int
         Largest Chebyshev distance counted.
+    first_events : int, optional
+        Only a frame's first ``first_events`` events (in raster order) are the
+        first event of a pair; the second may be any. Each counted event sees its
+        whole neighbourhood, so the pair rates per event are those of the frame's
+        top rows, at a cost bounded per frame. None: every event.
 
     Returns
     -------
@@ -146,13 +153,14 @@ def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
     hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
     for f in range(batch.n_frames):
         idx = batch.indices[batch.offsets[f] : batch.offsets[f + 1]].astype(np.int64)
-        r, c = np.divmod(idx, w)
+        first = idx if first_events is None else idx[: max(int(first_events), 0)]
+        r, c = np.divmod(first, w)
         for dy in range(radius + 1):
             for dx in range(-radius, radius + 1):
                 if dy == 0 and dx <= 0:
                     continue
                 ok = (r + dy < h) & (c + dx >= 0) & (c + dx < w)
-                target = idx[ok] + dy * w + dx
+                target = first[ok] + dy * w + dx
                 pos = np.searchsorted(idx, target)
                 inside = pos < idx.size
                 hist[dy, dx + radius] += int(np.sum(idx[pos[inside]] == target[inside]))
@@ -160,14 +168,14 @@ def pair_histogram_reference(batch: EventBatch, radius: int) -> np.ndarray:
 
 
 @njit(nogil=True, cache=True)
-def _pair_histogram_kernel(offsets, indices, h, w, radius, hist):  # pragma: no cover - numba
+def _pair_histogram_kernel(offsets, indices, h, w, radius, first, hist):  # pragma: no cover
     ptr = np.empty(radius + 1, np.int64)
     for f in range(offsets.size - 1):
         a = offsets[f]
         b = offsets[f + 1]
         for dy in range(radius + 1):
             ptr[dy] = a
-        for i in range(a, b):
+        for i in range(a, min(b, a + first)):
             e = np.int64(indices[i])
             r = e // w
             c = e - r * w
@@ -183,23 +191,69 @@ def _pair_histogram_kernel(offsets, indices, h, w, radius, hist):  # pragma: no 
                 hi = e + dy * w + radius
                 q = p
                 while q < b and np.int64(indices[q]) <= hi:
-                    t = np.int64(indices[q])
-                    rq = t // w
-                    dx = t - rq * w - c
-                    if rq == r + dy and (dy > 0 or dx > 0):
+                    # the partner is dx columns right of e, dy rows below, when that
+                    # column is inside the frame (no division per partner)
+                    dx = np.int64(indices[q]) - e - dy * w
+                    if 0 <= c + dx < w and (dy > 0 or dx > 0):
                         hist[dy, dx + radius] += 1
                     q += 1
     return hist
 
 
-def pair_histogram(batch: EventBatch, radius: int) -> np.ndarray:
+def pair_histogram(batch: EventBatch, radius: int, first_events: int | None = None) -> np.ndarray:
     """Count pairs of events by lattice offset (numba; same result as
     :func:`pair_histogram_reference`, in O(events * radius + pairs))."""
     h, w = batch.frame_shape
     hist = np.zeros((radius + 1, 2 * radius + 1), np.int64)
+    first = np.iinfo(np.int64).max // 2 if first_events is None else max(int(first_events), 0)
     if batch.n_events:
-        _pair_histogram_kernel(batch.offsets, batch.indices, h, w, int(radius), hist)
+        _pair_histogram_kernel(batch.offsets, batch.indices, h, w, int(radius), first, hist)
     return hist
+
+
+def pool_tiles_reference(
+    indices: np.ndarray, width: int, tile: int, n_tx: int, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """Tile of each event (flat index ``(row // tile) * n_tx + col // tile``), and one
+    added to ``counts`` per event when given (numpy reference of :func:`pool_tiles`)."""
+    r, c = np.divmod(indices.astype(np.int64), width)
+    tiles = (r // tile) * n_tx + c // tile
+    if counts is not None:
+        counts += np.bincount(tiles, minlength=counts.size)
+    return tiles
+
+
+@njit(nogil=True, cache=True)
+def _pool_tiles_kernel(indices, width, tile, n_tx, counts, tiles):  # pragma: no cover - numba
+    # events ascend within a frame: follow the row instead of dividing per event
+    col_tile = np.arange(width) // tile
+    base = np.int64(0)  # flat index of the current row's first pixel
+    row = np.int64(0)
+    row_tile = np.int64(0)
+    for i in range(indices.size):
+        e = np.int64(indices[i])
+        if e < base:  # the next frame's events begin
+            base = 0
+            row = 0
+            row_tile = 0
+        if e >= base + width:
+            row = e // width
+            base = row * width
+            row_tile = (row // tile) * n_tx
+        t = row_tile + col_tile[e - base]
+        tiles[i] = t
+        counts[t] += 1.0
+    return tiles
+
+
+def pool_tiles(
+    indices: np.ndarray, width: int, tile: int, n_tx: int, counts: np.ndarray
+) -> np.ndarray:
+    """Tile of each event, and one added to ``counts`` (float64) per event: one pass
+    over the events instead of the reference's several (a frame's pooling costs
+    about a third of counting it otherwise)."""
+    tiles = np.empty(indices.size, np.int64)
+    return _pool_tiles_kernel(indices, int(width), int(tile), int(n_tx), counts, tiles)
 
 
 def exclusion_areas(
@@ -256,3 +310,4 @@ def exclusion_areas(
 
 # several processes may compile this at once (see streamstore._numba_cache)
 serialize_saves(_pair_histogram_kernel)
+serialize_saves(_pool_tiles_kernel)

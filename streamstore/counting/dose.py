@@ -116,6 +116,8 @@ from streamstore.counting.coincidence import (  # noqa: F401  (re-exported: the 
     exclusion_areas,
     pair_histogram,
     pair_histogram_reference,
+    pool_tiles,
+    pool_tiles_reference,
 )
 from streamstore.events import EventBatch
 
@@ -146,6 +148,11 @@ DOSE_MODEL_VERSION = 1
 #: hundredths of a pixel; counting on would cost a pass over the events every frame
 #: for nothing.
 MAX_FAR_PAIRS = 2_000_000
+#: Events of a frame (its first, in raster order) whose pairs are counted: the
+#: areas are a property of the point spread and the counting rule, not of where
+#: in the frame they are measured, and a full frame's pairs would cost more than
+#: counting it (tens of ms at 0.01 e/px/frame on 4092 x 5760)
+PAIR_EVENTS_PER_FRAME = 32_768
 
 
 class DoseEstimator:
@@ -256,25 +263,33 @@ class DoseEstimator:
         """Estimated electrons per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
         return (self._tile_factor() * self.event_density().ravel()).reshape(self.n_ty, self.n_tx)
 
-    def _tile_ids(self, indices: np.ndarray) -> np.ndarray:
-        r, c = np.divmod(indices.astype(np.int64), self.frame_shape[1])
-        return (r // self.tile) * self.n_tx + c // self.tile
-
     def _tile_factor(self) -> np.ndarray:
         """Electrons per event in each tile (>= 1), from the pooled densities."""
+        if self.memory is not None:
+            return self._factor_of(self._counts, self._tile_area)
+        # pooled counts are whole numbers: whole tiles look up the factor of their
+        # count (the same values for a gather instead of two interpolations a tile)
+        whole = self._tile_area == float(self.tile * self.tile)
+        n = self._counts.astype(np.int64)
+        lut = self._factor_of(np.arange(int(n.max(initial=0)) + 1.0), float(self.tile**2))
+        factor = lut[n]
+        factor[~whole] = self._factor_of(self._counts[~whole], self._tile_area[~whole])
+        return factor
+
+    def _factor_of(self, counts: np.ndarray, area: np.ndarray | float) -> np.ndarray:
         areas = self.exclusion_areas
         if self._table is None or self._table[0] != areas:
             self._table = (areas, _inverse_table(*areas))
         tmu, tlam, td2 = self._table[1]
         w = max(self._weight, 1e-300)
-        mu = self._counts / (self._tile_area * w)
+        mu = counts / (area * w)
         lam = np.interp(mu, tmu, tlam)
         # E[lam(mu_hat)] = lam(mu) + lam''(mu) var(mu_hat) / 2 for the convex inversion.
         # Events are thinner than Poisson (none in the hard core of another): the
         # variance of a tile's count is about mu (1 - mu (a + b)), less what pairs
         # across the tile edge keep of the spread
         fill = mu * (areas[0] + areas[1]) * max(0.0, 1.0 - 2.0 / self.tile) ** 2
-        var = mu * np.maximum(1.0 - fill, 0.0) * (self._weight2 / (w * w)) / self._tile_area
+        var = mu * np.maximum(1.0 - fill, 0.0) * (self._weight2 / (w * w)) / area
         lam = lam - 0.5 * np.interp(mu, tmu, td2) * var
         with np.errstate(invalid="ignore", divide="ignore"):
             factor = np.where(mu > 0, lam / mu, 1.0)
@@ -310,13 +325,14 @@ class DoseEstimator:
                 f"batch: frame shape {batch.frame_shape} is not the estimator's {self.frame_shape}"
             )
         n = batch.n_frames
-        tiles = self._tile_ids(batch.indices)
         counts = batch.counts
         if self.memory is None:
-            self._counts += np.bincount(tiles, minlength=self._counts.size)
+            pool = pool_tiles if self.implementation == "numba" else pool_tiles_reference
+            tiles = pool(batch.indices, self.frame_shape[1], self.tile, self.n_tx, self._counts)
             self._weight += n
             self._weight2 += n
         else:
+            tiles = pool_tiles_reference(batch.indices, self.frame_shape[1], self.tile, self.n_tx)
             keep = 1.0 - 1.0 / float(self.memory)
             # frame j of the batch (0-based) is weighted keep ** (n - 1 - j)
             wf = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)
@@ -328,10 +344,8 @@ class DoseEstimator:
             self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
         if self.fixed_areas is None and not self.pairs_complete:
             radius = self._pairs.shape[0] - 1
-            if self.implementation == "numba":
-                self._pairs += pair_histogram(batch, radius)
-            else:
-                self._pairs += pair_histogram_reference(batch, radius)
+            count = pair_histogram if self.implementation == "numba" else pair_histogram_reference
+            self._pairs += count(batch, radius, PAIR_EVENTS_PER_FRAME)
             self.pairs_complete = int(self._pairs[self._far].sum()) >= MAX_FAR_PAIRS
         self.frames_seen += n
         self._stale += n
@@ -447,7 +461,8 @@ class DoseCorrector:
         est = self.estimator
         if est._refreshed_at == self._flags_at:
             return
-        lam = est.electron_density()
+        # the factor the estimator refreshed with, not a second inversion of every tile
+        lam = (est._factor * est.event_density().ravel()).reshape(est.n_ty, est.n_tx)
         self._dense = lam > CHARGE_LAM
         self._low = (lam < WINDOW_LAM) & (est.event_density() > 0)
         self._flags_at = est._refreshed_at

@@ -23,6 +23,8 @@ from streamstore.counting.dose import (
     exclusion_areas,
     pair_histogram,
     pair_histogram_reference,
+    pool_tiles,
+    pool_tiles_reference,
 )
 
 SHAPE = (128, 192)
@@ -81,6 +83,61 @@ def test_pair_histogram_numba_matches_reference(shape):
     below = EventBatch(np.array([0, 2]), np.array([1, shape[1] + 3], np.uint32),
                        frame_shape=shape)  # fmt: skip
     assert pair_histogram(below, 2)[1, 2 + 2] == pair_histogram_reference(below, 2)[1, 4] == 1
+
+
+def test_pair_count_limited_to_a_frames_first_events():
+    rng = np.random.default_rng(5)
+    b = _random_batch(rng, (64, 96), 4, 0.06)
+    full = pair_histogram_reference(b, 5)
+    for first in (0, 1, 57, 200):
+        ref = pair_histogram_reference(b, 5, first)
+        np.testing.assert_array_equal(pair_histogram(b, 5, first), ref)
+        assert ref.sum() <= full.sum()
+    assert pair_histogram_reference(b, 5, 0).sum() == 0
+    assert 0 < pair_histogram_reference(b, 5, 57).sum() < full.sum()  # the limit bites
+    np.testing.assert_array_equal(pair_histogram_reference(b, 5, 10**9), full)
+    # the second event of a pair may lie beyond the first events: more pairs than
+    # among the first events alone
+    one = b.slice(0, 1)
+    k = int(one.counts[0]) // 2
+    alone = EventBatch(np.array([0, k]), one.indices[:k], frame_shape=one.frame_shape)
+    assert pair_histogram(one, 5, k).sum() > pair_histogram(alone, 5).sum() > 0
+
+
+@pytest.mark.parametrize(("shape", "tile"), [((37, 53), 8), ((64, 64), 8), ((40, 70), 3)])
+def test_pool_tiles_numba_matches_reference(shape, tile):
+    rng = np.random.default_rng(6)
+    b = _random_batch(rng, shape, 3, 0.08)
+    n_tx = -(-shape[1] // tile)
+    n_tiles = -(-shape[0] // tile) * n_tx
+    got_counts = np.full(n_tiles, 2.0)
+    ref_counts = np.full(n_tiles, 2.0)
+    got = pool_tiles(b.indices, shape[1], tile, n_tx, got_counts)
+    ref = pool_tiles_reference(b.indices, shape[1], tile, n_tx, ref_counts)
+    np.testing.assert_array_equal(got, ref)
+    np.testing.assert_array_equal(got_counts, ref_counts)
+    assert ref_counts.sum() == 2.0 * n_tiles + b.n_events > 2.0 * n_tiles
+
+
+def test_estimators_agree_whatever_pools_the_tiles():
+    """The numba and numpy estimators give the same electrons, with and without
+    forgetting (the lookup of whole tiles' factors and the direct computation)."""
+    rng = np.random.default_rng(8)
+    b = _random_batch(rng, (50, 77), 12, 0.05)
+    for memory in (None, 5.0):
+        fast = DoseEstimator((50, 77), memory=memory, refresh=3)
+        slow = DoseEstimator((50, 77), memory=memory, refresh=3, implementation="reference")
+        for i in range(0, 12, 4):
+            np.testing.assert_array_equal(
+                fast.update(b.slice(i, i + 4)), slow.update(b.slice(i, i + 4))
+            )
+        np.testing.assert_array_equal(fast._tile_factor(), slow._tile_factor())
+    # the lookup gives what the direct computation gives
+    est = DoseEstimator((50, 77), refresh=3)
+    est.update(b)
+    direct = est._factor_of(est._counts, est._tile_area)
+    np.testing.assert_array_equal(est._tile_factor(), direct)
+    assert direct.max() > 1.0
 
 
 def test_independent_events_show_no_deficit_beyond_their_own_pixel():
