@@ -79,6 +79,12 @@ def test_bad_window_and_chunk_sizes_are_refused(stores, bad):
             s.to_dask(chunk_frames=bad)
 
 
+#: The scheduler's HTTP server on a free loopback port: None means port 8787, and
+#: where another cluster holds it (the other test worker's, another run's) the
+#: warning that it moved on fails the fixture (warnings are errors here).
+_ANY_PORT = "127.0.0.1:0"
+
+
 @pytest.fixture(scope="module")
 def client():
     with (
@@ -86,7 +92,7 @@ def client():
             n_workers=2,
             processes=True,
             threads_per_worker=1,
-            dashboard_address=None,
+            dashboard_address=_ANY_PORT,
             silence_logs=50,
         ) as cluster,
         distributed.Client(cluster) as c,
