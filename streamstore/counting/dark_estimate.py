@@ -64,12 +64,15 @@ import numpy as np
 
 from streamstore.counting._dark_kernels import (
     _MAX_STEP,
+    BATCH,
     LOST_SHARE,
     TAU2_MAX,
     _accumulate_rows,
     _fold_rows,
     _median_rows,
     _run_rows,
+    band_rows,
+    frame_tuple,
 )
 
 __all__ = ["DarkEstimator", "accumulate_numpy", "fold_numpy"]
@@ -431,8 +434,7 @@ class DarkEstimator:
         self._v_start = 0.5 * (_median_variance(km | 1) + _median_variance(km - 1 + km % 2))
         # the starting frames mark hot pixels; their window sums would be biased (the
         # centre is their own median), so the first segment starts after them
-        for frame in arr:
-            self._accumulate(frame)
+        self._accumulate(list(arr))
         for sums in (self.s1, self.s2, self.n, self.above, self.below):
             sums.fill(0)
 
@@ -447,26 +449,78 @@ class DarkEstimator:
         s = self.sigma
         return (lo * s, hi * s, EXCLUDE_SIGMA * s, 2.0 * BLOCK_SIGMA * s, self.n_sigma * s)
 
-    def _accumulate(self, x: np.ndarray) -> None:
+    def _accumulate(self, frames: list[np.ndarray]) -> None:
+        """Add up to ``BATCH`` frames (signed views where wrapped) in one pass."""
         edges = tuple(np.float32(e) for e in self._edges())
-        frame = np.ascontiguousarray(x)
-        args = (frame, self.centre, self.s1, self.s2, self.n, self.above, self.below, self.low)
-        args += edges
-        _run_rows(_accumulate_rows, self.frame_shape[0], *args, NEIGHBOURHOOD)
-        self.n_frames += 1
+        h, w = self.frame_shape
+        for i in range(0, len(frames), BATCH):
+            part = frames[i : i + BATCH]
+            args = (frame_tuple(part), len(part), self.centre, self.s1, self.s2, self.n)
+            args += (self.above, self.below, self.low, *edges, NEIGHBOURHOOD)
+            # one frame: the whole range is one band (nothing to share a cache with)
+            band = band_rows(w) if len(part) > 1 else h + NEIGHBOURHOOD
+            _run_rows(_accumulate_rows, h, *args, band)
+            self.n_frames += len(part)
 
-    def update(self, frame: Any) -> None:
-        """Add one frame (H, W) (refining by itself at 16, 32, 64, ... frames)."""
+    def _check(self, frame: Any) -> np.ndarray:
         x = np.asarray(frame)
         if x.shape != self.frame_shape:
             raise ValueError(f"frame is {x.shape}, the estimator is {self.frame_shape}")
         if x.dtype.kind not in "iu":
             raise ValueError(f"frame must be integer, got {x.dtype}")
-        if self.n_frames >= np.iinfo(np.uint16).max:
-            return  # the estimate is as good as it gets long before this
-        self._accumulate(self._signed(x))
-        if self.n_frames in REFINE_AT or self.n_frames % SEGMENT_MAX == 0:
-            self.refine()
+        return self._signed(x)
+
+    def update(self, frame: Any) -> None:
+        """Add one frame (H, W) (refining by itself at 16, 32, 64, ... frames)."""
+        self.update_batch([frame])
+
+    def update_batch(self, frames: Any) -> None:
+        """Add frames in order, as many :meth:`update` calls would, with the same result.
+
+        Up to ``BATCH`` frames go through the window sums in one pass, band by band
+        of rows, so the sums are read and written once per batch instead of once
+        per frame; a batch ends at each refinement point (16, 32, 64, ... frames).
+
+        Parameters
+        ----------
+        frames : sequence of array_like (H, W), or array_like (n, H, W)
+            Integer frames of one type, oldest first.
+
+        Raises
+        ------
+        ValueError
+            When a frame's shape or type does not fit; the frames before it in
+            the batch are added.
+        """
+        todo = list(frames)
+        while todo:
+            cap = int(np.iinfo(np.uint16).max)
+            if self.n_frames >= cap:
+                return  # the estimate is as good as it gets long before this
+            # frames up to the next refinement point (or the cap)
+            nxt = min([r for r in REFINE_AT if r > self.n_frames], default=0)
+            seg = SEGMENT_MAX - self.n_frames % SEGMENT_MAX
+            room = min(seg, cap - self.n_frames)
+            if nxt:
+                room = min(room, nxt - self.n_frames)
+            part: list[np.ndarray] = []
+            bad = None
+            for f in todo[: min(room, BATCH)]:
+                try:
+                    x = self._check(f)
+                except ValueError as exc:
+                    bad = exc
+                    break
+                if part and x.dtype != part[0].dtype:
+                    break  # one type per pass: the next batch starts with it
+                part.append(x)
+            todo = todo[len(part) :]
+            if part:
+                self._accumulate(part)
+                if self.n_frames in REFINE_AT or self.n_frames % SEGMENT_MAX == 0:
+                    self.refine()
+            if bad is not None:
+                raise bad
 
     # -- results ----------------------------------------------------------------------
     @property

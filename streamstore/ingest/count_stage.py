@@ -129,6 +129,8 @@ class CountStage(_Stage[CountInput]):
         self.refine_frames = int(refine_frames)
         # (series, its estimator) while a calibration is provisional
         self._refining: tuple[SeriesInfo, DarkEstimator] | None = None
+        # frames of that series counted but not yet added to its estimator
+        self._held: list[FrameItem] = []
         self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
@@ -142,10 +144,10 @@ class CountStage(_Stage[CountInput]):
 
     #: attributes that belong to one series; swapped in by :meth:`_switch`
     #: (dark-frame sums are kept by series id already)
-    PER_SERIES = ("_pending", "_xray_for", "_refining")
+    PER_SERIES = ("_pending", "_xray_for", "_refining", "_held")
 
     def _fresh_state(self) -> tuple:
-        return ([], None, None)
+        return ([], None, None, [])
 
     def _switch(self, series: SeriesInfo) -> None:
         """Make ``series``' state current (several series may be open at once)."""
@@ -161,8 +163,11 @@ class CountStage(_Stage[CountInput]):
 
     def _forget(self, series: SeriesInfo) -> None:
         """Drop a closed series' state (its calibration goes with the series)."""
-        self._states.pop(id(series), None)
+        saved = self._states.pop(id(series), None)
+        if saved is not None:
+            self._release(saved[self.PER_SERIES.index("_held")])
         if self._current is series:
+            self._release(self._held)
             for name, value in zip(self.PER_SERIES, self._fresh_state(), strict=True):
                 setattr(self, name, value)
             self._current = None
@@ -310,20 +315,55 @@ class CountStage(_Stage[CountInput]):
         series.calibration_warning = text
         self.counters.calibration_warning = text if self._refining is not None else ""
 
-    def _refine(self, item: FrameItem) -> None:
-        """Add a frame to the provisional estimate; rebuild the calibration at the
-        estimator's refinement points, and finish at ``refine_frames``."""
+    def _hold(self, item: FrameItem) -> None:
+        """Keep a counted frame for the provisional estimate; add the held frames to
+        it together once there are ``BATCH`` of them or they reach a refinement point.
+
+        The estimator's pass reads and writes its per-pixel sums once per batch, not
+        once per frame: the pause before each frame is counted at the start of a
+        series shrinks to a few bytes per pixel. The frames are counted first with
+        the calibration in use, so a frame at a refinement point is counted with
+        the calibration before it.
+        """
+        from streamstore.counting.dark_estimate import BATCH, REFINE_AT
+
+        self._held.append(item)
+        series, est = self._refining
+        n = est.n_frames + len(self._held)
+        if not (len(self._held) >= BATCH or n in REFINE_AT or n >= self.refine_frames):
+            return
+        try:
+            self._refine()
+        except Exception:  # the frames are counted: a failed refinement loses none of them
+            log.exception("series %s: calibration refinement stopped", series.series_id)
+            self._release(self._held)
+            self._refining = None
+            self.counters.calibration_warning = ""
+
+    def _release(self, items: list[FrameItem]) -> None:
+        """Give the memory of counted frames back."""
+        for it in items:
+            if it.array is not None:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+        items.clear()
+
+    def _refine(self) -> None:
+        """Add the held frames to the provisional estimate; rebuild the calibration at
+        the estimator's refinement points, and finish at ``refine_frames``."""
         from streamstore.counting.calibration import Calibration
         from streamstore.counting.dark_estimate import REFINE_AT
 
         series, est = self._refining
         try:
-            est.update(item.array)
+            est.update_batch([it.array for it in self._held])
         except ValueError as exc:  # e.g. a frame of another shape: keep what we have
             log.warning("series %s: calibration refinement stopped: %s", series.series_id, exc)
+            self._release(self._held)
             self._refining = None
             self.counters.calibration_warning = ""
             return
+        self._release(self._held)
         done = est.n_frames >= self.refine_frames
         if not (done or est.n_frames in REFINE_AT):
             return
@@ -388,9 +428,10 @@ class CountStage(_Stage[CountInput]):
                     self._estimate(series)
                     self._drain_pending()
             else:
-                if self._refining is not None and self._refining[0] is series:
-                    self._refine(item)
-                self._count([item])
+                refining = self._refining is not None and self._refining[0] is series
+                self._count([item], keep=refining)
+                if refining and item.array is not None:  # counted: the estimator's turn
+                    self._hold(item)
         elif isinstance(item, MissingItem):
             if self._pending:
                 self._pending.append(item)
@@ -399,7 +440,8 @@ class CountStage(_Stage[CountInput]):
         elif isinstance(item, CloseItem):
             series = item.series
             if self._refining is not None and self._refining[0] is series:
-                n = self._refining[1].n_frames
+                n = self._refining[1].n_frames + len(self._held)
+                self._release(self._held)
                 self._refining = None
                 self._set_warning(
                     series,
@@ -473,7 +515,9 @@ class CountStage(_Stage[CountInput]):
             if isinstance(it, MissingItem):
                 self.outbox.put(it)
 
-    def _count(self, items: list[FrameItem]) -> None:
+    def _count(self, items: list[FrameItem], keep: bool = False) -> None:
+        """Count frames and send their events on; their memory is given back unless
+        ``keep`` (frames the estimator still reads: :meth:`_hold`)."""
         from streamstore.events import EventBatch
 
         series = items[0].series
@@ -492,8 +536,9 @@ class CountStage(_Stage[CountInput]):
                 self._lose(items[k:])  # the ones before k are counted and go on
                 items = items[:k]
                 break
-            self.budget.release(it.nbytes)
-            it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+            if not keep:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
         if not items:
             return
         events = batches[0] if len(batches) == 1 else EventBatch.concatenate(batches)

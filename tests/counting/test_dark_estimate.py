@@ -8,6 +8,7 @@ import pytest
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import dark_estimate as de
+from streamstore.counting._dark_kernels import BATCH, frame_tuple
 from streamstore.counting.accuracy import score_batch
 from streamstore.counting.dark_estimate import DarkEstimator
 
@@ -156,10 +157,29 @@ def test_kernels_equal_their_numpy_definitions(wrapped):
         ref = _sums(shape, np.random.default_rng(1))
         got = _sums(shape, np.random.default_rng(1))
         de.accumulate_numpy(frame, centre, *ref, edges, radius)
-        args = (frame, centre, *got, *(np.float32(e) for e in edges), radius)
-        de._run_rows(de._accumulate_rows, shape[0], *args)
+        args = (frame_tuple([frame]), 1, centre, *got, *(np.float32(e) for e in edges), radius)
+        de._run_rows(de._accumulate_rows, shape[0], *args, shape[0] + radius)
         for a, b in zip(ref, got, strict=True):
             np.testing.assert_array_equal(a, b)
+    # a batch of frames, band by band (bands of 1 to more rows than a thread has),
+    # equals the frames added one at a time, bit for bit
+    batch = [frame]
+    for i in range(1, BATCH):
+        f = np.roll(frame, (3 * i, -5 * i), axis=(0, 1)).astype(np.int64)
+        f += rng.integers(-3, 4, shape)
+        batch.append(f.astype(frame.dtype))
+    for k in (2, BATCH):
+        for radius in (0, de.NEIGHBOURHOOD, 2):
+            ref = _sums(shape, np.random.default_rng(2))
+            for f in batch[:k]:
+                de.accumulate_numpy(f, centre, *ref, edges, radius)
+            for band in (1, 3, 40):
+                got = _sums(shape, np.random.default_rng(2))
+                args = (frame_tuple(batch[:k]), k, centre, *got)
+                args += (*(np.float32(e) for e in edges), radius, band)
+                de._run_rows(de._accumulate_rows, shape[0], *args)
+                for a, b in zip(ref, got, strict=True):
+                    np.testing.assert_array_equal(a, b)
     # the fold of a segment, from sums the accumulation made
     s1, s2, n, above, below, _ = got
     w = rng.integers(0, 40, shape).astype(np.uint16)
@@ -174,6 +194,23 @@ def test_kernels_equal_their_numpy_definitions(wrapped):
     for a, b in zip(arrays, kern, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     assert not arrays[3].any() and not kern[3].any()  # the sums restart
+
+
+def test_a_batch_equals_the_frames_one_at_a_time():
+    emu = CameraEmulator(SHAPE, dose_rate_e_per_px_s=30.0, seed=13)
+    frames, _ = emu.generate(40)
+    one = DarkEstimator(frames[:8])
+    for f in frames[8:]:
+        one.update(f)
+    many = DarkEstimator(frames[:8])
+    many.update_batch(frames[8:13])  # an array; then a list across 16 and 32 frames
+    many.update_batch(list(frames[13:40]))
+    assert many.n_frames == one.n_frames == 40 and many.sigma == one.sigma
+    for name in ("centre", "s1", "s2", "n", "w", "var", "low", "above", "below"):
+        np.testing.assert_array_equal(getattr(many, name), getattr(one, name), err_msg=name)
+    with pytest.raises(ValueError, match="frame is"):  # the frames before a bad one count
+        many.update_batch([frames[0], frames[1][:-1]])
+    assert many.n_frames == 41
 
 
 def test_start_median_equals_numpy():
