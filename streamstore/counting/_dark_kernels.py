@@ -28,6 +28,10 @@ LOST_SHARE = 0.2
 _MAX_STEP = 4.0
 #: The largest error variance of a centre (sigma**2) the window model tabulates.
 TAU2_MAX = 2.0
+#: A segment whose mean lies this many of its standard errors (its own and the
+#: earlier segments') from the earlier segments' starts the pixel over: see
+#: :func:`fold_numpy`.
+RESET_Z = 3.0
 #: Frames one pass of :func:`_accumulate_rows` adds (a tuple of this length, the
 #: unused places holding the first frame again): one compiled signature for any batch.
 BATCH = 8
@@ -268,6 +272,8 @@ def _fold_rows(
             if nn > 0:
                 m = np.float64(s1[r, j]) / nn
                 d = min(max((m / sigma - g0) / vt0 - bias, -_MAX_STEP), _MAX_STEP)
+                if ww > 0 and d * d > RESET_Z * RESET_Z * (tau2 + 1.0 / (vt0 * nn)):
+                    ww = 0.0  # the segment disagrees with the earlier ones: it alone
                 c = np.float64(centre[r, j])
                 centre[r, j] = np.float32(c + sigma * d * nn / (ww + nn))
             if nn >= 2:

@@ -13,8 +13,10 @@ common-mode correction, so the threshold must cover both.
 1. The first frames give a per-pixel median (the starting centre) and the
    noise (the residuals of each frame about the median of the others, on the
    clean lower side of their peak). The median only places the first window:
-   electrons lift a median of few frames.
-2. Every later frame adds, per pixel, the values from ``clip[0]`` noise sigmas
+   electrons lift a median of few frames. The first frames are then the first
+   segment (step 3), so that the first maps are already their window means,
+   with the electrons left out.
+2. Every frame adds, per pixel, the values from ``clip[0]`` noise sigmas
    below the centre to ``clip[1]`` above it to running sums (count, sum and sum
    of squares relative to the centre) and counts those above and below the
    window. Electrons and their charge are left out first: pixels within
@@ -35,7 +37,9 @@ common-mode correction, so the threshold must cover both.
    (:func:`fold_numpy`); the noise of the window's units is refitted from the
    segment first. The estimates join those of the earlier segments, the centre
    moves to the new mean and the sums restart. A pixel whose window caught few
-   of its values recentres on the share above or below it.
+   of its values recentres on the share above or below it; one whose segment
+   mean lies ``RESET_Z`` standard errors from the earlier segments' (a dark
+   level that drifted while the first frames came) starts over from the segment.
 
 The noise map is each pixel's own standard deviation, raised to the RMS over
 the pixels where it came out lower, the rule of a dark-series calibration (an
@@ -45,7 +49,10 @@ frames (electrons only add signal, so only a noisy pixel swings that far down),
 or when its dark level or noise is an outlier as in a dark series.
 
 The per-frame pass is one numba kernel (:func:`_accumulate_rows`, ``nogil``,
-run on row ranges from a few threads); :func:`accumulate_numpy` and
+run on row ranges from a few threads) that takes up to ``BATCH`` frames at a
+time (:meth:`DarkEstimator.update_batch`), band by band of rows: the per-pixel
+sums (about 34 bytes per pixel read and written per pass) then move once per
+batch, the frames' 2 bytes per pixel once per frame. :func:`accumulate_numpy` and
 :func:`fold_numpy` are the plain numpy definitions that the kernels equal.
 Memory is bounded: 24 bytes per pixel (centre, two window sums and the variance
 as float32, three uint16 counts, two uint8 counts), independent of the number
@@ -66,6 +73,7 @@ from streamstore.counting._dark_kernels import (
     _MAX_STEP,
     BATCH,
     LOST_SHARE,
+    RESET_Z,
     TAU2_MAX,
     _accumulate_rows,
     _fold_rows,
@@ -96,6 +104,9 @@ EXCLUDE_SIGMA = 5.0
 #: lands near a pixel corner shares its charge between four pixels, each of which can
 #: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
 BLOCK_SIGMA = 4.0
+#: Values of the RMS noise that each pixel's own noise estimate is pooled with in
+#: the noise map (:meth:`DarkEstimator.maps`).
+NOISE_PRIOR = 8.0
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
@@ -288,6 +299,11 @@ def fold_numpy(
     bias = btab[i] + f * (btab[i + 1] - btab[i])
     vbar = vtab[i] + f * (vtab[i + 1] - vtab[i])
     d = np.clip((m / sigma - g0) / vt0 - bias, -_MAX_STEP, _MAX_STEP)
+    with np.errstate(divide="ignore"):
+        tau_seg = 1.0 / (vt0 * nn)
+    reset = ~first & has & (d * d > RESET_Z * RESET_Z * (tau2 + tau_seg))
+    ww = np.where(reset, 0.0, ww)
+    first = ww == 0
     new_c = np.where(
         lost, centre + sigma * d_lost, centre + sigma * d * nn / np.maximum(ww + nn, 1.0)
     )
@@ -427,16 +443,23 @@ class DarkEstimator:
         km = min(k, MEDIAN_FRAMES)
         self.sigma = _start_sigma(arr[:km])
         self._start = km
-        self._k0 = k
-        self._folded = k  # frames before the current segment
+        self._folded = 0  # frames before the current segment
         # variance (sigma**2) of the starting median: between those of the odd counts
         # around an even one
         self._v_start = 0.5 * (_median_variance(km | 1) + _median_variance(km - 1 + km % 2))
-        # the starting frames mark hot pixels; their window sums would be biased (the
-        # centre is their own median), so the first segment starts after them
+        # the starting frames are the first segment, windowed about their median: the
+        # provisional maps are their window means and variances with the electrons
+        # left out, not the median, which electrons lift
         self._accumulate(list(arr))
-        for sums in (self.s1, self.s2, self.n, self.above, self.below):
-            sums.fill(0)
+        self.refine()
+        # once more about that centre: the median sits high where electrons lifted it,
+        # and so did the levels that leave electrons out; the second pass replaces the
+        # first (the same values), its hot-pixel counts too
+        for a in (self.w, self.var, self.low):
+            a.fill(0)
+        self.n_frames = self._folded = 0
+        self._accumulate(list(arr))
+        self.refine()
 
     def _signed(self, x: np.ndarray) -> np.ndarray:
         if self.wrapped and x.dtype.kind == "u":
@@ -537,8 +560,8 @@ class DarkEstimator:
         model = self._model(sigma)
         args = (self.centre, self.s1, self.s2, self.n, self.above, self.below, self.var, self.w)
         args += (sigma,)
-        # frames of the earlier segments (the starting frames place the first window only)
-        frames = (float(self._folded - self._k0), float(self.n_frames - self._folded))
+        # frames of the earlier segments and of this one
+        frames = (float(self._folded), float(self.n_frames - self._folded))
         _run_rows(_fold_rows, self.frame_shape[0], *args, *model, self._v_start, *frames)
         self._folded = self.n_frames
         self.sigma = self._rms()
@@ -611,7 +634,13 @@ class DarkEstimator:
             hot |= self.centre > d_c + HOT_SIGMA * d_s
             hot |= noise > n_c + HOT_SIGMA * n_s
         rms = np.float32(self.sigma)
-        noise = np.where(hot | (self.w < 2), rms, np.maximum(noise, rms)).astype(np.float32)
+        # each pixel's variance from its w - 1 degrees of freedom, pulled toward the
+        # RMS's as if that were NOISE_PRIOR more values of it (read noise is nearly
+        # uniform): from the first 8 frames alone a pixel's own noise scatters by a
+        # quarter, and floored at the RMS it would raise half the thresholds by ~10 %
+        dof = np.maximum(self.w.astype(np.float32) - 1, 0)
+        pulled = np.sqrt((dof * self.var + NOISE_PRIOR * rms * rms) / (dof + NOISE_PRIOR))
+        noise = np.where(hot | (self.w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
         if not self.w.any():
             # the starting median only: its error (pi / 2 sigma**2 / k) widens the noise
             # a threshold sees
