@@ -459,7 +459,9 @@ class DarkEstimator:
             a.fill(0)
         self.n_frames = self._folded = 0
         self._accumulate(list(arr))
-        self.refine()
+        # that window sits on the values' own window mean: it truncates them as a
+        # window on the pixel's mean would
+        self._fold(0.0)
 
     def _signed(self, x: np.ndarray) -> np.ndarray:
         if self.wrapped and x.dtype.kind == "u":
@@ -554,15 +556,20 @@ class DarkEstimator:
     def refine(self) -> None:
         """End the segment: fold its sums into the per-pixel mean (the new centre)
         and variance, and refit the noise; the sums restart."""
+        self._fold(self._v_start)
+
+    def _fold(self, v_start: float) -> None:
+        """:meth:`refine`, a centre without earlier segments having the error
+        variance ``v_start`` (sigma**2)."""
         if self.n_frames == self._folded:
             return
-        sigma = self._segment_sigma()
+        sigma = self._segment_sigma(v_start)
         model = self._model(sigma)
         args = (self.centre, self.s1, self.s2, self.n, self.above, self.below, self.var, self.w)
         args += (sigma,)
         # frames of the earlier segments and of this one
         frames = (float(self._folded), float(self.n_frames - self._folded))
-        _run_rows(_fold_rows, self.frame_shape[0], *args, *model, self._v_start, *frames)
+        _run_rows(_fold_rows, self.frame_shape[0], *args, *model, v_start, *frames)
         self._folded = self.n_frames
         self.sigma = self._rms()
 
@@ -573,7 +580,7 @@ class DarkEstimator:
         a, b = (c * self.sigma / sigma for c in self.clip)
         return (*window_model(a, b), a, b, _probit_table())
 
-    def _segment_sigma(self) -> float:
+    def _segment_sigma(self, v_start: float) -> float:
         """The noise of the segment's window sums, self-consistently: the window's
         width in noise sigmas depends on the noise being estimated."""
         h, w = self.frame_shape
@@ -592,7 +599,7 @@ class DarkEstimator:
         sigma = self.sigma
         for _ in range(8):
             _, vt0, _, vtab = self._model(sigma)[:4]
-            tau2 = np.where(ww == 0, self._v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
+            tau2 = np.where(ww == 0, v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
             t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
             i = t.astype(np.int64)
             vbar = vtab[i] + (t - i) * (vtab[i + 1] - vtab[i])
