@@ -268,6 +268,12 @@ def fold_numpy(
     variances are weighted by their frames, not by the pixel's counts, which
     depend on where the window sat on the pixel as its variance does.
 
+    A pixel with earlier segments whose segment estimate ``delta`` lies more than
+    ``RESET_Z`` standard errors (``sqrt(tau2 + 1 / (v(0) n))``) from them starts
+    over from the segment alone, its variance and count the segment's: its dark
+    level moved (a sensor settling while the first frames came), and the earlier
+    values would hold it where it was.
+
     A pixel whose window caught fewer than ``LOST_SHARE`` of its values (of 4 or
     more) has its window too far from its values for the window's
     moments to say where they are (a starting median that electrons lifted, or
