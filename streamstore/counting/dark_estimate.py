@@ -104,8 +104,9 @@ EXCLUDE_SIGMA = 5.0
 #: lands near a pixel corner shares its charge between four pixels, each of which can
 #: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
 BLOCK_SIGMA = 4.0
-#: Values of the RMS noise that each pixel's own noise estimate is pooled with in
-#: the noise map (:meth:`DarkEstimator.maps`).
+#: Values of the RMS noise that the own noise estimate of a pixel with as many
+#: values is pooled with in the noise map (:meth:`DarkEstimator.maps`); the weight
+#: falls as the pixel's values grow.
 NOISE_PRIOR = 8.0
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
@@ -647,12 +648,15 @@ class DarkEstimator:
             hot |= self.centre > d_c + HOT_SIGMA * d_s
             hot |= noise > n_c + HOT_SIGMA * n_s
         rms = np.float32(self.sigma)
-        # each pixel's variance from its w - 1 degrees of freedom, pulled toward the
-        # RMS's as if that were NOISE_PRIOR more values of it (read noise is nearly
-        # uniform): from the first 8 frames alone a pixel's own noise scatters by a
-        # quarter, and floored at the RMS it would raise half the thresholds by ~10 %
+        # each pixel's variance from its w - 1 degrees of freedom, pooled with the RMS's
+        # (read noise is nearly uniform): from the first 8 frames alone a pixel's own
+        # noise scatters by a quarter, and floored at the RMS it would raise half the
+        # thresholds by ~10 %. The RMS weighs NOISE_PRIOR values against NOISE_PRIOR of
+        # the pixel's own, fewer the more it has (1 at 64): a long estimate keeps its
+        # per-pixel noise as a dark series does.
         dof = np.maximum(self.w.astype(np.float32) - 1, 0)
-        pulled = np.sqrt((dof * self.var + NOISE_PRIOR * rms * rms) / (dof + NOISE_PRIOR))
+        prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / (dof + 1)
+        pulled = np.sqrt((dof * self.var + prior * rms * rms) / (dof + prior))
         noise = np.where(hot | (self.w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
         if not self.w.any():
             # the starting median only: its error (pi / 2 sigma**2 / k) widens the noise

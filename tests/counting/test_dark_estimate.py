@@ -94,7 +94,7 @@ def test_the_first_8_frames_count_nearly_like_a_dark_series(params, slack):
     s_first = score_batch(count(frames, first), truth.positions)
     lift = float(np.median(first.dark - ref.dark))
     assert abs(lift) < 0.05 * float(np.median(ref.noise)), lift
-    assert abs(s_first.recall - s_ref.recall) <= 0.005, (s_first.recall, s_ref.recall)
+    assert abs(s_first.recall - s_ref.recall) <= 0.01, (s_first.recall, s_ref.recall)
     assert s_first.precision >= min(0.995, s_ref.precision - slack), s_first.precision
 
 
