@@ -104,9 +104,9 @@ EXCLUDE_SIGMA = 5.0
 #: lands near a pixel corner shares its charge between four pixels, each of which can
 #: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
 BLOCK_SIGMA = 4.0
-#: Values of the RMS noise that the own noise estimate of a pixel with as many
-#: values is pooled with in the noise map (:meth:`DarkEstimator.maps`); the weight
-#: falls as the pixel's values grow.
+#: Values of the RMS noise that the own noise estimate of a pixel with up to as
+#: many values is pooled with in the noise map (:meth:`DarkEstimator.maps`); the
+#: weight falls as the pixel's values grow beyond.
 NOISE_PRIOR = 8.0
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
@@ -651,11 +651,11 @@ class DarkEstimator:
         # each pixel's variance from its w - 1 degrees of freedom, pooled with the RMS's
         # (read noise is nearly uniform): from the first 8 frames alone a pixel's own
         # noise scatters by a quarter, and floored at the RMS it would raise half the
-        # thresholds by ~10 %. The RMS weighs NOISE_PRIOR values against NOISE_PRIOR of
-        # the pixel's own, fewer the more it has (1 at 64): a long estimate keeps its
-        # per-pixel noise as a dark series does.
+        # thresholds by ~10 %. The RMS weighs NOISE_PRIOR values while a pixel has up
+        # to NOISE_PRIOR of its own, fewer the more it has (1 at 64): a long estimate
+        # keeps its per-pixel noise as a dark series does.
         dof = np.maximum(self.w.astype(np.float32) - 1, 0)
-        prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / (dof + 1)
+        prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / np.maximum(dof + 1, NOISE_PRIOR)
         pulled = np.sqrt((dof * self.var + prior * rms * rms) / (dof + prior))
         noise = np.where(hot | (self.w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
         if not self.w.any():
