@@ -28,47 +28,98 @@ LOST_SHARE = 0.2
 _MAX_STEP = 4.0
 #: The largest error variance of a centre (sigma**2) the window model tabulates.
 TAU2_MAX = 2.0
+#: A segment whose mean lies this many of its standard errors (its own and the
+#: earlier segments') from the earlier segments' starts the pixel over: see
+#: :func:`fold_numpy`.
+RESET_Z = 3.0
+#: Frames one pass of :func:`_accumulate_rows` adds (a tuple of this length, the
+#: unused places holding the first frame again): one compiled signature for any batch.
+BATCH = 8
+#: Bytes of window sums (centre, two float32 sums and the counts) per pixel that a
+#: band of rows holds while all the frames of a batch pass through it.
+_SUM_BYTES = 18
+#: Bytes of window sums a band should hold: well inside a core's second-level cache.
+_BAND_BYTES = 1 << 19
+
+
+def band_rows(width: int) -> int:
+    """Rows of the bands :func:`_accumulate_rows` takes a batch through."""
+    return max(2, min(64, _BAND_BYTES // (_SUM_BYTES * max(width, 1))))
+
+
+def frame_tuple(frames: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """``frames`` (1 to ``BATCH`` frames of one type, in order) as the tuple
+    :func:`_accumulate_rows` takes: C-contiguous read-only views (one type whatever
+    the frames' own flags), padded to ``BATCH`` with the first."""
+    views = []
+    for f in frames:
+        v = np.ascontiguousarray(f).view()
+        v.flags.writeable = False
+        views.append(v)
+    return tuple(views + [views[0]] * (BATCH - len(views)))
 
 
 # -- kernels ------------------------------------------------------------------------
 @numba.njit(inline="always", **_OPTS)
 def _sum_row(
-    frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, r
+    frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, near, r
 ):  # pragma: no cover - compiled
-    """Row ``r`` of :func:`_accumulate_rows`, branch-free (it vectorises)."""
+    """Row ``r`` of :func:`_accumulate_rows`: simple loops over the row's columns,
+    branch-free, on one-dimensional rows (each vectorises)."""
     w = frame.shape[1]
+    edge = np.int32(r - radius)
     for j in range(w + 2 * radius):
-        vert[j] = last[j] >= r - radius
+        vert[j] = np.uint8(last[j] >= edge)
     for j in range(w):
-        near = np.uint8(0)
-        for i in range(2 * radius + 1):
-            near |= vert[j + i]
-        keep = np.uint8(1) - near
-        x = np.float32(frame[r, j]) - centre[r, j]
+        near[j] = vert[j]
+    for i in range(1, 2 * radius + 1):
+        vi = vert[i : i + w]
+        for j in range(w):
+            near[j] |= vi[j]
+    fr = frame[r]
+    cr = centre[r]
+    s1r = s1[r]
+    s2r = s2[r]
+    nr = n[r]
+    ar = above[r]
+    br = below[r]
+    lr = low[r]
+    for j in range(w):
+        x = np.float32(fr[j]) - cr[j]
         up = np.uint8(x > hi)
         down = np.uint8(x < -lo)
-        inside = keep & (np.uint8(1) - up) & (np.uint8(1) - down)
+        inside = (np.uint8(1) - near[j]) & (np.uint8(1) - up) & (np.uint8(1) - down)
         xi = x * np.float32(inside)
-        s1[r, j] += xi
-        s2[r, j] += xi * xi
-        n[r, j] += np.uint16(inside)
-        above[r, j] += np.uint16(up)
-        below[r, j] += down & np.uint8(below[r, j] < 255)
-        low[r, j] += np.uint8(x < -sink) & np.uint8(low[r, j] < 255)
+        s1r[j] += xi
+        s2r[j] += xi * xi
+        nr[j] += np.uint16(inside)
+        ar[j] += np.uint16(up)
+        br[j] += down & np.uint8(br[j] < 255)
+        lr[j] += np.uint8(x < -sink) & np.uint8(lr[j] < 255)
 
 
 @numba.njit(inline="always", **_OPTS)
 def _residual_row(frame, centre, q, out):  # pragma: no cover - compiled
     """Row ``q`` of the frame less the centre (float32), into ``out``."""
-    for j in range(frame.shape[1]):
-        out[j] = np.float32(frame[q, j]) - centre[q, j]
+    fq = frame[q]
+    cq = centre[q]
+    for j in range(fq.size):
+        out[j] = np.float32(fq[j]) - cq[j]
 
 
 @numba.njit(**_OPTS)
 def _accumulate_rows(
-    frame, centre, s1, s2, n, above, below, low, lo, hi, hit, block, sink, radius, r0, r1
+    frames, k, centre, s1, s2, n, above, below, low, lo, hi, hit, block, sink, radius, band, r0, r1
 ):  # pragma: no cover - compiled
-    """:func:`accumulate_numpy` on rows ``r0:r1`` in one pass.
+    """:func:`accumulate_numpy` of ``frames[:k]`` (a tuple of frames, in order) on rows
+    ``r0:r1``, each frame in one pass, ``band`` rows of all ``k`` frames at a time.
+
+    Each frame is scanned row by row with a look-ahead of ``radius`` rows: its scan
+    state (``last``, ``cur``, ``up``) is kept per frame, so a band of one frame
+    carries on where the band before it stopped and no row is read twice. The
+    window sums of a band's rows are read and written once for all ``k`` frames
+    while they sit in cache; each pixel still adds the frames in order, so the sums
+    equal those of the frames added one at a time, bit for bit.
 
     ``last[j]`` is the last row, ``radius`` rows ahead of the one summed, with a
     hit in column ``j`` (a value above ``hit``, or in a 2 x 2 block whose sum is
@@ -78,45 +129,86 @@ def _accumulate_rows(
     (``dn``), padded with -inf where the frame ends, so that a block outside the
     frame never fires.
     """
-    h, w = frame.shape
-    last = np.full(w + 2 * radius, np.int64(-(1 << 40)))
+    h, w = frames[0].shape
+    last = np.full((k, w + 2 * radius), np.int32(-(1 << 30)))
     vert = np.zeros(w + 2 * radius, np.uint8)
+    near = np.zeros(w, np.uint8)
     neg = np.float32(-np.inf)
-    cur = np.empty(w, np.float32)
+    cur = np.empty((k, w), np.float32)
     nxt = np.empty(w, np.float32)
-    up = np.full(w + 2, neg, np.float32)  # up[j + 1]: rows q - 1 and q in column j
+    up = np.full((k, w + 2), neg, np.float32)  # up[f, j + 1]: rows q - 1 and q in column j
     dn = np.full(w + 2, neg, np.float32)  # dn[j + 1]: rows q and q + 1 in column j
+    # the loops index shifted views with the column itself: an index such as j + 1
+    # keeps numba's negative-index check in the loop, which then does not vectorise
+    d0, d1, d2 = dn[0:w], dn[1 : w + 1], dn[2 : w + 2]
     q0 = max(r0 - radius, 0)
-    _residual_row(frame, centre, q0, cur)
-    if q0 >= 1:
-        _residual_row(frame, centre, q0 - 1, nxt)
-        for j in range(w):
-            up[j + 1] = nxt[j] + cur[j]
-    for q in range(q0, min(r1 + radius, h)):
-        if q + 1 < h:
-            _residual_row(frame, centre, q + 1, nxt)
+    q1 = min(r1 + radius, h)
+    for f in range(k):
+        frame = frames[f]
+        cf = cur[f]
+        _residual_row(frame, centre, q0, cf)
+        if q0 >= 1:
+            _residual_row(frame, centre, q0 - 1, nxt)
+            u1 = up[f, 1 : w + 1]
             for j in range(w):
-                dn[j + 1] = cur[j] + nxt[j]
-        else:
-            for j in range(w):
-                dn[j + 1] = neg
-        for j in range(w):
-            b = max(
-                max(up[j] + up[j + 1], up[j + 1] + up[j + 2]),
-                max(dn[j] + dn[j + 1], dn[j + 1] + dn[j + 2]),
-            )
-            ahead = (cur[j] > hit) | (b > block)
-            last[j + radius] = q if ahead else last[j + radius]  # a select: it vectorises
-        for j in range(w):
-            up[j + 1] = dn[j + 1]
-            cur[j] = nxt[j]
-        r = q - radius
-        if r < r0:
-            continue
-        _sum_row(frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, r)
+                u1[j] = nxt[j] + cf[j]
+    for b0 in range(q0, q1, band):
+        for f in range(k):
+            frame = frames[f]
+            lf = last[f]
+            ahead = lf[radius : radius + w]
+            cf = cur[f]
+            u0, u1, u2 = up[f, 0:w], up[f, 1 : w + 1], up[f, 2 : w + 2]
+            for q in range(b0, min(b0 + band, q1)):
+                if q + 1 < h:
+                    _residual_row(frame, centre, q + 1, nxt)
+                    for j in range(w):
+                        d1[j] = cf[j] + nxt[j]
+                else:
+                    for j in range(w):
+                        d1[j] = neg
+                qi = np.int32(q)
+                for j in range(w):
+                    # a block above ``block`` is one of the four sums above it
+                    hits = (
+                        (cf[j] > hit)
+                        | (u0[j] + u1[j] > block)
+                        | (u1[j] + u2[j] > block)
+                        | (d0[j] + d1[j] > block)
+                        | (d1[j] + d2[j] > block)
+                    )
+                    ahead[j] = qi if hits else ahead[j]  # a select: it vectorises
+                for j in range(w):
+                    u1[j] = d1[j]
+                    cf[j] = nxt[j]
+                r = q - radius
+                if r < r0:
+                    continue
+                _sum_row(
+                    frame,
+                    centre,
+                    s1,
+                    s2,
+                    n,
+                    above,
+                    below,
+                    low,
+                    lo,
+                    hi,
+                    sink,
+                    radius,
+                    lf,
+                    vert,
+                    near,
+                    r,
+                )
     # rows at the end of the range whose look-ahead ran past the frame
-    for r in range(max(r0, min(r1 + radius, h) - radius), r1):
-        _sum_row(frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, r)
+    for r in range(max(r0, q1 - radius), r1):
+        for f in range(k):
+            _sum_row(
+                frames[f], centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last[f],
+                vert, near, r,
+            )  # fmt: skip
 
 
 @numba.njit(**_OPTS)
@@ -180,6 +272,8 @@ def _fold_rows(
             if nn > 0:
                 m = np.float64(s1[r, j]) / nn
                 d = min(max((m / sigma - g0) / vt0 - bias, -_MAX_STEP), _MAX_STEP)
+                if ww > 0 and d * d > RESET_Z * RESET_Z * (tau2 + 1.0 / (vt0 * nn)):
+                    ww = 0.0  # the segment disagrees with the earlier ones: it alone
                 c = np.float64(centre[r, j])
                 centre[r, j] = np.float32(c + sigma * d * nn / (ww + nn))
             if nn >= 2:

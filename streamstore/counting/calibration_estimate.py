@@ -154,8 +154,7 @@ def estimate(
 
         # the first frames start it; later ones refine it the way ingest does
         est = DarkEstimator(arr[:START_FRAMES], n_sigma=n_sigma, wrapped=wrapped)
-        for frame in arr[START_FRAMES:MAX_ESTIMATE_FRAMES]:
-            est.update(frame)
+        est.update_batch(arr[START_FRAMES:MAX_ESTIMATE_FRAMES])
         # a fixed dark pattern widens the pooled peak beyond the per-pixel noise
         if per_pixel or sigma > PER_PIXEL_GAIN * est.noise_sigma:
             cal = cls.from_estimator(

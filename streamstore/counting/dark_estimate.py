@@ -13,8 +13,10 @@ common-mode correction, so the threshold must cover both.
 1. The first frames give a per-pixel median (the starting centre) and the
    noise (the residuals of each frame about the median of the others, on the
    clean lower side of their peak). The median only places the first window:
-   electrons lift a median of few frames.
-2. Every later frame adds, per pixel, the values from ``clip[0]`` noise sigmas
+   electrons lift a median of few frames. The first frames are then the first
+   segment (step 3), so that the first maps are already their window means,
+   with the electrons left out.
+2. Every frame adds, per pixel, the values from ``clip[0]`` noise sigmas
    below the centre to ``clip[1]`` above it to running sums (count, sum and sum
    of squares relative to the centre) and counts those above and below the
    window. Electrons and their charge are left out first: pixels within
@@ -35,7 +37,9 @@ common-mode correction, so the threshold must cover both.
    (:func:`fold_numpy`); the noise of the window's units is refitted from the
    segment first. The estimates join those of the earlier segments, the centre
    moves to the new mean and the sums restart. A pixel whose window caught few
-   of its values recentres on the share above or below it.
+   of its values recentres on the share above or below it; one whose segment
+   mean lies ``RESET_Z`` standard errors from the earlier segments' (a dark
+   level that drifted while the first frames came) starts over from the segment.
 
 The noise map is each pixel's own standard deviation, raised to the RMS over
 the pixels where it came out lower, the rule of a dark-series calibration (an
@@ -45,7 +49,10 @@ frames (electrons only add signal, so only a noisy pixel swings that far down),
 or when its dark level or noise is an outlier as in a dark series.
 
 The per-frame pass is one numba kernel (:func:`_accumulate_rows`, ``nogil``,
-run on row ranges from a few threads); :func:`accumulate_numpy` and
+run on row ranges from a few threads) that takes up to ``BATCH`` frames at a
+time (:meth:`DarkEstimator.update_batch`), band by band of rows: the per-pixel
+sums (about 34 bytes per pixel read and written per pass) then move once per
+batch, the frames' 2 bytes per pixel once per frame. :func:`accumulate_numpy` and
 :func:`fold_numpy` are the plain numpy definitions that the kernels equal.
 Memory is bounded: 24 bytes per pixel (centre, two window sums and the variance
 as float32, three uint16 counts, two uint8 counts), independent of the number
@@ -64,12 +71,16 @@ import numpy as np
 
 from streamstore.counting._dark_kernels import (
     _MAX_STEP,
+    BATCH,
     LOST_SHARE,
+    RESET_Z,
     TAU2_MAX,
     _accumulate_rows,
     _fold_rows,
     _median_rows,
     _run_rows,
+    band_rows,
+    frame_tuple,
 )
 
 __all__ = ["DarkEstimator", "accumulate_numpy", "fold_numpy"]
@@ -93,6 +104,10 @@ EXCLUDE_SIGMA = 5.0
 #: lands near a pixel corner shares its charge between four pixels, each of which can
 #: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
 BLOCK_SIGMA = 4.0
+#: Values of the RMS noise that the own noise estimate of a pixel with up to as
+#: many values is pooled with in the noise map (:meth:`DarkEstimator.maps`); the
+#: weight falls as the pixel's values grow beyond.
+NOISE_PRIOR = 8.0
 #: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
 LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
@@ -254,6 +269,12 @@ def fold_numpy(
     variances are weighted by their frames, not by the pixel's counts, which
     depend on where the window sat on the pixel as its variance does.
 
+    A pixel with earlier segments whose segment estimate ``delta`` lies more than
+    ``RESET_Z`` standard errors (``sqrt(tau2 + 1 / (v(0) n))``) from them starts
+    over from the segment alone, its variance and count the segment's: its dark
+    level moved (a sensor settling while the first frames came), and the earlier
+    values would hold it where it was.
+
     A pixel whose window caught fewer than ``LOST_SHARE`` of its values (of 4 or
     more) has its window too far from its values for the window's
     moments to say where they are (a starting median that electrons lifted, or
@@ -285,6 +306,11 @@ def fold_numpy(
     bias = btab[i] + f * (btab[i + 1] - btab[i])
     vbar = vtab[i] + f * (vtab[i + 1] - vtab[i])
     d = np.clip((m / sigma - g0) / vt0 - bias, -_MAX_STEP, _MAX_STEP)
+    with np.errstate(divide="ignore"):
+        tau_seg = 1.0 / (vt0 * nn)
+    reset = ~first & has & (d * d > RESET_Z * RESET_Z * (tau2 + tau_seg))
+    ww = np.where(reset, 0.0, ww)
+    first = ww == 0
     new_c = np.where(
         lost, centre + sigma * d_lost, centre + sigma * d * nn / np.maximum(ww + nn, 1.0)
     )
@@ -424,17 +450,25 @@ class DarkEstimator:
         km = min(k, MEDIAN_FRAMES)
         self.sigma = _start_sigma(arr[:km])
         self._start = km
-        self._k0 = k
-        self._folded = k  # frames before the current segment
+        self._folded = 0  # frames before the current segment
         # variance (sigma**2) of the starting median: between those of the odd counts
         # around an even one
         self._v_start = 0.5 * (_median_variance(km | 1) + _median_variance(km - 1 + km % 2))
-        # the starting frames mark hot pixels; their window sums would be biased (the
-        # centre is their own median), so the first segment starts after them
-        for frame in arr:
-            self._accumulate(frame)
-        for sums in (self.s1, self.s2, self.n, self.above, self.below):
-            sums.fill(0)
+        # the starting frames are the first segment, windowed about their median: the
+        # provisional maps are their window means and variances with the electrons
+        # left out, not the median, which electrons lift
+        self._accumulate(list(arr))
+        self.refine()
+        # once more about that centre: the median sits high where electrons lifted it,
+        # and so did the levels that leave electrons out; the second pass replaces the
+        # first (the same values), its hot-pixel counts too
+        for a in (self.w, self.var, self.low):
+            a.fill(0)
+        self.n_frames = self._folded = 0
+        self._accumulate(list(arr))
+        # that window sits on the values' own window mean: it truncates them as a
+        # window on the pixel's mean would
+        self._fold(0.0)
 
     def _signed(self, x: np.ndarray) -> np.ndarray:
         if self.wrapped and x.dtype.kind == "u":
@@ -447,26 +481,78 @@ class DarkEstimator:
         s = self.sigma
         return (lo * s, hi * s, EXCLUDE_SIGMA * s, 2.0 * BLOCK_SIGMA * s, self.n_sigma * s)
 
-    def _accumulate(self, x: np.ndarray) -> None:
+    def _accumulate(self, frames: list[np.ndarray]) -> None:
+        """Add up to ``BATCH`` frames (signed views where wrapped) in one pass."""
         edges = tuple(np.float32(e) for e in self._edges())
-        frame = np.ascontiguousarray(x)
-        args = (frame, self.centre, self.s1, self.s2, self.n, self.above, self.below, self.low)
-        args += edges
-        _run_rows(_accumulate_rows, self.frame_shape[0], *args, NEIGHBOURHOOD)
-        self.n_frames += 1
+        h, w = self.frame_shape
+        for i in range(0, len(frames), BATCH):
+            part = frames[i : i + BATCH]
+            args = (frame_tuple(part), len(part), self.centre, self.s1, self.s2, self.n)
+            args += (self.above, self.below, self.low, *edges, NEIGHBOURHOOD)
+            # one frame: the whole range is one band (nothing to share a cache with)
+            band = band_rows(w) if len(part) > 1 else h + NEIGHBOURHOOD
+            _run_rows(_accumulate_rows, h, *args, band)
+            self.n_frames += len(part)
 
-    def update(self, frame: Any) -> None:
-        """Add one frame (H, W) (refining by itself at 16, 32, 64, ... frames)."""
+    def _check(self, frame: Any) -> np.ndarray:
         x = np.asarray(frame)
         if x.shape != self.frame_shape:
             raise ValueError(f"frame is {x.shape}, the estimator is {self.frame_shape}")
         if x.dtype.kind not in "iu":
             raise ValueError(f"frame must be integer, got {x.dtype}")
-        if self.n_frames >= np.iinfo(np.uint16).max:
-            return  # the estimate is as good as it gets long before this
-        self._accumulate(self._signed(x))
-        if self.n_frames in REFINE_AT or self.n_frames % SEGMENT_MAX == 0:
-            self.refine()
+        return self._signed(x)
+
+    def update(self, frame: Any) -> None:
+        """Add one frame (H, W) (refining by itself at 16, 32, 64, ... frames)."""
+        self.update_batch([frame])
+
+    def update_batch(self, frames: Any) -> None:
+        """Add frames in order, as many :meth:`update` calls would, with the same result.
+
+        Up to ``BATCH`` frames go through the window sums in one pass, band by band
+        of rows, so the sums are read and written once per batch instead of once
+        per frame; a batch ends at each refinement point (16, 32, 64, ... frames).
+
+        Parameters
+        ----------
+        frames : sequence of array_like (H, W), or array_like (n, H, W)
+            Integer frames of one type, oldest first.
+
+        Raises
+        ------
+        ValueError
+            When a frame's shape or type does not fit; the frames before it in
+            the batch are added.
+        """
+        todo = list(frames)
+        while todo:
+            cap = int(np.iinfo(np.uint16).max)
+            if self.n_frames >= cap:
+                return  # the estimate is as good as it gets long before this
+            # frames up to the next refinement point (or the cap)
+            nxt = min([r for r in REFINE_AT if r > self.n_frames], default=0)
+            seg = SEGMENT_MAX - self.n_frames % SEGMENT_MAX
+            room = min(seg, cap - self.n_frames)
+            if nxt:
+                room = min(room, nxt - self.n_frames)
+            part: list[np.ndarray] = []
+            bad = None
+            for f in todo[: min(room, BATCH)]:
+                try:
+                    x = self._check(f)
+                except ValueError as exc:
+                    bad = exc
+                    break
+                if part and x.dtype != part[0].dtype:
+                    break  # one type per pass: the next batch starts with it
+                part.append(x)
+            todo = todo[len(part) :]
+            if part:
+                self._accumulate(part)
+                if self.n_frames in REFINE_AT or self.n_frames % SEGMENT_MAX == 0:
+                    self.refine()
+            if bad is not None:
+                raise bad
 
     # -- results ----------------------------------------------------------------------
     @property
@@ -477,15 +563,20 @@ class DarkEstimator:
     def refine(self) -> None:
         """End the segment: fold its sums into the per-pixel mean (the new centre)
         and variance, and refit the noise; the sums restart."""
+        self._fold(self._v_start)
+
+    def _fold(self, v_start: float) -> None:
+        """:meth:`refine`, a centre without earlier segments having the error
+        variance ``v_start`` (sigma**2)."""
         if self.n_frames == self._folded:
             return
-        sigma = self._segment_sigma()
+        sigma = self._segment_sigma(v_start)
         model = self._model(sigma)
         args = (self.centre, self.s1, self.s2, self.n, self.above, self.below, self.var, self.w)
         args += (sigma,)
-        # frames of the earlier segments (the starting frames place the first window only)
-        frames = (float(self._folded - self._k0), float(self.n_frames - self._folded))
-        _run_rows(_fold_rows, self.frame_shape[0], *args, *model, self._v_start, *frames)
+        # frames of the earlier segments and of this one
+        frames = (float(self._folded), float(self.n_frames - self._folded))
+        _run_rows(_fold_rows, self.frame_shape[0], *args, *model, v_start, *frames)
         self._folded = self.n_frames
         self.sigma = self._rms()
 
@@ -496,7 +587,7 @@ class DarkEstimator:
         a, b = (c * self.sigma / sigma for c in self.clip)
         return (*window_model(a, b), a, b, _probit_table())
 
-    def _segment_sigma(self) -> float:
+    def _segment_sigma(self, v_start: float) -> float:
         """The noise of the segment's window sums, self-consistently: the window's
         width in noise sigmas depends on the noise being estimated."""
         h, w = self.frame_shape
@@ -515,7 +606,7 @@ class DarkEstimator:
         sigma = self.sigma
         for _ in range(8):
             _, vt0, _, vtab = self._model(sigma)[:4]
-            tau2 = np.where(ww == 0, self._v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
+            tau2 = np.where(ww == 0, v_start, 1.0 / (vt0 * np.maximum(ww, 1.0)))
             t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
             i = t.astype(np.int64)
             vbar = vtab[i] + (t - i) * (vtab[i + 1] - vtab[i])
@@ -557,7 +648,16 @@ class DarkEstimator:
             hot |= self.centre > d_c + HOT_SIGMA * d_s
             hot |= noise > n_c + HOT_SIGMA * n_s
         rms = np.float32(self.sigma)
-        noise = np.where(hot | (self.w < 2), rms, np.maximum(noise, rms)).astype(np.float32)
+        # each pixel's variance from its w - 1 degrees of freedom, pooled with the RMS's
+        # (read noise is nearly uniform): from the first 8 frames alone a pixel's own
+        # noise scatters by a quarter, and floored at the RMS it would raise half the
+        # thresholds by ~10 %. The RMS weighs NOISE_PRIOR values while a pixel has up
+        # to NOISE_PRIOR of its own, fewer the more it has (1 at 64): a long estimate
+        # keeps its per-pixel noise as a dark series does.
+        dof = np.maximum(self.w.astype(np.float32) - 1, 0)
+        prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / np.maximum(dof + 1, NOISE_PRIOR)
+        pulled = np.sqrt((dof * self.var + prior * rms * rms) / (dof + prior))
+        noise = np.where(hot | (self.w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
         if not self.w.any():
             # the starting median only: its error (pi / 2 sigma**2 / k) widens the noise
             # a threshold sees

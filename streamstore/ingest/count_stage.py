@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from streamstore.abc import FrameCounter
+from streamstore.ingest.estimating import DataOnlyCalibration
 from streamstore.ingest.items import (
     STOP,
     ByteBudget,
@@ -38,7 +39,7 @@ __all__ = ["CountStage"]
 log = logging.getLogger("streamstore.ingest")
 
 
-class CountStage(_Stage[CountInput]):
+class CountStage(DataOnlyCalibration, _Stage[CountInput]):
     """Counts frames into events; turns dark series into the calibration.
 
     Calibration of a data series, chosen when the series opens: the
@@ -130,6 +131,8 @@ class CountStage(_Stage[CountInput]):
         self.refine_frames = int(refine_frames)
         # (series, its estimator) while a calibration is provisional
         self._refining: tuple[SeriesInfo, DarkEstimator] | None = None
+        # frames of that series counted but not yet added to its estimator
+        self._held: list[FrameItem] = []
         self.max_dark_frames = None if max_dark_frames is None else int(max_dark_frames)
         self.xray_threshold = xray_threshold
         self._xray_for: SeriesInfo | None = None  # series whose first frames set the X-ray level
@@ -146,10 +149,10 @@ class CountStage(_Stage[CountInput]):
 
     #: attributes that belong to one series; swapped in by :meth:`_switch`
     #: (dark-frame sums are kept by series id already)
-    PER_SERIES = ("_pending", "_xray_for", "_refining", "_dose")
+    PER_SERIES = ("_pending", "_xray_for", "_refining", "_dose", "_held")
 
     def _fresh_state(self) -> tuple:
-        return ([], None, None, None)
+        return ([], None, None, None, [])
 
     def _switch(self, series: SeriesInfo) -> None:
         """Make ``series``' state current (several series may be open at once)."""
@@ -165,8 +168,11 @@ class CountStage(_Stage[CountInput]):
 
     def _forget(self, series: SeriesInfo) -> None:
         """Drop a closed series' state (its calibration goes with the series)."""
-        self._states.pop(id(series), None)
+        saved = self._states.pop(id(series), None)
+        if saved is not None:
+            self._release(saved[self.PER_SERIES.index("_held")])
         if self._current is series:
+            self._release(self._held)
             for name, value in zip(self.PER_SERIES, self._fresh_state(), strict=True):
                 setattr(self, name, value)
             self._current = None
@@ -268,97 +274,6 @@ class CountStage(_Stage[CountInput]):
             len(frames),
         )
 
-    def _estimate(self, series: SeriesInfo) -> None:
-        from streamstore.counting.calibration import Calibration
-
-        frames = [it.array for it in self._pending if isinstance(it, FrameItem)]
-        if frames and series.calibration is not None:  # a dark calibration without X-ray level
-            self._derive_xray(series, frames)
-            return
-        if frames:
-            estimators: list[DarkEstimator] = []
-            try:
-                series.calibration = Calibration.estimate(
-                    np.stack(frames), xray_threshold=self.xray_threshold, estimator_out=estimators
-                )
-            except ValueError as exc:
-                if series.series_id != self._estimate_failed:  # once per series
-                    self._estimate_failed = series.series_id
-                    log.error(
-                        "series %s: cannot estimate a calibration from its first %d frames "
-                        "(%s); its frames are recorded missing until an estimate succeeds",
-                        series.series_id,
-                        len(frames),
-                        exc,
-                    )
-                return
-            series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
-            est = estimators[0] if estimators else None
-            if est is not None and est.n_frames < self.refine_frames:
-                self._refining = (series, est)
-                self._set_warning(
-                    series,
-                    f"provisional calibration: dark and noise estimated from the data "
-                    f"(first {est.n_frames} frames of {series.series_id}, no dark series or "
-                    f"calibration file), refined until frame {self.refine_frames}",
-                )
-            log.warning(
-                "series %s: no dark frames or calibration file; estimated the calibration "
-                "from its first %d frames (%s)",
-                series.series_id,
-                len(frames),
-                "per-pixel dark map" if est is not None else "one dark level",
-            )
-
-    def _set_warning(self, series: SeriesInfo, text: str) -> None:
-        series.calibration_warning = text
-        self.counters.calibration_warning = text if self._refining is not None else ""
-
-    def _refine(self, item: FrameItem) -> None:
-        """Add a frame to the provisional estimate; rebuild the calibration at the
-        estimator's refinement points, and finish at ``refine_frames``."""
-        from streamstore.counting.calibration import Calibration
-        from streamstore.counting.dark_estimate import REFINE_AT
-
-        series, est = self._refining
-        try:
-            est.update(item.array)
-        except ValueError as exc:  # e.g. a frame of another shape: keep what we have
-            log.warning("series %s: calibration refinement stopped: %s", series.series_id, exc)
-            self._refining = None
-            self.counters.calibration_warning = ""
-            return
-        done = est.n_frames >= self.refine_frames
-        if not (done or est.n_frames in REFINE_AT):
-            return
-        old = series.calibration
-        if series.path is None and series.opening_calibration is None:  # file not open yet
-            series.opening_calibration = (old, series.calibration_source)
-        series.calibration = Calibration.from_estimator(
-            est,
-            n_sigma=old.n_sigma,
-            xray_threshold=old.xray_threshold,
-            xray_radius=old.xray_radius,
-            gain=old.gain,
-        )
-        series.calibration_source = (
-            f"estimate:first {est.n_frames} frames of {series.series_id} (per-pixel dark)"
-        )
-        if done:
-            self._refining = None
-            self._set_warning(
-                series,
-                f"calibration estimated from the data (no dark series or calibration file); "
-                f"frames before {est.n_frames} of the series were counted while it was "
-                "provisional",
-            )
-            log.info(
-                "series %s: calibration refined on its first %d frames (noise %.2f ADU)",
-                series.series_id,
-                est.n_frames,
-                est.noise_sigma,
-            )
-
     def _counter_for(self, series: SeriesInfo) -> FrameCounter:
         key = (id(series.calibration), series.start.np_dtype.str)
         if self._counter is None or self._counter_key != key:
@@ -393,9 +308,10 @@ class CountStage(_Stage[CountInput]):
                     self._estimate(series)
                     self._drain_pending()
             else:
-                if self._refining is not None and self._refining[0] is series:
-                    self._refine(item)
-                self._count([item])
+                refining = self._refining is not None and self._refining[0] is series
+                self._count([item], keep=refining)
+                if refining and item.array is not None:  # counted: the estimator's turn
+                    self._hold(item)
         elif isinstance(item, MissingItem):
             if self._pending:
                 self._pending.append(item)
@@ -404,7 +320,8 @@ class CountStage(_Stage[CountInput]):
         elif isinstance(item, CloseItem):
             series = item.series
             if self._refining is not None and self._refining[0] is series:
-                n = self._refining[1].n_frames
+                n = self._refining[1].n_frames + len(self._held)
+                self._release(self._held)
                 self._refining = None
                 self._set_warning(
                     series,
@@ -478,7 +395,9 @@ class CountStage(_Stage[CountInput]):
             if isinstance(it, MissingItem):
                 self.outbox.put(it)
 
-    def _count(self, items: list[FrameItem]) -> None:
+    def _count(self, items: list[FrameItem], keep: bool = False) -> None:
+        """Count frames and send their events on; their memory is given back unless
+        ``keep`` (frames the estimator still reads: :meth:`_hold`)."""
         from streamstore.events import EventBatch
 
         series = items[0].series
@@ -504,8 +423,9 @@ class CountStage(_Stage[CountInput]):
                 self._lose(items[k:])  # the ones before k are counted and go on
                 items = items[:k]
                 break
-            self.budget.release(it.nbytes)
-            it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
+            if not keep:
+                self.budget.release(it.nbytes)
+                it.array = None  # type: ignore[assignment]  # drop the zmq buffer now
         if not items:
             return
         events = batches[0] if len(batches) == 1 else EventBatch.concatenate(batches)

@@ -475,8 +475,9 @@ def test_estimated_calibration_and_sigint(tmp_path, frames):
     store = streamstore.open(tmp_path / "out" / "est.h5")
     assert store.attrs["calibration_source"] == "estimate"
     assert "estimate:first 8 frames of est" in json.dumps(store.meta)
-    # the count stage's policy: estimate on 8 frames, refine on every frame after (before
-    # counting it), rebuild the calibration at 16 frames (frame 15 is the 16th)
+    # the count stage's policy: estimate on 8 frames, then count each frame and add it to
+    # the estimate (in batches), rebuilt at 16 frames: frame 15, the 16th, is counted
+    # with the calibration before it
     est = DarkEstimator(frames[:8])
     cal = streamstore.Calibration.from_estimator(est, frames=frames[:8])
     assert np.array_equal(cal.dark, streamstore.Calibration.estimate(frames[:8]).dark)
@@ -485,8 +486,8 @@ def test_estimated_calibration_and_sigint(tmp_path, frames):
     cal16 = streamstore.Calibration.from_estimator(
         est, xray_threshold=cal.xray_threshold, xray_radius=cal.xray_radius
     )
-    assert store.events(0, 15) == streamstore.count(frames[:15], cal)
-    assert store.events(15, 20) == streamstore.count(frames[15:20], cal16)
+    assert store.events(0, 16) == streamstore.count(frames[:16], cal)
+    assert store.events(16, 20) == streamstore.count(frames[16:20], cal16)
     # the series ended before the estimate was refined: the file and info say so
     assert "provisional calibration" in store.calibration_warning
     info = subprocess.run(
@@ -507,7 +508,7 @@ def test_estimated_calibration_and_sigint(tmp_path, frames):
                 )
             )
     refined = streamstore.open(tmp_path / "out" / "refined.h5")
-    for cal, (a, b) in zip(cals, [(0, 15), (15, 31), (31, 63), (63, 70)], strict=True):
+    for cal, (a, b) in zip(cals, [(0, 16), (16, 32), (32, 64), (64, 70)], strict=True):
         assert refined.events(a, b) == streamstore.count(long_run[a:b], cal), (a, b)
     assert "frames before 64 of the series were counted while it was provisional" in (
         refined.calibration_warning
