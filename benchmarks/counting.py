@@ -8,7 +8,9 @@ Measures, on the same emulator frame (seeded):
 
 - ``np.copyto`` of the frame (the memory-stream bound) and a plain numpy
   compare-and-count pass over frame and threshold map;
-- streamstore's numba kernel with 1 and 2 threads (ratio to the copy; 2-thread speed-up);
+- streamstore's ``Counter`` with 1 and 2 threads (ratio to the copy; 2-thread
+  speed-up), which fills the coincidence-corrected dose (``EventBatch.electrons``),
+  and the same without it, ``Counter(dose=False)`` (``events_only`` in the JSON);
 - the one-call form ``streamstore.count(frame, cal, threads=...)`` called frame
   after frame, 1 and 2 threads, against the reused ``Counter`` (``one_call`` in
   the JSON; target: at most 1.15 x the Counter, 2 threads never slower than 1),
@@ -185,6 +187,9 @@ def run(
 
     c1 = Counter(cal, np.uint16, threads=1)
     c2 = Counter(cal, np.uint16, threads=2)
+    # the events alone, without the coincidence-corrected dose (Counter(dose=False))
+    k1 = Counter(cal, np.uint16, threads=1, dose=False)
+    k2 = Counter(cal, np.uint16, threads=2, dose=False)
     batch = c1(frame)
     # the one-call form's first call on a calibration: derives the kernel's maps
     fresh = Calibration(
@@ -194,12 +199,14 @@ def run(
     first_same = count(frame, fresh, threads=1) == batch
     t_first = time.perf_counter() - t_first
     # 1 and 2 threads, Counter and count(), alternate: a burst of load hits all alike
-    t1, t2, tc1_call, tc2_call = best_times(
+    t1, t2, tc1_call, tc2_call, tk1, tk2 = best_times(
         [
             lambda: c1(frame),
             lambda: c2(frame),
             lambda: count(frame, cal, threads=1),
             lambda: count(frame, cal, threads=2),
+            lambda: k1(frame),
+            lambda: k2(frame),
         ],
         repeats,
     )
@@ -248,6 +255,13 @@ def run(
                 "first_call_s": t_first,
                 "first_call_identical": bool(first_same),
             },
+            "events_only": {
+                "numba_1thread_s": tk1,
+                "numba_2threads_s": tk2,
+                "ratio_1thread_to_copy": tk1 / t_copy,
+                "dose_cost_1thread": t1 / tk1,
+                "dose_cost_2threads": t2 / tk2,
+            },
             "identical_numba_native": bool(same_native),
             "n_events": n_ev,
             "events_per_s_1thread": n_ev / t1,
@@ -286,6 +300,10 @@ def run(
     log(
         f"numba, 2 threads          {t2 * 1e3:8.2f} ms  (speed-up {t1 / t2:.2f} x, "
         f"{nbytes / t2 / 1e9:.1f} GB/s, identical: {assert_same})"
+    )
+    log(
+        f"events only (dose=False)  {tk1 * 1e3:8.2f} ms  ({tk1 / t_copy:.2f} x copy; with the "
+        f"dose {t1 / tk1:.2f} x), 2 threads {tk2 * 1e3:.2f} ms ({t2 / tk2:.2f} x)"
     )
     log(
         f"count(), 1 thread         {tc1_call * 1e3:8.2f} ms  ({tc1_call / t1:.2f} x Counter, "
