@@ -226,6 +226,7 @@ class DoseEstimator:
         ty = np.minimum(self.tile, h - self.tile * np.arange(self.n_ty))
         tx = np.minimum(self.tile, w - self.tile * np.arange(self.n_tx))
         self._tile_area = (ty[:, None] * tx[None, :]).astype(np.float64).ravel()
+        self._part_tiles = np.flatnonzero(self._tile_area != float(self.tile * self.tile))
         self._counts = np.zeros(self.n_ty * self.n_tx, np.float64)
         self._weight = 0.0  # frames pooled (sum of weights)
         self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
@@ -269,11 +270,11 @@ class DoseEstimator:
             return self._factor_of(self._counts, self._tile_area)
         # pooled counts are whole numbers: whole tiles look up the factor of their
         # count (the same values for a gather instead of two interpolations a tile)
-        whole = self._tile_area == float(self.tile * self.tile)
         n = self._counts.astype(np.int64)
         lut = self._factor_of(np.arange(int(n.max(initial=0)) + 1.0), float(self.tile**2))
         factor = lut[n]
-        factor[~whole] = self._factor_of(self._counts[~whole], self._tile_area[~whole])
+        part = self._part_tiles  # the last row and column of tiles may be cut short
+        factor[part] = self._factor_of(self._counts[part], self._tile_area[part])
         return factor
 
     def _factor_of(self, counts: np.ndarray, area: np.ndarray | float) -> np.ndarray:
@@ -462,9 +463,10 @@ class DoseCorrector:
         if est._refreshed_at == self._flags_at:
             return
         # the factor the estimator refreshed with, not a second inversion of every tile
-        lam = (est._factor * est.event_density().ravel()).reshape(est.n_ty, est.n_tx)
+        mu = est.event_density()
+        lam = est._factor.reshape(mu.shape) * mu
         self._dense = lam > CHARGE_LAM
-        self._low = (lam < WINDOW_LAM) & (est.event_density() > 0)
+        self._low = (lam < WINDOW_LAM) & (mu > 0)
         self._flags_at = est._refreshed_at
 
     def _sample_windows(self, raw: np.ndarray, indices: np.ndarray) -> None:
