@@ -56,7 +56,8 @@ MAX_WINDOWS = 100_000
 def _signal_maps(calibration, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
     """``(dark16, gain, good, xray_level, tmax)`` for the charge sums.
 
-    ``dark16`` is ``rint(dark * 16)`` (int64); ``gain`` the counting's integer gain
+    ``dark16`` is ``rint(dark * 16)`` (int32: half the memory of int64, 95 MB
+    less per calibration at 4092 x 5760); ``gain`` the counting's integer gain
     (uint16, 1 everywhere without a gain map); ``good`` 1 on unmasked pixels;
     ``xray_level`` the counting's (integer signal units, see
     :meth:`~streamstore.Calibration.threshold_maps`); ``tmax`` the frame type's maximum.
@@ -66,7 +67,7 @@ def _signal_maps(calibration, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray
     if key not in cache:
         kdt = calibration.frame_dtype(dtype)
         _, _, gain_k, xray_level = calibration.threshold_maps(dtype)
-        dark16 = np.rint(np.asarray(calibration.dark, np.float64) * CHARGE_SCALE).astype(np.int64)
+        dark16 = np.rint(np.asarray(calibration.dark, np.float64) * CHARGE_SCALE).astype(np.int32)
         good = np.ones(calibration.frame_shape, np.uint8)
         if calibration.mask is not None:
             good[np.asarray(calibration.mask, bool)] = 0
@@ -131,7 +132,7 @@ def _tile_charge_kernel(
                     continue
                 v = np.int64(raw[r, c])
                 g = np.int64(gain[r, c])
-                d = dark16[r, c]
+                d = np.int64(dark16[r, c])
                 if v == tmax:
                     continue
                 # rint(dark16 / 16) as numpy rounds (half to even)
@@ -249,7 +250,7 @@ def _window_charge_kernel(raw, dark16, gain, good, xray_level, tmax, indices, al
                 if v == tmax:
                     continue
                 g = np.int64(gain[rr, cc])
-                d = dark16[rr, cc]
+                d = np.int64(dark16[rr, cc])
                 q = d // 16
                 rem = d - q * 16
                 if rem > 8 or (rem == 8 and (q & 1) == 1):

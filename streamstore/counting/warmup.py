@@ -107,7 +107,7 @@ def _warm_dose() -> list[Any]:
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
     coincidence.pair_histogram(b, 5)
     coincidence.pool_tiles(b.indices, 70, 8, 9, np.zeros(9, np.float64))
-    dark16 = np.zeros((8, 70), np.int64)
+    dark16 = np.zeros((8, 70), np.int32)
     gain = np.ones((8, 70), np.uint16)
     good = np.ones((8, 70), np.uint8)
     flags = np.ones((1, 9), bool)
