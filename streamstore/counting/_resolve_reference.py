@@ -62,26 +62,12 @@ from __future__ import annotations
 
 import numpy as np
 
+# the peak rule's reference: the same neighbours, shifts and sub-pixel quantiser
+from streamstore.counting._reference import _NEIGHBOURS, _quantise, _shifted
+
 __all__ = ["count_frame_resolve_reference", "count_resolve_reference"]
 
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def _shifted(a: np.ndarray, dy: int, dx: int, fill: object) -> np.ndarray:
-    """``out[r, c] = a[r + dy, c + dx]``, ``fill`` outside the frame."""
-    h, w = a.shape
-    out = np.full_like(a, fill)
-    r0, r1 = max(0, -dy), min(h, h - dy)
-    c0, c1 = max(0, -dx), min(w, w - dx)
-    if r0 < r1 and c0 < c1:
-        out[r0:r1, c0:c1] = a[r0 + dy : r1 + dy, c0 + dx : c1 + dx]
-    return out
-
-
-def _quantise(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    q = np.where(num < 0, 0, num // np.maximum(den, 1))
-    return np.minimum(q, 3).astype(np.uint8)
 
 
 def _centroid(sp: np.ndarray, ar: np.ndarray, ac: np.ndarray, br, bc) -> np.ndarray:
