@@ -114,6 +114,17 @@ def tile_charge_reference(raw, dark16, gain, good, xray_level, tmax, tile, flags
     return np.where(flags, sums, 0)
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _coarse_dark(d):  # pragma: no cover - numba
+    """``rint(d / 16)`` as numpy rounds (half to even): the counting's integer dark,
+    for its X-ray rule, from the charge sums' ``dark16``."""
+    q = d // 16
+    rem = d - q * 16
+    if rem > 8 or (rem == 8 and (q & 1) == 1):
+        q += 1
+    return q
+
+
 @njit(nogil=True, cache=True)
 def _tile_charge_kernel(
     raw, dark16, gain, good, xray_level, tmax, tile, flags, out
@@ -135,12 +146,7 @@ def _tile_charge_kernel(
                 d = np.int64(dark16[r, c])
                 if v == tmax:
                     continue
-                # rint(dark16 / 16) as numpy rounds (half to even)
-                q = d // 16
-                rem = d - q * 16
-                if rem > 8 or (rem == 8 and (q & 1) == 1):
-                    q += 1
-                if (v - q) * g > xray_level:
+                if (v - _coarse_dark(d)) * g > xray_level:
                     continue
                 acc += (v * 16 - d) * g
             out[ty, tx] += acc
@@ -251,11 +257,7 @@ def _window_charge_kernel(raw, dark16, gain, good, xray_level, tmax, indices, al
                     continue
                 g = np.int64(gain[rr, cc])
                 d = np.int64(dark16[rr, cc])
-                q = d // 16
-                rem = d - q * 16
-                if rem > 8 or (rem == 8 and (q & 1) == 1):
-                    q += 1
-                if (v - q) * g > xray_level:
+                if (v - _coarse_dark(d)) * g > xray_level:
                     continue
                 acc += (v * 16 - d) * g
         q_out[got] = acc
