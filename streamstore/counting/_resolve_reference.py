@@ -91,6 +91,27 @@ def _centroid(sp: np.ndarray, ar: np.ndarray, ac: np.ndarray, br, bc) -> np.ndar
     return (qy << 2) | qx
 
 
+def brightest_neighbour(
+    sp: np.ndarray, okp: np.ndarray, rows: np.ndarray, cols: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The brightest unmasked 8-neighbour of each pixel ``(rows, cols)``: its offset
+    ``(ey, ex)`` and whether it has one (``has``). ``sp`` and ``okp`` are the signal
+    and the unmasked flags padded by 2 on every side. Neighbours are taken in raster
+    order, so of equal ones the first wins."""
+    best = np.zeros(rows.size, np.int64)
+    ey = np.zeros(rows.size, np.int64)
+    ex = np.zeros(rows.size, np.int64)
+    has = np.zeros(rows.size, bool)
+    for dy, dx in _NEIGHBOURS:
+        v = sp[rows + dy + 2, cols + dx + 2]
+        ok = okp[rows + dy + 2, cols + dx + 2] & (~has | (v > best))
+        best = np.where(ok, v, best)
+        ey = np.where(ok, dy, ey)
+        ex = np.where(ok, dx, ex)
+        has |= ok
+    return ey, ex, has
+
+
 def count_frame_resolve_reference(
     raw: np.ndarray,
     lo: np.ndarray,
@@ -155,17 +176,7 @@ def count_frame_resolve_reference(
     sp[2:-2, 2:-2] = s
     okp = np.zeros((h + 4, w + 4), bool)
     okp[2:-2, 2:-2] = ~masked
-    best = np.full(flat.size, lowest, np.int64)
-    ey = np.zeros(flat.size, np.int64)
-    ex = np.zeros(flat.size, np.int64)
-    has = np.zeros(flat.size, bool)
-    for dy, dx in _NEIGHBOURS:  # raster order: a later equal neighbour never wins
-        v = sp[rows + dy + 2, cols + dx + 2]
-        ok = okp[rows + dy + 2, cols + dx + 2] & (~has | (v > best))
-        best = np.where(ok, v, best)
-        ey = np.where(ok, dy, ey)
-        ex = np.where(ok, dx, ex)
-        has |= ok
+    ey, ex, has = brightest_neighbour(sp, okp, rows, cols)
     big = np.zeros(flat.size, np.int64)
     su = np.zeros(flat.size, np.int64)
     suu = np.zeros(flat.size, np.int64)

@@ -147,9 +147,6 @@ def charge_units(calibration: Calibration, dtype: Any) -> float:
     return GAIN_SCALE / top
 
 
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-
-
 def anisotropy(s: np.ndarray, good: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """The split rule's anisotropy (square pixels) of the events ``(rows, cols)``.
 
@@ -158,22 +155,14 @@ def anisotropy(s: np.ndarray, good: np.ndarray, rows: np.ndarray, cols: np.ndarr
     less the variance across it (``_resolve_reference.py``, rule 5), in float64
     (NaN without a neighbour or without charge).
     """
+    from streamstore.counting._resolve_reference import brightest_neighbour
+
     h, w = s.shape
     sp = np.zeros((h + 4, w + 4), np.int64)
     sp[2:-2, 2:-2] = s
     okp = np.zeros((h + 4, w + 4), bool)
     okp[2:-2, 2:-2] = good
-    best = np.zeros(rows.size, np.int64)
-    ey = np.zeros(rows.size, np.int64)
-    ex = np.zeros(rows.size, np.int64)
-    has = np.zeros(rows.size, bool)
-    for dy, dx in _NEIGHBOURS:
-        v = sp[rows + dy + 2, cols + dx + 2]
-        ok = okp[rows + dy + 2, cols + dx + 2] & (~has | (v > best))
-        best = np.where(ok, v, best)
-        ey = np.where(ok, dy, ey)
-        ex = np.where(ok, dx, ex)
-        has |= ok
+    ey, ex, has = brightest_neighbour(sp, okp, rows, cols)
     e2 = ey * ey + ex * ex
     sums = np.zeros((5, rows.size), np.float64)
     for dy in range(-2, 3):
