@@ -97,6 +97,11 @@ def from_dark_frames(
     )
 
 
+def _check_xray_threshold(xray_threshold: float | str | None) -> None:
+    if isinstance(xray_threshold, str) and xray_threshold != "auto":
+        raise ValueError(f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}")
+
+
 def estimate(
     cls: type[Calibration],
     frames: Any,
@@ -114,8 +119,7 @@ def estimate(
     estimator_out: list | None,
 ) -> Calibration:
     """:meth:`Calibration.estimate`: a ``cls`` with ``source == "estimate"``."""
-    if isinstance(xray_threshold, str) and xray_threshold != "auto":
-        raise ValueError(f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}")
+    _check_xray_threshold(xray_threshold)
     arr = check_frames("frames", frames, 1)
     if arr.dtype.kind == "f":
         raise ValueError("estimate needs integer frames (uint8 or uint16)")
@@ -207,8 +211,7 @@ def from_estimator(
     frames: Any,
 ) -> Calibration:
     """:meth:`Calibration.from_estimator`: a ``cls`` with ``source == "estimate"``."""
-    if isinstance(xray_threshold, str) and xray_threshold != "auto":
-        raise ValueError(f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}")
+    _check_xray_threshold(xray_threshold)
     dark, noise, hot = estimator.maps()
     if mask is not None:
         hot |= as_map("mask", mask, dark.shape, bool)
