@@ -119,6 +119,13 @@ from streamstore.counting.coincidence import (  # noqa: F401  (re-exported: the 
     pool_tiles,
     pool_tiles_reference,
 )
+from streamstore.counting.tile_dose import (  # noqa: F401  (re-exported: the dose API)
+    DOSE_MODEL_NAME,
+    DOSE_MODEL_VERSION,
+    MAX_FAR_PAIRS,
+    PAIR_EVENTS_PER_FRAME,
+    DoseEstimator,
+)
 from streamstore.events import EventBatch
 
 __all__ = [
@@ -138,251 +145,6 @@ __all__ = [
     "window_charge",
     "window_charge_reference",
 ]
-
-#: Name of this module's model, as a store records it beside the corrected dose.
-DOSE_MODEL_NAME = "tile-coincidence"
-#: Version of the model (what its recorded parameters mean).
-DOSE_MODEL_VERSION = 1
-#: Far pairs (Chebyshev distance in ``far_radii``) after which the pair count stops:
-#: about 28,000 per far offset, so ``g(d)`` is known to 0.6 % and the areas to a few
-#: hundredths of a pixel; counting on would cost a pass over the events every frame
-#: for nothing.
-MAX_FAR_PAIRS = 2_000_000
-#: Events of a frame (its first, in raster order) whose pairs are counted: the
-#: areas are a property of the point spread and the counting rule, not of where
-#: in the frame they are measured, and a full frame's pairs would cost more than
-#: counting it (tens of ms at 0.01 e/px/frame on 4092 x 5760)
-PAIR_EVENTS_PER_FRAME = 32_768
-
-
-class DoseEstimator:
-    """Running estimate of the electrons that arrived in each frame of a series.
-
-    Feed it the series' events batch after batch with :meth:`update`; it pools
-    events per tile and close pairs over every frame seen and returns, per frame
-    of each batch, the electrons the model estimates arrived (float64).
-
-    Parameters
-    ----------
-    frame_shape : tuple of int
-        ``(H, W)``.
-    tile : int, default 8
-        Side of the square tiles whose pooled event density sets the local
-        correction. Small enough to follow a disk's edge; a pooled tile needs a
-        few hundred events for a good estimate where the correction is large.
-    pair_radius : int, default 2
-        Chebyshev radius of the close-pair deficit (:func:`exclusion_area`).
-    far_radii : tuple of int, default (4, 5)
-        Chebyshev distances whose pairs normalise the pair correlation.
-    memory : float, optional
-        Frames over which tile densities are averaged (exponential forgetting,
-        for patterns that drift); None pools every frame seen.
-    refresh : int, default 64
-        The tile corrections are recomputed after this many new frames at most
-        (early on after 1, 2, 4, ... frames, as many as were pooled before).
-    exclusion_areas : tuple of float, optional
-        Use these areas ``(a, b)`` instead of measuring them.
-    implementation : {"numba", "reference"}, default "numba"
-        Pair counting by :func:`pair_histogram` or :func:`pair_histogram_reference`.
-    """
-
-    def __init__(
-        self,
-        frame_shape: tuple[int, int],
-        *,
-        tile: int = 8,
-        pair_radius: int = 2,
-        far_radii: tuple[int, int] = (4, 5),
-        memory: float | None = None,
-        refresh: int = 64,
-        exclusion_areas: tuple[float, float] | None = None,
-        implementation: str = "numba",
-    ) -> None:
-        h, w = (int(v) for v in frame_shape)
-        if h < 1 or w < 1:
-            raise ValueError(f"frame_shape: expected two positive ints, got {frame_shape!r}")
-        if int(tile) != tile or tile < 1:
-            raise ValueError(f"tile: expected an int >= 1, got {tile!r}")
-        if memory is not None and not memory >= 1:
-            raise ValueError(f"memory: expected None or >= 1 frames, got {memory!r}")
-        if int(refresh) != refresh or refresh < 1:
-            raise ValueError(f"refresh: expected an int >= 1, got {refresh!r}")
-        if exclusion_areas is not None:
-            exclusion_areas = (float(exclusion_areas[0]), float(exclusion_areas[1]))
-            if not (exclusion_areas[0] > 0 and exclusion_areas[1] >= 0):
-                raise ValueError(f"exclusion_areas: expected (> 0, >= 0), got {exclusion_areas!r}")
-        if implementation not in ("numba", "reference"):
-            raise ValueError(f"implementation: 'numba' or 'reference', got {implementation!r}")
-        self.frame_shape = (h, w)
-        self.tile = int(tile)
-        self.pair_radius, lo, hi = _check_radii(pair_radius, far_radii)
-        self.far_radii = (lo, hi)
-        self.memory = memory
-        self.refresh = int(refresh)
-        self.fixed_areas = exclusion_areas
-        self.implementation = implementation
-        self.n_ty = -(-h // self.tile)
-        self.n_tx = -(-w // self.tile)
-        ty = np.minimum(self.tile, h - self.tile * np.arange(self.n_ty))
-        tx = np.minimum(self.tile, w - self.tile * np.arange(self.n_tx))
-        self._tile_area = (ty[:, None] * tx[None, :]).astype(np.float64).ravel()
-        self._part_tiles = np.flatnonzero(self._tile_area != float(self.tile * self.tile))
-        self._counts = np.zeros(self.n_ty * self.n_tx, np.float64)
-        self._weight = 0.0  # frames pooled (sum of weights)
-        self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
-        self._pairs = np.zeros((hi + 1, 2 * hi + 1), np.int64)
-        dy = np.arange(hi + 1)[:, None]
-        dx = np.arange(-hi, hi + 1)[None, :]
-        cheb = np.maximum(dy, np.abs(dx))
-        self._far = ((dy > 0) | (dx > 0)) & (cheb >= lo) & (cheb <= hi)
-        #: True once :data:`MAX_FAR_PAIRS` far pairs are pooled: the areas stay as measured
-        self.pairs_complete = False
-        self._factor: np.ndarray | None = None
-        self._stale = 0
-        self._refreshed_at = 0
-        self._table: tuple[tuple[float, float], tuple[np.ndarray, ...]] | None = None
-        self.frames_seen = 0
-
-    # ------------------------------------------------------------------ state
-    @property
-    def exclusion_areas(self) -> tuple[float, float]:
-        """The areas ``(a, b)`` in use (pixels): fixed, or measured from the pairs."""
-        if self.fixed_areas is not None:
-            return self.fixed_areas
-        return exclusion_areas(self._pairs, self.frame_shape, self.pair_radius, self.far_radii)
-
-    def pair_counts(self) -> np.ndarray:
-        """The pooled pair histogram (a copy; see :func:`pair_histogram`)."""
-        return self._pairs.copy()
-
-    def event_density(self) -> np.ndarray:
-        """Pooled events per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
-        mu = self._counts / (self._tile_area * max(self._weight, 1e-300))
-        return mu.reshape(self.n_ty, self.n_tx)
-
-    def electron_density(self) -> np.ndarray:
-        """Estimated electrons per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
-        return (self._tile_factor() * self.event_density().ravel()).reshape(self.n_ty, self.n_tx)
-
-    def _tile_factor(self) -> np.ndarray:
-        """Electrons per event in each tile (>= 1), from the pooled densities."""
-        if self.memory is not None:
-            return self._factor_of(self._counts, self._tile_area)
-        # pooled counts are whole numbers: whole tiles look up the factor of their
-        # count (the same values for a gather instead of two interpolations a tile)
-        n = self._counts.astype(np.int64)
-        lut = self._factor_of(np.arange(int(n.max(initial=0)) + 1.0), float(self.tile**2))
-        factor = lut[n]
-        part = self._part_tiles  # the last row and column of tiles may be cut short
-        factor[part] = self._factor_of(self._counts[part], self._tile_area[part])
-        return factor
-
-    def _factor_of(self, counts: np.ndarray, area: np.ndarray | float) -> np.ndarray:
-        areas = self.exclusion_areas
-        if self._table is None or self._table[0] != areas:
-            self._table = (areas, _inverse_table(*areas))
-        tmu, tlam, td2 = self._table[1]
-        w = max(self._weight, 1e-300)
-        mu = counts / (area * w)
-        lam = np.interp(mu, tmu, tlam)
-        # E[lam(mu_hat)] = lam(mu) + lam''(mu) var(mu_hat) / 2 for the convex inversion.
-        # Events are thinner than Poisson (none in the hard core of another): the
-        # variance of a tile's count is about mu (1 - mu (a + b)), less what pairs
-        # across the tile edge keep of the spread
-        fill = mu * (areas[0] + areas[1]) * max(0.0, 1.0 - 2.0 / self.tile) ** 2
-        var = mu * np.maximum(1.0 - fill, 0.0) * (self._weight2 / (w * w)) / area
-        lam = lam - 0.5 * np.interp(mu, tmu, td2) * var
-        with np.errstate(invalid="ignore", divide="ignore"):
-            factor = np.where(mu > 0, lam / mu, 1.0)
-        return np.maximum(factor, 1.0)
-
-    # ----------------------------------------------------------------- update
-    def update(self, batch: EventBatch) -> np.ndarray:
-        """Pool ``batch`` and estimate the electrons that arrived in each of its frames.
-
-        Parameters
-        ----------
-        batch : EventBatch
-            The next frames' events, of this estimator's frame shape.
-
-        Returns
-        -------
-        ndarray of float64, shape (batch.n_frames,)
-            Estimated electrons per frame (the event count where nothing is lost).
-        """
-        n = batch.n_frames
-        if n == 0 and tuple(batch.frame_shape) == self.frame_shape:
-            return np.zeros(0, np.float64)
-        tiles = self.pool(batch)
-        per_event = self._factor[tiles]
-        frame_of = np.repeat(np.arange(n), batch.counts)
-        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
-
-    def pool(self, batch: EventBatch) -> np.ndarray:
-        """Pool ``batch`` (the :meth:`update` without the per-frame sums); return the
-        tile of each of its events (flat index into the tiles)."""
-        if tuple(batch.frame_shape) != self.frame_shape:
-            raise ValueError(
-                f"batch: frame shape {batch.frame_shape} is not the estimator's {self.frame_shape}"
-            )
-        n = batch.n_frames
-        counts = batch.counts
-        if self.memory is None:
-            pool = pool_tiles if self.implementation == "numba" else pool_tiles_reference
-            tiles = pool(batch.indices, self.frame_shape[1], self.tile, self.n_tx, self._counts)
-            self._weight += n
-            self._weight2 += n
-        else:
-            tiles = pool_tiles_reference(batch.indices, self.frame_shape[1], self.tile, self.n_tx)
-            keep = 1.0 - 1.0 / float(self.memory)
-            # frame j of the batch (0-based) is weighted keep ** (n - 1 - j)
-            wf = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)
-            ew = np.repeat(wf, counts)
-            decay = keep**n
-            self._counts *= decay
-            self._counts += np.bincount(tiles, weights=ew, minlength=self._counts.size)
-            self._weight = self._weight * decay + float(wf.sum())
-            self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
-        if self.fixed_areas is None and not self.pairs_complete:
-            radius = self._pairs.shape[0] - 1
-            count = pair_histogram if self.implementation == "numba" else pair_histogram_reference
-            self._pairs += count(batch, radius, PAIR_EVENTS_PER_FRAME)
-            self.pairs_complete = int(self._pairs[self._far].sum()) >= MAX_FAR_PAIRS
-        self.frames_seen += n
-        self._stale += n
-        # early on the pooled map changes fast: refresh after 1, 2, 4, ... frames
-        if self._factor is None or self._stale >= min(self.refresh, self._refreshed_at):
-            self._factor = self._tile_factor()
-            self._stale = 0
-            self._refreshed_at = self.frames_seen
-        return tiles
-
-    def model(self) -> dict:
-        """The model and its parameters, as a store records them (JSON-able).
-
-        Returns
-        -------
-        dict
-            ``name``, ``version``, the settings (``tile``, ``pair_radius``,
-            ``far_radii``, ``memory``, ``refresh``), the areas in use
-            (``hard_area``, ``soft_area``, and whether they were ``measured``) and
-            ``frames_seen``.
-        """
-        hard, soft = self.exclusion_areas
-        return {
-            "name": DOSE_MODEL_NAME,
-            "version": DOSE_MODEL_VERSION,
-            "tile": self.tile,
-            "pair_radius": self.pair_radius,
-            "far_radii": list(self.far_radii),
-            "memory": self.memory,
-            "refresh": self.refresh,
-            "hard_area": round(float(hard), 6),
-            "soft_area": round(float(soft), 6),
-            "measured": self.fixed_areas is None,
-            "far_pairs": int(self._pairs[self._far].sum()),
-            "frames_seen": int(self.frames_seen),
-        }
 
 
 class DoseCorrector:
@@ -423,6 +185,7 @@ class DoseCorrector:
         charge: bool = True,
         **kwargs,
     ) -> None:
+        kwargs["flag_limits"] = ((CHARGE_LAM, np.inf), (-np.inf, WINDOW_LAM))
         self.estimator = DoseEstimator(frame_shape, **kwargs)
         self.charge = bool(charge)
         self._maps = None
@@ -463,10 +226,7 @@ class DoseCorrector:
         if est._refreshed_at == self._flags_at:
             return
         # the factor the estimator refreshed with, not a second inversion of every tile
-        mu = est.event_density()
-        lam = est._factor.reshape(mu.shape) * mu
-        self._dense = lam > CHARGE_LAM
-        self._low = (lam < WINDOW_LAM) & (mu > 0)
+        self._dense, self._low = est.tile_flags()
         self._flags_at = est._refreshed_at
 
     def _sample_windows(self, raw: np.ndarray, indices: np.ndarray) -> None:

@@ -138,6 +138,19 @@ def test_estimators_agree_whatever_pools_the_tiles():
     direct = est._factor_of(est._counts, est._tile_area)
     np.testing.assert_array_equal(est._tile_factor(), direct)
     assert direct.max() > 1.0
+    # and the tile flags looked up by count are those of the electron densities,
+    # from the numba lookup and its reference, with and without forgetting
+    limits = ((0.05, np.inf), (-np.inf, 0.04), (0.02, 0.06))
+    for memory in (None, 5.0):
+        for impl in ("numba", "reference"):
+            est = DoseEstimator(
+                (50, 77), refresh=3, memory=memory, implementation=impl, flag_limits=limits
+            )
+            est.update(b)
+            lam, mu = est.electron_density(), est.event_density()
+            for flag, (low, high) in zip(est.tile_flags(), limits, strict=True):
+                np.testing.assert_array_equal(flag, (lam > low) & (lam < high) & (mu > 0))
+                assert flag.any() and not flag.all()
 
 
 def test_independent_events_show_no_deficit_beyond_their_own_pixel():
@@ -365,7 +378,7 @@ def test_model_records_the_charge_estimate():
 
 
 def test_pair_count_stops_once_the_areas_are_known(monkeypatch):
-    from streamstore.counting import dose as D
+    from streamstore.counting import tile_dose as D
 
     rng = np.random.default_rng(6)
     b = _random_batch(rng, (64, 64), 10, 0.03)

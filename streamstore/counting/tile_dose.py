@@ -1,0 +1,319 @@
+"""The events' part of the corrected dose: electrons per event, tile by tile, pooled over a series.
+
+:class:`DoseEstimator` pools a series' events per tile and their close pairs,
+measures the model's exclusion areas from the pairs and inverts each tile's
+pooled event density into an electron density (:mod:`streamstore.counting.coincidence`);
+:class:`streamstore.counting.dose.DoseCorrector` builds on it (the module
+docstring of :mod:`streamstore.counting.dose` explains the model).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from streamstore.counting.coincidence import (
+    _check_radii,
+    _inverse_table,
+    exclusion_areas,
+    lookup_tiles,
+    lookup_tiles_reference,
+    pair_histogram,
+    pair_histogram_reference,
+    pool_tiles,
+    pool_tiles_reference,
+)
+from streamstore.events import EventBatch
+
+__all__ = ["DOSE_MODEL_NAME", "DoseEstimator"]
+
+#: Name of the dose model, as a store records it beside the corrected dose.
+DOSE_MODEL_NAME = "tile-coincidence"
+#: Version of the model (what its recorded parameters mean).
+DOSE_MODEL_VERSION = 1
+#: Far pairs (Chebyshev distance in ``far_radii``) after which the pair count stops:
+#: about 28,000 per far offset, so ``g(d)`` is known to 0.6 % and the areas to a few
+#: hundredths of a pixel; counting on would cost a pass over the events every frame
+#: for nothing.
+MAX_FAR_PAIRS = 2_000_000
+#: Events of a frame (its first, in raster order) whose pairs are counted: the
+#: areas are a property of the point spread and the counting rule, not of where
+#: in the frame they are measured, and a full frame's pairs would cost more than
+#: counting it (tens of ms at 0.01 e/px/frame on 4092 x 5760)
+PAIR_EVENTS_PER_FRAME = 32_768
+
+
+@functools.lru_cache(maxsize=8)
+def _tile_geometry(h: int, w: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Area of each tile (float64, flat; read-only) and the flat indices of the tiles
+    the frame's edge cuts short: the same for every estimator of a frame shape, and
+    a one-frame ``count()`` builds a new estimator each call."""
+    ty = np.minimum(tile, h - tile * np.arange(-(-h // tile)))
+    tx = np.minimum(tile, w - tile * np.arange(-(-w // tile)))
+    area = (ty[:, None] * tx[None, :]).astype(np.float64).ravel()
+    part = np.flatnonzero(area != float(tile * tile))
+    area.flags.writeable = False
+    part.flags.writeable = False
+    return area, part
+
+
+class DoseEstimator:
+    """Running estimate of the electrons that arrived in each frame of a series.
+
+    Feed it the series' events batch after batch with :meth:`update`; it pools
+    events per tile and close pairs over every frame seen and returns, per frame
+    of each batch, the electrons the model estimates arrived (float64).
+
+    Parameters
+    ----------
+    frame_shape : tuple of int
+        ``(H, W)``.
+    tile : int, default 8
+        Side of the square tiles whose pooled event density sets the local
+        correction. Small enough to follow a disk's edge; a pooled tile needs a
+        few hundred events for a good estimate where the correction is large.
+    pair_radius : int, default 2
+        Chebyshev radius of the close-pair deficit (:func:`exclusion_area`).
+    far_radii : tuple of int, default (4, 5)
+        Chebyshev distances whose pairs normalise the pair correlation.
+    memory : float, optional
+        Frames over which tile densities are averaged (exponential forgetting,
+        for patterns that drift); None pools every frame seen.
+    refresh : int, default 64
+        The tile corrections are recomputed after this many new frames at most
+        (early on after 1, 2, 4, ... frames, as many as were pooled before).
+    exclusion_areas : tuple of float, optional
+        Use these areas ``(a, b)`` instead of measuring them.
+    implementation : {"numba", "reference"}, default "numba"
+        Pair counting by :func:`pair_histogram` or :func:`pair_histogram_reference`
+        (and the tile pooling and lookups by their numba kernels or references).
+    flag_limits : sequence of (float, float), default ()
+        Electron densities ``(low, high)`` whose open interval :meth:`tile_flags`
+        marks, per tile, at each refresh.
+    """
+
+    def __init__(
+        self,
+        frame_shape: tuple[int, int],
+        *,
+        tile: int = 8,
+        pair_radius: int = 2,
+        far_radii: tuple[int, int] = (4, 5),
+        memory: float | None = None,
+        refresh: int = 64,
+        exclusion_areas: tuple[float, float] | None = None,
+        implementation: str = "numba",
+        flag_limits: tuple[tuple[float, float], ...] = (),
+    ) -> None:
+        h, w = (int(v) for v in frame_shape)
+        if h < 1 or w < 1:
+            raise ValueError(f"frame_shape: expected two positive ints, got {frame_shape!r}")
+        if int(tile) != tile or tile < 1:
+            raise ValueError(f"tile: expected an int >= 1, got {tile!r}")
+        if memory is not None and not memory >= 1:
+            raise ValueError(f"memory: expected None or >= 1 frames, got {memory!r}")
+        if int(refresh) != refresh or refresh < 1:
+            raise ValueError(f"refresh: expected an int >= 1, got {refresh!r}")
+        if exclusion_areas is not None:
+            exclusion_areas = (float(exclusion_areas[0]), float(exclusion_areas[1]))
+            if not (exclusion_areas[0] > 0 and exclusion_areas[1] >= 0):
+                raise ValueError(f"exclusion_areas: expected (> 0, >= 0), got {exclusion_areas!r}")
+        if implementation not in ("numba", "reference"):
+            raise ValueError(f"implementation: 'numba' or 'reference', got {implementation!r}")
+        self.frame_shape = (h, w)
+        self.tile = int(tile)
+        self.pair_radius, lo, hi = _check_radii(pair_radius, far_radii)
+        self.far_radii = (lo, hi)
+        self.memory = memory
+        self.refresh = int(refresh)
+        self.fixed_areas = exclusion_areas
+        self.implementation = implementation
+        self.flag_limits = tuple((float(lo_), float(hi_)) for lo_, hi_ in flag_limits)
+        self.n_ty = -(-h // self.tile)
+        self.n_tx = -(-w // self.tile)
+        self._tile_area, self._part_tiles = _tile_geometry(h, w, self.tile)
+        self._counts = np.zeros(self.n_ty * self.n_tx, np.float64)
+        self._weight = 0.0  # frames pooled (sum of weights)
+        self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
+        self._pairs = np.zeros((hi + 1, 2 * hi + 1), np.int64)
+        dy = np.arange(hi + 1)[:, None]
+        dx = np.arange(-hi, hi + 1)[None, :]
+        cheb = np.maximum(dy, np.abs(dx))
+        self._far = ((dy > 0) | (dx > 0)) & (cheb >= lo) & (cheb <= hi)
+        #: True once :data:`MAX_FAR_PAIRS` far pairs are pooled: the areas stay as measured
+        self.pairs_complete = False
+        self._factor: np.ndarray | None = None
+        self._flags: np.ndarray | None = None
+        self._stale = 0
+        self._refreshed_at = 0
+        self._table: tuple[tuple[float, float], tuple[np.ndarray, ...]] | None = None
+        self.frames_seen = 0
+
+    # ------------------------------------------------------------------ state
+    @property
+    def exclusion_areas(self) -> tuple[float, float]:
+        """The areas ``(a, b)`` in use (pixels): fixed, or measured from the pairs."""
+        if self.fixed_areas is not None:
+            return self.fixed_areas
+        return exclusion_areas(self._pairs, self.frame_shape, self.pair_radius, self.far_radii)
+
+    def pair_counts(self) -> np.ndarray:
+        """The pooled pair histogram (a copy; see :func:`pair_histogram`)."""
+        return self._pairs.copy()
+
+    def event_density(self) -> np.ndarray:
+        """Pooled events per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
+        mu = self._counts / (self._tile_area * max(self._weight, 1e-300))
+        return mu.reshape(self.n_ty, self.n_tx)
+
+    def electron_density(self) -> np.ndarray:
+        """Estimated electrons per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
+        return (self._tile_factor() * self.event_density().ravel()).reshape(self.n_ty, self.n_tx)
+
+    def _tile_factor(self) -> np.ndarray:
+        """Electrons per event in each tile (>= 1), from the pooled densities; also
+        sets the tiles' flags (:meth:`tile_flags`)."""
+        if self.memory is not None:
+            factor = self._factor_of(self._counts, self._tile_area)
+            self._flags = self._flags_of(factor, self._counts, self._tile_area)
+            return factor
+        # pooled counts are whole numbers: whole tiles look up the factor and the
+        # flags of their count (the same values, one pass instead of two inversions)
+        n = np.arange(int(self._counts.max(initial=0)) + 1.0)
+        area = float(self.tile**2)
+        lut = self._factor_of(n, area)
+        flag_luts = self._flags_of(lut, n, area)
+        lookup = lookup_tiles if self.implementation == "numba" else lookup_tiles_reference
+        factor, flags = lookup(self._counts, lut, flag_luts)
+        part = self._part_tiles  # the last row and column of tiles may be cut short
+        factor[part] = self._factor_of(self._counts[part], self._tile_area[part])
+        flags[:, part] = self._flags_of(factor[part], self._counts[part], self._tile_area[part])
+        self._flags = flags
+        return factor
+
+    def _flags_of(
+        self, factor: np.ndarray, counts: np.ndarray, area: np.ndarray | float
+    ) -> np.ndarray:
+        """Whether ``factor * mu`` lies in each interval of ``flag_limits`` (and mu > 0)."""
+        mu = counts / (area * max(self._weight, 1e-300))
+        lam = factor * mu
+        out = np.empty((len(self.flag_limits), np.size(counts)), np.bool_)
+        for k, (low, high) in enumerate(self.flag_limits):
+            out[k] = (lam > low) & (lam < high) & (mu > 0)
+        return out
+
+    def tile_flags(self) -> np.ndarray:
+        """Per tile, whether its estimated electron density lies in each interval of
+        ``flag_limits``, at the last refresh: bool, shape ``(k, n_ty, n_tx)`` (the same
+        values as comparing :meth:`electron_density`, without a pass of its own)."""
+        if self._flags is None:
+            return np.zeros((len(self.flag_limits), self.n_ty, self.n_tx), np.bool_)
+        return self._flags.reshape(-1, self.n_ty, self.n_tx)
+
+    def _factor_of(self, counts: np.ndarray, area: np.ndarray | float) -> np.ndarray:
+        areas = self.exclusion_areas
+        if self._table is None or self._table[0] != areas:
+            self._table = (areas, _inverse_table(*areas))
+        tmu, tlam, td2 = self._table[1]
+        w = max(self._weight, 1e-300)
+        mu = counts / (area * w)
+        lam = np.interp(mu, tmu, tlam)
+        # E[lam(mu_hat)] = lam(mu) + lam''(mu) var(mu_hat) / 2 for the convex inversion.
+        # Events are thinner than Poisson (none in the hard core of another): the
+        # variance of a tile's count is about mu (1 - mu (a + b)), less what pairs
+        # across the tile edge keep of the spread
+        fill = mu * (areas[0] + areas[1]) * max(0.0, 1.0 - 2.0 / self.tile) ** 2
+        var = mu * np.maximum(1.0 - fill, 0.0) * (self._weight2 / (w * w)) / area
+        lam = lam - 0.5 * np.interp(mu, tmu, td2) * var
+        with np.errstate(invalid="ignore", divide="ignore"):
+            factor = np.where(mu > 0, lam / mu, 1.0)
+        return np.maximum(factor, 1.0)
+
+    # ----------------------------------------------------------------- update
+    def update(self, batch: EventBatch) -> np.ndarray:
+        """Pool ``batch`` and estimate the electrons that arrived in each of its frames.
+
+        Parameters
+        ----------
+        batch : EventBatch
+            The next frames' events, of this estimator's frame shape.
+
+        Returns
+        -------
+        ndarray of float64, shape (batch.n_frames,)
+            Estimated electrons per frame (the event count where nothing is lost).
+        """
+        n = batch.n_frames
+        if n == 0 and tuple(batch.frame_shape) == self.frame_shape:
+            return np.zeros(0, np.float64)
+        tiles = self.pool(batch)
+        per_event = self._factor[tiles]
+        frame_of = np.repeat(np.arange(n), batch.counts)
+        return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
+
+    def pool(self, batch: EventBatch) -> np.ndarray:
+        """Pool ``batch`` (the :meth:`update` without the per-frame sums); return the
+        tile of each of its events (flat index into the tiles)."""
+        if tuple(batch.frame_shape) != self.frame_shape:
+            raise ValueError(
+                f"batch: frame shape {batch.frame_shape} is not the estimator's {self.frame_shape}"
+            )
+        n = batch.n_frames
+        counts = batch.counts
+        if self.memory is None:
+            pool = pool_tiles if self.implementation == "numba" else pool_tiles_reference
+            tiles = pool(batch.indices, self.frame_shape[1], self.tile, self.n_tx, self._counts)
+            self._weight += n
+            self._weight2 += n
+        else:
+            tiles = pool_tiles_reference(batch.indices, self.frame_shape[1], self.tile, self.n_tx)
+            keep = 1.0 - 1.0 / float(self.memory)
+            # frame j of the batch (0-based) is weighted keep ** (n - 1 - j)
+            wf = keep ** np.arange(n - 1, -1, -1, dtype=np.float64)
+            ew = np.repeat(wf, counts)
+            decay = keep**n
+            self._counts *= decay
+            self._counts += np.bincount(tiles, weights=ew, minlength=self._counts.size)
+            self._weight = self._weight * decay + float(wf.sum())
+            self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
+        if self.fixed_areas is None and not self.pairs_complete:
+            radius = self._pairs.shape[0] - 1
+            count = pair_histogram if self.implementation == "numba" else pair_histogram_reference
+            self._pairs += count(batch, radius, PAIR_EVENTS_PER_FRAME)
+            self.pairs_complete = int(self._pairs[self._far].sum()) >= MAX_FAR_PAIRS
+        self.frames_seen += n
+        self._stale += n
+        # early on the pooled map changes fast: refresh after 1, 2, 4, ... frames
+        if self._factor is None or self._stale >= min(self.refresh, self._refreshed_at):
+            self._factor = self._tile_factor()
+            self._stale = 0
+            self._refreshed_at = self.frames_seen
+        return tiles
+
+    def model(self) -> dict:
+        """The model and its parameters, as a store records them (JSON-able).
+
+        Returns
+        -------
+        dict
+            ``name``, ``version``, the settings (``tile``, ``pair_radius``,
+            ``far_radii``, ``memory``, ``refresh``), the areas in use
+            (``hard_area``, ``soft_area``, and whether they were ``measured``) and
+            ``frames_seen``.
+        """
+        hard, soft = self.exclusion_areas
+        return {
+            "name": DOSE_MODEL_NAME,
+            "version": DOSE_MODEL_VERSION,
+            "tile": self.tile,
+            "pair_radius": self.pair_radius,
+            "far_radii": list(self.far_radii),
+            "memory": self.memory,
+            "refresh": self.refresh,
+            "hard_area": round(float(hard), 6),
+            "soft_area": round(float(soft), 6),
+            "measured": self.fixed_areas is None,
+            "far_pairs": int(self._pairs[self._far].sum()),
+            "frames_seen": int(self.frames_seen),
+        }
