@@ -28,4 +28,7 @@ def test_counting_benchmark_json(capsys, tmp_path):
     assert one["first_call_identical"] is True
     for key in ("ratio_to_counter_1thread", "ratio_to_counter_2threads", "speedup_2threads"):
         assert one[key] > 0
+    # a 96 x 160 frame's few events never settle the dose model: said so, not hidden
+    assert one["settled"] is False and one["settle_frames"] == bench.SETTLE_FRAMES
+    assert one["ratio_to_settled_counter_1thread"] > 0
     assert "stempy" in out  # measured, or None when stempy is not installed

@@ -334,6 +334,10 @@ def test_count_electrons_follow_the_truth(pattern, dose, n_frames):
     # per frame, the estimate follows the frame's own arrivals
     if n_frames >= 20:
         assert np.corrcoef(b.electrons, truth.counts())[0, 1] > 0.5
+    if dose == 0.02:  # dose=False: the same events, no electrons
+        events = count(frames, cal, dose=False)
+        assert events.electrons is None
+        assert events == b and np.array_equal(events.indices, b.indices)
 
 
 def test_disk_at_a_frame_mean_of_001_is_dosed_right():
