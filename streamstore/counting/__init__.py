@@ -132,7 +132,9 @@ class Counter:
         if dose:
             from streamstore.counting.dose import DoseCorrector
 
-            self._dose = DoseCorrector(self.frame_shape, calibration=calibration, dtype=dt)
+            self._dose = DoseCorrector(
+                self.frame_shape, calibration=calibration, dtype=dt, threads=self.threads
+            )
         self._dose_lock = threading.Lock()
 
         if method == "resolve":
@@ -332,4 +334,5 @@ def count(
     if not dose:
         return batch
     frames3 = arr.reshape((-1, *counter.frame_shape))
-    return batch.with_electrons(corrected_electrons(batch, frames3, calibration))
+    electrons = corrected_electrons(batch, frames3, calibration, threads=counter.threads)
+    return batch.with_electrons(electrons)

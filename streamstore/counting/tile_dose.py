@@ -88,6 +88,8 @@ class DoseEstimator:
     implementation : {"numba", "reference"}, default "numba"
         Pair counting by :func:`pair_histogram` or :func:`pair_histogram_reference`
         (and the tile pooling and lookups by their numba kernels or references).
+    threads : int, optional, default 1
+        Threads for the pooling (None: all cores); the result does not depend on it.
     flag_limits : sequence of (float, float), default ()
         Electron densities ``(low, high)`` whose open interval :meth:`tile_flags`
         marks, per tile, at each refresh.
@@ -104,6 +106,7 @@ class DoseEstimator:
         refresh: int = 64,
         exclusion_areas: tuple[float, float] | None = None,
         implementation: str = "numba",
+        threads: int | None = 1,
         flag_limits: tuple[tuple[float, float], ...] = (),
     ) -> None:
         h, w = (int(v) for v in frame_shape)
@@ -129,6 +132,9 @@ class DoseEstimator:
         self.refresh = int(refresh)
         self.fixed_areas = exclusion_areas
         self.implementation = implementation
+        if threads is not None and (int(threads) != threads or threads < 1):
+            raise ValueError(f"threads: expected None or an int >= 1, got {threads!r}")
+        self.threads = None if threads is None else int(threads)
         self.flag_limits = tuple((float(lo_), float(hi_)) for lo_, hi_ in flag_limits)
         self.n_ty = -(-h // self.tile)
         self.n_tx = -(-w // self.tile)
@@ -171,6 +177,13 @@ class DoseEstimator:
         """Estimated electrons per pixel per frame, per tile, shape ``(n_ty, n_tx)``."""
         return (self._tile_factor() * self.event_density().ravel()).reshape(self.n_ty, self.n_tx)
 
+    def _threads(self) -> int:
+        if self.threads is not None:
+            return self.threads
+        import numba
+
+        return int(numba.config.NUMBA_NUM_THREADS)
+
     def _tile_factor(self) -> np.ndarray:
         """Electrons per event in each tile (>= 1), from the pooled densities; also
         sets the tiles' flags (:meth:`tile_flags`)."""
@@ -184,8 +197,10 @@ class DoseEstimator:
         area = float(self.tile**2)
         lut = self._factor_of(n, area)
         flag_luts = self._flags_of(lut, n, area)
-        lookup = lookup_tiles if self.implementation == "numba" else lookup_tiles_reference
-        factor, flags = lookup(self._counts, lut, flag_luts)
+        if self.implementation == "numba":
+            factor, flags = lookup_tiles(self._counts, lut, flag_luts, self._threads())
+        else:
+            factor, flags = lookup_tiles_reference(self._counts, lut, flag_luts)
         part = self._part_tiles  # the last row and column of tiles may be cut short
         factor[part] = self._factor_of(self._counts[part], self._tile_area[part])
         flags[:, part] = self._flags_of(factor[part], self._counts[part], self._tile_area[part])
@@ -261,6 +276,17 @@ class DoseEstimator:
             )
         n = batch.n_frames
         counts = batch.counts
+        pairs = None
+        if self.fixed_areas is None and not self.pairs_complete:
+            radius = self._pairs.shape[0] - 1
+            if self.implementation == "reference":
+                pairs = pair_histogram_reference(batch, radius, PAIR_EVENTS_PER_FRAME)
+            elif self._threads() > 1:  # beside the pooling below: both release the GIL
+                from streamstore.counting._launch import _thread_pool
+
+                pairs = _thread_pool().submit(pair_histogram, batch, radius, PAIR_EVENTS_PER_FRAME)
+            else:
+                pairs = pair_histogram(batch, radius, PAIR_EVENTS_PER_FRAME)
         if self.memory is None:
             pool = pool_tiles if self.implementation == "numba" else pool_tiles_reference
             tiles = pool(batch.indices, self.frame_shape[1], self.tile, self.n_tx, self._counts)
@@ -277,10 +303,8 @@ class DoseEstimator:
             self._counts += np.bincount(tiles, weights=ew, minlength=self._counts.size)
             self._weight = self._weight * decay + float(wf.sum())
             self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
-        if self.fixed_areas is None and not self.pairs_complete:
-            radius = self._pairs.shape[0] - 1
-            count = pair_histogram if self.implementation == "numba" else pair_histogram_reference
-            self._pairs += count(batch, radius, PAIR_EVENTS_PER_FRAME)
+        if pairs is not None:
+            self._pairs += pairs if isinstance(pairs, np.ndarray) else pairs.result()
             self.pairs_complete = int(self._pairs[self._far].sum()) >= MAX_FAR_PAIRS
         self.frames_seen += n
         self._stale += n

@@ -127,10 +127,12 @@ def test_estimators_agree_whatever_pools_the_tiles():
     for memory in (None, 5.0):
         fast = DoseEstimator((50, 77), memory=memory, refresh=3)
         slow = DoseEstimator((50, 77), memory=memory, refresh=3, implementation="reference")
+        two = DoseEstimator((50, 77), memory=memory, refresh=3, threads=2)  # pairs beside
         for i in range(0, 12, 4):
-            np.testing.assert_array_equal(
-                fast.update(b.slice(i, i + 4)), slow.update(b.slice(i, i + 4))
-            )
+            expect = slow.update(b.slice(i, i + 4))
+            np.testing.assert_array_equal(fast.update(b.slice(i, i + 4)), expect)
+            np.testing.assert_array_equal(two.update(b.slice(i, i + 4)), expect)
+        np.testing.assert_array_equal(two.pair_counts(), slow.pair_counts())
         np.testing.assert_array_equal(fast._tile_factor(), slow._tile_factor())
     # the lookup gives what the direct computation gives
     est = DoseEstimator((50, 77), refresh=3)
@@ -151,6 +153,21 @@ def test_estimators_agree_whatever_pools_the_tiles():
             for flag, (low, high) in zip(est.tile_flags(), limits, strict=True):
                 np.testing.assert_array_equal(flag, (lam > low) & (lam < high) & (mu > 0))
                 assert flag.any() and not flag.all()
+
+
+def test_tile_lookup_matches_its_reference_on_any_thread_count():
+    from streamstore.counting.coincidence import lookup_tiles, lookup_tiles_reference
+
+    rng = np.random.default_rng(9)
+    counts = rng.poisson(0.7, 20_011).astype(np.float64)  # ranges cut mid-way
+    lut = rng.uniform(1.0, 1.5, int(counts.max()) + 1)
+    flag_luts = rng.random((2, lut.size)) < 0.5
+    factor, flags = lookup_tiles_reference(counts, lut, flag_luts)
+    assert flags.any() and not flags.all()
+    for threads in (1, 2, 3):
+        got = lookup_tiles(counts, lut, flag_luts, threads)
+        np.testing.assert_array_equal(got[0], factor)
+        np.testing.assert_array_equal(got[1], flags)
 
 
 def test_independent_events_show_no_deficit_beyond_their_own_pixel():
