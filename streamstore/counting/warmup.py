@@ -85,24 +85,34 @@ def _warm_variant(i: int, gain: bool) -> int:
         if i == 0:
             lo = np.ones((3, 70), np.uint16)
             kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
-    elif i == len(variants):  # what the writer runs on every chunk
+        return _compiled(dispatchers) - before
+    if i == len(variants):  # what the writer runs on every chunk
         from streamstore.store import checksum
 
         dispatchers.append(checksum._get_kernel())
         before = _compiled(dispatchers)
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
         checksum.seal(bytes(5))  # the chunk's Fletcher-32, over read-only bytes as written
-        dispatchers += _warm_dose()
-    else:  # a camera with no dark series: the per-pixel estimate from its frames
-        dispatchers += _warm_estimator()
-    return _compiled(dispatchers) - before
+        return _compiled(dispatchers) - before + _warm_dose()
+    # a camera with no dark series: the per-pixel estimate from its frames
+    return _warm_estimator()
 
 
-def _warm_dose() -> list[Any]:
+def _warm_dose() -> int:
     """Run the dose correction's kernels (pairs, and the charge sums on every frame
-    type counting reads: unsigned, and signed for wrapped frames): their dispatchers."""
+    type counting reads: unsigned, and signed for wrapped frames): how many kernel
+    overloads this compiled (not those this process compiled before)."""
     from streamstore.counting import charge, coincidence
     from streamstore.events import EventBatch
+
+    dispatchers = [
+        coincidence._pair_histogram_kernel,
+        coincidence._pool_tiles_kernel,
+        coincidence._lookup_tiles_kernel,
+        charge._tile_charge_kernel,
+        charge._window_charge_kernel,
+    ]
+    before = _compiled(dispatchers)
 
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
     coincidence.pair_histogram(b, 5)
@@ -116,13 +126,7 @@ def _warm_dose() -> list[Any]:
         raw = np.zeros((8, 70), dt)
         charge.tile_charge(raw, dark16, gain, good, 2**62, 1, 8, flags)
         charge.window_charge(raw, dark16, gain, good, 2**62, 1, b.indices, flags, 8, 1)
-    return [
-        coincidence._pair_histogram_kernel,
-        coincidence._pool_tiles_kernel,
-        coincidence._lookup_tiles_kernel,
-        charge._tile_charge_kernel,
-        charge._window_charge_kernel,
-    ]
+    return _compiled(dispatchers) - before
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
@@ -130,11 +134,15 @@ def _warm_dose() -> list[Any]:
 _ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
 
 
-def _warm_estimator() -> list[Any]:
+def _warm_estimator() -> int:
     """Run the data-only dark estimator on tiny frames of every frame type a
-    variant counts (signed ones as wrapped unsigned): its kernels' dispatchers."""
+    variant counts (signed ones as wrapped unsigned): how many kernel overloads
+    this compiled."""
     from streamstore.counting import dark_estimate as de
     from streamstore.counting.calibration_estimate import START_FRAMES
+
+    dispatchers = [de._accumulate_rows, de._fold_rows, de._median_rows]
+    before = _compiled(dispatchers)
 
     rng = np.random.default_rng(0)
     for k, (dt, wrapped) in enumerate(_ESTIMATOR_FRAMES):
@@ -143,7 +151,7 @@ def _warm_estimator() -> list[Any]:
         if k == 0:  # the fold takes float maps only: one frame type refines
             for f in frames:
                 est.update(f)
-    return [de._accumulate_rows, de._fold_rows, de._median_rows]
+    return _compiled(dispatchers) - before
 
 
 def _estimator_cached() -> bool:

@@ -3,6 +3,7 @@ every kernel variant a calibration can lead to is in the table the daemon warms 
 
 from __future__ import annotations
 
+import collections
 import gc
 import itertools
 import weakref
@@ -152,6 +153,23 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
             )
     assert [len(d.signatures) for d in (k._count_items, k._compact, k._gather)] == compiled
     assert len(rows) >= 6  # the kinds did reach different variants
+
+
+def test_the_warm_up_counts_only_what_it_compiles_itself(monkeypatch):
+    """A kernel this process compiled before the warm-up (a test, a first count)
+    is not reported as compiled again by every later warm-up."""
+    from streamstore.counting import coincidence
+    from streamstore.counting import dark_estimate as de
+    from streamstore.counting.warmup import _warm_variant, kernel_variants, warm_kernels
+
+    warm_kernels()  # everything in the cache and loaded
+    n = len(kernel_variants(True))
+    assert _warm_variant(n, True) == 0 and _warm_variant(n + 1, True) == 0
+    for d in (coincidence._pool_tiles_kernel, de._median_rows):  # as if compiled earlier
+        misses = collections.Counter(d._cache_misses)
+        misses["an earlier signature"] += 1
+        monkeypatch.setattr(d, "_cache_misses", misses)
+    assert _warm_variant(n, True) == 0 and _warm_variant(n + 1, True) == 0
 
 
 def test_compile_workers_report_past_what_else_they_print(monkeypatch):
