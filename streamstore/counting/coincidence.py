@@ -280,50 +280,52 @@ def pool_tiles(
     return _pool_tiles_kernel(indices, int(width), int(tile), int(n_tx), counts, tiles)
 
 
-def lookup_tiles_reference(
-    counts: np.ndarray, lut: np.ndarray, flag_luts: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per tile, ``lut`` and each row of ``flag_luts`` at the tile's pooled count
-    (whole numbers held as float64): ``(factor, flags)``, flags of shape
-    ``(len(flag_luts), counts.size)`` (numpy reference of :func:`lookup_tiles`)."""
-    n = counts.astype(np.int64)
-    return lut[n], flag_luts[:, n]
+def lookup_events_reference(
+    tiles: np.ndarray, counts: np.ndarray, classes: np.ndarray, lut: np.ndarray
+) -> np.ndarray:
+    """``lut[classes[t], counts[t]]`` for the tile ``t`` of each event: a value per
+    tile class (a whole tile, or one the frame's edge cuts short) and pooled count
+    (whole numbers held as float64). Numpy reference of :func:`lookup_events`."""
+    return lut[classes[tiles], counts[tiles].astype(np.int64)]
 
 
 @njit(nogil=True, cache=True)
-def _lookup_tiles_kernel(start, stop, counts, lut, flag_luts, factor, flags):  # pragma: no cover
-    for t in range(start, stop):
-        n = np.int64(counts[t])
-        factor[t] = lut[n]
-        for k in range(flag_luts.shape[0]):
-            flags[k, t] = flag_luts[k, n]
+def _lookup_events_kernel(tiles, counts, classes, lut, out):  # pragma: no cover - numba
+    for i in range(tiles.size):
+        t = tiles[i]
+        out[i] = lut[classes[t], np.int64(counts[t])]
 
 
-def lookup_tiles(
-    counts: np.ndarray, lut: np.ndarray, flag_luts: np.ndarray, threads: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`lookup_tiles_reference` in one pass over the tiles (the reference's
-    conversion and gathers each pass over a map of every tile: on a 4092 x 5760
-    frame's 368,640 tiles they cost a one-frame ``count()`` about a tenth of counting),
-    in ``threads`` contiguous ranges of tiles."""
-    factor = np.empty(counts.size, np.float64)
-    flags = np.empty((flag_luts.shape[0], counts.size), np.bool_)
-    args = (counts, lut, flag_luts, factor, flags)
-    k = max(1, min(int(threads), counts.size // 4096))
-    if k == 1:
-        _lookup_tiles_kernel(0, counts.size, *args)
-        return factor, flags
-    from streamstore.counting._launch import _thread_pool
+def lookup_events(
+    tiles: np.ndarray, counts: np.ndarray, classes: np.ndarray, lut: np.ndarray
+) -> np.ndarray:
+    """:func:`lookup_events_reference` in one pass over the events: the electrons
+    each event stands for come from the pooled count of its tile, with no map of
+    every tile (368,640 at 4092 x 5760, which a one-frame ``count()`` would build
+    for its 200,000 events)."""
+    out = np.empty(tiles.size, np.float64)
+    _lookup_events_kernel(tiles, counts, classes, lut, out)
+    return out
 
-    cuts = [counts.size * i // k for i in range(k + 1)]
-    futures = [_thread_pool().submit(_lookup_tiles_kernel, cuts[i], cuts[i + 1], *args)
-               for i in range(1, k)]  # fmt: skip
-    try:
-        _lookup_tiles_kernel(cuts[0], cuts[1], *args)
-    finally:
-        for f in futures:
-            f.result()
-    return factor, flags
+
+def lookup_tiles_reference(counts: np.ndarray, classes: np.ndarray, luts: np.ndarray) -> np.ndarray:
+    """``luts[k, classes[t], counts[t]]`` for every tile ``t``: shape
+    ``(len(luts), counts.size)`` (numpy reference of :func:`lookup_tiles`)."""
+    return luts[:, classes, counts.astype(np.int64)]
+
+
+@njit(nogil=True, cache=True)
+def _lookup_tiles_kernel(counts, classes, luts, out):  # pragma: no cover - numba
+    for k in range(luts.shape[0]):
+        for t in range(counts.size):
+            out[k, t] = luts[k, classes[t], np.int64(counts[t])]
+
+
+def lookup_tiles(counts: np.ndarray, classes: np.ndarray, luts: np.ndarray) -> np.ndarray:
+    """:func:`lookup_tiles_reference` without numpy's fancy-indexing passes."""
+    out = np.empty((luts.shape[0], counts.size), luts.dtype)
+    _lookup_tiles_kernel(counts, classes, luts, out)
+    return out
 
 
 def exclusion_areas(
@@ -381,4 +383,5 @@ def exclusion_areas(
 # several processes may compile this at once (see streamstore._numba_cache)
 serialize_saves(_pair_histogram_kernel)
 serialize_saves(_pool_tiles_kernel)
+serialize_saves(_lookup_events_kernel)
 serialize_saves(_lookup_tiles_kernel)

@@ -147,6 +147,12 @@ __all__ = [
 ]
 
 
+#: The corrector's tile flags: dense tiles (estimated from their charge) and dim
+#: ones (whose isolated events give the charge of one electron).
+_DENSE, _LOW = 0, 1
+_FLAG_LIMITS = ((CHARGE_LAM, np.inf), (-np.inf, WINDOW_LAM))
+
+
 class DoseCorrector:
     """Fill :attr:`EventBatch.electrons` for the frames of one series, in order.
 
@@ -185,17 +191,13 @@ class DoseCorrector:
         charge: bool = True,
         **kwargs,
     ) -> None:
-        kwargs["flag_limits"] = ((CHARGE_LAM, np.inf), (-np.inf, WINDOW_LAM))
+        kwargs["flag_limits"] = _FLAG_LIMITS
         self.estimator = DoseEstimator(frame_shape, **kwargs)
         self.charge = bool(charge)
         self._maps = None
         self._kdt = None
         if calibration is not None:
             self.use(calibration, dtype)
-        est = self.estimator
-        self._dense = np.zeros((est.n_ty, est.n_tx), bool)
-        self._low = np.zeros((est.n_ty, est.n_tx), bool)
-        self._flags_at = -1  # frames_seen of the estimator's refresh the flags follow
         self._win_charge = 0  # summed window charge (integer signal)
         self._win_electrons = 0.0  # electrons the windows' events stand for
         self._win_n = 0
@@ -221,39 +223,42 @@ class DoseCorrector:
             return None
         return self._win_charge / self._win_electrons / CHARGE_SCALE
 
-    def _refresh_flags(self) -> None:
+    def _flag(self, k: int) -> np.ndarray | None:
+        """Tiles in interval ``k`` of the estimator's flags (_DENSE, _LOW) at its last
+        refresh, None where there are none (most often known from the tables alone)."""
         est = self.estimator
-        if est._refreshed_at == self._flags_at:
-            return
-        # the factor the estimator refreshed with, not a second inversion of every tile
-        self._dense, self._low = est.tile_flags()
-        self._flags_at = est._refreshed_at
+        if not est.may_flag(k):
+            return None
+        flags = est.tile_flags()[k]
+        return flags if flags.any() else None
 
     def _sample_windows(self, raw: np.ndarray, indices: np.ndarray) -> None:
-        if self._win_n >= MAX_WINDOWS or not self._low.any():
+        if self._win_n >= MAX_WINDOWS:
+            return
+        low = self._flag(_LOW)
+        if low is None:
             return
         limit = min(WINDOWS_PER_FRAME, MAX_WINDOWS - self._win_n)
-        impl = (
-            window_charge if self.estimator.implementation == "numba" else (window_charge_reference)
-        )
         est = self.estimator
-        q, t = impl(raw, *self._maps, indices, self._low, est.tile, limit)
+        impl = window_charge if est.implementation == "numba" else window_charge_reference
+        q, t = impl(raw, *self._maps, indices, low, est.tile, limit)
         if q.size:
             self._win_charge += int(q.sum())
-            self._win_electrons += float(np.sum(est._factor[t]))
+            self._win_electrons += float(np.sum(est.event_factors(t)))
             self._win_n += int(q.size)
 
     def _frame_electrons(self, tiles: np.ndarray, raw: np.ndarray | None) -> float:
         """Electrons of one frame whose events lie in ``tiles``, with the pooled state."""
         est = self.estimator
-        per_event = est._factor[tiles]
+        per_event = est.event_factors(tiles)
         q1 = self.electron_charge
-        if raw is None or q1 is None or not self._dense.any():
+        dense = None if raw is None or q1 is None else self._flag(_DENSE)
+        if dense is None:
             return float(per_event.sum())
-        dense = self._dense.ravel()[tiles]
+        in_dense = dense.ravel()[tiles]
         impl = tile_charge if est.implementation == "numba" else tile_charge_reference
-        charge = impl(raw, *self._maps, est.tile, self._dense)
-        return float(per_event[~dense].sum()) + float(charge.sum()) / (q1 * CHARGE_SCALE)
+        charge = impl(raw, *self._maps, est.tile, dense)
+        return float(per_event[~in_dense].sum()) + float(charge.sum()) / (q1 * CHARGE_SCALE)
 
     def _raw(self, frames, i: int) -> np.ndarray | None:
         if frames is None or self._maps is None or not self.charge:
@@ -283,7 +288,6 @@ class DoseCorrector:
             fb = batch.slice(i, i + 1)
             raw = self._raw(frames, i)
             tiles = self.estimator.pool(fb)
-            self._refresh_flags()
             if raw is not None:
                 self._sample_windows(raw, fb.indices)
             out[i] = self._frame_electrons(tiles, raw)
@@ -297,7 +301,6 @@ class DoseCorrector:
         est = self.estimator
         est.refresh = max(1, batch.n_frames)
         tiles = est.pool(batch) if batch.n_frames else np.zeros(0, np.int64)
-        self._refresh_flags()
         if frames is not None and self._maps is not None and self.charge:
             for i in range(batch.n_frames):
                 a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
@@ -315,13 +318,14 @@ class DoseCorrector:
         out = self.estimator.model()
         q1 = self.electron_charge
         used = q1 is not None and self._maps is not None and self.charge
+        dense = self._flag(_DENSE) if used else None
         out.update(
             charge=bool(self.charge and self._maps is not None),
             charge_lam=CHARGE_LAM,
             window_lam=WINDOW_LAM,
             electron_charge_adu=None if q1 is None else round(q1, 6),
             windows=int(self._win_n),
-            charge_tiles=int(self._dense.sum()) if used else 0,
+            charge_tiles=int(dense.sum()) if used and dense is not None else 0,
         )
         return out
 

@@ -17,6 +17,8 @@ from streamstore.counting.coincidence import (
     _check_radii,
     _inverse_table,
     exclusion_areas,
+    lookup_events,
+    lookup_events_reference,
     lookup_tiles,
     lookup_tiles_reference,
     pair_histogram,
@@ -45,17 +47,23 @@ PAIR_EVENTS_PER_FRAME = 32_768
 
 
 @functools.lru_cache(maxsize=8)
-def _tile_geometry(h: int, w: int, tile: int) -> tuple[np.ndarray, np.ndarray]:
-    """Area of each tile (float64, flat; read-only) and the flat indices of the tiles
-    the frame's edge cuts short: the same for every estimator of a frame shape, and
-    a one-frame ``count()`` builds a new estimator each call."""
-    ty = np.minimum(tile, h - tile * np.arange(-(-h // tile)))
-    tx = np.minimum(tile, w - tile * np.arange(-(-w // tile)))
+def _tile_geometry(h: int, w: int, tile: int) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """Area of each tile (float64, flat), each tile's class (uint8, flat: 0 whole,
+    1 in the last column, 2 in the last row, 3 both, when the frame's edge cuts
+    them short) and the area of each class. Read-only, the same for every
+    estimator of a frame shape (a one-frame ``count()`` builds one each call)."""
+    n_ty, n_tx = -(-h // tile), -(-w // tile)
+    ty = np.minimum(tile, h - tile * np.arange(n_ty))
+    tx = np.minimum(tile, w - tile * np.arange(n_tx))
     area = (ty[:, None] * tx[None, :]).astype(np.float64).ravel()
-    part = np.flatnonzero(area != float(tile * tile))
+    classes = np.zeros((n_ty, n_tx), np.uint8)
+    classes[:, -1] |= np.uint8(tx[-1] != tile)
+    classes[-1, :] |= np.uint8(2 * (ty[-1] != tile))
+    classes = classes.ravel()
+    class_areas = tuple(float(a * b) for b in (tile, ty[-1]) for a in (tile, tx[-1]))
     area.flags.writeable = False
-    part.flags.writeable = False
-    return area, part
+    classes.flags.writeable = False
+    return area, classes, class_areas
 
 
 class DoseEstimator:
@@ -138,7 +146,7 @@ class DoseEstimator:
         self.flag_limits = tuple((float(lo_), float(hi_)) for lo_, hi_ in flag_limits)
         self.n_ty = -(-h // self.tile)
         self.n_tx = -(-w // self.tile)
-        self._tile_area, self._part_tiles = _tile_geometry(h, w, self.tile)
+        self._tile_area, self._classes, self._class_areas = _tile_geometry(h, w, self.tile)
         self._counts = np.zeros(self.n_ty * self.n_tx, np.float64)
         self._weight = 0.0  # frames pooled (sum of weights)
         self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
@@ -149,8 +157,13 @@ class DoseEstimator:
         self._far = ((dy > 0) | (dx > 0)) & (cheb >= lo) & (cheb <= hi)
         #: True once :data:`MAX_FAR_PAIRS` far pairs are pooled: the areas stay as measured
         self.pairs_complete = False
+        # at each refresh: with pooled (whole) counts, the electrons per event and the
+        # flags per tile class and count (tables); with forgetting, maps of every tile
+        self._lut: np.ndarray | None = None
+        self._flag_luts: np.ndarray | None = None
         self._factor: np.ndarray | None = None
-        self._flags: np.ndarray | None = None
+        self._flags: np.ndarray | None = None  # made when first asked for
+        self._ready = False
         self._stale = 0
         self._refreshed_at = 0
         self._table: tuple[tuple[float, float], tuple[np.ndarray, ...]] | None = None
@@ -184,28 +197,46 @@ class DoseEstimator:
 
         return int(numba.config.NUMBA_NUM_THREADS)
 
-    def _tile_factor(self) -> np.ndarray:
-        """Electrons per event in each tile (>= 1), from the pooled densities; also
-        sets the tiles' flags (:meth:`tile_flags`)."""
+    def _refresh(self) -> None:
+        """Recompute the electrons per event from the pooled densities."""
+        self._flags = None
         if self.memory is not None:
-            factor = self._factor_of(self._counts, self._tile_area)
-            self._flags = self._flags_of(factor, self._counts, self._tile_area)
-            return factor
-        # pooled counts are whole numbers: whole tiles look up the factor and the
-        # flags of their count (the same values, one pass instead of two inversions)
+            self._factor = self._factor_of(self._counts, self._tile_area)
+            return
+        self._lut, self._flag_luts = self._tables()
+
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Electrons per event and flags per tile class and pooled count, now: pooled
+        counts are whole numbers, so the tables give the same values as inverting
+        every tile, at the cost of a handful of inversions."""
         n = np.arange(int(self._counts.max(initial=0)) + 1.0)
-        area = float(self.tile**2)
-        lut = self._factor_of(n, area)
-        flag_luts = self._flags_of(lut, n, area)
-        if self.implementation == "numba":
-            factor, flags = lookup_tiles(self._counts, lut, flag_luts, self._threads())
-        else:
-            factor, flags = lookup_tiles_reference(self._counts, lut, flag_luts)
-        part = self._part_tiles  # the last row and column of tiles may be cut short
-        factor[part] = self._factor_of(self._counts[part], self._tile_area[part])
-        flags[:, part] = self._flags_of(factor[part], self._counts[part], self._tile_area[part])
-        self._flags = flags
-        return factor
+        lut = np.stack([self._factor_of(n, a) for a in self._class_areas])
+        flag_luts = np.stack(
+            [self._flags_of(lut[c], n, a) for c, a in enumerate(self._class_areas)], axis=1
+        )
+        return lut, flag_luts
+
+    def event_factors(self, tiles: np.ndarray) -> np.ndarray:
+        """Electrons each event of these tiles stands for (>= 1), at the last refresh.
+
+        Parameters
+        ----------
+        tiles : ndarray of int64
+            Flat tile indices (as :meth:`pool` returns them).
+        """
+        if self._lut is None:
+            return self._factor[tiles]
+        lookup = lookup_events if self.implementation == "numba" else lookup_events_reference
+        return lookup(tiles, self._counts, self._classes, self._lut)
+
+    def _tile_factor(self) -> np.ndarray:
+        """Electrons per event in each tile (>= 1), from the pooled densities."""
+        if self.memory is not None:
+            return self._factor_of(self._counts, self._tile_area)
+        lut = self._tables()[0]
+        tiles = np.arange(self._counts.size)
+        lookup = lookup_events if self.implementation == "numba" else lookup_events_reference
+        return lookup(tiles, self._counts, self._classes, lut)
 
     def _flags_of(
         self, factor: np.ndarray, counts: np.ndarray, area: np.ndarray | float
@@ -218,12 +249,28 @@ class DoseEstimator:
             out[k] = (lam > low) & (lam < high) & (mu > 0)
         return out
 
+    def may_flag(self, k: int) -> bool:
+        """False where no tile can be in interval ``k`` of ``flag_limits`` at the last
+        refresh (no count of any tile class maps into it): no map to make or scan."""
+        if not self._ready:
+            return False
+        if self._flag_luts is not None:
+            return bool(self._flag_luts[k].any())
+        return bool(self.tile_flags()[k].any())
+
     def tile_flags(self) -> np.ndarray:
         """Per tile, whether its estimated electron density lies in each interval of
         ``flag_limits``, at the last refresh: bool, shape ``(k, n_ty, n_tx)`` (the same
-        values as comparing :meth:`electron_density`, without a pass of its own)."""
-        if self._flags is None:
+        values as comparing :meth:`electron_density`), made when first asked for."""
+        if not self._ready:
             return np.zeros((len(self.flag_limits), self.n_ty, self.n_tx), np.bool_)
+        if self._flags is None:
+            if self._flag_luts is None:
+                self._flags = self._flags_of(self._factor, self._counts, self._tile_area)
+            elif self.implementation == "numba":
+                self._flags = lookup_tiles(self._counts, self._classes, self._flag_luts)
+            else:
+                self._flags = lookup_tiles_reference(self._counts, self._classes, self._flag_luts)
         return self._flags.reshape(-1, self.n_ty, self.n_tx)
 
     def _factor_of(self, counts: np.ndarray, area: np.ndarray | float) -> np.ndarray:
@@ -263,7 +310,7 @@ class DoseEstimator:
         if n == 0 and tuple(batch.frame_shape) == self.frame_shape:
             return np.zeros(0, np.float64)
         tiles = self.pool(batch)
-        per_event = self._factor[tiles]
+        per_event = self.event_factors(tiles)
         frame_of = np.repeat(np.arange(n), batch.counts)
         return np.bincount(frame_of, weights=per_event, minlength=n).astype(np.float64)
 
@@ -309,8 +356,9 @@ class DoseEstimator:
         self.frames_seen += n
         self._stale += n
         # early on the pooled map changes fast: refresh after 1, 2, 4, ... frames
-        if self._factor is None or self._stale >= min(self.refresh, self._refreshed_at):
-            self._factor = self._tile_factor()
+        if not self._ready or self._stale >= min(self.refresh, self._refreshed_at):
+            self._refresh()
+            self._ready = True
             self._stale = 0
             self._refreshed_at = self.frames_seen
         return tiles

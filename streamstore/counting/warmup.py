@@ -108,6 +108,7 @@ def _warm_dose() -> int:
     dispatchers = [
         coincidence._pair_histogram_kernel,
         coincidence._pool_tiles_kernel,
+        coincidence._lookup_events_kernel,
         coincidence._lookup_tiles_kernel,
         charge._tile_charge_kernel,
         charge._window_charge_kernel,
@@ -117,7 +118,9 @@ def _warm_dose() -> int:
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
     coincidence.pair_histogram(b, 5)
     coincidence.pool_tiles(b.indices, 70, 8, 9, np.zeros(9, np.float64))
-    coincidence.lookup_tiles(np.zeros(9, np.float64), np.ones(1), np.ones((2, 1), np.bool_))
+    classes = np.zeros(9, np.uint8)
+    coincidence.lookup_events(np.arange(9), np.zeros(9), classes, np.ones((4, 1)))
+    coincidence.lookup_tiles(np.zeros(9), classes, np.ones((2, 4, 1), np.bool_))
     dark16 = np.zeros((8, 70), np.int32)
     gain = np.ones((8, 70), np.uint16)
     good = np.ones((8, 70), np.uint8)

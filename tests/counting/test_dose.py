@@ -155,19 +155,26 @@ def test_estimators_agree_whatever_pools_the_tiles():
                 assert flag.any() and not flag.all()
 
 
-def test_tile_lookup_matches_its_reference_on_any_thread_count():
-    from streamstore.counting.coincidence import lookup_tiles, lookup_tiles_reference
+def test_tile_lookups_match_their_references():
+    from streamstore.counting.coincidence import (
+        lookup_events,
+        lookup_events_reference,
+        lookup_tiles,
+        lookup_tiles_reference,
+    )
 
     rng = np.random.default_rng(9)
-    counts = rng.poisson(0.7, 20_011).astype(np.float64)  # ranges cut mid-way
-    lut = rng.uniform(1.0, 1.5, int(counts.max()) + 1)
-    flag_luts = rng.random((2, lut.size)) < 0.5
-    factor, flags = lookup_tiles_reference(counts, lut, flag_luts)
-    assert flags.any() and not flags.all()
-    for threads in (1, 2, 3):
-        got = lookup_tiles(counts, lut, flag_luts, threads)
-        np.testing.assert_array_equal(got[0], factor)
-        np.testing.assert_array_equal(got[1], flags)
+    counts = rng.poisson(0.7, 20_011).astype(np.float64)
+    classes = rng.integers(0, 4, counts.size).astype(np.uint8)
+    lut = rng.uniform(1.0, 1.5, (4, int(counts.max()) + 1))
+    tiles = np.sort(rng.integers(0, counts.size, 5000))
+    expect = lookup_events_reference(tiles, counts, classes, lut)
+    np.testing.assert_array_equal(lookup_events(tiles, counts, classes, lut), expect)
+    assert expect[3] == lut[classes[tiles[3]], int(counts[tiles[3]])]
+    luts = rng.random((2, 4, lut.shape[1])) < 0.5
+    flags = lookup_tiles_reference(counts, classes, luts)
+    assert flags.shape == (2, counts.size) and flags.any() and not flags.all()
+    np.testing.assert_array_equal(lookup_tiles(counts, classes, luts), flags)
 
 
 def test_independent_events_show_no_deficit_beyond_their_own_pixel():
