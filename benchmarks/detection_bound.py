@@ -1,10 +1,8 @@
 """How much recall the emulator's physics allows at all: an oracle bound on detection.
 
-    python -m benchmarks.detection_bound                     # default physics, three doses
-    python -m benchmarks.detection_bound --json              # one JSON object
-    python -m benchmarks.detection_bound --doses 0.001 --emulator psf_sigma_px=0.8
-    python -m benchmarks.detection_bound --doses 0.001 \\
-        --emulator read_noise_adu=6 --emulator deposit=gamma   # two parameter points
+    python -m benchmarks.detection_bound   # default physics, three doses (--json: one object)
+    python -m benchmarks.detection_bound --doses 0.001 --emulator psf_sigma_px=0.8 \\
+        --emulator deposit=gamma,read_noise_adu=6   # two parameter points
 
 For each emulator parameter point (``--emulator key=value,...``, repeatable,
 the names of :class:`streamstore.camera.emulator.CameraEmulator`) and dose, a
@@ -53,7 +51,8 @@ Measured
     (:func:`streamstore.counting.accuracy.score_batch`, events matched within
     1 px): recall, precision, and recall on the isolated electrons above.
 
-Not a speed benchmark: the figures are the same on any machine.
+``--row-median``: the oracle's frames less each row's median (most of the
+row common mode, which the calibration's noise holds). Not a speed benchmark.
 """
 
 from __future__ import annotations
@@ -166,7 +165,7 @@ def electron_stats(
     w = p / v
     out = {"matched": (w * x).sum((1, 2)) / np.sqrt((w * p).sum((1, 2)))}
     box = np.s_[:, HALF - 1 : HALF + 2, HALF - 1 : HALF + 2]
-    out["box3"] = _box(x[box], v[box])
+    out["box3"] = _ratio(x[box].sum((1, 2)), v[box].sum((1, 2)))
     # the quadrant the true position points to: up / left of the hit pixel when below 0.5
     qy = HALF - (frac[:, 0] < 0.5)
     qx = HALF - (frac[:, 1] < 0.5)
@@ -175,10 +174,6 @@ def electron_stats(
     qv_sum = sum(v[k, qy + a, qx + b] for a in (0, 1) for b in (0, 1))
     out["quad2"] = _ratio(qx_sum, qv_sum)
     return out
-
-
-def _box(x: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return _ratio(x.sum((1, 2)), v.sum((1, 2)))
 
 
 def _ratio(total: np.ndarray, var: np.ndarray) -> np.ndarray:
@@ -236,6 +231,15 @@ def _separable(img: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
     """``img`` correlated with the outer product of ``wy`` and ``wx`` (zero outside)."""
     tmp = ndimage.correlate1d(img, wy, axis=0, mode="constant")
     return ndimage.correlate1d(tmp, wx, axis=1, mode="constant")
+
+
+def _signal(frames: np.ndarray, cal: Calibration, row_median: bool, dtype=np.float64):
+    """Dark-subtracted frames; with ``row_median`` also less each row's median, which
+    removes most of the common-mode offset a detector could estimate from the row."""
+    sig = frames.astype(dtype) - cal.dark
+    if row_median:
+        sig -= np.median(sig, axis=-1, keepdims=True)
+    return sig
 
 
 def _disc(radius: float) -> np.ndarray:
@@ -334,6 +338,7 @@ def run_point(
     min_frames: int = 16,
     null_frames: int | None = None,
     methods: tuple[str, ...] = METHODS,
+    row_median: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Measure one parameter point at one dose (see the module docstring); ``null_frames``
@@ -360,7 +365,7 @@ def run_point(
     iso_f, iso_pos, iso_e, iso_index = [], [], [], []
     offset = 0
     for i in range(n_frames):
-        sig = frames[i].astype(np.float64) - cal.dark
+        sig = _signal(frames[i], cal, row_median)
         pos, xr = truth.positions[i], truth.xray_positions[i]
         # null positions: no electron nor X-ray within NULL_PX (a pixel holds its
         # electron anywhere: one pixel more of margin)
@@ -383,7 +388,7 @@ def run_point(
     pos = np.concatenate(iso_pos)
     energy = np.concatenate(iso_e).astype(np.float64)
     iso_index = np.concatenate(iso_index)
-    sig_all = frames.astype(np.float32) - cal.dark  # (n, H, W)
+    sig_all = _signal(frames, cal, row_median, np.float32)  # (n, H, W)
     stats = electron_stats(sig_all, var, f, pos, sigma)
     del sig_all
     # the extra dark frames: enough null trials for the tail at this dose's rate
@@ -393,7 +398,7 @@ def run_point(
     while done < null_frames:
         block, _ = emu.dark_frames(min(CHUNK, null_frames - done))
         for fr in block:
-            tail.add(null_maps(fr.astype(np.float64) - cal.dark, var, rng.random(2), sigma), good)
+            tail.add(null_maps(_signal(fr, cal, row_median), var, rng.random(2), sigma), good)
         done += len(block)
     row: dict[str, Any] = {
         "dose_e_per_px_frame": dose,
@@ -407,6 +412,7 @@ def run_point(
         "null_frames": null_frames,
         "null_trials": tail.trials,
         "n_isolated": len(f),
+        "row_median": row_median,
     }
     bounds: dict[str, Any] = {}
     for s in STATS:
@@ -552,7 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a parameter point, e.g. psf_sigma_px=0.8,deposit=gamma; repeatable (default physics)",
     )
     p.add_argument("--electrons", type=int, default=15000, help="least electrons per row (15000)")
-    p.add_argument("--frames", type=int, default=16, help="least frames per row (16)")
+    p.add_argument(
+        "--frames", dest="min_frames", type=int, default=16, help="least frames per row (16)"
+    )
     p.add_argument(
         "--null-frames",
         type=int,
@@ -560,12 +568,15 @@ def main(argv: list[str] | None = None) -> int:
         help="extra dark frames for the null (default: enough for the dose's false rate)",
     )
     p.add_argument("--seed", type=int, default=2026)
+    p.add_argument(
+        "--row-median", action="store_true", help="oracle statistics on row-median-corrected frames"
+    )
     p.add_argument("--no-resolve", action="store_true", help="measure the default rule only")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     record.add_options(p)
     args = p.parse_args(argv)
-    if args.frames < 1:
-        p.error("--frames must be >= 1")
+    if args.min_frames < 1 or args.electrons < 0:
+        p.error("--frames must be >= 1 and --electrons >= 0")
     points = args.emulator or [{}]
     for params in points:
         try:
@@ -574,17 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--emulator: {exc}")
     log = (lambda *a, **k: None) if args.json else print
     methods = ("peak",) if args.no_resolve else METHODS
-    res = run(
-        args.shape,
-        args.doses,
-        points,
-        args.seed,
-        electrons=max(0, args.electrons),
-        min_frames=args.frames,
-        null_frames=args.null_frames,
-        methods=methods,
-        log=log,
-    )
+    kw = {k: getattr(args, k) for k in ("electrons", "min_frames", "null_frames", "row_median")}
+    res = run(args.shape, args.doses, points, args.seed, methods=methods, log=log, **kw)
     record.save("detection_bound", res, args)
     if args.json:
         print(json.dumps(res, indent=2))
