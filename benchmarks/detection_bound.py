@@ -51,8 +51,9 @@ Measured
     (:func:`streamstore.counting.accuracy.score_batch`, events matched within
     1 px): recall, precision, and recall on the isolated electrons above.
 
-``--row-median``: the oracle's frames less each row's median (most of the
-row common mode, which the calibration's noise holds). Not a speed benchmark.
+``--row-correct``: the oracle's frames less each row's mean over the pixels
+the truth says hold no charge (the row's common-mode offset, which the
+calibration's noise holds). Not a speed benchmark.
 """
 
 from __future__ import annotations
@@ -233,13 +234,22 @@ def _separable(img: np.ndarray, wy: np.ndarray, wx: np.ndarray) -> np.ndarray:
     return ndimage.correlate1d(tmp, wx, axis=1, mode="constant")
 
 
-def _signal(frames: np.ndarray, cal: Calibration, row_median: bool, dtype=np.float64):
-    """Dark-subtracted frames; with ``row_median`` also less each row's median, which
-    removes most of the common-mode offset a detector could estimate from the row."""
-    sig = frames.astype(dtype) - cal.dark
-    if row_median:
-        sig -= np.median(sig, axis=-1, keepdims=True)
+def _signal(frame: np.ndarray, cal: Calibration, free: np.ndarray | None) -> np.ndarray:
+    """One dark-subtracted frame; with ``free`` (bool (H, W): pixels without charge)
+    also less each row's mean over its free pixels: the row's common-mode offset,
+    as an oracle that knows where no charge fell estimates it."""
+    sig = frame.astype(np.float64) - cal.dark
+    if free is not None:
+        n = free.sum(1)
+        sig -= (np.where(free, sig, 0.0).sum(1) / np.maximum(n, 1))[:, None]
     return sig
+
+
+def _near(shape: tuple[int, int], rc: np.ndarray, disc: np.ndarray) -> np.ndarray:
+    """The pixels ``disc`` (a footprint) reaches from the pixels ``rc`` (k, 2)."""
+    out = np.zeros(shape, bool)
+    out[rc[:, 0], rc[:, 1]] = True
+    return ndimage.binary_dilation(out, disc)
 
 
 def _disc(radius: float) -> np.ndarray:
@@ -272,17 +282,13 @@ class NullTail:
             self.peaks[s].append(m[top & peak].astype(np.float32))
 
     def std(self, stat: str) -> float:
-        """Standard deviation of the statistic over the trials (1 for independent
-        Gaussian noise of the calibration's level)."""
+        """The statistic's standard deviation over the trials (1 for independent noise)."""
         s, ss = self.moments[stat]
         return float(math.sqrt(max(ss / self.trials - (s / self.trials) ** 2, 0.0)))
 
     def threshold(self, stat: str, rate: float, *, every: bool = False) -> tuple[float, int]:
-        """The level exceeded at ``rate`` per trial, and the null values above it.
-
-        The ``k = floor(rate x trials)`` largest values lie above it (it is the
-        ``k + 1``-th largest); with ``k`` small the level is uncertain.
-        """
+        """The level exceeded at ``rate`` per trial (the ``k + 1``-th largest value,
+        ``k = floor(rate x trials)``), and ``k``: with ``k`` small it is uncertain."""
         vals = np.concatenate((self.every if every else self.peaks)[stat])
         k = int(math.floor(rate * self.trials))
         if k >= len(vals):  # the level lies below the floor: never at this module's rates
@@ -294,28 +300,22 @@ def coincidence(positions: list[np.ndarray], distances=SEPARATIONS) -> dict[str,
     """Per distance d: the share of electrons with another within d, the groups
     (electrons linked at < d) per electron, and which electrons have none.
 
-    Returns
-    -------
-    dict
-        ``"d=1"`` etc. -> ``{"share_with_neighbour", "groups_per_electron",
-        "multi_groups", "single"}``, pooled over frames; ``multi_groups`` counts
-        the groups of two or more, ``single`` is a bool per electron, the
-        frames' electrons one after the other.
+    Returns ``"d=1"`` etc. -> ``{"share_with_neighbour", "groups_per_electron",
+    "multi_groups"`` (groups of two or more) ``, "single"`` (bool per electron)``}``.
     """
     out: dict[str, Any] = {}
     n = sum(len(p) for p in positions)
     for d in distances:
         single, groups, multi = [], 0, 0
         for p in positions:
-            k = len(p)
-            if k == 0:
+            if (k := len(p)) == 0:
                 continue
             pairs = cKDTree(p).query_pairs(d, output_type="ndarray")
             s = np.ones(k, bool)
             s[pairs.ravel()] = False
             single.append(s)
             g = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(k, k))
-            n_groups, labels = connected_components(g, directed=False)
+            n_groups, _ = connected_components(g, directed=False)
             groups += n_groups
             multi += n_groups - int(s.sum())
         single_all = np.concatenate(single) if single else np.zeros(0, bool)
@@ -338,7 +338,7 @@ def run_point(
     min_frames: int = 16,
     null_frames: int | None = None,
     methods: tuple[str, ...] = METHODS,
-    row_median: bool = False,
+    row_correct: bool = False,
     log=print,
 ) -> dict[str, Any]:
     """Measure one parameter point at one dose (see the module docstring); ``null_frames``
@@ -361,44 +361,37 @@ def run_point(
     var = np.where(good, cal.noise.astype(np.float64) ** 2, np.inf)
     rng = np.random.default_rng(seed + 7919)
     tail = NullTail()
-    near_e, near_x = _disc(NULL_PX + 1), _disc(NULL_PX + 1)  # pixel index distance
-    iso_f, iso_pos, iso_e, iso_index = [], [], [], []
-    offset = 0
+    near, near_row = _disc(NULL_PX + 1), _disc(3.5)  # pixel index distances
+    iso = []
+    sig_all = np.empty(frames.shape, np.float32)
     for i in range(n_frames):
-        sig = _signal(frames[i], cal, row_median)
         pos, xr = truth.positions[i], truth.xray_positions[i]
         # null positions: no electron nor X-ray within NULL_PX (a pixel holds its
         # electron anywhere: one pixel more of margin)
-        busy = np.zeros(shape, bool)
         pix = np.floor(pos).astype(np.int64)
-        busy[pix[:, 0], pix[:, 1]] = True
-        busy = ndimage.binary_dilation(busy, near_e)
-        xbusy = np.zeros(shape, bool)
-        xbusy[xr[:, 0], xr[:, 1]] = True
-        busy |= ndimage.binary_dilation(xbusy, near_x)
+        xbusy = _near(shape, xr, near)
+        busy = xbusy | _near(shape, pix, near)
+        free = None
+        if row_correct:  # charge-free: nothing within 3.5 px of an electron's pixel
+            free = good & ~xbusy & ~_near(shape, pix, near_row)
+        sig = sig_all[i] = _signal(frames[i], cal, free)
         tail.add(null_maps(sig, var, rng.random(2), sigma), ~busy)
-        # isolated electrons
-        keep = _isolated(pos, xr, shape, good)
-        iso_f.append(np.full(int(keep.sum()), i))
-        iso_pos.append(pos[keep])
-        iso_e.append(truth.energies[i][keep])
-        iso_index.append(offset + np.flatnonzero(keep))
-        offset += len(pos)
-    f = np.concatenate(iso_f)
-    pos = np.concatenate(iso_pos)
-    energy = np.concatenate(iso_e).astype(np.float64)
-    iso_index = np.concatenate(iso_index)
-    sig_all = _signal(frames, cal, row_median, np.float32)  # (n, H, W)
+        iso.append(_isolated(pos, xr, shape, good))
+    # the isolated electrons: frame, position, deposit, index among all the electrons
+    iso_index = np.flatnonzero(np.concatenate(iso))
+    f = np.repeat(np.arange(n_frames), [len(p) for p in truth.positions])[iso_index]
+    pos = np.concatenate(truth.positions)[iso_index]
+    energy = np.concatenate(truth.energies)[iso_index].astype(np.float64)
     stats = electron_stats(sig_all, var, f, pos, sigma)
     del sig_all
     # the extra dark frames: enough null trials for the tail at this dose's rate
     if null_frames is None:
         null_frames = min(2000, math.ceil(NULL_EXCEEDANCES / (rate * h * w * 0.9)))
-    done = 0
+    done, free = 0, good if row_correct else None
     while done < null_frames:
         block, _ = emu.dark_frames(min(CHUNK, null_frames - done))
         for fr in block:
-            tail.add(null_maps(_signal(fr, cal, row_median), var, rng.random(2), sigma), good)
+            tail.add(null_maps(_signal(fr, cal, free), var, rng.random(2), sigma), good)
         done += len(block)
     row: dict[str, Any] = {
         "dose_e_per_px_frame": dose,
@@ -412,7 +405,7 @@ def run_point(
         "null_frames": null_frames,
         "null_trials": tail.trials,
         "n_isolated": len(f),
-        "row_median": row_median,
+        "row_correct": row_correct,
     }
     bounds: dict[str, Any] = {}
     for s in STATS:
@@ -569,7 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument(
-        "--row-median", action="store_true", help="oracle statistics on row-median-corrected frames"
+        "--row-correct",
+        action="store_true",
+        help="oracle statistics on frames less each row's offset",
     )
     p.add_argument("--no-resolve", action="store_true", help="measure the default rule only")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
@@ -585,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--emulator: {exc}")
     log = (lambda *a, **k: None) if args.json else print
     methods = ("peak",) if args.no_resolve else METHODS
-    kw = {k: getattr(args, k) for k in ("electrons", "min_frames", "null_frames", "row_median")}
+    kw = {k: getattr(args, k) for k in ("electrons", "min_frames", "null_frames", "row_correct")}
     res = run(args.shape, args.doses, points, args.seed, methods=methods, log=log, **kw)
     record.save("detection_bound", res, args)
     if args.json:
