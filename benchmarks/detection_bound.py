@@ -359,6 +359,10 @@ def run_point(
     rate = (1 - PRECISION) / PRECISION * true_dose  # false events allowed per pixel
     good = np.ones(shape, bool) if cal.mask is None else ~cal.mask
     var = np.where(good, cal.noise.astype(np.float64) ** 2, np.inf)
+    if row_correct:  # what the row offset adds to each pixel's noise, from the dark series
+        row_mean = (dark.astype(np.float64) - cal.dark).mean(axis=2)
+        row_var = row_mean.var(axis=0, ddof=1).mean() - np.mean(var[good]) / w
+        var = np.maximum(var - max(row_var, 0.0), 0.05 * var)
     rng = np.random.default_rng(seed + 7919)
     tail = NullTail()
     near, near_row = _disc(NULL_PX + 1), _disc(3.5)  # pixel index distances

@@ -95,3 +95,16 @@ def test_unknown_emulator_parameter_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--emulator", "psf=0.8", "--no-save"])
     assert "--emulator" in capsys.readouterr().err
+
+
+def test_row_correction_takes_the_common_mode_out_of_the_null():
+    # a strong row common mode adds up along the template's rows unless taken out
+    kw = dict(electrons=300, min_frames=4, null_frames=40, methods=("peak",), log=lambda *a: 0)
+    params = {"row_noise_adu": 6.0, "read_noise_adu": 2.0, "psf_sigma_px": 0.8}
+    rows = [
+        bench.run_point((48, 64), 0.01, params, 3, row_correct=rc, **kw) for rc in (False, True)
+    ]
+    plain, corrected = (r["isolated"]["matched"] for r in rows)
+    assert plain["null_std"] > 1.3 and 0.7 < corrected["null_std"] < 1.1
+    assert corrected["bound"] > plain["bound"] + 0.2
+    assert rows[1]["row_correct"] and rows[0]["n_true"] == rows[1]["n_true"]  # the same frames
