@@ -52,8 +52,8 @@ Measured
     1 px): recall, precision, and recall on the isolated electrons above.
 
 ``--row-correct``: the oracle's frames less each row's mean over the pixels
-the truth says hold no charge (the row's common-mode offset, which the
-calibration's noise holds). Not a speed benchmark.
+the truth says hold no charge, and its noise map less the row offset's share
+measured on the dark series. Not a speed benchmark.
 """
 
 from __future__ import annotations
