@@ -86,6 +86,52 @@ def cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProce
     )
 
 
+def cli_here(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``streamstore ARGS`` through :func:`streamstore.cli.main` in this process.
+
+    For checks of what a command prints, writes and returns, at a fraction of a new
+    interpreter's cost (numpy, h5py, numba and matplotlib are imported once per test
+    process). What reaches file descriptors 1 and 2 (C libraries, HDF5) is captured
+    too. :func:`cli` keeps the process boundary: each command's exit-status contract
+    is also checked there, in a real ``python -m streamstore``.
+    """
+    import contextlib
+    import io
+    import os
+    import tempfile
+
+    from streamstore.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with (
+        tempfile.TemporaryFile() as fd_out,
+        tempfile.TemporaryFile() as fd_err,
+        contextlib.chdir(cwd if cwd is not None else os.getcwd()),
+    ):
+        saved = os.dup(1), os.dup(2)
+        os.dup2(fd_out.fileno(), 1)
+        os.dup2(fd_err.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as exc:  # argparse: usage errors exit 2
+                    code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        fd_out.seek(0)
+        fd_err.seek(0)
+        stdout = out.getvalue() + fd_out.read().decode(errors="replace")
+        stderr = err.getvalue() + fd_err.read().decode(errors="replace")
+    return subprocess.CompletedProcess(["streamstore", *argv], code, stdout, stderr)
+
+
 def make_sharded(directory: Path, n_frames: int = 120, n_shards: int = 2, lost=(10, 11)) -> Path:
     """A series as several ingest workers write it: ``shard-<k>.h5`` dealt round-robin."""
     directory.mkdir()

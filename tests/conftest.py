@@ -13,6 +13,14 @@ import pytest
 
 from streamstore.cli import free_tcp_endpoint
 
+# The suite starts some 250 Python processes (daemons, CLI commands, readers). Where
+# the environment forbids bytecode files, every one of them compiled the same
+# streamstore modules from source again (about 0.2 s CPU each); this process and
+# every process it starts may write them (Python writes a .pyc atomically, so
+# processes starting together do not clash).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 # small frames: the suite runs on 2 cores in minutes
 SMALL_SHAPE = (256, 384)
 

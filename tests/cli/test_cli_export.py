@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import streamstore
-from tests._cli_data import SHAPE, cli, make_store
+from tests._cli_data import SHAPE, cli, cli_here, make_store
 
 tifffile = pytest.importorskip("tifffile")
 
@@ -101,7 +101,7 @@ def test_tiff_fractions_drop_remainder(stores, tmp_path):
 
 def test_tiff_keep_remainder_sums_to_total(stores, tmp_path):
     out = tmp_path / "all.tif"
-    res = cli(
+    res = cli_here(
         "export",
         stores["run"],
         out,
@@ -133,7 +133,7 @@ def test_tiff_keep_remainder_sums_to_total(stores, tmp_path):
 
 def test_tiff_without_pixel_size(stores, tmp_path):
     out = tmp_path / "np.tif"
-    res = cli(
+    res = cli_here(
         "export",
         stores["nopx"],
         out,
@@ -166,7 +166,7 @@ def test_tiff_dtype_follows_frames_per_page(stores, tmp_path):
     with streamstore.open(dense) as st:
         total = int(st.event_counts.sum())
         assert int(st.sum().max()) > 255
-    res = cli(
+    res = cli_here(
         "export",
         dense,
         tmp_path / "one.tif",
@@ -181,7 +181,7 @@ def test_tiff_dtype_follows_frames_per_page(stores, tmp_path):
     with streamstore.open(dense) as st:
         pages = _check_pages_equal_sums(st, tmp_path / "one.tif", [slice(0, 300)])
     assert pages.dtype == np.uint16  # 300 frames per page cannot fit uint8 in the worst case
-    res = cli(
+    res = cli_here(
         "export",
         dense,
         tmp_path / "bad.tif",
@@ -201,7 +201,7 @@ def test_tiff_dtype_follows_frames_per_page(stores, tmp_path):
 
 def test_npy_window_with_roi(stores, tmp_path):
     out = tmp_path / "win.npy"
-    res = cli(
+    res = cli_here(
         "export",
         stores["run"],
         out,
@@ -262,7 +262,7 @@ def test_stempy_export_via_cli(stores, tmp_path):
     assert back.scan_shape == (12, 20)
     # a scan shape that does not divide the frames is a person's mistake: exit 2, no file
     bad = tmp_path / "bad_stempy.h5"
-    res = cli("export", stores["run"], bad, "-f", "stempy", "--scan-shape", "7x7")
+    res = cli_here("export", stores["run"], bad, "-f", "stempy", "--scan-shape", "7x7")
     assert res.returncode == 2 and "scan_shape" in res.stderr
     assert not bad.exists()
 
@@ -271,7 +271,7 @@ def test_tiff_from_a_sharded_series(tmp_path):
     from tests._cli_data import make_sharded
 
     d = make_sharded(tmp_path / "series")
-    res = cli(
+    res = cli_here(
         "export",
         d,
         tmp_path / "s.tif",

@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 import streamstore
-from tests._cli_data import CALIBRATION, COUNTING, FRAME_TIME_S, MISSING, SHAPE, cli, make_store
+from tests._cli_data import (
+    CALIBRATION,
+    COUNTING,
+    FRAME_TIME_S,
+    MISSING,
+    SHAPE,
+    cli,
+    cli_here,
+    make_store,
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +31,7 @@ def nopx_path(tmp_path_factory):
 
 
 def test_info_json_matches_store(store_path):
+    # the real command, in its own interpreter; the other tests call it in this process
     out = cli("info", store_path, "--json")
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
@@ -59,7 +69,7 @@ def test_info_json_matches_store(store_path):
 
 
 def test_info_text_is_readable(store_path):
-    out = cli("info", store_path)
+    out = cli_here("info", store_path)
     assert out.returncode == 0, out.stderr
     text = out.stdout
     with streamstore.open(store_path) as st:
@@ -77,12 +87,12 @@ def test_info_text_is_readable(store_path):
 
 
 def test_info_without_pixel_size(nopx_path):
-    s = json.loads(cli("info", nopx_path, "--json").stdout)
+    s = json.loads(cli_here("info", nopx_path, "--json").stdout)
     assert s["pixel_size_A"] is None
     assert set(s["dose_total"]) == {"events", "e/px"}
     with streamstore.open(nopx_path) as st:
         assert s["dose_total"]["e/px"] == pytest.approx(float(st.dose(unit="e/px").sum()))
-    text = cli("info", nopx_path).stdout
+    text = cli_here("info", nopx_path).stdout
     assert "e/A^2 needs the pixel size" in text
     assert "pixel size    not recorded" in text
 
@@ -107,10 +117,10 @@ def test_info_reports_a_real_calibration(tmp_path, rng):
     meta = {"series_id": "run7", "calibration_source": "series run7_dark"}
     with StoreWriter(path, (32, 48), frame_time_s=0.01, calibration=cal, meta=meta) as w:
         w.append(EventBatch([0, 2, 3], [3, 9, 40], frame_shape=(32, 48)), [0, 1], [0, 10**7])
-    s = json.loads(cli("info", path, "--json").stdout)
+    s = json.loads(cli_here("info", path, "--json").stdout)
     assert s["calibration"]["n_sigma"] == 4.5
     assert s["calibration_source"] == "dark_frames, series run7_dark"
-    text = cli("info", path).stdout
+    text = cli_here("info", path).stdout
     assert "n_sigma=4.5" in text  # counting thresholds come from the calibration
     assert "series        series_id=run7" in text
     assert "calibration   dark_frames, series run7_dark" in text
@@ -137,17 +147,17 @@ def test_info_on_a_file_being_written(tmp_path):
     )
     try:
         assert proc.stdout.readline().strip() == "ready"
-        out = cli("info", path, "--json")
+        out = cli_here("info", path, "--json")
         assert out.returncode == 0, out.stderr
         s = json.loads(out.stdout)
         assert s["open_for_writing"] is True
         assert s["frames_stored"] == 10 and s["n_events"] == 20
-        assert "still being written" in cli("info", path).stdout
+        assert "still being written" in cli_here("info", path).stdout
     finally:
         proc.stdin.close()
         proc.wait(timeout=60)
     assert proc.returncode == 0
-    s = json.loads(cli("info", path, "--json").stdout)
+    s = json.loads(cli_here("info", path, "--json").stdout)
     assert s["open_for_writing"] is False and s["frames_stored"] == 10
 
 
@@ -155,7 +165,7 @@ def test_info_on_a_sharded_series(tmp_path):
     from tests._cli_data import make_sharded
 
     d = make_sharded(tmp_path / "series")
-    out = cli("info", d, "--json")
+    out = cli_here("info", d, "--json")
     assert out.returncode == 0, out.stderr
     s = json.loads(out.stdout)
     with streamstore.open(d) as st:
@@ -163,7 +173,7 @@ def test_info_on_a_sharded_series(tmp_path):
         assert s["n_events"] == int(st.event_counts.sum())
     assert s["shards"] == ["shard-0.h5", "shard-1.h5"]
     assert s["file_size_bytes"] == sum(f.stat().st_size for f in d.glob("shard-*.h5"))
-    assert "shards        2 files (shard-0.h5, shard-1.h5)" in cli("info", d).stdout
+    assert "shards        2 files (shard-0.h5, shard-1.h5)" in cli_here("info", d).stdout
 
 
 def test_info_says_which_dose(tmp_path):
@@ -171,15 +181,15 @@ def test_info_says_which_dose(tmp_path):
     from pathlib import Path
 
     golden = Path(__file__).resolve().parents[1] / "data"
-    out = cli("info", golden / "golden_v2.h5")
+    out = cli_here("info", golden / "golden_v2.h5")
     assert out.returncode == 0, out.stderr
     assert "  dose: counted events, no coincidence correction recorded (format 2)\n" in out.stdout
     assert "299 events = " in out.stdout
-    s = json.loads(cli("info", golden / "golden_v2.h5", "--json").stdout)
+    s = json.loads(cli_here("info", golden / "golden_v2.h5", "--json").stdout)
     assert s["dose_corrected"] is False and s["dose_model"] is None
     assert s["dose_total"]["events"] == 299
 
-    out = cli("info", golden / "golden_v3.h5")
+    out = cli_here("info", golden / "golden_v3.h5")
     assert out.returncode == 0, out.stderr
     exp = json.loads((golden / "golden_v3_expected.json").read_text())
     total = sum(exp["electrons"])
@@ -187,10 +197,10 @@ def test_info_says_which_dose(tmp_path):
         out.stdout
     )
     assert f"{total:,.1f} electrons (299 events counted) = {total / 240:.6g} e/px" in out.stdout
-    s = json.loads(cli("info", golden / "golden_v3.h5", "--json").stdout)
+    s = json.loads(cli_here("info", golden / "golden_v3.h5", "--json").stdout)
     assert s["dose_corrected"] is True and s["dose_model"] == exp["dose_model"]
     assert s["dose_total"]["events"] == pytest.approx(total)
     assert s["n_events"] == 299
     # a version-3 file written without a correction says so with its own version
-    out = cli("info", make_store(tmp_path / "plain.h5", 20))
+    out = cli_here("info", make_store(tmp_path / "plain.h5", 20))
     assert "dose: counted events, no coincidence correction recorded (format 3)" in out.stdout

@@ -7,7 +7,7 @@ import pytest
 
 import streamstore
 from streamstore.analysis.plotting import DEFAULT_DPI, FIGSIZE_IN, summary_figure
-from tests._cli_data import SHAPE, cli, make_store
+from tests._cli_data import SHAPE, cli, cli_here, make_store
 
 pytest.importorskip("matplotlib")
 
@@ -61,7 +61,7 @@ def test_show_png_size_and_content(stores, tmp_path):
 def test_blank_store_gives_blank_panel(stores, tmp_path):
     # the non-blank check above can fail: a store without events draws a uniform panel
     out = tmp_path / "empty.png"
-    res = cli("show", stores["empty"], "--out", out)
+    res = cli_here("show", stores["empty"], "--out", out)
     assert res.returncode == 0, res.stderr
     gray = _image_panel(stores["empty"], _png(out)).mean(axis=2)
     assert gray.std() < 0.01
@@ -70,7 +70,7 @@ def test_blank_store_gives_blank_panel(stores, tmp_path):
 def test_show_dpi_log_window_and_roi(stores, tmp_path):
     out = tmp_path / "roi.png"
     roi = "20,120,30,200"
-    res = cli(
+    res = cli_here(
         "show",
         stores["run"],
         "--out",
@@ -96,7 +96,7 @@ def test_show_dpi_log_window_and_roi(stores, tmp_path):
 
 
 def test_default_output_name_in_cwd(stores, tmp_path):
-    res = cli("show", stores["run"], "--stop", "20", cwd=tmp_path)
+    res = cli_here("show", stores["run"], "--stop", "20", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "run1.png").is_file()
 

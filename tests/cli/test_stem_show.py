@@ -7,7 +7,7 @@ import pytest
 
 import streamstore
 from streamstore.analysis.stem_plot import find_disk, virtual_figure
-from tests._cli_data import cli
+from tests._cli_data import cli, cli_here
 from tests.analysis.test_stem import SCAN, make_scan_store
 
 pytest.importorskip("matplotlib")
@@ -28,7 +28,8 @@ def test_show_virtual_writes_png(files, tmp_path, kind):
     from matplotlib.image import imread
 
     out = tmp_path / f"{kind}.png"
-    res = cli("show", files[0], "--virtual", kind, "--out", out)
+    run = cli if kind == "bf" else cli_here  # one in its own interpreter
+    res = run("show", files[0], "--virtual", kind, "--out", out)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == f"wrote {out}"
     png = imread(out)
@@ -50,14 +51,16 @@ def test_figure_shows_the_virtual_image_on_labelled_scan_axes(files):
 
 
 def test_show_virtual_needs_a_scan(files, tmp_path):
-    res = cli("show", files[1], "--virtual", "bf", "--out", tmp_path / "x.png")
+    res = cli_here("show", files[1], "--virtual", "bf", "--out", tmp_path / "x.png")
     assert res.returncode == 2 and "no scan geometry" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     rows, cols = SCAN
-    res = cli(
+    res = cli_here(
         "show", files[1], "--virtual", "adf", "--scan", f"{rows},{cols},1,1", "--out",
         tmp_path / "x.png",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    res = cli("show", files[1], "--virtual", "bf", "--scan", "3,x", "--out", tmp_path / "y.png")
+    res = cli_here(
+        "show", files[1], "--virtual", "bf", "--scan", "3,x", "--out", tmp_path / "y.png"
+    )
     assert res.returncode == 2 and "--scan must be" in res.stderr

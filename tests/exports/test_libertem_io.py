@@ -46,7 +46,7 @@ def test_frames_per_position_flyback_and_lost_frames(tmp_path):
 
 
 def test_cli_export_libertem(tmp_path):
-    from tests._cli_data import cli
+    from tests._cli_data import cli, cli_here
 
     path, _d, _i = make_scan_store(tmp_path / "c.h5", fpp=1, flyback=1, seed=9)
     res = cli("export", path, "--format", "libertem", tmp_path / "c_csr")
@@ -55,8 +55,11 @@ def test_cli_export_libertem(tmp_path):
     total, _per, _ds = run_udfs(tmp_path / "c_csr.toml")
     with streamstore.open(path) as st:
         np.testing.assert_array_equal(total, st.diffraction_sum())
-    again = cli("export", path, "--format", "libertem", tmp_path / "c_csr.toml")
+    again = cli_here("export", path, "--format", "libertem", tmp_path / "c_csr.toml")
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    assert cli("export", path, "-f", "libertem", tmp_path / "c_csr", "--overwrite").returncode == 0
-    bad = cli("export", path, "-f", "libertem", tmp_path / "d", "--start", "3")
+    assert (
+        cli_here("export", path, "-f", "libertem", tmp_path / "c_csr", "--overwrite").returncode
+        == 0
+    )
+    bad = cli_here("export", path, "-f", "libertem", tmp_path / "d", "--start", "3")
     assert bad.returncode == 2 and "--start does not apply" in bad.stderr

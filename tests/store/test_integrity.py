@@ -21,6 +21,7 @@ import pytest
 import streamstore
 from streamstore import EventBatch, StoreWriter
 from streamstore.store.checksum import fletcher32, fletcher32_reference, seal, unseal
+from tests._cli_data import cli_here
 
 SHAPE = (48, 64)
 N_FRAMES = 600
@@ -86,12 +87,18 @@ def _frames_in_slots(path: Path, lo: int, hi: int) -> tuple[int, int]:
 
 
 def _verify(path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``python -m streamstore verify`` in its own interpreter (the exit-status contract)."""
     return subprocess.run(
         [sys.executable, "-m", "streamstore", "verify", str(path), *extra],
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def _verify_here(path: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``streamstore verify`` called in this process, its output captured (the report)."""
+    return cli_here("verify", path, *extra)
 
 
 def _check_confined(path: Path, batch: EventBatch, bad: tuple[int, int]) -> None:
@@ -161,7 +168,7 @@ def test_flip_in_chunk_header_is_found_and_confined(store):
     path, batch = store
     lo, hi = _flip(path, "events/gaps", 3, where="header")
     bad = _frames_in_slots(path, lo, hi)
-    r = _verify(path)
+    r = _verify_here(path)
     assert r.returncode == 1
     assert f"DAMAGED frames {bad[0]}:{bad[1]}:" in r.stdout
     _check_confined(path, batch, bad)
@@ -171,7 +178,7 @@ def test_flip_in_per_frame_dataset_is_found_and_confined(store):
     path, batch = store
     _flip(path, "frames/event_count", 2)  # frames 256:384
     bad = (2 * CHUNK_FRAMES, 3 * CHUNK_FRAMES)
-    r = _verify(path)
+    r = _verify_here(path)
     assert r.returncode == 1
     assert f"DAMAGED frames {bad[0]}:{bad[1]}: /frames/event_count chunk 2" in r.stdout
     with streamstore.open(path) as s:
@@ -216,7 +223,7 @@ def test_file_without_checksums_is_still_checked(tmp_path, rng):
     batch = _batch(rng, 200)
     path = tmp_path / "old.h5"
     _write(path, batch, np.arange(200), checksums=False)
-    r = _verify(path)
+    r = _verify_here(path)
     assert r.returncode == 0, r.stdout
     assert "checksums absent" in r.stdout
     with streamstore.open(path) as s:
@@ -226,7 +233,7 @@ def test_file_without_checksums_is_still_checked(tmp_path, rng):
     with h5py.File(path, "r+") as f:
         assert not f["frames/event_count"].fletcher32
         f["frames/event_count"][150] -= 1
-    r = _verify(path)
+    r = _verify_here(path)
     assert r.returncode == 1
     assert "DAMAGED frames 150:152: stray events in padding" in r.stdout
 
@@ -246,15 +253,15 @@ def test_damaged_shard_of_a_series(tmp_path, rng):
             SHAPE,
         )
         _write(series / f"shard-{k}.h5", sub, ids[part])
-    assert _verify(series).returncode == 0
+    assert _verify_here(series).returncode == 0
     lo, hi = _flip(series / "shard-1.h5", "events/gaps", 2)
     la, lb = _frames_in_slots(series / "shard-1.h5", lo, hi)
-    r = _verify(series)
+    r = _verify_here(series)
     assert r.returncode == 1
     assert f"shard-1.h5: {n // 2} frames" in r.stdout
     assert f"DAMAGED frames {la}:{lb}:" in r.stdout
     # series frame i is id i; shard-1 local frame j is id 2j + 1
-    rep = json.loads(_verify(series, "--json").stdout)
+    rep = json.loads(_verify_here(series, "--json").stdout)
     assert not rep["sound"]
     hit = [i for a, b in rep["series_damaged"] for i in range(a, b)]
     assert hit == [2 * j + 1 for j in range(la, lb)]
@@ -297,7 +304,7 @@ def test_damaged_subpixel_chunk_is_found_and_confined(tmp_path, rng):
         w.append(batch, np.arange(300), np.arange(300))
     lo, hi = _flip(path, "events/subpixel", 2)
     a, b = _frames_in_slots(path, lo, hi)
-    r = _verify(path)
+    r = _verify_here(path)
     assert r.returncode == 1
     assert f"DAMAGED frames {a}:{b}: /events/subpixel chunk 2" in r.stdout
     with streamstore.open(path) as s:
