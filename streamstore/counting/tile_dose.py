@@ -209,12 +209,15 @@ class DoseEstimator:
         """Electrons per event and flags per tile class and pooled count, now: pooled
         counts are whole numbers, so the tables give the same values as inverting
         every tile, at the cost of a handful of inversions."""
-        n = np.arange(int(self._counts.max(initial=0)) + 1.0)
-        lut = np.stack([self._factor_of(n, a) for a in self._class_areas])
-        flag_luts = np.stack(
-            [self._flags_of(lut[c], n, a) for c, a in enumerate(self._class_areas)], axis=1
-        )
-        return lut, flag_luts
+        size = int(self._counts.max(initial=0)) + 1
+        # one inversion of every (class, count) pair: the per-call costs of the model
+        # (its areas from the pairs, the inverse table) are paid once per refresh
+        counts = np.tile(np.arange(float(size)), len(self._class_areas))
+        area = np.repeat(np.asarray(self._class_areas), size)
+        lut = self._factor_of(counts, area)
+        flag_luts = self._flags_of(lut, counts, area)
+        classes = len(self._class_areas)
+        return lut.reshape(classes, size), flag_luts.reshape(-1, classes, size)
 
     def event_factors(self, tiles: np.ndarray) -> np.ndarray:
         """Electrons each event of these tiles stands for (>= 1), at the last refresh.
