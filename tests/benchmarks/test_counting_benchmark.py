@@ -28,4 +28,10 @@ def test_counting_benchmark_json(capsys, tmp_path):
     assert one["first_call_identical"] is True
     for key in ("ratio_to_counter_1thread", "ratio_to_counter_2threads", "speedup_2threads"):
         assert one[key] > 0
+    for form, kernel_type in (("wrapped", "int16"), ("clipped", "uint16")):
+        sub = out["subtracted"][form]  # frames the camera dark-subtracted: frame-only kernel
+        assert sub["identical_threads_and_maps"] is True and sub["n_events"] > 0
+        assert sub["kernel_type"] == kernel_type
+        for key in ("ratio_1thread_to_copy", "ratio_2threads_to_copy", "speedup_2threads"):
+            assert sub[key] > 0
     assert "stempy" in out  # measured, or None when stempy is not installed
