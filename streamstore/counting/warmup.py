@@ -107,19 +107,34 @@ def _warm_variant(i: int, gain: bool, subtracted: bool = False, wrapped: bool | 
     elif i == len(variants):  # what the writer runs on every chunk
         from streamstore.store import checksum
 
-        dispatchers.append(checksum._get_kernel())
+        # counted from before they run: this process may have compiled them earlier
+        dispatchers += [checksum._get_kernel(), *_dose_dispatchers()]
         before = _compiled(dispatchers)
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
         checksum.seal(bytes(5))  # the chunk's Fletcher-32, over read-only bytes as written
-        dispatchers += _warm_dose()
+        _warm_dose()
     else:  # a camera with no dark series: the per-pixel estimate from its frames
-        dispatchers += _warm_estimator()
+        dispatchers += _estimator_dispatchers()
+        before = _compiled(dispatchers)
+        _warm_estimator()
     return _compiled(dispatchers) - before
 
 
-def _warm_dose() -> list[Any]:
+def _dose_dispatchers() -> list[Any]:
+    """The dose correction's kernels :func:`_warm_dose` runs."""
+    from streamstore.counting import charge, coincidence
+
+    return [
+        coincidence._pair_histogram_kernel,
+        coincidence._pool_tiles_kernel,
+        charge._tile_charge_kernel,
+        charge._window_charge_kernel,
+    ]
+
+
+def _warm_dose() -> None:
     """Run the dose correction's kernels (pairs, and the charge sums on every frame
-    type counting reads: unsigned, and signed for wrapped frames): their dispatchers."""
+    type counting reads: unsigned, and signed for wrapped frames)."""
     from streamstore.counting import charge, coincidence
     from streamstore.events import EventBatch
 
@@ -134,12 +149,6 @@ def _warm_dose() -> list[Any]:
         raw = np.zeros((8, 70), dt)
         charge.tile_charge(raw, dark16, gain, good, 2**62, 1, 8, flags)
         charge.window_charge(raw, dark16, gain, good, 2**62, 1, b.indices, flags, 8, 1)
-    return [
-        coincidence._pair_histogram_kernel,
-        coincidence._pool_tiles_kernel,
-        charge._tile_charge_kernel,
-        charge._window_charge_kernel,
-    ]
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
@@ -147,9 +156,16 @@ def _warm_dose() -> list[Any]:
 _ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
 
 
-def _warm_estimator() -> list[Any]:
+def _estimator_dispatchers() -> list[Any]:
+    """The data-only dark estimator's kernels :func:`_warm_estimator` runs."""
+    from streamstore.counting import dark_estimate as de
+
+    return [de._accumulate_rows, de._fold_rows, de._median_rows]
+
+
+def _warm_estimator() -> None:
     """Run the data-only dark estimator on tiny frames of every frame type a
-    variant counts (signed ones as wrapped unsigned): its kernels' dispatchers."""
+    variant counts (signed ones as wrapped unsigned)."""
     from streamstore.counting import dark_estimate as de
     from streamstore.counting.calibration_estimate import START_FRAMES
 
@@ -160,15 +176,13 @@ def _warm_estimator() -> list[Any]:
         if k == 0:  # the fold takes float maps only: one frame type refines
             for f in frames:
                 est.update(f)
-    return [de._accumulate_rows, de._fold_rows, de._median_rows]
 
 
 def _estimator_cached() -> bool:
     """Whether every kernel overload :func:`_warm_estimator` reaches is in the cache."""
     from streamstore._numba_cache import cached_overloads
-    from streamstore.counting import dark_estimate as de
 
-    held = [cached_overloads(d) for d in (de._accumulate_rows, de._fold_rows, de._median_rows)]
+    held = [cached_overloads(d) for d in _estimator_dispatchers()]
     n = len(_ESTIMATOR_FRAMES)
     return None not in held and held[0] >= n and held[1] >= 1 and held[2] >= n
 
