@@ -236,9 +236,6 @@ def run(
     t_nat = best_time(lambda: native(frame), repeats)
     same_native = native(frame) == batch
 
-    subtracted = {
-        form: _subtracted(frame, cal, form, repeats, log) for form in ("wrapped", "clipped")
-    }
     score = score_batch(batch, truth.positions)
     score_sub = score_batch(Counter(cal, np.uint16, subpixel=True)(frame), truth.positions)
     n_ev = batch.n_events
@@ -294,7 +291,6 @@ def run(
                 "ratio_1thread_to_copy": tc1 / tc_copy,
                 "speedup_2threads": tc1 / tc2,
             },
-            "subtracted": subtracted,
             "recall": score.recall,
             "precision": score.precision,
             "rms_error_px_subpixel": score_sub.rms_error_px,
@@ -343,6 +339,9 @@ def run(
         f"{score.precision:.4f}; sub-pixel RMS error {score_sub.rms_error_px:.3f} px"
     )
 
+    res["subtracted"] = {
+        form: _subtracted(frame, cal, form, repeats, log) for form in ("wrapped", "clipped")
+    }
     if stempy:
         try:
             import stempy.image as si

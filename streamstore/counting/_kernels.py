@@ -59,7 +59,7 @@ from streamstore.counting._simd import (
     SAT_ANY,
     cttz,
     hmax_row,
-    is_masked,
+    is_uniform,
     map_at,
     map_row,
     signal_row,
@@ -81,19 +81,30 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/counting/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "7dce2be36135a31d"
+SIMD_SOURCE_SHA = "3f6b6e4d0c8cb4b3"
 
 
 @njit(inline="always", **_OPTS)
-def _signal64(frame, m, r, c):
-    """Signal ``(raw - dark) * gain`` of pixel (r, c) from the kernel's maps ``m``.
+def _masked_bit(dmap, bits, r, c):
+    """Whether pixel (r, c) is masked in uniform maps: bit ``c & 7`` of ``bits[r, c >> 3]``.
+    Per-pixel maps hold their mask themselves: False, decided when compiled.
 
-    ``m = (dmap, dbase, tmap, gain, has_gain, compact, top, mptr, mcols)``; a masked
-    pixel (``t = 255`` in compact maps, listed in ``mcols`` with uniform maps) has
-    dark TMAX, as in the reference.
+    Uniform maps have no gain map, so their mask bits travel in its slot: a longer
+    tuple of maps, or a search of the sparse list here, made the scalar paths
+    (sub-pixel weights, plateaus) up to twice as slow, for every variant."""
+    return is_uniform(dmap) and ((bits[r, c >> 3] >> (c & 7)) & 1) != 0
+
+
+@njit(inline="always", **_OPTS)
+def _signal_maps(frame, m, r, c):
+    """Signal ``(raw - dark) * gain`` of pixel (r, c) from the kernel's maps ``m``,
+    without the mask bits of uniform maps (:func:`_signal64` with them).
+
+    ``m = (dmap, dbase, tmap, gain, has_gain, compact, top)``; with compact maps a
+    masked pixel (``t = 255``) has dark TMAX, as in the reference.
     """
-    dmap, dbase, tmap, gain, has_gain, compact, top, mptr, mcols = m
-    if (compact and map_at(tmap, r, c) == 255) or is_masked(dmap, mptr, mcols, r, c):
+    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    if compact and map_at(tmap, r, c) == 255:
         s = np.int64(frame[r, c]) - np.int64(top)
     else:
         s = np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(map_at(dmap, r, c))
@@ -103,13 +114,28 @@ def _signal64(frame, m, r, c):
 
 
 @njit(inline="always", **_OPTS)
-def _candidate(frame, m, r, c):
-    """Whether pixel (r, c) is a candidate: ``raw > lo``, from the kernel's maps ``m``."""
-    dmap, dbase, tmap, gain, has_gain, compact, top, mptr, mcols = m
+def _signal64(frame, m, r, c):
+    """:func:`_signal_maps`, a masked pixel of uniform maps (no gain) at dark TMAX."""
+    if _masked_bit(m[0], m[3], r, c):
+        return np.int64(frame[r, c]) - np.int64(m[6])
+    return _signal_maps(frame, m, r, c)
+
+
+@njit(inline="always", **_OPTS)
+def _candidate_maps(frame, m, r, c):
+    """Whether pixel (r, c) is a candidate, ``raw > lo``, from the kernel's maps ``m``,
+    without the mask bits of uniform maps (:func:`_candidate` with them)."""
+    dmap, dbase, tmap, gain, has_gain, compact, top = m
     t = map_at(tmap, r, c)
-    if (compact and t == 255) or is_masked(dmap, mptr, mcols, r, c):
+    if compact and t == 255:
         return False
     return np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(map_at(dmap, r, c)) > np.int64(t)
+
+
+@njit(inline="always", **_OPTS)
+def _candidate(frame, m, r, c):
+    """Whether pixel (r, c) is a candidate: ``raw > lo``, masked pixels never."""
+    return not _masked_bit(m[0], m[3], r, c) and _candidate_maps(frame, m, r, c)
 
 
 @njit(inline="always", **_OPTS)
@@ -346,14 +372,15 @@ def _count_items(
 ):
     # Items item0 .. item1 - 1 of the call (count_frames gives each thread a range).
     # Uniform maps (one dark and threshold value, :func:`._maps.uniform_maps`) list
-    # their masked pixels sparsely, row r's columns in mcols[mptr[r]:mptr[r + 1]];
-    # per-pixel maps hold their mask themselves and list none.
+    # their masked pixels sparsely for the rows, row r's columns in
+    # mcols[mptr[r]:mptr[r + 1]], and as bits in the gain map's slot (they have no
+    # gain) for the scalar paths; per-pixel maps hold their mask themselves.
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     nfull = w // LANES
     n_blocks = (w + LANES - 1) // LANES
     skip = proto[0]
-    m = (dmap, dbase, tmap, gain, has_gain, compact, top, mptr, mcols)  # for the scalar paths
+    m = (dmap, dbase, tmap, gain, has_gain, compact, top)  # for the scalar paths
     for item in range(item0, item1):
         f = item // bands
         r0 = (item % bands) * BAND_ROWS
@@ -392,9 +419,11 @@ def _count_items(
                 else:
                     xr = signal_row(row, drow, trow, gain[0], srow, nfull, dbase[rr],
                                     xray_level)  # fmt: skip
-                for c in range(nfull * LANES, w):  # the row's tail, one pixel at a time
-                    if _candidate(frame, m, rr, c):
-                        s = _signal64(frame, m, rr, c)
+                # the row's tail, one pixel at a time (uniform maps' masked pixels are
+                # set to SKIP below: looking up their bits here cost more than the test)
+                for c in range(nfull * LANES, w):
+                    if _candidate_maps(frame, m, rr, c):
+                        s = _signal_maps(frame, m, rr, c)
                         srow[c + 1] = min(s, clamp)
                         xr |= (row[c] == top) | (s > xray_level)
                     else:

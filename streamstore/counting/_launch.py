@@ -48,7 +48,7 @@ def count_frames(
     ``threads``: threads for this call (None: numba's thread count,
     ``NUMBA_NUM_THREADS``, all cores by default); ``maps`` is :func:`kernel_maps`
     of ``lo`` and ``dark`` (computed when None), or their frame-only form
-    :func:`~._maps.uniform_maps` (single values and a sparse mask); ``wide_rows``:
+    :func:`~._maps.uniform_maps` (single values and the mask apart); ``wide_rows``:
     16-bit instead of byte rows where that applies (:func:`row_type`; the same
     events either way).
     """
@@ -67,14 +67,15 @@ def count_frames(
     out_nu = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
     dmap, dbase, tmap, *sparse = kernel_maps(lo, dark) if maps is None else maps
-    mptr, mcols = sparse or no_mask(h)
+    mptr, mcols, *bits = sparse or no_mask(h)
     uniform = dmap.ndim == 1
-    if uniform and gain is not None:
-        raise ValueError("uniform maps take no gain map")
+    if uniform and gain is not None:  # a calibration for subtracted frames has none
+        raise ValueError("uniform maps take no gain map: no kernel variant is made for both")
     level = min(int(xray_level), 2**62)
     rtype, clamp = row_type(frames.dtype, dmap.dtype, gain is not None, wide_rows, uniform)
     proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
-    gain_arg = _NO_GAIN if gain is None else gain
+    # uniform maps have no gain: their mask bits take its slot (read by the scalar paths)
+    gain_arg = bits[0] if uniform else _NO_GAIN if gain is None else gain
     compact = dmap.itemsize < frames.itemsize  # one-byte dark over a row base
     xcap, ucap = XRAY_CAPACITY, UNDECIDED_CAPACITY
     while True:
@@ -91,7 +92,7 @@ def count_frames(
         # a flood of X-rays (or saturation), of large plateaus: room for every pixel
         xcap = BAND_ROWS * w if int(out_nx.max(initial=0)) > xcap else xcap
         ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
-    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top, mptr, mcols)
+    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
     offsets, marked, dest = _compact(
         frames, maps_, bands, cap, out_idx, out_n, xcap, out_xray, out_nx, ucap, out_und,
         out_nu, radius,

@@ -32,7 +32,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: this file only: njit code here that inlined an intrinsic of _simd.py would run
 #: stale machine code after an edit there, unless this file changes too
 #: (tests/test_counting.py checks every module that imports _simd.py).
-SIMD_SOURCE_SHA = "7dce2be36135a31d"
+SIMD_SOURCE_SHA = "3f6b6e4d0c8cb4b3"
 
 
 def item_capacity(w: int) -> int:
@@ -81,22 +81,26 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
 
 
 def no_mask(h: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sparse mask ``(mptr, mcols)`` that lists no pixel: what per-pixel maps,
-    which hold their mask themselves, give the kernel."""
+    """The sparse mask of :func:`uniform_maps`, ``(mptr, mcols)``, that lists no pixel:
+    what per-pixel maps, which hold their mask themselves, give the kernel."""
     return np.zeros(h + 1, np.int64), np.zeros(0, np.int64)
 
 
 def uniform_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, ...] | None:
-    """The frame-only form of the kernel's maps: ``(dmap, dbase, tmap, mptr, mcols)``,
-    or None where the unmasked pixels do not share one dark level and one threshold.
+    """The frame-only form of the kernel's maps: ``(dmap, dbase, tmap, mptr, mcols,
+    mbits)``, or None where the unmasked pixels do not share one dark level and one
+    threshold.
 
     ``dmap`` holds the one dark level and ``tmap`` the one threshold above it
     (``lo - dark``, in the unsigned type of the frames' width), each of shape
     ``(1,)``: the kernel broadcasts them and streams nothing but the frame.
     Masked pixels (``lo = dark = TMAX`` in
     :meth:`~streamstore.Calibration.threshold_maps`) are listed instead, row
-    ``r``'s columns ascending in ``mcols[mptr[r]:mptr[r + 1]]``; the kernel
-    skips them as a per-pixel map would. ``dbase`` is zero.
+    ``r``'s columns ascending in ``mcols[mptr[r]:mptr[r + 1]]``, which the kernel
+    applies to each row's signals (the vector pass streams no mask), and as bits,
+    ``mbits[r, c >> 3] >> (c & 7) & 1`` (one bit a pixel), which its scalar paths
+    (sub-pixel weights, plateaus, X-ray hits in the row tail) look up near events
+    only. The kernel skips them as a per-pixel map would. ``dbase`` is zero.
 
     Raises
     ------
@@ -126,6 +130,7 @@ def uniform_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, ...] | N
         np.array([t], f"u{lo.itemsize}"),
         mptr,
         cols.astype(np.int64),
+        np.packbits(masked, axis=1, bitorder="little"),
     )
 
 

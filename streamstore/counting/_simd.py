@@ -29,7 +29,7 @@ competes.
 The dark and threshold rows may instead be single values (a calibration whose
 pixels share one dark level and one threshold, :func:`._maps.uniform_maps`): they
 are broadcast to every lane and only the frame is streamed. :func:`map_row`,
-:func:`map_at` and :func:`is_masked` read either form in the kernel's scalar code.
+:func:`map_at` and :func:`is_uniform` read either form in the kernel's scalar code.
 
 Signals are computed in one of two ways, chosen by the types the kernel is
 compiled for:
@@ -66,7 +66,7 @@ __all__ = [
     "SAT_ANY",
     "cttz",
     "hmax_row",
-    "is_masked",
+    "is_uniform",
     "map_at",
     "map_row",
     "signal_row",
@@ -504,44 +504,28 @@ def map_at(mp, r, c):
     return mp[0] if mp.ndim == 1 else mp[r, c]
 
 
-def is_masked(dmap, mptr, mcols, r, c):
-    """Whether pixel ``(r, c)`` is in the sparse mask of uniform maps: ``mcols[mptr[r]:
-    mptr[r + 1]]`` holds row ``r``'s masked columns, ascending. Per-pixel maps hold
-    their mask themselves: False, decided when the kernel is compiled."""
-    if dmap.ndim != 1:
-        return False
-    row = mcols[mptr[r] : mptr[r + 1]]
-    i = int(row.searchsorted(c))
-    return i < row.size and row[i] == c
+def is_uniform(mp):
+    """Whether a kernel map is one value for all pixels (shape (1,)): a constant where
+    the kernel is compiled, so the code for the other form drops out."""
+    return mp.ndim == 1
 
 
-@overload(map_row)
+@overload(map_row, inline="always")
 def _map_row(mp, r):
     if mp.ndim == 1:
         return lambda mp, r: mp[0]
     return lambda mp, r: mp[r]
 
 
-@overload(map_at)
+@overload(map_at, inline="always")
 def _map_at(mp, r, c):
     if mp.ndim == 1:
         return lambda mp, r, c: mp[0]
     return lambda mp, r, c: mp[r, c]
 
 
-@overload(is_masked)
-def _is_masked(dmap, mptr, mcols, r, c):
-    if dmap.ndim != 1:
-        return lambda dmap, mptr, mcols, r, c: False
-
-    def search(dmap, mptr, mcols, r, c):
-        lo, hi = mptr[r], mptr[r + 1]
-        while lo < hi:  # a binary search: a row holds few masked pixels, often none
-            mid = (lo + hi) // 2
-            if mcols[mid] < c:
-                lo = mid + 1
-            else:
-                hi = mid
-        return lo < mptr[r + 1] and mcols[lo] == c
-
-    return search
+@overload(is_uniform, inline="always")
+def _is_uniform(mp):
+    if mp.ndim == 1:
+        return lambda mp: True
+    return lambda mp: False
