@@ -216,3 +216,70 @@ def test_integer_maps_are_computed_once_and_shared_across_xray_thresholds(rng):
     assert lo2 is lo and dark2 is dark and level2 == 500
     # another type gets its own maps
     assert cal.threshold_maps(np.uint8)[0].dtype == np.uint8
+
+
+def test_a_calibration_for_subtracted_frames_round_trips(tmp_path):
+    import h5py
+
+    mask = np.zeros(SHAPE, bool)
+    mask[2, 3] = True
+    cal = Calibration.for_subtracted_frames(
+        SHAPE, 2.5, mask=mask, xray_threshold=500.0, wrapped=True
+    )
+    assert cal.subtracted and cal.wrapped and float(cal.dark.max()) == 0.0
+    assert cal.summary()["subtracted"] is True and "subtracted=True" in repr(cal)
+    assert cal.with_xray_threshold(None).subtracted
+    path = tmp_path / "subtracted.h5"
+    cal.save(path)
+    with h5py.File(path, "r") as f:
+        assert f["calibration"].attrs["version"] == 2
+    back = Calibration.load(path)
+    assert back.subtracted and back.n_masked == 1
+    assert back.summary() == {**cal.summary(), "source": "file"}
+    # a calibration without the flag keeps the version-1 file every reader reads
+    Calibration(np.zeros(SHAPE), np.ones(SHAPE)).save(path)
+    with h5py.File(path, "r") as f:
+        assert f["calibration"].attrs["version"] == 1
+        assert "subtracted" not in f["calibration"].attrs
+    assert Calibration.load(path).subtracted is False
+    with h5py.File(path, "a") as f:
+        f["calibration"].attrs["version"] = 3
+    with pytest.raises(FormatError, match="newer"):
+        Calibration.load(path)
+
+
+def test_subtracted_needs_one_dark_and_noise_level_and_no_gain():
+    noise = np.full((4, 5), 2.0)
+    noise[1, 1] = 3.0
+    with pytest.raises(ValueError, match="one noise level"):
+        Calibration(np.zeros((4, 5)), noise, subtracted=True)
+    dark = np.zeros((4, 5))
+    dark[0, 4] = 1.0
+    with pytest.raises(ValueError, match="one dark level"):
+        Calibration(dark, np.ones((4, 5)), subtracted=True)
+    with pytest.raises(ValueError, match="no gain"):
+        Calibration(np.zeros((4, 5)), np.ones((4, 5)), gain=np.ones((4, 5)), subtracted=True)
+    # a masked pixel may differ
+    mask = np.zeros((4, 5), bool)
+    mask[1, 1] = mask[0, 4] = True
+    assert Calibration(dark, noise, mask=mask, subtracted=True).subtracted
+
+
+def test_an_estimate_of_subtracted_frames_counts_the_same_reading_only_the_frame(
+    emulator_data,
+):
+    """The 4D Camera's frames: a single-level estimate marked ``subtracted`` counts
+    with the frame-only kernel and gives the events of the same estimate unmarked."""
+    from streamstore import count
+    from streamstore.counting import Counter
+
+    _, dark, frames, _ = emulator_data
+    data = _pedestal_subtracted(frames, Calibration.from_dark_frames(dark).dark)
+    est = Calibration.estimate(data, per_pixel=False)
+    sub = est.as_subtracted()
+    assert sub.subtracted and sub.source == "estimate" and sub.n_masked == est.n_masked > 0
+    assert count(data, sub, subpixel=True) == count(data, est, subpixel=True)
+    counter = Counter(sub, np.uint16)
+    assert counter(data).n_events > 100 and counter._maps[0].shape == (1,)
+    with pytest.raises(ValueError, match="one dark level"):
+        Calibration.from_dark_frames(dark).as_subtracted()

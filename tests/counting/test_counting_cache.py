@@ -182,3 +182,61 @@ def test_compile_workers_report_past_what_else_they_print(monkeypatch):
     seen: list[tuple[int, int]] = []
     _compile_in_workers([encoder], True, 1, lambda i, got: seen.append((i, got)))
     assert len(seen) == 1 and seen[0][0] == encoder and seen[0][1] >= 0
+
+
+def _table(*args) -> list[dict]:
+    from streamstore.counting.warmup import kernel_variants
+
+    keys = ("frames", "dmap", "rows", "subtracted")
+    return [{k: v.get(k, False) for k in keys} for v in kernel_variants(*args)]
+
+
+@pytest.mark.parametrize(
+    "dtype, wrapped, wide_rows",
+    list(itertools.product((np.uint8, np.uint16), (False, True), (False, True))),
+)
+def test_only_a_daemon_for_subtracted_frames_warms_up_their_variants(dtype, wrapped, wide_rows):
+    """The frame-only variants are in the warm-up of a daemon given a calibration for
+    dark-subtracted frames (those of its ``wrapped`` kind), and in no other."""
+    from streamstore.counting._maps import row_type, uniform_maps
+    from streamstore.counting.warmup import _variant_args, kernel_variants
+
+    mask = np.zeros((8, 70), bool)
+    mask[3, 66] = True
+    cal = Calibration.for_subtracted_frames((8, 70), 3.0, mask=mask, wrapped=wrapped)
+    kt = cal.frame_dtype(dtype)
+    lo, dk, gk, _ = cal.threshold_maps(dtype)
+    dmap = uniform_maps(lo, dk)[0]
+    rows = np.dtype(row_type(kt, dmap.dtype, gk is not None, wide_rows, uniform=True)[0])
+    seen = {"frames": kt.name, "dmap": dmap.dtype.name, "rows": rows.name, "subtracted": True}
+    assert seen in _table(False, True, wrapped) and seen in _table(True, True)
+    assert seen not in _table(True) and seen not in _table(True, True, not wrapped)
+    assert _table(True) == _table(True, False, wrapped)  # the usual warm-up is unchanged
+    for v in kernel_variants(False, True):
+        _variant_args(v)  # the table's row types are those row_type gives
+
+
+def test_after_the_warm_up_for_subtracted_frames_no_kernel_compiles(rng):
+    """A daemon given a calibration for dark-subtracted frames warms up the
+    frame-only variants: counting such frames afterwards compiles nothing."""
+    from streamstore.counting import _kernels as k
+    from streamstore.counting._launch import count_frames
+    from streamstore.counting.warmup import warm_kernels
+
+    warm_kernels(gain=False, subtracted=True, processes=1)
+    compiled = [len(d.signatures) for d in (k._count_items, k._compact, k._gather)]
+    h, w = 70, 150
+    signed = np.rint(rng.normal(0, 3, (2, h, w)) + (rng.random((2, h, w)) < 0.02) * 80)
+    for dtype, stype in ((np.uint16, np.int16), (np.uint8, np.int8)):
+        for wrapped in (False, True):
+            frames = signed.astype(stype).view(dtype) if wrapped else np.abs(signed).astype(dtype)
+            cal = Calibration.for_subtracted_frames(
+                (h, w), 3.0, mask=rng.random((h, w)) < 0.01, wrapped=wrapped
+            )
+            got = Counter(cal, dtype, subpixel=True, threads=2)(frames)
+            assert got == Counter(cal, dtype, subpixel=True, implementation="native")(frames)
+            kt = cal.frame_dtype(dtype)
+            lo, dk, gk, level = cal.threshold_maps(dtype)
+            maps = cal._derived()[("uniform_maps", kt.str)]
+            count_frames(frames.view(kt), lo, dk, gk, level, 2, True, maps=maps, wide_rows=True)
+    assert [len(d.signatures) for d in (k._count_items, k._compact, k._gather)] == compiled
