@@ -313,8 +313,8 @@ def count(
         charge on these frames.
     dose : bool, default True
         Fill ``electrons`` (below). False: the events alone, ``electrons`` None
-        (the dose model measures its areas from this call's frames, which costs a
-        one-frame call about a fifth of counting it).
+        (the dose model measures its areas from this call's frames: a one-frame
+        call on 4092 x 5760 costs about 30 % more than the events alone).
 
     Returns
     -------
