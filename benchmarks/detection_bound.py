@@ -73,6 +73,7 @@ from scipy.spatial import cKDTree
 from scipy.special import ndtr
 
 from benchmarks import record
+from benchmarks.accuracy import _doses
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.accuracy import matched_electrons, score_batch
@@ -531,16 +532,6 @@ def _params(text: str) -> dict[str, Any]:
             out[key.strip()] = float(value)
         except ValueError:
             out[key.strip()] = value.strip()  # a name, e.g. deposit=gamma
-    return out
-
-
-def _doses(text: str) -> list[float]:
-    try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"doses must be numbers: {text!r}") from None
-    if not out or any(not 0 < d < 1 for d in out):
-        raise argparse.ArgumentTypeError(f"each dose must be in (0, 1) e/px/frame: {text!r}")
     return out
 
 
