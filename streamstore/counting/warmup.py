@@ -143,7 +143,9 @@ def _warm_dose() -> None:
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
     coincidence.pair_histogram(b, 5)
     coincidence.pool_tiles(b.indices, 70, 8, 9, np.zeros(9, np.float64))
-    classes = np.zeros(9, np.uint8)
+    from streamstore.counting.tile_dose import _tile_geometry
+
+    classes = _tile_geometry(8, 70, 8)[1]  # read-only, as the estimator passes it: its type
     coincidence.lookup_events(np.arange(9), np.zeros(9), classes, np.ones((4, 1)))
     coincidence.lookup_tiles(np.zeros(9), classes, np.ones((2, 4, 1), np.bool_))
     dark16 = np.zeros((8, 70), np.int32)

@@ -137,11 +137,15 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
     """What the daemon warms up before it listens covers every calibration and frame
     type: counting any of them afterwards adds no compiled kernel."""
     from streamstore.counting import _kernels as k
-    from streamstore.counting.warmup import warm_kernels
+    from streamstore.counting.dose import DoseEstimator
+    from streamstore.counting.warmup import _dose_dispatchers, warm_kernels
 
     warm_kernels()
     assert warm_kernels()["compiled"] == 0  # all there now
-    compiled = [len(d.signatures) for d in (k._count_items, k._compact, k._gather)]
+    # the counting kernels and the dose's (the types they meet in use, read-only
+    # tables included, are those the warm-up gave them)
+    kernels = (k._count_items, k._compact, k._gather, *_dose_dispatchers())
+    compiled = [len(d.signatures) for d in kernels]
     rows = set()
     for frames, cal in _kinds(rng):
         for subpixel, threads in ((False, 1), (True, 2)):
@@ -151,7 +155,12 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
             assert got == Counter(cal, frames.dtype, subpixel=subpixel, implementation="native")(
                 frames
             )
-    assert [len(d.signatures) for d in (k._count_items, k._compact, k._gather)] == compiled
+            assert got.electrons is not None
+            assert streamstore.count(frames, cal, threads=threads).electrons is not None
+        est = DoseEstimator(cal.frame_shape, flag_limits=((0.0, np.inf),))
+        est.update(got)
+        assert est.tile_flags().any()  # the flag maps were made, by the lookup kernel
+    assert [len(d.signatures) for d in kernels] == compiled
     assert len(rows) >= 6  # the kinds did reach different variants
 
 
