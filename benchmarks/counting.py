@@ -28,13 +28,6 @@ Measures, on the same emulator frame (seeded):
   warm figures let the 32 MB L3 keep part of the previous identical pass, and
   how much depends on what ran just before;
 - the C twin in ``native_ref`` (single-threaded; numba / native ratio);
-- frames the camera dark-subtracted (``subtracted`` in the JSON): the same frame
-  less its rounded dark, negatives wrapped as the 4D Camera sends them
-  (``wrapped``) or clipped at 0 (``clipped``), counted with a calibration for
-  subtracted frames (one noise level, the dark series' mask as a sparse list),
-  whose kernel reads only the frame, beside ``np.copyto`` of that frame and
-  the same calibration counted through per-pixel maps, 1 and 2 threads
-  (``Counter(dose=False)``: the kernel alone);
 - stempy's ``electron_count_frame`` when stempy is installed (speed ratio);
 - recall and precision of streamstore and stempy against the emulator's truth
   (one-to-one matching within 1 px), events/s and GB/s of frame data.
@@ -373,9 +366,6 @@ def run(
         f"{score.precision:.4f}; sub-pixel RMS error {score_sub.rms_error_px:.3f} px"
     )
 
-    res["subtracted"] = {
-        form: _subtracted(frame, cal, form, repeats, log) for form in ("wrapped", "clipped")
-    }
     if stempy:
         try:
             import stempy.image as si
@@ -385,54 +375,6 @@ def run(
         else:
             res["stempy"] = _stempy(si, frame, cal, truth, t1, max(1, min(repeats, 3)), log)
     return res
-
-
-def _subtracted(frame, cal, form: str, repeats: int, log) -> dict[str, Any]:
-    """The frame-only kernel on ``frame`` as the camera would dark-subtract it
-    (``form``: "wrapped" negatives or "clipped" at 0), beside ``np.copyto`` of that
-    frame and the same calibration counted through per-pixel maps."""
-    diff = frame.astype(np.int64) - np.rint(cal.dark).astype(np.int64)
-    wrapped = form == "wrapped"
-    sub = diff.astype(np.uint16) if wrapped else np.clip(diff, 0, 65535).astype(np.uint16)
-    noise = float(np.median(cal.noise[~cal.mask]))
-    fcal = Calibration.for_subtracted_frames(
-        frame.shape, noise, mask=cal.mask, xray_threshold=XRAY_THRESHOLD, wrapped=wrapped
-    )
-    mcal = Calibration(fcal.dark, fcal.noise, mask=cal.mask, xray_threshold=XRAY_THRESHOLD,
-                       wrapped=wrapped)  # fmt: skip
-    f1, f2 = (Counter(fcal, np.uint16, threads=k, dose=False) for k in (1, 2))
-    m1, m2 = (Counter(mcal, np.uint16, threads=k, dose=False) for k in (1, 2))
-    dst = np.empty_like(sub)
-    t_copy, t1, t2, tm1, tm2 = best_times(
-        [lambda: np.copyto(dst, sub), lambda: f1(sub), lambda: f2(sub), lambda: m1(sub),
-         lambda: m2(sub)],
-        repeats,
-    )  # fmt: skip
-    got = f1(sub)
-    same = got == f2(sub) == m1(sub) == m2(sub)
-    rows = np.dtype(f1._maps[0].dtype).name, f1._wide_rows
-    log(
-        f"subtracted, {form:8s} frame-only kernel: 1 thread {t1 * 1e3:.2f} ms "
-        f"({t1 / t_copy:.2f} x copy {t_copy * 1e3:.2f} ms), 2 threads {t2 * 1e3:.2f} ms "
-        f"({t2 / t_copy:.2f} x copy); per-pixel maps {tm1 * 1e3:.2f} / {tm2 * 1e3:.2f} ms; "
-        f"identical: {same}"
-    )
-    return {
-        "copy_s": t_copy,
-        "frame_only_1thread_s": t1,
-        "frame_only_2threads_s": t2,
-        "maps_1thread_s": tm1,
-        "maps_2threads_s": tm2,
-        "ratio_1thread_to_copy": t1 / t_copy,
-        "ratio_2threads_to_copy": t2 / t_copy,
-        "speedup_2threads": t1 / t2,
-        "ratio_frame_only_to_maps_1thread": t1 / tm1,
-        "ratio_frame_only_to_maps_2threads": t2 / tm2,
-        "n_events": got.n_events,
-        "identical_threads_and_maps": bool(same),
-        "kernel_type": rows[0],
-        "wide_rows": bool(rows[1]),
-    }
 
 
 def _stempy(si, frame, cal, truth, t1, repeats, log) -> dict[str, Any]:

@@ -127,11 +127,5 @@ def _counting_kernels_compiled_once(request, tmp_path_factory):
             fcntl.flock(held, fcntl.LOCK_EX)
             # in a child process: minutes of compiling in this one would run into
             # faulthandler_timeout, whose traceback dump crashed inside numba's codegen
-            # with the frame-only variants the counting tests meet (a daemon given no
-            # calibration for dark-subtracted frames never compiles them): otherwise
-            # each test worker that meets them would compile the same ones
-            code = (
-                "from streamstore.counting.warmup import warm_kernels; "
-                "warm_kernels(subtracted=True)"
-            )
+            code = "from streamstore.counting.warmup import warm_kernels; warm_kernels()"
             subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)

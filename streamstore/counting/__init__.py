@@ -42,9 +42,7 @@ class Counter:
     Parameters
     ----------
     calibration : Calibration
-        Dark, noise, gain, mask and thresholds; fixes the frame shape. One with
-        ``subtracted=True`` (frames the camera dark-subtracted) is counted
-        reading only the frame.
+        Dark, noise, gain, mask and thresholds; fixes the frame shape.
     dtype : uint8 or uint16
         Type of the frames that will be counted.
     subpixel : bool, default False
@@ -205,15 +203,12 @@ class Counter:
             offsets, indices, sub = self._count_resolve(arr)
         elif self.implementation == "numba":
             from streamstore.counting._launch import count_frames
-            from streamstore.counting._maps import kernel_maps, uniform_maps, wide_rows_pay
+            from streamstore.counting._maps import kernel_maps, wide_rows_pay
 
             if self._maps is None:
-                # frames the camera dark-subtracted: single values and a sparse mask,
-                # so the kernel reads only the frame
-                form = uniform_maps if self.calibration.subtracted else kernel_maps
-                key = (form.__name__, self.kernel_dtype.str)
+                key = ("kernel_maps", self.kernel_dtype.str)
                 if key not in self._derived:
-                    self._derived[key] = form(self._lo, self._dark)
+                    self._derived[key] = kernel_maps(self._lo, self._dark)
                 self._maps = self._derived[key]
             if self._wide_rows is None:  # a speed choice only: the events are the same
                 key = ("wide_rows", self.kernel_dtype.str)

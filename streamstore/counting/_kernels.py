@@ -31,11 +31,8 @@ wherever there is no candidate) and of their horizontal 3-maxima. For each row
 
 The kernel streams the maps of :func:`._maps.kernel_maps`: in practice a one-byte
 dark over a per-row base and a one-byte threshold above dark, 4 bytes per
-pixel with the frame. Where every pixel shares one dark level and one threshold
-(frames the camera dark-subtracted, :func:`._maps.uniform_maps`) the maps are
-single values and the masked pixels a sparse list, so only the frame is streamed.
-Signal rows are bytes, ``min(signal, 255)``, for unsigned frames without a gain
-map and with a one-byte dark map, single values or 8-bit frames (see
+pixel with the frame. Signal rows are bytes, ``min(signal, 255)``, for unsigned
+frames without a gain map and with a one-byte dark map or 8-bit frames (see
 :func:`._maps.row_type`), else exact int32:
 ``|raw - dark| <= 65535`` and the relative gain is at most 32767, so
 ``(raw - dark) * gain`` fits.
@@ -59,9 +56,6 @@ from streamstore.counting._simd import (
     SAT_ANY,
     cttz,
     hmax_row,
-    is_uniform,
-    map_at,
-    map_row,
     signal_row,
     signal_row_gain,
     test_row,
@@ -81,61 +75,34 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/counting/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "3f6b6e4d0c8cb4b3"
+SIMD_SOURCE_SHA = "7603dbd049990aa7"
 
 
 @njit(inline="always", **_OPTS)
-def _masked_bit(dmap, bits, r, c):
-    """Whether pixel (r, c) is masked in uniform maps: bit ``c & 7`` of ``bits[r, c >> 3]``.
-    Per-pixel maps hold their mask themselves: False, decided when compiled.
-
-    Uniform maps have no gain map, so their mask bits travel in its slot: a longer
-    tuple of maps, or a search of the sparse list here, made the scalar paths
-    (sub-pixel weights, plateaus) up to twice as slow, for every variant."""
-    return is_uniform(dmap) and ((bits[r, c >> 3] >> (c & 7)) & 1) != 0
-
-
-@njit(inline="always", **_OPTS)
-def _signal_maps(frame, m, r, c):
-    """Signal ``(raw - dark) * gain`` of pixel (r, c) from the kernel's maps ``m``,
-    without the mask bits of uniform maps (:func:`_signal64` with them).
+def _signal64(frame, m, r, c):
+    """Signal ``(raw - dark) * gain`` of pixel (r, c) from the kernel's maps ``m``.
 
     ``m = (dmap, dbase, tmap, gain, has_gain, compact, top)``; with compact maps a
     masked pixel (``t = 255``) has dark TMAX, as in the reference.
     """
     dmap, dbase, tmap, gain, has_gain, compact, top = m
-    if compact and map_at(tmap, r, c) == 255:
+    if compact and tmap[r, c] == 255:
         s = np.int64(frame[r, c]) - np.int64(top)
     else:
-        s = np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(map_at(dmap, r, c))
+        s = np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(dmap[r, c])
     if has_gain:
         s *= np.int64(gain[r, c])
     return s
 
 
 @njit(inline="always", **_OPTS)
-def _signal64(frame, m, r, c):
-    """:func:`_signal_maps`, a masked pixel of uniform maps (no gain) at dark TMAX."""
-    if _masked_bit(m[0], m[3], r, c):
-        return np.int64(frame[r, c]) - np.int64(m[6])
-    return _signal_maps(frame, m, r, c)
-
-
-@njit(inline="always", **_OPTS)
-def _candidate_maps(frame, m, r, c):
-    """Whether pixel (r, c) is a candidate, ``raw > lo``, from the kernel's maps ``m``,
-    without the mask bits of uniform maps (:func:`_candidate` with them)."""
+def _candidate(frame, m, r, c):
+    """Whether pixel (r, c) is a candidate: ``raw > lo``, from the kernel's maps ``m``."""
     dmap, dbase, tmap, gain, has_gain, compact, top = m
-    t = map_at(tmap, r, c)
+    t = tmap[r, c]
     if compact and t == 255:
         return False
-    return np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(map_at(dmap, r, c)) > np.int64(t)
-
-
-@njit(inline="always", **_OPTS)
-def _candidate(frame, m, r, c):
-    """Whether pixel (r, c) is a candidate: ``raw > lo``, masked pixels never."""
-    return not _masked_bit(m[0], m[3], r, c) and _candidate_maps(frame, m, r, c)
+    return np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(dmap[r, c]) > np.int64(t)
 
 
 @njit(inline="always", **_OPTS)
@@ -367,14 +334,8 @@ def _count_items(
     ucap,
     out_und,
     out_nu,
-    mptr,
-    mcols,
 ):
     # Items item0 .. item1 - 1 of the call (count_frames gives each thread a range).
-    # Uniform maps (one dark and threshold value, :func:`._maps.uniform_maps`) list
-    # their masked pixels sparsely for the rows, row r's columns in
-    # mcols[mptr[r]:mptr[r + 1]], and as bits in the gain map's slot (they have no
-    # gain) for the scalar paths; per-pixel maps hold their mask themselves.
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     nfull = w // LANES
@@ -412,24 +373,19 @@ def _count_items(
             srow = sig[slot]
             if rr < h:
                 row = frame[rr]
-                drow, trow = map_row(dmap, rr), map_row(tmap, rr)
                 if has_gain:
-                    xr = signal_row_gain(row, drow, trow, gain[rr], srow, nfull, dbase[rr],
-                                         xray_level)  # fmt: skip
+                    xr = signal_row_gain(row, dmap[rr], tmap[rr], gain[rr], srow, nfull,
+                                         dbase[rr], xray_level)  # fmt: skip
                 else:
-                    xr = signal_row(row, drow, trow, gain[0], srow, nfull, dbase[rr],
+                    xr = signal_row(row, dmap[rr], tmap[rr], gain[0], srow, nfull, dbase[rr],
                                     xray_level)  # fmt: skip
-                # the row's tail, one pixel at a time (uniform maps' masked pixels are
-                # set to SKIP below: looking up their bits here cost more than the test)
-                for c in range(nfull * LANES, w):
-                    if _candidate_maps(frame, m, rr, c):
-                        s = _signal_maps(frame, m, rr, c)
+                for c in range(nfull * LANES, w):  # the row's tail, one pixel at a time
+                    if _candidate(frame, m, rr, c):
+                        s = _signal64(frame, m, rr, c)
                         srow[c + 1] = min(s, clamp)
                         xr |= (row[c] == top) | (s > xray_level)
                     else:
                         srow[c + 1] = skip
-                for j in range(mptr[rr], mptr[rr + 1]):  # the sparse mask: never candidates
-                    srow[mcols[j] + 1] = skip
                 xrow[slot] = xr
             else:  # below the frame: no candidates
                 srow[:] = skip
@@ -448,18 +404,13 @@ def _count_items(
             n_pf = nfull if rr + 1 < h else 0
             k_row = k
             k, flags = test_row(hmx[up], mid, srow, hmx[slot], eqw, satw, summary, n_blocks,
-                                frame[nxt], map_row(dmap, nxt), map_row(tmap, nxt), n_pf,
-                                out_idx, obase + k, np.uint32(r * w))  # fmt: skip
+                                frame[nxt], dmap[nxt], tmap[nxt], n_pf, out_idx, obase + k,
+                                np.uint32(r * w))  # fmt: skip
             k -= obase
             if xrow[ms]:  # X-ray hits in row r (rare): record their positions
                 row = frame[r]
                 grow = gain[r] if has_gain else gain[0]
-                xray_row(row, map_row(dmap, r), map_row(tmap, r), grow, mid, xw, nfull, dbase[r],
-                         xray_level)  # fmt: skip
-                for j in range(mptr[r], mptr[r + 1]):  # not the sparse mask's pixels
-                    c = mcols[j]
-                    if c < nfull * LANES:
-                        xw[c // LANES] &= ~(np.uint64(1) << np.uint64(c % LANES))
+                xray_row(row, dmap[r], tmap[r], grow, mid, xw, nfull, dbase[r], xray_level)
                 for b in range(nfull):
                     t = xw[b]
                     while t:

@@ -23,7 +23,7 @@ from streamstore.counting._kernels import (
     _count_items,
     _gather,
 )
-from streamstore.counting._maps import item_capacity, kernel_maps, no_mask, row_type
+from streamstore.counting._maps import item_capacity, kernel_maps, row_type
 
 __all__ = ["count_frames"]
 
@@ -39,7 +39,7 @@ def count_frames(
     radius: int,
     subpixel: bool,
     threads: int | None = None,
-    maps: tuple[np.ndarray, ...] | None = None,
+    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     wide_rows: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
@@ -47,10 +47,8 @@ def count_frames(
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     ``threads``: threads for this call (None: numba's thread count,
     ``NUMBA_NUM_THREADS``, all cores by default); ``maps`` is :func:`kernel_maps`
-    of ``lo`` and ``dark`` (computed when None), or their frame-only form
-    :func:`~._maps.uniform_maps` (single values and the mask apart); ``wide_rows``:
-    16-bit instead of byte rows where that applies (:func:`row_type`; the same
-    events either way).
+    of ``lo`` and ``dark`` (computed when None); ``wide_rows``: 16-bit instead of
+    byte rows where that applies (:func:`row_type`; the same events either way).
     """
     n, h, w = frames.shape
     if h * w > 0xFFFFFFFF:
@@ -66,16 +64,11 @@ def count_frames(
     out_nx = np.zeros(n_items, np.int64)
     out_nu = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
-    dmap, dbase, tmap, *sparse = kernel_maps(lo, dark) if maps is None else maps
-    mptr, mcols, *bits = sparse or no_mask(h)
-    uniform = dmap.ndim == 1
-    if uniform and gain is not None:  # a calibration for subtracted frames has none
-        raise ValueError("uniform maps take no gain map: no kernel variant is made for both")
+    dmap, dbase, tmap = kernel_maps(lo, dark) if maps is None else maps
     level = min(int(xray_level), 2**62)
-    rtype, clamp = row_type(frames.dtype, dmap.dtype, gain is not None, wide_rows, uniform)
+    rtype, clamp = row_type(frames.dtype, dmap.dtype, gain is not None, wide_rows)
     proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
-    # uniform maps have no gain: their mask bits take its slot (read by the scalar paths)
-    gain_arg = bits[0] if uniform else _NO_GAIN if gain is None else gain
+    gain_arg = _NO_GAIN if gain is None else gain
     compact = dmap.itemsize < frames.itemsize  # one-byte dark over a row base
     xcap, ucap = XRAY_CAPACITY, UNDECIDED_CAPACITY
     while True:
@@ -84,7 +77,7 @@ def count_frames(
         args = (
             frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
             np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
-            out_xray, out_nx, ucap, out_und, out_nu, mptr, mcols,
+            out_xray, out_nx, ucap, out_und, out_nu,
         )  # fmt: skip
         _run_items(args, n_items, threads)
         if int(out_nx.max(initial=0)) <= xcap and int(out_nu.max(initial=0)) <= ucap:

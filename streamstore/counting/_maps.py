@@ -1,9 +1,7 @@
 """The maps the counting kernels stream, and the row type and variant a calibration leads to.
 
 :func:`kernel_maps` narrows a calibration's threshold and dark maps to the form
-the kernels of :mod:`._kernels` read, :func:`uniform_maps` to single values
-and a sparse mask for frames the camera dark-subtracted (the kernel then
-streams only the frame); :func:`row_type` picks the signal-row type
+the kernels of :mod:`._kernels` read; :func:`row_type` picks the signal-row type
 (:func:`wide_rows_pay` says when 16-bit rows beat bytes); :data:`VARIANTS`
 lists every combination, which :mod:`streamstore.counting.warmup` compiles.
 """
@@ -17,22 +15,14 @@ from streamstore._numba_cache import serialize_saves
 from streamstore.counting._kernels import BAND_ROWS
 from streamstore.counting._simd import BYTE_TOP
 
-__all__ = [
-    "VARIANTS",
-    "item_capacity",
-    "kernel_maps",
-    "no_mask",
-    "row_type",
-    "uniform_maps",
-    "wide_rows_pay",
-]
+__all__ = ["VARIANTS", "item_capacity", "kernel_maps", "row_type", "wide_rows_pay"]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only: njit code here that inlined an intrinsic of _simd.py would run
 #: stale machine code after an edit there, unless this file changes too
 #: (tests/test_counting.py checks every module that imports _simd.py).
-SIMD_SOURCE_SHA = "3f6b6e4d0c8cb4b3"
+SIMD_SOURCE_SHA = "7603dbd049990aa7"
 
 
 def item_capacity(w: int) -> int:
@@ -80,60 +70,6 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dark, zero, t.astype(f"u{lo.itemsize}")  # lo - dark fits the frame's width
 
 
-def no_mask(h: int) -> tuple[np.ndarray, np.ndarray]:
-    """The sparse mask of :func:`uniform_maps`, ``(mptr, mcols)``, that lists no pixel:
-    what per-pixel maps, which hold their mask themselves, give the kernel."""
-    return np.zeros(h + 1, np.int64), np.zeros(0, np.int64)
-
-
-def uniform_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, ...] | None:
-    """The frame-only form of the kernel's maps: ``(dmap, dbase, tmap, mptr, mcols,
-    mbits)``, or None where the unmasked pixels do not share one dark level and one
-    threshold.
-
-    ``dmap`` holds the one dark level and ``tmap`` the one threshold above it
-    (``lo - dark``, in the unsigned type of the frames' width), each of shape
-    ``(1,)``: the kernel broadcasts them and streams nothing but the frame.
-    Masked pixels (``lo = dark = TMAX`` in
-    :meth:`~streamstore.Calibration.threshold_maps`) are listed instead, row
-    ``r``'s columns ascending in ``mcols[mptr[r]:mptr[r + 1]]``, which the kernel
-    applies to each row's signals (the vector pass streams no mask), and as bits,
-    ``mbits[r, c >> 3] >> (c & 7) & 1`` (one bit a pixel), which its scalar paths
-    (sub-pixel weights, plateaus, X-ray hits in the row tail) look up near events
-    only. The kernel skips them as a per-pixel map would. ``dbase`` is zero.
-
-    Raises
-    ------
-    ValueError
-        Where ``lo < dark`` (not a calibration's maps).
-    """
-    h, w = lo.shape
-    top = np.iinfo(lo.dtype).max
-    masked = (lo == top) & (dark == top)
-    good = ~masked
-    if good.any():
-        first = int(np.argmax(good))  # the first unmasked pixel: its levels are everyone's
-        lo0, d0 = lo.flat[first], dark.flat[first]
-        if np.any(lo[good] != lo0) or np.any(dark[good] != d0):
-            return None
-    else:
-        lo0 = d0 = top
-    t = int(lo0) - int(d0)
-    if t < 0:
-        raise ValueError("threshold map below the dark map: not a calibration's maps")
-    rows, cols = np.nonzero(masked)  # row-major: each row's columns ascending
-    mptr = np.zeros(h + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=h), out=mptr[1:])
-    return (
-        np.array([d0], lo.dtype),
-        np.zeros(h, np.int64),
-        np.array([t], f"u{lo.itemsize}"),
-        mptr,
-        cols.astype(np.int64),
-        np.packbits(masked, axis=1, bitorder="little"),
-    )
-
-
 @njit(**_OPTS)
 def _compact_maps(lo, dark, top, dmap, tmap, base):
     """Fill the compact maps of :func:`kernel_maps`; False when they do not hold."""
@@ -161,40 +97,34 @@ def _compact_maps(lo, dark, top, dmap, tmap, base):
     return True
 
 
-def row_type(
-    frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False, uniform: bool = False
-) -> tuple[type, int]:
+def row_type(frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False) -> tuple[type, int]:
     """Signal-row type and ceiling of the kernel: ``(np.uint8, 255)``, ``(np.uint16,
     65535)`` or ``(np.int32, 2**31 - 1)``.
 
     Byte rows (the narrow path, :mod:`._simd`) serve unsigned frames without a
-    gain map, with compact or ``uniform`` maps (:func:`uniform_maps`) or 8-bit
-    frames: a candidate's signal (at least 1) is stored as ``min(s, 255)``, 0
+    gain map: a candidate's signal (at least 1) is stored as ``min(s, 255)``, 0
     marks a pixel that is not a candidate. The 3 x 3 test on them is exact for
     every centre below 255 (a neighbour of 255 or more still beats it); the rare
     centre stored as 255 is tested again from the frame. X-ray hits, plateau walks
     and sub-pixel positions are taken from the frame. ``wide_rows`` asks for
     16-bit rows instead, the same code at twice the bytes, for 16-bit frames
-    with compact or uniform maps whose signals are often 255 or more (:func:`wide_rows_pay`;
+    with compact maps whose signals are often 255 or more (:func:`wide_rows_pay`;
     8-bit frames keep bytes: their signals are below 256). Everything else
     (wrapped signed frames, a gain map, 16-bit frames with a two-byte dark map)
     uses exact int32 rows: one compiled variant per map form serves all of them
     (``has_gain`` is a run-time flag), where narrow rows would add one per form.
     """
     fdt, ddt = np.dtype(frame_dtype), np.dtype(dmap_dtype)
-    narrow = ddt.itemsize < fdt.itemsize or uniform  # compact maps, or single values
-    if fdt.kind == "u" and not has_gain and (narrow or fdt.itemsize == 1):
-        wide = wide_rows and narrow and fdt.itemsize == 2
-        return (np.uint16, 65535) if wide else (np.uint8, BYTE_TOP)
+    compact = ddt.itemsize < fdt.itemsize
+    if fdt.kind == "u" and not has_gain and (compact or fdt.itemsize == 1):
+        return (np.uint16, 65535) if wide_rows and compact else (np.uint8, BYTE_TOP)
     return np.int32, 2**31 - 1
 
 
 #: Every kernel variant a calibration can lead to, as ``(frame dtype, dmap dtype,
 #: row dtype)`` (the threshold map's type follows the dark map's): what
 #: :mod:`streamstore.counting.warmup` compiles. ``gain`` marks the variants only
-#: a gain map leads to, ``subtracted`` those only a calibration for frames the
-#: camera dark-subtracted leads to (:func:`uniform_maps`; the wrapped ones read
-#: signed frames).
+#: a gain map leads to.
 VARIANTS = (
     {"frames": "uint16", "dmap": "uint8", "rows": "uint8", "gain": False},
     {"frames": "uint16", "dmap": "uint8", "rows": "uint16", "gain": False},
@@ -204,11 +134,6 @@ VARIANTS = (
     {"frames": "int8", "dmap": "int8", "rows": "int32", "gain": False},
     {"frames": "uint16", "dmap": "uint8", "rows": "int32", "gain": True},
     {"frames": "uint8", "dmap": "uint8", "rows": "int32", "gain": True},
-    {"frames": "uint16", "dmap": "uint16", "rows": "uint8", "subtracted": True},
-    {"frames": "uint16", "dmap": "uint16", "rows": "uint16", "subtracted": True},
-    {"frames": "uint8", "dmap": "uint8", "rows": "uint8", "subtracted": True},
-    {"frames": "int16", "dmap": "int16", "rows": "int32", "subtracted": True},
-    {"frames": "int8", "dmap": "int8", "rows": "int32", "subtracted": True},
 )
 
 

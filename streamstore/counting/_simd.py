@@ -26,11 +26,6 @@ competes.
 * :func:`xray_row`: the exact X-ray hits of a row, as words of bits (the rare
   path, when :func:`signal_row` says there may be one).
 
-The dark and threshold rows may instead be single values (a calibration whose
-pixels share one dark level and one threshold, :func:`._maps.uniform_maps`): they
-are broadcast to every lane and only the frame is streamed. :func:`map_row`,
-:func:`map_at` and :func:`is_uniform` read either form in the kernel's scalar code.
-
 Signals are computed in one of two ways, chosen by the types the kernel is
 compiled for:
 
@@ -57,7 +52,7 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
 __all__ = [
     "BYTE_TOP",
@@ -66,9 +61,6 @@ __all__ = [
     "SAT_ANY",
     "cttz",
     "hmax_row",
-    "is_uniform",
-    "map_at",
-    "map_row",
     "signal_row",
     "signal_row_gain",
     "test_row",
@@ -114,20 +106,6 @@ def _load(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, lanes: int = LAN
 def _store(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, value: ir.Value) -> None:
     ptr = builder.bitcast(builder.gep(data, [idx]), value.type.as_pointer())
     builder.store(value, ptr, align=1)
-
-
-def _elem(ty: types.Type) -> types.Type:
-    """The element type of an array argument, or the type of a single value."""
-    return ty.dtype if isinstance(ty, types.Array) else ty
-
-
-def _lanes(context, builder, ty: types.Type, value: ir.Value):
-    """``(c0, lanes) -> vector``: the elements of a row from ``c0``, or, for a single
-    value (a uniform map), that value in every lane, which reads no memory."""
-    if isinstance(ty, types.Array):
-        data = _data(context, builder, ty, value)
-        return lambda c0, lanes=LANES: _load(builder, data, c0, lanes)
-    return lambda c0, lanes=LANES: _splat(builder, value, lanes)
 
 
 def _ext(builder: ir.IRBuilder, v: ir.Value, signed: bool, t: ir.IntType) -> ir.Value:
@@ -256,13 +234,12 @@ class _Signals:
 
 def _make_signal_row(gain: bool):
     def signal_row(typingctx, row, drow, trow, grow, srow, nfull, base, level):
-        gen = _Signals(row.dtype, _elem(drow), _elem(trow), srow.dtype, gain)
+        gen = _Signals(row.dtype, drow.dtype, trow.dtype, srow.dtype, gain)
         sig = types.boolean(row, drow, trow, grow, srow, types.intp, types.int64, types.int64)
 
         def codegen(context, builder, signature, args):
             b = builder
-            f_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in (0, 3, 4))
-            d_, t_ = (_lanes(context, b, signature.args[i], args[i]) for i in (1, 2))
+            f_, d_, t_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in range(5))
             nfull, base, level = args[5:8]
             acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
             n = SIG_LANES
@@ -270,8 +247,8 @@ def _make_signal_row(gain: bool):
             with cgutils.for_range(b, steps) as loop:
                 c0 = _index(b, loop.index, lanes=n)
                 f = _load(b, f_, c0, n)
-                dk = d_(c0, n)
-                t = t_(c0, n)
+                dk = _load(b, d_, c0, n)
+                t = _load(b, t_, c0, n)
                 g = _load(b, g_, c0, n) if gain else None
                 out, xval = gen.emit(b, f, dk, t, g, base)
                 acc = gen.xray_update(b, [b.load(p) for p in acc_p], xval, f)
@@ -286,10 +263,9 @@ def _make_signal_row(gain: bool):
     signal_row.__doc__ = """Signals of the ``nfull`` full blocks of a row into ``srow``; any X-ray?
 
     ``drow`` is the dark row (or its one-byte form over ``base``), ``trow`` the
-    threshold row (either may be one value for every pixel), ``grow`` the gain
-    row (read by the gain variant only), ``level`` the X-ray level. Returns False
-    only when no full block holds an X-ray hit (True may be a saturated pixel
-    that is not a candidate).
+    threshold row, ``grow`` the gain row (read by the gain variant only),
+    ``level`` the X-ray level. Returns False only when no full block holds an
+    X-ray hit (True may be a saturated pixel that is not a candidate).
     """
     return intrinsic(signal_row)
 
@@ -357,9 +333,9 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
               types.intp, out, types.int64, types.uint32)  # fmt: skip
     rbits = mid.dtype.bitwidth
     signed = mid.dtype.signed
-    # the map rows to prefetch: none where a map is one value for every pixel
-    steps = [(i, 64 // a.dtype.bitwidth * 8) for i, a in ((8, pf_f), (9, pf_d), (10, pf_t))
-             if isinstance(a, types.Array)]  # fmt: skip
+    fstep = 64 // pf_f.dtype.bitwidth * 8
+    dstep = 64 // pf_d.dtype.bitwidth * 8
+    tstep = 64 // pf_t.dtype.bitwidth * 8
 
     def codegen(context, builder, signature, args):
         b = builder
@@ -367,7 +343,7 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
             _data(context, b, signature.args[i], args[i]) for i in range(7)
         )
         nblocks = args[7]
-        pf = [(_data(context, b, signature.args[i], args[i]), step) for i, step in steps]
+        pf_f_, pf_d_, pf_t_ = (_data(context, b, signature.args[i], args[i]) for i in (8, 9, 10))
         n_pf = args[11]
         out_ = _data(context, b, signature.args[12], args[12])
         k_p = cgutils.alloca_once_value(b, args[13])
@@ -385,9 +361,12 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
             c0 = _index(b, loop.index)
             with b.if_then(b.icmp_signed("<", loop.index, n_pf)):
                 # the next frame row's lines, so memory streams while this test computes
-                for data, step in pf:
-                    for kk in range(0, LANES, step):
-                        _prefetch(b, data, b.add(c0, ir.Constant(_I64, kk)))
+                for kk in range(0, LANES, fstep):
+                    _prefetch(b, pf_f_, b.add(c0, ir.Constant(_I64, kk)))
+                for kk in range(0, LANES, dstep):
+                    _prefetch(b, pf_d_, b.add(c0, ir.Constant(_I64, kk)))
+                for kk in range(0, LANES, tstep):
+                    _prefetch(b, pf_t_, b.add(c0, ir.Constant(_I64, kk)))
             c1 = b.add(c0, one)
             hd = _hmax(b, down_, c0, signed)
             _store(b, hdn_, c1, hd)
@@ -456,12 +435,11 @@ def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
     they are (``grow`` is not read).
     """
     sig = types.void(row, drow, trow, grow, mid, words, types.intp, types.int64, types.int64)
-    gen = _Signals(row.dtype, _elem(drow), _elem(trow), mid.dtype, False)
+    gen = _Signals(row.dtype, drow.dtype, trow.dtype, mid.dtype, False)
 
     def codegen(context, builder, signature, args):
         b = builder
-        f_, m_, w_ = (_data(context, b, signature.args[i], args[i]) for i in (0, 4, 5))
-        d_, t_ = (_lanes(context, b, signature.args[i], args[i]) for i in (1, 2))
+        f_, d_, t_, g_, m_, w_ = (_data(context, b, signature.args[i], args[i]) for i in range(6))
         nfull, base, level = args[6:9]
         if gen.narrow:  # compare in the frame's width: level clipped to [0, TMAX]
             ft = ir.IntType(gen.fw)
@@ -477,8 +455,8 @@ def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
             c0 = _index(b, loop.index)
             f = _load(b, f_, c0)
             if gen.narrow:
-                dk = d_(c0)
-                t = t_(c0)
+                dk = _load(b, d_, c0)
+                t = _load(b, t_, c0)
                 _, xval = gen.emit(b, f, dk, t, None, base, LANES)
                 cand = b.icmp_unsigned("!=", xval, _const(ft, 0))
                 big = b.icmp_unsigned(">", xval, lvl)
@@ -491,41 +469,3 @@ def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
         return context.get_dummy_value()
 
     return sig, codegen
-
-
-# -- the kernel's maps in scalar code: a map per pixel, or one value for all -------
-def map_row(mp, r):
-    """Row ``r`` of a kernel map (H, W), or the one value of a uniform map (1,)."""
-    return mp[0] if mp.ndim == 1 else mp[r]
-
-
-def map_at(mp, r, c):
-    """Pixel ``(r, c)`` of a kernel map (H, W), or the one value of a uniform map (1,)."""
-    return mp[0] if mp.ndim == 1 else mp[r, c]
-
-
-def is_uniform(mp):
-    """Whether a kernel map is one value for all pixels (shape (1,)): a constant where
-    the kernel is compiled, so the code for the other form drops out."""
-    return mp.ndim == 1
-
-
-@overload(map_row, inline="always")
-def _map_row(mp, r):
-    if mp.ndim == 1:
-        return lambda mp, r: mp[0]
-    return lambda mp, r: mp[r]
-
-
-@overload(map_at, inline="always")
-def _map_at(mp, r, c):
-    if mp.ndim == 1:
-        return lambda mp, r, c: mp[0]
-    return lambda mp, r, c: mp[r, c]
-
-
-@overload(is_uniform, inline="always")
-def _is_uniform(mp):
-    if mp.ndim == 1:
-        return lambda mp: True
-    return lambda mp: False

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from streamstore.counting import calibration_estimate, calibration_io
-from streamstore.counting.calibration_checks import as_map, check_subtracted
+from streamstore.counting.calibration_checks import as_map
 
 __all__ = ["Calibration"]
 
@@ -75,27 +75,20 @@ class Calibration:
         The frames are pedestal-subtracted by the camera and negative values
         wrapped around the unsigned type (e.g. -3 stored as 65533): counting
         reinterprets them as two's-complement signed integers.
-    subtracted : bool, default False
-        The camera dark-subtracted the frames: every unmasked pixel has the same
-        ``dark`` (usually 0) and ``noise`` and there is no gain map, so counting
-        reads only the frame (no per-pixel map beside it; masked pixels are a
-        sparse list). The events are those of the same maps counted the usual way.
-        :meth:`for_subtracted_frames` builds one, :meth:`as_subtracted` marks one.
     source : str, default "manual"
         Where the calibration came from: "dark_frames", "estimate", "file" or "manual".
 
     Raises
     ------
     ValueError
-        When a map has the wrong shape or type, or a value is out of range, or
-        ``subtracted`` with maps that are not uniform or a gain map.
+        When a map has the wrong shape or type, or a value is out of range.
 
     Notes
     -----
     A calibration is immutable: its maps are read-only (an input array that
     could still change is copied), and setting ``dark``, ``noise``, ``gain``,
-    ``mask``, ``n_sigma``, ``xray_threshold``, ``xray_radius``, ``wrapped`` or
-    ``subtracted`` again raises AttributeError. What counting derives from it (integer maps,
+    ``mask``, ``n_sigma``, ``xray_threshold``, ``xray_radius`` or ``wrapped``
+    again raises AttributeError. What counting derives from it (integer maps,
     the kernel's maps) is therefore computed once and kept with it.
     """
 
@@ -110,7 +103,6 @@ class Calibration:
         xray_threshold: float | None = None,
         xray_radius: int = DEFAULT_XRAY_RADIUS,
         wrapped: bool = False,
-        subtracted: bool = False,
         source: str = "manual",
     ) -> None:
         self.dark = as_map("dark", dark, None, np.float32)
@@ -142,9 +134,6 @@ class Calibration:
             raise ValueError(f"xray_radius must be an integer in 0..16, got {xray_radius!r}")
         self.xray_radius = int(xray_radius)
         self.wrapped = bool(wrapped)
-        if subtracted:
-            check_subtracted(self.dark, self.noise, self.gain, good)
-        self.subtracted = bool(subtracted)
         if source not in _SOURCES:
             raise ValueError(f"source must be one of {_SOURCES}, got {source!r}")
         self.source = source
@@ -153,11 +142,8 @@ class Calibration:
     #: Attributes that define the calibration: fixed once it is built (what is
     #: derived from them is cached with it; the maps themselves are read-only).
     _DEFINING = frozenset(
-        (
-            "dark", "noise", "gain", "mask", "n_sigma", "xray_threshold", "xray_radius",
-            "wrapped", "subtracted",
-        )
-    )  # fmt: skip
+        ("dark", "noise", "gain", "mask", "n_sigma", "xray_threshold", "xray_radius", "wrapped")
+    )
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._DEFINING and "_derived_cache" in self.__dict__:
@@ -219,7 +205,6 @@ class Calibration:
             "xray_threshold": self.xray_threshold,
             "xray_radius": self.xray_radius,
             "wrapped": self.wrapped,
-            "subtracted": self.subtracted,
             "median_dark_adu": dark,
             "median_noise_adu": noise,
             "background_threshold_adu": None if noise is None else self.n_sigma * noise,
@@ -232,38 +217,10 @@ class Calibration:
         return (
             f"Calibration(frame_shape={self.frame_shape}, source={self.source!r}, "
             f"n_sigma={self.n_sigma:g}, xray_threshold={self.xray_threshold}, "
-            f"median_noise={s['median_noise_adu']}, n_masked={self.n_masked}"
-            + (", subtracted=True)" if self.subtracted else ")")
+            f"median_noise={s['median_noise_adu']}, n_masked={self.n_masked})"
         )
 
     # -- construction --------------------------------------------------------
-    @classmethod
-    def for_subtracted_frames(
-        cls,
-        frame_shape: tuple[int, int],
-        noise: float,
-        *,
-        dark: float = 0.0,
-        mask: Any = None,
-        n_sigma: float = DEFAULT_N_SIGMA,
-        xray_threshold: float | None = None,
-        xray_radius: int = DEFAULT_XRAY_RADIUS,
-        wrapped: bool = False,
-    ) -> Calibration:
-        """Calibration for frames the camera already dark-subtracted (the 4D Camera's).
-
-        One noise level (ADU, one standard deviation) for every pixel and a dark
-        level of ``dark`` (0: nothing left to subtract); ``subtracted=True``, so
-        counting reads only the frame. ``mask``, ``n_sigma``, ``xray_threshold``,
-        ``xray_radius`` and ``wrapped`` (negatives wrapped around the unsigned
-        type) as in :class:`Calibration`. :meth:`estimate` with ``per_pixel=False``
-        measures the noise level from frames; :meth:`as_subtracted` marks its result.
-        """
-        shape = (int(frame_shape[0]), int(frame_shape[1]))
-        maps = (np.full(shape, dark, np.float32), np.full(shape, noise, np.float32))
-        return cls(*maps, mask=mask, n_sigma=n_sigma, xray_threshold=xray_threshold,
-                   xray_radius=xray_radius, wrapped=wrapped, subtracted=True)  # fmt: skip
-
     @classmethod
     def from_dark_frames(
         cls,
@@ -476,24 +433,18 @@ class Calibration:
 
     def with_xray_threshold(self, xray_threshold: float | None) -> Calibration:
         """This calibration (same maps and source) with another X-ray threshold."""
-        return self._replace(xray_threshold=xray_threshold)
-
-    def as_subtracted(self) -> Calibration:
-        """This calibration (same maps, thresholds and source) with ``subtracted=True``:
-        for frames the camera dark-subtracted, counted reading only the frame.
-
-        For a single-level :meth:`estimate` (``per_pixel=False``) or a loaded file.
-        Raises ValueError unless every unmasked pixel has one dark level and one
-        noise and there is no gain map.
-        """
-        return self._replace(subtracted=True)
-
-    def _replace(self, **changes: Any) -> Calibration:
-        """This calibration with ``changes`` to its thresholds or flags (not its maps)."""
-        keys = ("gain", "mask", "n_sigma", "xray_threshold", "xray_radius", "wrapped",
-                "subtracted", "source")  # fmt: skip
-        new = Calibration(self.dark, self.noise, **{k: getattr(self, k) for k in keys} | changes)
-        # the kernel's integer maps depend on neither the X-ray threshold nor the flag
+        new = Calibration(
+            self.dark,
+            self.noise,
+            gain=self.gain,
+            mask=self.mask,
+            n_sigma=self.n_sigma,
+            xray_threshold=xray_threshold,
+            xray_radius=self.xray_radius,
+            wrapped=self.wrapped,
+            source=self.source,
+        )
+        # the kernel's integer maps do not depend on the X-ray threshold: share them
         new.__dict__["_int_maps_cache"] = self.__dict__.setdefault("_int_maps_cache", {})
         new.__dict__["_derived_cache"] = self._derived()
         return new

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["as_map", "check_frames", "check_subtracted", "frozen"]
+__all__ = ["as_map", "check_frames", "frozen"]
 
 
 def as_map(name: str, value: Any, shape: tuple[int, int] | None, dtype: Any) -> np.ndarray:
@@ -75,25 +75,3 @@ def check_frames(name: str, frames: Any, min_frames: int) -> np.ndarray:
     if arr.shape[1] < 1 or arr.shape[2] < 1:
         raise ValueError(f"{name} frames are empty: shape {arr.shape}")
     return arr
-
-
-def check_subtracted(
-    dark: np.ndarray, noise: np.ndarray, gain: np.ndarray | None, good: np.ndarray
-) -> None:
-    """Check that a calibration for dark-subtracted frames is one: every unmasked
-    pixel (``good``) with the same dark level and noise, and no gain map (each
-    would be a per-pixel map the counting streams beside the frame).
-
-    Raises
-    ------
-    ValueError
-        Where it is not.
-    """
-    if gain is not None:
-        raise ValueError("a calibration for dark-subtracted frames takes no gain map")
-    for name, values in (("dark", dark[good]), ("noise", noise[good])):
-        if values.size and values.min() != values.max():
-            raise ValueError(
-                f"a calibration for dark-subtracted frames has one {name} level for every "
-                f"unmasked pixel, got {float(values.min()):g} to {float(values.max()):g}"
-            )

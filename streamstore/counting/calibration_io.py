@@ -20,11 +20,8 @@ if TYPE_CHECKING:
 
 __all__ = ["load", "save"]
 
-#: Newest version of the file layout: :func:`save` writes the oldest that holds
-#: the calibration, :func:`load` refuses newer ones. 2 added the ``subtracted``
-#: attribute (frames the camera dark-subtracted, counted reading only the frame);
-#: a calibration without it is written as version 1, which every reader reads.
-_FORMAT_VERSION = 2
+#: Version of the file layout :func:`save` writes; :func:`load` refuses newer ones.
+_FORMAT_VERSION = 1
 
 
 def save(cal: Calibration, path: str | Path) -> None:
@@ -34,14 +31,12 @@ def save(cal: Calibration, path: str | Path) -> None:
     with h5py.File(path, "w") as f:
         g = f.create_group("calibration")
         g.attrs["format"] = "streamstore.counting.calibration"
-        g.attrs["version"] = 2 if cal.subtracted else 1
+        g.attrs["version"] = _FORMAT_VERSION
         g.attrs["n_sigma"] = cal.n_sigma
         g.attrs["xray_threshold"] = np.nan if cal.xray_threshold is None else cal.xray_threshold
         g.attrs["xray_radius"] = cal.xray_radius
         g.attrs["wrapped"] = cal.wrapped
         g.attrs["origin"] = cal.source
-        if cal.subtracted:  # absent from version 1: False
-            g.attrs["subtracted"] = True
         g.create_dataset("dark", data=cal.dark, compression="gzip", shuffle=True)
         g.create_dataset("noise", data=cal.noise, compression="gzip", shuffle=True)
         if cal.gain is not None:
@@ -90,6 +85,5 @@ def load(cls: type[Calibration], path: str | Path) -> Calibration:
             xray_threshold=None if math.isnan(xt) else xt,
             xray_radius=int(g.attrs["xray_radius"]),
             wrapped=bool(g.attrs["wrapped"]),
-            subtracted=bool(g.attrs.get("subtracted", False)),
             source="file",
         )

@@ -9,13 +9,10 @@ row type) plus the event encoder and chunk checksum the writer runs, the dose
 correction's kernels (:mod:`streamstore.counting.dose`) and the
 data-only dark estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
 count, the gain flag and the X-ray level are run-time values: no variant each.
-The frame-only variants of a calibration for dark-subtracted frames are
-compiled only where asked for (a daemon given such a calibration).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import subprocess
@@ -30,9 +27,7 @@ import numpy as np
 __all__ = ["kernel_variants", "warm_kernels"]
 
 
-def kernel_variants(
-    gain: bool = True, subtracted: bool = False, wrapped: bool | None = None
-) -> list[dict[str, Any]]:
+def kernel_variants(gain: bool = True) -> list[dict[str, Any]]:
     """The counting kernel variants a calibration can lead to.
 
     Parameters
@@ -40,28 +35,15 @@ def kernel_variants(
     gain : bool, default True
         Include the variants only a gain map leads to (a calibration file
         with a gain map; dark series and estimates have none).
-    subtracted : bool, default False
-        Include the frame-only variants of a calibration for dark-subtracted
-        frames (``Calibration.subtracted``; nothing else leads to them).
-    wrapped : bool, optional
-        Of those, only the ones for wrapped (True: signed) or unwrapped (False)
-        frames, as the calibration's ``wrapped`` says; None: both.
     """
     from streamstore.counting._maps import VARIANTS
 
-    def wanted(v: dict[str, Any]) -> bool:
-        if v.get("subtracted", False):
-            signed = v["frames"].startswith("int")
-            return subtracted and (wrapped is None or wrapped == signed)
-        return gain or not v.get("gain", False)
-
-    return [dict(v) for v in VARIANTS if wanted(v)]
+    return [dict(v) for v in VARIANTS if gain or not v["gain"]]
 
 
 def _variant_args(v: dict[str, Any]) -> tuple[Any, ...]:
     """Tiny frames and maps of the types of variant ``v``: ``count_frames`` arguments."""
-
-    from streamstore.counting._maps import row_type, uniform_maps
+    from streamstore.counting._maps import row_type
 
     h, w = 3, 70  # a full 64-pixel block and a scalar tail; the types are what matter
     fdt, ddt = np.dtype(v["frames"]), np.dtype(v["dmap"])
@@ -71,11 +53,10 @@ def _variant_args(v: dict[str, Any]) -> tuple[Any, ...]:
     base = np.zeros(h, np.int64)
     compact = ddt.itemsize < fdt.itemsize
     tmap = np.ones((h, w), np.uint8 if compact else f"u{fdt.itemsize}")
-    uniform = v.get("subtracted", False)
-    maps = uniform_maps(lo, dark) if uniform else (np.zeros((h, w), ddt), base, tmap)
-    gain = np.ones((h, w), np.uint16) if v.get("gain", False) else None
+    maps = (np.zeros((h, w), ddt), base, tmap)
+    gain = np.ones((h, w), np.uint16) if v["gain"] else None
     wide = v["rows"] == "uint16"
-    got = row_type(fdt, ddt, gain is not None, wide, uniform)[0]
+    got = row_type(fdt, ddt, gain is not None, wide)[0]
     if np.dtype(got) != np.dtype(v["rows"]):  # the table and row_type disagree
         raise RuntimeError(f"kernel variant {v} gets {np.dtype(got)} rows")
     return frames, lo, dark, gain, 2**62, 1, False, 1, maps, wide
@@ -86,7 +67,7 @@ def _compiled(dispatchers: list[Any]) -> int:
     return sum(sum(getattr(d, "_cache_misses", {}).values()) for d in dispatchers)
 
 
-def _warm_variant(i: int, gain: bool, subtracted: bool = False, wrapped: bool | None = None) -> int:
+def _warm_variant(i: int, gain: bool) -> int:
     """Compile or load variant ``i`` of :func:`kernel_variants` (the event encoder
     when ``i`` is past the last): how many kernel overloads this compiled."""
     from streamstore.counting import _kernels as k
@@ -97,34 +78,34 @@ def _warm_variant(i: int, gain: bool, subtracted: bool = False, wrapped: bool | 
 
     dispatchers = [k._count_items, k._compact, k._gather, _compact_maps, codec_kernels.gap_encode]
     before = _compiled(dispatchers)
-    variants = kernel_variants(gain, subtracted, wrapped)
+    variants = kernel_variants(gain)
     if i < len(variants):
         args = _variant_args(variants[i])
         count_frames(*args[:7], threads=args[7], maps=args[8], wide_rows=args[9])
         if i == 0:
             lo = np.ones((3, 70), np.uint16)
             kernel_maps(lo, lo - np.uint16(1))  # the compact maps' builder
-    elif i == len(variants):  # what the writer runs on every chunk
+        return _compiled(dispatchers) - before
+    if i == len(variants):  # what the writer runs on every chunk
         from streamstore.store import checksum
 
-        # counted from before they run: this process may have compiled them earlier
-        dispatchers += [checksum._get_kernel(), *_dose_dispatchers()]
+        dispatchers.append(checksum._get_kernel())
         before = _compiled(dispatchers)
         gap_encode(np.array([1, 5], np.uint32), np.array([0, 2], np.int64), 10)
         checksum.seal(bytes(5))  # the chunk's Fletcher-32, over read-only bytes as written
-        _warm_dose()
-    else:  # a camera with no dark series: the per-pixel estimate from its frames
-        dispatchers += _estimator_dispatchers()
-        before = _compiled(dispatchers)
-        _warm_estimator()
-    return _compiled(dispatchers) - before
+        return _compiled(dispatchers) - before + _warm_dose()
+    # a camera with no dark series: the per-pixel estimate from its frames
+    return _warm_estimator()
 
 
-def _dose_dispatchers() -> list[Any]:
-    """The dose correction's kernels :func:`_warm_dose` runs."""
+def _warm_dose() -> int:
+    """Run the dose correction's kernels (pairs, and the charge sums on every frame
+    type counting reads: unsigned, and signed for wrapped frames): how many kernel
+    overloads this compiled (not those this process compiled before)."""
     from streamstore.counting import charge, coincidence
+    from streamstore.events import EventBatch
 
-    return [
+    dispatchers = [
         coincidence._pair_histogram_kernel,
         coincidence._pool_tiles_kernel,
         coincidence._lookup_events_kernel,
@@ -132,13 +113,7 @@ def _dose_dispatchers() -> list[Any]:
         charge._tile_charge_kernel,
         charge._window_charge_kernel,
     ]
-
-
-def _warm_dose() -> None:
-    """Run the dose correction's kernels (pairs, and the charge sums on every frame
-    type counting reads: unsigned, and signed for wrapped frames)."""
-    from streamstore.counting import charge, coincidence
-    from streamstore.events import EventBatch
+    before = _compiled(dispatchers)
 
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
     coincidence.pair_histogram(b, 5)
@@ -156,6 +131,7 @@ def _warm_dose() -> None:
         raw = np.zeros((8, 70), dt)
         charge.tile_charge(raw, dark16, gain, good, 2**62, 1, 8, flags)
         charge.window_charge(raw, dark16, gain, good, 2**62, 1, b.indices, flags, 8, 1)
+    return _compiled(dispatchers) - before
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
@@ -163,18 +139,15 @@ def _warm_dose() -> None:
 _ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
 
 
-def _estimator_dispatchers() -> list[Any]:
-    """The data-only dark estimator's kernels :func:`_warm_estimator` runs."""
-    from streamstore.counting import dark_estimate as de
-
-    return [de._accumulate_rows, de._fold_rows, de._median_rows]
-
-
-def _warm_estimator() -> None:
+def _warm_estimator() -> int:
     """Run the data-only dark estimator on tiny frames of every frame type a
-    variant counts (signed ones as wrapped unsigned)."""
+    variant counts (signed ones as wrapped unsigned): how many kernel overloads
+    this compiled."""
     from streamstore.counting import dark_estimate as de
     from streamstore.counting.calibration_estimate import START_FRAMES
+
+    dispatchers = [de._accumulate_rows, de._fold_rows, de._median_rows]
+    before = _compiled(dispatchers)
 
     rng = np.random.default_rng(0)
     for k, (dt, wrapped) in enumerate(_ESTIMATOR_FRAMES):
@@ -183,13 +156,15 @@ def _warm_estimator() -> None:
         if k == 0:  # the fold takes float maps only: one frame type refines
             for f in frames:
                 est.update(f)
+    return _compiled(dispatchers) - before
 
 
 def _estimator_cached() -> bool:
     """Whether every kernel overload :func:`_warm_estimator` reaches is in the cache."""
     from streamstore._numba_cache import cached_overloads
+    from streamstore.counting import dark_estimate as de
 
-    held = [cached_overloads(d) for d in _estimator_dispatchers()]
+    held = [cached_overloads(d) for d in (de._accumulate_rows, de._fold_rows, de._median_rows)]
     n = len(_ESTIMATOR_FRAMES)
     return None not in held and held[0] >= n and held[1] >= 1 and held[2] >= n
 
@@ -218,32 +193,25 @@ _DONE = "streamstore-warm-up-done"
 #: What a compile worker runs: the variants named on its command line, one line
 #: ``_DONE i compiled`` on stdout as each is done.
 _WORKER = (
-    "import json, sys\n"
+    "import sys\n"
     "from streamstore.counting.warmup import _DONE, _warm_variant\n"
-    "which = json.loads(sys.argv[1])\n"
+    "gain = sys.argv[1] == '1'\n"
     "for i in map(int, sys.argv[2:]):\n"
-    "    print(_DONE, i, _warm_variant(i, *which), flush=True)\n"
+    "    print(_DONE, i, _warm_variant(i, gain), flush=True)\n"
 )
 
 
 def _compile_in_workers(
-    jobs: list[int],
-    gain: bool,
-    workers: int,
-    done: Callable[[int, int], None],
-    subtracted: bool = False,
-    wrapped: bool | None = None,
+    jobs: list[int], gain: bool, workers: int, done: Callable[[int, int], None]
 ) -> None:
-    """Compile variants ``jobs`` of ``kernel_variants(gain, subtracted, wrapped)`` in
-    ``workers`` child interpreters, round robin, calling ``done(i, compiled)`` as each
-    finishes. Children, not a multiprocessing pool: a pool would import the caller's
-    ``__main__`` again."""
+    """Compile variants ``jobs`` in ``workers`` child interpreters, round robin,
+    calling ``done(i, compiled)`` as each finishes. Children, not a
+    multiprocessing pool: a pool would import the caller's ``__main__`` again."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same streamstore
-    which = json.dumps([bool(gain), bool(subtracted), wrapped])
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, which, *map(str, jobs[k::workers])],
+            [sys.executable, "-c", _WORKER, "1" if gain else "0", *map(str, jobs[k::workers])],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -283,8 +251,6 @@ def warm_kernels(
     progress: Callable[[int, int, dict[str, Any], int], None] | None = None,
     processes: int | None = None,
     estimator_in_background: bool = False,
-    subtracted: bool = False,
-    wrapped: bool | None = None,
 ) -> dict[str, Any]:
     """Compile or load every counting kernel variant and the event encoder.
 
@@ -314,9 +280,6 @@ def warm_kernels(
         estimator first runs once a series has brought its first frames; a
         load, about 0.2 s, is never a compile). Where any is missing it is
         compiled here, before returning, like the rest.
-    subtracted, wrapped : bool, optional
-        Also the frame-only variants of a calibration for dark-subtracted frames,
-        those of its ``wrapped`` only when given (see :func:`kernel_variants`).
 
     Returns
     -------
@@ -328,8 +291,7 @@ def warm_kernels(
     from streamstore.counting import _kernels as k
 
     t0 = time.perf_counter()
-    which = (gain, subtracted, wrapped)
-    variants = kernel_variants(*which)
+    variants = kernel_variants(gain)
     n = len(variants) + 2
     names = [*variants, {"name": "gap_encode"}, {"name": "dark_estimator"}]
     compiled = 0
@@ -350,14 +312,14 @@ def warm_kernels(
     if workers > 1 and cold():  # an empty cache
         with compiling_alone(k._count_items):  # or another daemon fills it meanwhile
             if cold():
-                _compile_in_workers(list(range(n)), gain, workers, done, subtracted, wrapped)
+                _compile_in_workers(list(range(n)), gain, workers, done)
     later = estimator_in_background and _estimator_cached()
     for i in range(n - 1 if later else n):  # loads what the workers compiled (or compiles)
         if progress is not None:
             progress(i, n, names[i], compiled)
-        compiled += _warm_variant(i, *which)
+        compiled += _warm_variant(i, gain)
     if later:
         threading.Thread(
-            target=_warm_variant, args=(n - 1, *which), name="warm-estimator", daemon=True
+            target=_warm_variant, args=(n - 1, gain), name="warm-estimator", daemon=True
         ).start()
     return {"variants": len(variants), "compiled": compiled, "seconds": time.perf_counter() - t0}

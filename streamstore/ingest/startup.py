@@ -23,9 +23,7 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
     (empty cache) each variant compiles, and ``reporter.state`` (published in
     every status message) and the log say that this is what the daemon is
     doing. The gain-only variants are compiled only for a calibration with a
-    gain map (dark series and estimates have none), the frame-only ones only
-    for a calibration for dark-subtracted frames (``subtracted``), of its
-    ``wrapped`` kind. Returns early when ``stop``
+    gain map (dark series and estimates have none). Returns early when ``stop``
     is set; ``reporter.state`` is left for the caller to set to "ready".
 
     Parameters
@@ -39,8 +37,6 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
     from streamstore.counting.warmup import warm_kernels
 
     gain = calibration is not None and calibration.gain is not None
-    subtracted = calibration is not None and calibration.subtracted
-    wrapped = calibration.wrapped if subtracted else None
     done = threading.Event()
     result: dict[str, Any] = {}
     t0 = time.monotonic()
@@ -62,15 +58,7 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
 
     def work() -> None:
         try:
-            result.update(
-                warm_kernels(
-                    gain=gain,
-                    progress=progress,
-                    estimator_in_background=True,
-                    subtracted=subtracted,
-                    wrapped=wrapped,
-                )
-            )
+            result.update(warm_kernels(gain=gain, progress=progress, estimator_in_background=True))
         except BaseException as exc:  # raised again by the calling thread
             result["error"] = exc
         finally:

@@ -31,10 +31,4 @@ def test_counting_benchmark_json(capsys, tmp_path):
     # a 96 x 160 frame's few events never settle the dose model: said so, not hidden
     assert one["settled"] is False and one["settle_frames"] == bench.SETTLE_FRAMES
     assert one["ratio_to_settled_counter_1thread"] > 0
-    for form, kernel_type in (("wrapped", "int16"), ("clipped", "uint16")):
-        sub = out["subtracted"][form]  # frames the camera dark-subtracted: frame-only kernel
-        assert sub["identical_threads_and_maps"] is True and sub["n_events"] > 0
-        assert sub["kernel_type"] == kernel_type
-        for key in ("ratio_1thread_to_copy", "ratio_2threads_to_copy", "speedup_2threads"):
-            assert sub[key] > 0
     assert "stempy" in out  # measured, or None when stempy is not installed

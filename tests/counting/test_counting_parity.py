@@ -13,38 +13,6 @@ from streamstore.counting.calibration import Calibration
 IMPLEMENTATIONS = ("reference", "numba", "native")
 
 
-def _draw_frames(draw, rng, dtype, dark, noise, n, low=0):
-    """Frames of ``dark`` plus noise and electrons with plateaus and ties, clipped to
-    ``[low, TMAX]`` (``low`` negative: wrapped frames, still to be cast to signed),
-    some saturated."""
-    top = int(np.iinfo(dtype).max) if low == 0 else int(np.iinfo(dtype).max) // 2
-    h, w = dark.shape
-    frames = dark + rng.normal(0, noise, (n, h, w))
-    # electrons: small blobs, some exactly equal neighbours (plateaus and ties)
-    density = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
-    hits = rng.random((n, h, w)) < density
-    amp = rng.integers(5, 60, (n, h, w)) * (1 if dtype == np.uint8 else 4)
-    frames += hits * amp
-    for f, r, c in zip(*np.nonzero(hits), strict=True):
-        kind = rng.integers(0, 6)
-        if kind == 1 and c + 1 < w:
-            frames[f, r, c + 1] = frames[f, r, c]  # horizontal tie
-        elif kind == 2 and r + 1 < h:
-            frames[f, r + 1, c] = frames[f, r, c]  # vertical tie
-        elif kind == 3 and r + 1 < h and c + 1 < w:
-            frames[f, r : r + 2, c : c + 2] = frames[f, r, c]  # 2 x 2 plateau
-        elif kind == 4 and r + 1 < h and c + 2 < w:
-            frames[f, r + 1, c + 1] = frames[f, r, c + 2] = frames[f, r, c]  # a "V"
-        elif kind == 5 and c + 2 < w:
-            frames[f, r, c + 1] = frames[f, r, c]  # a ridge into a brighter pixel
-            frames[f, r, c + 2] = frames[f, r, c] + 7
-    frames = np.clip(np.rint(frames), low, top)
-    # saturated pixels
-    sat = rng.random((n, h, w)) < draw(st.sampled_from([0.0, 0.002, 0.02]))
-    frames[sat] = top
-    return frames
-
-
 @st.composite
 def counting_cases(draw):
     """Frames with plateaus, ties, borders, saturation, X-rays and masks, and a calibration."""
@@ -59,7 +27,30 @@ def counting_cases(draw):
     base = draw(st.integers(0, min(top, 200)))
     noise = draw(st.floats(0.5, 4.0))
     dark = base + rng.normal(0, 1.5, (h, w))
-    frames = _draw_frames(draw, rng, dtype, dark, noise, n).astype(dtype)
+    frames = dark + rng.normal(0, noise, (n, h, w))
+    # electrons: small blobs, some exactly equal neighbours (plateaus and ties)
+    density = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
+    hits = rng.random((n, h, w)) < density
+    amp = rng.integers(5, 60, (n, h, w)) * (1 if top == 255 else 4)
+    frames += hits * amp
+    for f, r, c in zip(*np.nonzero(hits), strict=True):
+        kind = rng.integers(0, 6)
+        if kind == 1 and c + 1 < w:
+            frames[f, r, c + 1] = frames[f, r, c]  # horizontal tie
+        elif kind == 2 and r + 1 < h:
+            frames[f, r + 1, c] = frames[f, r, c]  # vertical tie
+        elif kind == 3 and r + 1 < h and c + 1 < w:
+            frames[f, r : r + 2, c : c + 2] = frames[f, r, c]  # 2 x 2 plateau
+        elif kind == 4 and r + 1 < h and c + 2 < w:
+            frames[f, r + 1, c + 1] = frames[f, r, c + 2] = frames[f, r, c]  # a "V"
+        elif kind == 5 and c + 2 < w:
+            frames[f, r, c + 1] = frames[f, r, c]  # a ridge into a brighter pixel
+            frames[f, r, c + 2] = frames[f, r, c] + 7
+    frames = np.clip(np.rint(frames), 0, top)
+    # saturated pixels
+    sat = rng.random((n, h, w)) < draw(st.sampled_from([0.0, 0.002, 0.02]))
+    frames[sat] = top
+    frames = frames.astype(dtype)
     mask = rng.random((h, w)) < draw(st.sampled_from([0.0, 0.02, 0.2]))
     gain = rng.uniform(0.7, 1.4, (h, w)) if draw(st.booleans()) else None
     xray = draw(st.sampled_from([None, 30.0, 120.0]))
@@ -71,38 +62,6 @@ def counting_cases(draw):
         n_sigma=draw(st.sampled_from([3.0, 5.0])),
         xray_threshold=xray,
         xray_radius=draw(st.integers(0, 3)),
-    )
-    return frames, cal
-
-
-@st.composite
-def subtracted_cases(draw):
-    """Frames the camera dark-subtracted (one dark level, mostly 0; negatives wrapped
-    or clipped at 0) with plateaus, ties, borders, saturation, X-rays and masks, and
-    the calibration for them (``subtracted``: counted reading only the frame)."""
-    dtype = draw(st.sampled_from([np.uint8, np.uint16]))
-    wrapped = draw(st.booleans())
-    h = draw(st.integers(1, 40))
-    w = draw(st.one_of(st.integers(1, 40), st.integers(60, 140)))
-    n = draw(st.integers(1, 3))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    # 0.4 and -0.3 round to a dark of 0 (an estimate's peak centre), 3 leaves a pedestal
-    level = draw(st.sampled_from([0.0, 0.4, 3.0] + ([-0.3] if wrapped else [20.0])))
-    noise = draw(st.floats(0.5, 4.0))
-    low = -(int(np.iinfo(dtype).max) // 2) - 1 if wrapped else 0
-    frames = _draw_frames(draw, rng, dtype, np.full((h, w), level), noise, n, low)
-    signed = np.int8 if dtype == np.uint8 else np.int16
-    frames = frames.astype(signed).view(dtype) if wrapped else frames.astype(dtype)
-    mask = rng.random((h, w)) < draw(st.sampled_from([0.0, 0.02, 0.2]))
-    cal = Calibration.for_subtracted_frames(
-        (h, w),
-        noise,
-        dark=level,
-        mask=mask if mask.any() else None,
-        n_sigma=draw(st.sampled_from([3.0, 5.0])),
-        xray_threshold=draw(st.sampled_from([None, 30.0, 120.0])),
-        xray_radius=draw(st.integers(0, 3)),
-        wrapped=wrapped,
     )
     return frames, cal
 
@@ -126,26 +85,6 @@ def test_three_implementations_agree(case, subpixel):
     ref = out["reference"]
     assert out["numba"] == ref
     assert out["native"] == ref
-
-
-@settings(
-    max_examples=120,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(case=subtracted_cases(), subpixel=st.booleans())
-def test_subtracted_frames_are_counted_from_the_frame_alone(case, subpixel):
-    """The frame-only kernel (one dark level and threshold, a sparse mask) gives the
-    events of the reference and C with per-pixel maps, at 1 and 2 threads."""
-    frames, cal = case
-    out = _count_all(frames, cal, subpixel)
-    ref = out["reference"]
-    assert out["numba"] == ref
-    assert out["native"] == ref
-    two = Counter(cal, frames.dtype, subpixel=subpixel, threads=2)
-    assert two(frames) == ref
-    assert two._maps[0].shape == (1,) and two._maps[2].shape == (1,)  # nothing per pixel
 
 
 def test_two_xray_hits_in_one_row():
@@ -341,78 +280,3 @@ def test_plateaus_reaching_past_the_maximums_neighbours():
     assert not plateau.any() and 33 * w + 119 in idx  # only the brighter pixel
     runs = idx[idx >= 36 * w]
     assert runs.size == 222 and set((runs % w % 4).tolist()) == {0}  # each run's first pixel
-
-
-@pytest.mark.parametrize("dtype, wrapped", [(np.uint16, False), (np.uint16, True),
-                                            (np.uint8, False), (np.uint8, True)])  # fmt: skip
-def test_subtracted_frames_masked_saturated_and_edge_pixels(rng, dtype, wrapped):
-    """The frame-only kernel's sparse mask, X-ray and saturated pixels and frame edges,
-    in full 64-pixel blocks and the scalar tail, both row bands, with byte and 16-bit
-    rows and 1 and 2 threads: the reference's events, which the mask changes."""
-    from streamstore.counting._launch import count_frames
-    from streamstore.counting._maps import uniform_maps
-    from streamstore.counting._reference import count_reference
-
-    h, w, n = 70, 203, 2  # two row bands; three full blocks and a tail of 11
-    small = dtype == np.uint8
-    top = (127 if wrapped else 255) if small else (32767 if wrapped else 65535)
-    e = 40 if small else 150  # an electron's signal
-    noise = np.rint(rng.normal(0, 2, (n, h, w)))
-    signed = noise + (rng.random((n, h, w)) < 0.02) * rng.integers(e // 2, 2 * e, (n, h, w))
-    placed = [(10, 20), (12, 199), (0, 0), (69, 202), (0, 202), (69, 0), (63, 64), (64, 130),
-              (40, 101), (51, 6), (31, 195), (20, 64)]  # fmt: skip
-    for r, c in placed:  # no random electron near the placed pixels
-        near = np.s_[:, max(0, r - 3) : r + 4, max(0, c - 3) : c + 4]
-        signed[near] = noise[near]
-    mask = np.zeros((h, w), bool)
-    for f in range(n):
-        for r, c in placed[:8]:
-            signed[f, r, c] = e  # events: in blocks, in the tail, in corners, at band edges
-        # masked pixels brighter than the event beside them, in a block and in the tail
-        signed[f, 10, 21] = signed[f, 12, 200] = e + 20
-        # a masked saturated pixel is no X-ray hit; an unmasked one is
-        signed[f, 40, 100], signed[f, 40, 101] = top, e
-        signed[f, 50, 5], signed[f, 51, 6] = top, e
-        signed[f, 30, 196], signed[f, 31, 195] = 3 * e, e  # an X-ray hit in the tail
-        signed[f, 20, 64:66] = signed[f, 21, 64] = e + 5  # a plateau beside a masked pixel
-        signed[f, 21, 63] = e + 30
-    mask[10, 21] = mask[12, 200] = mask[40, 100] = mask[21, 63] = mask[69, 201] = True
-    stype = np.int8 if small else np.int16
-    frames = np.clip(signed, -top - 1 if wrapped else 0, top).astype(stype if wrapped else dtype)
-    frames = frames.view(dtype)
-    cals = {
-        masked: Calibration.for_subtracted_frames(
-            (h, w),
-            2.0,
-            mask=mask if masked else None,
-            xray_threshold=2.5 * e,
-            xray_radius=1,
-            wrapped=wrapped,
-        )
-        for masked in (True, False)
-    }
-    kt = cals[True].frame_dtype(dtype)
-    refs = {}
-    for masked, cal in cals.items():
-        lo, dk, gk, level = cal.threshold_maps(dtype)
-        maps = uniform_maps(lo, dk)
-        assert maps[3][-1] == (5 if masked else 0)  # the sparse mask lists them all
-        for subpixel in (False, True):
-            ref = count_reference(frames.view(kt), lo, dk, gk, level, 1, subpixel)
-            refs[masked, subpixel] = ref
-            for wide in (False, True):
-                for threads in (1, 2):
-                    got = count_frames(frames.view(kt), lo, dk, gk, level, 1, subpixel,
-                                       threads=threads, maps=maps, wide_rows=wide)  # fmt: skip
-                    for a, b in zip(got, ref, strict=True):
-                        np.testing.assert_array_equal(a, b, err_msg=f"wide {wide}, {threads}")
-            out = _count_all(frames, cal, subpixel)
-            assert out["numba"] == out["native"] == out["reference"]
-    events = set(refs[True, True][1][: refs[True, True][0][1]].tolist())
-    unmasked = set(refs[False, True][1][: refs[False, True][0][1]].tolist())
-    want = [*placed[:9], placed[-1]]
-    assert {r * w + c for r, c in want} <= events
-    assert 51 * w + 6 not in events and 31 * w + 195 not in events  # beside X-ray hits
-    # without the mask the bright pixels win and the saturated one excludes its neighbour
-    assert {10 * w + 21, 12 * w + 200} <= unmasked and 10 * w + 20 not in unmasked
-    assert 40 * w + 101 not in unmasked and 20 * w + 64 not in unmasked
