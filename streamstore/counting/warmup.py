@@ -103,6 +103,7 @@ def _warm_dose() -> int:
     type counting reads: unsigned, and signed for wrapped frames): how many kernel
     overloads this compiled (not those this process compiled before)."""
     from streamstore.counting import charge, coincidence
+    from streamstore.counting.tile_dose import _tile_geometry
     from streamstore.events import EventBatch
 
     dispatchers = [
@@ -118,8 +119,6 @@ def _warm_dose() -> int:
     b = EventBatch(np.array([0, 2]), np.array([3, 75], np.uint32), frame_shape=(8, 70))
     coincidence.pair_histogram(b, 5)
     coincidence.pool_tiles(b.indices, 70, 8, 9, np.zeros(9, np.float64))
-    from streamstore.counting.tile_dose import _tile_geometry
-
     classes = _tile_geometry(8, 70, 8)[1]  # read-only, as the estimator passes it: its type
     coincidence.lookup_events(np.arange(9), np.zeros(9), classes, np.ones((4, 1)))
     coincidence.lookup_tiles(np.zeros(9), classes, np.ones((2, 4, 1), np.bool_))
