@@ -234,7 +234,7 @@ def _quantise(num, den):
 
 
 @njit(inline="always", **_OPTS)
-def _subpixel(frame, m, r, c, h, w):
+def _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, r, c, h, w):
     total = np.int64(0)
     ty = np.int64(0)
     tx = np.int64(0)
@@ -246,7 +246,12 @@ def _subpixel(frame, m, r, c, h, w):
             cc = c + dx
             if cc < 0 or cc >= w:
                 continue
-            v = _signal64(frame, m, rr, cc)
+            if compact and tmap[rr, cc] == 255:  # _signal64, on the unpacked maps
+                v = np.int64(frame[rr, cc]) - np.int64(top)
+            else:
+                v = np.int64(frame[rr, cc]) - np.int64(dbase[rr]) - np.int64(dmap[rr, cc])
+            if has_gain:
+                v *= np.int64(gain[rr, cc])
             if v > 0:
                 total += v
                 ty += dy * v
@@ -254,6 +259,18 @@ def _subpixel(frame, m, r, c, h, w):
     qy = _quantise(2 * total + 4 * ty, total)
     qx = _quantise(2 * total + 4 * tx, total)
     return np.uint8((qy << 2) | qx)
+
+
+@njit(**_OPTS)
+def _subpixel_row(frame, m, r, h, w, out_idx, out_sub, lo_q, hi_q):
+    """Sub-pixel cells of one row's events ``out_idx[lo_q:hi_q]``: the maps unpacked
+    once for the row (unpacking the tuple per pixel, as _signal64 does, took and
+    dropped a reference to each of its arrays nine times an event), in a function of
+    its own so the counting loop's code stays as it is without sub-pixel output."""
+    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    for q in range(lo_q, hi_q):
+        c = np.int64(out_idx[q]) - r * w
+        out_sub[q] = _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, r, c, h, w)
 
 
 @njit(inline="always", **_OPTS)
@@ -430,9 +447,7 @@ def _count_items(
                 k, nu = _settle_row(frame, m, r, h, w, eqw, satw, summary, flags, out_idx, obase,
                                     k_row, k, out_und, ubase, ucap, nu)  # fmt: skip
             if want_sub:
-                for q in range(k_row, k):
-                    c = np.int64(out_idx[obase + q]) - r * w
-                    out_sub[obase + q] = _subpixel(frame, m, r, c, h, w)
+                _subpixel_row(frame, m, r, h, w, out_idx, out_sub, obase + k_row, obase + k)
         out_n[item] = k
         out_nx[item] = nxr
         out_nu[item] = nu
@@ -544,4 +559,4 @@ def _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, want_sub):
 
 
 # the start-up compiles variants in several processes at once (streamstore._numba_cache)
-serialize_saves(_plateau_wins, _count_items, _lower_bound, _compact, _gather)
+serialize_saves(_plateau_wins, _subpixel_row, _count_items, _lower_bound, _compact, _gather)
