@@ -127,6 +127,8 @@ class Counter:
         # per call, as count() does, costs no more than a reused one
         self._derived = calibration._derived()
         self._maps: tuple[np.ndarray, ...] | None = None
+        self._unsigned_lo: np.ndarray | None = None
+        self._unsigned_dark: np.ndarray | None = None
         self._wide_rows: bool | None = None
         self._dose = None
         if dose:
@@ -203,20 +205,28 @@ class Counter:
             offsets, indices, sub = self._count_resolve(arr)
         elif self.implementation == "numba":
             from streamstore.counting._launch import count_frames
-            from streamstore.counting._maps import kernel_maps, wide_rows_pay
+            from streamstore.counting._maps import as_unsigned, kernel_maps, wide_rows_pay
 
             if self._maps is None:
                 key = ("kernel_maps", self.kernel_dtype.str)
                 if key not in self._derived:
-                    self._derived[key] = kernel_maps(self._lo, self._dark)
-                self._maps = self._derived[key]
+                    # wrapped frames are counted as unsigned ones, with unsigned maps
+                    lo, dark = as_unsigned(self._lo), as_unsigned(self._dark)
+                    self._derived[key] = (kernel_maps(lo, dark), lo, dark)
+                self._maps, self._unsigned_lo, self._unsigned_dark = self._derived[key]
             if self._wide_rows is None:  # a speed choice only: the events are the same
                 key = ("wide_rows", self.kernel_dtype.str)
                 if key not in self._derived:
                     self._derived[key] = wide_rows_pay(arr[0], self._lo, self._dark)
                 self._wide_rows = self._derived[key]
             offsets, indices, sub = count_frames(
-                *args, threads=self.threads, maps=self._maps, wide_rows=self._wide_rows
+                arr,
+                self._unsigned_lo,
+                self._unsigned_dark,
+                *args[3:],
+                threads=self.threads,
+                maps=self._maps,
+                wide_rows=self._wide_rows,
             )
         elif self.implementation == "reference":
             from streamstore.counting._reference import count_reference

@@ -15,7 +15,14 @@ from streamstore._numba_cache import serialize_saves
 from streamstore.counting._kernels import BAND_ROWS
 from streamstore.counting._simd import BYTE_TOP
 
-__all__ = ["VARIANTS", "item_capacity", "kernel_maps", "row_type", "wide_rows_pay"]
+__all__ = [
+    "VARIANTS",
+    "as_unsigned",
+    "item_capacity",
+    "kernel_maps",
+    "row_type",
+    "wide_rows_pay",
+]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
@@ -28,6 +35,19 @@ SIMD_SOURCE_SHA = "7603dbd049990aa7"
 def item_capacity(w: int) -> int:
     """Most events one item can hold: no two events are 8-adjacent."""
     return ((BAND_ROWS + 1) // 2) * ((w + 1) // 2)
+
+
+def as_unsigned(a: np.ndarray) -> np.ndarray:
+    """Signed integers (wrapped frames and their maps) as the kernel counts them: ``a +
+    2**(bits - 1)`` in the unsigned type of the same width, that is the sign bit
+    flipped. Order, differences and the type's maximum are kept (a saturated pixel
+    stays saturated, a masked one masked), so the events are those of the signed
+    values, and no kernel variant is compiled for signed frames. Unsigned ``a`` is
+    returned as it is."""
+    if a.dtype.kind != "i":
+        return a
+    u = np.dtype(f"u{a.itemsize}")
+    return np.ascontiguousarray(a).view(u) ^ u.type(1 << (8 * a.itemsize - 1))
 
 
 def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -110,9 +130,9 @@ def row_type(frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False) -
     16-bit rows instead, the same code at twice the bytes, for 16-bit frames
     with compact maps whose signals are often 255 or more (:func:`wide_rows_pay`;
     8-bit frames keep bytes: their signals are below 256). Everything else
-    (wrapped signed frames, a gain map, 16-bit frames with a two-byte dark map)
-    uses exact int32 rows: one compiled variant per map form serves all of them
-    (``has_gain`` is a run-time flag), where narrow rows would add one per form.
+    (a gain map, 16-bit frames with a two-byte dark map) uses exact int32 rows: one
+    compiled variant per map form serves all of them (``has_gain`` is a run-time
+    flag), where narrow rows would add one per form.
     """
     fdt, ddt = np.dtype(frame_dtype), np.dtype(dmap_dtype)
     compact = ddt.itemsize < fdt.itemsize
@@ -124,14 +144,13 @@ def row_type(frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False) -
 #: Every kernel variant a calibration can lead to, as ``(frame dtype, dmap dtype,
 #: row dtype)`` (the threshold map's type follows the dark map's): what
 #: :mod:`streamstore.counting.warmup` compiles. ``gain`` marks the variants only
-#: a gain map leads to.
+#: a gain map leads to. Wrapped (signed) frames are counted as unsigned ones
+#: (:func:`as_unsigned`): no variant of their own.
 VARIANTS = (
     {"frames": "uint16", "dmap": "uint8", "rows": "uint8", "gain": False},
     {"frames": "uint16", "dmap": "uint8", "rows": "uint16", "gain": False},
     {"frames": "uint16", "dmap": "uint16", "rows": "int32", "gain": False},
     {"frames": "uint8", "dmap": "uint8", "rows": "uint8", "gain": False},
-    {"frames": "int16", "dmap": "int16", "rows": "int32", "gain": False},
-    {"frames": "int8", "dmap": "int8", "rows": "int32", "gain": False},
     {"frames": "uint16", "dmap": "uint8", "rows": "int32", "gain": True},
     {"frames": "uint8", "dmap": "uint8", "rows": "int32", "gain": True},
 )

@@ -27,11 +27,11 @@ def test_count_derives_the_kernel_maps_once_and_frees_them_with_the_calibration(
     cal = Calibration(np.full((h, w), 100.0), np.full((h, w), 2.0))
     frames = _frames(rng, h, w)
     first = streamstore.count(frames, cal, threads=1)
-    maps = cal._derived()[("kernel_maps", "<u2")]
+    maps = cal._derived()[("kernel_maps", "<u2")][0]
     assert maps[0].dtype == np.uint8  # compact maps
     again = streamstore.count(frames, cal, threads=2)
     assert again == first == Counter(cal, np.uint16, threads=1)(frames)
-    assert cal._derived()[("kernel_maps", "<u2")] is maps  # not derived again
+    assert cal._derived()[("kernel_maps", "<u2")][0] is maps  # not derived again
     assert ("wide_rows", "<u2") in cal._derived()
     # another X-ray threshold shares what does not depend on it
     other = cal.with_xray_threshold(500.0)
@@ -82,7 +82,7 @@ def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, 
                                                          wide_rows):  # fmt: skip
     """The daemon compiles the kernel variants of ``kernel_variants()`` before it
     listens: whatever the calibration, the Counter must pick one of them."""
-    from streamstore.counting._maps import kernel_maps, row_type
+    from streamstore.counting._maps import as_unsigned, kernel_maps, row_type
     from streamstore.counting.warmup import kernel_variants
 
     h, w = 8, 70
@@ -97,8 +97,10 @@ def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, 
         mask=rng.random((h, w)) < 0.05,
         wrapped=wrapped,
     )
-    kt = cal.frame_dtype(dtype)
     lo, dk, gk, _ = cal.threshold_maps(dtype)
+    lo, dk = as_unsigned(lo), as_unsigned(dk)  # how the kernel counts wrapped frames
+    kt = lo.dtype
+    assert kt == np.dtype(dtype)
     dmap, _, tmap = kernel_maps(lo, dk)
     rows = np.dtype(row_type(kt, dmap.dtype, gk is not None, wide_rows)[0])
     assert tmap.dtype == (np.uint8 if dmap.itemsize < kt.itemsize else f"u{kt.itemsize}")

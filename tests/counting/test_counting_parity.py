@@ -165,6 +165,47 @@ def test_wrapped_frames_are_read_as_signed(rng, dtype):
     assert out["numba"].n_events >= 0.8 * np.count_nonzero(signed > 40)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+@pytest.mark.parametrize("with_gain", [False, True])
+def test_wrapped_frames_counted_as_unsigned_keep_every_rule(rng, dtype, with_gain, monkeypatch):
+    """The numba kernel counts wrapped frames with the sign bit flipped (no signed
+    variant of its own), a frame or a few at a time: the events of the signed
+    values, as the reference and C read them, with saturated, masked and X-ray
+    pixels, a dark pattern wider than a byte within a row, sub-pixel cells, and a
+    stack cut into several pieces."""
+    from streamstore.counting import _launch
+    from streamstore.counting._maps import as_unsigned
+
+    h, w = 40, 70  # a full 64-pixel block and a scalar tail
+    stype = np.dtype(np.int8 if dtype == np.uint8 else np.int16)
+    top = np.iinfo(stype).max
+    dark = np.round(rng.normal(0, 2, (h, w)))
+    dark[:, ::3] += -40 if dtype == np.uint8 else -3000  # spans more than a byte in a row
+    signed = np.rint(dark + rng.normal(0, 3, (3, h, w)))
+    signed += (rng.random((3, h, w)) < 0.03) * (30 if dtype == np.uint8 else 90)
+    signed[rng.random((3, h, w)) < 0.005] = top  # saturated
+    signed = np.clip(signed, np.iinfo(stype).min, top)
+    frames = signed.astype(stype).view(dtype)
+    cal = Calibration(
+        dark,
+        np.full((h, w), 3.0),
+        gain=rng.uniform(0.9, 1.1, (h, w)) if with_gain else None,
+        mask=rng.random((h, w)) < 0.03,
+        xray_threshold=60.0 if dtype == np.uint8 else 200.0,
+        wrapped=True,
+    )
+    # the flip keeps the order, the differences and the type's maximum
+    lo, dk = cal.threshold_maps(dtype)[:2]
+    ulo, udk = as_unsigned(lo), as_unsigned(dk)
+    assert ulo.dtype == np.dtype(dtype)
+    assert np.array_equal(ulo.astype(np.int64) - udk, lo.astype(np.int64) - dk)
+    assert np.array_equal(ulo == np.iinfo(dtype).max, lo == top)
+    monkeypatch.setattr(_launch, "FLIP_BYTES", h * w * stype.itemsize)  # a frame a piece
+    out = _count_all(frames, cal, True)
+    assert out["numba"] == out["reference"] == out["native"]
+    assert out["numba"].n_events > 0 and np.all(np.diff(out["numba"].offsets) > 0)
+
+
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 def test_empty_batch(impl):
     cal = Calibration(np.zeros((8, 9)), np.ones((8, 9)))
