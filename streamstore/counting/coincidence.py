@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 from numba import njit
+from numba.cpython.unsafe.numbers import trailing_zeros
 
 from streamstore._numba_cache import serialize_saves
 from streamstore.events import EventBatch
@@ -177,6 +178,9 @@ def _pair_histogram_kernel(offsets, indices, h, w, radius, first, hist):  # prag
     # A bit per pixel, rows padded by ``radius`` zero bits on both sides: an event's
     # partners in a row below are the set bits of one (2 radius + 1)-bit window,
     # two word loads and shifts instead of a walk along the events of that row.
+    # Events ascend within a frame: both passes follow the row instead of dividing
+    # each index by the width, and a window's partners are taken lowest bit first
+    # (trailing_zeros) instead of shifting through its empty bits.
     win = 2 * radius + 1
     words = (w + 2 * radius + 63) // 64 + 1  # + 1: a window's second word exists
     full = (np.uint64(1) << np.uint64(win)) - np.uint64(1)
@@ -191,33 +195,35 @@ def _pair_histogram_kernel(offsets, indices, h, w, radius, first, hist):  # prag
         rows = min(np.int64(indices[last - 1]) // w + radius, h - 1) - r0 + 1
         bits = np.zeros((rows, words), np.uint64)
         stop = (r0 + rows) * w
+        row = np.int64(0)  # of the bit rows
+        base = r0 * w  # flat index of its first pixel
         for i in range(a, b):
             e = np.int64(indices[i])
             if e >= stop:
                 break
-            r = e // w
-            c = e - r * w + radius
-            bits[r - r0, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+            while e >= base + w:
+                base += w
+                row += 1
+            c = e - base + radius
+            bits[row, c >> 6] |= np.uint64(1) << np.uint64(c & 63)
+        row = np.int64(0)
+        base = r0 * w
         for i in range(a, last):
             e = np.int64(indices[i])
-            r = e // w
-            c = e - r * w  # the window's first padded column
+            while e >= base + w:
+                base += w
+                row += 1
+            c = e - base  # the window's first padded column
             wi = c >> 6
             sh = np.uint64(c & 63)
-            for dy in range(radius + 1):
-                if r + dy >= h:
-                    break
-                row = r + dy - r0
-                m = bits[row, wi] >> sh
+            for dy in range(min(radius + 1, rows - row)):
+                m = bits[row + dy, wi] >> sh
                 if sh != 0:
-                    m |= bits[row, wi + 1] << (np.uint64(64) - sh)
+                    m |= bits[row + dy, wi + 1] << (np.uint64(64) - sh)
                 m &= full if dy > 0 else right
-                k = 0
                 while m != 0:  # bit k: the partner dx = k - radius columns right
-                    if m & np.uint64(1):
-                        hist[dy, k] += 1
-                    m >>= np.uint64(1)
-                    k += 1
+                    hist[dy, trailing_zeros(m)] += 1
+                    m &= m - np.uint64(1)
     return hist
 
 
