@@ -271,8 +271,13 @@ class Counter:
             *self.resolve.integers(self.anisotropy or 0.0),
         )  # fmt: skip
         if self.implementation == "numba":
+            from streamstore.counting._maps import as_unsigned
             from streamstore.counting._resolve_kernels import count_resolve_frames
 
+            if self.kernel_dtype.kind == "i":  # wrapped: counted as unsigned, maps made once
+                if key + ("unsigned",) not in self._derived:
+                    self._derived[key + ("unsigned",)] = tuple(map(as_unsigned, (lo, lo_c, dark)))
+                args = (arr, *self._derived[key + ("unsigned",)], *args[4:])
             return count_resolve_frames(*args, threads=self.threads)
         if self.implementation == "reference":
             from streamstore.counting._resolve_reference import count_resolve_reference

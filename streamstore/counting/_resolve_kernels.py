@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from streamstore._numba_cache import serialize_saves
+from streamstore.counting._maps import as_unsigned
 
 __all__ = ["count_resolve_frames"]
 
@@ -309,16 +310,21 @@ def count_resolve_frames(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` by the resolve rule; the arguments of
     :func:`~streamstore.counting._resolve_reference.count_resolve_reference` plus
-    ``threads`` (None: numba's thread count). Returns ``(offsets, indices, subpixel)``."""
+    ``threads`` (None: numba's thread count). Returns ``(offsets, indices, subpixel)``.
+    Signed (wrapped) frames are counted as unsigned ones, frame by frame, and may come
+    with the unsigned maps :func:`~streamstore.counting._maps.as_unsigned` makes."""
     global _pool
     n = frames.shape[0]
-    top = frames.dtype.type(np.iinfo(frames.dtype).max)
+    wrapped = frames.dtype.kind == "i"  # no kernel variant of their own
+    lo, lo_c, dark = as_unsigned(lo), as_unsigned(lo_c), as_unsigned(dark)
+    top = lo.dtype.type(np.iinfo(lo.dtype).max)
     g = np.ones((1, 1), np.uint16) if gain is None else gain
     level = np.int64(min(int(xray_level), 2**62))
 
     def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+        frame = as_unsigned(frames[i]) if wrapped else frames[i]
         return _resolve_frame(
-            frames[i], lo, lo_c, dark, g, gain is not None, qthr, level, np.int64(radius),
+            frame, lo, lo_c, dark, g, gain is not None, qthr, level, np.int64(radius),
             bool(subpixel), np.int64(e_unit), np.int64(pair16), np.int64(any16),
             np.int64(spread16), top,
         )  # fmt: skip
