@@ -216,3 +216,37 @@ def test_integer_maps_are_computed_once_and_shared_across_xray_thresholds(rng):
     assert lo2 is lo and dark2 is dark and level2 == 500
     # another type gets its own maps
     assert cal.threshold_maps(np.uint8)[0].dtype == np.uint8
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_threshold_maps_made_a_few_rows_at_a_time_equal_their_definition(
+    dtype, wrapped, monkeypatch
+):
+    """The maps are computed in pieces of rows (a piece that does not divide the
+    frame, values beyond the type's range clipped, masked pixels at the type's
+    maximum): equal to the definition over the whole frame."""
+    from streamstore.counting import calibration as calmod
+
+    rng = np.random.default_rng(12)
+    h, w = 37, 53
+    kt = np.dtype(f"int{8 * np.dtype(dtype).itemsize}") if wrapped else np.dtype(dtype)
+    info = np.iinfo(kt)
+    span = float(info.max) - float(info.min)
+    dark = rng.uniform(info.min - 0.1 * span, info.max + 0.1 * span, (h, w)).astype(np.float32)
+    dark[rng.random((h, w)) < 0.1] = np.round(dark[0, 0]) + 0.5  # ties of rint
+    noise = rng.uniform(0.5, 40, (h, w)).astype(np.float32)
+    mask = rng.random((h, w)) < 0.05
+    cal = Calibration(dark, noise, mask=mask, n_sigma=4.5, wrapped=wrapped)
+    monkeypatch.setattr(calmod, "_MAP_ROWS_PIXELS", 3 * w + 7)  # 3 rows a piece
+    lo, dk, _, _ = cal.threshold_maps(dtype)
+    assert cal.frame_dtype(dtype) == kt
+    d = dark.astype(np.float64)
+    want_lo = np.maximum(np.floor(d + 4.5 * noise.astype(np.float64)), np.rint(d))
+    want_lo = np.clip(want_lo, info.min, info.max).astype(kt)
+    want_dk = np.clip(np.rint(d), info.min, info.max).astype(kt)
+    want_lo[mask] = want_dk[mask] = info.max
+    assert lo.dtype == dk.dtype == kt
+    np.testing.assert_array_equal(lo, want_lo)
+    np.testing.assert_array_equal(dk, want_dk)
+    assert np.any(lo == info.min) and np.any(lo[~mask] == info.max)  # both clips reached
