@@ -1,7 +1,8 @@
 """SIGKILL the ingest daemon at random moments and restart it.
 
-Ten seeded trials on one output directory, each against a real daemon
-subprocess. In trial ``t`` a sender streams series ``s<t>`` (300 small frames
+Seeded trials on one output directory (five in the default run, ten marked
+``slow``: ``pytest -m slow``), each against a real daemon subprocess. In trial
+``t`` a sender streams series ``s<t>`` (300 small frames
 at about 100 frames/s); after a random number of frames and a random extra
 delay a SWMR reader in this process notes what it can see (what was flushed),
 then the daemon is SIGKILLed. Then:
@@ -16,7 +17,8 @@ then the daemon is SIGKILLed. Then:
   never re-sent recorded as missing.
 
 The restarted daemon of trial ``t`` is the one killed in trial ``t + 1``, so
-ten kills cost eleven daemon starts.
+ten kills cost eleven daemon starts (and most of the test's minute is the
+sender's pace): the default run keeps the first five trials of the same seed.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import hashlib
 import time
 
 import numpy as np
+import pytest
 
 import streamstore
 from tests._ingest_harness import Series
 
-N_TRIALS = 10
 N_FRAMES = 300
 FRAME_PERIOD_S = 0.01
 SEED = 7
@@ -46,13 +48,19 @@ def _send_rest(sock, series: Series, sid: str, first: int) -> None:
     sock.send_multipart(series.end(sid, N_FRAMES))
 
 
-def test_sigkill_at_random_moments_then_restart(tmp_path, series, capsys, start_daemon, pusher):
+@pytest.mark.parametrize(
+    "n_trials",
+    [pytest.param(10, marks=pytest.mark.slow, id="10-kills"), pytest.param(5, id="5-kills")],
+)
+def test_sigkill_at_random_moments_then_restart(
+    tmp_path, series, capsys, start_daemon, pusher, n_trials
+):
     rng = np.random.default_rng(SEED)
     out = tmp_path / "out"
     old_files: dict[str, str] = {}  # path -> sha256 right after the kill
     report = []
     daemon = start_daemon(out, calibration=series.calibration_path)
-    for t in range(N_TRIALS):
+    for t in range(n_trials):
         sid = f"s{t}"
         k = int(rng.integers(1, N_FRAMES))  # frames sent before the kill
         extra_s = float(rng.uniform(0.0, 0.3))
