@@ -76,6 +76,7 @@ from streamstore.counting._dark_kernels import (
     _fold_rows,
     _median_rows,
     _run_rows,
+    _start_residual_rows,
     band_rows,
     frame_tuple,
 )
@@ -126,10 +127,25 @@ def _truncated_moments(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
     pa = np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
     pb = np.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
     # the smaller tail difference keeps precision where both bounds are far out
-    z = np.where(a > 0, ndtr(-a) - ndtr(-b), ndtr(b) - ndtr(a))
+    # (each side worked out where it is taken only: ndtr is most of the time here)
+    upper = a > 0
+    lower = ~upper
+    z = np.empty(np.broadcast_shapes(a.shape, b.shape))
+    au, bu = np.broadcast_to(a, z.shape)[upper], np.broadcast_to(b, z.shape)[upper]
+    al, bl = np.broadcast_to(a, z.shape)[lower], np.broadcast_to(b, z.shape)[lower]
+    z[upper] = ndtr(-au) - ndtr(-bu)
+    z[lower] = ndtr(bl) - ndtr(al)
     mean = (pa - pb) / z
     var = 1.0 + (a * pa - b * pb) / z - mean * mean
     return mean, var
+
+
+@functools.lru_cache(maxsize=1)
+def _gauss_nodes() -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes and weights (summing to 1) of :func:`window_model`'s
+    average over the centre's error: the same for every window."""
+    x, wq = np.polynomial.hermite_e.hermegauss(48)
+    return x, wq / wq.sum()
 
 
 def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -150,8 +166,7 @@ def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.nda
     bias, vbar : ndarray of float64
         ``bias(tau2)`` and ``E v`` at ``tau2 = i * TAU2_MAX / (len - 1)``.
     """
-    x, wq = np.polynomial.hermite_e.hermegauss(48)
-    wq = wq / wq.sum()
+    x, wq = _gauss_nodes()
     tau = np.sqrt(np.linspace(0.0, TAU2_MAX, _TAU2_STEPS))
     d = np.clip(tau[:, None] * x[None, :], -8.0, 8.0)
     m, v = _truncated_moments(-lo - d, hi - d)
@@ -159,6 +174,19 @@ def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.nda
     g0, v0 = float(g[0, 0]), float(v[0, 0])
     bias = ((g @ wq) - g0) / v0
     return g0, v0, bias, v @ wq
+
+
+@functools.lru_cache(maxsize=16)
+def _window_model_cached(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+    return window_model(lo, hi)
+
+
+def _window_model_copy(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """:func:`window_model`, remembered for the last few windows (each refinement
+    starts from the window the sums were drawn with: ``clip`` in the noise then
+    known); the tables are copies, free to change."""
+    g0, v0, bias, vbar = _window_model_cached(lo, hi)
+    return g0, v0, bias.copy(), vbar.copy()
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,6 +207,7 @@ def _robust_centre_sigma(x: np.ndarray) -> tuple[float, float]:
     return robust_sigma(x)
 
 
+@functools.lru_cache(maxsize=64)
 def _median_variance(m: int) -> float:
     """Variance of the median of ``m`` (odd) unit Gaussian values."""
     from scipy.special import gammaln, ndtr
@@ -205,19 +234,20 @@ def _start_sigma(arr: np.ndarray) -> float:
     from streamstore.counting.robust import noise_peak
 
     k, h, w = arr.shape
+    if k < 2:
+        raise ValueError(f"the starting noise needs at least 2 frames, got {k}")
     step = max(1, int(math.sqrt(h * w / 65536)))
-    sample = arr[:, ::step, ::step].astype(np.int64)
+    # contiguous and read-only whatever the frames' own layout and flags: one
+    # compiled kernel per frame type
+    sample = np.ascontiguousarray(arr[:, ::step, ::step]).view()
+    if sample.dtype == np.uint64:  # int64 values, as the residuals have them
+        sample = sample.view(np.int64)
+    sample.flags.writeable = False
+    # the median of an odd count is one of the values: the residuals are integers
     m = k - 1 if k % 2 == 0 else k - 2
-    if m < 1:  # two frames: the difference of the two, which holds the noise twice
-        d = (sample[1] - sample[0]).reshape(-1)
-        return max(noise_peak(d)[1] / math.sqrt(2.0), 0.5)
-    res = []
-    for t in range(k):
-        others = np.delete(sample, t, axis=0)[:m]
-        res.append((sample[t] - np.median(others, axis=0)).reshape(-1))
-    r = np.concatenate(res)
-    r = np.rint(r).astype(np.int64)  # the median of an odd count is one of the values
-    sigma = noise_peak(r)[1] / math.sqrt(1.0 + _median_variance(m))
+    res = np.empty(sample.shape, np.int64)
+    _run_rows(_start_residual_rows, sample.shape[1], sample, m, res)
+    sigma = noise_peak(res.reshape(-1))[1] / math.sqrt(1.0 + _median_variance(m))
     return max(float(sigma), 0.5)
 
 
@@ -427,7 +457,7 @@ class DarkEstimator:
         ``sigma`` (it was drawn ``clip`` sigmas wide with the noise then known),
         the window's edges in those units and :func:`_probit_table`."""
         a, b = (c * self.sigma / sigma for c in self.clip)
-        return (*window_model(a, b), a, b, _probit_table())
+        return (*_window_model_copy(a, b), a, b, _probit_table())
 
     def _segment_sigma(self, v_start: float) -> float:
         """The noise of the segment's window sums, self-consistently: the window's
@@ -444,7 +474,12 @@ class DarkEstimator:
         # window sits on it, as does its window variance, so weighting by the count
         # would favour the wider ones
         ss = np.maximum(self.s2.reshape(-1)[::step][ok] - s1 * s1 / n, 0.0) / (n - 1.0)
-        ww = self.w.reshape(-1)[::step][ok].astype(np.float64)
+        # a pixel's window variance depends on its count of earlier values alone:
+        # worked out once per count (each as the pixel's own), then looked up
+        wi = self.w.reshape(-1)[::step][ok]
+        w0, w1 = int(wi.min()), int(wi.max())
+        ww = np.arange(w0, w1 + 1, dtype=np.float64)
+        pick = None if w0 == w1 else wi - np.uint16(w0)
         sigma = self.sigma
         for _ in range(8):
             _, vt0, _, vtab = self._model(sigma)[:4]
@@ -452,6 +487,7 @@ class DarkEstimator:
             t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
             i = t.astype(np.int64)
             vbar = vtab[i] + (t - i) * (vtab[i + 1] - vtab[i])
+            vbar = vbar[0] if pick is None else vbar[pick]
             new = max(math.sqrt(float(np.mean(ss / vbar))), 1e-3)  # equal values: no noise seen
             done = abs(new - sigma) <= 1e-4 * sigma
             sigma = new

@@ -134,8 +134,19 @@ def _warm_dose() -> int:
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
-#: of the per-frame pass and the median (a wrapped frame is read as signed).
+#: of the per-frame pass, the median and the starting residuals (a wrapped frame is
+#: read as signed).
 _ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
+
+
+def _estimator_kernels() -> list[Any]:
+    """The data-only dark estimator's kernels: per frame type (the first three)
+    and over its integer samples (the rest, one type)."""
+    from streamstore.counting import _robust_kernels as rk
+    from streamstore.counting import dark_estimate as de
+
+    per_frame = [de._accumulate_rows, de._median_rows, de._start_residual_rows]
+    return [*per_frame, de._fold_rows, rk._int_span, rk._bin_counts, rk._core_values]
 
 
 def _warm_estimator() -> int:
@@ -145,7 +156,7 @@ def _warm_estimator() -> int:
     from streamstore.counting import dark_estimate as de
     from streamstore.counting.calibration_estimate import START_FRAMES
 
-    dispatchers = [de._accumulate_rows, de._fold_rows, de._median_rows]
+    dispatchers = _estimator_kernels()
     before = _compiled(dispatchers)
 
     rng = np.random.default_rng(0)
@@ -161,11 +172,10 @@ def _warm_estimator() -> int:
 def _estimator_cached() -> bool:
     """Whether every kernel overload :func:`_warm_estimator` reaches is in the cache."""
     from streamstore._numba_cache import cached_overloads
-    from streamstore.counting import dark_estimate as de
 
-    held = [cached_overloads(d) for d in (de._accumulate_rows, de._fold_rows, de._median_rows)]
-    n = len(_ESTIMATOR_FRAMES)
-    return None not in held and held[0] >= n and held[1] >= 1 and held[2] >= n
+    held = [cached_overloads(d) for d in _estimator_kernels()]
+    need = [len(_ESTIMATOR_FRAMES)] * 3 + [1] * 4
+    return None not in held and all(h >= k for h, k in zip(held, need, strict=True))
 
 
 #: Environment variable that caps the compile workers of an empty cache (default:
