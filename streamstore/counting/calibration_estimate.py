@@ -97,6 +97,17 @@ def from_dark_frames(
     )
 
 
+def _sorted_unique(idx: np.ndarray, size: int) -> np.ndarray:
+    """``np.sort(idx)`` of distinct indices below ``size``: marked in a mask and
+    read back in order where the mask is not much longer than ``idx`` (a linear
+    pass instead of a sort)."""
+    if size > 64 * idx.size:
+        return np.sort(idx)
+    marked = np.zeros(size, bool)
+    marked[idx] = True
+    return np.flatnonzero(marked)
+
+
 def _check_xray_threshold(xray_threshold: float | str | None) -> None:
     if isinstance(xray_threshold, str) and xray_threshold != "auto":
         raise ValueError(f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}")
@@ -141,7 +152,7 @@ def estimate(
     flat = arr.reshape(-1)
     rng = np.random.default_rng(seed)
     if flat.size > n_samples:
-        pick = np.sort(rng.choice(flat.size, size=n_samples, replace=False))
+        pick = _sorted_unique(rng.choice(flat.size, size=n_samples, replace=False), flat.size)
     else:
         pick = np.arange(flat.size)
     if mask is not None:
@@ -322,16 +333,18 @@ def _local_max_values(f: np.ndarray, candidate: np.ndarray) -> np.ndarray:
     holds no NaN (masked pixels are -inf), so ">= each neighbour" is ">= the
     3 x 3 maximum" exactly.
     """
-    rows, cols = np.nonzero(candidate)
-    values = f[rows, cols]
+    h, w = f.shape
+    at = np.flatnonzero(candidate)
+    values = f.reshape(-1)[at]
     if values.size == 0:
         return values
-    h, w = f.shape
     padded = np.full((h + 2, w + 2), -np.inf, f.dtype)
     padded[1:-1, 1:-1] = f
+    flat = padded.reshape(-1)
+    at += at // w * 2 + w + 3  # the same pixels in the padded frame
     peak = np.ones(values.size, bool)
-    for dr in (0, 1, 2):
-        for dc in (0, 1, 2):
-            if dr != 1 or dc != 1:
-                peak &= values >= padded[rows + dr, cols + dc]
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                peak &= values >= flat[at + (dr * (w + 2) + dc)]
     return values[peak]

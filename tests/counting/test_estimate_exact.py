@@ -202,3 +202,12 @@ def test_local_maxima_equal_a_maximum_filter(rng):
         candidate = rng.random((h, w)) < rng.uniform(0, 1)
         peak = ndimage.maximum_filter(f, size=3, mode="constant", cval=-np.inf)
         np.testing.assert_array_equal(_local_max_values(f, candidate), f[candidate & (f >= peak)])
+
+
+def test_sampled_pixels_come_back_sorted(rng):
+    from streamstore.counting.calibration_estimate import _sorted_unique
+
+    for size, n in ((1000, 999), (100_000, 2000), (100_000, 1000), (10**7, 100)):
+        idx = rng.choice(size, size=n, replace=False)
+        np.testing.assert_array_equal(_sorted_unique(idx.copy(), size), np.sort(idx))
+
