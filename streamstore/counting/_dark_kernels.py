@@ -37,6 +37,13 @@ RESET_Z = 3.0
 #: Frames one pass of :func:`_accumulate_rows` adds (a tuple of this length, the
 #: unused places holding the first frame again): one compiled signature for any batch.
 BATCH = 8
+#: Values of the RMS noise that the own noise estimate of a pixel with up to as
+#: many values is pooled with in the noise map (:meth:`DarkEstimator.maps
+#: <streamstore.counting.dark_estimate.DarkEstimator.maps>`); the weight falls as
+#: the pixel's values grow beyond.
+NOISE_PRIOR = 8.0
+#: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
+LOW_HOT = 2
 #: Bytes of window sums (centre, two float32 sums and the counts) per pixel that a
 #: band of rows holds while all the frames of a batch pass through it.
 _SUM_BYTES = 18
@@ -401,6 +408,30 @@ def _start_residual_rows(sample, m, out, r0, r1):  # pragma: no cover - compiled
                 ot[c] = np.int64(vt[c]) - np.int64(a if p == 0 else (b if p == 1 else d))
 
 
+@numba.njit(**_OPTS)
+def _noise_rows(
+    centre, var, w, low, check, dark_top, noise_top, rms, hot, noise, r0, r1
+):  # pragma: no cover - compiled
+    """:func:`noise_numpy` on rows ``r0:r1``, in float32 as numpy has it, in one pass."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    weight = np.float32(NOISE_PRIOR * NOISE_PRIOR)
+    floor = np.float32(NOISE_PRIOR)
+    for r in range(r0, r1):
+        for j in range(centre.shape[1]):
+            v = var[r, j]
+            bad = low[r, j] >= LOW_HOT
+            if check:
+                bad |= (centre[r, j] > dark_top) | (np.sqrt(v) > noise_top)
+            dof = max(np.float32(w[r, j]) - one, zero)
+            prior = weight / max(dof + one, floor)
+            pulled = np.sqrt((dof * v + prior * rms * rms) / (dof + prior))
+            # np.maximum: a NaN stays
+            own = pulled if (pulled >= rms or pulled != pulled) else rms
+            hot[r, j] = bad
+            noise[r, j] = rms if (bad or w[r, j] < 2) else own
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_pid = 0
 _pool_lock = threading.Lock()
@@ -433,4 +464,4 @@ def _run_rows(kernel: Any, h: int, *args: Any) -> None:
 
 
 # the start-up's compile workers may save these at once (streamstore._numba_cache)
-serialize_saves(_accumulate_rows, _fold_rows, _median_rows, _start_residual_rows)
+serialize_saves(_accumulate_rows, _fold_rows, _median_rows, _start_residual_rows, _noise_rows)

@@ -71,18 +71,28 @@ import numpy as np
 
 from streamstore.counting._dark_kernels import (
     BATCH,
+    LOW_HOT,
+    NOISE_PRIOR,
     TAU2_MAX,
     _accumulate_rows,
     _fold_rows,
     _median_rows,
+    _noise_rows,
     _run_rows,
     _start_residual_rows,
     band_rows,
     frame_tuple,
 )
-from streamstore.counting._dark_reference import accumulate_numpy, fold_numpy
+from streamstore.counting._dark_reference import accumulate_numpy, fold_numpy, noise_numpy
 
-__all__ = ["DarkEstimator", "accumulate_numpy", "fold_numpy"]
+__all__ = [
+    "LOW_HOT",
+    "NOISE_PRIOR",
+    "DarkEstimator",
+    "accumulate_numpy",
+    "fold_numpy",
+    "noise_numpy",
+]
 
 #: Window of the running sums around the centre, in noise sigmas (below, above).
 DEFAULT_CLIP = (3.0, 3.0)
@@ -103,12 +113,6 @@ EXCLUDE_SIGMA = 5.0
 #: lands near a pixel corner shares its charge between four pixels, each of which can
 #: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
 BLOCK_SIGMA = 4.0
-#: Values of the RMS noise that the own noise estimate of a pixel with up to as
-#: many values is pooled with in the noise map (:meth:`DarkEstimator.maps`); the
-#: weight falls as the pixel's values grow beyond.
-NOISE_PRIOR = 8.0
-#: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
-LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
 #: median of all pixels marks a hot pixel.
 HOT_SIGMA = 10.0
@@ -513,29 +517,32 @@ class DarkEstimator:
         """
         self.refine()
         h, w = self.frame_shape
-        noise = np.sqrt(self.var)
-        hot = self.low >= LOW_HOT
         step = max(1, (h * w) // (1 << 20))
-        sample = ~hot.reshape(-1)[::step] & (self.w.reshape(-1)[::step] >= 2)
-        if sample.any():
+        var = self.var.reshape(-1)[::step]
+        sample = (self.low.reshape(-1)[::step] < LOW_HOT) & (self.w.reshape(-1)[::step] >= 2)
+        check = bool(sample.any())
+        dark_top = noise_top = np.float32(0.0)
+        if check:
             d_c, d_s = _robust_centre_sigma(self.centre.reshape(-1)[::step][sample])
-            n_c, n_s = _robust_centre_sigma(noise.reshape(-1)[::step][sample])
+            n_c, n_s = _robust_centre_sigma(np.sqrt(var[sample]))
             # floors on the spreads, as in a dark series: a uniform sensor has no hot pixels
             d_s = max(d_s, 0.5 * self.sigma)
             n_s = max(n_s, 0.1 * self.sigma)
-            hot |= self.centre > d_c + HOT_SIGMA * d_s
-            hot |= noise > n_c + HOT_SIGMA * n_s
+            # float32 maps meet their levels in float32
+            dark_top = np.float32(d_c + HOT_SIGMA * d_s)
+            noise_top = np.float32(n_c + HOT_SIGMA * n_s)
         rms = np.float32(self.sigma)
         # each pixel's variance from its w - 1 degrees of freedom, pooled with the RMS's
         # (read noise is nearly uniform): from the first 8 frames alone a pixel's own
         # noise scatters by a quarter, and floored at the RMS it would raise half the
         # thresholds by ~10 %. The RMS weighs NOISE_PRIOR values while a pixel has up
         # to NOISE_PRIOR of its own, fewer the more it has (1 at 64): a long estimate
-        # keeps its per-pixel noise as a dark series does.
-        dof = np.maximum(self.w.astype(np.float32) - 1, 0)
-        prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / np.maximum(dof + 1, NOISE_PRIOR)
-        pulled = np.sqrt((dof * self.var + prior * rms * rms) / (dof + prior))
-        noise = np.where(hot | (self.w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
+        # keeps its per-pixel noise as a dark series does (:func:`_noise_rows`, in one
+        # pass over the maps).
+        hot = np.empty((h, w), bool)
+        noise = np.empty((h, w), np.float32)
+        args = (self.centre, self.var, self.w, self.low, check, dark_top, noise_top, rms)
+        _run_rows(_noise_rows, h, *args, hot, noise)
         if not self.w.any():
             # the starting median only: its error (pi / 2 sigma**2 / k) widens the noise
             # a threshold sees

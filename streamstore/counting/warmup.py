@@ -146,7 +146,8 @@ def _estimator_kernels() -> list[Any]:
     from streamstore.counting import dark_estimate as de
 
     per_frame = [de._accumulate_rows, de._median_rows, de._start_residual_rows]
-    return [*per_frame, de._fold_rows, rk._int_span, rk._bin_counts, rk._core_values]
+    maps = [de._fold_rows, de._noise_rows]
+    return [*per_frame, *maps, rk._int_span, rk._bin_counts, rk._core_values]
 
 
 def _warm_estimator() -> int:
@@ -163,9 +164,10 @@ def _warm_estimator() -> int:
     for k, (dt, wrapped) in enumerate(_ESTIMATOR_FRAMES):
         frames = rng.integers(0, 100, (min(de.REFINE_AT), 8, 70)).astype(dt)
         est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)  # median, sums
-        if k == 0:  # the fold takes float maps only: one frame type refines
+        if k == 0:  # the fold and the maps take float maps only: one frame type
             for f in frames:
                 est.update(f)
+            est.maps()
     return _compiled(dispatchers) - before
 
 
@@ -174,7 +176,7 @@ def _estimator_cached() -> bool:
     from streamstore._numba_cache import cached_overloads
 
     held = [cached_overloads(d) for d in _estimator_kernels()]
-    need = [len(_ESTIMATOR_FRAMES)] * 3 + [1] * 4
+    need = [len(_ESTIMATOR_FRAMES)] * 3 + [1] * 5
     return None not in held and all(h >= k for h, k in zip(held, need, strict=True))
 
 

@@ -211,3 +211,22 @@ def test_sampled_pixels_come_back_sorted(rng):
         idx = rng.choice(size, size=n, replace=False)
         np.testing.assert_array_equal(_sorted_unique(idx.copy(), size), np.sort(idx))
 
+
+def test_noise_map_equals_its_numpy_definition(rng):
+    h, w = 33, 70
+    centre = rng.normal(100, 5, (h, w)).astype(np.float32)
+    var = rng.uniform(0, 30, (h, w)).astype(np.float32)
+    var[0, :5] = 0.0
+    counts = rng.integers(0, 80, (h, w)).astype(np.uint16)
+    low = rng.integers(0, 3, (h, w)).astype(np.uint8)
+    rms = np.float32(3.7)
+    for check in (False, True):
+        tops = (np.float32(108.25), np.float32(4.5)) if check else (np.float32(0),) * 2
+        args = (centre, var, counts, low, check, *tops, rms)
+        hot = np.empty((h, w), bool)
+        noise = np.empty((h, w), np.float32)
+        de._run_rows(de._noise_rows, h, *args, hot, noise)
+        ref_hot, ref_noise = de.noise_numpy(*args)
+        assert hot.any() and (noise > rms).any() and (noise == rms).any()
+        np.testing.assert_array_equal(hot, ref_hot)
+        np.testing.assert_array_equal(noise, ref_noise)
