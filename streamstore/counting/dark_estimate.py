@@ -241,11 +241,16 @@ def _start_sigma(arr: np.ndarray) -> float:
     if k < 2:
         raise ValueError(f"the starting noise needs at least 2 frames, got {k}")
     step = max(1, int(math.sqrt(h * w / 65536)))
-    # contiguous and read-only whatever the frames' own layout and flags: one
-    # compiled kernel per frame type
-    sample = np.ascontiguousarray(arr[:, ::step, ::step]).view()
-    if sample.dtype == np.uint64:  # int64 values, as the residuals have them
+    # a small sample, contiguous and read-only in one type for the frame types a
+    # camera sends (one compiled kernel): int16, uint16 values less 32768 (the
+    # residuals are differences: the same), or int64 from wider frames
+    sample = arr[:, ::step, ::step]
+    if sample.dtype == np.uint16:
+        sample = np.bitwise_xor(sample, np.uint16(0x8000)).view(np.int16)
+    elif sample.dtype == np.uint64:  # int64 values, as the residuals have them
         sample = sample.view(np.int64)
+    wide = sample.dtype.itemsize > 2
+    sample = np.ascontiguousarray(sample, dtype=np.int64 if wide else np.int16).view()
     sample.flags.writeable = False
     # the median of an odd count is one of the values: the residuals are integers
     m = k - 1 if k % 2 == 0 else k - 2

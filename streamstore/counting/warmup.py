@@ -134,20 +134,20 @@ def _warm_dose() -> int:
 
 
 #: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
-#: of the per-frame pass, the median and the starting residuals (a wrapped frame is
-#: read as signed).
+#: of the per-frame pass and the median (a wrapped frame is read as signed).
 _ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
 
 
 def _estimator_kernels() -> list[Any]:
-    """The data-only dark estimator's kernels: per frame type (the first three)
-    and over its integer samples (the rest, one type)."""
+    """The data-only dark estimator's kernels: per frame type (the first two), and
+    over its float maps and its integer samples (the rest, one type each)."""
     from streamstore.counting import _robust_kernels as rk
     from streamstore.counting import dark_estimate as de
 
-    per_frame = [de._accumulate_rows, de._median_rows, de._start_residual_rows]
+    per_frame = [de._accumulate_rows, de._median_rows]
     maps = [de._fold_rows, de._noise_rows]
-    return [*per_frame, *maps, rk._int_span, rk._bin_counts, rk._core_values]
+    samples = [de._start_residual_rows, rk._int_span, rk._bin_counts, rk._core_values]
+    return [*per_frame, *maps, *samples]
 
 
 def _warm_estimator() -> int:
@@ -176,7 +176,7 @@ def _estimator_cached() -> bool:
     from streamstore._numba_cache import cached_overloads
 
     held = [cached_overloads(d) for d in _estimator_kernels()]
-    need = [len(_ESTIMATOR_FRAMES)] * 3 + [1] * 5
+    need = [len(_ESTIMATOR_FRAMES)] * 2 + [1] * 6
     return None not in held and all(h >= k for h, k in zip(held, need, strict=True))
 
 

@@ -121,10 +121,11 @@ def test_start_residuals_equal_numpy_medians_of_the_other_frames(rng, dtype):
             sample = rng.integers(0, top, (k, 9, 37)).astype(dtype)
             if np.dtype(dtype).kind == "i":
                 sample -= dtype(top // 2)
-            sample.flags.writeable = False  # as the estimator passes it: its compiled type
             m = k - 1 if k % 2 == 0 else k - 2
             out = np.empty(sample.shape, np.int64)
-            de._run_rows(de._start_residual_rows, 9, sample, m, out)
+            given = sample.astype(np.int16)  # as the estimator passes it: its compiled type
+            given.flags.writeable = False
+            de._run_rows(de._start_residual_rows, 9, given, m, out)
             np.testing.assert_array_equal(out, _start_residuals_numpy(sample), err_msg=str(k))
 
 
@@ -137,10 +138,14 @@ def test_start_median_equals_numpy_with_ties(rng, dtype):
         np.testing.assert_array_equal(out, np.median(frames, axis=0).astype(np.float32))
 
 
-def test_start_sigma_equals_the_numpy_definition(rng):
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint8, np.int16, np.int32, np.uint32])
+def test_start_sigma_equals_the_numpy_definition(rng, dtype):
     for k in (2, 3, 8, 9):
-        frames = np.rint(100 + rng.normal(0, 3, (k, 30, 50))).astype(np.uint16)
+        frames = np.rint(100 + rng.normal(0, 3, (k, 30, 50)))
         frames[rng.random(frames.shape) < 0.03] += 150
+        frames = frames.astype(dtype)
+        if dtype == np.uint16:  # values on both sides of 32768 (int16's wrap)
+            frames[:, :15] += np.uint16(32668)
         m = k - 1 if k % 2 == 0 else k - 2
         ref = _noise_peak_numpy(_start_residuals_numpy(frames).reshape(-1))[1]
         ref = max(ref / math.sqrt(1.0 + de._median_variance(m)), 0.5)
