@@ -149,7 +149,9 @@ def _gauss_nodes() -> tuple[np.ndarray, np.ndarray]:
     """Gauss-Hermite nodes and weights (summing to 1) of :func:`window_model`'s
     average over the centre's error: the same for every window."""
     x, wq = np.polynomial.hermite_e.hermegauss(48)
-    return x, wq / wq.sum()
+    wq = wq / wq.sum()
+    x.flags.writeable = wq.flags.writeable = False  # shared by every call
+    return x, wq
 
 
 def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
