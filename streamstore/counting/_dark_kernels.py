@@ -2,7 +2,9 @@
 
 Each kernel equals its plain numpy definition in
 :mod:`streamstore.counting.dark_estimate` (``accumulate_numpy``, ``fold_numpy``,
-the per-pixel median): those are the reference, these the speed. They release
+the per-pixel median, each frame's residual about the median of the others): those
+are the reference, these the speed (``tests/counting/test_estimate_exact.py``
+holds the medians to ``np.median``). They release
 the GIL and run on contiguous row ranges, one per thread (:func:`_run_rows`);
 results do not depend on the thread count.
 """
@@ -35,6 +37,13 @@ RESET_Z = 3.0
 #: Frames one pass of :func:`_accumulate_rows` adds (a tuple of this length, the
 #: unused places holding the first frame again): one compiled signature for any batch.
 BATCH = 8
+#: Values of the RMS noise that the own noise estimate of a pixel with up to as
+#: many values is pooled with in the noise map (:meth:`DarkEstimator.maps
+#: <streamstore.counting.dark_estimate.DarkEstimator.maps>`); the weight falls as
+#: the pixel's values grow beyond.
+NOISE_PRIOR = 8.0
+#: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
+LOW_HOT = 2
 #: Bytes of window sums (centre, two float32 sums and the counts) per pixel that a
 #: band of rows holds while all the frames of a batch pass through it.
 _SUM_BYTES = 18
@@ -289,24 +298,138 @@ def _fold_rows(
             n[r, j] = 0
 
 
+@numba.njit(inline="always", **_OPTS)
+def _rank_row(frames, r, vals, rank):  # pragma: no cover - compiled
+    """Row ``r`` of each of ``frames (k, H, W)`` into ``vals (k, W)`` (its type) and each
+    value's place among the pixel's ``k`` sorted values into ``rank (k, W)``: a
+    permutation per pixel, equal values in frame order. Comparisons over whole rows,
+    branch-free: they vectorise, where a sort per pixel branches on every value."""
+    k = frames.shape[0]
+    w = frames.shape[2]
+    for i in range(k):
+        fi = frames[i, r]
+        vi = vals[i]
+        ri = rank[i]
+        for c in range(w):
+            vi[c] = fi[c]
+            ri[c] = 0
+    for i in range(k):
+        vi = vals[i]
+        ri = rank[i]
+        for j in range(k):
+            vj = vals[j]
+            if j < i:  # an equal value of an earlier frame sorts first
+                for c in range(w):
+                    ri[c] += np.int32(vj[c] <= vi[c])
+            elif j > i:
+                for c in range(w):
+                    ri[c] += np.int32(vj[c] < vi[c])
+
+
+@numba.njit(inline="always", **_OPTS)
+def _value_at(vals, rank, place, out):  # pragma: no cover - compiled
+    """Per column, the value of rank ``place`` (one per pixel: the ranks are a
+    permutation), into ``out``."""
+    for i in range(vals.shape[0]):
+        vi = vals[i]
+        ri = rank[i]
+        for c in range(out.size):
+            # both loaded first: a select of two values vectorises, a conditional
+            # load does not
+            v = vi[c]
+            o = out[c]
+            out[c] = v if ri[c] == place else o
+
+
 @numba.njit(**_OPTS)
 def _median_rows(frames, out, r0, r1):  # pragma: no cover - compiled
     """Per-pixel median of ``frames (k, H, W)`` on rows ``r0:r1`` (float32)."""
-    k = frames.shape[0]
-    buf = np.empty(k, np.float32)
+    k, _, w = frames.shape
+    # the frames' own type: float32 of each value, as a sort of the values gives
+    vals = np.empty((k, w), frames.dtype)
+    rank = np.empty((k, w), np.int32)
+    lo = np.empty(w, frames.dtype)
+    hi = np.empty(w, frames.dtype)
     for r in range(r0, r1):
-        for j in range(frames.shape[2]):
-            for i in range(k):  # insertion sort: k is small
-                x = np.float32(frames[i, r, j])
-                p = i
-                while p > 0 and buf[p - 1] > x:
-                    buf[p] = buf[p - 1]
-                    p -= 1
-                buf[p] = x
-            if k % 2:
-                out[r, j] = buf[k // 2]
-            else:
-                out[r, j] = np.float32(0.5) * (buf[k // 2 - 1] + buf[k // 2])
+        _rank_row(frames, r, vals, rank)
+        _value_at(vals, rank, k // 2, hi)
+        orow = out[r]
+        if k % 2:
+            for c in range(w):
+                orow[c] = np.float32(hi[c])
+        else:
+            _value_at(vals, rank, k // 2 - 1, lo)
+            for c in range(w):
+                orow[c] = np.float32(0.5) * (np.float32(lo[c]) + np.float32(hi[c]))
+
+
+@numba.njit(**_OPTS)
+def _start_residual_rows(sample, m, out, r0, r1):  # pragma: no cover - compiled
+    """Each value of ``sample (k, H, W)`` less the median of ``m`` of the *other*
+    frames (``m`` odd: ``k - 1``, or ``k - 2`` leaving out the last of the others),
+    per pixel, on rows ``r0:r1``, into ``out (k, H, W)`` (int64).
+
+    The pixel's ``k`` values are ranked once. The median of the others is the
+    value of rank ``m // 2`` among those left in: in all ``k``, that rank plus
+    one for each left-out value ranked at or below it, so one of the three
+    values of ranks ``m // 2`` to ``m // 2 + 2`` (two where ``m = k - 1``): no
+    sort per frame.
+    """
+    k, _, w = sample.shape
+    vals = np.empty((k, w), sample.dtype)
+    rank = np.empty((k, w), np.int32)
+    near = np.zeros((3, w), sample.dtype)  # the values of ranks half, half + 1, half + 2
+    half = np.int32(m // 2)
+    for r in range(r0, r1):
+        _rank_row(sample, r, vals, rank)
+        for d in range(min(3, k - half)):
+            _value_at(vals, rank, half + d, near[d])
+        n0, n1, n2 = near[0], near[1], near[2]
+        for t in range(k):
+            rt = rank[t]
+            vt = vals[t]
+            ot = out[t, r]
+            if m == k - 1:  # t alone left out: rank half, or half + 1 where t is below
+                for c in range(w):
+                    a = n0[c]
+                    b = n1[c]
+                    ot[c] = np.int64(vt[c]) - np.int64(a if rt[c] > half else b)
+                continue
+            # t and the others' last frame left out
+            ro = rank[k - 2 if t == k - 1 else k - 1]
+            for c in range(w):
+                e1 = min(rt[c], ro[c])
+                e2 = max(rt[c], ro[c])
+                p = np.int32(e1 <= half)
+                p += np.int32(e2 <= half + p)
+                a = n0[c]
+                b = n1[c]
+                d = n2[c]
+                ot[c] = np.int64(vt[c]) - np.int64(a if p == 0 else (b if p == 1 else d))
+
+
+@numba.njit(**_OPTS)
+def _noise_rows(
+    centre, var, w, low, check, dark_top, noise_top, rms, hot, noise, r0, r1
+):  # pragma: no cover - compiled
+    """:func:`noise_numpy` on rows ``r0:r1``, in float32 as numpy has it, in one pass."""
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    weight = np.float32(NOISE_PRIOR * NOISE_PRIOR)
+    floor = np.float32(NOISE_PRIOR)
+    for r in range(r0, r1):
+        for j in range(centre.shape[1]):
+            v = var[r, j]
+            bad = low[r, j] >= LOW_HOT
+            if check:
+                bad |= (centre[r, j] > dark_top) | (np.sqrt(v) > noise_top)
+            dof = max(np.float32(w[r, j]) - one, zero)
+            prior = weight / max(dof + one, floor)
+            pulled = np.sqrt((dof * v + prior * rms * rms) / (dof + prior))
+            # np.maximum: a NaN stays
+            own = pulled if (pulled >= rms or pulled != pulled) else rms
+            hot[r, j] = bad
+            noise[r, j] = rms if (bad or w[r, j] < 2) else own
 
 
 _pool: ThreadPoolExecutor | None = None
@@ -341,4 +464,4 @@ def _run_rows(kernel: Any, h: int, *args: Any) -> None:
 
 
 # the start-up's compile workers may save these at once (streamstore._numba_cache)
-serialize_saves(_accumulate_rows, _fold_rows, _median_rows)
+serialize_saves(_accumulate_rows, _fold_rows, _median_rows, _start_residual_rows, _noise_rows)

@@ -12,9 +12,16 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.counting._dark_kernels import _MAX_STEP, LOST_SHARE, RESET_Z, TAU2_MAX
+from streamstore.counting._dark_kernels import (
+    _MAX_STEP,
+    LOST_SHARE,
+    LOW_HOT,
+    NOISE_PRIOR,
+    RESET_Z,
+    TAU2_MAX,
+)
 
-__all__ = ["accumulate_numpy", "fold_numpy"]
+__all__ = ["accumulate_numpy", "fold_numpy", "noise_numpy"]
 
 
 def _near(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -171,3 +178,35 @@ def fold_numpy(
     n.fill(0)
     above.fill(0)
     below.fill(0)
+
+
+def noise_numpy(
+    centre: np.ndarray,
+    var: np.ndarray,
+    w: np.ndarray,
+    low: np.ndarray,
+    check: bool,
+    dark_top: np.float32,
+    noise_top: np.float32,
+    rms: np.float32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The hot pixels and the noise map of :meth:`DarkEstimator.maps
+    <streamstore.counting.dark_estimate.DarkEstimator.maps>` (the definition
+    :func:`_noise_rows` equals): float32 maps and levels, as numpy meets them.
+
+    A pixel is hot with ``LOW_HOT`` low values, or (where ``check``) a dark
+    level above ``dark_top`` or a noise (``sqrt(var)``) above ``noise_top``. Its
+    variance from ``w - 1`` degrees of freedom is pooled with the RMS's
+    (``rms**2``), which weighs ``NOISE_PRIOR`` values while the pixel has up to
+    as many of its own and fewer beyond; the noise is that, at least ``rms``,
+    and ``rms`` for a hot pixel or one with fewer than 2 values.
+    """
+    hot = low >= LOW_HOT
+    if check:
+        hot |= centre > dark_top
+        hot |= np.sqrt(var) > noise_top
+    dof = np.maximum(w.astype(np.float32) - 1, 0)
+    prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / np.maximum(dof + 1, NOISE_PRIOR)
+    pulled = np.sqrt((dof * var + prior * rms * rms) / (dof + prior))
+    noise = np.where(hot | (w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
+    return hot, noise

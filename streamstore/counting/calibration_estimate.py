@@ -97,6 +97,17 @@ def from_dark_frames(
     )
 
 
+def _sorted_unique(idx: np.ndarray, size: int) -> np.ndarray:
+    """``np.sort(idx)`` of distinct indices below ``size``: marked in a mask and
+    read back in order where the mask is not much longer than ``idx`` (a linear
+    pass instead of a sort)."""
+    if size > 64 * idx.size:
+        return np.sort(idx)
+    marked = np.zeros(size, bool)
+    marked[idx] = True
+    return np.flatnonzero(marked)
+
+
 def _check_xray_threshold(xray_threshold: float | str | None) -> None:
     if isinstance(xray_threshold, str) and xray_threshold != "auto":
         raise ValueError(f"xray_threshold must be a number, 'auto' or None, got {xray_threshold!r}")
@@ -141,7 +152,7 @@ def estimate(
     flat = arr.reshape(-1)
     rng = np.random.default_rng(seed)
     if flat.size > n_samples:
-        pick = np.sort(rng.choice(flat.size, size=n_samples, replace=False))
+        pick = _sorted_unique(rng.choice(flat.size, size=n_samples, replace=False), flat.size)
     else:
         pick = np.arange(flat.size)
     if mask is not None:
@@ -314,9 +325,26 @@ def _electron_peak_scale(
 
 
 def _local_max_values(f: np.ndarray, candidate: np.ndarray) -> np.ndarray:
-    """Values of ``f`` at candidate pixels that are >= all 8 neighbours."""
-    from scipy import ndimage
+    """Values of ``f`` at candidate pixels that are >= all 8 neighbours (a pixel
+    outside the frame counting as -inf), in row-major order.
 
-    # the 3 x 3 maximum includes the pixel itself: f >= it is f >= every neighbour
-    peak = ndimage.maximum_filter(f, size=3, mode="constant", cval=-np.inf)
-    return f[candidate & (f >= peak)]
+    The candidates are few (values above the noise): each is compared with its
+    8 neighbours, where a 3 x 3 maximum filter would visit every pixel. ``f``
+    holds no NaN (masked pixels are -inf), so ">= each neighbour" is ">= the
+    3 x 3 maximum" exactly.
+    """
+    h, w = f.shape
+    at = np.flatnonzero(candidate)
+    values = f.reshape(-1)[at]
+    if values.size == 0:
+        return values
+    padded = np.full((h + 2, w + 2), -np.inf, f.dtype)
+    padded[1:-1, 1:-1] = f
+    flat = padded.reshape(-1)
+    at += at // w * 2 + w + 3  # the same pixels in the padded frame
+    peak = np.ones(values.size, bool)
+    for dr in (-1, 0, 1):
+        for dc in (-1, 0, 1):
+            if dr or dc:
+                peak &= values >= flat[at + (dr * (w + 2) + dc)]
+    return values[peak]

@@ -71,17 +71,28 @@ import numpy as np
 
 from streamstore.counting._dark_kernels import (
     BATCH,
+    LOW_HOT,
+    NOISE_PRIOR,
     TAU2_MAX,
     _accumulate_rows,
     _fold_rows,
     _median_rows,
+    _noise_rows,
     _run_rows,
+    _start_residual_rows,
     band_rows,
     frame_tuple,
 )
-from streamstore.counting._dark_reference import accumulate_numpy, fold_numpy
+from streamstore.counting._dark_reference import accumulate_numpy, fold_numpy, noise_numpy
 
-__all__ = ["DarkEstimator", "accumulate_numpy", "fold_numpy"]
+__all__ = [
+    "LOW_HOT",
+    "NOISE_PRIOR",
+    "DarkEstimator",
+    "accumulate_numpy",
+    "fold_numpy",
+    "noise_numpy",
+]
 
 #: Window of the running sums around the centre, in noise sigmas (below, above).
 DEFAULT_CLIP = (3.0, 3.0)
@@ -102,12 +113,6 @@ EXCLUDE_SIGMA = 5.0
 #: lands near a pixel corner shares its charge between four pixels, each of which can
 #: stay below ``EXCLUDE_SIGMA`` while their sum is well above the noise.
 BLOCK_SIGMA = 4.0
-#: Values of the RMS noise that the own noise estimate of a pixel with up to as
-#: many values is pooled with in the noise map (:meth:`DarkEstimator.maps`); the
-#: weight falls as the pixel's values grow beyond.
-NOISE_PRIOR = 8.0
-#: A pixel with this many values more than ``n_sigma`` sigmas below its centre is hot.
-LOW_HOT = 2
 #: As in a dark series: a dark level or noise this many robust sigmas above the
 #: median of all pixels marks a hot pixel.
 HOT_SIGMA = 10.0
@@ -126,10 +131,27 @@ def _truncated_moments(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.nda
     pa = np.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
     pb = np.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
     # the smaller tail difference keeps precision where both bounds are far out
-    z = np.where(a > 0, ndtr(-a) - ndtr(-b), ndtr(b) - ndtr(a))
+    # (each side worked out where it is taken only: ndtr is most of the time here)
+    upper = a > 0
+    lower = ~upper
+    z = np.empty(np.broadcast_shapes(a.shape, b.shape))
+    au, bu = np.broadcast_to(a, z.shape)[upper], np.broadcast_to(b, z.shape)[upper]
+    al, bl = np.broadcast_to(a, z.shape)[lower], np.broadcast_to(b, z.shape)[lower]
+    z[upper] = ndtr(-au) - ndtr(-bu)
+    z[lower] = ndtr(bl) - ndtr(al)
     mean = (pa - pb) / z
     var = 1.0 + (a * pa - b * pb) / z - mean * mean
     return mean, var
+
+
+@functools.lru_cache(maxsize=1)
+def _gauss_nodes() -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes and weights (summing to 1) of :func:`window_model`'s
+    average over the centre's error: the same for every window."""
+    x, wq = np.polynomial.hermite_e.hermegauss(48)
+    wq = wq / wq.sum()
+    x.flags.writeable = wq.flags.writeable = False  # shared by every call
+    return x, wq
 
 
 def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
@@ -150,8 +172,7 @@ def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.nda
     bias, vbar : ndarray of float64
         ``bias(tau2)`` and ``E v`` at ``tau2 = i * TAU2_MAX / (len - 1)``.
     """
-    x, wq = np.polynomial.hermite_e.hermegauss(48)
-    wq = wq / wq.sum()
+    x, wq = _gauss_nodes()
     tau = np.sqrt(np.linspace(0.0, TAU2_MAX, _TAU2_STEPS))
     d = np.clip(tau[:, None] * x[None, :], -8.0, 8.0)
     m, v = _truncated_moments(-lo - d, hi - d)
@@ -159,6 +180,19 @@ def window_model(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.nda
     g0, v0 = float(g[0, 0]), float(v[0, 0])
     bias = ((g @ wq) - g0) / v0
     return g0, v0, bias, v @ wq
+
+
+@functools.lru_cache(maxsize=16)
+def _window_model_cached(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+    return window_model(lo, hi)
+
+
+def _window_model_copy(lo: float, hi: float) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """:func:`window_model`, remembered for the last few windows (each refinement
+    starts from the window the sums were drawn with: ``clip`` in the noise then
+    known); the tables are copies, free to change."""
+    g0, v0, bias, vbar = _window_model_cached(lo, hi)
+    return g0, v0, bias.copy(), vbar.copy()
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,6 +213,7 @@ def _robust_centre_sigma(x: np.ndarray) -> tuple[float, float]:
     return robust_sigma(x)
 
 
+@functools.lru_cache(maxsize=64)
 def _median_variance(m: int) -> float:
     """Variance of the median of ``m`` (odd) unit Gaussian values."""
     from scipy.special import gammaln, ndtr
@@ -205,19 +240,25 @@ def _start_sigma(arr: np.ndarray) -> float:
     from streamstore.counting.robust import noise_peak
 
     k, h, w = arr.shape
+    if k < 2:
+        raise ValueError(f"the starting noise needs at least 2 frames, got {k}")
     step = max(1, int(math.sqrt(h * w / 65536)))
-    sample = arr[:, ::step, ::step].astype(np.int64)
+    # a small sample, contiguous and read-only in one type for the frame types a
+    # camera sends (one compiled kernel): int16, uint16 values less 32768 (the
+    # residuals are differences: the same), or int64 from wider frames
+    sample = arr[:, ::step, ::step]
+    if sample.dtype == np.uint16:
+        sample = np.bitwise_xor(sample, np.uint16(0x8000)).view(np.int16)
+    elif sample.dtype == np.uint64:  # int64 values, as the residuals have them
+        sample = sample.view(np.int64)
+    wide = sample.dtype.itemsize > 2
+    sample = np.ascontiguousarray(sample, dtype=np.int64 if wide else np.int16).view()
+    sample.flags.writeable = False
+    # the median of an odd count is one of the values: the residuals are integers
     m = k - 1 if k % 2 == 0 else k - 2
-    if m < 1:  # two frames: the difference of the two, which holds the noise twice
-        d = (sample[1] - sample[0]).reshape(-1)
-        return max(noise_peak(d)[1] / math.sqrt(2.0), 0.5)
-    res = []
-    for t in range(k):
-        others = np.delete(sample, t, axis=0)[:m]
-        res.append((sample[t] - np.median(others, axis=0)).reshape(-1))
-    r = np.concatenate(res)
-    r = np.rint(r).astype(np.int64)  # the median of an odd count is one of the values
-    sigma = noise_peak(r)[1] / math.sqrt(1.0 + _median_variance(m))
+    res = np.empty(sample.shape, np.int64)
+    _run_rows(_start_residual_rows, sample.shape[1], sample, m, res)
+    sigma = noise_peak(res.reshape(-1))[1] / math.sqrt(1.0 + _median_variance(m))
     return max(float(sigma), 0.5)
 
 
@@ -427,7 +468,7 @@ class DarkEstimator:
         ``sigma`` (it was drawn ``clip`` sigmas wide with the noise then known),
         the window's edges in those units and :func:`_probit_table`."""
         a, b = (c * self.sigma / sigma for c in self.clip)
-        return (*window_model(a, b), a, b, _probit_table())
+        return (*_window_model_copy(a, b), a, b, _probit_table())
 
     def _segment_sigma(self, v_start: float) -> float:
         """The noise of the segment's window sums, self-consistently: the window's
@@ -444,7 +485,12 @@ class DarkEstimator:
         # window sits on it, as does its window variance, so weighting by the count
         # would favour the wider ones
         ss = np.maximum(self.s2.reshape(-1)[::step][ok] - s1 * s1 / n, 0.0) / (n - 1.0)
-        ww = self.w.reshape(-1)[::step][ok].astype(np.float64)
+        # a pixel's window variance depends on its count of earlier values alone:
+        # worked out once per count (each as the pixel's own), then looked up
+        wi = self.w.reshape(-1)[::step][ok]
+        w0, w1 = int(wi.min()), int(wi.max())
+        ww = np.arange(w0, w1 + 1, dtype=np.float64)
+        pick = None if w0 == w1 else wi - np.uint16(w0)
         sigma = self.sigma
         for _ in range(8):
             _, vt0, _, vtab = self._model(sigma)[:4]
@@ -452,6 +498,7 @@ class DarkEstimator:
             t = np.minimum(tau2 * ((len(vtab) - 1) / TAU2_MAX), len(vtab) - 1.000001)
             i = t.astype(np.int64)
             vbar = vtab[i] + (t - i) * (vtab[i + 1] - vtab[i])
+            vbar = vbar[0] if pick is None else vbar[pick]
             new = max(math.sqrt(float(np.mean(ss / vbar))), 1e-3)  # equal values: no noise seen
             done = abs(new - sigma) <= 1e-4 * sigma
             sigma = new
@@ -477,29 +524,32 @@ class DarkEstimator:
         """
         self.refine()
         h, w = self.frame_shape
-        noise = np.sqrt(self.var)
-        hot = self.low >= LOW_HOT
         step = max(1, (h * w) // (1 << 20))
-        sample = ~hot.reshape(-1)[::step] & (self.w.reshape(-1)[::step] >= 2)
-        if sample.any():
+        var = self.var.reshape(-1)[::step]
+        sample = (self.low.reshape(-1)[::step] < LOW_HOT) & (self.w.reshape(-1)[::step] >= 2)
+        check = bool(sample.any())
+        dark_top = noise_top = np.float32(0.0)
+        if check:
             d_c, d_s = _robust_centre_sigma(self.centre.reshape(-1)[::step][sample])
-            n_c, n_s = _robust_centre_sigma(noise.reshape(-1)[::step][sample])
+            n_c, n_s = _robust_centre_sigma(np.sqrt(var[sample]))
             # floors on the spreads, as in a dark series: a uniform sensor has no hot pixels
             d_s = max(d_s, 0.5 * self.sigma)
             n_s = max(n_s, 0.1 * self.sigma)
-            hot |= self.centre > d_c + HOT_SIGMA * d_s
-            hot |= noise > n_c + HOT_SIGMA * n_s
+            # float32 maps meet their levels in float32
+            dark_top = np.float32(d_c + HOT_SIGMA * d_s)
+            noise_top = np.float32(n_c + HOT_SIGMA * n_s)
         rms = np.float32(self.sigma)
         # each pixel's variance from its w - 1 degrees of freedom, pooled with the RMS's
         # (read noise is nearly uniform): from the first 8 frames alone a pixel's own
         # noise scatters by a quarter, and floored at the RMS it would raise half the
         # thresholds by ~10 %. The RMS weighs NOISE_PRIOR values while a pixel has up
         # to NOISE_PRIOR of its own, fewer the more it has (1 at 64): a long estimate
-        # keeps its per-pixel noise as a dark series does.
-        dof = np.maximum(self.w.astype(np.float32) - 1, 0)
-        prior = np.float32(NOISE_PRIOR * NOISE_PRIOR) / np.maximum(dof + 1, NOISE_PRIOR)
-        pulled = np.sqrt((dof * self.var + prior * rms * rms) / (dof + prior))
-        noise = np.where(hot | (self.w < 2), rms, np.maximum(pulled, rms)).astype(np.float32)
+        # keeps its per-pixel noise as a dark series does (:func:`_noise_rows`, in one
+        # pass over the maps).
+        hot = np.empty((h, w), bool)
+        noise = np.empty((h, w), np.float32)
+        args = (self.centre, self.var, self.w, self.low, check, dark_top, noise_top, rms)
+        _run_rows(_noise_rows, h, *args, hot, noise)
         if not self.w.any():
             # the starting median only: its error (pi / 2 sigma**2 / k) widens the noise
             # a threshold sees

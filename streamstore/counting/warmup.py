@@ -138,6 +138,18 @@ def _warm_dose() -> int:
 _ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
 
 
+def _estimator_kernels() -> list[Any]:
+    """The data-only dark estimator's kernels: per frame type (the first two), and
+    over its float maps and its integer samples (the rest, one type each)."""
+    from streamstore.counting import _robust_kernels as rk
+    from streamstore.counting import dark_estimate as de
+
+    per_frame = [de._accumulate_rows, de._median_rows]
+    maps = [de._fold_rows, de._noise_rows]
+    samples = [de._start_residual_rows, rk._int_span, rk._bin_counts, rk._core_values]
+    return [*per_frame, *maps, *samples]
+
+
 def _warm_estimator() -> int:
     """Run the data-only dark estimator on tiny frames of every frame type a
     variant counts (signed ones as wrapped unsigned): how many kernel overloads
@@ -145,27 +157,27 @@ def _warm_estimator() -> int:
     from streamstore.counting import dark_estimate as de
     from streamstore.counting.calibration_estimate import START_FRAMES
 
-    dispatchers = [de._accumulate_rows, de._fold_rows, de._median_rows]
+    dispatchers = _estimator_kernels()
     before = _compiled(dispatchers)
 
     rng = np.random.default_rng(0)
     for k, (dt, wrapped) in enumerate(_ESTIMATOR_FRAMES):
         frames = rng.integers(0, 100, (min(de.REFINE_AT), 8, 70)).astype(dt)
         est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)  # median, sums
-        if k == 0:  # the fold takes float maps only: one frame type refines
+        if k == 0:  # the fold and the maps take float maps only: one frame type
             for f in frames:
                 est.update(f)
+            est.maps()
     return _compiled(dispatchers) - before
 
 
 def _estimator_cached() -> bool:
     """Whether every kernel overload :func:`_warm_estimator` reaches is in the cache."""
     from streamstore._numba_cache import cached_overloads
-    from streamstore.counting import dark_estimate as de
 
-    held = [cached_overloads(d) for d in (de._accumulate_rows, de._fold_rows, de._median_rows)]
-    n = len(_ESTIMATOR_FRAMES)
-    return None not in held and held[0] >= n and held[1] >= 1 and held[2] >= n
+    held = [cached_overloads(d) for d in _estimator_kernels()]
+    need = [len(_ESTIMATOR_FRAMES)] * 2 + [1] * 6
+    return None not in held and all(h >= k for h, k in zip(held, need, strict=True))
 
 
 #: Environment variable that caps the compile workers of an empty cache (default:

@@ -170,6 +170,45 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
     assert len(rows) >= 6  # the kinds did reach different variants
 
 
+def test_after_the_warm_up_no_data_only_estimate_compiles_a_kernel(rng):
+    """The data-only dark estimator's kernels (per frame type, and over its integer
+    samples) are all in its warm-up: estimates from every frame type a camera
+    without a dark series sends, as ingest stacks them, add no compiled kernel."""
+    import numba
+
+    from streamstore.counting import _dark_kernels, _robust_kernels
+    from streamstore.counting.warmup import _estimator_cached, _estimator_kernels, _warm_estimator
+
+    _warm_estimator()
+    assert _estimator_cached()
+    # every kernel of the estimator's modules (but those inlined into others) is
+    # one the start-up checks the cache for
+    kernels = [
+        d
+        for m in (_dark_kernels, _robust_kernels)
+        for d in vars(m).values()
+        if isinstance(d, numba.core.registry.CPUDispatcher)
+        and d.targetoptions.get("inline") != "always"
+    ]
+    assert len(kernels) >= 8 and set(kernels) == set(_estimator_kernels())
+    compiled = [len(d.signatures) for d in kernels]
+    h, w = 40, 70
+    signal = (rng.random((16, h, w)) < 0.02) * rng.integers(30, 120, (16, h, w))
+    dark = rng.normal(0, 6, (h, w))  # a fixed pattern: the estimate goes per pixel
+    raw = np.rint(dark + rng.normal(0, 2, (16, h, w)) + signal)
+    kinds = [
+        ((raw + 100).astype(np.uint16), False),
+        ((raw + 100).astype(np.uint8), False),
+        (raw.astype(np.int16).view(np.uint16), True),
+        (raw.astype(np.int8).view(np.uint8), True),
+    ]
+    for frames, wrapped in kinds:
+        ests = []
+        cal = Calibration.estimate(np.stack(list(frames)), estimator_out=ests)
+        assert ests and cal.wrapped == wrapped  # per pixel, the frame type detected
+    assert [len(d.signatures) for d in kernels] == compiled
+
+
 def test_the_warm_up_counts_only_what_it_compiles_itself(monkeypatch):
     """A kernel this process compiled before the warm-up (a test, a first count)
     is not reported as compiled again by every later warm-up."""
