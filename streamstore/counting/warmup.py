@@ -201,13 +201,14 @@ def _compile_processes() -> int:
 #: Marks a compile worker's report lines: numba (``NUMBA_DEBUG_CACHE``) and others
 #: may print to the same stdout.
 _DONE = "streamstore-warm-up-done"
-#: What a compile worker runs: the variants named on its command line, one line
-#: ``_DONE i compiled`` on stdout as each is done.
+#: What a compile worker runs: the jobs given on its stdin, one number a line, and
+#: one line ``_DONE i compiled`` on stdout as each is done; it ends at end of input.
 _WORKER = (
     "import sys\n"
     "from streamstore.counting.warmup import _DONE, _warm_variant\n"
     "gain = sys.argv[1] == '1'\n"
-    "for i in map(int, sys.argv[2:]):\n"
+    "for line in sys.stdin:\n"
+    "    i = int(line)\n"
     "    print(_DONE, i, _warm_variant(i, gain), flush=True)\n"
 )
 
@@ -215,40 +216,58 @@ _WORKER = (
 def _compile_in_workers(
     jobs: list[int], gain: bool, workers: int, done: Callable[[int, int], None]
 ) -> None:
-    """Compile variants ``jobs`` in ``workers`` child interpreters, round robin,
-    calling ``done(i, compiled)`` as each finishes. Children, not a
-    multiprocessing pool: a pool would import the caller's ``__main__`` again."""
+    """Compile jobs ``jobs`` (variants, :func:`_warm_variant`'s numbering) in
+    ``workers`` child interpreters, calling ``done(i, compiled)`` as each
+    finishes. Each worker is handed the next job in the order given as it ends
+    one (the longest first: a fixed split left one core idle for the last
+    tens of seconds). Children, not a multiprocessing pool: a pool would import
+    the caller's ``__main__`` again."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # the same streamstore
+    todo = list(jobs)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _WORKER, "1" if gain else "0", *map(str, jobs[k::workers])],
+            [sys.executable, "-c", _WORKER, "1" if gain else "0"],
             stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             text=True,
             env=env,
             start_new_session=True,  # not the caller's Ctrl-C: they fill the cache and exit
         )
-        for k in range(workers)
+        for _ in range(min(workers, len(todo)))
     ]
+
+    def hand_out(proc: subprocess.Popen) -> None:
+        assert proc.stdin is not None
+        try:
+            if todo:
+                proc.stdin.write(f"{todo.pop(0)}\n")
+                proc.stdin.flush()
+            else:
+                proc.stdin.close()
+        except BrokenPipeError:  # it died: its pipe's end below says so
+            pass
+
     try:
-        lines: queue.Queue[str | None] = queue.Queue()
+        lines: queue.Queue[tuple[int, str | None]] = queue.Queue()
 
-        def pump(proc: subprocess.Popen) -> None:
+        def pump(k: int, proc: subprocess.Popen) -> None:
             for line in proc.stdout:  # type: ignore[union-attr]
-                lines.put(line)
-            lines.put(None)
+                lines.put((k, line))
+            lines.put((k, None))
 
-        for proc in procs:
-            threading.Thread(target=pump, args=(proc,), daemon=True).start()
+        for k, proc in enumerate(procs):
+            threading.Thread(target=pump, args=(k, proc), daemon=True).start()
+            hand_out(proc)
         open_pipes = len(procs)
         while open_pipes:
-            line = lines.get()
+            k, line = lines.get()
             if line is None:
                 open_pipes -= 1
                 continue
             words = line.split()
             if len(words) == 3 and words[0] == _DONE:
+                hand_out(procs[k])
                 done(int(words[1]), int(words[2]))
     finally:
         for proc in procs:
@@ -323,7 +342,8 @@ def warm_kernels(
     if workers > 1 and cold():  # an empty cache
         with compiling_alone(k._count_items):  # or another daemon fills it meanwhile
             if cold():
-                _compile_in_workers(list(range(n)), gain, workers, done)
+                # the longest jobs first: the estimator, the counting variants, the encoder
+                _compile_in_workers([n - 1, *range(n - 2), n - 2], gain, workers, done)
     later = estimator_in_background and _estimator_cached()
     for i in range(n - 1 if later else n):  # loads what the workers compiled (or compiles)
         if progress is not None:

@@ -236,3 +236,18 @@ def test_compile_workers_report_past_what_else_they_print(monkeypatch):
     seen: list[tuple[int, int]] = []
     _compile_in_workers([encoder], True, 1, lambda i, got: seen.append((i, got)))
     assert len(seen) == 1 and seen[0][0] == encoder and seen[0][1] >= 0
+
+
+def test_compile_workers_take_the_next_job_as_they_end_one():
+    """More jobs than workers: each job is done once, by whichever worker is free
+    (handed out in the order given), and every worker ends when none is left."""
+    from streamstore.counting.warmup import _compile_in_workers, kernel_variants
+
+    encoder = len(kernel_variants(True))
+    jobs = [encoder, 0, encoder, 3, encoder]  # from the cache: each loads in a moment
+    seen: list[int] = []
+    _compile_in_workers(jobs, True, 2, lambda i, got: seen.append(i))
+    assert sorted(seen) == sorted(jobs)
+    seen.clear()
+    _compile_in_workers([0], True, 3, lambda i, got: seen.append(i))  # fewer jobs than workers
+    assert seen == [0]
