@@ -16,7 +16,7 @@ import numba
 import numpy as np
 from numba import njit
 
-from streamstore._numba_cache import serialize_saves
+from streamstore._numba_cache import compiling_alone, serialize_saves
 from streamstore.counting._maps import as_unsigned
 
 __all__ = ["count_resolve_frames"]
@@ -290,6 +290,8 @@ def _resolve_frame(
 
 
 _pool: ThreadPoolExecutor | None = None
+#: The (frame, dark map, gain) types this process has counted frames of.
+_ran: set[tuple[str, str, str]] = set()
 
 
 def count_resolve_frames(
@@ -329,18 +331,25 @@ def count_resolve_frames(
             np.int64(spread16), top,
         )  # fmt: skip
 
+    parts = []
+    types = (lo.dtype.str, dark.dtype.str, g.dtype.str)
+    if n and types not in _ran:
+        # this process's first frame of these types: compiled (or loaded) under the
+        # cache's lock, so that processes starting together compile the kernel once
+        with compiling_alone(_resolve_frame):
+            parts.append(one(0))
+        _ran.add(types)
     k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
     k = max(1, min(k, n))
     if k == 1:
-        parts = [one(i) for i in range(n)]
+        parts.extend(one(i) for i in range(len(parts), n))
     else:
         if _pool is None:
             _pool = ThreadPoolExecutor(
                 max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-resolve"
             )
         # at most k frames in flight; results are taken in frame order
-        parts = []
-        for start in range(0, n, k):
+        for start in range(len(parts), n, k):
             parts.extend(_pool.map(one, range(start, min(n, start + k))))
     offsets = np.zeros(n + 1, np.int64)
     offsets[1:] = np.cumsum([p[0].size for p in parts])

@@ -294,3 +294,31 @@ def test_anisotropy_splits_two_clouds_and_keeps_one(points, events, unsplit):
     c = Counter(cal, np.uint16, method="resolve", resolve=split, electron_charge=180.0)
     assert c(frame).indices.size == events
     assert count(frame, cal, method="resolve").indices.size == unsplit
+
+
+def test_a_processs_first_frames_of_a_type_are_counted_under_the_compile_lock(rng, monkeypatch):
+    """Processes that first meet the resolve kernel together (test workers, analysis
+    workers) compile it once: the first call of each frame type in a process holds
+    the cache's lock; later calls do not wait for it. The events are the same."""
+    import contextlib
+
+    from streamstore.counting import _resolve_kernels as rk
+
+    held = []
+
+    @contextlib.contextmanager
+    def recording(dispatcher):
+        held.append(dispatcher)
+        yield
+
+    monkeypatch.setattr(rk, "compiling_alone", recording)
+    monkeypatch.setattr(rk, "_ran", set())
+    frames, cal = _crowded(rng, np.uint16, n=3)
+    c = Counter(cal, np.uint16, method="resolve", resolve=EAGER, electron_charge=120.0, threads=2)
+    first = c(frames)
+    assert held == [rk._resolve_frame]
+    again = c(frames)
+    assert held == [rk._resolve_frame] and again == first
+    c8 = Counter(cal, np.uint8, method="resolve", resolve=EAGER, electron_charge=120.0)
+    c8(np.clip(frames, 0, 255).astype(np.uint8))
+    assert held == [rk._resolve_frame] * 2  # another frame type: its own first call
