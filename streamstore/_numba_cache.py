@@ -80,11 +80,13 @@ def cached_overloads(dispatcher: Any) -> int | None:
 def compiling_alone(dispatcher: Any) -> Iterator[None]:
     """Hold a host-wide lock beside ``dispatcher``'s cache while compiling into it:
     daemons started together after an install (``ingest --workers N``) then compile
-    once, in the first, and the others load what it wrote."""
+    once, in the first, and the others load what it wrote. One lock per kernel:
+    processes compiling different kernels of one folder do not wait for each other."""
     path = getattr(getattr(dispatcher, "_cache", None), "_cache_path", None)
     if fcntl is None or path is None:
         yield
         return
     os.makedirs(path, exist_ok=True)
-    with _locked(os.path.join(path, "streamstore-compile.lock")):
+    name = getattr(getattr(dispatcher, "py_func", None), "__name__", "kernel")
+    with _locked(os.path.join(path, f"streamstore-compile-{name}.lock")):
         yield

@@ -112,6 +112,30 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: _module_rank(Path(str(item.fspath)), seen))
 
 
+#: Compiles the resolve rule's kernel for the frame types the tests count with it
+#: (no daemon warms it: only the counting tests and the accuracy benchmark use it).
+_WARM_RESOLVE = """
+import numpy as np
+from streamstore import Calibration
+from streamstore.counting import Counter
+for dt in (np.uint16, np.uint8):
+    cal = Calibration(np.full((8, 70), 10.0), np.ones((8, 70)))
+    Counter(cal, dt, method="resolve", dose=False, electron_charge=20.0)(np.zeros((1, 8, 70), dt))
+"""
+
+
+#: Source text that marks a test module as one that counts with the resolve rule.
+_RESOLVE_MARKS = ('method="resolve"', "import accuracy")
+
+
+def _uses_resolve(path: Path) -> bool:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(mark in text for mark in _RESOLVE_MARKS)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _counting_kernels_compiled_once(request, tmp_path_factory):
     """A daemon compiles or loads every counting kernel variant before it listens.
@@ -119,13 +143,22 @@ def _counting_kernels_compiled_once(request, tmp_path_factory):
     cache then serves each daemon in about a second, and the counting tests reuse
     the same variants (on a clean clone each compiles once per run, not per test).
     Test workers share the compile: the first to take the lock fills the cache
-    (one compiling child interpreter per CPU), the others wait and then load."""
+    (one compiling child interpreter per CPU), the others wait and then load.
+    Where the run also counts with the resolve rule, its kernel compiles beside
+    them (else a test of each worker met it at once, one compiling, one waiting)."""
     seen: dict[Path, bool] = {}
-    if any(_starts_daemons(Path(str(item.fspath)), seen) for item in request.session.items):
+    paths = {Path(str(item.fspath)) for item in request.session.items}
+    if any(_starts_daemons(p, seen) for p in paths):
+        resolve = any(_uses_resolve(p) for p in paths)
         lock = tmp_path_factory.getbasetemp().parent / "streamstore-kernels.lock"
         with open(lock, "w") as held:
             fcntl.flock(held, fcntl.LOCK_EX)
             # in a child process: minutes of compiling in this one would run into
             # faulthandler_timeout, whose traceback dump crashed inside numba's codegen
             code = "from streamstore.counting.warmup import warm_kernels; warm_kernels()"
-            subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
+            beside = subprocess.Popen([sys.executable, "-c", _WARM_RESOLVE]) if resolve else None
+            try:
+                subprocess.run([sys.executable, "-c", code], check=True, timeout=1800)
+            finally:
+                if beside is not None and beside.wait(timeout=1800) != 0:
+                    raise RuntimeError("compiling the resolve kernel for the tests failed")
