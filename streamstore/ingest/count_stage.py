@@ -65,7 +65,8 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
     threads : int, optional
         Threads of the counting kernel (None: numba's default, all cores).
     estimate_frames : int
-        Frames used by ``Calibration.estimate`` when nothing else is known.
+        Frames used by ``Calibration.estimate`` when nothing else is known (fewer
+        where they would fill the memory budget).
     refine_frames : int
         Raw frames (a fixed dark pattern) get a per-pixel estimate that keeps
         refining on every frame counted until this many frames; meanwhile the
@@ -304,7 +305,7 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
                 self._add_dark(item)
             elif series.calibration is None or self._xray_for is series:
                 self._pending.append(item)
-                if len(self._pending) >= self.estimate_frames:
+                if len(self._pending) >= self.estimate_frames or self._fill_budget(self._pending):
                     self._estimate(series)
                     self._drain_pending()
             else:

@@ -3,7 +3,8 @@ series and no calibration file: the first frames' estimate, then the refinement.
 
 A part of :class:`streamstore.ingest.count_stage.CountStage`, kept apart because
 it is one job of its own: hold the counted frames, add them to the per-pixel
-estimate in batches, swap in the refined calibration at the estimator's
+estimate in batches (smaller where the memory budget holds fewer frames), swap
+in the refined calibration at the estimator's
 refinement points, and say while it is provisional.
 """
 
@@ -75,6 +76,14 @@ class DataOnlyCalibration:
         series.calibration_warning = text
         self.counters.calibration_warning = text if self._refining is not None else ""
 
+    def _fill_budget(self, items: list) -> bool:
+        """Whether the frames among ``items`` (held for the estimate or its next
+        batch) fill the memory budget: the receiver admits no frame until some are
+        given back, so waiting for a full count of them would stall the series for
+        good; the estimate then goes on with the frames it has."""
+        held = sum(it.nbytes for it in items if isinstance(it, FrameItem))
+        return held >= self.budget.capacity
+
     def _hold(self, item: FrameItem) -> None:
         """Keep a counted frame for the provisional estimate; add the held frames to
         it together once there are ``BATCH`` of them or they reach a refinement point.
@@ -90,7 +99,8 @@ class DataOnlyCalibration:
         self._held.append(item)
         series, est = self._refining
         n = est.n_frames + len(self._held)
-        if not (len(self._held) >= BATCH or n in REFINE_AT or n >= self.refine_frames):
+        full = len(self._held) >= BATCH or self._fill_budget(self._held)
+        if not (full or n in REFINE_AT or n >= self.refine_frames):
             return
         try:
             self._refine()

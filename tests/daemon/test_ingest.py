@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -445,6 +446,29 @@ def test_memory_stays_bounded_while_the_writer_is_slow(tmp_path):
 
 
 # -- no calibration given: estimated from the first frames; SIGINT ----------------------
+def test_a_budget_of_fewer_frames_than_the_estimate_waits_for_stalls_nothing(tmp_path, frames):
+    """No dark series, no calibration file, and a memory budget that holds 4 frames:
+    the estimate, which waits for 8, and its refinement batches start from the
+    frames the budget holds; before, the held frames kept the receiver waiting
+    for room for good (the camera blocked, the series never closed)."""
+    frame_mb = frames[0].nbytes / 2**20
+    d = Daemon(tmp_path / "out", "--threads", "1", "--max-buffer-mb", f"{4.5 * frame_mb:.6f}")
+    try:
+        with d.sender() as s:
+            send_series(s, "tight", frames, range(40))
+            st = d.wait_closed(1, timeout=60)
+        rc = d.stop()
+    finally:
+        d.kill()
+    assert rc == 0, d.log()
+    assert st["frames_stored"] == 40 and st["missing"] == 0, st
+    store = streamstore.open(tmp_path / "out" / "tight.h5")
+    assert store.frame_ids.tolist() == list(range(40))
+    # the estimate started from the frames that fit the budget (4 or 5), not 8
+    assert re.search(r"estimate:first [45] frames of tight", json.dumps(store.meta)), store.meta
+    assert "estimated the calibration from its first" in d.log()
+
+
 def test_estimated_calibration_and_sigint(tmp_path, frames):
     d = Daemon(tmp_path / "out", "--threads", "1", "--idle-timeout", "300")
     flat = np.full((10, *SHAPE), 100, np.uint16)  # nothing to estimate a noise from
