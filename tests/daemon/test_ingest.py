@@ -22,6 +22,7 @@ import pytest
 
 import streamstore
 from streamstore.camera.emulator import CameraEmulator
+from streamstore.counting import Counter
 from streamstore.counting.dark_estimate import DarkEstimator
 from streamstore.ingest.status import format_status
 from streamstore.link.protocol import Start
@@ -467,6 +468,33 @@ def test_a_budget_of_fewer_frames_than_the_estimate_waits_for_stalls_nothing(tmp
     # the estimate started from the frames that fit the budget (4 or 5), not 8
     assert re.search(r"estimate:first [45] frames of tight", json.dumps(store.meta)), store.meta
     assert "estimated the calibration from its first" in d.log()
+
+
+def test_wrapped_frames_are_detected_and_counted_by_the_daemon(tmp_path, frames):
+    """Pedestal-subtracted frames whose negatives wrapped (as the 4D Camera sends
+    them), no calibration: the estimate reads them as signed, and the daemon's
+    counting (the unsigned kernels, the sign bit flipped) stores the events the
+    numpy reference finds with that calibration."""
+    pedestal = int(np.median(frames[:8]))
+    wrapped = (frames[:12].astype(np.int32) - pedestal).astype(np.int16).view(np.uint16)
+    assert (wrapped > 60000).mean() > 0.2  # many values did wrap
+    d = Daemon(tmp_path / "out", "--threads", "2")
+    try:
+        with d.sender() as s:
+            send_series(s, "wrapped", wrapped, range(12))
+            st = d.wait_closed(1)
+        rc = d.stop()
+    finally:
+        d.kill()
+    assert rc == 0, d.log()
+    assert st["frames_stored"] == 12, st
+    store = streamstore.open(tmp_path / "out" / "wrapped.h5")
+    cal = streamstore.Calibration.estimate(wrapped[:8])
+    assert cal.wrapped
+    want = Counter(cal, np.uint16, implementation="reference", dose=False)(wrapped)
+    got = store.events(0, 12)
+    assert got.n_events > 1000 and np.array_equal(got.indices, want.indices)
+    assert np.array_equal(got.offsets, want.offsets)
 
 
 def test_estimated_calibration_and_sigint(tmp_path, frames):
