@@ -56,6 +56,35 @@ def band_rows(width: int) -> int:
     return max(2, min(64, _BAND_BYTES // (_SUM_BYTES * max(width, 1))))
 
 
+def as_read(frames: np.ndarray, signed: bool) -> tuple[np.ndarray, int, np.float32]:
+    """``frames`` as the per-frame kernels read them: ``(bits, flip, wrap)``.
+
+    The kernels take unsigned frames only (one compiled overload per width). Where
+    the values are signed (a signed type, or unsigned frames that wrapped below
+    zero, ``signed``), ``bits`` is the unsigned view, ``flip`` its sign bit and
+    ``wrap`` ``2**bits``: the signed value is ``bits - wrap`` at and above the sign
+    bit (:func:`_value`), and ``bits ^ flip`` orders as the signed values do. Both
+    are exact, so the kernels give what a signed overload would, bit for bit.
+    Unsigned values: ``flip`` and ``wrap`` are 0.
+    """
+    a = np.asarray(frames)
+    if a.dtype.kind == "i":
+        a = a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
+        signed = True
+    if not signed:
+        return a, 0, np.float32(0.0)
+    bits = 8 * a.dtype.itemsize
+    return a, 1 << (bits - 1), np.float32(2.0**bits)
+
+
+@numba.njit(inline="always", **_OPTS)
+def _value(u, wrap):  # pragma: no cover - compiled
+    """The value of frame bits ``u`` as :func:`as_read` gives them, in float32 (exact):
+    a select in float32, which vectorises (an integer xor would widen to 64 bits)."""
+    v = np.float32(u)
+    return v - wrap if v >= np.float32(0.5) * wrap else v
+
+
 def frame_tuple(frames: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     """``frames`` (1 to ``BATCH`` frames of one type, in order) as the tuple
     :func:`_accumulate_rows` takes: C-contiguous read-only views (one type whatever
@@ -68,11 +97,11 @@ def frame_tuple(frames: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     return tuple(views + [views[0]] * (BATCH - len(views)))
 
 
-# -- kernels ------------------------------------------------------------------------
 @numba.njit(inline="always", **_OPTS)
 def _sum_row(
-    frame, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert, near, r
-):  # pragma: no cover - compiled
+    frame, wrap, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert,
+    near, r,
+):  # fmt: skip  # pragma: no cover - compiled
     """Row ``r`` of :func:`_accumulate_rows`: simple loops over the row's columns,
     branch-free, on one-dimensional rows (each vectorises)."""
     w = frame.shape[1]
@@ -93,35 +122,55 @@ def _sum_row(
     ar = above[r]
     br = below[r]
     lr = low[r]
-    for j in range(w):
-        x = np.float32(fr[j]) - cr[j]
-        up = np.uint8(x > hi)
-        down = np.uint8(x < -lo)
-        inside = (np.uint8(1) - near[j]) & (np.uint8(1) - up) & (np.uint8(1) - down)
-        xi = x * np.float32(inside)
-        s1r[j] += xi
-        s2r[j] += xi * xi
-        nr[j] += np.uint16(inside)
-        ar[j] += np.uint16(up)
-        br[j] += down & np.uint8(br[j] < 255)
-        lr[j] += np.uint8(x < -sink) & np.uint8(lr[j] < 255)
+    # the same loop twice, unsigned values and signed ones: a select in the loop
+    # for both cost the unsigned pass 7 %
+    if wrap == 0:
+        for j in range(w):
+            x = np.float32(fr[j]) - cr[j]
+            _sum_one(x, near[j], s1r, s2r, nr, ar, br, lr, lo, hi, sink, j)
+    else:
+        for j in range(w):
+            x = _value(fr[j], wrap) - cr[j]
+            _sum_one(x, near[j], s1r, s2r, nr, ar, br, lr, lo, hi, sink, j)
 
 
 @numba.njit(inline="always", **_OPTS)
-def _residual_row(frame, centre, q, out):  # pragma: no cover - compiled
-    """Row ``q`` of the frame less the centre (float32), into ``out``."""
+def _sum_one(x, near, s1r, s2r, nr, ar, br, lr, lo, hi, sink, j):  # pragma: no cover - compiled
+    """Column ``j`` of :func:`_sum_row`: ``x`` (the value less its centre) into the sums."""
+    up = np.uint8(x > hi)
+    down = np.uint8(x < -lo)
+    inside = (np.uint8(1) - near) & (np.uint8(1) - up) & (np.uint8(1) - down)
+    xi = x * np.float32(inside)
+    s1r[j] += xi
+    s2r[j] += xi * xi
+    nr[j] += np.uint16(inside)
+    ar[j] += np.uint16(up)
+    br[j] += down & np.uint8(br[j] < 255)
+    lr[j] += np.uint8(x < -sink) & np.uint8(lr[j] < 255)
+
+
+@numba.njit(inline="always", **_OPTS)
+def _residual_row(frame, wrap, centre, q, out):  # pragma: no cover - compiled
+    """Row ``q`` of the frame (values as :func:`as_read` says) less the centre
+    (float32), into ``out``."""
     fq = frame[q]
     cq = centre[q]
-    for j in range(fq.size):
-        out[j] = np.float32(fq[j]) - cq[j]
+    if wrap == 0:  # two loops, as in :func:`_sum_row`
+        for j in range(fq.size):
+            out[j] = np.float32(fq[j]) - cq[j]
+    else:
+        for j in range(fq.size):
+            out[j] = _value(fq[j], wrap) - cq[j]
 
 
 @numba.njit(**_OPTS)
 def _accumulate_rows(
-    frames, k, centre, s1, s2, n, above, below, low, lo, hi, hit, block, sink, radius, band, r0, r1
-):  # pragma: no cover - compiled
+    frames, k, wrap, centre, s1, s2, n, above, below, low, lo, hi, hit, block, sink, radius,
+    band, r0, r1,
+):  # pragma: no cover - compiled  # fmt: skip
     """:func:`accumulate_numpy` of ``frames[:k]`` (a tuple of frames, in order) on rows
     ``r0:r1``, each frame in one pass, ``band`` rows of all ``k`` frames at a time.
+    The frames are unsigned, their values as :func:`as_read` says (``wrap``).
 
     Each frame is scanned row by row with a look-ahead of ``radius`` rows: its scan
     state (``last``, ``cur``, ``up``) is kept per frame, so a band of one frame
@@ -155,9 +204,9 @@ def _accumulate_rows(
     for f in range(k):
         frame = frames[f]
         cf = cur[f]
-        _residual_row(frame, centre, q0, cf)
+        _residual_row(frame, wrap, centre, q0, cf)
         if q0 >= 1:
-            _residual_row(frame, centre, q0 - 1, nxt)
+            _residual_row(frame, wrap, centre, q0 - 1, nxt)
             u1 = up[f, 1 : w + 1]
             for j in range(w):
                 u1[j] = nxt[j] + cf[j]
@@ -170,7 +219,7 @@ def _accumulate_rows(
             u0, u1, u2 = up[f, 0:w], up[f, 1 : w + 1], up[f, 2 : w + 2]
             for q in range(b0, min(b0 + band, q1)):
                 if q + 1 < h:
-                    _residual_row(frame, centre, q + 1, nxt)
+                    _residual_row(frame, wrap, centre, q + 1, nxt)
                     for j in range(w):
                         d1[j] = cf[j] + nxt[j]
                 else:
@@ -195,6 +244,7 @@ def _accumulate_rows(
                     continue
                 _sum_row(
                     frame,
+                    wrap,
                     centre,
                     s1,
                     s2,
@@ -215,7 +265,7 @@ def _accumulate_rows(
     for r in range(max(r0, q1 - radius), r1):
         for f in range(k):
             _sum_row(
-                frames[f], centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last[f],
+                frames[f], wrap, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last[f],
                 vert, near, r,
             )  # fmt: skip
 
@@ -299,10 +349,10 @@ def _fold_rows(
 
 
 @numba.njit(inline="always", **_OPTS)
-def _rank_row(frames, r, vals, rank):  # pragma: no cover - compiled
-    """Row ``r`` of each of ``frames (k, H, W)`` into ``vals (k, W)`` (its type) and each
-    value's place among the pixel's ``k`` sorted values into ``rank (k, W)``: a
-    permutation per pixel, equal values in frame order. Comparisons over whole rows,
+def _rank_row(frames, flip, r, vals, rank):  # pragma: no cover - compiled
+    """Row ``r`` of each of ``frames (k, H, W)``, its bits ``^ flip``, into ``vals (k, W)``
+    (its type) and each value's place among the pixel's ``k`` sorted values into
+    ``rank (k, W)``: a permutation per pixel, equal values in frame order. Comparisons over whole rows,
     branch-free: they vectorise, where a sort per pixel branches on every value."""
     k = frames.shape[0]
     w = frames.shape[2]
@@ -311,7 +361,7 @@ def _rank_row(frames, r, vals, rank):  # pragma: no cover - compiled
         vi = vals[i]
         ri = rank[i]
         for c in range(w):
-            vi[c] = fi[c]
+            vi[c] = fi[c] ^ flip  # unsigned, in the signed values' order
             ri[c] = 0
     for i in range(k):
         vi = vals[i]
@@ -342,8 +392,11 @@ def _value_at(vals, rank, place, out):  # pragma: no cover - compiled
 
 
 @numba.njit(**_OPTS)
-def _median_rows(frames, out, r0, r1):  # pragma: no cover - compiled
-    """Per-pixel median of ``frames (k, H, W)`` on rows ``r0:r1`` (float32)."""
+def _median_rows(frames, flip, wrap, out, r0, r1):  # pragma: no cover - compiled
+    """Per-pixel median of ``frames (k, H, W)`` on rows ``r0:r1`` (float32); the
+    frames are unsigned, their values as :func:`as_read` says (``flip``, ``wrap``):
+    ranked as ``bits ^ flip``, which is the value plus ``wrap / 2``."""
+    off = np.float32(0.5) * wrap
     k, _, w = frames.shape
     # the frames' own type: float32 of each value, as a sort of the values gives
     vals = np.empty((k, w), frames.dtype)
@@ -351,16 +404,18 @@ def _median_rows(frames, out, r0, r1):  # pragma: no cover - compiled
     lo = np.empty(w, frames.dtype)
     hi = np.empty(w, frames.dtype)
     for r in range(r0, r1):
-        _rank_row(frames, r, vals, rank)
+        _rank_row(frames, flip, r, vals, rank)
         _value_at(vals, rank, k // 2, hi)
         orow = out[r]
         if k % 2:
             for c in range(w):
-                orow[c] = np.float32(hi[c])
+                orow[c] = np.float32(hi[c]) - off
         else:
             _value_at(vals, rank, k // 2 - 1, lo)
             for c in range(w):
-                orow[c] = np.float32(0.5) * (np.float32(lo[c]) + np.float32(hi[c]))
+                a = np.float32(lo[c]) - off
+                b = np.float32(hi[c]) - off
+                orow[c] = np.float32(0.5) * (a + b)
 
 
 @numba.njit(**_OPTS)
@@ -381,7 +436,7 @@ def _start_residual_rows(sample, m, out, r0, r1):  # pragma: no cover - compiled
     near = np.zeros((3, w), sample.dtype)  # the values of ranks half, half + 1, half + 2
     half = np.int32(m // 2)
     for r in range(r0, r1):
-        _rank_row(sample, r, vals, rank)
+        _rank_row(sample, 0, r, vals, rank)
         for d in range(min(3, k - half)):
             _value_at(vals, rank, half + d, near[d])
         n0, n1, n2 = near[0], near[1], near[2]

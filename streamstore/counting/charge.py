@@ -125,9 +125,26 @@ def _coarse_dark(d):  # pragma: no cover - numba
     return q
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _raw_value(u, wrap):  # pragma: no cover - numba
+    """The value of frame bits ``u`` (:func:`_unsigned_bits`): less ``wrap`` at and
+    above the sign bit where the frame is signed."""
+    v = np.int64(u)
+    return v - wrap if v >= wrap >> 1 else v
+
+
+def _unsigned_bits(raw: np.ndarray) -> tuple[np.ndarray, int]:
+    """``raw`` as the kernels take it, ``(bits, wrap)``: the unsigned view of a signed
+    frame (a wrapped one) and ``2**bits``, or ``(raw, 0)``. One compiled overload per
+    width, not per signedness."""
+    if raw.dtype.kind != "i":
+        return raw, 0
+    return raw.view(np.dtype(f"uint{8 * raw.dtype.itemsize}")), 1 << (8 * raw.dtype.itemsize)
+
+
 @njit(nogil=True, cache=True)
 def _tile_charge_kernel(
-    raw, dark16, gain, good, xray_level, tmax, tile, flags, out
+    raw, wrap, dark16, gain, good, xray_level, tmax, tile, flags, out
 ):  # pragma: no cover
     h, w = raw.shape
     n_tx = flags.shape[1]
@@ -141,7 +158,7 @@ def _tile_charge_kernel(
             for c in range(tx * tile, c1):
                 if good[r, c] == 0:
                     continue
-                v = np.int64(raw[r, c])
+                v = _raw_value(raw[r, c], wrap)
                 g = np.int64(gain[r, c])
                 d = np.int64(dark16[r, c])
                 if v == tmax:
@@ -158,7 +175,7 @@ def tile_charge(raw, dark16, gain, good, xray_level, tmax, tile, flags) -> np.nd
     out = np.zeros(flags.shape, np.int64)
     if flags.any():
         args = (int(xray_level), int(tmax), int(tile), flags, out)
-        _tile_charge_kernel(raw, dark16, gain, good, *args)
+        _tile_charge_kernel(*_unsigned_bits(raw), dark16, gain, good, *args)
     return out
 
 
@@ -204,8 +221,8 @@ def window_charge_reference(raw, dark16, gain, good, xray_level, tmax, indices, 
 
 
 @njit(nogil=True, cache=True)
-def _window_charge_kernel(raw, dark16, gain, good, xray_level, tmax, indices, allowed, tile,
-                          limit, q_out, t_out):  # pragma: no cover  # fmt: skip
+def _window_charge_kernel(raw, wrap, dark16, gain, good, xray_level, tmax, indices, allowed,
+                          tile, limit, q_out, t_out):  # pragma: no cover  # fmt: skip
     h, w = raw.shape
     n_tx = allowed.shape[1]
     n = indices.size
@@ -252,7 +269,7 @@ def _window_charge_kernel(raw, dark16, gain, good, xray_level, tmax, indices, al
             for cc in range(c - k, c + k + 1):
                 if good[rr, cc] == 0:
                     continue
-                v = np.int64(raw[rr, cc])
+                v = _raw_value(raw[rr, cc], wrap)
                 if v == tmax:
                     continue
                 g = np.int64(gain[rr, cc])
@@ -276,7 +293,7 @@ def window_charge(raw, dark16, gain, good, xray_level, tmax, indices, allowed, t
     if limit == 0 or indices.size == 0:
         return q[:0], t[:0]
     args = (int(xray_level), int(tmax), np.ascontiguousarray(indices), allowed, int(tile))
-    n = _window_charge_kernel(raw, dark16, gain, good, *args, limit, q, t)
+    n = _window_charge_kernel(*_unsigned_bits(raw), dark16, gain, good, *args, limit, q, t)
     return q[:n], t[:n]
 
 

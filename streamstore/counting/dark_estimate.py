@@ -80,6 +80,7 @@ from streamstore.counting._dark_kernels import (
     _noise_rows,
     _run_rows,
     _start_residual_rows,
+    as_read,
     band_rows,
     frame_tuple,
 )
@@ -320,7 +321,8 @@ class DarkEstimator:
         h, w = self.frame_shape
         k = arr.shape[0]
         self.centre = np.empty((h, w), np.float32)
-        _run_rows(_median_rows, h, np.ascontiguousarray(arr[:MEDIAN_FRAMES]), self.centre)
+        first = as_read(np.ascontiguousarray(arr[:MEDIAN_FRAMES]), self.wrapped)
+        _run_rows(_median_rows, h, *first, self.centre)
         self.s1 = np.zeros((h, w), np.float32)  # sum of (x - centre) inside the window
         self.s2 = np.zeros((h, w), np.float32)  # sum of (x - centre)**2 inside the window
         self.n = np.zeros((h, w), np.uint16)  # values inside the window, this segment
@@ -365,12 +367,16 @@ class DarkEstimator:
         return (lo * s, hi * s, EXCLUDE_SIGMA * s, 2.0 * BLOCK_SIGMA * s, self.n_sigma * s)
 
     def _accumulate(self, frames: list[np.ndarray]) -> None:
-        """Add up to ``BATCH`` frames (signed views where wrapped) in one pass."""
+        """Add frames of one type (signed views where wrapped), ``BATCH`` a pass."""
         edges = tuple(np.float32(e) for e in self._edges())
         h, w = self.frame_shape
         for i in range(0, len(frames), BATCH):
             part = frames[i : i + BATCH]
-            args = (frame_tuple(part), len(part), self.centre, self.s1, self.s2, self.n)
+            # the kernels read unsigned bits only (signed values through the sign bit)
+            read = [as_read(f, self.wrapped) for f in part]
+            wrap = read[0][2]
+            args = (frame_tuple([r[0] for r in read]), len(part), wrap, self.centre)
+            args += (self.s1, self.s2, self.n)
             args += (self.above, self.below, self.low, *edges, NEIGHBOURHOOD)
             # one frame: the whole range is one band (nothing to share a cache with)
             band = band_rows(w) if len(part) > 1 else h + NEIGHBOURHOOD

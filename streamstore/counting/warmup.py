@@ -13,6 +13,7 @@ count, the gain flag and the X-ray level are run-time values: no variant each.
 
 from __future__ import annotations
 
+import itertools
 import os
 import queue
 import subprocess
@@ -100,8 +101,9 @@ def _warm_variant(i: int, gain: bool) -> int:
 
 def _warm_dose() -> int:
     """Run the dose correction's kernels (pairs, and the charge sums on every frame
-    type counting reads: unsigned, and signed for wrapped frames): how many kernel
-    overloads this compiled (not those this process compiled before)."""
+    type counting reads: unsigned, and signed for wrapped frames, which the charge
+    kernels read as unsigned bits): how many kernel overloads this compiled (not
+    those this process compiled before)."""
     from streamstore.counting import charge, coincidence
     from streamstore.counting.tile_dose import _tile_geometry
     from streamstore.events import EventBatch
@@ -133,9 +135,10 @@ def _warm_dose() -> int:
     return _compiled(dispatchers) - before
 
 
-#: The frame types the estimator's kernels meet: (dtype, wrapped), one overload each
-#: of the per-frame pass and the median (a wrapped frame is read as signed).
-_ESTIMATOR_FRAMES = ((np.uint16, False), (np.uint8, False), (np.uint16, True), (np.uint8, True))
+#: The frame types the estimator's kernels meet, one overload each of the per-frame
+#: pass and the median: wrapped (signed) frames are read as these, through the sign
+#: bit (:func:`streamstore.counting._dark_kernels.as_read`).
+_ESTIMATOR_FRAMES = (np.uint16, np.uint8)
 
 
 def _estimator_kernels() -> list[Any]:
@@ -152,8 +155,7 @@ def _estimator_kernels() -> list[Any]:
 
 def _warm_estimator() -> int:
     """Run the data-only dark estimator on tiny frames of every frame type a
-    variant counts (signed ones as wrapped unsigned): how many kernel overloads
-    this compiled."""
+    variant counts, plain and wrapped: how many kernel overloads this compiled."""
     from streamstore.counting import dark_estimate as de
     from streamstore.counting.calibration_estimate import START_FRAMES
 
@@ -161,7 +163,7 @@ def _warm_estimator() -> int:
     before = _compiled(dispatchers)
 
     rng = np.random.default_rng(0)
-    for k, (dt, wrapped) in enumerate(_ESTIMATOR_FRAMES):
+    for k, (dt, wrapped) in enumerate(itertools.product(_ESTIMATOR_FRAMES, (False, True))):
         frames = rng.integers(0, 100, (min(de.REFINE_AT), 8, 70)).astype(dt)
         est = de.DarkEstimator(frames[:START_FRAMES], wrapped=wrapped)  # median, sums
         if k == 0:  # the fold and the maps take float maps only: one frame type

@@ -8,7 +8,7 @@ import pytest
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import dark_estimate as de
-from streamstore.counting._dark_kernels import BATCH, frame_tuple
+from streamstore.counting._dark_kernels import BATCH, as_read, frame_tuple
 from streamstore.counting.accuracy import score_batch
 from streamstore.counting.dark_estimate import DarkEstimator
 
@@ -180,7 +180,11 @@ def test_kernels_equal_their_numpy_definitions(wrapped):
         ref = _sums(shape, np.random.default_rng(1))
         got = _sums(shape, np.random.default_rng(1))
         de.accumulate_numpy(frame, centre, *ref, edges, radius)
-        args = (frame_tuple([frame]), 1, centre, *got, *(np.float32(e) for e in edges), radius)
+        # the kernel reads unsigned bits: signed values through the sign bit
+        bits, flip, wrap = as_read(frame, False)
+        assert bits.dtype.kind == "u" and flip == (1 << 15 if wrapped else 0)
+        args = (frame_tuple([bits]), 1, wrap, centre, *got)
+        args += (*(np.float32(e) for e in edges), radius)
         de._run_rows(de._accumulate_rows, shape[0], *args, shape[0] + radius)
         for a, b in zip(ref, got, strict=True):
             np.testing.assert_array_equal(a, b)
@@ -198,7 +202,8 @@ def test_kernels_equal_their_numpy_definitions(wrapped):
                 de.accumulate_numpy(f, centre, *ref, edges, radius)
             for band in (1, 3, 40):
                 got = _sums(shape, np.random.default_rng(2))
-                args = (frame_tuple(batch[:k]), k, centre, *got)
+                read = [as_read(f, False) for f in batch[:k]]
+                args = (frame_tuple([r[0] for r in read]), k, read[0][2], centre, *got)
                 args += (*(np.float32(e) for e in edges), radius, band)
                 de._run_rows(de._accumulate_rows, shape[0], *args)
                 for a, b in zip(ref, got, strict=True):
@@ -241,7 +246,7 @@ def test_start_median_equals_numpy():
     for k in (2, 7, 8):
         frames = rng.integers(0, 1000, (k, 33, 41)).astype(np.uint16)
         out = np.empty((33, 41), np.float32)
-        de._run_rows(de._median_rows, 33, frames, out)
+        de._run_rows(de._median_rows, 33, *as_read(frames, False), out)
         np.testing.assert_array_equal(out, np.median(frames, axis=0).astype(np.float32))
 
 

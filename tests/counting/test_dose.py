@@ -300,6 +300,26 @@ def test_charge_kernels_match_their_references():
             assert q.size <= limit
         n_windows += q.size
     assert n_windows > 10  # the check can fail: isolated events were found
+    # wrapped (signed) frames: the kernels read their unsigned bits, less 2**16 at and
+    # above the sign bit; values below zero, a saturated pixel, same sums as numpy's
+    pedestal = 100.0
+    signed = (frames.astype(np.int32) - int(pedestal)).astype(np.int16)
+    signed[0, 7, 9] = np.iinfo(np.int16).max
+    assert (signed < 0).any()
+    cal_w = Calibration(cal.dark - pedestal, cal.noise, mask=mask, gain=gain,
+                        xray_threshold=1000.0, wrapped=True)  # fmt: skip
+    maps_w = D._signal_maps(cal_w, np.uint16)
+    assert maps_w[-1] == np.iinfo(np.int16).max
+    for i in range(3):
+        ref = D.tile_charge_reference(signed[i], *maps_w, 8, flags)
+        np.testing.assert_array_equal(D.tile_charge(signed[i], *maps_w, 8, flags), ref)
+        if i:  # the same charges as the unsigned frames' (frame 0 has a saturated pixel)
+            np.testing.assert_array_equal(ref, D.tile_charge_reference(frames[i], *maps, 8, flags))
+        idx = batch.indices[batch.offsets[i] : batch.offsets[i + 1]]
+        q_ref, t_ref = D.window_charge_reference(signed[i], *maps_w, idx, allowed, 8, 1000)
+        q, t = D.window_charge(signed[i], *maps_w, idx, allowed, 8, 1000)
+        np.testing.assert_array_equal(q, q_ref)
+        np.testing.assert_array_equal(t, t_ref)
     # an X-ray hit adds no charge: a saturated pixel in a flagged tile changes nothing
     hot = frames[0].copy()
     r, c = np.argwhere(np.kron(flags, np.ones((8, 8), bool))[:45, :61])[5]
