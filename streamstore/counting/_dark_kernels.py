@@ -265,8 +265,8 @@ def _accumulate_rows(
     for r in range(max(r0, q1 - radius), r1):
         for f in range(k):
             _sum_row(
-                frames[f], wrap, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last[f],
-                vert, near, r,
+                frames[f], wrap, centre, s1, s2, n, above, below, low, lo, hi, sink, radius,
+                last[f], vert, near, r,
             )  # fmt: skip
 
 
@@ -352,8 +352,9 @@ def _fold_rows(
 def _rank_row(frames, flip, r, vals, rank):  # pragma: no cover - compiled
     """Row ``r`` of each of ``frames (k, H, W)``, its bits ``^ flip``, into ``vals (k, W)``
     (its type) and each value's place among the pixel's ``k`` sorted values into
-    ``rank (k, W)``: a permutation per pixel, equal values in frame order. Comparisons over whole rows,
-    branch-free: they vectorise, where a sort per pixel branches on every value."""
+    ``rank (k, W)``: a permutation per pixel, equal values in frame order. Comparisons
+    over whole rows, branch-free: they vectorise, where a sort per pixel branches on
+    every value."""
     k = frames.shape[0]
     w = frames.shape[2]
     for i in range(k):
