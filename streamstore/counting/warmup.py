@@ -282,7 +282,7 @@ def warm_kernels(
     gain: bool = True,
     progress: Callable[[int, int, dict[str, Any], int], None] | None = None,
     processes: int | None = None,
-    estimator_in_background: bool = False,
+    estimator: str = "now",
 ) -> dict[str, Any]:
     """Compile or load every counting kernel variant and the event encoder.
 
@@ -306,12 +306,14 @@ def warm_kernels(
     processes : int, optional
         Compile workers for an empty cache; default: ``$STREAMSTORE_COMPILE_PROCESSES``
         or else the CPUs this process may use. 1 compiles everything in this process.
-    estimator_in_background : bool, default False
-        Where the data-only dark estimator's kernels are all in numba's cache,
-        load them in a background thread and return without waiting (the
-        estimator first runs once a series has brought its first frames; a
-        load, about 0.2 s, is never a compile). Where any is missing it is
-        compiled here, before returning, like the rest.
+    estimator : {"now", "background", "on_use"}, default "now"
+        When to load the data-only dark estimator's kernels where all are in
+        numba's cache: here, in a background thread (returning without waiting),
+        or at its first use (a daemon given a calibration estimates only for a
+        series of another frame shape). The estimator first runs once a series
+        has brought its first frames, and a load (about 0.2 s) is never a
+        compile. Where any is missing it is compiled here, before returning,
+        like the rest.
 
     Returns
     -------
@@ -346,12 +348,14 @@ def warm_kernels(
             if cold():
                 # the longest jobs first: the estimator, the counting variants, the encoder
                 _compile_in_workers([n - 1, *range(n - 2), n - 2], gain, workers, done)
-    later = estimator_in_background and _estimator_cached()
+    if estimator not in ("now", "background", "on_use"):
+        raise ValueError(f"estimator must be 'now', 'background' or 'on_use', got {estimator!r}")
+    later = estimator != "now" and _estimator_cached()
     for i in range(n - 1 if later else n):  # loads what the workers compiled (or compiles)
         if progress is not None:
             progress(i, n, names[i], compiled)
         compiled += _warm_variant(i, gain)
-    if later:
+    if later and estimator == "background":
         threading.Thread(
             target=_warm_variant, args=(n - 1, gain), name="warm-estimator", daemon=True
         ).start()

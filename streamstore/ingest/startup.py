@@ -37,6 +37,8 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
     from streamstore.counting.warmup import warm_kernels
 
     gain = calibration is not None and calibration.gain is not None
+    # with a calibration the estimator runs only for a series of another frame shape
+    estimator = "background" if calibration is None else "on_use"
     done = threading.Event()
     result: dict[str, Any] = {}
     t0 = time.monotonic()
@@ -58,7 +60,7 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
 
     def work() -> None:
         try:
-            result.update(warm_kernels(gain=gain, progress=progress, estimator_in_background=True))
+            result.update(warm_kernels(gain=gain, progress=progress, estimator=estimator))
         except BaseException as exc:  # raised again by the calling thread
             result["error"] = exc
         finally:
