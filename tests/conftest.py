@@ -112,15 +112,17 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: _module_rank(Path(str(item.fspath)), seen))
 
 
-#: Compiles the resolve rule's kernel for the frame types the tests count with it
-#: (no daemon warms it: only the counting tests and the accuracy benchmark use it).
+#: Compiles the resolve rule's kernel (one overload: 8-bit and wrapped frames go
+#: through the 16-bit one); no daemon warms it: only the counting tests and the
+#: accuracy benchmark use it.
 _WARM_RESOLVE = """
 import numpy as np
 from streamstore import Calibration
 from streamstore.counting import Counter
-for dt in (np.uint16, np.uint8):
-    cal = Calibration(np.full((8, 70), 10.0), np.ones((8, 70)))
-    Counter(cal, dt, method="resolve", dose=False, electron_charge=20.0)(np.zeros((1, 8, 70), dt))
+cal = Calibration(np.full((8, 70), 10.0), np.ones((8, 70)))
+Counter(cal, np.uint16, method="resolve", dose=False, electron_charge=20.0)(
+    np.zeros((1, 8, 70), np.uint16)
+)
 """
 
 

@@ -314,17 +314,27 @@ def count_resolve_frames(
     :func:`~streamstore.counting._resolve_reference.count_resolve_reference` plus
     ``threads`` (None: numba's thread count). Returns ``(offsets, indices, subpixel)``.
     Signed (wrapped) frames are counted as unsigned ones, frame by frame, and may come
-    with the unsigned maps :func:`~streamstore.counting._maps.as_unsigned` makes."""
+    with the unsigned maps :func:`~streamstore.counting._maps.as_unsigned` makes.
+    8-bit frames are counted by the 16-bit kernel, frame by frame, with their maps
+    widened and 255 still the saturated value: the kernel only compares values and
+    subtracts them in 64 bits, so the events are the same, and one compiled kernel
+    serves both widths."""
     global _pool
     n = frames.shape[0]
     wrapped = frames.dtype.kind == "i"  # no kernel variant of their own
     lo, lo_c, dark = as_unsigned(lo), as_unsigned(lo_c), as_unsigned(dark)
     top = lo.dtype.type(np.iinfo(lo.dtype).max)
+    widen = lo.dtype.itemsize == 1
+    if widen:
+        top = np.uint16(top)
+        lo, lo_c, dark = (a.astype(np.uint16) for a in (lo, lo_c, dark))
     g = np.ones((1, 1), np.uint16) if gain is None else gain
     level = np.int64(min(int(xray_level), 2**62))
 
     def one(i: int) -> tuple[np.ndarray, np.ndarray]:
         frame = as_unsigned(frames[i]) if wrapped else frames[i]
+        if widen:
+            frame = frame.astype(np.uint16)
         return _resolve_frame(
             frame, lo, lo_c, dark, g, gain is not None, qthr, level, np.int64(radius),
             bool(subpixel), np.int64(e_unit), np.int64(pair16), np.int64(any16),
