@@ -103,7 +103,14 @@ class Series:
 
 
 class Daemon:
-    """``python -m streamstore ingest`` in a subprocess, with its status on a SUB socket."""
+    """``streamstore ingest`` in its own process, with its status on a SUB socket.
+
+    By default the process is forked from a warm forkserver
+    (:mod:`tests._daemon_forkserver`: the command line run as ``python -m
+    streamstore`` runs it, without the interpreter's start-up each time); a fresh
+    ``python -m streamstore ingest`` where ``prefix`` wraps the command, ``env``
+    sets numba's variables, or ``fork=False``.
+    """
 
     def __init__(
         self,
@@ -117,6 +124,7 @@ class Daemon:
         prefix: tuple[str, ...] = (),
         log_path: Path | None = None,
         threads: int | None = 1,
+        fork: bool | None = None,
     ) -> None:
         import zmq
 
@@ -124,11 +132,7 @@ class Daemon:
         self.listen = listen or free_endpoint()
         self.status_endpoint = free_endpoint()
         self.log_path = log_path or self.out_dir.parent / f"ingest-{time.monotonic_ns()}.log"
-        cmd = [
-            *prefix,
-            sys.executable,
-            "-m",
-            "streamstore",
+        argv = [
             "ingest",
             "--out",
             str(self.out_dir),
@@ -139,13 +143,26 @@ class Daemon:
             *args,
         ]
         if calibration is not None:
-            cmd += ["--calibration", str(calibration)]
+            argv += ["--calibration", str(calibration)]
         full_env = dict(os.environ)
         full_env.update(env or {})
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=self._log, stdin=subprocess.DEVNULL, env=full_env
-        )
+        if fork is None:  # a fresh interpreter where the test wraps it or sets numba's env
+            fork = not prefix and not any(k.startswith("NUMBA_") for k in env or {})
+        self.proc: Any
+        if fork:  # streamstore.cli.main(argv) forked from a warm process
+            from tests._daemon_forkserver import fork_daemon
+
+            self.proc = fork_daemon(argv, full_env, str(self.log_path))
+        else:
+            cmd = [*prefix, sys.executable, "-m", "streamstore", *argv]
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.DEVNULL,
+                stderr=self._log,
+                stdin=subprocess.DEVNULL,
+                env=full_env,
+            )
         self.ctx = zmq.Context()
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)

@@ -50,8 +50,9 @@ COMPILE = textwrap.dedent(
     caching.IndexDataCacheFile._save_index = slow_write
     import kernel_mod
     t0 = float(sys.argv[1])
-    while time.time() < t0:  # every process starts compiling at the same moment
-        pass
+    # every process starts compiling at the same moment (to a millisecond or so: a
+    # sleep, where a busy wait burnt the CPU the other processes were importing on)
+    time.sleep(max(0.0, t0 - time.time()))
     for name in sys.argv[2:]:
         kernel_mod.step(np.full(4, 5, name))
     """
