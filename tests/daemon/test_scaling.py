@@ -3,8 +3,10 @@
 Real processes throughout: the camera is a plain pyzmq script (it imports
 nothing of streamstore) or ``streamstore emulate``; the broker is
 ``streamstore ingest --workers N`` or ``streamstore fanout``; the workers are
-real ingest daemons writing real HDF5 shards. Frames and the events they must
-give come from the ingest tests' harness (emulated 64 x 96 frames).
+real ingest daemons writing real HDF5 shards (ingest and fanout run their command
+line in processes forked from the tests' warm forkserver,
+:mod:`tests._daemon_forkserver`). Frames and the events they must give come from
+the ingest tests' harness (emulated 64 x 96 frames).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import streamstore
+from tests._daemon_forkserver import fork_daemon
 from tests._ingest_harness import Series, free_endpoint
 
 N_FRAMES = 48
@@ -74,29 +78,28 @@ def _camera(tmp: Path, series: Series, endpoint: str, plan, wait_file="-", pause
     )  # fmt: skip
 
 
-def _streamstore(log: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def _streamstore(log: Path, *args: str, env: dict[str, str] | None = None) -> Any:
+    """``streamstore <args>`` forked from the tests' warm forkserver
+    (:mod:`tests._daemon_forkserver`), its stderr in ``log``."""
     full_env = dict(os.environ)
     full_env.update(env or {})
-    with open(log, "wb") as fh:
-        return subprocess.Popen(
-            [sys.executable, "-m", "streamstore", *args],
-            stdout=subprocess.DEVNULL, stderr=fh, stdin=subprocess.DEVNULL, env=full_env,
-        )  # fmt: skip
+    log.write_bytes(b"")
+    return fork_daemon(list(args), full_env, str(log))
 
 
-def _ingest(log: Path, out: Path, *args: str, env=None) -> subprocess.Popen:
+def _ingest(log: Path, out: Path, *args: str, env=None) -> Any:
     return _streamstore(log, "ingest", "--out", str(out), "--threads", "1", *args, env=env)
 
 
 def _worker(tmp: Path, out: Path, series: Series, base: str, k: int, n: int, series_n: int,
-            env=None) -> subprocess.Popen:  # fmt: skip
+            env=None) -> Any:  # fmt: skip
     """Worker ``k`` of ``n``, started on its own as on another host."""
     return _ingest(tmp / f"w{k}.log", out, "--connect", base, "--worker-id", str(k),
                    "--workers", str(n), "--calibration", str(series.calibration_path),
                    "--exit-after-series", str(series_n), env=env)  # fmt: skip
 
 
-def _wait(proc: subprocess.Popen, log: Path | None = None, timeout_s: float = 120.0) -> int:
+def _wait(proc: Any, log: Path | None = None, timeout_s: float = 120.0) -> int:
     try:
         return proc.wait(timeout_s)
     except subprocess.TimeoutExpired:
