@@ -97,6 +97,7 @@ def frame_tuple(frames: list[np.ndarray]) -> tuple[np.ndarray, ...]:
     return tuple(views + [views[0]] * (BATCH - len(views)))
 
 
+# -- kernels ------------------------------------------------------------------------
 @numba.njit(inline="always", **_OPTS)
 def _sum_row(
     frame, wrap, centre, s1, s2, n, above, below, low, lo, hi, sink, radius, last, vert,

@@ -324,6 +324,8 @@ def warm_kernels(
     from streamstore._numba_cache import cached_overloads, compiling_alone
     from streamstore.counting import _kernels as k
 
+    if estimator not in ("now", "background", "on_use"):
+        raise ValueError(f"estimator must be 'now', 'background' or 'on_use', got {estimator!r}")
     t0 = time.perf_counter()
     variants = kernel_variants(gain)
     n = len(variants) + 2
@@ -348,8 +350,6 @@ def warm_kernels(
             if cold():
                 # the longest jobs first: the estimator, the counting variants, the encoder
                 _compile_in_workers([n - 1, *range(n - 2), n - 2], gain, workers, done)
-    if estimator not in ("now", "background", "on_use"):
-        raise ValueError(f"estimator must be 'now', 'background' or 'on_use', got {estimator!r}")
     later = estimator != "now" and _estimator_cached()
     for i in range(n - 1 if later else n):  # loads what the workers compiled (or compiles)
         if progress is not None:
