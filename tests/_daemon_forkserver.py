@@ -32,11 +32,14 @@ _ctx: Any = None
 _lock = threading.Lock()
 
 
-def _run(argv: list[str], env: dict[str, str], log_path: str) -> None:
-    """The forked daemon: the test's environment, stdin and stdout on /dev/null,
-    stderr into the log; then what ``python -m streamstore`` runs."""
+def _run(argv: list[str], env: dict[str, str], log_path: str, cwd: str, umask: int) -> None:
+    """The forked daemon: the test's environment, working directory and umask (a
+    subprocess would inherit them), stdin and stdout on /dev/null, stderr into the
+    log; then what ``python -m streamstore`` runs."""
     os.environ.clear()
     os.environ.update(env)
+    os.chdir(cwd)
+    os.umask(umask)
     null = os.open(os.devnull, os.O_RDWR)
     log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     sys.stdout.flush()
@@ -94,6 +97,9 @@ def fork_daemon(argv: list[str], env: dict[str, str], log_path: str) -> ForkedDa
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["tests._daemon_preload"])
             _ctx = ctx
-    proc = _ctx.Process(target=_run, args=(argv, env, log_path), name="streamstore-ingest")
+    umask = os.umask(0o022)  # read it: only setting it returns it
+    os.umask(umask)
+    args = (argv, env, log_path, os.getcwd(), umask)
+    proc = _ctx.Process(target=_run, args=args, name="streamstore-ingest")
     proc.start()
     return ForkedDaemon(proc)
