@@ -11,14 +11,13 @@ events, or events of a half-written chunk) would show as a mismatch.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from streamstore.link import protocol
+from tests._daemon_forkserver import fork_python
 from tests._ingest_harness import Series
 
 N_READERS = 8
@@ -99,11 +98,10 @@ def test_eight_readers_see_only_whole_frames_while_the_daemon_writes(
     out.mkdir()
     stop = tmp_path / "stop"
     path = out / "live.h5"
+    # processes of their own, forked warm (tests/_daemon_forkserver.py)
     readers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _READER, str(path), str(truth), str(seed), str(stop)],
-            stdout=subprocess.PIPE,
-            text=True,
+        fork_python(
+            _READER, [str(path), str(truth), str(seed), str(stop)], tmp_path / f"reader{seed}.out"
         )
         for seed in range(N_READERS)
     ]

@@ -11,8 +11,6 @@ it cannot be mounted).
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 
 import streamstore
 from streamstore.ingest.items import WRITE_DELAY_ENV
+from tests._daemon_forkserver import fork_python
 from tests._ingest_harness import Series, h5_files, send_series
 
 
@@ -70,11 +69,9 @@ def test_a_reader_polling_the_folder_never_makes_a_series_fail(
     out.mkdir()
     stop = tmp_path / "stop"
     n_series, n_frames = 200, 1
+    # processes of their own, forked warm (tests/_daemon_forkserver.py)
     pollers = [
-        subprocess.Popen(
-            [sys.executable, "-c", _POLLER, str(out), str(stop)], stdout=subprocess.PIPE, text=True
-        )
-        for _ in range(3)
+        fork_python(_POLLER, [str(out), str(stop)], tmp_path / f"poller{k}.out") for k in range(3)
     ]
     try:
         d = start_daemon(out, calibration=series.calibration_path)
