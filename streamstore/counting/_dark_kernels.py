@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from streamstore._numba_cache import serialize_saves
+from streamstore.counting._maps import unsigned_bits
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 
@@ -59,22 +60,14 @@ def band_rows(width: int) -> int:
 def as_read(frames: np.ndarray, signed: bool) -> tuple[np.ndarray, int, np.float32]:
     """``frames`` as the per-frame kernels read them: ``(bits, flip, wrap)``.
 
-    The kernels take unsigned frames only (one compiled overload per width). Where
-    the values are signed (a signed type, or unsigned frames that wrapped below
-    zero, ``signed``), ``bits`` is the unsigned view, ``flip`` its sign bit and
-    ``wrap`` ``2**bits``: the signed value is ``bits - wrap`` at and above the sign
-    bit (:func:`_value`), and ``bits ^ flip`` orders as the signed values do. Both
-    are exact, so the kernels give what a signed overload would, bit for bit.
-    Unsigned values: ``flip`` and ``wrap`` are 0.
+    The kernels take unsigned frames only (one compiled overload per width):
+    ``bits`` and ``flip`` are :func:`~streamstore.counting._maps.unsigned_bits`'
+    view and sign bit (0 for unsigned values), ``wrap`` twice the sign bit, in
+    float32: the value is ``bits - wrap`` at and above the sign bit
+    (:func:`_value`), and ``bits ^ flip`` orders as the values do.
     """
-    a = np.asarray(frames)
-    if a.dtype.kind == "i":
-        a = a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
-        signed = True
-    if not signed:
-        return a, 0, np.float32(0.0)
-    bits = 8 * a.dtype.itemsize
-    return a, 1 << (bits - 1), np.float32(2.0**bits)
+    bits, flip = unsigned_bits(np.asarray(frames), signed)
+    return bits, flip, np.float32(2 * flip)
 
 
 @numba.njit(inline="always", **_OPTS)

@@ -21,6 +21,7 @@ __all__ = [
     "item_capacity",
     "kernel_maps",
     "row_type",
+    "unsigned_bits",
     "wide_rows_pay",
 ]
 
@@ -46,8 +47,24 @@ def as_unsigned(a: np.ndarray) -> np.ndarray:
     returned as it is."""
     if a.dtype.kind != "i":
         return a
-    u = np.dtype(f"u{a.itemsize}")
-    return np.ascontiguousarray(a).view(u) ^ u.type(1 << (8 * a.itemsize - 1))
+    bits, half = unsigned_bits(np.ascontiguousarray(a))
+    return bits ^ bits.dtype.type(half)
+
+
+def unsigned_bits(a: np.ndarray, signed: bool = False) -> tuple[np.ndarray, int]:
+    """``a`` as kernels compiled for unsigned frames only read it: ``(bits, half)``.
+
+    ``bits`` is ``a``, or its unsigned view where its type is signed. ``half`` is
+    the sign bit, ``2**(bits - 1)``, where the values are signed (a signed type,
+    or ``signed``: unsigned frames whose values wrapped below zero), else 0. The
+    value is then ``bits - 2 half`` at and above ``half`` and ``bits`` below it,
+    and ``bits ^ half`` orders as the values do (:func:`as_unsigned` is that flip,
+    made): exact, so a kernel reading ``bits`` gives what a signed overload would.
+    """
+    if a.dtype.kind == "i":
+        a = a.view(np.dtype(f"u{a.itemsize}"))
+        signed = True
+    return a, (1 << (8 * a.itemsize - 1)) if signed else 0
 
 
 def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

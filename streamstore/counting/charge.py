@@ -12,6 +12,7 @@ import numpy as np
 from numba import njit
 
 from streamstore._numba_cache import serialize_saves
+from streamstore.counting._maps import unsigned_bits
 
 __all__ = [
     "CHARGE_LAM",
@@ -127,19 +128,11 @@ def _coarse_dark(d):  # pragma: no cover - numba
 
 @njit(nogil=True, cache=True, inline="always")
 def _raw_value(u, wrap):  # pragma: no cover - numba
-    """The value of frame bits ``u`` (:func:`_unsigned_bits`): less ``wrap`` at and
-    above the sign bit where the frame is signed."""
+    """The value of frame bits ``u`` (:func:`~streamstore.counting._maps.unsigned_bits`):
+    less ``wrap``, twice the sign bit, at and above the sign bit where the frame is
+    signed (``wrap`` 0 where it is not)."""
     v = np.int64(u)
     return v - wrap if v >= wrap >> 1 else v
-
-
-def _unsigned_bits(raw: np.ndarray) -> tuple[np.ndarray, int]:
-    """``raw`` as the kernels take it, ``(bits, wrap)``: the unsigned view of a signed
-    frame (a wrapped one) and ``2**bits``, or ``(raw, 0)``. One compiled overload per
-    width, not per signedness."""
-    if raw.dtype.kind != "i":
-        return raw, 0
-    return raw.view(np.dtype(f"uint{8 * raw.dtype.itemsize}")), 1 << (8 * raw.dtype.itemsize)
 
 
 @njit(nogil=True, cache=True)
@@ -175,7 +168,8 @@ def tile_charge(raw, dark16, gain, good, xray_level, tmax, tile, flags) -> np.nd
     out = np.zeros(flags.shape, np.int64)
     if flags.any():
         args = (int(xray_level), int(tmax), int(tile), flags, out)
-        _tile_charge_kernel(*_unsigned_bits(raw), dark16, gain, good, *args)
+        bits, half = unsigned_bits(raw)  # one overload per width, not per signedness
+        _tile_charge_kernel(bits, 2 * half, dark16, gain, good, *args)
     return out
 
 
@@ -293,7 +287,8 @@ def window_charge(raw, dark16, gain, good, xray_level, tmax, indices, allowed, t
     if limit == 0 or indices.size == 0:
         return q[:0], t[:0]
     args = (int(xray_level), int(tmax), np.ascontiguousarray(indices), allowed, int(tile))
-    n = _window_charge_kernel(*_unsigned_bits(raw), dark16, gain, good, *args, limit, q, t)
+    bits, half = unsigned_bits(raw)
+    n = _window_charge_kernel(bits, 2 * half, dark16, gain, good, *args, limit, q, t)
     return q[:n], t[:n]
 
 
