@@ -29,7 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ForkedDaemon", "fork_daemon", "fork_python"]
+__all__ = ["ForkedProcess", "fork_daemon", "fork_python"]
 
 _ctx: Any = None
 _lock = threading.Lock()
@@ -67,8 +67,8 @@ def _run_code(code: str, argv: list[str], env: dict[str, str], cwd: str, umask: 
     exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
 
 
-class ForkedDaemon:
-    """The :class:`subprocess.Popen` calls the harness makes, on a forked daemon."""
+class ForkedProcess:
+    """The :class:`subprocess.Popen` calls the tests make, on a forked process."""
 
     def __init__(self, proc: Any, out: str | None = None) -> None:
         self._proc = proc
@@ -90,7 +90,7 @@ class ForkedDaemon:
 
         self._proc.join(timeout)
         if self._proc.exitcode is None:
-            raise subprocess.TimeoutExpired("forked streamstore ingest", timeout or 0.0)
+            raise subprocess.TimeoutExpired("forked process", timeout or 0.0)
         return int(self._proc.exitcode)
 
     def send_signal(self, sig: int) -> None:
@@ -126,15 +126,15 @@ def _umask() -> int:
     return umask
 
 
-def fork_daemon(argv: list[str], env: dict[str, str], log_path: str) -> ForkedDaemon:
+def fork_daemon(argv: list[str], env: dict[str, str], log_path: str) -> ForkedProcess:
     """``streamstore <argv>`` forked from the warm forkserver (started at the first call)."""
     args = (argv, env, log_path, os.getcwd(), _umask())
     proc = _context().Process(target=_run, args=args, name="streamstore-ingest")
     proc.start()
-    return ForkedDaemon(proc)
+    return ForkedProcess(proc)
 
 
-def fork_python(code: str, argv: list[str], out_path: Path) -> ForkedDaemon:
+def fork_python(code: str, argv: list[str], out_path: Path) -> ForkedProcess:
     """``python -c code *argv`` forked from the warm forkserver, in this process's
     environment; its stdout goes to ``out_path`` (``communicate`` reads it): the
     reader processes of the reliability tests, which import streamstore, h5py and
@@ -143,4 +143,4 @@ def fork_python(code: str, argv: list[str], out_path: Path) -> ForkedDaemon:
     args = (code, argv, dict(os.environ), os.getcwd(), _umask(), str(out_path))
     proc = _context().Process(target=_run_code, args=args, name="python-c")
     proc.start()
-    return ForkedDaemon(proc, str(out_path))
+    return ForkedProcess(proc, str(out_path))
