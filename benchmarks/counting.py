@@ -27,6 +27,11 @@ Measures, on the same emulator frame (seeded):
   caches emptied before every timed call, as for a stream of new frames. The
   warm figures let the 32 MB L3 keep part of the previous identical pass, and
   how much depends on what ran just before;
+- frames the camera dark-subtracted (``dark_subtracted`` in the JSON): the same
+  frame less its dark, negatives clipped to 0 or wrapped (signed), counted with
+  one dark level and noise for every pixel, where the kernel streams only the
+  frame (``Counter(dose=False)``), against the same calibration through
+  per-pixel maps and against a plain read of the frame alone, 1 and 2 threads;
 - the C twin in ``native_ref`` (single-threaded; numba / native ratio);
 - stempy's ``electron_count_frame`` when stempy is installed (speed ratio);
 - recall and precision of streamstore and stempy against the emulator's truth
@@ -247,6 +252,8 @@ def run(
         [lambda: np.copyto(dst, frame), lambda: c1(frame), lambda: c2(frame)], repeats
     )
 
+    res["dark_subtracted"] = _dark_subtracted(frame, cal, reader, repeats, log)
+
     native = Counter(cal, np.uint16, implementation="native")
     t_nat = best_time(lambda: native(frame), repeats)
     same_native = native(frame) == batch
@@ -375,6 +382,76 @@ def run(
         else:
             res["stempy"] = _stempy(si, frame, cal, truth, t1, max(1, min(repeats, 3)), log)
     return res
+
+
+def _dark_subtracted(frame, cal, reader, repeats, log) -> dict[str, Any]:
+    """Frames the camera dark-subtracted: counted streaming only the frame (one dark
+    level and threshold for every pixel), against per-pixel maps of the same
+    calibration and a plain read of the frame, 1 and 2 threads, ``dose=False``."""
+    from streamstore.counting._launch import count_frames
+    from streamstore.counting._maps import as_unsigned
+
+    sub = frame.astype(np.int32) - np.rint(cal.dark).astype(np.int32)
+    noise = float(np.median(cal.noise))
+    out: dict[str, Any] = {}
+    for kind in ("clipped", "wrapped"):
+        if kind == "clipped":
+            raw = np.clip(sub, 0, 65535).astype(np.uint16)
+        else:
+            raw = sub.astype(np.int16).view(np.uint16)
+        one_cal = Calibration(
+            np.zeros(frame.shape, np.float32), np.full(frame.shape, noise, np.float32),
+            mask=cal.mask, xray_threshold=XRAY_THRESHOLD, wrapped=kind == "wrapped",
+        )  # fmt: skip
+        counters = [Counter(one_cal, np.uint16, threads=t, dose=False) for t in (1, 2)]
+        batch = counters[0](raw)
+        assert len(counters[0]._maps) == 7, "not counted reading the frame only"
+        lo, dark, _, level = one_cal.threshold_maps(np.uint16)
+        lo, dark = as_unsigned(lo), as_unsigned(dark)
+        per_pixel = counters[0]._maps[:3]  # the same calibration's per-pixel maps
+        kframe = as_unsigned(raw.view(np.int16)) if kind == "wrapped" else raw
+
+        def maps_call(threads, kframe=kframe, lo=lo, dark=dark, level=level, maps=per_pixel):
+            return count_frames(kframe[None], lo, dark, None, level, 1, False, threads, maps)
+
+        same = all(
+            np.array_equal(a, b)
+            for a, b in zip(maps_call(2)[:2], (batch.offsets, batch.indices), strict=True)
+        )
+        none = np.zeros((frame.shape[0], 0), np.uint8)
+        streams = [raw.view(np.uint8), none, none]
+        dst = np.empty_like(raw)
+        t_copy, o1, o2, m1, m2, r1, r2 = best_times(
+            [
+                lambda raw=raw, dst=dst: np.copyto(dst, raw),
+                lambda c=counters[0], raw=raw: c(raw),
+                lambda c=counters[1], raw=raw: c(raw),
+                lambda f=maps_call: f(1),
+                lambda f=maps_call: f(2),
+                _with_threads(reader, streams, 1),
+                _with_threads(reader, streams, 2),
+            ],
+            repeats,
+        )
+        out[kind] = {
+            "copy_s": t_copy,
+            "frame_only_1thread_s": o1,
+            "frame_only_2threads_s": o2,
+            "per_pixel_maps_1thread_s": m1,
+            "per_pixel_maps_2threads_s": m2,
+            "read_frame_1thread_s": r1,
+            "read_frame_2threads_s": r2,
+            "ratio_1thread_to_copy": o1 / t_copy,
+            "ratio_2threads_to_read": o2 / r2,
+            "n_events": batch.n_events,
+            "identical_to_per_pixel_maps": bool(same),
+        }
+        log(
+            f"dark-subtracted ({kind}): frame only {o1 * 1e3:.2f} / {o2 * 1e3:.2f} ms on 1 / 2 "
+            f"threads ({o1 / t_copy:.2f} x copy, {o2 / r2:.2f} x the 2-thread read of the "
+            f"frame), per-pixel maps {m1 * 1e3:.2f} / {m2 * 1e3:.2f} ms, identical: {same}"
+        )
+    return out
 
 
 def _stempy(si, frame, cal, truth, t1, repeats, log) -> dict[str, Any]:

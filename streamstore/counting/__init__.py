@@ -205,20 +205,31 @@ class Counter:
             offsets, indices, sub = self._count_resolve(arr)
         elif self.implementation == "numba":
             from streamstore.counting._launch import count_frames
-            from streamstore.counting._maps import as_unsigned, kernel_maps, wide_rows_pay
+            from streamstore.counting._maps import (
+                as_unsigned,
+                frame_only_maps,
+                kernel_maps,
+                wide_rows_pay,
+            )
 
             if self._maps is None:
                 key = ("kernel_maps", self.kernel_dtype.str)
                 if key not in self._derived:
                     # wrapped frames are counted as unsigned ones, with unsigned maps
                     lo, dark = as_unsigned(self._lo), as_unsigned(self._dark)
-                    self._derived[key] = (kernel_maps(lo, dark), lo, dark)
+                    maps = kernel_maps(lo, dark)
+                    # one dark level and threshold for every pixel (frames the camera
+                    # dark-subtracted): the kernel streams only the frame
+                    one = None if self._gain is not None else frame_only_maps(maps, lo.dtype)
+                    self._derived[key] = (maps if one is None else (*maps, *one), lo, dark)
                 self._maps, self._unsigned_lo, self._unsigned_dark = self._derived[key]
             if self._wide_rows is None:  # a speed choice only: the events are the same
                 key = ("wide_rows", self.kernel_dtype.str)
                 if key not in self._derived:
                     self._derived[key] = wide_rows_pay(arr[0], self._lo, self._dark)
                 self._wide_rows = self._derived[key]
+                if self._wide_rows:  # one-value maps come with byte rows only (no
+                    self._maps = self._maps[:3]  # variant of their own for 16-bit rows)
             offsets, indices, sub = count_frames(
                 arr,
                 self._unsigned_lo,

@@ -31,7 +31,13 @@ wherever there is no candidate) and of their horizontal 3-maxima. For each row
 
 The kernel streams the maps of :func:`._maps.kernel_maps`: in practice a one-byte
 dark over a per-row base and a one-byte threshold above dark, 4 bytes per
-pixel with the frame. Signal rows are bytes, ``min(signal, 255)``, for unsigned
+pixel with the frame. Where every unmasked pixel shares one dark level and one
+threshold (frames the camera dark-subtracted), the vector pass reads those as
+single values instead (``vdmap``, ``vtmap``: :func:`._maps.frame_only_maps`)
+and streams only the frame; the masked pixels are then listed per row
+(``mptr``, ``mcols``) and made SKIP after the pass, and the scalar paths, which
+read a few pixels around each event, keep the per-pixel maps, so the events
+are those of the per-pixel maps bit for bit. Signal rows are bytes, ``min(signal, 255)``, for unsigned
 frames without a gain map and with a one-byte dark map or 8-bit frames (see
 :func:`._maps.row_type`), else exact int32:
 ``|raw - dark| <= 65535`` and the relative gain is at most 32767, so
@@ -75,7 +81,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/counting/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "7603dbd049990aa7"
+SIMD_SOURCE_SHA = "f2d084165f0b71e2"
 
 
 @njit(inline="always", **_OPTS)
@@ -354,8 +360,15 @@ def _count_items(
     ucap,
     out_und,
     out_nu,
+    vdmap,
+    vtmap,
+    mptr,
+    mcols,
 ):
     # Items item0 .. item1 - 1 of the call (count_frames gives each thread a range).
+    # The vector pass reads vdmap and vtmap: dmap and tmap themselves, or one value
+    # each whose masked pixels are row r's columns mcols[mptr[r]:mptr[r + 1]]
+    # (frames the camera dark-subtracted; none listed with per-pixel maps).
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     nfull = w // LANES
@@ -394,11 +407,13 @@ def _count_items(
             if rr < h:
                 row = frame[rr]
                 if has_gain:
-                    xr = signal_row_gain(row, dmap[rr], tmap[rr], gain[rr], srow, nfull,
+                    xr = signal_row_gain(row, vdmap[rr], vtmap[rr], gain[rr], srow, nfull,
                                          dbase[rr], xray_level)  # fmt: skip
                 else:
-                    xr = signal_row(row, dmap[rr], tmap[rr], gain[0], srow, nfull, dbase[rr],
+                    xr = signal_row(row, vdmap[rr], vtmap[rr], gain[0], srow, nfull, dbase[rr],
                                     xray_level)  # fmt: skip
+                for j in range(mptr[rr], mptr[rr + 1]):  # one-value maps' masked pixels
+                    srow[mcols[j] + 1] = skip  # (the tail's are set again below)
                 for c in range(nfull * LANES, w):  # the row's tail, one pixel at a time
                     if _candidate(frame, m, rr, c):
                         s = _signal64(frame, m, rr, c)
@@ -424,7 +439,7 @@ def _count_items(
             n_pf = nfull if rr + 1 < h else 0
             k_row = k
             k, flags = test_row(hmx[up], mid, srow, hmx[slot], eqw, satw, summary, n_blocks,
-                                frame[nxt], dmap[nxt], tmap[nxt], n_pf, out_idx, obase + k,
+                                frame[nxt], vdmap[nxt], vtmap[nxt], n_pf, out_idx, obase + k,
                                 np.uint32(r * w))  # fmt: skip
             k -= obase
             if xrow[ms]:  # X-ray hits in row r (rare): record their positions

@@ -44,7 +44,7 @@ def count_frames(
     radius: int,
     subpixel: bool,
     threads: int | None = None,
-    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    maps: tuple[np.ndarray, ...] | None = None,
     wide_rows: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``;
@@ -53,8 +53,10 @@ def count_frames(
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     ``threads``: threads for this call (None: numba's thread count,
     ``NUMBA_NUM_THREADS``, all cores by default); ``maps`` is :func:`kernel_maps`
-    of ``lo`` and ``dark`` (computed when None); ``wide_rows``: 16-bit instead of
-    byte rows where that applies (:func:`row_type`; the same events either way).
+    of ``lo`` and ``dark`` (computed when None), or those followed by
+    :func:`~._maps.frame_only_maps` of them (the vector pass then streams only the
+    frame; the same events); ``wide_rows``: 16-bit instead of byte rows where that
+    applies (:func:`row_type`; the same events either way).
     """
     n, h, w = frames.shape
     if h * w > 0xFFFFFFFF:
@@ -74,7 +76,11 @@ def count_frames(
     out_nx = np.zeros(n_items, np.int64)
     out_nu = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
-    dmap, dbase, tmap = kernel_maps(lo, dark) if maps is None else maps
+    dmap, dbase, tmap, *frame_only = kernel_maps(lo, dark) if maps is None else maps
+    vdmap, vtmap, mptr, mcols = frame_only or (dmap, tmap, *_no_mask(h))
+    for v in (vdmap, vtmap):  # the kernel reads a map not C-contiguous as one value
+        if not (v.flags.c_contiguous or (v.ndim == 2 and v.strides == (0, 0))):
+            raise ValueError("kernel maps must be C-contiguous or one value (zero strides)")
     level = min(int(xray_level), 2**62)
     rtype, clamp = row_type(frames.dtype, dmap.dtype, gain is not None, wide_rows)
     proto = np.array([np.iinfo(rtype).min], rtype)  # the rows' type and SKIP value
@@ -87,7 +93,7 @@ def count_frames(
         args = (
             frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
             np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
-            out_xray, out_nx, ucap, out_und, out_nu,
+            out_xray, out_nx, ucap, out_und, out_nu, vdmap, vtmap, mptr, mcols,
         )  # fmt: skip
         _run_items(args, n_items, threads)
         if int(out_nx.max(initial=0)) <= xcap and int(out_nu.max(initial=0)) <= ucap:
@@ -140,6 +146,12 @@ def _count_wrapped(frames, lo, dark, gain, xray_level, radius, subpixel, threads
     indices = np.concatenate([p[1] for p in parts])
     sub = np.concatenate([p[2] for p in parts]) if subpixel else None
     return offsets.astype(np.int64), indices, sub
+
+
+def _no_mask(h: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-row list of masked pixels ``(mptr, mcols)`` that lists none (per-pixel
+    maps hold their mask themselves)."""
+    return np.zeros(h + 1, np.int64), np.zeros(0, np.int64)
 
 
 _pool: ThreadPoolExecutor | None = None

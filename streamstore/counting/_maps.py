@@ -1,7 +1,10 @@
 """The maps the counting kernels stream, and the row type and variant a calibration leads to.
 
 :func:`kernel_maps` narrows a calibration's threshold and dark maps to the form
-the kernels of :mod:`._kernels` read; :func:`row_type` picks the signal-row type
+the kernels of :mod:`._kernels` read, :func:`frame_only_maps` to single values
+where every pixel shares one dark level and one threshold (frames the camera
+dark-subtracted: the kernel then streams only the frame); :func:`row_type`
+picks the signal-row type
 (:func:`wide_rows_pay` says when 16-bit rows beat bytes); :data:`VARIANTS`
 lists every combination, which :mod:`streamstore.counting.warmup` compiles.
 """
@@ -18,6 +21,7 @@ from streamstore.counting._simd import BYTE_TOP
 __all__ = [
     "VARIANTS",
     "as_unsigned",
+    "frame_only_maps",
     "item_capacity",
     "kernel_maps",
     "row_type",
@@ -30,7 +34,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: this file only: njit code here that inlined an intrinsic of _simd.py would run
 #: stale machine code after an edit there, unless this file changes too
 #: (tests/test_counting.py checks every module that imports _simd.py).
-SIMD_SOURCE_SHA = "7603dbd049990aa7"
+SIMD_SOURCE_SHA = "f2d084165f0b71e2"
 
 
 def item_capacity(w: int) -> int:
@@ -107,6 +111,47 @@ def kernel_maps(lo: np.ndarray, dark: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dark, zero, t.astype(f"u{lo.itemsize}")  # lo - dark fits the frame's width
 
 
+def frame_only_maps(
+    maps: tuple[np.ndarray, np.ndarray, np.ndarray], frame_dtype: np.dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """What the kernel's vector pass reads instead of :func:`kernel_maps`' ``maps``
+    where every unmasked pixel shares one dark level and one threshold:
+    ``(vdmap, vtmap, mptr, mcols)``, or None where they do not or the maps are
+    not the compact ones of 16-bit frames (the frames dark-subtracted cameras
+    send; 8-bit frames keep their maps, which spares the warm-up a variant).
+
+    ``vdmap`` and ``vtmap`` have the maps' shape and type but are one value each,
+    read-only with zero strides: the kernel broadcasts them and streams nothing
+    but the frame (:mod:`._simd`). The masked pixels are listed instead, row
+    ``r``'s columns ascending in ``mcols[mptr[r]:mptr[r + 1]]``; the kernel makes
+    them SKIP after the vector pass, and its scalar paths still read ``maps``, so
+    the events are those of ``maps`` bit for bit. One byte-row dark level per row
+    is kept in ``dbase`` as before: rows with no unmasked pixel are listed whole.
+    """
+    dmap, dbase, tmap = maps
+    fdt = np.dtype(frame_dtype)
+    if fdt != np.uint16 or dmap.dtype != np.uint8:  # compact: one-byte maps
+        return None
+    h, w = dmap.shape
+    masked = tmap == 255  # the compact maps' mark of a masked pixel
+    good = ~masked
+    rows = good.any(axis=1)
+    if not rows.any():
+        return None
+    first = np.argmax(good.ravel())
+    d0, t0 = dmap.flat[first], tmap.flat[first]
+    b0 = dbase[first // w]
+    if np.any(dmap[good] != d0) or np.any(tmap[good] != t0) or np.any(dbase[rows] != b0):
+        return None
+    r, c = np.nonzero(masked)  # row-major: each row's columns ascending
+    mptr = np.zeros(h + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=h), out=mptr[1:])
+    one = np.lib.stride_tricks.as_strided
+    vd = one(np.array([d0], np.uint8), (h, w), (0, 0), writeable=False)
+    vt = one(np.array([t0], np.uint8), (h, w), (0, 0), writeable=False)
+    return vd, vt, mptr, c.astype(np.int64)
+
+
 @njit(**_OPTS)
 def _compact_maps(lo, dark, top, dmap, tmap, base):
     """Fill the compact maps of :func:`kernel_maps`; False when they do not hold."""
@@ -161,10 +206,12 @@ def row_type(frame_dtype, dmap_dtype, has_gain: bool, wide_rows: bool = False) -
 #: Every kernel variant a calibration can lead to, as ``(frame dtype, dmap dtype,
 #: row dtype)`` (the threshold map's type follows the dark map's): what
 #: :mod:`streamstore.counting.warmup` compiles. ``gain`` marks the variants only
-#: a gain map leads to. Wrapped (signed) frames are counted as unsigned ones
-#: (:func:`as_unsigned`): no variant of their own.
+#: a gain map leads to, ``frame_only`` the one that reads one dark level and one
+#: threshold for every pixel (:func:`frame_only_maps`). Wrapped (signed) frames
+#: are counted as unsigned ones (:func:`as_unsigned`): no variant of their own.
 VARIANTS = (
     {"frames": "uint16", "dmap": "uint8", "rows": "uint8", "gain": False},
+    {"frames": "uint16", "dmap": "uint8", "rows": "uint8", "gain": False, "frame_only": True},
     {"frames": "uint16", "dmap": "uint8", "rows": "uint16", "gain": False},
     {"frames": "uint16", "dmap": "uint16", "rows": "int32", "gain": False},
     {"frames": "uint8", "dmap": "uint8", "rows": "uint8", "gain": False},

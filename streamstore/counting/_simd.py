@@ -26,6 +26,14 @@ competes.
 * :func:`xray_row`: the exact X-ray hits of a row, as words of bits (the rare
   path, when :func:`signal_row` says there may be one).
 
+The dark and threshold rows :func:`signal_row` streams may instead be one value
+for every pixel (frames the camera dark-subtracted,
+:func:`._maps.frame_only_maps`): a map whose numba layout is not C-contiguous
+is a read-only view of one value with zero strides, which the code broadcasts
+to every lane from its first element. Only the frame is then streamed, and
+:func:`test_row` prefetches only the frame's next row. The layout is part of the
+type, so these are variants of their own and the others' code is unchanged.
+
 Signals are computed in one of two ways, chosen by the types the kernel is
 compiled for:
 
@@ -106,6 +114,20 @@ def _load(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, lanes: int = LAN
 def _store(builder: ir.IRBuilder, data: ir.Value, idx: ir.Value, value: ir.Value) -> None:
     ptr = builder.bitcast(builder.gep(data, [idx]), value.type.as_pointer())
     builder.store(value, ptr, align=1)
+
+
+def _lanes(context, builder, aryty, ary):
+    """``(c0, lanes) -> vector``: a map row's elements from ``c0``, or, for a row of
+    one value (not C-contiguous: zero strides, see the module docstring), that
+    value in every lane, which reads no more memory."""
+    data = _data(context, builder, aryty, ary)
+    if aryty.layout == "C":
+        return lambda c0, lanes=LANES: _load(builder, data, c0, lanes)
+    # splat here, before the caller's loop: stores to the rows may alias the value
+    # for all LLVM knows, so it would not hoist a load made in the loop
+    value = builder.load(data)
+    splats = {n: _splat(builder, value, n) for n in (SIG_LANES, LANES)}
+    return lambda c0, lanes=LANES: splats[lanes]
 
 
 def _ext(builder: ir.IRBuilder, v: ir.Value, signed: bool, t: ir.IntType) -> ir.Value:
@@ -239,7 +261,8 @@ def _make_signal_row(gain: bool):
 
         def codegen(context, builder, signature, args):
             b = builder
-            f_, d_, t_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in range(5))
+            f_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in (0, 3, 4))
+            d_, t_ = (_lanes(context, b, signature.args[i], args[i]) for i in (1, 2))
             nfull, base, level = args[5:8]
             acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
             n = SIG_LANES
@@ -247,8 +270,8 @@ def _make_signal_row(gain: bool):
             with cgutils.for_range(b, steps) as loop:
                 c0 = _index(b, loop.index, lanes=n)
                 f = _load(b, f_, c0, n)
-                dk = _load(b, d_, c0, n)
-                t = _load(b, t_, c0, n)
+                dk = d_(c0, n)
+                t = t_(c0, n)
                 g = _load(b, g_, c0, n) if gain else None
                 out, xval = gen.emit(b, f, dk, t, g, base)
                 acc = gen.xray_update(b, [b.load(p) for p in acc_p], xval, f)
@@ -263,7 +286,7 @@ def _make_signal_row(gain: bool):
     signal_row.__doc__ = """Signals of the ``nfull`` full blocks of a row into ``srow``; any X-ray?
 
     ``drow`` is the dark row (or its one-byte form over ``base``), ``trow`` the
-    threshold row, ``grow`` the gain row (read by the gain variant only),
+    threshold row (either may be one value for every pixel), ``grow`` the gain row (read by the gain variant only),
     ``level`` the X-ray level. Returns False only when no full block holds an
     X-ray hit (True may be a saturated pixel that is not a candidate).
     """
@@ -333,9 +356,9 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
               types.intp, out, types.int64, types.uint32)  # fmt: skip
     rbits = mid.dtype.bitwidth
     signed = mid.dtype.signed
-    fstep = 64 // pf_f.dtype.bitwidth * 8
-    dstep = 64 // pf_d.dtype.bitwidth * 8
-    tstep = 64 // pf_t.dtype.bitwidth * 8
+    # the rows to prefetch: not a map row of one value (see the module docstring)
+    steps = [(i, 64 // a.dtype.bitwidth * 8) for i, a in ((8, pf_f), (9, pf_d), (10, pf_t))
+             if i == 8 or a.layout == "C"]  # fmt: skip
 
     def codegen(context, builder, signature, args):
         b = builder
@@ -343,7 +366,7 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
             _data(context, b, signature.args[i], args[i]) for i in range(7)
         )
         nblocks = args[7]
-        pf_f_, pf_d_, pf_t_ = (_data(context, b, signature.args[i], args[i]) for i in (8, 9, 10))
+        pf = [(_data(context, b, signature.args[i], args[i]), step) for i, step in steps]
         n_pf = args[11]
         out_ = _data(context, b, signature.args[12], args[12])
         k_p = cgutils.alloca_once_value(b, args[13])
@@ -361,12 +384,9 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
             c0 = _index(b, loop.index)
             with b.if_then(b.icmp_signed("<", loop.index, n_pf)):
                 # the next frame row's lines, so memory streams while this test computes
-                for kk in range(0, LANES, fstep):
-                    _prefetch(b, pf_f_, b.add(c0, ir.Constant(_I64, kk)))
-                for kk in range(0, LANES, dstep):
-                    _prefetch(b, pf_d_, b.add(c0, ir.Constant(_I64, kk)))
-                for kk in range(0, LANES, tstep):
-                    _prefetch(b, pf_t_, b.add(c0, ir.Constant(_I64, kk)))
+                for data, step in pf:
+                    for kk in range(0, LANES, step):
+                        _prefetch(b, data, b.add(c0, ir.Constant(_I64, kk)))
             c1 = b.add(c0, one)
             hd = _hmax(b, down_, c0, signed)
             _store(b, hdn_, c1, hd)

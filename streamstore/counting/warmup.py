@@ -5,7 +5,7 @@ from an empty cache (a fresh install, an upgrade) one counting variant takes
 tens of seconds. A daemon that met them one by one would stall inside its first
 series, so it calls :func:`warm_kernels` before it listens: the variants of
 :data:`~streamstore.counting._maps.VARIANTS` (frame type, dark-map form,
-row type) plus the event encoder and chunk checksum the writer runs, the dose
+row type, maps of one value) plus the event encoder and chunk checksum the writer runs, the dose
 correction's kernels (:mod:`streamstore.counting.dose`) and the
 data-only dark estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
 count, the gain flag and the X-ray level are run-time values: no variant each.
@@ -43,7 +43,7 @@ def kernel_variants(gain: bool = True) -> list[dict[str, Any]]:
 
 def _variant_args(v: dict[str, Any]) -> tuple[Any, ...]:
     """Tiny frames and maps of the types of variant ``v``: ``count_frames`` arguments."""
-    from streamstore.counting._maps import row_type
+    from streamstore.counting._maps import frame_only_maps, row_type
 
     h, w = 3, 70  # a full 64-pixel block and a scalar tail; the types are what matter
     fdt, ddt = np.dtype(v["frames"]), np.dtype(v["dmap"])
@@ -54,6 +54,8 @@ def _variant_args(v: dict[str, Any]) -> tuple[Any, ...]:
     compact = ddt.itemsize < fdt.itemsize
     tmap = np.ones((h, w), np.uint8 if compact else f"u{fdt.itemsize}")
     maps = (np.zeros((h, w), ddt), base, tmap)
+    if v.get("frame_only"):  # one dark level and threshold: the maps' one-value form
+        maps = (*maps, *frame_only_maps(maps, fdt))
     gain = np.ones((h, w), np.uint16) if v["gain"] else None
     wide = v["rows"] == "uint16"
     got = row_type(fdt, ddt, gain is not None, wide)[0]

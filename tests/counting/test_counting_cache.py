@@ -82,7 +82,7 @@ def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, 
                                                          wide_rows):  # fmt: skip
     """The daemon compiles the kernel variants of ``kernel_variants()`` before it
     listens: whatever the calibration, the Counter must pick one of them."""
-    from streamstore.counting._maps import as_unsigned, kernel_maps, row_type
+    from streamstore.counting._maps import as_unsigned, frame_only_maps, kernel_maps, row_type
     from streamstore.counting.warmup import kernel_variants
 
     h, w = 8, 70
@@ -101,15 +101,24 @@ def test_every_variant_a_calibration_reaches_is_warmed_up(dtype, wrapped, gain, 
     lo, dk = as_unsigned(lo), as_unsigned(dk)  # how the kernel counts wrapped frames
     kt = lo.dtype
     assert kt == np.dtype(dtype)
-    dmap, _, tmap = kernel_maps(lo, dk)
+    maps = kernel_maps(lo, dk)
+    dmap, _, tmap = maps
+    # as Counter picks: the one-value maps where they hold (no gain), byte rows then
+    frame_only = gk is None and frame_only_maps(maps, kt) is not None
+    assert frame_only == (not gain and not wide_dark and dtype == np.uint16)
+    wide_rows = wide_rows and not frame_only
     rows = np.dtype(row_type(kt, dmap.dtype, gk is not None, wide_rows)[0])
     assert tmap.dtype == (np.uint8 if dmap.itemsize < kt.itemsize else f"u{kt.itemsize}")
-    seen = {"frames": kt.name, "dmap": dmap.dtype.name, "rows": rows.name}
-    table = [{k: v[k] for k in ("frames", "dmap", "rows")} for v in kernel_variants(gain=True)]
-    assert seen in table
+    seen = {"frames": kt.name, "dmap": dmap.dtype.name, "rows": rows.name, "one": frame_only}
+
+    def table(gain):
+        keys = ("frames", "dmap", "rows")
+        return [{**{k: v[k] for k in keys}, "one": v.get("frame_only", False)}
+                for v in kernel_variants(gain)]  # fmt: skip
+
+    assert seen in table(True)
     if gk is None:  # dark series and estimates have no gain: warmed without a gain file
-        no_gain = [{k: v[k] for k in ("frames", "dmap", "rows")} for v in kernel_variants(False)]
-        assert seen in no_gain
+        assert seen in table(False)
 
 
 def _kinds(rng):
@@ -123,9 +132,10 @@ def _kinds(rng):
     wide_dark[:, ::2] += 2000
     signed = np.rint(rng.normal(0, 3, (2, h, w)) + (rng.random((2, h, w)) < 0.02) * 80)
     gain = rng.uniform(0.9, 1.1, (h, w))
+    ripple = flat + np.arange(w) % 3  # not one dark level: per-pixel maps
     return [
         (u16, Calibration(flat, noise)),
-        (high.astype(np.uint16), Calibration(flat, noise, xray_threshold=12000)),
+        (high.astype(np.uint16), Calibration(ripple, noise, xray_threshold=12000)),
         ((u16 + wide_dark.astype(np.uint16) - 100), Calibration(wide_dark, noise)),
         (u16, Calibration(flat, noise, gain=gain)),
         (u16.astype(np.uint8), Calibration(flat, noise)),
@@ -157,7 +167,7 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
         for subpixel, threads in ((False, 1), (True, 2)):
             c = Counter(cal, frames.dtype, subpixel=subpixel, threads=threads)
             got = c(frames)
-            rows.add((np.dtype(c.kernel_dtype).name, c._maps[0].dtype.name, c._wide_rows))
+            rows.add((c.kernel_dtype.name, c._maps[0].dtype.name, c._wide_rows, len(c._maps)))
             assert got == Counter(cal, frames.dtype, subpixel=subpixel, implementation="native")(
                 frames
             )
@@ -167,7 +177,7 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
         est.update(got)
         assert est.tile_flags().any()  # the flag maps were made, by the lookup kernel
     assert [len(d.signatures) for d in kernels] == compiled
-    assert len(rows) >= 6  # the kinds did reach different variants
+    assert len(rows) >= 7  # the kinds did reach different variants
 
 
 def test_after_the_warm_up_no_data_only_estimate_compiles_a_kernel(rng):

@@ -26,7 +26,8 @@ def counting_cases(draw):
     rng = np.random.default_rng(seed)
     base = draw(st.integers(0, min(top, 200)))
     noise = draw(st.floats(0.5, 4.0))
-    dark = base + rng.normal(0, 1.5, (h, w))
+    # one dark level (frames the camera dark-subtracted: one-value maps), or a pattern
+    dark = np.full((h, w), float(base)) if draw(st.booleans()) else base + rng.normal(0, 1.5, (h, w))
     frames = dark + rng.normal(0, noise, (n, h, w))
     # electrons: small blobs, some exactly equal neighbours (plateaus and ties)
     density = draw(st.sampled_from([0.0, 0.01, 0.05, 0.2]))
@@ -321,3 +322,90 @@ def test_plateaus_reaching_past_the_maximums_neighbours():
     assert not plateau.any() and 33 * w + 119 in idx  # only the brighter pixel
     runs = idx[idx >= 36 * w]
     assert runs.size == 222 and set((runs % w % 4).tolist()) == {0}  # each run's first pixel
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_one_value_maps_count_what_per_pixel_maps_count(rng, wrapped):
+    """Frames the camera dark-subtracted (one dark level and noise): the kernel
+    streams only the frame, reading the maps as one value, and lists the masked
+    pixels (in the vector blocks, in the scalar tail, a whole row, next to
+    events); the events and sub-pixel cells are those of the per-pixel maps, the
+    reference and C, on 1 and 2 threads."""
+    from streamstore.counting._launch import count_frames
+    from streamstore.counting._maps import as_unsigned, frame_only_maps, kernel_maps
+
+    h, w, n = 150, 200, 4  # three full 64-pixel blocks and a tail of 8
+    level = 0.0 if wrapped else 40.0
+    frames = level + rng.normal(0, 3, (n, h, w))
+    frames += (rng.random((n, h, w)) < 0.02) * rng.integers(20, 200, (n, h, w))
+    frames[3, 20:23, 60:66] = 30000  # an X-ray across a block edge (not in the first
+    # frame, which would choose 16-bit rows: a share of its candidates at 255 or more)
+    frames[1, 70, 195] = 65535 if not wrapped else 32767  # saturated, in the tail
+    frames[2, 5, 10:14] = 200.0  # a plateau
+    mask = np.zeros((h, w), bool)
+    mask[[3, 3, 9, 40], [5, 64, 197, 130]] = True
+    mask[100] = True  # a whole row
+    hot = rng.integers(0, h * w, 30)
+    mask.flat[hot] = True
+    frames.reshape(n, -1)[:, hot] += 500  # hot pixels the mask hides
+    if wrapped:
+        frames = np.rint(frames).astype(np.int16).view(np.uint16)
+    else:
+        frames = np.clip(np.rint(frames), 0, 65535).astype(np.uint16)
+    cal = Calibration(
+        np.full((h, w), level), np.full((h, w), 3.0), mask=mask, xray_threshold=3000,
+        wrapped=wrapped,
+    )  # fmt: skip
+    for subpixel in (False, True):
+        out = _count_all(frames, cal, subpixel)
+        ref = out["reference"]
+        assert ref.n_events > 1000
+        for threads in (1, 2):
+            c = Counter(cal, np.uint16, subpixel=subpixel, threads=threads)
+            got = c(frames)
+            assert len(c._maps) == 7  # the one-value form was taken
+            assert got == ref == out["native"]
+            assert np.array_equal(got.indices, ref.indices)
+    # against the per-pixel maps of the same calibration, through the launcher
+    lo, dark, _, level_x = cal.threshold_maps(np.uint16)
+    lo, dark = as_unsigned(lo), as_unsigned(dark)
+    maps = kernel_maps(lo, dark)
+    one = frame_only_maps(maps, lo.dtype)
+    assert one is not None and one[3].size == int(mask.sum())
+    kernel_frames = as_unsigned(frames.view(np.int16)) if wrapped else frames
+    a = count_frames(kernel_frames, lo, dark, None, level_x, 1, True, 2, maps)
+    b = count_frames(kernel_frames, lo, dark, None, level_x, 1, True, 2, (*maps, *one))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_one_value_maps_only_where_every_pixel_shares_them():
+    from streamstore.counting._maps import frame_only_maps, kernel_maps
+
+    h, w = 6, 70
+    lo = np.full((h, w), 120, np.uint16)
+    dark = np.full((h, w), 100, np.uint16)
+    one = frame_only_maps(kernel_maps(lo, dark), np.uint16)
+    assert one is not None and one[0].strides == (0, 0) and not one[0].flags.writeable
+    assert one[0][0, 0] == 0 and one[1][5, 69] == 20 and one[3].size == 0
+    other = lo.copy()
+    other[2, 3] += 1  # one pixel's threshold differs
+    assert frame_only_maps(kernel_maps(other, dark), np.uint16) is None
+    pattern = dark.copy()
+    pattern[4] += 3  # a row's dark level differs
+    assert frame_only_maps(kernel_maps(lo + 3 * (pattern > 100), pattern), np.uint16) is None
+    # 8-bit frames and two-byte maps keep their per-pixel maps
+    assert frame_only_maps(kernel_maps(lo.astype(np.uint8), dark.astype(np.uint8)), np.uint8) is None
+    wide = dark + np.uint16(300) * (np.arange(w) % 2).astype(np.uint16)
+    assert frame_only_maps(kernel_maps(wide + 20, wide), np.uint16) is None
+    # a masked pixel (lo = dark = TMAX) is listed, not a level of its own
+    lo[1, 7] = dark[1, 7] = 65535
+    one = frame_only_maps(kernel_maps(lo, dark), np.uint16)
+    assert one is not None and one[2].tolist() == [0, 0, 1, 1, 1, 1, 1] and one[3].tolist() == [7]
+    # maps neither C-contiguous nor one value are refused, not misread
+    from streamstore.counting._launch import count_frames
+
+    maps = kernel_maps(lo, dark)
+    strided = np.zeros((h, 2 * w), np.uint8)[:, ::2]
+    with pytest.raises(ValueError, match="one value"):
+        count_frames(np.zeros((1, h, w), np.uint16), lo, dark, None, 2**62, 1, False, 1,
+                     (*maps, strided, *one[1:]))  # fmt: skip
