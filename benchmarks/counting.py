@@ -407,12 +407,14 @@ def _dark_subtracted(frame, cal, reader, repeats, log) -> dict[str, Any]:
         batch = counters[0](raw)
         assert len(counters[0]._maps) == 7, "not counted reading the frame only"
         lo, dark, _, level = one_cal.threshold_maps(np.uint16)
-        lo, dark = as_unsigned(lo), as_unsigned(dark)
+        lo, dark = as_unsigned(lo), as_unsigned(dark)  # once, as Counter does
         per_pixel = counters[0]._maps[:3]  # the same calibration's per-pixel maps
-        kframe = as_unsigned(raw.view(np.int16)) if kind == "wrapped" else raw
+        kframe = raw.view(np.int16) if kind == "wrapped" else raw  # as Counter passes it
+        radius = one_cal.xray_radius
 
-        def maps_call(threads, kframe=kframe, lo=lo, dark=dark, level=level, maps=per_pixel):
-            return count_frames(kframe[None], lo, dark, None, level, 1, False, threads, maps)
+        def maps_call(threads, kframe=kframe, lo=lo, dark=dark, level=level, maps=per_pixel,
+                      radius=radius):  # fmt: skip
+            return count_frames(kframe[None], lo, dark, None, level, radius, False, threads, maps)
 
         same = all(
             np.array_equal(a, b)

@@ -37,9 +37,12 @@ single values instead (``vdmap``, ``vtmap``: :func:`._maps.frame_only_maps`)
 and streams only the frame; the masked pixels are then listed per row
 (``mptr``, ``mcols``) and made SKIP after the pass, and the scalar paths, which
 read a few pixels around each event, keep the per-pixel maps, so the events
-are those of the per-pixel maps bit for bit. Signal rows are bytes, ``min(signal, 255)``, for unsigned
-frames without a gain map and with a one-byte dark map or 8-bit frames (see
-:func:`._maps.row_type`), else exact int32:
+are those of the per-pixel maps bit for bit. Wrapped (signed) frames are read
+as unsigned ones, each value XORed with the sign bit as it is read (``flip``,
+0 for unsigned frames): order, differences and the maximum are kept, so they
+need neither a variant nor a flipped copy of their own. Signal rows are
+bytes, ``min(signal, 255)``, for unsigned frames without a gain map and with a
+one-byte dark map or 8-bit frames (see :func:`._maps.row_type`), else exact int32:
 ``|raw - dark| <= 65535`` and the relative gain is at most 32767, so
 ``(raw - dark) * gain`` fits.
 
@@ -81,21 +84,22 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: sha256 (first 16 hex digits) of _simd.py. numba's on-disk cache is keyed on
 #: this file only, so a change to the intrinsics must change this file too, or
 #: stale machine code would run: tests/counting/test_counting.py checks the two agree.
-SIMD_SOURCE_SHA = "f2d084165f0b71e2"
+SIMD_SOURCE_SHA = "e48df65a4c5eb3ec"
 
 
 @njit(inline="always", **_OPTS)
 def _signal64(frame, m, r, c):
     """Signal ``(raw - dark) * gain`` of pixel (r, c) from the kernel's maps ``m``.
 
-    ``m = (dmap, dbase, tmap, gain, has_gain, compact, top)``; with compact maps a
-    masked pixel (``t = 255``) has dark TMAX, as in the reference.
+    ``m = (dmap, dbase, tmap, gain, has_gain, compact, top, flip)``; with compact
+    maps a masked pixel (``t = 255``) has dark TMAX, as in the reference. Frame
+    values are read XORed with ``flip`` (the sign bit of wrapped frames, else 0).
     """
-    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    dmap, dbase, tmap, gain, has_gain, compact, top, flip = m
     if compact and tmap[r, c] == 255:
-        s = np.int64(frame[r, c]) - np.int64(top)
+        s = np.int64(frame[r, c] ^ flip) - np.int64(top)
     else:
-        s = np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(dmap[r, c])
+        s = np.int64(frame[r, c] ^ flip) - np.int64(dbase[r]) - np.int64(dmap[r, c])
     if has_gain:
         s *= np.int64(gain[r, c])
     return s
@@ -104,11 +108,12 @@ def _signal64(frame, m, r, c):
 @njit(inline="always", **_OPTS)
 def _candidate(frame, m, r, c):
     """Whether pixel (r, c) is a candidate: ``raw > lo``, from the kernel's maps ``m``."""
-    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    dmap, dbase, tmap, gain, has_gain, compact, top, flip = m
     t = tmap[r, c]
     if compact and t == 255:
         return False
-    return np.int64(frame[r, c]) - np.int64(dbase[r]) - np.int64(dmap[r, c]) > np.int64(t)
+    raw = np.int64(frame[r, c] ^ flip)
+    return raw - np.int64(dbase[r]) - np.int64(dmap[r, c]) > np.int64(t)
 
 
 @njit(inline="always", **_OPTS)
@@ -240,7 +245,7 @@ def _quantise(num, den):
 
 
 @njit(inline="always", **_OPTS)
-def _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, r, c, h, w):
+def _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, flip, r, c, h, w):
     total = np.int64(0)
     ty = np.int64(0)
     tx = np.int64(0)
@@ -256,9 +261,10 @@ def _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, r, c, h, w
             # maps, inlined as well) passes the arrays again per pixel, and took this
             # loop back from ~26 to ~219 ms a full frame
             if compact and tmap[rr, cc] == 255:
-                v = np.int64(frame[rr, cc]) - np.int64(top)
+                v = np.int64(frame[rr, cc] ^ flip) - np.int64(top)
             else:
-                v = np.int64(frame[rr, cc]) - np.int64(dbase[rr]) - np.int64(dmap[rr, cc])
+                raw = np.int64(frame[rr, cc] ^ flip)
+                v = raw - np.int64(dbase[rr]) - np.int64(dmap[rr, cc])
             if has_gain:
                 v *= np.int64(gain[rr, cc])
             if v > 0:
@@ -276,10 +282,11 @@ def _subpixel_row(frame, m, r, h, w, out_idx, out_sub, lo_q, hi_q):
     once for the row (unpacking the tuple per pixel, as _signal64 does, took and
     dropped a reference to each of its arrays nine times an event), in a function of
     its own so the counting loop's code stays as it is without sub-pixel output."""
-    dmap, dbase, tmap, gain, has_gain, compact, top = m
+    dmap, dbase, tmap, gain, has_gain, compact, top, flip = m
     for q in range(lo_q, hi_q):
         c = np.int64(out_idx[q]) - r * w
-        out_sub[q] = _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, r, c, h, w)
+        out_sub[q] = _subpixel(frame, dmap, dbase, tmap, gain, has_gain, compact, top, flip, r,
+                               c, h, w)  # fmt: skip
 
 
 @njit(inline="always", **_OPTS)
@@ -364,17 +371,20 @@ def _count_items(
     vtmap,
     mptr,
     mcols,
+    flip,
 ):
     # Items item0 .. item1 - 1 of the call (count_frames gives each thread a range).
     # The vector pass reads vdmap and vtmap: dmap and tmap themselves, or one value
     # each whose masked pixels are row r's columns mcols[mptr[r]:mptr[r + 1]]
-    # (frames the camera dark-subtracted; none listed with per-pixel maps).
+    # (frames the camera dark-subtracted; none listed with per-pixel maps). Frame
+    # values are read XORed with flip: wrapped frames' sign bit, else 0.
     n, h, w = frames.shape
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     nfull = w // LANES
     n_blocks = (w + LANES - 1) // LANES
     skip = proto[0]
-    m = (dmap, dbase, tmap, gain, has_gain, compact, top)  # for the scalar paths
+    m = (dmap, dbase, tmap, gain, has_gain, compact, top, flip)  # for the scalar paths
+    fl = np.int64(flip)  # for the vector passes
     for item in range(item0, item1):
         f = item // bands
         r0 = (item % bands) * BAND_ROWS
@@ -408,17 +418,17 @@ def _count_items(
                 row = frame[rr]
                 if has_gain:
                     xr = signal_row_gain(row, vdmap[rr], vtmap[rr], gain[rr], srow, nfull,
-                                         dbase[rr], xray_level)  # fmt: skip
+                                         dbase[rr], xray_level, fl)  # fmt: skip
                 else:
                     xr = signal_row(row, vdmap[rr], vtmap[rr], gain[0], srow, nfull, dbase[rr],
-                                    xray_level)  # fmt: skip
+                                    xray_level, fl)  # fmt: skip
                 for j in range(mptr[rr], mptr[rr + 1]):  # one-value maps' masked pixels
                     srow[mcols[j] + 1] = skip  # (the tail's are set again below)
                 for c in range(nfull * LANES, w):  # the row's tail, one pixel at a time
                     if _candidate(frame, m, rr, c):
                         s = _signal64(frame, m, rr, c)
                         srow[c + 1] = min(s, clamp)
-                        xr |= (row[c] == top) | (s > xray_level)
+                        xr |= ((row[c] ^ flip) == top) | (s > xray_level)
                     else:
                         srow[c + 1] = skip
                 xrow[slot] = xr
@@ -445,7 +455,7 @@ def _count_items(
             if xrow[ms]:  # X-ray hits in row r (rare): record their positions
                 row = frame[r]
                 grow = gain[r] if has_gain else gain[0]
-                xray_row(row, dmap[r], tmap[r], grow, mid, xw, nfull, dbase[r], xray_level)
+                xray_row(row, dmap[r], tmap[r], grow, mid, xw, nfull, dbase[r], xray_level, fl)
                 for b in range(nfull):
                     t = xw[b]
                     while t:
@@ -455,7 +465,7 @@ def _count_items(
                         t &= t - np.uint64(1)
                 for c in range(nfull * LANES, w):
                     if _candidate(frame, m, r, c) and (
-                        row[c] == top or _signal64(frame, m, r, c) > xray_level
+                        (row[c] ^ flip) == top or _signal64(frame, m, r, c) > xray_level
                     ):
                         if nxr < xcap:
                             out_xray[xbase + nxr] = r * w + c

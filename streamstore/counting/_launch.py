@@ -23,16 +23,17 @@ from streamstore.counting._kernels import (
     _count_items,
     _gather,
 )
-from streamstore.counting._maps import as_unsigned, item_capacity, kernel_maps, row_type
+from streamstore.counting._maps import (
+    as_unsigned,
+    item_capacity,
+    kernel_maps,
+    row_type,
+    unsigned_bits,
+)
 
 __all__ = ["count_frames"]
 
 _NO_GAIN = np.zeros((1, 1), np.uint16)
-#: Wrapped frames are turned unsigned (:func:`~streamstore.counting._maps.as_unsigned`)
-#: this many bytes at a time (at least one frame), into a buffer each counting
-#: thread keeps: a reused buffer costs what a copy costs, a new one a third more.
-FLIP_BYTES = 32 << 20
-_scratch = threading.local()
 
 
 def count_frames(
@@ -47,8 +48,11 @@ def count_frames(
     maps: tuple[np.ndarray, ...] | None = None,
     wide_rows: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``;
-    signed frames may come with the unsigned maps :func:`~._maps.as_unsigned` makes).
+    """Count ``frames (n, H, W)`` (C-contiguous, same dtype as ``lo`` and ``dark``).
+
+    Signed (wrapped) frames are read as their unsigned bits with the sign bit
+    flipped as each value is read, with the unsigned ``lo`` and ``dark`` of
+    :func:`~._maps.as_unsigned` (``maps``, when given, are theirs): no copy.
 
     Returns ``(offsets int64, indices uint32, subpixel uint8 or None)``.
     ``threads``: threads for this call (None: numba's thread count,
@@ -63,10 +67,10 @@ def count_frames(
         raise ValueError(
             f"frames of {h} x {w} = {h * w} pixels: uint32 event indices address 2**32 - 1"
         )
-    if frames.dtype.kind == "i":
-        return _count_wrapped(
-            frames, lo, dark, gain, xray_level, radius, subpixel, threads, maps, wide_rows
-        )
+    flip = 0
+    if frames.dtype.kind == "i":  # read as unsigned, the sign bit flipped as it is read
+        frames, flip = unsigned_bits(frames)
+        lo, dark = as_unsigned(lo), as_unsigned(dark)
     bands = (h + BAND_ROWS - 1) // BAND_ROWS
     cap = item_capacity(w) + 4  # four spare slots per item for the branch-free appends
     n_items = n * bands
@@ -76,6 +80,7 @@ def count_frames(
     out_nx = np.zeros(n_items, np.int64)
     out_nu = np.zeros(n_items, np.int64)
     top = frames.dtype.type(np.iinfo(frames.dtype).max)
+    flip = frames.dtype.type(flip)
     dmap, dbase, tmap, *frame_only = kernel_maps(lo, dark) if maps is None else maps
     vdmap, vtmap, mptr, mcols = frame_only or (dmap, tmap, *_no_mask(h))
     for v in (vdmap, vtmap):  # the kernel reads a map not C-contiguous as one value
@@ -93,7 +98,7 @@ def count_frames(
         args = (
             frames, dmap, dbase, tmap, gain_arg, gain is not None, compact, np.int64(clamp),
             np.int64(level), top, subpixel, cap, proto, out_idx, out_sub, out_n, xcap,
-            out_xray, out_nx, ucap, out_und, out_nu, vdmap, vtmap, mptr, mcols,
+            out_xray, out_nx, ucap, out_und, out_nu, vdmap, vtmap, mptr, mcols, flip,
         )  # fmt: skip
         _run_items(args, n_items, threads)
         if int(out_nx.max(initial=0)) <= xcap and int(out_nu.max(initial=0)) <= ucap:
@@ -101,7 +106,7 @@ def count_frames(
         # a flood of X-rays (or saturation), of large plateaus: room for every pixel
         xcap = BAND_ROWS * w if int(out_nx.max(initial=0)) > xcap else xcap
         ucap = cap if int(out_nu.max(initial=0)) > ucap else ucap
-    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top)
+    maps_ = (dmap, dbase, tmap, gain_arg, gain is not None, compact, top, flip)
     offsets, marked, dest = _compact(
         frames, maps_, bands, cap, out_idx, out_n, xcap, out_xray, out_nx, ucap, out_und,
         out_nu, radius,
@@ -110,42 +115,6 @@ def count_frames(
     sub = np.empty(dest[-1] if subpixel else 0, np.uint8)
     _gather(out_idx, out_sub, out_n, marked, dest, cap, indices, sub, subpixel)
     return offsets, indices, (sub if subpixel else None)
-
-
-def _count_wrapped(frames, lo, dark, gain, xray_level, radius, subpixel, threads, maps,
-                   wide_rows):  # fmt: skip
-    """:func:`count_frames` of signed frames: counted as unsigned ones, a few at a time
-    (``maps``, when given, are those of the unsigned ``lo`` and ``dark``)."""
-    n, h, w = frames.shape
-    lo, dark = as_unsigned(lo), as_unsigned(dark)
-    if maps is None:
-        maps = kernel_maps(lo, dark)
-    utype = lo.dtype
-    sign = utype.type(1 << (8 * utype.itemsize - 1))
-    per = max(1, FLIP_BYTES // max(1, h * w * utype.itemsize))
-    size = min(per, n) * h * w * utype.itemsize
-    buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.size < size:
-        buf = _scratch.buf = np.empty(size, np.uint8)
-    parts = []
-    for s in range(0, max(n, 1), per):
-        chunk = frames[s : s + per]
-        out = buf[: chunk.size * utype.itemsize].view(utype).reshape(chunk.shape)
-        np.bitwise_xor(chunk.view(utype), sign, out=out)
-        parts.append(
-            count_frames(
-                out, lo, dark, gain, xray_level, radius, subpixel, threads, maps, wide_rows
-            )
-        )
-    if len(parts) == 1:
-        return parts[0]
-    starts = np.cumsum([0] + [p[1].size for p in parts])
-    offsets = np.concatenate(
-        [p[0][:-1] + a for p, a in zip(parts, starts[:-1], strict=True)] + [starts[-1:]]
-    )
-    indices = np.concatenate([p[1] for p in parts])
-    sub = np.concatenate([p[2] for p in parts]) if subpixel else None
-    return offsets.astype(np.int64), indices, sub
 
 
 def _no_mask(h: int) -> tuple[np.ndarray, np.ndarray]:

@@ -34,7 +34,7 @@ _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": Fa
 #: this file only: njit code here that inlined an intrinsic of _simd.py would run
 #: stale machine code after an edit there, unless this file changes too
 #: (tests/test_counting.py checks every module that imports _simd.py).
-SIMD_SOURCE_SHA = "f2d084165f0b71e2"
+SIMD_SOURCE_SHA = "e48df65a4c5eb3ec"
 
 
 def item_capacity(w: int) -> int:

@@ -255,29 +255,43 @@ class _Signals:
 
 
 def _make_signal_row(gain: bool):
-    def signal_row(typingctx, row, drow, trow, grow, srow, nfull, base, level):
+    def signal_row(typingctx, row, drow, trow, grow, srow, nfull, base, level, flip):
         gen = _Signals(row.dtype, drow.dtype, trow.dtype, srow.dtype, gain)
-        sig = types.boolean(row, drow, trow, grow, srow, types.intp, types.int64, types.int64)
+        sig = types.boolean(row, drow, trow, grow, srow, types.intp, types.int64, types.int64,
+                            types.int64)  # fmt: skip
 
         def codegen(context, builder, signature, args):
             b = builder
             f_, g_, s_ = (_data(context, b, signature.args[i], args[i]) for i in (0, 3, 4))
             d_, t_ = (_lanes(context, b, signature.args[i], args[i]) for i in (1, 2))
             nfull, base, level = args[5:8]
-            acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
             n = SIG_LANES
+            fl = _splat(b, b.trunc(args[8], ir.IntType(gen.fw)), n)
+            acc_p = [cgutils.alloca_once_value(b, v) for v in gen.xray_init()]
             steps = b.mul(nfull, ir.Constant(_I64, LANES // n))
-            with cgutils.for_range(b, steps) as loop:
-                c0 = _index(b, loop.index, lanes=n)
-                f = _load(b, f_, c0, n)
-                dk = d_(c0, n)
-                t = t_(c0, n)
-                g = _load(b, g_, c0, n) if gain else None
-                out, xval = gen.emit(b, f, dk, t, g, base)
-                acc = gen.xray_update(b, [b.load(p) for p in acc_p], xval, f)
-                for p, v in zip(acc_p, acc, strict=True):
-                    b.store(v, p)
-                _store(b, s_, _index(b, loop.index, 1, lanes=n), out)
+
+            def loop_body(flipped: bool) -> None:
+                with cgutils.for_range(b, steps) as loop:
+                    c0 = _index(b, loop.index, lanes=n)
+                    f = _load(b, f_, c0, n)
+                    if flipped:
+                        f = b.xor(f, fl)
+                    dk = d_(c0, n)
+                    t = t_(c0, n)
+                    g = _load(b, g_, c0, n) if gain else None
+                    out, xval = gen.emit(b, f, dk, t, g, base)
+                    acc = gen.xray_update(b, [b.load(p) for p in acc_p], xval, f)
+                    for p, v in zip(acc_p, acc, strict=True):
+                        b.store(v, p)
+                    _store(b, s_, _index(b, loop.index, 1, lanes=n), out)
+
+            # the loop twice, with and without the XOR: it cost unsigned frames ~5 %
+            is_flipped = b.icmp_unsigned("!=", args[8], ir.Constant(_I64, 0))
+            with b.if_else(is_flipped) as (then, otherwise):
+                with then:
+                    loop_body(True)
+                with otherwise:
+                    loop_body(False)
             return gen.xray_test(b, [b.load(p) for p in acc_p], level)
 
         return sig, codegen
@@ -286,9 +300,12 @@ def _make_signal_row(gain: bool):
     signal_row.__doc__ = """Signals of the ``nfull`` full blocks of a row into ``srow``; any X-ray?
 
     ``drow`` is the dark row (or its one-byte form over ``base``), ``trow`` the
-    threshold row (either may be one value for every pixel), ``grow`` the gain row (read by the gain variant only),
-    ``level`` the X-ray level. Returns False only when no full block holds an
-    X-ray hit (True may be a saturated pixel that is not a candidate).
+    threshold row (either may be one value for every pixel), ``grow`` the gain
+    row (read by the gain variant only), ``level`` the X-ray level, ``flip`` what
+    each frame value is XORed with as it is read (the sign bit for wrapped frames,
+    which are so read as unsigned ones, else 0). Returns False only when no full
+    block holds an X-ray hit (True may be a saturated pixel that is not a
+    candidate).
     """
     return intrinsic(signal_row)
 
@@ -446,15 +463,16 @@ def test_row(typingctx, hup, mid, down, hdown, eqw, satw, summary, nblocks, pf_f
 
 
 @intrinsic
-def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
+def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level, flip):
     """Bits of the X-ray hits among the full blocks of a row (exact).
 
     A candidate that is saturated or whose signal exceeds ``level``. Unsigned
     rows hold clamped signals, so their signals are computed again from the frame row
-    and the maps (as in :func:`signal_row`); int32 rows are exact and read as
-    they are (``grow`` is not read).
+    and the maps (as in :func:`signal_row`, ``flip`` as there); int32 rows are
+    exact and read as they are (``grow`` is not read).
     """
-    sig = types.void(row, drow, trow, grow, mid, words, types.intp, types.int64, types.int64)
+    sig = types.void(row, drow, trow, grow, mid, words, types.intp, types.int64, types.int64,
+                     types.int64)  # fmt: skip
     gen = _Signals(row.dtype, drow.dtype, trow.dtype, mid.dtype, False)
 
     def codegen(context, builder, signature, args):
@@ -471,9 +489,10 @@ def xray_row(typingctx, row, drow, trow, grow, mid, words, nfull, base, level):
             rt = ir.IntType(gen.rw)
             top = ir.Constant(_I64, (1 << (gen.rw - 1)) - 1)
             lvl = _splat(b, b.trunc(b.select(b.icmp_signed(">", level, top), top, level), rt))
+        fl = _splat(b, b.trunc(args[9], ir.IntType(gen.fw)))
         with cgutils.for_range(b, nfull) as loop:
             c0 = _index(b, loop.index)
-            f = _load(b, f_, c0)
+            f = b.xor(_load(b, f_, c0), fl)
             if gen.narrow:
                 dk = _load(b, d_, c0)
                 t = _load(b, t_, c0)
