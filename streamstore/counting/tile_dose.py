@@ -33,7 +33,8 @@ __all__ = ["DOSE_MODEL_NAME", "DoseEstimator"]
 #: Name of the dose model, as a store records it beside the corrected dose.
 DOSE_MODEL_NAME = "tile-coincidence"
 #: Version of the model (what its recorded parameters mean).
-DOSE_MODEL_VERSION = 1
+#: 2: the soft area counts the hard core's packing back in (``packing_excess``).
+DOSE_MODEL_VERSION = 2
 #: Far pairs (Chebyshev distance in ``far_radii``) after which the pair count stops:
 #: about 28,000 per far offset, so ``g(d)`` is known to 0.6 % and the areas to a few
 #: hundredths of a pixel; counting on would cost a pass over the events every frame
@@ -151,6 +152,7 @@ class DoseEstimator:
         self._weight = 0.0  # frames pooled (sum of weights)
         self._weight2 = 0.0  # sum of squared weights, for the noise of the pooled density
         self._pairs = np.zeros((hi + 1, 2 * hi + 1), np.int64)
+        self._pair_events = 0  # events whose pairs were counted (the first of a pair)
         dy = np.arange(hi + 1)[:, None]
         dx = np.arange(-hi, hi + 1)[None, :]
         cheb = np.maximum(dy, np.abs(dx))
@@ -161,6 +163,9 @@ class DoseEstimator:
         # flags per tile class and count (tables); with forgetting, maps of every tile
         self._lut: np.ndarray | None = None
         self._flag_luts: np.ndarray | None = None
+        # the pooled counts the tables were made for: the counts grow between
+        # refreshes, and a count past a table's end has no entry
+        self._lut_counts = self._counts
         self._factor: np.ndarray | None = None
         self._flags: np.ndarray | None = None  # made when first asked for
         self._ready = False
@@ -175,7 +180,9 @@ class DoseEstimator:
         """The areas ``(a, b)`` in use (pixels): fixed, or measured from the pairs."""
         if self.fixed_areas is not None:
             return self.fixed_areas
-        return exclusion_areas(self._pairs, self.frame_shape, self.pair_radius, self.far_radii)
+        return exclusion_areas(
+            self._pairs, self.frame_shape, self.pair_radius, self.far_radii, self._pair_events
+        )
 
     def pair_counts(self) -> np.ndarray:
         """The pooled pair histogram (a copy; see :func:`pair_histogram`)."""
@@ -204,6 +211,7 @@ class DoseEstimator:
             self._factor = self._factor_of(self._counts, self._tile_area)
             return
         self._lut, self._flag_luts = self._tables()
+        self._lut_counts = self._counts.copy()
 
     def _tables(self) -> tuple[np.ndarray, np.ndarray]:
         """Electrons per event and flags per tile class and pooled count, now: pooled
@@ -230,7 +238,7 @@ class DoseEstimator:
         if self._lut is None:
             return self._factor[tiles]
         lookup = lookup_events if self.implementation == "numba" else lookup_events_reference
-        return lookup(tiles, self._counts, self._classes, self._lut)
+        return lookup(tiles, self._lut_counts, self._classes, self._lut)
 
     def _tile_factor(self) -> np.ndarray:
         """Electrons per event in each tile (>= 1), from the pooled densities."""
@@ -271,9 +279,10 @@ class DoseEstimator:
             if self._flag_luts is None:
                 self._flags = self._flags_of(self._factor, self._counts, self._tile_area)
             elif self.implementation == "numba":
-                self._flags = lookup_tiles(self._counts, self._classes, self._flag_luts)
+                self._flags = lookup_tiles(self._lut_counts, self._classes, self._flag_luts)
             else:
-                self._flags = lookup_tiles_reference(self._counts, self._classes, self._flag_luts)
+                counts = self._lut_counts
+                self._flags = lookup_tiles_reference(counts, self._classes, self._flag_luts)
         return self._flags.reshape(-1, self.n_ty, self.n_tx)
 
     def _factor_of(self, counts: np.ndarray, area: np.ndarray | float) -> np.ndarray:
@@ -355,6 +364,7 @@ class DoseEstimator:
             self._weight2 = self._weight2 * decay * decay + float(np.sum(wf * wf))
         if pairs is not None:
             self._pairs += pairs if isinstance(pairs, np.ndarray) else pairs.result()
+            self._pair_events += int(np.minimum(counts, PAIR_EVENTS_PER_FRAME).sum())
             self.pairs_complete = int(self._pairs[self._far].sum()) >= MAX_FAR_PAIRS
         self.frames_seen += n
         self._stale += n
