@@ -288,30 +288,52 @@ def pool_tiles(
 
 
 def lookup_events_reference(
-    tiles: np.ndarray, counts: np.ndarray, classes: np.ndarray, lut: np.ndarray
+    tiles: np.ndarray,
+    counts: np.ndarray,
+    classes: np.ndarray,
+    lut: np.ndarray,
+    coarse_of: np.ndarray,
+    own: np.ndarray,
+    coarse: np.ndarray,
 ) -> np.ndarray:
-    """``lut[classes[t], counts[t]]`` for the tile ``t`` of each event: a value per
-    tile class (a whole tile, or one the frame's edge cuts short) and pooled count
-    (whole numbers held as float64). Numpy reference of :func:`lookup_events`."""
-    return lut[classes[tiles], counts[tiles].astype(np.int64)]
+    """The value of the tile ``t`` of each event: ``lut[classes[t], counts[t]]``, a
+    value per tile class (a whole tile, or one the frame's edge cuts short) and
+    pooled count (whole numbers held as float64), where its coarse tile ``k =
+    coarse_of[t]`` says ``own[k]``, else the coarse tile's ``coarse[k]``. Numpy
+    reference of :func:`lookup_events`."""
+    k = coarse_of[tiles]
+    fine = lut[classes[tiles], counts[tiles].astype(np.int64)]
+    return np.where(own[k], fine, coarse[k])
 
 
 @njit(nogil=True, cache=True)
-def _lookup_events_kernel(tiles, counts, classes, lut, out):  # pragma: no cover - numba
+def _lookup_events_kernel(
+    tiles, counts, classes, lut, coarse_of, own, coarse, out
+):  # pragma: no cover - numba
     for i in range(tiles.size):
         t = tiles[i]
-        out[i] = lut[classes[t], np.int64(counts[t])]
+        k = coarse_of[t]
+        if own[k]:
+            out[i] = lut[classes[t], np.int64(counts[t])]
+        else:
+            out[i] = coarse[k]
 
 
 def lookup_events(
-    tiles: np.ndarray, counts: np.ndarray, classes: np.ndarray, lut: np.ndarray
+    tiles: np.ndarray,
+    counts: np.ndarray,
+    classes: np.ndarray,
+    lut: np.ndarray,
+    coarse_of: np.ndarray,
+    own: np.ndarray,
+    coarse: np.ndarray,
 ) -> np.ndarray:
     """:func:`lookup_events_reference` in one pass over the events: the electrons
     each event stands for come from the pooled count of its tile, with no map of
     every tile (368,640 at 4092 x 5760, which a one-frame ``count()`` would build
     for its 200,000 events)."""
     out = np.empty(tiles.size, np.float64)
-    _lookup_events_kernel(tiles, counts, classes, lut, out)
+    _lookup_events_kernel(tiles, counts, classes, lut, coarse_of, own, coarse, out)
     return out
 
 

@@ -106,7 +106,7 @@ def _warm_dose() -> int:
     overloads): how many kernel overloads this compiled (not those this process
     compiled before)."""
     from streamstore.counting import charge, coincidence
-    from streamstore.counting.tile_dose import _tile_geometry
+    from streamstore.counting.tile_dose import _coarse_of, _tile_geometry
     from streamstore.events import EventBatch
 
     dispatchers = [
@@ -123,7 +123,10 @@ def _warm_dose() -> int:
     coincidence.pair_histogram(b, 5)
     coincidence.pool_tiles(b.indices, 70, 8, 9, np.zeros(9, np.float64))
     classes = _tile_geometry(8, 70, 8)[1]  # read-only, as the estimator passes it: its type
-    coincidence.lookup_events(np.arange(9), np.zeros(9), classes, np.ones((4, 1)))
+    coarse_of = _coarse_of(8, 70, 8, 4)  # read-only as well
+    own = np.ones(3, np.bool_)
+    coincidence.lookup_events(np.arange(9), np.zeros(9), classes, np.ones((4, 1)), coarse_of,
+                              own, np.ones(3))  # fmt: skip
     coincidence.lookup_tiles(np.zeros(9), classes, np.ones((2, 4, 1), np.bool_))
     dark16 = np.zeros((8, 70), np.int32)
     gain = np.ones((8, 70), np.uint16)
