@@ -9,6 +9,7 @@ pair count (:func:`pair_histogram_reference`) and its numba twin
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -59,6 +60,7 @@ def events_from_electrons(lam: np.ndarray | float, hard: float, soft: float = 0.
     return -np.expm1(-lam * hard) / hard * np.exp(-0.5 * soft * lam)
 
 
+@functools.lru_cache(maxsize=64)
 def _lam_max(hard: float, soft: float) -> float:
     """Largest electron density the model inverts (see the module docstring)."""
     cap = -math.log1p(-MAX_FILL) / hard
@@ -79,6 +81,22 @@ def _lam_max(hard: float, soft: float) -> float:
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if slope(mid) > 0 else (lo, mid)
     return lo
+
+
+def _electrons_scalar(mu: float, hard: float, soft: float) -> float:
+    """:func:`electrons_from_events` of one value, by bisection in scalar math (no
+    table: the exclusion areas invert one density at every change of the pairs)."""
+    lo, hi = 0.0, _lam_max(hard, soft)
+    b = 0.5 * soft
+    if -math.expm1(-hi * hard) / hard * math.exp(-b * hi) <= mu:
+        return hi
+    for _ in range(60):  # rising below lam_max
+        mid = 0.5 * (lo + hi)
+        if -math.expm1(-mid * hard) / hard * math.exp(-b * mid) < mu:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 _TABLE_SIZE = 4097
@@ -448,7 +466,7 @@ def exclusion_areas(
         # partners per event at the far offsets (less those past the frame's edge)
         inside = (h - dy) * (w - np.abs(dx)) / float(h * w)
         mu = n_far / (pair_events * float(inside[far].sum()))
-        lam = float(electrons_from_events(mu, max(hard, 1.0), max(soft, 0.0)))
+        lam = _electrons_scalar(mu, max(hard, 1.0), max(soft, 0.0))
         soft += packing_excess(lam, near)
     soft *= n_far / (n_far + _FAR_PAIRS_PRIOR)
     return max(hard, 1.0), max(soft, 0.0)

@@ -211,9 +211,9 @@ class DoseEstimator:
         self._flag_luts: np.ndarray | None = None
         self._coarse_factor = np.ones(self._coarse_area.size)  # per coarse tile
         self._own = np.zeros(self._coarse_area.size, bool)
-        # the pooled counts the tables were made for: the counts grow between
-        # refreshes, and a count past a table's end has no entry
-        self._lut_counts = self._counts
+        # the pooled counts the tables were made for (none before the first refresh):
+        # the counts grow between refreshes, and a count past a table's end has no entry
+        self._lut_counts = np.zeros(0)
         self._factor: np.ndarray | None = None
         self._flags: np.ndarray | None = None  # made when first asked for
         self._ready = False
@@ -261,11 +261,14 @@ class DoseEstimator:
     def _refresh(self) -> None:
         """Recompute the electrons per event from the pooled densities."""
         self._flags = None
-        self._lut_counts = self._counts.copy()
         if self.memory is not None:
+            self._lut_counts = self._counts.copy()
             self._factor = self._factor_of(*self._effective())
             return
         self._lut, self._flag_luts = self._tables()
+        # the tables' counts: these counts, until the next pooling copies them (a
+        # one-call count() pools once and refreshes once: no copy)
+        self._lut_counts = self._counts
         coarse = _coarse_counts(self._counts, self.n_ty, self.n_tx, COARSE)
         self._own = self._own_of(coarse)
         # the coarse tiles that count (not own) hold fewer than MIN_EVENTS events a
@@ -429,6 +432,8 @@ class DoseEstimator:
                 pairs = _thread_pool().submit(pair_histogram, batch, radius, PAIR_EVENTS_PER_FRAME)
             else:
                 pairs = pair_histogram(batch, radius, PAIR_EVENTS_PER_FRAME)
+        if self._lut_counts is self._counts:  # the tables' counts stay as they were
+            self._lut_counts = self._counts.copy()
         if self.memory is None:
             pool = pool_tiles if self.implementation == "numba" else pool_tiles_reference
             tiles = pool(batch.indices, self.frame_shape[1], self.tile, self.n_tx, self._counts)
