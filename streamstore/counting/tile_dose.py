@@ -188,7 +188,8 @@ class DoseEstimator:
         self.n_ty = -(-h // self.tile)
         self.n_tx = -(-w // self.tile)
         self._tile_area, self._classes, self._class_areas = _tile_geometry(h, w, self.tile)
-        # coarse tiles: the density of tiles that pooled fewer than MIN_EVENTS events
+        # coarse tiles: their density serves the tiles of those that hold fewer
+        # than MIN_EVENTS events a tile
         self._coarse_area, self._coarse_classes, self._coarse_class_areas = _tile_geometry(
             h, w, self.tile * COARSE
         )
@@ -245,8 +246,8 @@ class DoseEstimator:
 
     def electron_density(self) -> np.ndarray:
         """Estimated electrons per pixel per frame, per tile, shape ``(n_ty, n_tx)``:
-        from the tile's pooled events, or its coarse tile's where it pooled fewer
-        than :data:`MIN_EVENTS`."""
+        from the tile's pooled events, or its coarse tile's while that holds fewer
+        than :data:`MIN_EVENTS` a tile."""
         counts, area, side = self._effective()
         mu = counts / (area * max(self._weight, 1e-300))
         return (self._factor_of(counts, area, side) * mu).reshape(self.n_ty, self.n_tx)
