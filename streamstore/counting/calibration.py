@@ -305,7 +305,9 @@ class Calibration:
         dark (the peak centre) and noise (its sigma).
         Unsigned values that wrapped below zero (65533 for -3) are detected
         and read as negative; the result has ``wrapped=True`` so counting
-        reads the frames the same way.
+        reads the frames the same way. Values cut at 0 (more than 10 % of them
+        exactly 0: frames dark-subtracted and clipped) are fitted from the share
+        at or below each value, with one dark level (see docs/counting.md).
 
         Parameters
         ----------

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-__all__ = ["noise_peak", "robust_sigma"]
+__all__ = ["clipped_noise_peak", "noise_peak", "robust_sigma"]
 
 
 #: An integer sample is counted in a histogram when its values span at most this
@@ -194,3 +194,40 @@ def noise_peak(x: np.ndarray) -> tuple[float, float]:
     if not (math.isfinite(sigma) and 0.3 * sigma0 < sigma < 3.0 * sigma0):
         return centre0, sigma0
     return centre, sigma
+
+
+def clipped_noise_peak(x: np.ndarray, floor: int = 0) -> tuple[float, float]:
+    """Centre and sigma of the noise peak of integer values ``x`` clipped at ``floor``
+    (frames a camera dark-subtracted and cut at 0: the peak's lower side is gone).
+
+    A value ``v > floor`` stands for ``v - 0.5 <= d + sigma Z < v + 0.5``, ``floor``
+    for everything below ``floor + 0.5``, so ``P(x <= v) = Phi((v + 0.5 - d) /
+    sigma)``: the probits of the empirical distribution up to 0.9 lie on a line
+    ``v + 0.5 = d + sigma z`` (the lower side, clean of the electrons' signal, whose
+    share of the sample is first measured above ``d + 3 sigma`` and left out).
+    Needs the noise peak within a few sigmas of the floor (a share of the values
+    at it): the caller decides that.
+    """
+    from scipy.stats import norm
+
+    v = np.asarray(x, np.int64).reshape(-1) - int(floor)
+    if v.size == 0 or v.min() < 0:
+        raise ValueError("clipped_noise_peak: values below the floor")
+    counts = np.bincount(np.minimum(v, 1 << 16))
+    cum = np.cumsum(counts).astype(np.float64)
+    n = float(v.size)
+    centre = sigma = 0.0
+    for _ in range(3):  # the share of electrons' signal, from the previous fit
+        if sigma > 0:
+            top = int(math.floor(centre + 3.0 * sigma - 0.5))
+            if 0 <= top < cum.size:
+                n = cum[top] / norm.cdf(3.0)
+        f = cum / n
+        ks = np.flatnonzero((f > 0.002) & (f < 0.9))
+        if ks.size < 2:  # the peak lies within a value or two: one more bin
+            ks = np.arange(min(2, cum.size))
+        z = norm.ppf(np.clip(f[ks], 1e-6, 1 - 1e-6))
+        if np.ptp(z) <= 0:
+            break
+        sigma, centre = np.polyfit(z, ks + 0.5, 1)
+    return float(centre) + floor, float(sigma)
