@@ -470,14 +470,21 @@ def test_a_budget_of_fewer_frames_than_the_estimate_waits_for_stalls_nothing(tmp
     assert "estimated the calibration from its first" in d.log()
 
 
-def test_wrapped_frames_are_detected_and_counted_by_the_daemon(tmp_path, frames):
+@pytest.mark.parametrize("cut", ["wrapped", "clipped"])
+def test_wrapped_frames_are_detected_and_counted_by_the_daemon(tmp_path, frames, cut):
     """Pedestal-subtracted frames whose negatives wrapped (as the 4D Camera sends
-    them), no calibration: the estimate reads them as signed, and the daemon's
-    counting (the unsigned kernels, the sign bit flipped) stores the events the
-    numpy reference finds with that calibration."""
+    them), or were cut at 0, no calibration: the estimate reads them as signed (or
+    fits the cut noise peak), and the daemon's counting (the unsigned kernels, the
+    sign bit flipped as frames are read) stores the events the numpy reference
+    finds with that calibration."""
     pedestal = int(np.median(frames[:8]))
-    wrapped = (frames[:12].astype(np.int32) - pedestal).astype(np.int16).view(np.uint16)
-    assert (wrapped > 60000).mean() > 0.2  # many values did wrap
+    signed = frames[:12].astype(np.int32) - pedestal
+    if cut == "wrapped":
+        wrapped = signed.astype(np.int16).view(np.uint16)
+        assert (wrapped > 60000).mean() > 0.2  # many values did wrap
+    else:
+        wrapped = np.maximum(signed, 0).astype(np.uint16)
+        assert (wrapped == 0).mean() > 0.2  # many values were cut
     d = Daemon(tmp_path / "out", "--threads", "2")
     try:
         with d.sender() as s:
@@ -490,10 +497,12 @@ def test_wrapped_frames_are_detected_and_counted_by_the_daemon(tmp_path, frames)
     assert st["frames_stored"] == 12, st
     store = streamstore.open(tmp_path / "out" / "wrapped.h5")
     cal = streamstore.Calibration.estimate(wrapped[:8])
-    assert cal.wrapped
+    assert cal.wrapped is (cut == "wrapped")
     want = Counter(cal, np.uint16, implementation="reference", dose=False)(wrapped)
     got = store.events(0, 12)
-    assert got.n_events > 1000 and np.array_equal(got.indices, want.indices)
+    # (the clipped frames keep the dark pattern a constant pedestal leaves, which
+    # one dark level reads as noise: a higher threshold, a few % fewer events)
+    assert got.n_events > 900 and np.array_equal(got.indices, want.indices)
     assert np.array_equal(got.offsets, want.offsets)
 
 
