@@ -125,8 +125,9 @@ def frame_only_maps(
     but the frame (:mod:`._simd`). The masked pixels are listed instead, row
     ``r``'s columns ascending in ``mcols[mptr[r]:mptr[r + 1]]``; the kernel makes
     them SKIP after the vector pass, and its scalar paths still read ``maps``, so
-    the events are those of ``maps`` bit for bit. One byte-row dark level per row
-    is kept in ``dbase`` as before: rows with no unmasked pixel are listed whole.
+    the events are those of ``maps`` bit for bit. ``dbase``, the compact maps'
+    dark level per row, is read as before: it is the same on every row with an
+    unmasked pixel, and the rows without one are listed whole.
     """
     dmap, dbase, tmap = maps
     fdt = np.dtype(frame_dtype)

@@ -4,11 +4,12 @@ A numba kernel is compiled for each combination of argument types it meets;
 from an empty cache (a fresh install, an upgrade) one counting variant takes
 tens of seconds. A daemon that met them one by one would stall inside its first
 series, so it calls :func:`warm_kernels` before it listens: the variants of
-:data:`~streamstore.counting._maps.VARIANTS` (frame type, dark-map form,
-row type, maps of one value) plus the event encoder and chunk checksum the writer runs, the dose
-correction's kernels (:mod:`streamstore.counting.dose`) and the
-data-only dark estimator's kernels (a camera without a dark series). Sub-pixel output, the thread
-count, the gain flag and the X-ray level are run-time values: no variant each.
+:data:`~streamstore.counting._maps.VARIANTS` (frame type, dark-map form, row
+type, maps of one value) plus the event encoder and chunk checksum the writer
+runs, the dose correction's kernels (:mod:`streamstore.counting.dose`) and the
+data-only dark estimator's kernels (a camera without a dark series). Sub-pixel
+output, the thread count, the gain flag and the X-ray level are run-time values:
+no variant each.
 """
 
 from __future__ import annotations
