@@ -39,6 +39,11 @@ __all__ = ["CountStage"]
 log = logging.getLogger("streamstore.ingest")
 
 
+#: A series' first frame whose median sits this many noise sigmas below the dark
+#: level of the calibration in use is reported (frames the camera dark-subtracted).
+LEVEL_SIGMAS = 20.0
+
+
 class CountStage(DataOnlyCalibration, _Stage[CountInput]):
     """Counts frames into events; turns dark series into the calibration.
 
@@ -150,10 +155,10 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
 
     #: attributes that belong to one series; swapped in by :meth:`_switch`
     #: (dark-frame sums are kept by series id already)
-    PER_SERIES = ("_pending", "_xray_for", "_refining", "_dose", "_held")
+    PER_SERIES = ("_pending", "_xray_for", "_refining", "_dose", "_held", "_levels_checked")
 
     def _fresh_state(self) -> tuple:
-        return ([], None, None, None, [])
+        return ([], None, None, None, [], False)
 
     def _switch(self, series: SeriesInfo) -> None:
         """Make ``series``' state current (several series may be open at once)."""
@@ -236,6 +241,34 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
         ):
             self._xray_for = series  # hold its first frames to place the X-ray threshold
 
+    def _check_levels(self, series: SeriesInfo, item: FrameItem) -> None:
+        """Warn (log and file) when a series' first frame sits far below the dark
+        level of a calibration it did not make: frames the camera dark-subtracted,
+        counted with a raw dark series' or a file's calibration, give almost no
+        events, and nothing else would say why."""
+        cal = series.calibration
+        if item.array is None or cal is None or cal.source == "estimate":
+            return
+        summary = cal.summary()  # its medians are computed once per calibration
+        dark, noise = summary["median_dark_adu"], summary["median_noise_adu"]
+        if dark is None or not noise:
+            return
+        raw = np.asarray(item.array).reshape(-1)
+        if cal.wrapped and raw.dtype.kind == "u":
+            raw = raw.view(f"i{raw.dtype.itemsize}")
+        level = float(np.median(raw[:: max(1, raw.size // 4096)]))
+        if level >= dark - LEVEL_SIGMAS * noise:
+            return
+        text = (
+            f"its frames sit at {level:.0f} ADU, {(dark - level) / noise:.0f} noise sigmas "
+            f"below the dark level of the calibration in use ({dark:.0f} ADU, "
+            f"{series.calibration_source}): frames the camera dark-subtracted? They are "
+            "counted with it and give few events; send such series with no calibration "
+            "file and no dark series before them, or with a calibration made for them"
+        )
+        series.calibration_warning = text
+        log.warning("series %s: %s", series.series_id, text)
+
     def _derive_xray(self, series: SeriesInfo, frames: list[np.ndarray]) -> None:
         """Dark-series calibration + "auto": the X-ray threshold from the first data frames."""
         from streamstore.counting.calibration import DEFAULT_XRAY_FACTOR
@@ -309,6 +342,9 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
                     self._estimate(series)
                     self._drain_pending()
             else:
+                if not self._levels_checked:
+                    self._levels_checked = True
+                    self._check_levels(series, item)
                 refining = self._refining is not None and self._refining[0] is series
                 self._count([item], keep=refining)
                 if refining and item.array is not None:  # counted: the estimator's turn

@@ -506,6 +506,32 @@ def test_wrapped_frames_are_detected_and_counted_by_the_daemon(tmp_path, frames,
     assert np.array_equal(got.offsets, want.offsets)
 
 
+def test_dark_subtracted_frames_under_a_raw_calibration_are_reported(
+    tmp_path, frames, calibration_file
+):
+    """Frames the camera dark-subtracted, sent to a daemon whose calibration is of raw
+    frames, give almost no events; the series' file and the log say why. Raw frames
+    under the same calibration: no such warning."""
+    cal = streamstore.Calibration.load(calibration_file)
+    subtracted = np.maximum(frames[:6].astype(np.int32) - np.rint(cal.dark).astype(np.int32), 0)
+    d = Daemon(tmp_path / "out", "--calibration", str(calibration_file))
+    try:
+        with d.sender() as s:
+            send_series(s, "subtracted", subtracted.astype(np.uint16), range(6))
+            send_series(s, "raw", frames, range(6))
+            d.wait_closed(2)
+        rc = d.stop()
+    finally:
+        d.kill()
+    assert rc == 0, d.log()
+    sub = streamstore.open(tmp_path / "out" / "subtracted.h5")
+    raw = streamstore.open(tmp_path / "out" / "raw.h5")
+    assert "below the dark level of the calibration in use" in sub.calibration_warning
+    assert sub.events(0, 6).n_events < 0.05 * raw.events(0, 6).n_events  # what it explains
+    assert not raw.calibration_warning
+    assert "frames the camera dark-subtracted?" in d.log()
+
+
 def test_estimated_calibration_and_sigint(tmp_path, frames):
     d = Daemon(tmp_path / "out", "--threads", "1", "--idle-timeout", "300")
     flat = np.full((10, *SHAPE), 100, np.uint16)  # nothing to estimate a noise from
