@@ -254,8 +254,7 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
         if dark is None or not noise:
             return
         raw = np.asarray(item.array).reshape(-1)
-        if cal.wrapped and raw.dtype.kind == "u":
-            raw = raw.view(f"i{raw.dtype.itemsize}")
+        raw = raw.view(cal.frame_dtype(raw.dtype))  # signed where the frames wrapped
         level = float(np.median(raw[:: max(1, raw.size // 4096)]))
         if level >= dark - LEVEL_SIGMAS * noise:
             return
