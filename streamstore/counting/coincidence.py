@@ -305,6 +305,43 @@ def pool_tiles(
     return _pool_tiles_kernel(indices, int(width), int(tile), int(n_tx), counts, tiles)
 
 
+def coarse_counts_reference(counts: np.ndarray, n_ty: int, n_tx: int, coarse: int) -> np.ndarray:
+    """Pooled counts of the coarse tiles (``coarse x coarse`` tiles of the ``(n_ty,
+    n_tx)`` grid ``counts``, flat), the frame's edge padded with 0: per coarse tile,
+    each of its rows summed left to right from 0, then the rows top to bottom from 0
+    (the order :func:`coarse_counts` adds in, so the two are equal bit for bit)."""
+    n_cy, n_cx = -(-n_ty // coarse), -(-n_tx // coarse)
+    grid = np.zeros((n_cy * coarse, n_cx * coarse))
+    grid[:n_ty, :n_tx] = counts.reshape(n_ty, n_tx)
+    cols = sum(grid[:, j::coarse] for j in range(coarse))
+    return sum(cols[j::coarse] for j in range(coarse)).ravel()
+
+
+@njit(nogil=True, cache=True)
+def _coarse_counts_kernel(counts, n_ty, n_tx, coarse, out):  # pragma: no cover - numba
+    # row by row through the tiles (sequential reads); each coarse tile takes its
+    # rows' sums in order, from 0, as the reference does
+    n_cx = -(-n_tx // coarse)
+    out[:] = 0.0
+    for ty in range(n_ty):
+        base = (ty // coarse) * n_cx
+        src = ty * n_tx
+        for cx in range(n_cx):
+            row = 0.0
+            for tx in range(cx * coarse, min(cx * coarse + coarse, n_tx)):
+                row += counts[src + tx]
+            out[base + cx] += row
+    return out
+
+
+def coarse_counts(counts: np.ndarray, n_ty: int, n_tx: int, coarse: int) -> np.ndarray:
+    """:func:`coarse_counts_reference` in one pass over the tiles (numpy's strided
+    sums took 0.6 ms of a one-frame ``count()``'s dose at 4092 x 5760)."""
+    n_cy, n_cx = -(-n_ty // coarse), -(-n_tx // coarse)
+    out = np.empty(n_cy * n_cx, np.float64)
+    return _coarse_counts_kernel(counts, int(n_ty), int(n_tx), int(coarse), out)
+
+
 def lookup_events_reference(
     tiles: np.ndarray,
     counts: np.ndarray,
@@ -394,7 +431,7 @@ def packing_excess(lam: float, pair_radius: int = 2) -> float:
     if lam <= 0:
         return 0.0
     alpha = HARD_CORE_AREA * lam
-    p = -np.expm1(-alpha) / alpha
+    p = -math.expm1(-alpha) / alpha  # scalar math: numpy's per-call cost, 12 times
     total = 0.0
     for dy in range(0, min(pair_radius, 2) + 1):
         for dx in range(-min(pair_radius, 2), min(pair_radius, 2) + 1):
@@ -402,9 +439,31 @@ def packing_excess(lam: float, pair_radius: int = 2) -> float:
                 continue
             shared = (3 - dy) * (3 - abs(dx))
             beta = (HARD_CORE_AREA - shared) * lam
-            both = 2.0 / beta * (p + np.expm1(-alpha - beta) / (alpha + beta))
+            both = 2.0 / beta * (p + math.expm1(-alpha - beta) / (alpha + beta))
             total += both / (p * p) - 1.0
     return 2.0 * total
+
+
+@functools.lru_cache(maxsize=16)
+def _pair_geometry(
+    h: int, w: int, radius: int, near: int, lo: int, hi: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+    """For the offsets of a pair histogram of radius ``radius`` on ``h x w`` frames:
+    the places each fits in a frame (float64), the half plane's far offsets
+    (Chebyshev distance ``lo..hi``), its hard-core (1) and soft (``2..near``)
+    offsets, and the share of an event's far partners inside the frame summed over
+    the far offsets (read-only: one per estimator shape)."""
+    dy = np.arange(radius + 1)[:, None]
+    dx = np.arange(-radius, radius + 1)[None, :]
+    half = (dy > 0) | (dx > 0)
+    cheb = np.maximum(dy, np.abs(dx))
+    places = np.maximum((h - dy) * (w - np.abs(dx)), 1).astype(np.float64)
+    far = half & (cheb >= lo) & (cheb <= hi)
+    inside = (h - dy) * (w - np.abs(dx)) / float(h * w)
+    out = (places, far, half & (cheb == 1), half & (cheb >= 2) & (cheb <= near))
+    for a in out:
+        a.flags.writeable = False
+    return (*out, float(inside[far].sum()))
 
 
 def exclusion_areas(
@@ -448,24 +507,19 @@ def exclusion_areas(
     radius = (hist.shape[1] - 1) // 2
     if hist.shape != (radius + 1, 2 * radius + 1) or radius < hi:
         raise ValueError(f"hist: expected shape (R + 1, 2 R + 1) with R >= {hi}, got {hist.shape}")
-    h, w = frame_shape
-    dy = np.arange(radius + 1)[:, None]
-    dx = np.arange(-radius, radius + 1)[None, :]
-    half = (dy > 0) | (dx > 0)
-    cheb = np.maximum(dy, np.abs(dx))
-    places = np.maximum((h - dy) * (w - np.abs(dx)), 1).astype(np.float64)
-    far = half & (cheb >= lo) & (cheb <= hi)
+    places, far, hard_zone, soft_zone, inside_far = _pair_geometry(
+        int(frame_shape[0]), int(frame_shape[1]), radius, near, lo, hi
+    )
     n_far = float(hist[far].sum())
     if n_far == 0:
         return HARD_CORE_AREA, 0.0
     rate = hist / places
     deficit = 1.0 - rate / rate[far].mean()
-    hard = 1.0 + 2.0 * float(np.sum(deficit[half & (cheb == 1)]))
-    soft = 2.0 * float(np.sum(deficit[half & (cheb >= 2) & (cheb <= near)]))
+    hard = 1.0 + 2.0 * float(np.sum(deficit[hard_zone]))
+    soft = 2.0 * float(np.sum(deficit[soft_zone]))
     if pair_events:
         # partners per event at the far offsets (less those past the frame's edge)
-        inside = (h - dy) * (w - np.abs(dx)) / float(h * w)
-        mu = n_far / (pair_events * float(inside[far].sum()))
+        mu = n_far / (pair_events * inside_far)
         lam = _electrons_scalar(mu, max(hard, 1.0), max(soft, 0.0))
         soft += packing_excess(lam, near)
     soft *= n_far / (n_far + _FAR_PAIRS_PRIOR)
@@ -476,4 +530,5 @@ def exclusion_areas(
 serialize_saves(_pair_histogram_kernel)
 serialize_saves(_pool_tiles_kernel)
 serialize_saves(_lookup_events_kernel)
+serialize_saves(_coarse_counts_kernel)
 serialize_saves(_lookup_tiles_kernel)

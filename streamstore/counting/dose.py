@@ -123,6 +123,8 @@ from streamstore.counting.coincidence import (  # noqa: F401  (re-exported: the 
     MAX_FILL,
     _check_radii,
     _inverse_table,
+    coarse_counts,
+    coarse_counts_reference,
     electrons_from_events,
     events_from_electrons,
     exclusion_areas,
@@ -315,7 +317,14 @@ class DoseCorrector:
         est = self.estimator
         est.refresh = max(1, batch.n_frames)
         tiles = est.pool(batch) if batch.n_frames else np.zeros(0, np.int64)
-        if frames is not None and self._maps is not None and self.charge:
+        # the windows give one electron's charge, which only dense tiles use: with
+        # every count of the series pooled, whether any tile is dense is known now
+        if (
+            frames is not None
+            and self._maps is not None
+            and self.charge
+            and est.may_flag(_DENSE)
+        ):
             for i in range(batch.n_frames):
                 a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
                 self._sample_windows(self._raw(frames, i), batch.indices[a:b])

@@ -16,6 +16,8 @@ import numpy as np
 from streamstore.counting.coincidence import (
     _check_radii,
     _inverse_table,
+    coarse_counts,
+    coarse_counts_reference,
     exclusion_areas,
     lookup_events,
     lookup_events_reference,
@@ -90,18 +92,6 @@ def _coarse_of(h: int, w: int, tile: int, coarse: int) -> np.ndarray:
     ).ravel()
     out.flags.writeable = False
     return out
-
-
-def _coarse_counts(counts: np.ndarray, n_ty: int, n_tx: int, coarse: int) -> np.ndarray:
-    """Pooled counts of the coarse tiles (``coarse x coarse`` tiles), flat."""
-    n_cy, n_cx = -(-n_ty // coarse), -(-n_tx // coarse)
-    grid = counts.reshape(n_ty, n_tx)
-    if (n_cy * coarse, n_cx * coarse) != (n_ty, n_tx):  # the frame's edge: pad with 0
-        grid = np.zeros((n_cy * coarse, n_cx * coarse))
-        grid[:n_ty, :n_tx] = counts.reshape(n_ty, n_tx)
-    # strided sums: numpy's reduction over the axes of a 4-d view took 7 x as long
-    cols = sum(grid[:, j::coarse] for j in range(coarse))
-    return sum(cols[j::coarse] for j in range(coarse)).ravel()
 
 
 class DoseEstimator:
@@ -266,11 +256,17 @@ class DoseEstimator:
             self._lut_counts = self._counts.copy()
             self._factor = self._factor_of(*self._effective())
             return
+        coarse = None
+        if self.implementation == "numba" and self._threads() > 1:
+            # the coarse counts (a pass over every tile, no GIL) beside the tables
+            from streamstore.counting._launch import _thread_pool
+
+            coarse = _thread_pool().submit(self._coarse_counts)
         self._lut, self._flag_luts = self._tables()
         # the tables' counts: these counts, until the next pooling copies them (a
         # one-call count() pools once and refreshes once: no copy)
         self._lut_counts = self._counts
-        coarse = _coarse_counts(self._counts, self.n_ty, self.n_tx, COARSE)
+        coarse = self._coarse_counts() if coarse is None else coarse.result()
         self._own = self._own_of(coarse)
         # the coarse tiles that count (not own) hold fewer than MIN_EVENTS events a
         # whole tile: a table by class and count, as for the tiles
@@ -281,6 +277,11 @@ class DoseEstimator:
         used = np.where(self._own, 0, np.minimum(coarse, size - 1)).astype(np.int64)
         self._coarse_factor = table[self._coarse_classes, used]
 
+    def _coarse_counts(self) -> np.ndarray:
+        """Pooled counts of the coarse tiles, flat."""
+        impl = coarse_counts if self.implementation == "numba" else coarse_counts_reference
+        return impl(self._counts, self.n_ty, self.n_tx, COARSE)
+
     def _own_of(self, coarse: np.ndarray) -> np.ndarray:
         """Per coarse tile: whether its tiles' own counts are used (MIN_EVENTS)."""
         return coarse * (self.tile * self.tile / self._coarse_area) >= MIN_EVENTS
@@ -288,7 +289,7 @@ class DoseEstimator:
     def _effective(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per tile, the pooled count, area and side its density is taken from: its
         own, or its coarse tile's while that holds fewer than MIN_EVENTS per tile."""
-        coarse = _coarse_counts(self._counts, self.n_ty, self.n_tx, COARSE)
+        coarse = self._coarse_counts()
         low = ~self._own_of(coarse)[self._coarse_of]
         counts = np.where(low, coarse[self._coarse_of], self._counts)
         area = np.where(low, self._coarse_area[self._coarse_of], self._tile_area)

@@ -115,6 +115,7 @@ def _warm_dose() -> int:
         coincidence._pool_tiles_kernel,
         coincidence._lookup_events_kernel,
         coincidence._lookup_tiles_kernel,
+        coincidence._coarse_counts_kernel,
         charge._tile_charge_kernel,
         charge._window_charge_kernel,
     ]
@@ -129,6 +130,7 @@ def _warm_dose() -> int:
     coincidence.lookup_events(np.arange(9), np.zeros(9), classes, np.ones((4, 1)), coarse_of,
                               own, np.ones(3))  # fmt: skip
     coincidence.lookup_tiles(np.zeros(9), classes, np.ones((2, 4, 1), np.bool_))
+    coincidence.coarse_counts(np.zeros(9), 1, 9, 4)
     dark16 = np.zeros((8, 70), np.int32)
     gain = np.ones((8, 70), np.uint16)
     good = np.ones((8, 70), np.uint8)

@@ -159,7 +159,8 @@ def test_after_the_warm_up_no_calibration_compiles_a_kernel(rng):
     # tables included, are those the warm-up gave them)
     kernels = (k._count_items, k._compact, k._gather, coincidence._pair_histogram_kernel,
                coincidence._pool_tiles_kernel, coincidence._lookup_events_kernel,
-               coincidence._lookup_tiles_kernel, charge._tile_charge_kernel,
+               coincidence._lookup_tiles_kernel, coincidence._coarse_counts_kernel,
+               charge._tile_charge_kernel,
                charge._window_charge_kernel)  # fmt: skip
     compiled = [len(d.signatures) for d in kernels]
     rows = set()

@@ -18,6 +18,8 @@ from streamstore.counting.dose import (
     HARD_CORE_AREA,
     MIN_EVENTS,
     DoseEstimator,
+    coarse_counts,
+    coarse_counts_reference,
     corrected_electrons,
     electrons_from_events,
     events_from_electrons,
@@ -123,6 +125,23 @@ def test_pool_tiles_numba_matches_reference(shape, tile):
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(got_counts, ref_counts)
     assert ref_counts.sum() == 2.0 * n_tiles + b.n_events > 2.0 * n_tiles
+
+
+@pytest.mark.parametrize(("n_ty", "n_tx"), [(8, 12), (9, 13), (3, 2), (1, 1)])
+def test_coarse_counts_numba_matches_reference(n_ty, n_tx):
+    """Equal bit for bit, forgetting's fractional counts included (the same order
+    of additions), whole coarse tiles and those the frame's edge cuts short."""
+    rng = np.random.default_rng(11)
+    counts = rng.random(n_ty * n_tx) * rng.integers(0, 2, n_ty * n_tx) * 1e3 / 7
+    got = coarse_counts(counts, n_ty, n_tx, 4)
+    ref = coarse_counts_reference(counts, n_ty, n_tx, 4)
+    assert got.tobytes() == ref.tobytes()
+    n_cx = -(-n_tx // 4)
+    grid = counts.reshape(n_ty, n_tx)
+    for cy in range(-(-n_ty // 4)):
+        for cx in range(n_cx):
+            block = grid[4 * cy : 4 * cy + 4, 4 * cx : 4 * cx + 4]
+            assert got[cy * n_cx + cx] == pytest.approx(block.sum(), rel=1e-12, abs=1e-12)
 
 
 def test_estimators_agree_whatever_pools_the_tiles():
