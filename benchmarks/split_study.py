@@ -3,6 +3,7 @@
     python -m benchmarks.split_study                       # default physics, 0.01 e/px/frame
     python -m benchmarks.split_study --emulator read_noise_adu=6 --dose 0.01
     python -m benchmarks.split_study --frames 4 --max-events 300   # a quick look
+    python -m benchmarks.split_study --width 0.62   # clouds of a wrong width: the model's error
 
 A study for the next counting rule, not a measurement of the product: it asks
 how many merged electrons a test that uses the whole pixel pattern of an event
@@ -101,6 +102,7 @@ def run(
     min_charge: float,
     max_events: int,
     width_events: int = 300,
+    width: float | None = None,
     log=print,
 ) -> dict[str, Any]:
     """Emulate, count, fit; the study's figures (see the module docstring)."""
@@ -138,7 +140,8 @@ def run(
             elif 0.8 <= q < 1.5 and len(widths) < width_events:
                 wt = weight_map[r[j] - 2 : r[j] + 3, c[j] - 2 : c[j] + 3]
                 widths.append(_width(win, wt))
-    sigma = float(np.median(widths))
+    measured = float(np.median(widths))
+    sigma = measured if width is None else float(width)  # a wrong width: the model's error
     cands = cands[:max_events]
     stat = np.zeros(len(cands))
     clouds = np.zeros((len(cands), 2, 2))
@@ -183,7 +186,8 @@ def run(
         "electrons": int(sum(len(np.asarray(t).reshape(-1, 2)) for t in truth.positions)),
         "base_events": int(base.n_events),
         "electron_charge_adu": e_unit,
-        "fitted_width_px": round(sigma, 4),
+        "fitted_width_px": round(measured, 4),
+        "width_used_px": round(sigma, 4),
         "candidates": len(cands),
         "no_splits": score(None),
         "resolve_rule": {"recall": round(ruled.recall, 5), "precision": round(ruled.precision, 5)},
@@ -205,11 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--width-events", type=int, default=300, help="lone events whose width is fitted (300)"
     )
+    p.add_argument(
+        "--width", type=float, default=None, help="fit clouds of this width, not the measured one"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     record.add_options(p)
     args = p.parse_args(argv)
     res = run(args.shape, args.dose, args.frames, args.emulator, args.seed, args.min_charge,
-              args.max_events, args.width_events,
+              args.max_events, args.width_events, args.width,
               log=(lambda *a: None) if args.json else print)  # fmt: skip
     record.save("split_study", res, args)
     if args.json:

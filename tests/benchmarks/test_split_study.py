@@ -47,6 +47,7 @@ def test_split_study_json(capsys, tmp_path):
     assert json.loads(saved.read_text())["figures"] == out
     assert 0 < out["candidates"] <= 20
     assert out["fitted_width_px"] == pytest.approx(0.5, abs=0.08)  # the emulator's point spread
+    assert out["width_used_px"] == out["fitted_width_px"]
     shares = [out["no_splits"], out["resolve_rule"], *out["fit"].values()]
     assert all(0 < s["recall"] <= 1 and 0 < s["precision"] <= 1 for s in shares)
     assert set(out["fit"]) == {str(t) for t in study.THRESHOLDS}
