@@ -254,7 +254,7 @@ class DoseEstimator:
         self._flags = None
         if self.memory is not None:
             self._lut_counts = self._counts.copy()
-            self._factor = self._factor_of(*self._effective())
+            self._factor = self._tile_factor()
             return
         coarse = None
         if self.implementation == "numba" and self._threads() > 1:
