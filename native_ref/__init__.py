@@ -1,6 +1,7 @@
 """native_ref: plain C twins of streamstore's hot kernels, built on first use.
 
-The C sources (``count.c``, the peak rule; ``resolve.c``, the resolve rule)
+The C sources (``count.c``, the peak rule; ``resolve.c``, the resolve rule;
+``fit.c``, the cloud fit of the "fit" rule)
 are compiled with the system C compiler (``cc -O3 -march=native -shared -fPIC
 -std=c99 -ffp-contract=off``: no fused multiply-add, so the resolve rule's
 float64 test rounds as numpy and numba do; ``$CC`` overrides ``cc``) into
@@ -27,10 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["NativeBuildError", "count_native", "count_resolve_native", "library_path", "load"]
+__all__ = [
+    "NativeBuildError",
+    "count_native",
+    "count_resolve_native",
+    "fit_windows_native",
+    "library_path",
+    "load",
+]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("count.c", "resolve.c")
+_SOURCES = ("count.c", "resolve.c", "fit.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -104,6 +112,9 @@ def load() -> ctypes.CDLL:
                 fn.restype = i64
                 fn.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, ctypes.c_int32,
                                i64, i64, i64, i64, p, p, p]  # fmt: skip
+            d = ctypes.c_double
+            lib.fit_windows.restype = None
+            lib.fit_windows.argtypes = [p, p, i64, p, p, i64, d, d, d, p, i64, p, p]
             _lib = lib
         return _lib
 
@@ -213,3 +224,34 @@ def count_resolve_native(
     indices = out_idx[:k].copy()
     sub = out_sub[:k].copy() if subpixel else None
     return offsets, indices, sub
+
+
+def fit_windows_native(
+    win: np.ndarray,
+    iv: np.ndarray,
+    cdf: np.ndarray,
+    pdf: np.ndarray,
+    t0: float,
+    inv_h: float,
+    drop: float,
+) -> np.ndarray:
+    """C form of the cloud fit (``fit.c``); the inputs and output of
+    :func:`streamstore.counting._fit_reference.fit_windows_reference`."""
+    from streamstore.counting._fit_reference import ITERS_ONE, ITERS_TWO, LAM, STARTS, TOL
+
+    win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
+    iv = np.ascontiguousarray(iv, np.float64).reshape(-1, 25)
+    if iv.shape != win.shape:
+        raise ValueError(f"iv has shape {iv.shape}, expected {win.shape}")
+    cdf = np.ascontiguousarray(cdf, np.float64)
+    pdf = np.ascontiguousarray(pdf, np.float64)
+    if cdf.shape != pdf.shape or cdf.ndim != 1 or cdf.size < 2:
+        raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
+    starts = np.ascontiguousarray(STARTS, np.float64)
+    conf = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL], np.float64)
+    out = np.zeros((win.shape[0], 8), np.float64)
+    load().fit_windows(
+        _ptr(win), _ptr(iv), win.shape[0], _ptr(cdf), _ptr(pdf), cdf.size, float(t0),
+        float(inv_h), float(drop), _ptr(starts), starts.shape[0], _ptr(conf), _ptr(out),
+    )  # fmt: skip
+    return out

@@ -56,15 +56,18 @@ class Counter:
         Fill ``EventBatch.electrons``: a :class:`~streamstore.counting.dose.DoseCorrector`
         pools the frames this Counter counts, call after call, and corrects each
         frame from the frames up to it. False: ``electrons`` stays None.
-    method : {"peak", "resolve"}, default "peak"
+    method : {"peak", "resolve", "fit"}, default "peak"
         "peak": a pixel above ``n_sigma`` noise that is a 3 x 3 local maximum
         (``_reference.py``). "resolve": candidates at a lower threshold, accepted
         on the peak rule or on the charge of a 2 x 2 quadrant, and events split in
         two on charge and anisotropy (``_resolve_reference.py``); finds electrons
         whose charge is spread over several pixels, and some merged ones. Opt-in:
-        not yet as fast.
+        not yet as fast. "fit": the events of "resolve" without its splits, and
+        each lone event of ``fit_charge`` electrons or more fitted with one
+        electron's cloud and with two (:mod:`streamstore.counting.fit`): finds
+        more of the merged electrons, at some microseconds an event fitted.
     resolve : ResolveParams, optional
-        Thresholds of the "resolve" method (default ``ResolveParams()``).
+        Thresholds of the "resolve" and "fit" methods (default ``ResolveParams()``).
     electron_charge : float, optional
         One electron's gain-corrected charge in ADU, the split unit of "resolve".
         None: measured on the first call's frames
@@ -72,8 +75,11 @@ class Counter:
         too few electrons have been seen, nothing is split. The first call's
         frames also set how much wider the noise of a 2 x 2 sum is than
         independent pixels give (:func:`~streamstore.counting.resolve.quadrant_noise_factor`,
-        ``Counter.noise_factor``), so "resolve" events depend on what the first
-        call counted, never on the thread count.
+        ``Counter.noise_factor``) and, for "fit", one electron's cloud width
+        (:func:`~streamstore.counting.fit.cloud_width`, ``Counter.cloud_width``;
+        no fits while too few lone electrons have been seen), so "resolve" and
+        "fit" events depend on what the first call counted, never on the thread
+        count.
 
     Notes
     -----
@@ -109,8 +115,8 @@ class Counter:
             raise ValueError(
                 f"implementation must be 'numba', 'reference' or 'native', got {implementation!r}"
             )
-        if method not in ("peak", "resolve"):
-            raise ValueError(f"method must be 'peak' or 'resolve', got {method!r}")
+        if method not in ("peak", "resolve", "fit"):
+            raise ValueError(f"method must be 'peak', 'resolve' or 'fit', got {method!r}")
         self.method = method
         self.resolve = None
         self.calibration = calibration
@@ -139,7 +145,7 @@ class Counter:
             )
         self._dose_lock = threading.Lock()
 
-        if method == "resolve":
+        if method in ("resolve", "fit"):
             from streamstore.counting.resolve import ResolveParams, charge_units
 
             self.resolve = ResolveParams() if resolve is None else resolve
@@ -150,6 +156,8 @@ class Counter:
             self.anisotropy: float | None = None
             #: widening of the quadrant noise, measured on the first call's frames
             self.noise_factor: float | None = None
+            #: one electron's cloud width (px) for "fit", measured on the first call's frames
+            self.cloud_width: float | None = None
             # the first call measures; a concurrent first call waits for it
             self._measure_lock = threading.Lock()
             if electron_charge is not None:
@@ -201,7 +209,7 @@ class Counter:
         )
         if arr.shape[0] == 0:
             return EventBatch.empty(0, self.frame_shape, self.subpixel)
-        if self.method == "resolve":
+        if self.method in ("resolve", "fit"):
             offsets, indices, sub = self._count_resolve(arr)
         elif self.implementation == "numba":
             from streamstore.counting._launch import count_frames
@@ -277,6 +285,8 @@ class Counter:
                     self.anisotropy = single[1]
         lo, lo_c, dark, gain, qthr, level = maps
         e_unit = 2**40 if self._e_unit is None else self._e_unit  # unknown: no splits
+        if self.method == "fit":  # the fit splits, not the rule
+            e_unit = 2**40
         args = (
             arr, lo, lo_c, dark, gain, qthr, level, self._radius, self.subpixel, e_unit,
             *self.resolve.integers(self.anisotropy or 0.0),
@@ -289,21 +299,64 @@ class Counter:
                 if key + ("unsigned",) not in self._derived:
                     self._derived[key + ("unsigned",)] = tuple(map(as_unsigned, (lo, lo_c, dark)))
                 args = (arr, *self._derived[key + ("unsigned",)], *args[4:])
-            return count_resolve_frames(*args, threads=self.threads)
-        if self.implementation == "reference":
+            found = count_resolve_frames(*args, threads=self.threads)
+        elif self.implementation == "reference":
             from streamstore.counting._resolve_reference import count_resolve_reference
 
-            return count_resolve_reference(*args)
-        from native_ref import count_resolve_native
+            found = count_resolve_reference(*args)
+        else:
+            from native_ref import count_resolve_native
 
-        return count_resolve_native(*args)
+            found = count_resolve_native(*args)
+        if self.method == "fit":
+            found = self._fit_splits(arr, dark, gain, found)
+        return found
+
+    def _fit_splits(
+        self,
+        arr: np.ndarray,
+        dark: np.ndarray,
+        gain: np.ndarray | None,
+        found: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Method "fit": the lone events of ``found`` that two clouds fit better split."""
+        from functools import partial
+
+        from streamstore.counting.fit import cloud_width, fit_maps, fit_splits, lone_windows
+
+        key = ("fit_weights", self.kernel_dtype.str)
+        if key not in self._derived:
+            self._derived[key] = fit_maps(self.calibration, gain)
+        lone = lone_windows(arr, dark, gain, self._derived[key], found[0], found[1])
+        with self._measure_lock:
+            if self.cloud_width is None and self._e_unit is not None:
+                # lone events of one electron's charge (0.8 to 1.2) give the width
+                q16 = 16 * lone[1]
+                one = (q16 >= 13 * self._e_unit) & (q16 < 19 * self._e_unit)
+                if one.sum() >= 50:
+                    pick = np.flatnonzero(one)[:400]
+                    self.cloud_width = cloud_width(lone[2][pick], lone[3][pick], self.threads)
+        if self.cloud_width is None or self._e_unit is None:
+            return found
+        if self.implementation == "numba":
+            from streamstore.counting._fit_kernels import fit_windows
+
+            fitter = partial(fit_windows, threads=self.threads)
+        elif self.implementation == "reference":
+            from streamstore.counting._fit_reference import fit_windows_reference as fitter
+        else:
+            from native_ref import fit_windows_native as fitter
+        return fit_splits(
+            arr.shape, lone, *found, self._e_unit, self.cloud_width, self.resolve.fit_drop,
+            int(round(16 * self.resolve.fit_charge)), fitter,
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         return (
             f"Counter(frame_shape={self.frame_shape}, dtype={self.dtype}, "
             f"subpixel={self.subpixel}, threads={self.threads}, "
             f"implementation={self.implementation!r}"
-            + (", method='resolve')" if self.method == "resolve" else ")")
+            + (f", method={self.method!r})" if self.method != "peak" else ")")
         )
 
 

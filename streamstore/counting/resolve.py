@@ -61,6 +61,11 @@ class ResolveParams:
         its brightest neighbour less the variance across it. A single electron's
         cloud is round (near 0); two electrons ``d`` apart add ``d^2 / 4``. 16 or
         more: no split on shape.
+    fit_drop : float
+        Method "fit" (:mod:`streamstore.counting.fit`): an event is split where
+        two clouds leave a chi-square lower than one cloud by more than this.
+    fit_charge : float
+        Method "fit": events of less charge (electrons, in their 3 x 3) are not fitted.
 
     Notes
     -----
@@ -78,6 +83,8 @@ class ResolveParams:
     pair_charge: float = 1.6
     any_charge: float = 64.0
     pair_spread: float = 0.45
+    fit_drop: float = 30.0
+    fit_charge: float = 1.2
 
     def integers(self, spread_offset: float = 0.0) -> tuple[int, int, int]:
         """``(pair16, any16, spread16)``: the split thresholds in sixteenths;

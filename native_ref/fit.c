@@ -1,0 +1,184 @@
+/*
+ * native_ref/fit.c - plain C twin of streamstore's cloud fit (one electron or two
+ * in a 5 x 5 window).
+ *
+ * Same semantics as streamstore/counting/_fit_reference.py, bit for bit: every
+ * double operation in the reference's order (compiled with -ffp-contract=off, so
+ * no fused multiply-add):
+ *   table     = linear interpolation of the cloud's cdf and pdf at t
+ *   cloud     = (a * sy[i]) * sx[j], sy[i] = cdf(i - 1 - y) - cdf(i - 2 - y)
+ *   chi2      = sum over q of (iv[q] * r) * r, r = win[q] - model[q]
+ *   fit       = Levenberg-Marquardt, Cholesky of the damped normal equations
+ *   one cloud = from the centre of mass of the positive charge of the central 3 x 3
+ *   two       = only where one cloud leaves chi2 > drop, from each start offset
+ * conf = {iters one, iters two, lam first, lam least, lam greatest, tol}.
+ * Output per window: chi2 one, chi2 two, a1, y1, x1, a2, y2, x2.
+ */
+#include <math.h>
+#include <stdint.h>
+
+typedef struct {
+    const double *cdf, *pdf;
+    int64_t n;
+    double t0, inv_h;
+} ft_table;
+
+static void ft_lookup(const ft_table *tb, double t, double *c, double *p) {
+    double x = (t - tb->t0) * tb->inv_h;
+    if (x < 0.0) x = 0.0;
+    if (x > (double)tb->n - 1.0) x = (double)tb->n - 1.0;
+    int64_t k = (int64_t)floor(x);
+    if (k > tb->n - 2) k = tb->n - 2;
+    double f = x - (double)k;
+    *c = tb->cdf[k] + f * (tb->cdf[k + 1] - tb->cdf[k]);
+    *p = tb->pdf[k] + f * (tb->pdf[k + 1] - tb->pdf[k]);
+}
+
+static void ft_shares(const ft_table *tb, double mu, double *s, double *d) {
+    double lo_c, lo_p, hi_c, hi_p;
+    ft_lookup(tb, -2.0 - mu, &lo_c, &lo_p);
+    for (int k = 0; k < 5; k++) {
+        ft_lookup(tb, ((double)k - 1.0) - mu, &hi_c, &hi_p);
+        s[k] = hi_c - lo_c;
+        d[k] = -(hi_p - lo_p);
+        lo_c = hi_c;
+        lo_p = hi_p;
+    }
+}
+
+/* model m and derivatives jac (25 x 6, row-major) at p; the chi-square */
+static double ft_chi2(const double *p, int nc, const double *w, const double *iv,
+                      const ft_table *tb, double *m, double *jac) {
+    double sy[5], dy[5], sx[5], dx[5];
+    for (int q = 0; q < 25; q++) m[q] = 0.0;
+    for (int c = 0; c < nc; c++) {
+        double a = p[3 * c];
+        ft_shares(tb, p[3 * c + 1], sy, dy);
+        ft_shares(tb, p[3 * c + 2], sx, dx);
+        for (int i = 0; i < 5; i++) {
+            for (int j = 0; j < 5; j++) {
+                int q = 5 * i + j;
+                m[q] = m[q] + (a * sy[i]) * sx[j];
+                jac[q * 6 + 3 * c] = sy[i] * sx[j];
+                jac[q * 6 + 3 * c + 1] = (a * dy[i]) * sx[j];
+                jac[q * 6 + 3 * c + 2] = (a * sy[i]) * dx[j];
+            }
+        }
+    }
+    double t = 0.0;
+    for (int q = 0; q < 25; q++) {
+        double r = w[q] - m[q];
+        t = t + (iv[q] * r) * r;
+    }
+    return t;
+}
+
+static double ft_lm(double *p, int nc, const double *w, const double *iv, const ft_table *tb,
+                    int64_t iters, const double *conf) {
+    int n = 3 * nc;
+    double m[25], jac[25 * 6], A[6][6], L[6][6], g[6], z[6], step[6], trial[6];
+    double lam = conf[2];
+    double cur = ft_chi2(p, nc, w, iv, tb, m, jac);
+    for (int64_t it = 0; it < iters; it++) {
+        for (int a = 0; a < n; a++) {
+            for (int b = 0; b <= a; b++) {
+                double t = 0.0;
+                for (int q = 0; q < 25; q++) t = t + (iv[q] * jac[q * 6 + a]) * jac[q * 6 + b];
+                A[a][b] = t;
+            }
+            double t = 0.0;
+            for (int q = 0; q < 25; q++) t = t + (iv[q] * jac[q * 6 + a]) * (w[q] - m[q]);
+            g[a] = t;
+        }
+        int taken = 0, done = 0;
+        while (!taken && lam <= conf[4]) {
+            int ok = 1;
+            for (int a = 0; a < n && ok; a++) {
+                for (int b = 0; b <= a; b++) {
+                    double t = A[a][b];
+                    if (a == b) t = t + lam * A[a][a];
+                    for (int k = 0; k < b; k++) t = t - L[a][k] * L[b][k];
+                    if (a == b) {
+                        if (t <= 0.0) {
+                            ok = 0;
+                            break;
+                        }
+                        L[a][a] = sqrt(t);
+                    } else {
+                        L[a][b] = t / L[b][b];
+                    }
+                }
+            }
+            if (ok) {
+                for (int a = 0; a < n; a++) {
+                    double t = g[a];
+                    for (int k = 0; k < a; k++) t = t - L[a][k] * z[k];
+                    z[a] = t / L[a][a];
+                }
+                for (int a = n - 1; a >= 0; a--) {
+                    double t = z[a];
+                    for (int k = a + 1; k < n; k++) t = t - L[k][a] * step[k];
+                    step[a] = t / L[a][a];
+                }
+                for (int a = 0; a < n; a++) trial[a] = p[a] + step[a];
+                double nw = ft_chi2(trial, nc, w, iv, tb, m, jac);
+                if (nw < cur) {
+                    done = cur - nw <= conf[5] * cur;
+                    cur = nw;
+                    for (int a = 0; a < n; a++) p[a] = trial[a];
+                    lam = lam * 0.1;
+                    if (lam < conf[3]) lam = conf[3];
+                    taken = 1;
+                }
+            }
+            if (!taken) lam = lam * 10.0;
+        }
+        if (!taken || done) break;
+    }
+    return cur;
+}
+
+void fit_windows(const double *win, const double *iv, int64_t m, const double *cdf,
+                 const double *pdf, int64_t n_tab, double t0, double inv_h, double drop,
+                 const double *starts, int64_t n_starts, const double *conf, double *out) {
+    ft_table tb = {cdf, pdf, n_tab, t0, inv_h};
+    for (int64_t k = 0; k < m; k++) {
+        const double *w = win + 25 * k;
+        const double *wt = iv + 25 * k;
+        double *o = out + 8 * k;
+        double tot = 0.0, ty = 0.0, tx = 0.0;
+        for (int i = 1; i < 4; i++) {
+            for (int j = 1; j < 4; j++) {
+                double v = w[5 * i + j];
+                if (v > 0.0) {
+                    tot = tot + v;
+                    ty = ty + v * (double)(i - 2);
+                    tx = tx + v * (double)(j - 2);
+                }
+            }
+        }
+        double p1[3] = {0.0, 0.5, 0.5};
+        if (tot > 0.0) {
+            p1[0] = tot;
+            p1[1] = 0.5 + ty / tot;
+            p1[2] = 0.5 + tx / tot;
+        }
+        double one = ft_lm(p1, 1, w, wt, &tb, (int64_t)conf[0], conf);
+        o[0] = one;
+        o[1] = one;
+        for (int a = 2; a < 8; a++) o[a] = 0.0;
+        if (!(one > drop)) continue;
+        double best = INFINITY;
+        for (int64_t s = 0; s < n_starts; s++) {
+            double oy = starts[2 * s], ox = starts[2 * s + 1];
+            double half = p1[0] * 0.5;
+            double p2[6] = {half, p1[1] + oy, p1[2] + ox, half, p1[1] - oy, p1[2] - ox};
+            double two = ft_lm(p2, 2, w, wt, &tb, (int64_t)conf[1], conf);
+            if (two < best) {
+                best = two;
+                o[1] = two;
+                for (int a = 0; a < 6; a++) o[2 + a] = p2[a];
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+"""numba kernel of the cloud fit; ``_fit_reference.py`` is its specification.
+
+The same float64 operations in the same order as the reference (numba does not
+fuse multiply-adds without fastmath), on work arrays allocated once per block
+of windows. Windows are independent, so blocks of them run on a thread pool and
+the result does not depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
+import numpy as np
+from numba import njit
+
+from streamstore._numba_cache import compiling_alone, serialize_saves
+from streamstore.counting._fit_reference import ITERS_ONE, ITERS_TWO, LAM, STARTS, TOL
+
+__all__ = ["fit_windows"]
+
+_OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+_STARTS = np.array(STARTS, np.float64)
+# the reference's constants travel as arguments: numba's cache keys on this file only
+_CONF = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL], np.float64)
+_BLOCK = 256  # windows a pool task fits
+_pool: ThreadPoolExecutor | None = None
+_ran = False
+
+
+@njit(**_OPTS)
+def _lookup(cdf, pdf, t, t0, inv_h):
+    """Both tables at ``t`` (rule 1)."""
+    n = cdf.shape[0]
+    x = (t - t0) * inv_h
+    if x < 0.0:
+        x = 0.0
+    if x > n - 1.0:
+        x = n - 1.0
+    k = int(math.floor(x))
+    if k > n - 2:
+        k = n - 2
+    f = x - k
+    return cdf[k] + f * (cdf[k + 1] - cdf[k]), pdf[k] + f * (pdf[k + 1] - pdf[k])
+
+
+@njit(**_OPTS)
+def _shares(mu, cdf, pdf, t0, inv_h, s, d):
+    """Shares of one cloud at ``mu`` in the window's five pixels, and their derivatives."""
+    lo_c, lo_p = _lookup(cdf, pdf, -2.0 - mu, t0, inv_h)
+    for k in range(5):
+        hi_c, hi_p = _lookup(cdf, pdf, (k - 1.0) - mu, t0, inv_h)
+        s[k] = hi_c - lo_c
+        d[k] = -(hi_p - lo_p)
+        lo_c = hi_c
+        lo_p = hi_p
+
+
+@njit(**_OPTS)
+def _chi2(p, nc, w, iv, cdf, pdf, t0, inv_h, m, jac, sh):
+    sy, dy, sx, dx = sh[0], sh[1], sh[2], sh[3]
+    for q in range(25):
+        m[q] = 0.0
+    for c in range(nc):
+        a = p[3 * c]
+        _shares(p[3 * c + 1], cdf, pdf, t0, inv_h, sy, dy)
+        _shares(p[3 * c + 2], cdf, pdf, t0, inv_h, sx, dx)
+        for i in range(5):
+            for j in range(5):
+                q = 5 * i + j
+                m[q] = m[q] + (a * sy[i]) * sx[j]
+                jac[q, 3 * c] = sy[i] * sx[j]
+                jac[q, 3 * c + 1] = (a * dy[i]) * sx[j]
+                jac[q, 3 * c + 2] = (a * sy[i]) * dx[j]
+    t = 0.0
+    for q in range(25):
+        r = w[q] - m[q]
+        t = t + (iv[q] * r) * r
+    return t
+
+
+@njit(**_OPTS)
+def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, ws):
+    m, jac, A, L, vec, sh = ws
+    g, z, step, trial = vec[0], vec[1], vec[2], vec[3]
+    n = 3 * nc
+    lam = lam0
+    cur = _chi2(p, nc, w, iv, cdf, pdf, t0, inv_h, m, jac, sh)
+    for _ in range(iters):
+        for a in range(n):
+            for b in range(a + 1):
+                t = 0.0
+                for q in range(25):
+                    t = t + (iv[q] * jac[q, a]) * jac[q, b]
+                A[a, b] = t
+            t = 0.0
+            for q in range(25):
+                t = t + (iv[q] * jac[q, a]) * (w[q] - m[q])
+            g[a] = t
+        taken = False
+        done = False
+        while not taken and lam <= lam_max:
+            ok = True
+            for a in range(n):
+                for b in range(a + 1):
+                    t = A[a, b]
+                    if a == b:
+                        t = t + lam * A[a, a]
+                    for k in range(b):
+                        t = t - L[a, k] * L[b, k]
+                    if a == b:
+                        if t <= 0.0:
+                            ok = False
+                            break
+                        L[a, a] = math.sqrt(t)
+                    else:
+                        L[a, b] = t / L[b, b]
+                if not ok:
+                    break
+            if ok:
+                for a in range(n):
+                    t = g[a]
+                    for k in range(a):
+                        t = t - L[a, k] * z[k]
+                    z[a] = t / L[a, a]
+                for a in range(n - 1, -1, -1):
+                    t = z[a]
+                    for k in range(a + 1, n):
+                        t = t - L[k, a] * step[k]
+                    step[a] = t / L[a, a]
+                for a in range(n):
+                    trial[a] = p[a] + step[a]
+                new = _chi2(trial, nc, w, iv, cdf, pdf, t0, inv_h, m, jac, sh)
+                if new < cur:
+                    done = cur - new <= tol * cur
+                    cur = new
+                    for a in range(n):
+                        p[a] = trial[a]
+                    lam = max(lam * 0.1, lam_min)
+                    taken = True
+            if not taken:
+                lam = lam * 10.0
+        if not taken or done:
+            break
+    return cur
+
+
+@njit(**_OPTS)
+def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
+    iters1, iters2 = int(conf[0]), int(conf[1])
+    lam0, lam_min, lam_max, tol = conf[2], conf[3], conf[4], conf[5]
+    ws = (
+        np.empty(25),
+        np.empty((25, 6)),
+        np.empty((6, 6)),
+        np.empty((6, 6)),
+        np.empty((4, 6)),
+        np.empty((4, 5)),
+    )
+    p1 = np.empty(3)
+    p2 = np.empty(6)
+    for k in range(lo, hi):
+        w = win[k]
+        wt = iv[k]
+        tot = 0.0
+        ty = 0.0
+        tx = 0.0
+        for i in range(1, 4):
+            for j in range(1, 4):
+                v = w[5 * i + j]
+                if v > 0.0:
+                    tot = tot + v
+                    ty = ty + v * (i - 2)
+                    tx = tx + v * (j - 2)
+        p1[0] = 0.0
+        p1[1] = 0.5
+        p1[2] = 0.5
+        if tot > 0.0:
+            p1[0] = tot
+            p1[1] = 0.5 + ty / tot
+            p1[2] = 0.5 + tx / tot
+        one = _lm(p1, 1, w, wt, cdf, pdf, t0, inv_h, iters1, lam0, lam_min, lam_max, tol, ws)
+        out[k, 0] = one
+        out[k, 1] = one
+        for a in range(2, 8):
+            out[k, a] = 0.0
+        if not one > drop:
+            continue
+        best = math.inf
+        for s in range(starts.shape[0]):
+            oy = starts[s, 0]
+            ox = starts[s, 1]
+            half = p1[0] * 0.5
+            p2[0] = half
+            p2[1] = p1[1] + oy
+            p2[2] = p1[2] + ox
+            p2[3] = half
+            p2[4] = p1[1] - oy
+            p2[5] = p1[2] - ox
+            two = _lm(p2, 2, w, wt, cdf, pdf, t0, inv_h, iters2, lam0, lam_min, lam_max, tol, ws)
+            if two < best:
+                best = two
+                out[k, 1] = two
+                for a in range(6):
+                    out[k, 2 + a] = p2[a]
+
+
+def fit_windows(
+    win: np.ndarray,
+    iv: np.ndarray,
+    cdf: np.ndarray,
+    pdf: np.ndarray,
+    t0: float,
+    inv_h: float,
+    drop: float,
+    threads: int | None = None,
+) -> np.ndarray:
+    """numba form of :func:`~streamstore.counting._fit_reference.fit_windows_reference`
+    (same inputs, plus ``threads``: None is numba's thread count); (m, 8) float64."""
+    global _pool, _ran
+    win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
+    iv = np.ascontiguousarray(iv, np.float64).reshape(-1, 25)
+    cdf = np.ascontiguousarray(cdf, np.float64)
+    pdf = np.ascontiguousarray(pdf, np.float64)
+    m = win.shape[0]
+    out = np.zeros((m, 8), np.float64)
+    args = (win, iv, cdf, pdf, float(t0), float(inv_h), float(drop), _STARTS, _CONF, out)
+    if m == 0:
+        return out
+    first = 0
+    if not _ran:  # compiled (or loaded) once under the cache's lock
+        with compiling_alone(_fit_block):
+            first = min(m, _BLOCK)
+            _fit_block(*args, 0, first)
+        _ran = True
+    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
+    blocks = [(s, min(m, s + _BLOCK)) for s in range(first, m, _BLOCK)]
+    if k <= 1 or len(blocks) <= 1:
+        for lo, hi in blocks:
+            _fit_block(*args, lo, hi)
+        return out
+    if _pool is None:
+        _pool = ThreadPoolExecutor(
+            max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-fit"
+        )
+    # at most k blocks in flight: the caller's thread count holds
+    for start in range(0, len(blocks), k):
+        list(_pool.map(lambda b: _fit_block(*args, *b), blocks[start : start + k]))
+    return out
+
+
+# several processes may compile at once (streamstore._numba_cache)
+serialize_saves(_lookup, _shares, _chi2, _lm, _fit_block)
