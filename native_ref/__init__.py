@@ -249,7 +249,7 @@ def fit_windows_native(
         raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
     starts = np.ascontiguousarray(STARTS, np.float64)
     conf = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL], np.float64)
-    out = np.zeros((win.shape[0], 8), np.float64)
+    out = np.zeros((win.shape[0], 11), np.float64)
     load().fit_windows(
         _ptr(win), _ptr(iv), win.shape[0], _ptr(cdf), _ptr(pdf), cdf.size, float(t0),
         float(inv_h), float(drop), _ptr(starts), starts.shape[0], _ptr(conf), _ptr(out),

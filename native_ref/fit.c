@@ -12,7 +12,7 @@
  *   one cloud = from the centre of mass of the positive charge of the central 3 x 3
  *   two       = only where one cloud leaves chi2 > drop, from each start offset
  * conf = {iters one, iters two, lam first, lam least, lam greatest, tol}.
- * Output per window: chi2 one, chi2 two, a1, y1, x1, a2, y2, x2.
+ * Output per window: chi2 one, chi2 two, a, y, x (one cloud), a1, y1, x1, a2, y2, x2.
  */
 #include <math.h>
 #include <stdint.h>
@@ -145,7 +145,7 @@ void fit_windows(const double *win, const double *iv, int64_t m, const double *c
     for (int64_t k = 0; k < m; k++) {
         const double *w = win + 25 * k;
         const double *wt = iv + 25 * k;
-        double *o = out + 8 * k;
+        double *o = out + 11 * k;
         double tot = 0.0, ty = 0.0, tx = 0.0;
         for (int i = 1; i < 4; i++) {
             for (int j = 1; j < 4; j++) {
@@ -166,7 +166,8 @@ void fit_windows(const double *win, const double *iv, int64_t m, const double *c
         double one = ft_lm(p1, 1, w, wt, &tb, (int64_t)conf[0], conf);
         o[0] = one;
         o[1] = one;
-        for (int a = 2; a < 8; a++) o[a] = 0.0;
+        for (int a = 0; a < 3; a++) o[2 + a] = p1[a];
+        for (int a = 5; a < 11; a++) o[a] = 0.0;
         if (!(one > drop)) continue;
         double best = INFINITY;
         for (int64_t s = 0; s < n_starts; s++) {
@@ -177,7 +178,7 @@ void fit_windows(const double *win, const double *iv, int64_t m, const double *c
             if (two < best) {
                 best = two;
                 o[1] = two;
-                for (int a = 0; a < 6; a++) o[2 + a] = p2[a];
+                for (int a = 0; a < 6; a++) o[5 + a] = p2[a];
             }
         }
     }

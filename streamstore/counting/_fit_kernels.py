@@ -183,7 +183,9 @@ def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
         one = _lm(p1, 1, w, wt, cdf, pdf, t0, inv_h, iters1, lam0, lam_min, lam_max, tol, ws)
         out[k, 0] = one
         out[k, 1] = one
-        for a in range(2, 8):
+        for a in range(3):
+            out[k, 2 + a] = p1[a]
+        for a in range(5, 11):
             out[k, a] = 0.0
         if not one > drop:
             continue
@@ -203,7 +205,7 @@ def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
                 best = two
                 out[k, 1] = two
                 for a in range(6):
-                    out[k, 2 + a] = p2[a]
+                    out[k, 5 + a] = p2[a]
 
 
 def fit_windows(
@@ -217,14 +219,14 @@ def fit_windows(
     threads: int | None = None,
 ) -> np.ndarray:
     """numba form of :func:`~streamstore.counting._fit_reference.fit_windows_reference`
-    (same inputs, plus ``threads``: None is numba's thread count); (m, 8) float64."""
+    (same inputs, plus ``threads``: None is numba's thread count); (m, 11) float64."""
     global _pool, _ran
     win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
     iv = np.ascontiguousarray(iv, np.float64).reshape(-1, 25)
     cdf = np.ascontiguousarray(cdf, np.float64)
     pdf = np.ascontiguousarray(pdf, np.float64)
     m = win.shape[0]
-    out = np.zeros((m, 8), np.float64)
+    out = np.zeros((m, 11), np.float64)
     args = (win, iv, cdf, pdf, float(t0), float(inv_h), float(drop), _STARTS, _CONF, out)
     if m == 0:
         return out

@@ -45,9 +45,9 @@ one-cloud fit leaves more than this chi-square.
    and ``(a / 2, y - oy, x - ox)`` of the one cloud's fit, :data:`ITERS_TWO`
    iterations; the start of lowest final chi-square wins (the first on a tie).
 
-Output (m, 8): the one cloud's chi-square, the two clouds' (the one cloud's
-where they were not fitted), and the two clouds ``(a1, y1, x1, a2, y2, x2)``
-(zeros where not fitted).
+Output (m, 11): the one cloud's chi-square, the two clouds' (the one cloud's
+where they were not fitted), the one cloud ``(a, y, x)`` and the two clouds
+``(a1, y1, x1, a2, y2, x2)`` (zeros where not fitted).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters) -> float:
 
 
 def fit_window(w, iv, cdf, pdf, t0: float, inv_h: float, drop: float) -> list[float]:
-    """The eight numbers of one window (rules 4 and 5)."""
+    """The eleven numbers of one window (rules 4 and 5)."""
     tot = 0.0
     ty = 0.0
     tx = 0.0
@@ -211,7 +211,7 @@ def fit_window(w, iv, cdf, pdf, t0: float, inv_h: float, drop: float) -> list[fl
     if tot > 0.0:
         p1 = [tot, 0.5 + ty / tot, 0.5 + tx / tot]
     one = _lm(p1, 1, w, iv, cdf, pdf, t0, inv_h, ITERS_ONE)
-    out = [one, one, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    out = [one, one, *p1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     if not one > drop:
         return out
     best = math.inf
@@ -222,7 +222,7 @@ def fit_window(w, iv, cdf, pdf, t0: float, inv_h: float, drop: float) -> list[fl
         if two < best:
             best = two
             out[1] = two
-            out[2:] = p2
+            out[5:] = p2
     return out
 
 
@@ -235,10 +235,10 @@ def fit_windows_reference(
     inv_h: float,
     drop: float,
 ) -> np.ndarray:
-    """Fit one and two clouds to each window (the module docstring); (m, 8) float64."""
+    """Fit one and two clouds to each window (the module docstring); (m, 11) float64."""
     win = np.asarray(win, np.float64).reshape(-1, 25)
     iv = np.asarray(iv, np.float64).reshape(-1, 25)
-    out = np.zeros((win.shape[0], 8), np.float64)
+    out = np.zeros((win.shape[0], 11), np.float64)
     cdf_l = [float(v) for v in cdf]
     pdf_l = [float(v) for v in pdf]
     for k in range(win.shape[0]):

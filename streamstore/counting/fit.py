@@ -161,22 +161,32 @@ def fit_splits(
     """
     n, h, w = shape
     which, charge, win, iv = lone
-    pick = 16 * charge >= charge16 * e_unit
-    which, win, iv = which[pick], win[pick], iv[pick]
     if which.size == 0:
         return offsets, indices, sub
     cdf, pdf, t0, inv_h = cloud_table(width)
-    out = fitter(win, iv, cdf, pdf, t0, inv_h, drop)
-    a1, y1, x1, a2, y2, x2 = out[:, 2:].T
-    centred = [(v >= -1.0) & (v < 2.0) for v in (y1, x1, y2, x2)]
+    out = np.zeros((which.size, 11))
+    heavy = 16 * charge >= charge16 * e_unit
+    for part, least in ((heavy, drop), (~heavy, math.inf)):  # two clouds for heavy ones only
+        if part.any():
+            out[part] = fitter(win[part], iv[part], cdf, pdf, t0, inv_h, least)
+    a, y, x = out[:, 2:5].T
+    a1, y1, x1, a2, y2, x2 = out[:, 5:].T
+
+    def centred(*v: np.ndarray) -> np.ndarray:  # within the event's 3 x 3
+        return np.logical_and.reduce([(c >= -1.0) & (c < 2.0) for c in v])
+
     split = (out[:, 0] - out[:, 1] > drop) & (np.minimum(a1, a2) > 0.25 * e_unit)
-    split &= centred[0] & centred[1] & centred[2] & centred[3]
-    which, y1, x1, y2, x2 = which[split], y1[split], x1[split], y2[split], x2[split]
+    split &= centred(y1, x1, y2, x2)
+    # an event not split moves to its cloud's centre (a wide cloud's brightest
+    # pixel, with noise, may lie a pixel off it)
+    moved = ~split & (a > 0) & centred(y, x)
+    y1, x1 = np.where(split, y1, y), np.where(split, x1, x)
+    y2, x2 = np.where(split, y2, y), np.where(split, x2, x)
     r0, c0 = np.divmod(indices[which].astype(np.int64), w)
     fy1, fx1, fy2, fx2 = (np.floor(v).astype(np.int64) for v in (y1, x1, y2, x2))
     # two clouds in one pixel: the second goes to the neighbour it leans towards,
     # on that pixel's near edge (one event per pixel)
-    same = (fy1 == fy2) & (fx1 == fx2)
+    same = split & (fy1 == fy2) & (fx1 == fx2)
     dy, dx = y2 - y1, x2 - x1
     along_y = np.abs(dy) >= np.abs(dx)
     step_y = np.where(same & along_y, np.where(dy >= 0, 1, -1), 0)
@@ -187,14 +197,23 @@ def fit_splits(
     rows1, cols1, rows2, cols2 = r0 + fy1, c0 + fx1, r0 + fy2, c0 + fx2
     inside = (rows1 >= 0) & (rows1 < h) & (cols1 >= 0) & (cols1 < w)
     inside &= (rows2 >= 0) & (rows2 < h) & (cols2 >= 0) & (cols2 < w)
-    which, y1, x1, y2, x2 = which[inside], y1[inside], x1[inside], y2[inside], x2[inside]
-    rows1, cols1, rows2, cols2 = rows1[inside], cols1[inside], rows2[inside], cols2[inside]
+    split &= inside
+    first = (split | moved) & inside
+    which, y1, x1 = which[first], y1[first], x1[first]
+    rows1, cols1 = rows1[first], cols1[first]
+    second = split[first]
+    y2, x2, rows2, cols2 = (
+        y2[first][second],
+        x2[first][second],
+        rows2[first][second],
+        cols2[first][second],
+    )
 
     frame_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
     hw = h * w
     key = frame_of * hw + indices.astype(np.int64)
     key[which] = frame_of[which] * hw + rows1 * w + cols1
-    key = np.concatenate([key, frame_of[which] * hw + rows2 * w + cols2])
+    key = np.concatenate([key, frame_of[which[second]] * hw + rows2 * w + cols2])
     new_sub = None
     if sub is not None:
 

@@ -68,9 +68,9 @@ def test_three_forms_fit_alike(crowded):
             c = fit_windows_native(win, iv, *tab, drop)
             assert np.array_equal(a, b) and np.array_equal(a, c), (width, drop)
             if drop == 5.0:
-                assert (a[:, 2] != 0).sum() > 20  # the two-cloud path is compared too
+                assert (a[:, 5] != 0).sum() > 20  # the two-cloud path is compared too
             if drop == math.inf:
-                assert np.array_equal(a[:, 0], a[:, 1]) and not a[:, 2:].any()
+                assert np.array_equal(a[:, 0], a[:, 1]) and not a[:, 5:].any()
 
 
 def test_the_fit_finds_two_clouds_where_there_are_two():
@@ -91,7 +91,8 @@ def test_the_fit_finds_two_clouds_where_there_are_two():
     out = fit_windows(win, np.full((2, 25), 1 / 16), *cloud_table(0.5), 1.0, threads=1)
     assert out[0, 0] < 1e-3  # one cloud fits one cloud (up to the table's steps)
     assert out[1, 0] > 50 and out[1, 1] < 1e-3, out[1]
-    centres = sorted([tuple(out[1, 3:5]), tuple(out[1, 6:8])], key=lambda p: p[1])
+    assert np.allclose(out[0, 2:5], [120.0, 0.4, 0.6], atol=0.01)
+    centres = sorted([tuple(out[1, 6:8]), tuple(out[1, 9:11])], key=lambda p: p[1])
     assert np.allclose(centres, [(0.5, 0.0), (0.5, 1.4)], atol=0.01)
 
 
@@ -131,10 +132,11 @@ def test_events_stay_one_per_pixel_in_order(crowded):
 
     # a fitter that calls every fitted window two clouds in one pixel, or two apart
     def two_clouds(win, iv, cdf, pdf, t0, inv_h, drop):
-        out = np.zeros((win.shape[0], 8))
+        out = np.zeros((win.shape[0], 11))
         out[:, 0] = 1e6
-        out[:, 2:] = [100.0, 0.3, 0.3, 100.0, 0.6, 0.4]
-        out[1::2, 5:] = [100.0, 1.9, -0.9]
+        out[:, 2:5] = [200.0, 0.5, 0.5]
+        out[:, 5:] = [100.0, 0.3, 0.3, 100.0, 0.6, 0.4]
+        out[1::2, 8:] = [100.0, 1.9, -0.9]
         return out
 
     shape = (base.n_frames, *base.frame_shape)
