@@ -113,8 +113,8 @@ def load() -> ctypes.CDLL:
                 fn.argtypes = [p, i64, i64, i64, p, p, p, p, p, i64, i64, ctypes.c_int32,
                                i64, i64, i64, i64, p, p, p]  # fmt: skip
             d = ctypes.c_double
-            lib.fit_windows.restype = None
-            lib.fit_windows.argtypes = [p, p, i64, p, p, i64, d, d, d, p, i64, p, p]
+            lib.fit_windows.restype = i64
+            lib.fit_windows.argtypes = [p, p, p, p, i64, i64, p, p, i64, d, d, p, p, i64, p, p]
             _lib = lib
         return _lib
 
@@ -229,29 +229,37 @@ def count_resolve_native(
 def fit_windows_native(
     win: np.ndarray,
     iv: np.ndarray,
+    nb: np.ndarray,
+    nn: np.ndarray,
     cdf: np.ndarray,
     pdf: np.ndarray,
     t0: float,
     inv_h: float,
-    drop: float,
+    drop: np.ndarray | float,
 ) -> np.ndarray:
     """C form of the cloud fit (``fit.c``); the inputs and output of
     :func:`streamstore.counting._fit_reference.fit_windows_reference`."""
     from streamstore.counting._fit_reference import ITERS_ONE, ITERS_TWO, LAM, STARTS, TOL
 
     win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
-    iv = np.ascontiguousarray(iv, np.float64).reshape(-1, 25)
+    m = win.shape[0]
+    iv = np.ascontiguousarray(iv, np.float64)
     if iv.shape != win.shape:
         raise ValueError(f"iv has shape {iv.shape}, expected {win.shape}")
+    nb = np.ascontiguousarray(nb, np.float64).reshape(m, -1, 3)
+    nn = np.ascontiguousarray(nn, np.int64).reshape(m)
+    drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
     cdf = np.ascontiguousarray(cdf, np.float64)
     pdf = np.ascontiguousarray(pdf, np.float64)
     if cdf.shape != pdf.shape or cdf.ndim != 1 or cdf.size < 2:
         raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
     starts = np.ascontiguousarray(STARTS, np.float64)
     conf = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL], np.float64)
-    out = np.zeros((win.shape[0], 11), np.float64)
-    load().fit_windows(
-        _ptr(win), _ptr(iv), win.shape[0], _ptr(cdf), _ptr(pdf), cdf.size, float(t0),
-        float(inv_h), float(drop), _ptr(starts), starts.shape[0], _ptr(conf), _ptr(out),
+    out = np.zeros((m, 11), np.float64)
+    rc = load().fit_windows(
+        _ptr(win), _ptr(iv), _ptr(nb), _ptr(nn), m, nb.shape[1], _ptr(cdf), _ptr(pdf), cdf.size,
+        float(t0), float(inv_h), _ptr(drop), _ptr(starts), starts.shape[0], _ptr(conf), _ptr(out),
     )  # fmt: skip
+    if rc != 0:
+        raise ValueError("native fit: more neighbours than fit.c holds (4 at most)")
     return out

@@ -9,13 +9,18 @@
  *   cloud     = (a * sy[i]) * sx[j], sy[i] = cdf(i - 1 - y) - cdf(i - 2 - y)
  *   chi2      = sum over q of (iv[q] * r) * r, r = win[q] - model[q]
  *   fit       = Levenberg-Marquardt, Cholesky of the damped normal equations
- *   one cloud = from the centre of mass of the positive charge of the central 3 x 3
- *   two       = only where one cloud leaves chi2 > drop, from each start offset
+ *   one cloud = the event's, from the centre of mass of the positive charge of the
+ *               central 3 x 3, fitted with its neighbours' clouds
+ *   two       = only where that leaves chi2 > drop[k]: the event's cloud as two, from
+ *               the pixel of greatest residual mirrored, then each start offset
  * conf = {iters one, iters two, lam first, lam least, lam greatest, tol}.
  * Output per window: chi2 one, chi2 two, a, y, x (one cloud), a1, y1, x1, a2, y2, x2.
  */
 #include <math.h>
 #include <stdint.h>
+
+#define FT_CLOUDS 6 /* the event's two clouds and up to 4 neighbours' */
+#define FT_P (3 * FT_CLOUDS)
 
 typedef struct {
     const double *cdf, *pdf;
@@ -46,7 +51,7 @@ static void ft_shares(const ft_table *tb, double mu, double *s, double *d) {
     }
 }
 
-/* model m and derivatives jac (25 x 6, row-major) at p; the chi-square */
+/* model m and derivatives jac (25 x FT_P, row-major) at p; the chi-square */
 static double ft_chi2(const double *p, int nc, const double *w, const double *iv,
                       const ft_table *tb, double *m, double *jac) {
     double sy[5], dy[5], sx[5], dx[5];
@@ -59,9 +64,9 @@ static double ft_chi2(const double *p, int nc, const double *w, const double *iv
             for (int j = 0; j < 5; j++) {
                 int q = 5 * i + j;
                 m[q] = m[q] + (a * sy[i]) * sx[j];
-                jac[q * 6 + 3 * c] = sy[i] * sx[j];
-                jac[q * 6 + 3 * c + 1] = (a * dy[i]) * sx[j];
-                jac[q * 6 + 3 * c + 2] = (a * sy[i]) * dx[j];
+                jac[q * FT_P + 3 * c] = sy[i] * sx[j];
+                jac[q * FT_P + 3 * c + 1] = (a * dy[i]) * sx[j];
+                jac[q * FT_P + 3 * c + 2] = (a * sy[i]) * dx[j];
             }
         }
     }
@@ -76,18 +81,19 @@ static double ft_chi2(const double *p, int nc, const double *w, const double *iv
 static double ft_lm(double *p, int nc, const double *w, const double *iv, const ft_table *tb,
                     int64_t iters, const double *conf) {
     int n = 3 * nc;
-    double m[25], jac[25 * 6], A[6][6], L[6][6], g[6], z[6], step[6], trial[6];
+    double m[25], jac[25 * FT_P], A[FT_P][FT_P], L[FT_P][FT_P], g[FT_P], z[FT_P], step[FT_P],
+        trial[FT_P];
     double lam = conf[2];
     double cur = ft_chi2(p, nc, w, iv, tb, m, jac);
     for (int64_t it = 0; it < iters; it++) {
         for (int a = 0; a < n; a++) {
             for (int b = 0; b <= a; b++) {
                 double t = 0.0;
-                for (int q = 0; q < 25; q++) t = t + (iv[q] * jac[q * 6 + a]) * jac[q * 6 + b];
+                for (int q = 0; q < 25; q++) t = t + (iv[q] * jac[q * FT_P + a]) * jac[q * FT_P + b];
                 A[a][b] = t;
             }
             double t = 0.0;
-            for (int q = 0; q < 25; q++) t = t + (iv[q] * jac[q * 6 + a]) * (w[q] - m[q]);
+            for (int q = 0; q < 25; q++) t = t + (iv[q] * jac[q * FT_P + a]) * (w[q] - m[q]);
             g[a] = t;
         }
         int taken = 0, done = 0;
@@ -138,14 +144,18 @@ static double ft_lm(double *p, int nc, const double *w, const double *iv, const 
     return cur;
 }
 
-void fit_windows(const double *win, const double *iv, int64_t m, const double *cdf,
-                 const double *pdf, int64_t n_tab, double t0, double inv_h, double drop,
-                 const double *starts, int64_t n_starts, const double *conf, double *out) {
+int64_t fit_windows(const double *win, const double *iv, const double *nb, const int64_t *nn,
+                    int64_t m, int64_t k_max, const double *cdf, const double *pdf, int64_t n_tab,
+                    double t0, double inv_h, const double *drop, const double *starts,
+                    int64_t n_starts, const double *conf, double *out) {
+    if (k_max > FT_CLOUDS - 2) return -1;
     ft_table tb = {cdf, pdf, n_tab, t0, inv_h};
     for (int64_t k = 0; k < m; k++) {
         const double *w = win + 25 * k;
         const double *wt = iv + 25 * k;
         double *o = out + 11 * k;
+        int64_t n_nb = nn[k];
+        if (n_nb < 0 || n_nb > k_max) return -1;
         double tot = 0.0, ty = 0.0, tx = 0.0;
         for (int i = 1; i < 4; i++) {
             for (int j = 1; j < 4; j++) {
@@ -157,24 +167,44 @@ void fit_windows(const double *win, const double *iv, int64_t m, const double *c
                 }
             }
         }
-        double p1[3] = {0.0, 0.5, 0.5};
+        double p1[FT_P], p2[FT_P];
+        p1[0] = 0.0;
+        p1[1] = 0.5;
+        p1[2] = 0.5;
         if (tot > 0.0) {
             p1[0] = tot;
             p1[1] = 0.5 + ty / tot;
             p1[2] = 0.5 + tx / tot;
         }
-        double one = ft_lm(p1, 1, w, wt, &tb, (int64_t)conf[0], conf);
+        for (int64_t a = 0; a < 3 * n_nb; a++) p1[3 + a] = nb[(k * k_max) * 3 + a];
+        double one = ft_lm(p1, 1 + (int)n_nb, w, wt, &tb, (int64_t)conf[0], conf);
         o[0] = one;
         o[1] = one;
         for (int a = 0; a < 3; a++) o[2 + a] = p1[a];
         for (int a = 5; a < 11; a++) o[a] = 0.0;
-        if (!(one > drop)) continue;
+        if (!(one > drop[k])) continue;
+        double mod[25], jac[25 * FT_P];
+        ft_chi2(p1, 1 + (int)n_nb, w, wt, &tb, mod, jac);
+        double top = -INFINITY, ry = 0.0, rx = 0.0;
+        for (int q = 0; q < 25; q++) {
+            if (wt[q] > 0.0 && w[q] - mod[q] > top) {
+                top = w[q] - mod[q];
+                ry = (((double)(q / 5) - 2.0) + 0.5) - p1[1];
+                rx = (((double)(q % 5) - 2.0) + 0.5) - p1[2];
+            }
+        }
         double best = INFINITY;
-        for (int64_t s = 0; s < n_starts; s++) {
-            double oy = starts[2 * s], ox = starts[2 * s + 1];
+        for (int64_t s = -1; s < n_starts; s++) {
+            double oy = s < 0 ? ry : starts[2 * s], ox = s < 0 ? rx : starts[2 * s + 1];
             double half = p1[0] * 0.5;
-            double p2[6] = {half, p1[1] + oy, p1[2] + ox, half, p1[1] - oy, p1[2] - ox};
-            double two = ft_lm(p2, 2, w, wt, &tb, (int64_t)conf[1], conf);
+            p2[0] = half;
+            p2[1] = p1[1] + oy;
+            p2[2] = p1[2] + ox;
+            p2[3] = half;
+            p2[4] = p1[1] - oy;
+            p2[5] = p1[2] - ox;
+            for (int64_t a = 0; a < 3 * n_nb; a++) p2[6 + a] = p1[3 + a];
+            double two = ft_lm(p2, 2 + (int)n_nb, w, wt, &tb, (int64_t)conf[1], conf);
             if (two < best) {
                 best = two;
                 o[1] = two;
@@ -182,4 +212,5 @@ void fit_windows(const double *win, const double *iv, int64_t m, const double *c
             }
         }
     }
+    return 0;
 }

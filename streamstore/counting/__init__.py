@@ -322,20 +322,23 @@ class Counter:
         """Method "fit": the lone events of ``found`` that two clouds fit better split."""
         from functools import partial
 
-        from streamstore.counting.fit import cloud_width, fit_maps, fit_splits, lone_windows
+        from streamstore.counting.fit import cloud_width, event_windows, fit_maps, fit_splits
 
         key = ("fit_weights", self.kernel_dtype.str)
         if key not in self._derived:
             self._derived[key] = fit_maps(self.calibration, gain)
-        lone = lone_windows(arr, dark, gain, self._derived[key], found[0], found[1])
+        windows = event_windows(
+            arr, dark, gain, self._derived[key], found[0], found[1], self.resolve.fit_model_error
+        )
         with self._measure_lock:
             if self.cloud_width is None and self._e_unit is not None:
                 # lone events of one electron's charge (0.8 to 1.2) give the width
-                q16 = 16 * lone[1]
-                one = (q16 >= 13 * self._e_unit) & (q16 < 19 * self._e_unit)
+                charge, win, iv, _, _, alone = windows
+                q16 = 16 * charge
+                one = alone & (q16 >= 13 * self._e_unit) & (q16 < 19 * self._e_unit)
                 if one.sum() >= 50:
                     pick = np.flatnonzero(one)[:400]
-                    self.cloud_width = cloud_width(lone[2][pick], lone[3][pick], self.threads)
+                    self.cloud_width = cloud_width(win[pick], iv[pick], self.threads)
         if self.cloud_width is None or self._e_unit is None:
             return found
         if self.implementation == "numba":
@@ -347,7 +350,7 @@ class Counter:
         else:
             from native_ref import fit_windows_native as fitter
         return fit_splits(
-            arr.shape, lone, *found, self._e_unit, self.cloud_width, self.resolve.fit_drop,
+            arr.shape, windows, *found, self._e_unit, self.cloud_width, self.resolve.fit_drop,
             int(round(16 * self.resolve.fit_charge)), fitter,
         )  # fmt: skip
 

@@ -147,22 +147,24 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, w
 
 
 @njit(**_OPTS)
-def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
+def _fit_block(win, iv, nb, nn, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
     iters1, iters2 = int(conf[0]), int(conf[1])
     lam0, lam_min, lam_max, tol = conf[2], conf[3], conf[4], conf[5]
+    most = 3 * (2 + nb.shape[1])
     ws = (
         np.empty(25),
-        np.empty((25, 6)),
-        np.empty((6, 6)),
-        np.empty((6, 6)),
-        np.empty((4, 6)),
+        np.empty((25, most)),
+        np.empty((most, most)),
+        np.empty((most, most)),
+        np.empty((4, most)),
         np.empty((4, 5)),
     )
-    p1 = np.empty(3)
-    p2 = np.empty(6)
+    p1 = np.empty(most)
+    p2 = np.empty(most)
     for k in range(lo, hi):
         w = win[k]
         wt = iv[k]
+        n_nb = nn[k]
         tot = 0.0
         ty = 0.0
         tx = 0.0
@@ -180,19 +182,38 @@ def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
             p1[0] = tot
             p1[1] = 0.5 + ty / tot
             p1[2] = 0.5 + tx / tot
-        one = _lm(p1, 1, w, wt, cdf, pdf, t0, inv_h, iters1, lam0, lam_min, lam_max, tol, ws)
+        for b in range(n_nb):
+            for a in range(3):
+                p1[3 + 3 * b + a] = nb[k, b, a]
+        one = _lm(p1, 1 + n_nb, w, wt, cdf, pdf, t0, inv_h, iters1, lam0, lam_min, lam_max, tol, ws)
         out[k, 0] = one
         out[k, 1] = one
         for a in range(3):
             out[k, 2 + a] = p1[a]
         for a in range(5, 11):
             out[k, a] = 0.0
-        if not one > drop:
+        if not one > drop[k]:
             continue
         best = math.inf
-        for s in range(starts.shape[0]):
-            oy = starts[s, 0]
-            ox = starts[s, 1]
+        # the first start puts a cloud on the pixel the fit leaves most charge in,
+        # the other mirrored through the one cloud's centre
+        m_one = ws[0]
+        _chi2(p1, 1 + n_nb, w, wt, cdf, pdf, t0, inv_h, m_one, ws[1], ws[5])
+        top = -math.inf
+        ry = 0.0
+        rx = 0.0
+        for q in range(25):
+            if wt[q] > 0.0 and w[q] - m_one[q] > top:
+                top = w[q] - m_one[q]
+                ry = (q // 5 - 2.0) + 0.5 - p1[1]
+                rx = (q % 5 - 2.0) + 0.5 - p1[2]
+        for s in range(-1, starts.shape[0]):
+            if s < 0:
+                oy = ry
+                ox = rx
+            else:
+                oy = starts[s, 0]
+                ox = starts[s, 1]
             half = p1[0] * 0.5
             p2[0] = half
             p2[1] = p1[1] + oy
@@ -200,7 +221,11 @@ def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
             p2[3] = half
             p2[4] = p1[1] - oy
             p2[5] = p1[2] - ox
-            two = _lm(p2, 2, w, wt, cdf, pdf, t0, inv_h, iters2, lam0, lam_min, lam_max, tol, ws)
+            for a in range(3 * n_nb):
+                p2[6 + a] = p1[3 + a]
+            two = _lm(
+                p2, 2 + n_nb, w, wt, cdf, pdf, t0, inv_h, iters2, lam0, lam_min, lam_max, tol, ws
+            )
             if two < best:
                 best = two
                 out[k, 1] = two
@@ -211,25 +236,30 @@ def _fit_block(win, iv, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
 def fit_windows(
     win: np.ndarray,
     iv: np.ndarray,
+    nb: np.ndarray,
+    nn: np.ndarray,
     cdf: np.ndarray,
     pdf: np.ndarray,
     t0: float,
     inv_h: float,
-    drop: float,
+    drop: np.ndarray,
     threads: int | None = None,
 ) -> np.ndarray:
     """numba form of :func:`~streamstore.counting._fit_reference.fit_windows_reference`
     (same inputs, plus ``threads``: None is numba's thread count); (m, 11) float64."""
     global _pool, _ran
     win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
-    iv = np.ascontiguousarray(iv, np.float64).reshape(-1, 25)
+    m = win.shape[0]
+    iv = np.ascontiguousarray(iv, np.float64).reshape(m, 25)
+    nb = np.ascontiguousarray(nb, np.float64).reshape(m, -1, 3)
+    nn = np.ascontiguousarray(nn, np.int64).reshape(m)
+    drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
     cdf = np.ascontiguousarray(cdf, np.float64)
     pdf = np.ascontiguousarray(pdf, np.float64)
-    m = win.shape[0]
     out = np.zeros((m, 11), np.float64)
-    args = (win, iv, cdf, pdf, float(t0), float(inv_h), float(drop), _STARTS, _CONF, out)
     if m == 0:
         return out
+    args = (win, iv, nb, nn, cdf, pdf, float(t0), float(inv_h), drop, _STARTS, _CONF, out)
     first = 0
     if not _ran:  # compiled (or loaded) once under the cache's lock
         with compiling_alone(_fit_block):

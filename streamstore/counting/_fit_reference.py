@@ -13,7 +13,9 @@ weight of each pixel (1 / its noise variance, 0 off the frame or masked);
 ``cdf`` and ``pdf`` (N,), one electron's cloud along one axis tabulated at
 ``t0 + k / inv_h`` pixels from its centre: the share of the charge before
 ``t`` and its derivative; ``drop``: the two-cloud fit is made only where the
-one-cloud fit leaves more than this chi-square.
+one-cloud fit leaves more than this chi-square (one per window); ``nb`` (m,
+K, 3) and ``nn`` (m,): the clouds ``(a, y, x)`` that other events near the
+window's start from, in the window's coordinates, ``nn`` of them.
 
 1. *table*: at ``t``, ``x = (t - t0) * inv_h`` clamped to ``[0, N - 1]``,
    ``k = min(floor(x), N - 2)``, ``f = x - k``; ``cdf(t) = cdf[k] + f *
@@ -36,18 +38,25 @@ one-cloud fit leaves more than this chi-square.
    max(lam * 0.1, LAM[1])``, and the fit ends when the chi-square fell by at
    most ``TOL`` of itself; otherwise ``lam`` grows tenfold. The model and its
    derivatives at the parameters are those of the last chi-square taken;
-4. *one cloud*: from ``a`` the sum of the positive charge of the central 3 x 3,
-   ``(y, x) = (0.5 + Ty / a, 0.5 + Tx / a)`` its centre of mass (``Ty``: the sum
-   of the charge times ``i - 2``, i then j ascending; ``(0, 0.5, 0.5)`` without
-   charge), :data:`ITERS_ONE` iterations;
-5. *two clouds*, only where the one cloud leaves a chi-square above ``drop``:
-   from each of :data:`STARTS` ``(oy, ox)``, clouds ``(a / 2, y + oy, x + ox)``
-   and ``(a / 2, y - oy, x - ox)`` of the one cloud's fit, :data:`ITERS_TWO`
-   iterations; the start of lowest final chi-square wins (the first on a tie).
+4. *one cloud*: the event's cloud from ``a`` the sum of the positive charge of
+   the central 3 x 3 and ``(y, x) = (0.5 + Ty / a, 0.5 + Tx / a)`` its centre of
+   mass (``Ty``: the sum of the charge times ``i - 2``, i then j ascending; ``(0,
+   0.5, 0.5)`` without charge), then the neighbours' clouds ``nb[:nn]`` (other
+   events near enough to reach into the window), all fitted together,
+   :data:`ITERS_ONE` iterations;
+5. *two clouds*, only where that fit leaves a chi-square above ``drop``: the
+   event's cloud ``(a, y, x)`` becomes two, ``(a / 2, y + oy, x + ox)`` and
+   ``(a / 2, y - oy, x - ox)``, beside the neighbours' fitted clouds, fitted
+   from each start ``(oy, ox)``, :data:`ITERS_TWO` iterations: first the pixel
+   ``q`` of greatest residual ``win[q] - model[q]`` of rule 4's fit among those
+   of weight above 0 (the first on a tie; ``oy = ((q // 5 - 2) + 0.5) - y``,
+   ``ox`` alike: one cloud on that pixel's centre, the other mirrored through
+   the event's), then each of :data:`STARTS`; the start of lowest final
+   chi-square wins (the first on a tie).
 
-Output (m, 11): the one cloud's chi-square, the two clouds' (the one cloud's
-where they were not fitted), the one cloud ``(a, y, x)`` and the two clouds
-``(a1, y1, x1, a2, y2, x2)`` (zeros where not fitted).
+Output (m, 11): rule 4's chi-square, rule 5's (rule 4's where not fitted),
+the event's cloud ``(a, y, x)`` of rule 4 and its two clouds ``(a1, y1, x1,
+a2, y2, x2)`` of rule 5 (zeros where not fitted).
 """
 
 from __future__ import annotations
@@ -195,8 +204,9 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters) -> float:
     return cur
 
 
-def fit_window(w, iv, cdf, pdf, t0: float, inv_h: float, drop: float) -> list[float]:
-    """The eleven numbers of one window (rules 4 and 5)."""
+def fit_window(w, iv, nb, drop: float, cdf, pdf, t0: float, inv_h: float) -> list[float]:
+    """The eleven numbers of one window (rules 4 and 5); ``nb``: its neighbours'
+    starting clouds, a flat list of ``(a, y, x)``."""
     tot = 0.0
     ty = 0.0
     tx = 0.0
@@ -207,42 +217,61 @@ def fit_window(w, iv, cdf, pdf, t0: float, inv_h: float, drop: float) -> list[fl
                 tot = tot + v
                 ty = ty + v * (i - 2)
                 tx = tx + v * (j - 2)
-    p1 = [0.0, 0.5, 0.5]
+    p1 = [0.0, 0.5, 0.5, *nb]
     if tot > 0.0:
-        p1 = [tot, 0.5 + ty / tot, 0.5 + tx / tot]
-    one = _lm(p1, 1, w, iv, cdf, pdf, t0, inv_h, ITERS_ONE)
-    out = [one, one, *p1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        p1[:3] = [tot, 0.5 + ty / tot, 0.5 + tx / tot]
+    k = len(nb) // 3
+    one = _lm(p1, 1 + k, w, iv, cdf, pdf, t0, inv_h, ITERS_ONE)
+    out = [one, one, *p1[:3], 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     if not one > drop:
         return out
+    m = [0.0] * 25
+    jac = [[0.0] * (3 + 3 * k) for _ in range(25)]
+    _chi2(p1, 1 + k, w, iv, cdf, pdf, t0, inv_h, m, jac)
+    top = -math.inf
+    ry = 0.0
+    rx = 0.0
+    for q in range(25):
+        if iv[q] > 0.0 and w[q] - m[q] > top:
+            top = w[q] - m[q]
+            ry = ((q // 5 - 2.0) + 0.5) - p1[1]
+            rx = ((q % 5 - 2.0) + 0.5) - p1[2]
     best = math.inf
-    for oy, ox in STARTS:
+    for oy, ox in ((ry, rx), *STARTS):
         half = p1[0] * 0.5
-        p2 = [half, p1[1] + oy, p1[2] + ox, half, p1[1] - oy, p1[2] - ox]
-        two = _lm(p2, 2, w, iv, cdf, pdf, t0, inv_h, ITERS_TWO)
+        p2 = [half, p1[1] + oy, p1[2] + ox, half, p1[1] - oy, p1[2] - ox, *p1[3:]]
+        two = _lm(p2, 2 + k, w, iv, cdf, pdf, t0, inv_h, ITERS_TWO)
         if two < best:
             best = two
             out[1] = two
-            out[5:] = p2
+            out[5:] = p2[:6]
     return out
 
 
 def fit_windows_reference(
     win: np.ndarray,
     iv: np.ndarray,
+    nb: np.ndarray,
+    nn: np.ndarray,
     cdf: np.ndarray,
     pdf: np.ndarray,
     t0: float,
     inv_h: float,
-    drop: float,
+    drop: np.ndarray | float,
 ) -> np.ndarray:
-    """Fit one and two clouds to each window (the module docstring); (m, 11) float64."""
+    """Fit each window (the module docstring); (m, 11) float64."""
     win = np.asarray(win, np.float64).reshape(-1, 25)
-    iv = np.asarray(iv, np.float64).reshape(-1, 25)
-    out = np.zeros((win.shape[0], 11), np.float64)
+    m = win.shape[0]
+    iv = np.asarray(iv, np.float64).reshape(m, 25)
+    nb = np.asarray(nb, np.float64).reshape(m, -1, 3)
+    nn = np.asarray(nn, np.int64).reshape(m)
+    drop = np.broadcast_to(np.asarray(drop, np.float64), (m,))
+    out = np.zeros((m, 11), np.float64)
     cdf_l = [float(v) for v in cdf]
     pdf_l = [float(v) for v in pdf]
-    for k in range(win.shape[0]):
+    for k in range(m):
         w = [float(v) for v in win[k]]
         wt = [float(v) for v in iv[k]]
-        out[k] = fit_window(w, wt, cdf_l, pdf_l, float(t0), float(inv_h), float(drop))
+        near = [float(v) for v in nb[k, : nn[k]].ravel()]
+        out[k] = fit_window(w, wt, near, float(drop[k]), cdf_l, pdf_l, float(t0), float(inv_h))
     return out

@@ -1,24 +1,39 @@
-"""The "fit" counting rule: merged electrons found by fitting one cloud and two.
+"""The "fit" counting rule: every event fitted with electron clouds, merged ones split.
 
 The resolve rule splits an event on two numbers, its charge and its
 anisotropy; a single electron from the deposit's long tail and two merged ones
-overlap there. The fit rule uses the whole 5 x 5 pixel pattern instead: the
-resolve rule finds the events (its own splits off), and each event with no
-other event within Chebyshev distance 3 and at least ``fit_charge`` electrons'
-charge in its 3 x 3 has its window fitted by weighted least squares with one
-electron's cloud and with two (``_fit_reference.py`` is the fit's
-specification). Where two clouds leave a chi-square lower by more than
-``fit_drop``, each of at least a quarter of an electron and both centred within
-the event's 3 x 3, the event becomes two, at the clouds' centres.
+overlap there, and its events sit on the brightest pixel, a pixel off a wide
+cloud's centre once noise is added. The fit rule uses each event's whole 5 x 5
+pixel pattern instead. The resolve rule finds the events (its own splits off);
+each event's window is fitted by weighted least squares with its cloud beside
+the clouds of the other events within Chebyshev distance 3 (their charge reaches
+into the window), and, where the event has ``fit_charge`` electrons' charge or
+more in its 3 x 3 and that fit leaves a chi-square above ``fit_drop``, again
+with the event's cloud as two (``_fit_reference.py`` is the fit's
+specification). Then, event by event:
+
+* *split*, at the two clouds' centres, where two clouds leave a chi-square lower
+  by more than ``fit_drop``, each holds a quarter of an electron or more, both
+  lie within the window, neither within a pixel of a neighbour's pixel centre,
+  and the second lies farther than a pixel from every other event (else it is
+  that event's electron seen twice);
+* else *moved* to its cloud's centre, where that lies within its 3 x 3;
+* else left as the resolve rule found it.
+
+Events whose places come within :data:`MERGE_PX` of each other are one electron
+found twice: the one of the lesser cloud goes. A pixel holds one event: where a
+split or moved event lands on a pixel another holds, it steps down (split,
+moved, left) until none is claimed twice.
 
 The cloud is a pixel-integrated Gaussian whose width :func:`cloud_width`
 measures from the data (lone events of one electron's charge), as
 :func:`~streamstore.counting.resolve.single_electron` measures the charge: a
-table of its profile (:func:`cloud_table`) is all the fit knows of it.
+table of its profile (:func:`cloud_table`) is all the fit knows of it. Each
+pixel's weight is 1 / (its noise variance + (``fit_model_error`` x its
+charge)^2): the model's own error grows with the charge.
 
-Costly beside the per-pixel pass: a few microseconds an event fitted (a fifth of the
-events at 0.01 e/px/frame), so it is a method of its own, for frames counted
-after the fact or at modest rates.
+Costly beside the per-pixel pass (tens of microseconds an event on one core),
+so a method of its own, for frames counted after the fact or at modest rates.
 """
 
 from __future__ import annotations
@@ -28,11 +43,22 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["cloud_table", "cloud_width", "fit_maps", "fit_splits", "lone_windows"]
+__all__ = [
+    "MERGE_PX",
+    "NEIGHBOURS",
+    "REACH",
+    "cloud_table",
+    "cloud_width",
+    "event_windows",
+    "fit_maps",
+    "fit_splits",
+]
 
 _T0 = -8.0  # the table spans [-8, 8] pixels from the cloud's centre,
 _INV_H = 128.0  # in steps of 1/128 pixel
 _WIDTHS = np.round(np.arange(0.20, 1.2001, 0.02), 2)  # widths cloud_width tries
+#: Events whose places come closer than this (pixels) are one electron found twice.
+MERGE_PX = 0.75
 
 
 def cloud_table(width: float) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -64,59 +90,95 @@ def fit_maps(calibration: Any, gain: np.ndarray | None) -> np.ndarray:
     return iv
 
 
-def lone_windows(
+#: Other events within this Chebyshev distance are fitted beside an event (their
+#: clouds reach into its 5 x 5 window), the nearest NEIGHBOURS of them.
+REACH = 3
+NEIGHBOURS = 4
+
+
+def event_windows(
     frames: np.ndarray,
     dark: np.ndarray,
     gain: np.ndarray | None,
     iv_map: np.ndarray,
     offsets: np.ndarray,
     indices: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The events with no other event within Chebyshev distance 3, and their windows.
+    model_error: float = 0.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every event's 5 x 5 window, and the neighbours fitted beside it.
 
-    Returns ``(which, charge, win, iv)``: the positions in ``indices`` of the lone
-    events, their 3 x 3 charge (int64, signal units), and their 5 x 5 windows of
-    signal and of weight (float64, (m, 25); 0 off the frame and on masked pixels,
-    where ``iv_map`` is 0).
+    Returns ``(charge, win, iv, nb, nn, alone)``, one row per event: the 3 x 3
+    charge (int64, signal units); the 5 x 5 windows of signal and of weight
+    (float64, (m, 25); 0 off the frame and on masked pixels, where ``iv_map`` is
+    0; the weight is 1 / (the noise variance + (``model_error`` x the pixel's
+    charge)^2): the cloud model's own error, gain spread and shape, grows with
+    the charge); the clouds the other events within Chebyshev distance 3 start from
+    (``nb`` (m, NEIGHBOURS, 3): their 3 x 3 charge, at least 0, at their pixel's
+    centre in the window's coordinates; the nearest first, by Chebyshev then
+    Euclidean distance then raster order; ``nn`` how many); and whether the
+    event has no such neighbour.
     """
     n, h, w = frames.shape
     hw = h * w
+    m = indices.size
     frame_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
     key = frame_of * hw + indices.astype(np.int64)  # ascending: frame, then pixel
     r, c = np.divmod(indices.astype(np.int64), w)
-    crowd = np.zeros(key.size, np.int64)
-    left, right = np.maximum(c - 3, 0), np.minimum(c + 3, w - 1)
-    for dy in range(-3, 4):
-        rr = r + dy
-        inside = (rr >= 0) & (rr < h)
-        base = frame_of * hw + rr * w
-        hi = np.searchsorted(key, base + right, "right")
-        lo = np.searchsorted(key, base + left, "left")
-        crowd += np.where(inside, hi - lo, 0)
-    which = np.flatnonzero(crowd == 1)
-    f, r, c = frame_of[which], r[which], c[which]
     flat_frames = frames.reshape(n, hw)
     dark_flat = dark.reshape(hw).astype(np.int64)
     gain_flat = None if gain is None else gain.reshape(hw).astype(np.int64)
     iv_flat = iv_map.reshape(hw)
-    win = np.zeros((which.size, 25), np.float64)
-    wiv = np.zeros((which.size, 25), np.float64)
-    charge = np.zeros(which.size, np.int64)
+    win = np.zeros((m, 25), np.float64)
+    wiv = np.zeros((m, 25), np.float64)
+    charge = np.zeros(m, np.int64)
     for q in range(25):
         dy, dx = q // 5 - 2, q % 5 - 2
         rr, cc = r + dy, c + dx
         inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
         p = np.where(inside, rr * w + cc, 0)
-        s = flat_frames[f, p].astype(np.int64) - dark_flat[p]
+        s = flat_frames[frame_of, p].astype(np.int64) - dark_flat[p]
         if gain_flat is not None:
             s *= gain_flat[p]
         weight = np.where(inside, iv_flat[p], 0.0)
         s = np.where(weight > 0, s, 0)  # masked and off-frame pixels hold no charge
+        # the model's own error, a share of the charge, adds to the noise variance
+        err = model_error * np.maximum(s, 0)
+        weight = weight / (1.0 + weight * err * err)
         win[:, q] = s
         wiv[:, q] = weight
         if abs(dy) <= 1 and abs(dx) <= 1:
             charge += s
-    return which, charge, win, wiv
+    # neighbours: no two events are 8-adjacent, so a row of 2 REACH + 1 pixels holds
+    # REACH + 1 at most
+    found: list[np.ndarray] = []
+    left, right = np.maximum(c - REACH, 0), np.minimum(c + REACH, w - 1)
+    for dy in range(-REACH, REACH + 1):
+        rr = r + dy
+        inside = (rr >= 0) & (rr < h)
+        base = frame_of * hw + rr * w
+        lo = np.searchsorted(key, base + left, "left")
+        hi = np.where(inside, np.searchsorted(key, base + right, "right"), lo)
+        for j in range(REACH + 1):
+            at = lo + j
+            found.append(np.where((at < hi) & (at != np.arange(m)), at, -1))
+    cand = np.stack(found, 1) if found else np.zeros((m, 0), np.int64)
+    ok = cand >= 0
+    safe = np.where(ok, cand, 0)
+    dr, dc = r[safe] - r[:, None], c[safe] - c[:, None]
+    order_key = np.where(
+        ok, (np.maximum(abs(dr), abs(dc)) * 64 + dr * dr + dc * dc) * 2**36 + cand, 2**62
+    )
+    pick = np.argsort(order_key, axis=1, kind="stable")[:, :NEIGHBOURS]
+    chosen = np.take_along_axis(cand, pick, 1)
+    nn = (chosen >= 0).sum(1).astype(np.int64)
+    safe = np.where(chosen >= 0, chosen, 0)
+    nb = np.zeros((m, NEIGHBOURS, 3), np.float64)
+    nb[:, :, 0] = np.maximum(charge[safe], 0)
+    nb[:, :, 1] = r[safe] - r[:, None] + 0.5
+    nb[:, :, 2] = c[safe] - c[:, None] + 0.5
+    nb[chosen < 0] = 0.0
+    alone = ok.sum(1) == 0
+    return charge, win, wiv, nb, nn, alone
 
 
 def cloud_width(win: np.ndarray, iv: np.ndarray, threads: int | None = 1) -> float:
@@ -128,7 +190,10 @@ def cloud_width(win: np.ndarray, iv: np.ndarray, threads: int | None = 1) -> flo
     chi = np.empty(_WIDTHS.size)
     for k, width in enumerate(_WIDTHS):
         cdf, pdf, t0, inv_h = cloud_table(float(width))
-        chi[k] = fit_windows(win, iv, cdf, pdf, t0, inv_h, math.inf, threads=threads)[:, 0].sum()
+        nb = np.zeros((win.shape[0], 0, 3))
+        nn = np.zeros(win.shape[0], np.int64)
+        fits = fit_windows(win, iv, nb, nn, cdf, pdf, t0, inv_h, math.inf, threads=threads)
+        chi[k] = fits[:, 0].sum()
     k = int(np.argmin(chi))
     if 0 < k < _WIDTHS.size - 1:
         a, b, c = chi[k - 1], chi[k], chi[k + 1]
@@ -140,7 +205,7 @@ def cloud_width(win: np.ndarray, iv: np.ndarray, threads: int | None = 1) -> flo
 
 def fit_splits(
     shape: tuple[int, int, int],
-    lone: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    windows: tuple[np.ndarray, ...],
     offsets: np.ndarray,
     indices: np.ndarray,
     sub: np.ndarray | None,
@@ -150,87 +215,137 @@ def fit_splits(
     charge16: int,
     fitter: Any,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Split the events ``(offsets, indices, sub)`` of frames of ``shape`` (the
-    resolve rule's, its splits off) where two clouds fit better than one (module
-    docstring).
+    """Fit the events ``(offsets, indices, sub)`` of frames of ``shape`` (the
+    resolve rule's, its splits off): each moves to its cloud's centre, and splits
+    where two clouds fit better than one (module docstring).
 
-    ``lone``: :func:`lone_windows` of the events; ``charge16``: the least 3 x 3
-    charge fitted, in sixteenths of ``e_unit``; ``fitter``: one of the three
-    forms of the fit (``fit_windows``). Returns the events in the same form, in
-    ascending pixel order in each frame.
+    ``windows``: :func:`event_windows` of the events; ``charge16``: the least 3 x
+    3 charge tried as two, in sixteenths of ``e_unit``; ``fitter``: one of the
+    three forms of the fit (``fit_windows``). Returns the events in the same
+    form, in ascending pixel order in each frame.
     """
     n, h, w = shape
-    which, charge, win, iv = lone
-    if which.size == 0:
+    charge, win, iv, nb, nn, _ = windows
+    m = indices.size
+    if m == 0:
         return offsets, indices, sub
     cdf, pdf, t0, inv_h = cloud_table(width)
-    out = np.zeros((which.size, 11))
-    heavy = 16 * charge >= charge16 * e_unit
-    for part, least in ((heavy, drop), (~heavy, math.inf)):  # two clouds for heavy ones only
-        if part.any():
-            out[part] = fitter(win[part], iv[part], cdf, pdf, t0, inv_h, least)
+    heavy = 16 * charge >= charge16 * e_unit  # only these are tried as two
+    out = fitter(win, iv, nb, nn, cdf, pdf, t0, inv_h, np.where(heavy, drop, math.inf))
     a, y, x = out[:, 2:5].T
     a1, y1, x1, a2, y2, x2 = out[:, 5:].T
 
-    def centred(*v: np.ndarray) -> np.ndarray:  # within the event's 3 x 3
-        return np.logical_and.reduce([(c >= -1.0) & (c < 2.0) for c in v])
+    def centred(*v: np.ndarray, lo=-1.0, hi=2.0) -> np.ndarray:  # within the event's 3 x 3
+        return np.logical_and.reduce([(c >= lo) & (c < hi) for c in v])
 
     split = (out[:, 0] - out[:, 1] > drop) & (np.minimum(a1, a2) > 0.25 * e_unit)
-    split &= centred(y1, x1, y2, x2)
-    # an event not split moves to its cloud's centre (a wide cloud's brightest
-    # pixel, with noise, may lie a pixel off it)
-    moved = ~split & (a > 0) & centred(y, x)
-    y1, x1 = np.where(split, y1, y), np.where(split, x1, x)
-    y2, x2 = np.where(split, y2, y), np.where(split, x2, x)
-    r0, c0 = np.divmod(indices[which].astype(np.int64), w)
-    fy1, fx1, fy2, fx2 = (np.floor(v).astype(np.int64) for v in (y1, x1, y2, x2))
+    split &= centred(y1, x1, y2, x2, lo=-2.0, hi=3.0)  # within the window
+    # a cloud on a neighbour's pixel is the neighbour's electron, not a second one
+    has = np.arange(nb.shape[1])[None, :] < nn[:, None]
+
+    def clear(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        d2 = (yy[:, None] - nb[:, :, 1]) ** 2 + (xx[:, None] - nb[:, :, 2]) ** 2
+        return ~(has & (d2 < 1.0)).any(1)  # within a pixel of a neighbour's centre
+
+    split &= clear(y1, x1) & clear(y2, x2)
     # two clouds in one pixel: the second goes to the neighbour it leans towards,
     # on that pixel's near edge (one event per pixel)
-    same = split & (fy1 == fy2) & (fx1 == fx2)
-    dy, dx = y2 - y1, x2 - x1
-    along_y = np.abs(dy) >= np.abs(dx)
-    step_y = np.where(same & along_y, np.where(dy >= 0, 1, -1), 0)
-    step_x = np.where(same & ~along_y, np.where(dx >= 0, 1, -1), 0)
-    y2 = np.where(step_y > 0, fy2 + 1.0, np.where(step_y < 0, fy2 - 1e-9, y2))
-    x2 = np.where(step_x > 0, fx2 + 1.0, np.where(step_x < 0, fx2 - 1e-9, x2))
-    fy2, fx2 = fy2 + step_y, fx2 + step_x
-    rows1, cols1, rows2, cols2 = r0 + fy1, c0 + fx1, r0 + fy2, c0 + fx2
-    inside = (rows1 >= 0) & (rows1 < h) & (cols1 >= 0) & (cols1 < w)
-    inside &= (rows2 >= 0) & (rows2 < h) & (cols2 >= 0) & (cols2 < w)
-    split &= inside
-    first = (split | moved) & inside
-    which, y1, x1 = which[first], y1[first], x1[first]
-    rows1, cols1 = rows1[first], cols1[first]
-    second = split[first]
-    y2, x2, rows2, cols2 = (
-        y2[first][second],
-        x2[first][second],
-        rows2[first][second],
-        cols2[first][second],
-    )
+    fy1, fx1, fy2, fx2 = (np.floor(v) for v in (y1, x1, y2, x2))
+    same = (fy1 == fy2) & (fx1 == fx2)
+    along_y = np.abs(y2 - y1) >= np.abs(x2 - x1)
+    up, left = y2 < y1, x2 < x1
+    y2 = np.where(same & along_y, np.where(up, fy2 - 1e-9, fy2 + 1.0), y2)
+    x2 = np.where(same & ~along_y, np.where(left, fx2 - 1e-9, fx2 + 1.0), x2)
+    r0, c0 = np.divmod(indices.astype(np.int64), w)
+    if sub is None:
+        own = (r0 + 0.5, c0 + 0.5)
+    else:
+        own = (r0 + ((sub >> 2) + 0.5) / 4.0, c0 + ((sub & 3) + 0.5) / 4.0)
+    one, two1, two2 = (r0 + y, c0 + x), (r0 + y1, c0 + x1), (r0 + y2, c0 + x2)
 
+    def in_frame(p: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        return (p[0] >= 0) & (p[0] < h) & (p[1] >= 0) & (p[1] < w)
+
+    # each event's fate: 2 split in two, 1 moved to its cloud's centre (a wide
+    # cloud's brightest pixel, with noise, may lie a pixel off it), 0 left home
+    movable = (a > 0) & centred(y, x) & in_frame(one)
+    fallback = np.where(movable, 1, 0)
+    state = np.where(split & in_frame(two1) & in_frame(two2), 2, fallback)
     frame_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+
+    def first_at() -> tuple[np.ndarray, np.ndarray]:
+        pick = [state == 2, state == 1]
+        return (
+            np.select(pick, [two1[0], one[0]], own[0]),
+            np.select(pick, [two1[1], one[1]], own[1]),
+        )
+
+    # a second cloud within a pixel of another event is that event's electron seen
+    # twice (a neighbour beyond the fit's reach, or one the fit moved)
+    seconds = np.flatnonzero(state == 2)
+    if seconds.size:
+        from scipy.spatial import cKDTree
+
+        apart = 4.0 * (h + w)  # frames far apart in the tree's space
+        fy, fx = first_at()
+        tree = cKDTree(np.stack([frame_of * apart, fy, fx], 1))
+        probe = np.stack([frame_of[seconds] * apart, two2[0][seconds], two2[1][seconds]], 1)
+        near = tree.query_ball_point(probe, 1.0)
+        twice = np.array([any(j != e for j in js) for e, js in zip(seconds, near, strict=True)])
+        state[seconds[twice]] = fallback[seconds[twice]]
+    gone = np.zeros(m, bool)
+    if MERGE_PX:
+        from scipy.spatial import cKDTree
+
+        apart = 4.0 * (h + w)
+        fy, fx = first_at()
+        pairs = cKDTree(np.stack([frame_of * apart, fy, fx], 1)).query_pairs(
+            MERGE_PX, output_type="ndarray"
+        )
+        if pairs.size:
+            i, j = pairs[:, 0], pairs[:, 1]
+            lose = np.where(a[i] < a[j], i, j)
+            gone[lose] = True
+            state[lose] = 0
     hw = h * w
-    key = frame_of * hw + indices.astype(np.int64)
-    key[which] = frame_of[which] * hw + rows1 * w + cols1
-    key = np.concatenate([key, frame_of[which[second]] * hw + rows2 * w + cols2])
+    home = frame_of * hw + indices.astype(np.int64)
+
+    def key(p: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+        # a fit that failed (NaN) is never taken: any pixel will do for its key
+        rows, cols = (np.floor(np.nan_to_num(v)).astype(np.int64) for v in p)
+        return frame_of * hw + np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1)
+
+    k_one, k_two1, k_two2 = key(one), key(two1), key(two2)
+    # a pixel is one event's: an event whose first or second pixel another event
+    # holds (or lands on too) steps down (split, moved, home) until none is claimed twice
+    for _ in range(8):
+        first = np.select([state == 2, state == 1], [k_two1, k_one], home)
+        keys = np.concatenate([first, np.where(state == 2, k_two2, -1 - np.arange(m))])
+        _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        clash = counts[inv] > 1
+        down = (clash[:m] & (state > 0)) | clash[m:]
+        if not down.any():
+            break
+        state = np.where(down & (state == 2), fallback, np.where(down, 0, state))
+    first = np.select([state == 2, state == 1], [k_two1, k_one], home)
+    key_all = np.concatenate([np.where(gone, -1, first), k_two2[state == 2]])
     new_sub = None
     if sub is not None:
 
         def cell(v: np.ndarray) -> np.ndarray:
-            return np.clip(np.floor(4.0 * (v - np.floor(v))), 0, 3).astype(np.uint8)
+            return np.clip(np.floor(4.0 * (v - np.floor(v))), 0, 3).astype(np.int64)
 
-        s = sub.copy()
-        s[which] = (cell(y1) << 2) | cell(x1)
-        new_sub = np.concatenate([s, (cell(y2) << 2) | cell(x2)])
-    # ascending pixels in each frame; two events on one pixel (lone events are 4
-    # pixels apart, their clouds' pixels 2 at most) keep the first
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    keep = np.ones(key.size, bool)
-    keep[1:] = key[1:] != key[:-1]
-    key = key[keep]
-    frame_of, pix = np.divmod(key, hw)
+        fy, fx = first_at()
+        moved = (cell(fy) << 2) | cell(fx)
+        second = ((cell(two2[0]) << 2) | cell(two2[1]))[state == 2]
+        new_sub = np.concatenate([np.where(state > 0, moved, sub), second]).astype(np.uint8)
+    order = np.argsort(key_all, kind="stable")
+    key_all = key_all[order]
+    keep = np.ones(key_all.size, bool)  # a safety net: the loop above leaves no clash
+    keep[1:] = key_all[1:] != key_all[:-1]
+    keep &= key_all >= 0
+    key_all = key_all[keep]
+    frame_of, pix = np.divmod(key_all, hw)
     new_offsets = np.searchsorted(frame_of, np.arange(n + 1), "left").astype(np.int64)
     if new_sub is not None:
         new_sub = new_sub[order][keep]

@@ -21,7 +21,14 @@ from streamstore.counting._fit_kernels import fit_windows
 from streamstore.counting._fit_reference import fit_windows_reference
 from streamstore.counting.accuracy import score_batch
 from streamstore.counting.calibration import Calibration
-from streamstore.counting.fit import cloud_table, cloud_width, fit_maps, fit_splits, lone_windows
+from streamstore.counting.fit import (
+    NEIGHBOURS,
+    cloud_table,
+    cloud_width,
+    event_windows,
+    fit_maps,
+    fit_splits,
+)
 from streamstore.counting.resolve import ResolveParams
 from tests.counting.test_counting_resolve import _same
 
@@ -38,7 +45,7 @@ def _emulated(shape, dose, n, seed, **physics):
 @pytest.fixture(scope="module")
 def crowded():
     """Frames at 0.03 e/px/frame with a masked column and a wide cloud, a
-    calibration, and the lone events' windows (those at the frame's edge too)."""
+    calibration, the resolve rule's events without splits, and their windows."""
     frames, truth, cal = _emulated((64, 96), 0.03, 6, 31, psf_sigma_px=0.6)
     mask = np.zeros(cal.frame_shape, bool)
     mask[:, 40] = True
@@ -46,30 +53,35 @@ def crowded():
     c = Counter(cal, subpixel=True, method="resolve", resolve=NO_SPLITS, dose=False)
     base = c(frames)
     _, _, dark, gain, _, _ = c._derived[next(k for k in c._derived if k[0] == "resolve_maps")]
-    lone = lone_windows(frames, dark, gain, fit_maps(cal, gain), base.offsets, base.indices)
-    return frames, truth, cal, base, lone
+    windows = event_windows(frames, dark, gain, fit_maps(cal, gain), base.offsets, base.indices)
+    return frames, truth, cal, base, windows
 
 
 def test_three_forms_fit_alike(crowded):
-    *_, (which, charge, win, iv) = crowded
-    assert win.shape[0] > 150
+    *_, (charge, win, iv, nb, nn, alone) = crowded
+    assert win.shape[0] > 500 and alone.sum() > 100
     assert (iv == 0).any(axis=1).sum() > 10  # masked or off-frame pixels in some windows
+    assert np.bincount(nn).tolist()[1:3] and nn.max() == NEIGHBOURS
+    pick = np.concatenate([np.flatnonzero(nn == k)[:12] for k in range(NEIGHBOURS + 1)])
     odd = np.zeros((4, 25))
     odd[1, 12] = 50.0  # one bright pixel
-    odd[2] = -3.0  # no positive charge: the one cloud starts empty
+    odd[2] = -3.0  # no positive charge: the event's cloud starts empty
     odd[3, [6, 18]] = 80.0  # two pixels two apart
-    win = np.concatenate([win[:60], odd])
-    iv = np.concatenate([iv[:60], np.full((4, 25), 1 / 16)])
+    win = np.concatenate([win[pick], odd])
+    iv = np.concatenate([iv[pick], np.full((4, 25), 1 / 16)])
+    nb = np.concatenate([nb[pick], np.zeros((4, NEIGHBOURS, 3))])
+    nn = np.concatenate([nn[pick], np.zeros(4, np.int64)])
+    drops = np.where(np.arange(win.shape[0]) % 3 == 0, math.inf, 5.0)
     for width in (0.35, 0.6):
         tab = cloud_table(width)
-        for drop in (5.0, 30.0, math.inf):
-            a = fit_windows(win, iv, *tab, drop, threads=1)
-            b = fit_windows_reference(win, iv, *tab, drop)
-            c = fit_windows_native(win, iv, *tab, drop)
+        for drop in (drops, 30.0, math.inf):
+            a = fit_windows(win, iv, nb, nn, *tab, drop, threads=1)
+            b = fit_windows_reference(win, iv, nb, nn, *tab, drop)
+            c = fit_windows_native(win, iv, nb, nn, *tab, drop)
             assert np.array_equal(a, b) and np.array_equal(a, c), (width, drop)
-            if drop == 5.0:
-                assert (a[:, 5] != 0).sum() > 20  # the two-cloud path is compared too
-            if drop == math.inf:
+            if drop is drops:  # the two-cloud path is compared too, with neighbours
+                assert ((a[:, 5] != 0) & (nn[: a.shape[0]] > 1)).sum() > 5
+            if drop is math.inf:
                 assert np.array_equal(a[:, 0], a[:, 1]) and not a[:, 5:].any()
 
 
@@ -88,7 +100,8 @@ def test_the_fit_finds_two_clouds_where_there_are_two():
     one = cloud(120.0, 0.4, 0.6)
     two = cloud(100.0, 0.5, 0.0) + cloud(110.0, 0.5, 1.4)
     win = np.stack([one.ravel(), two.ravel()])
-    out = fit_windows(win, np.full((2, 25), 1 / 16), *cloud_table(0.5), 1.0, threads=1)
+    none = np.zeros((2, 0, 3)), np.zeros(2, np.int64)
+    out = fit_windows(win, np.full((2, 25), 1 / 16), *none, *cloud_table(0.5), 1.0, threads=1)
     assert out[0, 0] < 1e-3  # one cloud fits one cloud (up to the table's steps)
     assert out[1, 0] > 50 and out[1, 1] < 1e-3, out[1]
     assert np.allclose(out[0, 2:5], [120.0, 0.4, 0.6], atol=0.01)
@@ -97,8 +110,8 @@ def test_the_fit_finds_two_clouds_where_there_are_two():
 
 
 def test_cloud_width_is_measured(crowded):
-    *_, (which, charge, win, iv) = crowded
-    assert abs(cloud_width(win, iv) - 0.6) < 0.06
+    *_, (charge, win, iv, nb, nn, alone) = crowded
+    assert abs(cloud_width(win[alone], iv[alone]) - 0.6) < 0.06
 
 
 def _counted(frames, cal, **kw):
@@ -127,11 +140,11 @@ def test_thread_count_does_not_change_the_events():
 
 
 def test_events_stay_one_per_pixel_in_order(crowded):
-    _, _, _, base, lone = crowded
-    which, charge, win, iv = lone
+    _, _, _, base, windows = crowded
 
-    # a fitter that calls every fitted window two clouds in one pixel, or two apart
-    def two_clouds(win, iv, cdf, pdf, t0, inv_h, drop):
+    # a fitter that splits every event it may: the second cloud a row down, in the
+    # first's pixel (every other event) or in the pixel down and left
+    def two_clouds(win, iv, nb, nn, cdf, pdf, t0, inv_h, drop):
         out = np.zeros((win.shape[0], 11))
         out[:, 0] = 1e6
         out[:, 2:5] = [200.0, 0.5, 0.5]
@@ -140,39 +153,66 @@ def test_events_stay_one_per_pixel_in_order(crowded):
         return out
 
     shape = (base.n_frames, *base.frame_shape)
-    off, idx, sub = fit_splits(shape, lone, base.offsets, base.indices, base.subpixel, 100,
+    off, idx, sub = fit_splits(shape, windows, base.offsets, base.indices, base.subpixel, 100,
                                0.5, 30.0, 0, two_clouds)  # fmt: skip
-    # every fitted window splits but where its second pixel leaves the frame
-    r, c = np.divmod(base.indices[which].astype(np.int64), base.frame_shape[1])
-    leaves = r + 1 >= base.frame_shape[0]  # both seconds lie a row down
-    leaves[1::2] |= c[1::2] - 1 < 0
-    assert off[-1] == base.n_events + which.size - leaves.sum()
+    # crowded frames: many second events land on another event's pixel and are dropped
+    assert base.n_events * 1.2 < off[-1] < base.n_events * 2
     for i in range(base.n_frames):
         f = idx[off[i] : off[i + 1]]
         assert np.all(np.diff(f.astype(np.int64)) > 0)
     assert sub is not None and sub.shape == idx.shape and sub.max() <= 15
+    # every event stays (at its pixel, or a row down with its second)
+    frame_of = np.repeat(np.arange(base.n_frames), np.diff(base.offsets)).tolist()
+    home = set(zip(frame_of, base.indices.tolist(), strict=True))
+    frame_of = np.repeat(np.arange(base.n_frames), np.diff(off)).tolist()
+    now = set(zip(frame_of, idx.tolist(), strict=True))
+    w = base.frame_shape[1]
+    assert all((f, p) in now or (f, p + w) in now for f, p in home)
 
 
 #: (physics, least recall, least gain over the resolve rule) at 0.01 e/px/frame;
-#: floors a little under what these seeds measure
+#: floors a little under what these seeds measure (benchmarks/README.md)
 ACCURACY_CASES = [
-    ({}, 0.95, 0.008),
-    ({"gain_sigma": 0.1, "read_noise_adu": 2.0}, 0.95, 0.008),
-    ({"psf_sigma_px": 0.3}, 0.95, 0.008),
-    ({"psf_sigma_px": 0.3, "read_noise_adu": 6.0}, 0.95, 0.005),
+    ({}, 0.965, 0.015),
+    ({"gain_sigma": 0.1, "read_noise_adu": 2.0}, 0.975, 0.015),
+    ({"psf_sigma_px": 0.3}, 0.97, 0.01),
+    ({"psf_sigma_px": 0.3, "read_noise_adu": 6.0}, 0.955, 0.008),
 ]
+
+
+def _both(physics, dose, n, seed=19):
+    frames, truth, cal = _emulated((256, 384), dose, n, seed, **physics)
+    rule = score_batch(Counter(cal, subpixel=True, method="resolve", dose=False)(frames),
+                       truth.positions)  # fmt: skip
+    return rule, score_batch(_counted(frames, cal), truth.positions)
 
 
 @pytest.mark.parametrize(("physics", "least_recall", "least_gain"), ACCURACY_CASES)
 def test_fit_finds_merged_electrons_at_001(physics, least_recall, least_gain):
-    frames, truth, cal = _emulated((256, 384), 0.01, 16, 19, **physics)
-    rule = score_batch(Counter(cal, subpixel=True, method="resolve", dose=False)(frames),
-                       truth.positions)  # fmt: skip
-    fit = score_batch(_counted(frames, cal), truth.positions)
+    rule, fit = _both(physics, 0.01, 16)
     assert fit.recall >= least_recall, fit
     assert fit.recall >= rule.recall + least_gain, (fit, rule)
     assert fit.precision >= 0.999, fit
-    assert fit.rms_error_px <= 0.25, fit
+    assert fit.rms_error_px <= 0.21, fit
+
+
+def test_fit_places_wide_clouds_within_a_pixel():
+    """A wide cloud's brightest pixel, with noise, often lies a pixel off the
+    electron (the resolve rule's precision 0.997 at 0.001 e/px/frame): the fitted
+    cloud's centre does not."""
+    rule, fit = _both({"psf_sigma_px": 0.8}, 0.001, 160)
+    assert rule.precision < 0.998 and fit.precision >= 0.999, (rule, fit)
+    assert fit.recall >= rule.recall
+    assert fit.rms_error_px <= rule.rms_error_px - 0.05, (rule, fit)
+
+
+def test_fit_resolves_crowds_at_005():
+    """At 0.05 e/px/frame most electrons have a neighbour within 3 px: fitted
+    together with their neighbours' clouds, merged ones still split."""
+    rule, fit = _both({}, 0.05, 4)
+    assert fit.recall >= rule.recall + 0.05, (fit, rule)
+    assert fit.precision >= 0.998, fit
+    assert fit.rms_error_px <= rule.rms_error_px - 0.03, (rule, fit)
 
 
 def test_bad_method_names_the_choices():
