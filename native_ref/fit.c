@@ -97,7 +97,7 @@ static double ft_lm(double *p, int nc, const double *w, const double *iv, const 
             g[a] = t;
         }
         int taken = 0, done = 0;
-        while (!taken && lam <= conf[4]) {
+        while (!taken && !done && lam <= conf[4]) {
             int ok = 1;
             for (int a = 0; a < n && ok; a++) {
                 for (int b = 0; b <= a; b++) {
@@ -135,9 +135,13 @@ static double ft_lm(double *p, int nc, const double *w, const double *iv, const 
                     lam = lam * 0.1;
                     if (lam < conf[3]) lam = conf[3];
                     taken = 1;
+                } else {
+                    double pred = 0.0;
+                    for (int a = 0; a < n; a++) pred = pred + step[a] * g[a];
+                    done = pred <= conf[5] * cur;
                 }
             }
-            if (!taken) lam = lam * 10.0;
+            if (!taken && !done) lam = lam * 10.0;
         }
         if (!taken || done) break;
     }

@@ -100,7 +100,7 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, w
             g[a] = t
         taken = False
         done = False
-        while not taken and lam <= lam_max:
+        while not taken and not done and lam <= lam_max:
             ok = True
             for a in range(n):
                 for b in range(a + 1):
@@ -139,7 +139,12 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, w
                         p[a] = trial[a]
                     lam = max(lam * 0.1, lam_min)
                     taken = True
-            if not taken:
+                else:
+                    pred = 0.0
+                    for a in range(n):
+                        pred = pred + step[a] * g[a]
+                    done = pred <= tol * cur
+            if not taken and not done:
                 lam = lam * 10.0
         if not taken or done:
             break

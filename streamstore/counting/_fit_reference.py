@@ -36,7 +36,9 @@ window's start from, in the window's coordinates, ``nn`` of them.
    forward and back substitution for the step, and the chi-square at the
    stepped parameters; the step is taken where that is lower: ``lam =
    max(lam * 0.1, LAM[1])``, and the fit ends when the chi-square fell by at
-   most ``TOL`` of itself; otherwise ``lam`` grows tenfold. The model and its
+   most ``TOL`` of itself; otherwise the fit ends where the step promised at
+   most that much (``sum over a of step[a] * g[a]``, a ascending), and ``lam``
+   grows tenfold where it did not. The model and its
    derivatives at the parameters are those of the last chi-square taken;
 4. *one cloud*: the event's cloud from ``a`` the sum of the positive charge of
    the central 3 x 3 and ``(y, x) = (0.5 + Ty / a, 0.5 + Tx / a)`` its centre of
@@ -77,7 +79,7 @@ STARTS = ((0.6, 0.0), (0.0, 0.6))
 #: Levenberg-Marquardt's damping: first, least, and greatest (beyond it the fit ends).
 LAM = (0.001, 1e-6, 1e4)
 #: A step that lowers the chi-square by at most this fraction of it ends the fit.
-TOL = 1e-7
+TOL = 1e-4
 
 
 def _lookup(cdf, pdf, t, t0, inv_h):
@@ -158,7 +160,7 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters) -> float:
             g[a] = t
         taken = False
         done = False
-        while not taken and lam <= LAM[2]:
+        while not taken and not done and lam <= LAM[2]:
             ok = True
             for a in range(n):
                 for b in range(a + 1):
@@ -197,7 +199,12 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters) -> float:
                         p[a] = trial[a]
                     lam = max(lam * 0.1, LAM[1])
                     taken = True
-            if not taken:
+                else:
+                    pred = 0.0
+                    for a in range(n):
+                        pred = pred + step[a] * g[a]
+                    done = pred <= TOL * cur
+            if not taken and not done:
                 lam = lam * 10.0
         if not taken or done:
             break

@@ -312,7 +312,7 @@ def fit_splits(
 
     def key(p: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         # a fit that failed (NaN) is never taken: any pixel will do for its key
-        rows, cols = (np.floor(np.nan_to_num(v)).astype(np.int64) for v in p)
+        rows, cols = (np.floor(np.nan_to_num(np.clip(v, -1.0, h + w))).astype(np.int64) for v in p)
         return frame_of * hw + np.clip(rows, 0, h - 1) * w + np.clip(cols, 0, w - 1)
 
     k_one, k_two1, k_two2 = key(one), key(two1), key(two2)
