@@ -17,10 +17,12 @@ frames with the same dark-series calibration:
 ``3x3``
     ``streamstore.count`` (sub-pixel on): a local maximum of its 3 x 3
     neighbourhood above ``n_sigma`` x each pixel's noise.
-``resolve``
-    ``streamstore.count(..., method="resolve")``, the counter that separates
-    coincident electrons, when this tree's ``count`` takes that method
-    (``--method`` names it); otherwise skipped, with the reason in the output.
+``resolve``, ``fit``
+    ``streamstore.count(..., method="resolve")`` and ``method="fit"``, the
+    counters that separate coincident electrons (the resolve rule's charge and
+    anisotropy; a fit of electron clouds to each event's window), when this
+    tree's ``count`` takes those methods (``--method`` names them, comma
+    separated); otherwise skipped, with the reason in the output.
 ``stempy``
     stempy's own ``electron_count_frame`` (a strict 3 x 3 maximum of the
     dark-subtracted frame above a background threshold and below an X-ray
@@ -82,7 +84,8 @@ from streamstore.shapes import parse_shape
 
 DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
 XRAY_THRESHOLD = 1000.0  # ADU, as in tests/counting/test_counting_accuracy.py
-NEW_METHOD = "resolve"
+#: ``streamstore.count``'s methods measured beside the 3 x 3 rule
+NEW_METHODS = ("resolve", "fit")
 TIMING_NOTE = (
     "time_per_frame_s: process CPU time of one counting call over all the dose's frames "
     "(after an untimed call on one frame), divided by the frames; comparable only between "
@@ -174,10 +177,14 @@ def method_support(method: str) -> str | None:
     return None
 
 
+def _methods(method: str | tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(m for m in method.split(",") if m) if isinstance(method, str) else tuple(method)
+
+
 def counter_table(
     cal: Calibration,
     *,
-    method: str = NEW_METHOD,
+    method: str | tuple[str, ...] = NEW_METHODS,
     threads: int | None = 1,
     stempy: bool = True,
 ) -> tuple[dict[str, CountFn], dict[str, str]]:
@@ -187,8 +194,9 @@ def counter_table(
     ----------
     cal : Calibration
         The calibration every counter uses.
-    method : str, default "resolve"
-        ``streamstore.count``'s ``method=`` for the new counter.
+    method : str or tuple of str, default ("resolve", "fit")
+        ``streamstore.count``'s ``method=`` of the new counters (a string: comma
+        separated).
     threads : int or None, default 1
         Threads for ``streamstore.count`` (stempy counts frame by frame on one).
     stempy : bool, default True
@@ -205,11 +213,12 @@ def counter_table(
         "3x3": lambda f: count(f, cal, subpixel=True, threads=threads),
     }
     skipped: dict[str, str] = {}
-    why = method_support(method)
-    if why is None:
-        table[method] = lambda f: count(f, cal, subpixel=True, threads=threads, method=method)
-    else:
-        skipped[method] = why
+    for name in _methods(method):
+        why = method_support(name)
+        if why is None:
+            table[name] = lambda f, m=name: count(f, cal, subpixel=True, threads=threads, method=m)
+        else:
+            skipped[name] = why
     if stempy:
         try:
             table["stempy"] = stempy_counter(cal)
@@ -272,7 +281,7 @@ def run(
     emulator: dict[str, float] | None = None,
     *,
     patterns: tuple[str, ...] = ("uniform",),
-    method: str = NEW_METHOD,
+    method: str | tuple[str, ...] = NEW_METHODS,
     stempy: bool = True,
     data_only: bool = True,
     threads: int | None = 1,
@@ -366,10 +375,10 @@ def _measure_dose(
         try:
             m = measure_counter(fn, frames, truth.positions)
         except (TypeError, ValueError) as exc:
-            if name != method or res["doses"]:
+            if name not in _methods(method) or res["doses"]:
                 raise
             # the first call tells whether this tree's count() knows the method
-            res["skipped"][name] = f"streamstore.count(..., method={method!r}) refused: {exc}"
+            res["skipped"][name] = f"streamstore.count(..., method={name!r}) refused: {exc}"
             continue
         m["dose_error"] = _dose_error(m["dose_events"], true_dose)
         m["dose_error_electrons"] = _dose_error(m["dose_electrons"], true_dose)
@@ -521,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--method",
-        default=NEW_METHOD,
-        help=f"streamstore.count's method= of the new counter ({NEW_METHOD})",
+        default=",".join(NEW_METHODS),
+        help=f"streamstore.count's method= of the new counters, comma separated "
+        f"({','.join(NEW_METHODS)})",
     )
     p.add_argument("--threads", type=int, default=1, help="threads of streamstore.count (1)")
     p.add_argument("--no-stempy", action="store_true", help="skip stempy's rule")

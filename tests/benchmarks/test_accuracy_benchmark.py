@@ -79,14 +79,15 @@ def test_counter_table_side_by_side(capsys):
         ("disk", 0.06),
     ]
     expected = ["3x3"]
-    if "method" in inspect.signature(count).parameters:
-        # this tree's count() takes a method: it is measured, or its refusal is named
-        if bench.NEW_METHOD in out["counters"]:
-            expected.append(bench.NEW_METHOD)
+    for method in bench.NEW_METHODS:
+        if "method" in inspect.signature(count).parameters:
+            # this tree's count() takes a method: it is measured, or its refusal is named
+            if method in out["counters"]:
+                expected.append(method)
+            else:
+                assert "refused" in out["skipped"][method]
         else:
-            assert "refused" in out["skipped"][bench.NEW_METHOD]
-    else:
-        assert "no method=" in out["skipped"][bench.NEW_METHOD]
+            assert "no method=" in out["skipped"][method]
     if HAVE_STEMPY:
         expected.append("stempy")
     else:
@@ -179,6 +180,7 @@ def test_a_count_with_the_new_method_is_measured_and_a_refusal_skipped(monkeypat
     kw = dict(shape=(48, 64), doses=[0.002], n_frames=4, seed=7, electrons=300, log=lambda *a: 0)
     res = bench.run(**kw, stempy=False, data_only=False)
     assert res["counters"] == ["3x3", "resolve"] and "resolve" not in res["skipped"]
+    assert "unknown method 'fit'" in res["skipped"]["fit"]
     (row,) = res["doses"]
     new, old = row["counters"]["resolve"], row["counters"]["3x3"]
     assert new["recall"] == old["recall"] and new["dose_error"] == old["dose_error"]
