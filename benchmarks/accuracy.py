@@ -278,7 +278,7 @@ def run(
     seed: int,
     electrons: int = 0,
     log=print,
-    emulator: dict[str, float] | None = None,
+    emulator: dict[str, Any] | None = None,
     *,
     patterns: tuple[str, ...] = ("uniform",),
     method: str | tuple[str, ...] = NEW_METHODS,
@@ -493,17 +493,17 @@ def _patterns(text: str) -> tuple[str, ...]:
     return out
 
 
-def _params(text: str) -> dict[str, float]:
-    out = {}
+def _params(text: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     for part in (p for p in text.split(",") if p.strip()):
         key, sep, value = part.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            msg = f"emulator parameters must be name=value pairs: {part!r}"
+            raise argparse.ArgumentTypeError(msg)
         try:
             out[key.strip()] = float(value)
         except ValueError:
-            sep = ""
-        if not sep:
-            msg = f"emulator parameters must be name=number pairs: {part!r}"
-            raise argparse.ArgumentTypeError(msg)
+            out[key.strip()] = value.strip()  # a name, e.g. deposit=gamma
     return out
 
 

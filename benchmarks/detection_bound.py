@@ -73,7 +73,7 @@ from scipy.spatial import cKDTree
 from scipy.special import ndtr
 
 from benchmarks import record
-from benchmarks.accuracy import _doses
+from benchmarks.accuracy import _doses, _params
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting.accuracy import matched_electrons, score_batch
@@ -519,20 +519,6 @@ def run(
         for i, dose in enumerate(doses):
             res["rows"].append(run_point(shape, dose, params, seed + 100 * j + i, **kw))
     return res
-
-
-def _params(text: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for part in (p for p in text.split(",") if p.strip()):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            msg = f"emulator parameters must be name=value pairs: {part!r}"
-            raise argparse.ArgumentTypeError(msg)
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            out[key.strip()] = value.strip()  # a name, e.g. deposit=gamma
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

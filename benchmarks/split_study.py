@@ -43,7 +43,7 @@ from scipy.spatial import cKDTree
 from scipy.special import erf
 
 from benchmarks import record
-from benchmarks.detection_bound import _params
+from benchmarks.accuracy import _params
 from streamstore import Calibration
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import Counter

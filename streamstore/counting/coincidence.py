@@ -412,7 +412,7 @@ def lookup_tiles(counts: np.ndarray, classes: np.ndarray, luts: np.ndarray) -> n
     return out
 
 
-def packing_excess(lam: float, pair_radius: int = 2) -> float:
+def packing_excess(lam: float, pair_radius: int = 2, hard: float = HARD_CORE_AREA) -> float:
     """What the hard core alone adds to ``2 * sum (g(d) - 1)`` over the half plane's
     offsets ``2 <= |d|_inf <= pair_radius``, at electron density ``lam``.
 
@@ -427,18 +427,23 @@ def packing_excess(lam: float, pair_radius: int = 2) -> float:
     ``g < 1``; the pair deficit measures the soft area only once this is added
     back (at 0.05 e/px/frame it is 0.49 px of area, worth about 1.7 % of dose).
     Windows three or more pixels apart share no pixel: nothing to add there.
+
+    ``hard``, the measured hard-core area, scales the windows: a counter that
+    keeps electrons one pixel apart apart (``hard`` below 9, as a fit of clouds
+    does) takes fewer pairs in the shared pixels, ``hard / 9`` of them each.
     """
     if lam <= 0:
         return 0.0
-    alpha = HARD_CORE_AREA * lam
+    fill = min(max(hard, 1.0), HARD_CORE_AREA) / HARD_CORE_AREA
+    alpha = HARD_CORE_AREA * fill * lam
     p = -math.expm1(-alpha) / alpha  # scalar math: numpy's per-call cost, 12 times
     total = 0.0
     for dy in range(0, min(pair_radius, 2) + 1):
         for dx in range(-min(pair_radius, 2), min(pair_radius, 2) + 1):
             if (dy == 0 and dx <= 0) or max(dy, abs(dx)) < 2:
                 continue
-            shared = (3 - dy) * (3 - abs(dx))
-            beta = (HARD_CORE_AREA - shared) * lam
+            shared = (3 - dy) * (3 - abs(dx)) * fill
+            beta = (HARD_CORE_AREA * fill - shared) * lam
             both = 2.0 / beta * (p + math.expm1(-alpha - beta) / (alpha + beta))
             total += both / (p * p) - 1.0
     return 2.0 * total
@@ -521,7 +526,7 @@ def exclusion_areas(
         # partners per event at the far offsets (less those past the frame's edge)
         mu = n_far / (pair_events * inside_far)
         lam = _electrons_scalar(mu, max(hard, 1.0), max(soft, 0.0))
-        soft += packing_excess(lam, near)
+        soft += packing_excess(lam, near, max(hard, 1.0))
     soft *= n_far / (n_far + _FAR_PAIRS_PRIOR)
     return max(hard, 1.0), max(soft, 0.0)
 
