@@ -385,9 +385,9 @@ def count(
         the dark-subtracted 3 x 3 neighbourhood).
     threads : int, optional
         Threads to use (None: all cores). The result does not depend on it.
-    method : {"peak", "resolve"}, default "peak"
-        Counting rule (see :class:`Counter`); "resolve" measures one electron's
-        charge on these frames.
+    method : {"peak", "resolve", "fit"}, default "peak"
+        Counting rule (see :class:`Counter`); "resolve" and "fit" measure one
+        electron's charge (and "fit" its cloud's width) on these frames.
     dose : bool, default True
         Fill ``electrons`` (below). False: the events alone, ``electrons`` None
         (the dose model measures its areas from this call's frames: a one-frame
