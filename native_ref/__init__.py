@@ -114,7 +114,7 @@ def load() -> ctypes.CDLL:
                                i64, i64, i64, i64, p, p, p]  # fmt: skip
             d = ctypes.c_double
             lib.fit_windows.restype = i64
-            lib.fit_windows.argtypes = [p, p, p, p, i64, i64, p, p, i64, d, d, p, p, i64, p, p]
+            lib.fit_windows.argtypes = [p, p, p, p, i64, i64, p, p, i64, d, d, d, p, p, i64, p, p]
             _lib = lib
         return _lib
 
@@ -235,11 +235,20 @@ def fit_windows_native(
     pdf: np.ndarray,
     t0: float,
     inv_h: float,
+    width: float,
     drop: np.ndarray | float,
 ) -> np.ndarray:
     """C form of the cloud fit (``fit.c``); the inputs and output of
     :func:`streamstore.counting._fit_reference.fit_windows_reference`."""
-    from streamstore.counting._fit_reference import ITERS_ONE, ITERS_TWO, LAM, STARTS, TOL
+    from streamstore.counting._fit_reference import (
+        ITERS_ONE,
+        ITERS_TWO,
+        LAM,
+        STARTS,
+        TOL,
+        WIDTH_SPREAD,
+        WIDTHS,
+    )
 
     win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
     m = win.shape[0]
@@ -254,11 +263,12 @@ def fit_windows_native(
     if cdf.shape != pdf.shape or cdf.ndim != 1 or cdf.size < 2:
         raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
     starts = np.ascontiguousarray(STARTS, np.float64)
-    conf = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL], np.float64)
-    out = np.zeros((m, 11), np.float64)
+    conf = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL, *WIDTHS, 1.0 / WIDTH_SPREAD], np.float64)
+    out = np.zeros((m, 13), np.float64)
     rc = load().fit_windows(
         _ptr(win), _ptr(iv), _ptr(nb), _ptr(nn), m, nb.shape[1], _ptr(cdf), _ptr(pdf), cdf.size,
-        float(t0), float(inv_h), _ptr(drop), _ptr(starts), starts.shape[0], _ptr(conf), _ptr(out),
+        float(t0), float(inv_h), float(width), _ptr(drop), _ptr(starts), starts.shape[0],
+        _ptr(conf), _ptr(out),
     )  # fmt: skip
     if rc != 0:
         raise ValueError("native fit: more neighbours than fit.c holds (4 at most)")

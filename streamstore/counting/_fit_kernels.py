@@ -16,14 +16,22 @@ import numpy as np
 from numba import njit
 
 from streamstore._numba_cache import compiling_alone, serialize_saves
-from streamstore.counting._fit_reference import ITERS_ONE, ITERS_TWO, LAM, STARTS, TOL
+from streamstore.counting._fit_reference import (
+    ITERS_ONE,
+    ITERS_TWO,
+    LAM,
+    STARTS,
+    TOL,
+    WIDTH_SPREAD,
+    WIDTHS,
+)
 
 __all__ = ["fit_windows"]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _STARTS = np.array(STARTS, np.float64)
 # the reference's constants travel as arguments: numba's cache keys on this file only
-_CONF = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL], np.float64)
+_CONF = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL, *WIDTHS, 1.0 / WIDTH_SPREAD], np.float64)
 _BLOCK = 256  # windows a pool task fits
 _pool: ThreadPoolExecutor | None = None
 _ran = False
@@ -46,68 +54,86 @@ def _lookup(cdf, pdf, t, t0, inv_h):
 
 
 @njit(**_OPTS)
-def _shares(mu, cdf, pdf, t0, inv_h, s, d):
-    """Shares of one cloud at ``mu`` in the window's five pixels, and their derivatives."""
-    lo_c, lo_p = _lookup(cdf, pdf, -2.0 - mu, t0, inv_h)
+def _shares(mu, sw, cdf, pdf, t0, inv_h, s, d, dw):
+    lo_u = (-2.0 - mu) / sw
+    lo_c, lo_p = _lookup(cdf, pdf, lo_u, t0, inv_h)
     for k in range(5):
-        hi_c, hi_p = _lookup(cdf, pdf, (k - 1.0) - mu, t0, inv_h)
+        u = ((k - 1.0) - mu) / sw
+        hi_c, hi_p = _lookup(cdf, pdf, u, t0, inv_h)
         s[k] = hi_c - lo_c
-        d[k] = -(hi_p - lo_p)
+        d[k] = -(hi_p - lo_p) / sw
+        dw[k] = -(hi_p * u - lo_p * lo_u) / sw
         lo_c = hi_c
         lo_p = hi_p
+        lo_u = u
 
 
 @njit(**_OPTS)
-def _chi2(p, nc, w, iv, cdf, pdf, t0, inv_h, m, jac, sh):
-    sy, dy, sx, dx = sh[0], sh[1], sh[2], sh[3]
+def _chi2(p, ne, nc, w, iv, cdf, pdf, t0, inv_h, s0, wmin, wmax, inv_sw, m, jac, sh):
+    if not (wmin <= p[0] and p[0] <= wmax):
+        return math.inf
+    sy, dy, wy, sx, dx, wx = sh[0], sh[1], sh[2], sh[3], sh[4], sh[5]
     for q in range(25):
         m[q] = 0.0
+        jac[q, 0] = 0.0
     for c in range(nc):
-        a = p[3 * c]
-        _shares(p[3 * c + 1], cdf, pdf, t0, inv_h, sy, dy)
-        _shares(p[3 * c + 2], cdf, pdf, t0, inv_h, sx, dx)
+        a = p[1 + 3 * c]
+        sw = p[0] if c < ne else s0
+        _shares(p[2 + 3 * c], sw, cdf, pdf, t0, inv_h, sy, dy, wy)
+        _shares(p[3 + 3 * c], sw, cdf, pdf, t0, inv_h, sx, dx, wx)
         for i in range(5):
             for j in range(5):
                 q = 5 * i + j
                 m[q] = m[q] + (a * sy[i]) * sx[j]
-                jac[q, 3 * c] = sy[i] * sx[j]
-                jac[q, 3 * c + 1] = (a * dy[i]) * sx[j]
-                jac[q, 3 * c + 2] = (a * sy[i]) * dx[j]
+                jac[q, 1 + 3 * c] = sy[i] * sx[j]
+                jac[q, 2 + 3 * c] = (a * dy[i]) * sx[j]
+                jac[q, 3 + 3 * c] = (a * sy[i]) * dx[j]
+                if c < ne:
+                    jac[q, 0] = jac[q, 0] + ((a * wy[i]) * sx[j] + (a * sy[i]) * wx[j])
     t = 0.0
     for q in range(25):
         r = w[q] - m[q]
         t = t + (iv[q] * r) * r
-    return t
+    d = (p[0] - s0) * inv_sw
+    return t + d * d
 
 
 @njit(**_OPTS)
-def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, ws):
+def _lm(p, ne, nc, w, iv, cdf, pdf, t0, inv_h, s0, iters, f, conf, ws):
     m, jac, A, L, vec, sh = ws
     g, z, step, trial = vec[0], vec[1], vec[2], vec[3]
-    n = 3 * nc
+    lam0, lam_min, lam_max, tol, wmin, wmax = conf[2], conf[3], conf[4], conf[5], conf[6], conf[7]
+    inv_sw = conf[8]
+    n = 1 + 3 * nc
     lam = lam0
-    cur = _chi2(p, nc, w, iv, cdf, pdf, t0, inv_h, m, jac, sh)
+    cur = _chi2(p, ne, nc, w, iv, cdf, pdf, t0, inv_h, s0, wmin, wmax, inv_sw, m, jac, sh)
+    for a in range(f):
+        trial[a] = p[a]
     for _ in range(iters):
-        for a in range(n):
-            for b in range(a + 1):
+        for a in range(f, n):
+            for b in range(f, a + 1):
                 t = 0.0
                 for q in range(25):
                     t = t + (iv[q] * jac[q, a]) * jac[q, b]
+                if a == 0:
+                    t = t + inv_sw * inv_sw
                 A[a, b] = t
             t = 0.0
             for q in range(25):
                 t = t + (iv[q] * jac[q, a]) * (w[q] - m[q])
+            if a == 0:
+                t = t - ((p[0] - s0) * inv_sw) * inv_sw
             g[a] = t
         taken = False
         done = False
         while not taken and not done and lam <= lam_max:
             ok = True
-            for a in range(n):
-                for b in range(a + 1):
+            for a in range(f, n):
+                for b in range(f, a + 1):
                     t = A[a, b]
                     if a == b:
                         t = t + lam * A[a, a]
-                    for k in range(b):
+                    for k in range(f, b):
                         t = t - L[a, k] * L[b, k]
                     if a == b:
                         if t <= 0.0:
@@ -119,29 +145,31 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, w
                 if not ok:
                     break
             if ok:
-                for a in range(n):
+                for a in range(f, n):
                     t = g[a]
-                    for k in range(a):
+                    for k in range(f, a):
                         t = t - L[a, k] * z[k]
                     z[a] = t / L[a, a]
-                for a in range(n - 1, -1, -1):
+                for a in range(n - 1, f - 1, -1):
                     t = z[a]
                     for k in range(a + 1, n):
                         t = t - L[k, a] * step[k]
                     step[a] = t / L[a, a]
-                for a in range(n):
+                for a in range(f, n):
                     trial[a] = p[a] + step[a]
-                new = _chi2(trial, nc, w, iv, cdf, pdf, t0, inv_h, m, jac, sh)
+                new = _chi2(
+                    trial, ne, nc, w, iv, cdf, pdf, t0, inv_h, s0, wmin, wmax, inv_sw, m, jac, sh
+                )
                 if new < cur:
                     done = cur - new <= tol * cur
                     cur = new
-                    for a in range(n):
+                    for a in range(f, n):
                         p[a] = trial[a]
                     lam = max(lam * 0.1, lam_min)
                     taken = True
                 else:
                     pred = 0.0
-                    for a in range(n):
+                    for a in range(f, n):
                         pred = pred + step[a] * g[a]
                     done = pred <= tol * cur
             if not taken and not done:
@@ -152,17 +180,17 @@ def _lm(p, nc, w, iv, cdf, pdf, t0, inv_h, iters, lam0, lam_min, lam_max, tol, w
 
 
 @njit(**_OPTS)
-def _fit_block(win, iv, nb, nn, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo, hi):
+def _fit_block(win, iv, nb, nn, cdf, pdf, t0, inv_h, s0, drop, starts, conf, out, lo, hi):
     iters1, iters2 = int(conf[0]), int(conf[1])
-    lam0, lam_min, lam_max, tol = conf[2], conf[3], conf[4], conf[5]
-    most = 3 * (2 + nb.shape[1])
+    wmin, wmax = conf[6], conf[7]
+    most = 1 + 3 * (2 + nb.shape[1])
     ws = (
         np.empty(25),
         np.empty((25, most)),
         np.empty((most, most)),
         np.empty((most, most)),
         np.empty((4, most)),
-        np.empty((4, 5)),
+        np.empty((6, 5)),
     )
     p1 = np.empty(most)
     p2 = np.empty(most)
@@ -180,38 +208,44 @@ def _fit_block(win, iv, nb, nn, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo
                     tot = tot + v
                     ty = ty + v * (i - 2)
                     tx = tx + v * (j - 2)
-        p1[0] = 0.0
-        p1[1] = 0.5
+        p1[0] = s0
+        p1[1] = 0.0
         p1[2] = 0.5
+        p1[3] = 0.5
         if tot > 0.0:
-            p1[0] = tot
-            p1[1] = 0.5 + ty / tot
-            p1[2] = 0.5 + tx / tot
+            p1[1] = tot
+            p1[2] = 0.5 + ty / tot
+            p1[3] = 0.5 + tx / tot
         for b in range(n_nb):
             for a in range(3):
-                p1[3 + 3 * b + a] = nb[k, b, a]
-        one = _lm(p1, 1 + n_nb, w, wt, cdf, pdf, t0, inv_h, iters1, lam0, lam_min, lam_max, tol, ws)
+                p1[4 + 3 * b + a] = nb[k, b, a]
+        one = _lm(p1, 1, 1 + n_nb, w, wt, cdf, pdf, t0, inv_h, s0, iters1, 0, conf, ws)
         out[k, 0] = one
         out[k, 1] = one
         for a in range(3):
-            out[k, 2 + a] = p1[a]
+            out[k, 2 + a] = p1[1 + a]
         for a in range(5, 11):
             out[k, a] = 0.0
+        out[k, 11] = p1[0]
+        out[k, 12] = 0.0
         if not one > drop[k]:
             continue
-        best = math.inf
         # the first start puts a cloud on the pixel the fit leaves most charge in,
-        # the other mirrored through the one cloud's centre
+        # the other mirrored through the event's cloud's centre
         m_one = ws[0]
-        _chi2(p1, 1 + n_nb, w, wt, cdf, pdf, t0, inv_h, m_one, ws[1], ws[5])
+        _chi2(
+            p1, 1, 1 + n_nb, w, wt, cdf, pdf, t0, inv_h, s0, wmin, wmax, conf[8], m_one, ws[1],
+            ws[5],
+        )  # fmt: skip
         top = -math.inf
         ry = 0.0
         rx = 0.0
         for q in range(25):
             if wt[q] > 0.0 and w[q] - m_one[q] > top:
                 top = w[q] - m_one[q]
-                ry = (q // 5 - 2.0) + 0.5 - p1[1]
-                rx = (q % 5 - 2.0) + 0.5 - p1[2]
+                ry = ((q // 5 - 2.0) + 0.5) - p1[2]
+                rx = ((q % 5 - 2.0) + 0.5) - p1[3]
+        best = math.inf
         for s in range(-1, starts.shape[0]):
             if s < 0:
                 oy = ry
@@ -219,23 +253,23 @@ def _fit_block(win, iv, nb, nn, cdf, pdf, t0, inv_h, drop, starts, conf, out, lo
             else:
                 oy = starts[s, 0]
                 ox = starts[s, 1]
-            half = p1[0] * 0.5
-            p2[0] = half
-            p2[1] = p1[1] + oy
-            p2[2] = p1[2] + ox
-            p2[3] = half
-            p2[4] = p1[1] - oy
-            p2[5] = p1[2] - ox
+            half = p1[1] * 0.5
+            p2[0] = s0
+            p2[1] = half
+            p2[2] = p1[2] + oy
+            p2[3] = p1[3] + ox
+            p2[4] = half
+            p2[5] = p1[2] - oy
+            p2[6] = p1[3] - ox
             for a in range(3 * n_nb):
-                p2[6 + a] = p1[3 + a]
-            two = _lm(
-                p2, 2 + n_nb, w, wt, cdf, pdf, t0, inv_h, iters2, lam0, lam_min, lam_max, tol, ws
-            )
+                p2[7 + a] = p1[4 + a]
+            two = _lm(p2, 2, 2 + n_nb, w, wt, cdf, pdf, t0, inv_h, s0, iters2, 1, conf, ws)
             if two < best:
                 best = two
                 out[k, 1] = two
                 for a in range(6):
-                    out[k, 5 + a] = p2[a]
+                    out[k, 5 + a] = p2[1 + a]
+                out[k, 12] = p2[0]
 
 
 def fit_windows(
@@ -247,11 +281,12 @@ def fit_windows(
     pdf: np.ndarray,
     t0: float,
     inv_h: float,
-    drop: np.ndarray,
+    width: float,
+    drop: np.ndarray | float,
     threads: int | None = None,
 ) -> np.ndarray:
     """numba form of :func:`~streamstore.counting._fit_reference.fit_windows_reference`
-    (same inputs, plus ``threads``: None is numba's thread count); (m, 11) float64."""
+    (same inputs, plus ``threads``: None is numba's thread count); (m, 13) float64."""
     global _pool, _ran
     win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
     m = win.shape[0]
@@ -261,10 +296,11 @@ def fit_windows(
     drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
     cdf = np.ascontiguousarray(cdf, np.float64)
     pdf = np.ascontiguousarray(pdf, np.float64)
-    out = np.zeros((m, 11), np.float64)
+    out = np.zeros((m, 13), np.float64)
     if m == 0:
         return out
-    args = (win, iv, nb, nn, cdf, pdf, float(t0), float(inv_h), drop, _STARTS, _CONF, out)
+    args = (win, iv, nb, nn, cdf, pdf, float(t0), float(inv_h), float(width), drop, _STARTS, _CONF,
+            out)  # fmt: skip
     first = 0
     if not _ran:  # compiled (or loaded) once under the cache's lock
         with compiling_alone(_fit_block):

@@ -25,12 +25,16 @@ found twice: the one of the lesser cloud goes. A pixel holds one event: where a
 split or moved event lands on a pixel another holds, it steps down (split,
 moved, left) until none is claimed twice.
 
-The cloud is a pixel-integrated Gaussian whose width :func:`cloud_width`
-measures from the data (lone events of one electron's charge), as
-:func:`~streamstore.counting.resolve.single_electron` measures the charge: a
-table of its profile (:func:`cloud_table`) is all the fit knows of it. Each
-pixel's weight is 1 / (its noise variance + (``fit_model_error`` x its
-charge)^2): the model's own error grows with the charge.
+The cloud is a pixel-integrated Gaussian (a table of its profile,
+:func:`cloud_table`, is all the fit knows of it). Its width is the series'
+(:func:`cloud_width` measures it on lone events of one electron's charge, as
+:func:`~streamstore.counting.resolve.single_electron` measures the charge) for
+the neighbours and for the two clouds, and free for the event's one cloud, held
+near the series' by a prior of ``WIDTH_SPREAD`` (0.1 px): electrons spread
+differently (the depth they stop at, a detector's own physics), and a wide one
+fitted with the series' width looks like two narrow ones. Each pixel's weight is
+1 / (its noise variance + (``fit_model_error`` x its charge)^2): the model's own
+error grows with the charge.
 
 Costly beside the per-pixel pass (tens of microseconds an event on one core),
 so a method of its own, for frames counted after the fact or at modest rates.
@@ -42,6 +46,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from streamstore.counting._fit_reference import WIDTHS
 
 __all__ = [
     "MERGE_PX",
@@ -56,25 +62,18 @@ __all__ = [
 
 _T0 = -8.0  # the table spans [-8, 8] pixels from the cloud's centre,
 _INV_H = 128.0  # in steps of 1/128 pixel
-_WIDTHS = np.round(np.arange(0.20, 1.2001, 0.02), 2)  # widths cloud_width tries
 #: Events whose places come closer than this (pixels) are one electron found twice.
 MERGE_PX = 0.75
 
 
-def cloud_table(width: float) -> tuple[np.ndarray, np.ndarray, float, float]:
-    """One electron's cloud along one axis: ``(cdf, pdf, t0, inv_h)`` for the fit.
+def cloud_table() -> tuple[np.ndarray, np.ndarray, float, float]:
+    """A cloud's profile along one axis, in widths from its centre: ``(cdf, pdf,
+    t0, inv_h)`` for the fit, the standard normal distribution and its density
+    at ``u = t0 + k / inv_h``. The fit scales it by each cloud's width."""
+    from scipy.special import ndtr
 
-    A Gaussian of standard deviation ``width`` pixels: ``cdf`` its share of the
-    charge before ``t``, ``pdf`` its derivative, at ``t = t0 + k / inv_h``.
-    """
-    from scipy.special import erf
-
-    if not (np.isfinite(width) and width > 0):
-        raise ValueError(f"width must be positive, got {width!r}")
-    t = _T0 + np.arange(int(-2 * _T0 * _INV_H) + 1) / _INV_H
-    cdf = 0.5 * (1.0 + erf(t / (math.sqrt(2.0) * width)))
-    pdf = np.exp(-0.5 * (t / width) ** 2) / (math.sqrt(2.0 * math.pi) * width)
-    return cdf, pdf, _T0, _INV_H
+    u = _T0 + np.arange(int(-2 * _T0 * _INV_H) + 1) / _INV_H
+    return ndtr(u), np.exp(-0.5 * u * u) / math.sqrt(2.0 * math.pi), _T0, _INV_H
 
 
 def fit_maps(calibration: Any, gain: np.ndarray | None) -> np.ndarray:
@@ -182,25 +181,18 @@ def event_windows(
 
 
 def cloud_width(win: np.ndarray, iv: np.ndarray, threads: int | None = 1) -> float:
-    """One electron's cloud width (pixels) that fits ``win`` best: the width of
-    least summed chi-square of one-cloud fits, over widths 0.2 to 1.2 px in steps
-    of 0.02, refined between the best and its neighbours by a parabola."""
+    """One electron's cloud width (pixels): the median width of one-cloud fits
+    (width free) to the windows ``win`` of lone events, fitted twice, the second
+    time from the first's median."""
     from streamstore.counting._fit_kernels import fit_windows
 
-    chi = np.empty(_WIDTHS.size)
-    for k, width in enumerate(_WIDTHS):
-        cdf, pdf, t0, inv_h = cloud_table(float(width))
-        nb = np.zeros((win.shape[0], 0, 3))
-        nn = np.zeros(win.shape[0], np.int64)
-        fits = fit_windows(win, iv, nb, nn, cdf, pdf, t0, inv_h, math.inf, threads=threads)
-        chi[k] = fits[:, 0].sum()
-    k = int(np.argmin(chi))
-    if 0 < k < _WIDTHS.size - 1:
-        a, b, c = chi[k - 1], chi[k], chi[k + 1]
-        den = a - 2.0 * b + c
-        shift = 0.5 * (a - c) / den if den > 0 else 0.0
-        return round(float(_WIDTHS[k] + 0.02 * shift), 4)
-    return float(_WIDTHS[k])
+    nb = np.zeros((win.shape[0], 0, 3))
+    nn = np.zeros(win.shape[0], np.int64)
+    width = 0.5
+    for _ in range(2):
+        fits = fit_windows(win, iv, nb, nn, *cloud_table(), width, math.inf, threads=threads)
+        width = float(np.clip(np.median(fits[:, 11]), *WIDTHS))
+    return round(width, 4)
 
 
 def fit_splits(
@@ -229,11 +221,11 @@ def fit_splits(
     m = indices.size
     if m == 0:
         return offsets, indices, sub
-    cdf, pdf, t0, inv_h = cloud_table(width)
     heavy = 16 * charge >= charge16 * e_unit  # only these are tried as two
-    out = fitter(win, iv, nb, nn, cdf, pdf, t0, inv_h, np.where(heavy, drop, math.inf))
+    drops = np.where(heavy, drop, math.inf)
+    out = fitter(win, iv, nb, nn, *cloud_table(), float(np.clip(width, *WIDTHS)), drops)
     a, y, x = out[:, 2:5].T
-    a1, y1, x1, a2, y2, x2 = out[:, 5:].T
+    a1, y1, x1, a2, y2, x2 = out[:, 5:11].T
 
     def centred(*v: np.ndarray, lo=-1.0, hi=2.0) -> np.ndarray:  # within the event's 3 x 3
         return np.logical_and.reduce([(c >= lo) & (c < hi) for c in v])

@@ -72,17 +72,28 @@ def test_three_forms_fit_alike(crowded):
     nb = np.concatenate([nb[pick], np.zeros((4, NEIGHBOURS, 3))])
     nn = np.concatenate([nn[pick], np.zeros(4, np.int64)])
     drops = np.where(np.arange(win.shape[0]) % 3 == 0, math.inf, 5.0)
+    tab = cloud_table()
     for width in (0.35, 0.6):
-        tab = cloud_table(width)
         for drop in (drops, 30.0, math.inf):
-            a = fit_windows(win, iv, nb, nn, *tab, drop, threads=1)
-            b = fit_windows_reference(win, iv, nb, nn, *tab, drop)
-            c = fit_windows_native(win, iv, nb, nn, *tab, drop)
+            a = fit_windows(win, iv, nb, nn, *tab, width, drop, threads=1)
+            b = fit_windows_reference(win, iv, nb, nn, *tab, width, drop)
+            c = fit_windows_native(win, iv, nb, nn, *tab, width, drop)
             assert np.array_equal(a, b) and np.array_equal(a, c), (width, drop)
             if drop is drops:  # the two-cloud path is compared too, with neighbours
                 assert ((a[:, 5] != 0) & (nn[: a.shape[0]] > 1)).sum() > 5
+                assert np.all(a[a[:, 5] != 0, 12] == width)  # two clouds: the width held
             if drop is math.inf:
-                assert np.array_equal(a[:, 0], a[:, 1]) and not a[:, 5:].any()
+                assert np.array_equal(a[:, 0], a[:, 1]) and not a[:, 5:11].any()
+            assert len(np.unique(a[:, 11])) > a.shape[0] // 2  # one cloud: the width free
+
+
+def _wide(edges):
+    """A cloud of width 0.7 px and 150 ADU at (0.5, 0.5), pixel-integrated."""
+    from scipy.special import erf
+
+    share = 0.5 * (erf((edges + 1 - 0.5) / (math.sqrt(2.0) * 0.7))
+                   - erf((edges - 0.5) / (math.sqrt(2.0) * 0.7)))  # fmt: skip
+    return (150.0 * np.outer(share, share)).ravel()
 
 
 def test_the_fit_finds_two_clouds_where_there_are_two():
@@ -101,10 +112,17 @@ def test_the_fit_finds_two_clouds_where_there_are_two():
     two = cloud(100.0, 0.5, 0.0) + cloud(110.0, 0.5, 1.4)
     win = np.stack([one.ravel(), two.ravel()])
     none = np.zeros((2, 0, 3)), np.zeros(2, np.int64)
-    out = fit_windows(win, np.full((2, 25), 1 / 16), *none, *cloud_table(0.5), 1.0, threads=1)
+    out = fit_windows(win, np.full((2, 25), 1 / 16), *none, *cloud_table(), 0.5, 1.0, threads=1)
     assert out[0, 0] < 1e-3  # one cloud fits one cloud (up to the table's steps)
     assert out[1, 0] > 50 and out[1, 1] < 1e-3, out[1]
     assert np.allclose(out[0, 2:5], [120.0, 0.4, 0.6], atol=0.01)
+    assert abs(out[0, 11] - 0.5) < 0.001  # its width, free, found
+    # a wider cloud than the series' is one cloud of its own width, not two
+    wide = fit_windows(_wide(edges)[None],
+                       np.full((1, 25), 1 / 16), *[x[:1] for x in none], *cloud_table(), 0.5,
+                       1.0, threads=1)  # fmt: skip
+    # (its width pulled a little towards the series' by the prior, 0.1 px a sigma)
+    assert 0.6 < wide[0, 11] < 0.7 and wide[0, 0] < 5.0 and wide[0, 0] - wide[0, 1] < 1.0, wide[0]
     centres = sorted([tuple(out[1, 6:8]), tuple(out[1, 9:11])], key=lambda p: p[1])
     assert np.allclose(centres, [(0.5, 0.0), (0.5, 1.4)], atol=0.01)
 
@@ -144,12 +162,12 @@ def test_events_stay_one_per_pixel_in_order(crowded):
 
     # a fitter that splits every event it may: the second cloud a row down, in the
     # first's pixel (every other event) or in the pixel down and left
-    def two_clouds(win, iv, nb, nn, cdf, pdf, t0, inv_h, drop):
-        out = np.zeros((win.shape[0], 11))
+    def two_clouds(win, iv, nb, nn, cdf, pdf, t0, inv_h, width, drop):
+        out = np.zeros((win.shape[0], 13))
         out[:, 0] = 1e6
         out[:, 2:5] = [200.0, 0.5, 0.5]
-        out[:, 5:] = [100.0, 0.3, 0.3, 100.0, 0.6, 0.4]
-        out[1::2, 8:] = [100.0, 1.9, -0.9]
+        out[:, 5:11] = [100.0, 0.3, 0.3, 100.0, 0.6, 0.4]
+        out[1::2, 8:11] = [100.0, 1.9, -0.9]
         return out
 
     shape = (base.n_frames, *base.frame_shape)
@@ -173,7 +191,7 @@ def test_events_stay_one_per_pixel_in_order(crowded):
 #: (physics, least recall, least gain over the resolve rule) at 0.01 e/px/frame;
 #: floors a little under what these seeds measure (benchmarks/README.md)
 ACCURACY_CASES = [
-    ({}, 0.965, 0.015),
+    ({}, 0.96, 0.015),
     ({"gain_sigma": 0.1, "read_noise_adu": 2.0}, 0.975, 0.015),
     ({"psf_sigma_px": 0.3}, 0.97, 0.01),
     ({"psf_sigma_px": 0.3, "read_noise_adu": 6.0}, 0.955, 0.008),
@@ -210,9 +228,34 @@ def test_fit_resolves_crowds_at_005():
     """At 0.05 e/px/frame most electrons have a neighbour within 3 px: fitted
     together with their neighbours' clouds, merged ones still split."""
     rule, fit = _both({}, 0.05, 4)
-    assert fit.recall >= rule.recall + 0.05, (fit, rule)
-    assert fit.precision >= 0.998, fit
+    assert fit.recall >= rule.recall + 0.04, (fit, rule)
+    assert fit.precision >= 0.999, fit
     assert fit.rms_error_px <= rule.rms_error_px - 0.03, (rule, fit)
+
+
+def test_electrons_of_different_widths_are_not_split():
+    """Physics the emulator does not have: half the electrons spread 0.3 px, half
+    0.8 px (two emulators' signals added, one of them noiseless). A fit of one
+    width splits the wide ones into narrow pairs (precision 0.97 before the
+    event's width was let free); the one-cloud fit's free width keeps them one."""
+    shape, dose = (256, 384), 0.01
+    narrow = CameraEmulator(shape, dose_rate_e_per_px_s=dose * 1500 / 2, seed=19,
+                            psf_sigma_px=0.3)  # fmt: skip
+    quiet = dict(read_noise_adu=0.0, row_noise_adu=0.0, dark_mean_adu=0.0, dark_sigma_adu=0.0,
+                 hot_pixel_fraction=0.0, xray_rate_per_frame=0.0)  # fmt: skip
+    wide = CameraEmulator(shape, dose_rate_e_per_px_s=dose * 1500 / 2, seed=91, psf_sigma_px=0.8,
+                          **quiet)  # fmt: skip
+    dark, _ = narrow.dark_frames(40)
+    fa, ta = narrow.generate(16)
+    fb, tb = wide.generate(16)
+    frames = np.clip(fa.astype(np.int64) + fb, 0, 65535).astype(np.uint16)
+    truth = [np.concatenate([np.reshape(a, (-1, 2)), np.reshape(b, (-1, 2))])
+             for a, b in zip(ta.positions, tb.positions, strict=True)]  # fmt: skip
+    cal = Calibration.from_dark_frames(dark, xray_threshold=1000.0)
+    rule = score_batch(Counter(cal, subpixel=True, method="resolve", dose=False)(frames), truth)
+    fit = score_batch(_counted(frames, cal), truth)
+    assert fit.precision >= 0.999, fit
+    assert fit.recall >= rule.recall + 0.01, (fit, rule)
 
 
 def test_bad_method_names_the_choices():
