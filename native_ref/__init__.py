@@ -240,30 +240,12 @@ def fit_windows_native(
 ) -> np.ndarray:
     """C form of the cloud fit (``fit.c``); the inputs and output of
     :func:`streamstore.counting._fit_reference.fit_windows_reference`."""
-    from streamstore.counting._fit_reference import (
-        ITERS_ONE,
-        ITERS_TWO,
-        LAM,
-        STARTS,
-        TOL,
-        WIDTH_SPREAD,
-        WIDTHS,
-    )
+    from streamstore.counting._fit_reference import STARTS, fit_conf, fit_inputs
 
-    win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
+    win, iv, nb, nn, cdf, pdf, drop = fit_inputs(win, iv, nb, nn, cdf, pdf, drop)
     m = win.shape[0]
-    iv = np.ascontiguousarray(iv, np.float64)
-    if iv.shape != win.shape:
-        raise ValueError(f"iv has shape {iv.shape}, expected {win.shape}")
-    nb = np.ascontiguousarray(nb, np.float64).reshape(m, -1, 3)
-    nn = np.ascontiguousarray(nn, np.int64).reshape(m)
-    drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
-    cdf = np.ascontiguousarray(cdf, np.float64)
-    pdf = np.ascontiguousarray(pdf, np.float64)
-    if cdf.shape != pdf.shape or cdf.ndim != 1 or cdf.size < 2:
-        raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
     starts = np.ascontiguousarray(STARTS, np.float64)
-    conf = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL, *WIDTHS, 1.0 / WIDTH_SPREAD], np.float64)
+    conf = fit_conf()
     out = np.zeros((m, 13), np.float64)
     rc = load().fit_windows(
         _ptr(win), _ptr(iv), _ptr(nb), _ptr(nn), m, nb.shape[1], _ptr(cdf), _ptr(pdf), cdf.size,

@@ -16,22 +16,14 @@ import numpy as np
 from numba import njit
 
 from streamstore._numba_cache import compiling_alone, serialize_saves
-from streamstore.counting._fit_reference import (
-    ITERS_ONE,
-    ITERS_TWO,
-    LAM,
-    STARTS,
-    TOL,
-    WIDTH_SPREAD,
-    WIDTHS,
-)
+from streamstore.counting._fit_reference import STARTS, fit_conf, fit_inputs
 
 __all__ = ["fit_windows"]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _STARTS = np.array(STARTS, np.float64)
 # the reference's constants travel as arguments: numba's cache keys on this file only
-_CONF = np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL, *WIDTHS, 1.0 / WIDTH_SPREAD], np.float64)
+_CONF = fit_conf()
 _BLOCK = 256  # windows a pool task fits
 _pool: ThreadPoolExecutor | None = None
 _ran = False
@@ -288,14 +280,8 @@ def fit_windows(
     """numba form of :func:`~streamstore.counting._fit_reference.fit_windows_reference`
     (same inputs, plus ``threads``: None is numba's thread count); (m, 13) float64."""
     global _pool, _ran
-    win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
+    win, iv, nb, nn, cdf, pdf, drop = fit_inputs(win, iv, nb, nn, cdf, pdf, drop)
     m = win.shape[0]
-    iv = np.ascontiguousarray(iv, np.float64).reshape(m, 25)
-    nb = np.ascontiguousarray(nb, np.float64).reshape(m, -1, 3)
-    nn = np.ascontiguousarray(nn, np.int64).reshape(m)
-    drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
-    cdf = np.ascontiguousarray(cdf, np.float64)
-    pdf = np.ascontiguousarray(pdf, np.float64)
     out = np.zeros((m, 13), np.float64)
     if m == 0:
         return out

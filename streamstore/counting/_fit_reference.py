@@ -90,6 +90,8 @@ __all__ = [
     "TOL",
     "WIDTHS",
     "WIDTH_SPREAD",
+    "fit_conf",
+    "fit_inputs",
     "fit_windows_reference",
 ]
 
@@ -309,6 +311,33 @@ def fit_window(w, iv, nb, drop: float, tab) -> list[float]:
     return out
 
 
+def fit_conf() -> np.ndarray:
+    """The constants above as the compiled forms take them: ``[ITERS_ONE, ITERS_TWO,
+    *LAM, TOL, *WIDTHS, 1 / WIDTH_SPREAD]``, float64."""
+    return np.array([ITERS_ONE, ITERS_TWO, *LAM, TOL, *WIDTHS, 1.0 / WIDTH_SPREAD], np.float64)
+
+
+def fit_inputs(win, iv, nb, nn, cdf, pdf, drop) -> tuple[np.ndarray, ...]:
+    """The fit's arrays as every form reads them, C-contiguous: ``win`` and ``iv``
+    (m, 25) float64, ``nb`` (m, K, 3) float64, ``nn`` (m,) int64, the tables, and
+    ``drop`` (m,) float64 (a number: the same for every window)."""
+    win = np.ascontiguousarray(win, np.float64).reshape(-1, 25)
+    m = win.shape[0]
+    iv = np.ascontiguousarray(iv, np.float64)
+    if iv.shape != win.shape:
+        raise ValueError(f"iv has shape {iv.shape}, expected {win.shape}")
+    nb = np.ascontiguousarray(nb, np.float64).reshape(m, -1, 3)
+    nn = np.ascontiguousarray(nn, np.int64).reshape(m)
+    if nn.size and (nn.min() < 0 or nn.max() > nb.shape[1]):
+        raise ValueError(f"nn must lie in 0..{nb.shape[1]}")
+    cdf = np.ascontiguousarray(cdf, np.float64)
+    pdf = np.ascontiguousarray(pdf, np.float64)
+    if cdf.shape != pdf.shape or cdf.ndim != 1 or cdf.size < 2:
+        raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
+    drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
+    return win, iv, nb, nn, cdf, pdf, drop
+
+
 def fit_windows_reference(
     win: np.ndarray,
     iv: np.ndarray,
@@ -322,12 +351,8 @@ def fit_windows_reference(
     drop: np.ndarray | float,
 ) -> np.ndarray:
     """Fit each window (the module docstring); (m, 13) float64."""
-    win = np.asarray(win, np.float64).reshape(-1, 25)
+    win, iv, nb, nn, cdf, pdf, drop = fit_inputs(win, iv, nb, nn, cdf, pdf, drop)
     m = win.shape[0]
-    iv = np.asarray(iv, np.float64).reshape(m, 25)
-    nb = np.asarray(nb, np.float64).reshape(m, -1, 3)
-    nn = np.asarray(nn, np.int64).reshape(m)
-    drop = np.broadcast_to(np.asarray(drop, np.float64), (m,))
     out = np.zeros((m, 13), np.float64)
     tab = ([float(v) for v in cdf], [float(v) for v in pdf], float(t0), float(inv_h), float(width))
     for k in range(m):
