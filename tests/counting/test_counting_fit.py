@@ -30,7 +30,7 @@ from streamstore.counting.fit import (
     fit_splits,
 )
 from streamstore.counting.resolve import ResolveParams
-from tests.counting.test_counting_resolve import _same
+from tests.counting.test_counting_resolve import _crowded, _same
 
 NO_SPLITS = ResolveParams(pair_charge=64.0, any_charge=64.0, pair_spread=16.0)
 
@@ -144,6 +144,31 @@ def test_three_implementations_count_alike(crowded):
     # splits happened: the method differs from the resolve rule's base events
     base = Counter(cal, subpixel=True, method="resolve", resolve=NO_SPLITS, dose=False)
     assert numba.n_events > base(frames[:3]).n_events
+
+
+@pytest.mark.parametrize("case", ["uint8", "uint16", "wrapped", "gain map"])
+def test_three_implementations_agree_on_every_frame_type(rng, case):
+    """Dense electrons, X-rays, masked pixels, saturation (the resolve rule's
+    parity frames), in each frame type the counter takes."""
+    frames, cal = _crowded(rng, np.uint8 if case == "uint8" else np.uint16, n=1, h=32, w=44)
+    scale = 0.25 if case == "uint8" else 1.0
+    if case == "wrapped":
+        cal = Calibration(cal.dark - 150, cal.noise, mask=cal.mask, wrapped=True,
+                          xray_threshold=600.0)  # fmt: skip
+        frames = (frames.astype(np.int64) - 150).astype(np.int16).view(np.uint16)
+    if case == "gain map":
+        gain = rng.uniform(0.85, 1.15, cal.frame_shape)
+        cal = Calibration(cal.dark, cal.noise, gain=gain, mask=cal.mask, xray_threshold=600.0)
+    out = []
+    for impl in ("reference", "numba", "native"):
+        c = Counter(cal, frames.dtype, subpixel=True, implementation=impl, method="fit",
+                    electron_charge=120.0 * scale, dose=False)  # fmt: skip
+        c.cloud_width = 0.5  # too crowded to measure: given, so that every event is fitted
+        out.append(c(frames))
+    assert _same(out[0], out[1]) and _same(out[0], out[2])
+    base = Counter(cal, frames.dtype, subpixel=True, method="resolve", resolve=NO_SPLITS,
+                   electron_charge=120.0 * scale, dose=False)(frames)  # fmt: skip
+    assert out[0].n_events > base.n_events  # splits happened
 
 
 def test_thread_count_does_not_change_the_events():
