@@ -46,15 +46,16 @@ def _lookup(cdf, pdf, t, t0, inv_h):
 
 
 @njit(**_OPTS)
-def _shares(mu, sw, cdf, pdf, t0, inv_h, s, d, dw):
+def _shares(mu, sw, cdf, pdf, t0, inv_h, sh, row):
+    # rows row, row + 1, row + 2 of sh: the shares, their derivatives by mu and by sw
     lo_u = (-2.0 - mu) / sw
     lo_c, lo_p = _lookup(cdf, pdf, lo_u, t0, inv_h)
     for k in range(5):
         u = ((k - 1.0) - mu) / sw
         hi_c, hi_p = _lookup(cdf, pdf, u, t0, inv_h)
-        s[k] = hi_c - lo_c
-        d[k] = -(hi_p - lo_p) / sw
-        dw[k] = -(hi_p * u - lo_p * lo_u) / sw
+        sh[row, k] = hi_c - lo_c
+        sh[row + 1, k] = -(hi_p - lo_p) / sw
+        sh[row + 2, k] = -(hi_p * u - lo_p * lo_u) / sw
         lo_c = hi_c
         lo_p = hi_p
         lo_u = u
@@ -64,24 +65,26 @@ def _shares(mu, sw, cdf, pdf, t0, inv_h, s, d, dw):
 def _chi2(p, ne, nc, w, iv, cdf, pdf, t0, inv_h, s0, wmin, wmax, inv_sw, m, jac, sh):
     if not (wmin <= p[0] and p[0] <= wmax):
         return math.inf
-    sy, dy, wy, sx, dx, wx = sh[0], sh[1], sh[2], sh[3], sh[4], sh[5]
     for q in range(25):
         m[q] = 0.0
         jac[q, 0] = 0.0
     for c in range(nc):
         a = p[1 + 3 * c]
         sw = p[0] if c < ne else s0
-        _shares(p[2 + 3 * c], sw, cdf, pdf, t0, inv_h, sy, dy, wy)
-        _shares(p[3 + 3 * c], sw, cdf, pdf, t0, inv_h, sx, dx, wx)
+        _shares(p[2 + 3 * c], sw, cdf, pdf, t0, inv_h, sh, 0)
+        _shares(p[3 + 3 * c], sw, cdf, pdf, t0, inv_h, sh, 3)
         for i in range(5):
+            syi = sh[0, i]
+            dyi = sh[1, i]
+            wyi = sh[2, i]
             for j in range(5):
                 q = 5 * i + j
-                m[q] = m[q] + (a * sy[i]) * sx[j]
-                jac[q, 1 + 3 * c] = sy[i] * sx[j]
-                jac[q, 2 + 3 * c] = (a * dy[i]) * sx[j]
-                jac[q, 3 + 3 * c] = (a * sy[i]) * dx[j]
+                m[q] = m[q] + (a * syi) * sh[3, j]
+                jac[q, 1 + 3 * c] = syi * sh[3, j]
+                jac[q, 2 + 3 * c] = (a * dyi) * sh[3, j]
+                jac[q, 3 + 3 * c] = (a * syi) * sh[4, j]
                 if c < ne:
-                    jac[q, 0] = jac[q, 0] + ((a * wy[i]) * sx[j] + (a * sy[i]) * wx[j])
+                    jac[q, 0] = jac[q, 0] + ((a * wyi) * sh[3, j] + (a * syi) * sh[5, j])
     t = 0.0
     for q in range(25):
         r = w[q] - m[q]
@@ -182,7 +185,7 @@ def _fit_block(win, iv, nb, nn, cdf, pdf, t0, inv_h, s0, drop, starts, conf, out
         np.empty((most, most)),
         np.empty((most, most)),
         np.empty((4, most)),
-        np.empty((6, 5)),
+        np.empty((6, 5)),  # one cloud's shares and derivatives, y rows 0-2, x rows 3-5
     )
     p1 = np.empty(most)
     p2 = np.empty(most)
