@@ -71,8 +71,9 @@ class ResolveParams:
         Method "fit": the cloud model's error as a share of each pixel's charge
         (the gain spread a calibration without a gain map leaves, a cloud's shape
         beside a Gaussian's), added to the noise in the fit's weights: without
-        it, bright single electrons split (precision 0.9985 at a point spread
-        of 0.3 px or a gain spread of 10 %, 0.9994 and 0.9996 with 0.06).
+        it, bright single electrons split (with one cloud width for every
+        event: precision 0.9985 at a point spread of 0.3 px or a gain spread of
+        10 %, 0.9994 and 0.9996 with 0.06).
 
     Notes
     -----
