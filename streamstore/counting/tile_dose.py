@@ -37,7 +37,10 @@ DOSE_MODEL_NAME = "tile-coincidence"
 #: Version of the model (what its recorded parameters mean).
 #: 2: the soft area counts the hard core's packing back in (``packing_excess``), and
 #: tiles take their coarse tile's density until it holds MIN_EVENTS per tile.
-DOSE_MODEL_VERSION = 2
+#: 3: that packing scales with the measured hard core (``hard_area / 9`` of the
+#: 3 x 3 windows; a counter that keeps electrons a pixel apart apart packs less):
+#: the same as 2 for the 3 x 3 rule's events, whose hard core is 9.
+DOSE_MODEL_VERSION = 3
 #: Far pairs (Chebyshev distance in ``far_radii``) after which the pair count stops:
 #: about 28,000 per far offset, so ``g(d)`` is known to 0.6 % and the areas to a few
 #: hundredths of a pixel; counting on would cost a pass over the events every frame
