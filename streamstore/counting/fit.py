@@ -277,28 +277,26 @@ def fit_splits(
             np.select(pick, [two1[1], one[1]], own[1]),
         )
 
+    apart = 4.0 * (h + w)  # frames far apart in the trees' space
+
+    def places_tree() -> Any:
+        """A tree of the events' places as they stand (frame, row, column)."""
+        from scipy.spatial import cKDTree
+
+        fy, fx = first_at()
+        return cKDTree(np.stack([frame_of * apart, fy, fx], 1))
+
     # a second cloud within a pixel of another event is that event's electron seen
     # twice (a neighbour beyond the fit's reach, or one the fit moved)
     seconds = np.flatnonzero(state == 2)
     if seconds.size:
-        from scipy.spatial import cKDTree
-
-        apart = 4.0 * (h + w)  # frames far apart in the tree's space
-        fy, fx = first_at()
-        tree = cKDTree(np.stack([frame_of * apart, fy, fx], 1))
         probe = np.stack([frame_of[seconds] * apart, two2[0][seconds], two2[1][seconds]], 1)
-        near = tree.query_ball_point(probe, 1.0)
+        near = places_tree().query_ball_point(probe, 1.0)
         twice = np.array([any(j != e for j in js) for e, js in zip(seconds, near, strict=True)])
         state[seconds[twice]] = fallback[seconds[twice]]
     gone = np.zeros(m, bool)
     if MERGE_PX:
-        from scipy.spatial import cKDTree
-
-        apart = 4.0 * (h + w)
-        fy, fx = first_at()
-        pairs = cKDTree(np.stack([frame_of * apart, fy, fx], 1)).query_pairs(
-            MERGE_PX, output_type="ndarray"
-        )
+        pairs = places_tree().query_pairs(MERGE_PX, output_type="ndarray")
         if pairs.size:
             i, j = pairs[:, 0], pairs[:, 1]
             lose = np.where(a[i] < a[j], i, j)
