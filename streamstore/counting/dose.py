@@ -319,12 +319,7 @@ class DoseCorrector:
         tiles = est.pool(batch) if batch.n_frames else np.zeros(0, np.int64)
         # the windows give one electron's charge, which only dense tiles use: with
         # every count of the series pooled, whether any tile is dense is known now
-        if (
-            frames is not None
-            and self._maps is not None
-            and self.charge
-            and est.may_flag(_DENSE)
-        ):
+        if frames is not None and self._maps is not None and self.charge and est.may_flag(_DENSE):
             for i in range(batch.n_frames):
                 a, b = int(batch.offsets[i]), int(batch.offsets[i + 1])
                 self._sample_windows(self._raw(frames, i), batch.indices[a:b])
