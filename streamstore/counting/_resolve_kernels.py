@@ -1,11 +1,17 @@
 """Numba kernel of the "resolve" counting rule (specification: ``_resolve_reference.py``).
 
-One frame per call of :func:`_resolve_frame`, scalar and plain: it gives the
-same events as the reference bit for bit. Frames are independent, so
-:func:`count_resolve_frames` spreads them over threads and the events do not
-depend on the thread count. The common path is one compare per pixel (``raw >
-lo_c``) and no scratch map: the rest is computed from the frame where a candidate
-needs it. Not yet vectorised.
+One frame per call of :func:`_resolve_frame`: the same events as the reference,
+bit for bit. Frames are independent, so :func:`count_resolve_frames` spreads them
+over threads and the events do not depend on the thread count.
+
+The frame is read once, row by row, into a ring of the few rows the rules look
+at: each row's signals (int64, 0 where masked) and flags (in frame and unmasked;
+candidate), with two columns of padding at each side and zero rows beyond the
+frame's edges, so the tests of a pixel's neighbours need no bounds checks and no
+second read of the frame, the dark or the candidate threshold. A row's local
+maxima (rule 3) are found once the row below it is in the ring; they are settled
+(rules 4-5) ``lag`` rows later, once the local maxima within 2 rows and the X-ray
+hits within ``radius`` rows are listed, while their rows are still in the ring.
 """
 
 from __future__ import annotations
@@ -23,6 +29,14 @@ __all__ = ["count_resolve_frames"]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _INT64_MIN = np.iinfo(np.int64).min
+#: Flags of a ring pixel: in the frame and unmasked; a candidate (``raw > lo_c``);
+#: an X-ray hit (a candidate saturated or above the X-ray level); a local maximum.
+_LIVE = 1
+_CAND = 2
+_XRAY = 4
+_MAX = 8
+#: Columns of padding at each side of a ring row.
+_PAD = 2
 
 
 @njit(**_OPTS)
@@ -33,50 +47,114 @@ def _quantise(num, den):
     return 3 if q > 3 else q
 
 
-# A frame travels as F = (raw, lo_c, dark, gain, has_gain, top): the signal and the
-# candidate flag are computed where they are needed, so the common path reads
-# two maps and makes one compare per pixel, with no scratch map.
-
-
 @njit(**_OPTS)
-def _sig(F, r, c):
-    """Signal ``(raw - dark) * gain`` of an in-frame pixel, 0 when masked."""
-    raw, lo_c, dark, gain, has_gain, top = F
-    if lo_c[r, c] == top:
-        return np.int64(0)
-    v = np.int64(raw[r, c]) - np.int64(dark[r, c])
+def _fill_row(raw, lo_c, dark, gain, has_gain, top, xray_level, t, srow, frow):
+    """Ring row of frame row ``t``: signals ``(raw - dark) * gain`` (0 where masked or
+    outside the frame) and flags, pixel ``c`` at ``c + _PAD``. Returns whether the
+    row holds an X-ray hit."""
+    h, w = raw.shape
+    if t < 0 or t >= h:
+        srow[:] = 0
+        frow[:] = 0
+        return False
+    x_row = raw[t]
+    lc_row = lo_c[t]
+    d_row = dark[t]
+    # the loops stay simple enough to be vector loops: the row's largest signal and
+    # value say whether it may hold an X-ray hit, which is then looked for
+    vmax = np.int64(_INT64_MIN)
+    xmax = x_row[0]
     if has_gain:
-        v *= np.int64(gain[r, c])
-    return v
+        g_row = gain[t]
+        for c in range(w):
+            v = (np.int64(x_row[c]) - np.int64(d_row[c])) * np.int64(g_row[c])
+            srow[c + _PAD] = v if lc_row[c] != top else 0
+            vmax = max(vmax, v)
+            xmax = max(xmax, x_row[c])
+    else:
+        for c in range(w):
+            v = np.int64(x_row[c]) - np.int64(d_row[c])
+            srow[c + _PAD] = v if lc_row[c] != top else 0
+            vmax = max(vmax, v)
+            xmax = max(xmax, x_row[c])
+    for c in range(w):
+        frow[c + _PAD] = np.uint8(lc_row[c] != top) + np.uint8(2) * np.uint8(x_row[c] > lc_row[c])
+    if vmax <= xray_level and xmax != top:
+        return False
+    hits = False
+    for c in range(w):
+        x = x_row[c]
+        if x > lc_row[c]:
+            v = np.int64(x) - np.int64(d_row[c])
+            if has_gain:
+                v *= np.int64(gain[t, c])
+            if x == top or v > xray_level:
+                frow[c + _PAD] |= _XRAY
+                hits = True
+    return hits
 
 
 @njit(**_OPTS)
-def _cand(F, r, c):
-    return F[0][r, c] > F[1][r, c]
+def _key(S, F, k, c):
+    """The key's signal of ring pixel ``(k, c)`` where it is a candidate, else the
+    lowest int64 (a non-candidate never competes)."""
+    return S[k, c] if F[k, c] & _CAND else _INT64_MIN
 
 
 @njit(**_OPTS)
-def _centroid(F, r, c, br, bc, partner):
-    """Sub-pixel cell of the event ``(r, c)``; with ``partner`` each pixel of its 3 x 3
-    is weighted 2 / 1 / 0 as it is nearer ``(r, c)``, as near, or nearer ``(br, bc)``."""
-    h, w = F[0].shape
+def _maxima_row(S, F, ku, k, kd, w, lm, n):
+    """Rule 3 on the ring row ``k`` (``ku`` above it, ``kd`` below): its local maxima
+    flagged, their frame columns appended to ``lm`` (``n`` so far), ascending."""
+    lm = _room(lm, n, w)
+    for c in range(_PAD, w + _PAD):
+        if not F[k, c] & _CAND:
+            continue
+        s = S[k, c]
+        # neighbours earlier in raster order must be beaten, later ones matched
+        before = max(
+            max(_key(S, F, ku, c - 1), _key(S, F, ku, c)),
+            max(_key(S, F, ku, c + 1), _key(S, F, k, c - 1)),
+        )
+        after = max(
+            max(_key(S, F, k, c + 1), _key(S, F, kd, c - 1)),
+            max(_key(S, F, kd, c), _key(S, F, kd, c + 1)),
+        )
+        if s > before and s >= after:
+            F[k, c] |= _MAX
+            lm[n] = c - _PAD
+            n += 1
+    return lm, n
+
+
+@njit(**_OPTS)
+def _xray_row(F, k, w, xr, nx):
+    """The X-ray hits of ring row ``k`` appended to ``xr`` (``nx`` so far) as
+    ascending frame columns."""
+    xr = _room(xr, nx, w)
+    for c in range(_PAD, w + _PAD):
+        if F[k, c] & _XRAY:
+            xr[nx] = c - _PAD
+            nx += 1
+    return xr, nx
+
+
+@njit(**_OPTS)
+def _centroid(S, ring, r, c, br, bc, partner):
+    """Sub-pixel cell of the event at frame row ``r``, ring column ``c``; with
+    ``partner`` each pixel of its 3 x 3 is weighted 2 / 1 / 0 as it is nearer ``(r,
+    c)``, as near, or nearer ``(br, bc)``."""
     total = np.int64(0)
     ty = np.int64(0)
     tx = np.int64(0)
     for dy in range(-1, 2):
-        rr = r + dy
-        if rr < 0 or rr >= h:
-            continue
+        k = (r + dy + _PAD) & ring
         for dx in range(-1, 2):
-            cc = c + dx
-            if cc < 0 or cc >= w:
-                continue
-            wv = _sig(F, rr, cc)
+            wv = S[k, c + dx]
             if wv < 0:
                 wv = 0
             if partner:
                 da = dy * dy + dx * dx
-                db = (rr - br) * (rr - br) + (cc - bc) * (cc - bc)
+                db = (r + dy - br) * (r + dy - br) + (c + dx - bc) * (c + dx - bc)
                 if da < db:
                     wv = 2 * wv
                 elif da > db:
@@ -90,130 +168,151 @@ def _centroid(F, r, c, br, bc, partner):
 
 
 @njit(**_OPTS)
-def _beats(F, r, c, rr, cc):
-    """Does the key of ``(r, c)`` beat that of the candidate ``(rr, cc)`` (True when
-    ``(rr, cc)`` is out of the frame or not a candidate)?"""
-    h, w = F[0].shape
-    if rr < 0 or rr >= h or cc < 0 or cc >= w or not _cand(F, rr, cc):
-        return True
-    if rr < r or (rr == r and cc < c):
-        return _sig(F, r, c) > _sig(F, rr, cc)
-    return _sig(F, r, c) >= _sig(F, rr, cc)
-
-
-@njit(**_OPTS)
-def _wide(F, r, c):
-    """Does the key of ``(r, c)`` beat every candidate at Chebyshev distance 2?"""
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
-            if max(abs(dy), abs(dx)) == 2 and not _beats(F, r, c, r + dy, c + dx):
-                return False
-    return True
-
-
-@njit(**_OPTS)
-def _is_local_max(F, r, c):
-    """Rule 3 at ``(r, c)``: an in-frame candidate whose key beats every candidate
-    8-neighbour's."""
-    h, w = F[0].shape
-    if r < 0 or r >= h or c < 0 or c >= w or not _cand(F, r, c):
-        return False
+def _wide(S, F, ring, r, c, s):
+    """Does the key ``(s, -flat_index)`` of ring pixel ``(r, c)`` beat every candidate
+    at Chebyshev distance 2?"""
+    ku = (r - 2 + _PAD) & ring
+    kd = (r + 2 + _PAD) & ring
+    before = _INT64_MIN
+    after = _INT64_MIN
+    for dx in range(-2, 3):
+        before = max(before, _key(S, F, ku, c + dx))
+        after = max(after, _key(S, F, kd, c + dx))
     for dy in range(-1, 2):
-        for dx in range(-1, 2):
-            if (dy != 0 or dx != 0) and not _beats(F, r, c, r + dy, c + dx):
-                return False
-    return True
+        k = (r + dy + _PAD) & ring
+        if dy < 0:
+            before = max(before, max(_key(S, F, k, c - 2), _key(S, F, k, c + 2)))
+        elif dy > 0:
+            after = max(after, max(_key(S, F, k, c - 2), _key(S, F, k, c + 2)))
+        else:
+            before = max(before, _key(S, F, k, c - 2))
+            after = max(after, _key(S, F, k, c + 2))
+    return s > before and s >= after
 
 
 @njit(**_OPTS)
-def _lonely(F, r, c):
-    """No local maximum at Chebyshev distance 2 of ``(r, c)``."""
-    for dy in range(-2, 3):
-        for dx in range(-2, 3):
-            if max(abs(dy), abs(dx)) == 2 and _is_local_max(F, r + dy, c + dx):
-                return False
-    return True
+def _first_at_least(cols, lo, hi, x):
+    """The first position in ``cols[lo:hi]`` (ascending) holding ``x`` or more."""
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if cols[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 @njit(**_OPTS)
-def _near_xray(F, xray_level, radius, r, c):
-    """An X-ray hit (a saturated candidate, or one above ``xray_level``) within
-    Chebyshev distance ``radius`` of ``(r, c)``?"""
-    raw, top = F[0], F[5]
-    h, w = raw.shape
+def _any_between(cols, row_at, r, a, b):
+    """Does frame row ``r`` of the per-row list ``(cols, row_at)`` hold a column in
+    ``[a, b]``?"""
+    hi = row_at[r + 1]
+    k = _first_at_least(cols, row_at[r], hi, a)
+    return k < hi and cols[k] <= b
+
+
+@njit(**_OPTS)
+def _lonely(F, ring, r, c):
+    """No local maximum at Chebyshev distance 2 of ring pixel ``(r, c)`` (frame row
+    ``r``)."""
+    ku = (r - 2 + _PAD) & ring
+    kd = (r + 2 + _PAD) & ring
+    m = np.uint8(0)
+    for dx in range(-2, 3):
+        m |= F[ku, c + dx] | F[kd, c + dx]
+    for dy in range(-1, 2):
+        k = (r + dy + _PAD) & ring
+        m |= F[k, c - 2] | F[k, c + 2]
+    return (m & _MAX) == 0
+
+
+@njit(**_OPTS)
+def _near_xray(xr, xr_at, h, radius, r, c):
+    """An X-ray hit (listed per row in ``(xr, xr_at)``) within Chebyshev distance
+    ``radius`` of frame pixel ``(r, c)``?"""
     for rr in range(max(0, r - radius), min(h, r + radius + 1)):
-        for cc in range(max(0, c - radius), min(w, c + radius + 1)):
-            if _cand(F, rr, cc) and (raw[rr, cc] == top or _sig(F, rr, cc) > xray_level):
-                return True
+        if _any_between(xr, xr_at, rr, c - radius, c + radius):
+            return True
     return False
 
 
 @njit(**_OPTS)
-def _grow(a, n):
-    """``a`` with room for twice as many items, its first ``n`` kept."""
-    b = np.empty(2 * a.size, a.dtype)
+def _room(a, n, more):
+    """``a``, or a copy of its first ``n`` items with room for twice ``n + more``
+    where it has no room for ``more`` items after them. Lists are grown before a
+    row's loop, never in it: an array variable assigned in a loop costs that loop
+    reference counting at every step, taken or not (10 x the loop's own time)."""
+    if a.size - n >= more:
+        return a
+    b = np.empty(2 * (n + more), a.dtype)
     b[:n] = a[:n]
     return b
 
 
 @njit(**_OPTS)
-def _resolve_frame(
-    raw, lo, lo_c, dark, gain, has_gain, qthr, xray_level, radius, subpixel,
-    e_unit, pair16, any16, spread16, top,
+def _charged(S, ring, qthr, h, w, r, c):
+    """The charge rule: does a 2 x 2 quadrant holding frame pixel ``(r, c)`` (ring
+    column ``c + _PAD``) sum above its threshold?"""
+    for r0 in range(r - 1, r + 1):
+        if r0 < 0 or r0 >= h - 1:
+            continue
+        k0 = (r0 + _PAD) & ring
+        k1 = (r0 + 1 + _PAD) & ring
+        for c0 in range(c - 1, c + 1):
+            if c0 < 0 or c0 >= w - 1:
+                continue
+            p = c0 + _PAD
+            quad = S[k0, p] + S[k0, p + 1] + S[k1, p] + S[k1, p + 1]
+            if quad > qthr[r0, c0]:
+                return True
+    return False
+
+
+@njit(**_OPTS)
+def _settle_row(
+    raw, lo, S, F, ring, qthr, r, lm, lm_at, xr, xr_at, nx, radius, subpixel,
+    e_unit, pair16, any16, spread16, out_i, out_s, n, q_i, q_s, nq,
 ):  # fmt: skip
+    """Rules 4-5 on the local maxima of frame row ``r``: events appended to ``out_i``
+    (``n`` so far; sub-pixel cells to ``out_s``), second events of splits to ``q_i``
+    (``nq``; ``q_s``). The lists have room for them; ``nx`` X-ray hits are listed
+    so far. Returns ``(n, nq)``."""
     h, w = raw.shape
-    F = (raw, lo_c, dark, gain, has_gain, top)
-    out_i = np.empty(256, np.int64)
-    out_s = np.empty(256, np.uint8)
-    n = 0
-    q_i = np.empty(256, np.int64)
-    q_s = np.empty(256, np.uint8)
-    nq = 0
-    for r in range(h):
-        for c in range(w):
-            if not raw[r, c] > lo_c[r, c]:  # the common path: one compare
+    kr = (r + _PAD) & ring
+    for j in range(lm_at[r], lm_at[r + 1]):
+        c = lm[j]
+        p = c + _PAD  # ring column
+        s = S[kr, p]
+        wide = -1  # not yet known
+        if not raw[r, c] > lo[r, c]:
+            if not _charged(S, ring, qthr, h, w, r, c):
                 continue
-            if not _is_local_max(F, r, c):
+            wide = 1 if _wide(S, F, ring, r, p, s) else 0
+            if wide == 0:
                 continue
-            if not raw[r, c] > lo[r, c]:
-                charged = False
-                for r0 in range(r - 1, r + 1):
-                    for c0 in range(c - 1, c + 1):
-                        if r0 < 0 or c0 < 0 or r0 >= h - 1 or c0 >= w - 1:
-                            continue
-                        quad = (
-                            _sig(F, r0, c0) + _sig(F, r0, c0 + 1)
-                            + _sig(F, r0 + 1, c0) + _sig(F, r0 + 1, c0 + 1)
-                        )  # fmt: skip
-                        if quad > qthr[r0, c0]:
-                            charged = True
-                if not charged:
+        if nx > 0 and _near_xray(xr, xr_at, h, radius, r, c):
+            continue
+        # partner: the brightest live 8-neighbour, raster-first on ties
+        has = False
+        best = np.int64(_INT64_MIN)
+        ey = 0
+        ex = 0
+        for dy in range(-1, 2):
+            k = (r + dy + _PAD) & ring
+            for dx in range(-1, 2):
+                if (dy == 0 and dx == 0) or not F[k, p + dx] & _LIVE:
                     continue
-                if not _wide(F, r, c):
-                    continue
-            if _near_xray(F, xray_level, radius, r, c):
-                continue
-            # partner: the brightest unmasked 8-neighbour, raster-first on ties
-            has = False
-            best = np.int64(_INT64_MIN)
-            ey = 0
-            ex = 0
-            for dy in range(-1, 2):
-                rr = r + dy
-                if rr < 0 or rr >= h:
-                    continue
-                for dx in range(-1, 2):
-                    cc = c + dx
-                    if (dy == 0 and dx == 0) or cc < 0 or cc >= w or lo_c[rr, cc] == top:
-                        continue
-                    v = _sig(F, rr, cc)
-                    if not has or v > best:
-                        has = True
-                        best = v
-                        ey = dy
-                        ex = dx
-            split = False
-            if has and _wide(F, r, c) and _lonely(F, r, c):
+                v = S[k, p + dx]
+                if not has or v > best:
+                    has = True
+                    best = v
+                    ey = dy
+                    ex = dx
+        split = False
+        if has:
+            if wide < 0:
+                wide = 1 if _wide(S, F, ring, r, p, s) else 0
+            if wide == 1 and _lonely(F, ring, r, p):
                 e2 = ey * ey + ex * ex
                 big = np.int64(0)
                 su = np.int64(0)
@@ -221,19 +320,14 @@ def _resolve_frame(
                 sv = np.int64(0)
                 svv = np.int64(0)
                 for dy in range(-2, 3):
-                    rr = r + dy
-                    if rr < 0 or rr >= h:
-                        continue
+                    k = (r + dy + _PAD) & ring
                     for dx in range(-2, 3):
-                        cc = c + dx
-                        if cc < 0 or cc >= w:
-                            continue
                         inside = (abs(dy) <= 1 and abs(dx) <= 1) or (
                             abs(dy - ey) <= 1 and abs(dx - ex) <= 1
                         )
                         if not inside:
                             continue
-                        v = _sig(F, rr, cc)
+                        v = S[k, p + dx]
                         u = np.int64(2 * (dy * ey + dx * ex) - e2)
                         x = np.int64(2 * (dy * ex - dx * ey))
                         big += v
@@ -246,21 +340,74 @@ def _resolve_frame(
                 b = fs * np.float64(svv) - np.float64(sv) * np.float64(sv)
                 elongated = 16.0 * (a - b) >= np.float64(spread16 * 4 * e2) * (fs * fs)
                 split = 16 * big >= any16 * e_unit or (16 * big >= pair16 * e_unit and elongated)
-            if n == out_i.size:
-                out_i = _grow(out_i, n)
-                out_s = _grow(out_s, n)
-            out_i[n] = r * w + c
+        out_i[n] = r * w + c
+        if subpixel:
+            out_s[n] = _centroid(S, ring, r, p, r + ey, p + ex, split)
+        n += 1
+        if split:
+            q_i[nq] = (r + ey) * w + (c + ex)
             if subpixel:
-                out_s[n] = _centroid(F, r, c, r + ey, c + ex, split)
-            n += 1
-            if split:
-                if nq == q_i.size:
-                    q_i = _grow(q_i, nq)
-                    q_s = _grow(q_s, nq)
-                q_i[nq] = (r + ey) * w + (c + ex)
-                if subpixel:
-                    q_s[nq] = _centroid(F, r + ey, c + ex, r, c, True)
-                nq += 1
+                q_s[nq] = _centroid(S, ring, r + ey, p + ex, r, p, True)
+            nq += 1
+    return n, nq
+
+
+@njit(**_OPTS)
+def _resolve_frame(
+    raw, lo, lo_c, dark, gain, has_gain, qthr, xray_level, radius, subpixel,
+    e_unit, pair16, any16, spread16, top,
+):  # fmt: skip
+    h, w = raw.shape
+    # the rows a settled row looks at (2 above, 2 below) and those listed since
+    lag = max(2, radius)
+    size = 8
+    while size < lag + 4:
+        size *= 2
+    ring = size - 1  # a mask: ring row of frame row t is (t + _PAD) & ring
+    S = np.zeros((size, w + 2 * _PAD), np.int64)
+    F = np.zeros((size, w + 2 * _PAD), np.uint8)
+    # local maxima and X-ray hits, per row: row r's are lm[lm_at[r]:lm_at[r + 1]]
+    lm = np.empty(1024, np.int64)
+    lm_at = np.zeros(h + 1, np.int64)
+    xr = np.empty(16, np.int64)
+    xr_at = np.zeros(h + 1, np.int64)
+    n_lm = 0
+    nx = 0
+    hits = np.zeros(h + lag + 1 + _PAD, np.bool_)  # frame row t: hits[t + _PAD]
+    out_i = np.empty(256, np.int64)
+    out_s = np.empty(256 if subpixel else 0, np.uint8)
+    n = 0
+    q_i = np.empty(256, np.int64)
+    q_s = np.empty(256 if subpixel else 0, np.uint8)
+    nq = 0
+    for t in range(-2, 1):  # two rows of zeros above the frame, and its first row
+        k = (t + _PAD) & ring
+        hits[t + _PAD] = _fill_row(raw, lo_c, dark, gain, has_gain, top, xray_level, t, S[k], F[k])
+    for t in range(h + lag):
+        # row t + 1 into the ring, over a row settled before (zeros below the frame)
+        k = (t + 1 + _PAD) & ring
+        hits[t + 1 + _PAD] = _fill_row(
+            raw, lo_c, dark, gain, has_gain, top, xray_level, t + 1, S[k], F[k]
+        )
+        if t < h:
+            lm, n_lm = _maxima_row(S, F, (t - 1 + _PAD) & ring, (t + _PAD) & ring, k, w, lm, n_lm)
+            lm_at[t + 1] = n_lm
+            if hits[t + _PAD]:
+                xr, nx = _xray_row(F, (t + _PAD) & ring, w, xr, nx)
+            xr_at[t + 1] = nx
+        r = t - lag
+        if r < 0:
+            continue
+        more = lm_at[r + 1] - lm_at[r]
+        out_i = _room(out_i, n, more)
+        q_i = _room(q_i, nq, more)
+        if subpixel:
+            out_s = _room(out_s, n, more)
+            q_s = _room(q_s, nq, more)
+        n, nq = _settle_row(
+            raw, lo, S, F, ring, qthr, r, lm, lm_at, xr, xr_at, nx, radius, subpixel,
+            e_unit, pair16, any16, spread16, out_i, out_s, n, q_i, q_s, nq,
+        )  # fmt: skip
     # the second events were made in raster order of their origins: a stable sort
     # by pixel keeps, of several splits to one pixel, the lowest origin's
     order = np.argsort(q_i[:nq], kind="mergesort")
@@ -372,6 +519,7 @@ def count_resolve_frames(
 
 # several processes may compile at once (streamstore._numba_cache)
 serialize_saves(
-    _quantise, _sig, _cand, _centroid, _beats, _wide, _is_local_max, _lonely, _near_xray,
-    _grow, _resolve_frame,
+    _quantise, _fill_row, _key, _maxima_row, _xray_row, _centroid, _wide, _first_at_least,
+    _any_between, _lonely, _near_xray, _room, _charged, _settle_row,
+    _resolve_frame,
 )  # fmt: skip
