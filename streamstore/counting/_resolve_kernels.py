@@ -1,12 +1,15 @@
 """Numba kernel of the "resolve" counting rule (specification: ``_resolve_reference.py``).
 
-One frame per call of :func:`_resolve_frame`: the same events as the reference,
-bit for bit. Frames are independent, so :func:`count_resolve_frames` spreads them
-over threads and the events do not depend on the thread count.
+:func:`_resolve_rows` lists the events of a band of a frame's rows and
+:func:`_merge` makes a frame's events of a band's lists, or of its bands' lists
+in order: the same events as the reference, bit for bit, whatever the bands.
+:func:`count_resolve_frames` spreads frames over threads, or the row bands of a
+frame where it has fewer frames than threads, so the events do not depend on the
+thread count.
 
 The frame is read once, row by row, into a ring of the few rows the rules look
 at: each row's signals (int64, 0 where masked) and flags (in frame and unmasked;
-candidate), with two columns of padding at each side and zero rows beyond the
+candidate; X-ray hit; local maximum), with two columns of padding at each side and zero rows beyond the
 frame's edges, so the tests of a pixel's neighbours need no bounds checks and no
 second read of the frame, the dark or the candidate threshold. A row's local
 maxima (rule 3) are found once the row below it is in the ring; they are settled
@@ -347,16 +350,21 @@ def _settle_row(
         if split:
             q_i[nq] = (r + ey) * w + (c + ex)
             if subpixel:
-                q_s[nq] = _centroid(S, ring, r + ey, p + ex, r, p, True)
+                q_s[nq] = _centroid(S, ring, r + ey, p + ex, r, p, split)  # split: True
             nq += 1
     return n, nq
 
 
 @njit(**_OPTS)
-def _resolve_frame(
+def _resolve_rows(
     raw, lo, lo_c, dark, gain, has_gain, qthr, xray_level, radius, subpixel,
-    e_unit, pair16, any16, spread16, top,
+    e_unit, pair16, any16, spread16, top, r0, r1,
 ):  # fmt: skip
+    """The events of the local maxima in frame rows ``r0`` to ``r1 - 1``: ``(out_i,
+    out_s, q_i, q_s)``, the maxima's events in raster order and the second events of
+    their splits in their origins' raster order, each with its sub-pixel cells
+    (empty without ``subpixel``); :func:`_merge` makes them a frame's events. A row
+    band reads the rows within ``lag + 1`` above it and ``lag + 1`` below it too."""
     h, w = raw.shape
     # the rows a settled row looks at (2 above, 2 below) and those listed since
     lag = max(2, radius)
@@ -380,10 +388,13 @@ def _resolve_frame(
     q_i = np.empty(256, np.int64)
     q_s = np.empty(256 if subpixel else 0, np.uint8)
     nq = 0
-    for t in range(-2, 1):  # two rows of zeros above the frame, and its first row
+    # the first row listed: the maxima 2 rows above r0 and the X-ray hits ``radius``
+    # rows above it are looked at; the two rows above it are in the ring first
+    first = max(r0 - lag, 0)
+    for t in range(first - 2, first + 1):
         k = (t + _PAD) & ring
         hits[t + _PAD] = _fill_row(raw, lo_c, dark, gain, has_gain, top, xray_level, t, S[k], F[k])
-    for t in range(h + lag):
+    for t in range(first, r1 + lag):
         # row t + 1 into the ring, over a row settled before (zeros below the frame)
         k = (t + 1 + _PAD) & ring
         hits[t + 1 + _PAD] = _fill_row(
@@ -396,7 +407,7 @@ def _resolve_frame(
                 xr, nx = _xray_row(F, (t + _PAD) & ring, w, xr, nx)
             xr_at[t + 1] = nx
         r = t - lag
-        if r < 0:
+        if r < r0:
             continue
         more = lm_at[r + 1] - lm_at[r]
         out_i = _room(out_i, n, more)
@@ -408,6 +419,15 @@ def _resolve_frame(
             raw, lo, S, F, ring, qthr, r, lm, lm_at, xr, xr_at, nx, radius, subpixel,
             e_unit, pair16, any16, spread16, out_i, out_s, n, q_i, q_s, nq,
         )  # fmt: skip
+    return out_i[:n], out_s[: n if subpixel else 0], q_i[:nq], q_s[: nq if subpixel else 0]
+
+
+@njit(**_OPTS)
+def _merge(out_i, out_s, q_i, q_s, subpixel):
+    """A frame's events ``(indices uint32, subpixel uint8)`` from the lists of
+    :func:`_resolve_rows` (of its row bands, in order, concatenated)."""
+    n = out_i.size
+    nq = q_i.size
     # the second events were made in raster order of their origins: a stable sort
     # by pixel keeps, of several splits to one pixel, the lowest origin's
     order = np.argsort(q_i[:nq], kind="mergesort")
@@ -437,6 +457,8 @@ def _resolve_frame(
 
 
 _pool: ThreadPoolExecutor | None = None
+#: The fewest rows of a row band (a band also reads the few rows around it).
+_BAND_ROWS = 64
 #: The (frame, dark map, gain) types this process has counted frames of.
 _ran: set[tuple[str, str, str]] = set()
 
@@ -478,33 +500,47 @@ def count_resolve_frames(
     g = np.ones((1, 1), np.uint16) if gain is None else gain
     level = np.int64(min(int(xray_level), 2**62))
 
-    def one(i: int) -> tuple[np.ndarray, np.ndarray]:
+    def frame_at(i: int) -> np.ndarray:
         frame = as_unsigned(frames[i]) if wrapped else frames[i]
-        if widen:
-            frame = frame.astype(np.uint16)
-        return _resolve_frame(
+        return frame.astype(np.uint16) if widen else frame
+
+    def band(frame: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, ...]:
+        return _resolve_rows(
             frame, lo, lo_c, dark, g, gain is not None, qthr, level, np.int64(radius),
             bool(subpixel), np.int64(e_unit), np.int64(pair16), np.int64(any16),
-            np.int64(spread16), top,
+            np.int64(spread16), top, np.int64(r0), np.int64(r1),
         )  # fmt: skip
 
+    def one(i: int, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        # k > 1: row bands on the pool, each reading a few rows beyond its own
+        frame = frame_at(i)
+        if k == 1:
+            return _merge(*band(frame, 0, frame.shape[0]), bool(subpixel))
+        edges = np.linspace(0, frame.shape[0], k + 1).astype(np.int64)
+        parts = list(_pool.map(band, [frame] * k, edges[:-1], edges[1:]))
+        return _merge(*(np.concatenate([p[j] for p in parts]) for j in range(4)), bool(subpixel))
+
+    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
+    # fewer frames than threads: each frame in row bands, one a thread
+    bands = max(1, min(k, frames.shape[1] // _BAND_ROWS)) if n < k else 1
+    k = max(1, min(k, n))
+    if (k > 1 or bands > 1) and _pool is None:
+        _pool = ThreadPoolExecutor(
+            max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-resolve"
+        )
     parts = []
     types = (lo.dtype.str, dark.dtype.str, g.dtype.str)
     if n and types not in _ran:
         # this process's first frame of these types: compiled (or loaded) under the
         # cache's lock, so that processes starting together compile the kernel once
-        with compiling_alone(_resolve_frame):
-            parts.append(one(0))
+        with compiling_alone(_resolve_rows):
+            parts.append(one(0, bands))
         _ran.add(types)
-    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
-    k = max(1, min(k, n))
-    if k == 1:
+    if bands > 1:
+        parts.extend(one(i, bands) for i in range(len(parts), n))
+    elif k == 1:
         parts.extend(one(i) for i in range(len(parts), n))
     else:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-resolve"
-            )
         # at most k frames in flight; results are taken in frame order
         for start in range(len(parts), n, k):
             parts.extend(_pool.map(one, range(start, min(n, start + k))))
@@ -521,5 +557,5 @@ def count_resolve_frames(
 serialize_saves(
     _quantise, _fill_row, _key, _maxima_row, _xray_row, _centroid, _wide, _first_at_least,
     _any_between, _lonely, _near_xray, _room, _charged, _settle_row,
-    _resolve_frame,
+    _resolve_rows, _merge,
 )  # fmt: skip

@@ -129,6 +129,25 @@ def test_thread_count_does_not_change_the_result(rng):
         assert _same(r, runs[0])
 
 
+@pytest.mark.parametrize("threads", [2, 5, 16])
+def test_a_frame_counted_in_row_bands_is_counted_the_same(rng, monkeypatch, threads):
+    """A frame alone on several threads is counted in row bands, each band reading
+    the rows around it; bands of 3 rows (many band edges, X-rays and splits across
+    them) give the reference's events."""
+    from streamstore.counting import _resolve_kernels as rk
+
+    monkeypatch.setattr(rk, "_BAND_ROWS", 3)
+    frames, cal = _crowded(rng, np.uint16, n=2)
+    ref = Counter(cal, np.uint16, subpixel=True, method="resolve", resolve=EAGER,
+                  electron_charge=120.0, implementation="reference")(frames)  # fmt: skip
+    c = Counter(cal, np.uint16, subpixel=True, method="resolve", resolve=EAGER,
+                electron_charge=120.0, threads=threads)  # fmt: skip
+    for i in range(2):
+        alone = c(frames[i])
+        assert np.array_equal(alone.indices, ref[i].indices)
+        assert np.array_equal(alone.subpixel, ref[i].subpixel)
+
+
 def test_a_frame_counts_the_same_alone_and_in_a_batch(rng):
     frames, cal = _crowded(rng, np.uint16, n=4)
     c = Counter(cal, np.uint16, method="resolve", resolve=EAGER, electron_charge=120.0)
@@ -316,12 +335,12 @@ def test_a_processs_first_frames_of_a_type_are_counted_under_the_compile_lock(rn
     frames, cal = _crowded(rng, np.uint16, n=3)
     c = Counter(cal, np.uint16, method="resolve", resolve=EAGER, electron_charge=120.0, threads=2)
     first = c(frames)
-    assert held == [rk._resolve_frame]
+    assert held == [rk._resolve_rows]
     again = c(frames)
-    assert held == [rk._resolve_frame] and again == first
+    assert held == [rk._resolve_rows] and again == first
     c8 = Counter(cal, np.uint8, method="resolve", resolve=EAGER, electron_charge=120.0)
     c8(np.clip(frames, 0, 255).astype(np.uint8))
-    assert held == [rk._resolve_frame]  # 8-bit frames: the 16-bit kernel, already run
+    assert held == [rk._resolve_rows]  # 8-bit frames: the 16-bit kernel, already run
     monkeypatch.setattr(rk, "_ran", set())
     c8(np.clip(frames, 0, 255).astype(np.uint8))
-    assert held == [rk._resolve_frame] * 2  # the first call of this process's kernel
+    assert held == [rk._resolve_rows] * 2  # the first call of this process's kernel
