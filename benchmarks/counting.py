@@ -32,6 +32,12 @@ Measures, on the same emulator frame (seeded):
   one dark level and noise for every pixel, where the kernel streams only the
   frame (``Counter(dose=False)``), against the same calibration through
   per-pixel maps and against a plain read of the frame alone, 1 and 2 threads;
+- the counters that resolve merged electrons (``--methods``, default ``resolve,fit``;
+  ``methods`` in the JSON): a reused ``Counter(method=...)`` with the dose on, 1
+  and 2 threads (a frame alone on 2 threads is counted in row bands), against the
+  copy, with its recall and precision; the first call (compiled or loaded, and
+  one electron's charge or cloud measured from the frame) apart. The fit is timed
+  over ``min(repeats, 3)`` runs;
 - the C twin in ``native_ref`` (single-threaded; numba / native ratio);
 - stempy's ``electron_count_frame`` when stempy is installed (speed ratio);
 - recall and precision of streamstore and stempy against the emulator's truth
@@ -162,6 +168,7 @@ def run(
     n_dark: int,
     stempy: bool,
     log=print,
+    methods: tuple[str, ...] = ("resolve", "fit"),
 ) -> dict[str, Any]:
     """Run the benchmark; return the results as a dict."""
     import numba
@@ -373,6 +380,7 @@ def run(
         f"{score.precision:.4f}; sub-pixel RMS error {score_sub.rms_error_px:.3f} px"
     )
 
+    res["methods"] = _methods(frame, cal, truth, t_copy, repeats, methods, log)
     if stempy:
         try:
             import stempy.image as si
@@ -456,6 +464,40 @@ def _dark_subtracted(frame, cal, reader, repeats, log) -> dict[str, Any]:
     return out
 
 
+def _methods(frame, cal, truth, t_copy, repeats, methods, log) -> dict[str, Any]:
+    """The resolving counters (``Counter(method=...)``, the dose on) on the frame."""
+    out: dict[str, Any] = {}
+    for method in methods:
+        counters = [Counter(cal, np.uint16, method=method, threads=t) for t in (1, 2)]
+        t_first = time.perf_counter()
+        batch = counters[0](frame)
+        t_first = time.perf_counter() - t_first
+        counters[1](frame)
+        reps = max(1, min(repeats, 3)) if method == "fit" else repeats
+        t1, t2 = best_times([lambda c=c: c(frame) for c in counters], reps)
+        same = counters[1](frame) == batch
+        score = score_batch(batch, truth.positions)
+        out[method] = {
+            "counter_1thread_s": t1,
+            "counter_2threads_s": t2,
+            "ratio_1thread_to_copy": t1 / t_copy,
+            "ratio_2threads_to_copy": t2 / t_copy,
+            "speedup_2threads": t1 / t2,
+            "first_call_s": t_first,
+            "repeats": reps,
+            "identical_1_2_threads": bool(same),
+            "n_events": batch.n_events,
+            "recall": score.recall,
+            "precision": score.precision,
+        }
+        log(
+            f"method {method!r:9} 1 thread {t1 * 1e3:8.1f} ms ({t1 / t_copy:.1f} x copy), "
+            f"2 threads {t2 * 1e3:.1f} ms ({t2 / t_copy:.1f} x copy, identical: {same}); first "
+            f"call {t_first:.2f} s; recall {score.recall:.4f}, precision {score.precision:.4f}"
+        )
+    return out
+
+
 def _stempy(si, frame, cal, truth, t1, repeats, log) -> dict[str, Any]:
     """stempy's per-frame counting with the same dark, background and X-ray levels."""
     good = ~cal.mask
@@ -499,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dark-frames", type=int, default=8, help="dark frames for calibration (8)")
     p.add_argument("--seed", type=int, default=2026)
     p.add_argument("--no-stempy", action="store_true", help="skip the stempy comparison")
+    p.add_argument(
+        "--methods",
+        default="resolve,fit",
+        help="resolving counters to time beside the 3 x 3 rule, comma-separated (resolve,fit)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     record.add_options(p)
     args = p.parse_args(argv)
@@ -506,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be >= 1")
     if args.dark_frames < 2:
         p.error("--dark-frames must be >= 2")
+    methods = tuple(m for m in args.methods.split(",") if m)
+    if not set(methods) <= {"resolve", "fit"}:
+        p.error("--methods takes resolve and fit")
     log = (lambda *a, **k: None) if args.json else print
     res = run(
         args.shape,
@@ -515,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         args.dark_frames,
         not args.no_stempy,
         log,
+        methods,
     )
     record.save("counting", res, args)
     if args.json:

@@ -1,4 +1,8 @@
-"""numba kernel of the cloud fit; ``_fit_reference.py`` is its specification.
+"""numba kernels of the cloud fit and of its inputs; ``_fit_reference.py`` is their
+specification. The inputs (each event's 5 x 5 window, :func:`window_pixels`, and the
+events fitted beside it, :func:`neighbours`) are cut event by event instead of by
+numpy's gathers over every event (1.2 s -> 0.3 s for the 226,000 events of a full
+frame at 0.01 e/px/frame); the C twin (``native_ref/fit.c``) fits the same windows.
 
 The same float64 operations in the same order as the reference (numba does not
 fuse multiply-adds without fastmath), on work arrays allocated once per block
@@ -18,7 +22,7 @@ from numba import njit
 from streamstore._numba_cache import compiling_alone, serialize_saves
 from streamstore.counting._fit_reference import STARTS, fit_conf, fit_inputs
 
-__all__ = ["fit_windows"]
+__all__ = ["fit_windows", "neighbours", "window_pixels"]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _STARTS = np.array(STARTS, np.float64)
@@ -312,5 +316,122 @@ def fit_windows(
     return out
 
 
+@njit(**_OPTS)
+def _window_pixels(frames, dark, gain, has_gain, iv_map, frame_of, r, c, model_error, win, wiv,
+                   charge):  # fmt: skip
+    n, h, w = frames.shape
+    for i in range(r.size):
+        f = frame_of[i]
+        total = np.int64(0)
+        for q in range(25):
+            dy = q // 5 - 2
+            dx = q % 5 - 2
+            rr = r[i] + dy
+            cc = c[i] + dx
+            if rr < 0 or rr >= h or cc < 0 or cc >= w or not iv_map[rr, cc] > 0:
+                continue  # off the frame or masked: no charge, no weight
+            s = np.int64(frames[f, rr, cc]) - np.int64(dark[rr, cc])
+            if has_gain:
+                s *= np.int64(gain[rr, cc])
+            weight = iv_map[rr, cc]
+            err = model_error * np.float64(max(s, 0))
+            win[i, q] = s
+            wiv[i, q] = weight / (1.0 + weight * err * err)
+            if -1 <= dy <= 1 and -1 <= dx <= 1:
+                total += s
+        charge[i] = total
+
+
+def window_pixels(
+    frames: np.ndarray,
+    dark: np.ndarray,
+    gain: np.ndarray | None,
+    iv_map: np.ndarray,
+    frame_of: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    model_error: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numba form of :func:`~streamstore.counting._fit_reference.window_pixels_reference`
+    (the same arguments and results): one pass over the events, each window's 25
+    pixels read where they lie instead of 25 gathers over every event."""
+    m = r.size
+    win = np.zeros((m, 25), np.float64)
+    wiv = np.zeros((m, 25), np.float64)
+    charge = np.zeros(m, np.int64)
+    if m:
+        g = np.ones((1, 1), np.int64) if gain is None else gain
+        _window_pixels(
+            frames, dark, g, gain is not None, np.ascontiguousarray(iv_map, np.float64),
+            frame_of.astype(np.int64), r.astype(np.int64), c.astype(np.int64),
+            float(model_error), win, wiv, charge,
+        )  # fmt: skip
+    return charge, win, wiv
+
+
+@njit(**_OPTS)
+def _neighbours(key, r, c, charge, h, w, reach, most, nb, nn, alone):
+    hw = h * w
+    ck = np.empty((2 * reach + 1) * (reach + 1), np.int64)  # order keys found
+    ci = np.empty_like(ck)  # their events
+    for i in range(key.size):
+        base0 = key[i] // hw * hw
+        left = max(c[i] - reach, 0)
+        right = min(c[i] + reach, w - 1)
+        k = 0
+        for dy in range(-reach, reach + 1):
+            rr = r[i] + dy
+            if rr < 0 or rr >= h:
+                continue
+            base = base0 + rr * w
+            lo = np.searchsorted(key, base + left, "left")
+            hi = np.searchsorted(key, base + right, "right")
+            for j in range(reach + 1):
+                at = lo + j
+                if at < hi and at != i:
+                    dr = r[at] - r[i]
+                    dc = c[at] - c[i]
+                    ck[k] = (max(abs(dr), abs(dc)) * 64 + dr * dr + dc * dc) * 2**36 + at
+                    ci[k] = at
+                    k += 1
+        alone[i] = k == 0
+        nn[i] = min(most, k)
+        for s in range(nn[i]):  # the nearest first: a selection of the least keys
+            b = s
+            for t in range(s + 1, k):
+                if ck[t] < ck[b]:
+                    b = t
+            ck[s], ck[b] = ck[b], ck[s]
+            ci[s], ci[b] = ci[b], ci[s]
+            at = ci[s]
+            nb[i, s, 0] = max(charge[at], 0)
+            nb[i, s, 1] = r[at] - r[i] + 0.5
+            nb[i, s, 2] = c[at] - c[i] + 0.5
+
+
+def neighbours(
+    key: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    charge: np.ndarray,
+    h: int,
+    w: int,
+    reach: int,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numba form of :func:`~streamstore.counting._fit_reference.neighbours_reference`
+    (the same arguments and results), event by event."""
+    m = key.size
+    nb = np.zeros((m, most, 3), np.float64)
+    nn = np.zeros(m, np.int64)
+    alone = np.zeros(m, np.bool_)
+    if m:
+        _neighbours(
+            key.astype(np.int64), r.astype(np.int64), c.astype(np.int64),
+            charge.astype(np.int64), int(h), int(w), int(reach), int(most), nb, nn, alone,
+        )  # fmt: skip
+    return nb, nn, alone
+
+
 # several processes may compile at once (streamstore._numba_cache)
-serialize_saves(_lookup, _shares, _chi2, _lm, _fit_block)
+serialize_saves(_lookup, _shares, _chi2, _lm, _fit_block, _window_pixels, _neighbours)

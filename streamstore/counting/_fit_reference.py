@@ -83,6 +83,8 @@ import math
 import numpy as np
 
 __all__ = [
+    "neighbours_reference",
+    "window_pixels_reference",
     "ITERS_ONE",
     "ITERS_TWO",
     "LAM",
@@ -361,3 +363,103 @@ def fit_windows_reference(
         near = [float(v) for v in nb[k, : nn[k]].ravel()]
         out[k] = fit_window(w, wt, near, float(drop[k]), tab)
     return out
+
+
+def window_pixels_reference(
+    frames: np.ndarray,
+    dark: np.ndarray,
+    gain: np.ndarray | None,
+    iv_map: np.ndarray,
+    frame_of: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    model_error: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 5 x 5 windows around the events ``(frame_of, r, c)`` of ``frames (n, H, W)``:
+    ``(charge, win, wiv)``, as :func:`streamstore.counting.fit.event_windows` returns
+    them. Pixel ``q`` of a window is at ``(r + q // 5 - 2, c + q % 5 - 2)``; its signal
+    ``(frame - dark) * gain`` in int64, 0 off the frame and where ``iv_map`` is 0
+    (masked); its weight ``iv / (1 + iv * err * err)`` with ``err = model_error *
+    max(s, 0)`` in float64 in this order; ``charge`` the sum of the signals of the
+    3 x 3 at the window's centre."""
+    n, h, w = frames.shape
+    hw = h * w
+    m = r.size
+    flat_frames = frames.reshape(n, hw)
+    dark_flat = dark.reshape(hw).astype(np.int64)
+    gain_flat = None if gain is None else gain.reshape(hw).astype(np.int64)
+    iv_flat = iv_map.reshape(hw)
+    win = np.zeros((m, 25), np.float64)
+    wiv = np.zeros((m, 25), np.float64)
+    charge = np.zeros(m, np.int64)
+    for q in range(25):
+        dy, dx = q // 5 - 2, q % 5 - 2
+        rr, cc = r + dy, c + dx
+        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+        p = np.where(inside, rr * w + cc, 0)
+        s = flat_frames[frame_of, p].astype(np.int64) - dark_flat[p]
+        if gain_flat is not None:
+            s *= gain_flat[p]
+        weight = np.where(inside, iv_flat[p], 0.0)
+        s = np.where(weight > 0, s, 0)  # masked and off-frame pixels hold no charge
+        # the model's own error, a share of the charge, adds to the noise variance
+        err = model_error * np.maximum(s, 0)
+        weight = weight / (1.0 + weight * err * err)
+        win[:, q] = s
+        wiv[:, q] = weight
+        if abs(dy) <= 1 and abs(dx) <= 1:
+            charge += s
+    return charge, win, wiv
+
+
+def neighbours_reference(
+    key: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    charge: np.ndarray,
+    h: int,
+    w: int,
+    reach: int,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The other events fitted beside each event: ``(nb, nn, alone)`` as
+    :func:`streamstore.counting.fit.event_windows` returns them. ``key`` is each
+    event's ``frame * h * w + pixel``, ascending; ``(r, c)`` its pixel; ``charge`` its
+    3 x 3 charge. The events within Chebyshev distance ``reach`` in the same frame
+    (no two events are 8-adjacent, so a row of ``2 reach + 1`` pixels holds ``reach +
+    1`` at most), the nearest ``most`` of them by Chebyshev then Euclidean distance
+    then list position; ``nb[i, j]`` their charge (at least 0) and centre ``(dr +
+    0.5, dc + 0.5)`` from the event's pixel's corner, zero where fewer; ``alone``:
+    none within reach."""
+    m = key.size
+    hw = h * w
+    frame_base = key // hw * hw
+    found: list[np.ndarray] = []
+    left, right = np.maximum(c - reach, 0), np.minimum(c + reach, w - 1)
+    for dy in range(-reach, reach + 1):
+        rr = r + dy
+        inside = (rr >= 0) & (rr < h)
+        base = frame_base + rr * w
+        lo = np.searchsorted(key, base + left, "left")
+        hi = np.where(inside, np.searchsorted(key, base + right, "right"), lo)
+        for j in range(reach + 1):
+            at = lo + j
+            found.append(np.where((at < hi) & (at != np.arange(m)), at, -1))
+    cand = np.stack(found, 1) if found else np.zeros((m, 0), np.int64)
+    ok = cand >= 0
+    safe = np.where(ok, cand, 0)
+    dr, dc = r[safe] - r[:, None], c[safe] - c[:, None]
+    order_key = np.where(
+        ok, (np.maximum(abs(dr), abs(dc)) * 64 + dr * dr + dc * dc) * 2**36 + cand, 2**62
+    )
+    pick = np.argsort(order_key, axis=1, kind="stable")[:, :most]
+    chosen = np.take_along_axis(cand, pick, 1)
+    nn = (chosen >= 0).sum(1).astype(np.int64)
+    safe = np.where(chosen >= 0, chosen, 0)
+    nb = np.zeros((m, most, 3), np.float64)
+    nb[:, :, 0] = np.maximum(charge[safe], 0)
+    nb[:, :, 1] = r[safe] - r[:, None] + 0.5
+    nb[:, :, 2] = c[safe] - c[:, None] + 0.5
+    nb[chosen < 0] = 0.0
+    alone = ok.sum(1) == 0
+    return nb, nn, alone

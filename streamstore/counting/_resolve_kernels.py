@@ -9,9 +9,10 @@ thread count.
 
 The frame is read once, row by row, into a ring of the few rows the rules look
 at: each row's signals (int64, 0 where masked) and flags (in frame and unmasked;
-candidate; X-ray hit; local maximum), with two columns of padding at each side and zero rows beyond the
-frame's edges, so the tests of a pixel's neighbours need no bounds checks and no
-second read of the frame, the dark or the candidate threshold. A row's local
+candidate; X-ray hit; local maximum), with two columns of padding at each side
+and zero rows beyond the frame's edges, so the tests of a pixel's neighbours need
+no bounds checks and no second read of the frame, the dark or the candidate
+threshold. A row's local
 maxima (rule 3) are found once the row below it is in the ring; they are settled
 (rules 4-5) ``lag`` rows later, once the local maxima within 2 rows and the X-ray
 hits within ``radius`` rows are listed, while their rows are still in the ring.

@@ -117,66 +117,15 @@ def event_windows(
     Euclidean distance then raster order; ``nn`` how many); and whether the
     event has no such neighbour.
     """
+    from streamstore.counting._fit_kernels import neighbours, window_pixels
+
     n, h, w = frames.shape
     hw = h * w
-    m = indices.size
     frame_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
     key = frame_of * hw + indices.astype(np.int64)  # ascending: frame, then pixel
     r, c = np.divmod(indices.astype(np.int64), w)
-    flat_frames = frames.reshape(n, hw)
-    dark_flat = dark.reshape(hw).astype(np.int64)
-    gain_flat = None if gain is None else gain.reshape(hw).astype(np.int64)
-    iv_flat = iv_map.reshape(hw)
-    win = np.zeros((m, 25), np.float64)
-    wiv = np.zeros((m, 25), np.float64)
-    charge = np.zeros(m, np.int64)
-    for q in range(25):
-        dy, dx = q // 5 - 2, q % 5 - 2
-        rr, cc = r + dy, c + dx
-        inside = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-        p = np.where(inside, rr * w + cc, 0)
-        s = flat_frames[frame_of, p].astype(np.int64) - dark_flat[p]
-        if gain_flat is not None:
-            s *= gain_flat[p]
-        weight = np.where(inside, iv_flat[p], 0.0)
-        s = np.where(weight > 0, s, 0)  # masked and off-frame pixels hold no charge
-        # the model's own error, a share of the charge, adds to the noise variance
-        err = model_error * np.maximum(s, 0)
-        weight = weight / (1.0 + weight * err * err)
-        win[:, q] = s
-        wiv[:, q] = weight
-        if abs(dy) <= 1 and abs(dx) <= 1:
-            charge += s
-    # neighbours: no two events are 8-adjacent, so a row of 2 REACH + 1 pixels holds
-    # REACH + 1 at most
-    found: list[np.ndarray] = []
-    left, right = np.maximum(c - REACH, 0), np.minimum(c + REACH, w - 1)
-    for dy in range(-REACH, REACH + 1):
-        rr = r + dy
-        inside = (rr >= 0) & (rr < h)
-        base = frame_of * hw + rr * w
-        lo = np.searchsorted(key, base + left, "left")
-        hi = np.where(inside, np.searchsorted(key, base + right, "right"), lo)
-        for j in range(REACH + 1):
-            at = lo + j
-            found.append(np.where((at < hi) & (at != np.arange(m)), at, -1))
-    cand = np.stack(found, 1) if found else np.zeros((m, 0), np.int64)
-    ok = cand >= 0
-    safe = np.where(ok, cand, 0)
-    dr, dc = r[safe] - r[:, None], c[safe] - c[:, None]
-    order_key = np.where(
-        ok, (np.maximum(abs(dr), abs(dc)) * 64 + dr * dr + dc * dc) * 2**36 + cand, 2**62
-    )
-    pick = np.argsort(order_key, axis=1, kind="stable")[:, :NEIGHBOURS]
-    chosen = np.take_along_axis(cand, pick, 1)
-    nn = (chosen >= 0).sum(1).astype(np.int64)
-    safe = np.where(chosen >= 0, chosen, 0)
-    nb = np.zeros((m, NEIGHBOURS, 3), np.float64)
-    nb[:, :, 0] = np.maximum(charge[safe], 0)
-    nb[:, :, 1] = r[safe] - r[:, None] + 0.5
-    nb[:, :, 2] = c[safe] - c[:, None] + 0.5
-    nb[chosen < 0] = 0.0
-    alone = ok.sum(1) == 0
+    charge, win, wiv = window_pixels(frames, dark, gain, iv_map, frame_of, r, c, model_error)
+    nb, nn, alone = neighbours(key, r, c, charge, h, w, REACH, NEIGHBOURS)
     return charge, win, wiv, nb, nn, alone
 
 

@@ -8,7 +8,8 @@ from benchmarks import counting as bench
 
 
 def test_counting_benchmark_json(capsys, tmp_path):
-    args = ["--shape", "96x160", "--repeats", "1", "--dark-frames", "4", "--json"]
+    args = ["--shape", "96x160", "--repeats", "1", "--dark-frames", "4", "--json",
+            "--methods", "resolve"]  # fmt: skip
     assert bench.main([*args, "--results", str(tmp_path)]) == 0
     out = json.loads(capsys.readouterr().out)
     (saved,) = tmp_path.glob("counting-*Z.json")
@@ -32,3 +33,8 @@ def test_counting_benchmark_json(capsys, tmp_path):
     assert one["settled"] is False and one["settle_frames"] == bench.SETTLE_FRAMES
     assert one["ratio_to_settled_counter_1thread"] > 0
     assert "stempy" in out  # measured, or None when stempy is not installed
+    # the counter that resolves merged electrons (method="resolve"), timed beside it
+    assert list(out["methods"]) == ["resolve"]
+    res = out["methods"]["resolve"]
+    assert res["identical_1_2_threads"] is True and res["n_events"] > 0
+    assert res["ratio_1thread_to_copy"] > 0 and 0 < res["recall"] <= 1

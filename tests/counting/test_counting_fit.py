@@ -17,8 +17,12 @@ import pytest
 from native_ref import fit_windows_native
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import Counter
-from streamstore.counting._fit_kernels import fit_windows
-from streamstore.counting._fit_reference import fit_windows_reference
+from streamstore.counting._fit_kernels import fit_windows, neighbours, window_pixels
+from streamstore.counting._fit_reference import (
+    fit_windows_reference,
+    neighbours_reference,
+    window_pixels_reference,
+)
 from streamstore.counting.accuracy import score_batch
 from streamstore.counting.calibration import Calibration
 from streamstore.counting.fit import (
@@ -55,6 +59,59 @@ def crowded():
     _, _, dark, gain, _, _ = c._derived[next(k for k in c._derived if k[0] == "resolve_maps")]
     windows = event_windows(frames, dark, gain, fit_maps(cal, gain), base.offsets, base.indices)
     return frames, truth, cal, base, windows
+
+
+@pytest.mark.parametrize("frame_type", ["uint16", "uint8", "wrapped"])
+@pytest.mark.parametrize("with_gain", [False, True])
+def test_windows_are_cut_as_the_reference_cuts_them(rng, frame_type, with_gain):
+    """The fit's 5 x 5 windows (signal, weight, 3 x 3 charge) from the numba pass equal
+    the numpy reference's bit for bit: events at the frame's edges and corners,
+    masked pixels (weight 0), a model error on and off, every frame type and a gain
+    map."""
+    n, h, w = 3, 20, 30
+    dtype = {"uint16": np.uint16, "uint8": np.uint8, "wrapped": np.int16}[frame_type]
+    lo, hi = (-300, 3000) if frame_type == "wrapped" else (0, int(np.iinfo(dtype).max) + 1)
+    frames = rng.integers(lo, hi, (n, h, w)).astype(dtype)
+    dark = rng.integers(0, 40, (h, w)).astype(np.int16 if frame_type == "wrapped" else dtype)
+    gain = rng.integers(900, 1100, (h, w)).astype(np.int64) if with_gain else None
+    iv = rng.uniform(0.01, 0.2, (h, w))
+    iv[rng.random((h, w)) < 0.1] = 0.0  # masked
+    m = 400
+    frame_of = np.sort(rng.integers(0, n, m))
+    r = np.concatenate([[0, 0, h - 1, h - 1, 1, h - 2], rng.integers(0, h, m - 6)])
+    c = np.concatenate([[0, w - 1, 0, w - 1, 1, w - 2], rng.integers(0, w, m - 6)])
+    for error in (0.0, 0.06):
+        got = window_pixels(frames, dark, gain, iv, frame_of, r, c, error)
+        want = window_pixels_reference(frames, dark, gain, iv, frame_of, r, c, error)
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)
+        assert (got[2] == 0).any(axis=1).sum() > 20 and (got[1] < 0).any()
+
+
+def test_neighbours_are_found_as_the_reference_finds_them(rng):
+    """The events fitted beside each event (numba, event by event) are the numpy
+    reference's, in its order: crowded frames with events at every frame edge,
+    several frames (no neighbour across frames; the last one sparse, with lone
+    events), fewer and more than the most kept."""
+    h, w = 16, 24
+    keys = []
+    for f, tries in enumerate((h * w // 3, h * w // 3, 6)):
+        free = np.ones((h, w), bool)
+        for p in rng.permutation(h * w)[:tries]:
+            y, x = divmod(int(p), w)
+            if free[y, x]:  # no two events 8-adjacent, as the fit's events
+                keys.append(f * h * w + p)
+                free[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2] = False
+    key = np.sort(np.array(keys, np.int64))
+    r, c = np.divmod(key % (h * w), w)
+    charge = rng.integers(-20, 200, key.size)
+    for reach, most in ((3, 4), (2, 2), (3, 12)):
+        got = neighbours(key, r, c, charge, h, w, reach, most)
+        want = neighbours_reference(key, r, c, charge, h, w, reach, most)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert got[2].any() and (got[1] == min(most, 4)).any()
 
 
 def test_three_forms_fit_alike(crowded):
