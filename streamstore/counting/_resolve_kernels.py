@@ -249,7 +249,8 @@ def _room(a, n, more):
     if a.size - n >= more:
         return a
     b = np.empty(2 * (n + more), a.dtype)
-    b[:n] = a[:n]
+    for i in range(n):  # not b[:n] = a[:n]: its shape check costs a second to compile
+        b[i] = a[i]
     return b
 
 
@@ -380,15 +381,17 @@ def _resolve_rows(
     lm_at = np.zeros(h + 1, np.int64)
     xr = np.empty(16, np.int64)
     xr_at = np.zeros(h + 1, np.int64)
-    n_lm = 0
-    nx = 0
+    # counts typed int64 from the start: a literal 0 would compile the row
+    # functions a second time
+    n_lm = np.int64(0)
+    nx = np.int64(0)
     hits = np.zeros(h + lag + 1 + _PAD, np.bool_)  # frame row t: hits[t + _PAD]
     out_i = np.empty(256, np.int64)
     out_s = np.empty(256 if subpixel else 0, np.uint8)
-    n = 0
+    n = np.int64(0)
     q_i = np.empty(256, np.int64)
     q_s = np.empty(256 if subpixel else 0, np.uint8)
-    nq = 0
+    nq = np.int64(0)
     # the first row listed: the maxima 2 rows above r0 and the X-ray hits ``radius``
     # rows above it are looked at; the two rows above it are in the ring first
     first = max(r0 - lag, 0)
