@@ -336,7 +336,9 @@ def fit_inputs(win, iv, nb, nn, cdf, pdf, drop) -> tuple[np.ndarray, ...]:
     pdf = np.ascontiguousarray(pdf, np.float64)
     if cdf.shape != pdf.shape or cdf.ndim != 1 or cdf.size < 2:
         raise ValueError("cdf and pdf must be one-dimensional tables of one size (2 or more)")
-    drop = np.ascontiguousarray(np.broadcast_to(np.asarray(drop, np.float64), (m,)))
+    # a writable copy always: a read-only array is another type to numba (a second
+    # compile of the fit), and a view of one number over one window is read-only
+    drop = np.broadcast_to(np.asarray(drop, np.float64), (m,)).copy()
     return win, iv, nb, nn, cdf, pdf, drop
 
 
