@@ -12,10 +12,11 @@ at: each row's signals (int64, 0 where masked) and flags (in frame and unmasked;
 candidate; X-ray hit; local maximum), with two columns of padding at each side
 and zero rows beyond the frame's edges, so the tests of a pixel's neighbours need
 no bounds checks and no second read of the frame, the dark or the candidate
-threshold. A row's local
-maxima (rule 3) are found once the row below it is in the ring; they are settled
-(rules 4-5) ``lag`` rows later, once the local maxima within 2 rows and the X-ray
-hits within ``radius`` rows are listed, while their rows are still in the ring.
+threshold. A row's local maxima (rule 3) are found once the row below it is in
+the ring; they are settled (rules 4-5) ``lag`` rows later, once the local maxima
+within 2 rows and the X-ray hits within ``radius`` rows are listed, while their
+rows are still in the ring. Lists grow before a row's loop, never in it (see
+:func:`_room`).
 """
 
 from __future__ import annotations
@@ -366,7 +367,7 @@ def _resolve_rows(
     out_s, q_i, q_s)``, the maxima's events in raster order and the second events of
     their splits in their origins' raster order, each with its sub-pixel cells
     (empty without ``subpixel``); :func:`_merge` makes them a frame's events. A row
-    band reads the rows within ``lag + 1`` above it and ``lag + 1`` below it too."""
+    band reads the ``lag + 2`` rows above it and the ``lag`` rows below it too."""
     h, w = raw.shape
     # the rows a settled row looks at (2 above, 2 below) and those listed since
     lag = max(2, radius)
