@@ -324,6 +324,26 @@ def quadrant_noise_factor(
     -------
     float
     """
+    key = ("quadrant_sigmas", window)
+    derived = calibration._derived()  # the calibration's part, made once
+    if key not in derived:
+        derived[key] = _quadrant_sigmas(calibration, window)
+    win, dark, gain, ok, sd = derived[key]
+    if ok.sum() * min(max_frames, frames.shape[0]) < 1000:
+        return 1.0
+    z: list[np.ndarray] = []
+    for raw in frames[:max_frames, win[0], win[1]]:
+        s = (raw.astype(np.float64) - dark) * gain
+        q = s[:-1, :-1] + s[:-1, 1:] + s[1:, :-1] + s[1:, 1:]
+        z.append(q[ok] / sd)
+    low = float(np.quantile(np.concatenate(z), 0.00135))
+    return max(1.0, round(-low / 3.0, 3))
+
+
+def _quadrant_sigmas(calibration: Calibration, window: int) -> tuple[Any, ...]:
+    """The calibration's part of :func:`quadrant_noise_factor`: the central window,
+    its dark (rounded) and gain, the quadrants without masked pixels and their
+    predicted sigmas."""
     h0, w0 = calibration.frame_shape
     r0, c0 = max(0, (h0 - window) // 2), max(0, (w0 - window) // 2)
     win = (slice(r0, r0 + window), slice(c0, c0 + window))
@@ -337,13 +357,4 @@ def quadrant_noise_factor(
     var = (noise * gain) ** 2
     qv = var[:-1, :-1] + var[:-1, 1:] + var[1:, :-1] + var[1:, 1:]
     ok = good[:-1, :-1] & good[:-1, 1:] & good[1:, :-1] & good[1:, 1:] & (qv > 0)
-    if ok.sum() * min(max_frames, frames.shape[0]) < 1000:
-        return 1.0
-    sd = np.sqrt(qv[ok])
-    z: list[np.ndarray] = []
-    for raw in frames[:max_frames, win[0], win[1]]:
-        s = (raw.astype(np.float64) - dark) * gain
-        q = s[:-1, :-1] + s[:-1, 1:] + s[1:, :-1] + s[1:, 1:]
-        z.append(q[ok] / sd)
-    low = float(np.quantile(np.concatenate(z), 0.00135))
-    return max(1.0, round(-low / 3.0, 3))
+    return win, dark, gain, ok, np.sqrt(qv[ok])
