@@ -130,14 +130,18 @@ def test_thread_count_does_not_change_the_result(rng):
 
 
 @pytest.mark.parametrize("threads", [2, 5, 16])
-def test_a_frame_counted_in_row_bands_is_counted_the_same(rng, monkeypatch, threads):
+@pytest.mark.parametrize("radius", [2, 5])
+def test_a_frame_counted_in_row_bands_is_counted_the_same(rng, monkeypatch, threads, radius):
     """A frame alone on several threads is counted in row bands, each band reading
     the rows around it; bands of 3 rows (many band edges, X-rays and splits across
-    them) give the reference's events."""
+    them) give the reference's events, with the X-ray radius within the kernel's
+    first ring of rows and beyond it."""
     from streamstore.counting import _resolve_kernels as rk
 
     monkeypatch.setattr(rk, "_BAND_ROWS", 3)
-    frames, cal = _crowded(rng, np.uint16, n=2)
+    frames, cal0 = _crowded(rng, np.uint16, n=2)
+    cal = Calibration(cal0.dark, cal0.noise, mask=cal0.mask, xray_threshold=600.0,
+                      xray_radius=radius)  # fmt: skip
     ref = Counter(cal, np.uint16, subpixel=True, method="resolve", resolve=EAGER,
                   electron_charge=120.0, implementation="reference")(frames)  # fmt: skip
     c = Counter(cal, np.uint16, subpixel=True, method="resolve", resolve=EAGER,
