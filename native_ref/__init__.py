@@ -1,7 +1,8 @@
 """native_ref: plain C twins of streamstore's hot kernels, built on first use.
 
 The C sources (``count.c``, the peak rule; ``resolve.c``, the resolve rule;
-``fit.c``, the cloud fit of the "fit" rule)
+``fit.c``, the cloud fit of the "fit" rule and the windows and neighbours it is
+given)
 are compiled with the system C compiler (``cc -O3 -march=native -shared -fPIC
 -std=c99 -ffp-contract=off``: no fused multiply-add, so the resolve rule's
 float64 test rounds as numpy and numba do; ``$CC`` overrides ``cc``) into
@@ -34,6 +35,8 @@ __all__ = [
     "count_resolve_native",
     "fit_windows_native",
     "library_path",
+    "neighbours_native",
+    "window_pixels_native",
     "load",
 ]
 
@@ -115,6 +118,11 @@ def load() -> ctypes.CDLL:
             d = ctypes.c_double
             lib.fit_windows.restype = i64
             lib.fit_windows.argtypes = [p, p, p, p, i64, i64, p, p, i64, d, d, d, p, p, i64, p, p]
+            lib.fit_window_pixels.restype = None
+            lib.fit_window_pixels.argtypes = [p, i64, i64, p, p, ctypes.c_int32, p, p, p, p, i64,
+                                              d, p, p, p]  # fmt: skip
+            lib.fit_neighbours.restype = None
+            lib.fit_neighbours.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, p]
             _lib = lib
         return _lib
 
@@ -255,3 +263,58 @@ def fit_windows_native(
     if rc != 0:
         raise ValueError("native fit: more neighbours than fit.c holds (4 at most)")
     return out
+
+
+def window_pixels_native(
+    frames: np.ndarray,
+    dark: np.ndarray,
+    gain: np.ndarray | None,
+    iv_map: np.ndarray,
+    frame_of: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    model_error: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C form of the fit's windows (``fit.c``); the inputs and output of
+    :func:`streamstore.counting._fit_reference.window_pixels_reference`."""
+    n, h, w = frames.shape
+    m = r.size
+    i64 = [np.ascontiguousarray(a, np.int64) for a in (frames, dark, frame_of, r, c)]
+    g = np.ascontiguousarray(np.ones((1,)) if gain is None else gain, np.int64)
+    iv = np.ascontiguousarray(iv_map, np.float64)
+    win = np.zeros((m, 25), np.float64)
+    wiv = np.zeros((m, 25), np.float64)
+    charge = np.zeros(m, np.int64)
+    frames64, dark64, fo, rr, cc = i64
+    load().fit_window_pixels(
+        _ptr(frames64), h, w, _ptr(dark64), _ptr(g), int(gain is not None), _ptr(iv), _ptr(fo),
+        _ptr(rr), _ptr(cc), m, float(model_error), _ptr(win), _ptr(wiv), _ptr(charge),
+    )  # fmt: skip
+    return charge, win, wiv
+
+
+def neighbours_native(
+    key: np.ndarray,
+    r: np.ndarray,
+    c: np.ndarray,
+    charge: np.ndarray,
+    h: int,
+    w: int,
+    reach: int,
+    most: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """C form of the events fitted beside each event (``fit.c``); the inputs and output
+    of :func:`streamstore.counting._fit_reference.neighbours_reference`."""
+    key, r, c, charge = (np.ascontiguousarray(a, np.int64) for a in (key, r, c, charge))
+    m = key.size
+    nb = np.zeros((m, most, 3), np.float64)
+    nn = np.zeros(m, np.int64)
+    alone = np.zeros(m, np.uint8)
+    room = (2 * reach + 1) * (reach + 1)
+    ck = np.zeros(room, np.int64)
+    ci = np.zeros(room, np.int64)
+    load().fit_neighbours(
+        _ptr(key), _ptr(r), _ptr(c), _ptr(charge), m, int(h), int(w), int(reach), int(most),
+        _ptr(nb), _ptr(nn), _ptr(alone), _ptr(ck), _ptr(ci),
+    )  # fmt: skip
+    return nb, nn, alone.astype(bool)

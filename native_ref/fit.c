@@ -1,6 +1,7 @@
 /*
  * native_ref/fit.c - plain C twin of streamstore's cloud fit (one electron or two
- * in a 5 x 5 window).
+ * in a 5 x 5 window), and of the cutting of its inputs (fit_window_pixels,
+ * fit_neighbours, at the end).
  *
  * Same semantics as streamstore/counting/_fit_reference.py, bit for bit: every
  * double operation in the reference's order (compiled with -ffp-contract=off, so
@@ -245,4 +246,102 @@ int64_t fit_windows(const double *win, const double *iv, const double *nb, const
         }
     }
     return 0;
+}
+
+/*
+ * The fit's inputs, as streamstore/counting/_fit_reference.py cuts them
+ * (window_pixels_reference, neighbours_reference), from int64 frames and maps.
+ */
+
+/* Each event's 5 x 5 window: signal, weight 1 / (1 / iv + err^2) written as
+ * iv / (1 + iv * err * err), err = model_error * max(s, 0); 0 off the frame and
+ * where iv is not above 0; charge = the signal of the central 3 x 3. */
+void fit_window_pixels(const int64_t *frames, int64_t h, int64_t w, const int64_t *dark,
+                       const int64_t *gain, int32_t has_gain, const double *iv_map,
+                       const int64_t *frame_of, const int64_t *r, const int64_t *c, int64_t m,
+                       double model_error, double *win, double *wiv, int64_t *charge) {
+    for (int64_t i = 0; i < m; i++) {
+        const int64_t *fr = frames + frame_of[i] * h * w;
+        int64_t total = 0;
+        for (int q = 0; q < 25; q++) {
+            int dy = q / 5 - 2, dx = q % 5 - 2;
+            int64_t rr = r[i] + dy, cc = c[i] + dx;
+            win[i * 25 + q] = 0.0;
+            wiv[i * 25 + q] = 0.0;
+            if (rr < 0 || rr >= h || cc < 0 || cc >= w) continue;
+            int64_t p = rr * w + cc;
+            double weight = iv_map[p];
+            if (!(weight > 0)) continue; /* masked: no charge, no weight */
+            int64_t s = fr[p] - dark[p];
+            if (has_gain) s *= gain[p];
+            double err = model_error * (double)(s > 0 ? s : 0);
+            win[i * 25 + q] = (double)s;
+            wiv[i * 25 + q] = weight / (1.0 + weight * err * err);
+            if (dy >= -1 && dy <= 1 && dx >= -1 && dx <= 1) total += s;
+        }
+        charge[i] = total;
+    }
+}
+
+/* numpy's searchsorted of x in the ascending key[0..n): side "left" (first >= x)
+ * or "right" (first > x). */
+static int64_t nb_search(const int64_t *key, int64_t n, int64_t x, int right) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) >> 1;
+        if (key[mid] < x || (right && key[mid] == x)) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* The events within Chebyshev distance reach of each event in its frame (key =
+ * frame * h * w + pixel, ascending; reach + 1 at most a row), the nearest most of
+ * them by Chebyshev then Euclidean distance then list position: nb (m, most, 3)
+ * their charge (at least 0) and centre from the event's pixel's corner, nn how
+ * many, alone none. ck, ci: room for (2 reach + 1) (reach + 1) keys and events. */
+void fit_neighbours(const int64_t *key, const int64_t *r, const int64_t *c,
+                    const int64_t *charge, int64_t m, int64_t h, int64_t w, int64_t reach,
+                    int64_t most, double *nb, int64_t *nn, uint8_t *alone, int64_t *ck,
+                    int64_t *ci) {
+    int64_t hw = h * w;
+    for (int64_t i = 0; i < m; i++) {
+        int64_t base0 = key[i] / hw * hw;
+        int64_t left = c[i] - reach > 0 ? c[i] - reach : 0;
+        int64_t right = c[i] + reach < w - 1 ? c[i] + reach : w - 1;
+        int64_t k = 0;
+        for (int64_t dy = -reach; dy <= reach; dy++) {
+            int64_t rr = r[i] + dy;
+            if (rr < 0 || rr >= h) continue;
+            int64_t base = base0 + rr * w;
+            int64_t lo = nb_search(key, m, base + left, 0);
+            int64_t hi = nb_search(key, m, base + right, 1);
+            for (int64_t j = 0; j <= reach; j++) {
+                int64_t at = lo + j;
+                if (at < hi && at != i) {
+                    int64_t dr = r[at] - r[i], dc = c[at] - c[i];
+                    int64_t adr = dr < 0 ? -dr : dr, adc = dc < 0 ? -dc : dc;
+                    int64_t cheb = adr > adc ? adr : adc;
+                    ck[k] = (cheb * 64 + dr * dr + dc * dc) * ((int64_t)1 << 36) + at;
+                    ci[k] = at;
+                    k++;
+                }
+            }
+        }
+        alone[i] = k == 0;
+        nn[i] = k < most ? k : most;
+        for (int64_t s = 0; s < nn[i]; s++) { /* the nearest first */
+            int64_t b = s;
+            for (int64_t t = s + 1; t < k; t++)
+                if (ck[t] < ck[b]) b = t;
+            int64_t tk = ck[s], ti = ci[s];
+            ck[s] = ck[b]; ci[s] = ci[b];
+            ck[b] = tk; ci[b] = ti;
+            int64_t at = ci[s];
+            double *o = nb + (i * most + s) * 3;
+            o[0] = (double)(charge[at] > 0 ? charge[at] : 0);
+            o[1] = (double)(r[at] - r[i]) + 0.5;
+            o[2] = (double)(c[at] - c[i]) + 0.5;
+        }
+    }
 }

@@ -2,7 +2,7 @@
 specification. The inputs (each event's 5 x 5 window, :func:`window_pixels`, and the
 events fitted beside it, :func:`neighbours`) are cut event by event instead of by
 numpy's gathers over every event (1.2 s -> 0.3 s for the 226,000 events of a full
-frame at 0.01 e/px/frame); the C twin (``native_ref/fit.c``) fits the same windows.
+frame at 0.01 e/px/frame); the C twins are in ``native_ref/fit.c``.
 
 The same float64 operations in the same order as the reference (numba does not
 fuse multiply-adds without fastmath), on work arrays allocated once per block

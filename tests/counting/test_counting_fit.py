@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from native_ref import fit_windows_native
+from native_ref import fit_windows_native, neighbours_native, window_pixels_native
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import Counter
 from streamstore.counting._fit_kernels import fit_windows, neighbours, window_pixels
@@ -64,8 +64,8 @@ def crowded():
 @pytest.mark.parametrize("frame_type", ["uint16", "uint8", "wrapped"])
 @pytest.mark.parametrize("with_gain", [False, True])
 def test_windows_are_cut_as_the_reference_cuts_them(rng, frame_type, with_gain):
-    """The fit's 5 x 5 windows (signal, weight, 3 x 3 charge) from the numba pass equal
-    the numpy reference's bit for bit: events at the frame's edges and corners,
+    """The fit's 5 x 5 windows (signal, weight, 3 x 3 charge) from the numba pass and
+    from C equal the numpy reference's bit for bit: events at the frame's edges and corners,
     masked pixels (weight 0), a model error on and off, every frame type and a gain
     map."""
     n, h, w = 3, 20, 30
@@ -83,15 +83,17 @@ def test_windows_are_cut_as_the_reference_cuts_them(rng, frame_type, with_gain):
     for error in (0.0, 0.06):
         got = window_pixels(frames, dark, gain, iv, frame_of, r, c, error)
         want = window_pixels_reference(frames, dark, gain, iv, frame_of, r, c, error)
-        for a, b in zip(got, want, strict=True):
-            assert a.dtype == b.dtype
+        native = window_pixels_native(frames, dark, gain, iv, frame_of, r, c, error)
+        for a, b, x in zip(got, want, native, strict=True):
+            assert a.dtype == b.dtype == x.dtype
             np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(x, b)
         assert (got[2] == 0).any(axis=1).sum() > 20 and (got[1] < 0).any()
 
 
 def test_neighbours_are_found_as_the_reference_finds_them(rng):
-    """The events fitted beside each event (numba, event by event) are the numpy
-    reference's, in its order: crowded frames with events at every frame edge,
+    """The events fitted beside each event (numba and C, event by event) are the
+    numpy reference's, in its order: crowded frames with events at every frame edge,
     several frames (no neighbour across frames; the last one sparse, with lone
     events), fewer and more than the most kept."""
     h, w = 16, 24
@@ -109,8 +111,11 @@ def test_neighbours_are_found_as_the_reference_finds_them(rng):
     for reach, most in ((3, 4), (2, 2), (3, 12)):
         got = neighbours(key, r, c, charge, h, w, reach, most)
         want = neighbours_reference(key, r, c, charge, h, w, reach, most)
-        for a, b in zip(got, want, strict=True):
+        native = neighbours_native(key, r, c, charge, h, w, reach, most)
+        for a, b, x in zip(got, want, native, strict=True):
+            assert a.dtype == b.dtype == x.dtype
             np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(x, b)
         assert got[2].any() and (got[1] == min(most, 4)).any()
 
 
