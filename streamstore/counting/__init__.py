@@ -331,8 +331,9 @@ class Counter:
         if key not in self._derived:
             self._derived[key] = fit_maps(self.calibration, gain)
         windows = event_windows(
-            arr, dark, gain, self._derived[key], found[0], found[1], self.resolve.fit_model_error
-        )
+            arr, dark, gain, self._derived[key], found[0], found[1],
+            self.resolve.fit_model_error, self.implementation,
+        )  # fmt: skip
         with self._measure_lock:
             if self.cloud_width is None and self._e_unit is not None:
                 # lone events of one electron's charge (0.8 to 1.2) give the width

@@ -103,8 +103,11 @@ def event_windows(
     offsets: np.ndarray,
     indices: np.ndarray,
     model_error: float = 0.0,
+    implementation: str = "numba",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Every event's 5 x 5 window, and the neighbours fitted beside it.
+    """Every event's 5 x 5 window, and the neighbours fitted beside it, cut by one of
+    the three forms (``implementation``: "numba", "reference" or "native"; the same
+    arrays).
 
     Returns ``(charge, win, iv, nb, nn, alone)``, one row per event: the 3 x 3
     charge (int64, signal units); the 5 x 5 windows of signal and of weight
@@ -117,7 +120,18 @@ def event_windows(
     Euclidean distance then raster order; ``nn`` how many); and whether the
     event has no such neighbour.
     """
-    from streamstore.counting._fit_kernels import neighbours, window_pixels
+    if implementation == "reference":
+        from streamstore.counting._fit_reference import (
+            neighbours_reference as neighbours,
+        )
+        from streamstore.counting._fit_reference import (
+            window_pixels_reference as window_pixels,
+        )
+    elif implementation == "native":
+        from native_ref import neighbours_native as neighbours
+        from native_ref import window_pixels_native as window_pixels
+    else:
+        from streamstore.counting._fit_kernels import neighbours, window_pixels
 
     n, h, w = frames.shape
     hw = h * w
