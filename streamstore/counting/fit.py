@@ -278,6 +278,7 @@ def fit_splits(
     # holds (or lands on too) steps down (split, moved, home) until none is claimed twice
     for _ in range(8):
         first = np.select([state == 2, state == 1], [k_two1, k_one], home)
+        first = np.where(gone, -1 - m - np.arange(m), first)  # merged away: holds no pixel
         keys = np.concatenate([first, np.where(state == 2, k_two2, -1 - np.arange(m))])
         _, inv, counts = np.unique(keys, return_inverse=True, return_counts=True)
         clash = counts[inv] > 1
