@@ -275,6 +275,30 @@ def test_events_stay_one_per_pixel_in_order(crowded):
     assert all((f, p) in now or (f, p + w) in now for f, p in home)
 
 
+def test_an_event_merged_away_leaves_its_pixel_free():
+    """Events A (5, 5) and B (5, 7) move within 0.75 px of each other: one electron
+    found twice, B (the lesser cloud) goes. C (4, 8) moves onto B's pixel: B holds it
+    no more, so C keeps its move (a fitter that gives these clouds; no splits)."""
+    w = 12
+    pixels = np.array([5 * w + 5, 5 * w + 7, 4 * w + 8], np.uint32)
+    # places from each event's pixel corner: A (5.5, 5.6), B (5.5, 6.2), C (5.5, 7.5)
+    clouds = np.array([[100.0, 0.5, 0.6], [50.0, 0.5, -0.8], [100.0, 1.5, -0.5]])
+
+    def placed(win, iv, nb, nn, cdf, pdf, t0, inv_h, width, drop):
+        out = np.zeros((win.shape[0], 13))
+        out[:, 2:5] = clouds
+        out[:, 11] = width
+        return out
+
+    m = pixels.size
+    windows = (np.full(m, 100), np.zeros((m, 25)), np.ones((m, 25)), np.zeros((m, 4, 3)),
+               np.zeros(m, np.int64), np.ones(m, bool))  # fmt: skip
+    off, idx, sub = fit_splits((1, 12, w), windows, np.array([0, m]), pixels, None, 100, 0.5,
+                               30.0, 13, placed)  # fmt: skip
+    assert sub is None and off.tolist() == [0, 2]
+    assert idx.tolist() == [5 * w + 5, 5 * w + 7]  # A at home, C on B's pixel
+
+
 #: (physics, least recall, least gain over the resolve rule) at 0.01 e/px/frame;
 #: floors a little under what these seeds measure (benchmarks/README.md)
 ACCURACY_CASES = [
