@@ -61,6 +61,18 @@ def crowded():
     return frames, truth, cal, base, windows
 
 
+def _three_forms_equal(reference, numba_form, native, args):
+    """The numba and C forms' arrays equal the reference's, types and bits; returns
+    the numba form's."""
+    want = reference(*args)
+    got = numba_form(*args)
+    for a, b, x in zip(got, want, native(*args), strict=True):
+        assert a.dtype == b.dtype == x.dtype
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(x, b)
+    return got
+
+
 @pytest.mark.parametrize("frame_type", ["uint16", "uint8", "wrapped"])
 @pytest.mark.parametrize("with_gain", [False, True])
 def test_windows_are_cut_as_the_reference_cuts_them(rng, frame_type, with_gain):
@@ -81,13 +93,8 @@ def test_windows_are_cut_as_the_reference_cuts_them(rng, frame_type, with_gain):
     r = np.concatenate([[0, 0, h - 1, h - 1, 1, h - 2], rng.integers(0, h, m - 6)])
     c = np.concatenate([[0, w - 1, 0, w - 1, 1, w - 2], rng.integers(0, w, m - 6)])
     for error in (0.0, 0.06):
-        got = window_pixels(frames, dark, gain, iv, frame_of, r, c, error)
-        want = window_pixels_reference(frames, dark, gain, iv, frame_of, r, c, error)
-        native = window_pixels_native(frames, dark, gain, iv, frame_of, r, c, error)
-        for a, b, x in zip(got, want, native, strict=True):
-            assert a.dtype == b.dtype == x.dtype
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_array_equal(x, b)
+        args = (frames, dark, gain, iv, frame_of, r, c, error)
+        got = _three_forms_equal(window_pixels_reference, window_pixels, window_pixels_native, args)
         assert (got[2] == 0).any(axis=1).sum() > 20 and (got[1] < 0).any()
 
 
@@ -109,13 +116,8 @@ def test_neighbours_are_found_as_the_reference_finds_them(rng):
     r, c = np.divmod(key % (h * w), w)
     charge = rng.integers(-20, 200, key.size)
     for reach, most in ((3, 4), (2, 2), (3, 12)):
-        got = neighbours(key, r, c, charge, h, w, reach, most)
-        want = neighbours_reference(key, r, c, charge, h, w, reach, most)
-        native = neighbours_native(key, r, c, charge, h, w, reach, most)
-        for a, b, x in zip(got, want, native, strict=True):
-            assert a.dtype == b.dtype == x.dtype
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_array_equal(x, b)
+        args = (key, r, c, charge, h, w, reach, most)
+        got = _three_forms_equal(neighbours_reference, neighbours, neighbours_native, args)
         assert got[2].any() and (got[1] == min(most, 4)).any()
 
 
