@@ -9,14 +9,14 @@ thread count.
 
 The frame is read once, row by row, into a ring of the few rows the rules look
 at: each row's signals (int64, 0 where masked) and flags (in frame and unmasked;
-candidate; X-ray hit; local maximum), with two columns of padding at each side
-and zero rows beyond the frame's edges, so the tests of a pixel's neighbours need
-no bounds checks and no second read of the frame, the dark or the candidate
-threshold. A row's local maxima (rule 3) are found once the row below it is in
-the ring; they are settled (rules 4-5) ``lag`` rows later, once the local maxima
-within 2 rows and the X-ray hits within ``radius`` rows are listed, while their
-rows are still in the ring. Lists grow before a row's loop, never in it (see
-:func:`_room`).
+candidate; X-ray hit; local maximum; above the peak threshold), with two columns
+of padding at each side and zero rows beyond the frame's edges, so the tests of a
+pixel's neighbours need no bounds checks and no second read of the frame, the
+dark, the candidate or the peak threshold. A row's local maxima (rule 3) are
+found once the row below it is in the ring; they are settled (rules 4-5) ``lag``
+rows later, once the local maxima within 2 rows and the X-ray hits within
+``radius`` rows are listed, while their rows are still in the ring. Lists grow
+before a row's loop, never in it (see :func:`_room`).
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ __all__ = ["count_resolve_frames"]
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _INT64_MIN = np.iinfo(np.int64).min
 #: Flags of a ring pixel: in the frame and unmasked; a candidate (``raw > lo_c``);
-#: an X-ray hit (a candidate saturated or above the X-ray level); a local maximum.
+#: an X-ray hit (a candidate saturated or above the X-ray level); a local maximum;
+#: above the peak threshold (``raw > lo``: set with the others, so that settling a
+#: maximum reads no row of ``lo``, which the fill has not brought into the cache).
 _LIVE = 1
 _CAND = 2
 _XRAY = 4
 _MAX = 8
+_PEAK = 16
 #: Columns of padding at each side of a ring row.
 _PAD = 2
 
@@ -53,16 +56,17 @@ def _quantise(num, den):
 
 
 @njit(**_OPTS)
-def _fill_row(raw, lo_c, dark, gain, has_gain, top, xray_level, t, srow, frow):
+def _fill_row(raw, lo, lo_c, dark, gain, has_gain, top, xray_level, t, srow, frow):
     """Ring row of frame row ``t``: signals ``(raw - dark) * gain`` (0 where masked or
-    outside the frame) and flags, pixel ``c`` at ``c + _PAD``. Returns whether the
-    row holds an X-ray hit."""
+    outside the frame) and flags (all but the local maxima's), pixel ``c`` at ``c +
+    _PAD``. Returns whether the row holds an X-ray hit."""
     h, w = raw.shape
     if t < 0 or t >= h:
         srow[:] = 0
         frow[:] = 0
         return False
     x_row = raw[t]
+    lo_row = lo[t]
     lc_row = lo_c[t]
     d_row = dark[t]
     # the loops stay simple enough to be vector loops: the row's largest signal and
@@ -83,7 +87,11 @@ def _fill_row(raw, lo_c, dark, gain, has_gain, top, xray_level, t, srow, frow):
             vmax = max(vmax, v)
             xmax = max(xmax, x_row[c])
     for c in range(w):
-        frow[c + _PAD] = np.uint8(lc_row[c] != top) + np.uint8(2) * np.uint8(x_row[c] > lc_row[c])
+        frow[c + _PAD] = (
+            np.uint8(lc_row[c] != top)
+            + np.uint8(2) * np.uint8(x_row[c] > lc_row[c])
+            + np.uint8(16) * np.uint8(x_row[c] > lo_row[c])
+        )
     if vmax <= xray_level and xmax != top:
         return False
     hits = False
@@ -290,7 +298,7 @@ def _settle_row(
         p = c + _PAD  # ring column
         s = S[kr, p]
         wide = -1  # not yet known
-        if not raw[r, c] > lo[r, c]:
+        if not F[kr, p] & _PEAK:
             if not _charged(S, ring, qthr, h, w, r, c):
                 continue
             wide = 1 if _wide(S, F, ring, r, p, s) else 0
@@ -398,12 +406,14 @@ def _resolve_rows(
     first = max(r0 - lag, 0)
     for t in range(first - 2, first + 1):
         k = (t + _PAD) & ring
-        hits[t + _PAD] = _fill_row(raw, lo_c, dark, gain, has_gain, top, xray_level, t, S[k], F[k])
+        hits[t + _PAD] = _fill_row(
+            raw, lo, lo_c, dark, gain, has_gain, top, xray_level, t, S[k], F[k]
+        )
     for t in range(first, r1 + lag):
         # row t + 1 into the ring, over a row settled before (zeros below the frame)
         k = (t + 1 + _PAD) & ring
         hits[t + 1 + _PAD] = _fill_row(
-            raw, lo_c, dark, gain, has_gain, top, xray_level, t + 1, S[k], F[k]
+            raw, lo, lo_c, dark, gain, has_gain, top, xray_level, t + 1, S[k], F[k]
         )
         if t < h:
             lm, n_lm = _maxima_row(S, F, (t - 1 + _PAD) & ring, (t + _PAD) & ring, k, w, lm, n_lm)
