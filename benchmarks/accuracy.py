@@ -177,7 +177,8 @@ def method_support(method: str) -> str | None:
     return None
 
 
-def _methods(method: str | tuple[str, ...]) -> tuple[str, ...]:
+def method_list(method: str | tuple[str, ...]) -> tuple[str, ...]:
+    """Method names from a comma-separated string (empty names dropped) or a tuple."""
     return tuple(m for m in method.split(",") if m) if isinstance(method, str) else tuple(method)
 
 
@@ -213,7 +214,7 @@ def counter_table(
         "3x3": lambda f: count(f, cal, subpixel=True, threads=threads),
     }
     skipped: dict[str, str] = {}
-    for name in _methods(method):
+    for name in method_list(method):
         why = method_support(name)
         if why is None:
             table[name] = lambda f, m=name: count(f, cal, subpixel=True, threads=threads, method=m)
@@ -375,7 +376,7 @@ def _measure_dose(
         try:
             m = measure_counter(fn, frames, truth.positions)
         except (TypeError, ValueError) as exc:
-            if name not in _methods(method) or res["doses"]:
+            if name not in method_list(method) or res["doses"]:
                 raise
             # the first call tells whether this tree's count() knows the method
             res["skipped"][name] = f"streamstore.count(..., method={name!r}) refused: {exc}"

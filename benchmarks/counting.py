@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import record
+from benchmarks.accuracy import NEW_METHODS, method_list
 from streamstore import Calibration, count
 from streamstore.camera.emulator import CameraEmulator
 from streamstore.counting import Counter
@@ -168,7 +169,7 @@ def run(
     n_dark: int,
     stempy: bool,
     log=print,
-    methods: tuple[str, ...] = ("resolve", "fit"),
+    methods: tuple[str, ...] = NEW_METHODS,
 ) -> dict[str, Any]:
     """Run the benchmark; return the results as a dict."""
     import numba
@@ -543,8 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-stempy", action="store_true", help="skip the stempy comparison")
     p.add_argument(
         "--methods",
-        default="resolve,fit",
-        help="resolving counters to time beside the 3 x 3 rule, comma-separated (resolve,fit)",
+        default=",".join(NEW_METHODS),
+        help="resolving counters to time beside the 3 x 3 rule, comma-separated "
+        f"({','.join(NEW_METHODS)})",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     record.add_options(p)
@@ -553,9 +555,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be >= 1")
     if args.dark_frames < 2:
         p.error("--dark-frames must be >= 2")
-    methods = tuple(m for m in args.methods.split(",") if m)
-    if not set(methods) <= {"resolve", "fit"}:
-        p.error("--methods takes resolve and fit")
+    methods = method_list(args.methods)
+    if not set(methods) <= set(NEW_METHODS):
+        p.error(f"--methods takes {' and '.join(NEW_METHODS)}")
     log = (lambda *a, **k: None) if args.json else print
     res = run(
         args.shape,
