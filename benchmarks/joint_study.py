@@ -27,13 +27,19 @@ the sources left in the residual. This study asks what that gives here:
 3. *Refit*, ``--sweeps`` times over the events in order: the clouds within
    ``--reach`` px of an event are fitted together (Levenberg-Marquardt, scipy)
    on the union of their 5 x 5 windows, the model of every other cloud held;
-   weights 1 / (noise^2 + (0.06 x charge)^2), as the fit counter's.
-4. *Add*, up to ``--rounds`` times: every local maximum of the residual's 3 x 3
-   sum above ``--add-charge`` electrons, brightest first, is tried as a new
-   cloud at that pixel's centre fitted with the clouds within reach; it stays
-   where the chi-square of that region falls by more than ``--drop``, every
-   cloud of the group keeps more than ``--least-charge`` electrons, none moved
-   more than 1.5 px and no two lie within 0.75 px.
+   weights 1 / (noise^2 + (0.06 x charge)^2), as the fit counter's; masked
+   pixels and the surroundings of X-ray hits (the counter's X-ray radius) are
+   left out, as the counter leaves them.
+4. *Add*, then *split*, up to ``--rounds`` times. Add: every local maximum of
+   the residual's 3 x 3 sum above ``--add-charge`` electrons, brightest first,
+   is tried as a new cloud at that pixel's centre fitted with the clouds within
+   reach. Split: every cloud of more than 1.3 electrons, or wider than the
+   series' by two spreads (a wide cloud can take in two electrons and leave no
+   residual), is tried as two clouds of the series' width, 0.6 px either side
+   along each axis, beside the clouds within reach. Either stays where the
+   chi-square of that region falls by more than ``--drop``, every cloud of the
+   group keeps more than ``--least-charge`` electrons, none moved more than
+   1.5 px and no two lie within 0.75 px.
 5. Clouds of ``--least-charge`` electrons or less with another cloud within
    reach go (a neighbour took their charge); the clouds' centres are the
    events (on the frame's edge where fitted just beyond it). Both sets are
@@ -44,8 +50,8 @@ Physics the emulator lacks: ``--mix`` renders half the electrons with other
 parameters (a second, noiseless emulator added to the first one's frames):
 electrons of two widths, say, where the fit assumes one.
 
-Slow (scipy, a fit per cloud and per candidate: about 10 s a 256 x 384 frame
-at 0.05 on this host's core).
+Slow (scipy, some fits per cloud: about 30 s a 256 x 384 frame at 0.05 on
+this host's core).
 """
 
 from __future__ import annotations
@@ -402,9 +408,13 @@ def run(
     for i in range(n_frames):
         places = batch.frame(i).positions().reshape(-1, 2)
         base.append(places)
-        signal = frames[i].astype(np.float64) - cal.dark
+        # masked pixels and X-ray hits (and their surroundings, as the counter leaves
+        # them) hold no electron to fit or to add
+        hit = frames[i].astype(np.int64) - maps[2].astype(np.int64) >= maps[5]
+        off = bad | maximum_filter(hit, 2 * cal.xray_radius + 1)
+        signal = np.where(off, 0.0, frames[i].astype(np.float64) - cal.dark)
         with np.errstate(divide="ignore"):
-            iv = np.where(bad, 0.0, 1.0 / (noise**2 + (MODEL_ERROR * np.maximum(signal, 0.0)) ** 2))
+            iv = np.where(off, 0.0, 1.0 / (noise**2 + (MODEL_ERROR * np.maximum(signal, 0.0)) ** 2))
         jf = JointFit(signal, iv, width, e_unit, reach, drop, least, add, spread)
         jf.start(places)
         jf.refit(sweeps)
