@@ -5,6 +5,7 @@
     python -m benchmarks.joint_study --emulator psf_sigma_px=0.8 --frames 2   # a sweep point
     python -m benchmarks.joint_study --drop 20 --add-charge 0.6               # the rule's knobs
     python -m benchmarks.joint_study --mix psf_sigma_px=0.8   # half the electrons wider
+    python -m benchmarks.joint_study --pattern disk --dose 0.01 --frames 8   # a bright disk
 
 A study for the next counting rule, not a measurement of the product. The fit
 counter (``method="fit"``) fits each event's 5 x 5 window on its own, beside
@@ -70,7 +71,7 @@ from scipy.special import ndtr
 from benchmarks import record
 from benchmarks.accuracy import DOSES, XRAY_THRESHOLD, _params
 from streamstore import Calibration
-from streamstore.camera.emulator import CameraEmulator
+from streamstore.camera.emulator import PATTERNS, CameraEmulator
 from streamstore.counting import Counter
 from streamstore.counting.accuracy import match_positions
 from streamstore.counting.resolve import (
@@ -370,19 +371,21 @@ def run(
     add: float = 0.5,
     mix: dict[str, Any] | None = None,
     spread: float = 0.1,
+    pattern: str = "uniform",
     log=print,
 ) -> dict[str, Any]:
     """Emulate, count with the fit counter, refit jointly; the study's figures."""
     t0 = time.perf_counter()
     part = dose / 2 if mix else dose
     emu = CameraEmulator(shape, dose_rate_e_per_px_s=part * 1500, frame_time_s=1 / 1500,
-                         seed=seed, **params)  # fmt: skip
+                         seed=seed, pattern=pattern, **params)  # fmt: skip
     dark, _ = emu.dark_frames(50)
     frames, made = emu.generate(n_frames)
     truth = [np.asarray(t, np.float64).reshape(-1, 2) for t in made.positions]
     if mix:  # the other half of the electrons, of other physics, on the same sensor
         other = CameraEmulator(shape, dose_rate_e_per_px_s=part * 1500, frame_time_s=1 / 1500,
-                               seed=seed + 1000, **{**params, **_QUIET, **mix})  # fmt: skip
+                               seed=seed + 1000, pattern=pattern,
+                               **{**params, **_QUIET, **mix})  # fmt: skip
         extra, more = other.generate(n_frames)
         top = np.iinfo(frames.dtype).max
         frames = np.minimum(frames.astype(np.int64) + extra, top).astype(frames.dtype)
@@ -426,6 +429,7 @@ def run(
         added, removed = added + jf.added, removed + gone
     out = {
         "dose": dose,
+        "pattern": pattern,
         "emulator": params,
         "seed": seed,
         "frame_shape": list(shape),
@@ -458,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shape", type=parse_shape, default=(256, 384), help="HxW (256x384)")
     p.add_argument("--dose", type=float, default=0.05, help="e/px/frame (0.05)")
     p.add_argument("--frames", type=int, default=4, help="frames (4)")
+    p.add_argument("--pattern", choices=PATTERNS, default="uniform", help="illumination (uniform)")
     p.add_argument("--emulator", type=_params, default={}, help="e.g. psf_sigma_px=0.8")
     p.add_argument(
         "--seed", type=int, default=None, help="emulator seed (benchmarks.accuracy's for the dose)"
@@ -488,11 +493,13 @@ def main(argv: list[str] | None = None) -> int:
     record.add_options(p)
     args = p.parse_args(argv)
     seed = args.seed
-    if seed is None:  # benchmarks.accuracy's seed for its uniform row of this dose
-        seed = 2026 + (DOSES.index(args.dose) if args.dose in DOSES else 0)
+    if seed is None:  # benchmarks.accuracy's seed for its row of this pattern and dose
+        seed = 2026 + 100 * PATTERNS.index(args.pattern)
+        seed += DOSES.index(args.dose) if args.dose in DOSES else 0
     res = run(args.shape, args.dose, args.frames, args.emulator, seed, sweeps=args.sweeps,
               rounds=args.rounds, reach=args.reach, drop=args.drop, least=args.least_charge,
               add=args.add_charge, mix=args.mix, spread=args.width_spread,
+              pattern=args.pattern,
               log=(lambda *a: None) if args.json else print)  # fmt: skip
     record.save("joint_study", res, args)
     if args.json:
