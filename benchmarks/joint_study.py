@@ -51,8 +51,8 @@ Physics the emulator lacks: ``--mix`` renders half the electrons with other
 parameters (a second, noiseless emulator added to the first one's frames):
 electrons of two widths, say, where the fit assumes one.
 
-Slow (scipy, some fits per cloud: about 30 s a 256 x 384 frame at 0.05 on
-this host's core).
+Slow (scipy, about 3.3 fits an event): about a minute a 256 x 384 frame at
+0.05 and 13 s at 0.01 on this 2-core host, two runs at a time.
 """
 
 from __future__ import annotations
@@ -446,7 +446,7 @@ def run(
             "least_charge": least,
             "add_charge": add,
             "width_spread_px": spread,
-        },  # fmt: skip
+        },
         "fit_counter": _score(truth, base),
         "joint": _score(truth, joint),
         "clouds_added": added,
@@ -465,12 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pattern", choices=PATTERNS, default="uniform", help="illumination (uniform)")
     p.add_argument("--emulator", type=_params, default={}, help="e.g. psf_sigma_px=0.8")
     p.add_argument(
-        "--seed", type=int, default=None, help="emulator seed (benchmarks.accuracy's for the dose)"
+        "--seed",
+        type=int,
+        default=None,
+        help="emulator seed (benchmarks.accuracy's for the pattern and dose)",
     )
     p.add_argument("--sweeps", type=int, default=2, help="refits over every cloud (2)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds of added clouds at most (2)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="rounds of added and split clouds at most (2)"
+    )
     p.add_argument("--reach", type=float, default=2.5, help="clouds fitted together, px (2.5)")
-    p.add_argument("--drop", type=float, default=30.0, help="chi-square an added cloud saves (30)")
+    p.add_argument(
+        "--drop", type=float, default=30.0, help="chi-square an added or split cloud saves (30)"
+    )
     p.add_argument(
         "--least-charge", type=float, default=0.35, help="electrons a cloud holds at least (0.35)"
     )
