@@ -323,9 +323,13 @@ class Counter:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """Method "fit": the events of ``found`` fitted, moved and split
         (:func:`~streamstore.counting.fit.fit_splits`)."""
-        from functools import partial
-
-        from streamstore.counting.fit import cloud_width, event_windows, fit_maps, fit_splits
+        from streamstore.counting.fit import (
+            cloud_width,
+            event_windows,
+            fit_forms,
+            fit_maps,
+            fit_splits,
+        )
 
         key = ("fit_weights", self.kernel_dtype.str)
         if key not in self._derived:
@@ -345,14 +349,7 @@ class Counter:
                     self.cloud_width = cloud_width(win[pick], iv[pick], self.threads)
         if self.cloud_width is None or self._e_unit is None:
             return found
-        if self.implementation == "numba":
-            from streamstore.counting._fit_kernels import fit_windows
-
-            fitter = partial(fit_windows, threads=self.threads)
-        elif self.implementation == "reference":
-            from streamstore.counting._fit_reference import fit_windows_reference as fitter
-        else:
-            from native_ref import fit_windows_native as fitter
+        _, _, fitter = fit_forms(self.implementation, self.threads)
         return fit_splits(
             arr.shape, windows, *found, self._e_unit, self.cloud_width, self.resolve.fit_drop,
             int(round(16 * self.resolve.fit_charge)), fitter,

@@ -56,6 +56,7 @@ __all__ = [
     "cloud_table",
     "cloud_width",
     "event_windows",
+    "fit_forms",
     "fit_maps",
     "fit_splits",
 ]
@@ -95,6 +96,29 @@ REACH = 3
 NEIGHBOURS = 4
 
 
+def fit_forms(implementation: str, threads: int | None = 1) -> tuple[Any, Any, Any]:
+    """One form's ``(window_pixels, neighbours, fit_windows)`` (``implementation``:
+    "numba", "reference" or "native"; the same arguments and results); the numba
+    fit runs on ``threads``."""
+    if implementation == "reference":
+        from streamstore.counting import _fit_reference as ref
+
+        return ref.window_pixels_reference, ref.neighbours_reference, ref.fit_windows_reference
+    if implementation == "native":
+        import native_ref
+
+        return (
+            native_ref.window_pixels_native,
+            native_ref.neighbours_native,
+            native_ref.fit_windows_native,
+        )
+    from functools import partial
+
+    from streamstore.counting import _fit_kernels as nb
+
+    return nb.window_pixels, nb.neighbours, partial(nb.fit_windows, threads=threads)
+
+
 def event_windows(
     frames: np.ndarray,
     dark: np.ndarray,
@@ -120,19 +144,7 @@ def event_windows(
     Euclidean distance then raster order; ``nn`` how many); and whether the
     event has no such neighbour.
     """
-    if implementation == "reference":
-        from streamstore.counting._fit_reference import (
-            neighbours_reference as neighbours,
-        )
-        from streamstore.counting._fit_reference import (
-            window_pixels_reference as window_pixels,
-        )
-    elif implementation == "native":
-        from native_ref import neighbours_native as neighbours
-        from native_ref import window_pixels_native as window_pixels
-    else:
-        from streamstore.counting._fit_kernels import neighbours, window_pixels
-
+    window_pixels, neighbours, _ = fit_forms(implementation)
     n, h, w = frames.shape
     hw = h * w
     frame_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
