@@ -2,7 +2,7 @@
 
 The C sources (``count.c``, the peak rule; ``resolve.c``, the resolve rule;
 ``fit.c``, the cloud fit of the "fit" rule and the windows and neighbours it is
-given)
+given; ``joint.c``, the joint fit of a frame's clouds)
 are compiled with the system C compiler (``cc -O3 -march=native -shared -fPIC
 -std=c99 -ffp-contract=off``: no fused multiply-add, so the resolve rule's
 float64 test rounds as numpy and numba do; ``$CC`` overrides ``cc``) into
@@ -34,6 +34,7 @@ __all__ = [
     "count_native",
     "count_resolve_native",
     "fit_windows_native",
+    "joint_frame_native",
     "library_path",
     "neighbours_native",
     "window_pixels_native",
@@ -41,7 +42,7 @@ __all__ = [
 ]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("count.c", "resolve.c", "fit.c")
+_SOURCES = ("count.c", "resolve.c", "fit.c", "joint.c")
 _FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off")
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -123,6 +124,13 @@ def load() -> ctypes.CDLL:
                                               d, p, p, p]  # fmt: skip
             lib.fit_neighbours.restype = None
             lib.fit_neighbours.argtypes = [p, p, p, p, i64, i64, i64, i64, i64, p, p, p, p, p]
+            lib.joint_frame.restype = i64
+            lib.joint_frame.argtypes = [p, p, i64, i64, p, i64, d, d, p, p, i64, d, d, p,
+                                        ctypes.POINTER(p), ctypes.POINTER(p)]  # fmt: skip
+            lib.joint_free.restype = None
+            lib.joint_free.argtypes = [p]
+            lib.joint_conf_size.restype = i64
+            lib.joint_conf_size.argtypes = []
             _lib = lib
         return _lib
 
@@ -318,3 +326,49 @@ def neighbours_native(
         _ptr(nb), _ptr(nn), _ptr(alone), _ptr(ck), _ptr(ci),
     )  # fmt: skip
     return nb, nn, alone.astype(bool)
+
+
+def joint_frame_native(
+    signal: np.ndarray,
+    iv: np.ndarray,
+    starts: np.ndarray,
+    e: float,
+    width: float,
+    cdf: np.ndarray,
+    pdf: np.ndarray,
+    t0: float,
+    inv_h: float,
+    conf: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """C form of one frame's joint fit (``joint.c``); the inputs and output of
+    :func:`streamstore.counting._joint_reference.joint_frames_reference`:
+    ``(clouds (n', 4) float64, event (n',) uint8)``."""
+    from streamstore.counting._joint_reference import joint_inputs
+
+    signal, iv, starts, cdf, pdf = joint_inputs(signal, iv, starts, cdf, pdf)
+    conf = np.ascontiguousarray(conf, np.float64)
+    lib = load()
+    if conf.shape != (lib.joint_conf_size(),):
+        raise ValueError(
+            f"conf must be joint_conf()'s {lib.joint_conf_size()} numbers, got shape {conf.shape}"
+        )
+    h, w = signal.shape
+    out_cl = ctypes.c_void_p()
+    out_ev = ctypes.c_void_p()
+    n = lib.joint_frame(
+        _ptr(signal), _ptr(iv), h, w, _ptr(starts), starts.shape[0], float(e), float(width),
+        _ptr(cdf), _ptr(pdf), cdf.size, float(t0), float(inv_h), _ptr(conf),
+        ctypes.byref(out_cl), ctypes.byref(out_ev),
+    )  # fmt: skip
+    if n < 0:
+        raise MemoryError("native joint fit: out of memory")
+    try:
+        clouds = np.empty((n, 4), np.float64)
+        event = np.empty(n, np.uint8)
+        if n:
+            ctypes.memmove(_ptr(clouds), out_cl, clouds.nbytes)
+            ctypes.memmove(_ptr(event), out_ev, event.nbytes)
+    finally:
+        lib.joint_free(out_cl)
+        lib.joint_free(out_ev)
+    return clouds, event

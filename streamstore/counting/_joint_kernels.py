@@ -1,0 +1,77 @@
+"""The joint fit compiled: numba compiles ``_joint_reference.py``'s own functions.
+
+The reference is written in the loops over arrays numba compiles, so the kernel
+is that code, not a second copy of it: each function of
+:data:`~streamstore.counting._joint_reference.JOINT_FUNCTIONS` is compiled with
+the others compiled as its globals (numba's cache keys on the reference's file,
+so an edit there compiles anew). Without fastmath numba keeps every float64
+operation as written, so the compiled fit matches the plain Python one bit for
+bit; the C twin is ``native_ref/joint.c``.
+
+A frame's fit is sequential (each cloud's refit sees the ones before it); frames
+are independent and run on a thread pool, so the result does not depend on the
+thread count.
+"""
+
+from __future__ import annotations
+
+import types
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from streamstore._numba_cache import serialize_saves
+from streamstore.counting import _joint_reference as ref
+
+__all__ = ["joint_frames"]
+
+_OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+_pool: ThreadPoolExecutor | None = None
+
+
+def _compile() -> Any:
+    space = dict(vars(ref))
+    for name in ref.JOINT_FUNCTIONS:
+        f = getattr(ref, name)
+        copy = types.FunctionType(f.__code__, space, f.__name__, f.__defaults__, f.__closure__)
+        copy.__qualname__ = f.__qualname__
+        space[name] = njit(**_OPTS)(copy)
+    serialize_saves(*(space[name] for name in ref.JOINT_FUNCTIONS))
+    return space["joint_frame"]
+
+
+_joint_frame = _compile()
+
+
+def joint_frames(
+    frames: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    e: float,
+    width: float,
+    cdf: np.ndarray,
+    pdf: np.ndarray,
+    t0: float,
+    inv_h: float,
+    conf: np.ndarray,
+    threads: int | None = 1,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each frame's ``(signal, iv, starts)`` fitted (``_joint_reference.joint_frame``),
+    frames on ``threads`` threads; one ``(clouds, event)`` a frame, in order."""
+    global _pool
+    conf = np.asarray(conf, np.float64)
+
+    def one(f: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        signal, iv, starts, c, p = ref.joint_inputs(*f, cdf, pdf)
+        return _joint_frame(signal, iv, starts, float(e), float(width), c, p, float(t0),
+                            float(inv_h), conf)  # fmt: skip
+
+    if not frames:
+        return []
+    if threads is None or threads <= 1 or len(frames) == 1:
+        return [one(f) for f in frames]
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="streamstore-joint")
+    out = [one(frames[0])]  # the first compiles (or loads) alone
+    out += list(_pool.map(one, frames[1:]))
+    return out
