@@ -17,10 +17,11 @@ frames with the same dark-series calibration:
 ``3x3``
     ``streamstore.count`` (sub-pixel on): a local maximum of its 3 x 3
     neighbourhood above ``n_sigma`` x each pixel's noise.
-``resolve``, ``fit``
-    ``streamstore.count(..., method="resolve")`` and ``method="fit"``, the
-    counters that separate coincident electrons (the resolve rule's charge and
-    anisotropy; a fit of electron clouds to each event's window), when this
+``resolve``, ``fit``, ``joint``
+    ``streamstore.count(..., method="resolve")``, ``method="fit"`` and
+    ``method="joint"``, the counters that separate coincident electrons (the
+    resolve rule's charge and anisotropy; a fit of electron clouds to each
+    event's window; the clouds of a frame fitted together), when this
     tree's ``count`` takes those methods (``--method`` names them, comma
     separated); otherwise skipped, with the reason in the output.
 ``stempy``
@@ -85,7 +86,7 @@ from streamstore.shapes import parse_shape
 DOSES = (0.001, 0.003, 0.01, 0.02, 0.05, 0.1)
 XRAY_THRESHOLD = 1000.0  # ADU, as in tests/counting/test_counting_accuracy.py
 #: ``streamstore.count``'s methods measured beside the 3 x 3 rule
-NEW_METHODS = ("resolve", "fit")
+NEW_METHODS = ("resolve", "fit", "joint")
 TIMING_NOTE = (
     "time_per_frame_s: process CPU time of one counting call over all the dose's frames "
     "(after an untimed call on one frame), divided by the frames; comparable only between "
@@ -195,7 +196,7 @@ def counter_table(
     ----------
     cal : Calibration
         The calibration every counter uses.
-    method : str or tuple of str, default ("resolve", "fit")
+    method : str or tuple of str, default ("resolve", "fit", "joint")
         ``streamstore.count``'s ``method=`` of the new counters (a string: comma
         separated).
     threads : int or None, default 1

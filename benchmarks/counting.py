@@ -32,12 +32,13 @@ Measures, on the same emulator frame (seeded):
   one dark level and noise for every pixel, where the kernel streams only the
   frame (``Counter(dose=False)``), against the same calibration through
   per-pixel maps and against a plain read of the frame alone, 1 and 2 threads;
-- the counters that resolve merged electrons (``--methods``, default ``resolve,fit``;
+- the counters that resolve merged electrons (``--methods``, default ``resolve,fit,joint``;
   ``methods`` in the JSON): a reused ``Counter(method=...)`` with the dose on, 1
   and 2 threads (a frame alone on 2 threads is counted in row bands), against the
   copy, with its recall and precision; the first call (compiled or loaded, and
-  one electron's charge or cloud measured from the frame) apart. The fit is timed
-  over ``min(repeats, 3)`` runs;
+  one electron's charge or cloud measured from the frame) apart. The fit and the
+  joint fit are timed over ``min(repeats, 3)`` runs (the joint fit of one frame is
+  sequential: its threads count frames);
 - the C twin in ``native_ref`` (single-threaded; numba / native ratio);
 - stempy's ``electron_count_frame`` when stempy is installed (speed ratio);
 - recall and precision of streamstore and stempy against the emulator's truth
@@ -474,7 +475,7 @@ def _methods(frame, cal, truth, t_copy, repeats, methods, log) -> dict[str, Any]
         batch = counters[0](frame)
         t_first = time.perf_counter() - t_first
         counters[1](frame)
-        reps = max(1, min(repeats, 3)) if method == "fit" else repeats
+        reps = max(1, min(repeats, 3)) if method in ("fit", "joint") else repeats
         t1, t2 = best_times([lambda c=c: c(frame) for c in counters], reps)
         same = counters[1](frame) == batch
         score = score_batch(batch, truth.positions)
@@ -557,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--dark-frames must be >= 2")
     methods = method_list(args.methods)
     if not set(methods) <= set(NEW_METHODS):
-        p.error(f"--methods takes {' and '.join(NEW_METHODS)}")
+        p.error(f"--methods takes {', '.join(NEW_METHODS)}")
     log = (lambda *a, **k: None) if args.json else print
     res = run(
         args.shape,
