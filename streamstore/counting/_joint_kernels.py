@@ -19,16 +19,18 @@ import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numba
 import numpy as np
 from numba import njit
 
-from streamstore._numba_cache import serialize_saves
+from streamstore._numba_cache import compiling_alone, serialize_saves
 from streamstore.counting import _joint_reference as ref
 
 __all__ = ["joint_frames"]
 
 _OPTS = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 _pool: ThreadPoolExecutor | None = None
+_ran = False
 
 
 def _compile() -> Any:
@@ -54,11 +56,12 @@ def joint_frames(
     t0: float,
     inv_h: float,
     conf: np.ndarray,
-    threads: int | None = 1,
+    threads: int | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each frame's ``(signal, iv, starts)`` fitted (``_joint_reference.joint_frame``),
-    frames on ``threads`` threads; one ``(clouds, event)`` a frame, in order."""
-    global _pool
+    frames on ``threads`` threads (None: numba's thread count); one ``(clouds,
+    event)`` a frame, in order."""
+    global _pool, _ran
     conf = np.asarray(conf, np.float64)
 
     def one(f: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -66,12 +69,20 @@ def joint_frames(
         return _joint_frame(signal, iv, starts, float(e), float(width), c, p, float(t0),
                             float(inv_h), conf)  # fmt: skip
 
-    if not frames:
-        return []
-    if threads is None or threads <= 1 or len(frames) == 1:
-        return [one(f) for f in frames]
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="streamstore-joint")
-    out = [one(frames[0])]  # the first compiles (or loads) alone
-    out += list(_pool.map(one, frames[1:]))
+    out = []
+    rest = list(frames)
+    if rest and not _ran:  # compiled (or loaded) once under the cache's lock
+        with compiling_alone(_joint_frame):
+            out.append(one(rest.pop(0)))
+        _ran = True
+    k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
+    if k <= 1 or len(rest) <= 1:
+        return out + [one(f) for f in rest]
+    if _pool is None:
+        _pool = ThreadPoolExecutor(
+            max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-joint"
+        )
+    # at most k frames in flight: the caller's thread count holds
+    for start in range(0, len(rest), k):
+        out += list(_pool.map(one, rest[start : start + k]))
     return out

@@ -108,6 +108,10 @@ def place_events(
     on), on that pixel's near edge; where that is off the frame or held too, it
     is one electron found twice and goes.
     """
+
+    def cell(v: np.ndarray) -> np.ndarray:  # the quarter-pixel cell along one axis
+        return np.clip(np.floor(4.0 * (v - np.floor(v))), 0, 3).astype(np.int64)
+
     keep = np.flatnonzero(event)
     a = clouds[keep, 0]
     y = np.clip(clouds[keep, 1], 0.0, h - 1e-6)
@@ -118,7 +122,6 @@ def place_events(
     first = np.ones(order.size, bool)
     first[1:] = key[order][1:] != key[order][:-1]
     taken = set(key[order][first].tolist())
-    cell = lambda v: np.clip(np.floor(4.0 * (v - np.floor(v))), 0, 3).astype(np.int64)  # noqa: E731
     out_key = list(key[order][first])
     out_sub = list((cell(y[order][first]) << 2) | cell(x[order][first]))
     holder = {int(k): int(i) for k, i in zip(key[order][first], order[first], strict=True)}
