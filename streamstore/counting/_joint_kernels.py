@@ -1,9 +1,10 @@
-"""The joint fit compiled: numba compiles ``_joint_reference.py``'s own functions.
+"""The joint fit compiled: numba compiles the reference's own functions.
 
-The reference is written in the loops over arrays numba compiles, so the kernel
-is that code, not a second copy of it: each function of
-:data:`~streamstore.counting._joint_reference.JOINT_FUNCTIONS` is compiled with
-the others compiled as its globals (numba's cache keys on the reference's file,
+The reference (``_joint_reference.py``, the frame's rules, and
+``_joint_group_reference.py``, the group fit) is written in the loops over
+arrays numba compiles, so the kernel is that code, not a second copy of it:
+each function of ``GROUP_FUNCTIONS`` and ``JOINT_FUNCTIONS`` is compiled with
+the others compiled as its globals (numba's cache keys on each function's file,
 so an edit there compiles anew). Without fastmath numba keeps every float64
 operation as written, so the compiled fit matches the plain Python one bit for
 bit; the C twin is ``native_ref/joint.c``.
@@ -24,6 +25,7 @@ import numpy as np
 from numba import njit
 
 from streamstore._numba_cache import compiling_alone, serialize_saves
+from streamstore.counting import _joint_group_reference as group
 from streamstore.counting import _joint_reference as ref
 
 __all__ = ["joint_frames"]
@@ -34,13 +36,15 @@ _ran = False
 
 
 def _compile() -> Any:
-    space = dict(vars(ref))
-    for name in ref.JOINT_FUNCTIONS:
-        f = getattr(ref, name)
+    # one namespace for both modules' functions: each calls the others compiled
+    space = {**vars(group), **vars(ref)}
+    names = [(group, n) for n in group.GROUP_FUNCTIONS] + [(ref, n) for n in ref.JOINT_FUNCTIONS]
+    for module, name in names:
+        f = getattr(module, name)
         copy = types.FunctionType(f.__code__, space, f.__name__, f.__defaults__, f.__closure__)
         copy.__qualname__ = f.__qualname__
         space[name] = njit(**_OPTS)(copy)
-    serialize_saves(*(space[name] for name in ref.JOINT_FUNCTIONS))
+    serialize_saves(*(space[name] for _, name in names))
     return space["joint_frame"]
 
 
