@@ -14,7 +14,8 @@
  *   region  = the union of the 5 x 5 windows of some places, raster order
  *   fit     = Levenberg-Marquardt of a group's clouds, the rest of the model held
  *   frame   = rule 5 (starts), rule 6 (refit) SWEEPS times, rules 7-8 (add, split)
- *             ROUNDS times at most, rule 6 POLISH times, rule 10 (events)
+ *             ROUNDS times at most, rule 6 POLISH times, rule 10a (prune), rule 10
+ *             (events)
  * conf = joint_conf()'s JT_NCONF numbers (joint_conf_size; the wrapper checks the count).
  * The clouds' arrays grow as the reference's do: before each add phase to room for
  * every candidate, before each split phase to room for every heavy cloud.
@@ -31,7 +32,7 @@ enum {
     JT_SWEEPS, JT_ROUNDS, JT_REACH, JT_DROP, JT_LEAST, JT_ADD, JT_SPREAD, JT_MAX_STEP,
     JT_MERGE, JT_SPLIT_CHARGE, JT_SPLIT_OFFSET, JT_START_LEAST, JT_GROUP, JT_ITERS, JT_LAM0,
     JT_LAM1, JT_LAM2, JT_TOL, JT_WMIN, JT_WMAX, JT_POLISH, JT_DROP_WIDE, JT_WIDE_CHARGE,
-    JT_WIDE_BY, JT_NCONF
+    JT_WIDE_BY, JT_PRUNE, JT_NCONF
 };
 
 #define JT_FOOT 3   /* a cloud reaches 3 pixels around its own */
@@ -143,6 +144,20 @@ static void jt_grid_move(jt_state *s, int64_t i) {
     s->cell_of[i] = k;
     s->nxt[i] = s->head[k];
     s->head[k] = i;
+}
+
+/* cloud i out of the grid (it is no longer near anything) */
+static void jt_grid_drop(jt_state *s, int64_t i) {
+    int64_t old = s->cell_of[i];
+    if (s->head[old] == i) {
+        s->head[old] = s->nxt[i];
+    } else {
+        int64_t j = s->head[old];
+        while (s->nxt[j] != i) j = s->nxt[j];
+        s->nxt[j] = s->nxt[i];
+    }
+    s->nxt[i] = -1;
+    s->cell_of[i] = -1;
 }
 
 /* rule 2 into ids; how many */
@@ -493,6 +508,40 @@ static void jt_refit(jt_state *s, int64_t n) {
     }
 }
 
+/* rule 10a: faint crowded clouds that do not earn their place go (charge 0) */
+static void jt_prune(jt_state *s, int64_t n) {
+    const double *conf = s->conf;
+    int64_t group = (int64_t)conf[JT_GROUP];
+    int64_t *ids = s->ids;
+    for (int64_t i = 0; i < n; i++) {
+        double a = CL(s, i, 0);
+        if (!(a > 0.0 && a < conf[JT_PRUNE] * s->e)) continue;
+        int64_t ng = jt_near(s, CL(s, i, 1), CL(s, i, 2), group, ids);
+        int64_t at = -1;
+        for (int64_t q = 0; q < ng; q++)
+            if (ids[q] == i) at = q;
+        if (at < 0 || ng < 2) continue;
+        jt_pts_of(s, ng);
+        for (int64_t q = 0; q < ng; q++) jt_store(s, s->P2, q, ids[q]);
+        double chi1 = jt_fit(s, ids, ng, s->P2, ng, s->pts, ng);
+        int64_t kq = 0;
+        for (int64_t q = 0; q < ng; q++) {
+            if (q != at) {
+                jt_store(s, s->P, kq, ids[q]);
+                jt_store(s, s->S, kq, ids[q]);
+                kq++;
+            }
+        }
+        double chi0 = jt_fit(s, ids, ng, s->P, ng - 1, s->pts, ng);
+        if (!(chi0 - chi1 <= conf[JT_DROP] && jt_moved_less(s, s->P, ng - 1, s->S))) continue;
+        jt_draw(s, CL(s, i, 0), CL(s, i, 1), CL(s, i, 2), CL(s, i, 3), -1);
+        jt_grid_drop(s, i);
+        CL(s, i, 0) = 0.0;
+        for (int64_t q = at; q < ng - 1; q++) ids[q] = ids[q + 1];
+        jt_replace(s, ids, ng - 1, s->P, ng - 1, n);
+    }
+}
+
 /* rule 7 over the candidate pixels cands[:ncand] (in order); the new count of clouds */
 static int64_t jt_add(jt_state *s, int64_t n, const int64_t *cands, int64_t ncand) {
     const double *conf = s->conf;
@@ -828,6 +877,7 @@ int64_t joint_frame(const double *signal, const double *iv, int64_t h, int64_t w
         if (n == before) break;
     }
     for (int64_t it = 0; it < (int64_t)conf[JT_POLISH]; it++) jt_refit(s, n);
+    jt_prune(s, n); /* rule 10a */
     clouds = jt_zeros(4 * n, sizeof(double));
     event = jt_zeros(n, sizeof(uint8_t));
     if (!clouds || !event) goto out;

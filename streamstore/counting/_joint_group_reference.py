@@ -21,7 +21,7 @@ _MAX_STEP, _MERGE, _SPLIT_CHARGE, _SPLIT_OFFSET, _START_LEAST, _GROUP, _ITERS = 
     7, 8, 9, 10, 11, 12, 13,
 )  # fmt: skip
 _LAM0, _LAM1, _LAM2, _TOL, _WMIN, _WMAX, _POLISH = 14, 15, 16, 17, 18, 19, 20
-_DROP_WIDE, _WIDE_CHARGE, _WIDE_BY = 21, 22, 23
+_DROP_WIDE, _WIDE_CHARGE, _WIDE_BY, _PRUNE = 21, 22, 23, 24
 
 
 def _lookup(cdf, pdf, t, t0, inv_h):
@@ -109,6 +109,20 @@ def _grid_move(i, cl, head, nxt, cell_of, ncy, ncx):
     cell_of[i] = k
     nxt[i] = head[k]
     head[k] = i
+
+
+def _grid_drop(i, head, nxt, cell_of):
+    """Cloud ``i`` out of the grid (it is no longer near anything)."""
+    old = cell_of[i]
+    if head[old] == i:
+        head[old] = nxt[i]
+    else:
+        j = head[old]
+        while nxt[j] != i:
+            j = nxt[j]
+        nxt[j] = nxt[i]
+    nxt[i] = -1
+    cell_of[i] = -1
 
 
 def _near(y, x, cap, reach, cl, head, nxt, ncy, ncx, ids, cand, dd):
@@ -396,6 +410,7 @@ def _pts_of(ids, ng, cl, pts):
 
 #: The functions the kernel compiles, callees first.
 GROUP_FUNCTIONS = (
-    "_lookup", "_shares", "_draw", "_cell", "_grid_put", "_grid_move", "_near", "_region",
+    "_lookup", "_shares", "_draw", "_cell", "_grid_put", "_grid_move", "_grid_drop", "_near",
+    "_region",
     "_chi2", "_lm", "_fit", "_replace", "_good", "_store", "_pts_of",
 )  # fmt: skip

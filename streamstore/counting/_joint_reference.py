@@ -7,7 +7,7 @@ for bit: every float64 operation below in this order, no fused multiply-add.
 turns the clouds into events. Written in loops over arrays (what numba
 compiles); slow in Python, for the parity tests' small frames. Rules 1-4 (the
 clouds, the model, the clouds near a place and the group fit) are the functions
-of ``_joint_group_reference.py``; rules 5-10 (a frame's fit) are here.
+of ``_joint_group_reference.py``; rules 5-11 (a frame's fit) are here.
 
 Inputs, one frame: ``signal`` (H, W), the charge of each pixel in signal units,
 0 where it holds no electron to fit (masked, an X-ray hit's surroundings);
@@ -69,8 +69,15 @@ Inputs, one frame: ``signal`` (H, W), the charge of each pixel in signal units,
    cloud of ``WIDE_CHARGE * e`` or more wider than ``width + WIDE_BY``); kept:
    the others replaced, the cloud the first of the two, the second appended.
 9. Rules 7 and 8 (both) ``ROUNDS`` times at most, until neither keeps a cloud;
-   then rule 6 ``polish`` times more.
-10. *events*: every cloud of charge above 0, less those of ``least * e`` or less
+   then rule 6 ``polish`` times more, then rule 10.
+10. *prune*, each cloud in order whose charge lies above 0 and below ``prune * e``
+    with another near it (``cap`` GROUP; it among them), region of their places:
+    the group fitted with it (``chi1``) and without it (``chi0``, the others from
+    where they stand); where ``chi0 - chi1 <= drop`` and no other's centre moved
+    MAX_STEP or more, its charge becomes 0 (taken out of the model and of rule 2's
+    search) and the others are replaced: a faint cloud beside another must earn
+    its place as an added one does.
+11. *events*: every cloud of charge above 0, less those of ``least * e`` or less
     with another cloud near (a neighbour took their charge).
 
 Output: the clouds ``(n', 4)`` and whether each is an event (uint8).
@@ -92,6 +99,7 @@ from streamstore.counting._joint_group_reference import (
     _LEAST,
     _MAX_STEP,
     _POLISH,
+    _PRUNE,
     _REACH,
     _ROUNDS,
     _SPLIT_CHARGE,
@@ -104,6 +112,7 @@ from streamstore.counting._joint_group_reference import (
     _draw,
     _fit,
     _good,
+    _grid_drop,
     _grid_put,
     _near,
     _pts_of,
@@ -147,6 +156,9 @@ GROUP = 8
 ITERS = 20
 #: Refits over every cloud after the added and split ones.
 POLISH = 1
+#: Clouds of fewer electrons than this beside another must earn their place as an
+#: added one does (0: none are tried).
+PRUNE = 0.7
 
 
 def joint_conf(
@@ -159,12 +171,13 @@ def joint_conf(
     spread: float = SPREAD,
     polish: int = POLISH,
     drop_wide: float = DROP_WIDE,
+    prune: float = PRUNE,
 ) -> np.ndarray:
     """The constants as every form takes them (float64), those named as given."""
     return np.array(
         [sweeps, rounds, reach, drop, least, add, spread, MAX_STEP, MERGE_PX, SPLIT_CHARGE,
          SPLIT_OFFSET, START_LEAST, GROUP, ITERS, *LAM, TOL, *WIDTHS, polish, drop_wide,
-         WIDE_CHARGE, WIDE_BY],
+         WIDE_CHARGE, WIDE_BY, prune],
         np.float64,
     )  # fmt: skip
 
@@ -350,6 +363,48 @@ def _split(n, heavy, nheavy, snap, fr, cl, grid, e, width, conf, cdf, pdf, t0, i
     return n
 
 
+def _prune(n, fr, cl, grid, e, width, conf, cdf, pdf, t0, inv_h, ws, rs, bufs):
+    """Rule 10a: each cloud of charge above 0 and below ``prune * e`` with another
+    near, in order: the group fitted with it (``chi1``) and without it (``chi0``);
+    where ``chi0 - chi1 <= drop`` and no other centre moved MAX_STEP, it goes (its
+    charge 0) and the others are replaced."""
+    head, nxt, cell_of, ncy, ncx = grid
+    ids, cand, dd, P, S, P2, pts = bufs
+    model = fr[2]
+    for i in range(n):
+        a = cl[i, 0]
+        if not (a > 0.0 and a < conf[_PRUNE] * e):
+            continue
+        ng = _near(cl[i, 1], cl[i, 2], int(conf[_GROUP]), conf[_REACH], cl, head, nxt, ncy, ncx,
+                   ids, cand, dd)  # fmt: skip
+        at = -1
+        for q in range(ng):
+            if ids[q] == i:
+                at = q
+        if at < 0 or ng < 2:
+            continue
+        _pts_of(ids, ng, cl, pts)
+        for q in range(ng):
+            _store(P2, q, cl, ids[q])
+        chi1 = _fit(ids, ng, P2, ng, pts, ng, fr, cl, width, conf, cdf, pdf, t0, inv_h, ws, rs)
+        kq = 0
+        for q in range(ng):
+            if q != at:
+                _store(P, kq, cl, ids[q])
+                _store(S, kq, cl, ids[q])
+                kq += 1
+        chi0 = _fit(ids, ng, P, ng - 1, pts, ng, fr, cl, width, conf, cdf, pdf, t0, inv_h, ws,
+                    rs)  # fmt: skip
+        if not (chi0 - chi1 <= conf[_DROP] and _moved_less(P, ng - 1, S, conf)):
+            continue
+        _draw(model, cl[i, 0], cl[i, 1], cl[i, 2], cl[i, 3], -1, cdf, pdf, t0, inv_h, ws[8])
+        _grid_drop(i, head, nxt, cell_of)
+        cl[i, 0] = 0.0
+        for q in range(at, ng - 1):  # the others, in order
+            ids[q] = ids[q + 1]
+        _replace(ids, ng - 1, P, ng - 1, n, fr, cl, grid, cdf, pdf, t0, inv_h, ws[8])
+
+
 def _candidates(fr, res, e, conf, out, vals):
     """Rule 7's pixels into ``out``, in raster order, and their sums into ``vals``:
     how many (``res``: room for the residual)."""
@@ -413,7 +468,7 @@ def _grown(a, size):
 
 
 def joint_frame(signal, iv, starts, e, width, cdf, pdf, t0, inv_h, conf):
-    """One frame's clouds (rules 5-10): ``(clouds (n', 4), event (n',) uint8)``."""
+    """One frame's clouds (rules 5-11): ``(clouds (n', 4), event (n',) uint8)``."""
     h, w = signal.shape
     n = starts.shape[0]
     cap = 2 * n + 16
@@ -513,8 +568,10 @@ def joint_frame(signal, iv, starts, e, width, cdf, pdf, t0, inv_h, conf):
     for _ in range(int(conf[_POLISH])):  # rule 6 again, the new clouds among the rest
         bufs = (ids, cand, dd, P, S, P2, pts)
         _refit(n, fr, cl, grid, e, width, conf, cdf, pdf, t0, inv_h, ws, rs, bufs)
+    bufs = (ids, cand, dd, P, S, P2, pts)
+    _prune(n, fr, cl, grid, e, width, conf, cdf, pdf, t0, inv_h, ws, rs, bufs)
     event = np.zeros(n, np.uint8)
-    for i in range(n):  # rule 10
+    for i in range(n):  # rule 11
         if not cl[i, 0] > 0.0:
             continue
         if cl[i, 0] <= conf[_LEAST] * e:
@@ -528,7 +585,7 @@ def joint_frame(signal, iv, starts, e, width, cdf, pdf, t0, inv_h, conf):
 
 #: The functions the kernel compiles, callees first.
 JOINT_FUNCTIONS = (
-    "_box", "_residual", "_moved_less", "_refit", "_add", "_split", "_candidates",
+    "_box", "_residual", "_moved_less", "_refit", "_add", "_split", "_prune", "_candidates",
     "_by_falling", "_grown", "joint_frame",
 )  # fmt: skip
 

@@ -18,8 +18,11 @@ the sources left. The joint rule does that with the fit rule's events:
    chi-square of its region falls by more than 30 (20 for a cloud both heavy
    and wide: two merged electrons) with every cloud over 0.35 electrons, none
    moved 1.5 px and no two within 0.75 px; twice at most, then one more refit;
-4. a cloud of 0.35 electrons or less beside another is that one's charge, not an
-   electron; the others are the events, one a pixel (:func:`place_events`).
+4. a cloud of less than 0.7 electrons beside another goes where the group
+   fits without it within that chi-square of 30 (it must earn its place as an
+   added one does), and one of 0.35 electrons or less beside another is that
+   one's charge, not an electron; the others are the events, one a pixel
+   (:func:`place_events`).
 
 ``_joint_reference.py`` is the fit's specification (compiled as it stands by
 ``_joint_kernels.py``, mirrored in ``native_ref/joint.c``). Masked pixels and the

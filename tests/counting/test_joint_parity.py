@@ -151,6 +151,8 @@ def test_crowd(kept):
     clouds, _ = _three_forms(_crowd(7, k=9, radius=1.5), joint_conf())
     assert kept["capped"] > 0
     assert clouds.shape[0] == 9
+    # a start given twice is one electron: the second cloud does not earn its place
+    assert (clouds[:, 0] == 0).sum() == 1
 
 
 def test_edges_and_no_starts():
