@@ -130,23 +130,7 @@ static void jt_grid_put(jt_state *s, int64_t i) {
     s->head[k] = i;
 }
 
-static void jt_grid_move(jt_state *s, int64_t i) {
-    int64_t k = jt_cell(CL(s, i, 1), s->ncy) * s->ncx + jt_cell(CL(s, i, 2), s->ncx);
-    int64_t old = s->cell_of[i];
-    if (k == old) return;
-    if (s->head[old] == i) {
-        s->head[old] = s->nxt[i];
-    } else {
-        int64_t j = s->head[old];
-        while (s->nxt[j] != i) j = s->nxt[j];
-        s->nxt[j] = s->nxt[i];
-    }
-    s->cell_of[i] = k;
-    s->nxt[i] = s->head[k];
-    s->head[k] = i;
-}
-
-/* cloud i out of the grid (it is no longer near anything) */
+/* cloud i out of its cell's list (it is no longer near anything) */
 static void jt_grid_drop(jt_state *s, int64_t i) {
     int64_t old = s->cell_of[i];
     if (s->head[old] == i) {
@@ -158,6 +142,15 @@ static void jt_grid_drop(jt_state *s, int64_t i) {
     }
     s->nxt[i] = -1;
     s->cell_of[i] = -1;
+}
+
+static void jt_grid_move(jt_state *s, int64_t i) {
+    int64_t k = jt_cell(CL(s, i, 1), s->ncy) * s->ncx + jt_cell(CL(s, i, 2), s->ncx);
+    if (k == s->cell_of[i]) return;
+    jt_grid_drop(s, i);
+    s->cell_of[i] = k;
+    s->nxt[i] = s->head[k];
+    s->head[k] = i;
 }
 
 /* rule 2 into ids; how many */

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from streamstore.counting._fit_reference import _lookup  # the fit rule's table, rule 1
+
 __all__ = ["GROUP_FUNCTIONS"]
 
 _FOOT = 3  # a cloud reaches 3 pixels around its own (rule 1)
@@ -22,21 +24,6 @@ _MAX_STEP, _MERGE, _SPLIT_CHARGE, _SPLIT_OFFSET, _START_LEAST, _GROUP, _ITERS = 
 )  # fmt: skip
 _LAM0, _LAM1, _LAM2, _TOL, _WMIN, _WMAX, _POLISH = 14, 15, 16, 17, 18, 19, 20
 _DROP_WIDE, _WIDE_CHARGE, _WIDE_BY, _PRUNE = 21, 22, 23, 24
-
-
-def _lookup(cdf, pdf, t, t0, inv_h):
-    """Both tables at ``t`` (the fit counter's rule 1)."""
-    n = cdf.shape[0]
-    x = (t - t0) * inv_h
-    if x < 0.0:
-        x = 0.0
-    if x > n - 1.0:
-        x = n - 1.0
-    k = int(math.floor(x))
-    if k > n - 2:
-        k = n - 2
-    f = x - k
-    return cdf[k] + f * (cdf[k + 1] - cdf[k]), pdf[k] + f * (pdf[k + 1] - pdf[k])
 
 
 def _shares(mu, s, lo, cdf, pdf, t0, inv_h, sh, row):
@@ -93,26 +80,8 @@ def _grid_put(i, cl, head, nxt, cell_of, ncy, ncx):
     head[k] = i
 
 
-def _grid_move(i, cl, head, nxt, cell_of, ncy, ncx):
-    """Cloud ``i``'s centre changed: into its new cell, where that is another."""
-    k = _cell(cl[i, 1], ncy) * ncx + _cell(cl[i, 2], ncx)
-    old = cell_of[i]
-    if k == old:
-        return
-    if head[old] == i:
-        head[old] = nxt[i]
-    else:
-        j = head[old]
-        while nxt[j] != i:
-            j = nxt[j]
-        nxt[j] = nxt[i]
-    cell_of[i] = k
-    nxt[i] = head[k]
-    head[k] = i
-
-
 def _grid_drop(i, head, nxt, cell_of):
-    """Cloud ``i`` out of the grid (it is no longer near anything)."""
+    """Cloud ``i`` out of its cell's list (it is no longer near anything)."""
     old = cell_of[i]
     if head[old] == i:
         head[old] = nxt[i]
@@ -123,6 +92,17 @@ def _grid_drop(i, head, nxt, cell_of):
         nxt[j] = nxt[i]
     nxt[i] = -1
     cell_of[i] = -1
+
+
+def _grid_move(i, cl, head, nxt, cell_of, ncy, ncx):
+    """Cloud ``i``'s centre changed: into its new cell, where that is another."""
+    k = _cell(cl[i, 1], ncy) * ncx + _cell(cl[i, 2], ncx)
+    if k == cell_of[i]:
+        return
+    _grid_drop(i, head, nxt, cell_of)
+    cell_of[i] = k
+    nxt[i] = head[k]
+    head[k] = i
 
 
 def _near(y, x, cap, reach, cl, head, nxt, ncy, ncx, ids, cand, dd):
@@ -410,7 +390,7 @@ def _pts_of(ids, ng, cl, pts):
 
 #: The functions the kernel compiles, callees first.
 GROUP_FUNCTIONS = (
-    "_lookup", "_shares", "_draw", "_cell", "_grid_put", "_grid_move", "_grid_drop", "_near",
+    "_lookup", "_shares", "_draw", "_cell", "_grid_put", "_grid_drop", "_grid_move", "_near",
     "_region",
     "_chi2", "_lm", "_fit", "_replace", "_good", "_store", "_pts_of",
 )  # fmt: skip

@@ -497,16 +497,7 @@ def joint_frame(signal, iv, starts, e, width, cdf, pdf, t0, inv_h, conf):
     fr = (signal, iv, model)
     sh = ws[8]
     for k in range(n):  # rule 5
-        r = int(math.floor(starts[k, 0]))
-        c = int(math.floor(starts[k, 1]))
-        t = 0.0
-        for i in range(r - 1, r + 2):
-            if i < 0 or i >= h:
-                continue
-            for j in range(c - 1, c + 2):
-                if j < 0 or j >= w:
-                    continue
-                t = t + signal[i, j]
+        t = _box(signal, int(math.floor(starts[k, 0])), int(math.floor(starts[k, 1])))
         cl[k, 0] = max(t, conf[_START_LEAST] * e)
         cl[k, 1] = starts[k, 0]
         cl[k, 2] = starts[k, 1]
