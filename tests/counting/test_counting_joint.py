@@ -32,17 +32,27 @@ def _joint(cal, dtype=np.uint16, **kw):
     return Counter(cal, dtype, subpixel=True, method="joint", dose=False, **kw)
 
 
-def test_three_implementations_count_alike(rng):
+@pytest.mark.parametrize("case", ["uint16", "uint8", "wrapped", "gain map"])
+def test_three_implementations_count_alike(rng, case):
     """Dense electrons, X-rays, masked pixels, saturation (the resolve rule's parity
-    frames): the fit rule's events, then the joint fit, by each form."""
-    frames, cal = _crowded(rng, np.uint16, n=1, h=32, w=44)
+    frames) in each frame type the counter takes: the fit rule's events, then the
+    joint fit, by each form."""
+    frames, cal = _crowded(rng, np.uint8 if case == "uint8" else np.uint16, n=1, h=32, w=44)
+    e = 120.0 * (0.25 if case == "uint8" else 1.0)
+    if case == "wrapped":
+        cal = Calibration(cal.dark - 150, cal.noise, mask=cal.mask, wrapped=True,
+                          xray_threshold=600.0)  # fmt: skip
+        frames = (frames.astype(np.int64) - 150).astype(np.int16).view(np.uint16)
+    if case == "gain map":
+        gain = rng.uniform(0.85, 1.15, cal.frame_shape)
+        cal = Calibration(cal.dark, cal.noise, gain=gain, mask=cal.mask, xray_threshold=600.0)
     out = []
     for impl in ("reference", "numba", "native"):
-        c = _joint(cal, implementation=impl, electron_charge=120.0)
+        c = _joint(cal, frames.dtype, implementation=impl, electron_charge=e)
         c.cloud_width = 0.5  # too crowded to measure: given, so that the fit runs
         out.append(c(frames))
     assert _same(out[0], out[1]) and _same(out[0], out[2])
-    fit = Counter(cal, subpixel=True, method="fit", electron_charge=120.0, dose=False)
+    fit = Counter(cal, frames.dtype, subpixel=True, method="fit", electron_charge=e, dose=False)
     fit.cloud_width = 0.5
     assert not _same(out[0], fit(frames))  # the joint fit changed the fit rule's events
 
