@@ -73,7 +73,7 @@ class Counter:
         of the frame, refitted together where they crowd, clouds added where the
         residual holds an electron and heavy ones tried as two
         (:mod:`streamstore.counting.joint`): finds most of the electrons "fit"
-        loses at 0.05 e/px/frame, at some 60 us an event (after the fact).
+        loses at 0.05 e/px/frame, at some 70 us an electron more (after the fact).
     resolve : ResolveParams, optional
         Thresholds of the "resolve", "fit" and "joint" methods (default
         ``ResolveParams()``).
