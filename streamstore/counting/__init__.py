@@ -327,13 +327,23 @@ class Counter:
             from streamstore.counting.joint import joint_events, joint_form
 
             found = joint_events(
-                arr, maps, self._radius, self._derived[("fit_weights", self.kernel_dtype.str)],
+                arr, maps, self._radius, self._fit_weights(gain),
                 found, self._e_unit, self.cloud_width, self.resolve.fit_model_error,
                 joint_form(self.implementation, self.threads),
             )  # fmt: skip
         if subpixel and not self.subpixel:
             found = (found[0], found[1], None)
         return found
+
+    def _fit_weights(self, gain: np.ndarray | None) -> np.ndarray:
+        """Each pixel's weight in the fits (:func:`~streamstore.counting.fit.fit_maps`),
+        made once per calibration and frame type."""
+        from streamstore.counting.fit import fit_maps
+
+        key = ("fit_weights", self.kernel_dtype.str)
+        if key not in self._derived:
+            self._derived[key] = fit_maps(self.calibration, gain)
+        return self._derived[key]
 
     def _fit_splits(
         self,
@@ -348,15 +358,11 @@ class Counter:
             cloud_width,
             event_windows,
             fit_forms,
-            fit_maps,
             fit_splits,
         )
 
-        key = ("fit_weights", self.kernel_dtype.str)
-        if key not in self._derived:
-            self._derived[key] = fit_maps(self.calibration, gain)
         windows = event_windows(
-            arr, dark, gain, self._derived[key], found[0], found[1],
+            arr, dark, gain, self._fit_weights(gain), found[0], found[1],
             self.resolve.fit_model_error, self.implementation,
         )  # fmt: skip
         with self._measure_lock:

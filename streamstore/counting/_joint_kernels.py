@@ -17,7 +17,9 @@ thread count.
 from __future__ import annotations
 
 import types
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 import numba
@@ -52,7 +54,7 @@ _joint_frame = _compile()
 
 
 def joint_frames(
-    frames: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    frames: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
     e: float,
     width: float,
     cdf: np.ndarray,
@@ -64,7 +66,8 @@ def joint_frames(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each frame's ``(signal, iv, starts)`` fitted (``_joint_reference.joint_frame``),
     frames on ``threads`` threads (None: numba's thread count); one ``(clouds,
-    event)`` a frame, in order."""
+    event)`` a frame, in order. ``frames`` is read as the fits go: an iterator holds
+    only the frames in flight (a full frame's inputs are 0.4 GB)."""
     global _pool, _ran
     conf = np.asarray(conf, np.float64)
 
@@ -74,19 +77,22 @@ def joint_frames(
                             float(inv_h), conf)  # fmt: skip
 
     out = []
-    rest = list(frames)
-    if rest and not _ran:  # compiled (or loaded) once under the cache's lock
+    rest = iter(frames)
+    if not _ran:  # compiled (or loaded) once under the cache's lock
+        first = next(rest, None)
+        if first is None:
+            return out
         with compiling_alone(_joint_frame):
-            out.append(one(rest.pop(0)))
+            out.append(one(first))
         _ran = True
     k = numba.config.NUMBA_NUM_THREADS if threads is None else int(threads)
-    if k <= 1 or len(rest) <= 1:
+    if k <= 1:
         return out + [one(f) for f in rest]
     if _pool is None:
         _pool = ThreadPoolExecutor(
             max_workers=numba.config.NUMBA_NUM_THREADS, thread_name_prefix="streamstore-joint"
         )
     # at most k frames in flight: the caller's thread count holds
-    for start in range(0, len(rest), k):
-        out += list(_pool.map(one, rest[start : start + k]))
+    while chunk := list(islice(rest, k)):
+        out += list(_pool.map(one, chunk))
     return out

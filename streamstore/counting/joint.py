@@ -48,7 +48,7 @@ __all__ = ["frame_inputs", "joint_conf", "joint_events", "joint_form", "place_ev
 def joint_form(implementation: str, threads: int | None = 1) -> Any:
     """The fit of one form (``implementation``: "numba", "reference" or "native"):
     a callable of ``(frames, e, width, cdf, pdf, t0, inv_h, conf)`` where
-    ``frames`` is a list of ``(signal, iv, starts)``, returning one ``(clouds,
+    ``frames`` is an iterable of ``(signal, iv, starts)``, returning one ``(clouds,
     event)`` a frame."""
     if implementation == "numba":
         from functools import partial
@@ -173,17 +173,18 @@ def joint_events(
     _, lo_c, dark, gain, _, level = maps
     offsets, indices, sub = found
     conf = joint_conf() if conf is None else conf
-    inputs = []
-    for k in range(n):
+
+    def inputs(k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         signal, iv = frame_inputs(arr[k], dark, gain, lo_c, level, radius, iv_map, model_error)
         pix = indices[offsets[k] : offsets[k + 1]].astype(np.int64)
         cells = sub[offsets[k] : offsets[k + 1]].astype(np.int64)
         starts = np.column_stack(
             [pix // w + ((cells >> 2) + 0.5) / 4.0, pix % w + ((cells & 3) + 0.5) / 4.0]
         )
-        inputs.append((signal, iv, starts))
-    tab = cloud_table()
-    fits = fitter(inputs, float(e_unit), float(width), *tab, conf)
+        return signal, iv, starts
+
+    # each frame's inputs cut as the fitter reaches it: only the frames in flight held
+    fits = fitter((inputs(k) for k in range(n)), float(e_unit), float(width), *cloud_table(), conf)
     placed = [place_events(clouds, event, h, w) for clouds, event in fits]
     counts = np.array([p[0].size for p in placed], np.int64)
     new_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
