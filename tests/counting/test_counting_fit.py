@@ -210,12 +210,16 @@ def test_three_implementations_count_alike(crowded):
     assert numba.n_events > base(frames[:3]).n_events
 
 
-@pytest.mark.parametrize("case", ["uint8", "uint16", "wrapped", "gain map"])
-def test_three_implementations_agree_on_every_frame_type(rng, case):
-    """Dense electrons, X-rays, masked pixels, saturation (the resolve rule's
-    parity frames), in each frame type the counter takes."""
+#: The frame types a counter takes, for :func:`frame_type_case`.
+FRAME_TYPES = ["uint8", "uint16", "wrapped", "gain map"]
+
+
+def frame_type_case(rng, case):
+    """Dense electrons, X-rays, masked pixels, saturation (the resolve rule's parity
+    frames) as frames of type ``case`` (:data:`FRAME_TYPES`): ``(frames, cal, e)``,
+    ``e`` one electron's charge in ADU."""
     frames, cal = _crowded(rng, np.uint8 if case == "uint8" else np.uint16, n=1, h=32, w=44)
-    scale = 0.25 if case == "uint8" else 1.0
+    e = 120.0 * (0.25 if case == "uint8" else 1.0)
     if case == "wrapped":
         cal = Calibration(cal.dark - 150, cal.noise, mask=cal.mask, wrapped=True,
                           xray_threshold=600.0)  # fmt: skip
@@ -223,15 +227,23 @@ def test_three_implementations_agree_on_every_frame_type(rng, case):
     if case == "gain map":
         gain = rng.uniform(0.85, 1.15, cal.frame_shape)
         cal = Calibration(cal.dark, cal.noise, gain=gain, mask=cal.mask, xray_threshold=600.0)
+    return frames, cal, e
+
+
+@pytest.mark.parametrize("case", FRAME_TYPES)
+def test_three_implementations_agree_on_every_frame_type(rng, case):
+    """Dense electrons, X-rays, masked pixels, saturation (the resolve rule's
+    parity frames), in each frame type the counter takes."""
+    frames, cal, e = frame_type_case(rng, case)
     out = []
     for impl in ("reference", "numba", "native"):
         c = Counter(cal, frames.dtype, subpixel=True, implementation=impl, method="fit",
-                    electron_charge=120.0 * scale, dose=False)  # fmt: skip
+                    electron_charge=e, dose=False)  # fmt: skip
         c.cloud_width = 0.5  # too crowded to measure: given, so that every event is fitted
         out.append(c(frames))
     assert _same(out[0], out[1]) and _same(out[0], out[2])
     base = Counter(cal, frames.dtype, subpixel=True, method="resolve", resolve=NO_SPLITS,
-                   electron_charge=120.0 * scale, dose=False)(frames)  # fmt: skip
+                   electron_charge=e, dose=False)(frames)  # fmt: skip
     assert out[0].n_events > base.n_events  # splits happened
 
 

@@ -16,7 +16,8 @@ from streamstore.counting import Counter
 from streamstore.counting.accuracy import score_batch
 from streamstore.counting.calibration import Calibration
 from streamstore.counting.joint import frame_inputs, place_events
-from tests.counting.test_counting_resolve import _crowded, _same
+from tests.counting.test_counting_fit import FRAME_TYPES, frame_type_case
+from tests.counting.test_counting_resolve import _same
 
 XRAY_THRESHOLD = 1000.0
 
@@ -32,21 +33,13 @@ def _joint(cal, dtype=np.uint16, **kw):
     return Counter(cal, dtype, subpixel=True, method="joint", dose=False, **kw)
 
 
-@pytest.mark.parametrize("case", ["uint16", "uint8", "wrapped", "gain map"])
+@pytest.mark.parametrize("case", FRAME_TYPES)
 def test_three_implementations_count_alike(rng, case):
     """Dense electrons, X-rays, masked pixels, saturation (the resolve rule's parity
     frames) in each frame type the counter takes: the fit rule's events, then the
     joint fit, by each form (the plain Python reference, slow, on one type: the
     numba form compiles its very functions)."""
-    frames, cal = _crowded(rng, np.uint8 if case == "uint8" else np.uint16, n=1, h=32, w=44)
-    e = 120.0 * (0.25 if case == "uint8" else 1.0)
-    if case == "wrapped":
-        cal = Calibration(cal.dark - 150, cal.noise, mask=cal.mask, wrapped=True,
-                          xray_threshold=600.0)  # fmt: skip
-        frames = (frames.astype(np.int64) - 150).astype(np.int16).view(np.uint16)
-    if case == "gain map":
-        gain = rng.uniform(0.85, 1.15, cal.frame_shape)
-        cal = Calibration(cal.dark, cal.noise, gain=gain, mask=cal.mask, xray_threshold=600.0)
+    frames, cal, e = frame_type_case(rng, case)
     out = []
     forms = ("reference", "numba", "native") if case == "uint16" else ("native", "numba")
     for impl in forms:
