@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from streamstore.counting import calibration_estimate, calibration_io
+from streamstore.counting import calibration_estimate, calibration_io, gain_reference
 from streamstore.counting.calibration_checks import as_map
 
 __all__ = ["Calibration"]
@@ -452,6 +452,43 @@ class Calibration:
         new.__dict__["_int_maps_cache"] = self.__dict__.setdefault("_int_maps_cache", {})
         new.__dict__["_derived_cache"] = self._derived()
         return new
+
+    def with_gain_reference(self, flat_frames: Any, *, edge: int = 2) -> Calibration:
+        """This calibration (same maps, thresholds and source) with the gain that
+        flat-field frames measure, in place of any gain it had.
+
+        Signals are multiplied by the median pixel's mean signal under a uniform
+        beam over this pixel's; saturated values, X-ray hits, masked pixels and
+        the charge the frame's edge misses are left out (:mod:`.gain_reference`).
+
+        Parameters
+        ----------
+        flat_frames : array_like or iterable of array_like
+            uint8 / uint16 frames under a uniform beam, (n, H, W) or (H, W), or
+            an iterable of such arrays. A per-pixel precision of about 2 % takes
+            some 350 frames at 2 e/px/frame.
+        edge : int, default 2
+            Rows and columns at each edge whose charge deficit is taken out first.
+
+        Raises
+        ------
+        ValueError
+            When the frames have the wrong shape or type, hold no beam on an
+            unmasked pixel, are too bright (1 % of values above the X-ray
+            threshold) or too few or dim to measure the gains to 5 %.
+        """
+        gain = gain_reference.gain_from_flats(self, flat_frames, edge=edge)
+        return Calibration(
+            self.dark,
+            self.noise,
+            gain=gain,
+            mask=self.mask,
+            n_sigma=self.n_sigma,
+            xray_threshold=self.xray_threshold,
+            xray_radius=self.xray_radius,
+            wrapped=self.wrapped,
+            source=self.source,
+        )
 
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> None:
