@@ -42,6 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--calibration", metavar="FILE", help="calibration from Calibration.save")
     p.add_argument(
+        "--gain-reference",
+        metavar="FILE",
+        help="gain map every calibration takes (a dark series', an estimate's, a "
+        "--calibration file's without one): .npy of Calibration.with_gain_reference(flats)"
+        ".gain, or a Calibration.save file with a gain map",
+    )
+    p.add_argument(
         "--xray-threshold",
         type=_xray_threshold,
         default="auto",
@@ -201,6 +208,7 @@ def config_from_args(args: argparse.Namespace):
         out_dir=args.out,
         listen=listen,
         calibration=args.calibration,
+        gain_reference=getattr(args, "gain_reference", None),
         max_buffer_mb=args.max_buffer_mb,
         status_endpoint=status,
         status_endpoint_optional=status_default,

@@ -478,17 +478,7 @@ class Calibration:
             threshold) or too few or dim to measure the gains to 5 %.
         """
         gain = gain_reference.gain_from_flats(self, flat_frames, edge=edge)
-        return Calibration(
-            self.dark,
-            self.noise,
-            gain=gain,
-            mask=self.mask,
-            n_sigma=self.n_sigma,
-            xray_threshold=self.xray_threshold,
-            xray_radius=self.xray_radius,
-            wrapped=self.wrapped,
-            source=self.source,
-        )
+        return gain_reference.with_gain(self, gain)
 
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> None:

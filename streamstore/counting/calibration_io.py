@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from streamstore.counting.calibration import Calibration
 
-__all__ = ["load", "save"]
+__all__ = ["load", "read", "save"]
 
 #: Version of the file layout :func:`save` writes; :func:`load` refuses newer ones.
 _FORMAT_VERSION = 1
@@ -55,6 +55,19 @@ def load(cls: type[Calibration], path: str | Path) -> Calibration:
     FormatError
         When the file holds no streamstore calibration.
     """
+    fields = read(path)
+    return cls(fields.pop("dark"), fields.pop("noise"), **fields, source="file")
+
+
+def read(path: str | Path) -> dict[str, Any]:
+    """The maps and scalars of a calibration file, as ``Calibration``'s arguments
+    (``dark``, ``noise``, ``gain``, ``mask``, ``n_sigma``, ...), unchecked.
+
+    Raises
+    ------
+    FileNotFoundError, FormatError
+        As :func:`load`.
+    """
     import h5py
 
     from streamstore.errors import FormatError
@@ -76,14 +89,13 @@ def load(cls: type[Calibration], path: str | Path) -> Calibration:
                 f"{path}: calibration format version {version} is newer than this reader"
             )
         xt = float(g.attrs["xray_threshold"])
-        return cls(
-            g["dark"][()],
-            g["noise"][()],
-            gain=g["gain"][()] if "gain" in g else None,
-            mask=g["mask"][()] if "mask" in g else None,
-            n_sigma=float(g.attrs["n_sigma"]),
-            xray_threshold=None if math.isnan(xt) else xt,
-            xray_radius=int(g.attrs["xray_radius"]),
-            wrapped=bool(g.attrs["wrapped"]),
-            source="file",
-        )
+        return {
+            "dark": g["dark"][()],
+            "noise": g["noise"][()],
+            "gain": g["gain"][()] if "gain" in g else None,
+            "mask": g["mask"][()] if "mask" in g else None,
+            "n_sigma": float(g.attrs["n_sigma"]),
+            "xray_threshold": None if math.isnan(xt) else xt,
+            "xray_radius": int(g.attrs["xray_radius"]),
+            "wrapped": bool(g.attrs["wrapped"]),
+        }

@@ -33,15 +33,18 @@ high-gain pixels).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.ndimage import maximum_filter
 
+from streamstore.counting import calibration_io
+
 if TYPE_CHECKING:
     from streamstore.counting.calibration import Calibration
 
-__all__ = ["MAX_OVER", "MAX_RELATIVE_ERROR", "gain_from_flats"]
+__all__ = ["MAX_OVER", "MAX_RELATIVE_ERROR", "gain_from_flats", "load_gain", "with_gain"]
 
 #: The largest median relative error of the corrections accepted (per pixel,
 #: one standard error): above it the flats are too few or too dim to tell the
@@ -178,3 +181,57 @@ def gain_from_flats(cal: Calibration, flats: Any, *, edge: int = 2) -> np.ndarra
     gain = np.ones(shape, np.float32)
     gain[good] = (float(np.median(mean[good])) / mean[good]).astype(np.float32)
     return gain
+
+
+def with_gain(cal: Calibration, gain: np.ndarray | None) -> Calibration:
+    """``cal`` (same maps, thresholds and source) with ``gain`` as its gain map."""
+    return type(cal)(
+        cal.dark,
+        cal.noise,
+        gain=gain,
+        mask=cal.mask,
+        n_sigma=cal.n_sigma,
+        xray_threshold=cal.xray_threshold,
+        xray_radius=cal.xray_radius,
+        wrapped=cal.wrapped,
+        source=cal.source,
+    )
+
+
+def load_gain(path: str | Path) -> np.ndarray:
+    """A gain map from a file: ``.npy`` (an (H, W) array, as ``np.save`` writes
+    ``cal.with_gain_reference(flats).gain``) or a :meth:`Calibration.save` file
+    (its ``gain``).
+
+    Raises
+    ------
+    ValueError
+        When the file cannot be read as either, holds no gain map, or the map is
+        not a finite, positive (H, W) array (one sentence naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"gain reference {path}: no such file")
+    try:
+        if path.suffix == ".npy":
+            gain = np.load(path, allow_pickle=False)
+        else:
+            fields = calibration_io.read(path)
+            gain, mask = fields["gain"], fields["mask"]
+            if gain is not None and mask is not None:  # never read there: any value
+                gain = np.where(mask, np.float32(1), gain)
+    except Exception as exc:  # whatever a file that is neither makes the readers raise
+        raise ValueError(
+            f"gain reference {path}: not a .npy array or a calibration file ({exc})"
+        ) from None
+    if gain is None:
+        raise ValueError(f"gain reference {path}: the calibration file holds no gain map")
+    gain = np.asarray(gain)
+    if gain.ndim != 2 or gain.dtype.kind not in "iuf":
+        raise ValueError(
+            f"gain reference {path}: expected a numeric (H, W) map, got {gain.dtype} "
+            f"of shape {gain.shape}"
+        )
+    if not np.all(np.isfinite(gain) & (gain > 0)):
+        raise ValueError(f"gain reference {path}: every value must be finite and > 0")
+    return gain.astype(np.float32)

@@ -48,6 +48,10 @@ class IngestConfig:
         incomplete (time the daemon itself did not read is not counted).
     max_open_series : int, default 8
         Series open at once; a start beyond is refused (``too_many_series``).
+    gain_reference : str, optional
+        A gain map (``.npy``, or a ``Calibration.save`` file's gain) that every
+        calibration the daemon makes or loads takes: a dark series' and an
+        estimate's, and a ``calibration`` file without a gain map of its own.
     calibration_from_dark_series : bool, default False
         Let a dark series replace the ``calibration`` file for later series
         (without it a dark series' calibration is saved but not used when a
@@ -109,6 +113,7 @@ class IngestConfig:
     listen: str | None = None
     connect: str | None = None
     calibration: str | None = None
+    gain_reference: str | None = None
     max_buffer_mb: float = 1024.0
     status_endpoint: str | None = None
     # the default status endpoint: when another daemon holds it, go on without it
@@ -173,6 +178,13 @@ class IngestConfig:
             raise UserError(f"--out {out} exists and is not a directory")
         if self.worker_id is not None and self.worker_id < 0:
             raise UserError(f"--worker-id must be >= 0, got {self.worker_id}")
+        if self.gain_reference is not None:  # before a broker starts its workers
+            from streamstore.counting.gain_reference import load_gain
+
+            try:
+                load_gain(self.gain_reference)
+            except ValueError as exc:
+                raise UserError(f"--gain-reference: {exc}") from None
         xt = self.xray_threshold
         if isinstance(xt, str) and xt != "auto":
             raise UserError(f"--xray-threshold must be ADU > 0, 'auto' or 'none', got {xt!r}")

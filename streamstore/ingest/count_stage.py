@@ -96,6 +96,9 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
         ``estimate_frames`` frames of the next data series (dark frames hold
         no electrons). None: saturated pixels only. A ``--calibration`` file
         keeps its own threshold.
+    gain_reference : ndarray (H, W), optional
+        The gain map (``--gain-reference``) of the calibrations made here, for
+        series of its shape; ``gain_label`` names it in their source.
     """
 
     def __init__(
@@ -115,6 +118,8 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
         xray_threshold: float | str | None = "auto",
         calibration_from_dark_series: bool = False,
         abort: threading.Event | None = None,
+        gain_reference: np.ndarray | None = None,
+        gain_label: str = "",
     ) -> None:
         super().__init__("count", inbox)
         self.calibration_from_dark_series = bool(calibration_from_dark_series)
@@ -128,6 +133,9 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
         self.budget = budget
         self.counters = counters
         self.file_calibration = calibration
+        self.gain_reference = gain_reference
+        self.gain_label = gain_label
+        self._gain_said: set[str] = set()
         self.file_label = calibration_label
         self.dark_calibration: Calibration | None = None
         self.dark_label = ""
@@ -502,6 +510,26 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
         item.array = None  # type: ignore[assignment]  # drop the zmq buffer now
         self.counters.frames_counted += 1
 
+    def _gain_for(self, series: SeriesInfo) -> np.ndarray | None:
+        """The gain reference for a calibration of ``series``' frames: None without
+        one, or (said once a series) where the frames have another shape."""
+        gain = self.gain_reference
+        if gain is None or gain.shape == tuple(series.frame_shape):
+            return gain
+        if series.series_id not in self._gain_said:
+            self._gain_said.add(series.series_id)
+            log.warning(
+                "series %s: the gain reference is %d x %d, its frames %d x %d: "
+                "calibrated without it",
+                series.series_id,
+                *gain.shape,
+                *series.frame_shape,
+            )
+        return None
+
+    def _gain_note(self, gain: np.ndarray | None) -> str:
+        return f" with gain reference {self.gain_label}" if gain is not None else ""
+
     def _finish_dark(self, series: SeriesInfo) -> None:
         from streamstore.counting.calibration import Calibration
 
@@ -517,11 +545,12 @@ class CountStage(DataOnlyCalibration, _Stage[CountInput]):
             return
         try:
             xt = None if isinstance(self.xray_threshold, str) else self.xray_threshold
-            cal = Calibration.from_dark_frames(sums, xray_threshold=xt)
+            gain = self._gain_for(series)
+            cal = Calibration.from_dark_frames(sums, xray_threshold=xt, gain=gain)
         except ValueError as exc:
             log.error("dark series %s: cannot calibrate: %s", series.series_id, exc)
             return
-        label = f"dark_frames:{series.series_id} ({n_frames} frames)"
+        label = f"dark_frames:{series.series_id} ({n_frames} frames){self._gain_note(gain)}"
         series.calibration = cal
         series.calibration_source = label
         log.info(

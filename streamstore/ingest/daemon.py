@@ -196,6 +196,9 @@ class IngestDaemon(SeriesMachine):
 
             calibration = Calibration.load(cfg.calibration)
             label = f"file:{cfg.calibration}"
+        gain = None
+        if cfg.gain_reference is not None:
+            gain, calibration, label = _gain_reference(cfg.gain_reference, calibration, label)
         self._count = CountStage(
             self._count_q,
             self._write_q,
@@ -203,6 +206,8 @@ class IngestDaemon(SeriesMachine):
             self.counters,
             calibration=calibration,
             calibration_label=label,
+            gain_reference=gain,
+            gain_label=cfg.gain_reference or "",
             subpixel=cfg.subpixel,
             threads=cfg.threads,
             estimate_frames=cfg.estimate_frames,
@@ -261,7 +266,7 @@ class IngestDaemon(SeriesMachine):
         try:
             # every kernel variant is ready before the data socket exists: a camera
             # waits for the bind (or its connection), not inside its first series
-            warm_kernels_reporting(self.reporter, calibration, self._stop)
+            warm_kernels_reporting(self.reporter, calibration, self._stop, gain=gain is not None)
             if owns_process:
                 _freeze_startup_heap()
             if cfg.curve_keys is not None:
@@ -526,6 +531,35 @@ class IngestDaemon(SeriesMachine):
             from streamstore.ingest.allocator import release_free_memory
 
             release_free_memory()
+
+
+def _gain_reference(path: str, calibration: Any, label: str) -> tuple[Any, Any, str]:
+    """``--gain-reference``: the map, and the ``--calibration`` file's calibration
+    (if any) and label with it. Raises UserError for a map that cannot serve."""
+    from streamstore.counting.gain_reference import load_gain, with_gain
+
+    try:
+        gain = load_gain(path)
+    except ValueError as exc:
+        raise UserError(f"--gain-reference: {exc}") from None
+    if calibration is not None:
+        if calibration.gain is not None:
+            raise UserError(
+                "--gain-reference: the --calibration file has a gain map of its own; "
+                "give the gain once"
+            )
+        if gain.shape != calibration.frame_shape:
+            raise UserError(
+                f"--gain-reference: the map is {gain.shape[0]} x {gain.shape[1]}, the "
+                f"--calibration file's frames {calibration.frame_shape[0]} x "
+                f"{calibration.frame_shape[1]}"
+            )
+        try:
+            calibration = with_gain(calibration, gain)
+        except ValueError as exc:
+            raise UserError(f"--gain-reference: {exc}") from None
+        label = f"{label} with gain reference {path}"
+    return gain, calibration, label
 
 
 def _shard_paths(worker_id: int | None) -> Any:

@@ -28,7 +28,8 @@ log = logging.getLogger("streamstore.ingest")
 class DataOnlyCalibration:
     """The count stage's methods that estimate and refine a calibration from the
     data (its state: ``_pending``, ``_refining``, ``_held``, ``_estimate_failed``,
-    ``refine_frames``, ``xray_threshold``, ``budget``, ``counters``)."""
+    ``refine_frames``, ``xray_threshold``, ``budget``, ``counters``; and its
+    ``_gain_for`` / ``_gain_note``: the gain reference a new calibration takes)."""
 
     def _estimate(self, series: SeriesInfo) -> None:
         from streamstore.counting.calibration import Calibration
@@ -39,9 +40,13 @@ class DataOnlyCalibration:
             return
         if frames:
             estimators: list[DarkEstimator] = []
+            gain = self._gain_for(series)
             try:
                 series.calibration = Calibration.estimate(
-                    np.stack(frames), xray_threshold=self.xray_threshold, estimator_out=estimators
+                    np.stack(frames),
+                    xray_threshold=self.xray_threshold,
+                    estimator_out=estimators,
+                    gain=gain,
                 )
             except ValueError as exc:
                 if series.series_id != self._estimate_failed:  # once per series
@@ -54,7 +59,9 @@ class DataOnlyCalibration:
                         exc,
                     )
                 return
-            series.calibration_source = f"estimate:first {len(frames)} frames of {series.series_id}"
+            series.calibration_source = (
+                f"estimate:first {len(frames)} frames of {series.series_id}{self._gain_note(gain)}"
+            )
             est = estimators[0] if estimators else None
             if est is not None and est.n_frames < self.refine_frames:
                 self._refining = (series, est)
@@ -149,6 +156,7 @@ class DataOnlyCalibration:
         )
         series.calibration_source = (
             f"estimate:first {est.n_frames} frames of {series.series_id} (per-pixel dark)"
+            f"{self._gain_note(old.gain)}"
         )
         if done:
             self._refining = None

@@ -16,7 +16,9 @@ log = logging.getLogger("streamstore.ingest")
 _LOAD_S = 5.0
 
 
-def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Event) -> None:
+def warm_kernels_reporting(
+    reporter: Any, calibration: Any, stop: threading.Event, gain: bool = False
+) -> None:
     """Compile or load every counting kernel variant while the status says so.
 
     From numba's cache this takes about a second; after an install or an upgrade
@@ -33,10 +35,12 @@ def warm_kernels_reporting(reporter: Any, calibration: Any, stop: threading.Even
         The calibration given at start (a file), if any.
     stop : threading.Event
         Set when the daemon is asked to stop.
+    gain : bool, default False
+        A gain reference is given: every calibration may have a gain map.
     """
     from streamstore.counting.warmup import warm_kernels
 
-    gain = calibration is not None and calibration.gain is not None
+    gain = gain or (calibration is not None and calibration.gain is not None)
     # with a calibration the estimator runs only for a series of another frame shape
     estimator = "background" if calibration is None else "on_use"
     done = threading.Event()

@@ -170,3 +170,22 @@ def test_events_are_placed_as_with_the_sensors_own_gain():
     assert with_ref.rms_error_px < without.rms_error_px - 0.003, (with_ref, without)
     assert abs(with_ref.rms_error_px - with_truth.rms_error_px) < 0.002, (with_ref, with_truth)
     assert with_ref.precision >= 0.999 and with_ref.recall >= 0.85, with_ref
+
+
+def test_gain_maps_load_from_npy_and_calibration_files(tmp_path):
+    from streamstore.counting.gain_reference import load_gain
+
+    rng = np.random.default_rng(5)
+    gain = (1 + 0.1 * rng.standard_normal((8, 12))).astype(np.float32)
+    np.save(tmp_path / "g.npy", gain)
+    np.testing.assert_array_equal(load_gain(tmp_path / "g.npy"), gain)
+    mask = np.zeros((8, 12), bool)
+    mask[1, 1] = True
+    in_file = gain.copy()
+    in_file[1, 1] = 0  # a masked pixel's gain is never read: any value
+    Calibration(np.zeros((8, 12)), np.ones((8, 12)), gain=in_file, mask=mask).save(
+        tmp_path / "c.h5"
+    )
+    loaded = load_gain(tmp_path / "c.h5")
+    assert loaded[1, 1] == 1
+    np.testing.assert_array_equal(loaded[~mask], gain[~mask])
