@@ -88,7 +88,7 @@ def disk_001():
         "within one pixel and merge into one 3 x 3 local maximum (measured recall ~0.72). "
         "The target stands; see test_disk_loss_is_the_local_dose and "
         "test_disk_at_counting_dose. The dose of this disk, corrected for the loss, is "
-        "within 3 % (test_dose.py::test_disk_at_a_frame_mean_of_001_is_dosed_right)."
+        "within 2 % (test_dose.py::test_disk_at_a_frame_mean_of_001_is_dosed_right)."
     ),
 )
 def test_disk_dose_001(disk_001):

@@ -553,13 +553,14 @@ def test_count_electrons_follow_the_truth(pattern, dose, n_frames):
 
 def test_disk_at_a_frame_mean_of_001_is_dosed_right():
     """The counter's recall on this disk is about 0.72 (the strict xfail
-    test_disk_dose_001 of test_counting_accuracy.py); the corrected dose is not
-    that far off: 256 x 384 frames, as there."""
+    test_disk_dose_001 of test_counting_accuracy.py); the corrected dose is within
+    the 2 % target: 256 x 384 frames, as there."""
     frames, truth, cal = _frames("disk", 0.01, 16, seed=103, shape=(256, 384))
     b = count(frames, cal)
     n_true = int(truth.counts().sum())
     assert b.n_events / n_true < 0.8
-    assert abs(b.electrons.sum() / n_true - 1.0) <= 0.03, b.electrons.sum() / n_true
+    # the target, 2 % (measured -1.1 %; the resolving counters -0.1 to +0.8 %)
+    assert abs(b.electrons.sum() / n_true - 1.0) <= 0.02, b.electrons.sum() / n_true
 
 
 def test_uniform_005_within_2_percent():
