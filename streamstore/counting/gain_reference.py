@@ -122,9 +122,11 @@ def gain_from_flats(cal: Calibration, flats: Any, *, edge: int = 2) -> np.ndarra
     Raises
     ------
     ValueError
-        When the flats have the wrong shape or type, when an unmasked pixel has
-        no positive mean (no beam there), or when the median relative error of the
-        corrections exceeds :data:`MAX_RELATIVE_ERROR` (too few or too dim flats).
+        When the flats have the wrong shape or type, when more than
+        :data:`MAX_OVER` of their values are saturated or above the X-ray
+        threshold (too bright), when an unmasked pixel has no positive mean (no
+        beam there), or when the median relative error of the corrections
+        exceeds :data:`MAX_RELATIVE_ERROR` (too few or too dim flats).
     """
     if int(edge) != edge or edge < 0:
         raise ValueError(f"edge must be an integer >= 0, got {edge!r}")
