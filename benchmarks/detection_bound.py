@@ -47,7 +47,8 @@ Combined bound
     ``matched`` alone is the bound with perfect separation.
 Measured
     ``streamstore.count(frames, cal, method=...)`` for "peak" (the default
-    rule) and "resolve", sub-pixel on, one thread, scored against the truth
+    rule) and those ``--methods`` names ("resolve" unless told), sub-pixel on,
+    one thread, scored against the truth
     (:func:`streamstore.counting.accuracy.score_batch`, events matched within
     1 px): recall, precision, and recall on the isolated electrons above.
 
@@ -478,7 +479,7 @@ def _isolated(pos: np.ndarray, xr: np.ndarray, shape, good: np.ndarray) -> np.nd
 HEADER = (
     "emulator                 dose   electrons  isolated | oracle iso: matched (noise-free)"
     "  box3   quad2 | groups/e d=1  d=1.5 | bound d=1  d=1.5 | target | peak  resolve"
-    " (iso)  resolve prec"
+    " (iso)  resolve prec | other methods: recall (iso) prec"
 )
 
 
@@ -498,6 +499,11 @@ def _log_row(row: dict[str, Any], log) -> None:
         f" |  {cb['d=1']:.4f}  {cb['d=1.5']:.4f} | {'-' if target is None else target:>6}"
         f" | {m.get('peak', {}).get('recall', math.nan):.4f}  {res.get('recall', math.nan):.4f}"
         f" ({res.get('recall_isolated', math.nan):.4f})  {res.get('precision', math.nan):.4f}"
+        + "".join(
+            f" | {name} {v['recall']:.4f} ({v['recall_isolated']:.4f}) {v['precision']:.4f}"
+            for name, v in m.items()
+            if name not in ("peak", "resolve")
+        )
     )
 
 
@@ -548,6 +554,12 @@ def main(argv: list[str] | None = None) -> int:
         help="oracle statistics on frames less each row's offset",
     )
     p.add_argument("--no-resolve", action="store_true", help="measure the default rule only")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS[1:]),
+        help="count()'s methods measured beside the default rule, comma-separated "
+        f"({','.join(METHODS[1:])}; e.g. resolve,fit,joint)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     record.add_options(p)
     args = p.parse_args(argv)
@@ -560,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         except (TypeError, ValueError) as exc:
             p.error(f"--emulator: {exc}")
     log = (lambda *a, **k: None) if args.json else print
-    methods = ("peak",) if args.no_resolve else METHODS
+    extra = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "peak"]
+    methods = ("peak",) if args.no_resolve else ("peak", *extra)
     kw = {k: getattr(args, k) for k in ("electrons", "min_frames", "null_frames", "row_correct")}
     res = run(args.shape, args.doses, points, args.seed, methods=methods, log=log, **kw)
     record.save("detection_bound", res, args)

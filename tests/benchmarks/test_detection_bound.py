@@ -17,6 +17,7 @@ HARD = {"psf_sigma_px": 0.8, "read_noise_adu": 6.0, "deposit": "gamma"}
 
 def test_detection_bound_json(capsys, tmp_path):
     args = ["--shape", "64x96", "--doses", "0.01", "--electrons", "1500", "--null-frames", "300"]
+    args += ["--methods", "resolve,fit"]
     args += ["--emulator", "gain_sigma=0.03", "--emulator", "psf_sigma_px=0.8,read_noise_adu=6"]
     args[-1] += ",deposit=gamma"
     assert bench.main([*args, "--json", "--results", str(tmp_path)]) == 0
@@ -27,6 +28,7 @@ def test_detection_bound_json(capsys, tmp_path):
     assert hard["emulator"] == HARD and default["target_recall"] == 0.95
     for row in out["rows"]:
         assert row["n_true"] > 1300 and row["n_isolated"] > 0.5 * row["n_true"]
+        assert list(row["measured"]) == ["peak", "resolve", "fit"]
         assert row["null_trials"] > 300 * 60 * 92 * 0.9  # the extra dark frames' inner pixels
         assert row["false_rate_per_trial"] == pytest.approx(row["true_dose"] / 999)
         iso = row["isolated"]
