@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="gain map every calibration takes (a dark series', an estimate's, a "
         "--calibration file's without one): .npy of Calibration.with_gain_reference(flats)"
-        ".gain, or a Calibration.save file with a gain map",
+        ".gain, a one-page TIFF of such factors, or a Calibration.save "
+        "file with a gain map",
     )
     p.add_argument(
         "--xray-threshold",

@@ -202,8 +202,9 @@ def with_gain(cal: Calibration, gain: np.ndarray | None) -> Calibration:
 
 def load_gain(path: str | Path) -> np.ndarray:
     """A gain map from a file: ``.npy`` (an (H, W) array, as ``np.save`` writes
-    ``cal.with_gain_reference(flats).gain``) or a :meth:`Calibration.save` file
-    (its ``gain``).
+    ``cal.with_gain_reference(flats).gain``), ``.tif`` / ``.tiff`` (one 2-d
+    page of the same factors: they multiply the signal) or
+    a :meth:`Calibration.save` file (its ``gain``).
 
     Raises
     ------
@@ -217,6 +218,10 @@ def load_gain(path: str | Path) -> np.ndarray:
     try:
         if path.suffix == ".npy":
             gain = np.load(path, allow_pickle=False)
+        elif path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            gain = tifffile.imread(path)
         else:
             fields = calibration_io.read(path)
             gain, mask = fields["gain"], fields["mask"]
@@ -224,7 +229,7 @@ def load_gain(path: str | Path) -> np.ndarray:
                 gain = np.where(mask, np.float32(1), gain)
     except Exception as exc:  # whatever a file that is neither makes the readers raise
         raise ValueError(
-            f"gain reference {path}: not a .npy array or a calibration file ({exc})"
+            f"gain reference {path}: not a .npy array, a TIFF or a calibration file ({exc})"
         ) from None
     if gain is None:
         raise ValueError(f"gain reference {path}: the calibration file holds no gain map")

@@ -173,12 +173,19 @@ def test_events_are_placed_as_with_the_sensors_own_gain():
 
 
 def test_gain_maps_load_from_npy_and_calibration_files(tmp_path):
+    import tifffile
+
     from streamstore.counting.gain_reference import load_gain
 
     rng = np.random.default_rng(5)
     gain = (1 + 0.1 * rng.standard_normal((8, 12))).astype(np.float32)
     np.save(tmp_path / "g.npy", gain)
     np.testing.assert_array_equal(load_gain(tmp_path / "g.npy"), gain)
+    tifffile.imwrite(tmp_path / "g.tif", gain)
+    np.testing.assert_array_equal(load_gain(tmp_path / "g.tif"), gain)
+    tifffile.imwrite(tmp_path / "stack.tiff", np.stack([gain, gain]))
+    with pytest.raises(ValueError, match=r"expected a numeric \(H, W\) map"):
+        load_gain(tmp_path / "stack.tiff")
     mask = np.zeros((8, 12), bool)
     mask[1, 1] = True
     in_file = gain.copy()

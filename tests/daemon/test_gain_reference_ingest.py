@@ -104,7 +104,7 @@ def test_bad_gain_references_exit_2_with_one_sentence(tmp_path, sensor, gain_fil
     text.write_text("not a map")
     cases = [
         (("--gain-reference", str(tmp_path / "missing.npy")), "no such file"),
-        (("--gain-reference", str(text)), "not a .npy array or a calibration file"),
+        (("--gain-reference", str(text)), "not a .npy array, a TIFF or a calibration file"),
         (("--gain-reference", str(plain)), "holds no gain map"),
         (
             ("--gain-reference", str(gain_file), "--calibration", str(with_gain)),
