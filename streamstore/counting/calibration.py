@@ -435,19 +435,15 @@ class Calibration:
         """
         return calibration_estimate.electron_peak_signal(self, frames)
 
+    def _replace(self, **changes: Any) -> Calibration:
+        """This calibration with the defining attributes (and ``source``) named changed."""
+        fields = {name: getattr(self, name) for name in (*self._DEFINING, "source")}
+        fields.update(changes)
+        return Calibration(fields.pop("dark"), fields.pop("noise"), **fields)
+
     def with_xray_threshold(self, xray_threshold: float | None) -> Calibration:
         """This calibration (same maps and source) with another X-ray threshold."""
-        new = Calibration(
-            self.dark,
-            self.noise,
-            gain=self.gain,
-            mask=self.mask,
-            n_sigma=self.n_sigma,
-            xray_threshold=xray_threshold,
-            xray_radius=self.xray_radius,
-            wrapped=self.wrapped,
-            source=self.source,
-        )
+        new = self._replace(xray_threshold=xray_threshold)
         # the kernel's integer maps do not depend on the X-ray threshold: share them
         new.__dict__["_int_maps_cache"] = self.__dict__.setdefault("_int_maps_cache", {})
         new.__dict__["_derived_cache"] = self._derived()
@@ -477,8 +473,12 @@ class Calibration:
             unmasked pixel, are too bright (1 % of values above the X-ray
             threshold) or too few or dim to measure the gains to 5 %.
         """
-        gain = gain_reference.gain_from_flats(self, flat_frames, edge=edge)
-        return gain_reference.with_gain(self, gain)
+        return self.with_gain(gain_reference.gain_from_flats(self, flat_frames, edge=edge))
+
+    def with_gain(self, gain: Any) -> Calibration:
+        """This calibration (same maps, thresholds and source) with ``gain`` as its
+        gain map (None: none); checked as the constructor checks it."""
+        return self._replace(gain=gain)
 
     # -- persistence -------------------------------------------------------------
     def save(self, path: str | Path) -> None:

@@ -44,7 +44,7 @@ from streamstore.counting import calibration_io
 if TYPE_CHECKING:
     from streamstore.counting.calibration import Calibration
 
-__all__ = ["MAX_OVER", "MAX_RELATIVE_ERROR", "gain_from_flats", "load_gain", "with_gain"]
+__all__ = ["MAX_OVER", "MAX_RELATIVE_ERROR", "gain_from_flats", "load_gain"]
 
 #: The largest median relative error of the corrections accepted (per pixel,
 #: one standard error): above it the flats are too few or too dim to tell the
@@ -183,21 +183,6 @@ def gain_from_flats(cal: Calibration, flats: Any, *, edge: int = 2) -> np.ndarra
     gain = np.ones(shape, np.float32)
     gain[good] = (float(np.median(mean[good])) / mean[good]).astype(np.float32)
     return gain
-
-
-def with_gain(cal: Calibration, gain: np.ndarray | None) -> Calibration:
-    """``cal`` (same maps, thresholds and source) with ``gain`` as its gain map."""
-    return type(cal)(
-        cal.dark,
-        cal.noise,
-        gain=gain,
-        mask=cal.mask,
-        n_sigma=cal.n_sigma,
-        xray_threshold=cal.xray_threshold,
-        xray_radius=cal.xray_radius,
-        wrapped=cal.wrapped,
-        source=cal.source,
-    )
 
 
 def load_gain(path: str | Path) -> np.ndarray:

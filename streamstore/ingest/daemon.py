@@ -536,7 +536,7 @@ class IngestDaemon(SeriesMachine):
 def _gain_reference(path: str, calibration: Any, label: str) -> tuple[Any, Any, str]:
     """``--gain-reference``: the map, and the ``--calibration`` file's calibration
     (if any) and label with it. Raises UserError for a map that cannot serve."""
-    from streamstore.counting.gain_reference import load_gain, with_gain
+    from streamstore.counting.gain_reference import load_gain
 
     try:
         gain = load_gain(path)
@@ -555,7 +555,7 @@ def _gain_reference(path: str, calibration: Any, label: str) -> tuple[Any, Any, 
                 f"{calibration.frame_shape[1]}"
             )
         try:
-            calibration = with_gain(calibration, gain)
+            calibration = calibration.with_gain(gain)
         except ValueError as exc:
             raise UserError(f"--gain-reference: {exc}") from None
         label = f"{label} with gain reference {path}"
