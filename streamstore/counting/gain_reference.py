@@ -54,6 +54,8 @@ MAX_RELATIVE_ERROR = 0.05
 #: X-ray threshold (X-ray hits are far rarer than this; electrons above it mean the
 #: flats are too bright for the cut to leave the means proportional to the gain).
 MAX_OVER = 0.01
+#: :func:`load_gain`'s last file: ``((path, size, mtime_ns), map)``.
+_LAST: tuple[tuple[str, int, int], np.ndarray] | None = None
 #: Frames summed at a time: bounds the float64 temporaries of a large stack.
 _CHUNK_PIXELS = 1 << 24
 
@@ -191,15 +193,32 @@ def load_gain(path: str | Path) -> np.ndarray:
     page of the same factors: they multiply the signal) or
     a :meth:`Calibration.save` file (its ``gain``).
 
+    The map is read-only, and the last file read is kept: the daemon's options
+    check and its start both ask for it (and a broker once per worker), so a
+    file of the same path, size and modification time is read once a process.
+
     Raises
     ------
     ValueError
         When the file cannot be read as either, holds no gain map, or the map is
         not a finite, positive (H, W) array (one sentence naming the file).
     """
+    global _LAST
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"gain reference {path}: no such file")
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if _LAST is not None and _LAST[0] == key:
+        return _LAST[1]
+    gain = _read_gain(path)
+    gain.flags.writeable = False
+    _LAST = (key, gain)
+    return gain
+
+
+def _read_gain(path: Path) -> np.ndarray:
+    """:func:`load_gain`'s reading and checks of one file."""
     try:
         if path.suffix == ".npy":
             gain = np.load(path, allow_pickle=False)

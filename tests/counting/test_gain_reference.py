@@ -5,6 +5,8 @@ places under a 10 % gain spread."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -181,6 +183,13 @@ def test_gain_maps_load_from_npy_and_calibration_files(tmp_path):
     gain = (1 + 0.1 * rng.standard_normal((8, 12))).astype(np.float32)
     np.save(tmp_path / "g.npy", gain)
     np.testing.assert_array_equal(load_gain(tmp_path / "g.npy"), gain)
+    # asked again (the daemon's options check, then its start): the same map, unread
+    again = load_gain(tmp_path / "g.npy")
+    assert again is load_gain(tmp_path / "g.npy") and not again.flags.writeable
+    before = (tmp_path / "g.npy").stat().st_mtime_ns
+    np.save(tmp_path / "g.npy", 2 * gain)  # a new file at the same path is read anew
+    os.utime(tmp_path / "g.npy", ns=(before + 10**9, before + 10**9))  # coarse clocks too
+    np.testing.assert_array_equal(load_gain(tmp_path / "g.npy"), 2 * gain)
     tifffile.imwrite(tmp_path / "g.tif", gain)
     np.testing.assert_array_equal(load_gain(tmp_path / "g.tif"), gain)
     tifffile.imwrite(tmp_path / "stack.tiff", np.stack([gain, gain]))
